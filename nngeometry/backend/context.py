@@ -1,0 +1,99 @@
+"""What one mini-batch gives to the consumers of the Jacobian generator.
+
+For every layer of the collection and every call of its module during the forward pass, a
+:class:`Call` records the module's input ``x`` and, after the batched backward pass, ``gy``: the
+gradients of ``K`` output directions w.r.t. the module's output, shape ``(K, n, *out_shape)``.
+:class:`BatchContext` turns those into the statistics that representations need, with caching,
+so that two consumers asking for the same per-example gradients share the work.
+"""
+import torch
+
+
+class Call:
+    __slots__ = ("args", "kwargs", "output", "gy")
+
+    def __init__(self, args, kwargs, output):
+        self.args = args
+        self.kwargs = kwargs
+        self.output = output
+        self.gy = None
+
+    @property
+    def x(self):
+        return self.args[0]
+
+
+class BatchContext:
+    """Statistics of one mini-batch, for output directions ``k_start .. k_start + K - 1``.
+
+    Attributes:
+        n: number of examples in the batch.
+        K: number of output directions in this context.
+        k_start: index of the first of them among all the function's outputs.
+        first_chunk: True for the first chunk of output directions of a batch (statistics that
+            depend on the inputs only, like KFAC's ``A``, are taken there once).
+        outputs: the function's outputs for the batch, shape ``(n, n_output)`` (detached).
+    """
+
+    def __init__(self, layer_collection, modules, calls, n, K, k_start, n_output, centering, outputs):
+        self.layer_collection = layer_collection
+        self.modules = modules
+        self.calls = calls
+        self.n = n
+        self.K = K
+        self.k_start = k_start
+        self.n_output = n_output
+        self.first_chunk = k_start == 0
+        self.centering = centering
+        self.outputs = outputs
+        self._grads = {}
+        self._jacobian = None
+
+    def layer_ids(self):
+        return self.layer_collection.layer_ids()
+
+    def per_example_grad(self, layer_id):
+        """``(K, n, p_layer)``: per-example gradients of the layer (summed over its calls)."""
+        g = self._grads.get(layer_id)
+        if g is None:
+            layer, module = self.layer_collection[layer_id], self.modules[layer_id]
+            parts = [layer.per_example_grad(module, c.x, c.gy) for c in self.calls[layer_id]]
+            g = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+            if self.centering:
+                g = g - g.mean(dim=1, keepdim=True)
+            self._grads[layer_id] = g
+        return g
+
+    def jacobian(self):
+        """``(K, n, P)``: per-example Jacobian rows in the collection's layout."""
+        if self._jacobian is None:
+            ids = self.layer_ids()
+            if len(ids) == 1:
+                self._jacobian = self.per_example_grad(ids[0])
+            else:
+                self._jacobian = torch.cat([self.per_example_grad(lid) for lid in ids], dim=2)
+                # the per-layer pieces are no longer needed: keep the peak memory down
+                self._grads.clear()
+        return self._jacobian
+
+    def layer_diag(self, layer_id):
+        """``sum_{k,i} g_{k,i}²`` over the layer's coordinates, without per-example grads where
+        the layer type allows it."""
+        calls = self.calls[layer_id]
+        if len(calls) == 1 and not self.centering and layer_id not in self._grads:
+            return self.layer_collection[layer_id].diag(self.modules[layer_id], calls[0].x, calls[0].gy)
+        g = self.per_example_grad(layer_id)
+        return (g * g).sum(dim=(0, 1))
+
+    def kfac_factors(self, layer_id):
+        """Unnormalized ``(A, G)`` of the layer for this batch; ``A`` is None past the first chunk
+        of output directions (it depends on the inputs only)."""
+        if self.centering:
+            raise NotImplementedError("KFAC with centering=True is not implemented")
+        layer, module = self.layer_collection[layer_id], self.modules[layer_id]
+        A, G = None, None
+        for c in self.calls[layer_id]:
+            a, g = layer.kfac_factors(module, c.x, c.gy)
+            A = a if A is None else A + a
+            G = g if G is None else G + g
+        return (A if self.first_chunk else None), G

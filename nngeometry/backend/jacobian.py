@@ -1,0 +1,330 @@
+"""The Jacobian generator: runs the model over the data and feeds per-layer statistics to
+consumers.
+
+For a function ``f(batch) -> (n, K)`` of the model, the generator works with the per-example
+Jacobians ``J(x) = ∂f(x)/∂θ`` (``K × P``). Representations are built from
+
+    M = (1/n) Σ_x J(x)ᵀ J(x)        (n: number of examples seen),
+
+so a Fisher matrix is obtained by choosing ``f`` such that ``J(x)ᵀ J(x)`` is the example's
+Fisher (see :mod:`nngeometry.metrics`).
+
+How: one forward pass per batch with hooks that record each layer's inputs and outputs, then a
+single *batched* backward pass (``is_grads_batched``) from the ``K`` unit cotangents to the
+layers' outputs: no parameter gradient is formed by autograd, and no Python loop over examples
+or outputs. Each layer type turns ``(input, output gradient)`` into what is asked (per-example
+gradients, diagonals, KFAC factors) in :mod:`nngeometry.layer_types`.
+"""
+import contextlib
+import warnings
+
+import torch
+from torch.utils.data import DataLoader
+
+from .batches import batch_size_of, default_function, iterate_batches, to_device
+from .context import BatchContext, Call
+from . import consumers as C
+
+
+class TorchHooksJacobianBackend:
+    """Computes per-example Jacobians of ``function`` and statistics built from them.
+
+    Args:
+        model: the ``torch.nn.Module``.
+        function: ``function(*batch) -> outputs`` of shape ``(n, n_output)`` (or ``(n,)``, or
+            ``(n, ...)``, flattened). Defaults to ``model(batch[0])``.
+        centering: subtract, per mini-batch, the mean over examples of the per-example
+            gradients.
+        verbose: show a progress bar over the batches.
+        max_chunk_bytes: memory allowed for the output gradients of one batched backward pass;
+            output directions are processed in chunks that fit.
+    """
+
+    def __init__(self, model, function=None, centering=False, verbose=False,
+                 max_chunk_bytes=2 ** 30, layer_collection=None, n_output=None):
+        # layer_collection / n_output: accepted for code written against older releases, where
+        # the generator held them; the representations now take the collection themselves
+        self.layer_collection = layer_collection
+        self.n_output = n_output
+        self.model = model
+        self.function = function if function is not None else default_function(model)
+        self.centering = centering
+        self.verbose = verbose
+        self.max_chunk_bytes = max_chunk_bytes
+
+    # ================================================================== statistics
+    def get_covariance_matrix(self, examples, layer_collection):
+        """``(P, P)``: ``(1/n) Σ_x J(x)ᵀ J(x)``."""
+        return self.accumulate(examples, layer_collection, C.DenseCovariance(layer_collection)).result
+
+    def get_covariance_diag(self, examples, layer_collection):
+        """``(P,)``: diagonal of ``(1/n) Σ_x J(x)ᵀ J(x)``."""
+        return self.accumulate(examples, layer_collection, C.DiagCovariance(layer_collection)).result
+
+    def get_covariance_layer_blocks(self, examples, layer_collection):
+        """``{layer_id: (p_l, p_l)}``: the diagonal blocks of ``(1/n) Σ_x J(x)ᵀ J(x)``."""
+        return self.accumulate(examples, layer_collection, C.LayerBlocks(layer_collection)).result
+
+    def get_kfac_blocks(self, examples, layer_collection):
+        """``{layer_id: (A, G)}`` with ``A ⊗ G`` ≈ the layer's block (both divided by n)."""
+        return self.accumulate(examples, layer_collection, C.KFACFactors(layer_collection)).result
+
+    def get_jacobian(self, examples, layer_collection):
+        """``(n_output, n, P)``: the per-example Jacobians (not normalized)."""
+        return self.accumulate(examples, layer_collection, C.Jacobian(layer_collection)).result
+
+    def get_gram_matrix(self, examples, layer_collection):
+        """``(n_output, n, n_output, n)``: ``G[k,i,l,j] = <J_k(x_i), J_l(x_j)>`` (not normalized)."""
+        J = self.get_jacobian(examples, layer_collection)
+        K, n, P = J.shape
+        Jf = J.reshape(K * n, P)
+        return (Jf @ Jf.t()).reshape(K, n, K, n)
+
+    def accumulate(self, examples, layer_collection, consumer):
+        """Run the model over ``examples`` and feed each batch to ``consumer``.
+
+        The consumer has ``update(ctx: BatchContext)`` and ``finalize(n_examples)``; it is
+        returned after ``finalize``.
+        """
+        n_total = 0
+        with self._prepared(layer_collection) as (modules, calls):
+            for batch in self._batches(examples):
+                n_total += self._run_batch(batch, layer_collection, modules, calls, consumer)
+        if n_total == 0:
+            raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
+        consumer.finalize(n_total)
+        return consumer
+
+    # ================================================================== implicit products
+    def implicit_mv(self, v, examples, layer_collection):
+        """``M v = (1/n) Σ_x J(x)ᵀ J(x) v`` without forming ``M``: a Jacobian-vector product
+        then a vector-Jacobian product per batch. Returns the flat ``(P,)`` tensor."""
+        out = None
+        n_total = 0
+        for batch, params, f in self._functional_batches(examples, layer_collection):
+            tangents = self._split_flat(v, params, layer_collection)
+            outputs, vjp_fn = torch.func.vjp(f, params)
+            _, jv = torch.func.jvp(f, (params,), (tangents,))
+            self._check_finite(outputs)
+            (g,) = vjp_fn(jv)
+            flat = torch.cat([g[k].reshape(-1) for k in params])
+            out = flat if out is None else out + flat
+            n_total += outputs.shape[0]
+        self._check_nonempty(n_total)
+        return out / n_total
+
+    def implicit_vTMv(self, v, examples, layer_collection):
+        """``vᵀ M v = (1/n) Σ_x ||J(x) v||²`` with one Jacobian-vector product per batch."""
+        total, n_total = 0.0, 0
+        for batch, params, f in self._functional_batches(examples, layer_collection):
+            tangents = self._split_flat(v, params, layer_collection)
+            outputs, jv = torch.func.jvp(f, (params,), (tangents,))
+            self._check_finite(outputs)
+            total = total + (jv * jv).sum()
+            n_total += outputs.shape[0]
+        self._check_nonempty(n_total)
+        return total / n_total
+
+    def implicit_Jv(self, v, examples, layer_collection):
+        """``(n_output, n)``: ``J(x_i) v`` for every example (not normalized)."""
+        parts = []
+        for batch, params, f in self._functional_batches(examples, layer_collection):
+            tangents = self._split_flat(v, params, layer_collection)
+            outputs, jv = torch.func.jvp(f, (params,), (tangents,))
+            parts.append(jv.t())
+        self._check_nonempty(len(parts))
+        return torch.cat(parts, dim=1)
+
+    def implicit_JTv(self, w, examples, layer_collection):
+        """``(P,)``: ``Σ_i J(x_i)ᵀ w[:, i]`` for ``w`` of shape ``(n_output, n)``."""
+        out, start = None, 0
+        for batch, params, f in self._functional_batches(examples, layer_collection):
+            outputs, vjp_fn = torch.func.vjp(f, params)
+            nb = outputs.shape[0]
+            (g,) = vjp_fn(w[:, start:start + nb].t().to(outputs.dtype))
+            start += nb
+            flat = torch.cat([g[k].reshape(-1) for k in params])
+            out = flat if out is None else out + flat
+        self._check_nonempty(start)
+        return out
+
+    # ================================================================== internals
+    def _batches(self, examples):
+        it = iterate_batches(examples)
+        if self.verbose:
+            from tqdm.auto import tqdm
+            total = len(examples) if isinstance(examples, DataLoader) else None
+            it = tqdm(it, total=total, desc="nngeometry", unit="batch")
+        return it
+
+    def _device(self):
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @contextlib.contextmanager
+    def _model_state_kept(self, layer_collection):
+        """Make the collection's parameters require grad and keep the model's buffers (e.g.
+        BatchNorm running statistics) as they were: building a matrix must not change the model."""
+        modules = layer_collection.get_layerid_module_map(self.model)
+        params = layer_collection.parameters(modules)
+        flags = [p.requires_grad for p in params]
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            yield modules, params
+        finally:
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+
+    @contextlib.contextmanager
+    def _prepared(self, layer_collection):
+        with self._model_state_kept(layer_collection) as (modules, params):
+            calls = {lid: [] for lid in modules}
+            handles = []
+            for lid, module in modules.items():
+                handles.append(module.register_forward_hook(self._make_hook(calls[lid]), with_kwargs=True))
+            try:
+                yield modules, calls
+            finally:
+                for h in handles:
+                    h.remove()
+
+    @staticmethod
+    def _make_hook(store):
+        def hook(module, args, kwargs, output):
+            if isinstance(output, torch.Tensor):
+                out = output
+            elif isinstance(output, (tuple, list)) and isinstance(output[0], torch.Tensor):
+                out = output[0]
+            else:
+                raise TypeError(f"cannot differentiate through the output of {type(module).__name__}")
+            store.append(Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                              kwargs, out))
+        return hook
+
+    @staticmethod
+    def _check_finite(outputs):
+        if not torch.isfinite(outputs).all():
+            raise ValueError(
+                "the model's outputs contain NaN or Inf; check the inputs (NaN/Inf in the data?) "
+                "and the model's parameters")
+
+    @staticmethod
+    def _check_nonempty(n):
+        if n == 0:
+            raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
+
+    def _outputs(self, batch):
+        out = self.function(*batch)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"function must return a tensor, got {type(out).__name__}")
+        n = out.shape[0] if out.dim() > 0 else 0
+        out = out.reshape(n, -1)
+        self._check_finite(out)
+        return out
+
+    def _run_batch(self, batch, layer_collection, modules, calls, consumer):
+        batch = to_device(batch, self._device())
+        for store in calls.values():
+            store.clear()
+        with torch.enable_grad():
+            out = self._outputs(batch)
+        n, n_output = out.shape
+        if n == 0:
+            return 0
+        for lid, store in calls.items():
+            if not store:
+                raise RuntimeError(
+                    f"layer '{lid}' was not called during the forward pass of the function; "
+                    "remove it from the LayerCollection or check the function")
+        layer_calls = [c for store in calls.values() for c in store]
+        chunk = self._chunk_size(layer_calls, n, n_output)
+        for k0 in range(0, n_output, chunk):
+            k1 = min(n_output, k0 + chunk)
+            grads = self._batched_backward(out, [c.output for c in layer_calls], k0, k1,
+                                           retain=k1 < n_output)
+            for c, g in zip(layer_calls, grads):
+                c.gy = g
+            ctx = BatchContext(layer_collection, modules, calls, n, k1 - k0, k0, n_output,
+                               self.centering, out.detach())
+            consumer.update(ctx)
+        for store in calls.values():
+            store.clear()
+        return n
+
+    def _chunk_size(self, layer_calls, n, n_output):
+        per_direction = sum(c.output.numel() * c.output.element_size() for c in layer_calls)
+        return max(1, min(n_output, self.max_chunk_bytes // max(1, per_direction)))
+
+    @staticmethod
+    def _batched_backward(out, targets, k0, k1, retain):
+        K = k1 - k0
+        n = out.shape[0]
+        cot = torch.zeros(K, n, out.shape[1], dtype=out.dtype, device=out.device)
+        cot[torch.arange(K), :, torch.arange(k0, k1)] = 1
+        if K == 1:
+            grads = torch.autograd.grad(out, targets, cot[0], retain_graph=retain, allow_unused=True)
+            grads = [g.unsqueeze(0) if g is not None else None for g in grads]
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    grads = torch.autograd.grad(out, targets, cot, retain_graph=retain,
+                                                allow_unused=True, is_grads_batched=True)
+            except RuntimeError:
+                # some op has no batching rule: one backward per output direction
+                per_k = [torch.autograd.grad(out, targets, cot[k], retain_graph=True, allow_unused=True)
+                         for k in range(K)]
+                grads = [None if per_k[0][j] is None else torch.stack([p[j] for p in per_k])
+                         for j in range(len(targets))]
+        return [torch.zeros((K,) + t.shape, dtype=t.dtype, device=t.device) if g is None else g
+                for g, t in zip(grads, targets)]
+
+    # ---------------------------------------------------------------- functional (implicit) path
+    def _functional_batches(self, examples, layer_collection):
+        """Yield ``(batch, params, f)`` with ``f(params) -> (n, n_output)`` a pure function of the
+        collection's parameters (a dict name -> tensor) for that batch."""
+        with self._model_state_kept(layer_collection) as (modules, plist):
+            names = {}
+            for lid, m in modules.items():
+                for pname in (("weight",) if layer_collection[lid].bias is None else ("weight", "bias")):
+                    names[f"{lid}.{pname}" if lid else pname] = getattr(m, pname)
+            params = {k: p.detach() for k, p in names.items()}
+            wrapper = _FunctionOfModel(self.model, self.function)
+            device = self._device()
+            for batch in self._batches(examples):
+                batch = to_device(batch, device)
+
+                def f(p, batch=batch):
+                    out = torch.func.functional_call(wrapper, {"model." + k: t for k, t in p.items()},
+                                                     batch)
+                    return out.reshape(out.shape[0], -1)
+
+                yield batch, params, f
+
+    @staticmethod
+    def _split_flat(v, params, layer_collection):
+        out, start = {}, 0
+        flat = v.get_flat_representation() if hasattr(v, "get_flat_representation") else v
+        for k, p in params.items():
+            out[k] = flat[start:start + p.numel()].view_as(p)
+            start += p.numel()
+        return out
+
+
+class _FunctionOfModel(torch.nn.Module):
+    """Holds the model as a submodule so that ``torch.func.functional_call`` can swap its
+    parameters while the user's ``function`` (which calls the model) runs."""
+
+    def __init__(self, model, function):
+        super().__init__()
+        self.model = model
+        self.function = function
+
+    def forward(self, *batch):
+        return self.function(*batch)

@@ -1,0 +1,65 @@
+"""``torch.nn.Linear``: spec and per-layer maths.
+
+Inputs may carry extra dimensions between the batch and the features, ``(n, ..., in)`` (e.g.
+sequences ``(n, T, in)``); the weight is shared over them, so a per-example gradient sums over
+those positions.
+"""
+import torch
+from torch import nn
+
+from .base import AbstractLayer, Parameter, register_layer_type
+
+
+@register_layer_type
+class LinearLayer(AbstractLayer):
+    module_types = (nn.Linear,)
+    supports_kfac = True
+
+    def __init__(self, in_features, out_features, bias=True):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = Parameter(out_features, in_features)
+        self.bias = Parameter(out_features) if bias else None
+
+    @classmethod
+    def from_module(cls, module):
+        return cls(module.in_features, module.out_features, bias=module.bias is not None)
+
+    @staticmethod
+    def _flatten_positions(x, gy):
+        """x -> (n, S, in), gy -> (K, n, S, out), with S the number of weight-sharing positions."""
+        n = x.shape[0]
+        return x.reshape(n, -1, x.shape[-1]), gy.reshape(gy.shape[0], n, -1, gy.shape[-1])
+
+    def per_example_grad(self, module, x, gy):
+        x, gy = self._flatten_positions(x, gy)
+        K, n = gy.shape[:2]
+        gw = torch.einsum("knso,nsi->knoi", gy, x).reshape(K, n, -1)
+        if self.bias is None:
+            return gw
+        return torch.cat([gw, gy.sum(dim=2)], dim=2)
+
+    def diag(self, module, x, gy):
+        x, gy = self._flatten_positions(x, gy)
+        if x.shape[1] != 1:
+            # positions share the weight: squares don't factor, go through per-example grads
+            return super().diag(module, x, gy)
+        x, gy = x[:, 0], gy[:, :, 0]
+        gy2 = gy * gy
+        dw = torch.einsum("kno,ni->oi", gy2, x * x).reshape(-1)
+        if self.bias is None:
+            return dw
+        return torch.cat([dw, gy2.sum(dim=(0, 1))])
+
+    def kfac_factors(self, module, x, gy):
+        x, gy = self._flatten_positions(x, gy)
+        S = x.shape[1]
+        x = x.reshape(-1, x.shape[-1])
+        if self.bias is not None:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        A = x.t() @ x
+        g = gy.reshape(-1, gy.shape[-1])
+        # 'expand': positions act like examples in A; G sums over positions and is divided by
+        # their count so that S = 1 gives the exact block (same rule as for convolutions).
+        G = (g.t() @ g) / S
+        return A, G

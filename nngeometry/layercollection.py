@@ -1,0 +1,166 @@
+"""Where each layer's parameters sit in the flat parameter vector.
+
+Layout (see CONVENTIONS): layers in the order of ``model.named_modules()``, restricted to modules
+with parameters; a layer's id is its qualified module name; inside a layer ``weight.flatten()``
+then ``bias.flatten()``. ``p_pos[layer_id]`` is the layer's offset.
+"""
+from collections import OrderedDict
+
+from .layer_types import AbstractLayer, layer_type_for
+from .layer_types import *  # noqa: F401,F403  (re-export LinearLayer, Conv2dLayer, ...)
+from .layer_types import __all__ as _layer_types_all
+
+
+class UnsupportedLayerError(TypeError):
+    """A module with parameters whose type no layer type handles."""
+
+
+class LayerCollection:
+    """An ordered collection of layers with their offsets in the flat parameter vector."""
+
+    def __init__(self, layers=None):
+        self.layers = OrderedDict()
+        self.p_pos = OrderedDict()
+        self._numel = 0
+        if layers is not None:
+            for layer_id, layer in layers.items() if hasattr(layers, "items") else layers:
+                self.add_layer(layer_id, layer)
+
+    # ------------------------------------------------------------------ building
+    @staticmethod
+    def from_model(model, ignore_unsupported_layers=False):
+        """All layers of ``model`` that have parameters, in ``named_modules()`` order.
+
+        Raises:
+            UnsupportedLayerError: a module owns parameters but no layer type handles it (and
+                ``ignore_unsupported_layers`` is False).
+        """
+        lc = LayerCollection()
+        seen = {}
+        for name, module in model.named_modules():
+            own = list(module.named_parameters(recurse=False))
+            if not own:
+                continue
+            for pname, p in own:
+                if id(p) in seen:
+                    raise ValueError(
+                        f"parameter '{name}.{pname}' is shared with '{seen[id(p)]}' (tied weights); "
+                        "a parameter must belong to a single layer. Build the LayerCollection "
+                        "by hand with add_layer_from_model, leaving one of the two modules out")
+                seen[id(p)] = f"{name}.{pname}"
+            cls = layer_type_for(module)
+            if cls is None:
+                if ignore_unsupported_layers:
+                    continue
+                raise UnsupportedLayerError(
+                    f"module '{name}' of type {type(module).__name__} has parameters "
+                    f"({', '.join(p for p, _ in own)}) but its layer type is not supported; pass "
+                    "ignore_unsupported_layers=True to LayerCollection.from_model to leave it out "
+                    "(its parameters are then treated as constants)")
+            lc.add_layer(name, cls.from_module(module))
+        return lc
+
+    def add_layer(self, layer_id, layer):
+        if not isinstance(layer, AbstractLayer):
+            raise TypeError(f"layer '{layer_id}' must be a layer spec (e.g. LinearLayer), got {type(layer)}")
+        if layer_id in self.layers:
+            raise ValueError(f"layer '{layer_id}' is already in the collection")
+        self.layers[layer_id] = layer
+        self.p_pos[layer_id] = self._numel
+        self._numel += layer.numel()
+
+    def add_layer_from_model(self, model, module):
+        """Add ``module`` (a submodule of ``model``), with its qualified name as id."""
+        for name, m in model.named_modules():
+            if m is module:
+                cls = layer_type_for(module)
+                if cls is None:
+                    raise UnsupportedLayerError(
+                        f"module '{name}' of type {type(module).__name__} is not a supported layer type")
+                self.add_layer(name, cls.from_module(module))
+                return
+        raise ValueError("module is not a submodule of model")
+
+    # ------------------------------------------------------------------ queries
+    def numel(self):
+        return self._numel
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers.items())
+
+    def __getitem__(self, layer_id):
+        return self.layers[layer_id]
+
+    def __contains__(self, layer_id):
+        return layer_id in self.layers
+
+    def layer_ids(self):
+        return list(self.layers.keys())
+
+    def slice(self, layer_id):
+        """The layer's slice in the flat vector."""
+        start = self.p_pos[layer_id]
+        return slice(start, start + self.layers[layer_id].numel())
+
+    def get_layerid_module_map(self, model):
+        """``{layer_id: module}`` for this collection's layers in ``model``."""
+        modules = dict(model.named_modules())
+        out = OrderedDict()
+        for layer_id, layer in self.layers.items():
+            if layer_id not in modules:
+                raise ValueError(f"layer '{layer_id}' of the LayerCollection is not a module of the model")
+            module = modules[layer_id]
+            if layer_type_for(module) is not type(layer) or type(layer).from_module(module) != layer:
+                raise ValueError(
+                    f"module '{layer_id}' ({type(module).__name__}) does not match the collection's "
+                    f"layer spec {layer}")
+            out[layer_id] = module
+        return out
+
+    def parameters(self, layerid_to_module):
+        """Parameter tensors in layout order."""
+        params = []
+        for layer_id, layer in self.layers.items():
+            params.extend(layer.parameters_of(layerid_to_module[layer_id]))
+        return params
+
+    # ------------------------------------------------------------------ algebra
+    def __eq__(self, other):
+        return isinstance(other, LayerCollection) and list(self.layers.items()) == list(other.layers.items())
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash(tuple(self.layers.items()))
+
+    def merge(self, other):
+        """A new collection with this one's layers then ``other``'s (ids must not overlap)."""
+        out = LayerCollection(self.layers)
+        for layer_id, layer in other.layers.items():
+            out.add_layer(layer_id, layer)
+        return out
+
+    def sub(self, layer_ids):
+        """The sub-collection of the given layers, in this collection's order."""
+        wanted = set(layer_ids)
+        missing = wanted - set(self.layers)
+        if missing:
+            raise KeyError(f"layers not in the collection: {sorted(missing)}")
+        return LayerCollection([(lid, l) for lid, l in self.layers.items() if lid in wanted])
+
+    def last_layer(self):
+        """The sub-collection made of the last layer only (last-layer curvature)."""
+        if not self.layers:
+            raise ValueError("empty LayerCollection")
+        return self.sub([next(reversed(self.layers))])
+
+    def __repr__(self):
+        body = ", ".join(f"'{k}': {v}" for k, v in self.layers.items())
+        return f"LayerCollection({{{body}}}, numel={self._numel})"
+
+
+__all__ = ["LayerCollection", "UnsupportedLayerError"] + list(_layer_types_all)

@@ -1,0 +1,200 @@
+"""The contract shared by every parameter-space matrix representation."""
+import torch
+
+from ..map import PFMap, PFMapDense
+from ..vector import PVector
+
+
+class PMatAbstract:
+    """A ``P × P`` matrix in the parameter space of a ``LayerCollection``.
+
+    Built either from ``examples`` (a DataLoader or a single mini-batch) through ``generator``,
+    which then computes ``M = (1/n) Σ_x J(x)ᵀ J(x)`` (or the representation's approximation of
+    it), or directly from ``data`` (the representation's own storage).
+
+    Subclasses implement ``_build(examples, **kwargs)`` (returning ``data``) and the operations
+    their structure allows; an operation that has no sensible meaning for a structure raises
+    ``NotImplementedError`` naming what to use instead.
+    """
+
+    def __init__(self, layer_collection, generator, data=None, examples=None, **kwargs):
+        self.layer_collection = layer_collection
+        self.generator = generator
+        if data is not None and examples is not None:
+            raise ValueError("give either data or examples, not both")
+        if data is None:
+            if examples is None:
+                raise ValueError("give either data or examples")
+            if generator is None:
+                raise ValueError("building from examples needs a generator")
+            data = self._build(examples, **kwargs)
+        self.data = data
+
+    def _build(self, examples, **kwargs):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ checks
+    def _check_pvector(self, v):
+        if not isinstance(v, PVector):
+            raise TypeError(f"expected a PVector, got {type(v).__name__}")
+        if v.layer_collection != self.layer_collection:
+            raise ValueError(
+                f"the PVector's layout does not match the matrix: it has "
+                f"{v.layer_collection.numel()} parameters over layers {v.layer_collection.layer_ids()}, "
+                f"the matrix {self.layer_collection.numel()} over {self.layer_collection.layer_ids()}; "
+                "build the vector on the matrix's LayerCollection")
+
+    def _check_pfmap(self, m):
+        if not isinstance(m, PFMap):
+            raise TypeError(f"expected a PFMap, got {type(m).__name__}")
+        if m.layer_collection != self.layer_collection:
+            raise ValueError(
+                "the PFMap's layout does not match the matrix's LayerCollection; build both from "
+                "the same LayerCollection")
+
+    def _check_same_kind(self, other):
+        if type(other) is not type(self):
+            raise NotImplementedError(
+                f"operation between {type(self).__name__} and {type(other).__name__} is not "
+                "implemented; convert both to dense with to_torch() or use matching representations")
+        if other.layer_collection != self.layer_collection:
+            raise ValueError("the two matrices are built on different LayerCollections")
+
+    # ------------------------------------------------------------------ shapes
+    def size(self, dim=None):
+        """``(P, P)``, whatever the storage."""
+        p = self.layer_collection.numel()
+        return (p, p) if dim is None else (p, p)[dim]
+
+    @property
+    def dtype(self):
+        return self.get_diag().dtype
+
+    # ------------------------------------------------------------------ products
+    def mv(self, v):
+        raise NotImplementedError
+
+    def vTMv(self, v):
+        raise NotImplementedError
+
+    def mmap(self, pfmap):
+        raise NotImplementedError
+
+    def mapTMmap(self, pfmap, reduction="sum"):
+        """Quadratic forms of the rows of a PFMap ``J`` (shape ``(K, n, P)``).
+
+        ``reduction='sum'``: ``(n, n)`` matrix ``Σ_k J_k M J_kᵀ``;
+        ``reduction='diag'``: ``(n,)`` vector of its diagonal ``Σ_k J_{k,i} M J_{k,i}ᵀ``.
+        """
+        self._check_pfmap(pfmap)
+        J = pfmap.to_torch()
+        MJ = self.mmap(pfmap).to_torch()
+        if reduction == "sum":
+            return torch.einsum("kip,kjp->ij", J, MJ)
+        if reduction == "diag":
+            return torch.einsum("kip,kip->i", J, MJ)
+        raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
+
+    def __matmul__(self, other):
+        if isinstance(other, PVector):
+            return self.mv(other)
+        if isinstance(other, PFMap):
+            return self.mmap(other)
+        if isinstance(other, PMatAbstract):
+            return self.mm(other)
+        return NotImplemented
+
+    def mm(self, other):
+        raise NotImplementedError(f"{type(self).__name__}.mm is not implemented")
+
+    # ------------------------------------------------------------------ solves and functions
+    def solve(self, x, regul=1e-8, solve="default", **kwargs):
+        """Solve ``(M + regul·I) y = x`` for a PVector or PFMap ``x`` (``regul`` is a damping
+        whose exact meaning is the representation's: see its ``solvePVec``)."""
+        if isinstance(x, PVector):
+            return self.solvePVec(x, regul=regul, solve=solve, **kwargs)
+        if isinstance(x, PFMap):
+            return self.solvePFMap(x, regul=regul, solve=solve, **kwargs)
+        raise TypeError(f"solve takes a PVector or a PFMap, got {type(x).__name__}")
+
+    def solvePVec(self, x, regul=1e-8, solve="default", **kwargs):
+        raise NotImplementedError
+
+    def solvePFMap(self, x, regul=1e-8, solve="default", **kwargs):
+        raise NotImplementedError
+
+    def inverse(self, regul=1e-8):
+        raise NotImplementedError
+
+    def inv(self, regul=1e-8):
+        return self.inverse(regul=regul)
+
+    def pow(self, x, regul=0.0):
+        raise NotImplementedError
+
+    def __pow__(self, x):
+        return self.pow(x)
+
+    def logdet(self, regul=0.0):
+        """``log det(M + regul·I)``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ reductions
+    def get_diag(self):
+        raise NotImplementedError
+
+    def trace(self):
+        return self.get_diag().sum()
+
+    def frobenius_norm(self):
+        raise NotImplementedError
+
+    def norm(self, ord=None):
+        """Frobenius norm by default (``ord=None`` or ``'fro'``)."""
+        if ord in (None, "fro"):
+            return self.frobenius_norm()
+        raise NotImplementedError(
+            f"norm(ord={ord!r}) is not implemented for {type(self).__name__}; use ord='fro', or "
+            "torch.linalg.matrix_norm(M.to_torch(), ord) on small matrices")
+
+    def to_torch(self):
+        raise NotImplementedError
+
+    def get_dense_tensor(self):
+        return self.to_torch()
+
+    # ------------------------------------------------------------------ arithmetic
+    def _scaled(self, x):
+        raise NotImplementedError
+
+    def __mul__(self, x):
+        if isinstance(x, (int, float)) or (torch.is_tensor(x) and x.dim() == 0):
+            return self._scaled(x)
+        return NotImplemented
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, x):
+        return self * (1.0 / x)
+
+    def __neg__(self):
+        return self._scaled(-1.0)
+
+    def __add__(self, other):
+        raise NotImplementedError
+
+    def __sub__(self, other):
+        return self + (-other)
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self):
+        # the generator holds the model and a user function (often a lambda): not picklable,
+        # and not needed once the matrix is built
+        state = self.__dict__.copy()
+        state["generator"] = None
+        return state
+
+
+def bdot(A, B):
+    """Batched dot product: ``bdot(A, B)[i] = <A[i], B[i]>``."""
+    return torch.matmul(A.unsqueeze(1), B.unsqueeze(2)).squeeze(2).squeeze(1)

@@ -1,0 +1,114 @@
+"""Output transforms that turn a model's outputs into functions ``g(x)`` with
+``J_g(x)ᵀ J_g(x)`` equal to the example's Fisher information (closed form), or to a Monte-Carlo
+sample of it. The Jacobian generator then computes ``(1/n) Σ_x J_g(x)ᵀ J_g(x)``.
+
+Closed forms (``F = (1/n) Σ_x J_f(x)ᵀ Σ_{y|x} J_f(x)``, ``f`` the model's outputs):
+
+* ``regression``: ``Σ = I``: ``g = f``.
+* ``classif_binary_logits``: Bernoulli on one logit, ``Σ = σ(f)(1 - σ(f))``: ``g = sqrt(Σ) f``.
+* ``classif_logits``: ``Σ = diag(p) - p pᵀ``, ``p = softmax(f)``. ``Σ`` has rank ``C - 1``; with
+  ``L`` its ``C × (C-1)`` Cholesky-type factor (``L Lᵀ = Σ``), ``g = Lᵀ f``: ``C - 1`` outputs, one
+  backward direction fewer than the naive ``C``.
+
+The factors are computed from detached probabilities: they are constants of the backward pass.
+"""
+import torch
+import torch.nn.functional as F
+
+CLOSED_FORM_VARIANTS = ("classif_logits", "classif_binary_logits", "regression")
+MC_VARIANTS = ("classif_logits", "classif_logsoftmax", "segmentation_logits", "regression")
+
+
+def multinomial_covariance_sqrt(p):
+    """``L`` of shape ``(n, C, C-1)`` with ``L Lᵀ = diag(p) - p pᵀ`` for each row of ``p``.
+
+    Column ``j`` (0-based) is the ``j``-th step of a Cholesky factorization of the multinomial
+    covariance: with ``r_j = Σ_{i≥j} p_i`` (tail mass),
+    ``L[j, j] = sqrt(p_j r_{j+1} / r_j)`` and ``L[i, j] = -p_i sqrt(p_j / (r_j r_{j+1}))`` for
+    ``i > j``, zero above the diagonal.
+    """
+    n, C = p.shape
+    r = torch.flip(torch.cumsum(torch.flip(p, [1]), 1), [1])  # r[:, j] = sum_{i>=j} p_i
+    r = r.clamp(min=0)
+    r_j = r[:, :-1]                       # (n, C-1)
+    r_next = r[:, 1:]                     # (n, C-1)
+    p_j = p[:, :-1]
+    tiny = torch.finfo(p.dtype).tiny
+    diag = torch.sqrt(p_j * r_next / r_j.clamp(min=tiny))
+    # -p_i sqrt(p_j / (r_j r_{j+1})) written so that r_{j+1} = 0 (then all p_i, i>j, are 0) is 0
+    coef = torch.sqrt(p_j / r_j.clamp(min=tiny)) / torch.sqrt(r_next.clamp(min=tiny))
+    rows = torch.arange(C, device=p.device).unsqueeze(1)
+    cols = torch.arange(C - 1, device=p.device).unsqueeze(0)
+    below = (rows > cols).to(p.dtype)     # (C, C-1)
+    on = (rows == cols).to(p.dtype)
+    L = -p.unsqueeze(2) * coef.unsqueeze(1) * below + diag.unsqueeze(1) * on
+    return L
+
+
+def _as_2d(out):
+    return out.reshape(out.shape[0], -1)
+
+
+def closed_form_function(function, variant):
+    """``g(*batch)`` with ``J_gᵀ J_g`` the example's Fisher under ``variant``."""
+    if variant == "regression":
+        return lambda *batch: _as_2d(function(*batch))
+    if variant == "classif_binary_logits":
+        def g(*batch):
+            f = _as_2d(function(*batch))
+            if f.shape[1] != 1:
+                raise ValueError(
+                    f"variant 'classif_binary_logits' expects one logit per example, the model "
+                    f"gives {f.shape[1]}; use 'classif_logits' for several classes")
+            s = torch.sigmoid(f.detach())
+            return torch.sqrt(s * (1 - s)) * f
+        return g
+    if variant == "classif_logits":
+        def g(*batch):
+            f = _as_2d(function(*batch))
+            if f.shape[1] < 2:
+                raise ValueError("variant 'classif_logits' needs at least 2 logits per example; "
+                                 "use 'classif_binary_logits' for one logit")
+            L = multinomial_covariance_sqrt(torch.softmax(f.detach(), dim=1))
+            return torch.einsum("nc,nck->nk", f, L)
+        return g
+    raise ValueError(f"unknown variant '{variant}' for FIM; expected one of {CLOSED_FORM_VARIANTS}")
+
+
+def monte_carlo_function(function, variant, trials, covariance=1.0):
+    """``g(*batch)`` of shape ``(n, trials)`` with ``g_t = log p(y_t | x) / sqrt(trials)`` and
+    ``y_t ~ p(· | x)`` sampled (constant for the backward pass), so that
+    ``J_gᵀ J_g = (1/T) Σ_t ∇ log p(y_t|x) ∇ log p(y_t|x)ᵀ``."""
+    if not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be a positive integer, got {trials!r}")
+    scale = trials ** -0.5
+
+    def sample_logprob(logp):
+        # logp: (n, C) normalized log-probabilities -> (n, T)
+        y = torch.multinomial(logp.detach().exp(), trials, replacement=True)
+        return torch.gather(logp, 1, y)
+
+    if variant == "classif_logits":
+        return lambda *batch: sample_logprob(F.log_softmax(_as_2d(function(*batch)), dim=1)) * scale
+    if variant == "classif_logsoftmax":
+        return lambda *batch: sample_logprob(_as_2d(function(*batch))) * scale
+    if variant == "segmentation_logits":
+        def g(*batch):
+            f = function(*batch)  # (n, C, *spatial)
+            if f.dim() < 3:
+                raise ValueError("variant 'segmentation_logits' expects outputs (n, C, H, W, ...)")
+            n, C = f.shape[:2]
+            logp = F.log_softmax(f, dim=1).movedim(1, -1).reshape(-1, C)  # (n*pixels, C)
+            lp = sample_logprob(logp).reshape(n, -1, trials).sum(1)
+            return lp * scale
+        return g
+    if variant == "regression":
+        sigma2 = float(covariance)
+
+        def g(*batch):
+            f = _as_2d(function(*batch))
+            y = f.detach().unsqueeze(1) + (sigma2 ** 0.5) * torch.randn(
+                f.shape[0], trials, f.shape[1], dtype=f.dtype, device=f.device)
+            return -((y - f.unsqueeze(1)) ** 2).sum(2) / (2 * sigma2) * scale
+        return g
+    raise ValueError(f"unknown variant '{variant}' for FIM_MonteCarlo; expected one of {MC_VARIANTS}")
