@@ -72,13 +72,14 @@ class LayerBlocks(Consumer):
 class KFACFactors(Consumer):
     """``{layer_id: (A, G)}`` with both factors divided by ``n`` (see ``kfac_factors``)."""
 
-    def __init__(self, layer_collection):
+    def __init__(self, layer_collection, approx="expand"):
         self.lc = layer_collection
+        self.approx = approx
         self.result = {}
 
     def update(self, ctx):
         for lid in ctx.layer_ids():
-            A, G = ctx.kfac_factors(lid)
+            A, G = ctx.kfac_factors(lid, approx=self.approx)
             if lid not in self.result:
                 self.result[lid] = [A, G]
             else:

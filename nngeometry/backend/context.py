@@ -85,7 +85,7 @@ class BatchContext:
         g = self.per_example_grad(layer_id)
         return (g * g).sum(dim=(0, 1))
 
-    def kfac_factors(self, layer_id):
+    def kfac_factors(self, layer_id, approx="expand"):
         """Unnormalized ``(A, G)`` of the layer for this batch; ``A`` is None past the first chunk
         of output directions (it depends on the inputs only)."""
         if self.centering:
@@ -93,7 +93,7 @@ class BatchContext:
         layer, module = self.layer_collection[layer_id], self.modules[layer_id]
         A, G = None, None
         for c in self.calls[layer_id]:
-            a, g = layer.kfac_factors(module, c.x, c.gy)
+            a, g = layer.kfac_factors(module, c.x, c.gy, approx=approx)
             A = a if A is None else A + a
             G = g if G is None else G + g
         return (A if self.first_chunk else None), G

@@ -65,9 +65,10 @@ class TorchHooksJacobianBackend:
         """``{layer_id: (p_l, p_l)}``: the diagonal blocks of ``(1/n) Σ_x J(x)ᵀ J(x)``."""
         return self.accumulate(examples, layer_collection, C.LayerBlocks(layer_collection)).result
 
-    def get_kfac_blocks(self, examples, layer_collection):
-        """``{layer_id: (A, G)}`` with ``A ⊗ G`` ≈ the layer's block (both divided by n)."""
-        return self.accumulate(examples, layer_collection, C.KFACFactors(layer_collection)).result
+    def get_kfac_blocks(self, examples, layer_collection, approx="expand"):
+        """``{layer_id: (A, G)}`` with ``kron(G, A)`` ≈ the layer's block (both divided by n)."""
+        return self.accumulate(examples, layer_collection,
+                               C.KFACFactors(layer_collection, approx)).result
 
     def get_jacobian(self, examples, layer_collection):
         """``(n_output, n, P)``: the per-example Jacobians (not normalized)."""

@@ -103,19 +103,41 @@ class AbstractLayer:
         g = self.per_example_grad(module, x, gy)
         return (g * g).sum(dim=(0, 1))
 
-    def kfac_factors(self, module, x, gy):
+    def kfac_factors(self, module, x, gy, approx="expand"):
         """Unnormalized Kronecker factors ``(A, G)`` summed over the batch.
 
         ``A`` is built from the inputs (with a trailing 1 when the layer has a bias) and ``G``
         from the output gradients summed over the ``K`` output directions, such that
-        ``(A / n) ⊗ (G / n)`` approximates the layer's block of ``(1/n) sum_i J_iᵀ J_i`` in the
-        row-major order of ``[W | b]``.
+        ``kron(G / n, A / n)``, re-indexed by :meth:`kfac_permutation`, approximates the layer's
+        block of ``(1/n) sum_i J_iᵀ J_i``. Either factor may be returned as a 1-D tensor, which
+        stands for a diagonal matrix (e.g. the input factor of an Embedding).
+
+        ``approx`` selects how weight-sharing positions (sequences) are handled: ``'expand'`` or
+        ``'reduce'`` (Eschenhagen et al. 2023); layers without weight sharing ignore it.
         """
         raise NotImplementedError(
             f"KFAC is not available for layers of type {type(self).__name__}; use a "
             "representation that needs only per-example gradients (PMatDense, PMatBlockDiag, "
             "PMatDiag, PMatLowRank, PMatImplicit) for this layer"
         )
+
+
+    def kfac_permutation(self):
+        """``perm`` (LongTensor, length ``numel()``) such that the layer's block in the flat
+        layout is ``kron(G, A)[perm][:, perm]``: flat coordinate ``i`` is Kronecker coordinate
+        ``perm[i]``.
+
+        Default: weight of shape ``(out, ...)`` and optional bias ``(out,)``, Kronecker order the
+        row-major ``[W | b]`` of shape ``(out, in + 1)``.
+        """
+        out = self.weight.size[0]
+        n_in = self.weight.numel() // out
+        width = n_in + (1 if self.bias is not None else 0)
+        rows = torch.arange(out).unsqueeze(1) * width
+        perm = (rows + torch.arange(n_in)).reshape(-1)
+        if self.bias is not None:
+            perm = torch.cat([perm, rows.reshape(-1) + n_in])
+        return perm
 
 
 _REGISTRY: list = []

@@ -77,7 +77,7 @@ class Conv2dLayer(AbstractLayer):
             return gw
         return torch.cat([gw, gy.reshape(K, n, self.out_channels, -1).sum(dim=3)], dim=2)
 
-    def kfac_factors(self, module, x, gy):
+    def kfac_factors(self, module, x, gy, approx="expand"):
         if self.groups != 1:
             raise NotImplementedError(
                 "KFAC for grouped convolutions (groups > 1) is not implemented; use PMatBlockDiag "

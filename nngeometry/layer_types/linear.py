@@ -51,8 +51,10 @@ class LinearLayer(AbstractLayer):
             return dw
         return torch.cat([dw, gy2.sum(dim=(0, 1))])
 
-    def kfac_factors(self, module, x, gy):
+    def kfac_factors(self, module, x, gy, approx="expand"):
         x, gy = self._flatten_positions(x, gy)
+        if approx == "reduce" and x.shape[1] > 1:
+            raise NotImplementedError("the 'reduce' KFAC approximation is not implemented yet")
         S = x.shape[1]
         x = x.reshape(-1, x.shape[-1])
         if self.bias is not None:
