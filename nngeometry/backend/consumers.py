@@ -7,6 +7,8 @@ statistics be summed across data-parallel workers before ``finalize``.
 """
 import torch
 
+from ..gram import GramRows, SymmetricAccumulator
+
 
 class Consumer:
     def update(self, ctx):
@@ -21,17 +23,15 @@ class DenseCovariance(Consumer):
 
     def __init__(self, layer_collection):
         self.lc = layer_collection
+        self._acc = SymmetricAccumulator()
         self.result = None
 
     def update(self, ctx):
         J = ctx.jacobian()
-        J = J.reshape(-1, J.shape[-1])
-        if self.result is None:
-            self.result = J.new_zeros(J.shape[1], J.shape[1])
-        self.result.addmm_(J.t(), J)
+        self._acc.add(J.reshape(-1, J.shape[-1]))
 
     def finalize(self, n):
-        self.result /= n
+        self.result = self._acc.result().div_(n)
 
 
 class DiagCovariance(Consumer):
@@ -54,19 +54,16 @@ class LayerBlocks(Consumer):
 
     def __init__(self, layer_collection):
         self.lc = layer_collection
+        self._acc = {}
         self.result = {}
 
     def update(self, ctx):
         for lid in ctx.layer_ids():
             g = ctx.per_example_grad(lid)
-            g = g.reshape(-1, g.shape[-1])
-            if lid not in self.result:
-                self.result[lid] = g.new_zeros(g.shape[1], g.shape[1])
-            self.result[lid].addmm_(g.t(), g)
+            self._acc.setdefault(lid, SymmetricAccumulator()).add(g.reshape(-1, g.shape[-1]))
 
     def finalize(self, n):
-        for b in self.result.values():
-            b /= n
+        self.result = {lid: acc.result().div_(n) for lid, acc in self._acc.items()}
 
 
 class KFACFactors(Consumer):
@@ -75,21 +72,69 @@ class KFACFactors(Consumer):
     def __init__(self, layer_collection, approx="expand"):
         self.lc = layer_collection
         self.approx = approx
+        self._acc = {}  # lid -> [[dense sum, Gram accumulator] for A, same for G]
         self.result = {}
 
     def update(self, ctx):
         for lid in ctx.layer_ids():
-            A, G = ctx.kfac_factors(lid, approx=self.approx)
-            if lid not in self.result:
-                self.result[lid] = [A, G]
+            try:
+                A, G = ctx.kfac_factors(lid, approx=self.approx, lazy=True)
+            except NotImplementedError as e:
+                raise NotImplementedError(
+                    f"KFAC is not available for layer '{lid}' (layer type "
+                    f"{type(self.lc[lid]).__name__}): {e}. Use PMatEKFACBlockDiag (EKFAC where KFAC "
+                    "exists, dense blocks elsewhere), PMatBlockDiag, or a PMatMixed that puts this "
+                    "layer in a non-KFAC representation") from e
+            if A is not None:
+                self._add(lid, 0, A)
+            self._add(lid, 1, G)
+
+    def _add(self, lid, which, pieces):
+        slots = self._acc.setdefault(lid, [[None, None], [None, None]])[which]
+        for p in pieces:
+            if isinstance(p, GramRows):
+                if slots[1] is None:
+                    slots[1] = SymmetricAccumulator()
+                slots[1].add(p.rows, p.scale)
             else:
-                acc = self.result[lid]
-                if A is not None:
-                    acc[0] = A if acc[0] is None else acc[0] + A
-                acc[1] = acc[1] + G
+                slots[0] = p if slots[0] is None else slots[0] + p
+
+    @staticmethod
+    def _total(slots):
+        dense, gram = slots
+        total = dense
+        if gram is not None:
+            g = gram.result()
+            total = g if total is None else total + g
+        return total
 
     def finalize(self, n):
-        self.result = {lid: (A / n, G / n) for lid, (A, G) in self.result.items()}
+        self.result = {lid: (self._total(a) / n, self._total(g) / n)
+                       for lid, (a, g) in self._acc.items()}
+
+
+class KFEDiag(Consumer):
+    """EKFAC's diagonal: ``{layer_id: (1/n) Σ_{x,k} (U_Gᵀ Ĝ_k(x) U_A)²}``, shape ``(dG, dA)``.
+
+    ``kfe`` maps each layer id to ``(U_A, U_G)`` or ``(U_A, U_G, perm)``: orthogonal matrices
+    (or ints: identity) and optionally the flat -> Kronecker re-indexing (default: the layer's
+    ``kfac_permutation()``). Only the layers listed in ``kfe`` are computed.
+    """
+
+    def __init__(self, layer_collection, kfe):
+        self.lc = layer_collection
+        self.kfe = kfe
+        self.result = {}
+
+    def update(self, ctx):
+        for lid, entry in self.kfe.items():
+            UA, UG = entry[0], entry[1]
+            perm = entry[2] if len(entry) > 2 else None
+            d = ctx.kfe_diag(lid, UA, UG, perm)
+            self.result[lid] = d if lid not in self.result else self.result[lid] + d
+
+    def finalize(self, n):
+        self.result = {lid: d / n for lid, d in self.result.items()}
 
 
 class Jacobian(Consumer):
@@ -109,3 +154,53 @@ class Jacobian(Consumer):
         per_batch = [torch.cat(chunks, dim=0) for chunks in self.batches]
         self.result = torch.cat(per_batch, dim=1)
         self.batches = []
+
+
+class QuasiDiagCovariance(Consumer):
+    """Quasi-diagonal of ``(1/n) Σ_x J(x)ᵀ J(x)`` (Ollivier 2015), per layer ``(diag, cross)``.
+
+    ``diag`` (``(p_l,)``) is the layer's diagonal; for a layer whose weight has shape
+    ``(out, ...)`` and whose bias has shape ``(out,)``, ``cross`` (``(out, numel(weight)/out)``)
+    holds ``M[w_{o,i}, b_o]``: the coupling between output unit ``o``'s bias and each of its
+    weights. ``cross`` is None for layers without such a bias. Computed from the per-example
+    gradients with one contraction over (outputs, examples) per layer.
+    """
+
+    def __init__(self, layer_collection):
+        self.lc = layer_collection
+        self.result = {}
+
+    @staticmethod
+    def unit_shape(layer):
+        """``(out, n_in)`` if the layer has one bias per row of its weight, else None."""
+        if layer.bias is None:
+            return None
+        out = layer.weight.size[0]
+        if layer.bias.size != (out,):
+            return None
+        return out, layer.weight.numel() // out
+
+    def update(self, ctx):
+        for lid in ctx.layer_ids():
+            layer = self.lc[lid]
+            shape = self.unit_shape(layer)
+            if shape is None:
+                d, cross = ctx.layer_diag(lid), None
+            else:
+                g = ctx.per_example_grad(lid)
+                K, n = g.shape[:2]
+                nw = layer.weight.numel()
+                d = (g * g).sum(dim=(0, 1))
+                gw = g[:, :, :nw].reshape(K, n, *shape)
+                cross = torch.einsum("knoi,kno->oi", gw, g[:, :, nw:])
+            if lid not in self.result:
+                self.result[lid] = [d, cross]
+            else:
+                acc = self.result[lid]
+                acc[0] = acc[0] + d
+                if cross is not None:
+                    acc[1] = acc[1] + cross
+
+    def finalize(self, n):
+        self.result = {lid: (d / n, None if c is None else c / n)
+                       for lid, (d, c) in self.result.items()}

@@ -8,6 +8,8 @@ so that two consumers asking for the same per-example gradients share the work.
 """
 import torch
 
+from ..gram import GramRows
+
 
 class Call:
     __slots__ = ("args", "kwargs", "output", "gy")
@@ -57,7 +59,8 @@ class BatchContext:
         g = self._grads.get(layer_id)
         if g is None:
             layer, module = self.layer_collection[layer_id], self.modules[layer_id]
-            parts = [layer.per_example_grad(module, c.x, c.gy) for c in self.calls[layer_id]]
+            parts = [layer.per_example_grad(module, layer.inputs_of(c), c.gy)
+                     for c in self.calls[layer_id]]
             g = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
             if self.centering:
                 g = g - g.mean(dim=1, keepdim=True)
@@ -81,19 +84,53 @@ class BatchContext:
         the layer type allows it."""
         calls = self.calls[layer_id]
         if len(calls) == 1 and not self.centering and layer_id not in self._grads:
-            return self.layer_collection[layer_id].diag(self.modules[layer_id], calls[0].x, calls[0].gy)
+            layer = self.layer_collection[layer_id]
+            return layer.diag(self.modules[layer_id], layer.inputs_of(calls[0]), calls[0].gy)
         g = self.per_example_grad(layer_id)
         return (g * g).sum(dim=(0, 1))
 
-    def kfac_factors(self, layer_id, approx="expand"):
+    def kfac_factors(self, layer_id, approx="expand", lazy=False):
         """Unnormalized ``(A, G)`` of the layer for this batch; ``A`` is None past the first chunk
-        of output directions (it depends on the inputs only)."""
+        of output directions (it depends on the inputs only).
+
+        With ``lazy=True`` each factor is a list of pieces, dense tensors or
+        :class:`~nngeometry.backend.gram.GramRows` (left for the consumer to accumulate with
+        symmetric, batched GEMMs); otherwise dense tensors (or 1-D for diagonal factors).
+        """
         if self.centering:
             raise NotImplementedError("KFAC with centering=True is not implemented")
         layer, module = self.layer_collection[layer_id], self.modules[layer_id]
-        A, G = None, None
+        A, G = [], []
         for c in self.calls[layer_id]:
-            a, g = layer.kfac_factors(module, c.x, c.gy, approx=approx)
-            A = a if A is None else A + a
-            G = g if G is None else G + g
-        return (A if self.first_chunk else None), G
+            a, g = layer.kfac_factors(module, layer.inputs_of(c), c.gy, approx=approx)
+            A.append(a)
+            G.append(g)
+        if not self.first_chunk:
+            A = None
+        if lazy:
+            return A, G
+        return (None if A is None else _sum_pieces(A)), _sum_pieces(G)
+
+    def kfe_diag(self, layer_id, UA, UG, perm=None):
+        """``Σ_{k,i} (U_Gᵀ Ĝ_{k,i} U_A)²`` for this batch (EKFAC), shape ``(dG, dA)``; ``perm``
+        (flat -> Kronecker index) defaults to the layer's ``kfac_permutation()``, and then the
+        layer type's formula from inputs and output gradients is used where it applies."""
+        from ..layer_types.base import project_to_kfe
+
+        layer, module = self.layer_collection[layer_id], self.modules[layer_id]
+        calls = self.calls[layer_id]
+        if perm is None and len(calls) == 1 and not self.centering and layer_id not in self._grads:
+            return layer.kfe_diag(module, layer.inputs_of(calls[0]), calls[0].gy, UA, UG)
+        if perm is None:
+            perm = layer.kfac_permutation()
+        g = project_to_kfe(self.per_example_grad(layer_id), UA, UG, perm)
+        return (g * g).sum(dim=(0, 1))
+
+
+def _sum_pieces(pieces):
+    """Sum of factor pieces (dense tensors or GramRows) as one tensor."""
+    total = None
+    for p in pieces:
+        d = p.dense() if isinstance(p, GramRows) else p
+        total = d if total is None else total + d
+    return total

@@ -1,0 +1,105 @@
+"""Accumulating symmetric Gram matrices ``Σ XᵀX`` at the cost of about half a GEMM.
+
+Statistics such as the dense covariance ``Σ JᵀJ`` and KFAC's factors ``Σ x̄x̄ᵀ`` and ``Σ g gᵀ``
+are Gram matrices of rows produced batch after batch. Two things make them cheap:
+
+* symmetry: only the upper block-triangle ``X_iᵀ X_{i:}`` of each block-row ``i`` is computed,
+  and mirrored once at the end, which saves close to half of the multiply-adds for wide ``X``;
+* batching: rows of several mini-batches are buffered (up to a memory budget) so that each GEMM
+  is tall enough to run at full speed.
+"""
+import torch
+
+#: widths below this use one plain GEMM (the block-triangle bookkeeping doesn't pay off)
+SYMMETRIC_MIN_WIDTH = 384
+#: rows needed in a flush for the block-triangle to pay off
+SYMMETRIC_MIN_ROWS = 256
+#: buffered rows are flushed past this many bytes
+BUFFER_BYTES = 32 * 2 ** 20
+
+
+class GramRows:
+    """A statistic given as ``scale · rowsᵀ rows`` (rows: ``(m, d)``), accumulated lazily."""
+
+    __slots__ = ("rows", "scale")
+
+    def __init__(self, rows, scale=1.0):
+        self.rows = rows
+        self.scale = scale
+
+    def dense(self):
+        acc = SymmetricAccumulator()
+        acc.add(self.rows, self.scale)
+        return acc.result()
+
+
+def _blocks(d):
+    n_blocks = max(2, min(8, d // 192))
+    bs = -(-d // n_blocks)
+    return [(s, min(d, s + bs)) for s in range(0, d, bs)]
+
+
+class SymmetricAccumulator:
+    """Running sum of ``scale · XᵀX`` over row blocks ``X`` that arrive one at a time.
+
+    Wide, CPU-resident sums keep only the upper block-triangle (diagonal blocks in full) and
+    mirror it once in :meth:`result`.
+    """
+
+    def __init__(self, buffer_bytes=BUFFER_BYTES):
+        self.buffer_bytes = buffer_bytes
+        self._rows, self._scale, self._bytes = [], None, 0
+        self._total = None
+        self._upper = None  # (tensor, blocks) when the block-triangle path is in use
+
+    def add(self, rows, scale=1.0):
+        if rows.shape[0] == 0:
+            return
+        if self._rows and scale != self._scale:
+            self.flush()
+        self._rows.append(rows)
+        self._scale = scale
+        self._bytes += rows.numel() * rows.element_size()
+        if self._bytes >= self.buffer_bytes:
+            self.flush()
+
+    def flush(self):
+        if not self._rows:
+            return
+        X = self._rows[0] if len(self._rows) == 1 else torch.cat(self._rows)
+        if self._scale != 1.0:
+            X = X * self._scale ** 0.5 if self._scale > 0 else None
+        self._rows, self._bytes = [], 0
+        if X is None:
+            raise ValueError("a Gram factor needs a non-negative scale")
+        m, d = X.shape
+        if d >= SYMMETRIC_MIN_WIDTH and m >= SYMMETRIC_MIN_ROWS and X.device.type == "cpu":
+            if self._upper is None:
+                self._upper = (X.new_zeros(d, d), _blocks(d))
+            upper, blocks = self._upper
+            for start, stop in blocks:
+                upper[start:stop, start:].addmm_(X[:, start:stop].t(), X[:, start:])
+        else:
+            if self._total is None:
+                self._total = X.new_zeros(d, d)
+            self._total.addmm_(X.t(), X)
+
+    def result(self):
+        self.flush()
+        if self._upper is not None:
+            upper, blocks = self._upper
+            for start, stop in blocks:
+                block = upper[start:stop, start:stop]
+                block.copy_(torch.triu(block))
+            full = upper + upper.t()
+            torch.diagonal(full).sub_(torch.diagonal(upper))
+            self._total = full if self._total is None else self._total + full
+            self._upper = None
+        return self._total
+
+
+def symmetric_gram(X):
+    """``XᵀX`` computing about half of the products when ``X`` is wide and tall."""
+    acc = SymmetricAccumulator(buffer_bytes=float("inf"))
+    acc.add(X)
+    return acc.result()

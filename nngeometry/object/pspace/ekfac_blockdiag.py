@@ -1,0 +1,112 @@
+"""``PMatEKFACBlockDiag``: EKFAC for the layers that have KFAC, exact dense blocks for the
+others (e.g. layer types without KFAC maths, grouped convolutions)."""
+import torch
+
+from ...backend.consumers import Consumer
+from .ekfac import PMatEKFAC
+
+
+class _KFACOrBlocks(Consumer):
+    """One pass over the data: KFAC factors for the layers whose type computes them, the dense
+    block ``(1/n) Σ_x J_l(x)ᵀ J_l(x)`` for the others (including layers whose ``kfac_factors``
+    refuses their configuration)."""
+
+    def __init__(self, layer_collection, approx):
+        self.lc = layer_collection
+        self.approx = approx
+        self.factors = {}
+        self.blocks = {}
+        self.refused = set(lid for lid, l in layer_collection.layers.items()
+                           if not getattr(l, "supports_kfac", False))
+
+    def update(self, ctx):
+        for lid in ctx.layer_ids():
+            if lid not in self.refused:
+                try:
+                    A, G = ctx.kfac_factors(lid, approx=self.approx)
+                except NotImplementedError:
+                    if lid in self.factors:
+                        raise
+                    self.refused.add(lid)
+                else:
+                    acc = self.factors.setdefault(lid, [None, None])
+                    if A is not None:
+                        acc[0] = A if acc[0] is None else acc[0] + A
+                    acc[1] = G if acc[1] is None else acc[1] + G
+                    continue
+            g = ctx.per_example_grad(lid)
+            g = g.reshape(-1, g.shape[-1])
+            if lid not in self.blocks:
+                self.blocks[lid] = g.new_zeros(g.shape[1], g.shape[1])
+            self.blocks[lid].addmm_(g.t(), g)
+
+    def finalize(self, n):
+        self.factors = {lid: (A / n, G / n) for lid, (A, G) in self.factors.items()}
+        self.blocks = {lid: B / n for lid, B in self.blocks.items()}
+
+
+class PMatEKFACBlockDiag(PMatEKFAC):
+    """Block-diagonal over layers: EKFAC blocks (see :class:`PMatEKFAC`) for the layers whose
+    layer type computes KFAC factors, the exact dense block ``(1/n) Σ_x J_l(x)ᵀ J_l(x)`` for the
+    other layers. Computed in one pass over the data.
+
+    A dense block ``B`` is stored as its eigendecomposition ``B = U diag(d) Uᵀ`` (computed once),
+    which makes it an EKFAC block with a trivial input factor, and every operation of PMatEKFAC
+    (including exact damping, ``pow``, ``logdet``) applies to it. :meth:`update_diag`
+    re-estimates every layer's diagonal in its fixed basis: for a dense layer that is
+    ``diag(Uᵀ B' U)`` with ``B'`` the block on the new examples (unchanged when the examples and
+    parameters are the same).
+
+    Args:
+        data: ``{layer_id: (U_A, U_G, D)}`` for EKFAC layers (see PMatEKFAC) and
+            ``{layer_id: (U, d)}`` for dense layers (flat layout, block ``U diag(d) Uᵀ``).
+        kfac_approx: see PMatKFAC.
+    """
+
+    def _build(self, examples, eigendecomposition=None, kfac_approx="expand"):
+        if eigendecomposition is not None:
+            raise ValueError("PMatEKFACBlockDiag computes its own bases; eigendecomposition is not "
+                             "supported")
+        c = self.generator.accumulate(examples, self.layer_collection,
+                                      _KFACOrBlocks(self.layer_collection, kfac_approx))
+        data = {}
+        for lid in self.layer_collection.layer_ids():
+            if lid in c.factors:
+                data[lid] = self._entry_from_factors(*c.factors[lid])
+            else:
+                evals, U = torch.linalg.eigh(c.blocks[lid])
+                data[lid] = (U, evals)
+        return data
+
+    @property
+    def dense_layers(self):
+        """Ids of the layers stored as dense blocks."""
+        return [lid for lid, e in self.data.items() if len(e) == 2]
+
+    @property
+    def ekfac_layers(self):
+        """Ids of the layers stored as EKFAC blocks."""
+        return [lid for lid, e in self.data.items() if len(e) == 3]
+
+    def _entry(self, lid):
+        e = self.data[lid]
+        if len(e) == 2:
+            U, d = e
+            return (1, U, d.unsqueeze(1))
+        return e
+
+    def _perm(self, lid):
+        if len(self.data[lid]) == 2:
+            return torch.arange(self.layer_collection[lid].numel())
+        return super()._perm(lid)
+
+    def _kfe_request(self, lid):
+        if len(self.data[lid]) == 2:
+            return (1, self.data[lid][0], self._perm(lid))
+        return super()._kfe_request(lid)
+
+    def _replace_diags(self, diags):
+        out = {}
+        for lid, e in self.data.items():
+            out[lid] = (e[0], diags[lid].reshape(-1)) if len(e) == 2 else e[:2] + (diags[lid],)
+        return out

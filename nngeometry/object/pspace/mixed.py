@@ -1,0 +1,260 @@
+"""``PMatMixed``: a different representation for each group of layers (block-diagonal across
+groups)."""
+import inspect
+
+import torch
+
+from ...layercollection import LayerCollection
+from ..map import PFMapDense
+from ..vector import PVector
+from .abstract import PMatAbstract
+
+
+class PMatMixed(PMatAbstract):
+    """Block-diagonal across groups of layers, each group's block in its own representation.
+
+    With the layers split into groups ``g`` (sub-collections ``L_g`` of ``layer_collection``),
+    the matrix is ``M = ⊕_g M_g`` (cross-group blocks are zero), ``M_g`` a ``PMat*`` on ``L_g``;
+    e.g. KFAC for the large layers and PMatDense / PMatBlockDiag for small ones. Every operation
+    splits its operand (PVector or PFMap) by group, runs the group's representation, and
+    reassembles the result in the full layout.
+
+    Args:
+        layer_collection: the full collection.
+        generator: the Jacobian generator, used for the groups given as classes.
+        layer_collection_each: ``{group: LayerCollection}``: each group's layers, a
+            sub-collection of ``layer_collection`` (e.g. ``lc.sub([...])``). The groups must
+            partition the layers. Optional when ``layer_map`` is given.
+        layer_map: ``{layer_id: group}``: the group of each layer (every layer of
+            ``layer_collection`` exactly once). Optional when ``layer_collection_each`` is given
+            (or when every ``sub_pmats`` entry is a built matrix: their collections define the
+            groups); checked against it when both are given.
+        sub_pmats: ``{group: PMat}``: per group either a built matrix on that group's collection,
+            a ``PMat*`` class (built here from ``examples`` with ``generator``), or a pair
+            ``(PMat class, kwargs)`` (e.g. ``(PMatKFAC, {"kfac_approx": "reduce"})``).
+        examples: a DataLoader or a single mini-batch (needed when a group is given as a class).
+        data: alias of ``sub_pmats`` made of built matrices only (``{group: PMat}``).
+
+    Keyword arguments of ``solve`` (e.g. ``use_pi``, ``damping``) are passed to the groups whose
+    representation accepts them.
+    """
+
+    def __init__(self, layer_collection, generator, layer_collection_each=None, layer_map=None,
+                 sub_pmats=None, examples=None, data=None):
+        self.layer_collection = layer_collection
+        self.generator = generator
+        if data is not None:
+            if sub_pmats is not None:
+                raise ValueError("give sub_pmats or data, not both")
+            sub_pmats = data
+        if not sub_pmats:
+            raise ValueError("PMatMixed needs sub_pmats: {group: PMat class or built PMat}")
+        self.layer_collection_each, self.layer_map = self._groups(
+            layer_collection, layer_collection_each, layer_map, sub_pmats)
+        built = {}
+        for g, spec in sub_pmats.items():
+            lc_g = self.layer_collection_each[g]
+            if isinstance(spec, PMatAbstract):
+                if spec.layer_collection != lc_g:
+                    raise ValueError(f"the matrix given for group '{g}' is built on layers "
+                                     f"{spec.layer_collection.layer_ids()}, the group has "
+                                     f"{lc_g.layer_ids()}")
+                built[g] = spec
+                continue
+            cls, kw = (spec if isinstance(spec, tuple) else (spec, {}))
+            if not (isinstance(cls, type) and issubclass(cls, PMatAbstract)):
+                raise TypeError(f"sub_pmats['{g}'] must be a PMat class, (class, kwargs) or a built "
+                                f"PMat, got {spec!r}")
+            if examples is None or generator is None:
+                raise ValueError(f"group '{g}' is given as a class ({cls.__name__}): building it "
+                                 "needs examples and a generator")
+            built[g] = cls(layer_collection=lc_g, generator=generator, examples=examples, **kw)
+        self.data = built
+        P = layer_collection.numel()
+        self._index = {}
+        for g, lc_g in self.layer_collection_each.items():
+            idx = [torch.arange(layer_collection.slice(lid).start, layer_collection.slice(lid).stop)
+                   for lid in lc_g.layer_ids()]
+            self._index[g] = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+        assert sum(i.numel() for i in self._index.values()) == P
+
+    @staticmethod
+    def _groups(lc, each, layer_map, sub_pmats):
+        if each is None and layer_map is None:
+            if all(isinstance(s, PMatAbstract) for s in sub_pmats.values()):
+                each = {g: s.layer_collection for g, s in sub_pmats.items()}
+            else:
+                raise ValueError("give layer_collection_each ({group: LayerCollection}) or "
+                                 "layer_map ({layer_id: group}) to say which layers form each group")
+        if each is None:
+            unknown = set(layer_map) - set(lc.layers)
+            if unknown:
+                raise ValueError(f"layer_map names layers that are not in the collection: {sorted(unknown)}")
+            groups = {}
+            for lid in lc.layer_ids():
+                if lid not in layer_map:
+                    raise ValueError(f"layer '{lid}' has no group in layer_map")
+                groups.setdefault(layer_map[lid], []).append(lid)
+            each = {g: lc.sub(ids) for g, ids in groups.items()}
+        else:
+            seen = {}
+            fixed = {}
+            for g, lc_g in each.items():
+                if not isinstance(lc_g, LayerCollection):
+                    raise TypeError(f"layer_collection_each['{g}'] must be a LayerCollection")
+                for lid, layer in lc_g.layers.items():
+                    if lid not in lc.layers or lc[lid] != layer:
+                        raise ValueError(f"layer '{lid}' of group '{g}' is not a layer of the "
+                                         "collection (or has another spec)")
+                    if lid in seen:
+                        raise ValueError(f"layer '{lid}' is in two groups ('{seen[lid]}', '{g}')")
+                    seen[lid] = g
+                fixed[g] = lc.sub(lc_g.layer_ids())
+                if fixed[g] != lc_g:
+                    raise ValueError(f"group '{g}' lists its layers in another order than the "
+                                     "collection; build it with layer_collection.sub(...)")
+            missing = set(lc.layers) - set(seen)
+            if missing:
+                raise ValueError(f"layers {sorted(missing)} belong to no group")
+            if layer_map is not None and dict(layer_map) != seen:
+                raise ValueError("layer_map disagrees with layer_collection_each")
+            layer_map = seen
+            each = fixed
+        if layer_map is None:
+            layer_map = {lid: g for g, lc_g in each.items() for lid in lc_g.layer_ids()}
+        if set(sub_pmats) != set(each):
+            raise ValueError(f"sub_pmats has groups {sorted(map(str, sub_pmats))}, the layers are "
+                             f"split in groups {sorted(map(str, each))}")
+        return dict(each), dict(layer_map)
+
+    def _new(self, subs):
+        return PMatMixed(self.layer_collection, self.generator,
+                         layer_collection_each=self.layer_collection_each, sub_pmats=subs)
+
+    # ------------------------------------------------------------------ splitting operands
+    def _split_pfmap(self, pfmap):
+        J = pfmap.to_torch()
+        return {g: PFMapDense(None, data=J[..., idx.to(J.device)], layer_collection=self.layer_collection_each[g])
+                for g, idx in self._index.items()}
+
+    def _join_pfmaps(self, parts):
+        first = next(iter(parts.values())).to_torch()
+        out = first.new_empty(*first.shape[:-1], self.layer_collection.numel())
+        for g, m in parts.items():
+            out[..., self._index[g].to(out.device)] = m.to_torch()
+        return PFMapDense(None, data=out, layer_collection=self.layer_collection)
+
+    def _split_pvector(self, v):
+        return {g: v.restrict(lc_g) for g, lc_g in self.layer_collection_each.items()}
+
+    # ------------------------------------------------------------------ products
+    def mv(self, v):
+        self._check_pvector(v)
+        parts = self._split_pvector(v)
+        return PVector.concat(self.layer_collection, [self.data[g].mv(p) for g, p in parts.items()])
+
+    def vTMv(self, v):
+        self._check_pvector(v)
+        return sum(self.data[g].vTMv(p) for g, p in self._split_pvector(v).items())
+
+    def mmap(self, pfmap):
+        self._check_pfmap(pfmap)
+        return self._join_pfmaps({g: self.data[g].mmap(p) for g, p in self._split_pfmap(pfmap).items()})
+
+    def mapTMmap(self, pfmap, reduction="sum"):
+        """``Σ_g`` of each group's ``mapTMmap`` (``'sum'``: ``(n, n)``, ``'diag'``: ``(n,)``)."""
+        self._check_pfmap(pfmap)
+        return sum(self.data[g].mapTMmap(p, reduction=reduction)
+                   for g, p in self._split_pfmap(pfmap).items())
+
+    def _check_same_grouping(self, other):
+        self._check_same_kind(other)
+        if other.layer_collection_each != self.layer_collection_each:
+            raise NotImplementedError("the two PMatMixed group their layers differently; use "
+                                      "to_torch() (dense)")
+
+    def mm(self, other):
+        """Group-wise products with another PMatMixed grouped the same way."""
+        self._check_same_grouping(other)
+        return self._new({g: self.data[g].mm(other.data[g]) for g in self.data})
+
+    # ------------------------------------------------------------------ solves and functions
+    @staticmethod
+    def _accepted(fn, kwargs):
+        params = inspect.signature(fn).parameters
+        if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            return kwargs
+        return {k: v for k, v in kwargs.items() if k in params}
+
+    def solvePVec(self, x, regul=1e-8, solve="default", **kwargs):
+        """Group-wise ``solve`` (each group's damping semantics, see its representation)."""
+        self._check_pvector(x)
+        parts = {}
+        for g, p in self._split_pvector(x).items():
+            m = self.data[g]
+            parts[g] = m.solvePVec(p, regul=regul, solve=solve, **self._accepted(m.solvePVec, kwargs))
+        return PVector.concat(self.layer_collection, list(parts.values()))
+
+    def solvePFMap(self, x, regul=1e-8, solve="default", **kwargs):
+        self._check_pfmap(x)
+        parts = {}
+        for g, p in self._split_pfmap(x).items():
+            m = self.data[g]
+            parts[g] = m.solvePFMap(p, regul=regul, solve=solve, **self._accepted(m.solvePFMap, kwargs))
+        return self._join_pfmaps(parts)
+
+    def inverse(self, regul=1e-8, **kwargs):
+        return self._new({g: m.inverse(regul=regul, **self._accepted(m.inverse, kwargs))
+                          for g, m in self.data.items()})
+
+    def pow(self, x, regul=0.0, **kwargs):
+        return self._new({g: m.pow(x, regul=regul, **self._accepted(m.pow, kwargs))
+                          for g, m in self.data.items()})
+
+    def logdet(self, regul=0.0):
+        """``Σ_g log det(M_g + regul·I)``."""
+        return sum(m.logdet(regul=regul) for m in self.data.values())
+
+    # ------------------------------------------------------------------ reductions
+    def get_diag(self):
+        parts = {g: m.get_diag() for g, m in self.data.items()}
+        first = next(iter(parts.values()))
+        out = first.new_empty(self.layer_collection.numel())
+        for g, d in parts.items():
+            out[self._index[g].to(d.device)] = d
+        return out
+
+    def trace(self):
+        return sum(m.trace() for m in self.data.values())
+
+    def frobenius_norm(self):
+        return torch.sqrt(sum(m.frobenius_norm() ** 2 for m in self.data.values()))
+
+    def to_torch(self):
+        """Dense ``(P, P)``: each group's block at its layers' positions, zeros elsewhere."""
+        out = None
+        for g, m in self.data.items():
+            B = m.to_torch()
+            if out is None:
+                P = self.layer_collection.numel()
+                out = torch.zeros(P, P, dtype=B.dtype, device=B.device)
+            idx = self._index[g].to(B.device)
+            out[idx.unsqueeze(1), idx.unsqueeze(0)] = B
+        return out
+
+    @property
+    def dtype(self):
+        return next(iter(self.data.values())).dtype
+
+    # ------------------------------------------------------------------ arithmetic
+    def _scaled(self, x):
+        return self._new({g: m * x for g, m in self.data.items()})
+
+    def __add__(self, other):
+        """Group-wise sums with another PMatMixed grouped the same way."""
+        self._check_same_grouping(other)
+        return self._new({g: self.data[g] + other.data[g] for g in self.data})
+
+    def __sub__(self, other):
+        self._check_same_grouping(other)
+        return self._new({g: self.data[g] - other.data[g] for g in self.data})
