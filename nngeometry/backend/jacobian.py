@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from .batches import batch_size_of, default_function, iterate_batches, to_device
 from .context import BatchContext, Call
+from ..layer_types.base import is_recording_paused
 from . import consumers as C
 
 
@@ -65,10 +66,26 @@ class TorchHooksJacobianBackend:
         """``{layer_id: (p_l, p_l)}``: the diagonal blocks of ``(1/n) Σ_x J(x)ᵀ J(x)``."""
         return self.accumulate(examples, layer_collection, C.LayerBlocks(layer_collection)).result
 
+    def get_covariance_quasidiag(self, examples, layer_collection):
+        """``{layer_id: (diag (p_l,), cross (out, p_w/out) or None)}``: the quasi-diagonal
+        (Ollivier 2015) of ``(1/n) Σ_x J(x)ᵀ J(x)``; see ``consumers.QuasiDiagCovariance``."""
+        return self.accumulate(examples, layer_collection,
+                               C.QuasiDiagCovariance(layer_collection)).result
+
     def get_kfac_blocks(self, examples, layer_collection, approx="expand"):
         """``{layer_id: (A, G)}`` with ``kron(G, A)`` ≈ the layer's block (both divided by n)."""
         return self.accumulate(examples, layer_collection,
                                C.KFACFactors(layer_collection, approx)).result
+
+    def get_kfe_diag(self, kfe, examples, layer_collection):
+        """EKFAC's diagonal in Kronecker-factored eigenbases: ``{layer_id: (dG, dA)}`` with entry
+        ``(1/n) Σ_x Σ_k ((U_Gᵀ Ĝ_k(x) U_A)_{pq})²``, ``Ĝ_k(x)`` the per-example gradient of output
+        ``k`` in the Kronecker layout. ``kfe``: ``{layer_id: (U_A, U_G[, perm])}`` (see
+        ``consumers.KFEDiag``); only those layers are hooked."""
+        lc = layer_collection
+        if set(kfe) != set(lc.layer_ids()):
+            lc = lc.sub(list(kfe))
+        return self.accumulate(examples, lc, C.KFEDiag(lc, kfe)).result
 
     def get_jacobian(self, examples, layer_collection):
         """``(n_output, n, P)``: the per-example Jacobians (not normalized)."""
@@ -149,6 +166,41 @@ class TorchHooksJacobianBackend:
         self._check_nonempty(start)
         return out
 
+    def implicit_JV(self, V, examples, layer_collection):
+        """``(m, n_output, n)``: ``J(x_i) v_j`` for the ``m`` rows ``v_j`` of ``V`` (``(m, P)``)
+        and every example (not normalized); Jacobian-vector products vmapped over the rows."""
+        parts = []
+        for batch, params, f in self._functional_batches(examples, layer_collection):
+            tangents = self._split_flat_rows(V, params)
+            jv = torch.func.vmap(lambda t: torch.func.jvp(f, (params,), (t,))[1])(tangents)
+            parts.append(jv.transpose(1, 2))  # (m, n_output, nb)
+        self._check_nonempty(len(parts))
+        return torch.cat(parts, dim=2)
+
+    def implicit_mm(self, V, examples, layer_collection):
+        """``(m, P)``: ``M v_j = (1/n) Σ_x J(x)ᵀ J(x) v_j`` for the rows of ``V`` (``(m, P)``),
+        without forming ``M``: per batch, vmapped JVPs then vmapped VJPs."""
+        out, n_total = None, 0
+        for batch, params, f in self._functional_batches(examples, layer_collection):
+            tangents = self._split_flat_rows(V, params)
+            outputs, vjp_fn = torch.func.vjp(f, params)
+            self._check_finite(outputs)
+            jv = torch.func.vmap(lambda t: torch.func.jvp(f, (params,), (t,))[1])(tangents)
+            (g,) = torch.func.vmap(vjp_fn)(jv)
+            flat = torch.cat([g[k].reshape(V.shape[0], -1) for k in params], dim=1)
+            out = flat if out is None else out + flat
+            n_total += outputs.shape[0]
+        self._check_nonempty(n_total)
+        return out / n_total
+
+    @staticmethod
+    def _split_flat_rows(V, params):
+        out, start = {}, 0
+        for k, p in params.items():
+            out[k] = V[:, start:start + p.numel()].reshape(V.shape[0], *p.shape)
+            start += p.numel()
+        return out
+
     # ================================================================== internals
     def _batches(self, examples):
         it = iterate_batches(examples)
@@ -198,6 +250,9 @@ class TorchHooksJacobianBackend:
     @staticmethod
     def _make_hook(store):
         def hook(module, args, kwargs, output):
+            if is_recording_paused():
+                # a layer type re-running this module's forward to compute its statistics
+                return
             if isinstance(output, torch.Tensor):
                 out = output
             elif isinstance(output, (tuple, list)) and isinstance(output[0], torch.Tensor):
@@ -205,7 +260,8 @@ class TorchHooksJacobianBackend:
             else:
                 raise TypeError(f"cannot differentiate through the output of {type(module).__name__}")
             store.append(Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
-                              kwargs, out))
+                              {k: v.detach() if isinstance(v, torch.Tensor) else v
+                               for k, v in kwargs.items()}, out))
         return hook
 
     @staticmethod
@@ -293,8 +349,9 @@ class TorchHooksJacobianBackend:
         with self._model_state_kept(layer_collection) as (modules, plist):
             names = {}
             for lid, m in modules.items():
-                for pname in (("weight",) if layer_collection[lid].bias is None else ("weight", "bias")):
-                    names[f"{lid}.{pname}" if lid else pname] = getattr(m, pname)
+                layer = layer_collection[lid]
+                for pname, p in zip(layer.param_names(), layer.parameters_of(m)):
+                    names[f"{lid}.{pname}" if lid else pname] = p
             params = {k: p.detach() for k, p in names.items()}
             wrapper = _FunctionOfModel(self.model, self.function)
             device = self._device()
@@ -302,8 +359,13 @@ class TorchHooksJacobianBackend:
                 batch = to_device(batch, device)
 
                 def f(p, batch=batch):
-                    out = torch.func.functional_call(wrapper, {"model." + k: t for k, t in p.items()},
-                                                     batch)
+                    # buffers (e.g. BatchNorm running statistics, updated in place in training
+                    # mode) are copied inside the transform: torch.func refuses in-place updates
+                    # of captured tensors, and the model's own buffers must stay untouched
+                    bufs = {"model." + k: b.clone() for k, b in self.model.named_buffers()}
+                    with _no_fused_attention():
+                        out = torch.func.functional_call(
+                            wrapper, ({"model." + k: t for k, t in p.items()}, bufs), batch)
                     return out.reshape(out.shape[0], -1)
 
                 yield batch, params, f
@@ -316,6 +378,19 @@ class TorchHooksJacobianBackend:
             out[k] = flat[start:start + p.numel()].view_as(p)
             start += p.numel()
         return out
+
+
+@contextlib.contextmanager
+def _no_fused_attention():
+    """Turn off the fused inference kernels of nn.MultiheadAttention / TransformerEncoderLayer:
+    inside torch.func transforms the parameters don't require grad, so eval-mode models would
+    take that path, which has no forward-mode AD nor batching rules."""
+    prev = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(prev)
 
 
 class _FunctionOfModel(torch.nn.Module):

@@ -126,8 +126,8 @@ class PMatAbstract:
     def inverse(self, regul=1e-8):
         raise NotImplementedError
 
-    def inv(self, regul=1e-8):
-        return self.inverse(regul=regul)
+    def inv(self, regul=1e-8, **kwargs):
+        return self.inverse(regul=regul, **kwargs)
 
     def pow(self, x, regul=0.0):
         raise NotImplementedError

@@ -1,0 +1,157 @@
+"""``PMatBlockDiag``: one dense block per layer, zero between layers."""
+import torch
+
+from ..map import PFMapDense
+from ..vector import PVector
+from .abstract import PMatAbstract
+from .eye import PMatEye
+
+
+class PMatBlockDiag(PMatAbstract):
+    """Block-diagonal approximation of ``M = (1/n) Σ_x J(x)ᵀ J(x)``: the per-layer blocks
+    ``M_l = (1/n) Σ_x J_l(x)ᵀ J_l(x)`` (``J_l`` the Jacobian w.r.t. layer ``l``'s parameters,
+    weight then bias), cross-layer terms dropped.
+
+    ``data`` is ``{layer_id: (p_l, p_l) tensor}``. Memory ``Σ_l p_l²``; solves, inverses and
+    powers act block by block and are exact for this matrix (``(M_l + λI)⁻¹`` per block).
+    """
+
+    def _build(self, examples, **kwargs):
+        return self.generator.get_covariance_layer_blocks(examples, self.layer_collection)
+
+    def _new(self, blocks):
+        return PMatBlockDiag(self.layer_collection, None, data=blocks)
+
+    def _blocks(self):
+        """``(layer_id, slice in the flat layout, block)`` in layout order."""
+        for lid in self.layer_collection.layer_ids():
+            yield lid, self.layer_collection.slice(lid), self.data[lid]
+
+    def _eye_like(self, b):
+        return torch.eye(b.shape[0], dtype=b.dtype, device=b.device)
+
+    # ------------------------------------------------------------------ products
+    def mv(self, v):
+        self._check_pvector(v)
+        f = v.get_flat_representation()
+        return PVector(self.layer_collection,
+                       vector_repr=torch.cat([b @ f[s] for _, s, b in self._blocks()]))
+
+    def vTMv(self, v):
+        self._check_pvector(v)
+        f = v.get_flat_representation()
+        return sum(f[s] @ (b @ f[s]) for _, s, b in self._blocks())
+
+    def mmap(self, pfmap):
+        self._check_pfmap(pfmap)
+        J = pfmap.to_torch()
+        # blocks are symmetric: row-vector times block is the block applied to the row
+        out = torch.cat([J[:, :, s] @ b for _, s, b in self._blocks()], dim=2)
+        return PFMapDense(None, data=out, layer_collection=self.layer_collection)
+
+    def mapTMmap(self, pfmap, reduction="sum"):
+        """``reduction='sum'``: ``(n, n)`` ``Σ_k Σ_l J_{k,l} M_l J_{k,l}ᵀ``; ``'diag'``: its
+        diagonal."""
+        self._check_pfmap(pfmap)
+        J = pfmap.to_torch()
+        if reduction not in ("sum", "diag"):
+            raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
+        eq = "kip,kjp->ij" if reduction == "sum" else "kip,kip->i"
+        return sum(torch.einsum(eq, J[:, :, s], J[:, :, s] @ b) for _, s, b in self._blocks())
+
+    def mm(self, other):
+        """Product with another PMatBlockDiag (block by block)."""
+        self._check_same_kind(other)
+        return self._new({lid: b @ other.data[lid] for lid, _, b in self._blocks()})
+
+    # ------------------------------------------------------------------ solves and functions
+    def _solve_block(self, b, rhs, regul, solve):
+        """``(b + regul I)⁻¹ rhs`` for a block ``b`` and columns ``rhs`` ``(p_l, m)``."""
+        A = b + regul * self._eye_like(b)
+        if solve in ("default", "solve"):
+            return torch.linalg.solve(A, rhs)
+        if solve == "cholesky":
+            return torch.cholesky_solve(rhs, torch.linalg.cholesky(A))
+        if solve == "eigh":
+            evals, evecs = torch.linalg.eigh(b)
+            return evecs @ ((evecs.t() @ rhs) / (evals + regul).unsqueeze(1))
+        raise ValueError(f"unknown solve '{solve}': use 'solve', 'cholesky' or 'eigh'")
+
+    def solvePVec(self, x, regul=1e-8, solve="default"):
+        """``(M_l + regul·I)⁻¹ x_l`` for every layer ``l`` (exact)."""
+        self._check_pvector(x)
+        f = x.get_flat_representation()
+        out = [self._solve_block(b, f[s].unsqueeze(1), regul, solve).squeeze(1)
+               for _, s, b in self._blocks()]
+        return PVector(self.layer_collection, vector_repr=torch.cat(out))
+
+    def solvePFMap(self, x, regul=1e-8, solve="default"):
+        """The same, for every row of a PFMap."""
+        self._check_pfmap(x)
+        J = x.to_torch()
+        K, n, _ = J.shape
+        out = []
+        for _, s, b in self._blocks():
+            rhs = J[:, :, s].reshape(K * n, -1).t()
+            out.append(self._solve_block(b, rhs, regul, solve).t().reshape(K, n, -1))
+        return PFMapDense(None, data=torch.cat(out, dim=2), layer_collection=self.layer_collection)
+
+    def inverse(self, regul=1e-8):
+        """``(M + regul·I)⁻¹`` as a PMatBlockDiag (block by block, exact)."""
+        return self._new({lid: torch.linalg.inv(b + regul * self._eye_like(b))
+                          for lid, _, b in self._blocks()})
+
+    def pow(self, x, regul=0.0):
+        """``(M + regul·I)^x`` block by block, through each block's eigendecomposition
+        (negative round-off eigenvalues are clipped to 0 for fractional powers)."""
+        out = {}
+        for lid, _, b in self._blocks():
+            evals, evecs = torch.linalg.eigh(b)
+            ev = evals + regul
+            if not float(x).is_integer():
+                ev = ev.clamp(min=0)
+            out[lid] = (evecs * ev ** x) @ evecs.t()
+        return self._new(out)
+
+    def logdet(self, regul=0.0):
+        """``log det(M + regul·I) = Σ_l log det(M_l + regul·I)``."""
+        return sum(torch.log(torch.linalg.eigvalsh(b) + regul).sum() for _, _, b in self._blocks())
+
+    def get_eigendecomposition(self):
+        """``{layer_id: (evals ascending, evecs as columns)}`` of each block."""
+        return {lid: torch.linalg.eigh(b) for lid, _, b in self._blocks()}
+
+    # ------------------------------------------------------------------ reductions
+    def get_diag(self):
+        return torch.cat([torch.diagonal(b) for _, _, b in self._blocks()])
+
+    def trace(self):
+        return sum(torch.trace(b) for _, _, b in self._blocks())
+
+    def frobenius_norm(self):
+        return torch.sqrt(sum((b * b).sum() for _, _, b in self._blocks()))
+
+    def to_torch(self):
+        """The dense ``(P, P)`` block-diagonal matrix (allocates ``P²``)."""
+        return torch.block_diag(*[b for _, _, b in self._blocks()])
+
+    # ------------------------------------------------------------------ arithmetic
+    def _scaled(self, x):
+        return self._new({lid: b * x for lid, _, b in self._blocks()})
+
+    def __add__(self, other):
+        if isinstance(other, PMatEye):
+            if other.layer_collection != self.layer_collection:
+                raise ValueError("the two matrices are built on different LayerCollections")
+            return self._new({lid: b + other.scaling * self._eye_like(b)
+                              for lid, _, b in self._blocks()})
+        self._check_same_kind(other)
+        return self._new({lid: b + other.data[lid] for lid, _, b in self._blocks()})
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        if isinstance(other, PMatEye):
+            return self + (-other)
+        self._check_same_kind(other)
+        return self._new({lid: b - other.data[lid] for lid, _, b in self._blocks()})

@@ -1,0 +1,127 @@
+"""``PMatDiag``: the diagonal of the matrix, nothing else."""
+import torch
+
+from ..map import PFMapDense
+from ..vector import PVector
+from .abstract import PMatAbstract
+from .eye import PMatEye
+
+
+class PMatDiag(PMatAbstract):
+    """Diagonal approximation ``diag(M)`` of ``M = (1/n) Σ_x J(x)ᵀ J(x)``.
+
+    ``data`` is the ``(P,)`` tensor of diagonal entries ``M_pp = (1/n) Σ_{x,k} J_k(x)_p²`` in the
+    collection's layout. Every operation is ``O(P)`` (``O(P)`` per row of a PFMap), and the
+    damped inverse ``(diag(M) + λI)⁻¹`` is exact.
+    """
+
+    def _build(self, examples, **kwargs):
+        return self.generator.get_covariance_diag(examples, self.layer_collection)
+
+    def _new(self, d):
+        return PMatDiag(self.layer_collection, None, data=d)
+
+    # ------------------------------------------------------------------ products
+    def mv(self, v):
+        self._check_pvector(v)
+        return PVector(self.layer_collection, vector_repr=self.data * v.get_flat_representation())
+
+    def vTMv(self, v):
+        self._check_pvector(v)
+        f = v.get_flat_representation()
+        return (self.data * f * f).sum()
+
+    def mmap(self, pfmap):
+        self._check_pfmap(pfmap)
+        return PFMapDense(None, data=pfmap.to_torch() * self.data,
+                          layer_collection=self.layer_collection)
+
+    def mapTMmap(self, pfmap, reduction="sum"):
+        """``reduction='sum'``: ``(n, n)`` ``Σ_k J_k diag(M) J_kᵀ``; ``'diag'``: its diagonal."""
+        self._check_pfmap(pfmap)
+        J = pfmap.to_torch()
+        if reduction == "sum":
+            return torch.einsum("kip,p,kjp->ij", J, self.data, J)
+        if reduction == "diag":
+            return torch.einsum("kip,p,kip->i", J, self.data, J)
+        raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
+
+    def mm(self, other):
+        """Product with another PMatDiag (still diagonal)."""
+        self._check_same_kind(other)
+        return self._new(self.data * other.data)
+
+    # ------------------------------------------------------------------ solves and functions
+    def _damped(self, regul):
+        return self.data + regul
+
+    def solvePVec(self, x, regul=1e-8, solve="default"):
+        """``(diag(M) + regul·I)⁻¹ x`` (exact; ``solve`` is accepted for API compatibility and
+        must be ``'default'`` or ``'solve'``)."""
+        self._check_pvector(x)
+        _check_solve(solve)
+        return PVector(self.layer_collection,
+                       vector_repr=x.get_flat_representation() / self._damped(regul))
+
+    def solvePFMap(self, x, regul=1e-8, solve="default"):
+        """``(diag(M) + regul·I)⁻¹`` applied to every row of the PFMap."""
+        self._check_pfmap(x)
+        _check_solve(solve)
+        return PFMapDense(None, data=x.to_torch() / self._damped(regul),
+                          layer_collection=self.layer_collection)
+
+    def inverse(self, regul=1e-8):
+        """``(diag(M) + regul·I)⁻¹`` as a PMatDiag."""
+        return self._new(1.0 / self._damped(regul))
+
+    def pow(self, x, regul=0.0):
+        """``(diag(M) + regul·I)^x`` as a PMatDiag."""
+        return self._new(self._damped(regul) ** x)
+
+    def logdet(self, regul=0.0):
+        """``log det(diag(M) + regul·I) = Σ_p log(M_pp + regul)``."""
+        return torch.log(self._damped(regul)).sum()
+
+    # ------------------------------------------------------------------ reductions
+    def get_diag(self):
+        return self.data
+
+    def trace(self):
+        return self.data.sum()
+
+    def frobenius_norm(self):
+        return torch.linalg.vector_norm(self.data)
+
+    def to_torch(self):
+        """The dense ``(P, P)`` diagonal matrix (allocates ``P²``)."""
+        return torch.diag(self.data)
+
+    # ------------------------------------------------------------------ arithmetic
+    def _scaled(self, x):
+        return self._new(self.data * x)
+
+    def __add__(self, other):
+        if isinstance(other, PMatEye):
+            _check_lc(self, other)
+            return self._new(self.data + other.scaling)
+        self._check_same_kind(other)
+        return self._new(self.data + other.data)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        if isinstance(other, PMatEye):
+            _check_lc(self, other)
+            return self._new(self.data - other.scaling)
+        self._check_same_kind(other)
+        return self._new(self.data - other.data)
+
+
+def _check_solve(solve):
+    if solve not in ("default", "solve"):
+        raise ValueError(f"unknown solve '{solve}' for a diagonal matrix: use 'default'")
+
+
+def _check_lc(a, b):
+    if a.layer_collection != b.layer_collection:
+        raise ValueError("the two matrices are built on different LayerCollections")

@@ -1,0 +1,147 @@
+"""``PMatEye``: a scaled identity ``s·I`` (e.g. an isotropic prior precision)."""
+import torch
+
+from ..map import PFMapDense
+from ..vector import PVector
+from .abstract import PMatAbstract
+
+
+class PMatEye(PMatAbstract):
+    """``scaling · I`` in the parameter space of ``layer_collection``; nothing else is stored.
+
+    Args:
+        layer_collection: the parameter layout.
+        scaling: a scalar (0-dim tensor or number); its dtype and device are those of
+            ``to_torch()`` and ``get_diag()``.
+    """
+
+    def __init__(self, layer_collection, scaling=torch.tensor(1.0), generator=None, data=None,
+                 **kwargs):
+        if data is not None:  # PMatEye(lc, data=s) is accepted too
+            scaling = data
+        if not torch.is_tensor(scaling):
+            scaling = torch.tensor(float(scaling))
+        if scaling.dim() != 0:
+            raise ValueError(
+                f"PMatEye's scaling must be a scalar, got shape {tuple(scaling.shape)}; for a "
+                "diagonal with different entries use PMatDiag")
+        self.layer_collection = layer_collection
+        self.generator = None
+        self.data = scaling
+
+    @property
+    def scaling(self):
+        return self.data
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def _new(self, s):
+        return PMatEye(self.layer_collection, scaling=s)
+
+    def _check_lc(self, other):
+        if other.layer_collection != self.layer_collection:
+            raise ValueError("the two matrices are built on different LayerCollections")
+
+    # ------------------------------------------------------------------ products
+    def mv(self, v):
+        self._check_pvector(v)
+        return PVector(self.layer_collection, vector_repr=self.data * v.get_flat_representation())
+
+    def vTMv(self, v):
+        self._check_pvector(v)
+        f = v.get_flat_representation()
+        return self.data * torch.dot(f, f)
+
+    def mmap(self, pfmap):
+        self._check_pfmap(pfmap)
+        return PFMapDense(None, data=pfmap.to_torch() * self.data,
+                          layer_collection=self.layer_collection)
+
+    def mapTMmap(self, pfmap, reduction="sum"):
+        """``reduction='sum'``: ``(n, n)`` ``s Σ_k J_k J_kᵀ``; ``'diag'``: its diagonal."""
+        self._check_pfmap(pfmap)
+        J = pfmap.to_torch()
+        if reduction == "sum":
+            return self.data * torch.einsum("kip,kjp->ij", J, J)
+        if reduction == "diag":
+            return self.data * torch.einsum("kip,kip->i", J, J)
+        raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
+
+    def mm(self, other):
+        """Product with another PMatEye; ``s·I @ A = s·A`` for any other representation."""
+        if isinstance(other, PMatEye):
+            self._check_lc(other)
+            return self._new(self.data * other.data)
+        if isinstance(other, PMatAbstract):
+            self._check_lc(other)
+            return other * self.data
+        raise TypeError(f"mm takes a PMat, got {type(other).__name__}")
+
+    # ------------------------------------------------------------------ solves and functions
+    def solvePVec(self, x, regul=0.0, solve="default"):
+        """``x / (s + regul)``."""
+        self._check_pvector(x)
+        return PVector(self.layer_collection,
+                       vector_repr=x.get_flat_representation() / (self.data + regul))
+
+    def solvePFMap(self, x, regul=0.0, solve="default"):
+        self._check_pfmap(x)
+        return PFMapDense(None, data=x.to_torch() / (self.data + regul),
+                          layer_collection=self.layer_collection)
+
+    def solve(self, x, regul=0.0, solve="default", **kwargs):
+        """``(s + regul)⁻¹ x`` for a PVector or PFMap (exact)."""
+        return super().solve(x, regul=regul, solve=solve, **kwargs)
+
+    def inverse(self, regul=0.0):
+        """``((s + regul)·I)⁻¹`` as a PMatEye."""
+        return self._new(1.0 / (self.data + regul))
+
+    def pow(self, x, regul=0.0):
+        return self._new((self.data + regul) ** x)
+
+    def logdet(self, regul=0.0):
+        """``P · log(s + regul)``."""
+        return self.layer_collection.numel() * torch.log(self.data + regul)
+
+    # ------------------------------------------------------------------ reductions
+    def get_diag(self):
+        return self.data * torch.ones(self.layer_collection.numel(), dtype=self.data.dtype,
+                                      device=self.data.device)
+
+    def trace(self):
+        return self.layer_collection.numel() * self.data
+
+    def frobenius_norm(self):
+        return self.data.abs() * self.layer_collection.numel() ** 0.5
+
+    def to_torch(self):
+        """The dense ``(P, P)`` matrix ``s·I`` (allocates ``P²``)."""
+        return self.data * torch.eye(self.layer_collection.numel(), dtype=self.data.dtype,
+                                     device=self.data.device)
+
+    # ------------------------------------------------------------------ arithmetic
+    def _scaled(self, x):
+        return self._new(self.data * x)
+
+    def __add__(self, other):
+        if isinstance(other, PMatEye):
+            self._check_lc(other)
+            return self._new(self.data + other.data)
+        if isinstance(other, PMatAbstract):
+            # the other representation knows how to absorb a scaled identity (Diag, BlockDiag,
+            # QuasiDiag, LowRank), or says it can't
+            return other.__add__(self)
+        return NotImplemented
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        if isinstance(other, PMatEye):
+            self._check_lc(other)
+            return self._new(self.data - other.data)
+        if isinstance(other, PMatAbstract):
+            return (-other).__add__(self)
+        return NotImplemented

@@ -1,0 +1,236 @@
+"""``PMatImplicit``: the exact matrix, never stored; every product runs the model."""
+import warnings
+
+import torch
+
+from ..map import PFMapDense
+from ..vector import PVector
+from .abstract import PMatAbstract
+
+
+class PMatImplicit(PMatAbstract):
+    """``M = (1/n) Σ_x J(x)ᵀ J(x)`` (times an optional scalar, see ``*``), exact, with nothing
+    stored but the examples: each product is one pass over the data with Jacobian-vector
+    products (forward mode) and vector-Jacobian products (reverse mode) through
+    ``torch.func``; products with many vectors (a PFMap) are vmapped over them.
+
+    * ``mv(v)``: ``M v``, one JVP + one VJP per batch; ``vTMv(v)``: ``(1/n) Σ ||J(x) v||²``,
+      one JVP per batch; ``mmap`` / ``mapTMmap``: the same, vmapped over the PFMap's rows.
+    * ``get_diag()`` / ``trace()``: the diagonal through the generator (one pass, cached).
+    * ``solve(x, regul=λ, tol=..., max_iter=...)``: ``(M + λI)⁻¹ x`` by conjugate gradients,
+      one pass over the data per iteration (the PFMap version runs one CG per row, batched).
+    * Operations that need the matrix's entries (``inverse``, ``pow``, ``mm``, ``+``, ``-``,
+      ``frobenius_norm``, ``logdet``) raise ``NotImplementedError``; ``to_torch()`` only builds
+      the ``P × P`` matrix when asked explicitly with ``to_torch(allow_dense=True)``.
+
+    Args:
+        rows_per_pass: how many vectors ``mmap`` / ``mapTMmap`` / PFMap solves push through the
+            model at once (memory ≈ that many copies of a batch's activations; default all).
+    """
+
+    def __init__(self, layer_collection, generator, data=None, examples=None, rows_per_pass=None,
+                 **kwargs):
+        if data is not None:
+            raise ValueError("PMatImplicit stores no data: give examples (and a generator)")
+        if examples is None or generator is None:
+            raise ValueError("PMatImplicit needs a generator and examples")
+        self.layer_collection = layer_collection
+        self.generator = generator
+        self.examples = examples
+        self.data = None
+        self.scale = 1.0
+        self.rows_per_pass = rows_per_pass
+        self._diag = None
+        self.last_cg_info = None
+
+    def _gen(self):
+        if self.generator is None:
+            raise RuntimeError(
+                "this PMatImplicit has no generator (it was unpickled: the generator, which holds "
+                "the model, is not pickled); set M.generator = TorchHooksJacobianBackend(model, "
+                "function) again, or build a new PMatImplicit")
+        return self.generator
+
+    def _like(self, scale):
+        new = PMatImplicit.__new__(PMatImplicit)
+        new.__dict__.update(self.__dict__)
+        new.scale = scale
+        new._diag = None if self._diag is None else self._diag * (scale / self.scale)
+        new.last_cg_info = None
+        return new
+
+    @property
+    def dtype(self):
+        for p in self._gen().model.parameters():
+            return p.dtype
+        return torch.get_default_dtype()
+
+    # ------------------------------------------------------------------ products
+    def _mm_rows(self, V):
+        """``M`` applied to the rows of ``V`` (shape ``(m, P)``)."""
+        gen, lc = self._gen(), self.layer_collection
+        step = self.rows_per_pass or V.shape[0]
+        parts = [gen.implicit_mm(V[i:i + step], self.examples, lc) for i in range(0, V.shape[0], step)]
+        return self.scale * torch.cat(parts, dim=0)
+
+    def mv(self, v):
+        """``M v``: one JVP and one VJP per batch."""
+        self._check_pvector(v)
+        out = self._gen().implicit_mv(v.get_flat_representation(), self.examples, self.layer_collection)
+        return PVector(self.layer_collection, vector_repr=self.scale * out)
+
+    def vTMv(self, v):
+        """``vᵀ M v = (1/n) Σ_x ||J(x) v||²``: one JVP per batch."""
+        self._check_pvector(v)
+        return self.scale * self._gen().implicit_vTMv(v.get_flat_representation(), self.examples,
+                                                      self.layer_collection)
+
+    def mmap(self, pfmap):
+        """``M`` applied to every row of the PFMap (vmapped JVPs and VJPs)."""
+        self._check_pfmap(pfmap)
+        J = pfmap.to_torch()
+        K, n, P = J.shape
+        return PFMapDense(None, data=self._mm_rows(J.reshape(K * n, P)).reshape(K, n, P),
+                          layer_collection=self.layer_collection)
+
+    def mapTMmap(self, pfmap, reduction="sum"):
+        """``Σ_k J_k M J_kᵀ`` (``'sum'``, ``(n, n)``) or its diagonal (``'diag'``) with JVPs
+        only: ``(J_q M J_qᵀ)[a, b] = (1/N) Σ_{x, o} (J_o(x)·q_a)(J_o(x)·q_b)``."""
+        self._check_pfmap(pfmap)
+        if reduction not in ("sum", "diag"):
+            raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
+        Q = pfmap.to_torch()
+        K, n, P = Q.shape
+        rows = Q.reshape(K * n, P)
+        step = self.rows_per_pass or rows.shape[0]
+        gen = self._gen()
+        A = torch.cat([gen.implicit_JV(rows[i:i + step], self.examples, self.layer_collection)
+                       for i in range(0, rows.shape[0], step)], dim=0)
+        N = A.shape[-1]  # examples seen
+        A = A.reshape(K, n, -1)
+        if reduction == "sum":
+            return self.scale * torch.einsum("kiz,kjz->ij", A, A) / N
+        return self.scale * torch.einsum("kiz,kiz->i", A, A) / N
+
+    # ------------------------------------------------------------------ solves
+    def _cg(self, B, regul, tol, max_iter):
+        """Batched conjugate gradients: ``(M + regul I) X = B`` for the rows of ``B`` ``(m, P)``.
+
+        Stops when every row has ``||r|| ≤ tol · ||b||``. In exact arithmetic CG ends after as
+        many iterations as ``M + regul I`` has distinct eigenvalues, at most ``rank(M) + 1 ≤
+        n_output · n + 1``; each iteration is one pass over the examples.
+        """
+        if float(regul) < 0:
+            raise ValueError(f"regul must be ≥ 0, got {regul}")
+        if tol is None:
+            tol = torch.finfo(B.dtype).eps ** 0.75
+        if max_iter is None:
+            max_iter = B.shape[1]
+        X = torch.zeros_like(B)
+        R = B.clone()
+        Pd = R.clone()
+        rs = (R * R).sum(1)
+        bnorm = rs.sqrt()
+        target = tol * bnorm
+        it = 0
+        while it < max_iter and bool((rs.sqrt() > target).any()):
+            AP = self._mm_rows(Pd) + regul * Pd
+            pAp = (Pd * AP).sum(1)
+            alpha = torch.where(pAp > 0, rs / torch.where(pAp > 0, pAp, torch.ones_like(pAp)),
+                                torch.zeros_like(pAp))
+            X = X + alpha.unsqueeze(1) * Pd
+            R = R - alpha.unsqueeze(1) * AP
+            rs_new = (R * R).sum(1)
+            beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)),
+                               torch.zeros_like(rs))
+            Pd = R + beta.unsqueeze(1) * Pd
+            rs = rs_new
+            it += 1
+        rel = (rs.sqrt() / bnorm.clamp(min=torch.finfo(B.dtype).tiny)).max()
+        self.last_cg_info = {"iterations": it, "relative_residual": float(rel)}
+        if bool((rs.sqrt() > target).any()):
+            warnings.warn(
+                f"PMatImplicit.solve: conjugate gradients stopped after {it} iterations with a "
+                f"relative residual {float(rel):.2e} > tol={tol:.1e}; raise max_iter or regul "
+                "(M + regul·I is ill-conditioned for small regul)", RuntimeWarning)
+        return X
+
+    def solvePVec(self, x, regul=1e-8, solve="default", tol=None, max_iter=None):
+        """``(M + regul·I)⁻¹ x`` by conjugate gradients.
+
+        Args:
+            tol: relative residual ``||b - (M + regul I) y|| / ||b||`` to reach (default
+                ``eps^0.75``: about ``2e-12`` in float64, ``6e-6`` in float32).
+            max_iter: most CG iterations, each one pass over the examples (default ``P``);
+                a ``RuntimeWarning`` tells when it stops before ``tol``.
+        """
+        self._check_pvector(x)
+        _check_solve(solve)
+        y = self._cg(x.get_flat_representation().unsqueeze(0), regul, tol, max_iter)
+        return PVector(self.layer_collection, vector_repr=y.squeeze(0))
+
+    def solvePFMap(self, x, regul=1e-8, solve="default", tol=None, max_iter=None):
+        """``(M + regul·I)⁻¹`` applied to every row of the PFMap, by batched CG (see
+        :meth:`solvePVec` for ``tol`` and ``max_iter``)."""
+        self._check_pfmap(x)
+        _check_solve(solve)
+        J = x.to_torch()
+        K, n, P = J.shape
+        Y = self._cg(J.reshape(K * n, P), regul, tol, max_iter)
+        return PFMapDense(None, data=Y.reshape(K, n, P), layer_collection=self.layer_collection)
+
+    # ------------------------------------------------------------------ reductions
+    def get_diag(self):
+        """The diagonal, computed once through the generator (one pass) and cached."""
+        if self._diag is None:
+            self._diag = self.scale * self._gen().get_covariance_diag(self.examples,
+                                                                      self.layer_collection)
+        return self._diag
+
+    def trace(self):
+        return self.get_diag().sum()
+
+    def to_torch(self, allow_dense=False):
+        """The ``(P, P)`` matrix, built through the generator, only with ``allow_dense=True``:
+        it is what PMatImplicit exists to avoid (use PMatDense if you need it often)."""
+        if not allow_dense:
+            raise NotImplementedError(
+                "PMatImplicit.to_torch() would build the P × P matrix; call "
+                "to_torch(allow_dense=True) if that is really wanted, or build a PMatDense")
+        return self.scale * self._gen().get_covariance_matrix(self.examples, self.layer_collection)
+
+    def _needs_matrix(self, what, instead):
+        raise NotImplementedError(
+            f"PMatImplicit.{what} needs the matrix's entries, which PMatImplicit never stores; "
+            f"{instead}")
+
+    def frobenius_norm(self):
+        self._needs_matrix("frobenius_norm", "use PMatLowRank (exact, from the r × r Gram "
+                                             "matrix) or PMatDense")
+
+    def inverse(self, regul=1e-8):
+        self._needs_matrix("inverse", "use solve(x, regul) (conjugate gradients)")
+
+    def pow(self, x, regul=0.0):
+        self._needs_matrix("pow", "use solve(x, regul) for x = -1, or PMatLowRank.pow")
+
+    def logdet(self, regul=0.0):
+        self._needs_matrix("logdet", "use PMatLowRank.logdet or PMatDense.logdet")
+
+    def mm(self, other):
+        self._needs_matrix("mm", "chain mv calls, or use PMatDense")
+
+    def __add__(self, other):
+        self._needs_matrix("__add__", "apply mv of each term and add the PVectors")
+
+    def __sub__(self, other):
+        self._needs_matrix("__sub__", "apply mv of each term and subtract the PVectors")
+
+    # ------------------------------------------------------------------ arithmetic
+    def _scaled(self, x):
+        return self._like(self.scale * x)
+
+
+def _check_solve(solve):
+    if solve not in ("default", "cg"):
+        raise ValueError(f"unknown solve '{solve}' for PMatImplicit: use 'cg' (the default)")

@@ -1,0 +1,382 @@
+"""``PMatLowRank``: ``M = UᵀU`` stored through its ``r × P`` factor ``U``, and
+``PMatEyePlusLowRank``: ``αI + UᵀCU``, the family closed under damping, inversion and
+differences that the low-rank operations return."""
+import torch
+
+from ..map import PFMapDense
+from ..vector import PVector
+from .abstract import PMatAbstract
+from .eye import PMatEye
+
+
+def _check_lc(a, b):
+    if a.layer_collection != b.layer_collection:
+        raise ValueError("the two matrices are built on different LayerCollections")
+
+
+class _LowRankBase(PMatAbstract):
+    """Shared checks."""
+
+    def _check_regul(self, regul, what):
+        if not float(regul) > 0:
+            raise ValueError(
+                f"{what} needs regul > 0: a low-rank matrix (rank ≤ {self._rank()} < P = "
+                f"{self.layer_collection.numel()}) is singular. Give a damping regul > 0, or use "
+                "pow(-1, on_range=True) for the pseudo-inverse on the range")
+
+    def _rank(self):
+        return self._U().shape[0]
+
+
+class PMatLowRank(_LowRankBase):
+    """``M = (1/n) Σ_x J(x)ᵀ J(x) = UᵀU`` with ``U = J / √n``, ``J`` the ``(K·n, P)`` stacked
+    per-example Jacobian rows: *equal* to PMatDense, in ``O(P r)`` memory (``r = K·n``).
+
+    ``data`` is ``J / √n`` with shape ``(n_output, n, P)`` (as built from examples) or any
+    ``(r, P)`` factor. Every operation costs ``O(P r)`` (plus ``O(r³)`` for the ``r × r`` Gram
+    matrix ``G = U Uᵀ``); nothing ``P × P`` is formed except in :meth:`to_torch`.
+
+    Damping is exact, including on the orthogonal complement of the range of ``M``:
+    ``solve(x, regul=λ)`` returns ``(M + λI)⁻¹ x = (x - Uᵀ (λI + G)⁻¹ U x) / λ`` (Woodbury).
+    Upstream nngeometry dropped the component of ``x`` orthogonal to the range; we don't.
+    """
+
+    def _build(self, examples, **kwargs):
+        J = self.generator.get_jacobian(examples, self.layer_collection)
+        return J / J.shape[1] ** 0.5
+
+    def _U(self):
+        return self.data.reshape(-1, self.data.shape[-1])
+
+    def _gram(self):
+        U = self._U()
+        return U @ U.t()
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def _new(self, U):
+        return PMatLowRank(self.layer_collection, None, data=U)
+
+    def _as_update(self):
+        U = self._U()
+        return PMatEyePlusLowRank(self.layer_collection, alpha=torch.zeros((), dtype=U.dtype,
+                                                                            device=U.device),
+                                  U=U, C=torch.eye(U.shape[0], dtype=U.dtype, device=U.device))
+
+    # ------------------------------------------------------------------ products
+    def mv(self, v):
+        self._check_pvector(v)
+        U = self._U()
+        return PVector(self.layer_collection, vector_repr=U.t() @ (U @ v.get_flat_representation()))
+
+    def vTMv(self, v):
+        self._check_pvector(v)
+        Uv = self._U() @ v.get_flat_representation()
+        return torch.dot(Uv, Uv)
+
+    def mmap(self, pfmap):
+        self._check_pfmap(pfmap)
+        U = self._U()
+        return PFMapDense(None, data=(pfmap.to_torch() @ U.t()) @ U,
+                          layer_collection=self.layer_collection)
+
+    def mapTMmap(self, pfmap, reduction="sum"):
+        """``reduction='sum'``: ``(n, n)`` ``Σ_k (J_k Uᵀ)(J_k Uᵀ)ᵀ``; ``'diag'``: its diagonal."""
+        self._check_pfmap(pfmap)
+        JU = pfmap.to_torch() @ self._U().t()  # (K, n, r)
+        if reduction == "sum":
+            return torch.einsum("kir,kjr->ij", JU, JU)
+        if reduction == "diag":
+            return (JU * JU).sum(dim=(0, 2))
+        raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
+
+    def mm(self, other):
+        raise NotImplementedError(
+            "the product of two low-rank PSD matrices is not symmetric in general, so it has no "
+            "PMatLowRank form; use mv/mmap, or to_torch() on small models")
+
+    # ------------------------------------------------------------------ eigendecomposition
+    def compute_eigendecomposition(self, rtol=None):
+        """Nonzero eigenpairs of ``M`` from the ``r × r`` Gram matrix ``G = UUᵀ = QΛQᵀ``:
+        ``M = V Λ Vᵀ`` with ``V = Uᵀ Q Λ^{-1/2}`` (orthonormal columns). Eigenvalues at or below
+        ``rtol · λ_max`` (default ``r · eps``) are treated as zero and dropped. Cached in
+        ``evals`` (ascending) and ``evecs`` (``(P, k)``, columns)."""
+        U = self._U()
+        lam, Q = torch.linalg.eigh(self._gram())
+        if rtol is None:
+            rtol = U.shape[0] * torch.finfo(U.dtype).eps
+        keep = lam > rtol * lam.abs().max().clamp(min=torch.finfo(U.dtype).tiny)
+        lam, Q = lam[keep], Q[:, keep]
+        self.evals = lam
+        self.evecs = (U.t() @ Q) / lam.sqrt()
+
+    def get_eigendecomposition(self):
+        """``(evals ascending, evecs (P, k) as columns)`` of the nonzero part, computed once."""
+        if getattr(self, "evals", None) is None:
+            self.compute_eigendecomposition()
+        return self.evals, self.evecs
+
+    # ------------------------------------------------------------------ solves and functions
+    def _solve_rows(self, X, regul, solve):
+        """``(M + λI)⁻¹`` applied to the rows of ``X`` (shape ``(..., P)``)."""
+        self._check_regul(regul, "solve")
+        U = self._U()
+        if solve in ("default", "woodbury"):
+            G = self._gram()
+            L = torch.linalg.cholesky(G + regul * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
+            XU = X @ U.t()
+            inner = torch.cholesky_solve(XU.reshape(-1, U.shape[0]).t(), L).t().reshape(XU.shape)
+            return (X - inner @ U) / regul
+        if solve == "eigh":
+            evals, V = self.get_eigendecomposition()
+            XV = X @ V
+            # range: 1/(e+λ); orthogonal complement: 1/λ
+            return (XV / (evals + regul)) @ V.t() + (X - XV @ V.t()) / regul
+        raise ValueError(f"unknown solve '{solve}': use 'woodbury' (default) or 'eigh'")
+
+    def solvePVec(self, x, regul=1e-8, solve="default"):
+        """``(M + regul·I)⁻¹ x``, exact (``regul > 0``)."""
+        self._check_pvector(x)
+        return PVector(self.layer_collection,
+                       vector_repr=self._solve_rows(x.get_flat_representation(), regul, solve))
+
+    def solvePFMap(self, x, regul=1e-8, solve="default"):
+        """``(M + regul·I)⁻¹`` applied to every row of the PFMap (exact, ``regul > 0``)."""
+        self._check_pfmap(x)
+        return PFMapDense(None, data=self._solve_rows(x.to_torch(), regul, solve),
+                          layer_collection=self.layer_collection)
+
+    def inverse(self, regul=1e-8):
+        """``(M + regul·I)⁻¹ = I/λ - Uᵀ(λI + G)⁻¹U/λ``, exact, as a :class:`PMatEyePlusLowRank`."""
+        self._check_regul(regul, "inverse")
+        return self._as_update().inverse(regul=regul)
+
+    def pow(self, x, regul=0.0, on_range=False):
+        """``(M + regul·I)^x`` through the thin eigendecomposition ``M = V Λ Vᵀ``.
+
+        * ``on_range=False`` (default): exact, ``λ^x I + V ((Λ + λ)^x - λ^x) Vᵀ`` as a
+          :class:`PMatEyePlusLowRank`; with ``regul = 0`` only ``x > 0`` is defined, and the
+          result is the PMatLowRank ``V Λ^x Vᵀ``.
+        * ``on_range=True``: the power restricted to the range of ``M`` (zero on its orthogonal
+          complement): PMatLowRank ``V (Λ + λ)^x Vᵀ``; with ``x = -1, regul = 0`` this is the
+          Moore-Penrose pseudo-inverse.
+        """
+        evals, V = self.get_eigendecomposition()
+        ev = evals + regul
+        if on_range or (float(regul) == 0 and x > 0):
+            return self._new((V * ev ** (x / 2)).t())
+        if float(regul) == 0:
+            self._check_regul(regul, f"pow({x})")
+        lam = torch.as_tensor(regul, dtype=evals.dtype, device=evals.device)
+        return PMatEyePlusLowRank(self.layer_collection, alpha=lam ** x, U=V.t(),
+                                  C=torch.diag(ev ** x - lam ** x))
+
+    def __pow__(self, x):
+        return self.pow(x)
+
+    def logdet(self, regul=0.0):
+        """``log det(M + λI) = (P - r) log λ + log det(λI_r + G)`` (Sylvester)."""
+        self._check_regul(regul, "logdet")
+        G = self._gram()
+        P, r = self.layer_collection.numel(), G.shape[0]
+        lam = torch.as_tensor(regul, dtype=G.dtype, device=G.device)
+        return (P - r) * torch.log(lam) + torch.log(torch.linalg.eigvalsh(G) + lam).sum()
+
+    # ------------------------------------------------------------------ reductions
+    def get_diag(self):
+        U = self._U()
+        return (U * U).sum(dim=0)
+
+    def trace(self):
+        U = self._U()
+        return (U * U).sum()
+
+    def frobenius_norm(self):
+        # ||UᵀU||_F = ||UUᵀ||_F: the r × r Gram matrix suffices
+        return torch.linalg.norm(self._gram())
+
+    def to_torch(self):
+        """The dense ``(P, P)`` matrix ``UᵀU`` (allocates ``P²``)."""
+        U = self._U()
+        return U.t() @ U
+
+    # ------------------------------------------------------------------ arithmetic
+    def _scaled(self, x):
+        if float(x) >= 0:
+            return self._new(self._U() * float(x) ** 0.5)
+        return self._as_update()._scaled(x)
+
+    def __add__(self, other):
+        if isinstance(other, PMatLowRank):
+            _check_lc(self, other)
+            return self._new(torch.cat([self._U(), other._U()], dim=0))
+        if isinstance(other, (PMatEye, PMatEyePlusLowRank)):
+            return self._as_update() + other
+        self._check_same_kind(other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        if isinstance(other, (PMatLowRank, PMatEye, PMatEyePlusLowRank)):
+            return self._as_update() + (-other)
+        self._check_same_kind(other)
+
+
+class PMatEyePlusLowRank(_LowRankBase):
+    """``α I + Uᵀ C U`` with ``α`` a scalar, ``U`` ``(r, P)`` and ``C`` a symmetric ``r × r``
+    matrix (not necessarily PSD): what :class:`PMatLowRank` returns for damped inverses, exact
+    damped powers, differences and negative scalings. The family is closed under damping,
+    inversion (Woodbury), scaling and sums; all operations cost ``O(P r + r³)``.
+
+    ``data`` is the tuple ``(alpha, U, C)``.
+    """
+
+    def __init__(self, layer_collection, generator=None, data=None, examples=None, alpha=None,
+                 U=None, C=None):
+        if data is None:
+            if U is None or C is None or alpha is None:
+                raise ValueError("PMatEyePlusLowRank needs data=(alpha, U, C) or alpha, U and C")
+            data = (torch.as_tensor(alpha, dtype=U.dtype, device=U.device), U, C)
+        super().__init__(layer_collection, generator, data=data)
+
+    def _U(self):
+        return self.data[1]
+
+    @property
+    def dtype(self):
+        return self.data[1].dtype
+
+    def _new(self, alpha, U, C):
+        return PMatEyePlusLowRank(self.layer_collection, data=(alpha, U, C))
+
+    def _apply(self, X):
+        alpha, U, C = self.data
+        return alpha * X + ((X @ U.t()) @ C) @ U
+
+    def mv(self, v):
+        self._check_pvector(v)
+        return PVector(self.layer_collection, vector_repr=self._apply(v.get_flat_representation()))
+
+    def vTMv(self, v):
+        self._check_pvector(v)
+        alpha, U, C = self.data
+        f = v.get_flat_representation()
+        Uf = U @ f
+        return alpha * torch.dot(f, f) + Uf @ (C @ Uf)
+
+    def mmap(self, pfmap):
+        self._check_pfmap(pfmap)
+        return PFMapDense(None, data=self._apply(pfmap.to_torch()),
+                          layer_collection=self.layer_collection)
+
+    def mm(self, other):
+        raise NotImplementedError(
+            "the product of two PMatEyePlusLowRank is not symmetric in general; use mv/mmap")
+
+    # ------------------------------------------------------------------ solves and functions
+    def _woodbury(self, beta):
+        """``W`` such that ``(βI + UᵀCU)⁻¹ = (I - Uᵀ W U) / β``: ``W = (βI + C G)⁻¹ C``."""
+        _, U, C = self.data
+        G = U @ U.t()
+        I = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        W = torch.linalg.solve(beta * I + C @ G, C)
+        return (W + W.t()) / 2  # symmetric in exact arithmetic
+
+    def _beta(self, regul):
+        beta = self.data[0] + regul
+        if float(beta) == 0:
+            raise ValueError("α + regul = 0: the matrix is singular on the orthogonal complement "
+                             "of U's rows; give a nonzero regul")
+        return beta
+
+    def _solve_rows(self, X, regul):
+        beta = self._beta(regul)
+        U = self.data[1]
+        W = self._woodbury(beta)
+        return (X - ((X @ U.t()) @ W) @ U) / beta
+
+    def solvePVec(self, x, regul=0.0, solve="default"):
+        """``(αI + UᵀCU + regul·I)⁻¹ x``, exact (Woodbury)."""
+        self._check_pvector(x)
+        return PVector(self.layer_collection,
+                       vector_repr=self._solve_rows(x.get_flat_representation(), regul))
+
+    def solvePFMap(self, x, regul=0.0, solve="default"):
+        self._check_pfmap(x)
+        return PFMapDense(None, data=self._solve_rows(x.to_torch(), regul),
+                          layer_collection=self.layer_collection)
+
+    def solve(self, x, regul=0.0, solve="default", **kwargs):
+        return super().solve(x, regul=regul, solve=solve, **kwargs)
+
+    def inverse(self, regul=0.0):
+        """``(αI + UᵀCU + regul·I)⁻¹ = I/β - Uᵀ (W/β) U``, again of this form."""
+        beta = self._beta(regul)
+        return self._new(1.0 / beta, self.data[1], -self._woodbury(beta) / beta)
+
+    def pow(self, x, regul=0.0):
+        if x == 1:
+            alpha, U, C = self.data
+            return self._new(alpha + regul, U, C)
+        if x == -1:
+            return self.inverse(regul)
+        raise NotImplementedError(
+            f"PMatEyePlusLowRank.pow({x}): only 1 and -1; for other powers use PMatLowRank.pow, "
+            "which goes through the eigendecomposition")
+
+    def logdet(self, regul=0.0):
+        """``P log β + log det(I_r + C G / β)`` (Sylvester), ``β = α + regul``."""
+        beta = self._beta(regul)
+        _, U, C = self.data
+        G = U @ U.t()
+        I = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        sign, logabs = torch.linalg.slogdet(I + C @ G / beta)
+        return self.layer_collection.numel() * torch.log(beta) + torch.log(sign) + logabs
+
+    # ------------------------------------------------------------------ reductions
+    def get_diag(self):
+        alpha, U, C = self.data
+        return alpha + ((C @ U) * U).sum(dim=0)
+
+    def trace(self):
+        alpha, U, C = self.data
+        return alpha * self.layer_collection.numel() + (C * (U @ U.t())).sum()
+
+    def frobenius_norm(self):
+        # ||αI + UᵀCU||² = α²P + 2α tr(CG) + tr(CGCG)
+        alpha, U, C = self.data
+        G = U @ U.t()
+        CG = C @ G
+        sq = alpha ** 2 * self.layer_collection.numel() + 2 * alpha * torch.trace(CG) \
+            + (CG * CG.t()).sum()
+        return torch.sqrt(sq)
+
+    def to_torch(self):
+        """The dense ``(P, P)`` matrix (allocates ``P²``)."""
+        alpha, U, C = self.data
+        return alpha * torch.eye(U.shape[1], dtype=U.dtype, device=U.device) + U.t() @ C @ U
+
+    # ------------------------------------------------------------------ arithmetic
+    def _scaled(self, x):
+        alpha, U, C = self.data
+        return self._new(alpha * x, U, C * x)
+
+    def __add__(self, other):
+        alpha, U, C = self.data
+        if isinstance(other, PMatEye):
+            _check_lc(self, other)
+            return self._new(alpha + other.scaling, U, C)
+        if isinstance(other, PMatLowRank):
+            other = other._as_update()
+        if isinstance(other, PMatEyePlusLowRank):
+            _check_lc(self, other)
+            a2, U2, C2 = other.data
+            return self._new(alpha + a2, torch.cat([U, U2], dim=0), torch.block_diag(C, C2))
+        self._check_same_kind(other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return self + (-other)

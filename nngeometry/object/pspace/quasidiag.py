@@ -1,0 +1,291 @@
+"""``PMatQuasiDiag``: the quasi-diagonal metric of Ollivier (2015).
+
+For a layer whose weight has shape ``(out, ...)`` and whose bias has shape ``(out,)``, output
+unit ``o`` owns the weights ``w_o = W[o].flatten()`` (``n_in`` of them) and the bias ``b_o``. The
+quasi-diagonal keeps, for every unit, the diagonal entries ``M[w_oi, w_oi]``, ``M[b_o, b_o]`` and
+the couplings ``c_oi = M[w_oi, b_o]`` (the bias's row and column restricted to its unit), and
+drops everything else. Per unit the kept block is an *arrowhead* matrix
+
+    B_o = [[diag(a_o), c_o],
+           [c_oᵀ,      s_o]]
+
+so ``(M + λI)⁻¹`` is exact through the Schur complement of the diagonal part:
+``σ_o = s_o + λ - Σ_i c_oi² / (a_oi + λ)``. Layers without a bias (or whose bias is not one
+per row of the weight) keep their diagonal only.
+
+Ollivier, *Riemannian metrics for neural networks I: feedforward networks*, Information and
+Inference 4(2), 2015.
+"""
+import torch
+
+from ..map import PFMapDense
+from ..vector import PVector
+from .abstract import PMatAbstract
+from .eye import PMatEye
+
+
+def _unit_shape(layer):
+    """``(out, n_in)`` when the layer has one bias per row of its weight, else None."""
+    if layer.bias is None:
+        return None
+    out = layer.weight.size[0]
+    if layer.bias.size != (out,):
+        return None
+    return out, layer.weight.numel() // out
+
+
+class _PerLayer(PMatAbstract):
+    """Shared plumbing: representations stored as ``{layer_id: tuple}`` that act on each layer's
+    slice independently through ``_apply_layer(lid, X)`` with ``X`` of shape ``(..., p_l)``."""
+
+    def _apply_layer(self, lid, X):
+        raise NotImplementedError
+
+    def _apply(self, X):
+        """``M`` applied to the rows of ``X`` (shape ``(..., P)``): ``X @ M`` (``M`` symmetric)."""
+        lc = self.layer_collection
+        return torch.cat([self._apply_layer(lid, X[..., lc.slice(lid)]) for lid in lc.layer_ids()],
+                         dim=-1)
+
+    def mv(self, v):
+        self._check_pvector(v)
+        return PVector(self.layer_collection, vector_repr=self._apply(v.get_flat_representation()))
+
+    def vTMv(self, v):
+        self._check_pvector(v)
+        f = v.get_flat_representation()
+        return torch.dot(f, self._apply(f))
+
+    def mmap(self, pfmap):
+        self._check_pfmap(pfmap)
+        return PFMapDense(None, data=self._apply(pfmap.to_torch()),
+                          layer_collection=self.layer_collection)
+
+    def to_torch(self):
+        """The dense ``(P, P)`` matrix (allocates ``P²``)."""
+        p = self.layer_collection.numel()
+        d = self.get_diag()
+        return self._apply(torch.eye(p, dtype=d.dtype, device=d.device))
+
+    def trace(self):
+        return self.get_diag().sum()
+
+    def _split(self, lid, X, shape):
+        """``X (..., p_l)`` -> weights ``(..., out, n_in)`` and biases ``(..., out)``."""
+        nw = shape[0] * shape[1]
+        return X[..., :nw].reshape(*X.shape[:-1], *shape), X[..., nw:]
+
+    @staticmethod
+    def _join(w, b):
+        return torch.cat([w.reshape(*w.shape[:-2], -1), b], dim=-1)
+
+
+class PMatQuasiDiag(_PerLayer):
+    """Quasi-diagonal approximation of ``M = (1/n) Σ_x J(x)ᵀ J(x)`` (see the module docstring).
+
+    ``data`` is ``{layer_id: (diag, cross)}`` with ``diag`` the ``(p_l,)`` diagonal of the
+    layer's block (weight then bias) and ``cross`` the ``(out, n_in)`` couplings
+    ``M[w_oi, b_o]``, or None for layers kept diagonal. Memory ``O(P)``; every operation is
+    ``O(P)`` per vector.
+    """
+
+    def _build(self, examples, **kwargs):
+        return self.generator.get_covariance_quasidiag(examples, self.layer_collection)
+
+    def _new(self, data):
+        return PMatQuasiDiag(self.layer_collection, None, data=data)
+
+    def _items(self):
+        for lid in self.layer_collection.layer_ids():
+            d, c = self.data[lid]
+            yield lid, d, c, (None if c is None else _unit_shape(self.layer_collection[lid]))
+
+    def _apply_layer(self, lid, X):
+        d, c = self.data[lid]
+        if c is None:
+            return X * d
+        shape = c.shape
+        w, b = self._split(lid, X, shape)
+        dw, db = self._split(lid, d, shape)
+        yw = dw * w + c * b.unsqueeze(-1)
+        yb = db * b + (c * w).sum(-1)
+        return self._join(yw, yb)
+
+    # ------------------------------------------------------------------ solves and functions
+    def _schur(self, lid, regul):
+        """``(1/(a+λ), c/(a+λ), 1/σ)`` of every unit of a coupled layer."""
+        d, c = self.data[lid]
+        dw, db = self._split(lid, d, c.shape)
+        inv_a = 1.0 / (dw + regul)
+        a_inv_c = c * inv_a
+        sigma = db + regul - (c * a_inv_c).sum(-1)
+        return inv_a, a_inv_c, 1.0 / sigma
+
+    def _solve_rows(self, X, regul):
+        lc = self.layer_collection
+        out = []
+        for lid, d, c, shape in self._items():
+            R = X[..., lc.slice(lid)]
+            if c is None:
+                out.append(R / (d + regul))
+                continue
+            inv_a, a_inv_c, inv_sigma = self._schur(lid, regul)
+            u, beta = self._split(lid, R, c.shape)
+            # eliminate the weights (diagonal part), solve the bias on the Schur complement,
+            # then back-substitute
+            y = (beta - (a_inv_c * u).sum(-1)) * inv_sigma
+            x = (u - c * y.unsqueeze(-1)) * inv_a
+            out.append(self._join(x, y))
+        return torch.cat(out, dim=-1)
+
+    def solvePVec(self, x, regul=1e-8, solve="default"):
+        """``(M + regul·I)⁻¹ x``, exact, through the per-unit Schur complement."""
+        self._check_pvector(x)
+        _check_solve(solve)
+        return PVector(self.layer_collection,
+                       vector_repr=self._solve_rows(x.get_flat_representation(), regul))
+
+    def solvePFMap(self, x, regul=1e-8, solve="default"):
+        """``(M + regul·I)⁻¹`` applied to every row of the PFMap (exact)."""
+        self._check_pfmap(x)
+        _check_solve(solve)
+        return PFMapDense(None, data=self._solve_rows(x.to_torch(), regul),
+                          layer_collection=self.layer_collection)
+
+    def inverse(self, regul=1e-8):
+        """``(M + regul·I)⁻¹``, exact. It is not quasi-diagonal (each unit's block of the
+        inverse is dense), but it is *diagonal plus one rank-one term per unit*: a
+        :class:`PMatQuasiDiagInverse`, in ``O(P)`` memory."""
+        data = {}
+        for lid, d, c, shape in self._items():
+            if c is None:
+                data[lid] = (1.0 / (d + regul), None, None)
+            else:
+                data[lid] = self._schur(lid, regul)
+        return PMatQuasiDiagInverse(self.layer_collection, None, data=data)
+
+    def pow(self, x, regul=0.0):
+        """Only ``x = 1`` (``M + regul·I``) and ``x = -1`` (:meth:`inverse`): other powers of an
+        arrowhead matrix are dense per unit."""
+        if x == 1:
+            return self + PMatEye(self.layer_collection, scaling=torch.as_tensor(
+                regul, dtype=next(iter(self.data.values()))[0].dtype))
+        if x == -1:
+            return self.inverse(regul=regul)
+        raise NotImplementedError(
+            f"PMatQuasiDiag.pow({x}) is not implemented: powers other than 1 and -1 of a "
+            "quasi-diagonal matrix are not quasi-diagonal; use solve()/inverse(), or PMatDiag / "
+            "PMatBlockDiag, whose powers are computed exactly")
+
+    def logdet(self, regul=0.0):
+        """``log det(M + regul·I) = Σ_units (Σ_i log(a_oi + λ) + log σ_o)``."""
+        total = 0.0
+        for lid, d, c, shape in self._items():
+            if c is None:
+                total = total + torch.log(d + regul).sum()
+            else:
+                inv_a, _, inv_sigma = self._schur(lid, regul)
+                total = total - torch.log(inv_a).sum() - torch.log(inv_sigma).sum()
+        return total
+
+    def mm(self, other):
+        raise NotImplementedError(
+            "the product of two quasi-diagonal matrices is not quasi-diagonal (the couplings "
+            "create weight-weight terms); use mv/mmap, or PMatBlockDiag.mm")
+
+    # ------------------------------------------------------------------ reductions
+    def get_diag(self):
+        return torch.cat([d for _, d, _, _ in self._items()])
+
+    def frobenius_norm(self):
+        # every coupling appears twice (row and column)
+        sq = sum((d * d).sum() + (0.0 if c is None else 2 * (c * c).sum())
+                 for _, d, c, _ in self._items())
+        return torch.sqrt(sq)
+
+    # ------------------------------------------------------------------ arithmetic
+    def _map(self, fd, fc):
+        return self._new({lid: (fd(d), None if c is None else fc(c)) for lid, d, c, _ in self._items()})
+
+    def _scaled(self, x):
+        return self._map(lambda d: d * x, lambda c: c * x)
+
+    def __add__(self, other):
+        if isinstance(other, PMatEye):
+            if other.layer_collection != self.layer_collection:
+                raise ValueError("the two matrices are built on different LayerCollections")
+            return self._map(lambda d: d + other.scaling, lambda c: c)
+        self._check_same_kind(other)
+        return self._binary(other, torch.add)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        if isinstance(other, PMatEye):
+            return self + (-other)
+        self._check_same_kind(other)
+        return self._binary(other, torch.sub)
+
+    def _binary(self, other, op):
+        data = {}
+        for lid, d, c, _ in self._items():
+            d2, c2 = other.data[lid]
+            data[lid] = (op(d, d2), None if c is None else op(c, c2))
+        return self._new(data)
+
+
+class PMatQuasiDiagInverse(_PerLayer):
+    """``(Q + λI)⁻¹`` for a quasi-diagonal ``Q`` (what :meth:`PMatQuasiDiag.inverse` returns).
+
+    Per coupled unit the block is ``diag(1/(a+λ), 0) + z zᵀ / σ`` with ``z = [c/(a+λ); -1]`` and
+    ``σ`` the Schur complement; diagonal layers store ``1/(d+λ)``. ``data`` is
+    ``{layer_id: (inv_a, a_inv_c, inv_sigma)}`` (the last two None for diagonal layers).
+    """
+
+    def _apply_layer(self, lid, X):
+        inv_a, z, inv_sigma = self.data[lid]
+        if z is None:
+            return X * inv_a
+        w, b = self._split(lid, X, z.shape)
+        t = ((z * w).sum(-1) - b) * inv_sigma  # zᵀx / σ
+        return self._join(inv_a * w + z * t.unsqueeze(-1), -t)
+
+    def get_diag(self):
+        out = []
+        for lid in self.layer_collection.layer_ids():
+            inv_a, z, inv_sigma = self.data[lid]
+            if z is None:
+                out.append(inv_a)
+            else:
+                out.append(torch.cat([(inv_a + z * z * inv_sigma.unsqueeze(-1)).reshape(-1),
+                                      inv_sigma]))
+        return torch.cat(out)
+
+    def frobenius_norm(self):
+        sq = 0.0
+        for lid in self.layer_collection.layer_ids():
+            inv_a, z, inv_sigma = self.data[lid]
+            if z is None:
+                sq = sq + (inv_a * inv_a).sum()
+                continue
+            # ||Λ + z zᵀ/σ||² = ||Λ||² + 2 zᵀΛz/σ + (||z||²/σ)²
+            zz = (z * z).sum(-1) + 1.0
+            sq = sq + (inv_a * inv_a).sum() + (2 * (inv_a * z * z).sum(-1) * inv_sigma).sum() \
+                + ((zz * inv_sigma) ** 2).sum()
+        return torch.sqrt(sq)
+
+    def _scaled(self, x):
+        return PMatQuasiDiagInverse(self.layer_collection, None, data={
+            lid: (a * x, z, None if s is None else s * x) for lid, (a, z, s) in self.data.items()})
+
+    def solvePVec(self, x, regul=1e-8, solve="default"):
+        raise NotImplementedError(
+            "solving with the inverse of a quasi-diagonal matrix: multiply by the original "
+            "PMatQuasiDiag (+ PMatEye for the damping) with mv instead")
+
+    solvePFMap = solvePVec
+
+
+def _check_solve(solve):
+    if solve not in ("default", "solve", "schur"):
+        raise ValueError(f"unknown solve '{solve}' for PMatQuasiDiag: use 'default' (Schur complement)")

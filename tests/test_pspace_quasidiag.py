@@ -1,0 +1,112 @@
+"""PMatQuasiDiag (Ollivier 2015): the diagonal and the per-unit bias rows/columns of the exact
+FIM, the exact damped solve through the per-unit Schur complement, and its operations against its
+own dense form."""
+import pytest
+import torch
+
+from _reps_fixtures import (DT, check_inverse, check_layout_errors, check_pickle, check_products,
+                            check_solves, close, setup)  # noqa: F401
+from nngeometry.metrics import FIM
+from nngeometry.object import PMatBlockDiag, PMatEye, PMatQuasiDiag, PMatQuasiDiagInverse
+
+
+@pytest.fixture(scope="module")
+def mats(setup):
+    M = FIM(setup.model, setup.loader, PMatQuasiDiag, variant=setup.variant)
+    return setup, M, M.to_torch()
+
+
+def quasidiag_mask(lc):
+    """True on the diagonal and on (w_{o,i}, b_o), (b_o, w_{o,i}) of layers with a bias."""
+    P = lc.numel()
+    mask = torch.eye(P, dtype=torch.bool)
+    for lid, layer in lc:
+        if layer.bias is None:
+            continue
+        start = lc.p_pos[lid]
+        out = layer.weight.size[0]
+        n_in = layer.weight.numel() // out
+        for o in range(out):
+            b = start + layer.weight.numel() + o
+            w = slice(start + o * n_in, start + (o + 1) * n_in)
+            mask[w, b] = True
+            mask[b, w] = True
+    return mask
+
+
+def test_equals_quasidiag_part_of_dense(mats):
+    s, M, D = mats
+    mask = quasidiag_mask(s.lc)
+    close(D, torch.where(mask, s.dense, torch.zeros_like(s.dense)), rtol=1e-10)
+    assert D.dtype == DT
+    # the layers without bias are diagonal only; and the couplings are really there
+    assert any(c is None for _, c in M.data.values())
+    assert all(c.abs().max() > 0 for _, c in M.data.values() if c is not None)
+    M2 = PMatQuasiDiag(s.lc, s.generator(), examples=s.loader)
+    close(M2.to_torch(), D, rtol=1e-12)
+    M3 = PMatQuasiDiag(s.lc, s.generator(), examples=(s.x, s.y))
+    close(M3.to_torch(), D, rtol=1e-12)
+
+
+def test_products(mats):
+    s, M, D = mats
+    check_products(M, D, s)
+
+
+def test_solve_is_exact_damped_inverse(mats):
+    s, M, D = mats
+    check_solves(M, D, s, regul=0.3)
+    check_solves(M, D, s, regul=1e-3)
+    with pytest.raises(ValueError, match="solve"):
+        M.solve(s.vec(), regul=1.0, solve="cholesky")
+
+
+def test_inverse(mats):
+    s, M, D = mats
+    check_inverse(M, D, regul=0.3)
+    Minv = M.inverse(regul=0.05)
+    assert isinstance(Minv, PMatQuasiDiagInverse)
+    Dinv = torch.linalg.inv(D + 0.05 * torch.eye(D.shape[0], dtype=DT))
+    # the inverse's own operations agree with its dense form
+    check_products(Minv, Minv.to_torch(), s)
+    close(Minv.to_torch(), Dinv, rtol=1e-8)
+    close((Minv * 3.0).to_torch(), 3.0 * Dinv, rtol=1e-8)
+    close(M.pow(-1, regul=0.05).to_torch(), Dinv, rtol=1e-8)
+    # M (M + λI)⁻¹ v + λ (M + λI)⁻¹ v = v
+    v = s.vec()
+    w = Minv.mv(v)
+    close((M.mv(w) + w * 0.05).get_flat_representation(), v.get_flat_representation(), rtol=1e-9)
+
+
+def test_pow_logdet_and_unsupported(mats):
+    s, M, D = mats
+    I = torch.eye(D.shape[0], dtype=DT)
+    close(M.pow(1, regul=0.2).to_torch(), D + 0.2 * I)
+    close(M.logdet(regul=0.2), torch.logdet(D + 0.2 * I))
+    with pytest.raises(NotImplementedError, match="quasi-diagonal"):
+        M.pow(0.5)
+    with pytest.raises(NotImplementedError, match="mv/mmap"):
+        M.mm(M)
+
+
+def test_arithmetic(mats):
+    s, M, D = mats
+    M2 = M * 0.5 + PMatEye(s.lc, scaling=torch.tensor(0.3, dtype=DT))
+    D2 = 0.5 * D + 0.3 * torch.eye(D.shape[0], dtype=DT)
+    close(M2.to_torch(), D2)
+    close((M + M2).to_torch(), D + D2)
+    close((M - M2).to_torch(), D - D2)
+    close((M / 4).to_torch(), D / 4)
+    close((-M).to_torch(), -D)
+    E = PMatEye(s.lc, scaling=torch.tensor(0.7, dtype=DT))
+    close((E + M).to_torch(), D + E.to_torch())
+    close((M - E).to_torch(), D - E.to_torch())
+    with pytest.raises(NotImplementedError, match="PMatBlockDiag"):
+        M + PMatBlockDiag(s.lc, None, data={lid: torch.zeros(l.numel(), l.numel(), dtype=DT)
+                                           for lid, l in s.lc})
+
+
+def test_pickle_and_layout(mats):
+    s, M, D = mats
+    check_pickle(M, D, s)
+    check_layout_errors(M, s)
