@@ -7,12 +7,24 @@ then ``bias.flatten()``. ``p_pos[layer_id]`` is the layer's offset.
 from collections import OrderedDict
 
 from .layer_types import AbstractLayer, layer_type_for
+from .layer_types.generic import GenericLayer, refusal_reason
 from .layer_types import *  # noqa: F401,F403  (re-export LinearLayer, Conv2dLayer, ...)
 from .layer_types import __all__ as _layer_types_all
 
 
 class UnsupportedLayerError(TypeError):
-    """A module with parameters whose type no layer type handles."""
+    """A module with parameters that cannot be handled (e.g. recurrent layers)."""
+
+
+def _type_for(module):
+    """The layer type of a module with direct parameters: the registered one, else the generic
+    one (``None`` for modules that are refused, see ``layer_types.generic``)."""
+    cls = layer_type_for(module)
+    if cls is not None:
+        return cls
+    if refusal_reason(module) is not None:
+        return None
+    return GenericLayer
 
 
 class LayerCollection:
@@ -37,9 +49,14 @@ class LayerCollection:
         """
         lc = LayerCollection()
         seen = {}
+        claimed = {}  # id(parameter) -> layer that holds it (possibly a submodule's parameter)
         for name, module in model.named_modules():
             own = list(module.named_parameters(recurse=False))
             if not own:
+                continue
+            owners = {claimed.get(id(p)) for _, p in own}
+            if None not in owners and all(name.startswith(o + ".") or o == "" for o in owners):
+                # held by an enclosing layer (e.g. MultiheadAttention's out_proj)
                 continue
             for pname, p in own:
                 if id(p) in seen:
@@ -48,16 +65,20 @@ class LayerCollection:
                         "a parameter must belong to a single layer. Build the LayerCollection "
                         "by hand with add_layer_from_model, leaving one of the two modules out")
                 seen[id(p)] = f"{name}.{pname}"
-            cls = layer_type_for(module)
+            cls = _type_for(module)
             if cls is None:
                 if ignore_unsupported_layers:
                     continue
                 raise UnsupportedLayerError(
                     f"module '{name}' of type {type(module).__name__} has parameters "
-                    f"({', '.join(p for p, _ in own)}) but its layer type is not supported; pass "
-                    "ignore_unsupported_layers=True to LayerCollection.from_model to leave it out "
-                    "(its parameters are then treated as constants)")
-            lc.add_layer(name, cls.from_module(module))
+                    f"({', '.join(p for p, _ in own)}) but is not supported: "
+                    f"{refusal_reason(module)}. Pass ignore_unsupported_layers=True to "
+                    "LayerCollection.from_model to leave it out (its parameters are then treated "
+                    "as constants)")
+            layer = cls.from_module(module)
+            for p in layer.parameters_of(module):
+                claimed[id(p)] = name
+            lc.add_layer(name, layer)
         return lc
 
     def add_layer(self, layer_id, layer):
@@ -73,10 +94,16 @@ class LayerCollection:
         """Add ``module`` (a submodule of ``model``), with its qualified name as id."""
         for name, m in model.named_modules():
             if m is module:
-                cls = layer_type_for(module)
+                cls = _type_for(module)
                 if cls is None:
                     raise UnsupportedLayerError(
-                        f"module '{name}' of type {type(module).__name__} is not a supported layer type")
+                        f"module '{name}' of type {type(module).__name__} is not supported: "
+                        f"{refusal_reason(module)}")
+                if not list(module.parameters(recurse=False)):
+                    raise ValueError(
+                        f"module '{name}' ({type(module).__name__}) has no parameters of its own "
+                        "(an enclosing layer such as MultiheadAttention may hold them, or they "
+                        "belong to its submodules): add those modules instead")
                 self.add_layer(name, cls.from_module(module))
                 return
         raise ValueError("module is not a submodule of model")
@@ -113,7 +140,7 @@ class LayerCollection:
             if layer_id not in modules:
                 raise ValueError(f"layer '{layer_id}' of the LayerCollection is not a module of the model")
             module = modules[layer_id]
-            if layer_type_for(module) is not type(layer) or type(layer).from_module(module) != layer:
+            if _type_for(module) is not type(layer) or type(layer).from_module(module) != layer:
                 raise ValueError(
                     f"module '{layer_id}' ({type(module).__name__}) does not match the collection's "
                     f"layer spec {layer}")

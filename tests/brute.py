@@ -11,9 +11,7 @@ def param_names(model, layer_collection):
     names = []
     for lid, layer in layer_collection.layers.items():
         prefix = f"{lid}." if lid else ""
-        names.append(prefix + "weight")
-        if layer.bias is not None:
-            names.append(prefix + "bias")
+        names.extend(prefix + name for name in layer.param_names())
     return names
 
 

@@ -347,11 +347,15 @@ class TorchHooksJacobianBackend:
         """Yield ``(batch, params, f)`` with ``f(params) -> (n, n_output)`` a pure function of the
         collection's parameters (a dict name -> tensor) for that batch."""
         with self._model_state_kept(layer_collection) as (modules, plist):
-            names = {}
+            names, constant = {}, {}
             for lid, m in modules.items():
                 layer = layer_collection[lid]
                 for pname, p in zip(layer.param_names(), layer.parameters_of(m)):
                     names[f"{lid}.{pname}" if lid else pname] = p
+                # entries that backward treats as constants (Embedding padding row): forward
+                # mode must not see their tangents either
+                for pname, mask in layer.constant_entries(m).items():
+                    constant[f"{lid}.{pname}" if lid else pname] = mask
             params = {k: p.detach() for k, p in names.items()}
             wrapper = _FunctionOfModel(self.model, self.function)
             device = self._device()
@@ -363,6 +367,8 @@ class TorchHooksJacobianBackend:
                     # mode) are copied inside the transform: torch.func refuses in-place updates
                     # of captured tensors, and the model's own buffers must stay untouched
                     bufs = {"model." + k: b.clone() for k, b in self.model.named_buffers()}
+                    p = {k: torch.where(constant[k], t.detach(), t) if k in constant else t
+                         for k, t in p.items()}
                     with _no_fused_attention():
                         out = torch.func.functional_call(
                             wrapper, ({"model." + k: t for k, t in p.items()}, bufs), batch)
@@ -382,13 +388,17 @@ class TorchHooksJacobianBackend:
 
 @contextlib.contextmanager
 def _no_fused_attention():
-    """Turn off the fused inference kernels of nn.MultiheadAttention / TransformerEncoderLayer:
-    inside torch.func transforms the parameters don't require grad, so eval-mode models would
-    take that path, which has no forward-mode AD nor batching rules."""
+    """Turn off the fused kernels of attention: inside torch.func transforms the parameters don't
+    require grad, so eval-mode nn.MultiheadAttention / TransformerEncoderLayer would take their
+    fused inference path, and scaled_dot_product_attention its flash kernel: neither has
+    forward-mode AD. The math implementation is used instead (same values)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     prev = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        yield
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
     finally:
         torch.backends.mha.set_fastpath_enabled(prev)
 

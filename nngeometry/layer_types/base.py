@@ -14,7 +14,9 @@ registering it with :func:`register_layer_type`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 
@@ -55,20 +57,44 @@ class AbstractLayer:
     def from_module(cls, module):
         raise NotImplementedError
 
+    def param_specs(self):
+        """``[(name, Parameter), ...]`` in layout order; ``name`` is the parameter's qualified
+        name relative to the module (``"weight"``, ``"out_proj.bias"``). Default: weight, then
+        bias if any. Layer types with other parameters (MultiheadAttention, the generic type)
+        override it; every flat layout (PVector, PFMap, PMat*) follows this list."""
+        specs = [("weight", self.weight)]
+        if self.bias is not None:
+            specs.append(("bias", self.bias))
+        return specs
+
+    def param_names(self):
+        return [name for name, _ in self.param_specs()]
+
     def numel(self):
-        return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)
+        return sum(p.numel() for _, p in self.param_specs())
 
     def has_bias(self):
         return self.bias is not None
 
     def parameters_of(self, module):
-        """The module's parameter tensors in layout order (weight, then bias if any)."""
-        if self.bias is None:
-            return (module.weight,)
-        return (module.weight, module.bias)
+        """The module's parameter tensors in layout order (see :meth:`param_specs`)."""
+        return tuple(module.get_parameter(name) for name in self.param_names())
+
+    def constant_entries(self, module):
+        """``{param_name: bool mask}`` of parameter entries that autograd's backward treats as
+        constants (e.g. an Embedding's ``padding_idx`` row), or ``{}``. The implicit
+        (forward-mode) products mask their tangents with it, so that they agree with the
+        per-example gradients."""
+        return {}
+
+    def inputs_of(self, call):
+        """What this layer's maths takes as ``x`` from a recorded forward call
+        (:class:`~nngeometry.backend.context.Call`): the module's first positional input by
+        default; layer types that need more (all arguments) override it."""
+        return call.x
 
     def _key(self):
-        return (type(self).__name__, self.weight.size, None if self.bias is None else self.bias.size)
+        return (type(self).__name__,) + tuple((n, p.size) for n, p in self.param_specs())
 
     def __eq__(self, other):
         return isinstance(other, AbstractLayer) and self._key() == other._key()
@@ -77,7 +103,8 @@ class AbstractLayer:
         return hash(self._key())
 
     def __repr__(self):
-        return f"{type(self).__name__}(weight={self.weight.size}, bias={None if self.bias is None else self.bias.size})"
+        body = ", ".join(f"{n}={p.size}" for n, p in self.param_specs())
+        return f"{type(self).__name__}({body})"
 
     # ------------------------------------------------------------------ maths
     def per_example_grad(self, module, x, gy):
@@ -85,7 +112,9 @@ class AbstractLayer:
 
         Args:
             module: the ``torch.nn.Module`` instance.
-            x: the module's input as seen by the forward hook, shape ``(n, *in_shape)``.
+            x: the module's input as seen by the forward hook, shape ``(n, *in_shape)`` (more
+                generally what :meth:`inputs_of` takes from the recorded call, e.g.
+                ``(args, kwargs)`` for the generic and attention layer types).
             gy: gradients w.r.t. the module's output, shape ``(K, n, *out_shape)``.
 
         Returns:
@@ -139,8 +168,62 @@ class AbstractLayer:
             perm = torch.cat([perm, rows.reshape(-1) + n_in])
         return perm
 
+    def kfe_diag(self, module, x, gy, UA, UG):
+        """Squared per-example gradients in a Kronecker-factored eigenbasis (EKFAC), summed.
+
+        With ``Ĝ_{k,i}`` the per-example gradient of output ``k`` on example ``i`` reshaped to the
+        Kronecker layout ``(dG, dA)`` (see :meth:`kfac_permutation`), returns
+        ``Σ_{k,i} (U_Gᵀ Ĝ_{k,i} U_A) ** 2`` (elementwise square), shape ``(dG, dA)``, not
+        normalized. ``UA`` / ``UG`` are orthogonal matrices (eigenvectors as columns) or an int
+        ``d`` standing for the identity of size ``d`` (a diagonal Kronecker factor).
+
+        Default: through :meth:`per_example_grad`, one layer at a time; subclasses override it
+        where the projection factors through the inputs and output gradients.
+        """
+        g = project_to_kfe(self.per_example_grad(module, x, gy), UA, UG, self.kfac_permutation())
+        return (g * g).sum(dim=(0, 1))
+
+
+def kfe_dim(U):
+    """Size of an eigenbasis given as a matrix or as an int (identity)."""
+    return int(U) if isinstance(U, int) else U.shape[0]
+
+
+def project_to_kfe(g, UA, UG, perm):
+    """``U_Gᵀ Ĝ U_A`` for flat vectors ``g`` of shape ``(..., numel)``, with ``Ĝ`` the vector
+    re-indexed to the Kronecker layout by ``perm`` (flat ``i`` -> Kronecker ``perm[i]``) and
+    reshaped to ``(dG, dA)``. Returns ``(..., dG, dA)``; int ``UA``/``UG`` mean identity."""
+    dG, dA = kfe_dim(UG), kfe_dim(UA)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    G = g[..., inv.to(g.device)].reshape(*g.shape[:-1], dG, dA)
+    if not isinstance(UA, int):
+        G = G @ UA
+    if not isinstance(UG, int):
+        G = UG.t() @ G
+    return G
+
 
 _REGISTRY: list = []
+
+# Layer maths that re-runs a module's forward (the generic layer type, MultiheadAttention) must
+# not be recorded by the generator's forward hooks: they check this flag.
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def recording_paused():
+    """Within this context the generator's forward hooks record nothing."""
+    prev = getattr(_recording, "paused", False)
+    _recording.paused = True
+    try:
+        yield
+    finally:
+        _recording.paused = prev
+
+
+def is_recording_paused():
+    return getattr(_recording, "paused", False)
 
 
 def register_layer_type(cls):

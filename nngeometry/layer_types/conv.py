@@ -1,28 +1,86 @@
-"""``torch.nn.Conv2d``: spec and per-layer maths (any stride, padding, dilation, groups).
+"""Convolutions and transposed convolutions in 1, 2 and 3 dimensions: spec and per-layer maths.
 
-A convolution is a Linear layer shared over the output locations: with the input unfolded into
-patches ``U`` of shape ``(n, C_in/g * kh * kw, L)`` per group and the output gradient ``gy`` of
-shape ``(K, n, C_out, L)``, the per-example weight gradient is ``sum_l gy[..., l] U[..., l]ᵀ``.
+One core (:class:`_ConvNdLayer`) serves all of them. A convolution is a Linear layer shared over
+the output locations: with the input unfolded into patches ``U`` of shape
+``(n, g, C_in/g * prod(k), L)`` (``g`` groups, ``L`` output locations) and the output gradient
+``gy`` of shape ``(K, n, C_out, L)``, the per-example weight gradient is
+``sum_l gy[..., l] U[..., l]ᵀ`` and the bias gradient ``sum_l gy[..., l]``.
+
+A transposed convolution is the same thing once rewritten as the *equivalent direct
+convolution*: the input with ``stride - 1`` zeros inserted between samples, padded by
+``dilation * (k - 1) - padding`` on both sides (plus ``output_padding`` at the end), convolved
+with stride 1 by the kernel flipped in space and with its in/out channel axes swapped. The maths
+is done in that equivalent layout and re-indexed to the module's weight layout
+``(C_in, C_out/g, *k)``.
+
+Patch extraction is written once for any number of spatial dimensions (``Tensor.unfold`` per
+dimension, dilation by slicing the windows), since torch only has ``F.unfold`` for 2-d.
+
+KFAC (KFC, Grosse & Martens 2016, see CONVENTIONS): ``'expand'`` (default) ``A = Σ_{i,l} u uᵀ``
+over examples and locations, ``G = Σ_{k,i,l} g gᵀ / L``; for spatially constant inputs the exact
+block is ``L ×`` KFAC. ``'reduce'`` (Eschenhagen et al. 2023): ``A = Σ_i ū ūᵀ`` with ``ū`` the
+mean patch of example ``i``, ``G = Σ_{k,i} ĝ ĝᵀ`` with ``ĝ = Σ_l g``: exact when the patches do
+not depend on the location. Grouped convolutions have no Kronecker structure over the whole
+layer (block-diagonal over groups): KFAC refuses them.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..gram import GramRows
 from .base import AbstractLayer, Parameter, register_layer_type
 
 
-@register_layer_type
-class Conv2dLayer(AbstractLayer):
-    module_types = (nn.Conv2d,)
+def _tuple(v, d):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * d
+
+
+def extract_patches(x, kernel_size, dilation, stride, pads):
+    """Patches of ``x`` (``(B, C, *spatial)``) for a convolution: ``(B, C * prod(k), L)``.
+
+    ``pads``: ``((left, right), ...)`` per spatial dimension, zeros; negative values crop. The
+    patch dimension is ordered like a conv weight ``(C, *k)`` row-major, locations row-major.
+    """
+    d = len(kernel_size)
+    flat = []
+    for lr in reversed(pads):  # F.pad wants the last dimension first
+        flat.extend(lr)
+    if any(flat):
+        x = F.pad(x, flat)
+    for i, (k, dil, s) in enumerate(zip(kernel_size, dilation, stride)):
+        # windows of span dil*(k-1)+1 every s samples; appended as a trailing dimension
+        x = x.unfold(2 + i, dil * (k - 1) + 1, s)
+    # keep every dil-th element of each window (dilation)
+    x = x[(Ellipsis,) + tuple(slice(None, None, dil) for dil in dilation)]
+    B, C = x.shape[:2]
+    locs = x.shape[2:2 + d]
+    # (B, C, L1..Ld, k1..kd) -> (B, C, k1..kd, L1..Ld)
+    perm = (0, 1) + tuple(range(2 + d, 2 + 2 * d)) + tuple(range(2, 2 + d))
+    x = x.permute(perm)
+    return x.reshape(B, C * math.prod(kernel_size), math.prod(locs))
+
+
+class _ConvNdLayer(AbstractLayer):
+    """Shared core of the (transposed) convolution layer types; see the module docstring."""
+
+    n_dims = 2
+    transposed = False
     supports_kfac = True
 
     def __init__(self, in_channels, out_channels, kernel_size, bias=True, groups=1):
-        kernel_size = tuple(kernel_size) if isinstance(kernel_size, (tuple, list)) else (kernel_size,) * 2
+        d = self.n_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = kernel_size
+        self.kernel_size = _tuple(kernel_size, d)
         self.groups = groups
-        self.weight = Parameter(out_channels, in_channels // groups, *kernel_size)
+        # grouped convolutions have no single Kronecker structure (see kfac_factors)
+        self.supports_kfac = type(self).supports_kfac and groups == 1
+        if self.transposed:
+            self.weight = Parameter(in_channels, out_channels // groups, *self.kernel_size)
+        else:
+            self.weight = Parameter(out_channels, in_channels // groups, *self.kernel_size)
         self.bias = Parameter(out_channels) if bias else None
 
     @classmethod
@@ -33,38 +91,106 @@ class Conv2dLayer(AbstractLayer):
     def _key(self):
         return super()._key() + (self.groups,)
 
-    def _patches(self, module, x):
-        """Unfolded input grouped by conv group: (n, g, C_in/g * kh * kw, L)."""
-        if module.padding_mode != "zeros":
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-            padding = 0
+    # ------------------------------------------------------------------ patches
+    def _direct_patches(self, module, x):
+        """Patches of a direct convolution's input: ``(n, C_in * prod(k), L)``."""
+        d = self.n_dims
+        padding = module.padding
+        if isinstance(padding, str):
+            if padding == "valid":
+                pads = [(0, 0)] * d
+            else:  # 'same' (stride 1): total d*(k-1), the odd element goes to the end
+                pads = []
+                for k, dil in zip(module.kernel_size, module.dilation):
+                    total = dil * (k - 1)
+                    pads.append((total // 2, total - total // 2))
         else:
-            padding = module.padding
-        if isinstance(padding, str):  # 'same' / 'valid'
-            padding = self._explicit_padding(module, padding)
-        u = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
-                     stride=module.stride)
-        n, d, L = u.shape
-        return u.reshape(n, self.groups, d // self.groups, L)
+            pads = [(p, p) for p in _tuple(padding, d)]
+        if module.padding_mode != "zeros":
+            flat = []
+            for lr in reversed(pads):
+                flat.extend(lr)
+            x = F.pad(x, flat, mode=module.padding_mode)
+            pads = [(0, 0)] * d
+        return extract_patches(x, module.kernel_size, _tuple(module.dilation, d),
+                               _tuple(module.stride, d), pads)
 
-    @staticmethod
-    def _explicit_padding(module, padding):
-        if padding == "valid":
-            return 0
-        # 'same' with stride 1: total padding d*(k-1); torch pads the extra element on the right,
-        # which unfold can't express unless the total is even
+    def _transposed_patches(self, module, x, out_spatial):
+        """Patches of the equivalent direct convolution of a transposed one, computed for an
+        output of spatial size ``out_spatial``; the kernel axis is in the flipped order."""
+        d = self.n_dims
+        stride, dil = _tuple(module.stride, d), _tuple(module.dilation, d)
+        padding = _tuple(module.padding, d)
+        n, C = x.shape[:2]
+        in_sp = x.shape[2:]
+        if any(s > 1 for s in stride):
+            stuffed = x.new_zeros((n, C) + tuple((l - 1) * s + 1 for l, s in zip(in_sp, stride)))
+            stuffed[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)] = x
+            x = stuffed
         pads = []
-        for k, d in zip(module.kernel_size, module.dilation):
-            total = d * (k - 1)
-            if total % 2:
-                raise NotImplementedError(
-                    f"padding='same' with an even kernel ({module.kernel_size}) is not supported "
-                    "by Conv2dLayer; give the padding explicitly")
-            pads.append(total // 2)
-        return tuple(pads)
+        for i in range(d):
+            left = dil[i] * (self.kernel_size[i] - 1) - padding[i]
+            # the right padding is whatever makes the output size come out (output_padding,
+            # or an explicit output_size passed to forward)
+            right = out_spatial[i] + dil[i] * (self.kernel_size[i] - 1) - x.shape[2 + i] - left
+            pads.append((left, right))
+        return extract_patches(x, self.kernel_size, dil, (1,) * d, pads)
 
+    def _patches(self, module, x, gy):
+        """Equivalent-direct-convolution patches grouped: ``(n, g, C_in/g * prod(k), L)``."""
+        if self.transposed:
+            u = self._transposed_patches(module, x, gy.shape[3:])
+        else:
+            u = self._direct_patches(module, x)
+        n, D, L = u.shape
+        return u.reshape(n, self.groups, D // self.groups, L)
+
+    # ------------------------------------------------------------------ layouts
+    def _equiv_index(self):
+        """``idx`` with ``idx[e]`` = the module's flat weight index at flat position ``e`` of
+        the equivalent direct convolution's weight ``(C_out, C_in/g, *k)``."""
+        numel = self.weight.numel()
+        if not self.transposed:
+            return torch.arange(numel)
+        g, d = self.groups, self.n_dims
+        cin_g, cout_g = self.in_channels // g, self.out_channels // g
+        m = torch.arange(numel).reshape(g, cin_g, cout_g, *self.kernel_size)
+        m = m.transpose(1, 2).flip(tuple(range(3, 3 + d)))
+        return m.reshape(-1)
+
+    def _to_module_order(self, gw):
+        """Equivalent-layout flat weight gradients ``(..., numel_w)`` -> module layout."""
+        if not self.transposed:
+            return gw
+        idx = self._equiv_index().to(gw.device)
+        out = torch.empty_like(gw)
+        out[..., idx] = gw
+        return out
+
+    def kfac_permutation(self):
+        # Kronecker order: row-major [W_eq | b] of the equivalent direct convolution
+        out, n_in = self._equivalent_out_in()
+        rows = torch.arange(out).unsqueeze(1) * self._kronecker_width()
+        perm_eq = (rows + torch.arange(n_in)).reshape(-1)
+        if self.bias is not None:
+            perm_eq = torch.cat([perm_eq, rows.reshape(-1) + n_in])
+        if not self.transposed:
+            return perm_eq
+        nw = self.weight.numel()
+        perm = perm_eq.clone()
+        # module flat index idx[e] sits at equivalent position e
+        perm[self._equiv_index()] = perm_eq[:nw]
+        return perm
+
+    def _equivalent_out_in(self):
+        return self.out_channels, (self.in_channels // self.groups) * math.prod(self.kernel_size)
+
+    def _kronecker_width(self):
+        return self._equivalent_out_in()[1] + (1 if self.bias is not None else 0)
+
+    # ------------------------------------------------------------------ maths
     def _grads_by_group(self, module, x, gy):
-        u = self._patches(module, x)
+        u = self._patches(module, x, gy)
         K, n, c_out = gy.shape[:3]
         g = gy.reshape(K, n, self.groups, c_out // self.groups, -1)
         return u, g
@@ -73,6 +199,7 @@ class Conv2dLayer(AbstractLayer):
         u, g = self._grads_by_group(module, x, gy)
         K, n = g.shape[:2]
         gw = torch.einsum("kngol,ngdl->kngod", g, u).reshape(K, n, -1)
+        gw = self._to_module_order(gw)
         if self.bias is None:
             return gw
         return torch.cat([gw, gy.reshape(K, n, self.out_channels, -1).sum(dim=3)], dim=2)
@@ -80,16 +207,61 @@ class Conv2dLayer(AbstractLayer):
     def kfac_factors(self, module, x, gy, approx="expand"):
         if self.groups != 1:
             raise NotImplementedError(
-                "KFAC for grouped convolutions (groups > 1) is not implemented; use PMatBlockDiag "
-                "or PMatDiag for this layer")
-        u = self._patches(module, x)[:, 0]  # (n, d, L)
-        n, d, L = u.shape
-        u = u.transpose(1, 2).reshape(-1, d)  # every output location is a row
+                f"KFAC for grouped convolutions (groups={self.groups}) is not implemented: the "
+                "layer's block has no single Kronecker structure; use PMatBlockDiag, PMatDiag or "
+                "PMatEKFACBlockDiag for this layer")
+        if approx not in ("expand", "reduce"):
+            raise ValueError(f"unknown KFAC approximation '{approx}': use 'expand' or 'reduce'")
+        u = self._patches(module, x, gy)[:, 0]  # (n, D, L)
+        n, D, L = u.shape
+        g = gy.reshape(gy.shape[0], gy.shape[1], self.out_channels, -1)  # (K, n, C_out, L)
+        if approx == "expand":
+            u = u.transpose(1, 2).reshape(-1, D)  # every output location is a row
+            g = g.permute(0, 1, 3, 2).reshape(-1, self.out_channels)
+            scale = 1.0 / L
+        else:
+            u = u.mean(dim=2)  # mean patch per example
+            g = g.sum(dim=3).reshape(-1, self.out_channels)  # summed gradient per example
+            scale = 1.0
         if self.bias is not None:
             u = torch.cat([u, u.new_ones(u.shape[0], 1)], dim=1)
-        A = u.t() @ u
-        g = gy.reshape(gy.shape[0], gy.shape[1], self.out_channels, -1)
-        g = g.permute(0, 1, 3, 2).reshape(-1, self.out_channels)
-        # KFC (Grosse & Martens 2016): A sums over locations, G is divided by their count
-        G = (g.t() @ g) / L
-        return A, G
+        return GramRows(u), GramRows(g, scale)
+
+
+@register_layer_type
+class Conv1dLayer(_ConvNdLayer):
+    module_types = (nn.Conv1d,)
+    n_dims = 1
+
+
+@register_layer_type
+class Conv2dLayer(_ConvNdLayer):
+    module_types = (nn.Conv2d,)
+    n_dims = 2
+
+
+@register_layer_type
+class Conv3dLayer(_ConvNdLayer):
+    module_types = (nn.Conv3d,)
+    n_dims = 3
+
+
+@register_layer_type
+class ConvTranspose1dLayer(_ConvNdLayer):
+    module_types = (nn.ConvTranspose1d,)
+    n_dims = 1
+    transposed = True
+
+
+@register_layer_type
+class ConvTranspose2dLayer(_ConvNdLayer):
+    module_types = (nn.ConvTranspose2d,)
+    n_dims = 2
+    transposed = True
+
+
+@register_layer_type
+class ConvTranspose3dLayer(_ConvNdLayer):
+    module_types = (nn.ConvTranspose3d,)
+    n_dims = 3
+    transposed = True

@@ -7,6 +7,7 @@ those positions.
 import torch
 from torch import nn
 
+from ..gram import GramRows
 from .base import AbstractLayer, Parameter, register_layer_type
 
 
@@ -52,16 +53,46 @@ class LinearLayer(AbstractLayer):
         return torch.cat([dw, gy2.sum(dim=(0, 1))])
 
     def kfac_factors(self, module, x, gy, approx="expand"):
+        """KFAC factors; for inputs ``(n, S, in)`` with ``S`` weight-sharing positions:
+
+        * ``'expand'`` (default): ``A = Σ_{i,s} a aᵀ`` (positions act as examples),
+          ``G = Σ_{k,i,s} g gᵀ / S``;
+        * ``'reduce'`` (Eschenhagen et al. 2023): ``A = Σ_i ā ā ᵀ`` with ``ā`` the mean over
+          positions of the (bias-augmented) inputs of example ``i``, ``G = Σ_{k,i} ĝ ĝᵀ`` with
+          ``ĝ`` the sum over positions of the output gradients. It approximates the per-example
+          gradient ``Σ_s g_s a_sᵀ`` by ``ĝ āᵀ``, which is exact when the inputs do not depend
+          on the position.
+
+        Both give the exact block when ``S = 1``.
+        """
         x, gy = self._flatten_positions(x, gy)
-        if approx == "reduce" and x.shape[1] > 1:
-            raise NotImplementedError("the 'reduce' KFAC approximation is not implemented yet")
+        if approx not in ("expand", "reduce"):
+            raise ValueError(f"unknown KFAC approximation '{approx}': use 'expand' or 'reduce'")
+        if approx == "reduce":
+            a = x.mean(dim=1)
+            if self.bias is not None:
+                a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+            g = gy.sum(dim=2).reshape(-1, gy.shape[-1])
+            return GramRows(a), GramRows(g)
         S = x.shape[1]
         x = x.reshape(-1, x.shape[-1])
         if self.bias is not None:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        A = x.t() @ x
         g = gy.reshape(-1, gy.shape[-1])
         # 'expand': positions act like examples in A; G sums over positions and is divided by
         # their count so that S = 1 gives the exact block (same rule as for convolutions).
-        G = (g.t() @ g) / S
-        return A, G
+        return GramRows(x), GramRows(g, 1.0 / S)
+
+    def kfe_diag(self, module, x, gy, UA, UG):
+        x, gy = self._flatten_positions(x, gy)
+        if x.shape[1] != 1:
+            # positions share the weight: the per-example gradient is a sum of outer products
+            return super().kfe_diag(module, x, gy, UA, UG)
+        x, gy = x[:, 0], gy[:, :, 0]
+        if self.bias is not None:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        # the gradient gy xᵀ is rank one, so in the eigenbasis it is (U_Gᵀ gy)(U_Aᵀ x)ᵀ and its
+        # square factors: no per-example gradient is formed
+        xp = x if isinstance(UA, int) else x @ UA
+        gp = gy if isinstance(UG, int) else gy @ UG
+        return torch.einsum("kno,ni->oi", gp * gp, xp * xp)

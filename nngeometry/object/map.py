@@ -58,12 +58,11 @@ class PFMapDense(PFMap):
         out = {}
         for lid, layer in self.layer_collection.layers.items():
             start = self.layer_collection.p_pos[lid]
-            w = self.data[:, :, start:start + layer.weight.numel()].reshape(K, n, *layer.weight.size)
-            if layer.bias is None:
-                out[lid] = (w,)
-            else:
-                s2 = start + layer.weight.numel()
-                out[lid] = (w, self.data[:, :, s2:s2 + layer.bias.numel()].reshape(K, n, *layer.bias.size))
+            ts = []
+            for _, spec in layer.param_specs():
+                ts.append(self.data[:, :, start:start + spec.numel()].reshape(K, n, *spec.size))
+                start += spec.numel()
+            out[lid] = tuple(ts)
         return out
 
     def jvp(self, v):

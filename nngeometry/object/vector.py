@@ -43,7 +43,7 @@ class PVector:
             if layer_id not in d:
                 raise ValueError(f"dict_repr misses layer '{layer_id}' of the LayerCollection")
             ts = tuple(d[layer_id]) if isinstance(d[layer_id], (tuple, list)) else (d[layer_id],)
-            shapes = [layer.weight.size] + ([layer.bias.size] if layer.bias is not None else [])
+            shapes = [spec.size for _, spec in layer.param_specs()]
             if len(ts) != len(shapes) or any(tuple(t.shape) != s for t, s in zip(ts, shapes)):
                 raise ValueError(
                     f"dict_repr['{layer_id}'] has shapes {[tuple(t.shape) for t in ts]}, the layer "
@@ -90,12 +90,11 @@ class PVector:
             v = self.vector_repr
             for layer_id, layer in self.layer_collection.layers.items():
                 start = self.layer_collection.p_pos[layer_id]
-                w = v[start:start + layer.weight.numel()].view(*layer.weight.size)
-                if layer.bias is None:
-                    d[layer_id] = (w,)
-                else:
-                    s2 = start + layer.weight.numel()
-                    d[layer_id] = (w, v[s2:s2 + layer.bias.numel()].view(*layer.bias.size))
+                ts = []
+                for _, spec in layer.param_specs():
+                    ts.append(v[start:start + spec.numel()].view(*spec.size))
+                    start += spec.numel()
+                d[layer_id] = tuple(ts)
             self.dict_repr = d
         return self.dict_repr
 
@@ -195,6 +194,33 @@ class PVector:
     def detach(self):
         return self._unary(torch.Tensor.detach)
 
+    def restrict(self, layer_collection):
+        """The components of this vector on the layers of ``layer_collection``, a
+        sub-collection of this vector's (same layer ids and specs): a PVector on it (views,
+        not copies)."""
+        d = self.get_dict_representation()
+        for lid, layer in layer_collection.layers.items():
+            if lid not in self.layer_collection.layers or self.layer_collection[lid] != layer:
+                raise ValueError(
+                    f"layer '{lid}' ({layer}) is not a layer of this PVector's LayerCollection; "
+                    "restrict to a sub-collection built with LayerCollection.sub")
+        return PVector(layer_collection, dict_repr={lid: d[lid] for lid in layer_collection.layers})
+
+    @staticmethod
+    def concat(layer_collection, parts):
+        """The PVector of ``layer_collection`` assembled from PVectors on disjoint
+        sub-collections that together cover it (the inverse of :meth:`restrict`)."""
+        d = {}
+        for part in parts:
+            for lid, ts in part.get_dict_representation().items():
+                if lid in d:
+                    raise ValueError(f"layer '{lid}' appears in two of the parts")
+                d[lid] = ts
+        missing = set(layer_collection.layers) - set(d)
+        if missing:
+            raise ValueError(f"no part covers the layers {sorted(missing)}")
+        return PVector(layer_collection, dict_repr=d)
+
     def __repr__(self):
         return f"PVector(size={self.layer_collection.numel()})"
 
@@ -244,10 +270,8 @@ def random_pvector_dict(layer_collection, device=None, dtype=None):
     dtype, device = _lc_dtype_device(layer_collection, dtype, device)
     d = {}
     for lid, layer in layer_collection.layers.items():
-        ts = [torch.randn(*layer.weight.size, device=device, dtype=dtype)]
-        if layer.bias is not None:
-            ts.append(torch.randn(*layer.bias.size, device=device, dtype=dtype))
-        d[lid] = tuple(ts)
+        d[lid] = tuple(torch.randn(*spec.size, device=device, dtype=dtype)
+                       for _, spec in layer.param_specs())
     return PVector(layer_collection, dict_repr=d)
 
 
