@@ -5,7 +5,7 @@ setup(
     version="0.4.0",
     description="Fisher, Gauss-Newton and related matrices of PyTorch models in structured "
                 "representations, with linear algebra on them",
-    long_description=open("README.md").read(),
+    long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["nngeometry", "nngeometry.*"]),
@@ -13,7 +13,7 @@ setup(
     install_requires=["torch>=2.0", "numpy", "opt_einsum", "tqdm"],
     extras_require={
         "test": ["pytest"],
-        "examples": ["scikit-learn", "matplotlib"],
+        "examples": ["scikit-learn"],
         "scipy": ["scipy"],
     },
 )

@@ -85,7 +85,13 @@ def monte_carlo_function(function, variant, trials, covariance=1.0):
 
     def sample_logprob(logp):
         # logp: (n, C) normalized log-probabilities -> (n, T)
-        y = torch.multinomial(logp.detach().exp(), trials, replacement=True)
+        probs = logp.detach().exp()
+        if not torch.isfinite(probs).all():
+            # checked here because sampling comes before the generator's check of the outputs
+            raise ValueError(
+                "the model's outputs contain NaN or Inf; check the inputs (NaN/Inf in the data?) "
+                "and the model's parameters")
+        y = torch.multinomial(probs, trials, replacement=True)
         return torch.gather(logp, 1, y)
 
     if variant == "classif_logits":
