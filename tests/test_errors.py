@@ -104,22 +104,41 @@ def test_empty_loader():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_outputs(bad):
-    # ReLU lets an Inf input through to the outputs (tanh would squash it to ±1)
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+def test_non_finite_data(bad, act):
+    # behind a tanh an Inf input gives finite outputs but NaN gradients: the data are checked
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    model = nn.Sequential(nn.Linear(4, 5), act(), nn.Linear(5, 3)).double()
     x, y = batch()
     x[2, 1] = bad
-    with pytest.raises(ValueError, match=r"outputs contain NaN or Inf.*check the inputs"):
+    with pytest.raises(ValueError, match=r"data contain NaN or Inf.*clean"):
         FIM(model, (x, y), PMatDense)
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(ValueError, match="data contain NaN or Inf"):
         FIM_MonteCarlo(model, (x, y), PMatDense)
     loader = DataLoader(TensorDataset(x, y), batch_size=2)
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(ValueError, match="data contain NaN or Inf"):
         FIM(model, loader, PMatDense, variant="regression")
     gen = TorchHooksJacobianBackend(model)
     lc = LayerCollection.from_model(model)
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(ValueError, match="data contain NaN or Inf"):
+        gen.implicit_vTMv(torch.ones(lc.numel(), dtype=torch.float64), (x, y), lc)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_outputs(bad):
+    # finite data, but a parameter that makes the outputs non-finite
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        model[2].bias[1] = bad
+    x, y = batch()
+    with pytest.raises(ValueError, match=r"outputs contain NaN or Inf.*parameters"):
+        FIM(model, (x, y), PMatDense, variant="regression")
+    with pytest.raises(ValueError, match="outputs contain NaN or Inf"):
+        FIM_MonteCarlo(model, (x, y), PMatDense)
+    gen = TorchHooksJacobianBackend(model)
+    lc = LayerCollection.from_model(model)
+    with pytest.raises(ValueError, match="outputs contain NaN or Inf"):
         gen.implicit_vTMv(torch.ones(lc.numel(), dtype=torch.float64), (x, y), lc)
 
 

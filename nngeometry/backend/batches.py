@@ -38,6 +38,30 @@ def to_device(obj, device):
     return obj
 
 
+def _float_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _float_tensors(v)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _float_tensors(v)
+
+
+def prepare_batch(batch, device):
+    """Move the batch to ``device`` and refuse NaN or Inf in its floating-point tensors (they
+    would otherwise give NaN statistics, or none of the error, e.g. behind a saturating tanh)."""
+    batch = to_device(batch, device)
+    for t in _float_tensors(batch):
+        if not torch.isfinite(t).all():
+            raise ValueError(
+                "the data contain NaN or Inf (in a batch tensor of shape "
+                f"{tuple(t.shape)}); clean or impute the inputs before computing the matrix")
+    return batch
+
+
 def default_function(model):
     """``model(inputs)`` for batches ``(inputs, targets, ...)``; ``model(**batch)`` for dicts.
 

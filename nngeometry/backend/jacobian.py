@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch.utils.data import DataLoader
 
-from .batches import batch_size_of, default_function, iterate_batches, to_device
+from .batches import batch_size_of, default_function, iterate_batches, prepare_batch
 from .context import BatchContext, Call
 from ..layer_types.base import is_recording_paused
 from . import consumers as C
@@ -286,7 +286,7 @@ class TorchHooksJacobianBackend:
         return out
 
     def _run_batch(self, batch, layer_collection, modules, calls, consumer):
-        batch = to_device(batch, self._device())
+        batch = prepare_batch(batch, self._device())
         for store in calls.values():
             store.clear()
         with torch.enable_grad():
@@ -360,7 +360,7 @@ class TorchHooksJacobianBackend:
             wrapper = _FunctionOfModel(self.model, self.function)
             device = self._device()
             for batch in self._batches(examples):
-                batch = to_device(batch, device)
+                batch = prepare_batch(batch, device)
 
                 def f(p, batch=batch):
                     # buffers (e.g. BatchNorm running statistics, updated in place in training
