@@ -34,6 +34,10 @@ class LayerCollection:
         self.layers = OrderedDict()
         self.p_pos = OrderedDict()
         self._numel = 0
+        # dtype and device of the model the collection was read from (None when built by hand):
+        # defaults for the random vectors and maps built on it; not part of equality
+        self.dtype = None
+        self.device = None
         if layers is not None:
             for layer_id, layer in layers.items() if hasattr(layers, "items") else layers:
                 self.add_layer(layer_id, layer)
@@ -79,6 +83,9 @@ class LayerCollection:
             for p in layer.parameters_of(module):
                 claimed[id(p)] = name
             lc.add_layer(name, layer)
+        for p in model.parameters():
+            lc.dtype, lc.device = p.dtype, p.device
+            break
         return lc
 
     def add_layer(self, layer_id, layer):
@@ -169,6 +176,7 @@ class LayerCollection:
         out = LayerCollection(self.layers)
         for layer_id, layer in other.layers.items():
             out.add_layer(layer_id, layer)
+        out.dtype, out.device = self.dtype or other.dtype, self.device or other.device
         return out
 
     def sub(self, layer_ids):
@@ -177,7 +185,9 @@ class LayerCollection:
         missing = wanted - set(self.layers)
         if missing:
             raise KeyError(f"layers not in the collection: {sorted(missing)}")
-        return LayerCollection([(lid, l) for lid, l in self.layers.items() if lid in wanted])
+        out = LayerCollection([(lid, l) for lid, l in self.layers.items() if lid in wanted])
+        out.dtype, out.device = self.dtype, self.device
+        return out
 
     def last_layer(self):
         """The sub-collection made of the last layer only (last-layer curvature)."""

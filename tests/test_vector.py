@@ -152,3 +152,16 @@ def test_fvector_algebra():
     assert torch.equal((3 * a).to_torch(), 3 * ta)
     assert torch.allclose(a.norm(), torch.linalg.norm(ta))
     assert isinstance(a + b, FVector)
+
+
+def test_random_objects_follow_the_model_dtype():
+    from nngeometry.object import random_pfmap, random_pvector, random_pvector_dict
+
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    lc = LayerCollection.from_model(model)
+    assert random_pvector(lc).get_flat_representation().dtype == torch.float64
+    assert random_pvector_dict(lc).get_flat_representation().dtype == torch.float64
+    assert random_pfmap(lc, 2, 3).to_torch().dtype == torch.float64
+    assert lc.sub(lc.layer_ids()).dtype == torch.float64
+    # an explicit dtype wins
+    assert random_pvector(lc, dtype=torch.float32).get_flat_representation().dtype == torch.float32

@@ -125,6 +125,8 @@ class PFMapImplicit(PFMap):
 
 def random_pfmap(layer_collection, n_output, n_examples, device=None, dtype=None):
     """A PFMapDense with i.i.d. standard normal entries, shape ``(n_output, n_examples, P)``."""
-    data = torch.randn(n_output, n_examples, layer_collection.numel(), device=device or "cpu",
-                       dtype=dtype or torch.get_default_dtype())
+    from .vector import _lc_dtype_device
+
+    dtype, device = _lc_dtype_device(layer_collection, dtype, device)
+    data = torch.randn(n_output, n_examples, layer_collection.numel(), device=device, dtype=dtype)
     return PFMapDense(None, data=data, layer_collection=layer_collection)

@@ -255,7 +255,11 @@ class FVector:
 
 
 def _lc_dtype_device(layer_collection, dtype, device):
-    return dtype or torch.get_default_dtype(), device or "cpu"
+    """Explicit arguments, else the model's (recorded by LayerCollection.from_model), else
+    torch's defaults."""
+    dtype = dtype or getattr(layer_collection, "dtype", None) or torch.get_default_dtype()
+    device = device or getattr(layer_collection, "device", None) or "cpu"
+    return dtype, device
 
 
 def random_pvector(layer_collection, device=None, dtype=None):
