@@ -1,7 +1,7 @@
 """nngeometry: Fisher, Gauss-Newton and related matrices of PyTorch models, in the representation
 you can afford, with the linear algebra to use them."""
-from .metrics import FIM, FIM_MonteCarlo, GramMatrix, Jacobian
+from .metrics import FIM, FIM_MonteCarlo, GramMatrix, Hessian, Jacobian
 from .layercollection import LayerCollection
 
 __version__ = "0.4.0"
-__all__ = ["FIM", "FIM_MonteCarlo", "GramMatrix", "Jacobian", "LayerCollection"]
+__all__ = ["FIM", "FIM_MonteCarlo", "GramMatrix", "Hessian", "Jacobian", "LayerCollection"]

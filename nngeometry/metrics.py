@@ -1,5 +1,5 @@
-"""Entry points: Fisher information matrices, Jacobians and Gram matrices of a model."""
-from .backend import TorchHooksJacobianBackend
+"""Entry points: Fisher information matrices, Hessians, Jacobians and Gram matrices of a model."""
+from .backend import HessianBackend, TorchHooksJacobianBackend
 from .backend.batches import default_function
 from .layercollection import LayerCollection
 from .object.fspace import FMatDense
@@ -66,6 +66,46 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     function, layer_collection = _prepare(model, device, function, layer_collection)
     generator = TorchHooksJacobianBackend(
         model, monte_carlo_function(function, variant, trials, covariance), verbose=verbose)
+    return representation(layer_collection=layer_collection, generator=generator, examples=loader,
+                          **kwargs)
+
+
+def Hessian(model, loader, representation, loss_function=None, function=None,
+            layer_collection=None, device=None, verbose=False, **kwargs):
+    """The Hessian of the total loss, ``H = Σ_b ∇²_θ loss_function(function(*batch_b), *batch_b)``
+    (a sum over the batches of the loader, not a mean), in the chosen representation.
+
+    The default ``loss_function`` is the cross-entropy of the outputs against ``batch[1]``,
+    summed over the examples (``reduction='sum'``): ``H`` is then the Hessian of
+    ``Σ_x -log p(y|x)`` over the whole data set, i.e. ``n`` times the mean-loss Hessian (and
+    equal to ``n · FIM(...)`` only where the Gauss-Newton approximation is exact). Unlike a
+    Fisher matrix it contains the second derivatives of the network itself and may be
+    indefinite.
+
+    Built from Hessian-vector products (forward-over-reverse ``torch.func``): supported
+    representations are ``PMatDense`` (``P`` HVPs per batch), ``PMatBlockDiag`` and ``PMatDiag``
+    (exact diagonal blocks / diagonal, ``P`` HVPs per batch), ``PMatImplicit`` (one HVP per batch
+    and product; its CG ``solve`` needs ``H + regul·I`` positive definite) and ``PMatMixed``
+    groups of those. KFAC, EKFAC, LowRank and QuasiDiag approximate a Gauss-Newton matrix
+    ``Σ JᵀJ`` and raise ``NotImplementedError``.
+
+    Args:
+        model: the ``torch.nn.Module``.
+        loader: a DataLoader (or a single mini-batch) of ``(inputs, targets, ...)``.
+        representation: a ``PMat*`` class (see above).
+        loss_function: ``loss_function(outputs, *batch) -> scalar`` loss of a batch (use a
+            summed reduction for the Hessian of the total loss).
+        function: ``function(*batch) -> outputs`` given to ``loss_function``; default
+            ``model(batch[0])``.
+        layer_collection: the layers to differentiate; default all layers of the model (the
+            other parameters are held constant).
+        device: kept for compatibility; batches are moved to the model's device.
+        verbose: show a progress bar.
+        **kwargs: passed to the representation.
+    """
+    function, layer_collection = _prepare(model, device, function, layer_collection)
+    generator = HessianBackend(model, loss_function=loss_function, function=function,
+                               verbose=verbose)
     return representation(layer_collection=layer_collection, generator=generator, examples=loader,
                           **kwargs)
 

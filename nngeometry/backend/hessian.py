@@ -1,0 +1,319 @@
+"""The Hessian generator: the exact Hessian of a loss summed over the batches.
+
+For a loss ``ℓ_b(θ) = loss_function(function(*batch_b), *batch_b)`` per batch ``b`` (a scalar,
+e.g. the *summed* cross-entropy of the batch), this generator computes
+
+    H = Σ_b ∇²_θ ℓ_b(θ)          (a sum over batches, NOT divided by the number of examples)
+
+with respect to the parameters of a ``LayerCollection``, and offers it through the methods
+that the parameter-space representations call on a generator, so that ``PMatDense``,
+``PMatBlockDiag``, ``PMatDiag``, ``PMatImplicit`` (and ``PMatMixed`` groups of those) build
+the Hessian unchanged.
+
+How: every quantity is made of Hessian-vector products (HVPs), computed forward-over-reverse
+with ``torch.func``: ``H v = d/dε ∇ℓ(θ + ε v)|₀ = jvp(grad(ℓ), θ, v)``, about the cost of 2-3
+forward-backward passes. Products with many vectors are ``vmap``-ped over the vectors (chunks
+of ``rows_per_pass`` vectors at once), never a Python loop over vectors.
+
+Unlike a Fisher or Gauss-Newton matrix, the Hessian has no ``Jᵀ J`` structure: it is not a
+sum of outer products of per-example gradients and may be indefinite. The representations
+whose maths rely on that structure (KFAC, EKFAC, LowRank, QuasiDiag, and the Jacobian /
+Gram-matrix products) are refused with ``NotImplementedError``.
+"""
+import torch
+import torch.nn.functional as F
+
+from .batches import default_function, prepare_batch
+from .jacobian import TorchHooksJacobianBackend, _FunctionOfModel, _no_fused_attention
+
+
+def summed_cross_entropy(outputs, *batch):
+    """The default loss of :class:`HessianBackend`: ``Σ_i -log softmax(outputs_i)[y_i]`` over
+    the examples of a batch ``(inputs, targets, ...)``, summed (``reduction='sum'``) so that the
+    Hessian summed over batches is the Hessian of the total loss over the data set."""
+    if len(batch) < 2:
+        raise ValueError(
+            "the default loss of the Hessian (summed cross-entropy) needs batches (inputs, "
+            "targets, ...); for other data pass loss_function=lambda outputs, *batch: ...")
+    return F.cross_entropy(outputs, batch[1], reduction="sum")
+
+
+_GN_ONLY = (
+    "{what} needs the Gauss-Newton structure M = Σ_x J(x)ᵀ J(x) (per-example Jacobians / "
+    "gradients), which the Hessian of a loss does not have: {family} cannot represent a "
+    "Hessian. Use PMatDense, PMatBlockDiag, PMatDiag or PMatImplicit with Hessian(...), or "
+    "FIM(...) for the Gauss-Newton / Fisher matrix that {family} approximates")
+
+
+class HessianBackend:
+    """Computes the Hessian ``H = Σ_b ∇²_θ ℓ_b`` of a loss summed over batches, and products
+    with it (see the module docstring).
+
+    Args:
+        model: the ``torch.nn.Module``.
+        loss_function: ``loss_function(outputs, *batch) -> scalar``, the loss of one batch
+            (``outputs = function(*batch)``). Default :func:`summed_cross_entropy`: the
+            cross-entropy of ``outputs`` against ``batch[1]`` summed over the batch, so that
+            ``H`` is the Hessian of the total (not mean) loss. With a mean-reduced loss, ``H``
+            is the sum over batches of the per-batch mean Hessians.
+        function: ``function(*batch) -> outputs``, passed to ``loss_function`` as is (no
+            reshaping). Defaults to ``model(batch[0])``.
+        verbose: show a progress bar over the batches.
+        rows_per_pass: how many Hessian-vector products are vmapped at once when building
+            the dense matrix, the layer blocks or the diagonal (memory ≈ that many copies of a
+            batch's activations; time is unchanged).
+
+    Only the parameters of the ``LayerCollection`` given to each method are differentiated;
+    the model's other parameters are constants. The model's buffers and ``requires_grad``
+    flags are left as they were.
+    """
+
+    def __init__(self, model, loss_function=None, function=None, verbose=False, rows_per_pass=64):
+        if loss_function is not None and not callable(loss_function):
+            raise TypeError(f"loss_function must be callable (outputs, *batch) -> scalar, got "
+                            f"{type(loss_function).__name__}")
+        if int(rows_per_pass) < 1:
+            raise ValueError(f"rows_per_pass must be ≥ 1, got {rows_per_pass}")
+        self.model = model
+        self.function = function if function is not None else default_function(model)
+        self.loss_function = loss_function if loss_function is not None else summed_cross_entropy
+        self.verbose = verbose
+        self.rows_per_pass = int(rows_per_pass)
+        # reuse the Jacobian generator's model-state keeping and batch iteration
+        self._helper = TorchHooksJacobianBackend(model, self.function, verbose=verbose)
+
+    # ================================================================== dense statistics
+    def get_covariance_matrix(self, examples, layer_collection):
+        """``(P, P)``: the Hessian ``H = Σ_b ∇²ℓ_b`` w.r.t. the collection's parameters, in its
+        layout. Costs ``P`` HVPs per batch (vmapped by ``rows_per_pass``); symmetrized
+        (``(H + Hᵀ)/2``) to remove round-off asymmetry."""
+        P = layer_collection.numel()
+        H = None
+        for params, loss, keys in self._functional_batches(examples, layer_collection):
+            Hb = torch.cat([self._hvp_rows(loss, params, keys, self._basis(i0, i1, P, params))
+                            for i0, i1 in self._chunks(P)], dim=0)
+            H = Hb if H is None else H + Hb
+        self._check_nonempty(H)
+        self._check_finite(H)
+        return (H + H.t()) / 2
+
+    def get_covariance_layer_blocks(self, examples, layer_collection):
+        """``{layer_id: (p_l, p_l)}``: the diagonal blocks ``∂²ℓ/∂θ_l²`` of ``H``, each built
+        from HVPs in that layer's parameters only (``p_l`` HVPs per layer and batch; no
+        cross-layer block is formed); symmetrized."""
+        blocks = None
+        for params, loss, keys in self._functional_batches(examples, layer_collection):
+            new = {}
+            for lid, lkeys in self._layer_keys(layer_collection, keys).items():
+                p_l = layer_collection[lid].numel()
+                new[lid] = torch.cat(
+                    [self._hvp_rows(loss, params, lkeys, self._basis(i0, i1, p_l, params, lkeys))
+                     for i0, i1 in self._chunks(p_l)], dim=0)
+            blocks = new if blocks is None else {k: blocks[k] + new[k] for k in blocks}
+        self._check_nonempty(blocks)
+        for b in blocks.values():
+            self._check_finite(b)
+        return {lid: (b + b.t()) / 2 for lid, b in blocks.items()}
+
+    def get_covariance_diag(self, examples, layer_collection):
+        """``(P,)``: the exact diagonal of ``H``. Costs ``P`` HVPs per batch (each restricted
+        to one layer's parameters, vmapped by ``rows_per_pass``) and ``rows_per_pass × p_l``
+        memory at a time: as expensive in time as the dense matrix, but never ``P²`` memory.
+        (A stochastic estimate, e.g. Hutchinson's, would be cheaper but not exact.)"""
+        diag = None
+        for params, loss, keys in self._functional_batches(examples, layer_collection):
+            parts = []
+            for lid, lkeys in self._layer_keys(layer_collection, keys).items():
+                p_l = layer_collection[lid].numel()
+                for i0, i1 in self._chunks(p_l):
+                    rows = self._hvp_rows(loss, params, lkeys, self._basis(i0, i1, p_l, params, lkeys))
+                    idx = torch.arange(i1 - i0, device=rows.device)
+                    parts.append(rows[idx, i0 + idx])
+            d = torch.cat(parts)
+            diag = d if diag is None else diag + d
+        self._check_nonempty(diag)
+        self._check_finite(diag)
+        return diag
+
+    # ================================================================== implicit products
+    def implicit_mv(self, v, examples, layer_collection):
+        """``(P,)``: ``H v = Σ_b ∇²ℓ_b v``, one forward-over-reverse HVP per batch."""
+        out = None
+        for params, loss, keys in self._functional_batches(examples, layer_collection):
+            flat = v.get_flat_representation() if hasattr(v, "get_flat_representation") else v
+            tangents = self._split(flat.unsqueeze(0), params, keys)
+            tangents = {k: t[0] for k, t in tangents.items()}
+            _, hv = torch.func.jvp(torch.func.grad(loss), (params,), (tangents,))
+            flat_hv = torch.cat([hv[k].reshape(-1) for k in keys])
+            out = flat_hv if out is None else out + flat_hv
+        self._check_nonempty(out)
+        self._check_finite(out)
+        return out
+
+    def implicit_vTMv(self, v, examples, layer_collection):
+        """``vᵀ H v`` (a scalar tensor; may be negative: ``H`` is not PSD in general)."""
+        flat = v.get_flat_representation() if hasattr(v, "get_flat_representation") else v
+        return flat @ self.implicit_mv(flat, examples, layer_collection)
+
+    def implicit_mm(self, V, examples, layer_collection):
+        """``(m, P)``: ``H v_j`` for the rows of ``V`` ``(m, P)``, HVPs vmapped over the rows
+        (all ``m`` at once: the caller chunks, e.g. ``PMatImplicit(rows_per_pass=...)``)."""
+        out = None
+        for params, loss, keys in self._functional_batches(examples, layer_collection):
+            rows = self._hvp_rows(loss, params, keys, self._split(V, params, keys))
+            out = rows if out is None else out + rows
+        self._check_nonempty(out)
+        self._check_finite(out)
+        return out
+
+    # ================================================================== refused (need J)
+    def get_kfac_blocks(self, examples, layer_collection, approx="expand"):
+        raise NotImplementedError(_GN_ONLY.format(what="KFAC factors", family="PMatKFAC / PMatEKFAC"))
+
+    def get_kfe_diag(self, kfe, examples, layer_collection):
+        raise NotImplementedError(_GN_ONLY.format(what="EKFAC's diagonal", family="PMatEKFAC"))
+
+    def accumulate(self, examples, layer_collection, consumer):
+        raise NotImplementedError(_GN_ONLY.format(
+            what=f"per-example statistics ({type(consumer).__name__})",
+            family="a representation built from per-example statistics (e.g. PMatEKFACBlockDiag)"))
+
+    def get_covariance_quasidiag(self, examples, layer_collection):
+        raise NotImplementedError(_GN_ONLY.format(what="the quasi-diagonal", family="PMatQuasiDiag"))
+
+    def get_jacobian(self, examples, layer_collection):
+        raise NotImplementedError(_GN_ONLY.format(what="the per-example Jacobian factor",
+                                                  family="PMatLowRank"))
+
+    def get_gram_matrix(self, examples, layer_collection):
+        raise NotImplementedError(_GN_ONLY.format(what="the Gram matrix", family="FMatDense"))
+
+    def implicit_Jv(self, v, examples, layer_collection):
+        raise NotImplementedError(_GN_ONLY.format(what="Jacobian-vector products",
+                                                  family="PFMapImplicit"))
+
+    def implicit_JTv(self, w, examples, layer_collection):
+        raise NotImplementedError(_GN_ONLY.format(what="vector-Jacobian products",
+                                                  family="PFMapImplicit"))
+
+    def implicit_JV(self, V, examples, layer_collection):
+        raise NotImplementedError(
+            "PMatImplicit.mapTMmap factors M = JᵀJ through Jacobian-vector products, which the "
+            "Hessian does not have; for a Hessian compute Q = pfmap.to_torch() and "
+            "H.mmap(pfmap).to_torch() and contract them (einsum('kip,kjp->ij', Q, HQ)), or use "
+            "PMatDense")
+
+    # ================================================================== internals
+    def _chunks(self, p):
+        return [(i0, min(p, i0 + self.rows_per_pass)) for i0 in range(0, p, self.rows_per_pass)]
+
+    @staticmethod
+    def _basis(i0, i1, p, params, keys=None):
+        """Rows ``i0:i1`` of the ``p × p`` identity, split into tangents of ``keys``."""
+        keys = list(params) if keys is None else keys
+        ref = params[keys[0]]
+        E = torch.zeros(i1 - i0, p, dtype=ref.dtype, device=ref.device)
+        E[torch.arange(i1 - i0), torch.arange(i0, i1)] = 1
+        return HessianBackend._split(E, params, keys)
+
+    @staticmethod
+    def _split(V, params, keys):
+        """Rows of ``V`` ``(m, p)`` (``p`` the size of ``keys``) as ``{key: (m, *shape)}``."""
+        out, start = {}, 0
+        for k in keys:
+            n = params[k].numel()
+            out[k] = V[:, start:start + n].reshape(V.shape[0], *params[k].shape)
+            start += n
+        if start != V.shape[1]:
+            raise ValueError(f"vectors of size {V.shape[1]} do not match the {start} parameters "
+                             "of the LayerCollection")
+        return out
+
+    @staticmethod
+    def _hvp_rows(loss, params, keys, tangents):
+        """``(m, p_keys)``: the rows ``∇²_{keys} ℓ · t_j`` for the ``m`` tangents (a dict over
+        ``keys``), the other parameters held constant; HVPs vmapped over the tangents."""
+        fixed = {k: t for k, t in params.items() if k not in tangents}
+        sub = {k: params[k] for k in keys}
+
+        def loss_of_sub(s):
+            return loss({**fixed, **s})
+
+        grad_fn = torch.func.grad(loss_of_sub)
+
+        def hvp(t):
+            return torch.func.jvp(grad_fn, (sub,), (t,))[1]
+
+        out = torch.func.vmap(hvp)(tangents)
+        m = next(iter(tangents.values())).shape[0]
+        return torch.cat([out[k].reshape(m, -1) for k in keys], dim=1)
+
+    @staticmethod
+    def _layer_keys(layer_collection, keys):
+        """``{layer_id: [param keys of that layer]}`` in layout order."""
+        out = {}
+        for lid in layer_collection.layer_ids():
+            prefix = f"{lid}." if lid else ""
+            out[lid] = [prefix + n for n in layer_collection[lid].param_names()]
+        assert [k for ks in out.values() for k in ks] == keys
+        return out
+
+    def _functional_batches(self, examples, layer_collection):
+        """Yield ``(params, loss, keys)`` per batch: ``loss(p) -> scalar`` the batch's loss as a
+        pure function of the collection's parameters (a dict ``key -> tensor``; ``keys`` in
+        layout order), the model's state kept as it was."""
+        helper = self._helper
+        with helper._model_state_kept(layer_collection) as (modules, _):
+            named, constant = {}, {}
+            for lid, m in modules.items():
+                layer = layer_collection[lid]
+                prefix = f"{lid}." if lid else ""
+                for pname, p in zip(layer.param_names(), layer.parameters_of(m)):
+                    named[prefix + pname] = p
+                # entries that backward treats as constants (Embedding padding row): their
+                # tangents are masked too, as in the Jacobian generator
+                for pname, mask in layer.constant_entries(m).items():
+                    constant[prefix + pname] = mask
+            params = {k: p.detach() for k, p in named.items()}
+            keys = list(params)
+            # the model's other parameters are constants: passed detached, so that no autograd
+            # graph is built through them and no result requires grad
+            others = {"model." + k: p.detach() for k, p in self.model.named_parameters()
+                      if k not in params}
+            wrapper = _FunctionOfModel(self.model, self.function)
+            device = helper._device()
+            for batch in helper._batches(examples):
+                batch = prepare_batch(batch, device)
+
+                def loss(p, batch=batch):
+                    # buffers are cloned inside the transform: torch.func refuses in-place
+                    # updates of captured tensors (training-mode BatchNorm), and the model's
+                    # own buffers must stay untouched
+                    bufs = {"model." + k: b.clone() for k, b in self.model.named_buffers()}
+                    p = {k: torch.where(constant[k], t.detach(), t) if k in constant else t
+                         for k, t in p.items()}
+                    with _no_fused_attention():
+                        out = torch.func.functional_call(
+                            wrapper, ({**others, **{"model." + k: t for k, t in p.items()}},
+                                      bufs), batch)
+                    value = self.loss_function(out, *batch)
+                    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                        raise ValueError(
+                            f"loss_function must return a scalar tensor (the loss of the whole "
+                            f"batch, e.g. reduction='sum'), got {shape}")
+                    return value.reshape(())
+
+                yield params, loss, keys
+
+    @staticmethod
+    def _check_nonempty(result):
+        if result is None:
+            raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
+
+    @staticmethod
+    def _check_finite(t):
+        if not torch.isfinite(t).all():
+            raise ValueError(
+                "the Hessian contains NaN or Inf; check the inputs (NaN/Inf in the data?), the "
+                "model's parameters and the loss_function")
