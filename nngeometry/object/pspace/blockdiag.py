@@ -3,6 +3,7 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
+from ._spectral import eigvals_for_power, logdet_from_eigvals
 from .abstract import PMatAbstract
 from .eye import PMatEye
 
@@ -103,19 +104,18 @@ class PMatBlockDiag(PMatAbstract):
 
     def pow(self, x, regul=0.0):
         """``(M + regul·I)^x`` block by block, through each block's eigendecomposition
-        (negative round-off eigenvalues are clipped to 0 for fractional powers)."""
+        (for fractional powers, negative round-off eigenvalues are clipped to 0 and a genuinely
+        indefinite block is refused)."""
         out = {}
         for lid, _, b in self._blocks():
             evals, evecs = torch.linalg.eigh(b)
-            ev = evals + regul
-            if not float(x).is_integer():
-                ev = ev.clamp(min=0)
+            ev = eigvals_for_power(evals + regul, x)
             out[lid] = (evecs * ev ** x) @ evecs.t()
         return self._new(out)
 
     def logdet(self, regul=0.0):
         """``log det(M + regul·I) = Σ_l log det(M_l + regul·I)``."""
-        return sum(torch.log(torch.linalg.eigvalsh(b) + regul).sum() for _, _, b in self._blocks())
+        return sum(logdet_from_eigvals(torch.linalg.eigvalsh(b) + regul) for _, _, b in self._blocks())
 
     def get_eigendecomposition(self):
         """``{layer_id: (evals ascending, evecs as columns)}`` of each block."""

@@ -3,6 +3,7 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
+from ._spectral import eigvals_for_power, logdet_from_eigvals
 from .abstract import PMatAbstract
 
 
@@ -88,17 +89,15 @@ class PMatDense(PMatAbstract):
         return PMatDense(self.layer_collection, None, data=torch.linalg.inv(self._damped(regul)))
 
     def pow(self, x, regul=0.0):
-        """``(M + regul·I)^x`` through the eigendecomposition (eigenvalues below 0, which are
-        round-off for a PSD matrix, are clipped to 0 for fractional powers)."""
+        """``(M + regul·I)^x`` through the eigendecomposition (for fractional powers, negative
+        round-off eigenvalues are clipped to 0 and a genuinely indefinite matrix is refused)."""
         evals, evecs = self.get_eigendecomposition()
-        ev = evals + regul
-        if not float(x).is_integer():
-            ev = ev.clamp(min=0)
+        ev = eigvals_for_power(evals + regul, x)
         return PMatDense(self.layer_collection, None, data=(evecs * ev ** x) @ evecs.t())
 
     def logdet(self, regul=0.0):
         evals, _ = self.get_eigendecomposition()
-        return torch.log(evals + regul).sum()
+        return logdet_from_eigvals(evals + regul)
 
     def compute_eigendecomposition(self, impl="eigh"):
         """Eigendecomposition of the symmetric matrix, cached in ``evals``, ``evecs``."""
@@ -157,11 +156,48 @@ def _check_dense_fits(p, itemsize, limit_bytes=None):
 
 
 def _available_memory():
+    """Bytes this process can still allocate, as far as is known: the least of the system's
+    ``MemAvailable``, what the cgroup's memory limit leaves (containers, where ``MemAvailable``
+    shows the host) and what the address-space limit ``RLIMIT_AS`` leaves; None if none is
+    known (then the dense matrix is attempted)."""
+    known = []
+    meminfo = _read_kb("/proc/meminfo", "MemAvailable:")
+    if meminfo is not None:
+        known.append(meminfo)
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2 ** 60:  # huge = unlimited
+            known.append(max(limit - usage, 0))
+            break
     try:
-        with open("/proc/meminfo") as f:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            used = _read_kb("/proc/self/status", "VmSize:")
+            known.append(max(soft - (used or 0), 0))
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(known) if known else None
+
+
+def _read_kb(path, key):
+    """The value in bytes of a ``key: N kB`` line of a /proc file, or None."""
+    try:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _read_int(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):  # missing file, or "max" (no limit)
+        return None
