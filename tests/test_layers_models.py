@@ -31,10 +31,10 @@ def setup(name):
     return _CACHE[name]
 
 
-def fim(name, rep, **kw):
-    model, loader, lc, _ = setup(name)
+def fim(name, rep, lc=None, **kw):
+    model, loader, lc_all, _ = setup(name)
     return FIM(model, loader, rep, variant=VARIANT.get(name, "classif_logits"),
-               layer_collection=lc, **kw)
+               layer_collection=lc_all if lc is None else lc, **kw)
 
 
 def _close(a, b, F):
@@ -48,6 +48,12 @@ def _block_mask(lc):
         s = lc.slice(lid)
         mask[s, s] = True
     return mask
+
+
+def _sub_index(lc, sub):
+    """Coordinates of the sub-collection ``sub`` in the layout of ``lc``."""
+    return torch.cat([torch.arange(lc.p_pos[lid], lc.p_pos[lid] + lc[lid].numel())
+                      for lid in sub.layer_ids()])
 
 
 def _kfac_ok(lc):
@@ -80,23 +86,33 @@ def test_kronecker_representations(name):
     others = [lid for lid in lc.layer_ids() if lid not in kfac_layers]
     # norm layers sit in KFAC as exact dense blocks (A = [[1]] after normalization)
     exact_in_kfac = [lid for lid in kfac_layers if isinstance(lc[lid], ScaleShiftLayer)]
-    if _kfac_ok(lc):
-        M = fim(name, pspace.PMatKFAC).to_torch()
-        assert M.shape == F.shape and M.dtype == torch.float64
-        for lid in exact_in_kfac:
-            s = lc.slice(lid)
-            _close(M[s, s], F[s, s], F)
-        assert torch.linalg.eigvalsh(M).min() > -1e-10 * F.abs().max()
-        if hasattr(pspace, "PMatEKFAC"):
-            E = fim(name, pspace.PMatEKFAC)
-            _close(E.to_torch(), M, F)  # before update_diag: EKFAC == KFAC
-    else:
+    if not _kfac_ok(lc):
         assert others, "a model that refuses KFAC has a layer without KFAC"
         with pytest.raises(NotImplementedError, match=f"layer '{others[0]}'"):
             fim(name, pspace.PMatKFAC)
         if hasattr(pspace, "PMatEKFAC"):
             with pytest.raises(NotImplementedError, match="layer '"):
                 fim(name, pspace.PMatEKFAC)
+    # KFAC / EKFAC on the layers that have it (all of them for most models; the transformer's
+    # attention included, its learned position table, a generic layer, left out)
+    sub = lc if _kfac_ok(lc) else lc.sub(kfac_layers)
+    idx = _sub_index(lc, sub)
+    Fs = F[idx][:, idx]
+    K = fim(name, pspace.PMatKFAC, lc=sub)
+    M = K.to_torch()
+    assert M.shape == Fs.shape and M.dtype == torch.float64
+    for lid in exact_in_kfac:
+        s = sub.slice(lid)
+        _close(M[s, s], Fs[s, s], F)
+    assert torch.linalg.eigvalsh(M).min() > -1e-10 * F.abs().max()
+    if hasattr(pspace, "PMatEKFAC"):
+        E = fim(name, pspace.PMatEKFAC, lc=sub)
+        _close(E.to_torch(), M, F)  # before update_diag: EKFAC == KFAC
+        E.update_diag(loader)  # then diag(Uᵀ F U) in each layer's eigenbasis
+        for lid in sub.layer_ids():
+            U, s = E.get_KFE(lid), sub.slice(lid)
+            _close(torch.diagonal(U.t() @ E.to_torch()[s, s] @ U),
+                   torch.diagonal(U.t() @ Fs[s, s] @ U), F)
     if hasattr(pspace, "PMatEKFACBlockDiag"):
         # EKFAC where KFAC exists, exact dense blocks elsewhere
         M = fim(name, pspace.PMatEKFACBlockDiag).to_torch()

@@ -317,7 +317,7 @@ def test_kfac_embedding_diagonal_input_factor():
 
 
 @pytest.mark.parametrize("name,match", [
-    ("conv1d", "grouped"), ("mha", "MultiheadAttention"), ("generic", "Quad"),
+    ("conv1d", "grouped"), ("mha_kvdim_biaskv", "add_bias_kv"), ("generic", "Quad"),
     ("weightnorm1d", "WeightNorm1d"), ("cosine1d", "Cosine1d"), ("embedding_freq", "scale_grad")])
 def test_kfac_refusals(name, match):
     model, x, _, lc, lid = build(name)

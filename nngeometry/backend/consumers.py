@@ -42,8 +42,12 @@ class DiagCovariance(Consumer):
         self.result = None
 
     def update(self, ctx):
-        parts = torch.cat([ctx.layer_diag(lid) for lid in ctx.layer_ids()])
-        self.result = parts if self.result is None else self.result + parts
+        if self.result is None:
+            self.result = torch.cat([ctx.layer_diag(lid) for lid in ctx.layer_ids()])
+            return
+        # in place, layer by layer: no concatenated copy and no new (P,) sum per batch
+        for lid in ctx.layer_ids():
+            self.result[self.lc.slice(lid)] += ctx.layer_diag(lid)
 
     def finalize(self, n):
         self.result = self.result / n
@@ -67,30 +71,43 @@ class LayerBlocks(Consumer):
 
 
 class KFACFactors(Consumer):
-    """``{layer_id: (A, G)}`` with both factors divided by ``n`` (see ``kfac_factors``)."""
+    """``{layer_id: (A, G)}`` with both factors divided by ``n`` (see ``kfac_factors``); a layer
+    with several Kronecker blocks (e.g. MultiheadAttention) gets the tuple
+    ``((A_0, G_0), (A_1, G_1), ...)`` in its Kronecker layout order."""
 
     def __init__(self, layer_collection, approx="expand"):
         self.lc = layer_collection
         self.approx = approx
-        self._acc = {}  # lid -> [[dense sum, Gram accumulator] for A, same for G]
+        # lid -> one entry per Kronecker block: [[dense sum, Gram accumulator] for A, same for G]
+        self._acc = {}
+        self._multi = {}
         self.result = {}
 
     def update(self, ctx):
         for lid in ctx.layer_ids():
             try:
-                A, G = ctx.kfac_factors(lid, approx=self.approx, lazy=True)
+                blocks, multi = ctx.kfac_factor_blocks(lid, approx=self.approx, lazy=True)
             except NotImplementedError as e:
                 raise NotImplementedError(
                     f"KFAC is not available for layer '{lid}' (layer type "
                     f"{type(self.lc[lid]).__name__}): {e}. Use PMatEKFACBlockDiag (EKFAC where KFAC "
                     "exists, dense blocks elsewhere), PMatBlockDiag, or a PMatMixed that puts this "
                     "layer in a non-KFAC representation") from e
-            if A is not None:
-                self._add(lid, 0, A)
-            self._add(lid, 1, G)
+            if lid not in self._acc:
+                self._acc[lid] = [[[None, None], [None, None]] for _ in blocks]
+                self._multi[lid] = multi
+            elif len(blocks) != len(self._acc[lid]):
+                raise NotImplementedError(
+                    f"layer '{lid}' gives a different number of Kronecker blocks in two batches "
+                    f"({len(self._acc[lid])} and {len(blocks)}): its KFAC factors cannot be "
+                    "summed; use PMatBlockDiag or a PMatMixed with another representation for it")
+            for b, (A, G) in enumerate(blocks):
+                if A is not None:
+                    self._add(lid, b, 0, A)
+                self._add(lid, b, 1, G)
 
-    def _add(self, lid, which, pieces):
-        slots = self._acc.setdefault(lid, [[None, None], [None, None]])[which]
+    def _add(self, lid, block, which, pieces):
+        slots = self._acc[lid][block][which]
         for p in pieces:
             if isinstance(p, GramRows):
                 if slots[1] is None:
@@ -109,8 +126,10 @@ class KFACFactors(Consumer):
         return total
 
     def finalize(self, n):
-        self.result = {lid: (self._total(a) / n, self._total(g) / n)
-                       for lid, (a, g) in self._acc.items()}
+        self.result = {}
+        for lid, blocks in self._acc.items():
+            pairs = tuple((self._total(a) / n, self._total(g) / n) for a, g in blocks)
+            self.result[lid] = pairs if self._multi[lid] else pairs[0]
 
 
 class KFEDiag(Consumer):
@@ -118,7 +137,9 @@ class KFEDiag(Consumer):
 
     ``kfe`` maps each layer id to ``(U_A, U_G)`` or ``(U_A, U_G, perm)``: orthogonal matrices
     (or ints: identity) and optionally the flat -> Kronecker re-indexing (default: the layer's
-    ``kfac_permutation()``). Only the layers listed in ``kfe`` are computed.
+    ``kfac_permutation()``). Only the layers listed in ``kfe`` are computed. A layer with several
+    Kronecker blocks takes the tuple ``((U_A_0, U_G_0), (U_A_1, U_G_1), ...)`` and its result is
+    the list of the blocks' ``(dG_b, dA_b)`` diagonals.
     """
 
     def __init__(self, layer_collection, kfe):
@@ -128,13 +149,19 @@ class KFEDiag(Consumer):
 
     def update(self, ctx):
         for lid, entry in self.kfe.items():
+            if isinstance(entry[0], (tuple, list)):  # several Kronecker blocks
+                d = ctx.kfe_diag_blocks(lid, [tuple(e[:2]) for e in entry])
+                self.result[lid] = d if lid not in self.result else \
+                    [a + b for a, b in zip(self.result[lid], d)]
+                continue
             UA, UG = entry[0], entry[1]
             perm = entry[2] if len(entry) > 2 else None
             d = ctx.kfe_diag(lid, UA, UG, perm)
             self.result[lid] = d if lid not in self.result else self.result[lid] + d
 
     def finalize(self, n):
-        self.result = {lid: d / n for lid, d in self.result.items()}
+        self.result = {lid: ([x / n for x in d] if isinstance(d, list) else d / n)
+                       for lid, d in self.result.items()}
 
 
 class Jacobian(Consumer):

@@ -97,19 +97,38 @@ class BatchContext:
         :class:`~nngeometry.backend.gram.GramRows` (left for the consumer to accumulate with
         symmetric, batched GEMMs); otherwise dense tensors (or 1-D for diagonal factors).
         """
+        blocks, multi = self.kfac_factor_blocks(layer_id, approx=approx, lazy=lazy)
+        return blocks if multi else blocks[0]
+
+    def kfac_factor_blocks(self, layer_id, approx="expand", lazy=False):
+        """``(blocks, multi)``: ``blocks`` the list of ``(A, G)`` (as :meth:`kfac_factors`) of
+        each Kronecker block of the layer (one for most layer types), ``multi`` whether the
+        layer type returned several blocks (see ``AbstractLayer.kfac_factors``)."""
+        from ..layer_types.base import is_multiblock, kfac_block_list
+
         if self.centering:
             raise NotImplementedError("KFAC with centering=True is not implemented")
         layer, module = self.layer_collection[layer_id], self.modules[layer_id]
-        A, G = [], []
+        A, G, multi = None, None, None
         for c in self.calls[layer_id]:
-            a, g = layer.kfac_factors(module, layer.inputs_of(c), c.gy, approx=approx)
-            A.append(a)
-            G.append(g)
-        if not self.first_chunk:
-            A = None
+            res = layer.kfac_factors(module, layer.inputs_of(c), c.gy, approx=approx)
+            pairs = kfac_block_list(res)
+            if A is None:
+                A, G = [[] for _ in pairs], [[] for _ in pairs]
+                multi = is_multiblock(res)
+            elif len(pairs) != len(A) or is_multiblock(res) != multi:
+                raise NotImplementedError(
+                    f"layer '{layer_id}' gives a different number of Kronecker blocks in two of "
+                    f"its calls ({len(A)} and {len(pairs)}; e.g. an attention module used both "
+                    "as self- and cross-attention): its KFAC factors cannot be summed; use "
+                    "PMatBlockDiag or a PMatMixed with another representation for this layer")
+            for b, (a, g) in enumerate(pairs):
+                A[b].append(a)
+                G[b].append(g)
         if lazy:
-            return A, G
-        return (None if A is None else _sum_pieces(A)), _sum_pieces(G)
+            return [((pa if self.first_chunk else None), pg) for pa, pg in zip(A, G)], multi
+        return [((_sum_pieces(pa) if self.first_chunk else None), _sum_pieces(pg))
+                for pa, pg in zip(A, G)], multi
 
     def kfe_diag(self, layer_id, UA, UG, perm=None):
         """``Σ_{k,i} (U_Gᵀ Ĝ_{k,i} U_A)²`` for this batch (EKFAC), shape ``(dG, dA)``; ``perm``
@@ -125,6 +144,19 @@ class BatchContext:
             perm = layer.kfac_permutation()
         g = project_to_kfe(self.per_example_grad(layer_id), UA, UG, perm)
         return (g * g).sum(dim=(0, 1))
+
+    def kfe_diag_blocks(self, layer_id, bases):
+        """:meth:`kfe_diag` for a multi-block layer: ``bases`` ``[(U_A_b, U_G_b), ...]`` in the
+        layer's Kronecker layout order; returns the list of ``(dG_b, dA_b)`` sums."""
+        from ..layer_types.base import project_blocks_to_kfe
+
+        layer, module = self.layer_collection[layer_id], self.modules[layer_id]
+        calls = self.calls[layer_id]
+        if len(calls) == 1 and not self.centering and layer_id not in self._grads:
+            return layer.kfe_diag_blocks(module, layer.inputs_of(calls[0]), calls[0].gy, bases)
+        gs = project_blocks_to_kfe(self.per_example_grad(layer_id), bases,
+                                   layer.kfac_permutation())
+        return [(g * g).sum(dim=(0, 1)) for g in gs]
 
 
 def _sum_pieces(pieces):

@@ -20,16 +20,42 @@ module's forward, see :mod:`.generic`), with the batch axis taken from ``batch_f
 attention is re-run with ``need_weights=True`` (the explicit softmax path, which vmap batches);
 its first output is the same as with ``need_weights=False``. Examples are independent in
 attention, so these are the exact per-example gradients. Dropout in training mode is refused
-(the forward must be deterministic). KFAC/EKFAC: no single Kronecker structure (two projections
-around a bilinear attention), refused.
+(the forward must be deterministic).
+
+KFAC/EKFAC: the layer has several Kronecker blocks (block-diagonal inside the layer, see
+``AbstractLayer.kfac_factors``): the input projections are Linear layers on sequences, and so is
+``out_proj`` on the attention output. From the recorded call, the attention is re-run from the
+projections' outputs ``Q = q W_qᵀ + b_q`` (and ``K``, ``V``), made autograd leaves, to the
+attention output ``Z`` fed to ``out_proj`` (through ``F.multi_head_attention_forward`` with
+identity projections, so that masks, ``add_zero_attn`` and ``is_causal`` mean exactly what they
+mean to the module); the output gradients ``gy`` are pulled back to ``∂/∂Q``, ``∂/∂K``,
+``∂/∂V`` per position in one batched backward (``is_grads_batched``), and ``Z``'s are
+``gy W_out``. The blocks, in the Kronecker layout ``[W_q | b_q]``, ``[W_k | b_k]``,
+``[W_v | b_v]`` (rows of ``in_proj_weight``/``in_proj_bias``, or ``q/k/v_proj_weight``), then
+``[W_out | b_out]``, each row-major:
+
+* consecutive projections that read the *same* input tensor share one block: self-attention
+  (``query``, ``key``, ``value`` one tensor) has one ``Linear(E, 3E)`` block for ``in_proj``; a
+  decoder's cross-attention (``key is value``) has a ``q`` block and a ``Linear(kdim, 2E)``
+  block; otherwise one block per projection;
+* ``out_proj``: a ``Linear(E, E)`` block on ``Z``.
+
+Each block's factors are those of ``LinearLayer`` on sequences (``'expand'``: ``A`` sums over
+positions, ``G`` over positions divided by their count; ``'reduce'``), so for sequences of
+length 1 each block is the exact block of the Fisher. ``add_bias_kv`` (extra key/value rows that
+are parameters) has no Kronecker structure here: such modules refuse KFAC (``supports_kfac`` is
+False on their layer; use PMatEKFACBlockDiag).
 """
 import inspect
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .base import AbstractLayer, Parameter, register_layer_type
+from .base import AbstractLayer, Parameter, recording_paused, register_layer_type
 from .generic import per_example_vjp
+from .linear import LinearLayer
 
 _FORWARD_PARAMS = list(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 
@@ -61,6 +87,9 @@ class MultiheadAttentionLayer(AbstractLayer):
         self._specs = specs
         self.weight = specs[0][1]
         self.bias = None
+        self.has_proj_bias = bias
+        # the bias_k / bias_v rows are parameters inside the attention: no Kronecker structure
+        self.supports_kfac = not add_bias_kv
 
     @classmethod
     def from_module(cls, module):
@@ -114,8 +143,156 @@ class MultiheadAttentionLayer(AbstractLayer):
             gy = gy.transpose(1, 2)
         return per_example_vjp(module, self.param_names(), tensors, {}, gy, dims, {}, call=call)
 
+    # ------------------------------------------------------------------ KFAC
+    def _proj_sizes(self):
+        """Input widths of the q, k, v projections."""
+        return [self.embed_dim, self.kdim, self.vdim]
+
+    def kfac_permutation(self):
+        """Flat -> Kronecker index; Kronecker layout: ``[W_q | b_q]``, ``[W_k | b_k]``,
+        ``[W_v | b_v]``, ``[W_out | b_out]`` one after the other, each row-major ``(E, in + 1)``
+        (``(E, in)`` without biases). Blocks sharing an input are contiguous runs of it."""
+        if not self.supports_kfac:
+            raise NotImplementedError("MultiheadAttention with add_bias_kv has no KFAC layout")
+        E, nb = self.embed_dim, 1 if self.has_proj_bias else 0
+        offsets, pos = {}, 0
+        for name, p in self._specs:
+            offsets[name] = pos
+            pos += p.numel()
+        # (weight flat offset, row stride, bias flat offset) of each of the 4 sub-blocks
+        subs = []
+        for j, d in enumerate(self._proj_sizes()):
+            if "in_proj_weight" in offsets:
+                w0 = offsets["in_proj_weight"] + j * E * E
+            else:
+                w0 = offsets[("q_proj_weight", "k_proj_weight", "v_proj_weight")[j]]
+            b0 = offsets["in_proj_bias"] + j * E if nb else None
+            subs.append((w0, d, b0))
+        subs.append((offsets["out_proj.weight"], E, offsets["out_proj.bias"] if nb else None))
+        kron_to_flat = []
+        for w0, d, b0 in subs:
+            rows = torch.arange(E).unsqueeze(1)
+            cols = [w0 + rows * d + torch.arange(d)]
+            if b0 is not None:
+                cols.append(b0 + rows)
+            kron_to_flat.append(torch.cat(cols, dim=1).reshape(-1))
+        inv = torch.cat(kron_to_flat)
+        perm = torch.empty_like(inv)
+        perm[inv] = torch.arange(inv.numel())
+        return perm
+
+    def kfac_pieces(self, module, x, gy):
+        """The Kronecker blocks of one call: a list of ``(inputs (n, S, d_in), output gradients
+        (K, n, S, rows))`` of Linear maps on sequences, batch first, in the Kronecker layout
+        order (see the module docstring). ``Σ_s g_s [a_s, 1]ᵀ`` (per example and output) is the
+        block's exact per-example gradient, in the row-major ``[W | b]`` layout."""
+        if not self.supports_kfac:
+            raise NotImplementedError(
+                "KFAC/EKFAC are not available for a MultiheadAttention with add_bias_kv (its "
+                "bias_k / bias_v rows have no Kronecker structure); use PMatEKFACBlockDiag, "
+                "PMatBlockDiag or a PMatMixed with another representation for this layer")
+        args, kwargs = x
+        bound = dict(zip(_FORWARD_PARAMS, args))
+        bound.update(kwargs)
+        query, key, value = bound["query"], bound["key"], bound["value"]
+        if query.dim() != 3:
+            raise ValueError("MultiheadAttention with unbatched (2-D) inputs is not supported: "
+                             "give the inputs a batch axis")
+        if module.training and module.dropout > 0:
+            raise RuntimeError(
+                "the forward of MultiheadAttention is random (dropout in training mode): KFAC "
+                "needs a deterministic forward; call model.eval() or set dropout=0")
+        E = self.embed_dim
+        if module._qkv_same_embed_dim:
+            Ws = module.in_proj_weight.detach().split(E)
+        else:
+            Ws = (module.q_proj_weight.detach(), module.k_proj_weight.detach(),
+                  module.v_proj_weight.detach())
+        bs = (None,) * 3 if module.in_proj_bias is None else module.in_proj_bias.detach().split(E)
+        W_out = module.out_proj.weight.detach()
+        # time-major (what F.multi_head_attention_forward takes)
+        tm = (query, key, value) if module.batch_first is False else \
+            tuple(t.transpose(0, 1) for t in (query, key, value))
+        with torch.no_grad():
+            leaves = [F.linear(t, W, b).contiguous().requires_grad_()
+                      for t, W, b in zip(tm, Ws, bs)]
+        eye = torch.eye(E, dtype=W_out.dtype, device=W_out.device)
+        # gy is (K, n, L, E) batch first, else (K, L, n, E); grad of Z (before out_proj) = gy W_out
+        gz = gy @ W_out
+        gz_tm = gz if not module.batch_first else gz.transpose(1, 2)
+        with recording_paused(), torch.enable_grad():
+            Z = F.multi_head_attention_forward(
+                *leaves, E, module.num_heads, None, None, None, None, module.add_zero_attn, 0.0,
+                eye, None, training=False, key_padding_mask=bound.get("key_padding_mask"),
+                need_weights=True, attn_mask=bound.get("attn_mask"),
+                use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye,
+                v_proj_weight=eye, is_causal=bool(bound.get("is_causal", False)))[0]
+            grads = _batched_vjp(Z, leaves, gz_tm)
+        # batch first: inputs (n, S, d), gradients (K, n, S, E)
+        inputs = [t.transpose(0, 1) for t in tm]
+        grads = [g.transpose(1, 2) for g in grads]
+        z = Z.detach().transpose(0, 1)
+        gz = gz if module.batch_first else gz.transpose(1, 2)
+        pieces = []
+        j = 0
+        while j < 3:
+            run = [j]
+            while run[-1] + 1 < 3 and _same_tensor(tm[run[-1] + 1], tm[j]):
+                run.append(run[-1] + 1)
+            g = grads[j] if len(run) == 1 else torch.cat([grads[r] for r in run], dim=-1)
+            pieces.append((inputs[j], g))
+            j = run[-1] + 1
+        # out_proj is Linear(E, E) on Z: its output gradient is gy itself
+        pieces.append((z, gy if module.batch_first else gy.transpose(1, 2)))
+        return pieces
+
+    def _linear(self, a, g):
+        return LinearLayer(a.shape[-1], g.shape[-1], bias=self.has_proj_bias)
+
     def kfac_factors(self, module, x, gy, approx="expand"):
-        raise NotImplementedError(
-            "KFAC/EKFAC are not available for MultiheadAttention (no single Kronecker structure); "
-            "use PMatDense, PMatBlockDiag, PMatDiag, PMatLowRank or PMatImplicit, or "
-            "PMatEKFACBlockDiag (dense blocks for such layers)")
+        """A list of ``(A, G)`` (GramRows), one per Kronecker block (see the module docstring):
+        each block's factors are ``LinearLayer``'s on sequences (``approx``: ``'expand'`` or
+        ``'reduce'``)."""
+        return [self._linear(a, g).kfac_factors(None, a, g, approx=approx)
+                for a, g in self.kfac_pieces(module, x, gy)]
+
+    def kfe_diag_blocks(self, module, x, gy, bases):
+        """Per block, ``Σ_{k,i} (U_Gᵀ Ĝ U_A)²`` with ``Ĝ = Σ_s g_s [a_s, 1]ᵀ`` formed from the
+        recomputed inputs and output gradients of the projections (no torch.func pass)."""
+        pieces = self.kfac_pieces(module, x, gy)
+        if len(pieces) != len(bases):
+            raise ValueError(f"{len(bases)} eigenbases given for the {len(pieces)} Kronecker "
+                             "blocks of this call of the attention layer")
+        return [self._linear(a, g).kfe_diag(None, a, g, UA, UG)
+                for (a, g), (UA, UG) in zip(pieces, bases)]
+
+
+def _same_tensor(a, b):
+    """Whether two recorded inputs are the same tensor (the generator's hooks record detached
+    copies, so identity is lost; the memory they view is not)."""
+    if a is b:
+        return True
+    return (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            and a.device == b.device and a.storage_offset() == b.storage_offset()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
+def _batched_vjp(out, leaves, cot):
+    """``[∂<cot_k, out>/∂leaf]`` for every row ``k`` of ``cot`` ``(K, *out.shape)``: tensors of
+    shape ``(K, *leaf.shape)``."""
+    K = cot.shape[0]
+    if K == 1:
+        gs = torch.autograd.grad(out, leaves, cot[0], allow_unused=True)
+        gs = [None if g is None else g.unsqueeze(0) for g in gs]
+    else:
+        try:
+            gs = torch.autograd.grad(out, leaves, cot, retain_graph=True, allow_unused=True,
+                                     is_grads_batched=True)
+        except RuntimeError:
+            # an op without a batching rule: one backward per output direction
+            per_k = [torch.autograd.grad(out, leaves, cot[k], retain_graph=True,
+                                         allow_unused=True) for k in range(K)]
+            gs = [None if per_k[0][j] is None else torch.stack([p[j] for p in per_k])
+                  for j in range(len(leaves))]
+    return [torch.zeros((K,) + t.shape, dtype=t.dtype, device=t.device) if g is None else g
+            for g, t in zip(gs, leaves)]

@@ -143,6 +143,16 @@ class AbstractLayer:
 
         ``approx`` selects how weight-sharing positions (sequences) are handled: ``'expand'`` or
         ``'reduce'`` (Eschenhagen et al. 2023); layers without weight sharing ignore it.
+
+        **Several Kronecker blocks.** A layer type whose parameters form several Kronecker
+        blocks (block-diagonal inside the layer, e.g. MultiheadAttention's input and output
+        projections) returns a *list* ``[(A_0, G_0), (A_1, G_1), ...]`` instead of one pair.
+        The layer's Kronecker layout is then the concatenation of the blocks' layouts (block
+        ``b`` a row-major ``(dG_b, dA_b)`` matrix), :meth:`kfac_permutation` maps the flat
+        layout to that concatenation, and the approximation is
+        ``block_diag(kron(G_0, A_0), kron(G_1, A_1), ...)`` re-indexed by it (see
+        :meth:`kfac_block_indices`). The number of blocks may depend on the call (e.g. self- vs
+        cross-attention) but must be the same for every call and batch of one computation.
         """
         raise NotImplementedError(
             f"KFAC is not available for layers of type {type(self).__name__}; use a "
@@ -182,6 +192,67 @@ class AbstractLayer:
         """
         g = project_to_kfe(self.per_example_grad(module, x, gy), UA, UG, self.kfac_permutation())
         return (g * g).sum(dim=(0, 1))
+
+    def kfe_diag_blocks(self, module, x, gy, bases):
+        """:meth:`kfe_diag` for a multi-block layer (see :meth:`kfac_factors`): ``bases`` is the
+        list ``[(U_A_b, U_G_b), ...]``, one per Kronecker block in layout order; returns the list
+        of ``Σ_{k,i} (U_G_bᵀ Ĝ_{b,k,i} U_A_b) ** 2`` (shapes ``(dG_b, dA_b)``), not normalized.
+        Default: through :meth:`per_example_grad`."""
+        gs = project_blocks_to_kfe(self.per_example_grad(module, x, gy), bases,
+                                   self.kfac_permutation())
+        return [(g * g).sum(dim=(0, 1)) for g in gs]
+
+    def kfac_block_indices(self, sizes):
+        """Flat coordinates of each Kronecker block: for block sizes ``sizes`` (``[(dG_b, dA_b),
+        ...]``, in layout order), the list of LongTensors ``idx_b`` such that block ``b``'s
+        Kronecker vector (row-major ``(dG_b, dA_b)``) is ``flat_layer_vector[idx_b]``. A
+        single-block layer has ``sizes = [(dG, dA)]``."""
+        perm = self.kfac_permutation()
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel())
+        out, off = [], 0
+        for dG, dA in sizes:
+            out.append(inv[off:off + dG * dA])
+            off += dG * dA
+        if off != perm.numel():
+            raise ValueError(f"Kronecker blocks of sizes {list(sizes)} hold {off} coordinates, but "
+                             f"the layer has {perm.numel()} parameters")
+        return out
+
+
+def is_multiblock(entry):
+    """Whether a per-layer KFAC/EKFAC entry (a ``kfac_factors`` result, a ``PMatKFAC.data`` or
+    ``PMatEKFAC.data`` value, a basis request) describes several Kronecker blocks: it is then a
+    list/tuple of per-block tuples, where a single-block entry starts with a factor (a tensor,
+    a GramRows) or an int identity basis."""
+    return isinstance(entry, (tuple, list)) and len(entry) > 0 and isinstance(entry[0], (tuple, list))
+
+
+def kfac_block_list(entry):
+    """The per-block items of an entry: ``list(entry)`` if multi-block, else ``[entry]``."""
+    return list(entry) if is_multiblock(entry) else [entry]
+
+
+def project_blocks_to_kfe(g, bases, perm):
+    """Multi-block :func:`project_to_kfe`: ``g`` ``(..., numel)`` flat, ``bases`` the list of
+    ``(U_A_b, U_G_b)`` (int = identity), ``perm`` the layer's flat -> Kronecker map. Returns
+    ``[U_G_bᵀ Ĝ_b U_A_b]`` with shapes ``(..., dG_b, dA_b)``."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    kv = g[..., inv.to(g.device)]
+    out, off = [], 0
+    for UA, UG in bases:
+        dG, dA = kfe_dim(UG), kfe_dim(UA)
+        V = kv[..., off:off + dG * dA].reshape(*g.shape[:-1], dG, dA)
+        off += dG * dA
+        if not isinstance(UA, int):
+            V = V @ UA
+        if not isinstance(UG, int):
+            V = UG.t() @ V
+        out.append(V)
+    if off != perm.numel():
+        raise ValueError(f"the eigenbases cover {off} coordinates, the layer has {perm.numel()}")
+    return out
 
 
 def kfe_dim(U):

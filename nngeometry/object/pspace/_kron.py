@@ -130,28 +130,80 @@ def dense_basis(U, like):
     return U
 
 
+# ---------------------------------------------------------------------- multi-block layers
+# A layer whose type returns several Kronecker blocks (see AbstractLayer.kfac_factors) stores a
+# tuple of per-block entries instead of one entry: ((A_0, G_0), (A_1, G_1), ...) in PMatKFAC,
+# ((U_A_0, U_G_0, D_0), ...) in PMatEKFAC. Inside the representations each block is a *unit*
+# with key ``lid`` (single-block layer) or ``(lid, b)`` (block b of a multi-block layer).
+def is_multi(entry):
+    return isinstance(entry, (tuple, list)) and len(entry) > 0 and isinstance(entry[0], (tuple, list))
+
+
+def blocks_of(entry):
+    return list(entry) if is_multi(entry) else [entry]
+
+
+def unit_keys(lid, entry):
+    """The unit keys of a layer, in its Kronecker layout order."""
+    if is_multi(entry):
+        return [(lid, b) for b in range(len(entry))]
+    return [lid]
+
+
+def iter_units(data):
+    """``(key, block entry)`` for every unit of ``data`` (layers in order, blocks in order)."""
+    for lid, e in data.items():
+        yield from zip(unit_keys(lid, e), blocks_of(e))
+
+
+def get_unit(data, key):
+    if isinstance(key, tuple):
+        return data[key[0]][key[1]]
+    return data[key]
+
+
+def repack(template, values):
+    """A data dict shaped like ``template`` (same layers, same blocks) from ``values`` keyed by
+    unit key: ``{lid: values[lid]}`` or ``{lid: (values[(lid, 0)], values[(lid, 1)], ...)}``."""
+    out = {}
+    for lid, e in template.items():
+        keys = unit_keys(lid, e)
+        out[lid] = tuple(values[k] for k in keys) if is_multi(e) else values[keys[0]]
+    return out
+
+
 # ---------------------------------------------------------------------- layouts
 class Layout:
     """Where each layer sits in the flat vector and how to reach its Kronecker layout.
 
-    ``entries[lid] = (start, end, perm, inv, dG, dA)`` with ``perm`` flat -> Kronecker and
-    ``inv`` its inverse (Kronecker -> flat), so ``kron_vec = flat[inv]`` and ``flat = kron_vec[perm]``.
+    ``dims[lid]`` is ``(dG, dA)``, or a list of ``(dG_b, dA_b)`` for a layer with several
+    Kronecker blocks, whose Kronecker layout is the concatenation of its blocks'.
+    ``entries[lid] = (start, end, perm, inv, units)`` with ``perm`` flat -> Kronecker and ``inv``
+    its inverse (Kronecker -> flat), so ``kron_vec = flat[inv]`` and ``flat = kron_vec[perm]``;
+    ``units`` lists ``(key, offset, dG, dA)``: the unit's slice of the layer's Kronecker vector.
     """
 
     def __init__(self, layer_collection, dims, perms):
         self.entries = {}
         for lid, layer in layer_collection.layers.items():
-            dG, dA = dims[lid]
+            d = dims[lid]
+            multi = isinstance(d, list)
+            sizes = d if multi else [d]
+            units, off = [], 0
+            for b, (dG, dA) in enumerate(sizes):
+                units.append(((lid, b) if multi else lid, off, dG, dA))
+                off += dG * dA
             start = layer_collection.p_pos[lid]
             numel = layer.numel()
-            if dG * dA != numel:
+            if off != numel:
+                shown = ", ".join(f"G: {dG}, A: {dA}" for dG, dA in sizes)
                 raise ValueError(
                     f"layer '{lid}' has {numel} parameters but its Kronecker factors have sizes "
-                    f"G: {dG}, A: {dA} (product {dG * dA}); the factors do not match the layer")
+                    f"{shown} (total {off}); the factors do not match the layer")
             perm = perms[lid]
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(perm.numel())
-            self.entries[lid] = (start, start + numel, perm, inv, dG, dA)
+            self.entries[lid] = (start, start + numel, perm, inv, units)
 
     def _on(self, lid, which, device):
         """``perm`` (which=2) or ``inv`` (which=3) of a layer on ``device``, copied once."""
@@ -168,19 +220,23 @@ class Layout:
         return self._moved_cache
 
     def split(self, flat):
-        """``{lid: (..., dG, dA)}`` from a flat ``(..., P)`` tensor."""
+        """``{unit key: (..., dG, dA)}`` from a flat ``(..., P)`` tensor."""
         out = {}
-        for lid, (s, e, perm, inv, dG, dA) in self.entries.items():
-            out[lid] = flat[..., s:e][..., self._on(lid, 3, flat.device)].reshape(
-                *flat.shape[:-1], dG, dA)
+        lead = flat.shape[:-1]
+        for lid, (s, e, perm, inv, units) in self.entries.items():
+            kv = flat[..., s:e][..., self._on(lid, 3, flat.device)]
+            for key, off, dG, dA in units:
+                out[key] = kv[..., off:off + dG * dA].reshape(*lead, dG, dA)
         return out
 
     def join(self, parts):
-        """Flat ``(..., P)`` from ``{lid: (..., dG, dA)}`` (layers in layout order)."""
+        """Flat ``(..., P)`` from ``{unit key: (..., dG, dA)}`` (layers in layout order)."""
         flats = []
-        for lid, (s, e, perm, inv, dG, dA) in self.entries.items():
-            V = parts[lid]
-            flats.append(V.reshape(*V.shape[:-2], dG * dA)[..., self._on(lid, 2, V.device)])
+        for lid, (s, e, perm, inv, units) in self.entries.items():
+            pieces = [parts[key].reshape(*parts[key].shape[:-2], dG * dA)
+                      for key, off, dG, dA in units]
+            kv = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+            flats.append(kv[..., self._on(lid, 2, kv.device)])
         return flats[0] if len(flats) == 1 else torch.cat(flats, dim=-1)
 
     def to_flat_order(self, lid, vec_or_mat, both=False):

@@ -24,7 +24,9 @@ class PMatEKFAC(PMatAbstract):
         data: ``{layer_id: (U_A, U_G, D)}``: orthogonal ``U_A`` (``dA × dA``) and ``U_G``
             (``dG × dG``), eigenvectors as columns, or an int ``d`` for the identity of size ``d``
             (the basis of a diagonal factor); ``D`` of shape ``(dG, dA)``, ``D[p, q]`` the value
-            on the eigenvector ``U_G[:, p] ⊗ U_A[:, q]`` (Kronecker layout, see PMatKFAC).
+            on the eigenvector ``U_G[:, p] ⊗ U_A[:, q]`` (Kronecker layout, see PMatKFAC). A
+            layer with several Kronecker blocks (see PMatKFAC) has the tuple
+            ``((U_A_0, U_G_0, D_0), (U_A_1, U_G_1, D_1), ...)``.
         eigendecomposition: optional ``{layer_id: (U_A, U_G)}`` (or a PMatKFAC / PMatEKFAC, whose
             eigenbases are taken): reuse that basis instead of computing KFAC on ``examples``; the
             diagonal is then estimated on ``examples`` as in :meth:`update_diag`.
@@ -46,9 +48,24 @@ class PMatEKFAC(PMatAbstract):
         if eigendecomposition is not None:
             bases = self._bases_from(eigendecomposition)
             diags = self.generator.get_kfe_diag(bases, examples, self.layer_collection)
-            return {lid: (UA, UG, diags[lid]) for lid, (UA, UG) in bases.items()}
+            return {lid: self._replace_entry(b, diags[lid]) for lid, b in bases.items()}
         kfac = self.generator.get_kfac_blocks(examples, self.layer_collection, approx=kfac_approx)
-        return {lid: self._entry_from_factors(A, G) for lid, (A, G) in kfac.items()}
+        return {lid: self._entry_from_kfac(e) for lid, e in kfac.items()}
+
+    @classmethod
+    def _entry_from_kfac(cls, entry):
+        """A layer's EKFAC entry from its KFAC entry (``(A, G)`` or a tuple of those)."""
+        if K.is_multi(entry):
+            return tuple(cls._entry_from_factors(A, G) for A, G in entry)
+        return cls._entry_from_factors(*entry)
+
+    @staticmethod
+    def _replace_entry(entry, diag):
+        """``entry`` (``(U_A, U_G[, ...])`` or a tuple of those) with its diagonal set to
+        ``diag`` (a tensor, or a list of tensors for a multi-block entry)."""
+        if K.is_multi(entry):
+            return tuple(tuple(e[:2]) + (d,) for e, d in zip(entry, diag))
+        return tuple(entry[:2]) + (diag,)
 
     @staticmethod
     def _entry_from_factors(A, G):
@@ -60,18 +77,24 @@ class PMatEKFAC(PMatAbstract):
         from .kfac import PMatKFAC
 
         if isinstance(eigendecomposition, PMatKFAC):
-            return {lid: (e[0][1], e[1][1]) for lid, e in eigendecomposition.get_eigendecomposition().items()}
+            return K.repack(eigendecomposition.data, {
+                key: (eA[1], eG[1]) for key, (eA, eG) in
+                ((key, eigendecomposition._eig(key)) for key, _, _ in eigendecomposition._units())})
         if isinstance(eigendecomposition, PMatEKFAC):
-            return {lid: (UA, UG) for lid, (UA, UG, _) in eigendecomposition.data.items()}
-        bases = {lid: tuple(eigendecomposition[lid])[:2] for lid in self.layer_collection.layer_ids()}
+            return K.repack(eigendecomposition.data,
+                            {key: tuple(ent[:2]) for key, ent in eigendecomposition._units()})
+        bases = {}
+        for lid in self.layer_collection.layer_ids():
+            e = eigendecomposition[lid]
+            bases[lid] = (tuple(tuple(b)[:2] for b in e) if K.is_multi(e) else tuple(e)[:2])
         return bases
 
     @classmethod
     def from_kfac(cls, kfac):
         """The EKFAC with ``kfac``'s eigenbases and diagonal ``λ_G ⊗ λ_A`` (equal to ``kfac``)."""
-        data = {}
-        for lid, ((lA, UA), (lG, UG)) in kfac.get_eigendecomposition().items():
-            data[lid] = (UA, UG, torch.outer(lG, lA))
+        data = kfac._map_units(lambda key, A, G: (kfac._eig(key)[0][1], kfac._eig(key)[1][1],
+                                                  torch.outer(kfac._eig(key)[1][0],
+                                                              kfac._eig(key)[0][0])))
         return cls(kfac.layer_collection, kfac.generator, data=data)
 
     def _check_data(self):
@@ -80,27 +103,61 @@ class PMatEKFAC(PMatAbstract):
             raise ValueError(f"{type(self).__name__} data must have one entry per layer {ids}, "
                              f"got {list(self.data)}")
         for lid in ids:
-            UA, UG, D = self._entry(lid)
-            if tuple(D.shape) != (K.fdim(UG), K.fdim(UA)):
-                raise ValueError(
-                    f"layer '{lid}': diagonal of shape {tuple(D.shape)} does not match the bases "
-                    f"(dG={K.fdim(UG)}, dA={K.fdim(UA)}); expected ({K.fdim(UG)}, {K.fdim(UA)})")
+            blocks = self._entries(lid)
+            for b, (UA, UG, D) in enumerate(blocks):
+                where = f"layer '{lid}'" + (f" (block {b})" if len(blocks) > 1 else "")
+                if tuple(D.shape) != (K.fdim(UG), K.fdim(UA)):
+                    raise ValueError(
+                        f"{where}: diagonal of shape {tuple(D.shape)} does not match the bases "
+                        f"(dG={K.fdim(UG)}, dA={K.fdim(UA)}); expected ({K.fdim(UG)}, {K.fdim(UA)})")
 
     # hooks for PMatEKFACBlockDiag, whose dense layers are stored differently
     def _entry(self, lid):
-        """``(U_A, U_G, D)`` of a layer."""
+        """``(U_A, U_G, D)`` of a single-block layer."""
         return self.data[lid]
+
+    def _entries(self, lid):
+        """The ``(U_A, U_G, D)`` of each Kronecker block of a layer, in layout order."""
+        e = self.data[lid]
+        return list(e) if K.is_multi(e) else [self._entry(lid)]
+
+    def _units(self):
+        """``(unit key, (U_A, U_G, D))`` for every Kronecker block (unit keys: see ``_kron``)."""
+        out = []
+        for lid, e in self.data.items():
+            multi = K.is_multi(e)
+            for b, ent in enumerate(self._entries(lid)):
+                out.append(((lid, b) if multi else lid, ent))
+        return out
+
+    def _unit(self, key):
+        if isinstance(key, tuple):
+            return self.data[key[0]][key[1]]
+        return self._entry(key)
 
     def _perm(self, lid):
         return self.layer_collection[lid].kfac_permutation()
 
     def _kfe_request(self, lid):
+        e = self.data[lid]
+        if K.is_multi(e):
+            return tuple((UA, UG) for UA, UG, _ in e)
         UA, UG, _ = self._entry(lid)
         return (UA, UG)
 
     def _replace_diags(self, diags):
-        """``data`` with each layer's ``D`` replaced by ``diags[lid]``."""
-        return {lid: self._entry(lid)[:2] + (diags[lid],) for lid in self.data}
+        """``data`` with each layer's ``D`` replaced by ``diags[lid]`` (a list of ``D_b`` for a
+        multi-block layer)."""
+        return {lid: self._replace_entry(self.data[lid] if K.is_multi(self.data[lid])
+                                         else self._entry(lid), diags[lid]) for lid in self.data}
+
+    def _map_diags(self, fn):
+        """``{lid: D'}`` (lists for multi-block layers) with ``D' = fn(D)`` per block."""
+        out = {}
+        for lid, e in self.data.items():
+            ds = [fn(D) for _, _, D in self._entries(lid)]
+            out[lid] = ds if K.is_multi(e) else ds[0]
+        return out
 
     def _with_diags(self, diags):
         """The same representation with each layer's ``D`` replaced by ``diags[lid]``."""
@@ -110,14 +167,17 @@ class PMatEKFAC(PMatAbstract):
     def _layout(self):
         lay = self.__dict__.get("_layout_obj")
         if lay is None:
-            dims = {lid: tuple(self._entry(lid)[2].shape) for lid in self.data}
+            dims = {}
+            for lid, e in self.data.items():
+                sizes = [tuple(D.shape) for _, _, D in self._entries(lid)]
+                dims[lid] = sizes if K.is_multi(e) else sizes[0]
             perms = {lid: self._perm(lid) for lid in self.layer_collection.layer_ids()}
             lay = self._layout_obj = K.Layout(self.layer_collection, dims, perms)
         return lay
 
     @property
     def dtype(self):
-        return self._entry(next(iter(self.data)))[2].dtype
+        return self._units()[0][1][2].dtype
 
     def update_diag(self, examples):
         """Re-estimate the diagonal in the (fixed) eigenbasis with the model's current
@@ -134,9 +194,9 @@ class PMatEKFAC(PMatAbstract):
         parts = self._layout.split(flat)
         return self._layout.join({lid: fn(lid, V) for lid, V in parts.items()})
 
-    def _scale_layer(self, lid, V, f=None):
-        """``U f(D) Uᵀ`` applied to ``V`` (``f`` default identity)."""
-        UA, UG, D = self._entry(lid)
+    def _scale_layer(self, key, V, f=None):
+        """``U f(D) Uᵀ`` applied to ``V`` (``f`` default identity), for one unit."""
+        UA, UG, D = self._unit(key)
         W = K.to_kfe(V, UA, UG)
         return K.from_kfe(W * (D if f is None else f(D)), UA, UG)
 
@@ -144,12 +204,19 @@ class PMatEKFAC(PMatAbstract):
         """The dense eigenbasis ``U_G ⊗ U_A`` of a layer (``(p_l, p_l)``, eigenvectors as
         columns, column ``p·dA + q`` for ``D[p, q]``), rows in the flat layout
         (``split_weight_bias=True``) or the Kronecker layout; ``layer_id=None``: a dict over
-        layers. ``layer`` is accepted for compatibility and ignored."""
+        layers. ``layer`` is accepted for compatibility and ignored. For a multi-block layer the
+        basis is block-diagonal (``block_diag(U_G_0 ⊗ U_A_0, ...)`` in the Kronecker layout) and
+        its columns follow the concatenated ``D_b.reshape(-1)``."""
         if layer_id is None:
             return {lid: self.get_KFE(lid, split_weight_bias=split_weight_bias) for lid in self.data}
-        UA, UG, D = self._entry(layer_id)
-        U = torch.kron(K.dense_basis(UG, D).contiguous(), K.dense_basis(UA, D).contiguous())
+        U = torch.block_diag(*[
+            torch.kron(K.dense_basis(UG, D).contiguous(), K.dense_basis(UA, D).contiguous())
+            for UA, UG, D in self._entries(layer_id)])
         return self._layout.to_flat_order(layer_id, U) if split_weight_bias else U
+
+    def _layer_diag(self, lid):
+        """A layer's diagonal in its eigenbasis, flat in the column order of :meth:`get_KFE`."""
+        return torch.cat([D.reshape(-1) for _, _, D in self._entries(lid)])
 
     # ------------------------------------------------------------------ products
     def mv(self, v):
@@ -160,8 +227,8 @@ class PMatEKFAC(PMatAbstract):
     def vTMv(self, v):
         self._check_pvector(v)
         total = 0
-        for lid, V in self._layout.split(v.get_flat_representation()).items():
-            UA, UG, D = self._entry(lid)
+        for key, V in self._layout.split(v.get_flat_representation()).items():
+            UA, UG, D = self._unit(key)
             W = K.to_kfe(V, UA, UG)
             total = total + (D * W * W).sum()
         return total
@@ -178,8 +245,8 @@ class PMatEKFAC(PMatAbstract):
         if reduction not in ("sum", "diag"):
             raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
         out = 0
-        for lid, V in self._layout.split(pfmap.to_torch()).items():
-            UA, UG, D = self._entry(lid)
+        for key, V in self._layout.split(pfmap.to_torch()).items():
+            UA, UG, D = self._unit(key)
             W = K.to_kfe(V, UA, UG)
             if reduction == "sum":
                 out = out + torch.einsum("kiab,ab,kjab->ij", W, D, W)
@@ -217,17 +284,17 @@ class PMatEKFAC(PMatAbstract):
     def pow(self, x, regul=0.0):
         """``(M + regul·I)^x = U diag((D + regul)^x) Uᵀ`` (values below 0, round-off, are clipped
         to 0 for fractional ``x``)."""
-        out = {}
-        for lid in self.data:
-            d = self._entry(lid)[2] + regul
+        def f(D):
+            d = D + regul
             if not float(x).is_integer():
                 d = d.clamp(min=0)
-            out[lid] = d ** x
-        return self._with_diags(out)
+            return d ** x
+
+        return self._with_diags(self._map_diags(f))
 
     def logdet(self, regul=0.0):
         """``log det(M + regul·I) = Σ log(D + regul)``."""
-        return sum(torch.log(self._entry(lid)[2] + regul).sum() for lid in self.data)
+        return sum(torch.log(ent[2] + regul).sum() for _, ent in self._units())
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self, split_weight_bias=True):
@@ -235,22 +302,24 @@ class PMatEKFAC(PMatAbstract):
         (``split_weight_bias=True``) or each layer's Kronecker layout."""
         parts = []
         for lid in self.data:
-            UA, UG, D = self._entry(lid)
-            d = D
-            if not isinstance(UA, int):
-                d = d @ (UA * UA).t()
-            if not isinstance(UG, int):
-                d = (UG * UG) @ d
-            d = d.reshape(-1)
+            ds = []
+            for UA, UG, D in self._entries(lid):
+                d = D
+                if not isinstance(UA, int):
+                    d = d @ (UA * UA).t()
+                if not isinstance(UG, int):
+                    d = (UG * UG) @ d
+                ds.append(d.reshape(-1))
+            d = torch.cat(ds)
             parts.append(self._layout.to_flat_order(lid, d) if split_weight_bias else d)
         return torch.cat(parts)
 
     def trace(self):
-        return sum(self._entry(lid)[2].sum() for lid in self.data)
+        return sum(ent[2].sum() for _, ent in self._units())
 
     def frobenius_norm(self):
         """``sqrt(Σ D²)`` (the basis is orthogonal)."""
-        return torch.sqrt(sum((self._entry(lid)[2] ** 2).sum() for lid in self.data))
+        return torch.sqrt(sum((ent[2] ** 2).sum() for _, ent in self._units()))
 
     def to_torch(self, split_weight_bias=True):
         """Dense ``(P, P)``; inside a layer the flat order (``split_weight_bias=True``) or the
@@ -259,7 +328,7 @@ class PMatEKFAC(PMatAbstract):
         out = None
         for lid in self.data:
             U = self.get_KFE(lid, split_weight_bias=split_weight_bias)
-            D = self._entry(lid)[2].reshape(-1)
+            D = self._layer_diag(lid)
             if out is None:
                 out = torch.zeros(P, P, dtype=D.dtype, device=D.device)
             s = self.layer_collection.slice(lid)
@@ -268,12 +337,12 @@ class PMatEKFAC(PMatAbstract):
 
     # ------------------------------------------------------------------ arithmetic
     def _scaled(self, x):
-        return self._with_diags({lid: self._entry(lid)[2] * x for lid in self.data})
+        return self._with_diags(self._map_diags(lambda D: D * x))
 
     def _same_basis(self, other):
         self._check_same_kind(other)
-        for lid in self.data:
-            a, b = self._entry(lid), other._entry(lid)
+        for (key, a), (_, b) in zip(self._units(), other._units()):
+            lid = key[0] if isinstance(key, tuple) else key
             for U1, U2 in ((a[0], b[0]), (a[1], b[1])):
                 if U1 is U2:
                     continue
@@ -287,12 +356,20 @@ class PMatEKFAC(PMatAbstract):
     def __add__(self, other):
         """Sum of two matrices sharing their eigenbases (e.g. ``M + c·M``): ``D₁ + D₂``."""
         self._same_basis(other)
-        return self._with_diags({lid: self._entry(lid)[2] + other._entry(lid)[2] for lid in self.data})
+        return self._with_diags(self._zip_diags(other, lambda D1, D2: D1 + D2))
+
+    def _zip_diags(self, other, fn):
+        """``{lid: fn(D₁, D₂)}`` per block (lists for multi-block layers)."""
+        out = {}
+        for lid, e in self.data.items():
+            ds = [fn(a[2], b[2]) for a, b in zip(self._entries(lid), other._entries(lid))]
+            out[lid] = ds if K.is_multi(e) else ds[0]
+        return out
 
     def mm(self, other):
         """Product of two matrices sharing their eigenbases: ``D₁ ∘ D₂``."""
         self._same_basis(other)
-        return self._with_diags({lid: self._entry(lid)[2] * other._entry(lid)[2] for lid in self.data})
+        return self._with_diags(self._zip_diags(other, lambda D1, D2: D1 * D2))
 
     def __getstate__(self):
         state = super().__getstate__()

@@ -3,6 +3,7 @@ others (e.g. layer types without KFAC maths, grouped convolutions)."""
 import torch
 
 from ...backend.consumers import Consumer
+from . import _kron as K
 from .ekfac import PMatEKFAC
 
 
@@ -15,6 +16,7 @@ class _KFACOrBlocks(Consumer):
         self.lc = layer_collection
         self.approx = approx
         self.factors = {}
+        self.multi = {}
         self.blocks = {}
         self.refused = set(lid for lid, l in layer_collection.layers.items()
                            if not getattr(l, "supports_kfac", False))
@@ -23,16 +25,23 @@ class _KFACOrBlocks(Consumer):
         for lid in ctx.layer_ids():
             if lid not in self.refused:
                 try:
-                    A, G = ctx.kfac_factors(lid, approx=self.approx)
+                    blocks, multi = ctx.kfac_factor_blocks(lid, approx=self.approx)
                 except NotImplementedError:
                     if lid in self.factors:
                         raise
                     self.refused.add(lid)
                 else:
-                    acc = self.factors.setdefault(lid, [None, None])
-                    if A is not None:
-                        acc[0] = A if acc[0] is None else acc[0] + A
-                    acc[1] = G if acc[1] is None else acc[1] + G
+                    if lid not in self.factors:
+                        self.factors[lid] = [[None, None] for _ in blocks]
+                        self.multi[lid] = multi
+                    elif len(blocks) != len(self.factors[lid]):
+                        raise NotImplementedError(
+                            f"layer '{lid}' gives a different number of Kronecker blocks in two "
+                            "batches: its KFAC factors cannot be summed")
+                    for acc, (A, G) in zip(self.factors[lid], blocks):
+                        if A is not None:
+                            acc[0] = A if acc[0] is None else acc[0] + A
+                        acc[1] = G if acc[1] is None else acc[1] + G
                     continue
             g = ctx.per_example_grad(lid)
             g = g.reshape(-1, g.shape[-1])
@@ -41,7 +50,11 @@ class _KFACOrBlocks(Consumer):
             self.blocks[lid].addmm_(g.t(), g)
 
     def finalize(self, n):
-        self.factors = {lid: (A / n, G / n) for lid, (A, G) in self.factors.items()}
+        out = {}
+        for lid, accs in self.factors.items():
+            pairs = tuple((A / n, G / n) for A, G in accs)
+            out[lid] = pairs if self.multi[lid] else pairs[0]
+        self.factors = out
         self.blocks = {lid: B / n for lid, B in self.blocks.items()}
 
 
@@ -72,41 +85,47 @@ class PMatEKFACBlockDiag(PMatEKFAC):
         data = {}
         for lid in self.layer_collection.layer_ids():
             if lid in c.factors:
-                data[lid] = self._entry_from_factors(*c.factors[lid])
+                data[lid] = self._entry_from_kfac(c.factors[lid])
             else:
                 evals, U = torch.linalg.eigh(c.blocks[lid])
                 data[lid] = (U, evals)
         return data
 
+    @staticmethod
+    def _is_dense(e):
+        # (U, d): a dense block; EKFAC entries have 3 items, multi-block ones are tuples of those
+        return not K.is_multi(e) and len(e) == 2
+
     @property
     def dense_layers(self):
         """Ids of the layers stored as dense blocks."""
-        return [lid for lid, e in self.data.items() if len(e) == 2]
+        return [lid for lid, e in self.data.items() if self._is_dense(e)]
 
     @property
     def ekfac_layers(self):
         """Ids of the layers stored as EKFAC blocks."""
-        return [lid for lid, e in self.data.items() if len(e) == 3]
+        return [lid for lid, e in self.data.items() if not self._is_dense(e)]
 
     def _entry(self, lid):
         e = self.data[lid]
-        if len(e) == 2:
+        if self._is_dense(e):
             U, d = e
             return (1, U, d.unsqueeze(1))
         return e
 
     def _perm(self, lid):
-        if len(self.data[lid]) == 2:
+        if self._is_dense(self.data[lid]):
             return torch.arange(self.layer_collection[lid].numel())
         return super()._perm(lid)
 
     def _kfe_request(self, lid):
-        if len(self.data[lid]) == 2:
+        if self._is_dense(self.data[lid]):
             return (1, self.data[lid][0], self._perm(lid))
         return super()._kfe_request(lid)
 
     def _replace_diags(self, diags):
         out = {}
         for lid, e in self.data.items():
-            out[lid] = (e[0], diags[lid].reshape(-1)) if len(e) == 2 else e[:2] + (diags[lid],)
+            out[lid] = ((e[0], diags[lid].reshape(-1)) if self._is_dense(e)
+                        else self._replace_entry(e, diags[lid]))
         return out

@@ -42,7 +42,11 @@ class PMatKFAC(PMatAbstract):
         layer_collection: the layers (every layer type must support KFAC).
         generator: a Jacobian generator (e.g. ``TorchHooksJacobianBackend``).
         data: ``{layer_id: (A, G)}``; either factor may be a 1-D tensor standing for a diagonal
-            matrix (e.g. an Embedding's input factor), which is never densified.
+            matrix (e.g. an Embedding's input factor), which is never densified. A layer with
+            several Kronecker blocks (e.g. MultiheadAttention: input and output projections, see
+            ``AbstractLayer.kfac_factors``) has the tuple ``((A_0, G_0), (A_1, G_1), ...)``: its
+            block is ``block_diag(kron(G_0, A_0), kron(G_1, A_1), ...)`` in its Kronecker layout
+            (the concatenation of the blocks' layouts), and every operation works per block.
         examples: a DataLoader or a single mini-batch, used with ``generator`` when ``data`` is
             None.
         kfac_approx: ``'expand'`` (default) or ``'reduce'`` for layers with weight sharing
@@ -83,25 +87,41 @@ class PMatKFAC(PMatAbstract):
         ids = self.layer_collection.layer_ids()
         if set(self.data) != set(ids):
             raise ValueError(f"PMatKFAC data must have one (A, G) per layer {ids}, got {list(self.data)}")
-        for lid in ids:
-            A, G = self.data[lid]
-            for name, F in (("A", A), ("G", G)):
+        for key, blk in K.iter_units(self.data):
+            lid = key[0] if isinstance(key, tuple) else key
+            where = f"layer '{lid}'" + (f" (block {key[1]})" if isinstance(key, tuple) else "")
+            if len(blk) != 2:
+                raise ValueError(f"{where}: expected a pair (A, G), got {len(blk)} items")
+            for name, F in zip(("A", "G"), blk):
                 if F.dim() not in (1, 2) or (F.dim() == 2 and F.shape[0] != F.shape[1]):
-                    raise ValueError(f"factor {name} of layer '{lid}' must be square or 1-D "
+                    raise ValueError(f"factor {name} of {where} must be square or 1-D "
                                      f"(diagonal), got shape {tuple(F.shape)}")
 
     @property
     def _layout(self):
         lay = self.__dict__.get("_layout_obj")
         if lay is None:
-            dims = {lid: (K.fdim(G), K.fdim(A)) for lid, (A, G) in self.data.items()}
+            dims = {}
+            for lid, e in self.data.items():
+                sizes = [(K.fdim(G), K.fdim(A)) for A, G in K.blocks_of(e)]
+                dims[lid] = sizes if K.is_multi(e) else sizes[0]
             perms = {lid: l.kfac_permutation() for lid, l in self.layer_collection.layers.items()}
             lay = self._layout_obj = K.Layout(self.layer_collection, dims, perms)
         return lay
 
+    def _units(self):
+        """``(unit key, A, G)`` for every Kronecker block (one per layer, several for a
+        multi-block layer)."""
+        return [(key, A, G) for key, (A, G) in K.iter_units(self.data)]
+
+    def _map_units(self, fn):
+        """A data dict of the same structure with each block's ``(A, G)`` replaced by
+        ``fn(key, A, G)``."""
+        return K.repack(self.data, {key: fn(key, A, G) for key, A, G in self._units()})
+
     @property
     def dtype(self):
-        return next(iter(self.data.values()))[1].dtype
+        return self._units()[0][2].dtype
 
     # ------------------------------------------------------------------ per-layer machinery
     def _apply(self, flat, fn):
@@ -109,44 +129,45 @@ class PMatKFAC(PMatAbstract):
         parts = self._layout.split(flat)
         return self._layout.join({lid: fn(lid, V) for lid, V in parts.items()})
 
-    def _mul_layer(self, lid, V):
-        A, G = self.data[lid]
+    def _mul_layer(self, key, V):
+        A, G = K.get_unit(self.data, key)
         return K.kron_apply(A, G, V)
 
-    def _eig(self, lid):
-        """``((λ_A, U_A), (λ_G, U_G))``, computed once per layer."""
-        e = self._eig_cache.get(lid)
+    def _eig(self, key):
+        """``((λ_A, U_A), (λ_G, U_G))`` of a unit, computed once."""
+        e = self._eig_cache.get(key)
         if e is None:
-            A, G = self.data[lid]
-            e = self._eig_cache[lid] = (K.eig(A), K.eig(G))
+            A, G = K.get_unit(self.data, key)
+            e = self._eig_cache[key] = (K.eig(A), K.eig(G))
         return e
 
     def get_eigendecomposition(self):
         """``{layer_id: ((evals_A, U_A), (evals_G, U_G))}`` (cached); a diagonal factor's basis is
-        the int identity size."""
-        return {lid: self._eig(lid) for lid in self.data}
+        the int identity size. A multi-block layer gets a tuple of those, one per block."""
+        return self._map_units(lambda key, A, G: self._eig(key))
 
     def _pi_inverse_factors(self, regul, use_pi, power=-1.0):
-        """``{lid: ((A + π√λ I)^power, (G + √λ/π I)^power)}``, cached for ``power = -1``."""
+        """``{unit key: ((A + π√λ I)^power, (G + √λ/π I)^power)}``, cached for ``power = -1``
+        (π per Kronecker block)."""
         key = (float(regul), bool(use_pi), float(power))
         out = self._inv_cache.get(key)
         if out is not None:
             return out
         out = {}
         s = float(regul) ** 0.5
-        for lid, (A, G) in self.data.items():
+        for key, A, G in self._units():
             pi = K.pi_damping(A, G, use_pi)
-            (lA, UA), (lG, UG) = self._eig(lid)
+            (lA, UA), (lG, UG) = self._eig(key)
             dA, dG = lA + pi * s, lG + s / pi
             if not float(power).is_integer():
                 dA, dG = dA.clamp(min=0), dG.clamp(min=0)
-            out[lid] = (K.from_eig(dA ** power, UA), K.from_eig(dG ** power, UG))
+            out[key] = (K.from_eig(dA ** power, UA), K.from_eig(dG ** power, UG))
         if power == -1.0:
             self._inv_cache[key] = out
         return out
 
-    def _exact_layer(self, lid, V, regul, power=-1.0):
-        (lA, UA), (lG, UG) = self._eig(lid)
+    def _exact_layer(self, key, V, regul, power=-1.0):
+        (lA, UA), (lG, UG) = self._eig(key)
         W = K.to_kfe(V, UA, UG)
         return K.from_kfe(W * (torch.outer(lG, lA) + regul) ** power, UA, UG)
 
@@ -174,8 +195,8 @@ class PMatKFAC(PMatAbstract):
         if reduction not in ("sum", "diag"):
             raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
         out = 0
-        for lid, V in self._layout.split(pfmap.to_torch()).items():
-            MV = self._mul_layer(lid, V)
+        for key, V in self._layout.split(pfmap.to_torch()).items():
+            MV = self._mul_layer(key, V)
             if reduction == "sum":
                 out = out + torch.einsum("kiab,kjab->ij", V, MV)
             else:
@@ -185,9 +206,12 @@ class PMatKFAC(PMatAbstract):
     def mm(self, other):
         """``M₁ M₂`` for another PMatKFAC: per layer ``(G₁G₂) ⊗ (A₁A₂)``."""
         self._check_same_kind(other)
-        data = {lid: (K.fmatmul(A, other.data[lid][0]), K.fmatmul(G, other.data[lid][1]))
-                for lid, (A, G) in self.data.items()}
-        return PMatKFAC(self.layer_collection, None, data=data)
+
+        def prod(key, A, G):
+            A2, G2 = K.get_unit(other.data, key)
+            return (K.fmatmul(A, A2), K.fmatmul(G, G2))
+
+        return PMatKFAC(self.layer_collection, None, data=self._map_units(prod))
 
     # ------------------------------------------------------------------ solves and functions
     def _solve_flat(self, flat, regul, solve, use_pi, damping):
@@ -226,18 +250,18 @@ class PMatKFAC(PMatAbstract):
         eigenvalues (round-off) are clipped to 0 for fractional ``x``."""
         _check_damping(damping)
         if damping == "pi":
-            return PMatKFAC(self.layer_collection, None,
-                            data=self._pi_inverse_factors(regul, use_pi, power=float(x)))
+            return PMatKFAC(self.layer_collection, None, data=K.repack(
+                self.data, self._pi_inverse_factors(regul, use_pi, power=float(x))))
         from .ekfac import PMatEKFAC
 
-        data = {}
-        for lid in self.data:
-            (lA, UA), (lG, UG) = self._eig(lid)
+        def entry(key, A, G):
+            (lA, UA), (lG, UG) = self._eig(key)
             d = torch.outer(lG, lA) + regul
             if not float(x).is_integer():
                 d = d.clamp(min=0)
-            data[lid] = (UA, UG, d ** x)
-        return PMatEKFAC(self.layer_collection, None, data=data)
+            return (UA, UG, d ** x)
+
+        return PMatEKFAC(self.layer_collection, None, data=self._map_units(entry))
 
     def logdet(self, regul=0.0, damping="exact", use_pi=True):
         """``log det(M + regul·I) = Σ log(λ_G,i λ_A,j + regul)`` (``damping='exact'``, default),
@@ -245,8 +269,8 @@ class PMatKFAC(PMatAbstract):
         _check_damping(damping)
         total = 0
         s = float(regul) ** 0.5
-        for lid, (A, G) in self.data.items():
-            (lA, _), (lG, _) = self._eig(lid)
+        for key, A, G in self._units():
+            (lA, _), (lG, _) = self._eig(key)
             if damping == "exact":
                 total = total + torch.log(torch.outer(lG, lA) + regul).sum()
             else:
@@ -260,26 +284,29 @@ class PMatKFAC(PMatAbstract):
         """Diagonal ``(P,)``: per layer ``diag(G) ⊗ diag(A)``; in the flat layout
         (``split_weight_bias=True``) or each layer's Kronecker layout (False)."""
         parts = []
-        for lid, (A, G) in self.data.items():
-            d = torch.outer(K.fdiag(G), K.fdiag(A)).reshape(-1)
+        for lid, e in self.data.items():
+            d = torch.cat([torch.outer(K.fdiag(G), K.fdiag(A)).reshape(-1)
+                           for A, G in K.blocks_of(e)])
             parts.append(self._layout.to_flat_order(lid, d) if split_weight_bias else d)
         return torch.cat(parts)
 
     def trace(self):
-        return sum(K.ftrace(A) * K.ftrace(G) for A, G in self.data.values())
+        return sum(K.ftrace(A) * K.ftrace(G) for _, A, G in self._units())
 
     def frobenius_norm(self):
-        """``sqrt(Σ_layers (‖A‖_F ‖G‖_F)²)``."""
-        return torch.sqrt(sum((K.fnorm(A) * K.fnorm(G)) ** 2 for A, G in self.data.values()))
+        """``sqrt(Σ_blocks (‖A‖_F ‖G‖_F)²)``."""
+        return torch.sqrt(sum((K.fnorm(A) * K.fnorm(G)) ** 2 for _, A, G in self._units()))
 
     def to_torch(self, split_weight_bias=True):
         """The dense ``(P, P)`` matrix: layers at their flat positions; inside a layer the flat
-        order (``split_weight_bias=True``) or the Kronecker order of ``kron(G, A)`` (False)."""
+        order (``split_weight_bias=True``) or the Kronecker order of ``kron(G, A)`` (False; for
+        a multi-block layer the block-diagonal of its blocks' Kronecker products)."""
         P = self.layer_collection.numel()
-        A0, G0 = next(iter(self.data.values()))
+        G0 = self._units()[0][2]
         out = torch.zeros(P, P, dtype=G0.dtype, device=G0.device)
-        for lid, (A, G) in self.data.items():
-            block = torch.kron(K.dense(G).contiguous(), K.dense(A).contiguous())
+        for lid, e in self.data.items():
+            block = torch.block_diag(*[torch.kron(K.dense(G).contiguous(), K.dense(A).contiguous())
+                                       for A, G in K.blocks_of(e)])
             if split_weight_bias:
                 block = self._layout.to_flat_order(lid, block, both=True)
             s = self.layer_collection.slice(lid)
@@ -289,29 +316,29 @@ class PMatKFAC(PMatAbstract):
     # ------------------------------------------------------------------ arithmetic
     def _scaled(self, x):
         return PMatKFAC(self.layer_collection, None,
-                        data={lid: (A, G * x) for lid, (A, G) in self.data.items()})
+                        data=self._map_units(lambda key, A, G: (A, G * x)))
 
     def __add__(self, other):
         """Sum of two PMatKFAC, where it stays Kronecker: per layer one factor of ``other`` must be
         proportional to the same factor of ``self`` (e.g. ``M + c·M``)."""
         self._check_same_kind(other)
         tol = 1e3 * torch.finfo(self.dtype).eps
-        data = {}
-        for lid, (A1, G1) in self.data.items():
-            A2, G2 = other.data[lid]
+
+        def add(key, A1, G1):
+            A2, G2 = K.get_unit(other.data, key)
             c = K.proportional(A1, A2, tol)
             if c is not None:
-                data[lid] = (A1, G1 + c * G2)
-                continue
+                return (A1, G1 + c * G2)
             c = K.proportional(G1, G2, tol)
             if c is not None:
-                data[lid] = (A1 + c * A2, G1)
-                continue
+                return (A1 + c * A2, G1)
+            lid = key[0] if isinstance(key, tuple) else key
             raise NotImplementedError(
                 f"the sum of these two PMatKFAC is not a Kronecker product for layer '{lid}' (neither "
                 "factor of one is proportional to the other's); use to_torch() and add the dense "
                 "tensors, or PMatDense")
-        return PMatKFAC(self.layer_collection, None, data=data)
+
+        return PMatKFAC(self.layer_collection, None, data=self._map_units(add))
 
     def __getstate__(self):
         state = super().__getstate__()
