@@ -33,6 +33,13 @@ class PMatAbstract:
     def _build(self, examples, **kwargs):
         raise NotImplementedError
 
+    def _unsupported(self, what):
+        """Default for an operation a representation does not implement."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.{what} is not implemented for this representation; see "
+            "docs/representations.md for which representations have it, or use to_torch() and "
+            "dense torch operations on small models")
+
     # ------------------------------------------------------------------ checks
     def _check_pvector(self, v):
         if not isinstance(v, PVector):
@@ -72,13 +79,13 @@ class PMatAbstract:
 
     # ------------------------------------------------------------------ products
     def mv(self, v):
-        raise NotImplementedError
+        self._unsupported("mv")
 
     def vTMv(self, v):
-        raise NotImplementedError
+        self._unsupported("vTMv")
 
     def mmap(self, pfmap):
-        raise NotImplementedError
+        self._unsupported("mmap")
 
     def mapTMmap(self, pfmap, reduction="sum"):
         """Quadratic forms of the rows of a PFMap ``J`` (shape ``(K, n, P)``).
@@ -105,7 +112,7 @@ class PMatAbstract:
         return NotImplemented
 
     def mm(self, other):
-        raise NotImplementedError(f"{type(self).__name__}.mm is not implemented")
+        self._unsupported("mm")
 
     # ------------------------------------------------------------------ solves and functions
     def solve(self, x, regul=1e-8, solve="default", **kwargs):
@@ -118,36 +125,36 @@ class PMatAbstract:
         raise TypeError(f"solve takes a PVector or a PFMap, got {type(x).__name__}")
 
     def solvePVec(self, x, regul=1e-8, solve="default", **kwargs):
-        raise NotImplementedError
+        self._unsupported("solvePVec")
 
     def solvePFMap(self, x, regul=1e-8, solve="default", **kwargs):
-        raise NotImplementedError
+        self._unsupported("solvePFMap")
 
     def inverse(self, regul=1e-8):
-        raise NotImplementedError
+        self._unsupported("inverse")
 
     def inv(self, regul=1e-8, **kwargs):
         return self.inverse(regul=regul, **kwargs)
 
     def pow(self, x, regul=0.0):
-        raise NotImplementedError
+        self._unsupported("pow")
 
     def __pow__(self, x):
         return self.pow(x)
 
     def logdet(self, regul=0.0):
         """``log det(M + regul·I)``."""
-        raise NotImplementedError
+        self._unsupported("logdet")
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self):
-        raise NotImplementedError
+        self._unsupported("get_diag")
 
     def trace(self):
         return self.get_diag().sum()
 
     def frobenius_norm(self):
-        raise NotImplementedError
+        self._unsupported("frobenius_norm")
 
     def norm(self, ord=None):
         """Frobenius norm by default (``ord=None`` or ``'fro'``)."""
@@ -158,14 +165,14 @@ class PMatAbstract:
             "torch.linalg.matrix_norm(M.to_torch(), ord) on small matrices")
 
     def to_torch(self):
-        raise NotImplementedError
+        self._unsupported("to_torch")
 
     def get_dense_tensor(self):
         return self.to_torch()
 
     # ------------------------------------------------------------------ arithmetic
     def _scaled(self, x):
-        raise NotImplementedError
+        self._unsupported("_scaled")
 
     def __mul__(self, x):
         if isinstance(x, (int, float)) or (torch.is_tensor(x) and x.dim() == 0):
@@ -181,7 +188,7 @@ class PMatAbstract:
         return self._scaled(-1.0)
 
     def __add__(self, other):
-        raise NotImplementedError
+        self._unsupported("__add__")
 
     def __sub__(self, other):
         return self + (-other)

@@ -285,6 +285,30 @@ class PMatQuasiDiagInverse(_PerLayer):
 
     solvePFMap = solvePVec
 
+    def _back_to_quasidiag(self, what):
+        raise NotImplementedError(
+            f"PMatQuasiDiagInverse.{what} is not implemented (it only supports products and "
+            "reductions); use the PMatQuasiDiag it came from (its inverse is Q + regul·I, its "
+            "log-determinant -Q.logdet(regul)), or to_torch() on small models")
+
+    def inverse(self, regul=1e-8):
+        self._back_to_quasidiag("inverse")
+
+    def pow(self, x, regul=0.0):
+        self._back_to_quasidiag("pow")
+
+    def logdet(self, regul=0.0):
+        self._back_to_quasidiag("logdet")
+
+    def mm(self, other):
+        self._back_to_quasidiag("mm")
+
+    def __add__(self, other):
+        self._back_to_quasidiag("__add__")
+
+    def __sub__(self, other):
+        self._back_to_quasidiag("__sub__")
+
 
 def _check_solve(solve):
     if solve not in ("default", "solve", "schur"):
