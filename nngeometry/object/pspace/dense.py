@@ -5,6 +5,7 @@ from ..map import PFMapDense
 from ..vector import PVector
 from ._spectral import eigvals_for_power, logdet_from_eigvals
 from .abstract import PMatAbstract
+from .eye import PMatEye
 
 
 class PMatDense(PMatAbstract):
@@ -134,12 +135,22 @@ class PMatDense(PMatAbstract):
         return PMatDense(self.layer_collection, None, data=self.data * x)
 
     def __add__(self, other):
-        self._check_same_kind(other)
-        return PMatDense(self.layer_collection, None, data=self.data + other.data)
+        return PMatDense(self.layer_collection, None, data=self.data + self._dense_operand(other))
+
+    __radd__ = __add__
 
     def __sub__(self, other):
+        return PMatDense(self.layer_collection, None, data=self.data - self._dense_operand(other))
+
+    def _dense_operand(self, other):
+        """Another PMatDense's data, or a PMatEye's ``s·I`` (e.g. a prior precision)."""
+        if isinstance(other, PMatEye):
+            if other.layer_collection != self.layer_collection:
+                raise ValueError("the two matrices are built on different LayerCollections")
+            return other.scaling * torch.eye(self.data.shape[0], dtype=self.data.dtype,
+                                             device=self.data.device)
         self._check_same_kind(other)
-        return PMatDense(self.layer_collection, None, data=self.data - other.data)
+        return other.data
 
 
 def _check_dense_fits(p, itemsize, limit_bytes=None):

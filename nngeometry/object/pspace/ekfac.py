@@ -6,6 +6,7 @@ from ..map import PFMapDense
 from ..vector import PVector
 from . import _kron as K
 from .abstract import PMatAbstract
+from .eye import PMatEye
 from .kfac import check_kfac_support
 
 
@@ -354,7 +355,12 @@ class PMatEKFAC(PMatAbstract):
                         "(dense) or PMatDense")
 
     def __add__(self, other):
-        """Sum of two matrices sharing their eigenbases (e.g. ``M + c·M``): ``D₁ + D₂``."""
+        """Sum of two matrices sharing their eigenbases (e.g. ``M + c·M``): ``D₁ + D₂``; with a
+        :class:`PMatEye` ``s·I`` (a prior precision): ``D + s`` (the eigenbases are complete)."""
+        if isinstance(other, PMatEye):
+            if other.layer_collection != self.layer_collection:
+                raise ValueError("the two matrices are built on different LayerCollections")
+            return self._with_diags(self._map_diags(lambda D: D + other.scaling))
         self._same_basis(other)
         return self._with_diags(self._zip_diags(other, lambda D1, D2: D1 + D2))
 
