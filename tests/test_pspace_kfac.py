@@ -197,6 +197,10 @@ def test_solve_is_cached(mats, monkeypatch):
 
     for name in ("eigh", "inv", "solve", "lstsq", "cholesky"):
         monkeypatch.setattr(torch.linalg, name, forbidden)
+    # nor are the damped inverse factors rebuilt from the eigendecomposition (every layer's entry
+    # must be cached, not only the last one's)
+    from nngeometry.object.pspace import _kron
+    monkeypatch.setattr(_kron, "from_eig", forbidden)
     y2 = M.solve(v, regul=0.7).get_flat_representation()
     M.solve(v, regul=0.7, damping="exact")
     M.solve(s.pfmap(), regul=0.7)
@@ -289,3 +293,16 @@ def test_bad_data_refused():
         PMatKFAC(s.lc, None, data=data).mv(s.vec())
     with pytest.raises(ValueError, match="one \\(A, G\\) per layer"):
         PMatKFAC(s.lc, None, data={"0": M.data["0"]})
+
+
+def test_float32_rank_deficient_factor_decomposes():
+    """A Linear layer with more inputs than examples has a very rank-deficient A; float32 LAPACK
+    may fail on it: the decomposition falls back to float64 instead of failing."""
+    from nngeometry.object.pspace._spectral import eigh
+
+    torch.manual_seed(0)
+    X = torch.randn(20, 600)
+    A = X.t() @ X / 20  # rank 20, float32
+    evals, U = eigh(A)
+    assert evals.dtype == torch.float32 and U.dtype == torch.float32
+    close((U * evals) @ U.t(), A, rtol=1e-4)

@@ -12,6 +12,8 @@ for the identity of size ``d`` (the eigenbasis of a diagonal factor).
 """
 import torch
 
+from . import _spectral
+
 
 # ---------------------------------------------------------------------- factors
 def fdim(F):
@@ -69,7 +71,7 @@ def eig(F):
     """``(evals, basis)`` of a symmetric factor; a diagonal factor's basis is the int identity."""
     if F.dim() == 1:
         return F, F.shape[0]
-    return torch.linalg.eigh(F)
+    return _spectral.eigh(F)
 
 
 def from_eig(evals, U):

@@ -2,6 +2,29 @@
 import torch
 
 
+def eigh(M):
+    """``torch.linalg.eigh`` of a symmetric matrix, robust to what curvature factors look like.
+
+    Accumulated factors are symmetric only up to round-off, and are often very rank-deficient
+    (a Linear layer with more inputs than examples seen): float32 LAPACK can then fail to
+    converge. The matrix is symmetrized, and a failed float32 decomposition is redone in float64
+    and cast back.
+    """
+    M = (M + M.transpose(-1, -2)) / 2
+    try:
+        return torch.linalg.eigh(M)
+    except torch.linalg.LinAlgError:
+        if M.dtype == torch.float64:
+            raise
+        evals, evecs = torch.linalg.eigh(M.double())
+        return evals.to(M.dtype), evecs.to(M.dtype)
+
+
+def eigvalsh(M):
+    """Eigenvalues of a symmetric matrix, with the same safeguards as :func:`eigh`."""
+    return eigh(M)[0]
+
+
 def _round_off(ev):
     """Size below which a negative eigenvalue of a PSD matrix is round-off."""
     eps = torch.finfo(ev.dtype).eps

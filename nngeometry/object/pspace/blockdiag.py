@@ -3,6 +3,7 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
+from . import _spectral
 from ._spectral import eigvals_for_power, logdet_from_eigvals
 from .abstract import PMatAbstract
 from .eye import PMatEye
@@ -74,7 +75,7 @@ class PMatBlockDiag(PMatAbstract):
         if solve == "cholesky":
             return torch.cholesky_solve(rhs, torch.linalg.cholesky(A))
         if solve == "eigh":
-            evals, evecs = torch.linalg.eigh(b)
+            evals, evecs = _spectral.eigh(b)
             return evecs @ ((evecs.t() @ rhs) / (evals + regul).unsqueeze(1))
         raise ValueError(f"unknown solve '{solve}': use 'solve', 'cholesky' or 'eigh'")
 
@@ -108,18 +109,18 @@ class PMatBlockDiag(PMatAbstract):
         indefinite block is refused)."""
         out = {}
         for lid, _, b in self._blocks():
-            evals, evecs = torch.linalg.eigh(b)
+            evals, evecs = _spectral.eigh(b)
             ev = eigvals_for_power(evals + regul, x)
             out[lid] = (evecs * ev ** x) @ evecs.t()
         return self._new(out)
 
     def logdet(self, regul=0.0):
         """``log det(M + regul·I) = Σ_l log det(M_l + regul·I)``."""
-        return sum(logdet_from_eigvals(torch.linalg.eigvalsh(b) + regul) for _, _, b in self._blocks())
+        return sum(logdet_from_eigvals(_spectral.eigvalsh(b) + regul) for _, _, b in self._blocks())
 
     def get_eigendecomposition(self):
         """``{layer_id: (evals ascending, evecs as columns)}`` of each block."""
-        return {lid: torch.linalg.eigh(b) for lid, _, b in self._blocks()}
+        return {lid: _spectral.eigh(b) for lid, _, b in self._blocks()}
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self):

@@ -3,6 +3,7 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
+from . import _spectral
 from ._spectral import eigvals_for_power, logdet_from_eigvals
 from .abstract import PMatAbstract
 from .eye import PMatEye
@@ -104,7 +105,7 @@ class PMatDense(PMatAbstract):
         """Eigendecomposition of the symmetric matrix, cached in ``evals``, ``evecs``."""
         if impl != "eigh":
             raise NotImplementedError(f"unknown eigendecomposition implementation '{impl}'; use 'eigh'")
-        self.evals, self.evecs = torch.linalg.eigh(self.data)
+        self.evals, self.evecs = _spectral.eigh(self.data)
 
     def get_eigendecomposition(self):
         """``(evals ascending, evecs as columns)``, computed once."""

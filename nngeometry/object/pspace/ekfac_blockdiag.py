@@ -3,6 +3,7 @@ others (e.g. layer types without KFAC maths, grouped convolutions)."""
 import torch
 
 from ...backend.consumers import Consumer
+from . import _spectral
 from . import _kron as K
 from .ekfac import PMatEKFAC
 
@@ -87,7 +88,7 @@ class PMatEKFACBlockDiag(PMatEKFAC):
             if lid in c.factors:
                 data[lid] = self._entry_from_kfac(c.factors[lid])
             else:
-                evals, U = torch.linalg.eigh(c.blocks[lid])
+                evals, U = _spectral.eigh(c.blocks[lid])
                 data[lid] = (U, evals)
         return data
 

@@ -149,21 +149,21 @@ class PMatKFAC(PMatAbstract):
     def _pi_inverse_factors(self, regul, use_pi, power=-1.0):
         """``{unit key: ((A + π√λ I)^power, (G + √λ/π I)^power)}``, cached for ``power = -1``
         (π per Kronecker block)."""
-        key = (float(regul), bool(use_pi), float(power))
-        out = self._inv_cache.get(key)
+        cache_key = (float(regul), bool(use_pi), float(power))
+        out = self._inv_cache.get(cache_key)
         if out is not None:
             return out
         out = {}
         s = float(regul) ** 0.5
-        for key, A, G in self._units():
+        for unit, A, G in self._units():
             pi = K.pi_damping(A, G, use_pi)
-            (lA, UA), (lG, UG) = self._eig(key)
+            (lA, UA), (lG, UG) = self._eig(unit)
             dA, dG = lA + pi * s, lG + s / pi
             if not float(power).is_integer():
                 dA, dG = dA.clamp(min=0), dG.clamp(min=0)
-            out[key] = (K.from_eig(dA ** power, UA), K.from_eig(dG ** power, UG))
+            out[unit] = (K.from_eig(dA ** power, UA), K.from_eig(dG ** power, UG))
         if power == -1.0:
-            self._inv_cache[key] = out
+            self._inv_cache[cache_key] = out
         return out
 
     def _exact_layer(self, key, V, regul, power=-1.0):

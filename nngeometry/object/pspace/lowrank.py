@@ -5,6 +5,7 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
+from . import _spectral
 from .abstract import PMatAbstract
 from .eye import PMatEye
 
@@ -104,7 +105,7 @@ class PMatLowRank(_LowRankBase):
         ``rtol · λ_max`` (default ``r · eps``) are treated as zero and dropped. Cached in
         ``evals`` (ascending) and ``evecs`` (``(P, k)``, columns)."""
         U = self._U()
-        lam, Q = torch.linalg.eigh(self._gram())
+        lam, Q = _spectral.eigh(self._gram())
         if rtol is None:
             rtol = U.shape[0] * torch.finfo(U.dtype).eps
         keep = lam > rtol * lam.abs().max().clamp(min=torch.finfo(U.dtype).tiny)
@@ -182,7 +183,7 @@ class PMatLowRank(_LowRankBase):
         G = self._gram()
         P, r = self.layer_collection.numel(), G.shape[0]
         lam = torch.as_tensor(regul, dtype=G.dtype, device=G.device)
-        return (P - r) * torch.log(lam) + torch.log(torch.linalg.eigvalsh(G) + lam).sum()
+        return (P - r) * torch.log(lam) + torch.log(_spectral.eigvalsh(G) + lam).sum()
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self):
