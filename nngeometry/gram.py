@@ -11,7 +11,7 @@ are Gram matrices of rows produced batch after batch. Two things make them cheap
 import torch
 
 #: widths below this use one plain GEMM (the block-triangle bookkeeping doesn't pay off)
-SYMMETRIC_MIN_WIDTH = 384
+SYMMETRIC_MIN_WIDTH = 192
 #: rows needed in a flush for the block-triangle to pay off
 SYMMETRIC_MIN_ROWS = 256
 #: buffered rows are flushed past this many bytes
@@ -34,6 +34,7 @@ class GramRows:
 
 
 def _blocks(d):
+    # about 192 columns a block, from 2 to 8 blocks
     n_blocks = max(2, min(8, d // 192))
     bs = -(-d // n_blocks)
     return [(s, min(d, s + bs)) for s in range(0, d, bs)]
@@ -88,14 +89,24 @@ class SymmetricAccumulator:
         self.flush()
         if self._upper is not None:
             upper, blocks = self._upper
-            for start, stop in blocks:
-                block = upper[start:stop, start:stop]
-                block.copy_(torch.triu(block))
-            full = upper + upper.t()
-            torch.diagonal(full).sub_(torch.diagonal(upper))
-            self._total = full if self._total is None else self._total + full
             self._upper = None
+            _mirror_upper_in_place(upper, blocks)
+            self._total = upper if self._total is None else self._total.add_(upper)
         return self._total
+
+
+def _mirror_upper_in_place(M, blocks):
+    """Complete ``M`` from its upper block-triangle, block by block.
+
+    A whole ``M + Mᵀ`` reads one operand transposed across the full matrix, which is cache
+    hostile (slower than the GEMMs for large P) and allocates a second ``P × P``; copying
+    block-sized transposes keeps both the traffic local and the memory at one matrix.
+    """
+    for i, (s0, e0) in enumerate(blocks):
+        diag = M[s0:e0, s0:e0]
+        diag.copy_(torch.triu(diag) + torch.triu(diag, diagonal=1).t())
+        for s1, e1 in blocks[i + 1:]:
+            M[s1:e1, s0:e0].copy_(M[s0:e0, s1:e1].t())
 
 
 def symmetric_gram(X):

@@ -8,7 +8,7 @@ import torch
 from _reps_fixtures import (DT, check_inverse, check_layout_errors, check_products, check_solves,
                             close, setup)  # noqa: F401
 from nngeometry.metrics import FIM
-from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatEye, PMatLowRank,
+from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatEye, PMatKFAC, PMatLowRank,
                                PMatQuasiDiag)
 
 
@@ -63,7 +63,7 @@ def test_arithmetic_and_mm(mats):
     close(M.mm(Dn).to_torch(), D @ s.dense)
 
 
-@pytest.mark.parametrize("rep", [PMatDiag, PMatBlockDiag, PMatQuasiDiag, PMatLowRank])
+@pytest.mark.parametrize("rep", [PMatDiag, PMatBlockDiag, PMatQuasiDiag, PMatLowRank, PMatDense])
 def test_sums_with_structured(mats, rep):
     """``A + s·I`` (the damped / prior-added matrix) keeps A's structure where it can."""
     s, M, D = mats
@@ -73,8 +73,14 @@ def test_sums_with_structured(mats, rep):
     close((M + A).to_torch(), DA + D)
     close((M - A).to_torch(), D - DA)
     close((A - M).to_torch(), DA - D)
-    with pytest.raises(NotImplementedError, match="to_torch"):
-        M + PMatDense(s.lc, None, data=D)
+
+
+def test_sum_with_kfac_refused(mats):
+    """``A ⊗ G + s·I`` is not Kronecker: refused, naming the way out."""
+    s, M, D = mats
+    K = FIM(s.model, s.loader, PMatKFAC, variant=s.variant)
+    with pytest.raises(NotImplementedError, match="to_torch|EKFAC"):
+        M + K
 
 
 def test_pickle_and_layout(mats):
