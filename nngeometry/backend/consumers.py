@@ -65,6 +65,7 @@ class LayerBlocks(Consumer):
         for lid in ctx.layer_ids():
             g = ctx.per_example_grad(lid)
             self._acc.setdefault(lid, SymmetricAccumulator()).add(g.reshape(-1, g.shape[-1]))
+            ctx.release(lid)
 
     def finalize(self, n):
         self.result = {lid: acc.result().div_(n) for lid, acc in self._acc.items()}
@@ -220,6 +221,8 @@ class QuasiDiagCovariance(Consumer):
                 d = (g * g).sum(dim=(0, 1))
                 gw = g[:, :, :nw].reshape(K, n, *shape)
                 cross = torch.einsum("knoi,kno->oi", gw, g[:, :, nw:])
+                del g, gw
+                ctx.release(lid)
             if lid not in self.result:
                 self.result[lid] = [d, cross]
             else:

@@ -67,6 +67,11 @@ class BatchContext:
             self._grads[layer_id] = g
         return g
 
+    def release(self, layer_id):
+        """Forget the layer's cached per-example gradients: consumers that go layer by layer call
+        it once done with a layer, so that a batch's whole-model Jacobian is never held."""
+        self._grads.pop(layer_id, None)
+
     def jacobian(self):
         """``(K, n, P)``: per-example Jacobian rows in the collection's layout."""
         if self._jacobian is None:

@@ -216,13 +216,22 @@ class _ConvNdLayer(AbstractLayer):
         n, D, L = u.shape
         g = gy.reshape(gy.shape[0], gy.shape[1], self.out_channels, -1)  # (K, n, C_out, L)
         if approx == "expand":
-            u = u.transpose(1, 2).reshape(-1, D)  # every output location is a row
-            g = g.permute(0, 1, 3, 2).reshape(-1, self.out_channels)
-            scale = 1.0 / L
-        else:
-            u = u.mean(dim=2)  # mean patch per example
-            g = g.sum(dim=3).reshape(-1, self.out_channels)  # summed gradient per example
-            scale = 1.0
+            # Σ over examples (and directions) and locations of u uᵀ and g gᵀ, as batched
+            # products on the unfolded layout: no transposed copies of the patches or of the
+            # K output gradients, which made this 1.7-1.8x slower and 2-5x more memory (W2)
+            A = torch.bmm(u, u.transpose(1, 2)).sum(dim=0)
+            gb = g.reshape(-1, self.out_channels, L)  # (K n, C_out, L)
+            G = torch.bmm(gb, gb.transpose(1, 2)).sum(dim=0) / L
+            if self.bias is not None:
+                # the trailing 1 of each patch: border Σ u, corner the number of rows n L
+                s = u.sum(dim=(0, 2))
+                A = torch.cat([torch.cat([A, s.unsqueeze(1)], dim=1),
+                               torch.cat([s, s.new_full((1,), float(n * L))]).unsqueeze(0)],
+                              dim=0)
+            return A, G
+        u = u.mean(dim=2)  # 'reduce': mean patch per example
+        g = g.sum(dim=3).reshape(-1, self.out_channels)  # summed gradient per example
+        scale = 1.0
         if self.bias is not None:
             u = torch.cat([u, u.new_ones(u.shape[0], 1)], dim=1)
         return GramRows(u), GramRows(g, scale)

@@ -46,11 +46,13 @@ class LinearLayer(AbstractLayer):
             # positions share the weight: squares don't factor, go through per-example grads
             return super().diag(module, x, gy)
         x, gy = x[:, 0], gy[:, :, 0]
-        gy2 = gy * gy
-        dw = torch.einsum("kno,ni->oi", gy2, x * x).reshape(-1)
+        # sum the squared output gradients over the K directions first, then one GEMM
+        # (einsum would run it as K batched products: 2-3x slower for K = C - 1)
+        gy2 = (gy * gy).sum(dim=0)  # (n, out)
+        dw = (gy2.t() @ (x * x)).reshape(-1)
         if self.bias is None:
             return dw
-        return torch.cat([dw, gy2.sum(dim=(0, 1))])
+        return torch.cat([dw, gy2.sum(dim=0)])
 
     def kfac_factors(self, module, x, gy, approx="expand"):
         """KFAC factors; for inputs ``(n, S, in)`` with ``S`` weight-sharing positions:
