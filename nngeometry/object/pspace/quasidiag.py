@@ -18,20 +18,11 @@ Inference 4(2), 2015.
 """
 import torch
 
+from ...backend.consumers import QuasiDiagCovariance
 from ..map import PFMapDense
 from ..vector import PVector
 from .abstract import PMatAbstract
 from .eye import PMatEye
-
-
-def _unit_shape(layer):
-    """``(out, n_in)`` when the layer has one bias per row of its weight, else None."""
-    if layer.bias is None:
-        return None
-    out = layer.weight.size[0]
-    if layer.bias.size != (out,):
-        return None
-    return out, layer.weight.numel() // out
 
 
 class _PerLayer(PMatAbstract):
@@ -98,7 +89,7 @@ class PMatQuasiDiag(_PerLayer):
     def _items(self):
         for lid in self.layer_collection.layer_ids():
             d, c = self.data[lid]
-            yield lid, d, c, (None if c is None else _unit_shape(self.layer_collection[lid]))
+            yield lid, d, c, (None if c is None else QuasiDiagCovariance.unit_shape(self.layer_collection[lid]))
 
     def _apply_layer(self, lid, X):
         d, c = self.data[lid]
