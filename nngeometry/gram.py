@@ -5,16 +5,30 @@ are Gram matrices of rows produced batch after batch. Two things make them cheap
 
 * symmetry: only the upper block-triangle ``X_iᵀ X_{i:}`` of each block-row ``i`` is computed,
   and mirrored once at the end, which saves close to half of the multiply-adds for wide ``X``;
-* batching: rows of several mini-batches are buffered (up to a memory budget) so that each GEMM
-  is tall enough to run at full speed.
+* batching: rows of small mini-batches are buffered so that each GEMM is tall enough to run at
+  full speed, but no more than that (see :data:`FLUSH_ROWS`): the buffer stays about the size
+  of the Gram matrix itself, so memory is not spent on rows waiting for a GEMM.
+
+Buffer rule: rows are flushed (multiplied into the sum) as soon as the buffer holds
+``min(FLUSH_ROWS, d)`` rows for a ``d``-wide Gram (i.e. at most ``d² `` entries, the size of the
+sum itself, and at most :data:`FLUSH_ROWS` rows), or :data:`BUFFER_BYTES` bytes. A batch with at
+least that many rows goes straight to the GEMM without a copy. Measured on an MLP 784-256-256-10
+(KFAC factors 785², 257², 256², N = 1024, 128 rows a batch, one thread), against buffering up to
+32 MiB (all 1024 rows): the build takes the same time (GEMMs with 256 rows already run at full
+speed), and its peak memory goes from 10.6 to 6.5 MiB (Monte-Carlo; the factors alone are 3.4
+MiB, a forward/backward 2.3 MiB) and from 34 to 8.3 MiB (closed form). Flushing every 128 rows
+(every batch) would give 5.0 and 7.7 MiB, but 5-8% more time (GEMMs with 128 rows).
 """
 import torch
 
 #: widths below this use one plain GEMM (the block-triangle bookkeeping doesn't pay off)
 SYMMETRIC_MIN_WIDTH = 192
-#: rows needed in a flush for the block-triangle to pay off
+#: rows needed in the first flush for the block-triangle to pay off (later flushes follow the
+#: path of the first one, so that one sum is ever allocated)
 SYMMETRIC_MIN_ROWS = 256
-#: buffered rows are flushed past this many bytes
+#: buffered rows are flushed once there are this many (or the Gram's width, if smaller)
+FLUSH_ROWS = 256
+#: ... or past this many bytes (very wide rows)
 BUFFER_BYTES = 32 * 2 ** 20
 
 
@@ -47,9 +61,10 @@ class SymmetricAccumulator:
     mirror it once in :meth:`result`.
     """
 
-    def __init__(self, buffer_bytes=BUFFER_BYTES):
+    def __init__(self, buffer_bytes=BUFFER_BYTES, flush_rows=FLUSH_ROWS):
         self.buffer_bytes = buffer_bytes
-        self._rows, self._scale, self._bytes = [], None, 0
+        self.flush_rows = flush_rows
+        self._rows, self._scale, self._bytes, self._n_rows = [], None, 0, 0
         self._total = None
         self._upper = None  # (tensor, blocks) when the block-triangle path is in use
 
@@ -61,7 +76,8 @@ class SymmetricAccumulator:
         self._rows.append(rows)
         self._scale = scale
         self._bytes += rows.numel() * rows.element_size()
-        if self._bytes >= self.buffer_bytes:
+        self._n_rows += rows.shape[0]
+        if self._n_rows >= min(self.flush_rows, rows.shape[1]) or self._bytes >= self.buffer_bytes:
             self.flush()
 
     def flush(self):
@@ -70,11 +86,13 @@ class SymmetricAccumulator:
         X = self._rows[0] if len(self._rows) == 1 else torch.cat(self._rows)
         if self._scale != 1.0:
             X = X * self._scale ** 0.5 if self._scale > 0 else None
-        self._rows, self._bytes = [], 0
+        self._rows, self._bytes, self._n_rows = [], 0, 0
         if X is None:
             raise ValueError("a Gram factor needs a non-negative scale")
         m, d = X.shape
-        if d >= SYMMETRIC_MIN_WIDTH and m >= SYMMETRIC_MIN_ROWS and X.device.type == "cpu":
+        if self._upper is not None or (
+                self._total is None and d >= SYMMETRIC_MIN_WIDTH and m >= SYMMETRIC_MIN_ROWS
+                and X.device.type == "cpu"):
             if self._upper is None:
                 self._upper = (X.new_zeros(d, d), _blocks(d))
             upper, blocks = self._upper

@@ -15,6 +15,8 @@ The factors are computed from detached probabilities: they are constants of the 
 import torch
 import torch.nn.functional as F
 
+from .backend.batches import all_finite
+
 CLOSED_FORM_VARIANTS = ("classif_logits", "classif_binary_logits", "regression")
 MC_VARIANTS = ("classif_logits", "classif_logsoftmax", "segmentation_logits", "regression")
 
@@ -86,7 +88,7 @@ def monte_carlo_function(function, variant, trials, covariance=1.0):
     def sample_logprob(logp):
         # logp: (n, C) normalized log-probabilities -> (n, T)
         probs = logp.detach().exp()
-        if not torch.isfinite(probs).all():
+        if not all_finite(probs):
             # checked here because sampling comes before the generator's check of the outputs
             raise ValueError(
                 "the model's outputs contain NaN or Inf; check the inputs (NaN/Inf in the data?) "
@@ -95,8 +97,12 @@ def monte_carlo_function(function, variant, trials, covariance=1.0):
         return torch.gather(logp, 1, y)
 
     if variant == "classif_logits":
+        if trials == 1:  # scale = 1: no multiplication (one op less forward and backward)
+            return lambda *batch: sample_logprob(F.log_softmax(_as_2d(function(*batch)), dim=1))
         return lambda *batch: sample_logprob(F.log_softmax(_as_2d(function(*batch)), dim=1)) * scale
     if variant == "classif_logsoftmax":
+        if trials == 1:
+            return lambda *batch: sample_logprob(_as_2d(function(*batch)))
         return lambda *batch: sample_logprob(_as_2d(function(*batch))) * scale
     if variant == "segmentation_logits":
         def g(*batch):

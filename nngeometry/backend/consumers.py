@@ -118,18 +118,21 @@ class KFACFactors(Consumer):
                 slots[0] = p if slots[0] is None else slots[0] + p
 
     @staticmethod
-    def _total(slots):
+    def _mean(slots, n):
+        """The slot's sum divided by ``n``, in place where the sum is a buffer of ours (no
+        second factor-sized allocation at the end of the build)."""
         dense, gram = slots
-        total = dense
-        if gram is not None:
-            g = gram.result()
-            total = g if total is None else total + g
-        return total
+        if gram is None:
+            return dense / n  # may be a layer type's own tensor: not modified
+        total = gram.result()  # the accumulator's own buffer
+        if dense is not None:
+            total.add_(dense)
+        return total.div_(n)
 
     def finalize(self, n):
         self.result = {}
         for lid, blocks in self._acc.items():
-            pairs = tuple((self._total(a) / n, self._total(g) / n) for a, g in blocks)
+            pairs = tuple((self._mean(a, n), self._mean(g, n)) for a, g in blocks)
             self.result[lid] = pairs if self._multi[lid] else pairs[0]
 
 

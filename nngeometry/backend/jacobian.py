@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch.utils.data import DataLoader
 
-from .batches import batch_size_of, default_function, iterate_batches, prepare_batch
+from .batches import all_finite, batch_size_of, default_function, iterate_batches, prepare_batch
 from .context import BatchContext, Call
 from ..layer_types.base import is_recording_paused
 from . import consumers as C
@@ -116,16 +116,31 @@ class TorchHooksJacobianBackend:
     # ================================================================== implicit products
     def implicit_mv(self, v, examples, layer_collection):
         """``M v = (1/n) Σ_x J(x)ᵀ J(x) v`` without forming ``M``: a Jacobian-vector product
-        then a vector-Jacobian product per batch. Returns the flat ``(P,)`` tensor."""
+        then a vector-Jacobian product per batch. Returns the flat ``(P,)`` tensor.
+
+        One forward pass per batch: the parameters are forward-mode duals (tangent ``v``) that
+        also require grad, so the same pass gives the outputs' graph and ``J v``; the backward
+        pass from the primal outputs with cotangent ``J v`` gives ``Jᵀ J v``. (A separate
+        ``vjp`` and ``jvp`` ran the forward twice: 1.3x slower on an MLP and a transformer.)"""
+        import torch.autograd.forward_ad as fwAD
+
         out = None
         n_total = 0
         for batch, params, f in self._functional_batches(examples, layer_collection):
             tangents = self._split_flat(v, params, layer_collection)
-            outputs, vjp_fn = torch.func.vjp(f, params)
-            _, jv = torch.func.jvp(f, (params,), (tangents,))
+            leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+            with fwAD.dual_level(), torch.enable_grad():
+                outputs = f({k: fwAD.make_dual(p, tangents[k]) for k, p in leaves.items()})
+                outputs, jv = fwAD.unpack_dual(outputs)
             self._check_finite(outputs)
-            (g,) = vjp_fn(jv)
-            flat = torch.cat([g[k].reshape(-1) for k in params])
+            if jv is None or not outputs.requires_grad:
+                # the outputs do not depend on the collection's parameters: M v = 0 here
+                g = [None] * len(leaves)
+            else:
+                g = torch.autograd.grad(outputs, list(leaves.values()), jv.detach(),
+                                        allow_unused=True)
+            flat = torch.cat([torch.zeros_like(p).reshape(-1) if gk is None else gk.reshape(-1)
+                              for gk, p in zip(g, leaves.values())])
             out = flat if out is None else out + flat
             n_total += outputs.shape[0]
         self._check_nonempty(n_total)
@@ -180,6 +195,9 @@ class TorchHooksJacobianBackend:
     def implicit_mm(self, V, examples, layer_collection):
         """``(m, P)``: ``M v_j = (1/n) Σ_x J(x)ᵀ J(x) v_j`` for the rows of ``V`` (``(m, P)``),
         without forming ``M``: per batch, vmapped JVPs then vmapped VJPs."""
+        if V.shape[0] == 1:
+            # one vector (e.g. a CG iteration): the single-forward path of implicit_mv
+            return self.implicit_mv(V[0], examples, layer_collection).unsqueeze(0)
         out, n_total = None, 0
         for batch, params, f in self._functional_batches(examples, layer_collection):
             tangents = self._split_flat_rows(V, params)
@@ -266,7 +284,7 @@ class TorchHooksJacobianBackend:
 
     @staticmethod
     def _check_finite(outputs):
-        if not torch.isfinite(outputs).all():
+        if not all_finite(outputs):
             raise ValueError(
                 "the model's outputs contain NaN or Inf; check the inputs (NaN/Inf in the data?) "
                 "and the model's parameters")
@@ -322,12 +340,19 @@ class TorchHooksJacobianBackend:
     def _batched_backward(out, targets, k0, k1, retain):
         K = k1 - k0
         n = out.shape[0]
-        cot = torch.zeros(K, n, out.shape[1], dtype=out.dtype, device=out.device)
-        cot[torch.arange(K), :, torch.arange(k0, k1)] = 1
         if K == 1:
-            grads = torch.autograd.grad(out, targets, cot[0], retain_graph=retain, allow_unused=True)
+            # one direction (e.g. Monte-Carlo with one trial): a plain backward, and the unit
+            # cotangent built without index tensors (this runs once per batch)
+            if out.shape[1] == 1:
+                cot = torch.ones_like(out)
+            else:
+                cot = torch.zeros_like(out)
+                cot[:, k0] = 1
+            grads = torch.autograd.grad(out, targets, cot, retain_graph=retain, allow_unused=True)
             grads = [g.unsqueeze(0) if g is not None else None for g in grads]
         else:
+            cot = torch.zeros(K, n, out.shape[1], dtype=out.dtype, device=out.device)
+            cot[torch.arange(K), :, torch.arange(k0, k1)] = 1
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")

@@ -67,24 +67,67 @@ class PMatBlockDiag(PMatAbstract):
         return self._new({lid: b @ other.data[lid] for lid, _, b in self._blocks()})
 
     # ------------------------------------------------------------------ solves and functions
-    def _solve_block(self, b, rhs, regul, solve):
-        """``(b + regul I)⁻¹ rhs`` for a block ``b`` and columns ``rhs`` ``(p_l, m)``."""
-        A = b + regul * self._eye_like(b)
+    def _block_eigh(self, lid, b):
+        """The eigendecomposition of block ``lid``, computed once (the blocks never change)."""
+        cache = self.__dict__.setdefault("_eigh_cache", {})
+        if lid not in cache:
+            cache[lid] = _spectral.eigh(b)
+        return cache[lid]
+
+    def _factorizations(self, regul, solve):
+        """``{layer_id: factorization of M_l + regul·I}`` ('lu': ``lu_factor``, 'cholesky': the
+        lower Cholesky factor), computed once per ``(solve, regul)``.
+
+        Cache policy (as PMatDense): a matrix object is immutable, so nothing is ever
+        invalidated; only the last ``(solve, regul)`` is kept (the factors take as much memory
+        as the blocks); a later solve with the same regul costs triangular solves (about one
+        ``mv``). Not pickled (see ``__getstate__``)."""
+        if solve not in ("lu", "cholesky"):
+            raise ValueError(f"unknown factorization '{solve}'")
+        key = (solve, float(regul))
+        cached = self.__dict__.get("_solve_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self._solve_cache = None  # free the previous factors before making new ones
+        facs = {}
+        for lid, _, b in self._blocks():
+            A = b + regul * self._eye_like(b)
+            facs[lid] = torch.linalg.cholesky(A) if solve == "cholesky" else torch.linalg.lu_factor(A)
+            del A
+        self._solve_cache = (key, facs)
+        return facs
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        # factorizations and eigendecompositions: as large as the blocks and recomputable
+        state.pop("_solve_cache", None)
+        state.pop("_eigh_cache", None)
+        return state
+
+    def _solver(self, regul, solve):
+        """``solve_block(lid, b, rhs) = (M_l + regul I)⁻¹ rhs`` for columns ``rhs`` ``(p_l, m)``,
+        reusing cached factorizations ('solve' is LU with partial pivoting, the same result as
+        ``torch.linalg.solve``)."""
         if solve in ("default", "solve"):
-            return torch.linalg.solve(A, rhs)
+            facs = self._factorizations(regul, "lu")
+            return lambda lid, b, rhs: torch.linalg.lu_solve(*facs[lid], rhs)
         if solve == "cholesky":
-            return torch.cholesky_solve(rhs, torch.linalg.cholesky(A))
+            facs = self._factorizations(regul, "cholesky")
+            return lambda lid, b, rhs: torch.cholesky_solve(rhs, facs[lid])
+
         if solve == "eigh":
-            evals, evecs = _spectral.eigh(b)
-            return evecs @ ((evecs.t() @ rhs) / (evals + regul).unsqueeze(1))
+            def solve_block(lid, b, rhs):
+                evals, evecs = self._block_eigh(lid, b)
+                return evecs @ ((evecs.t() @ rhs) / (evals + regul).unsqueeze(1))
+            return solve_block
         raise ValueError(f"unknown solve '{solve}': use 'solve', 'cholesky' or 'eigh'")
 
     def solvePVec(self, x, regul=1e-8, solve="default"):
         """``(M_l + regul·I)⁻¹ x_l`` for every layer ``l`` (exact)."""
         self._check_pvector(x)
         f = x.get_flat_representation()
-        out = [self._solve_block(b, f[s].unsqueeze(1), regul, solve).squeeze(1)
-               for _, s, b in self._blocks()]
+        solve_block = self._solver(regul, solve)
+        out = [solve_block(lid, b, f[s].unsqueeze(1)).squeeze(1) for lid, s, b in self._blocks()]
         return PVector(self.layer_collection, vector_repr=torch.cat(out))
 
     def solvePFMap(self, x, regul=1e-8, solve="default"):
@@ -92,10 +135,11 @@ class PMatBlockDiag(PMatAbstract):
         self._check_pfmap(x)
         J = x.to_torch()
         K, n, _ = J.shape
+        solve_block = self._solver(regul, solve)
         out = []
-        for _, s, b in self._blocks():
+        for lid, s, b in self._blocks():
             rhs = J[:, :, s].reshape(K * n, -1).t()
-            out.append(self._solve_block(b, rhs, regul, solve).t().reshape(K, n, -1))
+            out.append(solve_block(lid, b, rhs).t().reshape(K, n, -1))
         return PFMapDense(None, data=torch.cat(out, dim=2), layer_collection=self.layer_collection)
 
     def inverse(self, regul=1e-8):
@@ -109,7 +153,7 @@ class PMatBlockDiag(PMatAbstract):
         indefinite block is refused)."""
         out = {}
         for lid, _, b in self._blocks():
-            evals, evecs = _spectral.eigh(b)
+            evals, evecs = self._block_eigh(lid, b)
             ev = eigvals_for_power(evals + regul, x)
             out[lid] = (evecs * ev ** x) @ evecs.t()
         return self._new(out)
@@ -120,7 +164,7 @@ class PMatBlockDiag(PMatAbstract):
 
     def get_eigendecomposition(self):
         """``{layer_id: (evals ascending, evecs as columns)}`` of each block."""
-        return {lid: _spectral.eigh(b) for lid, _, b in self._blocks()}
+        return {lid: self._block_eigh(lid, b) for lid, _, b in self._blocks()}
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self):

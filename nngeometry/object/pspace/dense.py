@@ -58,13 +58,44 @@ class PMatDense(PMatAbstract):
         return self.data + regul * torch.eye(self.data.shape[0], dtype=self.data.dtype,
                                              device=self.data.device)
 
+    def _factorization(self, regul, solve):
+        """The factorization of ``M + regul·I`` for ``solve`` ('lu': ``lu_factor``, 'cholesky':
+        the lower Cholesky factor), computed once per ``(solve, regul)``.
+
+        Cache policy: a matrix object is immutable (every operation returns a new object), so a
+        factorization never goes stale and is never invalidated. Only the *last* ``(solve,
+        regul)`` is kept, because each factorization is as large as ``M`` (``P²``): a second
+        solve with the same regul costs two triangular solves (``O(P²)``, about one ``mv``)
+        instead of an ``O(P³)`` factorization, and a sweep over reguls does not pile up ``P²``
+        tensors. The cache is not pickled (see ``__getstate__``): it is recomputed on demand.
+        """
+        key = (solve, float(regul))
+        cached = self.__dict__.get("_solve_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self._solve_cache = None  # free the previous factorization before making the new one
+        A = self._damped(regul)
+        fac = torch.linalg.cholesky(A) if solve == "cholesky" else torch.linalg.lu_factor(A)
+        del A
+        self._solve_cache = (key, fac)
+        return fac
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_solve_cache", None)  # P² and recomputable: not worth pickling
+        return state
+
     def _solve_matrix(self, b, regul, solve):
-        """Solve ``(M + regul I) X = B`` for the columns of ``b`` (shape (P, m))."""
+        """Solve ``(M + regul I) X = B`` for the columns of ``b`` (shape (P, m)).
+
+        'solve' (default, LU with partial pivoting: the same factorization and result as
+        ``torch.linalg.solve``) and 'cholesky' reuse the factorization of a previous call with
+        the same regul (see :meth:`_factorization`); 'eigh' reuses the eigendecomposition."""
         if solve in ("default", "solve"):
-            return torch.linalg.solve(self._damped(regul), b)
+            LU, pivots = self._factorization(regul, "lu")
+            return torch.linalg.lu_solve(LU, pivots, b)
         if solve == "cholesky":
-            L = torch.linalg.cholesky(self._damped(regul))
-            return torch.cholesky_solve(b, L)
+            return torch.cholesky_solve(b, self._factorization(regul, "cholesky"))
         if solve == "lstsq":
             return torch.linalg.lstsq(self._damped(regul), b).solution
         if solve == "eigh":

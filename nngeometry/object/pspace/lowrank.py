@@ -28,6 +28,34 @@ class _LowRankBase(PMatAbstract):
     def _rank(self):
         return self._U().shape[0]
 
+    # Caches. A matrix object is immutable (every operation returns a new object), so nothing
+    # here is ever invalidated. The r × r Gram matrix G = U Uᵀ costs O(r² P), as much as a
+    # build, and is kept; factorizations that depend on regul are kept for the last regul only
+    # (a sweep over reguls does not pile them up). Neither is pickled (``__getstate__``): both
+    # are recomputed on demand.
+    def _cached_gram(self):
+        G = self.__dict__.get("_gram_cache")
+        if G is None:
+            U = self._U()
+            G = self._gram_cache = U @ U.t()
+        return G
+
+    def _last_regul_cache(self, key, compute):
+        """``compute()`` for ``key``, reused while ``key`` is the last one asked for."""
+        cached = self.__dict__.get("_regul_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self._regul_cache = None
+        value = compute()
+        self._regul_cache = (key, value)
+        return value
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_gram_cache", None)
+        state.pop("_regul_cache", None)
+        return state
+
 
 class PMatLowRank(_LowRankBase):
     """``M = (1/n) Σ_x J(x)ᵀ J(x) = UᵀU`` with ``U = J / √n``, ``J`` the ``(K·n, P)`` stacked
@@ -50,8 +78,8 @@ class PMatLowRank(_LowRankBase):
         return self.data.reshape(-1, self.data.shape[-1])
 
     def _gram(self):
-        U = self._U()
-        return U @ U.t()
+        """``G = U Uᵀ`` (``r × r``), computed once."""
+        return self._cached_gram()
 
     @property
     def dtype(self):
@@ -125,8 +153,12 @@ class PMatLowRank(_LowRankBase):
         self._check_regul(regul, "solve")
         U = self._U()
         if solve in ("default", "woodbury"):
-            G = self._gram()
-            L = torch.linalg.cholesky(G + regul * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
+            def factor():
+                G = self._gram()
+                return torch.linalg.cholesky(
+                    G + regul * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
+            # the Cholesky factor of λI + G: once per regul (see _last_regul_cache)
+            L = self._last_regul_cache(("cholesky", float(regul)), factor)
             XU = X @ U.t()
             inner = torch.cholesky_solve(XU.reshape(-1, U.shape[0]).t(), L).t().reshape(XU.shape)
             return (X - inner @ U) / regul
@@ -278,12 +310,15 @@ class PMatEyePlusLowRank(_LowRankBase):
 
     # ------------------------------------------------------------------ solves and functions
     def _woodbury(self, beta):
-        """``W`` such that ``(βI + UᵀCU)⁻¹ = (I - Uᵀ W U) / β``: ``W = (βI + C G)⁻¹ C``."""
-        _, U, C = self.data
-        G = U @ U.t()
-        I = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-        W = torch.linalg.solve(beta * I + C @ G, C)
-        return (W + W.t()) / 2  # symmetric in exact arithmetic
+        """``W`` such that ``(βI + UᵀCU)⁻¹ = (I - Uᵀ W U) / β``: ``W = (βI + C G)⁻¹ C``
+        (computed once per ``β``, with ``G = U Uᵀ`` computed once: see the caches above)."""
+        def compute():
+            _, U, C = self.data
+            G = self._cached_gram()
+            I = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+            W = torch.linalg.solve(beta * I + C @ G, C)
+            return (W + W.t()) / 2  # symmetric in exact arithmetic
+        return self._last_regul_cache(("woodbury", float(beta)), compute)
 
     def _beta(self, regul):
         beta = self.data[0] + regul
