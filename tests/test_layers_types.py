@@ -134,6 +134,14 @@ CASES = {
     "mha_kvdim_biaskv": (lambda: Wrap(MaskedAttention(
         nn.MultiheadAttention(4, 2, batch_first=True, kdim=3, vdim=5, add_bias_kv=True),
         kdim=3, vdim=5, kpm=True)), lambda: _x(3, 5, 4)),
+    # separate q/k/v projection weights (kdim/vdim) and a Kronecker layout: per-example
+    # gradients and diagonal from the recomputed projections (not the torch.func path)
+    "mha_kvdim": (lambda: Wrap(MaskedAttention(
+        nn.MultiheadAttention(4, 2, batch_first=True, kdim=3, vdim=5), kdim=3, vdim=5,
+        kpm=True)), lambda: _x(3, 5, 4)),
+    "mha_nobias_zero_attn": (lambda: Wrap(MaskedAttention(
+        nn.MultiheadAttention(4, 2, bias=False, add_zero_attn=True), mask3d=True)),
+        lambda: _x(3, 5, 4)),
     "weightnorm1d": (lambda: Wrap(WeightNorm1d(4, 3)), lambda: _x(4, 4)),
     "weightnorm2d": (lambda: Wrap(WeightNorm2d(2, 3, 2, stride=1, padding=1)),
                      lambda: _x(3, 2, 4, 4)),
@@ -143,7 +151,8 @@ CASES = {
     "generic": (lambda: Wrap(Quad(4)), lambda: _x(4, 4)),
 }
 LAYER_ID = {"mha": "layer.mha", "mha_time_major_masks": "layer.mha",
-            "mha_kvdim_biaskv": "layer.mha"}
+            "mha_kvdim_biaskv": "layer.mha", "mha_kvdim": "layer.mha",
+            "mha_nobias_zero_attn": "layer.mha"}
 
 
 def build(name, seed=0):
@@ -391,3 +400,57 @@ def test_random_forward_refused():
     lc = LayerCollection.from_model(model).sub(["0"])
     with pytest.raises(RuntimeError, match="deterministic"):
         TorchHooksJacobianBackend(model).get_jacobian(_x(4, 3), lc)
+
+
+def _orth(d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(d, d, generator=g, dtype=DT))[0]
+
+
+@pytest.mark.parametrize("case", ["embedding_pad", "embedding_freq", "linear_seq",
+                                  "linear_seq_nobias", "conv2d", "conv_transpose2d_groups"])
+def test_layer_fast_paths_equal_per_example_route(case):
+    """The layer types' own diag / kfe_diag (no (K, n, numel) per-example gradients: chunks of
+    directions, projections per position, sums per (example, index) pair) equal the generic
+    route through per_example_grad, on repeated indices, padding and several positions."""
+    from nngeometry.layer_types import AbstractLayer
+    torch.manual_seed(0)
+    K, n = 3, 4
+    if case.startswith("embedding"):
+        mod = nn.Embedding(7, 5, padding_idx=2, scale_grad_by_freq=case.endswith("freq")).to(DT)
+        x = torch.randint(0, 7, (n, 6))
+        x[0, :3] = 2  # padding positions
+        x[1, :4] = 3  # an index repeated in one example
+        gy = torch.randn(K, n, 6, 5, dtype=DT)
+    elif case.startswith("linear"):
+        mod = nn.Linear(4, 3, bias=case == "linear_seq").to(DT)
+        x = torch.randn(n, 2, 5, 4, dtype=DT)
+        gy = torch.randn(K, n, 2, 5, 3, dtype=DT)
+    elif case == "conv2d":
+        mod = nn.Conv2d(3, 4, 3, padding=1).to(DT)
+        x = torch.randn(n, 3, 5, 6, dtype=DT)
+        gy = torch.randn(K, n, 4, 5, 6, dtype=DT)
+    else:
+        mod = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2).to(DT)
+        x = torch.randn(n, 4, 3, 3, dtype=DT)
+        gy = torch.randn((K,) + tuple(mod(x).shape), dtype=DT)
+    layer = LayerCollection.from_model(nn.Sequential(mod)).layers["0"]
+    g = layer.per_example_grad(mod, x, gy)
+    scale = g.abs().max().item() ** 2
+    assert scale > 0
+    torch.testing.assert_close(layer.diag(mod, x, gy), (g * g).sum(dim=(0, 1)),
+                               atol=1e-12 * scale, rtol=0)
+    torch.testing.assert_close(AbstractLayer.diag(layer, mod, x, gy), (g * g).sum(dim=(0, 1)),
+                               atol=1e-12 * scale, rtol=0)
+    if not layer.supports_kfac or case.startswith("conv") or case == "embedding_freq":
+        return
+    perm = layer.kfac_permutation()
+    if case.startswith("embedding"):
+        UA, UG = layer.num_embeddings, _orth(layer.embedding_dim, 1)
+    else:
+        dA = layer.in_features + (1 if layer.bias is not None else 0)
+        UA, UG = _orth(dA, 1), _orth(layer.out_features, 2)
+    fast = layer.kfe_diag(mod, x, gy, UA, UG)
+    ref = AbstractLayer.kfe_diag(layer, mod, x, gy, UA, UG)
+    assert fast.shape == ref.shape and perm.numel() == ref.numel()
+    torch.testing.assert_close(fast, ref, atol=1e-12 * scale, rtol=0)

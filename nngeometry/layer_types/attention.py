@@ -55,7 +55,7 @@ from torch.func import functional_call
 
 from .base import AbstractLayer, Parameter, recording_paused, register_layer_type
 from .generic import per_example_vjp
-from .linear import LinearLayer
+from .linear import LinearLayer, seq_grad_squares, seq_grads
 
 _FORWARD_PARAMS = list(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 
@@ -110,6 +110,42 @@ class MultiheadAttentionLayer(AbstractLayer):
         return call.args, call.kwargs
 
     def per_example_grad(self, module, x, gy):
+        if self.supports_kfac:
+            # from the recomputed projections (see kfac_pieces): Σ_s g_s [a_s, 1]ᵀ per block,
+            # one batched product each; 10-20x faster than vmap over examples of a vjp
+            K, n = gy.shape[0], gy.shape[1 if module.batch_first else 2]
+            kron = torch.cat([seq_grads(self._augmented(a), g).reshape(K, n, -1)
+                              for a, g in self.kfac_pieces(module, x, gy)], dim=2)
+            return kron[..., self._flat_to_kron().to(kron.device)]
+        return self._per_example_grad_vmap(module, x, gy)
+
+    def diag(self, module, x, gy):
+        """``Σ_{k,i} g_{k,i}²``: per Kronecker block (see :meth:`kfac_pieces`), the squares of
+        ``Σ_s g_s [a_s, 1]ᵀ`` formed by chunks of directions (:func:`.linear.seq_grad_squares`),
+        then re-indexed to the flat layout."""
+        if not self.supports_kfac:
+            return super().diag(module, x, gy)
+        kron = torch.cat([seq_grad_squares(self._augmented(a), g).reshape(-1)
+                          for a, g in self.kfac_pieces(module, x, gy)])
+        return kron[self._flat_to_kron().to(kron.device)]
+
+    def _augmented(self, a):
+        """Inputs ``(n, S, d)`` with a trailing 1 when the projections have biases (the
+        ``[W | b]`` layout of the Kronecker blocks)."""
+        if not self.has_proj_bias:
+            return a
+        return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+
+    def _flat_to_kron(self):
+        """:meth:`kfac_permutation`, computed once per layer spec."""
+        perm = getattr(self, "_perm_cache", None)
+        if perm is None:
+            perm = self._perm_cache = self.kfac_permutation()
+        return perm
+
+    def _per_example_grad_vmap(self, module, x, gy):
+        """torch.func path (vmap over examples of the module's vjp), for the modules without a
+        Kronecker layout (``add_bias_kv``)."""
         args, kwargs = x
         bound = dict(zip(_FORWARD_PARAMS, args))
         bound.update(kwargs)

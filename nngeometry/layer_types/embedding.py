@@ -68,6 +68,23 @@ class EmbeddingLayer(AbstractLayer):
         """Σ_{k,i} (Σ_{s: idx_s = v} gy_s[d])², without the dense per-example gradients:
         positions are first summed per distinct (example, index) pair."""
         idx, g = self._flat(module, x, gy)
+        return self._pair_squares(idx, g).reshape(-1)
+
+    def kfe_diag(self, module, x, gy, UA, UG):
+        """EKFAC: the input factor is diagonal (identity eigenbasis, ``UA`` an int), so the
+        projected per-example gradient ``U_Gᵀ Ĝ`` has column ``v`` equal to
+        ``Σ_{s: idx_s = v} U_Gᵀ g_s``: the output gradients are projected per position and
+        summed per (example, index) pair as in :meth:`diag`; no ``(K, n, V D)`` tensor."""
+        if not isinstance(UA, int):
+            return super().kfe_diag(module, x, gy, UA, UG)
+        idx, g = self._flat(module, x, gy)
+        if not isinstance(UG, int):
+            g = g @ UG
+        return self._pair_squares(idx, g).t().contiguous()  # Kronecker layout (D, V)
+
+    def _pair_squares(self, idx, g):
+        """``(V, D)``: Σ over directions and examples of the squared sums of ``g`` ``(K, n, S,
+        D)`` over the positions holding each index."""
         K, n, S, D = g.shape
         V = self.num_embeddings
         key = (torch.arange(n, device=idx.device).unsqueeze(1) * V + idx).reshape(-1)
@@ -76,7 +93,7 @@ class EmbeddingLayer(AbstractLayer):
         summed.index_add_(1, inverse, g.reshape(K, n * S, D))
         out = g.new_zeros(V, D)
         out.index_add_(0, uniq % V, (summed * summed).sum(dim=0))
-        return out.reshape(-1)
+        return out
 
     def kfac_factors(self, module, x, gy, approx="expand"):
         if approx == "reduce":

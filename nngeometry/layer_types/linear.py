@@ -10,6 +10,37 @@ from torch import nn
 from ..gram import GramRows
 from .base import AbstractLayer, Parameter, register_layer_type
 
+#: memory for one chunk of per-example gradients formed by :func:`seq_grad_squares`
+SEQ_CHUNK_BYTES = 16 * 2 ** 20
+
+
+def seq_grads(a, g):
+    """Per-example gradients of a linear map shared over positions: ``Σ_s g_s a_sᵀ``.
+
+    ``a``: inputs ``(n, S, d)``, ``g``: output gradients ``(K, n, S, rows)``; returns
+    ``(K, n, rows, d)`` (row-major ``(rows, d)`` per example and direction), as one batched
+    product (``a`` is broadcast over the directions, ``g`` read through a transposed view:
+    1.4x faster than ``einsum`` for W4's shapes). For ``S = 1`` (outer products, bound by
+    writing the result) ``einsum`` is the faster of the two."""
+    if a.shape[1] == 1:
+        return torch.einsum("kno,ni->knoi", g[:, :, 0], a[:, 0])
+    return torch.matmul(g.transpose(-1, -2), a)
+
+
+def seq_grad_squares(a, g, chunk_bytes=None):
+    """``Σ_{k,i} (Σ_s g_{k,i,s} a_{i,s}ᵀ)²`` (elementwise square), shape ``(rows, d)``: the
+    per-example gradients of :func:`seq_grads` are formed by chunks of directions that fit in
+    ``chunk_bytes`` (default ``SEQ_CHUNK_BYTES``), squared in place and summed."""
+    K, n, _, rows = g.shape
+    per_dir = n * rows * a.shape[-1] * g.element_size()
+    kc = max(1, (SEQ_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // max(1, per_dir))
+    total = None
+    for k0 in range(0, K, kc):
+        s = seq_grads(a, g[k0:k0 + kc]).square_().sum(dim=(0, 1))
+        total = s if total is None else total.add_(s)
+    return total
+
+
 
 @register_layer_type
 class LinearLayer(AbstractLayer):
@@ -35,7 +66,7 @@ class LinearLayer(AbstractLayer):
     def per_example_grad(self, module, x, gy):
         x, gy = self._flatten_positions(x, gy)
         K, n = gy.shape[:2]
-        gw = torch.einsum("knso,nsi->knoi", gy, x).reshape(K, n, -1)
+        gw = seq_grads(x, gy).reshape(K, n, -1)
         if self.bias is None:
             return gw
         return torch.cat([gw, gy.sum(dim=2)], dim=2)
@@ -43,8 +74,12 @@ class LinearLayer(AbstractLayer):
     def diag(self, module, x, gy):
         x, gy = self._flatten_positions(x, gy)
         if x.shape[1] != 1:
-            # positions share the weight: squares don't factor, go through per-example grads
-            return super().diag(module, x, gy)
+            # positions share the weight: squares don't factor; per-example gradients by chunks
+            # of directions (memory-bounded), never the whole (K, n, numel)
+            dw = seq_grad_squares(x, gy).reshape(-1)
+            if self.bias is None:
+                return dw
+            return torch.cat([dw, gy.sum(dim=2).square_().sum(dim=(0, 1))])
         x, gy = x[:, 0], gy[:, :, 0]
         # sum the squared output gradients over the K directions first, then one GEMM
         # (einsum would run it as K batched products: 2-3x slower for K = C - 1)
@@ -88,8 +123,14 @@ class LinearLayer(AbstractLayer):
     def kfe_diag(self, module, x, gy, UA, UG):
         x, gy = self._flatten_positions(x, gy)
         if x.shape[1] != 1:
-            # positions share the weight: the per-example gradient is a sum of outer products
-            return super().kfe_diag(module, x, gy, UA, UG)
+            # positions share the weight: the per-example gradient Σ_s g_s ã_sᵀ projects to
+            # Σ_s (U_Gᵀ g_s)(U_Aᵀ ã_s)ᵀ, so project the inputs and output gradients per position
+            # first, then form the projected per-example gradients by chunks of directions
+            if self.bias is not None:
+                x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
+            xp = x if isinstance(UA, int) else x @ UA
+            gp = gy if isinstance(UG, int) else gy @ UG
+            return seq_grad_squares(xp, gp)
         x, gy = x[:, 0], gy[:, :, 0]
         if self.bias is not None:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
