@@ -16,6 +16,7 @@ or outputs. Each layer type turns ``(input, output gradient)`` into what is aske
 gradients, diagonals, KFAC factors) in :mod:`nngeometry.layer_types`.
 """
 import contextlib
+import time
 import warnings
 
 import torch
@@ -39,10 +40,13 @@ class TorchHooksJacobianBackend:
         verbose: show a progress bar over the batches.
         max_chunk_bytes: memory allowed for the output gradients of one batched backward pass;
             output directions are processed in chunks that fit.
+        backward: how the gradients of several output directions are obtained: ``'batched'``
+            (one vmapped backward), ``'looped'`` (one backward per direction) or ``'auto'``
+            (default: the faster of the two, timed once per model and shape). Same numbers.
     """
 
     def __init__(self, model, function=None, centering=False, verbose=False,
-                 max_chunk_bytes=2 ** 30, layer_collection=None, n_output=None):
+                 max_chunk_bytes=2 ** 30, layer_collection=None, n_output=None, backward="auto"):
         # layer_collection / n_output: accepted for code written against older releases, where
         # the generator held them; the representations now take the collection themselves
         self.layer_collection = layer_collection
@@ -52,6 +56,9 @@ class TorchHooksJacobianBackend:
         self.centering = centering
         self.verbose = verbose
         self.max_chunk_bytes = max_chunk_bytes
+        if backward not in ("auto", "batched", "looped"):
+            raise ValueError(f"unknown backward '{backward}': use 'auto', 'batched' or 'looped'")
+        self.backward = backward
 
     # ================================================================== statistics
     def get_covariance_matrix(self, examples, layer_collection):
@@ -336,8 +343,7 @@ class TorchHooksJacobianBackend:
         per_direction = sum(c.output.numel() * c.output.element_size() for c in layer_calls)
         return max(1, min(n_output, self.max_chunk_bytes // max(1, per_direction)))
 
-    @staticmethod
-    def _batched_backward(out, targets, k0, k1, retain):
+    def _batched_backward(self, out, targets, k0, k1, retain):
         K = k1 - k0
         n = out.shape[0]
         if K == 1:
@@ -353,19 +359,38 @@ class TorchHooksJacobianBackend:
         else:
             cot = torch.zeros(K, n, out.shape[1], dtype=out.dtype, device=out.device)
             cot[torch.arange(K), :, torch.arange(k0, k1)] = 1
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    grads = torch.autograd.grad(out, targets, cot, retain_graph=retain,
-                                                allow_unused=True, is_grads_batched=True)
-            except RuntimeError:
-                # some op has no batching rule: one backward per output direction
-                per_k = [torch.autograd.grad(out, targets, cot[k], retain_graph=True, allow_unused=True)
-                         for k in range(K)]
-                grads = [None if per_k[0][j] is None else torch.stack([p[j] for p in per_k])
-                         for j in range(len(targets))]
+            grads = self._backward_directions(out, targets, cot, retain)
         return [torch.zeros((K,) + t.shape, dtype=t.dtype, device=t.device) if g is None else g
                 for g, t in zip(grads, targets)]
+
+    def _backward_directions(self, out, targets, cot, retain):
+        """Gradients of the ``K`` output directions ``cot[k]`` w.r.t. ``targets``.
+
+        Two strategies give the same numbers: one vmapped backward (``is_grads_batched``), fast
+        through matrix products, or one backward per direction, faster through ops whose batching
+        rule just loops (max-pooling, ReLU's backward on some builds). With ``backward='auto'``
+        both are timed once on the first batch of a given model and shape, and the faster one is
+        used from then on (like ``cudnn.benchmark``).
+        """
+        mode = self.backward
+        key = (id(self.model), tuple(cot.shape), cot.dtype, out.device.type)
+        if mode == "auto":
+            mode = _BACKWARD_CHOICE.get(key)
+        if mode == "batched":
+            grads = _backward_batched(out, targets, cot, retain)
+            if grads is None:  # an op without a batching rule
+                grads = _backward_looped(out, targets, cot, retain)
+            return grads
+        if mode == "looped":
+            return _backward_looped(out, targets, cot, retain)
+        # first time for this model and shape: time both (the graph is kept in between)
+        if _backward_batched(out, targets, cot, True) is None:
+            _BACKWARD_CHOICE[key] = "looped"
+            return _backward_looped(out, targets, cot, retain)
+        t_looped, _ = _timed(lambda: _backward_looped(out, targets, cot, True), out.device)
+        t_batched, grads = _timed(lambda: _backward_batched(out, targets, cot, retain), out.device)
+        _BACKWARD_CHOICE[key] = "batched" if t_batched <= t_looped else "looped"
+        return grads
 
     # ---------------------------------------------------------------- functional (implicit) path
     def _functional_batches(self, examples, layer_collection):
@@ -439,3 +464,44 @@ class _FunctionOfModel(torch.nn.Module):
 
     def forward(self, *batch):
         return self.function(*batch)
+
+
+#: (id(model), cotangent shape, dtype, device type) -> 'batched' | 'looped', filled by 'auto'
+_BACKWARD_CHOICE = {}
+
+
+def _backward_batched(out, targets, cot, retain):
+    """One vmapped backward for all directions; None if an op has no batching rule."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return list(torch.autograd.grad(out, targets, cot, retain_graph=retain,
+                                            allow_unused=True, is_grads_batched=True))
+    except RuntimeError:
+        return None
+
+
+def _backward_looped(out, targets, cot, retain):
+    """One backward per direction, written into preallocated ``(K, ...)`` tensors."""
+    K = cot.shape[0]
+    grads = [None] * len(targets)
+    for k in range(K):
+        gk = torch.autograd.grad(out, targets, cot[k], retain_graph=retain or k < K - 1,
+                                 allow_unused=True)
+        for j, g in enumerate(gk):
+            if g is None:
+                continue
+            if grads[j] is None:
+                grads[j] = g.new_empty((K,) + g.shape)
+            grads[j][k] = g
+    return grads
+
+
+def _timed(fn, device):
+    """``(seconds, fn())``, synchronizing an accelerator so that the time is the work's."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    result = fn()
+    sync()
+    return time.perf_counter() - t0, result
