@@ -249,26 +249,45 @@ class MultiheadAttentionLayer(AbstractLayer):
         # time-major (what F.multi_head_attention_forward takes)
         tm = (query, key, value) if module.batch_first is False else \
             tuple(t.transpose(0, 1) for t in (query, key, value))
-        with torch.no_grad():
-            leaves = [F.linear(t, W, b).contiguous().requires_grad_()
-                      for t, W, b in zip(tm, Ws, bs)]
-        eye = torch.eye(E, dtype=W_out.dtype, device=W_out.device)
         # gy is (K, n, L, E) batch first, else (K, L, n, E); grad of Z (before out_proj) = gy W_out
         gz = gy @ W_out
-        gz_tm = gz if not module.batch_first else gz.transpose(1, 2)
-        with recording_paused(), torch.enable_grad():
-            Z = F.multi_head_attention_forward(
-                *leaves, E, module.num_heads, None, None, None, None, module.add_zero_attn, 0.0,
-                eye, None, training=False, key_padding_mask=bound.get("key_padding_mask"),
-                need_weights=True, attn_mask=bound.get("attn_mask"),
-                use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye,
-                v_proj_weight=eye, is_causal=bool(bound.get("is_causal", False)))[0]
-            grads = _batched_vjp(Z, leaves, gz_tm)
-        # batch first: inputs (n, S, d), gradients (K, n, S, E)
-        inputs = [t.transpose(0, 1) for t in tm]
-        grads = [g.transpose(1, 2) for g in grads]
-        z = Z.detach().transpose(0, 1)
-        gz = gz if module.batch_first else gz.transpose(1, 2)
+        plain = (bound.get("key_padding_mask") is None and bound.get("attn_mask") is None
+                 and not bound.get("is_causal", False) and not module.add_zero_attn)
+        if plain:
+            # no mask / zero-attention row: closed-form backward of softmax(Q Kᵀ/√d) V per
+            # head (batched matmuls, no autograd graph; ~4x faster than the general path)
+            inputs = [t.transpose(0, 1) for t in tm] if module.batch_first is False \
+                else [query, key, value]
+            with torch.no_grad():
+                if module._qkv_same_embed_dim and _same_tensor(tm[0], tm[1]) \
+                        and _same_tensor(tm[0], tm[2]):
+                    # self-attention: one product with in_proj, split into column views
+                    projs = F.linear(inputs[0], module.in_proj_weight.detach(),
+                                     None if bs[0] is None else module.in_proj_bias.detach()
+                                     ).split(E, dim=-1)
+                else:
+                    projs = [F.linear(t, W, b) for t, W, b in zip(inputs, Ws, bs)]
+                z, grads = _sdpa_pullback(*projs, module.num_heads,
+                                          gz if module.batch_first else gz.transpose(1, 2))
+        else:
+            with torch.no_grad():
+                leaves = [F.linear(t, W, b).contiguous().requires_grad_()
+                          for t, W, b in zip(tm, Ws, bs)]
+            eye = torch.eye(E, dtype=W_out.dtype, device=W_out.device)
+            gz_tm = gz if not module.batch_first else gz.transpose(1, 2)
+            with recording_paused(), torch.enable_grad():
+                Z = F.multi_head_attention_forward(
+                    *leaves, E, module.num_heads, None, None, None, None, module.add_zero_attn,
+                    0.0, eye, None, training=False,
+                    key_padding_mask=bound.get("key_padding_mask"), need_weights=True,
+                    attn_mask=bound.get("attn_mask"), use_separate_proj_weight=True,
+                    q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+                    is_causal=bool(bound.get("is_causal", False)))[0]
+                grads = _batched_vjp(Z, leaves, gz_tm)
+            # batch first: inputs (n, S, d), gradients (K, n, S, E)
+            inputs = [t.transpose(0, 1) for t in tm]
+            grads = [g.transpose(1, 2) for g in grads]
+            z = Z.detach().transpose(0, 1)
         pieces = []
         j = 0
         while j < 3:
@@ -301,6 +320,42 @@ class MultiheadAttentionLayer(AbstractLayer):
                              "blocks of this call of the attention layer")
         return [self._linear(a, g).kfe_diag(None, a, g, UA, UG)
                 for (a, g), (UA, UG) in zip(pieces, bases)]
+
+
+def _sdpa_pullback(q, k, v, heads, gz):
+    """Multi-head attention without masks, batch first: ``q`` ``(n, L, E)``, ``k``, ``v``
+    ``(n, S, E)`` (projected), ``gz`` ``(K, n, L, E)`` gradients of the attention output.
+
+    Per head ``h`` (columns ``h·d .. (h+1)·d`` of ``E``, ``d = E / heads``): ``P = softmax(Q Kᵀ /
+    √d)`` over keys, ``Z = P V``; the pullback of ``gZ`` is ``∂V = Pᵀ gZ``, ``∂S = P ⊙ (gZ Vᵀ -
+    rowsum(P ⊙ gZ Vᵀ))``, ``∂Q = ∂S K / √d``, ``∂K = ∂Sᵀ Q / √d``. Returns ``Z`` ``(n, L, E)``
+    and ``[∂Q, ∂K, ∂V]`` ``(K, n, ·, E)``, for all ``K`` directions in batched products."""
+    n, L, E = q.shape
+    S = k.shape[1]
+    K = gz.shape[0]
+    d = E // heads
+    scale = d ** -0.5
+    z = q.new_empty(n, L, E)
+    gq, gk, gv = q.new_empty(K, n, L, E), q.new_empty(K, n, S, E), q.new_empty(K, n, S, E)
+
+    def over_k(t):  # (n, T, d) -> (K n, T, d): the same for every direction
+        return t if K == 1 else t.expand(K, *t.shape).reshape(K * n, *t.shape[1:])
+
+    # one head at a time: a head's columns of (n, T, E) are a strided (n, T, d) view that bmm
+    # reads in place (splitting heads into a (n, heads, T, d) batch would copy every operand)
+    for h in range(heads):
+        cols = slice(h * d, (h + 1) * d)
+        qh, kh, vh = q[..., cols], k[..., cols], v[..., cols]
+        P = torch.softmax(torch.bmm(qh, kh.transpose(1, 2)).mul_(scale), dim=-1)  # (n, L, S)
+        z[..., cols] = torch.bmm(P, vh)
+        PK = over_k(P)
+        g = gz[..., cols].reshape(K * n, L, d)
+        gv[..., cols] = torch.bmm(PK.transpose(1, 2), g).view(K, n, S, d)
+        gs = torch.bmm(g, over_k(vh).transpose(1, 2))  # ∂P, (K n, L, S)
+        gs.sub_((gs * PK).sum(dim=-1, keepdim=True)).mul_(PK).mul_(scale)
+        gq[..., cols] = torch.bmm(gs, over_k(kh)).view(K, n, L, d)
+        gk[..., cols] = torch.bmm(gs.transpose(1, 2), over_k(qh)).view(K, n, S, d)
+    return z, [gq, gk, gv]
 
 
 def _same_tensor(a, b):

@@ -61,6 +61,16 @@ class ScaleShiftLayer(AbstractLayer):
 
     def per_example_grad(self, module, x, gy):
         K, n = gy.shape[:2]
+        if not self.channel_axis:
+            # trailing parameter axes: products in the natural (positions, F) layout, summed
+            # over positions (no transposed copies; ~2x faster than the einsum below for W4)
+            F_ = self.weight.numel()
+            xh = self.normalized(module, x).to(gy.dtype).reshape(n, -1, F_)
+            g = gy.reshape(K, n, -1, F_)
+            gw = (g * xh).sum(dim=2)
+            if self.bias is None:
+                return gw
+            return torch.cat([gw, g.sum(dim=2)], dim=2)
         xh = self._flat(self.normalized(module, x).to(gy.dtype), (n,))  # (n, F, L)
         g = self._flat(gy, (K, n))  # (K, n, F, L)
         gw = torch.einsum("knfl,nfl->knf", g, xh)
