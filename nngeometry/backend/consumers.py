@@ -43,11 +43,12 @@ class DiagCovariance(Consumer):
 
     def update(self, ctx):
         if self.result is None:
-            self.result = torch.cat([ctx.layer_diag(lid) for lid in ctx.layer_ids()])
-            return
-        # in place, layer by layer: no concatenated copy and no new (P,) sum per batch
+            ref = ctx.calls[ctx.layer_ids()[0]][0].gy  # the layers' gradient dtype/device
+            self.result = torch.zeros(self.lc.numel(), dtype=ref.dtype, device=ref.device)
+        # in place, layer by layer, into the layer's slice of the sum: no concatenated copy and
+        # no new (P,) sum per batch (layer types with ``diag_into`` add their GEMM in place)
         for lid in ctx.layer_ids():
-            self.result[self.lc.slice(lid)] += ctx.layer_diag(lid)
+            ctx.layer_diag_into(lid, self.result[self.lc.slice(lid)])
 
     def finalize(self, n):
         self.result = self.result / n

@@ -94,6 +94,17 @@ class BatchContext:
         g = self.per_example_grad(layer_id)
         return (g * g).sum(dim=(0, 1))
 
+    def layer_diag_into(self, layer_id, out):
+        """``out += layer_diag(layer_id)`` for ``out`` the layer's slice of a running sum: in
+        place where the layer type has ``diag_into`` (no per-batch diagonal allocated)."""
+        calls = self.calls[layer_id]
+        layer = self.layer_collection[layer_id]
+        if len(calls) == 1 and not self.centering and layer_id not in self._grads:
+            return layer.diag_into(self.modules[layer_id], layer.inputs_of(calls[0]),
+                                   calls[0].gy, out)
+        out += self.layer_diag(layer_id)
+        return out
+
     def kfac_factors(self, layer_id, approx="expand", lazy=False):
         """Unnormalized ``(A, G)`` of the layer for this batch; ``A`` is None past the first chunk
         of output directions (it depends on the inputs only).

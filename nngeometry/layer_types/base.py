@@ -132,6 +132,12 @@ class AbstractLayer:
         g = self.per_example_grad(module, x, gy)
         return (g * g).sum(dim=(0, 1))
 
+    def diag_into(self, module, x, gy, out):
+        """``out += diag(module, x, gy)``, for ``out`` the layer's slice of a running sum; layer
+        types whose diagonal is a GEMM override it to accumulate in place."""
+        out += self.diag(module, x, gy)
+        return out
+
     def kfac_factors(self, module, x, gy, approx="expand"):
         """Unnormalized Kronecker factors ``(A, G)`` summed over the batch.
 

@@ -72,22 +72,28 @@ class LinearLayer(AbstractLayer):
         return torch.cat([gw, gy.sum(dim=2)], dim=2)
 
     def diag(self, module, x, gy):
+        return self.diag_into(module, x, gy, gy.new_zeros(self.numel()))
+
+    def diag_into(self, module, x, gy, out):
+        """``out += diag``: the weight part accumulates into ``out`` in place (one GEMM when
+        there is no weight sharing), so no per-batch diagonal is allocated nor concatenated."""
         x, gy = self._flatten_positions(x, gy)
+        nw = self.weight.numel()
         if x.shape[1] != 1:
             # positions share the weight: squares don't factor; per-example gradients by chunks
             # of directions (memory-bounded), never the whole (K, n, numel)
-            dw = seq_grad_squares(x, gy).reshape(-1)
-            if self.bias is None:
-                return dw
-            return torch.cat([dw, gy.sum(dim=2).square_().sum(dim=(0, 1))])
+            out[:nw] += seq_grad_squares(x, gy).reshape(-1)
+            if self.bias is not None:
+                out[nw:] += gy.sum(dim=2).square_().sum(dim=(0, 1))
+            return out
         x, gy = x[:, 0], gy[:, :, 0]
         # sum the squared output gradients over the K directions first, then one GEMM
         # (einsum would run it as K batched products: 2-3x slower for K = C - 1)
-        gy2 = (gy * gy).sum(dim=0)  # (n, out)
-        dw = (gy2.t() @ (x * x)).reshape(-1)
-        if self.bias is None:
-            return dw
-        return torch.cat([dw, gy2.sum(dim=0)])
+        gy2 = gy[0].square() if gy.shape[0] == 1 else (gy * gy).sum(dim=0)  # (n, out)
+        out[:nw].view(self.out_features, self.in_features).addmm_(gy2.t(), x * x)
+        if self.bias is not None:
+            out[nw:] += gy2.sum(dim=0)
+        return out
 
     def kfac_factors(self, module, x, gy, approx="expand"):
         """KFAC factors; for inputs ``(n, S, in)`` with ``S`` weight-sharing positions:

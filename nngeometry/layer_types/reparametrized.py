@@ -37,6 +37,9 @@ class _RowNormalized:
             "normalization makes the block non-Kronecker; use PMatDense, PMatBlockDiag, "
             "PMatDiag, PMatQuasiDiag, PMatLowRank or PMatImplicit for this layer")
 
+    # the parent's in-place diagonal is for the plain weight: go through this class's diag
+    diag_into = AbstractLayer.diag_into
+
     def diag(self, module, x, gy):
         return AbstractLayer.diag(self, module, x, gy)
 
