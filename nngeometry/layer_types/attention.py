@@ -60,6 +60,18 @@ from .linear import LinearLayer, seq_grad_squares, seq_grads
 _FORWARD_PARAMS = list(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 
 
+
+def _bind_inputs(x):
+    """The forward's arguments by name, from the ``(args, kwargs)`` the hook recorded; unbatched
+    (2-D) inputs are refused."""
+    args, kwargs = x
+    bound = dict(zip(_FORWARD_PARAMS, args))
+    bound.update(kwargs)
+    if bound["query"].dim() != 3:
+        raise ValueError("MultiheadAttention with unbatched (2-D) inputs is not supported: "
+                         "give the inputs a batch axis")
+    return bound
+
 @register_layer_type
 class MultiheadAttentionLayer(AbstractLayer):
     module_types = (nn.MultiheadAttention,)
@@ -146,13 +158,8 @@ class MultiheadAttentionLayer(AbstractLayer):
     def _per_example_grad_vmap(self, module, x, gy):
         """torch.func path (vmap over examples of the module's vjp), for the modules without a
         Kronecker layout (``add_bias_kv``)."""
-        args, kwargs = x
-        bound = dict(zip(_FORWARD_PARAMS, args))
-        bound.update(kwargs)
+        bound = _bind_inputs(x)
         query, key, value = bound["query"], bound["key"], bound["value"]
-        if query.dim() != 3:
-            raise ValueError("MultiheadAttention with unbatched (2-D) inputs is not supported: "
-                             "give the inputs a batch axis")
         axis = 0 if module.batch_first else 1
         # gy is (K, *output shape): (K, n, L, E) when batch_first, else (K, L, n, E)
         n = gy.shape[1 + axis]
@@ -227,13 +234,8 @@ class MultiheadAttentionLayer(AbstractLayer):
                 "KFAC/EKFAC are not available for a MultiheadAttention with add_bias_kv (its "
                 "bias_k / bias_v rows have no Kronecker structure); use PMatEKFACBlockDiag, "
                 "PMatBlockDiag or a PMatMixed with another representation for this layer")
-        args, kwargs = x
-        bound = dict(zip(_FORWARD_PARAMS, args))
-        bound.update(kwargs)
+        bound = _bind_inputs(x)
         query, key, value = bound["query"], bound["key"], bound["value"]
-        if query.dim() != 3:
-            raise ValueError("MultiheadAttention with unbatched (2-D) inputs is not supported: "
-                             "give the inputs a batch axis")
         if module.training and module.dropout > 0:
             raise RuntimeError(
                 "the forward of MultiheadAttention is random (dropout in training mode): KFAC "
