@@ -60,7 +60,6 @@ from .linear import LinearLayer, seq_grad_squares, seq_grads
 _FORWARD_PARAMS = list(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 
 
-
 def _bind_inputs(x):
     """The forward's arguments by name, from the ``(args, kwargs)`` the hook recorded; unbatched
     (2-D) inputs are refused."""
@@ -71,6 +70,7 @@ def _bind_inputs(x):
         raise ValueError("MultiheadAttention with unbatched (2-D) inputs is not supported: "
                          "give the inputs a batch axis")
     return bound
+
 
 @register_layer_type
 class MultiheadAttentionLayer(AbstractLayer):
