@@ -85,7 +85,7 @@ def monte_carlo_function(function, variant, trials, covariance=1.0):
         raise ValueError(f"trials must be a positive integer, got {trials!r}")
     scale = trials ** -0.5
 
-    def sample_logprob(logp):
+    def sample_logprob(logp, from_softmax=False):
         # logp: (n, C) normalized log-probabilities -> (n, T)
         probs = logp.detach().exp()
         if not all_finite(probs):
@@ -93,12 +93,22 @@ def monte_carlo_function(function, variant, trials, covariance=1.0):
             raise ValueError(
                 "the model's outputs contain NaN or Inf; check the inputs (NaN/Inf in the data?) "
                 "and the model's parameters")
-        y = torch.multinomial(probs, trials, replacement=True)
+        if trials == 1 and from_softmax:
+            # one draw per row: argmax_c p_c / E_c with E_c ~ Exp(1) is a draw from p (the
+            # smallest of independent Exp(p_c) times), and it is the computation torch.multinomial
+            # itself runs for one sample (same generator use, so the same labels for a seed),
+            # minus its checks of the rows (non-negative, finite, positive sum: true here, for
+            # finite log-softmax outputs), which cost more than the draw on small batches
+            E = torch.empty_like(probs).exponential_(1).clamp_(min=torch.finfo(probs.dtype).tiny)
+            y = torch.div(probs, E).argmax(1, keepdim=True)  # (E = 0 would make 0/0 a NaN max)
+        else:
+            y = torch.multinomial(probs, trials, replacement=True)
         return torch.gather(logp, 1, y)
 
     if variant == "classif_logits":
         if trials == 1:  # scale = 1: no multiplication (one op less forward and backward)
-            return lambda *batch: sample_logprob(F.log_softmax(_as_2d(function(*batch)), dim=1))
+            return lambda *batch: sample_logprob(F.log_softmax(_as_2d(function(*batch)), dim=1),
+                                                 from_softmax=True)
         return lambda *batch: sample_logprob(F.log_softmax(_as_2d(function(*batch)), dim=1)) * scale
     if variant == "classif_logsoftmax":
         if trials == 1:
@@ -111,7 +121,7 @@ def monte_carlo_function(function, variant, trials, covariance=1.0):
                 raise ValueError("variant 'segmentation_logits' expects outputs (n, C, H, W, ...)")
             n, C = f.shape[:2]
             logp = F.log_softmax(f, dim=1).movedim(1, -1).reshape(-1, C)  # (n*pixels, C)
-            lp = sample_logprob(logp).reshape(n, -1, trials).sum(1)
+            lp = sample_logprob(logp, from_softmax=True).reshape(n, -1, trials).sum(1)
             return lp * scale
         return g
     if variant == "regression":

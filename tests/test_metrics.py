@@ -207,3 +207,22 @@ def test_fim_monte_carlo_single_trial_is_a_sample():
     F = FIM_MonteCarlo(model, (x,), PMatDense, trials=1).to_torch()
     evals = torch.linalg.eigvalsh(F)
     assert evals[-1] > 1e-6 and (evals[:-1].abs() < 1e-12 * evals[-1]).all()
+
+
+def test_one_trial_sampler_draws_from_the_softmax():
+    """trials=1 samples labels with an exponential race (argmax p/E): the empirical label
+    frequencies must match softmax(f), and a class of probability 0 is never drawn."""
+    from nngeometry.variants import monte_carlo_function
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0, -200.0]], dtype=torch.float64)
+    n = 200_000
+    f = monte_carlo_function(lambda x: x, "classif_logits", trials=1)
+    lp = f(logits.expand(n, -1)).detach()[:, 0]
+    logp = torch.log_softmax(logits[0], 0)
+    labels = (lp.unsqueeze(1) - logp.unsqueeze(0)).abs().argmin(1)
+    freq = torch.bincount(labels, minlength=5).double() / n
+    p = logp.exp()
+    sigma = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 5 * sigma + 1e-12).all(), (freq, p)
+    assert freq[4] == 0

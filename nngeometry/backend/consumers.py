@@ -51,7 +51,8 @@ class DiagCovariance(Consumer):
             ctx.layer_diag_into(lid, self.result[self.lc.slice(lid)])
 
     def finalize(self, n):
-        self.result = self.result / n
+        # in place: the running sum is this consumer's own buffer (no second (P,) allocation)
+        self.result = self.result.div_(n)
 
 
 class LayerBlocks(Consumer):

@@ -77,8 +77,12 @@ class LinearLayer(AbstractLayer):
     def diag_into(self, module, x, gy, out):
         """``out += diag``: the weight part accumulates into ``out`` in place (one GEMM when
         there is no weight sharing), so no per-batch diagonal is allocated nor concatenated."""
-        x, gy = self._flatten_positions(x, gy)
         nw = self.weight.numel()
+        if x.dim() == 2:
+            # (n, in) inputs, the common case: no position axis to add then remove (these views
+            # cost more than the bias sum on an MLP's batches)
+            return self._diag_into_2d(x, gy, out, nw)
+        x, gy = self._flatten_positions(x, gy)
         if x.shape[1] != 1:
             # positions share the weight: squares don't factor; per-example gradients by chunks
             # of directions (memory-bounded), never the whole (K, n, numel)
@@ -86,7 +90,10 @@ class LinearLayer(AbstractLayer):
             if self.bias is not None:
                 out[nw:] += gy.sum(dim=2).square_().sum(dim=(0, 1))
             return out
-        x, gy = x[:, 0], gy[:, :, 0]
+        return self._diag_into_2d(x[:, 0], gy[:, :, 0], out, nw)
+
+    def _diag_into_2d(self, x, gy, out, nw):
+        """:meth:`diag_into` for inputs ``x`` ``(n, in)`` and ``gy`` ``(K, n, out)``."""
         # sum the squared output gradients over the K directions first, then one GEMM
         # (einsum would run it as K batched products: 2-3x slower for K = C - 1)
         gy2 = gy[0].square() if gy.shape[0] == 1 else (gy * gy).sum(dim=0)  # (n, out)
