@@ -89,7 +89,9 @@ class ScaleShiftLayer(AbstractLayer):
         return torch.arange(self.numel())
 
 
-class _BatchNormLayer(ScaleShiftLayer):
+class _PerChannelNormLayer(ScaleShiftLayer):
+    """Norm layers with one scale and shift per channel, built from ``num_features``."""
+
     def __init__(self, num_features):
         self.num_features = num_features
         super().__init__(num_features)
@@ -98,6 +100,8 @@ class _BatchNormLayer(ScaleShiftLayer):
     def from_module(cls, module):
         return cls(module.num_features)
 
+
+class _BatchNormLayer(_PerChannelNormLayer):
     def normalized(self, module, x):
         use_batch = module.training or module.running_mean is None
         if use_batch:
@@ -122,15 +126,7 @@ class BatchNorm3dLayer(_BatchNormLayer):
     module_types = (nn.BatchNorm3d,)
 
 
-class _InstanceNormLayer(ScaleShiftLayer):
-    def __init__(self, num_features):
-        self.num_features = num_features
-        super().__init__(num_features)
-
-    @classmethod
-    def from_module(cls, module):
-        return cls(module.num_features)
-
+class _InstanceNormLayer(_PerChannelNormLayer):
     def normalized(self, module, x):
         if module.training or not module.track_running_stats:
             return F.instance_norm(x, None, None, None, None, True, 0.0, module.eps)
