@@ -306,3 +306,40 @@ def test_float32_rank_deficient_factor_decomposes():
     evals, U = eigh(A)
     assert evals.dtype == torch.float32 and U.dtype == torch.float32
     close((U * evals) @ U.t(), A, rtol=1e-4)
+
+
+def test_eigh_shift_is_exact_and_fallback_works(monkeypatch):
+    """``eigh`` decomposes ``M + s·I`` and removes ``s`` from the eigenvalues: in float64 the
+    eigenvalues (exact zeros included) and the reconstruction match ``torch.linalg.eigh``; when
+    float32 LAPACK fails, the float64 retry gives the same decomposition."""
+    from nngeometry.object.pspace import _spectral
+
+    torch.manual_seed(0)
+    X = torch.randn(7, 30, dtype=torch.float64)
+    A = X.t() @ X  # rank 7: 23 zero eigenvalues
+    evals, U = _spectral.eigh(A)
+    ref = torch.linalg.eigvalsh(A)
+    assert (evals - ref).abs().max() < 1e-12 * ref.max()
+    assert evals[:23].abs().max() < 1e-12 * ref.max()
+    close((U * evals) @ U.t(), A, rtol=1e-12)
+    close(U.t() @ U, torch.eye(30, dtype=torch.float64), rtol=1e-12)
+    # a batch of matrices gets one shift each
+    B = torch.stack([A, 1e3 * torch.eye(30, dtype=torch.float64)])
+    eb, _ = _spectral.eigh(B)
+    assert (eb[0] - ref).abs().max() < 1e-12 * ref.max()
+    assert (eb[1] - 1e3).abs().max() < 1e-9
+
+    real = torch.linalg.eigh
+    calls = []
+
+    def flaky(M):
+        calls.append(M.dtype)
+        if M.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated ssyevd failure")
+        return real(M)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    e32, U32 = _spectral.eigh(A.float())
+    assert calls == [torch.float32, torch.float64]
+    assert e32.dtype == torch.float32 and U32.dtype == torch.float32
+    close((U32.double() * e32.double()) @ U32.double().t(), A, rtol=1e-5)
