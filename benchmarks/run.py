@@ -339,19 +339,39 @@ def bare_gemm(lc, n, K, per_layer, repeats):
     return t, samples
 
 
-def bare_eigh(lc, repeats):
-    """Median time of ``eigh`` on random SPD matrices of the KFAC factor shapes of every layer
-    (A: inputs per output row + bias, G: outputs), for Linear and Conv2d layers."""
-    g = torch.Generator().manual_seed(3)
-    mats = []
+def kfac_factor_dims(model, loader, lc):
+    """Widths of the dense KFAC factors of every layer: read from a built ``PMatKFAC``'s
+    ``data`` (``{layer_id: (A, G)}``, or a tuple of such pairs for a layer with several
+    Kronecker blocks, as in upstream; a 1-D factor is diagonal and needs no eigh), or, for a
+    package without it, derived from the Linear / Conv2d layer specs."""
+    try:
+        kfac = build(model, loader, get_rep("KFAC"), "MC")
+        data = kfac.data
+    except Exception:  # noqa: BLE001  (a package without PMatKFAC.data, or a layer it lacks)
+        data = None
+    if isinstance(data, dict) and data:
+        dims = []
+        for entry in data.values():
+            pairs = entry if isinstance(entry[0], (tuple, list)) else (entry,)
+            for pair in pairs:
+                dims.extend(int(f.shape[0]) for f in pair if f.dim() == 2)
+        return dims
+    dims = []
     for lid, wsize, bias, kind in layer_param_shapes(lc):
         if kind not in ("LinearLayer", "Conv2dLayer"):
             raise NotAvailable(f"no KFAC factor shape known for layer type {kind}")
-        d_a = math.prod(wsize[1:]) + (1 if bias else 0)
-        d_g = wsize[0]
-        for d in (d_a, d_g):
-            X = torch.randn(d, d + 16, generator=g)
-            mats.append(X @ X.t() / d)
+        dims += [math.prod(wsize[1:]) + (1 if bias else 0), wsize[0]]
+    return dims
+
+
+def bare_eigh(dims, repeats):
+    """Median time of ``eigh`` on random SPD matrices of the given widths (the dense KFAC
+    factors, see :func:`kfac_factor_dims`)."""
+    g = torch.Generator().manual_seed(3)
+    mats = []
+    for d in dims:
+        X = torch.randn(d, d + 16, generator=g)
+        mats.append(X @ X.t() / d)
 
     def run():
         return [torch.linalg.eigh(m) for m in mats]
@@ -435,7 +455,7 @@ def run_workload(w, reps, variants, repeats, quick, memory, log, n=None):
                     entry.update(status="n/a", reason=reason_of(exc))
         if name == "EKFAC" and "MC" in variants:
             try:
-                t, samples = bare_eigh(lc, repeats)
+                t, samples = bare_eigh(kfac_factor_dims(model, loader, lc), repeats)
                 res["eigh"] = {"time_s": t, "samples": samples}
             except Exception as exc:  # noqa: BLE001
                 res["eigh"] = {"status": "n/a", "reason": reason_of(exc)}
