@@ -12,13 +12,32 @@ from ..gram import GramRows
 
 
 class Call:
-    __slots__ = ("args", "kwargs", "output", "gy")
+    """One call of a module: its inputs, what the backward pass differentiates to (``target``)
+    and, once it has run, ``gy``.
+
+    ``target`` is the output's gradient edge (the autograd node that made it, and which of its
+    outputs), not the output tensor: holding the tensor kept e.g. every convolution's output
+    alive through the backward pass (6 MiB for W2 in a build whose other transients are 16),
+    and an in-place op applied to the output afterwards (``ReLU(inplace=True)``) made the tensor
+    stand for that op's result, so that ``gy`` was the gradient w.r.t. the wrong quantity. The
+    edge is the output as the module returned it. The output's shape, dtype and device are kept
+    for zero gradients and memory budgets. An output with no graph (no parameter of it requires
+    grad) is kept as is: the backward pass then reports it."""
+
+    __slots__ = ("args", "kwargs", "target", "out_shape", "out_dtype", "out_device", "gy")
 
     def __init__(self, args, kwargs, output):
         self.args = args
         self.kwargs = kwargs
-        self.output = output
+        self.out_shape, self.out_dtype, self.out_device = output.shape, output.dtype, output.device
+        self.target = output
+        if output.requires_grad:
+            self.target = torch.autograd.graph.get_gradient_edge(output)
         self.gy = None
+
+    @property
+    def out_nbytes(self):
+        return self.out_shape.numel() * self.out_dtype.itemsize
 
     @property
     def x(self):
@@ -126,8 +145,13 @@ class BatchContext:
             raise NotImplementedError("KFAC with centering=True is not implemented")
         layer, module = self.layer_collection[layer_id], self.modules[layer_id]
         A, G, multi = None, None, None
+        # past the first chunk of directions A is dropped: layer types whose A is costly to
+        # form (convolutions: a GEMM on the unfolded patches) are told not to form it
+        skip_a = ({"input_factor": False}
+                  if not self.first_chunk and getattr(layer, "kfac_input_factor_optional", False)
+                  else {})
         for c in self.calls[layer_id]:
-            res = layer.kfac_factors(module, layer.inputs_of(c), c.gy, approx=approx)
+            res = layer.kfac_factors(module, layer.inputs_of(c), c.gy, approx=approx, **skip_a)
             pairs = kfac_block_list(res)
             if A is None:
                 A, G = [[] for _ in pairs], [[] for _ in pairs]

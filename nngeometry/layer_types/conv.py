@@ -32,13 +32,18 @@ from torch import nn
 from ..gram import GramRows
 from .base import AbstractLayer, Parameter, register_layer_type
 
+#: memory for the unfolded patches of one chunk of examples (see ``_example_chunks``)
+PATCH_CHUNK_BYTES = 2 * 2 ** 20
+
 
 def _tuple(v, d):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * d
 
 
-def extract_patches(x, kernel_size, dilation, stride, pads):
-    """Patches of ``x`` (``(B, C, *spatial)``) for a convolution: ``(B, C * prod(k), L)``.
+def extract_patches(x, kernel_size, dilation, stride, pads, examples_inner=False):
+    """Patches of ``x`` (``(B, C, *spatial)``) for a convolution: ``(B, C * prod(k), L)``, or
+    ``(C * prod(k), B * L)`` with ``examples_inner`` (one wide matrix whose Gram ``U Uᵀ`` is a
+    single GEMM). Either way the one copy made is the result.
 
     ``pads``: ``((left, right), ...)`` per spatial dimension, zeros; negative values crop. The
     patch dimension is ordered like a conv weight ``(C, *k)`` row-major, locations row-major.
@@ -56,9 +61,13 @@ def extract_patches(x, kernel_size, dilation, stride, pads):
     x = x[(Ellipsis,) + tuple(slice(None, None, dil) for dil in dilation)]
     B, C = x.shape[:2]
     locs = x.shape[2:2 + d]
+    kdims, ldims = tuple(range(2 + d, 2 + 2 * d)), tuple(range(2, 2 + d))
+    if examples_inner:
+        # (B, C, L1..Ld, k1..kd) -> (C, k1..kd, B, L1..Ld)
+        x = x.permute((1,) + kdims + (0,) + ldims)
+        return x.reshape(C * math.prod(kernel_size), B * math.prod(locs))
     # (B, C, L1..Ld, k1..kd) -> (B, C, k1..kd, L1..Ld)
-    perm = (0, 1) + tuple(range(2 + d, 2 + 2 * d)) + tuple(range(2, 2 + d))
-    x = x.permute(perm)
+    x = x.permute((0, 1) + kdims + ldims)
     return x.reshape(B, C * math.prod(kernel_size), math.prod(locs))
 
 
@@ -92,8 +101,9 @@ class _ConvNdLayer(AbstractLayer):
         return super()._key() + (self.groups,)
 
     # ------------------------------------------------------------------ patches
-    def _direct_patches(self, module, x):
-        """Patches of a direct convolution's input: ``(n, C_in * prod(k), L)``."""
+    def _direct_patches(self, module, x, examples_inner=False):
+        """Patches of a direct convolution's input: ``(n, C_in * prod(k), L)`` (see
+        :func:`extract_patches` for ``examples_inner``)."""
         d = self.n_dims
         padding = module.padding
         if isinstance(padding, str):
@@ -113,9 +123,9 @@ class _ConvNdLayer(AbstractLayer):
             x = F.pad(x, flat, mode=module.padding_mode)
             pads = [(0, 0)] * d
         return extract_patches(x, module.kernel_size, _tuple(module.dilation, d),
-                               _tuple(module.stride, d), pads)
+                               _tuple(module.stride, d), pads, examples_inner)
 
-    def _transposed_patches(self, module, x, out_spatial):
+    def _transposed_patches(self, module, x, out_spatial, examples_inner=False):
         """Patches of the equivalent direct convolution of a transposed one, computed for an
         output of spatial size ``out_spatial``; the kernel axis is in the flipped order."""
         d = self.n_dims
@@ -134,16 +144,35 @@ class _ConvNdLayer(AbstractLayer):
             # or an explicit output_size passed to forward)
             right = out_spatial[i] + dil[i] * (self.kernel_size[i] - 1) - x.shape[2 + i] - left
             pads.append((left, right))
-        return extract_patches(x, self.kernel_size, dil, (1,) * d, pads)
+        return extract_patches(x, self.kernel_size, dil, (1,) * d, pads, examples_inner)
 
-    def _patches(self, module, x, gy):
-        """Equivalent-direct-convolution patches grouped: ``(n, g, C_in/g * prod(k), L)``."""
+    def _patches(self, module, x, gy, examples_inner=False):
+        """Equivalent-direct-convolution patches grouped: ``(n, g, C_in/g * prod(k), L)``; with
+        ``examples_inner``, ungrouped ``(C_in * prod(k), n L)`` (see :func:`extract_patches`)."""
         if self.transposed:
-            u = self._transposed_patches(module, x, gy.shape[3:])
+            u = self._transposed_patches(module, x, gy.shape[3:], examples_inner)
         else:
-            u = self._direct_patches(module, x)
+            u = self._direct_patches(module, x, examples_inner)
+        if examples_inner:
+            return u
         n, D, L = u.shape
         return u.reshape(n, self.groups, D // self.groups, L)
+
+    def _example_chunks(self, module, x, gy, examples_inner=False):
+        """The batch by chunks of examples whose patches fit in :data:`PATCH_CHUNK_BYTES`: yields
+        ``(i0, i1, u)`` with ``u`` the patches of examples ``i0 .. i1 - 1`` (as
+        :meth:`_patches`). The patches are ``prod(k)`` times the input (9.4 MiB for a batch of
+        64 on W2's second convolution, more than the per-example gradients of the whole model
+        for one output direction): every statistic is a sum over examples, so it is
+        accumulated chunk by chunk instead. The chunks are wide enough (W2: 14-19 examples) that
+        the per-chunk overhead does not show."""
+        n = x.shape[0]
+        per_example = (self.in_channels * math.prod(self.kernel_size)
+                       * math.prod(gy.shape[3:]) * gy.element_size())
+        nc = max(1, PATCH_CHUNK_BYTES // max(1, per_example))
+        for i0 in range(0, n, nc):
+            i1 = min(n, i0 + nc)
+            yield i0, i1, self._patches(module, x[i0:i1], gy[:, i0:i1], examples_inner)
 
     # ------------------------------------------------------------------ layouts
     def _equiv_index(self):
@@ -189,11 +218,10 @@ class _ConvNdLayer(AbstractLayer):
         return self._equivalent_out_in()[1] + (1 if self.bias is not None else 0)
 
     # ------------------------------------------------------------------ maths
-    def _grads_by_group(self, module, x, gy):
-        u = self._patches(module, x, gy)
+    def _grouped(self, gy):
+        """Output gradients ``(K, n, C_out, *sp)`` -> ``(K, n, g, C_out/g, L)`` (a view)."""
         K, n, c_out = gy.shape[:3]
-        g = gy.reshape(K, n, self.groups, c_out // self.groups, -1)
-        return u, g
+        return gy.reshape(K, n, self.groups, c_out // self.groups, -1)
 
     #: the output directions are folded into the rows of one product when the patches are at
     #: least this wide (see :meth:`_direction_grads`)
@@ -240,12 +268,12 @@ class _ConvNdLayer(AbstractLayer):
             yield k0, k1, gw.reshape(n, ng, k1 - k0, cg, D).permute(2, 0, 1, 3, 4)
 
     def per_example_grad(self, module, x, gy):
-        u, g = self._grads_by_group(module, x, gy)
-        K, n = g.shape[:2]
+        K, n = gy.shape[:2]
         nw = self.weight.numel()
         out = gy.new_empty(K, n, self.numel())
-        for k0, k1, gw in self._direction_grads(u, g):
-            out[k0:k1, :, :nw] = gw.reshape(k1 - k0, n, nw)
+        for i0, i1, u in self._example_chunks(module, x, gy):
+            for k0, k1, gw in self._direction_grads(u, self._grouped(gy[:, i0:i1])):
+                out[k0:k1, i0:i1, :nw] = gw.reshape(k1 - k0, i1 - i0, nw)
         if self.transposed:
             out[:, :, :nw] = self._to_module_order(out[:, :, :nw])
         if self.bias is not None:
@@ -253,22 +281,72 @@ class _ConvNdLayer(AbstractLayer):
         return out
 
     def diag(self, module, x, gy):
-        """``Σ_{k,i} (per-example gradient)²`` without the ``(K, n, numel)`` per-example
-        gradients: by chunks of directions (see :meth:`_direction_grads`), squared in place and
-        summed over the examples, so the transient is one chunk's gradients."""
-        u, g = self._grads_by_group(module, x, gy)
-        K, n = g.shape[:2]
-        dw = None
-        for _, _, gw in self._direction_grads(u, g):
-            s = gw.square_().sum(dim=(0, 1))
-            dw = s if dw is None else dw.add_(s)
-        dw = self._to_module_order(dw.reshape(-1))
-        if self.bias is None:
-            return dw
-        gb = gy.reshape(K, n, self.out_channels, -1).sum(dim=3)
-        return torch.cat([dw, gb.square_().sum(dim=(0, 1))])
+        return self.diag_into(module, x, gy, gy.new_zeros(self.numel()))
 
-    def kfac_factors(self, module, x, gy, approx="expand"):
+    def diag_into(self, module, x, gy, out):
+        """``out += Σ_{k,i} (per-example gradient)²`` without the ``(K, n, numel)`` per-example
+        gradients: by chunks of examples (:meth:`_example_chunks`) and of directions (see
+        :meth:`_direction_grads`), squared in place and summed over the chunk's directions and
+        examples, so the transient is one chunk's patches and gradients."""
+        K, n = gy.shape[:2]
+        nw = self.weight.numel()
+        # the equivalent layout's running sum: ``out`` itself for a direct convolution
+        dw = out[:nw] if not self.transposed else out.new_zeros(nw)
+        dw_e = dw.view(self.groups, self.out_channels // self.groups, -1)
+        for i0, i1, u in self._example_chunks(module, x, gy):
+            for _, _, gw in self._direction_grads(u, self._grouped(gy[:, i0:i1])):
+                dw_e += gw.square_().sum(dim=(0, 1))
+        if self.transposed:
+            out[:nw] += self._to_module_order(dw)
+        if self.bias is not None:
+            gb = gy.reshape(K, n, self.out_channels, -1).sum(dim=3)
+            out[nw:] += gb.square_().sum(dim=(0, 1))
+        return out
+
+    def kfe_diag(self, module, x, gy, UA, UG):
+        """EKFAC's ``Σ_{k,i} (U_Gᵀ Ĝ_{k,i} U_A)²``, shape ``(C_out, D [+ 1])`` (Kronecker layout of
+        the equivalent direct convolution), without the flat per-example gradients.
+
+        ``Ĝ_{k,i} = Σ_l g_{k,i,l} ũ_{i,l}ᵀ`` with ``ũ`` the patch (and a trailing 1 for the
+        bias), so ``Ĝ U_A = Σ_l g_l (U_Aᵀ ũ_l)ᵀ``: the patches are projected at every location
+        once, then per direction the projected gradients of a chunk of examples
+        (:meth:`_example_chunks`) are one ``bmm`` reading the output gradients in place, and
+        ``U_Gᵀ`` is applied to that ``(C_out, D')`` result. Going through
+        :meth:`per_example_grad` instead gathers ``(K, n, numel)`` into the Kronecker layout and
+        projects it with transposed copies (1.3x slower on W2's second convolution; folding
+        the directions into the rows of one product needs a permuted copy of the output
+        gradients, which costs as much as it saves)."""
+        if self.groups != 1:
+            return super().kfe_diag(module, x, gy, UA, UG)
+        K, n, C = gy.shape[:3]
+        D = self.in_channels * math.prod(self.kernel_size)
+        total = None
+        for i0, i1, u in self._example_chunks(module, x, gy):
+            u = u[:, 0]  # (nc, D, L)
+            nc, _, L = u.shape
+            if isinstance(UA, int):
+                up = u if self.bias is None else torch.cat([u, u.new_ones(nc, 1, L)], dim=1)
+            else:
+                up = torch.matmul(UA[:D].t(), u)  # U_Aᵀ ũ = U_A[:D]ᵀ u + U_A[D] (bias row)
+                if self.bias is not None:
+                    up += UA[D].unsqueeze(1)
+            upT = up.transpose(1, 2)  # (nc, L, D')
+            g = gy[:, i0:i1].reshape(K, nc, C, L)
+            for k in range(K):
+                gw = torch.bmm(g[k], upT)  # (nc, C_out, D')
+                if not isinstance(UG, int):
+                    gw = torch.matmul(UG.t(), gw)
+                s = gw.square_().sum(dim=0)
+                total = s if total is None else total.add_(s)
+        return total
+
+    #: see ``kfac_factors``' ``input_factor`` (the generator skips ``A`` past the first chunk
+    #: of output directions: for a convolution it is the costly factor)
+    kfac_input_factor_optional = True
+
+    def kfac_factors(self, module, x, gy, approx="expand", input_factor=True):
+        """``(A, G)``, see the module docstring; with ``input_factor=False``, ``(None, G)``: ``A``
+        depends on the inputs only, and the generator takes it once per batch."""
         if self.groups != 1:
             raise NotImplementedError(
                 f"KFAC for grouped convolutions (groups={self.groups}) is not implemented: the "
@@ -276,29 +354,43 @@ class _ConvNdLayer(AbstractLayer):
                 "PMatEKFACBlockDiag for this layer")
         if approx not in ("expand", "reduce"):
             raise ValueError(f"unknown KFAC approximation '{approx}': use 'expand' or 'reduce'")
-        u = self._patches(module, x, gy)[:, 0]  # (n, D, L)
-        n, D, L = u.shape
-        g = gy.reshape(gy.shape[0], gy.shape[1], self.out_channels, -1)  # (K, n, C_out, L)
+        K, n, C = gy.shape[:3]
+        g = gy.reshape(K, n, C, -1)  # (K, n, C_out, L)
+        L = g.shape[3]
+        D = self.in_channels * math.prod(self.kernel_size)
         if approx == "expand":
-            # Σ over examples (and directions) and locations of u uᵀ and g gᵀ, as batched
-            # products on the unfolded layout: no transposed copies of the patches or of the
-            # K output gradients, which made this 1.7-1.8x slower and 2-5x more memory (W2)
-            A = torch.bmm(u, u.transpose(1, 2)).sum(dim=0)
-            gb = g.reshape(-1, self.out_channels, L)  # (K n, C_out, L)
-            G = torch.bmm(gb, gb.transpose(1, 2)).sum(dim=0) / L
+            # G: Σ over directions, examples and locations of g gᵀ, accumulated per (direction,
+            # example) by addbmm on the output gradients as they are (a transposed copy of
+            # them, for one GEMM, was slower), with no (K n, C_out, C_out) intermediate
+            gb = g.reshape(K * n, C, L)
+            G = gy.new_zeros(C, C).addbmm_(gb, gb.transpose(1, 2)).div_(L)
+            if not input_factor:
+                return None, G
+            # A: Σ over examples and locations of u uᵀ (trailing 1 for the bias), by chunks
+            # of examples with the patches unfolded as one wide (D, n_c L) matrix: one GEMM a
+            # chunk, accumulated in place
+            A = gy.new_zeros(D + (1 if self.bias is not None else 0),
+                             D + (1 if self.bias is not None else 0))
+            Aw = A[:D, :D]
+            for _, _, v in self._example_chunks(module, x, gy, examples_inner=True):
+                Aw.addmm_(v, v.t())
+                if self.bias is not None:
+                    A[:D, D] += v.sum(dim=1)
             if self.bias is not None:
-                # the trailing 1 of each patch: border Σ u, corner the number of rows n L
-                s = u.sum(dim=(0, 2))
-                A = torch.cat([torch.cat([A, s.unsqueeze(1)], dim=1),
-                               torch.cat([s, s.new_full((1,), float(n * L))]).unsqueeze(0)],
-                              dim=0)
+                # border Σ u (mirrored), corner the number of rows n L
+                A[D, :D] = A[:D, D]
+                A[D, D] = float(n * L)
             return A, G
-        u = u.mean(dim=2)  # 'reduce': mean patch per example
-        g = g.sum(dim=3).reshape(-1, self.out_channels)  # summed gradient per example
-        scale = 1.0
+        Gr = GramRows(g.sum(dim=3).reshape(-1, C))  # summed gradient per example
+        if not input_factor:
+            return None, Gr
+        # 'reduce': mean patch per example, by chunks of examples
+        u = gy.new_empty(n, D + (1 if self.bias is not None else 0))
+        for i0, i1, uc in self._example_chunks(module, x, gy):
+            u[i0:i1, :D] = uc[:, 0].mean(dim=2)
         if self.bias is not None:
-            u = torch.cat([u, u.new_ones(u.shape[0], 1)], dim=1)
-        return GramRows(u), GramRows(g, scale)
+            u[:, D] = 1
+        return GramRows(u), Gr
 
 
 @register_layer_type

@@ -18,12 +18,13 @@ def eigh(M):
       ``1e-4`` of the mean diagonal converges, in the time of a well-conditioned matrix;
     * a decomposition that still fails is redone in float64 and cast back.
     """
-    M = (M + M.transpose(-1, -2)) / 2
-    d = M.shape[-1]
-    if d == 0:
+    if M.shape[-1] == 0:
         return torch.linalg.eigh(M)
-    shift = 1e-6 * M.diagonal(dim1=-2, dim2=-1).abs().mean(dim=-1)  # (...,)
-    shifted = M + torch.diag_embed(shift.unsqueeze(-1).expand(M.shape[:-1]))
+    # one new matrix, symmetrized and shifted in place (a factor can be 2049² floats)
+    shifted = M + M.transpose(-1, -2)
+    shifted.mul_(0.5)
+    shift = 1e-6 * shifted.diagonal(dim1=-2, dim2=-1).abs().mean(dim=-1)  # (...,)
+    shifted.diagonal(dim1=-2, dim2=-1).add_(shift.unsqueeze(-1))
     try:
         evals, evecs = torch.linalg.eigh(shifted)
     except torch.linalg.LinAlgError:
