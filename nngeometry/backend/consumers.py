@@ -31,7 +31,8 @@ class DenseCovariance(Consumer):
         self._acc.add(J.reshape(-1, J.shape[-1]))
 
     def finalize(self, n):
-        self.result = self._acc.result().div_(n)
+        # the 1/n is applied while the sum is mirrored (no extra pass over the P × P matrix)
+        self.result = self._acc.result(1.0 / n)
 
 
 class DiagCovariance(Consumer):
@@ -63,14 +64,25 @@ class LayerBlocks(Consumer):
         self._acc = {}
         self.result = {}
 
+    #: pieces shorter than this are buffered across batches (a GEMM on fewer rows runs slowly);
+    #: taller ones are multiplied at once, so that no layer's per-example gradients outlive
+    #: their batch and the buffers never hold a batch's whole-model Jacobian
+    MIN_ROWS = 32
+
     def update(self, ctx):
         for lid in ctx.layer_ids():
             g = ctx.per_example_grad(lid)
-            self._acc.setdefault(lid, SymmetricAccumulator()).add(g.reshape(-1, g.shape[-1]))
+            acc = self._acc.get(lid)
+            if acc is None:
+                acc = self._acc[lid] = SymmetricAccumulator(min_rows=self.MIN_ROWS)
+            acc.add(g.reshape(-1, g.shape[-1]))
+            # drop our reference too: the next layer's gradients are formed while this one
+            # would otherwise still be held
+            del g
             ctx.release(lid)
 
     def finalize(self, n):
-        self.result = {lid: acc.result().div_(n) for lid, acc in self._acc.items()}
+        self.result = {lid: acc.result(1.0 / n) for lid, acc in self._acc.items()}
 
 
 class KFACFactors(Consumer):
@@ -114,7 +126,11 @@ class KFACFactors(Consumer):
         for p in pieces:
             if isinstance(p, GramRows):
                 if slots[1] is None:
-                    slots[1] = SymmetricAccumulator()
+                    slots[1] = SymmetricAccumulator(ones_column=p.ones_column)
+                elif slots[1].ones_column != p.ones_column:
+                    raise ValueError(
+                        f"layer '{lid}' gives KFAC factor pieces with and without the ones "
+                        "(bias) column in two batches: they can't be summed")
                 slots[1].add(p.rows, p.scale)
             else:
                 slots[0] = p if slots[0] is None else slots[0] + p
@@ -126,10 +142,9 @@ class KFACFactors(Consumer):
         dense, gram = slots
         if gram is None:
             return dense / n  # may be a layer type's own tensor: not modified
-        total = gram.result()  # the accumulator's own buffer
-        if dense is not None:
-            total.add_(dense)
-        return total.div_(n)
+        if dense is None:
+            return gram.result(1.0 / n)  # the accumulator's own buffer, scaled as it is mirrored
+        return gram.result().add_(dense).div_(n)
 
     def finalize(self, n):
         self.result = {}

@@ -66,10 +66,24 @@ class LinearLayer(AbstractLayer):
     def per_example_grad(self, module, x, gy):
         x, gy = self._flatten_positions(x, gy)
         K, n = gy.shape[:2]
-        gw = seq_grads(x, gy).reshape(K, n, -1)
         if self.bias is None:
-            return gw
-        return torch.cat([gw, gy.sum(dim=2)], dim=2)
+            return seq_grads(x, gy).reshape(K, n, -1)
+        if torch.is_grad_enabled() and (x.requires_grad or gy.requires_grad):
+            # out= writes are not differentiable: the concatenating form for callers that
+            # differentiate through the per-example gradients
+            return torch.cat([seq_grads(x, gy).reshape(K, n, -1), gy.sum(dim=2)], dim=2)
+        # weight and bias parts are written into their slices of one (K, n, numel) tensor: a
+        # weight part then a concatenated copy held two per-example gradients of the layer
+        nw = self.weight.numel()
+        out = gy.new_empty(K, n, nw + self.out_features)
+        gw = out[:, :, :nw].view(K, n, self.out_features, self.in_features)
+        if x.shape[1] == 1:
+            # outer products (see seq_grads)
+            torch.mul(gy[:, :, 0, :, None], x[None, :, 0, None, :], out=gw)
+        else:
+            torch.matmul(gy.transpose(-1, -2), x, out=gw)
+        torch.sum(gy, dim=2, out=out[:, :, nw:])
+        return out
 
     def diag(self, module, x, gy):
         return self.diag_into(module, x, gy, gy.new_zeros(self.numel()))
@@ -120,18 +134,16 @@ class LinearLayer(AbstractLayer):
             raise ValueError(f"unknown KFAC approximation '{approx}': use 'expand' or 'reduce'")
         if approx == "reduce":
             a = x.mean(dim=1)
-            if self.bias is not None:
-                a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
             g = gy.sum(dim=2).reshape(-1, gy.shape[-1])
-            return GramRows(a), GramRows(g)
+            return GramRows(a, ones_column=self.bias is not None), GramRows(g)
         S = x.shape[1]
+        # the bias-augmented inputs (x, 1) are not formed: the Gram accumulator adds the ones
+        # column's row/column from the column sums of x (no copy of the inputs)
         x = x.reshape(-1, x.shape[-1])
-        if self.bias is not None:
-            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         g = gy.reshape(-1, gy.shape[-1])
         # 'expand': positions act like examples in A; G sums over positions and is divided by
         # their count so that S = 1 gives the exact block (same rule as for convolutions).
-        return GramRows(x), GramRows(g, 1.0 / S)
+        return GramRows(x, ones_column=self.bias is not None), GramRows(g, 1.0 / S)
 
     def kfe_diag(self, module, x, gy, UA, UG):
         x, gy = self._flatten_positions(x, gy)
@@ -149,6 +161,12 @@ class LinearLayer(AbstractLayer):
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         # the gradient gy xᵀ is rank one, so in the eigenbasis it is (U_Gᵀ gy)(U_Aᵀ x)ᵀ and its
         # square factors: no per-example gradient is formed
-        xp = x if isinstance(UA, int) else x @ UA
-        gp = gy if isinstance(UG, int) else gy @ UG
-        return torch.einsum("kno,ni->oi", gp * gp, xp * xp)
+        # squares summed over the directions first, then one GEMM (einsum: 1.7x slower, W1);
+        # squared in place only when the projection made a tensor of our own
+        xp2 = x.square() if isinstance(UA, int) else (x @ UA).square_()
+        if isinstance(UG, int):
+            gp2 = gy.square().sum(dim=0)
+        else:
+            gp = gy @ UG
+            gp2 = gp[0].square_() if gp.shape[0] == 1 else gp.square_().sum(dim=0)
+        return gp2.t() @ xp2
