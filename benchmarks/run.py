@@ -531,6 +531,8 @@ def run_workload(w, reps, variants, repeats, quick, memory, log, n=None):
             r["floor_s"] = statistics.median(floor_chunks[i] + floor_chunks[i + 1])
     res["floor"] = {"time_s": floor_t, "samples": floor_samples}
     if memory:
+        # the same starting state for every measurement: no gradients left by the timing runs
+        model.zero_grad(set_to_none=True)
         _, peak, retained = peak_memory(floor)
         res["floor"].update(peak_bytes=peak, retained_bytes=retained)
     _add_ratios(res, floor_t)
