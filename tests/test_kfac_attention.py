@@ -410,3 +410,32 @@ def test_refusals():
     model.train()
     with pytest.raises(RuntimeError, match="deterministic"):
         TorchHooksJacobianBackend(model).get_kfac_blocks(x, lc)
+
+
+def test_projection_recorder_restores_linear_when_the_forward_raises():
+    """The recorder points ``F.linear`` at a wrapper only while the attention runs in the
+    generator's pass: after a build, and after a forward that raises inside the module, it is
+    torch's own function again."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    linear = F.linear
+    model, x, lc_all, lc = make(mode="self")
+    gen = TorchHooksJacobianBackend(model)
+    gen.get_covariance_diag(DataLoader(TensorDataset(x), batch_size=4), lc)
+    assert F.linear is linear
+
+    class Boom(Exception):
+        pass
+
+    def fail(*args, **kwargs):  # raises after the pre-hooks ran: the recorder is active
+        F.linear(args[0], model.mha.out_proj.weight)
+        raise Boom()
+
+    model.mha.forward = fail
+    try:
+        with pytest.raises(Boom):
+            gen.get_covariance_diag(DataLoader(TensorDataset(x), batch_size=4), lc)
+    finally:
+        del model.mha.forward
+    assert F.linear is linear

@@ -11,33 +11,73 @@ import torch
 from ..gram import GramRows
 
 
+class GradTarget:
+    """A tensor of the forward pass that the backward pass differentiates to: its gradient edge
+    (the autograd node that made it, and which of its outputs), with its shape, dtype and device
+    (for zero gradients and memory budgets). A tensor with no graph (nothing it depends on
+    requires grad) is kept as is: the backward pass then reports it."""
+
+    __slots__ = ("edge", "shape", "dtype", "device")
+
+    def __init__(self, t):
+        self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
+        self.edge = torch.autograd.graph.get_gradient_edge(t) if t.requires_grad else t
+
+    @property
+    def nbytes(self):
+        return self.shape.numel() * self.dtype.itemsize
+
+    def zeros(self, K):
+        """The gradient of ``K`` directions that do not depend on this tensor."""
+        return torch.zeros((K,) + tuple(self.shape), dtype=self.dtype, device=self.device)
+
+
 class Call:
-    """One call of a module: its inputs, what the backward pass differentiates to (``target``)
-    and, once it has run, ``gy``.
+    """One call of a module: its inputs, what the backward pass differentiates to and, once it
+    has run, ``gy`` (the gradients w.r.t. the module's output).
 
-    ``target`` is the output's gradient edge (the autograd node that made it, and which of its
-    outputs), not the output tensor: holding the tensor kept e.g. every convolution's output
-    alive through the backward pass (6 MiB for W2 in a build whose other transients are 16),
-    and an in-place op applied to the output afterwards (``ReLU(inplace=True)``) made the tensor
-    stand for that op's result, so that ``gy`` was the gradient w.r.t. the wrong quantity. The
-    edge is the output as the module returned it. The output's shape, dtype and device are kept
-    for zero gradients and memory budgets. An output with no graph (no parameter of it requires
-    grad) is kept as is: the backward pass then reports it."""
+    ``targets[0]`` is the module's output as a :class:`GradTarget`, not the output tensor:
+    holding the tensor kept e.g. every convolution's output alive through the backward pass
+    (6 MiB for W2 in a build whose other transients are 16), and an in-place op applied to the
+    output afterwards (``ReLU(inplace=True)``) made the tensor stand for that op's result, so
+    that ``gy`` was the gradient w.r.t. the wrong quantity. The edge is the output as the module
+    returned it.
 
-    __slots__ = ("args", "kwargs", "target", "out_shape", "out_dtype", "out_device", "gy")
+    A layer type that records tensors inside the module's forward (see
+    ``AbstractLayer.internal_recorder``) gets ``record`` (what its recorder kept) and the
+    gradients w.r.t. its recorder's ``targets`` in ``extra_gy`` (same order, each
+    ``(K, *shape)``)."""
 
-    def __init__(self, args, kwargs, output):
+    __slots__ = ("args", "kwargs", "targets", "record", "gy", "extra_gy")
+
+    def __init__(self, args, kwargs, output, recorder=None):
         self.args = args
         self.kwargs = kwargs
-        self.out_shape, self.out_dtype, self.out_device = output.shape, output.dtype, output.device
-        self.target = output
-        if output.requires_grad:
-            self.target = torch.autograd.graph.get_gradient_edge(output)
+        self.targets = [GradTarget(output)]
+        self.record = None
+        if recorder is not None:
+            self.record = recorder.record
+            self.targets += [GradTarget(t) for t in recorder.targets]
         self.gy = None
+        self.extra_gy = []
+
+    @property
+    def target(self):
+        return self.targets[0].edge
+
+    @property
+    def out_dtype(self):
+        return self.targets[0].dtype
 
     @property
     def out_nbytes(self):
-        return self.out_shape.numel() * self.out_dtype.itemsize
+        """Bytes of one direction's gradients w.r.t. everything this call differentiates to."""
+        return sum(t.nbytes for t in self.targets)
+
+    def set_gradients(self, grads, K):
+        """Store the backward pass's gradients (one per target, None: independent of it)."""
+        grads = [g if g is not None else t.zeros(K) for g, t in zip(grads, self.targets)]
+        self.gy, self.extra_gy = grads[0], grads[1:]
 
     @property
     def x(self):

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from .batches import all_finite, batch_size_of, default_function, iterate_batches, prepare_batch
 from .context import BatchContext, Call
-from ..layer_types.base import is_recording_paused
+from ..layer_types.base import AbstractLayer, is_recording_paused
 from . import consumers as C
 
 
@@ -59,6 +59,7 @@ class TorchHooksJacobianBackend:
         if backward not in ("auto", "batched", "looped"):
             raise ValueError(f"unknown backward '{backward}': use 'auto', 'batched' or 'looped'")
         self.backward = backward
+        self._active_recorders = []  # see _prepared
 
     # ================================================================== statistics
     def get_covariance_matrix(self, examples, layer_collection):
@@ -272,19 +273,52 @@ class TorchHooksJacobianBackend:
             calls = {lid: [] for lid in modules}
             handles = []
             for lid, module in modules.items():
-                handles.append(module.register_forward_hook(self._make_hook(calls[lid]), with_kwargs=True))
+                layer = layer_collection[lid]
+                # recorders of tensors inside the module's forward (see
+                # AbstractLayer.internal_recorder), one per call in progress
+                active = [] if type(layer).internal_recorder is not AbstractLayer.internal_recorder \
+                    else None
+                if active is not None:
+                    handles.append(module.register_forward_pre_hook(
+                        self._make_pre_hook(layer, active)))
+                    self._active_recorders.append(active)
+                handles.append(module.register_forward_hook(self._make_hook(calls[lid], active),
+                                                            with_kwargs=True))
             try:
                 yield modules, calls
             finally:
                 for h in handles:
                     h.remove()
+                self._close_recorders()
+                self._active_recorders.clear()
+
+    def _close_recorders(self):
+        """Exit the recorders of module calls that did not return (an exception in the forward
+        pass): they must not stay active."""
+        for active in self._active_recorders:
+            while active:
+                active.pop().__exit__(None, None, None)
 
     @staticmethod
-    def _make_hook(store):
+    def _make_pre_hook(layer, active):
+        def pre_hook(module, args):
+            if is_recording_paused():
+                return
+            rec = layer.internal_recorder(module)
+            rec.__enter__()
+            active.append(rec)
+        return pre_hook
+
+    @staticmethod
+    def _make_hook(store, active=None):
         def hook(module, args, kwargs, output):
             if is_recording_paused():
                 # a layer type re-running this module's forward to compute its statistics
                 return
+            rec = None
+            if active:
+                rec = active.pop()
+                rec.__exit__(None, None, None)
             if isinstance(output, torch.Tensor):
                 out = output
             elif isinstance(output, (tuple, list)) and isinstance(output[0], torch.Tensor):
@@ -293,7 +327,7 @@ class TorchHooksJacobianBackend:
                 raise TypeError(f"cannot differentiate through the output of {type(module).__name__}")
             store.append(Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
                               {k: v.detach() if isinstance(v, torch.Tensor) else v
-                               for k, v in kwargs.items()}, out))
+                               for k, v in kwargs.items()}, out, rec))
         return hook
 
     @staticmethod
@@ -321,8 +355,11 @@ class TorchHooksJacobianBackend:
         batch = prepare_batch(batch, self._device())
         for store in calls.values():
             store.clear()
-        with torch.enable_grad():
-            out = self._outputs(batch)
+        try:
+            with torch.enable_grad():
+                out = self._outputs(batch)
+        finally:
+            self._close_recorders()
         n, n_output = out.shape
         if n == 0:
             return 0
@@ -336,12 +373,12 @@ class TorchHooksJacobianBackend:
                                  chunk_bytes)
         for k0 in range(0, n_output, chunk):
             k1 = min(n_output, k0 + chunk)
-            grads = self._batched_backward(out, [c.target for c in layer_calls], k0, k1,
-                                           retain=k1 < n_output)
-            for c, g in zip(layer_calls, grads):
-                # None: the function does not depend on this output
-                c.gy = g if g is not None else torch.zeros(
-                    (k1 - k0,) + tuple(c.out_shape), dtype=c.out_dtype, device=c.out_device)
+            grads = self._batched_backward(out, [t.edge for c in layer_calls for t in c.targets],
+                                           k0, k1, retain=k1 < n_output)
+            i = 0
+            for c in layer_calls:
+                c.set_gradients(grads[i:i + len(c.targets)], k1 - k0)
+                i += len(c.targets)
             ctx = BatchContext(layer_collection, modules, calls, n, k1 - k0, k0, n_output,
                                self.centering, out.detach())
             consumer.update(ctx)

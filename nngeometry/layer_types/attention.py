@@ -24,13 +24,13 @@ attention, so these are the exact per-example gradients. Dropout in training mod
 
 KFAC/EKFAC: the layer has several Kronecker blocks (block-diagonal inside the layer, see
 ``AbstractLayer.kfac_factors``): the input projections are Linear layers on sequences, and so is
-``out_proj`` on the attention output. From the recorded call, the attention is re-run from the
-projections' outputs ``Q = q W_qᵀ + b_q`` (and ``K``, ``V``), made autograd leaves, to the
-attention output ``Z`` fed to ``out_proj`` (through ``F.multi_head_attention_forward`` with
-identity projections, so that masks, ``add_zero_attn`` and ``is_causal`` mean exactly what they
-mean to the module); the output gradients ``gy`` are pulled back to ``∂/∂Q``, ``∂/∂K``,
-``∂/∂V`` per position in one batched backward (``is_grads_batched``), and ``Z``'s are
-``gy W_out``. The blocks, in the Kronecker layout ``[W_q | b_q]``, ``[W_k | b_k]``,
+``out_proj`` on the attention output ``Z``. Neither projection is a module (no hook fires on
+them), so while the module's forward runs in the generator's pass a recorder
+(``internal_recorder``) notes its ``F.linear`` calls: the projections'
+inputs, their outputs ``Q = q W_qᵀ + b_q`` (and ``K``, ``V``), which the backward pass then also
+differentiates to, and ``Z``, the input of ``out_proj``, whose output gradient is the module's.
+Masks, ``add_zero_attn`` and ``is_causal`` need no special case: the gradients are those of the
+forward that actually ran. The blocks, in the Kronecker layout ``[W_q | b_q]``, ``[W_k | b_k]``,
 ``[W_v | b_v]`` (rows of ``in_proj_weight``/``in_proj_bias``, or ``q/k/v_proj_weight``), then
 ``[W_out | b_out]``, each row-major:
 
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .base import AbstractLayer, Parameter, recording_paused, register_layer_type
+from .base import AbstractLayer, Parameter, register_layer_type
 from .generic import per_example_vjp
 from .linear import LinearLayer, seq_grad_squares, seq_grads
 
@@ -61,9 +61,9 @@ _FORWARD_PARAMS = list(inspect.signature(nn.MultiheadAttention.forward).paramete
 
 
 def _bind_inputs(x):
-    """The forward's arguments by name, from the ``(args, kwargs)`` the hook recorded; unbatched
-    (2-D) inputs are refused."""
-    args, kwargs = x
+    """The forward's arguments by name, from the ``(args, kwargs, ...)`` of :meth:`inputs_of`;
+    unbatched (2-D) inputs are refused."""
+    args, kwargs = x[:2]
     bound = dict(zip(_FORWARD_PARAMS, args))
     bound.update(kwargs)
     if bound["query"].dim() != 3:
@@ -119,7 +119,7 @@ class MultiheadAttentionLayer(AbstractLayer):
         return super()._key() + (self.num_heads,)
 
     def inputs_of(self, call):
-        return call.args, call.kwargs
+        return call.args, call.kwargs, call.record, call.extra_gy
 
     def per_example_grad(self, module, x, gy):
         if self.supports_kfac:
@@ -228,80 +228,51 @@ class MultiheadAttentionLayer(AbstractLayer):
         """The Kronecker blocks of one call: a list of ``(inputs (n, S, d_in), output gradients
         (K, n, S, rows))`` of Linear maps on sequences, batch first, in the Kronecker layout
         order (see the module docstring). ``Σ_s g_s [a_s, 1]ᵀ`` (per example and output) is the
-        block's exact per-example gradient, in the row-major ``[W | b]`` layout."""
+        block's exact per-example gradient, in the row-major ``[W | b]`` layout.
+
+        The projections' inputs and output gradients are those recorded in the generator's
+        pass (:meth:`internal_recorder`): the backward pass that gives the module's output
+        gradient goes through the attention anyway, and gives the projections' output
+        gradients on the way. (Re-running the attention from recorded inputs and pulling the
+        output gradients back through it again cost a third of the floor on a small
+        transformer.)"""
         if not self.supports_kfac:
             raise NotImplementedError(
                 "KFAC/EKFAC are not available for a MultiheadAttention with add_bias_kv (its "
                 "bias_k / bias_v rows have no Kronecker structure); use PMatEKFACBlockDiag, "
                 "PMatBlockDiag or a PMatMixed with another representation for this layer")
-        bound = _bind_inputs(x)
-        query, key, value = bound["query"], bound["key"], bound["value"]
+        args, kwargs, record, extra_gy = x
+        _bind_inputs(x)  # unbatched inputs are refused
         if module.training and module.dropout > 0:
             raise RuntimeError(
                 "the forward of MultiheadAttention is random (dropout in training mode): KFAC "
                 "needs a deterministic forward; call model.eval() or set dropout=0")
-        E = self.embed_dim
-        if module._qkv_same_embed_dim:
-            Ws = module.in_proj_weight.detach().split(E)
-        else:
-            Ws = (module.q_proj_weight.detach(), module.k_proj_weight.detach(),
-                  module.v_proj_weight.detach())
-        bs = (None,) * 3 if module.in_proj_bias is None else module.in_proj_bias.detach().split(E)
-        W_out = module.out_proj.weight.detach()
-        # time-major (what F.multi_head_attention_forward takes)
-        tm = (query, key, value) if module.batch_first is False else \
-            tuple(t.transpose(0, 1) for t in (query, key, value))
-        # gy is (K, n, L, E) batch first, else (K, L, n, E); grad of Z (before out_proj) = gy W_out
-        gz = gy @ W_out
-        plain = (bound.get("key_padding_mask") is None and bound.get("attn_mask") is None
-                 and not bound.get("is_causal", False) and not module.add_zero_attn)
-        if plain:
-            # no mask / zero-attention row: closed-form backward of softmax(Q Kᵀ/√d) V per
-            # head (batched matmuls, no autograd graph; ~4x faster than the general path)
-            inputs = [t.transpose(0, 1) for t in tm] if module.batch_first is False \
-                else [query, key, value]
-            with torch.no_grad():
-                if module._qkv_same_embed_dim and _same_tensor(tm[0], tm[1]) \
-                        and _same_tensor(tm[0], tm[2]):
-                    # self-attention: one product with in_proj, split into column views
-                    projs = F.linear(inputs[0], module.in_proj_weight.detach(),
-                                     None if bs[0] is None else module.in_proj_bias.detach()
-                                     ).split(E, dim=-1)
-                else:
-                    projs = [F.linear(t, W, b) for t, W, b in zip(inputs, Ws, bs)]
-                z, grads = _sdpa_pullback(*projs, module.num_heads,
-                                          gz if module.batch_first else gz.transpose(1, 2))
-        else:
-            with torch.no_grad():
-                leaves = [F.linear(t, W, b).contiguous().requires_grad_()
-                          for t, W, b in zip(tm, Ws, bs)]
-            eye = torch.eye(E, dtype=W_out.dtype, device=W_out.device)
-            gz_tm = gz if not module.batch_first else gz.transpose(1, 2)
-            with recording_paused(), torch.enable_grad():
-                Z = F.multi_head_attention_forward(
-                    *leaves, E, module.num_heads, None, None, None, None, module.add_zero_attn,
-                    0.0, eye, None, training=False,
-                    key_padding_mask=bound.get("key_padding_mask"), need_weights=True,
-                    attn_mask=bound.get("attn_mask"), use_separate_proj_weight=True,
-                    q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
-                    is_causal=bool(bound.get("is_causal", False)))[0]
-                grads = _batched_vjp(Z, leaves, gz_tm)
-            # batch first: inputs (n, S, d), gradients (K, n, S, E)
-            inputs = [t.transpose(0, 1) for t in tm]
-            grads = [g.transpose(1, 2) for g in grads]
-            z = Z.detach().transpose(0, 1)
+        if record is None:
+            raise RuntimeError(
+                "no input projections were recorded for this call of the MultiheadAttention: "
+                "its statistics are taken in the pass of nngeometry's Jacobian generator")
+        proj_inputs, z = record
+        # the recorded tensors are time-major (L, n, ·), as F.multi_head_attention_forward
+        # works; pieces are batch first
         pieces = []
         j = 0
-        while j < 3:
+        while j < len(proj_inputs):
             run = [j]
-            while run[-1] + 1 < 3 and _same_tensor(tm[run[-1] + 1], tm[j]):
+            while run[-1] + 1 < len(proj_inputs) and \
+                    _same_tensor(proj_inputs[run[-1] + 1], proj_inputs[j]):
                 run.append(run[-1] + 1)
-            g = grads[j] if len(run) == 1 else torch.cat([grads[r] for r in run], dim=-1)
-            pieces.append((inputs[j], g))
+            g = extra_gy[j] if len(run) == 1 else torch.cat([extra_gy[r] for r in run], dim=-1)
+            pieces.append((proj_inputs[j].transpose(0, 1), g.transpose(1, 2)))
             j = run[-1] + 1
-        # out_proj is Linear(E, E) on Z: its output gradient is gy itself
-        pieces.append((z, gy if module.batch_first else gy.transpose(1, 2)))
+        # out_proj is Linear(E, E) on the attention output Z, rows (target position, example);
+        # its output gradient is the module's
+        gy_bf = gy if module.batch_first else gy.transpose(1, 2)  # (K, n, L, E)
+        n, L = gy_bf.shape[1], gy_bf.shape[2]
+        pieces.append((z.reshape(L, n, -1).transpose(0, 1), gy_bf))
         return pieces
+
+    def internal_recorder(self, module):
+        return _ProjectionRecorder(module)
 
     def _linear(self, a, g):
         return LinearLayer(a.shape[-1], g.shape[-1], bias=self.has_proj_bias)
@@ -324,42 +295,6 @@ class MultiheadAttentionLayer(AbstractLayer):
                 for (a, g), (UA, UG) in zip(pieces, bases)]
 
 
-def _sdpa_pullback(q, k, v, heads, gz):
-    """Multi-head attention without masks, batch first: ``q`` ``(n, L, E)``, ``k``, ``v``
-    ``(n, S, E)`` (projected), ``gz`` ``(K, n, L, E)`` gradients of the attention output.
-
-    Per head ``h`` (columns ``h·d .. (h+1)·d`` of ``E``, ``d = E / heads``): ``P = softmax(Q Kᵀ /
-    √d)`` over keys, ``Z = P V``; the pullback of ``gZ`` is ``∂V = Pᵀ gZ``, ``∂S = P ⊙ (gZ Vᵀ -
-    rowsum(P ⊙ gZ Vᵀ))``, ``∂Q = ∂S K / √d``, ``∂K = ∂Sᵀ Q / √d``. Returns ``Z`` ``(n, L, E)``
-    and ``[∂Q, ∂K, ∂V]`` ``(K, n, ·, E)``, for all ``K`` directions in batched products."""
-    n, L, E = q.shape
-    S = k.shape[1]
-    K = gz.shape[0]
-    d = E // heads
-    scale = d ** -0.5
-    z = q.new_empty(n, L, E)
-    gq, gk, gv = q.new_empty(K, n, L, E), q.new_empty(K, n, S, E), q.new_empty(K, n, S, E)
-
-    def over_k(t):  # (n, T, d) -> (K n, T, d): the same for every direction
-        return t if K == 1 else t.expand(K, *t.shape).reshape(K * n, *t.shape[1:])
-
-    # one head at a time: a head's columns of (n, T, E) are a strided (n, T, d) view that bmm
-    # reads in place (splitting heads into a (n, heads, T, d) batch would copy every operand)
-    for h in range(heads):
-        cols = slice(h * d, (h + 1) * d)
-        qh, kh, vh = q[..., cols], k[..., cols], v[..., cols]
-        P = torch.softmax(torch.bmm(qh, kh.transpose(1, 2)).mul_(scale), dim=-1)  # (n, L, S)
-        z[..., cols] = torch.bmm(P, vh)
-        PK = over_k(P)
-        g = gz[..., cols].reshape(K * n, L, d)
-        gv[..., cols] = torch.bmm(PK.transpose(1, 2), g).view(K, n, S, d)
-        gs = torch.bmm(g, over_k(vh).transpose(1, 2))  # ∂P, (K n, L, S)
-        gs.sub_((gs * PK).sum(dim=-1, keepdim=True)).mul_(PK).mul_(scale)
-        gq[..., cols] = torch.bmm(gs, over_k(kh)).view(K, n, L, d)
-        gk[..., cols] = torch.bmm(gs.transpose(1, 2), over_k(qh)).view(K, n, S, d)
-    return z, [gq, gk, gv]
-
-
 def _same_tensor(a, b):
     """Whether two recorded inputs are the same tensor (the generator's hooks record detached
     copies, so identity is lost; the memory they view is not)."""
@@ -370,22 +305,55 @@ def _same_tensor(a, b):
             and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
 
 
-def _batched_vjp(out, leaves, cot):
-    """``[∂<cot_k, out>/∂leaf]`` for every row ``k`` of ``cot`` ``(K, *out.shape)``: tensors of
-    shape ``(K, *leaf.shape)``."""
-    K = cot.shape[0]
-    if K == 1:
-        gs = torch.autograd.grad(out, leaves, cot[0], allow_unused=True)
-        gs = [None if g is None else g.unsqueeze(0) for g in gs]
-    else:
-        try:
-            gs = torch.autograd.grad(out, leaves, cot, retain_graph=True, allow_unused=True,
-                                     is_grads_batched=True)
-        except RuntimeError:
-            # an op without a batching rule: one backward per output direction
-            per_k = [torch.autograd.grad(out, leaves, cot[k], retain_graph=True,
-                                         allow_unused=True) for k in range(K)]
-            gs = [None if per_k[0][j] is None else torch.stack([p[j] for p in per_k])
-                  for j in range(len(leaves))]
-    return [torch.zeros((K,) + t.shape, dtype=t.dtype, device=t.device) if g is None else g
-            for g, t in zip(gs, leaves)]
+class _ProjectionRecorder:
+    """Active during one forward of a MultiheadAttention in the generator's pass: records its
+    ``F.linear`` calls, i.e. the input projections (one call for self-attention, two when
+    ``key is value``, three otherwise, in q, k, v order) and ``out_proj`` (the call with the
+    module's ``out_proj.weight``, last).
+
+    ``F.multi_head_attention_forward`` calls ``torch.nn.functional.linear`` by its module-level
+    name, so that name is pointed at a recording wrapper while the module runs (and restored
+    on exit, also when the forward raises; the generator runs the forward on one thread). A
+    ``TorchFunctionMode`` can't see those calls: it is handed the whole
+    ``multi_head_attention_forward`` call and runs it with the mode off.
+
+    ``targets``: the projections' outputs, whose gradients the backward pass gives (in
+    ``Call.extra_gy``); ``record``: ``(projection inputs, out_proj input)``, detached and
+    time-major like in ``F.multi_head_attention_forward``."""
+
+    def __init__(self, module):
+        self.out_weight = module.out_proj.weight
+        self.linears = []
+        self._saved = None
+
+    def _linear(self, input, weight, bias=None):
+        out = self._saved(input, weight, bias)
+        self.linears.append((input, weight, out))
+        return out
+
+    def __enter__(self):
+        self._saved = F.linear
+        F.linear = self._linear
+        return self
+
+    def __exit__(self, *exc):
+        F.linear = self._saved
+        return False
+
+    def _split(self):
+        outs = [i for i, (_, w, _) in enumerate(self.linears) if w is self.out_weight]
+        if len(outs) != 1 or outs[0] != len(self.linears) - 1 or not 1 <= outs[0] <= 3:
+            raise RuntimeError(
+                "unexpected linear maps in the forward of nn.MultiheadAttention (this torch "
+                f"version's F.multi_head_attention_forward made {len(self.linears)} F.linear "
+                "calls): its input projections can't be identified")
+        return self.linears[:-1], self.linears[-1]
+
+    @property
+    def targets(self):
+        return [out for _, _, out in self._split()[0]]
+
+    @property
+    def record(self):
+        projs, (z, _, _) = self._split()
+        return [a.detach() for a, _, _ in projs], z.detach()

@@ -87,6 +87,17 @@ class AbstractLayer:
         per-example gradients."""
         return {}
 
+    def internal_recorder(self, module):
+        """For layer types whose maths needs the output gradients of tensors computed *inside*
+        the module's forward (MultiheadAttention: its input projections, which are not modules):
+        a new recorder for one call of ``module``. The generator enters it (a context manager)
+        just before the module's forward runs in its pass and exits it right after; the recorder
+        then has ``targets``, the tensors the backward pass should also differentiate to, and
+        ``record``, what the layer's maths takes back from :meth:`inputs_of`'s ``call``
+        (``call.record``, and the gradients w.r.t. the targets in ``call.extra_gy``). Layer
+        types that don't override this record nothing."""
+        return None
+
     def inputs_of(self, call):
         """What this layer's maths takes as ``x`` from a recorded forward call
         (:class:`~nngeometry.backend.context.Call`): the module's first positional input by
