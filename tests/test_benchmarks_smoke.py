@@ -44,3 +44,15 @@ def test_benchmark_harness_quick_run(tmp_path):
         assert t["status"] in ("MET", "MISSED", "N/A")
         assert (t["measured"] is None) == (t["status"] == "N/A")
         assert f"[{t['status']:>6}] W1  {t['target']}" in proc.stdout
+
+    # the spread summary over runs (here the same run twice): every target, both values, and
+    # "met 2/2" exactly for the targets this run met
+    spread = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "spread.py"),
+                             str(out), str(out)], capture_output=True, text=True, timeout=60)
+    assert spread.returncode == 0, spread.stderr[-3000:]
+    lines = spread.stdout.strip().splitlines()
+    assert len(lines) == len(data["targets"])
+    for t, line in zip(data["targets"], lines):
+        assert line.startswith(f"{t['workload']}  {t['target'][:40]}")
+        n_met = {"MET": 2, "MISSED": 0, "N/A": 0}[t["status"]]
+        assert line.endswith(f"met {n_met}/{0 if t['status'] == 'N/A' else 2}")
