@@ -22,7 +22,7 @@ import warnings
 import torch
 from torch.utils.data import DataLoader
 
-from .batches import all_finite, batch_size_of, default_function, iterate_batches, prepare_batch
+from .batches import all_finite, default_function, iterate_batches, prepare_batch
 from .context import BatchContext, Call
 from ..layer_types.base import AbstractLayer, is_recording_paused
 from . import consumers as C

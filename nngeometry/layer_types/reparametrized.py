@@ -13,7 +13,7 @@ Affine1d: ``y = x * weight + bias`` is :class:`~.normalization.ScaleShiftLayer` 
 (same per-example gradients, same dense-in-KFAC choice as the normalization layers).
 """
 from .. import layers
-from .base import AbstractLayer, Parameter, register_layer_type
+from .base import AbstractLayer, register_layer_type
 from .conv import Conv2dLayer
 from .linear import LinearLayer
 from .normalization import ScaleShiftLayer

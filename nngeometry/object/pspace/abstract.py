@@ -1,7 +1,7 @@
 """The contract shared by every parameter-space matrix representation."""
 import torch
 
-from ..map import PFMap, PFMapDense
+from ..map import PFMap
 from ..vector import PVector
 
 
