@@ -748,7 +748,7 @@ def print_table(meta, results, targets, out=sys.stdout):
                     p(f"   bare GEMM for {rep} {variant}: n/a ({e.get('reason')})")
         if "eigh" in res:
             e = res["eigh"]
-            p(f"   bare eigh of the KFAC factor shapes: "
+            p("   bare eigh of the KFAC factor shapes: "
               + (f"{_fmt_time(e['time_s'])} = {e['x_floor']:.2f}x floor" if "time_s" in e
                  else f"n/a ({e.get('reason')})"))
         p(f"   {'representation':<12} {'measure':<18} {'time':>11} {'x floor':>9} "
