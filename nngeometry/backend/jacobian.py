@@ -355,11 +355,8 @@ class TorchHooksJacobianBackend:
         batch = prepare_batch(batch, self._device())
         for store in calls.values():
             store.clear()
-        try:
-            with torch.enable_grad():
-                out = self._outputs(batch)
-        finally:
-            self._close_recorders()
+        with torch.enable_grad():
+            out = self._outputs(batch)
         n, n_output = out.shape
         if n == 0:
             return 0
