@@ -88,13 +88,15 @@ class LayerCollection:
             break
         return lc
 
-    def add_layer(self, layer_id, layer):
+    def add_layer(self, name, layer):
+        """Append ``layer`` (a layer spec such as ``LinearLayer(...)``) under the id ``name``
+        (the module's qualified name in the model); its offset is the current size."""
         if not isinstance(layer, AbstractLayer):
-            raise TypeError(f"layer '{layer_id}' must be a layer spec (e.g. LinearLayer), got {type(layer)}")
-        if layer_id in self.layers:
-            raise ValueError(f"layer '{layer_id}' is already in the collection")
-        self.layers[layer_id] = layer
-        self.p_pos[layer_id] = self._numel
+            raise TypeError(f"layer '{name}' must be a layer spec (e.g. LinearLayer), got {type(layer)}")
+        if name in self.layers:
+            raise ValueError(f"layer '{name}' is already in the collection")
+        self.layers[name] = layer
+        self.p_pos[name] = self._numel
         self._numel += layer.numel()
 
     def add_layer_from_model(self, model, module):
@@ -154,6 +156,22 @@ class LayerCollection:
             out[layer_id] = module
         return out
 
+    def get_layerid_module_maps(self, model):
+        """``(layerid_to_module, module_to_layerid)``: the map of :meth:`get_layerid_module_map`
+        and its inverse (nngeometry 0.4's form)."""
+        layerid_to_module = self.get_layerid_module_map(model)
+        module_to_layerid = OrderedDict((m, lid) for lid, m in layerid_to_module.items())
+        return layerid_to_module, module_to_layerid
+
+    def named_parameters(self, layerid_to_module):
+        """``(name, tensor)`` for every parameter in layout order, ``name`` being
+        ``"<layer_id>.<parameter name>"`` (e.g. ``"net.0.weight"``), the name under which
+        ``model.named_parameters()`` lists it."""
+        for layer_id, layer in self.layers.items():
+            module = layerid_to_module[layer_id]
+            for pname, p in zip(layer.param_names(), layer.parameters_of(module)):
+                yield (f"{layer_id}.{pname}" if layer_id else pname), p
+
     def parameters(self, layerid_to_module):
         """Parameter tensors in layout order."""
         params = []
@@ -170,6 +188,13 @@ class LayerCollection:
 
     def __hash__(self):
         return hash(tuple(self.layers.items()))
+
+    def get_common_layers(self, other):
+        """Yield ``(layer_id, layer)`` for the layers of this collection that ``other`` has too,
+        with the same spec, in this collection's order."""
+        for layer_id, layer in self.layers.items():
+            if layer_id in other.layers and other.layers[layer_id] == layer:
+                yield layer_id, layer
 
     def merge(self, other):
         """A new collection with this one's layers then ``other``'s (ids must not overlap)."""

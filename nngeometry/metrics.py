@@ -1,19 +1,33 @@
-"""Entry points: Fisher information matrices, Hessians, Jacobians and Gram matrices of a model."""
-from .backend import HessianBackend, TorchHooksJacobianBackend
-from .backend.batches import default_function
-from .layercollection import LayerCollection
-from .object.fspace import FMatDense
-from .object.map import PFMapDense
+"""Entry points: Fisher information matrices (and, re-exported, Hessians, Jacobians and Gram
+matrices) of a model."""
+from enum import Enum
+
+from ._entry import prepare_entry
+from .backend import TorchHooksJacobianBackend
 from .variants import closed_form_function, monte_carlo_function
 
 
-def _prepare(model, device, function, layer_collection):
-    # `device` is accepted for compatibility: batches are always moved to the model's device
-    if layer_collection is None:
-        layer_collection = LayerCollection.from_model(model)
-    if function is None:
-        function = default_function(model)
-    return function, layer_collection
+class FIM_Types(str, Enum):
+    """The names of the likelihoods that ``FIM`` / ``FIM_MonteCarlo`` accept as ``variant``.
+    Members are strings (``FIM_Types.CLASSIF_LOGITS == "classif_logits"``): either form may be
+    passed."""
+
+    CLASSIF_LOGITS = "classif_logits"
+    CLASSIF_BINARY_LOGITS = "classif_binary_logits"
+    CLASSIF_LOGSOFTMAX = "classif_logsoftmax"
+    SEGMENTATION_LOGITS = "segmentation_logits"
+    REGRESSION = "regression"
+
+
+def _variant_name(variant):
+    return variant.value if isinstance(variant, FIM_Types) else variant
+
+
+def _drop_n_output(kwargs):
+    # n_output: required by early releases (the number of outputs), ignored since; it must not
+    # reach the representation
+    kwargs.pop("n_output", None)
+    return kwargs
 
 
 def FIM(model, loader, representation, variant="classif_logits", device=None, function=None,
@@ -40,13 +54,15 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
         function: ``function(*batch) -> outputs (n, C)``; default ``model(batch[0])``.
         layer_collection: the layers to include; default all layers of the model.
         verbose: show a progress bar.
-        **kwargs: passed to the representation.
+        **kwargs: passed to the representation (``n_output=``, which older code passes, is
+            ignored).
     """
-    function, layer_collection = _prepare(model, device, function, layer_collection)
-    generator = TorchHooksJacobianBackend(model, closed_form_function(function, variant),
-                                          verbose=verbose)
+    function, layer_collection = prepare_entry(model, function, layer_collection)
+    generator = TorchHooksJacobianBackend(
+        model, closed_form_function(function, _variant_name(variant)), verbose=verbose,
+        layer_collection=layer_collection)
     return representation(layer_collection=layer_collection, generator=generator, examples=loader,
-                          **kwargs)
+                          **_drop_n_output(kwargs))
 
 
 def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", trials=1, device=None,
@@ -63,64 +79,17 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     returns the Fisher ``JᵀJ / covariance``, where upstream nngeometry returned
     ``covariance·JᵀJ``).
     """
-    function, layer_collection = _prepare(model, device, function, layer_collection)
+    function, layer_collection = prepare_entry(model, function, layer_collection)
     generator = TorchHooksJacobianBackend(
-        model, monte_carlo_function(function, variant, trials, covariance), verbose=verbose)
+        model, monte_carlo_function(function, _variant_name(variant), trials, covariance),
+        verbose=verbose, layer_collection=layer_collection)
     return representation(layer_collection=layer_collection, generator=generator, examples=loader,
-                          **kwargs)
+                          **_drop_n_output(kwargs))
 
 
-def Hessian(model, loader, representation, loss_function=None, function=None,
-            layer_collection=None, device=None, verbose=False, **kwargs):
-    """The Hessian of the total loss, ``H = Σ_b ∇²_θ loss_function(function(*batch_b), *batch_b)``
-    (a sum over the batches of the loader, not a mean), in the chosen representation.
+# the other entry points live in their own modules (upstream's paths); importable from here too
+from .hessian import Hessian  # noqa: E402
+from .jacobian import Jacobian  # noqa: E402
+from .gram import GramMatrix  # noqa: E402
 
-    The default ``loss_function`` is the cross-entropy of the outputs against ``batch[1]``,
-    summed over the examples (``reduction='sum'``): ``H`` is then the Hessian of
-    ``Σ_x -log p(y|x)`` over the whole data set, i.e. ``n`` times the mean-loss Hessian (and
-    equal to ``n · FIM(...)`` only where the Gauss-Newton approximation is exact). Unlike a
-    Fisher matrix it contains the second derivatives of the network itself and may be
-    indefinite.
-
-    Built from Hessian-vector products (forward-over-reverse ``torch.func``): supported
-    representations are ``PMatDense`` (``P`` HVPs per batch), ``PMatBlockDiag`` and ``PMatDiag``
-    (exact diagonal blocks / diagonal, ``P`` HVPs per batch), ``PMatImplicit`` (one HVP per batch
-    and product; its CG ``solve`` needs ``H + regul·I`` positive definite) and ``PMatMixed``
-    groups of those. KFAC, EKFAC, LowRank and QuasiDiag approximate a Gauss-Newton matrix
-    ``Σ JᵀJ`` and raise ``NotImplementedError``.
-
-    Args:
-        model: the ``torch.nn.Module``.
-        loader: a DataLoader (or a single mini-batch) of ``(inputs, targets, ...)``.
-        representation: a ``PMat*`` class (see above).
-        loss_function: ``loss_function(outputs, *batch) -> scalar`` loss of a batch (use a
-            summed reduction for the Hessian of the total loss).
-        function: ``function(*batch) -> outputs`` given to ``loss_function``; default
-            ``model(batch[0])``.
-        layer_collection: the layers to differentiate; default all layers of the model (the
-            other parameters are held constant).
-        device: kept for compatibility; batches are moved to the model's device.
-        verbose: show a progress bar.
-        **kwargs: passed to the representation.
-    """
-    function, layer_collection = _prepare(model, device, function, layer_collection)
-    generator = HessianBackend(model, loss_function=loss_function, function=function,
-                               verbose=verbose)
-    return representation(layer_collection=layer_collection, generator=generator, examples=loader,
-                          **kwargs)
-
-
-def Jacobian(model, loader, layer_collection=None, function=None, device=None, verbose=False):
-    """Per-example Jacobians of ``function`` (default: the model's outputs) as a PFMapDense of
-    shape ``(n_output, n_examples, P)``; not normalized."""
-    function, layer_collection = _prepare(model, device, function, layer_collection)
-    generator = TorchHooksJacobianBackend(model, function, verbose=verbose)
-    return PFMapDense(generator, examples=loader, layer_collection=layer_collection)
-
-
-def GramMatrix(model, loader, layer_collection=None, function=None, device=None, verbose=False):
-    """The Gram matrix of the per-example Jacobians (empirical NTK) as an FMatDense of shape
-    ``(n_output, n, n_output, n)``; not normalized."""
-    function, layer_collection = _prepare(model, device, function, layer_collection)
-    generator = TorchHooksJacobianBackend(model, function, verbose=verbose)
-    return FMatDense(layer_collection, generator, examples=loader)
+__all__ = ["FIM", "FIM_MonteCarlo", "FIM_Types", "Hessian", "Jacobian", "GramMatrix"]

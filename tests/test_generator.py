@@ -126,7 +126,10 @@ def test_dataloader_batches_and_drop_last(drop_last):
 def test_model_state_unchanged_by_a_build():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, affine=False), nn.ReLU(), nn.Linear(5, 3)).double()
-    model.train()
+    # eval mode: training-mode BatchNorm is refused (per-example Jacobians are not defined);
+    # its running statistics are set to non-default values that must stay as they are
+    model.eval()
+    model[1].running_mean.normal_()
     x = data("mlp", n=8)
     model[0].weight.requires_grad_(False)
     buffers = {k: b.clone() for k, b in model.named_buffers()}
@@ -145,7 +148,7 @@ def test_model_state_unchanged_by_a_build():
         assert p.requires_grad == flags[k], k
         assert torch.equal(p.detach(), params[k]), k
         assert p.grad is None, k
-    assert model.training
+    assert not model.training
 
 
 def test_model_state_restored_after_an_error():

@@ -1,14 +1,14 @@
-"""Gram accumulation (``nngeometry.gram``): the block-triangle path, the implicit ones column,
+"""Gram accumulation (``nngeometry.maths.gram``): the block-triangle path, the implicit ones column,
 row buffering and flushing, the scale applied while mirroring, against plain float64 sums; and
 the Linear layer's KFAC factors / per-example gradients that use them."""
 import pytest
 import torch
 from torch import nn
 
-import nngeometry.gram as gram
+import nngeometry.maths.gram as gram
 from brute import per_example_jacobian
 from nngeometry.backend import consumers as C
-from nngeometry.gram import GramRows, SymmetricAccumulator, symmetric_gram
+from nngeometry.maths.gram import GramRows, SymmetricAccumulator, symmetric_gram
 from nngeometry.layercollection import LayerCollection
 from nngeometry.layer_types.linear import LinearLayer
 

@@ -1,5 +1,9 @@
 """Jacobian generators (backends) that fill parameter-space matrices from a model and data."""
 from .jacobian import TorchHooksJacobianBackend
 from .hessian import HessianBackend
+from .torch_func_hessian import TorchFuncHessianBackend
+from .dummy import DummyGenerator
+from . import torch_hooks
 
-__all__ = ["TorchHooksJacobianBackend", "HessianBackend"]
+__all__ = ["TorchHooksJacobianBackend", "HessianBackend", "TorchFuncHessianBackend",
+           "DummyGenerator", "torch_hooks"]

@@ -7,7 +7,7 @@ statistics be summed across data-parallel workers before ``finalize``.
 """
 import torch
 
-from ..gram import GramRows, SymmetricAccumulator
+from ..maths.gram import GramRows, SymmetricAccumulator
 
 
 class Consumer:

@@ -8,7 +8,7 @@ so that two consumers asking for the same per-example gradients share the work.
 """
 import torch
 
-from ..gram import GramRows
+from ..maths.gram import GramRows
 
 
 class GradTarget:
@@ -89,6 +89,9 @@ class BatchContext:
 
     Attributes:
         n: number of examples in the batch.
+        centering: whether the per-example gradients are centered; ``mean_jacobian`` then holds
+            the mean Jacobian over the whole data set, ``(n_output, P)`` in the collection's
+            layout, subtracted from every example's gradients.
         K: number of output directions in this context.
         k_start: index of the first of them among all the function's outputs.
         first_chunk: True for the first chunk of output directions of a batch (statistics that
@@ -97,6 +100,8 @@ class BatchContext:
     """
 
     def __init__(self, layer_collection, modules, calls, n, K, k_start, n_output, centering, outputs):
+        # centering: None / False (no centering) or the (n_output, P) mean Jacobian over the
+        # whole data set (computed by a first pass of the generator)
         self.layer_collection = layer_collection
         self.modules = modules
         self.calls = calls
@@ -105,7 +110,11 @@ class BatchContext:
         self.k_start = k_start
         self.n_output = n_output
         self.first_chunk = k_start == 0
-        self.centering = centering
+        self.mean_jacobian = centering if isinstance(centering, torch.Tensor) else None
+        if centering is True:
+            raise ValueError("centering needs the mean Jacobian over the whole data set (a "
+                             "(n_output, P) tensor), not True: the generator computes it")
+        self.centering = self.mean_jacobian is not None
         self.outputs = outputs
         self._grads = {}
         self._jacobian = None
@@ -122,7 +131,11 @@ class BatchContext:
                      for c in self.calls[layer_id]]
             g = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
             if self.centering:
-                g = g - g.mean(dim=1, keepdim=True)
+                # the data set's mean Jacobian, not the batch's: centering per mini-batch would
+                # make the result depend on how the data is batched
+                mean = self.mean_jacobian[self.k_start:self.k_start + self.K,
+                                          self.layer_collection.slice(layer_id)]
+                g = g - mean.unsqueeze(1)
             self._grads[layer_id] = g
         return g
 
@@ -169,7 +182,7 @@ class BatchContext:
         of output directions (it depends on the inputs only).
 
         With ``lazy=True`` each factor is a list of pieces, dense tensors or
-        :class:`~nngeometry.backend.gram.GramRows` (left for the consumer to accumulate with
+        :class:`~nngeometry.maths.gram.GramRows` (left for the consumer to accumulate with
         symmetric, batched GEMMs); otherwise dense tensors (or 1-D for diagonal factors).
         """
         blocks, multi = self.kfac_factor_blocks(layer_id, approx=approx, lazy=lazy)

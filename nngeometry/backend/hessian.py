@@ -24,7 +24,23 @@ import torch
 import torch.nn.functional as F
 
 from .batches import default_function, prepare_batch
-from .jacobian import TorchHooksJacobianBackend, _FunctionOfModel, _no_fused_attention
+from .jacobian import (TorchHooksJacobianBackend, _FunctionOfModel, _check_uniform_params,
+                       _no_fused_attention)
+
+
+def hvp(func, primals, tangents):
+    """The Hessian-vector product ``∇²func(primals) · tangents``, forward-over-reverse:
+    ``d/dε ∇func(primals + ε tangents)|₀`` (``torch.func.jvp`` of ``torch.func.grad``).
+
+    ``func`` maps ``primals`` (a tensor or a dict / tuple of tensors) to a scalar; ``tangents``
+    has the structure of ``primals``; the result too."""
+    return torch.func.jvp(torch.func.grad(func), (primals,), (tangents,))[1]
+
+
+def batched_hvp(func, primals, batched_tangents):
+    """:func:`hvp` for ``m`` tangents at once: every leaf of ``batched_tangents`` has a leading
+    axis of size ``m`` (vmapped, no Python loop); the result has the same leading axis."""
+    return torch.func.vmap(lambda t: hvp(func, primals, t))(batched_tangents)
 
 
 def summed_cross_entropy(outputs, *batch):
@@ -81,6 +97,17 @@ class HessianBackend:
         self.rows_per_pass = int(rows_per_pass)
         # reuse the Jacobian generator's model-state keeping and batch iteration
         self._helper = TorchHooksJacobianBackend(model, self.function, verbose=verbose)
+
+    # ================================================================== dtype, device
+    def get_device(self, layer_collection):
+        """The device of the collection's parameters (``ValueError`` if they differ)."""
+        return _check_uniform_params(layer_collection,
+                                     layer_collection.get_layerid_module_map(self.model))[1]
+
+    def get_dtype(self, layer_collection):
+        """The dtype of the collection's parameters (``ValueError`` if they differ)."""
+        return _check_uniform_params(layer_collection,
+                                     layer_collection.get_layerid_module_map(self.model))[0]
 
     # ================================================================== dense statistics
     def get_covariance_matrix(self, examples, layer_collection):
@@ -143,7 +170,7 @@ class HessianBackend:
             flat = v.get_flat_representation() if hasattr(v, "get_flat_representation") else v
             tangents = self._split(flat.unsqueeze(0), params, keys)
             tangents = {k: t[0] for k, t in tangents.items()}
-            _, hv = torch.func.jvp(torch.func.grad(loss), (params,), (tangents,))
+            hv = hvp(loss, params, tangents)
             flat_hv = torch.cat([hv[k].reshape(-1) for k in keys])
             out = flat_hv if out is None else out + flat_hv
         self._check_nonempty(out)
@@ -239,12 +266,7 @@ class HessianBackend:
         def loss_of_sub(s):
             return loss({**fixed, **s})
 
-        grad_fn = torch.func.grad(loss_of_sub)
-
-        def hvp(t):
-            return torch.func.jvp(grad_fn, (sub,), (t,))[1]
-
-        out = torch.func.vmap(hvp)(tangents)
+        out = batched_hvp(loss_of_sub, sub, tangents)
         m = next(iter(tangents.values())).shape[0]
         return torch.cat([out[k].reshape(m, -1) for k in keys], dim=1)
 

@@ -20,11 +20,13 @@ import time
 import warnings
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from .batches import all_finite, default_function, iterate_batches, prepare_batch
 from .context import BatchContext, Call
 from ..layer_types.base import AbstractLayer, is_recording_paused
+from ..layercollection import LayerCollection
 from . import consumers as C
 
 
@@ -35,21 +37,38 @@ class TorchHooksJacobianBackend:
         model: the ``torch.nn.Module``.
         function: ``function(*batch) -> outputs`` of shape ``(n, n_output)`` (or ``(n,)``, or
             ``(n, ...)``, flattened). Defaults to ``model(batch[0])``.
-        centering: subtract, per mini-batch, the mean over examples of the per-example
-            gradients.
+        centering: replace each example's Jacobian ``J(x)`` by ``J(x) - J̄``, with
+            ``J̄ = (1/n) Σ_x J(x)`` the mean over the whole data set (not per mini-batch), in
+            every statistic: e.g. ``M = (1/n) Σ_x (J(x) - J̄)ᵀ (J(x) - J̄)``. ``J̄`` is computed by
+            a first pass over the examples (so they must be iterable twice, as a DataLoader
+            is), and by another one at each implicit product. Not available for KFAC/EKFAC.
         verbose: show a progress bar over the batches.
         max_chunk_bytes: memory allowed for the output gradients of one batched backward pass;
             output directions are processed in chunks that fit.
         backward: how the gradients of several output directions are obtained: ``'batched'``
             (one vmapped backward), ``'looped'`` (one backward per direction) or ``'auto'``
             (default: the faster of the two, timed once per model and shape). Same numbers.
+        layer_collection: the collection the statistics are computed for when a method is
+            called without one (code written for nngeometry 0.4 builds the generator with it
+            and then calls ``PMatDense(generator=g, examples=loader)``). Default: all the
+            layers of the model (``LayerCollection.from_model(model)``).
+        n_output: ignored (older releases needed the number of outputs in advance).
+
+    Every statistic method takes ``(examples, layer_collection)``; both may be omitted:
+    ``layer_collection`` then is the generator's, and ``examples`` is required (a clear
+    ``ValueError`` says so).
+
+    Refused models: BatchNorm layers that use batch statistics (training mode, or
+    ``track_running_stats=False``) couple the examples of a batch, so per-example Jacobians are
+    not defined (``RuntimeError``: call ``model.eval()``); parameters of the collection with
+    different dtypes or devices (``ValueError``).
     """
 
     def __init__(self, model, function=None, centering=False, verbose=False,
                  max_chunk_bytes=2 ** 30, layer_collection=None, n_output=None, backward="auto"):
         # layer_collection / n_output: accepted for code written against older releases, where
         # the generator held them; the representations now take the collection themselves
-        self.layer_collection = layer_collection
+        self._layer_collection = layer_collection
         self.n_output = n_output
         self.model = model
         self.function = function if function is not None else default_function(model)
@@ -61,35 +80,87 @@ class TorchHooksJacobianBackend:
         self.backward = backward
         self._active_recorders = []  # see _prepared
 
+    # ================================================================== collection, dtype, device
+    @property
+    def layer_collection(self):
+        """The collection used when a method is called without one: the one given to the
+        constructor, else all the layers of the model."""
+        if self._layer_collection is not None:
+            return self._layer_collection
+        try:
+            return LayerCollection.from_model(self.model)
+        except Exception as e:
+            raise type(e)(f"the generator was built without a layer_collection and none can be "
+                          f"read from the model ({e}); pass layer_collection= to the generator "
+                          "or to the method") from e
+
+    @layer_collection.setter
+    def layer_collection(self, layer_collection):
+        self._layer_collection = layer_collection
+
+    def _resolve(self, examples, layer_collection):
+        """``(examples, layer_collection)`` with the generator's collection as the default."""
+        if examples is None:
+            raise ValueError("no examples given: pass examples= (a DataLoader or a mini-batch "
+                             "(inputs, targets, ...)) to compute a statistic")
+        return examples, (layer_collection if layer_collection is not None
+                          else self.layer_collection)
+
+    def get_device(self, layer_collection=None):
+        """The device of the collection's parameters in the model (``ValueError`` if they
+        are not all on one device)."""
+        return self._uniform_params(layer_collection)[1]
+
+    def get_dtype(self, layer_collection=None):
+        """The dtype of the collection's parameters in the model (``ValueError`` if they do
+        not all share one)."""
+        return self._uniform_params(layer_collection)[0]
+
+    def _uniform_params(self, layer_collection=None):
+        lc = layer_collection if layer_collection is not None else self.layer_collection
+        modules = lc.get_layerid_module_map(self.model)
+        return _check_uniform_params(lc, modules)
+
     # ================================================================== statistics
-    def get_covariance_matrix(self, examples, layer_collection):
+    def get_covariance_matrix(self, examples=None, layer_collection=None):
         """``(P, P)``: ``(1/n) Σ_x J(x)ᵀ J(x)``."""
+        examples, layer_collection = self._resolve(examples, layer_collection)
         return self.accumulate(examples, layer_collection, C.DenseCovariance(layer_collection)).result
 
-    def get_covariance_diag(self, examples, layer_collection):
+    def get_covariance_diag(self, examples=None, layer_collection=None):
         """``(P,)``: diagonal of ``(1/n) Σ_x J(x)ᵀ J(x)``."""
+        examples, layer_collection = self._resolve(examples, layer_collection)
         return self.accumulate(examples, layer_collection, C.DiagCovariance(layer_collection)).result
 
-    def get_covariance_layer_blocks(self, examples, layer_collection):
+    def get_covariance_layer_blocks(self, examples=None, layer_collection=None):
         """``{layer_id: (p_l, p_l)}``: the diagonal blocks of ``(1/n) Σ_x J(x)ᵀ J(x)``."""
+        examples, layer_collection = self._resolve(examples, layer_collection)
         return self.accumulate(examples, layer_collection, C.LayerBlocks(layer_collection)).result
 
-    def get_covariance_quasidiag(self, examples, layer_collection):
+    def get_covariance_quasidiag(self, examples=None, layer_collection=None):
         """``{layer_id: (diag (p_l,), cross (out, p_w/out) or None)}``: the quasi-diagonal
         (Ollivier 2015) of ``(1/n) Σ_x J(x)ᵀ J(x)``; see ``consumers.QuasiDiagCovariance``."""
+        examples, layer_collection = self._resolve(examples, layer_collection)
         return self.accumulate(examples, layer_collection,
                                C.QuasiDiagCovariance(layer_collection)).result
 
-    def get_kfac_blocks(self, examples, layer_collection, approx="expand"):
+    def get_kfac_blocks(self, examples=None, layer_collection=None, approx="expand"):
         """``{layer_id: (A, G)}`` with ``kron(G, A)`` ≈ the layer's block (both divided by n)."""
+        examples, layer_collection = self._resolve(examples, layer_collection)
+        if self.centering:
+            raise NotImplementedError("KFAC with centering=True is not implemented: build the "
+                                      "generator with centering=False, or use PMatDense / "
+                                      "PMatBlockDiag / PMatDiag for the centered matrix")
         return self.accumulate(examples, layer_collection,
                                C.KFACFactors(layer_collection, approx)).result
 
-    def get_kfe_diag(self, kfe, examples, layer_collection):
+    def get_kfe_diag(self, kfe=None, examples=None, layer_collection=None):
         """EKFAC's diagonal in Kronecker-factored eigenbases: ``{layer_id: (dG, dA)}`` with entry
         ``(1/n) Σ_x Σ_k ((U_Gᵀ Ĝ_k(x) U_A)_{pq})²``, ``Ĝ_k(x)`` the per-example gradient of output
         ``k`` in the Kronecker layout. ``kfe``: ``{layer_id: (U_A, U_G[, perm])}`` (see
         ``consumers.KFEDiag``); only those layers are hooked."""
+        _required(kfe, "kfe", "get_kfe_diag")
+        examples, layer_collection = self._resolve(examples, layer_collection)
         lc = layer_collection
         if set(kfe) != set(lc.layer_ids()):
             lc = lc.sub(list(kfe))
@@ -99,12 +170,14 @@ class TorchHooksJacobianBackend:
         return self.accumulate(examples, lc, C.KFEDiag(lc, kfe),
                                chunk_bytes=self.max_chunk_bytes).result
 
-    def get_jacobian(self, examples, layer_collection):
+    def get_jacobian(self, examples=None, layer_collection=None):
         """``(n_output, n, P)``: the per-example Jacobians (not normalized)."""
+        examples, layer_collection = self._resolve(examples, layer_collection)
         return self.accumulate(examples, layer_collection, C.Jacobian(layer_collection)).result
 
-    def get_gram_matrix(self, examples, layer_collection):
+    def get_gram_matrix(self, examples=None, layer_collection=None):
         """``(n_output, n, n_output, n)``: ``G[k,i,l,j] = <J_k(x_i), J_l(x_j)>`` (not normalized)."""
+        examples, layer_collection = self._resolve(examples, layer_collection)
         J = self.get_jacobian(examples, layer_collection)
         K, n, P = J.shape
         Jf = J.reshape(K * n, P)
@@ -118,18 +191,99 @@ class TorchHooksJacobianBackend:
         one chunk of output directions (default: see ``_chunk_size``; never more than
         ``max_chunk_bytes``).
         """
+        mean = self._mean_jacobian(examples, layer_collection) if self.centering else None
         n_total = 0
         with self._prepared(layer_collection) as (modules, calls):
             for batch in self._batches(examples):
                 n_total += self._run_batch(batch, layer_collection, modules, calls, consumer,
-                                           chunk_bytes)
+                                           chunk_bytes, mean)
         if n_total == 0:
             raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
         consumer.finalize(n_total)
         return consumer
 
     # ================================================================== implicit products
-    def implicit_mv(self, v, examples, layer_collection):
+    # Each public product resolves its arguments, runs the uncentered product (the ``_``
+    # methods below) and, with centering, corrects it exactly with the mean Jacobian
+    # ``m = J̄`` (``(K, P)``): for ``J_c(x) = J(x) - m``,
+    #   (1/n) Σ J_cᵀ J_c v = M v - mᵀ (m v),     vᵀ M_c v = vᵀ M v - ||m v||²,
+    #   J_c(x) v = J(x) v - m v,                 Σ_i J_c(x_i)ᵀ w_i = Σ_i J(x_i)ᵀ w_i - mᵀ Σ_i w_i.
+    def implicit_mv(self, v=None, examples=None, layer_collection=None):
+        """``(P,)``: ``M v = (1/n) Σ_x J(x)ᵀ J(x) v`` without forming ``M``."""
+        _required(v, "v", "implicit_mv")
+        examples, lc = self._resolve(examples, layer_collection)
+        out = self._mv(v, examples, lc)
+        if self.centering:
+            m = self._mean_jacobian(examples, lc)
+            out = out - m.t() @ (m @ _flat(v).to(m.dtype))
+        return out
+
+    def implicit_vTMv(self, v=None, examples=None, layer_collection=None):
+        """``vᵀ M v = (1/n) Σ_x ||J(x) v||²`` (a scalar tensor)."""
+        _required(v, "v", "implicit_vTMv")
+        examples, lc = self._resolve(examples, layer_collection)
+        out = self._vTMv(v, examples, lc)
+        if self.centering:
+            mv = self._mean_jacobian(examples, lc) @ _flat(v)
+            out = out - (mv * mv).sum()
+        return out
+
+    def implicit_Jv(self, v=None, examples=None, layer_collection=None):
+        """``(n_output, n)``: ``J(x_i) v`` for every example (not normalized)."""
+        _required(v, "v", "implicit_Jv")
+        examples, lc = self._resolve(examples, layer_collection)
+        out = self._Jv(v, examples, lc)
+        if self.centering:
+            out = out - (self._mean_jacobian(examples, lc) @ _flat(v)).unsqueeze(1)
+        return out
+
+    def implicit_JTv(self, w, examples=None, layer_collection=None):
+        """``(P,)``: ``Σ_i J(x_i)ᵀ w[:, i]`` for ``w`` of shape ``(n_output, n)``."""
+        examples, lc = self._resolve(examples, layer_collection)
+        out = self._JTv(w, examples, lc)
+        if self.centering:
+            m = self._mean_jacobian(examples, lc)
+            out = out - m.t() @ w.sum(dim=1).to(m.dtype)
+        return out
+
+    def implicit_JV(self, V, examples=None, layer_collection=None):
+        """``(m, n_output, n)``: ``J(x_i) v_j`` for the ``m`` rows ``v_j`` of ``V``
+        (``(m, P)``) and every example (not normalized)."""
+        examples, lc = self._resolve(examples, layer_collection)
+        out = self._JV(V, examples, lc)
+        if self.centering:
+            out = out - (V @ self._mean_jacobian(examples, lc).t()).unsqueeze(2)
+        return out
+
+    def implicit_mm(self, V, examples=None, layer_collection=None):
+        """``(m, P)``: ``M v_j`` for the rows of ``V`` (``(m, P)``), without forming ``M``."""
+        examples, lc = self._resolve(examples, layer_collection)
+        out = self._mm(V, examples, lc)
+        if self.centering:
+            m = self._mean_jacobian(examples, lc)
+            out = out - (V @ m.t()) @ m
+        return out
+
+    def implicit_trace(self, examples=None, layer_collection=None):
+        """``tr M = (1/n) Σ_x ||J(x)||_F²`` (a scalar tensor), from the diagonal (never
+        ``P × P`` memory); centered with ``centering=True``."""
+        return self.get_covariance_diag(examples, layer_collection).sum()
+
+    def _mean_jacobian(self, examples, layer_collection):
+        """``(n_output, P)``: ``J̄ = (1/n) Σ_x J(x)`` over all the examples, by the same
+        per-example gradients as the statistics (one pass, uncentered)."""
+        return self.accumulate_uncentered(examples, layer_collection,
+                                          _MeanJacobian(layer_collection)).result
+
+    def accumulate_uncentered(self, examples, layer_collection, consumer):
+        """:meth:`accumulate` without centering, whatever ``self.centering`` is."""
+        saved, self.centering = self.centering, False
+        try:
+            return self.accumulate(examples, layer_collection, consumer)
+        finally:
+            self.centering = saved
+
+    def _mv(self, v, examples, layer_collection):
         """``M v = (1/n) Σ_x J(x)ᵀ J(x) v`` without forming ``M``: a Jacobian-vector product
         then a vector-Jacobian product per batch. Returns the flat ``(P,)`` tensor.
 
@@ -161,7 +315,7 @@ class TorchHooksJacobianBackend:
         self._check_nonempty(n_total)
         return out / n_total
 
-    def implicit_vTMv(self, v, examples, layer_collection):
+    def _vTMv(self, v, examples, layer_collection):
         """``vᵀ M v = (1/n) Σ_x ||J(x) v||²`` with one Jacobian-vector product per batch."""
         total, n_total = 0.0, 0
         for batch, params, f in self._functional_batches(examples, layer_collection):
@@ -173,7 +327,7 @@ class TorchHooksJacobianBackend:
         self._check_nonempty(n_total)
         return total / n_total
 
-    def implicit_Jv(self, v, examples, layer_collection):
+    def _Jv(self, v, examples, layer_collection):
         """``(n_output, n)``: ``J(x_i) v`` for every example (not normalized)."""
         parts = []
         for batch, params, f in self._functional_batches(examples, layer_collection):
@@ -183,7 +337,7 @@ class TorchHooksJacobianBackend:
         self._check_nonempty(len(parts))
         return torch.cat(parts, dim=1)
 
-    def implicit_JTv(self, w, examples, layer_collection):
+    def _JTv(self, w, examples, layer_collection):
         """``(P,)``: ``Σ_i J(x_i)ᵀ w[:, i]`` for ``w`` of shape ``(n_output, n)``."""
         out, start = None, 0
         for batch, params, f in self._functional_batches(examples, layer_collection):
@@ -196,7 +350,7 @@ class TorchHooksJacobianBackend:
         self._check_nonempty(start)
         return out
 
-    def implicit_JV(self, V, examples, layer_collection):
+    def _JV(self, V, examples, layer_collection):
         """``(m, n_output, n)``: ``J(x_i) v_j`` for the ``m`` rows ``v_j`` of ``V`` (``(m, P)``)
         and every example (not normalized); Jacobian-vector products vmapped over the rows."""
         parts = []
@@ -207,12 +361,12 @@ class TorchHooksJacobianBackend:
         self._check_nonempty(len(parts))
         return torch.cat(parts, dim=2)
 
-    def implicit_mm(self, V, examples, layer_collection):
+    def _mm(self, V, examples, layer_collection):
         """``(m, P)``: ``M v_j = (1/n) Σ_x J(x)ᵀ J(x) v_j`` for the rows of ``V`` (``(m, P)``),
         without forming ``M``: per batch, vmapped JVPs then vmapped VJPs."""
         if V.shape[0] == 1:
             # one vector (e.g. a CG iteration): the single-forward path of implicit_mv
-            return self.implicit_mv(V[0], examples, layer_collection).unsqueeze(0)
+            return self._mv(V[0], examples, layer_collection).unsqueeze(0)
         out, n_total = None, 0
         for batch, params, f in self._functional_batches(examples, layer_collection):
             tangents = self._split_flat_rows(V, params)
@@ -253,6 +407,7 @@ class TorchHooksJacobianBackend:
         """Make the collection's parameters require grad and keep the model's buffers (e.g.
         BatchNorm running statistics) as they were: building a matrix must not change the model."""
         modules = layer_collection.get_layerid_module_map(self.model)
+        _check_uniform_params(layer_collection, modules)
         params = layer_collection.parameters(modules)
         flags = [p.requires_grad for p in params]
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
@@ -269,6 +424,7 @@ class TorchHooksJacobianBackend:
 
     @contextlib.contextmanager
     def _prepared(self, layer_collection):
+        _refuse_batch_statistics(self.model)
         with self._model_state_kept(layer_collection) as (modules, params):
             calls = {lid: [] for lid in modules}
             handles = []
@@ -351,7 +507,8 @@ class TorchHooksJacobianBackend:
         self._check_finite(out)
         return out
 
-    def _run_batch(self, batch, layer_collection, modules, calls, consumer, chunk_bytes=None):
+    def _run_batch(self, batch, layer_collection, modules, calls, consumer, chunk_bytes=None,
+                   mean_jacobian=None):
         batch = prepare_batch(batch, self._device())
         for store in calls.values():
             store.clear()
@@ -377,7 +534,7 @@ class TorchHooksJacobianBackend:
                 c.set_gradients(grads[i:i + len(c.targets)], k1 - k0)
                 i += len(c.targets)
             ctx = BatchContext(layer_collection, modules, calls, n, k1 - k0, k0, n_output,
-                               self.centering, out.detach())
+                               mean_jacobian, out.detach())
             consumer.update(ctx)
         for store in calls.values():
             store.clear()
@@ -464,6 +621,7 @@ class TorchHooksJacobianBackend:
     def _functional_batches(self, examples, layer_collection):
         """Yield ``(batch, params, f)`` with ``f(params) -> (n, n_output)`` a pure function of the
         collection's parameters (a dict name -> tensor) for that batch."""
+        _refuse_batch_statistics(self.model)
         with self._model_state_kept(layer_collection) as (modules, plist):
             names, constant = {}, {}
             for lid, m in modules.items():
@@ -502,6 +660,75 @@ class TorchHooksJacobianBackend:
             out[k] = flat[start:start + p.numel()].view_as(p)
             start += p.numel()
         return out
+
+
+def _required(value, name, method):
+    # the statistic methods take every argument by keyword with a default (upstream's generic
+    # (*args, **kwargs) signatures); the ones without a meaningful default are checked here
+    if value is None:
+        raise TypeError(f"{method}() needs the argument '{name}'")
+
+
+def _flat(v):
+    """The flat ``(P,)`` tensor of a PVector or a tensor."""
+    return v.get_flat_representation() if hasattr(v, "get_flat_representation") else v
+
+
+class _MeanJacobian:
+    """Consumer of :meth:`TorchHooksJacobianBackend.accumulate`: ``(1/n) Σ_x J(x)``, shape
+    ``(n_output, P)`` in the collection's layout."""
+
+    def __init__(self, layer_collection):
+        self.lc = layer_collection
+        self.result = None
+
+    def update(self, ctx):
+        if self.result is None:
+            ref = ctx.calls[ctx.layer_ids()[0]][0].gy
+            self.result = torch.zeros(ctx.n_output, self.lc.numel(), dtype=ref.dtype,
+                                      device=ref.device)
+        rows = self.result[ctx.k_start:ctx.k_start + ctx.K]
+        for lid in ctx.layer_ids():
+            rows[:, self.lc.slice(lid)] += ctx.per_example_grad(lid).sum(dim=1)
+            ctx.release(lid)
+
+    def finalize(self, n):
+        self.result = self.result.div_(n)
+
+
+def _check_uniform_params(layer_collection, modules):
+    """``(dtype, device)`` shared by all the collection's parameters; ``ValueError`` naming the
+    first layer that differs otherwise (the statistics are accumulated in one dtype)."""
+    first = None
+    for lid, module in modules.items():
+        for p in layer_collection[lid].parameters_of(module):
+            if first is None:
+                first = (lid, p.dtype, p.device)
+            elif (p.dtype, p.device) != first[1:]:
+                raise ValueError(
+                    f"the layers of the LayerCollection do not share one dtype and device: "
+                    f"'{first[0]}' has {first[1]} on {first[2]}, '{lid}' has {p.dtype} on "
+                    f"{p.device}. Convert the model with model.to(dtype) / model.to(device), or "
+                    "leave the differing layers out of the LayerCollection")
+    if first is None:
+        return None, torch.device("cpu")
+    return first[1], first[2]
+
+
+def _refuse_batch_statistics(model):
+    """``RuntimeError`` if a BatchNorm module of ``model`` normalizes with the batch's own
+    statistics (training mode, or no running statistics): each example's output then depends on
+    the other examples of the batch, and per-example Jacobians are not defined."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                module.training or not module.track_running_stats):
+            why = ("is in training mode" if module.track_running_stats else
+                   "has track_running_stats=False")
+            raise RuntimeError(
+                f"BatchNorm layer '{name or type(module).__name__}' ({type(module).__name__}) "
+                f"{why}: it normalizes with the statistics of the batch, which couple the "
+                "examples, so per-example Jacobians are not defined. Call model.eval() before "
+                "computing the matrix (its running statistics are then used)")
 
 
 @contextlib.contextmanager

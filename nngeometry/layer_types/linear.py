@@ -7,7 +7,7 @@ those positions.
 import torch
 from torch import nn
 
-from ..gram import GramRows
+from ..maths.gram import GramRows
 from .base import AbstractLayer, Parameter, register_layer_type
 
 #: memory for one chunk of per-example gradients formed by :func:`seq_grad_squares`

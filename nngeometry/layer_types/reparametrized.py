@@ -1,10 +1,11 @@
 """Layer types of :mod:`nngeometry.layers`: WeightNorm1d, WeightNorm2d, Cosine1d, Affine1d.
 
-WeightNorm / Cosine: the module uses ``Ŵ_o = w_o / ||w_o||`` (per output row / channel). With
-``D_o`` the per-example gradient w.r.t. ``Ŵ_o`` (the Linear / convolution formula, with the
-input normalized for Cosine1d), the chain rule through the normalization gives
+WeightNorm / Cosine: the module uses ``Ŵ_o = w_o / s_o`` with ``s_o = sqrt(||w_o||² + eps)``
+(per output row / channel; ``eps = module.eps``, 0 for modules without it). With ``D_o`` the
+per-example gradient w.r.t. ``Ŵ_o`` (the Linear / convolution formula, with the input
+normalized the same way for Cosine1d), the chain rule through the normalization gives
 
-    ∂/∂w_o = (D_o - ŵ_o <ŵ_o, D_o>) / ||w_o||
+    ∂/∂w_o = (D_o - ŵ_o <ŵ_o, D_o>) / s_o          (ŵ_o = w_o / s_o)
 
 (the projection orthogonal to ``ŵ_o``). The projection differs per row, so these layers have no
 Kronecker structure: KFAC/EKFAC refuse them.
@@ -12,6 +13,8 @@ Kronecker structure: KFAC/EKFAC refuse them.
 Affine1d: ``y = x * weight + bias`` is :class:`~.normalization.ScaleShiftLayer` with ``x̂ = x``
 (same per-example gradients, same dense-in-KFAC choice as the normalization layers).
 """
+import torch
+
 from .. import layers
 from .base import AbstractLayer, register_layer_type
 from .conv import Conv2dLayer
@@ -19,11 +22,13 @@ from .linear import LinearLayer
 from .normalization import ScaleShiftLayer
 
 
-def _project(D, w):
-    """``(D - ŵ <ŵ, D>) / ||w||`` per output row; ``D``: (K, n, out, ...), ``w``: (out, ...)."""
+def _project(D, w, eps=0.0):
+    """``(D - ŵ <ŵ, D>) / s`` per output row, ``s = sqrt(||w||² + eps)``, ``ŵ = w / s``;
+    ``D``: (K, n, out, ...), ``w``: (out, ...)."""
     out = w.shape[0]
     wf = w.detach().reshape(out, -1)
-    norm = wf.norm(dim=1, keepdim=True)
+    norm = torch.sqrt((wf * wf).sum(dim=1, keepdim=True) + eps) if eps else \
+        wf.norm(dim=1, keepdim=True)
     wh = wf / norm
     Df = D.reshape(*D.shape[:2], out, -1)
     Df = (Df - wh * (Df * wh).sum(dim=-1, keepdim=True)) / norm
@@ -64,7 +69,8 @@ class WeightNorm1dLayer(_RowNormalized, LinearLayer):
         return cls(module.in_features, module.out_features)
 
     def per_example_grad(self, module, x, gy):
-        return _project(LinearLayer.per_example_grad(self, module, x, gy), module.weight)
+        return _project(LinearLayer.per_example_grad(self, module, x, gy), module.weight,
+                        getattr(module, "eps", 0.0))
 
 
 @register_layer_type
@@ -72,8 +78,10 @@ class Cosine1dLayer(WeightNorm1dLayer):
     module_types = (layers.Cosine1d,)
 
     def per_example_grad(self, module, x, gy):
-        xh = x / x.norm(dim=-1, keepdim=True)
-        return _project(LinearLayer.per_example_grad(self, module, xh, gy), module.weight)
+        eps = getattr(module, "eps", 0.0)
+        xh = x / (torch.sqrt((x * x).sum(dim=-1, keepdim=True) + eps) if eps else
+                  x.norm(dim=-1, keepdim=True))
+        return _project(LinearLayer.per_example_grad(self, module, xh, gy), module.weight, eps)
 
 
 @register_layer_type
@@ -90,7 +98,8 @@ class WeightNorm2dLayer(_RowNormalized, Conv2dLayer):
                    groups=module.groups)
 
     def per_example_grad(self, module, x, gy):
-        return _project(Conv2dLayer.per_example_grad(self, module, x, gy), module.weight)
+        return _project(Conv2dLayer.per_example_grad(self, module, x, gy), module.weight,
+                        getattr(module, "eps", 0.0))
 
 
 @register_layer_type
