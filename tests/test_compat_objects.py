@@ -186,6 +186,10 @@ def test_pfmap_members(setup):
     # from_dict inverts to_torch_layer
     back = PFMapDense.from_dict(lc, None, {lid: m.to_torch_layer(lid) for lid in reversed(seen)})
     assert torch.equal(back.to_torch(), J)
+    # 0.4 keyword style: the collection is the generator's
+    gen04 = TorchHooksJacobianBackend(model, layer_collection=lc)
+    back04 = PFMapDense.from_dict(generator=gen04, data_dict=m.get_dict_representation())
+    assert back04.layer_collection is lc and torch.equal(back04.to_torch(), J)
     with pytest.raises(ValueError, match="misses layer"):
         PFMapDense.from_dict(lc, None, {seen[0]: m.to_torch_layer(seen[0])})
     # to
