@@ -33,7 +33,7 @@ def setup():
 def test_pfmap_dense(setup):
     model, x, lc, J = setup
     gen = TorchHooksJacobianBackend(model)
-    m = PFMapDense(gen, examples=(x,), layer_collection=lc)
+    m = PFMapDense(lc, gen, examples=(x,))
     assert m.size() == (2, 6, lc.numel()) and m.size(2) == lc.numel()
     assert torch.allclose(m.to_torch(), J, **TOL)
     # dict representation: per layer, shaped like the parameters, equal to the flat slices
@@ -54,7 +54,7 @@ def test_pfmap_dense(setup):
     assert isinstance(jtw, PVector) and jtw.layer_collection == lc
     assert torch.allclose(jtw.to_torch(), torch.einsum("kip,ki->p", J, w.to_torch()), **TOL)
     # arithmetic
-    r = random_pfmap(lc, 2, 6, dtype=torch.float64)
+    r = random_pfmap(lc, (2, 6), dtype=torch.float64)
     assert torch.allclose((m + r).to_torch(), J + r.to_torch(), **TOL)
     assert torch.allclose((m - r).to_torch(), J - r.to_torch(), **TOL)
     assert torch.allclose((2 * m).to_torch(), 2 * J, **TOL)
@@ -66,7 +66,7 @@ def test_pfmap_dense(setup):
 def test_pfmap_implicit_vs_dense(setup):
     model, x, lc, J = setup
     gen = TorchHooksJacobianBackend(model)
-    imp = PFMapImplicit(gen, examples=(x,), layer_collection=lc)
+    imp = PFMapImplicit(lc, gen, examples=(x,))
     torch.manual_seed(4)
     v = random_pvector(lc, dtype=torch.float64)
     w = random_fvector(6, 2, dtype=torch.float64)
@@ -77,14 +77,14 @@ def test_pfmap_implicit_vs_dense(setup):
 
 def test_pfmap_layout_checks(setup):
     model, x, lc, J = setup
-    m = PFMapDense(None, data=J, layer_collection=lc)
+    m = PFMapDense(lc, data=J)
     other = lc.sub(lc.layer_ids()[:1])
     with pytest.raises(ValueError, match="same LayerCollection"):
         m.jvp(random_pvector(other))
     with pytest.raises(ValueError, match=rf"\(n_output, n_examples, {lc.numel()}\)"):
-        PFMapDense(None, data=J[:, :, :-1], layer_collection=lc)
+        PFMapDense(lc, data=J[:, :, :-1])
     with pytest.raises(ValueError, match="share their LayerCollection"):
-        m + random_pfmap(other, 2, 6, dtype=torch.float64)
+        m + random_pfmap(other, (2, 6), dtype=torch.float64)
 
 
 def test_gram_matrix_vs_brute(setup):

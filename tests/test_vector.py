@@ -161,7 +161,7 @@ def test_random_objects_follow_the_model_dtype():
     lc = LayerCollection.from_model(model)
     assert random_pvector(lc).get_flat_representation().dtype == torch.float64
     assert random_pvector_dict(lc).get_flat_representation().dtype == torch.float64
-    assert random_pfmap(lc, 2, 3).to_torch().dtype == torch.float64
+    assert random_pfmap(lc, (2, 3)).to_torch().dtype == torch.float64
     assert lc.sub(lc.layer_ids()).dtype == torch.float64
     # an explicit dtype wins
     assert random_pvector(lc, dtype=torch.float32).get_flat_representation().dtype == torch.float32

@@ -5,6 +5,8 @@ from ..layercollection import LayerCollection
 
 
 def _check_same_layout(a, b, what="PVector"):
+    if not isinstance(b, type(a)):
+        raise TypeError(f"expected a {what} as the other operand, got {type(b).__name__}")
     if a.layer_collection != b.layer_collection:
         raise ValueError(
             f"{what} layouts differ: the two operands were built on different LayerCollections "
@@ -17,7 +19,10 @@ class PVector:
 
     Stored either flat (``vector_repr``, shape ``(P,)`` in the collection's layout) or as a dict
     ``{layer_id: (weight,) or (weight, bias)}`` of tensors shaped like the module's parameters
-    (``dict_repr``). Conversions are done lazily and cached.
+    (``dict_repr``): exactly one of the two is set. The other form is computed on each request
+    and never cached, so a vector that views a model's parameters (``from_model``) always reads
+    their current values: the dict form of a flat vector is made of views of it, the flat form
+    of a dict vector is a fresh ``torch.cat``.
     """
 
     def __init__(self, layer_collection, vector_repr=None, dict_repr=None):
@@ -75,28 +80,47 @@ class PVector:
 
     # ------------------------------------------------------------------ representations
     def get_flat_representation(self):
-        if self.vector_repr is None:
-            parts = []
-            for layer_id in self.layer_collection.layers:
-                parts.extend(t.reshape(-1) for t in self.dict_repr[layer_id])
-            self.vector_repr = torch.cat(parts)
-        return self.vector_repr
+        """The flat vector, shape ``(P,)`` in the collection's layout. For a dict-stored vector
+        this is a new tensor (a copy), recomputed on each call: writing into it does not change
+        this PVector."""
+        if self.vector_repr is not None:
+            return self.vector_repr
+        parts = []
+        for layer_id in self.layer_collection.layers:
+            parts.extend(t.reshape(-1) for t in self.dict_repr[layer_id])
+        return torch.cat(parts)
 
     to_torch = get_flat_representation
 
+    def _layer_views(self, layer_id):
+        """Views of the flat vector shaped like the parameters of layer ``layer_id``."""
+        layer = self.layer_collection[layer_id]
+        start = self.layer_collection.p_pos[layer_id]
+        ts = []
+        for _, spec in layer.param_specs():
+            ts.append(self.vector_repr[start:start + spec.numel()].view(*spec.size))
+            start += spec.numel()
+        return tuple(ts)
+
     def get_dict_representation(self):
-        if self.dict_repr is None:
-            d = {}
-            v = self.vector_repr
-            for layer_id, layer in self.layer_collection.layers.items():
-                start = self.layer_collection.p_pos[layer_id]
-                ts = []
-                for _, spec in layer.param_specs():
-                    ts.append(v[start:start + spec.numel()].view(*spec.size))
-                    start += spec.numel()
-                d[layer_id] = tuple(ts)
-            self.dict_repr = d
-        return self.dict_repr
+        """``{layer_id: (weight,) or (weight, bias)}``, tensors shaped like the module's
+        parameters, in the collection's layer order. For a flat vector they are views of it
+        (writing into them writes into this PVector)."""
+        if self.dict_repr is not None:
+            return self.dict_repr
+        return {layer_id: self._layer_views(layer_id) for layer_id in self.layer_collection.layers}
+
+    to_dict = get_dict_representation
+
+    def to_torch_layer(self, layer_id):
+        """The tensors of one layer: ``(weight,)`` or ``(weight, bias)``, shaped like the
+        module's parameters (views of this PVector's storage, not copies)."""
+        if layer_id not in self.layer_collection.layers:
+            raise KeyError(f"'{layer_id}' is not a layer of this PVector's LayerCollection "
+                           f"(its layers: {list(self.layer_collection.layers)})")
+        if self.dict_repr is not None:
+            return self.dict_repr[layer_id]
+        return self._layer_views(layer_id)
 
     def size(self):
         return (self.layer_collection.numel(),)
@@ -173,8 +197,64 @@ class PVector:
             return self._binary(x, torch.div)
         return self._unary(lambda t: t / x)
 
-    def __pow__(self, x):
-        return self._unary(lambda t: t ** x)
+    def __pow__(self, exp):
+        return self._unary(lambda t: t ** exp)
+
+    # In-place operators write into this vector's storage, like torch's: every tensor sharing
+    # it sees the change (the views given by to_dict / to_torch_layer, and the model's
+    # parameters when this vector is a detached view of them, e.g. from_model(m).detach()).
+    def _storage(self):
+        """The tensors that hold this vector: the flat one, or the dict's."""
+        if self.vector_repr is not None:
+            return [self.vector_repr]
+        return [t for lid in self.layer_collection.layers for t in self.dict_repr[lid]]
+
+    def _inplace(self, other, op_name, what):
+        tensors = self._storage()
+        if any(t.requires_grad and t.is_leaf for t in tensors):
+            # Without this check torch refuses with a message about leaf Variables, or, under
+            # no_grad, silently changes the model's parameters through a vector meant as a value.
+            raise RuntimeError(
+                f"in-place '{what}' on a PVector that holds tensors requiring grad (leaves, such as "
+                "the model's parameters given by PVector.from_model): it would modify them "
+                "outside autograd. Use v = v " + what[0] + " w for a new PVector, take "
+                "v.detach().clone() first, or update the model with add_to_model / copy_to_model")
+        if isinstance(other, PVector):
+            _check_same_layout(self, other)
+            if self.vector_repr is not None:
+                others = [other.get_flat_representation()]
+            else:
+                d = other.get_dict_representation()
+                others = [t for lid in self.layer_collection.layers for t in d[lid]]
+            for t, o in zip(tensors, others):
+                getattr(t, op_name)(o)
+        else:
+            for t in tensors:
+                getattr(t, op_name)(other)
+        return self
+
+    def __iadd__(self, other):
+        """``v += w``: adds the PVector ``w`` into ``v``'s storage (see the note above)."""
+        if not isinstance(other, PVector):
+            return NotImplemented
+        return self._inplace(other, "add_", "+=")
+
+    def __isub__(self, other):
+        """``v -= w``: subtracts the PVector ``w`` in ``v``'s storage."""
+        if not isinstance(other, PVector):
+            return NotImplemented
+        return self._inplace(other, "sub_", "-=")
+
+    def __imul__(self, other):
+        """``v *= x``: scales ``v`` in place by a scalar (or, elementwise, by a PVector)."""
+        return self._inplace(other, "mul_", "*=")
+
+    def __matmul__(self, other):
+        """``v @ w``: the inner product ``<v, w>`` of two PVectors (as :meth:`dot`). Any other
+        right operand is left to its own ``__rmatmul__`` (e.g. a matrix's)."""
+        if not isinstance(other, PVector):
+            return NotImplemented
+        return self.dot(other)
 
     def dot(self, other):
         """Euclidean inner product ``<self, other>`` (a 0-dim tensor)."""
@@ -226,32 +306,38 @@ class PVector:
 
 
 class FVector:
-    """A vector in function space: one value per (output, example), shape ``(n_output, n)``."""
+    """A vector in function space: one value per (output, example), shape ``(n_output, n)``.
 
-    def __init__(self, vector_repr):
+    ``vector_repr`` may be left None (upstream's signature), but nothing can be computed
+    from such an empty FVector until it is set."""
+
+    def __init__(self, vector_repr=None):
         self.vector_repr = vector_repr
 
     def get_flat_representation(self):
+        if self.vector_repr is None:
+            raise ValueError("this FVector is empty (vector_repr is None): build it with "
+                             "FVector(tensor of shape (n_output, n_examples))")
         return self.vector_repr
 
     to_torch = get_flat_representation
 
     def size(self):
-        return tuple(self.vector_repr.shape)
+        return tuple(self.get_flat_representation().shape)
 
     def __add__(self, other):
-        return FVector(self.vector_repr + other.vector_repr)
+        return FVector(self.get_flat_representation() + other.get_flat_representation())
 
     def __sub__(self, other):
-        return FVector(self.vector_repr - other.vector_repr)
+        return FVector(self.get_flat_representation() - other.get_flat_representation())
 
     def __mul__(self, x):
-        return FVector(self.vector_repr * x)
+        return FVector(self.get_flat_representation() * x)
 
     __rmul__ = __mul__
 
     def norm(self, p=2):
-        return torch.linalg.vector_norm(self.vector_repr, ord=p)
+        return torch.linalg.vector_norm(self.get_flat_representation(), ord=p)
 
 
 def _lc_dtype_device(layer_collection, dtype, device):
@@ -279,7 +365,7 @@ def random_pvector_dict(layer_collection, device=None, dtype=None):
     return PVector(layer_collection, dict_repr=d)
 
 
-def random_fvector(n_samples, n_output, device=None, dtype=None):
+def random_fvector(n_samples, n_output=1, device=None, dtype=None):
     """An FVector of shape ``(n_output, n_samples)`` with i.i.d. standard normal entries."""
     return FVector(torch.randn(n_output, n_samples, device=device or "cpu",
                                dtype=dtype or torch.get_default_dtype()))
