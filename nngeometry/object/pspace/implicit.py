@@ -142,9 +142,9 @@ class PMatImplicit(PMatAbstract):
         Stops when every row has ``||r|| ≤ tol · ||b||``. In exact arithmetic CG ends after as
         many iterations as ``M + regul I`` has distinct eigenvalues, at most ``rank(M) + 1 ≤
         n_output · n + 1``; each iteration is one pass over the examples. With a preconditioner
-        ``M`` (symmetric positive definite, approximating ``(M + regul I)⁻¹``), the iterations
-        are those of CG on the preconditioned system: as many as ``M (M + regul I)`` has
-        distinct eigenvalues.
+        (argument ``M``, here written ``C``: symmetric positive definite, approximating
+        ``(M + regul I)⁻¹``), the iterations are those of CG on the preconditioned system: as
+        many as ``C (M + regul I)`` has distinct eigenvalues (one for ``C = (M + regul I)⁻¹``).
         """
         if float(regul) < 0:
             raise ValueError(f"regul must be ≥ 0, got {regul}")
@@ -195,7 +195,8 @@ class PMatImplicit(PMatAbstract):
                 ``eps^0.75``: about ``2e-12`` in float64, ``6e-6`` in float32).
             max_iter: most CG iterations, each one pass over the examples (default ``P``);
                 a ``RuntimeWarning`` tells when it stops before ``tol``.
-            M: a preconditioner (as in ``scipy.sparse.linalg.cg``): an approximation of
+            M: a preconditioner ``C`` (the argument's name follows
+                ``scipy.sparse.linalg.cg``; it is not this matrix): an approximation of
                 ``(M + regul·I)⁻¹``, symmetric positive definite, given as a PMat (applied with
                 ``mmap``; e.g. ``PMatDiag(...).inverse(regul)`` for Jacobi, or a KFAC inverse)
                 or a callable ``PVector -> PVector``. It changes the iterations, not the
