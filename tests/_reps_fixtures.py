@@ -93,8 +93,11 @@ def check_products(M, D, s):
     J = Jm.to_torch()
     close(M.mmap(Jm).to_torch(), J @ D)
     close((M @ Jm).to_torch(), J @ D)
-    close(M.mapTMmap(Jm, reduction="sum"), torch.einsum("kip,pq,kjq->ij", J, D, J))
-    close(M.mapTMmap(Jm, reduction="diag"), torch.einsum("kip,pq,kiq->i", J, D, J))
+    # mapTMmap: the (K, n) quadratic forms J[k, i] D J[k, i]ᵀ ('diag') and their sum over k
+    forms = torch.einsum("kip,pq,kiq->ki", J, D, J)
+    close(M.mapTMmap(Jm, reduction="diag"), forms)
+    close(M.mapTMmap(Jm, reduction="sum"), forms.sum(dim=0))
+    close(M.mapTMmap(Jm), forms.sum(dim=0))  # 'sum' is the default
     with pytest.raises(ValueError, match="reduction"):
         M.mapTMmap(Jm, reduction="mean")
     close(M.get_diag(), torch.diagonal(D))

@@ -53,10 +53,11 @@ def test_products(fim):
     Jt = J.to_torch()
     assert close(F.mmap(J).to_torch(), Jt @ M)
     assert close((F @ J).to_torch(), Jt @ M)
-    # mapTMmap: (n, n) = Σ_k J_k M J_kᵀ, and its diagonal
-    expected = sum(Jt[k] @ M @ Jt[k].t() for k in range(Jt.shape[0]))
-    assert close(F.mapTMmap(J, reduction="sum"), expected, 10)
-    assert close(F.mapTMmap(J, reduction="diag"), torch.diagonal(expected), 10)
+    # mapTMmap: 'diag' the (K, n) quadratic forms J[k, i] M J[k, i]ᵀ, 'sum' their sum over k
+    forms = torch.stack([torch.diagonal(Jt[k] @ M @ Jt[k].t()) for k in range(Jt.shape[0])])
+    assert F.mapTMmap(J, reduction="diag").shape == forms.shape
+    assert close(F.mapTMmap(J, reduction="diag"), forms, 10)
+    assert close(F.mapTMmap(J, reduction="sum"), forms.sum(dim=0), 10)
     with pytest.raises(ValueError, match="unknown reduction"):
         F.mapTMmap(J, reduction="mean")
 
@@ -147,8 +148,8 @@ def test_eigendecomposition_and_logdet(fim):
     sign, ld = torch.linalg.slogdet(M + regul * torch.eye(lc.numel(), dtype=torch.float64))
     assert sign > 0
     assert torch.allclose(F2.logdet(regul=regul), ld, atol=1e-9, rtol=0)
-    with pytest.raises(NotImplementedError, match="use 'eigh'"):
-        F2.compute_eigendecomposition(impl="svd")
+    with pytest.raises(NotImplementedError, match="use 'eigh' or 'svd'"):
+        F2.compute_eigendecomposition(impl="stupid")
 
 
 def test_pickle_round_trip(fim):

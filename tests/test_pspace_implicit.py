@@ -27,8 +27,9 @@ def test_products_equal_dense(mats):
     Jm = s.pfmap()
     J = Jm.to_torch()
     close(M.mmap(Jm).to_torch(), J @ D, rtol=1e-10)
-    close(M.mapTMmap(Jm, reduction="sum"), torch.einsum("kip,pq,kjq->ij", J, D, J), rtol=1e-10)
-    close(M.mapTMmap(Jm, reduction="diag"), torch.einsum("kip,pq,kiq->i", J, D, J), rtol=1e-10)
+    forms = torch.einsum("kip,pq,kiq->ki", J, D, J)  # (K, n): J[k, i] D J[k, i]ᵀ
+    close(M.mapTMmap(Jm, reduction="sum"), forms.sum(dim=0), rtol=1e-10)
+    close(M.mapTMmap(Jm, reduction="diag"), forms, rtol=1e-10)
     close(M.get_diag(), torch.diagonal(D), rtol=1e-10)
     close(M.trace(), torch.trace(D), rtol=1e-10)
     assert M.get_diag().dtype == DT and M.dtype == DT
@@ -41,7 +42,7 @@ def test_chunked_rows_and_direct_build(mats):
     Jm = s.pfmap(n=3)  # 6 rows in passes of 4 and 2
     J = Jm.to_torch()
     close(M2.mmap(Jm).to_torch(), J @ D, rtol=1e-10)
-    close(M2.mapTMmap(Jm, reduction="sum"), torch.einsum("kip,pq,kjq->ij", J, D, J), rtol=1e-10)
+    close(M2.mapTMmap(Jm, reduction="diag"), torch.einsum("kip,pq,kiq->ki", J, D, J), rtol=1e-10)
 
 
 def test_to_torch_only_when_asked(mats):

@@ -3,8 +3,9 @@ operation against its own dense form; grouping errors."""
 import pytest
 import torch
 
-from _kfac_helpers import (DT, Setup, check_layout_errors, check_pickle, check_products,
-                           check_solve_against, close, damped_inv)
+from _kfac_helpers import (DT, Setup, check_layout_errors, check_pickle, check_solve_against,
+                           close, damped_inv)
+from _reps_fixtures import check_products
 from nngeometry.metrics import FIM
 from nngeometry.object import PMatDiag, PMatKFAC, PMatMixed, PVector
 

@@ -441,8 +441,14 @@ def run_cell(b, col, cell):
         assert isinstance(r, PFMapDense)
         close(r.to_torch(), J @ D, what="mmap")
     elif col == "mapTMmap (sum, diag)":
-        close(M.mapTMmap(m, reduction="sum"), torch.einsum("kip,pq,kjq->ij", J, D, J), what="sum")
-        close(M.mapTMmap(m, reduction="diag"), torch.einsum("kip,pq,kiq->i", J, D, J), what="diag")
+        forms = torch.einsum("kip,pq,kiq->ki", J, D, J)  # (K, n): J[k, i] D J[k, i]ᵀ
+        if b.rep in ("PMatKFAC", "PMatEKFAC", "PMatEKFACBlockDiag") \
+                and M.mapTMmap(m, reduction="sum").dim() == 2:
+            # TEMPORARY, until the KFAC work package (kfac.py / ekfac.py) is merged: those files
+            # still return the former (n, n) matrix; remove this branch after the merge
+            pytest.xfail("kfac.py / ekfac.py still have the former mapTMmap (n, n) semantics")
+        close(M.mapTMmap(m, reduction="sum"), forms.sum(dim=0), what="sum")
+        close(M.mapTMmap(m, reduction="diag"), forms, what="diag")
     elif col == "solvePVec":
         r = M.solvePVec(v, regul=REGUL)
         assert isinstance(r, PVector)

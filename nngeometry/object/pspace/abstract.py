@@ -1,6 +1,7 @@
 """The contract shared by every parameter-space matrix representation."""
 import torch
 
+from ...layercollection import LayerCollection
 from ..map import PFMap
 from ..vector import PVector
 
@@ -12,13 +13,18 @@ class PMatAbstract:
     which then computes ``M = (1/n) Σ_x J(x)ᵀ J(x)`` (or the representation's approximation of
     it), or directly from ``data`` (the representation's own storage).
 
+    Constructor: ``(layer_collection=None, generator=None, data=None, examples=None, **kwargs)``.
+    Positional calls follow that order; the keyword style of nngeometry 0.4,
+    ``PMatDense(generator=g, examples=loader)``, leaves out the collection, which is then the
+    generator's ``layer_collection`` (or, when it has none, every layer of ``generator.model``).
+
     Subclasses implement ``_build(examples, **kwargs)`` (returning ``data``) and the operations
     their structure allows; an operation that has no sensible meaning for a structure raises
     ``NotImplementedError`` naming what to use instead.
     """
 
-    def __init__(self, layer_collection, generator, data=None, examples=None, **kwargs):
-        self.layer_collection = layer_collection
+    def __init__(self, layer_collection=None, generator=None, data=None, examples=None, **kwargs):
+        self.layer_collection = resolve_layer_collection(layer_collection, generator, type(self))
         self.generator = generator
         if data is not None and examples is not None:
             raise ValueError("give either data or examples, not both")
@@ -88,19 +94,17 @@ class PMatAbstract:
         self._unsupported("mmap")
 
     def mapTMmap(self, pfmap, reduction="sum"):
-        """Quadratic forms of the rows of a PFMap ``J`` (shape ``(K, n, P)``).
+        """Quadratic forms of the rows of a PFMap ``J`` (shape ``(K, n, P)``):
+        ``q[k, i] = J[k, i] M J[k, i]ᵀ``.
 
-        ``reduction='sum'``: ``(n, n)`` matrix ``Σ_k J_k M J_kᵀ``;
-        ``reduction='diag'``: ``(n,)`` vector of its diagonal ``Σ_k J_{k,i} M J_{k,i}ᵀ``.
+        ``reduction='diag'``: the ``(K, n)`` tensor ``q``; ``reduction='sum'``: its sum over the
+        outputs ``k``, shape ``(n,)``. (Cross terms between examples are never formed.)
         """
         self._check_pfmap(pfmap)
+        check_reduction(reduction)
         J = pfmap.to_torch()
         MJ = self.mmap(pfmap).to_torch()
-        if reduction == "sum":
-            return torch.einsum("kip,kjp->ij", J, MJ)
-        if reduction == "diag":
-            return torch.einsum("kip,kip->i", J, MJ)
-        raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
+        return reduce_forms((J * MJ).sum(dim=-1), reduction)
 
     def __matmul__(self, other):
         if isinstance(other, PVector):
@@ -157,12 +161,43 @@ class PMatAbstract:
         self._unsupported("frobenius_norm")
 
     def norm(self, ord=None):
-        """Frobenius norm by default (``ord=None`` or ``'fro'``)."""
+        """A matrix norm of ``M``:
+
+        * ``ord=None`` or ``'fro'``: the Frobenius norm ``sqrt(Σ_pq M_pq²)``;
+        * ``ord=2``: the spectral norm, the largest singular value (``max |λ|``: ``M`` is
+          symmetric);
+        * ``ord=-2``: the smallest singular value (``min |λ|``; 0 for a singular matrix).
+        """
         if ord in (None, "fro"):
             return self.frobenius_norm()
+        if ord in (2, -2):
+            sv = self._singular_values()
+            return sv.max() if ord == 2 else sv.min()
         raise NotImplementedError(
-            f"norm(ord={ord!r}) is not implemented for {type(self).__name__}; use ord='fro', or "
-            "torch.linalg.matrix_norm(M.to_torch(), ord) on small matrices")
+            f"norm(ord={ord!r}) is not implemented for {type(self).__name__}; use ord='fro', 2 "
+            "or -2, or torch.linalg.matrix_norm(M.to_torch(), ord) on small matrices")
+
+    def _singular_values(self):
+        """All ``P`` singular values (``|λ|``), in any order; what ``norm(ord=±2)`` needs."""
+        self._unsupported("norm(ord=2 or -2)")
+
+    def pinv(self, atol=1e-8):
+        """Moore-Penrose pseudo-inverse ``M⁺``: the eigenvalues with ``|λ| ≤ atol`` are treated
+        as zero (their eigenvectors are sent to 0), the others inverted."""
+        self._unsupported("pinv")
+
+    def get_device(self):
+        """The device of the matrix's storage (for a matrix that stores nothing, such as
+        PMatImplicit, the device of the model's parameters)."""
+        t = _first_tensor(self.data)
+        if t is not None:
+            return t.device
+        model = getattr(self.generator, "model", None)
+        if model is not None:
+            for p in model.parameters():
+                return p.device
+        device = getattr(self.layer_collection, "device", None)
+        return torch.device(device if device is not None else "cpu")
 
     def to_torch(self):
         self._unsupported("to_torch")
@@ -200,6 +235,67 @@ class PMatAbstract:
         state = self.__dict__.copy()
         state["generator"] = None
         return state
+
+    def __setstate__(self, state_dict):
+        """Restore a pickled matrix: everything but the generator, which is None after
+        loading (set ``M.generator`` again for the operations that run the model)."""
+        self.__dict__.update(state_dict)
+        self.__dict__.setdefault("generator", None)
+
+
+def resolve_layer_collection(layer_collection, generator, owner):
+    """The collection a matrix is built on: ``layer_collection`` when given, else the
+    generator's ``layer_collection`` attribute, else every layer of ``generator.model``.
+
+    ``owner`` is the representation's class (named in the errors)."""
+    name = owner.__name__
+    if layer_collection is not None:
+        if not isinstance(layer_collection, LayerCollection):
+            raise TypeError(
+                f"{name}: the first argument must be a LayerCollection, got "
+                f"{type(layer_collection).__name__}. The constructor is (layer_collection, "
+                "generator, data=None, examples=None); for nngeometry 0.4's order (generator, "
+                f"data, examples) pass keywords, e.g. {name}(generator=generator, examples=loader)")
+        return layer_collection
+    if generator is not None:
+        lc = getattr(generator, "layer_collection", None)
+        if lc is not None:
+            return lc
+        model = getattr(generator, "model", None)
+        if model is not None:
+            return LayerCollection.from_model(model)
+    raise ValueError(
+        f"{name} needs a LayerCollection and none can be found: pass layer_collection=..., or a "
+        "generator built on a model (whose layers are then used)")
+
+
+def check_reduction(reduction):
+    if reduction not in ("sum", "diag"):
+        raise ValueError(f"unknown reduction '{reduction}': use 'sum' (shape (n,)) or 'diag' "
+                         "(shape (K, n))")
+
+
+def reduce_forms(q, reduction):
+    """``q`` of shape ``(K, n)`` (the quadratic forms ``J[k, i] M J[k, i]ᵀ``) reduced as
+    ``mapTMmap`` documents: ``'diag'`` keeps it, ``'sum'`` sums over ``k``."""
+    check_reduction(reduction)
+    return q if reduction == "diag" else q.sum(dim=0)
+
+
+def _first_tensor(data):
+    """The first tensor found in ``data`` (a tensor, or dicts / tuples / lists of them)."""
+    if torch.is_tensor(data):
+        return data
+    if isinstance(data, dict):
+        data = list(data.values())
+    if isinstance(data, (tuple, list)):
+        for item in data:
+            t = _first_tensor(item)
+            if t is not None:
+                return t
+    elif isinstance(data, PMatAbstract):  # PMatMixed: {group: PMat}
+        return _first_tensor(data.data)
+    return None
 
 
 def bdot(A, B):

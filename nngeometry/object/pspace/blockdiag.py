@@ -5,7 +5,7 @@ from ..map import PFMapDense
 from ..vector import PVector
 from . import _spectral
 from ._spectral import eigvals_for_power, logdet_from_eigvals
-from .abstract import PMatAbstract
+from .abstract import PMatAbstract, check_reduction, reduce_forms
 from .eye import PMatEye
 
 
@@ -33,15 +33,17 @@ class PMatBlockDiag(PMatAbstract):
         return torch.eye(b.shape[0], dtype=b.dtype, device=b.device)
 
     # ------------------------------------------------------------------ products
-    def mv(self, v):
-        self._check_pvector(v)
-        f = v.get_flat_representation()
+    def mv(self, vs):
+        """``M vs`` block by block."""
+        self._check_pvector(vs)
+        f = vs.get_flat_representation()
         return PVector(self.layer_collection,
                        vector_repr=torch.cat([b @ f[s] for _, s, b in self._blocks()]))
 
-    def vTMv(self, v):
-        self._check_pvector(v)
-        f = v.get_flat_representation()
+    def vTMv(self, vector):
+        """``vectorᵀ M vector = Σ_l v_lᵀ M_l v_l``."""
+        self._check_pvector(vector)
+        f = vector.get_flat_representation()
         return sum(f[s] @ (b @ f[s]) for _, s, b in self._blocks())
 
     def mmap(self, pfmap):
@@ -52,14 +54,13 @@ class PMatBlockDiag(PMatAbstract):
         return PFMapDense(None, data=out, layer_collection=self.layer_collection)
 
     def mapTMmap(self, pfmap, reduction="sum"):
-        """``reduction='sum'``: ``(n, n)`` ``Σ_k Σ_l J_{k,l} M_l J_{k,l}ᵀ``; ``'diag'``: its
-        diagonal."""
+        """``q[k, i] = Σ_l J[k, i, l] M_l J[k, i, l]ᵀ``: ``'diag'`` ``(K, n)``, ``'sum'``
+        ``Σ_k``, ``(n,)``."""
         self._check_pfmap(pfmap)
+        check_reduction(reduction)
         J = pfmap.to_torch()
-        if reduction not in ("sum", "diag"):
-            raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
-        eq = "kip,kjp->ij" if reduction == "sum" else "kip,kip->i"
-        return sum(torch.einsum(eq, J[:, :, s], J[:, :, s] @ b) for _, s, b in self._blocks())
+        q = sum(torch.einsum("kip,kip->ki", J[:, :, s] @ b, J[:, :, s]) for _, s, b in self._blocks())
+        return reduce_forms(q, reduction)
 
     def mm(self, other):
         """Product with another PMatBlockDiag (block by block)."""
@@ -122,6 +123,23 @@ class PMatBlockDiag(PMatAbstract):
             return solve_block
         raise ValueError(f"unknown solve '{solve}': use 'solve', 'cholesky' or 'eigh'")
 
+    def solve_block(self, d, layer_id, regul=1e-8, solve="default"):
+        """``(M_l + regul·I)⁻¹`` applied to the rows of ``d``, a tensor of shape ``(..., p_l)``
+        on layer ``layer_id``'s parameters (weight then bias, as in the flat layout); same
+        ``solve`` choices and cached factorizations as :meth:`solvePVec`."""
+        if layer_id not in self.data:
+            raise KeyError(f"no block for layer '{layer_id}'; the layers are "
+                           f"{self.layer_collection.layer_ids()}")
+        b = self.data[layer_id]
+        if not torch.is_tensor(d) or d.shape[-1:] != b.shape[:1]:
+            raise ValueError(
+                f"solve_block: d must be a tensor of shape (..., {b.shape[0]}) (layer "
+                f"'{layer_id}' has {b.shape[0]} parameters), got "
+                f"{tuple(d.shape) if torch.is_tensor(d) else type(d).__name__}")
+        rows = d.reshape(-1, b.shape[0])
+        out = self._solver(regul, solve)(layer_id, b, rows.t()).t()
+        return out.reshape(d.shape)
+
     def solvePVec(self, x, regul=1e-8, solve="default"):
         """``(M_l + regul·I)⁻¹ x_l`` for every layer ``l`` (exact)."""
         self._check_pvector(x)
@@ -166,6 +184,41 @@ class PMatBlockDiag(PMatAbstract):
         """``{layer_id: (evals ascending, evecs as columns)}`` of each block."""
         return {lid: self._block_eigh(lid, b) for lid, _, b in self._blocks()}
 
+    def pinv(self, atol=1e-8):
+        """Pseudo-inverse block by block: in each block's eigenbasis the eigenvalues with
+        ``|λ| ≤ atol`` are treated as zero, the others inverted."""
+        out = {}
+        for lid, _, b in self._blocks():
+            evals, evecs = self._block_eigh(lid, b)
+            keep = evals.abs() > atol
+            inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)),
+                              torch.zeros_like(evals))
+            out[lid] = (evecs * inv) @ evecs.t()
+        return self._new(out)
+
+    def get_block_torch(self, layer_id, layer=None, split_weight_bias=True):
+        """The dense ``(p_l, p_l)`` block of layer ``layer_id``.
+
+        ``split_weight_bias=True`` (default): rows and columns in the flat layout (weight
+        entries, then bias entries). ``False``: in the layer's Kronecker order (for a weight
+        ``(out, ...)`` with bias, the row-major ``[W | b]``, the order of KFAC's factors; see
+        ``kfac_permutation``). ``layer`` (the layer's spec, as in upstream nngeometry) is
+        optional and checked against the collection when given.
+        """
+        if layer_id not in self.data:
+            raise KeyError(f"no block for layer '{layer_id}'; the layers are "
+                           f"{self.layer_collection.layer_ids()}")
+        spec = self.layer_collection[layer_id]
+        if layer is not None and layer != spec:
+            raise ValueError(f"layer {layer!r} is not the collection's layer '{layer_id}' ({spec!r})")
+        b = self.data[layer_id]
+        if split_weight_bias:
+            return b
+        # flat coordinate i is Kronecker coordinate perm[i]: the Kronecker block puts B[i, j]
+        # at (perm[i], perm[j]), i.e. it is B re-indexed by the inverse permutation
+        inv = torch.argsort(spec.kfac_permutation()).to(b.device)
+        return b[inv][:, inv]
+
     # ------------------------------------------------------------------ reductions
     def get_diag(self):
         return torch.cat([torch.diagonal(b) for _, _, b in self._blocks()])
@@ -175,6 +228,9 @@ class PMatBlockDiag(PMatAbstract):
 
     def frobenius_norm(self):
         return torch.sqrt(sum((b * b).sum() for _, _, b in self._blocks()))
+
+    def _singular_values(self):
+        return torch.cat([self._block_eigh(lid, b)[0].abs() for lid, _, b in self._blocks()])
 
     def to_torch(self):
         """The dense ``(P, P)`` block-diagonal matrix (allocates ``P²``)."""

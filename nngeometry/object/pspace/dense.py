@@ -5,7 +5,7 @@ from ..map import PFMapDense
 from ..vector import PVector
 from . import _spectral
 from ._spectral import eigvals_for_power, logdet_from_eigvals
-from .abstract import PMatAbstract
+from .abstract import PMatAbstract, check_reduction, reduce_forms
 from .eye import PMatEye
 
 
@@ -40,14 +40,11 @@ class PMatDense(PMatAbstract):
         return PFMapDense(None, data=pfmap.to_torch() @ self.data, layer_collection=self.layer_collection)
 
     def mapTMmap(self, pfmap, reduction="sum"):
+        """``q[k, i] = J[k, i] M J[k, i]ᵀ``: ``'diag'`` ``(K, n)``, ``'sum'`` ``Σ_k``, ``(n,)``."""
         self._check_pfmap(pfmap)
+        check_reduction(reduction)
         J = pfmap.to_torch()
-        MJ = J @ self.data
-        if reduction == "sum":
-            return torch.einsum("kip,kjp->ij", J, MJ)
-        if reduction == "diag":
-            return torch.einsum("kip,kip->i", J, MJ)
-        raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
+        return reduce_forms(torch.einsum("kip,kip->ki", J @ self.data, J), reduction)
 
     def mm(self, other):
         self._check_same_kind(other)
@@ -98,10 +95,11 @@ class PMatDense(PMatAbstract):
             return torch.cholesky_solve(b, self._factorization(regul, "cholesky"))
         if solve == "lstsq":
             return torch.linalg.lstsq(self._damped(regul), b).solution
-        if solve == "eigh":
+        if solve in ("eigh", "eigendecomposition"):  # the second: nngeometry 0.4's name
             evals, evecs = self.get_eigendecomposition()
             return evecs @ ((evecs.t() @ b) / (evals + regul).unsqueeze(1))
-        raise ValueError(f"unknown solve '{solve}': use 'solve', 'cholesky', 'lstsq' or 'eigh'")
+        raise ValueError(f"unknown solve '{solve}': use 'solve', 'cholesky', 'lstsq' or 'eigh' "
+                         "(alias 'eigendecomposition')")
 
     def solvePVec(self, x, regul=1e-8, solve="solve"):
         """``(M + regul·I)⁻¹ x``, exactly."""
@@ -133,16 +131,59 @@ class PMatDense(PMatAbstract):
         return logdet_from_eigvals(evals + regul)
 
     def compute_eigendecomposition(self, impl="eigh"):
-        """Eigendecomposition of the symmetric matrix, cached in ``evals``, ``evecs``."""
-        if impl != "eigh":
-            raise NotImplementedError(f"unknown eigendecomposition implementation '{impl}'; use 'eigh'")
-        self.evals, self.evecs = _spectral.eigh(self.data)
+        """Eigendecomposition ``M = V diag(λ) Vᵀ`` of the symmetric matrix, cached in ``evals``
+        (ascending) and ``evecs`` (columns, ``(P, P)``).
+
+        ``impl='eigh'`` (default): ``torch.linalg.eigh``. ``impl='svd'``: from the SVD
+        ``M = U diag(s) Vᵀ``; for a symmetric matrix the right singular vectors are eigenvectors
+        and ``λ_i = ±s_i``, the sign read from the Rayleigh quotient ``v_iᵀ M v_i`` (exact for
+        PSD matrices; for an indefinite matrix with two eigenvalues ``λ`` and ``-λ`` the SVD
+        mixes their eigenvectors: use 'eigh').
+        """
+        if impl == "eigh":
+            self.evals, self.evecs = _spectral.eigh(self.data)
+        elif impl == "svd":
+            _, s, Vh = torch.linalg.svd(self.data)
+            V = Vh.transpose(-2, -1)
+            signs = torch.where(((self.data @ V) * V).sum(dim=0) < 0, -1.0, 1.0).to(s.dtype)
+            evals = s * signs
+            order = torch.argsort(evals)
+            self.evals, self.evecs = evals[order], V[:, order]
+        else:
+            raise NotImplementedError(
+                f"unknown eigendecomposition implementation '{impl}'; use 'eigh' or 'svd'")
 
     def get_eigendecomposition(self):
         """``(evals ascending, evecs as columns)``, computed once."""
         if getattr(self, "evals", None) is None:
             self.compute_eigendecomposition()
         return self.evals, self.evecs
+
+    def project_to_diag(self, v):
+        """Coordinates of the PVector ``v`` in the eigenbasis: ``Vᵀ v``, a ``(P,)`` tensor whose
+        entry ``i`` goes with ``evals[i]`` (in that basis ``M`` is ``diag(evals)``)."""
+        self._check_pvector(v)
+        _, evecs = self.get_eigendecomposition()
+        return evecs.t() @ v.get_flat_representation()
+
+    def project_from_diag(self, v):
+        """The PVector ``V c`` whose eigenbasis coordinates are the ``(P,)`` tensor ``c = v``:
+        the inverse of :meth:`project_to_diag`."""
+        _, evecs = self.get_eigendecomposition()
+        if not torch.is_tensor(v) or v.shape != (evecs.shape[1],):
+            raise ValueError(
+                f"project_from_diag takes the ({evecs.shape[1]},) tensor of coordinates in the "
+                f"eigenbasis (as project_to_diag returns), got "
+                f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}")
+        return PVector(self.layer_collection, vector_repr=evecs @ v)
+
+    def pinv(self, atol=1e-8):
+        """Moore-Penrose pseudo-inverse ``V diag(1/λ where |λ| > atol, else 0) Vᵀ``."""
+        evals, evecs = self.get_eigendecomposition()
+        keep = evals.abs() > atol
+        inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)),
+                          torch.zeros_like(evals))
+        return PMatDense(self.layer_collection, None, data=(evecs * inv) @ evecs.t())
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self):

@@ -3,7 +3,7 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
-from .abstract import PMatAbstract
+from .abstract import PMatAbstract, check_reduction, reduce_forms
 from .eye import PMatEye
 
 
@@ -37,14 +37,11 @@ class PMatDiag(PMatAbstract):
                           layer_collection=self.layer_collection)
 
     def mapTMmap(self, pfmap, reduction="sum"):
-        """``reduction='sum'``: ``(n, n)`` ``Σ_k J_k diag(M) J_kᵀ``; ``'diag'``: its diagonal."""
+        """``q[k, i] = Σ_p M_pp J[k, i, p]²``: ``'diag'`` ``(K, n)``, ``'sum'`` ``Σ_k``, ``(n,)``."""
         self._check_pfmap(pfmap)
+        check_reduction(reduction)
         J = pfmap.to_torch()
-        if reduction == "sum":
-            return torch.einsum("kip,p,kjp->ij", J, self.data, J)
-        if reduction == "diag":
-            return torch.einsum("kip,p,kip->i", J, self.data, J)
-        raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
+        return reduce_forms(torch.einsum("kip,p,kip->ki", J, self.data, J), reduction)
 
     def mm(self, other):
         """Product with another PMatDiag (still diagonal)."""
@@ -82,6 +79,12 @@ class PMatDiag(PMatAbstract):
         """``log det(diag(M) + regul·I) = Σ_p log(M_pp + regul)``."""
         return torch.log(self._damped(regul)).sum()
 
+    def pinv(self, atol=1e-8):
+        """Pseudo-inverse: ``1/M_pp`` where ``|M_pp| > atol``, 0 elsewhere, as a PMatDiag."""
+        keep = self.data.abs() > atol
+        safe = torch.where(keep, self.data, torch.ones_like(self.data))
+        return self._new(torch.where(keep, 1.0 / safe, torch.zeros_like(self.data)))
+
     # ------------------------------------------------------------------ reductions
     def get_diag(self):
         return self.data
@@ -91,6 +94,9 @@ class PMatDiag(PMatAbstract):
 
     def frobenius_norm(self):
         return torch.linalg.vector_norm(self.data)
+
+    def _singular_values(self):
+        return self.data.abs()
 
     def to_torch(self):
         """The dense ``(P, P)`` diagonal matrix (allocates ``P²``)."""

@@ -3,19 +3,20 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
-from .abstract import PMatAbstract
+from .abstract import PMatAbstract, check_reduction, reduce_forms, resolve_layer_collection
 
 
 class PMatEye(PMatAbstract):
     """``scaling · I`` in the parameter space of ``layer_collection``; nothing else is stored.
 
     Args:
-        layer_collection: the parameter layout.
+        layer_collection: the parameter layout (optional when ``generator`` is given: its
+            collection is used).
         scaling: a scalar (0-dim tensor or number); its dtype and device are those of
             ``to_torch()`` and ``get_diag()``.
     """
 
-    def __init__(self, layer_collection, scaling=torch.tensor(1.0), generator=None, data=None,
+    def __init__(self, layer_collection=None, scaling=torch.tensor(1.0), generator=None, data=None,
                  **kwargs):
         if data is not None:  # PMatEye(lc, data=s) is accepted too
             scaling = data
@@ -25,7 +26,7 @@ class PMatEye(PMatAbstract):
             raise ValueError(
                 f"PMatEye's scaling must be a scalar, got shape {tuple(scaling.shape)}; for a "
                 "diagonal with different entries use PMatDiag")
-        self.layer_collection = layer_collection
+        self.layer_collection = resolve_layer_collection(layer_collection, generator, PMatEye)
         self.generator = None
         self.data = scaling
 
@@ -60,14 +61,11 @@ class PMatEye(PMatAbstract):
                           layer_collection=self.layer_collection)
 
     def mapTMmap(self, pfmap, reduction="sum"):
-        """``reduction='sum'``: ``(n, n)`` ``s Σ_k J_k J_kᵀ``; ``'diag'``: its diagonal."""
+        """``q[k, i] = s ||J[k, i]||²``: ``'diag'`` ``(K, n)``, ``'sum'`` ``Σ_k``, ``(n,)``."""
         self._check_pfmap(pfmap)
+        check_reduction(reduction)
         J = pfmap.to_torch()
-        if reduction == "sum":
-            return self.data * torch.einsum("kip,kjp->ij", J, J)
-        if reduction == "diag":
-            return self.data * torch.einsum("kip,kip->i", J, J)
-        raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
+        return reduce_forms(self.data * (J * J).sum(dim=-1), reduction)
 
     def mm(self, other):
         """Product with another PMatEye; ``s·I @ A = s·A`` for any other representation."""
@@ -80,11 +78,11 @@ class PMatEye(PMatAbstract):
         raise TypeError(f"mm takes a PMat, got {type(other).__name__}")
 
     # ------------------------------------------------------------------ solves and functions
-    def solvePVec(self, x, regul=0.0, solve="default"):
-        """``x / (s + regul)``."""
-        self._check_pvector(x)
+    def solvePVec(self, v, regul=0.0, solve="default"):
+        """``v / (s + regul)``."""
+        self._check_pvector(v)
         return PVector(self.layer_collection,
-                       vector_repr=x.get_flat_representation() / (self.data + regul))
+                       vector_repr=v.get_flat_representation() / (self.data + regul))
 
     def solvePFMap(self, x, regul=0.0, solve="default"):
         self._check_pfmap(x)
@@ -106,6 +104,12 @@ class PMatEye(PMatAbstract):
         """``P · log(s + regul)``."""
         return self.layer_collection.numel() * torch.log(self.data + regul)
 
+    def pinv(self, atol=1e-8):
+        """Pseudo-inverse: ``(1/s)·I``, or the zero matrix when ``|s| ≤ atol``."""
+        if float(self.data.abs()) <= atol:
+            return self._new(torch.zeros_like(self.data))
+        return self._new(1.0 / self.data)
+
     # ------------------------------------------------------------------ reductions
     def get_diag(self):
         return self.data * torch.ones(self.layer_collection.numel(), dtype=self.data.dtype,
@@ -116,6 +120,9 @@ class PMatEye(PMatAbstract):
 
     def frobenius_norm(self):
         return self.data.abs() * self.layer_collection.numel() ** 0.5
+
+    def _singular_values(self):
+        return self.data.abs().reshape(1)  # all P singular values are |s|
 
     def to_torch(self):
         """The dense ``(P, P)`` matrix ``s·I`` (allocates ``P²``)."""

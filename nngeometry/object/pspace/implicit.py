@@ -5,7 +5,7 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
-from .abstract import PMatAbstract
+from .abstract import PMatAbstract, check_reduction, reduce_forms, resolve_layer_collection
 
 
 class PMatImplicit(PMatAbstract):
@@ -16,9 +16,11 @@ class PMatImplicit(PMatAbstract):
 
     * ``mv(v)``: ``M v``, one JVP + one VJP per batch; ``vTMv(v)``: ``(1/n) Σ ||J(x) v||²``,
       one JVP per batch; ``mmap`` / ``mapTMmap``: the same, vmapped over the PFMap's rows.
+    * ``get_device()``: the device of the model's parameters.
     * ``get_diag()`` / ``trace()``: the diagonal through the generator (one pass, cached).
-    * ``solve(x, regul=λ, tol=..., max_iter=...)``: ``(M + λI)⁻¹ x`` by conjugate gradients,
-      one pass over the data per iteration (the PFMap version runs one CG per row, batched).
+    * ``solve(x, regul=λ, tol=..., max_iter=..., M=preconditioner)``: ``(M + λI)⁻¹ x`` by
+      (preconditioned) conjugate gradients, one pass over the data per iteration (the PFMap
+      version runs one CG per row, batched).
     * Operations that need the matrix's entries (``inverse``, ``pow``, ``mm``, ``+``, ``-``,
       ``frobenius_norm``, ``logdet``) raise ``NotImplementedError``; ``to_torch()`` only builds
       the ``P × P`` matrix when asked explicitly with ``to_torch(allow_dense=True)``.
@@ -28,13 +30,13 @@ class PMatImplicit(PMatAbstract):
             model at once (memory ≈ that many copies of a batch's activations; default all).
     """
 
-    def __init__(self, layer_collection, generator, data=None, examples=None, rows_per_pass=None,
-                 **kwargs):
+    def __init__(self, layer_collection=None, generator=None, data=None, examples=None,
+                 rows_per_pass=None, **kwargs):
         if data is not None:
             raise ValueError("PMatImplicit stores no data: give examples (and a generator)")
         if examples is None or generator is None:
             raise ValueError("PMatImplicit needs a generator and examples")
-        self.layer_collection = layer_collection
+        self.layer_collection = resolve_layer_collection(layer_collection, generator, PMatImplicit)
         self.generator = generator
         self.examples = examples
         self.data = None
@@ -94,11 +96,10 @@ class PMatImplicit(PMatAbstract):
                           layer_collection=self.layer_collection)
 
     def mapTMmap(self, pfmap, reduction="sum"):
-        """``Σ_k J_k M J_kᵀ`` (``'sum'``, ``(n, n)``) or its diagonal (``'diag'``) with JVPs
-        only: ``(J_q M J_qᵀ)[a, b] = (1/N) Σ_{x, o} (J_o(x)·q_a)(J_o(x)·q_b)``."""
+        """``q[k, i] = J[k, i] M J[k, i]ᵀ`` (``'diag'``: ``(K, n)``; ``'sum'``: ``Σ_k``,
+        ``(n,)``) with JVPs only: ``q_a = (1/N) Σ_{x, o} (J_o(x)·r_a)²`` for each row ``r_a``."""
         self._check_pfmap(pfmap)
-        if reduction not in ("sum", "diag"):
-            raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
+        check_reduction(reduction)
         Q = pfmap.to_torch()
         K, n, P = Q.shape
         rows = Q.reshape(K * n, P)
@@ -107,18 +108,43 @@ class PMatImplicit(PMatAbstract):
         A = torch.cat([gen.implicit_JV(rows[i:i + step], self.examples, self.layer_collection)
                        for i in range(0, rows.shape[0], step)], dim=0)
         N = A.shape[-1]  # examples seen
-        A = A.reshape(K, n, -1)
-        if reduction == "sum":
-            return self.scale * torch.einsum("kiz,kjz->ij", A, A) / N
-        return self.scale * torch.einsum("kiz,kiz->i", A, A) / N
+        q = self.scale * (A * A).reshape(K * n, -1).sum(dim=-1).reshape(K, n) / N
+        return reduce_forms(q, reduction)
 
     # ------------------------------------------------------------------ solves
-    def _cg(self, B, regul, tol, max_iter):
-        """Batched conjugate gradients: ``(M + regul I) X = B`` for the rows of ``B`` ``(m, P)``.
+    def _preconditioner(self, M):
+        """``Z = M R`` for the rows of ``R`` ``(m, P)``, from a PMat (one ``mmap``) or a
+        callable taking and returning a PVector (one call per row); None: ``Z = R``."""
+        if M is None:
+            return lambda R: R
+        lc = self.layer_collection
+        if isinstance(M, PMatAbstract):
+            if M.layer_collection != lc:
+                raise ValueError("the preconditioner M is built on another LayerCollection than "
+                                 "the matrix; build it on the same layers")
+            return lambda R: M.mmap(PFMapDense(None, data=R.unsqueeze(0), layer_collection=lc)
+                                    ).to_torch().squeeze(0)
+        if callable(M):
+            def apply(R):
+                out = []
+                for row in R:
+                    z = M(PVector(lc, vector_repr=row))
+                    out.append(z.get_flat_representation() if isinstance(z, PVector) else z)
+                return torch.stack(out)
+            return apply
+        raise TypeError(f"the preconditioner M must be a PMat or a callable PVector -> PVector, "
+                        f"got {type(M).__name__}")
+
+    def _cg(self, B, regul, tol, max_iter, M=None):
+        """Batched (preconditioned) conjugate gradients: ``(M + regul I) X = B`` for the rows of
+        ``B`` ``(m, P)``.
 
         Stops when every row has ``||r|| ≤ tol · ||b||``. In exact arithmetic CG ends after as
         many iterations as ``M + regul I`` has distinct eigenvalues, at most ``rank(M) + 1 ≤
-        n_output · n + 1``; each iteration is one pass over the examples.
+        n_output · n + 1``; each iteration is one pass over the examples. With a preconditioner
+        (argument ``M``, here written ``C``: symmetric positive definite, approximating
+        ``(M + regul I)⁻¹``), the iterations are those of CG on the preconditioned system: as
+        many as ``C (M + regul I)`` has distinct eigenvalues (one for ``C = (M + regul I)⁻¹``).
         """
         if float(regul) < 0:
             raise ValueError(f"regul must be ≥ 0, got {regul}")
@@ -126,9 +152,12 @@ class PMatImplicit(PMatAbstract):
             tol = torch.finfo(B.dtype).eps ** 0.75
         if max_iter is None:
             max_iter = B.shape[1]
+        precondition = self._preconditioner(M)
         X = torch.zeros_like(B)
         R = B.clone()
-        Pd = R.clone()
+        Z = precondition(R)
+        Pd = Z.clone()
+        rz = (R * Z).sum(1)
         rs = (R * R).sum(1)
         bnorm = rs.sqrt()
         target = tol * bnorm
@@ -136,15 +165,17 @@ class PMatImplicit(PMatAbstract):
         while it < max_iter and bool((rs.sqrt() > target).any()):
             AP = self._mm_rows(Pd) + regul * Pd
             pAp = (Pd * AP).sum(1)
-            alpha = torch.where(pAp > 0, rs / torch.where(pAp > 0, pAp, torch.ones_like(pAp)),
+            alpha = torch.where(pAp > 0, rz / torch.where(pAp > 0, pAp, torch.ones_like(pAp)),
                                 torch.zeros_like(pAp))
             X = X + alpha.unsqueeze(1) * Pd
             R = R - alpha.unsqueeze(1) * AP
-            rs_new = (R * R).sum(1)
-            beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)),
-                               torch.zeros_like(rs))
-            Pd = R + beta.unsqueeze(1) * Pd
-            rs = rs_new
+            Z = precondition(R)
+            rz_new = (R * Z).sum(1)
+            beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)),
+                               torch.zeros_like(rz))
+            Pd = Z + beta.unsqueeze(1) * Pd
+            rz = rz_new
+            rs = (R * R).sum(1)
             it += 1
         rel = (rs.sqrt() / bnorm.clamp(min=torch.finfo(B.dtype).tiny)).max()
         self.last_cg_info = {"iterations": it, "relative_residual": float(rel)}
@@ -152,10 +183,11 @@ class PMatImplicit(PMatAbstract):
             warnings.warn(
                 f"PMatImplicit.solve: conjugate gradients stopped after {it} iterations with a "
                 f"relative residual {float(rel):.2e} > tol={tol:.1e}; raise max_iter or regul "
-                "(M + regul·I is ill-conditioned for small regul)", RuntimeWarning)
+                "(M + regul·I is ill-conditioned for small regul), or give a preconditioner M",
+                RuntimeWarning)
         return X
 
-    def solvePVec(self, x, regul=1e-8, solve="default", tol=None, max_iter=None):
+    def solvePVec(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None):
         """``(M + regul·I)⁻¹ x`` by conjugate gradients.
 
         Args:
@@ -163,20 +195,26 @@ class PMatImplicit(PMatAbstract):
                 ``eps^0.75``: about ``2e-12`` in float64, ``6e-6`` in float32).
             max_iter: most CG iterations, each one pass over the examples (default ``P``);
                 a ``RuntimeWarning`` tells when it stops before ``tol``.
+            M: a preconditioner ``C`` (the argument's name follows
+                ``scipy.sparse.linalg.cg``; it is not this matrix): an approximation of
+                ``(M + regul·I)⁻¹``, symmetric positive definite, given as a PMat (applied with
+                ``mmap``; e.g. ``PMatDiag(...).inverse(regul)`` for Jacobi, or a KFAC inverse)
+                or a callable ``PVector -> PVector``. It changes the iterations, not the
+                solution.
         """
         self._check_pvector(x)
         _check_solve(solve)
-        y = self._cg(x.get_flat_representation().unsqueeze(0), regul, tol, max_iter)
+        y = self._cg(x.get_flat_representation().unsqueeze(0), regul, tol, max_iter, M)
         return PVector(self.layer_collection, vector_repr=y.squeeze(0))
 
-    def solvePFMap(self, x, regul=1e-8, solve="default", tol=None, max_iter=None):
+    def solvePFMap(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None):
         """``(M + regul·I)⁻¹`` applied to every row of the PFMap, by batched CG (see
-        :meth:`solvePVec` for ``tol`` and ``max_iter``)."""
+        :meth:`solvePVec` for ``tol``, ``max_iter`` and the preconditioner ``M``)."""
         self._check_pfmap(x)
         _check_solve(solve)
         J = x.to_torch()
         K, n, P = J.shape
-        Y = self._cg(J.reshape(K * n, P), regul, tol, max_iter)
+        Y = self._cg(J.reshape(K * n, P), regul, tol, max_iter, M)
         return PFMapDense(None, data=Y.reshape(K, n, P), layer_collection=self.layer_collection)
 
     # ------------------------------------------------------------------ reductions

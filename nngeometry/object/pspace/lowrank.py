@@ -6,7 +6,7 @@ import torch
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _spectral
-from .abstract import PMatAbstract
+from .abstract import PMatAbstract, check_reduction, reduce_forms
 from .eye import PMatEye
 
 
@@ -112,14 +112,11 @@ class PMatLowRank(_LowRankBase):
                           layer_collection=self.layer_collection)
 
     def mapTMmap(self, pfmap, reduction="sum"):
-        """``reduction='sum'``: ``(n, n)`` ``Σ_k (J_k Uᵀ)(J_k Uᵀ)ᵀ``; ``'diag'``: its diagonal."""
+        """``q[k, i] = ||U J[k, i]ᵀ||²``: ``'diag'`` ``(K, n)``, ``'sum'`` ``Σ_k``, ``(n,)``."""
         self._check_pfmap(pfmap)
+        check_reduction(reduction)
         JU = pfmap.to_torch() @ self._U().t()  # (K, n, r)
-        if reduction == "sum":
-            return torch.einsum("kir,kjr->ij", JU, JU)
-        if reduction == "diag":
-            return (JU * JU).sum(dim=(0, 2))
-        raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
+        return reduce_forms((JU * JU).sum(dim=-1), reduction)
 
     def mm(self, other):
         raise NotImplementedError(
@@ -127,19 +124,35 @@ class PMatLowRank(_LowRankBase):
             "PMatLowRank form; use mv/mmap, or to_torch() on small models")
 
     # ------------------------------------------------------------------ eigendecomposition
-    def compute_eigendecomposition(self, rtol=None):
-        """Nonzero eigenpairs of ``M`` from the ``r × r`` Gram matrix ``G = UUᵀ = QΛQᵀ``:
-        ``M = V Λ Vᵀ`` with ``V = Uᵀ Q Λ^{-1/2}`` (orthonormal columns). Eigenvalues at or below
-        ``rtol · λ_max`` (default ``r · eps``) are treated as zero and dropped. Cached in
-        ``evals`` (ascending) and ``evecs`` (``(P, k)``, columns)."""
+    def compute_eigendecomposition(self, impl="svd", rtol=None):
+        """The nonzero eigenpairs ``M = V Λ Vᵀ`` (``V`` ``(P, k)`` with orthonormal columns),
+        cached in ``evals`` (ascending) and ``evecs``.
+
+        * ``impl='svd'`` (default): the thin SVD ``U = Q S Vᵀ`` of the ``r × P`` factor gives
+          ``Λ = S²`` and ``V`` directly (``O(r² P)``, and no squaring of the condition number
+          before the decomposition);
+        * ``impl='eigh'``: from the ``r × r`` Gram matrix ``G = UUᵀ = QΛQᵀ``, ``V = Uᵀ Q
+          Λ^{-1/2}`` (``O(r² P)`` too, reusing ``G`` when solves have computed it).
+
+        Eigenvalues at or below ``rtol · λ_max`` (default ``r · eps``) are treated as zero and
+        dropped, with their eigenvectors.
+        """
         U = self._U()
-        lam, Q = _spectral.eigh(self._gram())
         if rtol is None:
             rtol = U.shape[0] * torch.finfo(U.dtype).eps
+        if impl == "svd":
+            _, s, Vh = torch.linalg.svd(U, full_matrices=False)
+            lam, V = (s * s).flip(0), Vh.flip(0).t()  # ascending
+        elif impl == "eigh":
+            lam, Q = _spectral.eigh(self._gram())
+            V = None
+        else:
+            raise NotImplementedError(
+                f"unknown eigendecomposition implementation '{impl}'; use 'svd' or 'eigh'")
         keep = lam > rtol * lam.abs().max().clamp(min=torch.finfo(U.dtype).tiny)
-        lam, Q = lam[keep], Q[:, keep]
+        lam = lam[keep]
         self.evals = lam
-        self.evecs = (U.t() @ Q) / lam.sqrt()
+        self.evecs = V[:, keep] if V is not None else (U.t() @ Q[:, keep]) / lam.sqrt()
 
     def get_eigendecomposition(self):
         """``(evals ascending, evecs (P, k) as columns)`` of the nonzero part, computed once."""
@@ -208,6 +221,27 @@ class PMatLowRank(_LowRankBase):
 
     def __pow__(self, x):
         return self.pow(x)
+
+    def pinv(self, atol=1e-8):
+        """Moore-Penrose pseudo-inverse ``V Λ⁻¹ Vᵀ`` over the eigenvalues ``λ > atol`` (the
+        others, and the orthogonal complement of the range, are sent to 0), as a PMatLowRank
+        ``(Λ^{-1/2} Vᵀ)ᵀ (Λ^{-1/2} Vᵀ)``."""
+        evals, V = self.get_eigendecomposition()
+        keep = evals > atol
+        return self._new((V[:, keep] * evals[keep] ** -0.5).t())
+
+    def norm(self, ord=None):
+        """Frobenius (``None``/``'fro'``), spectral (``2``: ``λ_max``) or smallest singular
+        value (``-2``: 0 unless the rank is ``P``), from the ``r × r`` Gram matrix."""
+        if ord in (2, -2):
+            ev = _spectral.eigvalsh(self._gram()).clamp(min=0)
+            if ord == 2:
+                return ev.max()
+            # M = UᵀU and G = UUᵀ share their nonzero eigenvalues; M has P of them, so with
+            # r ≥ P its smallest is G's (r - P + 1)-th smallest, and with r < P it is 0
+            P, r = self.layer_collection.numel(), ev.numel()
+            return ev[r - P] if r >= P else torch.zeros((), dtype=ev.dtype, device=ev.device)
+        return super().norm(ord)
 
     def logdet(self, regul=0.0):
         """``log det(M + λI) = (P - r) log λ + log det(λI_r + G)`` (Sylvester)."""

@@ -7,7 +7,7 @@ import torch
 from ...layercollection import LayerCollection
 from ..map import PFMapDense
 from ..vector import PVector
-from .abstract import PMatAbstract
+from .abstract import PMatAbstract, check_reduction, reduce_forms, resolve_layer_collection
 
 
 class PMatMixed(PMatAbstract):
@@ -41,6 +41,7 @@ class PMatMixed(PMatAbstract):
 
     def __init__(self, layer_collection, generator, layer_collection_each=None, layer_map=None,
                  sub_pmats=None, examples=None, data=None):
+        layer_collection = resolve_layer_collection(layer_collection, generator, type(self))
         self.layer_collection = layer_collection
         self.generator = generator
         if data is not None:
@@ -77,6 +78,75 @@ class PMatMixed(PMatAbstract):
                    for lid in lc_g.layer_ids()]
             self._index[g] = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
         assert sum(i.numel() for i in self._index.values()) == P
+
+    @classmethod
+    def from_mapping(cls, layer_collection, generator, default_representation, map_layers_to,
+                     data=None, examples=None, **kwargs):
+        """A PMatMixed that uses ``default_representation`` for every layer, except those that
+        ``map_layers_to`` sends to another representation; the layers that share a
+        representation form one group (so e.g. ``PMatDense`` on two layers keeps their cross
+        terms).
+
+        Args:
+            layer_collection: the full collection (None: the generator's).
+            generator: the Jacobian generator.
+            default_representation: a ``PMat*`` class, or ``(class, kwargs)``.
+            map_layers_to: ``{key: representation}`` (representations as above), where a key
+                is a layer id (``"net.0"``), a layer type (``LinearLayer``) or its name
+                (``"LinearLayer"``); a layer id takes precedence over a type.
+            data: ``{group: built PMat}`` instead of ``examples``; groups are named after
+                their representation's class (``"PMatDiag"``; ``"PMatDiag_1"``, ... when a class
+                comes with different kwargs).
+            examples: a DataLoader or a single mini-batch, to build every group.
+            **kwargs: passed to every group's constructor (e.g. ``kfac_approx``).
+        """
+        lc = resolve_layer_collection(layer_collection, generator, cls)
+        specs = {}
+        for lid in lc.layer_ids():
+            spec = default_representation
+            if lid in map_layers_to:
+                spec = map_layers_to[lid]
+            else:
+                layer = lc[lid]
+                for key, rep in map_layers_to.items():
+                    if (isinstance(key, type) and isinstance(layer, key)) or \
+                            (isinstance(key, str) and key == type(layer).__name__):
+                        spec = rep
+                        break
+            specs[lid] = spec
+        unknown = [k for k in map_layers_to if isinstance(k, str) and k not in lc.layers
+                   and not any(type(lc[lid]).__name__ == k for lid in lc.layer_ids())]
+        if unknown:
+            raise ValueError(f"map_layers_to names {unknown}: neither layer ids of the collection "
+                             f"({lc.layer_ids()}) nor the type of any of its layers")
+        # one group per distinct representation (a class with different kwargs is another one)
+        groups, layer_map, sub_pmats, per_class = [], {}, {}, {}
+        for lid, spec in specs.items():
+            for name, known in groups:
+                if known is spec or known == spec:
+                    break
+            else:
+                rep = spec[0] if isinstance(spec, tuple) else spec
+                base = getattr(rep, "__name__", str(rep))
+                count = per_class.get(base, 0)
+                per_class[base] = count + 1
+                name = base if count == 0 else f"{base}_{count}"
+                groups.append((name, spec))
+            layer_map[lid] = name
+        for name, spec in groups:
+            if isinstance(spec, tuple):
+                rep, kw = spec
+                sub_pmats[name] = (rep, {**kwargs, **kw})
+            else:
+                sub_pmats[name] = (spec, dict(kwargs)) if kwargs else spec
+        if data is not None:
+            if examples is not None:
+                raise ValueError("give either data or examples, not both")
+            if set(data) != set(sub_pmats):
+                raise ValueError(f"data must have one built PMat per group {sorted(sub_pmats)}, "
+                                 f"got {sorted(map(str, data))}")
+            sub_pmats = dict(data)
+        return cls(lc, generator, layer_map=layer_map, sub_pmats=sub_pmats, examples=examples)
 
     @staticmethod
     def _groups(lc, each, layer_map, sub_pmats):
@@ -162,10 +232,14 @@ class PMatMixed(PMatAbstract):
         return self._join_pfmaps({g: self.data[g].mmap(p) for g, p in self._split_pfmap(pfmap).items()})
 
     def mapTMmap(self, pfmap, reduction="sum"):
-        """``Σ_g`` of each group's ``mapTMmap`` (``'sum'``: ``(n, n)``, ``'diag'``: ``(n,)``)."""
+        """``q[k, i] = Σ_g J_g[k, i] M_g J_g[k, i]ᵀ`` (``J_g`` the PFMap on group ``g``'s
+        layers): ``'diag'`` ``(K, n)``, ``'sum'`` ``Σ_k``, ``(n,)``. Computed from each group's
+        ``mmap``."""
         self._check_pfmap(pfmap)
-        return sum(self.data[g].mapTMmap(p, reduction=reduction)
-                   for g, p in self._split_pfmap(pfmap).items())
+        check_reduction(reduction)
+        q = sum((p.to_torch() * self.data[g].mmap(p).to_torch()).sum(dim=-1)
+                for g, p in self._split_pfmap(pfmap).items())
+        return reduce_forms(q, reduction)
 
     def _check_same_grouping(self, other):
         self._check_same_kind(other)
@@ -215,6 +289,12 @@ class PMatMixed(PMatAbstract):
         """``Σ_g log det(M_g + regul·I)``."""
         return sum(m.logdet(regul=regul) for m in self.data.values())
 
+    def pinv(self, atol=1e-8, **kwargs):
+        """Pseudo-inverse group by group (block-diagonal across groups, so exact for this
+        matrix): each group's ``pinv(atol)``."""
+        return self._new({g: m.pinv(atol=atol, **self._accepted(m.pinv, kwargs))
+                          for g, m in self.data.items()})
+
     # ------------------------------------------------------------------ reductions
     def get_diag(self):
         parts = {g: m.get_diag() for g, m in self.data.items()}
@@ -229,6 +309,14 @@ class PMatMixed(PMatAbstract):
 
     def frobenius_norm(self):
         return torch.sqrt(sum(m.frobenius_norm() ** 2 for m in self.data.values()))
+
+    def norm(self, ord=None):
+        """As :meth:`PMatAbstract.norm`; the spectrum is the union of the groups' spectra, so
+        ``ord=2`` is the largest group norm and ``ord=-2`` the smallest."""
+        if ord in (2, -2):
+            norms = torch.stack([torch.as_tensor(m.norm(ord)) for m in self.data.values()])
+            return norms.max() if ord == 2 else norms.min()
+        return super().norm(ord)
 
     def to_torch(self):
         """Dense ``(P, P)``: each group's block at its layers' positions, zeros elsewhere."""

@@ -38,13 +38,13 @@ class _PerLayer(PMatAbstract):
         return torch.cat([self._apply_layer(lid, X[..., lc.slice(lid)]) for lid in lc.layer_ids()],
                          dim=-1)
 
-    def mv(self, v):
-        self._check_pvector(v)
-        return PVector(self.layer_collection, vector_repr=self._apply(v.get_flat_representation()))
+    def mv(self, vs):
+        self._check_pvector(vs)
+        return PVector(self.layer_collection, vector_repr=self._apply(vs.get_flat_representation()))
 
-    def vTMv(self, v):
-        self._check_pvector(v)
-        f = v.get_flat_representation()
+    def vTMv(self, vs):
+        self._check_pvector(vs)
+        f = vs.get_flat_representation()
         return torch.dot(f, self._apply(f))
 
     def mmap(self, pfmap):
