@@ -311,7 +311,9 @@ def test_transformer_kfac_operations(tr):
     close(K.mm(K).to_torch(), D @ D, rtol=1e-10)
     close((K + 2 * K).to_torch(), 3 * D)
     close((K / 4).to_torch(), D / 4)
-    eig = K.get_eigendecomposition()["enc.self_attn"]
+    evals, evecs = K.get_eigendecomposition()
+    eig = [((lA, UA), (lG, UG)) for (lA, lG), (UA, UG)
+           in zip(evals["enc.self_attn"], evecs["enc.self_attn"])]
     assert len(eig) == 2
     for ((lA, UA), (lG, UG)), (A, G) in zip(eig, K.data["enc.self_attn"]):
         close((UA * lA) @ UA.t(), A, rtol=1e-12)
