@@ -261,7 +261,7 @@ def test_diagonal_factor_supported_everywhere(mats):
     close(Md.logdet(0.3), torch.logdet(D + 0.3 * torch.eye(D.shape[0], dtype=DT)), rtol=1e-10)
     close((Md + Md).to_torch(), 2 * D)
     E = Md.inverse(0.3, damping="exact")
-    assert isinstance(E.data[lid][0], int)
+    assert isinstance(E.data[0][lid][0], int)
     close(E.to_torch(), damped_inv(D, 0.3), rtol=1e-8)
     close(Md.get_diag(False), torch.diagonal(Md.to_torch(False)))
 
