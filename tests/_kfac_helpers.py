@@ -145,8 +145,9 @@ def check_products(M, D, s):
     Jm = s.pfmap()
     J = Jm.to_torch()
     close(M.mmap(Jm).to_torch(), J @ D)
-    close(M.mapTMmap(Jm, reduction="sum"), torch.einsum("kip,pq,kjq->ij", J, D, J))
-    close(M.mapTMmap(Jm, reduction="diag"), torch.einsum("kip,pq,kiq->i", J, D, J))
+    # (K, n) quadratic forms J[k,i] D J[k,i]ᵀ, and their sum over k, (n,)
+    close(M.mapTMmap(Jm, reduction="diag"), torch.einsum("kip,pq,kiq->ki", J, D, J))
+    close(M.mapTMmap(Jm, reduction="sum"), torch.einsum("kip,pq,kiq->i", J, D, J))
     with pytest.raises(ValueError, match="reduction"):
         M.mapTMmap(Jm, reduction="mean")
     close(M.get_diag(), torch.diagonal(D))

@@ -97,13 +97,15 @@ def test_conv_spatially_constant_input_is_S_times_kfac():
 
 def test_kfac_factors_normalized_by_n(mats):
     """``kron(G, A)`` is the mean over examples of the per-example KFAC products for a single
-    example only; here: the factors are the means of the per-example factors."""
+    example only; here: the factors are the means of the per-example factors (the generator's
+    unsplit means), with the √K of upstream's split moved from G to A (K: output directions)."""
     s, M, D = mats
     gen = s.generator()
+    K = gen.function(s.x).reshape(s.x.shape[0], -1).shape[1]
     parts = [gen.get_kfac_blocks((s.x[i:i + 1],), s.lc) for i in range(s.x.shape[0])]
     for lid, (A, G) in M.data.items():
-        close(A, sum(p[lid][0] for p in parts) / len(parts), rtol=1e-12)
-        close(G, sum(p[lid][1] for p in parts) / len(parts), rtol=1e-12)
+        close(A, K ** 0.5 * sum(p[lid][0] for p in parts) / len(parts), rtol=1e-12)
+        close(G, sum(p[lid][1] for p in parts) / len(parts) / K ** 0.5, rtol=1e-12)
     assert A.dtype == DT and D.dtype == DT
 
 
@@ -123,14 +125,17 @@ def test_split_weight_bias(mats):
 
 def test_flat_layout_is_weight_then_bias():
     """For a Linear layer with bias, the flat order is weight.flatten() then bias, so the bias
-    block of to_torch() is G · A[-1, -1] (the trailing-1 entry of A is 1)."""
+    block of to_torch() is G · A[-1, -1] (the trailing-1 entry of mean(a aᵀ) is 1, times √K in
+    upstream's split, K the number of output directions)."""
     s = Setup("mlp")
-    M = PMatKFAC(s.lc, s.generator(), examples=s.loader)
+    gen = s.generator()
+    M = PMatKFAC(s.lc, gen, examples=s.loader)
+    K = gen.function(s.x).reshape(s.x.shape[0], -1).shape[1]
     D = M.to_torch()
     A, G = M.data["2"]
     start = s.lc.p_pos["2"] + 5 * 3
     close(D[start:start + 3, start:start + 3], G * A[-1, -1], rtol=1e-14)
-    close(A[-1, -1], torch.tensor(1.0, dtype=DT), rtol=1e-14)
+    close(A[-1, -1], torch.tensor(K ** 0.5, dtype=DT), rtol=1e-14)
 
 
 # ---------------------------------------------------------------------- operations
@@ -256,7 +261,7 @@ def test_diagonal_factor_supported_everywhere(mats):
     close(Md.logdet(0.3), torch.logdet(D + 0.3 * torch.eye(D.shape[0], dtype=DT)), rtol=1e-10)
     close((Md + Md).to_torch(), 2 * D)
     E = Md.inverse(0.3, damping="exact")
-    assert isinstance(E.data[lid][0], int)
+    assert isinstance(E.data[0][lid][0], int)
     close(E.to_torch(), damped_inv(D, 0.3), rtol=1e-8)
     close(Md.get_diag(False), torch.diagonal(Md.to_torch(False)))
 

@@ -88,17 +88,30 @@ class LayerBlocks(Consumer):
 class KFACFactors(Consumer):
     """``{layer_id: (A, G)}`` with both factors divided by ``n`` (see ``kfac_factors``); a layer
     with several Kronecker blocks (e.g. MultiheadAttention) gets the tuple
-    ``((A_0, G_0), (A_1, G_1), ...)`` in its Kronecker layout order."""
+    ``((A_0, G_0), (A_1, G_1), ...)`` in its Kronecker layout order.
 
-    def __init__(self, layer_collection, approx="expand"):
+    ``sqrt_k_split=True`` moves a factor ``√K`` from ``G`` to ``A``, ``K`` the number of output
+    directions of the function (its output width: ``C - 1`` for the closed-form
+    ``classif_logits`` Fisher, ``trials`` for Monte-Carlo, ...):
+    ``A = √K · (1/n) Σ a aᵀ`` and ``G = (1/√K) · (1/n) Σ_k Σ g_k g_kᵀ``. ``A ⊗ G`` is unchanged;
+    this is upstream nngeometry's split of the scale, which code that reads the factors or
+    damps them without π (``use_pi=False``) relies on.
+    """
+
+    def __init__(self, layer_collection, approx="expand", sqrt_k_split=False):
         self.lc = layer_collection
         self.approx = approx
+        self.sqrt_k_split = sqrt_k_split
+        #: K, the function's number of output directions (taken from the first batch)
+        self.n_directions = None
         # lid -> one entry per Kronecker block: [[dense sum, Gram accumulator] for A, same for G]
         self._acc = {}
         self._multi = {}
         self.result = {}
 
     def update(self, ctx):
+        if self.n_directions is None:
+            self.n_directions = ctx.n_output
         for lid in ctx.layer_ids():
             try:
                 blocks, multi = ctx.kfac_factor_blocks(lid, approx=self.approx, lazy=True)
@@ -147,9 +160,11 @@ class KFACFactors(Consumer):
         return gram.result().add_(dense).div_(n)
 
     def finalize(self, n):
+        # the √K split folded into the divisions (in place where the sums are our buffers)
+        root_k = float(self.n_directions) ** 0.5 if self.sqrt_k_split and self.n_directions else 1.0
         self.result = {}
         for lid, blocks in self._acc.items():
-            pairs = tuple((self._mean(a, n), self._mean(g, n)) for a, g in blocks)
+            pairs = tuple((self._mean(a, n / root_k), self._mean(g, n * root_k)) for a, g in blocks)
             self.result[lid] = pairs if self._multi[lid] else pairs[0]
 
 

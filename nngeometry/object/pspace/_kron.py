@@ -74,6 +74,15 @@ def eig(F):
     return _spectral.eigh(F)
 
 
+def eig_svd(F):
+    """:func:`eig` through the SVD ``F = U diag(s) Vᵀ``: ``(s, U)``, the eigendecomposition of
+    a symmetric positive semi-definite factor (values descending)."""
+    if F.dim() == 1:
+        return F, F.shape[0]
+    U, s, _ = torch.linalg.svd(F)
+    return s, U
+
+
 def from_eig(evals, U):
     """The factor ``U diag(evals) Uᵀ`` (1-D when ``U`` is the int identity)."""
     if isinstance(U, int):

@@ -10,6 +10,18 @@ from .eye import PMatEye
 from .kfac import check_kfac_support
 
 
+def _holds_bases(entry):
+    """Whether an entry of a dict over layers holds eigenbases (2-D tensors or int identities,
+    possibly per block) rather than eigenvalues or diagonals (1-D tensors)."""
+    if isinstance(entry, int):
+        return True
+    if torch.is_tensor(entry):
+        return entry.dim() == 2
+    if isinstance(entry, (tuple, list)):
+        return any(_holds_bases(e) for e in entry)
+    return False
+
+
 class PMatEKFAC(PMatAbstract):
     """EKFAC: per layer ``M_layer ≈ U diag(d) Uᵀ`` with ``U = U_G ⊗ U_A`` the Kronecker-factored
     eigenbasis (KFE) of the layer's KFAC factors and ``d`` a diagonal in that basis.
@@ -20,28 +32,101 @@ class PMatEKFAC(PMatAbstract):
     over examples (summed over the function's outputs) of the squared per-example gradients
     expressed in the eigenbasis.
 
+    ``data`` is upstream nngeometry's pair ``(evecs, diags)`` of dicts over layers:
+
+    * ``evecs[layer_id] = (U_A, U_G)``: orthogonal ``U_A`` (``dA × dA``) and ``U_G``
+      (``dG × dG``), eigenvectors as columns, or an int ``d`` for the identity of size ``d``
+      (the basis of a diagonal factor, e.g. an Embedding's input factor);
+    * ``diags[layer_id]``: the diagonal in that basis, a 1-D tensor of ``dG · dA`` values,
+      entry ``p · dA + q`` on the eigenvector ``U_G[:, p] ⊗ U_A[:, q]`` (Kronecker layout, see
+      PMatKFAC).
+
+    A layer with several Kronecker blocks (see PMatKFAC) has a tuple of pairs
+    ``((U_A_0, U_G_0), (U_A_1, U_G_1), ...)`` in ``evecs`` and a tuple of diagonals in ``diags``.
+
     Args:
         layer_collection, generator, examples: as for every representation.
-        data: ``{layer_id: (U_A, U_G, D)}``: orthogonal ``U_A`` (``dA × dA``) and ``U_G``
-            (``dG × dG``), eigenvectors as columns, or an int ``d`` for the identity of size ``d``
-            (the basis of a diagonal factor); ``D`` of shape ``(dG, dA)``, ``D[p, q]`` the value
-            on the eigenvector ``U_G[:, p] ⊗ U_A[:, q]`` (Kronecker layout, see PMatKFAC). A
-            layer with several Kronecker blocks (see PMatKFAC) has the tuple
-            ``((U_A_0, U_G_0, D_0), (U_A_1, U_G_1, D_1), ...)``.
-        eigendecomposition: optional ``{layer_id: (U_A, U_G)}`` (or a PMatKFAC / PMatEKFAC, whose
-            eigenbases are taken): reuse that basis instead of computing KFAC on ``examples``; the
-            diagonal is then estimated on ``examples`` as in :meth:`update_diag`.
+        data: ``(evecs, diags)`` as above (``diags`` entries of any shape with ``dG · dA``
+            values, e.g. upstream's ``(dG · dA, 1)``); also accepted: the dict
+            ``{layer_id: (U_A, U_G, D)}`` with ``D`` of shape ``(dG, dA)`` (a tuple of those for
+            a multi-block layer).
+        eigendecomposition: optional bases to reuse instead of computing KFAC on ``examples``:
+            ``{layer_id: (U_A, U_G)}``, the pair ``(evals, evecs)`` of
+            ``PMatKFAC.get_eigendecomposition()``, an EKFAC's ``(evecs, diags)``, or a PMatKFAC
+            / PMatEKFAC; the diagonal is then estimated on ``examples`` as in
+            :meth:`update_diag`.
         kfac_approx: see PMatKFAC.
 
     ``solve``/``inverse``/``pow``/``logdet`` with ``regul=λ`` are exact for this matrix:
     ``(M + λI)^x = U diag((d + λ)^x) Uᵀ``.
     """
 
-    def __init__(self, layer_collection, generator, data=None, examples=None,
+    def __init__(self, layer_collection=None, generator=None, data=None, examples=None,
                  eigendecomposition=None, kfac_approx="expand", **kwargs):
         super().__init__(layer_collection, generator, data=data, examples=examples,
                          eigendecomposition=eigendecomposition, kfac_approx=kfac_approx, **kwargs)
         self._check_data()
+
+    # ------------------------------------------------------------------ data
+    # Stored as ``_store = {layer_id: (U_A, U_G, D (dG, dA))}`` (tuples of those for multi-block
+    # layers): the per-block form every operation uses. ``data`` converts to and from
+    # upstream's ``(evecs, diags)``.
+    @property
+    def data(self):
+        """``(evecs, diags)``: see the class docstring."""
+        evecs, diags = {}, {}
+        for lid, e in self._store.items():
+            evecs[lid], diags[lid] = self._public_entry(e)
+        return evecs, diags
+
+    @data.setter
+    def data(self, value):
+        self._store = self._store_from(value)
+        self.__dict__.pop("_layout_obj", None)
+
+    @staticmethod
+    def _public_entry(e):
+        """``(evecs entry, diags entry)`` of one stored layer entry."""
+        if K.is_multi(e):
+            return tuple((UA, UG) for UA, UG, _ in e), tuple(D.reshape(-1) for _, _, D in e)
+        UA, UG, D = e
+        return (UA, UG), D.reshape(-1)
+
+    def _store_from(self, value):
+        """The stored form from ``(evecs, diags)`` or from the stored form itself."""
+        if isinstance(value, dict):
+            return dict(value)
+        if not (isinstance(value, (tuple, list)) and len(value) == 2
+                and all(isinstance(v, dict) for v in value)):
+            raise TypeError(f"{type(self).__name__} data must be the pair (evecs, diags) of dicts "
+                            "over layers (see the class docstring), got "
+                            f"{type(value).__name__}")
+        evecs, diags = value
+        if set(evecs) != set(diags):
+            raise ValueError(f"evecs and diags name different layers: {sorted(evecs)} vs "
+                             f"{sorted(diags)}")
+        return {lid: self._stored_entry(lid, evecs[lid], diags[lid]) for lid in evecs}
+
+    def _stored_entry(self, lid, basis, diag):
+        """One layer's stored entry from its ``evecs`` and ``diags`` entries."""
+        if K.is_multi(basis):
+            if not isinstance(diag, (tuple, list)) or len(diag) != len(basis):
+                raise ValueError(f"layer '{lid}' has {len(basis)} Kronecker blocks in evecs: its "
+                                 "diags entry must be a tuple of as many diagonals")
+            return tuple(self._block_entry(f"layer '{lid}' (block {b})", UA, UG, d)
+                         for b, ((UA, UG), d) in enumerate(zip(basis, diag)))
+        if not isinstance(basis, (tuple, list)) or len(basis) != 2:
+            raise ValueError(f"layer '{lid}': evecs entry must be the pair (U_A, U_G), got "
+                             f"{type(basis).__name__}")
+        return self._block_entry(f"layer '{lid}'", basis[0], basis[1], diag)
+
+    @staticmethod
+    def _block_entry(where, UA, UG, d):
+        dA, dG = K.fdim(UA), K.fdim(UG)
+        if d.numel() != dA * dG:
+            raise ValueError(f"{where}: the diagonal has {d.numel()} values, the bases need "
+                             f"dG · dA = {dG} · {dA} = {dG * dA}")
+        return (UA, UG, d.reshape(dG, dA))
 
     # ------------------------------------------------------------------ building
     def _build(self, examples, eigendecomposition=None, kfac_approx="expand"):
@@ -82,8 +167,15 @@ class PMatEKFAC(PMatAbstract):
                 key: (eA[1], eG[1]) for key, (eA, eG) in
                 ((key, eigendecomposition._eig(key)) for key, _, _ in eigendecomposition._units())})
         if isinstance(eigendecomposition, PMatEKFAC):
-            return K.repack(eigendecomposition.data,
+            return K.repack(eigendecomposition._store,
                             {key: tuple(ent[:2]) for key, ent in eigendecomposition._units()})
+        if isinstance(eigendecomposition, (tuple, list)) and len(eigendecomposition) == 2 \
+                and all(isinstance(v, dict) for v in eigendecomposition):
+            # (evals, evecs) of PMatKFAC.get_eigendecomposition(), or an EKFAC's (evecs, diags):
+            # the bases are the dict whose entries hold matrices (or int identities)
+            first, second = eigendecomposition
+            eigendecomposition = second if _holds_bases(next(iter(second.values()), None)) \
+                else first
         bases = {}
         for lid in self.layer_collection.layer_ids():
             e = eigendecomposition[lid]
@@ -100,9 +192,9 @@ class PMatEKFAC(PMatAbstract):
 
     def _check_data(self):
         ids = self.layer_collection.layer_ids()
-        if set(self.data) != set(ids):
+        if set(self._store) != set(ids):
             raise ValueError(f"{type(self).__name__} data must have one entry per layer {ids}, "
-                             f"got {list(self.data)}")
+                             f"got {list(self._store)}")
         for lid in ids:
             blocks = self._entries(lid)
             for b, (UA, UG, D) in enumerate(blocks):
@@ -115,17 +207,17 @@ class PMatEKFAC(PMatAbstract):
     # hooks for PMatEKFACBlockDiag, whose dense layers are stored differently
     def _entry(self, lid):
         """``(U_A, U_G, D)`` of a single-block layer."""
-        return self.data[lid]
+        return self._store[lid]
 
     def _entries(self, lid):
         """The ``(U_A, U_G, D)`` of each Kronecker block of a layer, in layout order."""
-        e = self.data[lid]
+        e = self._store[lid]
         return list(e) if K.is_multi(e) else [self._entry(lid)]
 
     def _units(self):
         """``(unit key, (U_A, U_G, D))`` for every Kronecker block (unit keys: see ``_kron``)."""
         out = []
-        for lid, e in self.data.items():
+        for lid, e in self._store.items():
             multi = K.is_multi(e)
             for b, ent in enumerate(self._entries(lid)):
                 out.append(((lid, b) if multi else lid, ent))
@@ -133,14 +225,14 @@ class PMatEKFAC(PMatAbstract):
 
     def _unit(self, key):
         if isinstance(key, tuple):
-            return self.data[key[0]][key[1]]
+            return self._store[key[0]][key[1]]
         return self._entry(key)
 
     def _perm(self, lid):
         return self.layer_collection[lid].kfac_permutation()
 
     def _kfe_request(self, lid):
-        e = self.data[lid]
+        e = self._store[lid]
         if K.is_multi(e):
             return tuple((UA, UG) for UA, UG, _ in e)
         UA, UG, _ = self._entry(lid)
@@ -149,13 +241,13 @@ class PMatEKFAC(PMatAbstract):
     def _replace_diags(self, diags):
         """``data`` with each layer's ``D`` replaced by ``diags[lid]`` (a list of ``D_b`` for a
         multi-block layer)."""
-        return {lid: self._replace_entry(self.data[lid] if K.is_multi(self.data[lid])
-                                         else self._entry(lid), diags[lid]) for lid in self.data}
+        return {lid: self._replace_entry(self._store[lid] if K.is_multi(self._store[lid])
+                                         else self._entry(lid), diags[lid]) for lid in self._store}
 
     def _map_diags(self, fn):
         """``{lid: D'}`` (lists for multi-block layers) with ``D' = fn(D)`` per block."""
         out = {}
-        for lid, e in self.data.items():
+        for lid, e in self._store.items():
             ds = [fn(D) for _, _, D in self._entries(lid)]
             out[lid] = ds if K.is_multi(e) else ds[0]
         return out
@@ -169,7 +261,7 @@ class PMatEKFAC(PMatAbstract):
         lay = self.__dict__.get("_layout_obj")
         if lay is None:
             dims = {}
-            for lid, e in self.data.items():
+            for lid, e in self._store.items():
                 sizes = [tuple(D.shape) for _, _, D in self._entries(lid)]
                 dims[lid] = sizes if K.is_multi(e) else sizes[0]
             perms = {lid: self._perm(lid) for lid in self.layer_collection.layer_ids()}
@@ -183,12 +275,16 @@ class PMatEKFAC(PMatAbstract):
     def update_diag(self, examples):
         """Re-estimate the diagonal in the (fixed) eigenbasis with the model's current
         parameters: ``D = (1/n) Σ_x Σ_k (U_Gᵀ Ĝ_k(x) U_A)²`` (see the class docstring)."""
-        if self.generator is None:
-            raise ValueError("update_diag needs a generator (it was dropped when pickling); set "
-                             "matrix.generator = TorchHooksJacobianBackend(model, function)")
-        req = {lid: self._kfe_request(lid) for lid in self.data}
+        if not hasattr(self.generator, "get_kfe_diag"):
+            raise AttributeError(
+                f"update_diag needs this {type(self).__name__}'s Jacobian generator, which it does "
+                "not have: a generator holds the model and its function and is not pickled, so an "
+                "unpickled matrix has none. Set matrix.generator = "
+                "TorchHooksJacobianBackend(model, function) (the same function as when it was "
+                "built), then call update_diag again")
+        req = {lid: self._kfe_request(lid) for lid in self._store}
         diags = self.generator.get_kfe_diag(req, examples, self.layer_collection)
-        self.data = self._replace_diags(diags)
+        self._store = self._replace_diags(diags)
 
     # ------------------------------------------------------------------ per-layer machinery
     def _apply(self, flat, fn):
@@ -209,7 +305,7 @@ class PMatEKFAC(PMatAbstract):
         basis is block-diagonal (``block_diag(U_G_0 ⊗ U_A_0, ...)`` in the Kronecker layout) and
         its columns follow the concatenated ``D_b.reshape(-1)``."""
         if layer_id is None:
-            return {lid: self.get_KFE(lid, split_weight_bias=split_weight_bias) for lid in self.data}
+            return {lid: self.get_KFE(lid, split_weight_bias=split_weight_bias) for lid in self._store}
         U = torch.block_diag(*[
             torch.kron(K.dense_basis(UG, D).contiguous(), K.dense_basis(UA, D).contiguous())
             for UA, UG, D in self._entries(layer_id)])
@@ -220,15 +316,17 @@ class PMatEKFAC(PMatAbstract):
         return torch.cat([D.reshape(-1) for _, _, D in self._entries(lid)])
 
     # ------------------------------------------------------------------ products
-    def mv(self, v):
-        self._check_pvector(v)
+    def mv(self, vs):
+        """``M v`` for a PVector ``vs``: ``U (D ∘ (Uᵀ v))`` per layer."""
+        self._check_pvector(vs)
         return PVector(self.layer_collection,
-                       vector_repr=self._apply(v.get_flat_representation(), self._scale_layer))
+                       vector_repr=self._apply(vs.get_flat_representation(), self._scale_layer))
 
-    def vTMv(self, v):
-        self._check_pvector(v)
+    def vTMv(self, vector):
+        """``vᵀ M v = Σ D ∘ (Uᵀ v)²`` for a PVector ``vector``."""
+        self._check_pvector(vector)
         total = 0
-        for key, V in self._layout.split(v.get_flat_representation()).items():
+        for key, V in self._layout.split(vector.get_flat_representation()).items():
             UA, UG, D = self._unit(key)
             W = K.to_kfe(V, UA, UG)
             total = total + (D * W * W).sum()
@@ -240,8 +338,9 @@ class PMatEKFAC(PMatAbstract):
                           layer_collection=self.layer_collection)
 
     def mapTMmap(self, pfmap, reduction="sum"):
-        """``reduction='sum'``: ``(n, n)`` ``Σ_k J_k M J_kᵀ``; ``'diag'``: its diagonal ``(n,)``;
-        computed in the eigenbasis as ``Σ d (Uᵀ J)²``-type contractions."""
+        """Quadratic forms of the rows of a PFMap ``J`` of shape ``(K, n, P)``:
+        ``reduction='diag'``: ``(K, n)`` with entry ``J[k, i] M J[k, i]ᵀ = Σ D ∘ (Uᵀ J[k, i])²``;
+        ``'sum'``: their sum over ``k``, shape ``(n,)``."""
         self._check_pfmap(pfmap)
         if reduction not in ("sum", "diag"):
             raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
@@ -249,11 +348,8 @@ class PMatEKFAC(PMatAbstract):
         for key, V in self._layout.split(pfmap.to_torch()).items():
             UA, UG, D = self._unit(key)
             W = K.to_kfe(V, UA, UG)
-            if reduction == "sum":
-                out = out + torch.einsum("kiab,ab,kjab->ij", W, D, W)
-            else:
-                out = out + torch.einsum("kiab,ab,kiab->i", W, D, W)
-        return out
+            out = out + torch.einsum("kiab,ab,kiab->ki", W, D, W)
+        return out.sum(dim=0) if reduction == "sum" else out
 
     # ------------------------------------------------------------------ solves and functions
     def _check_solve(self, solve, damping="exact"):
@@ -282,9 +378,14 @@ class PMatEKFAC(PMatAbstract):
         """``(M + regul·I)⁻¹``, same representation."""
         return self.pow(-1.0, regul=regul)
 
-    def pow(self, x, regul=0.0):
-        """``(M + regul·I)^x = U diag((D + regul)^x) Uᵀ`` (values below 0, round-off, are clipped
-        to 0 for fractional ``x``)."""
+    def pow(self, pow, regul=0.0, impl="default"):
+        """``(M + regul·I)^pow = U diag((D + regul)^pow) Uᵀ`` (values below 0, round-off, are
+        clipped to 0 for fractional ``pow``). ``impl``: only ``'default'`` (upstream's
+        parameter; the power is always taken on the diagonal)."""
+        if impl != "default":
+            raise ValueError(f"unknown impl '{impl}' for {type(self).__name__}.pow: use 'default'")
+        x = pow  # upstream's parameter name shadows the builtin; only `x` below
+
         def f(D):
             d = D + regul
             if not float(x).is_integer():
@@ -293,16 +394,31 @@ class PMatEKFAC(PMatAbstract):
 
         return self._with_diags(self._map_diags(f))
 
+    def pinv(self, atol=1e-8):
+        """The Moore-Penrose pseudo-inverse ``U diag(D⁺) Uᵀ``, with ``D⁺ = 1/D`` where
+        ``|D| > atol`` and 0 elsewhere (eigenvalues at most ``atol`` in absolute value are
+        treated as zero). Same representation."""
+        def f(D):
+            keep = D.abs() > atol
+            return torch.where(keep, 1.0 / torch.where(keep, D, torch.ones_like(D)),
+                               torch.zeros_like(D))
+
+        return self._with_diags(self._map_diags(f))
+
     def logdet(self, regul=0.0):
         """``log det(M + regul·I) = Σ log(D + regul)``."""
         return sum(torch.log(ent[2] + regul).sum() for _, ent in self._units())
 
     # ------------------------------------------------------------------ reductions
-    def get_diag(self, split_weight_bias=True):
+    def get_diag(self, v=None, split_weight_bias=True):
         """Diagonal ``(P,)``: per layer ``(U_G∘U_G) D (U_A∘U_A)ᵀ``, in the flat layout
-        (``split_weight_bias=True``) or each layer's Kronecker layout."""
+        (``split_weight_bias=True``) or each layer's Kronecker layout. ``v`` is upstream's
+        (unused) first parameter: leave it None."""
+        if v is not None:
+            raise TypeError(f"{type(self).__name__}.get_diag takes no vector (v must be None); "
+                            "pass split_weight_bias by keyword: get_diag(split_weight_bias=False)")
         parts = []
-        for lid in self.data:
+        for lid in self._store:
             ds = []
             for UA, UG, D in self._entries(lid):
                 d = D
@@ -322,18 +438,27 @@ class PMatEKFAC(PMatAbstract):
         """``sqrt(Σ D²)`` (the basis is orthogonal)."""
         return torch.sqrt(sum((ent[2] ** 2).sum() for _, ent in self._units()))
 
+    def get_block_torch(self, layer_id, layer=None, split_weight_bias=True):
+        """The dense ``(p_l, p_l)`` block ``U diag(D) Uᵀ`` of layer ``layer_id``, in the flat
+        order (``split_weight_bias=True``) or the Kronecker order. ``layer`` is accepted for
+        compatibility and not needed."""
+        if layer_id not in self._store:
+            raise KeyError(f"no layer '{layer_id}' in this matrix; its layers are "
+                           f"{self.layer_collection.layer_ids()}")
+        U = self.get_KFE(layer_id, split_weight_bias=split_weight_bias)
+        return (U * self._layer_diag(layer_id)) @ U.t()
+
     def to_torch(self, split_weight_bias=True):
         """Dense ``(P, P)``; inside a layer the flat order (``split_weight_bias=True``) or the
-        Kronecker order."""
+        Kronecker order (see :meth:`get_block_torch`)."""
         P = self.layer_collection.numel()
         out = None
-        for lid in self.data:
-            U = self.get_KFE(lid, split_weight_bias=split_weight_bias)
-            D = self._layer_diag(lid)
+        for lid in self._store:
+            B = self.get_block_torch(lid, split_weight_bias=split_weight_bias)
             if out is None:
-                out = torch.zeros(P, P, dtype=D.dtype, device=D.device)
+                out = torch.zeros(P, P, dtype=B.dtype, device=B.device)
             s = self.layer_collection.slice(lid)
-            out[s, s] = (U * D) @ U.t()
+            out[s, s] = B
         return out
 
     # ------------------------------------------------------------------ arithmetic
@@ -367,7 +492,7 @@ class PMatEKFAC(PMatAbstract):
     def _zip_diags(self, other, fn):
         """``{lid: fn(D₁, D₂)}`` per block (lists for multi-block layers)."""
         out = {}
-        for lid, e in self.data.items():
+        for lid, e in self._store.items():
             ds = [fn(a[2], b[2]) for a, b in zip(self._entries(lid), other._entries(lid))]
             out[lid] = ds if K.is_multi(e) else ds[0]
         return out
@@ -381,3 +506,13 @@ class PMatEKFAC(PMatAbstract):
         state = super().__getstate__()
         state.pop("_layout_obj", None)
         return state
+
+    def __setstate__(self, state_dict):
+        """Unpickling: the matrix without its generator (not pickled: see ``__getstate__``), so
+        :meth:`update_diag` needs one to be set again."""
+        parent = getattr(super(), "__setstate__", None)
+        if parent is not None:
+            parent(state_dict)
+        else:
+            self.__dict__.update(state_dict)
+        self.__dict__.setdefault("generator", None)

@@ -5,6 +5,7 @@ import torch
 from ...backend.consumers import Consumer
 from . import _spectral
 from . import _kron as K
+from .abstract import PMatAbstract
 from .ekfac import PMatEKFAC
 
 
@@ -71,11 +72,91 @@ class PMatEKFACBlockDiag(PMatEKFAC):
     ``diag(Uᵀ B' U)`` with ``B'`` the block on the new examples (unchanged when the examples and
     parameters are the same).
 
+    ``data`` is the pair ``(evecs, diags)`` of PMatEKFAC for the EKFAC layers; a dense layer has
+    ``evecs[layer_id] = U`` (one ``(p_l, p_l)`` orthogonal matrix, rows in the flat layout) and
+    ``diags[layer_id] = d`` (``(p_l,)``): its block is ``U diag(d) Uᵀ``.
+
     Args:
-        data: ``{layer_id: (U_A, U_G, D)}`` for EKFAC layers (see PMatEKFAC) and
-            ``{layer_id: (U, d)}`` for dense layers (flat layout, block ``U diag(d) Uᵀ``).
+        data: ``(evecs, diags)`` as above; also accepted: the dict with
+            ``{layer_id: (U_A, U_G, D)}`` for EKFAC layers (see PMatEKFAC) and
+            ``{layer_id: (U, d)}`` for dense layers.
         kfac_approx: see PMatKFAC.
     """
+
+    def __init__(self, layer_collection=None, generator=None, data=None, examples=None,
+                 **kwargs):
+        super().__init__(layer_collection, generator, data=data, examples=examples, **kwargs)
+
+    @classmethod
+    def from_mapping(cls, layer_collection, generator, default_representation=None,
+                     map_layers_to=None, data=None, examples=None, **kwargs):
+        """A :class:`~nngeometry.object.pspace.PMatMixed` with one representation per layer:
+        ``map_layers_to[key]`` for the layers that ``key`` names (a layer id, a layer type of
+        the collection such as ``LinearLayer``, or a module class such as ``nn.Conv2d``, looked
+        up in that order), ``default_representation`` for the others (default: EKFAC where the
+        layer type has KFAC, a dense block elsewhere, i.e. this class). Layers with the same
+        representation form one group, built from ``examples`` with ``generator`` (``data``:
+        ``{representation class: built matrix}`` instead). ``kwargs`` go to every group's
+        constructor."""
+        from .mixed import PMatMixed
+
+        default_representation = default_representation or cls
+        mapping = dict(map_layers_to or {})
+        modules = {}
+        model = getattr(generator, "model", None)
+        if model is not None:
+            modules = dict(model.named_modules())
+
+        def rep_of(lid):
+            if lid in mapping:
+                return mapping[lid]
+            layer = layer_collection[lid]
+            for key, rep in mapping.items():
+                if isinstance(key, type) and isinstance(layer, key):
+                    return rep
+            mod = modules.get(lid)
+            for key, rep in mapping.items():
+                if isinstance(key, type) and mod is not None and isinstance(mod, key):
+                    return rep
+            return default_representation
+
+        layer_map, groups = {}, {}
+        for lid in layer_collection.layer_ids():
+            rep = rep_of(lid)
+            if not (isinstance(rep, type) and issubclass(rep, PMatAbstract)):
+                raise TypeError(f"layer '{lid}' is mapped to {rep!r}, not a PMat class")
+            layer_map[lid] = rep.__name__
+            groups[rep.__name__] = rep
+        if data is not None:
+            sub = {name: data[rep] for name, rep in groups.items()}
+            return PMatMixed(layer_collection, generator, layer_map=layer_map, sub_pmats=sub)
+        sub = {name: (rep, dict(kwargs)) for name, rep in groups.items()}
+        return PMatMixed(layer_collection, generator, layer_map=layer_map, sub_pmats=sub,
+                         examples=examples)
+
+    # upstream's parameter names for this class (PMatEKFAC has mv(vs), vTMv(vector))
+    def mv(self, v):
+        """``M v`` for a PVector ``v``."""
+        return super().mv(v)
+
+    def vTMv(self, v):
+        """``vᵀ M v`` for a PVector ``v``."""
+        return super().vTMv(v)
+
+    def _public_entry(self, e):
+        if self._is_dense(e):
+            return e[0], e[1]
+        return super()._public_entry(e)
+
+    def _stored_entry(self, lid, basis, diag):
+        if torch.is_tensor(basis):
+            p = self.layer_collection[lid].numel() if self.layer_collection is not None \
+                else basis.shape[0]
+            if basis.shape != (p, p) or diag.numel() != p:
+                raise ValueError(f"dense layer '{lid}': evecs must be ({p}, {p}) and diags have "
+                                 f"{p} values, got {tuple(basis.shape)} and {diag.numel()}")
+            return (basis, diag.reshape(-1))
+        return super()._stored_entry(lid, basis, diag)
 
     def _build(self, examples, eigendecomposition=None, kfac_approx="expand"):
         if eigendecomposition is not None:
@@ -100,33 +181,33 @@ class PMatEKFACBlockDiag(PMatEKFAC):
     @property
     def dense_layers(self):
         """Ids of the layers stored as dense blocks."""
-        return [lid for lid, e in self.data.items() if self._is_dense(e)]
+        return [lid for lid, e in self._store.items() if self._is_dense(e)]
 
     @property
     def ekfac_layers(self):
         """Ids of the layers stored as EKFAC blocks."""
-        return [lid for lid, e in self.data.items() if not self._is_dense(e)]
+        return [lid for lid, e in self._store.items() if not self._is_dense(e)]
 
     def _entry(self, lid):
-        e = self.data[lid]
+        e = self._store[lid]
         if self._is_dense(e):
             U, d = e
             return (1, U, d.unsqueeze(1))
         return e
 
     def _perm(self, lid):
-        if self._is_dense(self.data[lid]):
+        if self._is_dense(self._store[lid]):
             return torch.arange(self.layer_collection[lid].numel())
         return super()._perm(lid)
 
     def _kfe_request(self, lid):
-        if self._is_dense(self.data[lid]):
-            return (1, self.data[lid][0], self._perm(lid))
+        if self._is_dense(self._store[lid]):
+            return (1, self._store[lid][0], self._perm(lid))
         return super()._kfe_request(lid)
 
     def _replace_diags(self, diags):
         out = {}
-        for lid, e in self.data.items():
+        for lid, e in self._store.items():
             out[lid] = ((e[0], diags[lid].reshape(-1)) if self._is_dense(e)
                         else self._replace_entry(e, diags[lid]))
         return out

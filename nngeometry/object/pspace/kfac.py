@@ -2,6 +2,7 @@
 (Martens & Grosse 2015; convolutions: Grosse & Martens 2016)."""
 import torch
 
+from ...backend.consumers import KFACFactors
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _kron as K
@@ -30,11 +31,19 @@ def _check_damping(damping):
 class PMatKFAC(PMatAbstract):
     """KFAC: per layer, ``M_layer ≈ kron(G, A)`` in the layer's Kronecker layout.
 
-    ``A`` (size ``dA``) is the mean over examples of the input second moments (with a trailing 1
-    when the layer has a bias), ``G`` (size ``dG``) the mean of the output-gradient second moments
-    summed over the function's outputs, both divided by the number of examples ``n``, so that
     ``kron(G, A)`` approximates the layer's block of ``(1/n) Σ_x J(x)ᵀ J(x)`` (exact for a Linear
-    layer on a single example). For a Linear layer the Kronecker layout is the row-major
+    layer on a single example). Built from examples, with ``K`` the function's number of output
+    directions (``C - 1`` for the closed-form ``classif_logits`` Fisher, ``C`` for
+    ``regression``, 1 for ``classif_binary_logits``, ``trials`` for Monte-Carlo):
+
+    * ``A = √K · (1/n) Σ_x a aᵀ`` (size ``dA``): the inputs' second moment, with a trailing 1
+      when the layer has a bias;
+    * ``G = (1/√K) · (1/n) Σ_x Σ_k g_k g_kᵀ`` (size ``dG``): the output gradients' second
+      moment, summed over the ``K`` directions.
+
+    The ``√K`` moved from ``G`` to ``A`` leaves ``kron(G, A)`` unchanged; it is upstream
+    nngeometry's split of the scale, kept so that code reading ``.data`` or damping with
+    ``use_pi=False`` gets the same numbers (π-damping does not depend on the split). For a Linear layer the Kronecker layout is the row-major
     ``[W | b]`` of shape ``(out, in + 1)``; each layer type maps it to the flat layout with
     ``kfac_permutation()``. Off-diagonal (cross-layer) blocks are zero.
 
@@ -69,19 +78,25 @@ class PMatKFAC(PMatAbstract):
     ``to_torch``, not for damped solves.
     """
 
-    def __init__(self, layer_collection, generator, data=None, examples=None, kfac_approx="expand",
-                 **kwargs):
+    def __init__(self, layer_collection=None, generator=None, data=None, examples=None,
+                 kfac_approx="expand", **kwargs):
+        # the caches first: _build may fill the eigendecomposition cache
+        self._eig_cache = {}
+        self._inv_cache = {}
         super().__init__(layer_collection, generator, data=data, examples=examples,
                          kfac_approx=kfac_approx, **kwargs)
         self._check_data()
-        self._eig_cache = {}
-        self._inv_cache = {}
 
     def _build(self, examples, kfac_approx="expand"):
         if kfac_approx not in ("expand", "reduce"):
             raise ValueError(f"unknown kfac_approx '{kfac_approx}': use 'expand' or 'reduce'")
         check_kfac_support(self.layer_collection, type(self).__name__)
-        return self.generator.get_kfac_blocks(examples, self.layer_collection, approx=kfac_approx)
+        consumer = KFACFactors(self.layer_collection, kfac_approx, sqrt_k_split=True)
+        if not hasattr(self.generator, "accumulate"):
+            # a generator with only get_kfac_blocks: its factors as it splits them
+            return self.generator.get_kfac_blocks(examples, self.layer_collection,
+                                                  approx=kfac_approx)
+        return self.generator.accumulate(examples, self.layer_collection, consumer).result
 
     def _check_data(self):
         ids = self.layer_collection.layer_ids()
@@ -141,10 +156,31 @@ class PMatKFAC(PMatAbstract):
             e = self._eig_cache[key] = (K.eig(A), K.eig(G))
         return e
 
+    def compute_eigendecomposition(self, impl="eigh"):
+        """Compute (again) and cache the factors' eigendecompositions ``A = U_A Λ_A U_Aᵀ``,
+        ``G = U_G Λ_G U_Gᵀ``, used by :meth:`get_eigendecomposition`, exact damping and
+        ``logdet``. ``impl='eigh'`` (symmetric eigensolver, eigenvalues ascending) or ``'svd'``
+        (singular value decomposition, values descending: the same decomposition for the
+        symmetric positive semi-definite factors that KFAC builds)."""
+        if impl not in ("eigh", "svd"):
+            raise ValueError(f"unknown impl '{impl}' for compute_eigendecomposition: use 'eigh' "
+                             "or 'svd'")
+        self._eig_cache = {}
+        self._inv_cache = {}
+        for key, A, G in self._units():
+            self._eig_cache[key] = ((K.eig(A), K.eig(G)) if impl == "eigh"
+                                    else (K.eig_svd(A), K.eig_svd(G)))
+
     def get_eigendecomposition(self):
-        """``{layer_id: ((evals_A, U_A), (evals_G, U_G))}`` (cached); a diagonal factor's basis is
-        the int identity size. A multi-block layer gets a tuple of those, one per block."""
-        return self._map_units(lambda key, A, G: self._eig(key))
+        """``(evals, evecs)``: ``evals[layer_id] = (λ_A, λ_G)`` (1-D) and
+        ``evecs[layer_id] = (U_A, U_G)`` (eigenvectors as columns) of the layer's factors, so
+        that the layer's eigenvectors are ``U_G[:, p] ⊗ U_A[:, q]`` with eigenvalue
+        ``λ_G[p] λ_A[q]``. Computed on first use (or by :meth:`compute_eigendecomposition`) and
+        cached. A diagonal factor's basis is the int size of its identity; a multi-block layer
+        gets a tuple of pairs, one per Kronecker block."""
+        evals = self._map_units(lambda key, A, G: (self._eig(key)[0][0], self._eig(key)[1][0]))
+        evecs = self._map_units(lambda key, A, G: (self._eig(key)[0][1], self._eig(key)[1][1]))
+        return evals, evecs
 
     def _pi_inverse_factors(self, regul, use_pi, power=-1.0):
         """``{unit key: ((A + π√λ I)^power, (G + √λ/π I)^power)}``, cached for ``power = -1``
@@ -172,15 +208,16 @@ class PMatKFAC(PMatAbstract):
         return K.from_kfe(W * (torch.outer(lG, lA) + regul) ** power, UA, UG)
 
     # ------------------------------------------------------------------ products
-    def mv(self, v):
-        """``M v`` (PVector), per layer ``G V Aᵀ`` on the reshaped vector."""
-        self._check_pvector(v)
+    def mv(self, vs):
+        """``M v`` for a PVector ``vs``: per layer ``G V Aᵀ`` on the reshaped vector."""
+        self._check_pvector(vs)
         return PVector(self.layer_collection,
-                       vector_repr=self._apply(v.get_flat_representation(), self._mul_layer))
+                       vector_repr=self._apply(vs.get_flat_representation(), self._mul_layer))
 
-    def vTMv(self, v):
-        self._check_pvector(v)
-        parts = self._layout.split(v.get_flat_representation())
+    def vTMv(self, vector):
+        """``vᵀ M v`` (a scalar tensor) for a PVector ``vector``."""
+        self._check_pvector(vector)
+        parts = self._layout.split(vector.get_flat_representation())
         return sum((V * self._mul_layer(lid, V)).sum() for lid, V in parts.items())
 
     def mmap(self, pfmap):
@@ -190,18 +227,16 @@ class PMatKFAC(PMatAbstract):
                           layer_collection=self.layer_collection)
 
     def mapTMmap(self, pfmap, reduction="sum"):
-        """``reduction='sum'``: ``(n, n)`` ``Σ_k J_k M J_kᵀ``; ``'diag'``: its diagonal ``(n,)``."""
+        """Quadratic forms of the rows of a PFMap ``J`` of shape ``(K, n, P)``:
+        ``reduction='diag'``: ``(K, n)`` with entry ``J[k, i] M J[k, i]ᵀ``; ``'sum'``: their sum
+        over ``k``, shape ``(n,)``."""
         self._check_pfmap(pfmap)
         if reduction not in ("sum", "diag"):
             raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
         out = 0
         for key, V in self._layout.split(pfmap.to_torch()).items():
-            MV = self._mul_layer(key, V)
-            if reduction == "sum":
-                out = out + torch.einsum("kiab,kjab->ij", V, MV)
-            else:
-                out = out + torch.einsum("kiab,kiab->i", V, MV)
-        return out
+            out = out + torch.einsum("kiab,kiab->ki", V, self._mul_layer(key, V))
+        return out.sum(dim=0) if reduction == "sum" else out
 
     def mm(self, other):
         """``M₁ M₂`` for another PMatKFAC: per layer ``(G₁G₂) ⊗ (A₁A₂)``."""
@@ -244,10 +279,15 @@ class PMatKFAC(PMatAbstract):
         ``damping='exact'``: ``(M + λI)⁻¹`` as a PMatEKFAC."""
         return self.pow(-1.0, regul=regul, use_pi=use_pi, damping=damping)
 
-    def pow(self, x, regul=0.0, use_pi=True, damping="pi"):
-        """``damping='pi'``: PMatKFAC with π-damped factors to the power ``x`` (for ``regul=0``,
-        exactly ``M^x``); ``damping='exact'``: ``(M + regul·I)^x`` as a PMatEKFAC. Negative
-        eigenvalues (round-off) are clipped to 0 for fractional ``x``."""
+    def inv(self, regul=1e-8, use_pi=True, damping="pi"):
+        """Alias of :meth:`inverse`."""
+        return self.inverse(regul=regul, use_pi=use_pi, damping=damping)
+
+    def pow(self, pow, regul=0.0, use_pi=True, damping="pi"):
+        """``damping='pi'``: PMatKFAC with π-damped factors to the power ``pow`` (for
+        ``regul=0``, exactly ``M^pow``); ``damping='exact'``: ``(M + regul·I)^pow`` as a
+        PMatEKFAC. Negative eigenvalues (round-off) are clipped to 0 for fractional ``pow``."""
+        x = pow  # upstream's parameter name shadows the builtin; only `x` below
         _check_damping(damping)
         if damping == "pi":
             return PMatKFAC(self.layer_collection, None, data=K.repack(
@@ -297,20 +337,29 @@ class PMatKFAC(PMatAbstract):
         """``sqrt(Σ_blocks (‖A‖_F ‖G‖_F)²)``."""
         return torch.sqrt(sum((K.fnorm(A) * K.fnorm(G)) ** 2 for _, A, G in self._units()))
 
+    def get_block_torch(self, layer_id, layer=None, split_weight_bias=True):
+        """The dense ``(p_l, p_l)`` block of layer ``layer_id``, in the flat order
+        (``split_weight_bias=True``) or the Kronecker order of ``kron(G, A)`` (False; for a
+        multi-block layer the block-diagonal of its blocks' Kronecker products). ``layer`` is
+        accepted for compatibility and not needed (the collection knows the layer)."""
+        if layer_id not in self.data:
+            raise KeyError(f"no layer '{layer_id}' in this matrix; its layers are "
+                           f"{self.layer_collection.layer_ids()}")
+        block = torch.block_diag(*[torch.kron(K.dense(G).contiguous(), K.dense(A).contiguous())
+                                   for A, G in K.blocks_of(self.data[layer_id])])
+        return self._layout.to_flat_order(layer_id, block, both=True) if split_weight_bias \
+            else block
+
     def to_torch(self, split_weight_bias=True):
         """The dense ``(P, P)`` matrix: layers at their flat positions; inside a layer the flat
-        order (``split_weight_bias=True``) or the Kronecker order of ``kron(G, A)`` (False; for
-        a multi-block layer the block-diagonal of its blocks' Kronecker products)."""
+        order (``split_weight_bias=True``) or the Kronecker order of ``kron(G, A)`` (False; see
+        :meth:`get_block_torch`)."""
         P = self.layer_collection.numel()
         G0 = self._units()[0][2]
         out = torch.zeros(P, P, dtype=G0.dtype, device=G0.device)
-        for lid, e in self.data.items():
-            block = torch.block_diag(*[torch.kron(K.dense(G).contiguous(), K.dense(A).contiguous())
-                                       for A, G in K.blocks_of(e)])
-            if split_weight_bias:
-                block = self._layout.to_flat_order(lid, block, both=True)
+        for lid in self.data:
             s = self.layer_collection.slice(lid)
-            out[s, s] = block
+            out[s, s] = self.get_block_torch(lid, split_weight_bias=split_weight_bias)
         return out
 
     # ------------------------------------------------------------------ arithmetic
@@ -344,3 +393,14 @@ class PMatKFAC(PMatAbstract):
         state = super().__getstate__()
         state.pop("_layout_obj", None)
         return state
+
+    def __setstate__(self, state_dict):
+        """Unpickling: the matrix without its generator (not pickled: see ``__getstate__``)."""
+        parent = getattr(super(), "__setstate__", None)
+        if parent is not None:
+            parent(state_dict)
+        else:
+            self.__dict__.update(state_dict)
+        self.__dict__.setdefault("generator", None)
+        self.__dict__.setdefault("_eig_cache", {})
+        self.__dict__.setdefault("_inv_cache", {})
