@@ -176,7 +176,7 @@ def check_pickle(M, D, s):
 def check_layout_errors(M, s):
     lc2 = s.lc.last_layer()
     v = PVector(lc2, vector_repr=torch.zeros(lc2.numel(), dtype=DT))
-    m = PFMapDense(None, data=torch.zeros(1, 2, lc2.numel(), dtype=DT), layer_collection=lc2)
+    m = PFMapDense(lc2, data=torch.zeros(1, 2, lc2.numel(), dtype=DT))
     for op in (M.mv, M.vTMv):
         with pytest.raises(ValueError, match="layout"):
             op(v)

@@ -156,7 +156,7 @@ def other_layout_vector(s):
     """A PVector and a PFMap on a different LayerCollection (the last layer only)."""
     lc2 = s.lc.last_layer()
     return (PVector(lc2, vector_repr=torch.zeros(lc2.numel(), dtype=DT)),
-            PFMapDense(None, data=torch.zeros(1, 2, lc2.numel(), dtype=DT), layer_collection=lc2))
+            PFMapDense(lc2, data=torch.zeros(1, 2, lc2.numel(), dtype=DT)))
 
 
 def check_layout_errors(M, s):

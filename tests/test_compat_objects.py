@@ -151,18 +151,18 @@ def test_pfmap_constructor_orders(setup):
     upstream = PFMapDense(lc, gen, None, (x,))
     assert torch.allclose(upstream.to_torch(), J, **TOL)
     assert torch.allclose(PFMapDense(lc, data=J).to_torch(), J, **TOL)
-    # seeds' older order, with the collection as a keyword (metrics.Jacobian uses it)
-    older = PFMapDense(gen, examples=(x,), layer_collection=lc)
-    assert older.layer_collection is lc and torch.allclose(older.to_torch(), J, **TOL)
-    assert PFMapDense(None, data=J, layer_collection=lc).generator is None
+    assert PFMapDense(lc, data=J).generator is None
     # 0.4 keyword style: the collection is the generator's
     gen04 = TorchHooksJacobianBackend(model, layer_collection=lc)
     m04 = PFMapDense(generator=gen04, examples=(x,))
     assert m04.layer_collection is lc and torch.allclose(m04.to_torch(), J, **TOL)
     assert torch.equal(PFMapDense(generator=gen04, data=J).to_torch(), J)
-    with pytest.raises(ValueError, match="needs a layer_collection"):
-        PFMapDense(generator=gen, examples=(x,))
-    with pytest.raises(TypeError, match="first argument is the LayerCollection"):
+    # a generator built without a collection stands for all the layers of its model
+    whole = PFMapDense(generator=gen, examples=(x,))
+    assert whole.layer_collection == lc and torch.allclose(whole.to_torch(), J, **TOL)
+    with pytest.raises(ValueError, match="needs a LayerCollection"):
+        PFMapDense(data=J)
+    with pytest.raises(TypeError, match="first argument must be a LayerCollection"):
         PFMapDense(gen, data=J)
     assert list(inspect.signature(PFMapDense).parameters)[:4] == [
         "layer_collection", "generator", "data", "examples"]
@@ -220,7 +220,7 @@ def test_pfmap_implicit_orders(setup):
     torch.manual_seed(7)
     v = random_pvector(lc, dtype=torch.float64)
     ref = torch.einsum("kip,p->ki", J, v.to_torch())
-    for imp in (PFMapImplicit(lc, gen, None, (x,)), PFMapImplicit(gen, (x,), layer_collection=lc),
+    for imp in (PFMapImplicit(lc, gen, None, (x,)), PFMapImplicit(lc, gen, examples=(x,)),
                 PFMapImplicit(generator=TorchHooksJacobianBackend(model, layer_collection=lc),
                               examples=(x,))):
         assert imp.layer_collection is lc
@@ -253,9 +253,10 @@ def test_fmat_constructor_orders(setup):
     assert torch.allclose(FMatDense(lc, gen, examples=(x,)).to_torch(), Gb, **TOL)
     g04 = FMatDense(generator=TorchHooksJacobianBackend(model, layer_collection=lc), examples=(x,))
     assert g04.layer_collection is lc and torch.allclose(g04.to_torch(), Gb, **TOL)
-    assert torch.allclose(FMatDense(gen, examples=(x,), layer_collection=lc).to_torch(), Gb, **TOL)
-    with pytest.raises(ValueError, match="needs a layer_collection"):
-        FMatDense(generator=gen, examples=(x,))
+    whole = FMatDense(generator=gen, examples=(x,))
+    assert whole.layer_collection == lc and torch.allclose(whole.to_torch(), Gb, **TOL)
+    with pytest.raises(ValueError, match="needs a LayerCollection"):
+        FMatDense(examples=(x,))
     assert issubclass(FMatDense, FMatAbstract)
     with pytest.raises(TypeError):
         FMatAbstract(gen)

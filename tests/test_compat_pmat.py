@@ -431,7 +431,7 @@ def test_mapTMmap_shapes_and_values(s, rep):
     torch.manual_seed(7)
     K, n = 3, 5
     J = torch.randn(K, n, s.lc.numel(), dtype=DT)
-    Jm = PFMapDense(None, data=J, layer_collection=s.lc)
+    Jm = PFMapDense(s.lc, data=J)
     diag = M.mapTMmap(Jm, reduction="diag")
     total = M.mapTMmap(Jm, reduction="sum")
     assert diag.shape == (K, n) and total.shape == (n,)

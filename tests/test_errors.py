@@ -183,5 +183,5 @@ def test_layer_not_called():
 
 
 def test_pfmap_without_layer_collection():
-    with pytest.raises(ValueError, match="needs a layer_collection"):
+    with pytest.raises(ValueError, match="needs a LayerCollection"):
         PFMapDense(None, data=torch.zeros(1, 1, 1))

@@ -133,7 +133,7 @@ def test_implicit_products_equal_brute_force(case):
     close(M.mv(v).get_flat_representation(), H @ f)
     close(M.vTMv(v), f @ H @ f)
     J = torch.randn(2, 3, lc.numel(), dtype=DT, generator=torch.Generator().manual_seed(4))
-    close(M.mmap(PFMapDense(None, data=J, layer_collection=lc)).to_torch(), J @ H)
+    close(M.mmap(PFMapDense(lc, data=J)).to_torch(), J @ H)
     close(M.get_diag(), torch.diagonal(H))
     close(M.to_torch(allow_dense=True), H)
     # CG on H + λI, with λ large enough for it to be positive definite (and well conditioned,
@@ -143,7 +143,7 @@ def test_implicit_products_equal_brute_force(case):
     close(y_.get_flat_representation(),
           torch.linalg.solve(H + lam * torch.eye(H.shape[0], dtype=DT), f), rtol=1e-8)
     with pytest.raises(NotImplementedError, match="Hessian"):
-        M.mapTMmap(PFMapDense(None, data=J, layer_collection=lc))
+        M.mapTMmap(PFMapDense(lc, data=J))
 
 
 def test_sum_over_batches_not_mean():

@@ -337,6 +337,15 @@ def _check_eig(b, cell):
     method = re.search(r"`(\w+)`", cell).group(1)
     E = getattr(M, method)()
     lc = b.lc
+    if isinstance(E, tuple) and isinstance(E[0], dict):
+        # KFAC: evals[lid] = (λ_A, λ_G), evecs[lid] = (U_A, U_G) of the factors
+        evals, evecs = E
+        for lid, lams in evals.items():
+            for lam, U, F in zip(lams, evecs[lid], M.data[lid]):
+                Fd = torch.diag(F) if F.dim() == 1 else F
+                Ud = torch.eye(U, dtype=DT) if isinstance(U, int) else U
+                close((Ud * lam) @ Ud.t(), Fd, what="factor eigendecomposition")
+        return
     if isinstance(E, tuple):  # (evals, evecs as columns), possibly thin
         evals, evecs = E
         close(evecs.t() @ evecs, torch.eye(evecs.shape[1], dtype=DT), what="orthonormal evecs")
@@ -349,11 +358,6 @@ def _check_eig(b, cell):
             d = M._entry(lid)[2].reshape(-1)
             close(U.t() @ U, torch.eye(U.shape[0], dtype=DT), what="orthonormal KFE")
             close((U * d) @ U.t(), D[sl, sl], what="U diag(D) Uᵀ")
-        elif isinstance(e[0], tuple):  # KFAC: ((λ_A, U_A), (λ_G, U_G)) of the factors
-            for (lam, U), F in zip(e, M.data[lid]):
-                Fd = torch.diag(F) if F.dim() == 1 else F
-                Ud = torch.eye(U, dtype=DT) if isinstance(U, int) else U
-                close((Ud * lam) @ Ud.t(), Fd, what="factor eigendecomposition")
         else:  # per-layer (evals, evecs) of a block
             lam, U = e
             close((U * lam) @ U.t(), D[sl, sl], what="block eigendecomposition")
@@ -442,11 +446,6 @@ def run_cell(b, col, cell):
         close(r.to_torch(), J @ D, what="mmap")
     elif col == "mapTMmap (sum, diag)":
         forms = torch.einsum("kip,pq,kiq->ki", J, D, J)  # (K, n): J[k, i] D J[k, i]ᵀ
-        if b.rep in ("PMatKFAC", "PMatEKFAC", "PMatEKFACBlockDiag") \
-                and M.mapTMmap(m, reduction="sum").dim() == 2:
-            # TEMPORARY, until the KFAC work package (kfac.py / ekfac.py) is merged: those files
-            # still return the former (n, n) matrix; remove this branch after the merge
-            pytest.xfail("kfac.py / ekfac.py still have the former mapTMmap (n, n) semantics")
         close(M.mapTMmap(m, reduction="sum"), forms.sum(dim=0), what="sum")
         close(M.mapTMmap(m, reduction="diag"), forms, what="diag")
     elif col == "solvePVec":

@@ -1,17 +1,16 @@
 """Matrices in function space: the Gram matrix (empirical NTK) on a set of examples."""
-from abc import abstractmethod
+from abc import ABCMeta, abstractmethod
 
 import torch
 
-from .map import _GeneratorFirstCalls, _find_collection
+from .map import resolve_layer_collection
 from .vector import FVector
 
 
-class FMatAbstract(metaclass=_GeneratorFirstCalls):
+class FMatAbstract(metaclass=ABCMeta):
     """Base class of the function-space matrices: a matrix indexed by pairs
     ``((k, i), (l, j))`` of (output, example), built from a generator."""
 
-    _older_positional = ("generator", "data", "examples")
 
     @abstractmethod
     def __init__(self, generator):
@@ -33,7 +32,7 @@ class FMatDense(FMatAbstract):
     """
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None):
-        self.layer_collection = _find_collection(layer_collection, generator, "FMatDense")
+        self.layer_collection = resolve_layer_collection(layer_collection, generator, "FMatDense")
         self.generator = generator
         if data is None:
             if examples is None:

@@ -1,7 +1,5 @@
 """Maps from function space to parameter space: stacks of ``PVector`` such as per-example
 Jacobians, indexed by ``(output k, example i)``."""
-import inspect
-from abc import ABCMeta
 
 import torch
 
@@ -9,59 +7,36 @@ from ..layercollection import LayerCollection
 from .vector import FVector, PVector
 
 
-class _GeneratorFirstCalls(ABCMeta):
-    """Metaclass that also reads the seeds' older call order, generator first with the
-    collection as a keyword: ``PFMapDense(generator, data, examples, layer_collection=lc)``.
+def resolve_layer_collection(layer_collection, generator, owner):
+    """The collection a matrix is built on: ``layer_collection`` when given, else the
+    generator's ``layer_collection`` attribute, else every layer of ``generator.model``.
 
-    Upstream's order is ``(layer_collection, generator, data, examples)``. A call that passes
-    positional arguments *and* ``layer_collection=`` is a TypeError under that order (two values
-    for ``layer_collection``), so reading it in the older order changes the meaning of no call
-    that upstream accepts. The class's ``_older_positional`` names the older positional
-    parameters.
-    """
-
-    def __call__(cls, *args, **kwargs):
-        if args and "layer_collection" in kwargs and not isinstance(args[0], LayerCollection):
-            names = cls._older_positional
-            if len(args) > len(names):
-                raise TypeError(f"{cls.__name__}() takes at most {len(names)} positional arguments "
-                                f"({', '.join(names)}) when layer_collection is a keyword")
-            for name, value in zip(names, args):
-                if name in kwargs:
-                    raise TypeError(f"{cls.__name__}() got multiple values for '{name}'")
-                kwargs[name] = value
-            args = ()
-        return super().__call__(*args, **kwargs)
-
-    @property
-    def __signature__(cls):
-        # inspect.signature(cls) would otherwise report the metaclass's (*args, **kwargs)
-        sig = inspect.signature(cls.__init__)
-        return sig.replace(parameters=list(sig.parameters.values())[1:])
+    ``owner``: the class name of the object being built (named in the errors)."""
+    name = owner
+    if layer_collection is not None:
+        if not isinstance(layer_collection, LayerCollection):
+            raise TypeError(
+                f"{name}: the first argument must be a LayerCollection, got "
+                f"{type(layer_collection).__name__}. The constructor is (layer_collection, "
+                "generator, data=None, examples=None); for nngeometry 0.4's order (generator, "
+                f"data, examples) pass keywords, e.g. {name}(generator=generator, examples=loader)")
+        return layer_collection
+    if generator is not None:
+        lc = getattr(generator, "layer_collection", None)
+        if lc is not None:
+            return lc
+        model = getattr(generator, "model", None)
+        if model is not None:
+            return LayerCollection.from_model(model)
+    raise ValueError(
+        f"{name} needs a LayerCollection and none can be found: pass layer_collection=..., or a "
+        "generator built on a model (whose layers are then used)")
 
 
-def _find_collection(layer_collection, generator, who):
-    """The LayerCollection to use: the one given, else the generator's (0.4 keyword style
-    ``PFMapDense(generator=g, examples=loader)``)."""
-    if layer_collection is None:
-        layer_collection = getattr(generator, "layer_collection", None)
-        if layer_collection is None:
-            raise ValueError(
-                f"{who} needs a layer_collection (a LayerCollection): pass one (upstream's first "
-                "argument), or a generator built with layer_collection=...")
-    if not isinstance(layer_collection, LayerCollection):
-        raise TypeError(
-            f"{who}'s first argument is the LayerCollection (order: layer_collection, generator, "
-            f"data, examples), got {type(layer_collection).__name__}; pass the generator as "
-            "generator=...")
-    return layer_collection
-
-
-class PFMap(metaclass=_GeneratorFirstCalls):
+class PFMap:
     """Base class. ``to_torch()`` has shape ``(n_output, n_examples, P)``."""
 
     layer_collection = None
-    _older_positional = ("generator", "data", "examples")
 
     def _check_pvector(self, v):
         if not isinstance(v, PVector):
@@ -83,7 +58,7 @@ class PFMapDense(PFMap):
     """
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None):
-        layer_collection = _find_collection(layer_collection, generator, "PFMapDense")
+        layer_collection = resolve_layer_collection(layer_collection, generator, "PFMapDense")
         self.generator = generator
         self.layer_collection = layer_collection
         if data is None:
@@ -139,7 +114,7 @@ class PFMapDense(PFMap):
     def from_dict(layer_collection=None, generator=None, data_dict=None):
         """The PFMapDense whose per-layer blocks are ``data_dict[layer_id] = (weight, [bias])``,
         each of shape ``(K, n, *param_shape)`` (the inverse of :meth:`to_torch_layer`)."""
-        layer_collection = _find_collection(layer_collection, generator, "PFMapDense.from_dict")
+        layer_collection = resolve_layer_collection(layer_collection, generator, "PFMapDense.from_dict")
         if data_dict is None:
             raise ValueError("PFMapDense.from_dict needs data_dict={layer_id: (weight, [bias])}")
         extra = set(data_dict) - set(layer_collection.layers)
@@ -226,10 +201,9 @@ class PFMapImplicit(PFMap):
         examples: a DataLoader or a single mini-batch.
     """
 
-    _older_positional = ("generator", "examples")
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None):
-        layer_collection = _find_collection(layer_collection, generator, "PFMapImplicit")
+        layer_collection = resolve_layer_collection(layer_collection, generator, "PFMapImplicit")
         if data is not None:
             raise ValueError("PFMapImplicit stores no data; for a stored Jacobian use "
                              "PFMapDense(layer_collection, data=...)")

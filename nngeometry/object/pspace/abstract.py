@@ -1,8 +1,7 @@
 """The contract shared by every parameter-space matrix representation."""
 import torch
 
-from ...layercollection import LayerCollection
-from ..map import PFMap
+from ..map import PFMap, resolve_layer_collection
 from ..vector import PVector
 
 
@@ -24,7 +23,7 @@ class PMatAbstract:
     """
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None, **kwargs):
-        self.layer_collection = resolve_layer_collection(layer_collection, generator, type(self))
+        self.layer_collection = resolve_layer_collection(layer_collection, generator, type(self).__name__)
         self.generator = generator
         if data is not None and examples is not None:
             raise ValueError("give either data or examples, not both")
@@ -241,32 +240,6 @@ class PMatAbstract:
         loading (set ``M.generator`` again for the operations that run the model)."""
         self.__dict__.update(state_dict)
         self.__dict__.setdefault("generator", None)
-
-
-def resolve_layer_collection(layer_collection, generator, owner):
-    """The collection a matrix is built on: ``layer_collection`` when given, else the
-    generator's ``layer_collection`` attribute, else every layer of ``generator.model``.
-
-    ``owner`` is the representation's class (named in the errors)."""
-    name = owner.__name__
-    if layer_collection is not None:
-        if not isinstance(layer_collection, LayerCollection):
-            raise TypeError(
-                f"{name}: the first argument must be a LayerCollection, got "
-                f"{type(layer_collection).__name__}. The constructor is (layer_collection, "
-                "generator, data=None, examples=None); for nngeometry 0.4's order (generator, "
-                f"data, examples) pass keywords, e.g. {name}(generator=generator, examples=loader)")
-        return layer_collection
-    if generator is not None:
-        lc = getattr(generator, "layer_collection", None)
-        if lc is not None:
-            return lc
-        model = getattr(generator, "model", None)
-        if model is not None:
-            return LayerCollection.from_model(model)
-    raise ValueError(
-        f"{name} needs a LayerCollection and none can be found: pass layer_collection=..., or a "
-        "generator built on a model (whose layers are then used)")
 
 
 def check_reduction(reduction):

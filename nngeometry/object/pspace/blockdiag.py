@@ -51,7 +51,7 @@ class PMatBlockDiag(PMatAbstract):
         J = pfmap.to_torch()
         # blocks are symmetric: row-vector times block is the block applied to the row
         out = torch.cat([J[:, :, s] @ b for _, s, b in self._blocks()], dim=2)
-        return PFMapDense(None, data=out, layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=out)
 
     def mapTMmap(self, pfmap, reduction="sum"):
         """``q[k, i] = Σ_l J[k, i, l] M_l J[k, i, l]ᵀ``: ``'diag'`` ``(K, n)``, ``'sum'``
@@ -158,7 +158,7 @@ class PMatBlockDiag(PMatAbstract):
         for lid, s, b in self._blocks():
             rhs = J[:, :, s].reshape(K * n, -1).t()
             out.append(solve_block(lid, b, rhs).t().reshape(K, n, -1))
-        return PFMapDense(None, data=torch.cat(out, dim=2), layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=torch.cat(out, dim=2))
 
     def inverse(self, regul=1e-8):
         """``(M + regul·I)⁻¹`` as a PMatBlockDiag (block by block, exact)."""

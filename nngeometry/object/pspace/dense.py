@@ -37,7 +37,7 @@ class PMatDense(PMatAbstract):
 
     def mmap(self, pfmap):
         self._check_pfmap(pfmap)
-        return PFMapDense(None, data=pfmap.to_torch() @ self.data, layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=pfmap.to_torch() @ self.data)
 
     def mapTMmap(self, pfmap, reduction="sum"):
         """``q[k, i] = J[k, i] M J[k, i]ᵀ``: ``'diag'`` ``(K, n)``, ``'sum'`` ``Σ_k``, ``(n,)``."""
@@ -113,7 +113,7 @@ class PMatDense(PMatAbstract):
         J = x.to_torch()
         K, n, P = J.shape
         Y = self._solve_matrix(J.reshape(K * n, P).t(), regul, solve)
-        return PFMapDense(None, data=Y.t().reshape(K, n, P), layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=Y.t().reshape(K, n, P))
 
     def inverse(self, regul=1e-8):
         """``(M + regul·I)⁻¹`` as a PMatDense."""

@@ -33,8 +33,7 @@ class PMatDiag(PMatAbstract):
 
     def mmap(self, pfmap):
         self._check_pfmap(pfmap)
-        return PFMapDense(None, data=pfmap.to_torch() * self.data,
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=pfmap.to_torch() * self.data)
 
     def mapTMmap(self, pfmap, reduction="sum"):
         """``q[k, i] = Σ_p M_pp J[k, i, p]²``: ``'diag'`` ``(K, n)``, ``'sum'`` ``Σ_k``, ``(n,)``."""
@@ -64,8 +63,7 @@ class PMatDiag(PMatAbstract):
         """``(diag(M) + regul·I)⁻¹`` applied to every row of the PFMap."""
         self._check_pfmap(x)
         _check_solve(solve)
-        return PFMapDense(None, data=x.to_torch() / self._damped(regul),
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=x.to_torch() / self._damped(regul))
 
     def inverse(self, regul=1e-8):
         """``(diag(M) + regul·I)⁻¹`` as a PMatDiag."""

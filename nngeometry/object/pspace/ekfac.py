@@ -334,8 +334,7 @@ class PMatEKFAC(PMatAbstract):
 
     def mmap(self, pfmap):
         self._check_pfmap(pfmap)
-        return PFMapDense(None, data=self._apply(pfmap.to_torch(), self._scale_layer),
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=self._apply(pfmap.to_torch(), self._scale_layer))
 
     def mapTMmap(self, pfmap, reduction="sum"):
         """Quadratic forms of the rows of a PFMap ``J`` of shape ``(K, n, P)``:
@@ -371,8 +370,7 @@ class PMatEKFAC(PMatAbstract):
         self._check_pfmap(x)
         self._check_solve(solve, damping)
         f = lambda D: 1.0 / (D + regul)  # noqa: E731
-        return PFMapDense(None, data=self._apply(x.to_torch(), lambda lid, V: self._scale_layer(lid, V, f)),
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=self._apply(x.to_torch(), lambda lid, V: self._scale_layer(lid, V, f)))
 
     def inverse(self, regul=1e-8):
         """``(M + regul·I)⁻¹``, same representation."""

@@ -26,7 +26,7 @@ class PMatEye(PMatAbstract):
             raise ValueError(
                 f"PMatEye's scaling must be a scalar, got shape {tuple(scaling.shape)}; for a "
                 "diagonal with different entries use PMatDiag")
-        self.layer_collection = resolve_layer_collection(layer_collection, generator, PMatEye)
+        self.layer_collection = resolve_layer_collection(layer_collection, generator, "PMatEye")
         self.generator = None
         self.data = scaling
 
@@ -57,8 +57,7 @@ class PMatEye(PMatAbstract):
 
     def mmap(self, pfmap):
         self._check_pfmap(pfmap)
-        return PFMapDense(None, data=pfmap.to_torch() * self.data,
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=pfmap.to_torch() * self.data)
 
     def mapTMmap(self, pfmap, reduction="sum"):
         """``q[k, i] = s ||J[k, i]||²``: ``'diag'`` ``(K, n)``, ``'sum'`` ``Σ_k``, ``(n,)``."""
@@ -86,8 +85,7 @@ class PMatEye(PMatAbstract):
 
     def solvePFMap(self, x, regul=0.0, solve="default"):
         self._check_pfmap(x)
-        return PFMapDense(None, data=x.to_torch() / (self.data + regul),
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=x.to_torch() / (self.data + regul))
 
     def solve(self, x, regul=0.0, solve="default", **kwargs):
         """``(s + regul)⁻¹ x`` for a PVector or PFMap (exact)."""

@@ -36,7 +36,7 @@ class PMatImplicit(PMatAbstract):
             raise ValueError("PMatImplicit stores no data: give examples (and a generator)")
         if examples is None or generator is None:
             raise ValueError("PMatImplicit needs a generator and examples")
-        self.layer_collection = resolve_layer_collection(layer_collection, generator, PMatImplicit)
+        self.layer_collection = resolve_layer_collection(layer_collection, generator, "PMatImplicit")
         self.generator = generator
         self.examples = examples
         self.data = None
@@ -92,8 +92,7 @@ class PMatImplicit(PMatAbstract):
         self._check_pfmap(pfmap)
         J = pfmap.to_torch()
         K, n, P = J.shape
-        return PFMapDense(None, data=self._mm_rows(J.reshape(K * n, P)).reshape(K, n, P),
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=self._mm_rows(J.reshape(K * n, P)).reshape(K, n, P))
 
     def mapTMmap(self, pfmap, reduction="sum"):
         """``q[k, i] = J[k, i] M J[k, i]ᵀ`` (``'diag'``: ``(K, n)``; ``'sum'``: ``Σ_k``,
@@ -122,7 +121,7 @@ class PMatImplicit(PMatAbstract):
             if M.layer_collection != lc:
                 raise ValueError("the preconditioner M is built on another LayerCollection than "
                                  "the matrix; build it on the same layers")
-            return lambda R: M.mmap(PFMapDense(None, data=R.unsqueeze(0), layer_collection=lc)
+            return lambda R: M.mmap(PFMapDense(lc, data=R.unsqueeze(0))
                                     ).to_torch().squeeze(0)
         if callable(M):
             def apply(R):
@@ -215,7 +214,7 @@ class PMatImplicit(PMatAbstract):
         J = x.to_torch()
         K, n, P = J.shape
         Y = self._cg(J.reshape(K * n, P), regul, tol, max_iter, M)
-        return PFMapDense(None, data=Y.reshape(K, n, P), layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=Y.reshape(K, n, P))
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self):

@@ -223,8 +223,7 @@ class PMatKFAC(PMatAbstract):
     def mmap(self, pfmap):
         """``M`` applied to every row of a PFMap ``(K, n, P)``: a PFMapDense."""
         self._check_pfmap(pfmap)
-        return PFMapDense(None, data=self._apply(pfmap.to_torch(), self._mul_layer),
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=self._apply(pfmap.to_torch(), self._mul_layer))
 
     def mapTMmap(self, pfmap, reduction="sum"):
         """Quadratic forms of the rows of a PFMap ``J`` of shape ``(K, n, P)``:
@@ -271,8 +270,7 @@ class PMatKFAC(PMatAbstract):
     def solvePFMap(self, x, regul=1e-8, solve="default", use_pi=True, damping="pi"):
         """:meth:`solvePVec` applied to every row of a PFMap."""
         self._check_pfmap(x)
-        return PFMapDense(None, data=self._solve_flat(x.to_torch(), regul, solve, use_pi, damping),
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=self._solve_flat(x.to_torch(), regul, solve, use_pi, damping))
 
     def inverse(self, regul=1e-8, use_pi=True, damping="pi"):
         """``damping='pi'``: the PMatKFAC with factors ``(A + π√λ I)⁻¹``, ``(G + √λ/π I)⁻¹``;

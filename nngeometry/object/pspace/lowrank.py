@@ -108,8 +108,7 @@ class PMatLowRank(_LowRankBase):
     def mmap(self, pfmap):
         self._check_pfmap(pfmap)
         U = self._U()
-        return PFMapDense(None, data=(pfmap.to_torch() @ U.t()) @ U,
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=(pfmap.to_torch() @ U.t()) @ U)
 
     def mapTMmap(self, pfmap, reduction="sum"):
         """``q[k, i] = ||U J[k, i]ᵀ||²``: ``'diag'`` ``(K, n)``, ``'sum'`` ``Σ_k``, ``(n,)``."""
@@ -191,8 +190,7 @@ class PMatLowRank(_LowRankBase):
     def solvePFMap(self, x, regul=1e-8, solve="default"):
         """``(M + regul·I)⁻¹`` applied to every row of the PFMap (exact, ``regul > 0``)."""
         self._check_pfmap(x)
-        return PFMapDense(None, data=self._solve_rows(x.to_torch(), regul, solve),
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=self._solve_rows(x.to_torch(), regul, solve))
 
     def inverse(self, regul=1e-8):
         """``(M + regul·I)⁻¹ = I/λ - Uᵀ(λI + G)⁻¹U/λ``, exact, as a :class:`PMatEyePlusLowRank`."""
@@ -335,8 +333,7 @@ class PMatEyePlusLowRank(_LowRankBase):
 
     def mmap(self, pfmap):
         self._check_pfmap(pfmap)
-        return PFMapDense(None, data=self._apply(pfmap.to_torch()),
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=self._apply(pfmap.to_torch()))
 
     def mm(self, other):
         raise NotImplementedError(
@@ -375,8 +372,7 @@ class PMatEyePlusLowRank(_LowRankBase):
 
     def solvePFMap(self, x, regul=0.0, solve="default"):
         self._check_pfmap(x)
-        return PFMapDense(None, data=self._solve_rows(x.to_torch(), regul),
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=self._solve_rows(x.to_torch(), regul))
 
     def solve(self, x, regul=0.0, solve="default", **kwargs):
         return super().solve(x, regul=regul, solve=solve, **kwargs)

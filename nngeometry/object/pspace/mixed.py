@@ -41,7 +41,7 @@ class PMatMixed(PMatAbstract):
 
     def __init__(self, layer_collection, generator, layer_collection_each=None, layer_map=None,
                  sub_pmats=None, examples=None, data=None):
-        layer_collection = resolve_layer_collection(layer_collection, generator, type(self))
+        layer_collection = resolve_layer_collection(layer_collection, generator, type(self).__name__)
         self.layer_collection = layer_collection
         self.generator = generator
         if data is not None:
@@ -100,7 +100,7 @@ class PMatMixed(PMatAbstract):
             examples: a DataLoader or a single mini-batch, to build every group.
             **kwargs: passed to every group's constructor (e.g. ``kfac_approx``).
         """
-        lc = resolve_layer_collection(layer_collection, generator, cls)
+        lc = resolve_layer_collection(layer_collection, generator, cls.__name__)
         specs = {}
         for lid in lc.layer_ids():
             spec = default_representation
@@ -204,7 +204,7 @@ class PMatMixed(PMatAbstract):
     # ------------------------------------------------------------------ splitting operands
     def _split_pfmap(self, pfmap):
         J = pfmap.to_torch()
-        return {g: PFMapDense(None, data=J[..., idx.to(J.device)], layer_collection=self.layer_collection_each[g])
+        return {g: PFMapDense(self.layer_collection_each[g], data=J[..., idx.to(J.device)])
                 for g, idx in self._index.items()}
 
     def _join_pfmaps(self, parts):
@@ -212,7 +212,7 @@ class PMatMixed(PMatAbstract):
         out = first.new_empty(*first.shape[:-1], self.layer_collection.numel())
         for g, m in parts.items():
             out[..., self._index[g].to(out.device)] = m.to_torch()
-        return PFMapDense(None, data=out, layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=out)
 
     def _split_pvector(self, v):
         return {g: v.restrict(lc_g) for g, lc_g in self.layer_collection_each.items()}

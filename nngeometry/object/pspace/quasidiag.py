@@ -49,8 +49,7 @@ class _PerLayer(PMatAbstract):
 
     def mmap(self, pfmap):
         self._check_pfmap(pfmap)
-        return PFMapDense(None, data=self._apply(pfmap.to_torch()),
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=self._apply(pfmap.to_torch()))
 
     def to_torch(self):
         """The dense ``(P, P)`` matrix (allocates ``P²``)."""
@@ -140,8 +139,7 @@ class PMatQuasiDiag(_PerLayer):
         """``(M + regul·I)⁻¹`` applied to every row of the PFMap (exact)."""
         self._check_pfmap(x)
         _check_solve(solve)
-        return PFMapDense(None, data=self._solve_rows(x.to_torch(), regul),
-                          layer_collection=self.layer_collection)
+        return PFMapDense(self.layer_collection, data=self._solve_rows(x.to_torch(), regul))
 
     def inverse(self, regul=1e-8):
         """``(M + regul·I)⁻¹``, exact. It is not quasi-diagonal (each unit's block of the
