@@ -90,49 +90,13 @@ class PMatEKFACBlockDiag(PMatEKFAC):
     @classmethod
     def from_mapping(cls, layer_collection, generator, default_representation=None,
                      map_layers_to=None, data=None, examples=None, **kwargs):
-        """A :class:`~nngeometry.object.pspace.PMatMixed` with one representation per layer:
-        ``map_layers_to[key]`` for the layers that ``key`` names (a layer id, a layer type of
-        the collection such as ``LinearLayer``, or a module class such as ``nn.Conv2d``, looked
-        up in that order), ``default_representation`` for the others (default: EKFAC where the
-        layer type has KFAC, a dense block elsewhere, i.e. this class). Layers with the same
-        representation form one group, built from ``examples`` with ``generator`` (``data``:
-        ``{representation class: built matrix}`` instead). ``kwargs`` go to every group's
-        constructor."""
+        """:meth:`PMatMixed.from_mapping <nngeometry.object.pspace.PMatMixed.from_mapping>`
+        with this class (EKFAC where the layer type has KFAC, a dense block elsewhere) as the
+        default representation and no other mapping by default."""
         from .mixed import PMatMixed
 
-        default_representation = default_representation or cls
-        mapping = dict(map_layers_to or {})
-        modules = {}
-        model = getattr(generator, "model", None)
-        if model is not None:
-            modules = dict(model.named_modules())
-
-        def rep_of(lid):
-            if lid in mapping:
-                return mapping[lid]
-            layer = layer_collection[lid]
-            for key, rep in mapping.items():
-                if isinstance(key, type) and isinstance(layer, key):
-                    return rep
-            mod = modules.get(lid)
-            for key, rep in mapping.items():
-                if isinstance(key, type) and mod is not None and isinstance(mod, key):
-                    return rep
-            return default_representation
-
-        layer_map, groups = {}, {}
-        for lid in layer_collection.layer_ids():
-            rep = rep_of(lid)
-            if not (isinstance(rep, type) and issubclass(rep, PMatAbstract)):
-                raise TypeError(f"layer '{lid}' is mapped to {rep!r}, not a PMat class")
-            layer_map[lid] = rep.__name__
-            groups[rep.__name__] = rep
-        if data is not None:
-            sub = {name: data[rep] for name, rep in groups.items()}
-            return PMatMixed(layer_collection, generator, layer_map=layer_map, sub_pmats=sub)
-        sub = {name: (rep, dict(kwargs)) for name, rep in groups.items()}
-        return PMatMixed(layer_collection, generator, layer_map=layer_map, sub_pmats=sub,
-                         examples=examples)
+        return PMatMixed.from_mapping(layer_collection, generator, default_representation or cls,
+                                      map_layers_to or {}, data=data, examples=examples, **kwargs)
 
     # upstream's parameter names for this class (PMatEKFAC has mv(vs), vTMv(vector))
     def mv(self, v):

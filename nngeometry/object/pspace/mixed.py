@@ -93,7 +93,8 @@ class PMatMixed(PMatAbstract):
             default_representation: a ``PMat*`` class, or ``(class, kwargs)``.
             map_layers_to: ``{key: representation}`` (representations as above), where a key
                 is a layer id (``"net.0"``), a layer type (``LinearLayer``) or its name
-                (``"LinearLayer"``); a layer id takes precedence over a type.
+                (``"LinearLayer"``), or a module class (``nn.Conv2d``, matched against the
+                generator's model); a layer id takes precedence over a type.
             data: ``{group: built PMat}`` instead of ``examples``; groups are named after
                 their representation's class (``"PMatDiag"``; ``"PMatDiag_1"``, ... when a class
                 comes with different kwargs).
@@ -101,18 +102,24 @@ class PMatMixed(PMatAbstract):
             **kwargs: passed to every group's constructor (e.g. ``kfac_approx``).
         """
         lc = resolve_layer_collection(layer_collection, generator, cls.__name__)
+        model = getattr(generator, "model", None)
+        modules = dict(model.named_modules()) if model is not None else {}
         specs = {}
         for lid in lc.layer_ids():
             spec = default_representation
             if lid in map_layers_to:
                 spec = map_layers_to[lid]
             else:
-                layer = lc[lid]
+                layer, module = lc[lid], modules.get(lid)
                 for key, rep in map_layers_to.items():
                     if (isinstance(key, type) and isinstance(layer, key)) or \
+                            (isinstance(key, type) and isinstance(module, key)) or \
                             (isinstance(key, str) and key == type(layer).__name__):
                         spec = rep
                         break
+            rep = spec[0] if isinstance(spec, tuple) else spec
+            if not (isinstance(rep, type) and issubclass(rep, PMatAbstract)):
+                raise TypeError(f"layer '{lid}' is mapped to {rep!r}, not a PMat class")
             specs[lid] = spec
         unknown = [k for k in map_layers_to if isinstance(k, str) and k not in lc.layers
                    and not any(type(lc[lid]).__name__ == k for lid in lc.layer_ids())]
