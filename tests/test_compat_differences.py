@@ -1,5 +1,7 @@
 """The deliberate differences from upstream nngeometry listed in docs/index.md, each against a
 brute-force reference (the other differences have their tests where the docs say)."""
+import copy
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -69,3 +71,44 @@ def test_implicit_products_with_batchnorm_in_eval_mode():
                                atol=1e-12)
     torch.testing.assert_close(PMatDense(generator=g, examples=(x,)).to_torch(), ref,
                                rtol=1e-10, atol=1e-12)
+
+
+class _ReachedTwice(nn.Module):
+    """One Linear registered under two names (``fc`` and ``seq.0``), as upstream's LayerNorm
+    test model does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.seq = nn.Sequential(self.fc, nn.Tanh())
+
+    def forward(self, x):
+        return self.seq(x)
+
+
+def test_implicit_products_leave_a_module_reached_twice_intact():
+    """torch.func.functional_call (torch 2.13) left plain tensors in place of the Parameters of
+    a module reachable under two names: every later use of the model broke."""
+    torch.manual_seed(3)
+    model = _ReachedTwice().to(DT)
+    x = torch.randn(7, 4, dtype=DT)
+    lc = LayerCollection.from_model(model)
+    # on a copy: the brute force uses functional_call, which has the bug
+    J = per_example_jacobian(copy.deepcopy(model), x, lc)
+    ref = torch.einsum("nkp,nkq->pq", J, J) / x.shape[0]
+    M = PMatImplicit(lc, TorchHooksJacobianBackend(model), examples=(x,))
+    v = PVector(lc, vector_repr=torch.randn(lc.numel(), dtype=DT))
+    for _ in range(2):
+        torch.testing.assert_close(M.mv(v).to_torch(), ref @ v.to_torch(), rtol=1e-10,
+                                   atol=1e-12)
+        torch.testing.assert_close(M.vTMv(v), v.to_torch() @ ref @ v.to_torch(), rtol=1e-10,
+                                   atol=1e-12)
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    assert model.seq[0].weight is model.fc.weight
+    # the Hessian's products take the same path
+    from nngeometry import Hessian
+    y = torch.randint(0, 3, (7,))
+    H = Hessian(model, (x, y), PMatImplicit, layer_collection=lc)
+    H.mv(v)
+    H.mv(v)
+    assert all(type(p) is nn.Parameter for p in model.parameters())

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .batches import default_function, prepare_batch
-from .jacobian import (TorchHooksJacobianBackend, _FunctionOfModel, _check_uniform_params,
+from .jacobian import (TorchHooksJacobianBackend, _check_uniform_params, tensors_in_model,
                        _no_fused_attention)
 
 
@@ -300,9 +300,7 @@ class HessianBackend:
             keys = list(params)
             # the model's other parameters are constants: passed detached, so that no autograd
             # graph is built through them and no result requires grad
-            others = {"model." + k: p.detach() for k, p in self.model.named_parameters()
-                      if k not in params}
-            wrapper = _FunctionOfModel(self.model, self.function)
+            others = {k: p.detach() for k, p in self.model.named_parameters() if k not in params}
             device = helper._device()
             for batch in helper._batches(examples):
                 batch = prepare_batch(batch, device)
@@ -311,13 +309,12 @@ class HessianBackend:
                     # buffers are cloned inside the transform: torch.func refuses in-place
                     # updates of captured tensors (training-mode BatchNorm), and the model's
                     # own buffers must stay untouched
-                    bufs = {"model." + k: b.clone() for k, b in self.model.named_buffers()}
+                    bufs = {k: b.clone() for k, b in self.model.named_buffers()}
                     p = {k: torch.where(constant[k], t.detach(), t) if k in constant else t
                          for k, t in p.items()}
-                    with _no_fused_attention():
-                        out = torch.func.functional_call(
-                            wrapper, ({**others, **{"model." + k: t for k, t in p.items()}},
-                                      bufs), batch)
+                    with _no_fused_attention(), tensors_in_model(self.model,
+                                                                 {**others, **p, **bufs}):
+                        out = self.function(*batch)
                     value = self.loss_function(out, *batch)
                     if not isinstance(value, torch.Tensor) or value.numel() != 1:
                         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__

@@ -633,7 +633,6 @@ class TorchHooksJacobianBackend:
                 for pname, mask in layer.constant_entries(m).items():
                     constant[f"{lid}.{pname}" if lid else pname] = mask
             params = {k: p.detach() for k, p in names.items()}
-            wrapper = _FunctionOfModel(self.model, self.function)
             device = self._device()
             for batch in self._batches(examples):
                 batch = prepare_batch(batch, device)
@@ -642,12 +641,11 @@ class TorchHooksJacobianBackend:
                     # buffers (e.g. BatchNorm running statistics, updated in place in training
                     # mode) are copied inside the transform: torch.func refuses in-place updates
                     # of captured tensors, and the model's own buffers must stay untouched
-                    bufs = {"model." + k: b.clone() for k, b in self.model.named_buffers()}
+                    bufs = {k: b.clone() for k, b in self.model.named_buffers()}
                     p = {k: torch.where(constant[k], t.detach(), t) if k in constant else t
                          for k, t in p.items()}
-                    with _no_fused_attention():
-                        out = torch.func.functional_call(
-                            wrapper, ({"model." + k: t for k, t in p.items()}, bufs), batch)
+                    with _no_fused_attention(), tensors_in_model(self.model, {**p, **bufs}):
+                        out = self.function(*batch)
                     return out.reshape(out.shape[0], -1)
 
                 yield batch, params, f
@@ -748,17 +746,38 @@ def _no_fused_attention():
         torch.backends.mha.set_fastpath_enabled(prev)
 
 
-class _FunctionOfModel(torch.nn.Module):
-    """Holds the model as a submodule so that ``torch.func.functional_call`` can swap its
-    parameters while the user's ``function`` (which calls the model) runs."""
+@contextlib.contextmanager
+def tensors_in_model(model, tensors):
+    """Within the block, ``model``'s parameters and buffers named in ``tensors`` (qualified
+    name -> tensor) are these tensors; the original objects are put back on exit, also on an
+    exception. This is what ``torch.func`` transforms differentiate through.
 
-    def __init__(self, model, function):
-        super().__init__()
-        self.model = model
-        self.function = function
-
-    def forward(self, *batch):
-        return self.function(*batch)
+    Every place holding the same original tensor (a module reached under two names, a weight
+    shared by two modules) sees the new one, as ``torch.func.functional_call``'s
+    ``tie_weights`` does. ``functional_call`` is not used: with a module reached under two
+    names it leaves plain tensors in place of the module's Parameters (torch 2.13), which
+    breaks every later use of the model."""
+    owners = {}  # id(original tensor) -> [(module's _parameters or _buffers dict, name)]
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in store.items():
+                if t is not None:
+                    owners.setdefault(id(t), []).append((store, name))
+    swapped = []
+    try:
+        for qualified, new in tensors.items():
+            path, _, name = qualified.rpartition(".")
+            mod = model.get_submodule(path)
+            store = mod._parameters if name in mod._parameters else mod._buffers
+            if name not in store:
+                raise KeyError(f"'{qualified}' is neither a parameter nor a buffer of the model")
+            for holder, key in owners.get(id(store[name]), [(store, name)]):
+                swapped.append((holder, key, holder[key]))
+                holder[key] = new
+        yield
+    finally:
+        for holder, key, original in reversed(swapped):
+            holder[key] = original
 
 
 #: output gradients of one chunk of directions may take this much even when one direction's
