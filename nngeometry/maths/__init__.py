@@ -10,18 +10,14 @@ def kronecker(A, B, transpose=False):
     ``(a0·b0, a1·b1)`` matrix whose block ``(i, j)`` (of shape ``(b0, b1)``) is ``A[i, j] · B``,
     i.e. entry ``[i·b0 + k, j·b1 + l] = A[i, j] B[k, l]`` (the same as ``torch.kron``).
 
-    ``transpose=True`` returns ``(A ⊗ B)ᵀ = Aᵀ ⊗ Bᵀ``, shape ``(a1·b1, a0·b0)``, formed directly
-    (no transposed copy of the product is made).
+    ``transpose=True`` returns ``(A ⊗ B)ᵀ = Aᵀ ⊗ Bᵀ``, shape ``(a1·b1, a0·b0)``.
     """
     if A.dim() != 2 or B.dim() != 2:
         raise ValueError(f"kronecker expects two matrices, got shapes {tuple(A.shape)} and "
                          f"{tuple(B.shape)}: reshape vectors to (d, 1) or (1, d)")
     if transpose:
         A, B = A.t(), B.t()
-    a0, a1 = A.shape
-    b0, b1 = B.shape
-    # broadcast to (a0, b0, a1, b1): index order (i, k, j, l) is row i·b0+k, column j·b1+l
-    return (A[:, None, :, None] * B[None, :, None, :]).reshape(a0 * b0, a1 * b1)
+    return torch.kron(A, B)
 
 
 __all__ = ["kronecker"]

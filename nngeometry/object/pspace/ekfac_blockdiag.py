@@ -5,7 +5,6 @@ import torch
 from ...backend.consumers import Consumer
 from . import _spectral
 from . import _kron as K
-from .abstract import PMatAbstract
 from .ekfac import PMatEKFAC
 
 
