@@ -421,6 +421,13 @@ def test_upstream_parameter_names(s):
     close(Q.vTMv(vs=v), f @ DQ @ f)
     E = PMatEye(s.lc, scaling=torch.tensor(2.0, dtype=DT))
     close(E.solvePVec(v=v, regul=0.5).get_flat_representation(), f / 2.5)
+    # nngeometry 0.4 names the solve method impl=
+    D = PMatDense(s.lc, s.generator(), examples=s.loader)
+    ref = torch.linalg.solve(s.dense + 0.1 * torch.eye(len(f), dtype=DT), f)
+    for how in ("eigh", "cholesky"):
+        close(D.solve(v, 0.1, impl=how).get_flat_representation(), ref)
+    with pytest.raises(ValueError):
+        D.solve(v, 0.1, impl="no such method")
 
 
 # ---------------------------------------------------------------------- 3. mapTMmap shapes

@@ -118,9 +118,12 @@ class PMatAbstract:
         self._unsupported("mm")
 
     # ------------------------------------------------------------------ solves and functions
-    def solve(self, x, regul=1e-8, solve="default", **kwargs):
+    def solve(self, x, regul=1e-8, solve="default", impl=None, **kwargs):
         """Solve ``(M + regul·I) y = x`` for a PVector or PFMap ``x`` (``regul`` is a damping
-        whose exact meaning is the representation's: see its ``solvePVec``)."""
+        whose exact meaning is the representation's: see its ``solvePVec``). ``impl`` is
+        nngeometry 0.4's name of ``solve`` (the method), accepted for its callers."""
+        if impl is not None:
+            solve = impl
         if isinstance(x, PVector):
             return self.solvePVec(x, regul=regul, solve=solve, **kwargs)
         if isinstance(x, PFMap):
