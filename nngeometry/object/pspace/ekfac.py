@@ -505,12 +505,3 @@ class PMatEKFAC(PMatAbstract):
         state.pop("_layout_obj", None)
         return state
 
-    def __setstate__(self, state_dict):
-        """Unpickling: the matrix without its generator (not pickled: see ``__getstate__``), so
-        :meth:`update_diag` needs one to be set again."""
-        parent = getattr(super(), "__setstate__", None)
-        if parent is not None:
-            parent(state_dict)
-        else:
-            self.__dict__.update(state_dict)
-        self.__dict__.setdefault("generator", None)

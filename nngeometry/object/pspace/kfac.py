@@ -393,12 +393,8 @@ class PMatKFAC(PMatAbstract):
         return state
 
     def __setstate__(self, state_dict):
-        """Unpickling: the matrix without its generator (not pickled: see ``__getstate__``)."""
-        parent = getattr(super(), "__setstate__", None)
-        if parent is not None:
-            parent(state_dict)
-        else:
-            self.__dict__.update(state_dict)
-        self.__dict__.setdefault("generator", None)
+        """Unpickling: the matrix without its generator (not pickled: see ``__getstate__``),
+        with empty caches where the state has none."""
+        super().__setstate__(state_dict)
         self.__dict__.setdefault("_eig_cache", {})
         self.__dict__.setdefault("_inv_cache", {})
