@@ -1,6 +1,8 @@
 """Checks shared by the representations that take matrix functions through eigenvalues."""
 import torch
 
+from ._checks import check_invertible, logdet_of
+
 
 def eigh(M):
     """``torch.linalg.eigh`` of a symmetric matrix, robust to what curvature factors look like.
@@ -18,6 +20,10 @@ def eigh(M):
       ``1e-4`` of the mean diagonal converges, in the time of a well-conditioned matrix;
     * a decomposition that still fails is redone in float64 and cast back.
     """
+    if M.dtype in (torch.float16, torch.bfloat16):
+        # no half-precision eigensolver: decompose in float32, hand back the model's dtype
+        evals, evecs = eigh(M.float())
+        return evals.to(M.dtype), evecs.to(M.dtype)
     if M.shape[-1] == 0:
         return torch.linalg.eigh(M)
     # one new matrix, symmetrized and shifted in place (a factor can be 2049² floats)
@@ -46,13 +52,17 @@ def _round_off(ev):
     return 100 * ev.numel() * eps * ev.abs().max().clamp(min=torch.finfo(ev.dtype).tiny)
 
 
-def eigvals_for_power(ev, x):
+def eigvals_for_power(ev, x, rep="PMat", regul=0.0):
     """The eigenvalues of ``M + regul·I`` made ready for the power ``x``.
 
-    Integer powers take them as they are. Fractional powers need ``M + regul·I`` PSD: negative
-    round-off is clipped to 0, a genuinely negative eigenvalue (an indefinite matrix such as a
-    Hessian) is refused rather than silently clipped.
+    Negative powers need ``M + regul·I`` invertible: a zero (or, undamped, round-off)
+    eigenvalue is refused with the shared singular-matrix error. Integer powers take them as
+    they are. Fractional powers need ``M + regul·I`` PSD: negative round-off is clipped to 0, a
+    genuinely negative eigenvalue (an indefinite matrix such as a Hessian) is refused rather
+    than silently clipped.
     """
+    if float(x) < 0:
+        check_invertible(ev, rep, f"pow({x})", regul)
     if float(x).is_integer():
         return ev
     low = ev.min()
@@ -64,11 +74,7 @@ def eigvals_for_power(ev, x):
     return ev.clamp(min=0)
 
 
-def logdet_from_eigvals(ev):
-    """``Σ log λ``, refusing a non-positive eigenvalue (log det undefined) with the fix."""
-    low = ev.min()
-    if low <= 0:
-        raise ValueError(
-            f"log-determinant of a matrix with a non-positive eigenvalue ({low.item():.3g}): "
-            f"M + regul·I must be positive definite; use a regul above {max(-low.item(), 0):.3g}")
-    return torch.log(ev).sum()
+def logdet_from_eigvals(ev, rep="PMat", regul=0.0):
+    """``Σ log λ`` of the eigenvalues of ``M + regul·I``, refusing a negative eigenvalue (the
+    matrix must be positive definite) and a singular matrix (shared error) with the fix."""
+    return logdet_of(ev, rep, regul, require_pd=True)

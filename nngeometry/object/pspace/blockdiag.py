@@ -3,7 +3,7 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
-from . import _spectral
+from . import _checks, _spectral
 from ._spectral import eigvals_for_power, logdet_from_eigvals
 from .abstract import PMatAbstract, check_reduction, reduce_forms
 from .eye import PMatEye
@@ -69,34 +69,53 @@ class PMatBlockDiag(PMatAbstract):
 
     # ------------------------------------------------------------------ solves and functions
     def _block_eigh(self, lid, b):
-        """The eigendecomposition of block ``lid``, computed once (the blocks never change)."""
+        """The eigendecomposition of block ``lid``, computed once, and again when the block is
+        replaced or changed in place (see ``_checks.cached``)."""
         cache = self.__dict__.setdefault("_eigh_cache", {})
-        if lid not in cache:
-            cache[lid] = _spectral.eigh(b)
-        return cache[lid]
+        return _checks.cached(cache, lid, "eigh", lambda: _spectral.eigh(b), b)
+
+    def _check_invertible(self, regul, what):
+        """Refuse an undamped (``regul <= 0``) operation on a singular block (shared
+        singular-matrix error), through the blocks' cached eigenvalues."""
+        if not float(regul) > 0:
+            for lid, _, b in self._blocks():
+                _checks.check_invertible(self._block_eigh(lid, b)[0] + regul, "PMatBlockDiag",
+                                         what, regul, detail=f"block of layer '{lid}' is singular")
 
     def _factorizations(self, regul, solve):
         """``{layer_id: factorization of M_l + regul·I}`` ('lu': ``lu_factor``, 'cholesky': the
-        lower Cholesky factor), computed once per ``(solve, regul)``.
+        lower Cholesky factor), computed once per ``(solve, regul)`` (in float32 for a
+        half-precision matrix).
 
-        Cache policy (as PMatDense): a matrix object is immutable, so nothing is ever
-        invalidated; only the last ``(solve, regul)`` is kept (the factors take as much memory
-        as the blocks); a later solve with the same regul costs triangular solves (about one
-        ``mv``). Not pickled (see ``__getstate__``)."""
+        Cache policy (as PMatDense): only the last ``(solve, regul)`` is kept (the factors take
+        as much memory as the blocks); a later solve with the same regul costs triangular solves
+        (about one ``mv``). Keyed on the blocks themselves (tensors and version counters): a
+        replaced or in-place-updated block refactorizes. Not pickled (see ``__getstate__``)."""
         if solve not in ("lu", "cholesky"):
             raise ValueError(f"unknown factorization '{solve}'")
-        key = (solve, float(regul))
-        cached = self.__dict__.get("_solve_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        self._solve_cache = None  # free the previous factors before making new ones
-        facs = {}
-        for lid, _, b in self._blocks():
-            A = b + regul * self._eye_like(b)
-            facs[lid] = torch.linalg.cholesky(A) if solve == "cholesky" else torch.linalg.lu_factor(A)
-            del A
-        self._solve_cache = (key, facs)
-        return facs
+
+        def compute():
+            facs = {}
+            for lid, _, b in self._blocks():
+                A = _checks.upcast(b + regul * self._eye_like(b))
+                try:
+                    facs[lid] = (torch.linalg.cholesky(A) if solve == "cholesky"
+                                 else torch.linalg.lu_factor(A))
+                except torch.linalg.LinAlgError as e:
+                    if solve == "cholesky":
+                        raise ValueError(
+                            f"PMatBlockDiag.solve(solve='cholesky'): the block of layer '{lid}' "
+                            f"plus regul·I is not positive definite at regul={float(regul):.3g} "
+                            f"(torch: {str(e).splitlines()[0]}); pass a larger regul > 0, or "
+                            "solve='solve' (LU) for an indefinite matrix") from None
+                    raise _checks.singular_error("PMatBlockDiag", "solve", regul,
+                                                 f"block of layer '{lid}' is singular") from None
+                del A
+            return facs
+
+        blocks = [b for _, _, b in self._blocks()]
+        return _checks.cached(self.__dict__, "_solve_cache", (solve, _checks.regul_key(regul)),
+                              compute, blocks)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -108,20 +127,23 @@ class PMatBlockDiag(PMatAbstract):
     def _solver(self, regul, solve):
         """``solve_block(lid, b, rhs) = (M_l + regul I)⁻¹ rhs`` for columns ``rhs`` ``(p_l, m)``,
         reusing cached factorizations ('solve' is LU with partial pivoting, the same result as
-        ``torch.linalg.solve``)."""
+        ``torch.linalg.solve``). ``regul <= 0`` with a singular block is refused."""
+        if solve not in ("default", "solve", "cholesky", "eigh"):
+            raise ValueError(f"unknown solve '{solve}': use 'solve', 'cholesky' or 'eigh'")
+        self._check_invertible(regul, "solve")
         if solve in ("default", "solve"):
             facs = self._factorizations(regul, "lu")
-            return lambda lid, b, rhs: torch.linalg.lu_solve(*facs[lid], rhs)
+            return lambda lid, b, rhs: torch.linalg.lu_solve(
+                *facs[lid], _checks.upcast(rhs)).to(rhs.dtype)
         if solve == "cholesky":
             facs = self._factorizations(regul, "cholesky")
-            return lambda lid, b, rhs: torch.cholesky_solve(rhs, facs[lid])
+            return lambda lid, b, rhs: torch.cholesky_solve(
+                _checks.upcast(rhs), facs[lid]).to(rhs.dtype)
 
-        if solve == "eigh":
-            def solve_block(lid, b, rhs):
-                evals, evecs = self._block_eigh(lid, b)
-                return evecs @ ((evecs.t() @ rhs) / (evals + regul).unsqueeze(1))
-            return solve_block
-        raise ValueError(f"unknown solve '{solve}': use 'solve', 'cholesky' or 'eigh'")
+        def solve_block(lid, b, rhs):
+            evals, evecs = self._block_eigh(lid, b)
+            return evecs @ ((evecs.t() @ rhs) / (evals + regul).unsqueeze(1))
+        return solve_block
 
     def solve_block(self, d, layer_id, regul=1e-8, solve="default"):
         """``(M_l + regul·I)⁻¹`` applied to the rows of ``d``, a tensor of shape ``(..., p_l)``
@@ -162,8 +184,15 @@ class PMatBlockDiag(PMatAbstract):
 
     def inverse(self, regul=1e-8):
         """``(M + regul·I)⁻¹`` as a PMatBlockDiag (block by block, exact)."""
-        return self._new({lid: torch.linalg.inv(b + regul * self._eye_like(b))
-                          for lid, _, b in self._blocks()})
+        self._check_invertible(regul, "inverse")
+        out = {}
+        for lid, _, b in self._blocks():
+            try:
+                out[lid] = torch.linalg.inv(_checks.upcast(b + regul * self._eye_like(b))).to(b.dtype)
+            except torch.linalg.LinAlgError:
+                raise _checks.singular_error("PMatBlockDiag", "inverse", regul,
+                                             f"block of layer '{lid}' is singular") from None
+        return self._new(out)
 
     def pow(self, x, regul=0.0):
         """``(M + regul·I)^x`` block by block, through each block's eigendecomposition
@@ -172,13 +201,14 @@ class PMatBlockDiag(PMatAbstract):
         out = {}
         for lid, _, b in self._blocks():
             evals, evecs = self._block_eigh(lid, b)
-            ev = eigvals_for_power(evals + regul, x)
+            ev = eigvals_for_power(evals + regul, x, "PMatBlockDiag", regul)
             out[lid] = (evecs * ev ** x) @ evecs.t()
         return self._new(out)
 
     def logdet(self, regul=0.0):
         """``log det(M + regul·I) = Σ_l log det(M_l + regul·I)``."""
-        return sum(logdet_from_eigvals(_spectral.eigvalsh(b) + regul) for _, _, b in self._blocks())
+        return sum(logdet_from_eigvals(self._block_eigh(lid, b)[0] + regul, "PMatBlockDiag", regul)
+                   for lid, _, b in self._blocks())
 
     def get_eigendecomposition(self):
         """``{layer_id: (evals ascending, evecs as columns)}`` of each block."""
@@ -233,7 +263,10 @@ class PMatBlockDiag(PMatAbstract):
         return torch.cat([self._block_eigh(lid, b)[0].abs() for lid, _, b in self._blocks()])
 
     def to_torch(self):
-        """The dense ``(P, P)`` block-diagonal matrix (allocates ``P²``)."""
+        """The dense ``(P, P)`` block-diagonal matrix (allocates ``P²``; refused with a
+        MemoryError naming the size when it can't fit)."""
+        _checks.check_dense_fits(self.layer_collection.numel(), self.get_diag().element_size(),
+                                 what="PMatBlockDiag.to_torch(): a dense")
         return torch.block_diag(*[b for _, _, b in self._blocks()])
 
     # ------------------------------------------------------------------ arithmetic

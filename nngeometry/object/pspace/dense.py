@@ -3,7 +3,7 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
-from . import _spectral
+from . import _checks, _spectral
 from ._spectral import eigvals_for_power, logdet_from_eigvals
 from .abstract import PMatAbstract, check_reduction, reduce_forms
 from .eye import PMatEye
@@ -55,31 +55,52 @@ class PMatDense(PMatAbstract):
         return self.data + regul * torch.eye(self.data.shape[0], dtype=self.data.dtype,
                                              device=self.data.device)
 
+    def _check_invertible(self, regul, what):
+        """Refuse (shared singular-matrix error) an undamped ``regul <= 0`` solve of a singular
+        or rank-deficient matrix, through its eigenvalues (computed once, and the ``O(P³)`` the
+        solve costs anyway). With ``regul > 0`` the damped matrix is trusted."""
+        if not float(regul) > 0:
+            evals, _ = self.get_eigendecomposition()
+            _checks.check_invertible(evals + regul, "PMatDense", what, regul)
+
     def _factorization(self, regul, solve):
         """The factorization of ``M + regul·I`` for ``solve`` ('lu': ``lu_factor``, 'cholesky':
-        the lower Cholesky factor), computed once per ``(solve, regul)``.
+        the lower Cholesky factor), computed once per ``(solve, regul)``; in float32 for a
+        half-precision matrix (no half LAPACK kernels).
 
-        Cache policy: a matrix object is immutable (every operation returns a new object), so a
-        factorization never goes stale and is never invalidated. Only the *last* ``(solve,
-        regul)`` is kept, because each factorization is as large as ``M`` (``P²``): a second
-        solve with the same regul costs two triangular solves (``O(P²)``, about one ``mv``)
-        instead of an ``O(P³)`` factorization, and a sweep over reguls does not pile up ``P²``
-        tensors. The cache is not pickled (see ``__getstate__``): it is recomputed on demand.
+        Cache policy: only the *last* ``(solve, regul)`` is kept, because each factorization is
+        as large as ``M`` (``P²``): a second solve with the same regul costs two triangular
+        solves (``O(P²)``, about one ``mv``) instead of an ``O(P³)`` factorization, and a sweep
+        over reguls does not pile up ``P²`` tensors. The cache is keyed on ``data`` itself (the
+        tensor and its version counter, see ``_checks.cached``): replacing ``data`` or changing
+        it in place (``M.data.mul_(0.9).add_(0.1 * new)``) refactorizes. A ``regul`` or ``data``
+        that records an autograd graph is never cached. Not pickled (see ``__getstate__``).
         """
-        key = (solve, float(regul))
-        cached = self.__dict__.get("_solve_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        self._solve_cache = None  # free the previous factorization before making the new one
-        A = self._damped(regul)
-        fac = torch.linalg.cholesky(A) if solve == "cholesky" else torch.linalg.lu_factor(A)
-        del A
-        self._solve_cache = (key, fac)
-        return fac
+        def compute():
+            A = _checks.upcast(self._damped(regul))
+            try:
+                if solve == "cholesky":
+                    return torch.linalg.cholesky(A)
+                return torch.linalg.lu_factor(A)
+            except torch.linalg.LinAlgError as e:
+                raise self._factorization_error(regul, solve, e) from None
+
+        return _checks.cached(self.__dict__, "_solve_cache", (solve, _checks.regul_key(regul)),
+                              compute, self.data)
+
+    def _factorization_error(self, regul, solve, err):
+        if solve == "cholesky":
+            return ValueError(
+                f"PMatDense.solve(solve='cholesky'): M + regul·I is not positive definite at "
+                f"regul={float(regul):.3g} (torch: {str(err).splitlines()[0]}); pass a larger "
+                "regul > 0, or solve='solve' (LU) for an indefinite matrix")
+        return _checks.singular_error("PMatDense", "solve", regul,
+                                      "the LU factorization has a zero pivot")
 
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_solve_cache", None)  # P² and recomputable: not worth pickling
+        state.pop("_eig_snapshot", None)  # weak references: see get_eigendecomposition
         return state
 
     def _solve_matrix(self, b, regul, solve):
@@ -87,19 +108,26 @@ class PMatDense(PMatAbstract):
 
         'solve' (default, LU with partial pivoting: the same factorization and result as
         ``torch.linalg.solve``) and 'cholesky' reuse the factorization of a previous call with
-        the same regul (see :meth:`_factorization`); 'eigh' reuses the eigendecomposition."""
+        the same regul (see :meth:`_factorization`); 'eigh' reuses the eigendecomposition.
+        ``regul <= 0`` on a singular matrix is refused (shared singular-matrix error)."""
+        if solve not in ("default", "solve", "cholesky", "lstsq", "eigh", "eigendecomposition"):
+            raise ValueError(f"unknown solve '{solve}': use 'solve', 'cholesky', 'lstsq' or "
+                             "'eigh' (alias 'eigendecomposition')")
+        self._check_invertible(regul, "solve")
+        out_dtype = b.dtype
+        b = _checks.upcast(b)
         if solve in ("default", "solve"):
             LU, pivots = self._factorization(regul, "lu")
-            return torch.linalg.lu_solve(LU, pivots, b)
-        if solve == "cholesky":
-            return torch.cholesky_solve(b, self._factorization(regul, "cholesky"))
-        if solve == "lstsq":
-            return torch.linalg.lstsq(self._damped(regul), b).solution
-        if solve in ("eigh", "eigendecomposition"):  # the second: nngeometry 0.4's name
+            x = torch.linalg.lu_solve(LU, pivots, b)
+        elif solve == "cholesky":
+            x = torch.cholesky_solve(b, self._factorization(regul, "cholesky"))
+        elif solve == "lstsq":
+            x = torch.linalg.lstsq(_checks.upcast(self._damped(regul)), b).solution
+        else:  # 'eigh', and 'eigendecomposition': nngeometry 0.4's name
             evals, evecs = self.get_eigendecomposition()
-            return evecs @ ((evecs.t() @ b) / (evals + regul).unsqueeze(1))
-        raise ValueError(f"unknown solve '{solve}': use 'solve', 'cholesky', 'lstsq' or 'eigh' "
-                         "(alias 'eigendecomposition')")
+            evals, evecs = _checks.upcast(evals), _checks.upcast(evecs)
+            x = evecs @ ((evecs.t() @ b) / (evals + regul).unsqueeze(1))
+        return x.to(out_dtype)
 
     def solvePVec(self, x, regul=1e-8, solve="solve"):
         """``(M + regul·I)⁻¹ x``, exactly."""
@@ -116,23 +144,33 @@ class PMatDense(PMatAbstract):
         return PFMapDense(self.layer_collection, data=Y.t().reshape(K, n, P))
 
     def inverse(self, regul=1e-8):
-        """``(M + regul·I)⁻¹`` as a PMatDense."""
-        return PMatDense(self.layer_collection, None, data=torch.linalg.inv(self._damped(regul)))
+        """``(M + regul·I)⁻¹`` as a PMatDense (``regul <= 0`` on a singular matrix is
+        refused)."""
+        self._check_invertible(regul, "inverse")
+        A = self._damped(regul)
+        try:
+            inv = torch.linalg.inv(_checks.upcast(A)).to(A.dtype)
+        except torch.linalg.LinAlgError:
+            raise _checks.singular_error("PMatDense", "inverse", regul,
+                                         "the LU factorization has a zero pivot") from None
+        return PMatDense(self.layer_collection, None, data=inv)
 
     def pow(self, x, regul=0.0):
         """``(M + regul·I)^x`` through the eigendecomposition (for fractional powers, negative
-        round-off eigenvalues are clipped to 0 and a genuinely indefinite matrix is refused)."""
+        round-off eigenvalues are clipped to 0 and a genuinely indefinite matrix is refused;
+        for negative powers a singular ``M + regul·I`` is refused)."""
         evals, evecs = self.get_eigendecomposition()
-        ev = eigvals_for_power(evals + regul, x)
+        ev = eigvals_for_power(evals + regul, x, "PMatDense", regul)
         return PMatDense(self.layer_collection, None, data=(evecs * ev ** x) @ evecs.t())
 
     def logdet(self, regul=0.0):
         evals, _ = self.get_eigendecomposition()
-        return logdet_from_eigvals(evals + regul)
+        return logdet_from_eigvals(evals + regul, "PMatDense", regul)
 
     def compute_eigendecomposition(self, impl="eigh"):
         """Eigendecomposition ``M = V diag(λ) Vᵀ`` of the symmetric matrix, cached in ``evals``
-        (ascending) and ``evecs`` (columns, ``(P, P)``).
+        (ascending) and ``evecs`` (columns, ``(P, P)``); recomputed by
+        :meth:`get_eigendecomposition` when ``data`` is replaced or changed in place.
 
         ``impl='eigh'`` (default): ``torch.linalg.eigh``. ``impl='svd'``: from the SVD
         ``M = U diag(s) Vᵀ``; for a symmetric matrix the right singular vectors are eigenvectors
@@ -143,19 +181,28 @@ class PMatDense(PMatAbstract):
         if impl == "eigh":
             self.evals, self.evecs = _spectral.eigh(self.data)
         elif impl == "svd":
-            _, s, Vh = torch.linalg.svd(self.data)
+            D = _checks.upcast(self.data)
+            _, s, Vh = torch.linalg.svd(D)
             V = Vh.transpose(-2, -1)
-            signs = torch.where(((self.data @ V) * V).sum(dim=0) < 0, -1.0, 1.0).to(s.dtype)
+            signs = torch.where(((D @ V) * V).sum(dim=0) < 0, -1.0, 1.0).to(s.dtype)
             evals = s * signs
             order = torch.argsort(evals)
-            self.evals, self.evecs = evals[order], V[:, order]
+            self.evals = evals[order].to(self.data.dtype)
+            self.evecs = V[:, order].to(self.data.dtype)
         else:
             raise NotImplementedError(
                 f"unknown eigendecomposition implementation '{impl}'; use 'eigh' or 'svd'")
+        # what it was computed from (see _checks.Snapshot); a graph-recording one is not reused
+        self._eig_snapshot = None if _checks.needs_graph(self.data) \
+            else _checks.Snapshot([self.data])
 
     def get_eigendecomposition(self):
-        """``(evals ascending, evecs as columns)``, computed once."""
-        if getattr(self, "evals", None) is None:
+        """``(evals ascending, evecs as columns)``, computed once, and again when ``data`` has
+        been replaced or changed in place since (``evals``/``evecs`` set by hand, as upstream
+        code may do, are used as they are)."""
+        if getattr(self, "evals", None) is None or (
+                "_eig_snapshot" in self.__dict__ and (
+                    self._eig_snapshot is None or not self._eig_snapshot.matches([self.data]))):
             self.compute_eigendecomposition()
         return self.evals, self.evecs
 
@@ -226,62 +273,6 @@ class PMatDense(PMatAbstract):
         return other.data
 
 
-def _check_dense_fits(p, itemsize, limit_bytes=None):
-    """Refuse, with the size, a dense ``P × P`` matrix that can't be allocated."""
-    need = p * p * itemsize
-    if limit_bytes is None:
-        limit_bytes = _available_memory()
-    if limit_bytes is not None and need > limit_bytes:
-        raise MemoryError(
-            f"a dense {p} × {p} matrix needs {need / 2**30:.1f} GiB, more than the "
-            f"{limit_bytes / 2**30:.1f} GiB available; use a lower-memory representation "
-            "(PMatKFAC, PMatEKFAC, PMatDiag, PMatBlockDiag, PMatImplicit) or a smaller "
-            "LayerCollection")
-
-
-def _available_memory():
-    """Bytes this process can still allocate, as far as is known: the least of the system's
-    ``MemAvailable``, what the cgroup's memory limit leaves (containers, where ``MemAvailable``
-    shows the host) and what the address-space limit ``RLIMIT_AS`` leaves; None if none is
-    known (then the dense matrix is attempted)."""
-    known = []
-    meminfo = _read_kb("/proc/meminfo", "MemAvailable:")
-    if meminfo is not None:
-        known.append(meminfo)
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit, usage = _read_int(limit_file), _read_int(usage_file)
-        if limit is not None and usage is not None and limit < 2 ** 60:  # huge = unlimited
-            known.append(max(limit - usage, 0))
-            break
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-        if soft != resource.RLIM_INFINITY:
-            used = _read_kb("/proc/self/status", "VmSize:")
-            known.append(max(soft - (used or 0), 0))
-    except (ImportError, OSError, ValueError):
-        pass
-    return min(known) if known else None
-
-
-def _read_kb(path, key):
-    """The value in bytes of a ``key: N kB`` line of a /proc file, or None."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _read_int(path):
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):  # missing file, or "max" (no limit)
-        return None
+# the size check is shared by every representation's dense allocations: see _checks
+_check_dense_fits = _checks.check_dense_fits
+_available_memory = _checks._available_memory

@@ -1,0 +1,250 @@
+"""Guards shared by every representation: singular matrices, stale caches, half-precision
+factorizations and dense allocations that cannot fit.
+
+* :func:`check_invertible` / :func:`logdet_of`: one test and one message for "``M + regul·I`` is
+  singular", so that no representation returns inf/NaN (or round-off garbage) from ``solve``,
+  ``inverse``, ``pow(x < 0)`` or ``logdet``.
+* :func:`cached`: caches of factorizations keyed on what they were computed from (the data
+  tensors' identity and version counters, the damping), so an in-place update of ``.data``
+  (``F.data.mul_(0.9).add_(0.1 * new)``) is seen, and nothing holding an autograd graph is kept.
+* :func:`upcast` / :func:`factor_dtype`: LAPACK has no float16 / bfloat16 kernels; factorizations
+  run in float32 and results are cast back.
+* :func:`check_dense_fits`: a ``P × P`` allocation is refused, with its size, before the
+  allocator fails (or the machine swaps).
+"""
+import weakref
+
+import torch
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------- singular matrices
+class SingularMatrixError(ValueError):
+    """``M + regul·I`` is singular (or numerically so): the operation has no finite result."""
+
+
+def _is_damped(regul):
+    """Whether the caller asked for a positive damping (then values are trusted as computed)."""
+    return float(regul) > 0
+
+
+def singular_error(rep, what, regul, detail=""):
+    """The shared error for an operation that needs ``M + regul·I`` invertible."""
+    return SingularMatrixError(
+        f"{rep}.{what}: the matrix is singular at this damping (regul={float(regul):.3g})"
+        + (f"; {detail}" if detail else "") + ": its inverse, negative powers and "
+        "log-determinant are infinite. Pass a damping regul > 0 (e.g. regul=1e-3 · trace/P), "
+        "or use pinv() for the pseudo-inverse")
+
+
+def round_off_tol(values, scale=None):
+    """Size below which a value computed by a factorization of a matrix of norm ``scale``
+    (default ``max |values|``) is round-off: ``n · eps · scale`` with ``n`` the number of values
+    (the usual numerical-rank tolerance, as ``torch.linalg.matrix_rank``)."""
+    values = values.detach()
+    if scale is None:
+        scale = values.abs().max() if values.numel() else values.new_zeros(())
+    eps = torch.finfo(values.dtype).eps
+    return float(max(values.numel(), 1) * eps * scale)
+
+
+def check_invertible(values, rep, what, regul, exact=False, detail=""):
+    """Refuse with :func:`singular_error` when a value of ``values`` (the eigenvalues, or
+    pivots, of ``M + regul·I``) is zero.
+
+    ``exact=True``: the values are stored exactly (a diagonal), only an exact 0 is singular.
+    Otherwise they come out of a factorization: an undamped matrix (``regul <= 0``) is singular
+    when a value is round-off (``|v| <= n·eps·max|v|``, the numerical rank test); a damped one
+    (``regul > 0``, the user's choice of damping) only when a value is exactly 0."""
+    if values.numel() == 0:
+        return
+    v = values.detach()
+    small = v.abs().min()
+    tol = 0.0 if exact or _is_damped(regul) else round_off_tol(v)
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{rep}.{what}: the matrix has non-finite entries (NaN or Inf); check "
+                         "how it was built or updated")
+    if float(small) <= tol:
+        if not detail:
+            detail = (f"its smallest |eigenvalue|, {float(small):.3g}, is round-off "
+                      f"(≤ {tol:.3g})" if tol > 0 else "it has a zero eigenvalue")
+        raise singular_error(rep, what, regul, detail)
+
+
+def logdet_of(values, rep, regul, exact=False, require_pd=True, multiplicity=1):
+    """``log det(M + regul·I) = Σ log λ`` from the eigenvalues (or diagonal pivots) ``values``
+    of ``M + regul·I``, each counted ``multiplicity`` times.
+
+    Singular (see :func:`check_invertible`): the shared singular error. ``require_pd=True``: a
+    negative value is refused (log det of a matrix that should be positive definite, e.g. the
+    damped Fisher of a Laplace posterior); ``require_pd=False``: ``log |det|`` when
+    ``det > 0`` (an even number of negative values), the same clear error when ``det < 0``."""
+    v = values.detach()
+    low = float(v.min()) if v.numel() else 0.0
+    if require_pd and low < -(0.0 if exact or _is_damped(regul) else round_off_tol(v)):
+        neg = 1  # a genuinely negative eigenvalue: refused before asking about singularity
+    else:
+        check_invertible(values, rep, "logdet", regul, exact=exact)
+        neg = int((v < 0).sum()) * multiplicity
+    if neg and (require_pd or neg % 2):
+        raise ValueError(
+            f"{rep}.logdet: log-determinant of a matrix with a negative eigenvalue ({low:.3g}"
+            + ("" if require_pd else f"; {neg} negative, so det < 0") + "): M + regul·I must be "
+            f"positive definite; use a regul above {-low:.3g}")
+    return multiplicity * torch.log(values.abs()).sum()
+
+
+def check_regul_nonnegative(rep, what, regul, why):
+    if float(regul) < 0:
+        raise ValueError(f"{rep}.{what}: regul={float(regul):.3g} is negative; {why}. Pass "
+                         "regul ≥ 0")
+
+
+# ---------------------------------------------------------------------- caches
+def tensors_of(obj):
+    """Every tensor in ``obj`` (a tensor, or nested dicts / tuples / lists of them)."""
+    out = []
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if torch.is_tensor(o):
+            out.append(o)
+        elif isinstance(o, dict):
+            stack.extend(reversed(list(o.values())))
+        elif isinstance(o, (tuple, list)):
+            stack.extend(reversed(list(o)))
+    return out
+
+
+def needs_graph(*objs):
+    """Whether a result computed now from ``objs`` (tensors, numbers, nested containers)
+    records an autograd graph: such a result must not be cached (a second ``backward`` or
+    ``autograd.grad`` through a reused graph fails, and a graph-free cached value reused where
+    a graph is wanted would silently drop gradients)."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for o in objs for t in tensors_of(o))
+
+
+class Snapshot:
+    """What a cached value was computed from: weak references to the source tensors (a
+    tensor freed and replaced by a new one at the same address is not mistaken for it), their
+    version counters (bumped by every in-place operation: ``mul_``, ``add_``, ``copy_``,
+    indexed assignment) and data pointers. Checking it costs ``O(number of tensors)``.
+
+    In-place changes that bypass the version counter are not seen: writes through
+    ``tensor.data`` (a separate counter) or through a NumPy view."""
+
+    __slots__ = ("refs", "state")
+
+    def __init__(self, tensors):
+        self.refs = tuple(weakref.ref(t) for t in tensors)
+        self.state = tuple((t._version, t.data_ptr()) for t in tensors)
+
+    def matches(self, tensors):
+        if len(tensors) != len(self.refs):
+            return False
+        return all(r() is t and s == (t._version, t.data_ptr())
+                   for r, s, t in zip(self.refs, self.state, tensors))
+
+
+def regul_key(regul):
+    """Cache key of a damping: its value, or None (do not cache) for a tensor that records a
+    graph (see :func:`needs_graph`)."""
+    if needs_graph(regul):
+        return None
+    return float(regul)
+
+
+def cached(store, name, key, compute, sources):
+    """``compute()``, reused from ``store[name]`` while ``key`` is the same and the tensors of
+    ``sources`` are the same objects, unchanged since (see :class:`Snapshot`).
+
+    Only the last key is kept (a factorization is as large as the matrix: a sweep over reguls
+    must not pile them up); the previous value is freed before computing the new one. ``key``
+    None, or sources that record an autograd graph, are computed and not cached."""
+    tensors = tensors_of(sources)
+    entry = store.get(name)
+    if key is not None and entry is not None and entry[0] == key and entry[1].matches(tensors):
+        return entry[2]
+    store.pop(name, None)
+    value = compute()
+    if key is not None and not needs_graph(tensors):
+        store[name] = (key, Snapshot(tensors), value)
+    return value
+
+
+# ---------------------------------------------------------------------- half precision
+def factor_dtype(dtype):
+    """The dtype a factorization runs in: float32 for float16 / bfloat16 (no LAPACK / cuSOLVER
+    kernels for them), else ``dtype``."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def upcast(t):
+    """``t`` in :func:`factor_dtype` (a copy for half precision, ``t`` itself otherwise)."""
+    return t.to(factor_dtype(t.dtype))
+
+
+# ---------------------------------------------------------------------- dense allocations
+def check_dense_fits(p, itemsize, limit_bytes=None, what=None, count=1):
+    """Refuse, with the size, ``count`` dense ``p × p`` matrices of ``itemsize`` bytes per
+    entry that can't be allocated (more than the memory this process can still get)."""
+    need = count * p * p * itemsize
+    if limit_bytes is None:
+        limit_bytes = _available_memory()
+    if limit_bytes is not None and need > limit_bytes:
+        raise MemoryError(
+            f"{what or 'a dense'} {p} × {p} matrix needs {need / 2**30:.1f} GiB, more than the "
+            f"{limit_bytes / 2**30:.1f} GiB available; use a lower-memory representation "
+            "(PMatKFAC, PMatEKFAC, PMatDiag, PMatBlockDiag, PMatImplicit) or its own operations "
+            "(mv, solve, get_diag, ...) instead of a dense matrix, or a smaller LayerCollection")
+
+
+def _available_memory():
+    """Bytes this process can still allocate, as far as is known: the least of the system's
+    ``MemAvailable``, what the cgroup's memory limit leaves (containers, where ``MemAvailable``
+    shows the host) and what the address-space limit ``RLIMIT_AS`` leaves; None if none is
+    known (then the dense matrix is attempted)."""
+    known = []
+    meminfo = _read_kb("/proc/meminfo", "MemAvailable:")
+    if meminfo is not None:
+        known.append(meminfo)
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2 ** 60:  # huge = unlimited
+            known.append(max(limit - usage, 0))
+            break
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            used = _read_kb("/proc/self/status", "VmSize:")
+            known.append(max(soft - (used or 0), 0))
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(known) if known else None
+
+
+def _read_kb(path, key):
+    """The value in bytes of a ``key: N kB`` line of a /proc file, or None."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _read_int(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):  # missing file, or "max" (no limit)
+        return None
