@@ -36,7 +36,10 @@ class PMatAbstract:
         self.data = data
 
     def _build(self, examples, **kwargs):
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be built from examples (it is the result of an "
+            "operation on another representation, or takes its data directly); build one of the "
+            "representations listed in docs/representations.md instead")
 
     def _unsupported(self, what):
         """Default for an operation a representation does not implement."""

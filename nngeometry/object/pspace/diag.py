@@ -3,6 +3,7 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
+from . import _checks
 from .abstract import PMatAbstract, check_reduction, reduce_forms
 from .eye import PMatEye
 
@@ -51,31 +52,47 @@ class PMatDiag(PMatAbstract):
     def _damped(self, regul):
         return self.data + regul
 
+    def _damped_invertible(self, regul, what):
+        """``diag(M) + regul`` after refusing a zero entry (shared singular-matrix error; the
+        entries are stored exactly, so only an exact 0 is singular)."""
+        d = self._damped(regul)
+        _checks.check_invertible(d, "PMatDiag", what, regul, exact=True,
+                                 detail=f"{int((d == 0).sum())} diagonal entries of M + regul·I "
+                                        "are 0 (parameters with no gradient)")
+        return d
+
     def solvePVec(self, x, regul=1e-8, solve="default"):
         """``(diag(M) + regul·I)⁻¹ x`` (exact; ``solve`` is accepted for API compatibility and
         must be ``'default'`` or ``'solve'``)."""
         self._check_pvector(x)
         _check_solve(solve)
         return PVector(self.layer_collection,
-                       vector_repr=x.get_flat_representation() / self._damped(regul))
+                       vector_repr=x.get_flat_representation() / self._damped_invertible(regul, "solve"))
 
     def solvePFMap(self, x, regul=1e-8, solve="default"):
         """``(diag(M) + regul·I)⁻¹`` applied to every row of the PFMap."""
         self._check_pfmap(x)
         _check_solve(solve)
-        return PFMapDense(self.layer_collection, data=x.to_torch() / self._damped(regul))
+        return PFMapDense(self.layer_collection,
+                          data=x.to_torch() / self._damped_invertible(regul, "solve"))
 
     def inverse(self, regul=1e-8):
         """``(diag(M) + regul·I)⁻¹`` as a PMatDiag."""
-        return self._new(1.0 / self._damped(regul))
+        return self._new(1.0 / self._damped_invertible(regul, "inverse"))
 
     def pow(self, x, regul=0.0):
         """``(diag(M) + regul·I)^x`` as a PMatDiag."""
-        return self._new(self._damped(regul) ** x)
+        d = self._damped_invertible(regul, f"pow({x})") if float(x) < 0 else self._damped(regul)
+        if not float(x).is_integer() and bool((d < 0).any()):
+            raise ValueError(
+                f"PMatDiag.pow({x}): fractional power of a matrix with a negative diagonal entry "
+                f"({float(d.min()):.3g}): M + regul·I is not positive semi-definite; use a regul "
+                f"above {-float(d.min()):.3g} or an integer power")
+        return self._new(d ** x)
 
     def logdet(self, regul=0.0):
         """``log det(diag(M) + regul·I) = Σ_p log(M_pp + regul)``."""
-        return torch.log(self._damped(regul)).sum()
+        return _checks.logdet_of(self._damped(regul), "PMatDiag", regul, exact=True)
 
     def pinv(self, atol=1e-8):
         """Pseudo-inverse: ``1/M_pp`` where ``|M_pp| > atol``, 0 elsewhere, as a PMatDiag."""
@@ -97,7 +114,10 @@ class PMatDiag(PMatAbstract):
         return self.data.abs()
 
     def to_torch(self):
-        """The dense ``(P, P)`` diagonal matrix (allocates ``P²``)."""
+        """The dense ``(P, P)`` diagonal matrix (allocates ``P²``; refused with a MemoryError
+        naming the size when it can't fit)."""
+        _checks.check_dense_fits(self.data.numel(), self.data.element_size(),
+                                 what="PMatDiag.to_torch(): a dense")
         return torch.diag(self.data)
 
     # ------------------------------------------------------------------ arithmetic

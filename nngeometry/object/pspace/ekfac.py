@@ -4,6 +4,7 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
+from . import _checks
 from . import _kron as K
 from .abstract import PMatAbstract
 from .eye import PMatEye
@@ -306,6 +307,9 @@ class PMatEKFAC(PMatAbstract):
         its columns follow the concatenated ``D_b.reshape(-1)``."""
         if layer_id is None:
             return {lid: self.get_KFE(lid, split_weight_bias=split_weight_bias) for lid in self._store}
+        _checks.check_dense_fits(self.layer_collection[layer_id].numel(),
+                                 self._layer_diag(layer_id).element_size(),
+                                 what=f"the eigenbasis of layer '{layer_id}': a dense")
         U = torch.block_diag(*[
             torch.kron(K.dense_basis(UG, D).contiguous(), K.dense_basis(UA, D).contiguous())
             for UA, UG, D in self._entries(layer_id)])
@@ -358,10 +362,17 @@ class PMatEKFAC(PMatAbstract):
             raise ValueError(f"{type(self).__name__} damps exactly in its eigenbasis; damping "
                              f"'{damping}' is not available (use damping='exact')")
 
+    def _check_invertible(self, regul, what):
+        """Refuse (shared singular-matrix error) when ``D + regul`` has a zero, or undamped
+        (``regul <= 0``) a round-off, value: the eigenvalues of ``M + regul·I``."""
+        values = torch.cat([ent[2].reshape(-1) for _, ent in self._units()])
+        _checks.check_invertible(values + regul, type(self).__name__, what, regul)
+
     def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
         """``(M + regul·I)⁻¹ x``, exactly (``U (D + regul)⁻¹ Uᵀ x``)."""
         self._check_pvector(x)
         self._check_solve(solve, damping)
+        self._check_invertible(regul, "solve")
         f = lambda D: 1.0 / (D + regul)  # noqa: E731
         return PVector(self.layer_collection, vector_repr=self._apply(
             x.get_flat_representation(), lambda lid, V: self._scale_layer(lid, V, f)))
@@ -369,6 +380,7 @@ class PMatEKFAC(PMatAbstract):
     def solvePFMap(self, x, regul=1e-8, solve="default", damping="exact"):
         self._check_pfmap(x)
         self._check_solve(solve, damping)
+        self._check_invertible(regul, "solve")
         f = lambda D: 1.0 / (D + regul)  # noqa: E731
         return PFMapDense(self.layer_collection, data=self._apply(x.to_torch(), lambda lid, V: self._scale_layer(lid, V, f)))
 
@@ -383,6 +395,8 @@ class PMatEKFAC(PMatAbstract):
         if impl != "default":
             raise ValueError(f"unknown impl '{impl}' for {type(self).__name__}.pow: use 'default'")
         x = pow  # upstream's parameter name shadows the builtin; only `x` below
+        if float(x) < 0:
+            self._check_invertible(regul, "inverse" if x == -1 else f"pow({x})")
 
         def f(D):
             d = D + regul
@@ -405,7 +419,8 @@ class PMatEKFAC(PMatAbstract):
 
     def logdet(self, regul=0.0):
         """``log det(M + regul·I) = Σ log(D + regul)``."""
-        return sum(torch.log(ent[2] + regul).sum() for _, ent in self._units())
+        values = torch.cat([ent[2].reshape(-1) for _, ent in self._units()])
+        return _checks.logdet_of(values + regul, type(self).__name__, regul)
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self, v=None, split_weight_bias=True):
@@ -450,6 +465,8 @@ class PMatEKFAC(PMatAbstract):
         """Dense ``(P, P)``; inside a layer the flat order (``split_weight_bias=True``) or the
         Kronecker order (see :meth:`get_block_torch`)."""
         P = self.layer_collection.numel()
+        _checks.check_dense_fits(P, self.get_diag().element_size(),
+                                 what=f"{type(self).__name__}.to_torch(): a dense")
         out = None
         for lid in self._store:
             B = self.get_block_torch(lid, split_weight_bias=split_weight_bias)

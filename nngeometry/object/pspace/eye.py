@@ -3,6 +3,7 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
+from . import _checks
 from .abstract import PMatAbstract, check_reduction, reduce_forms, resolve_layer_collection
 
 
@@ -77,15 +78,22 @@ class PMatEye(PMatAbstract):
         raise TypeError(f"mm takes a PMat, got {type(other).__name__}")
 
     # ------------------------------------------------------------------ solves and functions
+    def _damped_invertible(self, regul, what):
+        d = self.data + regul
+        _checks.check_invertible(d.reshape(1), "PMatEye", what, regul, exact=True,
+                                 detail="scaling + regul = 0")
+        return d
+
     def solvePVec(self, v, regul=0.0, solve="default"):
         """``v / (s + regul)``."""
         self._check_pvector(v)
         return PVector(self.layer_collection,
-                       vector_repr=v.get_flat_representation() / (self.data + regul))
+                       vector_repr=v.get_flat_representation() / self._damped_invertible(regul, "solve"))
 
     def solvePFMap(self, x, regul=0.0, solve="default"):
         self._check_pfmap(x)
-        return PFMapDense(self.layer_collection, data=x.to_torch() / (self.data + regul))
+        return PFMapDense(self.layer_collection,
+                          data=x.to_torch() / self._damped_invertible(regul, "solve"))
 
     def solve(self, x, regul=0.0, solve="default", **kwargs):
         """``(s + regul)⁻¹ x`` for a PVector or PFMap (exact)."""
@@ -93,14 +101,19 @@ class PMatEye(PMatAbstract):
 
     def inverse(self, regul=0.0):
         """``((s + regul)·I)⁻¹`` as a PMatEye."""
-        return self._new(1.0 / (self.data + regul))
+        return self._new(1.0 / self._damped_invertible(regul, "inverse"))
 
     def pow(self, x, regul=0.0):
-        return self._new((self.data + regul) ** x)
+        d = self._damped_invertible(regul, f"pow({x})") if float(x) < 0 else self.data + regul
+        if not float(x).is_integer() and float(d) < 0:
+            raise ValueError(f"PMatEye.pow({x}): fractional power of a negative scaling "
+                             f"({float(d):.3g}); use a regul above {-float(d):.3g}")
+        return self._new(d ** x)
 
     def logdet(self, regul=0.0):
         """``P · log(s + regul)``."""
-        return self.layer_collection.numel() * torch.log(self.data + regul)
+        return _checks.logdet_of((self.data + regul).reshape(1), "PMatEye", regul, exact=True,
+                                 multiplicity=self.layer_collection.numel())
 
     def pinv(self, atol=1e-8):
         """Pseudo-inverse: ``(1/s)·I``, or the zero matrix when ``|s| ≤ atol``."""
@@ -123,7 +136,10 @@ class PMatEye(PMatAbstract):
         return self.data.abs().reshape(1)  # all P singular values are |s|
 
     def to_torch(self):
-        """The dense ``(P, P)`` matrix ``s·I`` (allocates ``P²``)."""
+        """The dense ``(P, P)`` matrix ``s·I`` (allocates ``P²``; refused with a MemoryError
+        naming the size when it can't fit)."""
+        _checks.check_dense_fits(self.layer_collection.numel(), self.data.element_size(),
+                                 what="PMatEye.to_torch(): a dense")
         return self.data * torch.eye(self.layer_collection.numel(), dtype=self.data.dtype,
                                      device=self.data.device)
 

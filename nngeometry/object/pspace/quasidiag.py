@@ -21,6 +21,7 @@ import torch
 from ...backend.consumers import QuasiDiagCovariance
 from ..map import PFMapDense
 from ..vector import PVector
+from . import _checks
 from .abstract import PMatAbstract
 from .eye import PMatEye
 
@@ -52,9 +53,12 @@ class _PerLayer(PMatAbstract):
         return PFMapDense(self.layer_collection, data=self._apply(pfmap.to_torch()))
 
     def to_torch(self):
-        """The dense ``(P, P)`` matrix (allocates ``P²``)."""
+        """The dense ``(P, P)`` matrix (allocates ``2 P²``: the identity and the result;
+        refused with a MemoryError naming the size when it can't fit)."""
         p = self.layer_collection.numel()
         d = self.get_diag()
+        _checks.check_dense_fits(p, d.element_size(), count=2,
+                                 what=f"{type(self).__name__}.to_torch(): a dense")
         return self._apply(torch.eye(p, dtype=d.dtype, device=d.device))
 
     def trace(self):
@@ -102,14 +106,39 @@ class PMatQuasiDiag(_PerLayer):
         return self._join(yw, yb)
 
     # ------------------------------------------------------------------ solves and functions
-    def _schur(self, lid, regul):
-        """``(1/(a+λ), c/(a+λ), 1/σ)`` of every unit of a coupled layer."""
+    def _schur(self, lid, regul, what="solve"):
+        """``(1/(a+λ), c/(a+λ), 1/σ)`` of every unit of a coupled layer, after refusing a
+        singular unit (shared singular-matrix error): an ``a + λ`` that is 0, or a Schur
+        complement ``σ`` at round-off level (its cancellation error is ``n_in · eps`` times
+        ``|s + λ| + Σ c²/|a + λ|``; exactly 0 when a regul > 0 was given)."""
         d, c = self.data[lid]
         dw, db = self._split(lid, d, c.shape)
-        inv_a = 1.0 / (dw + regul)
+        aw = dw + regul
+        _checks.check_invertible(aw, "PMatQuasiDiag", what, regul, exact=True,
+                                 detail=f"layer '{lid}' has a weight whose diagonal entry plus "
+                                        "regul is 0")
+        inv_a = 1.0 / aw
         a_inv_c = c * inv_a
-        sigma = db + regul - (c * a_inv_c).sum(-1)
+        sb = db + regul
+        sigma = sb - (c * a_inv_c).sum(-1)
+        sig = sigma.detach()
+        if _checks._is_damped(regul):
+            tol = torch.zeros_like(sig)
+        else:
+            size = sb.detach().abs() + (c * a_inv_c).detach().abs().sum(-1)
+            tol = (c.shape[-1] + 1) * torch.finfo(sig.dtype).eps * size
+        if bool((sig.abs() <= tol).any()):
+            raise _checks.singular_error(
+                "PMatQuasiDiag", what, regul,
+                f"the Schur complement of {int((sig.abs() <= tol).sum())} output unit(s) of layer "
+                f"'{lid}' is 0 (smallest |σ| {float(sig.abs().min()):.3g})")
         return inv_a, a_inv_c, 1.0 / sigma
+
+    def _diag_invertible(self, lid, d, regul, what):
+        dd = d + regul
+        _checks.check_invertible(dd, "PMatQuasiDiag", what, regul, exact=True,
+                                 detail=f"layer '{lid}' has a diagonal entry plus regul equal to 0")
+        return dd
 
     def _solve_rows(self, X, regul):
         lc = self.layer_collection
@@ -117,7 +146,7 @@ class PMatQuasiDiag(_PerLayer):
         for lid, d, c, shape in self._items():
             R = X[..., lc.slice(lid)]
             if c is None:
-                out.append(R / (d + regul))
+                out.append(R / self._diag_invertible(lid, d, regul, "solve"))
                 continue
             inv_a, a_inv_c, inv_sigma = self._schur(lid, regul)
             u, beta = self._split(lid, R, c.shape)
@@ -148,9 +177,9 @@ class PMatQuasiDiag(_PerLayer):
         data = {}
         for lid, d, c, shape in self._items():
             if c is None:
-                data[lid] = (1.0 / (d + regul), None, None)
+                data[lid] = (1.0 / self._diag_invertible(lid, d, regul, "inverse"), None, None)
             else:
-                data[lid] = self._schur(lid, regul)
+                data[lid] = self._schur(lid, regul, "inverse")
         return PMatQuasiDiagInverse(self.layer_collection, None, data=data)
 
     def pow(self, x, regul=0.0):
@@ -167,15 +196,21 @@ class PMatQuasiDiag(_PerLayer):
             "PMatBlockDiag, whose powers are computed exactly")
 
     def logdet(self, regul=0.0):
-        """``log det(M + regul·I) = Σ_units (Σ_i log(a_oi + λ) + log σ_o)``."""
-        total = 0.0
+        """``log det(M + regul·I) = Σ_units (Σ_i log(a_oi + λ) + log σ_o)``.
+
+        The quasi-diagonal of a PSD matrix is not PSD in general (``σ_o`` can be negative):
+        ``log |det|`` is returned when ``det > 0`` (an even number of negative pivots ``a + λ``,
+        ``σ``: the pivots of the unit blocks' LDLᵀ factorization, whose signs are those of the
+        eigenvalues), and refused with the fix when ``det <= 0``."""
+        pivots = []
         for lid, d, c, shape in self._items():
             if c is None:
-                total = total + torch.log(d + regul).sum()
+                pivots.append(self._diag_invertible(lid, d, regul, "logdet"))
             else:
-                inv_a, _, inv_sigma = self._schur(lid, regul)
-                total = total - torch.log(inv_a).sum() - torch.log(inv_sigma).sum()
-        return total
+                inv_a, _, inv_sigma = self._schur(lid, regul, "logdet")
+                pivots += [(1.0 / inv_a).reshape(-1), 1.0 / inv_sigma]
+        return _checks.logdet_of(torch.cat(pivots), "PMatQuasiDiag", regul, exact=True,
+                                 require_pd=False)
 
     def mm(self, other):
         raise NotImplementedError(
@@ -266,6 +301,12 @@ class PMatQuasiDiagInverse(_PerLayer):
     def _scaled(self, x):
         return PMatQuasiDiagInverse(self.layer_collection, None, data={
             lid: (a * x, z, None if s is None else s * x) for lid, (a, z, s) in self.data.items()})
+
+    def _build(self, examples, **kwargs):
+        raise NotImplementedError(
+            "PMatQuasiDiagInverse is what PMatQuasiDiag.inverse(regul) returns and cannot be "
+            "built from examples: build F = FIM(..., PMatQuasiDiag) (or "
+            "PMatQuasiDiag(generator=..., examples=...)), then F.inverse(regul=...)")
 
     def solvePVec(self, x, regul=1e-8, solve="default"):
         raise NotImplementedError(
