@@ -164,6 +164,8 @@ def cached(store, name, key, compute, sources):
     Only the last key is kept (a factorization is as large as the matrix: a sweep over reguls
     must not pile them up); the previous value is freed before computing the new one. ``key``
     None, or sources that record an autograd graph, are computed and not cached."""
+    if isinstance(key, tuple) and any(k is None for k in key):
+        key = None  # e.g. (solve, regul_key(regul)) with a graph-recording regul
     tensors = tensors_of(sources)
     entry = store.get(name)
     if key is not None and entry is not None and entry[0] == key and entry[1].matches(tensors):

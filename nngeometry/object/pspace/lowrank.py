@@ -5,7 +5,7 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
-from . import _spectral
+from . import _checks, _spectral
 from .abstract import PMatAbstract, check_reduction, reduce_forms
 from .eye import PMatEye
 
@@ -20,41 +20,52 @@ class _LowRankBase(PMatAbstract):
 
     def _check_regul(self, regul, what):
         if not float(regul) > 0:
-            raise ValueError(
-                f"{what} needs regul > 0: a low-rank matrix (rank ≤ {self._rank()} < P = "
-                f"{self.layer_collection.numel()}) is singular. Give a damping regul > 0, or use "
-                "pow(-1, on_range=True) for the pseudo-inverse on the range")
+            raise _checks.singular_error(
+                type(self).__name__, what, regul,
+                f"a low-rank matrix (rank ≤ {self._rank()} < P = {self.layer_collection.numel()}) "
+                "is singular without damping (pow(-1, on_range=True) is the pseudo-inverse on "
+                "its range)")
 
     def _rank(self):
         return self._U().shape[0]
 
-    # Caches. A matrix object is immutable (every operation returns a new object), so nothing
-    # here is ever invalidated. The r × r Gram matrix G = U Uᵀ costs O(r² P), as much as a
-    # build, and is kept; factorizations that depend on regul are kept for the last regul only
-    # (a sweep over reguls does not pile them up). Neither is pickled (``__getstate__``): both
-    # are recomputed on demand.
+    # Caches, keyed on the data they were computed from (the tensors and their version
+    # counters: see _checks.cached), so replacing ``data`` or changing it in place recomputes
+    # them. The r × r Gram matrix G = U Uᵀ costs O(r² P), as much as a build, and is kept;
+    # factorizations that depend on regul are kept for the last regul only (a sweep over
+    # reguls does not pile them up); nothing that records an autograd graph is kept. Neither is
+    # pickled (``__getstate__``): both are recomputed on demand.
     def _cached_gram(self):
-        G = self.__dict__.get("_gram_cache")
-        if G is None:
+        def compute():
             U = self._U()
-            G = self._gram_cache = U @ U.t()
-        return G
+            return U @ U.t()
+        return _checks.cached(self.__dict__, "_gram_cache", "gram", compute, self.data)
 
     def _last_regul_cache(self, key, compute):
-        """``compute()`` for ``key``, reused while ``key`` is the last one asked for."""
-        cached = self.__dict__.get("_regul_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        self._regul_cache = None
-        value = compute()
-        self._regul_cache = (key, value)
-        return value
+        """``compute()`` for ``key``, reused while ``key`` is the last one asked for and the
+        data is unchanged."""
+        return _checks.cached(self.__dict__, "_regul_cache", key, compute, self.data)
 
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_gram_cache", None)
         state.pop("_regul_cache", None)
+        state.pop("_eig_snapshot", None)
         return state
+
+    def _eigendecomposition_is_current(self):
+        """Whether ``evals``/``evecs`` are there and were computed from the current data
+        (set by hand, without a record of their source, they are trusted)."""
+        if getattr(self, "evals", None) is None:
+            return False
+        if "_eig_snapshot" not in self.__dict__:
+            return True
+        snap = self._eig_snapshot
+        return snap is not None and snap.matches(_checks.tensors_of(self.data))
+
+    def _record_eigendecomposition_source(self):
+        self._eig_snapshot = None if _checks.needs_graph(self.data) \
+            else _checks.Snapshot(_checks.tensors_of(self.data))
 
 
 class PMatLowRank(_LowRankBase):
@@ -140,7 +151,8 @@ class PMatLowRank(_LowRankBase):
         if rtol is None:
             rtol = U.shape[0] * torch.finfo(U.dtype).eps
         if impl == "svd":
-            _, s, Vh = torch.linalg.svd(U, full_matrices=False)
+            _, s, Vh = torch.linalg.svd(_checks.upcast(U), full_matrices=False)
+            s, Vh = s.to(U.dtype), Vh.to(U.dtype)
             lam, V = (s * s).flip(0), Vh.flip(0).t()  # ascending
         elif impl == "eigh":
             lam, Q = _spectral.eigh(self._gram())
@@ -152,10 +164,12 @@ class PMatLowRank(_LowRankBase):
         lam = lam[keep]
         self.evals = lam
         self.evecs = V[:, keep] if V is not None else (U.t() @ Q[:, keep]) / lam.sqrt()
+        self._record_eigendecomposition_source()
 
     def get_eigendecomposition(self):
-        """``(evals ascending, evecs (P, k) as columns)`` of the nonzero part, computed once."""
-        if getattr(self, "evals", None) is None:
+        """``(evals ascending, evecs (P, k) as columns)`` of the nonzero part, computed once
+        (and again when ``data`` has been replaced or changed in place)."""
+        if not self._eigendecomposition_is_current():
             self.compute_eigendecomposition()
         return self.evals, self.evecs
 
@@ -167,12 +181,13 @@ class PMatLowRank(_LowRankBase):
         if solve in ("default", "woodbury"):
             def factor():
                 G = self._gram()
-                return torch.linalg.cholesky(
-                    G + regul * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
+                return torch.linalg.cholesky(_checks.upcast(
+                    G + regul * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)))
             # the Cholesky factor of λI + G: once per regul (see _last_regul_cache)
-            L = self._last_regul_cache(("cholesky", float(regul)), factor)
+            L = self._last_regul_cache(("cholesky", _checks.regul_key(regul)), factor)
             XU = X @ U.t()
-            inner = torch.cholesky_solve(XU.reshape(-1, U.shape[0]).t(), L).t().reshape(XU.shape)
+            inner = torch.cholesky_solve(_checks.upcast(XU.reshape(-1, U.shape[0]).t()),
+                                         L).t().to(XU.dtype).reshape(XU.shape)
             return (X - inner @ U) / regul
         if solve == "eigh":
             evals, V = self.get_eigendecomposition()
@@ -263,8 +278,10 @@ class PMatLowRank(_LowRankBase):
         return torch.linalg.norm(self._gram())
 
     def to_torch(self):
-        """The dense ``(P, P)`` matrix ``UᵀU`` (allocates ``P²``)."""
+        """The dense ``(P, P)`` matrix ``UᵀU`` (allocates ``P²``; refused with a MemoryError
+        naming the size when it can't fit)."""
         U = self._U()
+        _checks.check_dense_fits(U.shape[1], U.element_size(), what="PMatLowRank.to_torch(): a dense")
         return U.t() @ U
 
     # ------------------------------------------------------------------ arithmetic
@@ -347,15 +364,16 @@ class PMatEyePlusLowRank(_LowRankBase):
             _, U, C = self.data
             G = self._cached_gram()
             I = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-            W = torch.linalg.solve(beta * I + C @ G, C)
+            W = torch.linalg.solve(_checks.upcast(beta * I + C @ G), _checks.upcast(C)).to(C.dtype)
             return (W + W.t()) / 2  # symmetric in exact arithmetic
-        return self._last_regul_cache(("woodbury", float(beta)), compute)
+        return self._last_regul_cache(("woodbury", _checks.regul_key(beta)), compute)
 
     def _beta(self, regul):
         beta = self.data[0] + regul
         if float(beta) == 0:
-            raise ValueError("α + regul = 0: the matrix is singular on the orthogonal complement "
-                             "of U's rows; give a nonzero regul")
+            raise _checks.singular_error(
+                "PMatEyePlusLowRank", "solve", regul,
+                "α + regul = 0: it is singular on the orthogonal complement of U's rows")
         return beta
 
     def _solve_rows(self, X, regul):
@@ -398,8 +416,17 @@ class PMatEyePlusLowRank(_LowRankBase):
         _, U, C = self.data
         G = U @ U.t()
         I = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-        sign, logabs = torch.linalg.slogdet(I + C @ G / beta)
-        return self.layer_collection.numel() * torch.log(beta) + torch.log(sign) + logabs
+        sign, logabs = torch.linalg.slogdet(_checks.upcast(I + C @ G / beta))
+        P = self.layer_collection.numel()
+        if float(sign) == 0:
+            raise _checks.singular_error("PMatEyePlusLowRank", "logdet", regul,
+                                         "I + C G / β is singular")
+        total_sign = float(sign) * (1.0 if float(beta) > 0 or P % 2 == 0 else -1.0)
+        if total_sign < 0:
+            raise ValueError("PMatEyePlusLowRank.logdet: det(M + regul·I) < 0, its "
+                             "log-determinant is undefined (M + regul·I must be positive "
+                             "definite); use a larger regul")
+        return P * torch.log(beta.abs()) + logabs.to(C.dtype)
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self):
@@ -420,8 +447,11 @@ class PMatEyePlusLowRank(_LowRankBase):
         return torch.sqrt(sq)
 
     def to_torch(self):
-        """The dense ``(P, P)`` matrix (allocates ``P²``)."""
+        """The dense ``(P, P)`` matrix (allocates ``P²``; refused with a MemoryError naming the
+        size when it can't fit)."""
         alpha, U, C = self.data
+        _checks.check_dense_fits(U.shape[1], U.element_size(), count=2,
+                                 what="PMatEyePlusLowRank.to_torch(): a dense")
         return alpha * torch.eye(U.shape[1], dtype=U.dtype, device=U.device) + U.t() @ C @ U
 
     # ------------------------------------------------------------------ arithmetic
