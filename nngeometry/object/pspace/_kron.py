@@ -12,7 +12,7 @@ for the identity of size ``d`` (the eigenbasis of a diagonal factor).
 """
 import torch
 
-from . import _spectral
+from . import _checks, _spectral
 
 
 # ---------------------------------------------------------------------- factors
@@ -74,13 +74,28 @@ def eig(F):
     return _spectral.eigh(F)
 
 
+def damped_inverse(F, shift):
+    """``(F + shift·I)⁻¹`` through a Cholesky factorization (in float32 for half precision),
+    or None when ``F + shift·I`` is not positive definite (the caller then uses the
+    eigendecomposition). A diagonal factor stays diagonal."""
+    if F.dim() == 1:
+        d = F + shift
+        return 1.0 / d if bool((d.detach() > 0).all()) else None
+    A = _checks.upcast(F + shift * torch.eye(F.shape[0], dtype=F.dtype, device=F.device))
+    A = (A + A.mT) / 2  # accumulated factors are symmetric up to round-off only
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        return None
+    return torch.cholesky_inverse(L).to(F.dtype)
+
+
 def eig_svd(F):
     """:func:`eig` through the SVD ``F = U diag(s) Vᵀ``: ``(s, U)``, the eigendecomposition of
     a symmetric positive semi-definite factor (values descending)."""
     if F.dim() == 1:
         return F, F.shape[0]
-    U, s, _ = torch.linalg.svd(F)
-    return s, U
+    U, s, _ = torch.linalg.svd(_checks.upcast(F))
+    return s.to(F.dtype), U.to(F.dtype)
 
 
 def from_eig(evals, U):
