@@ -259,3 +259,77 @@ def _sum_pieces(pieces):
         d = p.dense() if isinstance(p, GramRows) else p
         total = d if total is None else total + d
     return total
+
+
+class ParameterUseError(RuntimeError):
+    """A parameter of the collection is used outside the forward of the module that holds it
+    (e.g. ``F.linear(h, self.emb.weight)`` in the parent's forward): the per-layer hooks do not
+    see that use, and the statistics built from them would miss part of the gradient."""
+
+
+def check_parameter_uses(out, layer_collection, modules, calls, layer_names=None):
+    """Check, on one batch, that the per-layer hooks see every use of the collection's
+    parameters; raise :class:`ParameterUseError` naming the layers where they do not.
+
+    With ``u`` a fixed pseudo-random cotangent of the outputs ``out`` (``(n, K)``), the sum over
+    examples of the per-example gradients that the layer types compute from what the hooks
+    recorded, ``Σ_i Σ_k u_ik ∂f_k(x_i)/∂θ``, must equal autograd's gradient of ``Σ u ⊙ f`` w.r.t.
+    ``θ``. It differs exactly when some computation that the layer's maths does not model
+    depends on the parameter: a use outside the module's forward (a tied head written
+    ``F.linear(h, emb.weight)``), a module sharing it (tied weights with one module left out of
+    the collection), or a module whose forward is not the one its layer type assumes. Cost: one
+    backward pass with one direction and each layer's per-example gradients for that direction
+    (one layer at a time), on one batch.
+
+    ``calls[layer_id]`` are the layer's recorded calls for the batch (their ``gy`` are set to
+    this direction's gradients: call it before the statistics' backward passes). ``out`` must
+    still have its graph (the caller's backward passes retain it).
+    """
+    if out.shape[0] == 0 or not out.requires_grad:
+        return
+    gen = torch.Generator(device="cpu").manual_seed(0)  # no global RNG state touched
+    u = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+    lids = list(layer_collection.layer_ids())
+    params = {lid: layer_collection[lid].parameters_of(modules[lid]) for lid in lids}
+    flat_params = [p for lid in lids for p in params[lid]]
+    layer_calls = [c for lid in lids for c in calls[lid]]
+    targets = [t.edge for c in layer_calls for t in c.targets]
+    grads = torch.autograd.grad(out, targets + flat_params, u, retain_graph=True,
+                                allow_unused=True)
+    i = 0
+    for c in layer_calls:
+        c.set_gradients([g.unsqueeze(0) if g is not None else None
+                         for g in grads[i:i + len(c.targets)]], 1)
+        i += len(c.targets)
+    true = grads[i:]
+    eps = torch.finfo(out.dtype).eps
+    bad, j = [], 0
+    for lid in lids:
+        layer, module = layer_collection[lid], modules[lid]
+        ref = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                         for g, p in zip(true[j:j + len(params[lid])], params[lid])])
+        j += len(params[lid])
+        if not layer.grad_is_sum_over_examples(module):
+            continue
+        per_ex = None
+        for c in calls[lid]:
+            g = layer.per_example_grad(module, layer.inputs_of(c), c.gy)[0]  # (n, p_layer)
+            per_ex = g if per_ex is None else per_ex + g
+        hooks = per_ex.sum(0)
+        # rounding of a sum over examples: at most a few eps times the sum of the terms' sizes
+        scale = per_ex.norm(dim=1).sum() + ref.norm()
+        err = (hooks - ref).norm()
+        if err > 1e4 * eps * scale + torch.finfo(out.dtype).tiny:
+            bad.append((lid, float(err / ref.norm().clamp_min(torch.finfo(out.dtype).tiny))))
+    for c in layer_calls:
+        c.gy, c.extra_gy = None, []
+    if bad:
+        names = ", ".join(f"'{lid}' (relative difference {rel:.2g})" for lid, rel in bad)
+        raise ParameterUseError(
+            f"the gradients of layer(s) {names} seen by the per-layer hooks differ from "
+            "autograd's: a parameter of these layers is used outside its module's forward (e.g. "
+            "a tied head written F.linear(h, self.emb.weight) in the parent's forward, or a "
+            "weight shared with a module left out of the LayerCollection), and the matrix would "
+            "miss that part of the gradient. Fixes: use PMatImplicit (its products go through "
+            "torch.func and see every use of the parameters), or leave these layers out of the "
+            "LayerCollection (their parameters are then constants)")
