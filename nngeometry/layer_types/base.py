@@ -98,15 +98,6 @@ class AbstractLayer:
         types that don't override this record nothing."""
         return None
 
-    def grad_is_sum_over_examples(self, module):
-        """Whether autograd's gradient of a batch's summed outputs w.r.t. the module's parameters
-        is the sum of this layer type's per-example gradients (true unless the module couples
-        the examples in its backward pass, e.g. ``Embedding(scale_grad_by_freq=True)``, whose
-        gradient is scaled by the index counts of the whole batch). The generator checks that
-        equality once to detect parameters used outside their module's forward; layers for
-        which it does not hold are not checked."""
-        return True
-
     def inputs_of(self, call):
         """What this layer's maths takes as ``x`` from a recorded forward call
         (:class:`~nngeometry.backend.context.Call`): the module's first positional input by

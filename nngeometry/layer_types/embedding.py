@@ -42,11 +42,6 @@ class EmbeddingLayer(AbstractLayer):
         mask[module.padding_idx] = True
         return {"weight": mask}
 
-    def grad_is_sum_over_examples(self, module):
-        # scale_grad_by_freq: the batch gradient divides by the counts over the whole batch,
-        # the per-example gradients by the counts in each example
-        return not module.scale_grad_by_freq
-
     def _flat(self, module, x, gy):
         """indices ``(n, S)`` and output gradients ``(K, n, S, D)``, with the gradients of
         ``padding_idx`` positions zeroed and the ``scale_grad_by_freq`` division applied."""
