@@ -176,6 +176,13 @@ class GenericLayer(AbstractLayer):
     def inputs_of(self, call):
         return call.args, call.kwargs
 
+    def __getstate__(self):
+        # the cached decisions of per_example_grad hold module classes (maybe local, not
+        # picklable) and are cheap to redo
+        state = dict(self.__dict__)
+        state.pop("_decisions", None)
+        return state
+
     def per_example_grad(self, module, x, gy):
         """``(K, n, numel)`` per-example gradients (see :class:`AbstractLayer`).
 
