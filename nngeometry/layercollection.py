@@ -4,6 +4,7 @@ Layout (see CONVENTIONS): layers in the order of ``model.named_modules()``, rest
 with parameters; a layer's id is its qualified module name; inside a layer ``weight.flatten()``
 then ``bias.flatten()``. ``p_pos[layer_id]`` is the layer's offset.
 """
+import contextlib
 from collections import OrderedDict
 
 from .layer_types import AbstractLayer, layer_type_for
@@ -25,6 +26,53 @@ def _type_for(module):
     if refusal_reason(module) is not None:
         return None
     return GenericLayer
+
+
+def unwrap_compiled(model):
+    """The module that a ``torch.compile``'d model wraps (``model._orig_mod``), else ``model``.
+
+    A compiled model's parameters are its original module's, under names prefixed with
+    ``_orig_mod.``; the collection uses the original names, so that it is the same for the
+    model and its compiled version."""
+    # by class name: importing torch._dynamo to test isinstance would cost every user a second
+    while any(c.__name__ == "OptimizedModule" for c in type(model).__mro__) \
+            and "_orig_mod" in getattr(model, "_modules", {}):
+        model = model._orig_mod
+    return model
+
+
+@contextlib.contextmanager
+def run_eagerly(model):
+    """Within the block, the ``torch.compile``'d parts of ``model`` (the model itself when
+    ``torch.compile(model)`` wrapped it, any submodule wrapped so, any module compiled in place
+    with ``module.compile()``) run their original Python code: compiled code does not run the
+    forward hooks registered after it was compiled, and the per-layer statistics come from
+    those hooks. Per-instance attributes only (no global switch), restored on exit, also on an
+    exception."""
+    saved = []
+    seen = set()
+    stack = [model]
+    try:
+        while stack:
+            m = stack.pop()
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            if m is not unwrap_compiled(m):
+                # OptimizedModule: its forward is an instance attribute set by torch.compile
+                saved.append((m, "forward", vars(m)["forward"]))
+                vars(m)["forward"] = m._orig_mod.__call__
+            if getattr(m, "_compiled_call_impl", None) is not None:
+                saved.append((m, "_compiled_call_impl", m._compiled_call_impl))
+                m._compiled_call_impl = None
+            stack.extend(m.children())
+        yield
+    finally:
+        for m, name, value in reversed(saved):
+            if name == "forward":
+                vars(m)["forward"] = value
+            else:
+                setattr(m, name, value)
 
 
 class LayerCollection:
@@ -51,6 +99,8 @@ class LayerCollection:
             UnsupportedLayerError: a module owns parameters but no layer type handles it (and
                 ``ignore_unsupported_layers`` is False).
         """
+        # a torch.compile'd model: the layers of the module it wraps, under their own names
+        model = unwrap_compiled(model)
         lc = LayerCollection()
         seen = {}
         claimed = {}  # id(parameter) -> layer that holds it (possibly a submodule's parameter)
@@ -64,10 +114,20 @@ class LayerCollection:
                 continue
             for pname, p in own:
                 if id(p) in seen:
+                    # leaving one module out of the collection is not enough: the hooks of
+                    # the module kept do not see the other module's use of the parameter, and
+                    # the matrix misses that part of the gradient (0.72-0.80 off)
                     raise ValueError(
-                        f"parameter '{name}.{pname}' is shared with '{seen[id(p)]}' (tied weights); "
-                        "a parameter must belong to a single layer. Build the LayerCollection "
-                        "by hand with add_layer_from_model, leaving one of the two modules out")
+                        f"parameter '{name}.{pname}' is shared with '{seen[id(p)]}' (tied weights): "
+                        "the per-layer hooks of one module do not see the other module's use of "
+                        "the parameter, so the hooks-based representations (PMatDense, PMatKFAC, "
+                        "PMatDiag, PMatBlockDiag, PMatLowRank, ...) cannot compute this matrix. "
+                        "For the exact matrix use PMatImplicit (mv, vTMv, solve: its products "
+                        "go through torch.func and see every use of the parameter) with a "
+                        "LayerCollection built by hand: lc = LayerCollection(); "
+                        "lc.add_layer_from_model(model, module) for every layer but one of the "
+                        "two modules (the parameters of the module left out that it does not "
+                        "share, e.g. its bias, are then constants)")
                 seen[id(p)] = f"{name}.{pname}"
             cls = _type_for(module)
             if cls is None:
@@ -101,7 +161,7 @@ class LayerCollection:
 
     def add_layer_from_model(self, model, module):
         """Add ``module`` (a submodule of ``model``), with its qualified name as id."""
-        for name, m in model.named_modules():
+        for name, m in unwrap_compiled(model).named_modules():
             if m is module:
                 cls = _type_for(module)
                 if cls is None:
@@ -142,8 +202,9 @@ class LayerCollection:
         return slice(start, start + self.layers[layer_id].numel())
 
     def get_layerid_module_map(self, model):
-        """``{layer_id: module}`` for this collection's layers in ``model``."""
-        modules = dict(model.named_modules())
+        """``{layer_id: module}`` for this collection's layers in ``model`` (for a
+        ``torch.compile``'d model, in the module it wraps)."""
+        modules = dict(unwrap_compiled(model).named_modules())
         out = OrderedDict()
         for layer_id, layer in self.layers.items():
             if layer_id not in modules:
@@ -225,4 +286,4 @@ class LayerCollection:
         return f"LayerCollection({{{body}}}, numel={self._numel})"
 
 
-__all__ = ["LayerCollection", "UnsupportedLayerError"] + list(_layer_types_all)
+__all__ = ["LayerCollection", "UnsupportedLayerError", "unwrap_compiled", "run_eagerly"] + list(_layer_types_all)

@@ -259,3 +259,100 @@ def _sum_pieces(pieces):
         d = p.dense() if isinstance(p, GramRows) else p
         total = d if total is None else total + d
     return total
+
+
+class ParameterUseError(RuntimeError):
+    """A parameter of the collection is used outside the forward of the module that holds it
+    (e.g. ``F.linear(h, self.emb.weight)`` in the parent's forward): the per-layer hooks do not
+    see that use, and the statistics built from them would miss part of the gradient."""
+
+
+def check_parameter_uses(out, layer_collection, modules, calls):
+    """Check, on one batch, that the per-layer hooks see every use of the collection's
+    parameters; raise :class:`ParameterUseError` naming the layers where they do not.
+
+    With ``u`` a fixed pseudo-random cotangent of the outputs ``out`` (``(n, K)``) and ``gy_c``
+    the resulting gradient w.r.t. the output of each recorded call ``c`` of a layer's module,
+    what the hooks can account for is ``Σ_c vjp(module(args_c; θ), gy_c)``: the module's forward
+    re-run on its recorded (detached) arguments, differentiated w.r.t. its own parameters. It
+    must equal autograd's gradient of ``Σ u ⊙ f`` w.r.t. ``θ``; it differs exactly when the
+    parameter is also used elsewhere: outside the module's forward (a tied head written
+    ``F.linear(h, emb.weight)``), or by another module (tied weights with one module left out of
+    the collection). Cost: one backward pass with one direction, and one forward and backward of
+    each layer's module, on one batch; no per-example quantity is formed.
+
+    ``out`` must still have its graph (the caller's backward passes retain it)."""
+    if out.shape[0] == 0 or not out.requires_grad:
+        return
+    from torch.func import functional_call
+
+    from ..layer_types.base import recording_paused
+
+    gen = torch.Generator(device="cpu").manual_seed(0)  # no global RNG state touched
+    u = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+    lids = list(layer_collection.layer_ids())
+    params = {lid: layer_collection[lid].parameters_of(modules[lid]) for lid in lids}
+    flat_params = [p for lid in lids for p in params[lid]]
+    layer_calls = [(lid, c) for lid in lids for c in calls[lid]]
+    targets = [c.targets[0].edge for _, c in layer_calls]
+    grads = torch.autograd.grad(out, targets + flat_params, u, retain_graph=True,
+                                allow_unused=True)
+    gys, true = grads[:len(targets)], grads[len(targets):]
+    hooked = {lid: [torch.zeros_like(p) for p in params[lid]] for lid in lids}
+    # a random forward (dropout in training mode) re-run here must not move the RNG
+    devices = [out.device] if out.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), recording_paused(), torch.enable_grad():
+        for (lid, c), gy in zip(layer_calls, gys):
+            if gy is None:
+                continue
+            names = layer_collection[lid].param_names()
+            leaves = {nm: p.detach().requires_grad_(True) for nm, p in zip(names, params[lid])}
+            y = functional_call(modules[lid], leaves, c.args, c.kwargs)
+            if not isinstance(y, torch.Tensor):
+                y = y[0]  # the hooks differentiate through the first output (see Call)
+            g = torch.autograd.grad(y, list(leaves.values()), gy, allow_unused=True)
+            for acc, gk in zip(hooked[lid], g):
+                if gk is not None:
+                    acc += gk
+    eps = torch.finfo(out.dtype).eps
+    bad, j = [], 0
+    for lid in lids:
+        ref = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                         for g, p in zip(true[j:j + len(params[lid])], params[lid])])
+        j += len(params[lid])
+        mine = torch.cat([g.reshape(-1) for g in hooked[lid]])
+        err = (mine - ref).norm()
+        # rounding: the same products in another order
+        if err > 1e3 * eps * (ref.norm() + mine.norm()) + torch.finfo(out.dtype).tiny:
+            bad.append((lid, float(err / ref.norm().clamp_min(torch.finfo(out.dtype).tiny))))
+    # a module whose forward is random differs from itself: not this check's business (the
+    # layer types and the determinism checks report it with their own messages)
+    bad = [(lid, r) for lid, r in bad if not _is_random(modules[lid], calls[lid], devices)]
+    if bad:
+        names = ", ".join(f"'{lid}' (relative difference {rel:.2g})" for lid, rel in bad)
+        raise ParameterUseError(
+            f"the gradients of layer(s) {names} seen by the per-layer hooks differ from "
+            "autograd's: a parameter of these layers is used outside its module's forward (e.g. "
+            "a tied head written F.linear(h, self.emb.weight) in the parent's forward, or a "
+            "weight shared with a module left out of the LayerCollection), and the matrix would "
+            "miss that part of the gradient. Fixes: use PMatImplicit (its products go through "
+            "torch.func and see every use of the parameters), or leave these layers out of the "
+            "LayerCollection (their parameters are then constants)")
+
+
+def _is_random(module, layer_calls, devices):
+    """Whether re-running ``module`` on its recorded arguments gives another output (dropout in
+    training mode); the RNG state is restored."""
+    from torch.func import functional_call
+
+    from ..layer_types.base import recording_paused
+
+    with torch.random.fork_rng(devices=devices), recording_paused(), torch.no_grad():
+        for c in layer_calls:
+            ys = []
+            for _ in range(2):
+                y = functional_call(module, {}, c.args, c.kwargs)
+                ys.append(y if isinstance(y, torch.Tensor) else y[0])
+            if not torch.equal(ys[0], ys[1]):
+                return True
+    return False

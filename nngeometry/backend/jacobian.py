@@ -24,9 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .batches import all_finite, default_function, iterate_batches, prepare_batch
-from .context import BatchContext, Call
+from .context import BatchContext, Call, check_parameter_uses
 from ..layer_types.base import AbstractLayer, is_recording_paused
-from ..layercollection import LayerCollection
+from ..layercollection import LayerCollection, run_eagerly
 from . import consumers as C
 
 
@@ -79,6 +79,8 @@ class TorchHooksJacobianBackend:
             raise ValueError(f"unknown backward '{backward}': use 'auto', 'batched' or 'looped'")
         self.backward = backward
         self._active_recorders = []  # see _prepared
+        # collections whose parameter uses were checked (see context.check_parameter_uses)
+        self._uses_checked = set()
 
     # ================================================================== collection, dtype, device
     @property
@@ -425,7 +427,9 @@ class TorchHooksJacobianBackend:
     @contextlib.contextmanager
     def _prepared(self, layer_collection):
         _refuse_batch_statistics(self.model)
-        with self._model_state_kept(layer_collection) as (modules, params):
+        # compiled code would not run the hooks: the compiled parts run their Python code
+        with run_eagerly(self.model), \
+                self._model_state_kept(layer_collection) as (modules, params):
             calls = {lid: [] for lid in modules}
             handles = []
             for lid, module in modules.items():
@@ -522,6 +526,13 @@ class TorchHooksJacobianBackend:
                 raise RuntimeError(
                     f"layer '{lid}' was not called during the forward pass of the function; "
                     "remove it from the LayerCollection or check the function")
+        checked = getattr(self, "_uses_checked", None)
+        if checked is None or layer_collection not in checked:
+            # once per generator and collection: a parameter used outside its module's forward
+            # would give a plausible wrong matrix
+            check_parameter_uses(out, layer_collection, modules, calls)
+            if checked is not None:
+                checked.add(layer_collection)
         layer_calls = [c for store in calls.values() for c in store]
         chunk = self._chunk_size(layer_calls, n, n_output, layer_collection.numel(),
                                  chunk_bytes)
@@ -622,7 +633,8 @@ class TorchHooksJacobianBackend:
         """Yield ``(batch, params, f)`` with ``f(params) -> (n, n_output)`` a pure function of the
         collection's parameters (a dict name -> tensor) for that batch."""
         _refuse_batch_statistics(self.model)
-        with self._model_state_kept(layer_collection) as (modules, plist):
+        with run_eagerly(self.model), \
+                self._model_state_kept(layer_collection) as (modules, plist):
             names, constant = {}, {}
             for lid, m in modules.items():
                 layer = layer_collection[lid]
