@@ -16,11 +16,13 @@ or outputs. Each layer type turns ``(input, output gradient)`` into what is aske
 gradients, diagonals, KFAC factors) in :mod:`nngeometry.layer_types`.
 """
 import contextlib
+import functools
 import time
 import warnings
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
 from .batches import all_finite, default_function, iterate_batches, prepare_batch
@@ -28,6 +30,46 @@ from .context import BatchContext, Call
 from ..layer_types.base import AbstractLayer, is_recording_paused
 from ..layercollection import LayerCollection
 from . import consumers as C
+
+
+def _outside_inference_mode(method):
+    """Run an implicit product with autograd available, also when called inside
+    ``torch.inference_mode()``: the products are Jacobian-vector and vector-Jacobian products,
+    which inference mode turns into zeros (no tangents, no graph) without an error. Leaving it
+    locally is sound: the values are the same, the tensor arguments that are inference tensors
+    are cloned into normal ones first (inference tensors can't be saved for backward), and the
+    results are normal tensors, usable inside or outside inference mode. (The batches are
+    cloned the same way in ``_functional_batches``.)"""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return method(self, *args, **kwargs)
+        with torch.inference_mode(False):
+            args = [_normal_tensor(a) for a in args]
+            kwargs = {k: _normal_tensor(a) for k, a in kwargs.items()}
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _normal_tensor(x):
+    """A normal tensor with the values of ``x`` if ``x`` (or a PVector's flat tensor) is an
+    inference tensor; ``x`` itself otherwise. Call outside inference mode."""
+    t = _flat(x) if hasattr(x, "get_flat_representation") else x
+    if isinstance(t, torch.Tensor) and torch.is_inference(t):
+        return t.clone()
+    return x
+
+
+def _refuse_inference_parameters(tensors):
+    """Parameters created inside ``torch.inference_mode()`` can't take part in autograd."""
+    for name, t in tensors.items():
+        if torch.is_inference(t):
+            raise RuntimeError(
+                f"the model's parameter '{name}' is an inference tensor (the model was created "
+                "or loaded inside torch.inference_mode()): autograd, which the implicit products "
+                "need, can't use it. Create or load the model outside inference mode, or clone "
+                "its parameters outside it")
+
 
 
 class TorchHooksJacobianBackend:
@@ -208,6 +250,7 @@ class TorchHooksJacobianBackend:
     # ``m = J̄`` (``(K, P)``): for ``J_c(x) = J(x) - m``,
     #   (1/n) Σ J_cᵀ J_c v = M v - mᵀ (m v),     vᵀ M_c v = vᵀ M v - ||m v||²,
     #   J_c(x) v = J(x) v - m v,                 Σ_i J_c(x_i)ᵀ w_i = Σ_i J(x_i)ᵀ w_i - mᵀ Σ_i w_i.
+    @_outside_inference_mode
     def implicit_mv(self, v=None, examples=None, layer_collection=None):
         """``(P,)``: ``M v = (1/n) Σ_x J(x)ᵀ J(x) v`` without forming ``M``."""
         _required(v, "v", "implicit_mv")
@@ -218,6 +261,7 @@ class TorchHooksJacobianBackend:
             out = out - m.t() @ (m @ _flat(v).to(m.dtype))
         return out
 
+    @_outside_inference_mode
     def implicit_vTMv(self, v=None, examples=None, layer_collection=None):
         """``vᵀ M v = (1/n) Σ_x ||J(x) v||²`` (a scalar tensor)."""
         _required(v, "v", "implicit_vTMv")
@@ -228,6 +272,7 @@ class TorchHooksJacobianBackend:
             out = out - (mv * mv).sum()
         return out
 
+    @_outside_inference_mode
     def implicit_Jv(self, v=None, examples=None, layer_collection=None):
         """``(n_output, n)``: ``J(x_i) v`` for every example (not normalized)."""
         _required(v, "v", "implicit_Jv")
@@ -237,6 +282,7 @@ class TorchHooksJacobianBackend:
             out = out - (self._mean_jacobian(examples, lc) @ _flat(v)).unsqueeze(1)
         return out
 
+    @_outside_inference_mode
     def implicit_JTv(self, w, examples=None, layer_collection=None):
         """``(P,)``: ``Σ_i J(x_i)ᵀ w[:, i]`` for ``w`` of shape ``(n_output, n)``."""
         examples, lc = self._resolve(examples, layer_collection)
@@ -246,6 +292,7 @@ class TorchHooksJacobianBackend:
             out = out - m.t() @ w.sum(dim=1).to(m.dtype)
         return out
 
+    @_outside_inference_mode
     def implicit_JV(self, V, examples=None, layer_collection=None):
         """``(m, n_output, n)``: ``J(x_i) v_j`` for the ``m`` rows ``v_j`` of ``V``
         (``(m, P)``) and every example (not normalized)."""
@@ -255,6 +302,7 @@ class TorchHooksJacobianBackend:
             out = out - (V @ self._mean_jacobian(examples, lc).t()).unsqueeze(2)
         return out
 
+    @_outside_inference_mode
     def implicit_mm(self, V, examples=None, layer_collection=None):
         """``(m, P)``: ``M v_j`` for the rows of ``V`` (``(m, P)``), without forming ``M``."""
         examples, lc = self._resolve(examples, layer_collection)
@@ -622,6 +670,7 @@ class TorchHooksJacobianBackend:
         """Yield ``(batch, params, f)`` with ``f(params) -> (n, n_output)`` a pure function of the
         collection's parameters (a dict name -> tensor) for that batch."""
         _refuse_batch_statistics(self.model)
+        _refuse_inference_parameters(dict(self.model.named_parameters()))
         with self._model_state_kept(layer_collection) as (modules, plist):
             names, constant = {}, {}
             for lid, m in modules.items():
@@ -636,6 +685,9 @@ class TorchHooksJacobianBackend:
             device = self._device()
             for batch in self._batches(examples):
                 batch = prepare_batch(batch, device)
+                # inference tensors (data made inside torch.inference_mode()) can't be saved
+                # for backward: normal copies with the same values (see _outside_inference_mode)
+                batch = tree_map(_normal_tensor, batch)
 
                 def f(p, batch=batch):
                     # buffers (e.g. BatchNorm running statistics, updated in place in training
