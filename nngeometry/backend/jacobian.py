@@ -17,8 +17,10 @@ gradients, diagonals, KFAC factors) in :mod:`nngeometry.layer_types`.
 """
 import contextlib
 import functools
+import threading
 import time
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -120,7 +122,6 @@ class TorchHooksJacobianBackend:
         if backward not in ("auto", "batched", "looped"):
             raise ValueError(f"unknown backward '{backward}': use 'auto', 'batched' or 'looped'")
         self.backward = backward
-        self._active_recorders = []  # see _prepared
 
     # ================================================================== collection, dtype, device
     @property
@@ -473,33 +474,37 @@ class TorchHooksJacobianBackend:
     @contextlib.contextmanager
     def _prepared(self, layer_collection):
         _refuse_batch_statistics(self.model)
-        with self._model_state_kept(layer_collection) as (modules, params):
+        with _model_lock(self.model), \
+                self._model_state_kept(layer_collection) as (modules, params):
             calls = {lid: [] for lid in modules}
-            handles = []
-            for lid, module in modules.items():
-                layer = layer_collection[lid]
-                # recorders of tensors inside the module's forward (see
-                # AbstractLayer.internal_recorder), one per call in progress
-                active = [] if type(layer).internal_recorder is not AbstractLayer.internal_recorder \
-                    else None
-                if active is not None:
-                    handles.append(module.register_forward_pre_hook(
-                        self._make_pre_hook(layer, active)))
-                    self._active_recorders.append(active)
-                handles.append(module.register_forward_hook(self._make_hook(calls[lid], active),
-                                                            with_kwargs=True))
+            handles, recorders = [], []
             try:
+                for lid, module in modules.items():
+                    layer = layer_collection[lid]
+                    # recorders of tensors inside the module's forward (see
+                    # AbstractLayer.internal_recorder), one per call in progress
+                    active = [] if type(layer).internal_recorder is not \
+                        AbstractLayer.internal_recorder else None
+                    if active is not None:
+                        recorders.append(active)
+                        handles.append(module.register_forward_pre_hook(
+                            self._make_pre_hook(layer, active)))
+                        # the recorder's own forward, on this instance only (removed with the
+                        # hooks)
+                        handles.append(_InstanceForward(module, active))
+                    handles.append(module.register_forward_hook(
+                        self._make_hook(calls[lid], active), with_kwargs=True))
                 yield modules, calls
             finally:
-                for h in handles:
+                for h in reversed(handles):
                     h.remove()
-                self._close_recorders()
-                self._active_recorders.clear()
+                self._close_recorders(recorders)
 
-    def _close_recorders(self):
+    @staticmethod
+    def _close_recorders(recorders):
         """Exit the recorders of module calls that did not return (an exception in the forward
         pass): they must not stay active."""
-        for active in self._active_recorders:
+        for active in recorders:
             while active:
                 active.pop().__exit__(None, None, None)
 
@@ -671,7 +676,11 @@ class TorchHooksJacobianBackend:
         collection's parameters (a dict name -> tensor) for that batch."""
         _refuse_batch_statistics(self.model)
         _refuse_inference_parameters(dict(self.model.named_parameters()))
-        with self._model_state_kept(layer_collection) as (modules, plist):
+        # forward-mode AD levels are process-wide in torch ("Nested forward mode AD is not
+        # supported" when two threads open one each): the functional passes of all threads run
+        # one at a time (taken before the model's lock, always in that order)
+        with _FORWARD_AD_LOCK, _model_lock(self.model), \
+                self._model_state_kept(layer_collection) as (modules, plist):
             names, constant = {}, {}
             for lid, m in modules.items():
                 layer = layer_collection[lid]
@@ -710,6 +719,33 @@ class TorchHooksJacobianBackend:
             out[k] = flat[start:start + p.numel()].view_as(p)
             start += p.numel()
         return out
+
+
+class _InstanceForward:
+    """While the generator's hooks are on ``module``, its calls run through the forward of the
+    call's recorder (``active[-1]``, pushed by the pre-hook; see
+    ``AbstractLayer.internal_recorder``) when it has one. Set on the module *instance* (its
+    ``__dict__``), never on the class or on a function of torch, so that other modules, other
+    models and other threads are not affected; :meth:`remove` puts back what was there."""
+
+    def __init__(self, module, active):
+        self.module = module
+        self.saved = module.__dict__.get("forward", _InstanceForward)
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            rec = active[-1] if active and not is_recording_paused() else None
+            if rec is None or not hasattr(rec, "forward"):
+                return original(*args, **kwargs)
+            return rec.forward(original, *args, **kwargs)
+
+        module.__dict__["forward"] = forward
+
+    def remove(self):
+        if self.saved is _InstanceForward:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.__dict__["forward"] = self.saved
 
 
 def _required(value, name, method):
@@ -781,21 +817,67 @@ def _refuse_batch_statistics(model):
                 "computing the matrix (its running statistics are then used)")
 
 
+#: the process-wide attention flags changed by _no_fused_attention: how many blocks are inside
+#: it (all threads) and the flags to put back when the last one leaves
+_FUSED_LOCK = threading.Lock()
+_FUSED_STATE = {"depth": 0, "saved": None}
+
+
 @contextlib.contextmanager
 def _no_fused_attention():
     """Turn off the fused kernels of attention: inside torch.func transforms the parameters don't
     require grad, so eval-mode nn.MultiheadAttention / TransformerEncoderLayer would take their
     fused inference path, and scaled_dot_product_attention its flash kernel: neither has
-    forward-mode AD. The math implementation is used instead (same values)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    forward-mode AD. The math implementation is used instead (same values).
 
-    prev = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
+    Those switches are process-wide (torch has no thread-local version), so they are counted:
+    the first block to enter (in any thread) saves and sets them, the last to leave restores
+    them. (Saving and restoring per block let two threads' blocks restore each other's settings
+    and leave the fast path off after both had finished.) Meanwhile other threads' attention
+    takes the same math path: same values, only slower."""
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, _sdpa_kernel
+
+    with _FUSED_LOCK:
+        if _FUSED_STATE["depth"] == 0:
+            _FUSED_STATE["saved"] = (torch.backends.mha.get_fastpath_enabled(),
+                                     _cur_sdpa_kernel_backends())
+            torch.backends.mha.set_fastpath_enabled(False)
+            _sdpa_kernel([SDPBackend.MATH])
+        _FUSED_STATE["depth"] += 1
     try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
+        yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(prev)
+        with _FUSED_LOCK:
+            _FUSED_STATE["depth"] -= 1
+            if _FUSED_STATE["depth"] == 0:
+                fastpath, backends = _FUSED_STATE["saved"]
+                _sdpa_kernel(backends)
+                torch.backends.mha.set_fastpath_enabled(fastpath)
+                _FUSED_STATE["saved"] = None
+
+
+#: see _functional_batches
+_FORWARD_AD_LOCK = threading.RLock()
+
+#: one lock per model (weakly held): see _model_lock
+_MODEL_LOCKS = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _model_lock(model):
+    """Computations on one model run one at a time, across threads: a build installs hooks (and
+    an attention module's instance forward) on the model's modules, and the implicit products
+    swap its parameters for functional tensors (``tensors_in_model``); two at once would record
+    each other's calls or see each other's tensors (wrong numbers, not an error). A second
+    thread waits for the first to finish; the same thread may nest (a preconditioner's product
+    inside a CG solve). Different models run in parallel."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+    with lock:
+        yield
 
 
 @contextlib.contextmanager

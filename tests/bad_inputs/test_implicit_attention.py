@@ -133,3 +133,174 @@ def test_batchnorm_in_training_mode_refused_by_the_implicit_path():
     D = fim_dense(model, x, "classif_logits", M.layer_collection)
     f = v.get_flat_representation()
     torch.testing.assert_close(M.mv(v).get_flat_representation(), D @ f, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- item 8: attention
+class _AttnNet(nn.Module):
+    def __init__(self, seed, E=8, heads=2, batch_first=True):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.mha = nn.MultiheadAttention(E, heads, batch_first=batch_first)
+        self.head = nn.Linear(E, 3)
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        x = x if self.batch_first else x.transpose(0, 1)
+        out = self.mha(x, x, x, need_weights=False)[0]
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.head(torch.tanh(out).mean(dim=1))
+
+
+_CONFIGS = {
+    "self": dict(), "self_time_major": dict(batch_first=False),
+    "cross_kv": dict(kv="same"), "distinct": dict(kv="distinct"),
+    "kdim": dict(kdim=5, vdim=6, kv="distinct"), "no_bias": dict(bias=False),
+    "masks": dict(masks=True), "masks_weights": dict(masks=True, need_weights=True),
+    "mask3d_zero_attn": dict(mask3d=True, add_zero_attn=True, need_weights=True),
+    "causal": dict(causal=True), "weights_per_head": dict(need_weights=True, average=False),
+}
+
+
+@pytest.mark.parametrize("name", list(_CONFIGS))
+def test_recorded_attention_is_the_module_forward(name):
+    """The forward that records the projections gives the module's own outputs (and attention
+    weights), in every configuration it writes out."""
+    from nngeometry.layer_types.attention import MultiheadAttentionLayer
+
+    c = _CONFIGS[name]
+    torch.manual_seed(0)
+    E, H, n, L, S = 8, 2, 3, 4, 5
+    bf = c.get("batch_first", True)
+    mha = nn.MultiheadAttention(E, H, bias=c.get("bias", True), add_zero_attn=c.get(
+        "add_zero_attn", False), kdim=c.get("kdim"), vdim=c.get("vdim"), batch_first=bf).to(DT)
+
+    def seq(T, d):
+        return torch.randn(n, T, d, dtype=DT) if bf else torch.randn(T, n, d, dtype=DT)
+
+    q = seq(L, E)
+    kv = c.get("kv", "self")
+    if kv == "self":
+        k = v = q
+        S = L
+    elif kv == "same":
+        k = v = seq(S, E)
+    else:
+        k, v = seq(S, c.get("kdim", E)), seq(S, c.get("vdim", E))
+    kw = dict(need_weights=c.get("need_weights", False),
+              average_attn_weights=c.get("average", True))
+    if c.get("masks"):
+        kw["attn_mask"] = torch.rand(L, S, dtype=DT) > 0.7
+        kw["attn_mask"][:, 0] = False
+        kpm = torch.zeros(n, S, dtype=torch.bool)
+        kpm[1, -2:] = True
+        kw["key_padding_mask"] = kpm
+    if c.get("mask3d"):
+        kw["attn_mask"] = torch.randn(n * H, L, S, dtype=DT)
+    if c.get("causal"):
+        kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(L, dtype=DT)
+        kw["is_causal"] = True
+    ref_out, ref_w = mha(q, k, v, **kw)
+    rec = MultiheadAttentionLayer.from_module(mha).internal_recorder(mha)
+    out, w = rec.forward(mha.forward, q, k, v, **kw)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-13)
+    if ref_w is None:
+        assert w is None
+    else:
+        torch.testing.assert_close(w, ref_w, rtol=1e-12, atol=1e-13)
+    n_proj = {"self": 1, "same": 2}.get(kv, 3)
+    assert len(rec.targets) == n_proj and rec.record[1].shape == (L * n, E)
+
+
+def _attention_reference(model, x):
+    lc = LayerCollection.from_model(model)
+    return lc, fim_dense(model, x, "classif_logits", lc)
+
+
+def _run_threads(jobs):
+    """Run the callables at once (a barrier lines their starts up); their results or errors."""
+    barrier = threading.Barrier(len(jobs))
+    results = [None] * len(jobs)
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = jobs[i]()
+        except BaseException as e:  # reported by the test
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_two_threads_two_attention_models_exact_and_nothing_global_left():
+    linear, mha_forward = F.linear, nn.MultiheadAttention.__dict__["forward"]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    models = [_AttnNet(seed).to(DT).eval() for seed in (0, 1)]
+    torch.manual_seed(3)
+    xs = [torch.randn(12, 4, 8, dtype=DT) for _ in models]
+    refs = [_attention_reference(m, x)[1] for m, x in zip(models, xs)]
+    loaders = [torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=3)
+               for x in xs]
+    for _ in range(3):
+        dense = _run_threads([lambda m=m, ld=ld: FIM(m, ld, PMatDense).to_torch()
+                              for m, ld in zip(models, loaders)])
+        for D, ref in zip(dense, refs):
+            assert not isinstance(D, BaseException), D
+            torch.testing.assert_close(D, ref, rtol=1e-9, atol=1e-12)
+    # implicit products (torch.func) in two threads: same numbers, flags put back
+    f = torch.randn(refs[0].shape[0], dtype=DT)
+    mvs = _run_threads([lambda m=m, ld=ld: FIM(m, ld, PMatImplicit).mv(
+        PVector(LayerCollection.from_model(m), vector_repr=f)).get_flat_representation()
+        for m, ld in zip(models, loaders)])
+    for mv, ref in zip(mvs, refs):
+        assert not isinstance(mv, BaseException), mv
+        torch.testing.assert_close(mv, ref @ f, rtol=1e-9, atol=1e-12)
+    assert F.linear is linear and F.linear is torch._C._nn.linear
+    assert nn.MultiheadAttention.__dict__["forward"] is mha_forward
+    assert all("forward" not in m.mha.__dict__ for m in models)
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath
+
+
+def test_attention_build_that_raises_leaves_nothing_behind():
+    model = _AttnNet(0).to(DT).eval()
+    x = torch.randn(4, 4, 8, dtype=DT)
+
+    def bad(*batch):
+        model(batch[0])
+        raise KeyError("boom")
+
+    gen = TorchHooksJacobianBackend(model, bad)
+    with pytest.raises(KeyError, match="boom"):
+        gen.get_covariance_diag((x,))
+    assert "forward" not in model.mha.__dict__
+    assert not model.mha._forward_hooks and not model.mha._forward_pre_hooks
+    assert F.linear is torch._C._nn.linear
+
+
+# ---------------------------------------------------------------------- one model, two threads
+def test_same_model_in_two_threads_is_exact():
+    """Builds on one model from two threads run one after the other (a per-model lock): both
+    are right, where the hooks of one build recorded the other's calls before."""
+    model = _AttnNet(2).to(DT).eval()
+    torch.manual_seed(4)
+    x = torch.randn(12, 4, 8, dtype=DT)
+    lc, ref = _attention_reference(model, x)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=2)
+    f = torch.randn(ref.shape[0], dtype=DT)
+    v = PVector(lc, vector_repr=f)
+    for _ in range(2):
+        out = _run_threads([lambda: FIM(model, loader, PMatDense).to_torch(),
+                            lambda: FIM(model, loader, PMatDense).to_torch(),
+                            lambda: FIM(model, loader, PMatImplicit).mv(v).get_flat_representation(),
+                            lambda: torch.diag(FIM(model, loader, PMatDense).to_torch())])
+        for r in out:
+            assert not isinstance(r, BaseException), r
+        torch.testing.assert_close(out[0], ref, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(out[1], ref, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(out[2], ref @ f, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(out[3], torch.diag(ref), rtol=1e-9, atol=1e-12)
+    assert not model.mha._forward_hooks and "forward" not in model.mha.__dict__
