@@ -216,13 +216,20 @@ class TorchHooksJacobianBackend:
     def get_jacobian(self, examples=None, layer_collection=None):
         """``(n_output, n, P)``: the per-example Jacobians (not normalized)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
-        return self.accumulate(examples, layer_collection, C.Jacobian(layer_collection)).result
+        consumer = C.Jacobian(layer_collection, n_expected=_examples_count(examples))
+        return self.accumulate(examples, layer_collection, consumer).result
 
     def get_gram_matrix(self, examples=None, layer_collection=None):
-        """``(n_output, n, n_output, n)``: ``G[k,i,l,j] = <J_k(x_i), J_l(x_j)>`` (not normalized)."""
+        """``(n_output, n, n_output, n)``: ``G[k,i,l,j] = <J_k(x_i), J_l(x_j)>`` (not normalized).
+        Its ``(K n)²`` entries are checked against the memory available before the product
+        (``MemoryError``), as the Jacobian's ``K n P`` are (:func:`consumers.check_fits`)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
         J = self.get_jacobian(examples, layer_collection)
         K, n, P = J.shape
+        C.check_fits((K * n) ** 2 * J.dtype.itemsize,
+                     f"the Gram matrix ((n_output·n)² = ({K}·{n})² entries)",
+                     "use fewer examples, or products with the Jacobian (PFMapImplicit, "
+                     "PMatImplicit) instead of the n × n Gram matrix")
         Jf = J.reshape(K * n, P)
         return (Jf @ Jf.t()).reshape(K, n, K, n)
 
@@ -746,6 +753,22 @@ class _InstanceForward:
             self.module.__dict__.pop("forward", None)
         else:
             self.module.__dict__["forward"] = self.saved
+
+
+def _examples_count(examples):
+    """The number of examples a DataLoader will yield if it can be known without iterating
+    (a sized sampler); None otherwise (iterables, single mini-batches: the size is then checked
+    batch by batch)."""
+    if not isinstance(examples, DataLoader):
+        return None
+    try:
+        n = len(examples.sampler) if examples.batch_sampler is not None else len(examples)
+    except TypeError:
+        return None
+    bs = examples.batch_size
+    if bs and examples.drop_last:
+        n = (n // bs) * bs
+    return n
 
 
 def _required(value, name, method):

@@ -304,3 +304,64 @@ def test_same_model_in_two_threads_is_exact():
         torch.testing.assert_close(out[2], ref @ f, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(out[3], torch.diag(ref), rtol=1e-9, atol=1e-12)
     assert not model.mha._forward_hooks and "forward" not in model.mha.__dict__
+
+
+# ---------------------------------------------------------------------- item 11: n·P sizes
+class _HugeDataset(torch.utils.data.Dataset):
+    """Claims 10⁹ examples; only the first batch is ever made (the check comes first)."""
+
+    def __len__(self):
+        return 10 ** 9
+
+    def __getitem__(self, i):
+        return torch.ones(4, dtype=DT)
+
+
+def test_jacobian_of_a_huge_loader_refused_before_the_pass():
+    from nngeometry.metrics import Jacobian
+
+    model = _mlp()
+    loader = torch.utils.data.DataLoader(_HugeDataset(), batch_size=8)
+    with pytest.raises(MemoryError, match=r"per-example Jacobians \(n_output=3 × n=1000000000 × "
+                                          r"P=51, 1\.1 TiB.*PMatImplicit"):
+        Jacobian(model, loader)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+@pytest.fixture
+def small_memory(monkeypatch):
+    """The memory this process can still get, as the size checks see it (no real pressure)."""
+    import nngeometry.object.pspace.dense as dense
+
+    def limit(nbytes):
+        monkeypatch.setattr(dense, "_available_memory", lambda: nbytes)
+    return limit
+
+
+def test_jacobian_gram_and_lowrank_sizes_checked(small_memory):
+    from nngeometry.metrics import GramMatrix, Jacobian
+    from nngeometry.object import PMatLowRank
+
+    model = _mlp()
+    torch.manual_seed(6)
+    x = torch.randn(40, 4, dtype=DT)
+    lc = LayerCollection.from_model(model)
+    J_bytes = 3 * 40 * lc.numel() * 8  # 48960: held twice at the end
+    G_bytes = (3 * 40) ** 2 * 8  # 115200
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=8)
+    small_memory(2 * J_bytes - 1)
+    with pytest.raises(MemoryError, match=r"n_output=3 × n=40 × P=51.*more than the 95\.6 KiB"):
+        Jacobian(model, loader, function=lambda b: model(b))
+    with pytest.raises(MemoryError, match="per-example Jacobians"):
+        FIM(model, loader, PMatLowRank, variant="regression")
+    # a single mini-batch (size unknown in advance): checked as the batches come
+    with pytest.raises(MemoryError, match="n=40"):
+        Jacobian(model, (x,), function=lambda b: model(b))
+    small_memory(G_bytes - 1)
+    with pytest.raises(MemoryError, match=r"Gram matrix \(\(n_output·n\)² = \(3·40\)² entries\) "
+                                          r"needs 112\.5 KiB.*PFMapImplicit"):
+        GramMatrix(model, loader, function=lambda b: model(b))
+    small_memory(G_bytes)
+    G = GramMatrix(model, loader, function=lambda b: model(b)).to_torch()
+    Jb = per_example_jacobian(model, x, lc)  # (n, K, P)
+    torch.testing.assert_close(G, torch.einsum("ikp,jlp->kilj", Jb, Jb), rtol=1e-10, atol=1e-12)
