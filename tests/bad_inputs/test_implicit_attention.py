@@ -283,8 +283,11 @@ def test_attention_build_that_raises_leaves_nothing_behind():
 
 # ---------------------------------------------------------------------- one model, two threads
 def test_same_model_in_two_threads_is_exact():
-    """Builds on one model from two threads run one after the other (a per-model lock): both
-    are right, where the hooks of one build recorded the other's calls before."""
+    """Computations on one model from several threads run one after the other (a per-model
+    lock): all are right, where the hooks of one build recorded the other's calls before, and
+    an implicit product's parameter swap was seen by the other build. (The collection and
+    generators are made before the threads start: reading the model's parameters outside a
+    computation, as LayerCollection.from_model does, is not covered by the lock.)"""
     model = _AttnNet(2).to(DT).eval()
     torch.manual_seed(4)
     x = torch.randn(12, 4, 8, dtype=DT)
@@ -292,11 +295,18 @@ def test_same_model_in_two_threads_is_exact():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=2)
     f = torch.randn(ref.shape[0], dtype=DT)
     v = PVector(lc, vector_repr=f)
+
+    def gen():
+        return TorchHooksJacobianBackend(
+            model, closed_form_function(default_function(model), "classif_logits"),
+            layer_collection=lc)
+
+    M = PMatImplicit(lc, gen(), examples=loader)
     for _ in range(2):
-        out = _run_threads([lambda: FIM(model, loader, PMatDense).to_torch(),
-                            lambda: FIM(model, loader, PMatDense).to_torch(),
-                            lambda: FIM(model, loader, PMatImplicit).mv(v).get_flat_representation(),
-                            lambda: torch.diag(FIM(model, loader, PMatDense).to_torch())])
+        out = _run_threads([lambda: PMatDense(lc, gen(), examples=loader).to_torch(),
+                            lambda: PMatDense(lc, gen(), examples=loader).to_torch(),
+                            lambda: M.mv(v).get_flat_representation(),
+                            lambda: gen().get_covariance_diag(loader, lc)])
         for r in out:
             assert not isinstance(r, BaseException), r
         torch.testing.assert_close(out[0], ref, rtol=1e-9, atol=1e-12)
@@ -304,6 +314,7 @@ def test_same_model_in_two_threads_is_exact():
         torch.testing.assert_close(out[2], ref @ f, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(out[3], torch.diag(ref), rtol=1e-9, atol=1e-12)
     assert not model.mha._forward_hooks and "forward" not in model.mha.__dict__
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
 
 
 # ---------------------------------------------------------------------- item 11: n·P sizes
