@@ -200,16 +200,70 @@ class KFEDiag(Consumer):
                        for lid, d in self.result.items()}
 
 
-class Jacobian(Consumer):
-    """The per-example Jacobians stacked over batches: ``(n_output, n, P)``, not normalized."""
+def _format_bytes(n):
+    for unit, size in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
 
-    def __init__(self, layer_collection):
+
+def check_fits(need_bytes, what, alternatives, limit_bytes=None):
+    """``MemoryError`` naming ``what``, its size and ``alternatives`` if ``need_bytes`` is more
+    than this process can still allocate. The memory available is PMatDense's estimate (the
+    least of ``MemAvailable``, the cgroup's limit and ``RLIMIT_AS``; see
+    ``object.pspace.dense._available_memory``); ``limit_bytes`` replaces it. Checked before the
+    allocation, so that a too-large result says what to do instead of failing in the allocator
+    (or getting the process killed) after the whole pass over the data."""
+    if limit_bytes is None:
+        from ..object.pspace.dense import _available_memory  # (object imports the backend)
+
+        limit_bytes = _available_memory()
+    if limit_bytes is not None and need_bytes > limit_bytes:
+        raise MemoryError(
+            f"{what} needs {_format_bytes(need_bytes)}, more than the "
+            f"{_format_bytes(limit_bytes)} available; {alternatives}")
+
+
+#: what to use instead of per-example Jacobians too large to hold
+JACOBIAN_ALTERNATIVES = (
+    "use fewer examples (or a smaller LayerCollection), PMatImplicit / PFMapImplicit (products "
+    "with the Jacobian, nothing of size n·P stored), or a representation that never stores "
+    "per-example gradients (PMatKFAC, PMatEKFAC, PMatDiag, PMatBlockDiag)")
+
+
+class Jacobian(Consumer):
+    """The per-example Jacobians stacked over batches: ``(n_output, n, P)``, not normalized.
+
+    ``n_expected``: the number of examples if known in advance (a sized DataLoader): the whole
+    result's size (``n_output · n · P`` entries, held twice while the batches are concatenated)
+    is checked against the memory available at the first batch (:func:`check_fits`); the
+    running size is checked at every batch in any case."""
+
+    def __init__(self, layer_collection, n_expected=None, limit_bytes=None):
         self.lc = layer_collection
         self.batches = []  # one entry per batch: list of (k_start, (K, nb, P))
         self.result = None
+        self.n_expected = n_expected
+        self.limit_bytes = limit_bytes
+        self._n_seen = 0
+        self._held = 0
+
+    def _check_size(self, ctx):
+        ref = ctx.calls[ctx.layer_ids()[0]][0].gy
+        self._n_seen += ctx.n
+        n = max(self.n_expected or 0, self._n_seen)
+        K, P = ctx.n_output, self.lc.numel()
+        need = n * K * P * ref.dtype.itemsize
+        # peak: the batches' pieces and their concatenation; what is held already is not free
+        check_fits(2 * need - self._held,
+                   f"the per-example Jacobians (n_output={K} × n={n} × P={P}, "
+                   f"{_format_bytes(need)}, held twice while concatenated)",
+                   JACOBIAN_ALTERNATIVES, self.limit_bytes)
+        self._held += ctx.n * K * P * ref.dtype.itemsize
 
     def update(self, ctx):
         if ctx.first_chunk:
+            self._check_size(ctx)
             self.batches.append([])
         self.batches[-1].append(ctx.jacobian())
 

@@ -16,11 +16,15 @@ or outputs. Each layer type turns ``(input, output gradient)`` into what is aske
 gradients, diagonals, KFAC factors) in :mod:`nngeometry.layer_types`.
 """
 import contextlib
+import functools
+import threading
 import time
 import warnings
+import weakref
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
 from .batches import all_finite, default_function, iterate_batches, prepare_batch
@@ -28,6 +32,46 @@ from .context import BatchContext, Call, check_parameter_uses
 from ..layer_types.base import AbstractLayer, is_recording_paused
 from ..layercollection import LayerCollection, run_eagerly
 from . import consumers as C
+
+
+def _outside_inference_mode(method):
+    """Run an implicit product with autograd available, also when called inside
+    ``torch.inference_mode()``: the products are Jacobian-vector and vector-Jacobian products,
+    which inference mode turns into zeros (no tangents, no graph) without an error. Leaving it
+    locally is sound: the values are the same, the tensor arguments that are inference tensors
+    are cloned into normal ones first (inference tensors can't be saved for backward), and the
+    results are normal tensors, usable inside or outside inference mode. (The batches are
+    cloned the same way in ``_functional_batches``.)"""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return method(self, *args, **kwargs)
+        with torch.inference_mode(False):
+            args = [_normal_tensor(a) for a in args]
+            kwargs = {k: _normal_tensor(a) for k, a in kwargs.items()}
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _normal_tensor(x):
+    """A normal tensor with the values of ``x`` if ``x`` (or a PVector's flat tensor) is an
+    inference tensor; ``x`` itself otherwise. Call outside inference mode."""
+    t = _flat(x) if hasattr(x, "get_flat_representation") else x
+    if isinstance(t, torch.Tensor) and torch.is_inference(t):
+        return t.clone()
+    return x
+
+
+def _refuse_inference_parameters(tensors):
+    """Parameters created inside ``torch.inference_mode()`` can't take part in autograd."""
+    for name, t in tensors.items():
+        if torch.is_inference(t):
+            raise RuntimeError(
+                f"the model's parameter '{name}' is an inference tensor (the model was created "
+                "or loaded inside torch.inference_mode()): autograd, which the implicit products "
+                "need, can't use it. Create or load the model outside inference mode, or clone "
+                "its parameters outside it")
+
 
 
 class TorchHooksJacobianBackend:
@@ -78,7 +122,6 @@ class TorchHooksJacobianBackend:
         if backward not in ("auto", "batched", "looped"):
             raise ValueError(f"unknown backward '{backward}': use 'auto', 'batched' or 'looped'")
         self.backward = backward
-        self._active_recorders = []  # see _prepared
         # collections whose parameter uses were checked (see context.check_parameter_uses)
         self._uses_checked = set()
 
@@ -175,13 +218,20 @@ class TorchHooksJacobianBackend:
     def get_jacobian(self, examples=None, layer_collection=None):
         """``(n_output, n, P)``: the per-example Jacobians (not normalized)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
-        return self.accumulate(examples, layer_collection, C.Jacobian(layer_collection)).result
+        consumer = C.Jacobian(layer_collection, n_expected=_examples_count(examples))
+        return self.accumulate(examples, layer_collection, consumer).result
 
     def get_gram_matrix(self, examples=None, layer_collection=None):
-        """``(n_output, n, n_output, n)``: ``G[k,i,l,j] = <J_k(x_i), J_l(x_j)>`` (not normalized)."""
+        """``(n_output, n, n_output, n)``: ``G[k,i,l,j] = <J_k(x_i), J_l(x_j)>`` (not normalized).
+        Its ``(K n)²`` entries are checked against the memory available before the product
+        (``MemoryError``), as the Jacobian's ``K n P`` are (:func:`consumers.check_fits`)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
         J = self.get_jacobian(examples, layer_collection)
         K, n, P = J.shape
+        C.check_fits((K * n) ** 2 * J.dtype.itemsize,
+                     f"the Gram matrix ((n_output·n)² = ({K}·{n})² entries)",
+                     "use fewer examples, or products with the Jacobian (PFMapImplicit, "
+                     "PMatImplicit) instead of the n × n Gram matrix")
         Jf = J.reshape(K * n, P)
         return (Jf @ Jf.t()).reshape(K, n, K, n)
 
@@ -210,6 +260,7 @@ class TorchHooksJacobianBackend:
     # ``m = J̄`` (``(K, P)``): for ``J_c(x) = J(x) - m``,
     #   (1/n) Σ J_cᵀ J_c v = M v - mᵀ (m v),     vᵀ M_c v = vᵀ M v - ||m v||²,
     #   J_c(x) v = J(x) v - m v,                 Σ_i J_c(x_i)ᵀ w_i = Σ_i J(x_i)ᵀ w_i - mᵀ Σ_i w_i.
+    @_outside_inference_mode
     def implicit_mv(self, v=None, examples=None, layer_collection=None):
         """``(P,)``: ``M v = (1/n) Σ_x J(x)ᵀ J(x) v`` without forming ``M``."""
         _required(v, "v", "implicit_mv")
@@ -220,6 +271,7 @@ class TorchHooksJacobianBackend:
             out = out - m.t() @ (m @ _flat(v).to(m.dtype))
         return out
 
+    @_outside_inference_mode
     def implicit_vTMv(self, v=None, examples=None, layer_collection=None):
         """``vᵀ M v = (1/n) Σ_x ||J(x) v||²`` (a scalar tensor)."""
         _required(v, "v", "implicit_vTMv")
@@ -230,6 +282,7 @@ class TorchHooksJacobianBackend:
             out = out - (mv * mv).sum()
         return out
 
+    @_outside_inference_mode
     def implicit_Jv(self, v=None, examples=None, layer_collection=None):
         """``(n_output, n)``: ``J(x_i) v`` for every example (not normalized)."""
         _required(v, "v", "implicit_Jv")
@@ -239,6 +292,7 @@ class TorchHooksJacobianBackend:
             out = out - (self._mean_jacobian(examples, lc) @ _flat(v)).unsqueeze(1)
         return out
 
+    @_outside_inference_mode
     def implicit_JTv(self, w, examples=None, layer_collection=None):
         """``(P,)``: ``Σ_i J(x_i)ᵀ w[:, i]`` for ``w`` of shape ``(n_output, n)``."""
         examples, lc = self._resolve(examples, layer_collection)
@@ -248,6 +302,7 @@ class TorchHooksJacobianBackend:
             out = out - m.t() @ w.sum(dim=1).to(m.dtype)
         return out
 
+    @_outside_inference_mode
     def implicit_JV(self, V, examples=None, layer_collection=None):
         """``(m, n_output, n)``: ``J(x_i) v_j`` for the ``m`` rows ``v_j`` of ``V``
         (``(m, P)``) and every example (not normalized)."""
@@ -257,6 +312,7 @@ class TorchHooksJacobianBackend:
             out = out - (V @ self._mean_jacobian(examples, lc).t()).unsqueeze(2)
         return out
 
+    @_outside_inference_mode
     def implicit_mm(self, V, examples=None, layer_collection=None):
         """``(m, P)``: ``M v_j`` for the rows of ``V`` (``(m, P)``), without forming ``M``."""
         examples, lc = self._resolve(examples, layer_collection)
@@ -428,34 +484,37 @@ class TorchHooksJacobianBackend:
     def _prepared(self, layer_collection):
         _refuse_batch_statistics(self.model)
         # compiled code would not run the hooks: the compiled parts run their Python code
-        with run_eagerly(self.model), \
+        with _model_lock(self.model), run_eagerly(self.model), \
                 self._model_state_kept(layer_collection) as (modules, params):
             calls = {lid: [] for lid in modules}
-            handles = []
-            for lid, module in modules.items():
-                layer = layer_collection[lid]
-                # recorders of tensors inside the module's forward (see
-                # AbstractLayer.internal_recorder), one per call in progress
-                active = [] if type(layer).internal_recorder is not AbstractLayer.internal_recorder \
-                    else None
-                if active is not None:
-                    handles.append(module.register_forward_pre_hook(
-                        self._make_pre_hook(layer, active)))
-                    self._active_recorders.append(active)
-                handles.append(module.register_forward_hook(self._make_hook(calls[lid], active),
-                                                            with_kwargs=True))
+            handles, recorders = [], []
             try:
+                for lid, module in modules.items():
+                    layer = layer_collection[lid]
+                    # recorders of tensors inside the module's forward (see
+                    # AbstractLayer.internal_recorder), one per call in progress
+                    active = [] if type(layer).internal_recorder is not \
+                        AbstractLayer.internal_recorder else None
+                    if active is not None:
+                        recorders.append(active)
+                        handles.append(module.register_forward_pre_hook(
+                            self._make_pre_hook(layer, active)))
+                        # the recorder's own forward, on this instance only (removed with the
+                        # hooks)
+                        handles.append(_InstanceForward(module, active))
+                    handles.append(module.register_forward_hook(
+                        self._make_hook(calls[lid], active), with_kwargs=True))
                 yield modules, calls
             finally:
-                for h in handles:
+                for h in reversed(handles):
                     h.remove()
-                self._close_recorders()
-                self._active_recorders.clear()
+                self._close_recorders(recorders)
 
-    def _close_recorders(self):
+    @staticmethod
+    def _close_recorders(recorders):
         """Exit the recorders of module calls that did not return (an exception in the forward
         pass): they must not stay active."""
-        for active in self._active_recorders:
+        for active in recorders:
             while active:
                 active.pop().__exit__(None, None, None)
 
@@ -633,7 +692,11 @@ class TorchHooksJacobianBackend:
         """Yield ``(batch, params, f)`` with ``f(params) -> (n, n_output)`` a pure function of the
         collection's parameters (a dict name -> tensor) for that batch."""
         _refuse_batch_statistics(self.model)
-        with run_eagerly(self.model), \
+        _refuse_inference_parameters(dict(self.model.named_parameters()))
+        # forward-mode AD levels are process-wide in torch ("Nested forward mode AD is not
+        # supported" when two threads open one each): the functional passes of all threads run
+        # one at a time (taken before the model's lock, always in that order)
+        with _FORWARD_AD_LOCK, _model_lock(self.model), run_eagerly(self.model), \
                 self._model_state_kept(layer_collection) as (modules, plist):
             names, constant = {}, {}
             for lid, m in modules.items():
@@ -648,6 +711,9 @@ class TorchHooksJacobianBackend:
             device = self._device()
             for batch in self._batches(examples):
                 batch = prepare_batch(batch, device)
+                # inference tensors (data made inside torch.inference_mode()) can't be saved
+                # for backward: normal copies with the same values (see _outside_inference_mode)
+                batch = tree_map(_normal_tensor, batch)
 
                 def f(p, batch=batch):
                     # buffers (e.g. BatchNorm running statistics, updated in place in training
@@ -670,6 +736,49 @@ class TorchHooksJacobianBackend:
             out[k] = flat[start:start + p.numel()].view_as(p)
             start += p.numel()
         return out
+
+
+class _InstanceForward:
+    """While the generator's hooks are on ``module``, its calls run through the forward of the
+    call's recorder (``active[-1]``, pushed by the pre-hook; see
+    ``AbstractLayer.internal_recorder``) when it has one. Set on the module *instance* (its
+    ``__dict__``), never on the class or on a function of torch, so that other modules, other
+    models and other threads are not affected; :meth:`remove` puts back what was there."""
+
+    def __init__(self, module, active):
+        self.module = module
+        self.saved = module.__dict__.get("forward", _InstanceForward)
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            rec = active[-1] if active and not is_recording_paused() else None
+            if rec is None or not hasattr(rec, "forward"):
+                return original(*args, **kwargs)
+            return rec.forward(original, *args, **kwargs)
+
+        module.__dict__["forward"] = forward
+
+    def remove(self):
+        if self.saved is _InstanceForward:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.__dict__["forward"] = self.saved
+
+
+def _examples_count(examples):
+    """The number of examples a DataLoader will yield if it can be known without iterating
+    (a sized sampler); None otherwise (iterables, single mini-batches: the size is then checked
+    batch by batch)."""
+    if not isinstance(examples, DataLoader):
+        return None
+    try:
+        n = len(examples.sampler) if examples.batch_sampler is not None else len(examples)
+    except TypeError:
+        return None
+    bs = examples.batch_size
+    if bs and examples.drop_last:
+        n = (n // bs) * bs
+    return n
 
 
 def _required(value, name, method):
@@ -741,21 +850,67 @@ def _refuse_batch_statistics(model):
                 "computing the matrix (its running statistics are then used)")
 
 
+#: the process-wide attention flags changed by _no_fused_attention: how many blocks are inside
+#: it (all threads) and the flags to put back when the last one leaves
+_FUSED_LOCK = threading.Lock()
+_FUSED_STATE = {"depth": 0, "saved": None}
+
+
 @contextlib.contextmanager
 def _no_fused_attention():
     """Turn off the fused kernels of attention: inside torch.func transforms the parameters don't
     require grad, so eval-mode nn.MultiheadAttention / TransformerEncoderLayer would take their
     fused inference path, and scaled_dot_product_attention its flash kernel: neither has
-    forward-mode AD. The math implementation is used instead (same values)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    forward-mode AD. The math implementation is used instead (same values).
 
-    prev = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
+    Those switches are process-wide (torch has no thread-local version), so they are counted:
+    the first block to enter (in any thread) saves and sets them, the last to leave restores
+    them. (Saving and restoring per block let two threads' blocks restore each other's settings
+    and leave the fast path off after both had finished.) Meanwhile other threads' attention
+    takes the same math path: same values, only slower."""
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, _sdpa_kernel
+
+    with _FUSED_LOCK:
+        if _FUSED_STATE["depth"] == 0:
+            _FUSED_STATE["saved"] = (torch.backends.mha.get_fastpath_enabled(),
+                                     _cur_sdpa_kernel_backends())
+            torch.backends.mha.set_fastpath_enabled(False)
+            _sdpa_kernel([SDPBackend.MATH])
+        _FUSED_STATE["depth"] += 1
     try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
+        yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(prev)
+        with _FUSED_LOCK:
+            _FUSED_STATE["depth"] -= 1
+            if _FUSED_STATE["depth"] == 0:
+                fastpath, backends = _FUSED_STATE["saved"]
+                _sdpa_kernel(backends)
+                torch.backends.mha.set_fastpath_enabled(fastpath)
+                _FUSED_STATE["saved"] = None
+
+
+#: see _functional_batches
+_FORWARD_AD_LOCK = threading.RLock()
+
+#: one lock per model (weakly held): see _model_lock
+_MODEL_LOCKS = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _model_lock(model):
+    """Computations on one model run one at a time, across threads: a build installs hooks (and
+    an attention module's instance forward) on the model's modules, and the implicit products
+    swap its parameters for functional tensors (``tensors_in_model``); two at once would record
+    each other's calls or see each other's tensors (wrong numbers, not an error). A second
+    thread waits for the first to finish; the same thread may nest (a preconditioner's product
+    inside a CG solve). Different models run in parallel."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+    with lock:
+        yield
 
 
 @contextlib.contextmanager

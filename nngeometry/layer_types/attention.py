@@ -25,10 +25,12 @@ attention, so these are the exact per-example gradients. Dropout in training mod
 KFAC/EKFAC: the layer has several Kronecker blocks (block-diagonal inside the layer, see
 ``AbstractLayer.kfac_factors``): the input projections are Linear layers on sequences, and so is
 ``out_proj`` on the attention output ``Z``. Neither projection is a module (no hook fires on
-them), so while the module's forward runs in the generator's pass a recorder
-(``internal_recorder``) notes its ``F.linear`` calls: the projections'
-inputs, their outputs ``Q = q W_qᵀ + b_q`` (and ``K``, ``V``), which the backward pass then also
-differentiates to, and ``Z``, the input of ``out_proj``, whose output gradient is the module's.
+them), so in the generator's pass the module's call runs through a recorder
+(``internal_recorder``; the module instance's ``forward`` is replaced for that pass, nothing
+global): the attention computation of ``F.multi_head_attention_forward``, written out, which
+keeps the projections' inputs, their outputs ``Q = q W_qᵀ + b_q`` (and ``K``, ``V``), which the
+backward pass then also differentiates to, and ``Z``, the input of ``out_proj``, whose output
+gradient is the module's.
 Masks, ``add_zero_attn`` and ``is_causal`` need no special case: the gradients are those of the
 forward that actually ran. The blocks, in the Kronecker layout ``[W_q | b_q]``, ``[W_k | b_k]``,
 ``[W_v | b_v]`` (rows of ``in_proj_weight``/``in_proj_bias``, or ``q/k/v_proj_weight``), then
@@ -47,6 +49,7 @@ are parameters) has no Kronecker structure here: such modules refuse KFAC (``sup
 False on their layer; use PMatEKFACBlockDiag).
 """
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +125,7 @@ class MultiheadAttentionLayer(AbstractLayer):
         return call.args, call.kwargs, call.record, call.extra_gy
 
     def per_example_grad(self, module, x, gy):
-        if self.supports_kfac:
+        if self.supports_kfac and x[2] is not None:
             # from the recomputed projections (see kfac_pieces): Σ_s g_s [a_s, 1]ᵀ per block,
             # one batched product each; 10-20x faster than vmap over examples of a vjp
             K, n = gy.shape[0], gy.shape[1 if module.batch_first else 2]
@@ -135,7 +138,7 @@ class MultiheadAttentionLayer(AbstractLayer):
         """``Σ_{k,i} g_{k,i}²``: per Kronecker block (see :meth:`kfac_pieces`), the squares of
         ``Σ_s g_s [a_s, 1]ᵀ`` formed by chunks of directions (:func:`.linear.seq_grad_squares`),
         then re-indexed to the flat layout."""
-        if not self.supports_kfac:
+        if not self.supports_kfac or x[2] is None:
             return super().diag(module, x, gy)
         kron = torch.cat([seq_grad_squares(self._augmented(a), g).reshape(-1)
                           for a, g in self.kfac_pieces(module, x, gy)])
@@ -306,54 +309,207 @@ def _same_tensor(a, b):
 
 
 class _ProjectionRecorder:
-    """Active during one forward of a MultiheadAttention in the generator's pass: records its
-    ``F.linear`` calls, i.e. the input projections (one call for self-attention, two when
-    ``key is value``, three otherwise, in q, k, v order) and ``out_proj`` (the call with the
-    module's ``out_proj.weight``, last).
+    """The record of one call of a MultiheadAttention in the generator's pass: its input
+    projections (one for self-attention, two when ``key is value``, three otherwise, in q, k, v
+    order, as ``F.multi_head_attention_forward`` makes them) and the input ``Z`` of
+    ``out_proj``.
 
-    ``F.multi_head_attention_forward`` calls ``torch.nn.functional.linear`` by its module-level
-    name, so that name is pointed at a recording wrapper while the module runs (and restored
-    on exit, also when the forward raises; the generator runs the forward on one thread). A
-    ``TorchFunctionMode`` can't see those calls: it is handed the whole
-    ``multi_head_attention_forward`` call and runs it with the mode off.
+    Nothing global is touched: the generator replaces the ``forward`` of the module *instance*
+    (never the class, never ``torch.nn.functional``) for the time of its pass (see
+    ``AbstractLayer.internal_recorder``), and that forward calls :meth:`forward` of the call's
+    recorder, which runs :func:`_recorded_attention`: the computation of
+    ``nn.MultiheadAttention.forward`` / ``F.multi_head_attention_forward`` (slow path) written
+    out, with the projections made here so that their inputs and outputs can be kept. So two
+    threads with two models, or any other ``F.linear`` call meanwhile, are not affected.
+    Configurations it does not write out (unbatched inputs, ``add_bias_kv``, a newer torch's
+    extra arguments, a forward overridden by a subclass or on the instance) run the module's own
+    forward and record nothing: KFAC then says so, per-example gradients and diagonals take the
+    ``torch.func`` path.
 
     ``targets``: the projections' outputs, whose gradients the backward pass gives (in
     ``Call.extra_gy``); ``record``: ``(projection inputs, out_proj input)``, detached and
     time-major like in ``F.multi_head_attention_forward``."""
 
     def __init__(self, module):
-        self.out_weight = module.out_proj.weight
-        self.linears = []
-        self._saved = None
-
-    def _linear(self, input, weight, bias=None):
-        out = self._saved(input, weight, bias)
-        self.linears.append((input, weight, out))
-        return out
+        self.module = module
+        self.linears = []  # (input, output) of each input projection
+        self.z = None
 
     def __enter__(self):
-        self._saved = F.linear
-        F.linear = self._linear
         return self
 
     def __exit__(self, *exc):
-        F.linear = self._saved
         return False
 
-    def _split(self):
-        outs = [i for i, (_, w, _) in enumerate(self.linears) if w is self.out_weight]
-        if len(outs) != 1 or outs[0] != len(self.linears) - 1 or not 1 <= outs[0] <= 3:
-            raise RuntimeError(
-                "unexpected linear maps in the forward of nn.MultiheadAttention (this torch "
-                f"version's F.multi_head_attention_forward made {len(self.linears)} F.linear "
-                "calls): its input projections can't be identified")
-        return self.linears[:-1], self.linears[-1]
+    def forward(self, original, *args, **kwargs):
+        try:
+            bound = dict(zip(_FORWARD_PARAMS, args))
+            if len(args) > len(_FORWARD_PARAMS) or set(bound) & set(kwargs):
+                raise TypeError
+            bound.update(kwargs)
+            if set(bound) - set(_RECORDED_ARGS) or not {"query", "key", "value"} <= set(bound):
+                raise TypeError
+        except TypeError:
+            return original(*args, **kwargs)
+        m = self.module
+        if (getattr(original, "__func__", None) is not nn.MultiheadAttention.forward
+                or bound["query"].dim() != 3 or m.bias_k is not None or m.bias_v is not None):
+            # a forward of the user's (subclass or instance attribute) runs as it is
+            return original(*args, **kwargs)
+        return _recorded_attention(m, self, **bound)
+
+    def _linear(self, x, w, b):
+        out = F.linear(x, w, b)
+        self.linears.append((x, out))
+        return out
 
     @property
     def targets(self):
-        return [out for _, _, out in self._split()[0]]
+        if self.z is None:
+            return []
+        return [out for _, out in self.linears]
 
     @property
     def record(self):
-        projs, (z, _, _) = self._split()
-        return [a.detach() for a, _, _ in projs], z.detach()
+        if self.z is None:
+            return None
+        return [a.detach() for a, _ in self.linears], self.z.detach()
+
+
+#: the arguments of ``nn.MultiheadAttention.forward`` that :func:`_recorded_attention` takes
+_RECORDED_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                  "average_attn_weights", "is_causal")
+
+
+def _recorded_attention(mod, rec, query, key, value, key_padding_mask=None, need_weights=True,
+                        attn_mask=None, average_attn_weights=True, is_causal=False):
+    """``mod(query, key, value, ...)`` for batched inputs and no ``bias_k``/``bias_v``: the
+    operations of ``nn.MultiheadAttention.forward`` and ``F.multi_head_attention_forward``
+    (torch 2.x slow path: same values), with the input projections and the out projection's
+    input recorded in ``rec``. Shapes: ``query (L, n, E)`` (``(n, L, E)`` if batch_first),
+    ``key (S, n, kdim)``, ``value (S, n, vdim)``; returns ``(output, weights or None)``."""
+    # nn.MultiheadAttention.forward
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask, mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask), other_name="attn_mask", target_type=query.dtype)
+    attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None,
+                                  other_name="", target_type=query.dtype, check_other=False)
+    if mod.batch_first:
+        # transposed so that the "is" relations between query, key and value are kept
+        if key is value:
+            if query is key:
+                query = key = value = query.transpose(1, 0)
+            else:
+                query, key = (x.transpose(1, 0) for x in (query, key))
+                value = key
+        else:
+            query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+    # F.multi_head_attention_forward
+    tgt_len, bsz, E = query.shape
+    src_len = key.shape[0]
+    H = mod.num_heads
+    head_dim = E // H
+    if E != mod.embed_dim:
+        raise AssertionError(f"was expecting embedding dimension of {mod.embed_dim}, but got {E}")
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the "
+                           "Transformer module method `generate_square_subsequent_mask` to "
+                           "create this mask.")
+    if is_causal and key_padding_mask is None and not need_weights:
+        attn_mask = None
+    else:
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None,
+                                      other_name="", target_type=query.dtype, check_other=False)
+        if key_padding_mask is not None:
+            is_causal = False
+    # the input projections (F._in_projection_packed / F._in_projection), recorded
+    b = mod.in_proj_bias
+    if mod._qkv_same_embed_dim:
+        w = mod.in_proj_weight
+        if key is value and query is key:
+            proj = rec._linear(query, w, b)
+            proj = proj.unflatten(-1, (3, E)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+            q, k, v = proj[0], proj[1], proj[2]
+        elif key is value:
+            w_q, w_kv = w.split([E, 2 * E])
+            b_q, b_kv = (None, None) if b is None else b.split([E, 2 * E])
+            q = rec._linear(query, w_q, b_q)
+            kv = rec._linear(key, w_kv, b_kv)
+            kv = kv.unflatten(-1, (2, E)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+            k, v = kv[0], kv[1]
+        else:
+            w_q, w_k, w_v = w.chunk(3)
+            b_q, b_k, b_v = (None,) * 3 if b is None else b.chunk(3)
+            q, k, v = (rec._linear(query, w_q, b_q), rec._linear(key, w_k, b_k),
+                       rec._linear(value, w_v, b_v))
+    else:
+        if key.shape[:2] != value.shape[:2]:
+            raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match "
+                                 f"value's {value.shape[:2]}")
+        b_q, b_k, b_v = (None,) * 3 if b is None else b.chunk(3)
+        q, k, v = (rec._linear(query, mod.q_proj_weight, b_q),
+                   rec._linear(key, mod.k_proj_weight, b_k),
+                   rec._linear(value, mod.v_proj_weight, b_v))
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            if attn_mask.shape != (tgt_len, src_len):
+                raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but "
+                                   f"should be {(tgt_len, src_len)}.")
+            attn_mask = attn_mask.unsqueeze(0)
+        elif attn_mask.dim() == 3:
+            if attn_mask.shape != (bsz * H, tgt_len, src_len):
+                raise RuntimeError(f"The shape of the 3D attn_mask is {attn_mask.shape}, but "
+                                   f"should be {(bsz * H, tgt_len, src_len)}.")
+        else:
+            raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+    q = q.view(tgt_len, bsz * H, head_dim).transpose(0, 1)
+    k = k.view(k.shape[0], bsz * H, head_dim).transpose(0, 1)
+    v = v.view(v.shape[0], bsz * H, head_dim).transpose(0, 1)
+    if mod.add_zero_attn:
+        zeros = torch.zeros((bsz * H, 1, head_dim), dtype=k.dtype, device=k.device)
+        k = torch.cat([k, zeros], dim=1)
+        v = torch.cat([v, zeros.to(v.dtype)], dim=1)
+        if attn_mask is not None:
+            attn_mask = F.pad(attn_mask, (0, 1))
+        if key_padding_mask is not None:
+            key_padding_mask = F.pad(key_padding_mask, (0, 1))
+    src_len = k.size(1)
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (bsz, src_len):
+            raise AssertionError(f"expecting key_padding_mask shape of {(bsz, src_len)}, but got "
+                                 f"{key_padding_mask.shape}")
+        key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, H, -1, -1)
+                            .reshape(bsz * H, 1, src_len))
+        attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+    dropout_p = mod.dropout if mod.training else 0.0
+    weights = None
+    if need_weights:
+        q_scaled = q * math.sqrt(1.0 / float(head_dim))
+        if is_causal and attn_mask is None:
+            raise AssertionError("FIXME: is_causal not implemented for need_weights")
+        if attn_mask is not None:
+            weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+        else:
+            weights = torch.bmm(q_scaled, k.transpose(-2, -1))
+        weights = F.softmax(weights, dim=-1)
+        if dropout_p > 0.0:
+            weights = F.dropout(weights, p=dropout_p)
+        z = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, E)
+        weights = weights.view(bsz, H, tgt_len, src_len)
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+    else:
+        if attn_mask is not None:
+            if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+                attn_mask = attn_mask.unsqueeze(0)
+            else:
+                attn_mask = attn_mask.view(bsz, H, -1, src_len)
+        z = F.scaled_dot_product_attention(
+            q.view(bsz, H, tgt_len, head_dim), k.view(bsz, H, src_len, head_dim),
+            v.view(bsz, H, src_len, head_dim), attn_mask, dropout_p, is_causal)
+        z = z.permute(2, 0, 1, 3).reshape(bsz * tgt_len, E)
+    rec.z = z
+    out = F.linear(z, mod.out_proj.weight, mod.out_proj.bias).view(tgt_len, bsz, -1)
+    if mod.batch_first:
+        out = out.transpose(1, 0)
+    return out, weights

@@ -94,8 +94,11 @@ class AbstractLayer:
         just before the module's forward runs in its pass and exits it right after; the recorder
         then has ``targets``, the tensors the backward pass should also differentiate to, and
         ``record``, what the layer's maths takes back from :meth:`inputs_of`'s ``call``
-        (``call.record``, and the gradients w.r.t. the targets in ``call.extra_gy``). Layer
-        types that don't override this record nothing."""
+        (``call.record``, and the gradients w.r.t. the targets in ``call.extra_gy``). A recorder
+        with a method ``forward(original_forward, *args, **kwargs)`` runs the module's call
+        itself: the generator sets the module *instance*'s ``forward`` to one that calls it,
+        for the time of its pass only (no global function is replaced). Layer types that
+        don't override this record nothing."""
         return None
 
     def inputs_of(self, call):

@@ -47,11 +47,28 @@ class PMatImplicit(PMatAbstract):
 
     def _gen(self):
         if self.generator is None:
+            origin = self.__dict__.get("_function_origin")
+            built = f" (it was built with the function {origin})" if origin else ""
             raise RuntimeError(
-                "this PMatImplicit has no generator (it was unpickled: the generator, which holds "
-                "the model, is not pickled); set M.generator = TorchHooksJacobianBackend(model, "
-                "function) again, or build a new PMatImplicit")
+                "this PMatImplicit has no generator: it was unpickled, and the generator, which "
+                "holds the model and its function, is not pickled" + built + ". Attach a "
+                "generator built with the SAME function the matrix was built with, not the bare "
+                "model (that would give another matrix): for FIM(model, ..., variant=v), "
+                "M.generator = TorchHooksJacobianBackend(model, "
+                "nngeometry.variants.closed_form_function(lambda *b: model(b[0]), v)); for "
+                "FIM_MonteCarlo, nngeometry.variants.monte_carlo_function(lambda *b: model(b[0]), "
+                "v, trials); or build a new PMatImplicit with FIM(..., PMatImplicit)")
         return self.generator
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        # the generator (model + function) is dropped; where its function came from is kept,
+        # so that the error of an unpickled matrix can name the function to attach again
+        fn = getattr(self.generator, "function", None)
+        if fn is not None:
+            state["_function_origin"] = (f"{getattr(fn, '__module__', '?')}."
+                                         f"{getattr(fn, '__qualname__', type(fn).__name__)}")
+        return state
 
     def _like(self, scale):
         new = PMatImplicit.__new__(PMatImplicit)
@@ -75,17 +92,30 @@ class PMatImplicit(PMatAbstract):
         parts = [gen.implicit_mm(V[i:i + step], self.examples, lc) for i in range(0, V.shape[0], step)]
         return self.scale * torch.cat(parts, dim=0)
 
+    def _flat_mv(self, f):
+        """``M f`` for a flat ``(P,)`` tensor (no autograd graph to ``f``)."""
+        return self.scale * self._gen().implicit_mv(f, self.examples, self.layer_collection)
+
     def mv(self, v):
-        """``M v``: one JVP and one VJP per batch."""
+        """``M v``: one JVP and one VJP per batch. Differentiable w.r.t. ``v`` (``M`` is
+        symmetric, so the backward of ``v -> M v`` is one more product ``g -> M g``; twice
+        differentiable too), not w.r.t. the model's parameters."""
         self._check_pvector(v)
-        out = self._gen().implicit_mv(v.get_flat_representation(), self.examples, self.layer_collection)
-        return PVector(self.layer_collection, vector_repr=self.scale * out)
+        f = v.get_flat_representation()
+        self._gen()  # an unpickled matrix says so before autograd is involved
+        return PVector(self.layer_collection, vector_repr=_mat_vec(f, self._flat_mv))
 
     def vTMv(self, v):
-        """``vᵀ M v = (1/n) Σ_x ||J(x) v||²``: one JVP per batch."""
+        """``vᵀ M v = (1/n) Σ_x ||J(x) v||²``: one JVP per batch. Differentiable w.r.t. ``v``
+        (gradient ``2 M v``: one ``mv`` in the backward pass)."""
         self._check_pvector(v)
-        return self.scale * self._gen().implicit_vTMv(v.get_flat_representation(), self.examples,
-                                                      self.layer_collection)
+        f = v.get_flat_representation()
+        gen = self._gen()
+
+        value = self.scale * gen.implicit_vTMv(f.detach(), self.examples, self.layer_collection)
+        if torch.is_grad_enabled() and f.requires_grad:
+            return _Quadratic.apply(f, value, self._flat_mv)
+        return value
 
     def mmap(self, pfmap):
         """``M`` applied to every row of the PFMap (vmapped JVPs and VJPs)."""
@@ -266,6 +296,46 @@ class PMatImplicit(PMatAbstract):
     # ------------------------------------------------------------------ arithmetic
     def _scaled(self, x):
         return self._like(self.scale * x)
+
+
+def _mat_vec(v, product):
+    """``M v`` by ``product`` (a function of flat tensors, ``M`` symmetric), differentiable
+    w.r.t. ``v`` when ``v`` requires grad."""
+    value = product(v.detach())
+    if torch.is_grad_enabled() and v.requires_grad:
+        return _MatVec.apply(v, value, product)
+    return value
+
+
+class _MatVec(torch.autograd.Function):
+    """Links ``value = M v`` to ``v``: the vector-Jacobian product of the linear map ``v -> M v``
+    is ``g -> Mᵀ g = M g``, one more product (through :func:`_mat_vec` again: products of any
+    order). The products are computed outside ``forward``, where forward-mode AD, which they
+    use, is off."""
+
+    @staticmethod
+    def forward(ctx, v, value, product):
+        ctx.product = product
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return _mat_vec(g, ctx.product), None, None
+
+
+class _Quadratic(torch.autograd.Function):
+    """Links ``value = vᵀ M v`` to ``v``, with gradient ``2 M v``."""
+
+    @staticmethod
+    def forward(ctx, v, value, product):
+        ctx.save_for_backward(v)
+        ctx.product = product
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (v,) = ctx.saved_tensors
+        return 2 * g * _mat_vec(v, ctx.product), None, None
 
 
 def _check_solve(solve):
