@@ -12,10 +12,12 @@ Closed forms (``F = (1/n) Σ_x J_f(x)ᵀ Σ_{y|x} J_f(x)``, ``f`` the model's ou
 
 The factors are computed from detached probabilities: they are constants of the backward pass.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
-from .backend.batches import all_finite
+from .backend.batches import all_finite, check_outputs
 
 CLOSED_FORM_VARIANTS = ("classif_logits", "classif_binary_logits", "regression")
 MC_VARIANTS = ("classif_logits", "classif_logsoftmax", "segmentation_logits", "regression")
@@ -51,29 +53,47 @@ def _as_2d(out):
     return out.reshape(out.shape[0], -1)
 
 
+class OutputTransform:
+    """``g(*batch) = transform(function(*batch))``: a likelihood's transform of the model's
+    outputs. The generator calls the two parts itself, so that it can check that
+    ``function`` (the model, deterministic) gives the same outputs twice while ``transform``
+    (e.g. Monte-Carlo sampling) may draw random numbers."""
+
+    def __init__(self, function, transform):
+        self.function = function
+        self.transform = transform
+
+    def model_outputs(self, *batch):
+        """The model's outputs ``function(*batch)``, checked to be a tensor."""
+        return check_outputs(self.function(*batch))
+
+    def __call__(self, *batch):
+        return self.transform(self.model_outputs(*batch))
+
+
 def closed_form_function(function, variant):
     """``g(*batch)`` with ``J_gᵀ J_g`` the example's Fisher under ``variant``."""
     if variant == "regression":
-        return lambda *batch: _as_2d(function(*batch))
+        return OutputTransform(function, _as_2d)
     if variant == "classif_binary_logits":
-        def g(*batch):
-            f = _as_2d(function(*batch))
+        def g(out):
+            f = _as_2d(out)
             if f.shape[1] != 1:
                 raise ValueError(
                     f"variant 'classif_binary_logits' expects one logit per example, the model "
                     f"gives {f.shape[1]}; use 'classif_logits' for several classes")
             s = torch.sigmoid(f.detach())
             return torch.sqrt(s * (1 - s)) * f
-        return g
+        return OutputTransform(function, g)
     if variant == "classif_logits":
-        def g(*batch):
-            f = _as_2d(function(*batch))
+        def g(out):
+            f = _as_2d(out)
             if f.shape[1] < 2:
                 raise ValueError("variant 'classif_logits' needs at least 2 logits per example; "
                                  "use 'classif_binary_logits' for one logit")
             L = multinomial_covariance_sqrt(torch.softmax(f.detach(), dim=1))
             return torch.einsum("nc,nck->nk", f, L)
-        return g
+        return OutputTransform(function, g)
     raise ValueError(f"unknown variant '{variant}' for FIM; expected one of {CLOSED_FORM_VARIANTS}")
 
 
@@ -83,6 +103,7 @@ def monte_carlo_function(function, variant, trials, covariance=1.0):
     ``J_gᵀ J_g = (1/T) Σ_t ∇ log p(y_t|x) ∇ log p(y_t|x)ᵀ``."""
     if not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive integer, got {trials!r}")
+    check_covariance(covariance)
     scale = trials ** -0.5
 
     def sample_logprob(logp, from_softmax=False):
@@ -107,30 +128,43 @@ def monte_carlo_function(function, variant, trials, covariance=1.0):
 
     if variant == "classif_logits":
         if trials == 1:  # scale = 1: no multiplication (one op less forward and backward)
-            return lambda *batch: sample_logprob(F.log_softmax(_as_2d(function(*batch)), dim=1),
-                                                 from_softmax=True)
-        return lambda *batch: sample_logprob(F.log_softmax(_as_2d(function(*batch)), dim=1)) * scale
+            return OutputTransform(function, lambda out: sample_logprob(
+                F.log_softmax(_as_2d(out), dim=1), from_softmax=True))
+        return OutputTransform(function, lambda out: sample_logprob(
+            F.log_softmax(_as_2d(out), dim=1)) * scale)
     if variant == "classif_logsoftmax":
         if trials == 1:
-            return lambda *batch: sample_logprob(_as_2d(function(*batch)))
-        return lambda *batch: sample_logprob(_as_2d(function(*batch))) * scale
+            return OutputTransform(function, lambda out: sample_logprob(_as_2d(out)))
+        return OutputTransform(function, lambda out: sample_logprob(_as_2d(out)) * scale)
     if variant == "segmentation_logits":
-        def g(*batch):
-            f = function(*batch)  # (n, C, *spatial)
+        def g(f):  # f: (n, C, *spatial)
             if f.dim() < 3:
                 raise ValueError("variant 'segmentation_logits' expects outputs (n, C, H, W, ...)")
             n, C = f.shape[:2]
             logp = F.log_softmax(f, dim=1).movedim(1, -1).reshape(-1, C)  # (n*pixels, C)
             lp = sample_logprob(logp, from_softmax=True).reshape(n, -1, trials).sum(1)
             return lp * scale
-        return g
+        return OutputTransform(function, g)
     if variant == "regression":
         sigma2 = float(covariance)
 
-        def g(*batch):
-            f = _as_2d(function(*batch))
+        def g(out):
+            f = _as_2d(out)
             y = f.detach().unsqueeze(1) + (sigma2 ** 0.5) * torch.randn(
                 f.shape[0], trials, f.shape[1], dtype=f.dtype, device=f.device)
             return -((y - f.unsqueeze(1)) ** 2).sum(2) / (2 * sigma2) * scale
-        return g
+        return OutputTransform(function, g)
     raise ValueError(f"unknown variant '{variant}' for FIM_MonteCarlo; expected one of {MC_VARIANTS}")
+
+
+def check_covariance(covariance):
+    """``ValueError`` unless ``covariance`` (the variance ``σ²`` of the Gaussian of the
+    ``regression`` variant) is a finite positive number."""
+    try:
+        value = float(covariance)
+    except (TypeError, ValueError):
+        raise TypeError(f"covariance must be a positive number (the variance σ² of the "
+                        f"regression likelihood), got {type(covariance).__name__}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"covariance must be a finite positive number (the variance σ² of the "
+                         f"regression likelihood N(f, σ²I)), got {covariance!r}")

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .batches import all_finite, default_function, iterate_batches, prepare_batch
+from .batches import all_finite, check_outputs, default_function, iterate_batches, prepare_batch
 from .context import BatchContext, Call
-from ..layer_types.base import AbstractLayer, is_recording_paused
+from ..layer_types.base import AbstractLayer, is_recording_paused, recording_paused
 from ..layercollection import LayerCollection
 from . import consumers as C
 
@@ -53,6 +53,12 @@ class TorchHooksJacobianBackend:
             and then calls ``PMatDense(generator=g, examples=loader)``). Default: all the
             layers of the model (``LayerCollection.from_model(model)``).
         n_output: ignored (older releases needed the number of outputs in advance).
+        check_deterministic: refuse random models (default ``True``): dropout modules in
+            training mode (``RuntimeError`` naming the module and ``model.eval()``), and, once
+            per pass over the examples, a probe that runs the model a second time on the
+            first batch (without gradients, on a forked RNG: the global RNG state is left as
+            it was) and refuses outputs that differ. Random outputs make every statistic a
+            random matrix whose average is not the one asked for. ``False`` skips both.
 
     Every statistic method takes ``(examples, layer_collection)``; both may be omitted:
     ``layer_collection`` then is the generator's, and ``examples`` is required (a clear
@@ -61,11 +67,17 @@ class TorchHooksJacobianBackend:
     Refused models: BatchNorm layers that use batch statistics (training mode, or
     ``track_running_stats=False``) couple the examples of a batch, so per-example Jacobians are
     not defined (``RuntimeError``: call ``model.eval()``); parameters of the collection with
-    different dtypes or devices (``ValueError``).
+    different dtypes or devices (``ValueError``); random models (see ``check_deterministic``).
+
+    Batches are moved to the device of the model's parameters, and their floating-point tensors
+    cast to its dtype (integer tensors are never cast). Tensors made under
+    ``torch.inference_mode()`` are copied, and the statistics are computed outside inference
+    mode, so that a build inside ``with torch.inference_mode():`` gives the same numbers.
     """
 
     def __init__(self, model, function=None, centering=False, verbose=False,
-                 max_chunk_bytes=2 ** 30, layer_collection=None, n_output=None, backward="auto"):
+                 max_chunk_bytes=2 ** 30, layer_collection=None, n_output=None, backward="auto",
+                 check_deterministic=True):
         # layer_collection / n_output: accepted for code written against older releases, where
         # the generator held them; the representations now take the collection themselves
         self._layer_collection = layer_collection
@@ -78,6 +90,7 @@ class TorchHooksJacobianBackend:
         if backward not in ("auto", "batched", "looped"):
             raise ValueError(f"unknown backward '{backward}': use 'auto', 'batched' or 'looped'")
         self.backward = backward
+        self.check_deterministic = bool(check_deterministic)
         self._active_recorders = []  # see _prepared
 
     # ================================================================== collection, dtype, device
@@ -191,12 +204,17 @@ class TorchHooksJacobianBackend:
         one chunk of output directions (default: see ``_chunk_size``; never more than
         ``max_chunk_bytes``).
         """
-        mean = self._mean_jacobian(examples, layer_collection) if self.centering else None
-        n_total = 0
-        with self._prepared(layer_collection) as (modules, calls):
-            for batch in self._batches(examples):
-                n_total += self._run_batch(batch, layer_collection, modules, calls, consumer,
-                                           chunk_bytes, mean)
+        # inference_mode(False): inside a user's `with torch.inference_mode():` autograd would
+        # record nothing (the backward pass fails); the batches' inference tensors are copied
+        # in _batches. Leaving the block restores the user's mode.
+        with torch.inference_mode(False):
+            mean = self._mean_jacobian(examples, layer_collection) if self.centering else None
+            n_total = 0
+            with self._prepared(layer_collection) as (modules, calls):
+                for i, batch in enumerate(self._batches(examples)):
+                    n_total += self._run_batch(batch, layer_collection, modules, calls, consumer,
+                                               chunk_bytes, mean,
+                                               probe=i == 0 and self.check_deterministic)
         if n_total == 0:
             raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
         consumer.finalize(n_total)
@@ -390,7 +408,13 @@ class TorchHooksJacobianBackend:
 
     # ================================================================== internals
     def _batches(self, examples):
-        it = iterate_batches(examples)
+        """The batches of ``examples`` as tuples, on the model's device, floating-point tensors
+        in the model's dtype (see :func:`~nngeometry.backend.batches.to_device`). First refuses
+        random modules (``check_deterministic``)."""
+        if self.check_deterministic:
+            refuse_random_modules(self.model)
+        device, dtype = self._device(), self._dtype()
+        it = (prepare_batch(batch, device, dtype) for batch in iterate_batches(examples))
         if self.verbose:
             from tqdm.auto import tqdm
             total = len(examples) if isinstance(examples, DataLoader) else None
@@ -401,6 +425,14 @@ class TorchHooksJacobianBackend:
         for p in self.model.parameters():
             return p.device
         return torch.device("cpu")
+
+    def _dtype(self):
+        """The dtype of the model's first floating-point parameter (None without one): the
+        dtype floating-point inputs are cast to."""
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return None
 
     @contextlib.contextmanager
     def _model_state_kept(self, layer_collection):
@@ -499,21 +531,64 @@ class TorchHooksJacobianBackend:
             raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
 
     def _outputs(self, batch):
-        out = self.function(*batch)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"function must return a tensor, got {type(out).__name__}")
+        """``(model_outputs, out)``: what the model part of ``function`` returns (for the
+        determinism probe) and the outputs to differentiate, flattened to ``(n, n_output)``.
+        For a likelihood's transform (``OutputTransform``, see :mod:`nngeometry.variants`) the
+        model part is its ``function``; otherwise the whole ``function``."""
+        fn = self.function
+        if hasattr(fn, "model_outputs") and hasattr(fn, "transform"):
+            raw = fn.model_outputs(*batch)
+            out = check_outputs(fn.transform(raw))
+        else:
+            raw = out = check_outputs(fn(*batch))
         n = out.shape[0] if out.dim() > 0 else 0
         out = out.reshape(n, -1)
         self._check_finite(out)
-        return out
+        return raw, out
+
+    def _probe_deterministic(self, batch, raw):
+        """``RuntimeError`` if the model part of ``function`` gives other outputs than ``raw``
+        on ``batch`` when run again (without gradients, hooks paused). The probe runs on a
+        forked RNG (the CPU's and the model's CUDA device's): the global RNG state is as if it
+        had not run, and a random model draws other numbers than in the first run."""
+        fn = self.function
+        fn = fn.function if hasattr(fn, "model_outputs") and hasattr(fn, "transform") else fn
+        device = self._device()
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), recording_paused(), \
+                _no_fused_attention():
+            again = fn(*batch)
+        if not isinstance(again, torch.Tensor) or again.shape != raw.shape:
+            shape = tuple(again.shape) if isinstance(again, torch.Tensor) else type(again).__name__
+            raise RuntimeError(
+                f"the function is not deterministic: run twice on the same batch it returned "
+                f"outputs of shape {tuple(raw.shape)}, then {shape}. Call model.eval(), or pass "
+                "check_deterministic=False if this is intended")
+        ref = raw.detach()
+        if not ref.is_floating_point() or ref.numel() == 0:
+            return
+        # the second run differs by round-off only where kernels differ between grad and
+        # no-grad modes: a tolerance of a few dozen ulps of the largest output
+        tol = 64 * torch.finfo(ref.dtype).eps
+        diff = (again - ref).abs().max().item()
+        scale = ref.abs().max().item()
+        if not diff <= tol * max(scale, torch.finfo(ref.dtype).tiny):
+            raise RuntimeError(
+                f"the function is not deterministic: run twice on the same batch its outputs "
+                f"differ by up to {diff:.3g} (largest output {scale:.3g}); a random layer "
+                "(dropout or another stochastic module in training mode?) makes every matrix "
+                "random. Call model.eval() before computing the matrix, or pass "
+                "check_deterministic=False if the randomness is intended")
 
     def _run_batch(self, batch, layer_collection, modules, calls, consumer, chunk_bytes=None,
-                   mean_jacobian=None):
-        batch = prepare_batch(batch, self._device())
+                   mean_jacobian=None, probe=False):
+        # (the batch comes from _batches: on the model's device and dtype, checked finite)
         for store in calls.values():
             store.clear()
         with torch.enable_grad():
-            out = self._outputs(batch)
+            raw, out = self._outputs(batch)
+        if probe:
+            self._probe_deterministic(batch, raw)
         n, n_output = out.shape
         if n == 0:
             return 0
@@ -554,7 +629,13 @@ class TorchHooksJacobianBackend:
         budget = max(DIRECTION_CHUNK_BYTES, n * n_params * itemsize) if chunk_bytes is None \
             else chunk_bytes
         budget = min(self.max_chunk_bytes, budget)
-        fit = max(1, min(n_output, budget // max(1, per_direction)))
+        # each direction's unit cotangent on the (n, n_output) outputs, and the gradients
+        # autograd forms at them, are (n, n_output) each too: with many outputs (Monte-Carlo
+        # trials) all K directions at once would take K · n · n_output, quadratic in the number
+        # of outputs (2.2 GiB for 2000 trials and 64 examples). They fit in the budget as well.
+        per_direction_out = 2 * n * n_output * itemsize
+        fit = max(1, min(n_output, budget // max(1, per_direction),
+                         budget // max(1, per_direction_out)))
         # as few chunks as fit, of about equal sizes (e.g. 3 + 3 + 3 rather than 4 + 4 + 1):
         # the layers' work on the inputs only (e.g. patches) is redone per chunk
         n_chunks = -(-n_output // fit)
@@ -823,3 +904,26 @@ def _timed(fn, device):
     result = fn()
     sync()
     return time.perf_counter() - t0, result
+
+
+def refuse_random_modules(model):
+    """``RuntimeError`` naming the first module of ``model`` that draws random numbers in its
+    forward: a dropout module (``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``,
+    ``FeatureAlphaDropout``) or an ``nn.MultiheadAttention`` with ``dropout > 0``, in training
+    mode. Such a model gives a random matrix at each call, whose mean is not the matrix of the
+    model used for prediction (in eval mode)."""
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            p = module.p
+        elif isinstance(module, nn.MultiheadAttention):
+            p = module.dropout
+        else:
+            continue
+        if p > 0:
+            raise RuntimeError(
+                f"module '{name or type(module).__name__}' ({type(module).__name__}, p={p}) is "
+                "in training mode: its forward is random, so the matrix would be a random one "
+                "(per-example quantities need a deterministic forward). Call model.eval() before "
+                "computing the matrix, or pass check_deterministic=False if this is intended")
