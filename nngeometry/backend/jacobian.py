@@ -16,6 +16,7 @@ or outputs. Each layer type turns ``(input, output gradient)`` into what is aske
 gradients, diagonals, KFAC factors) in :mod:`nngeometry.layer_types`.
 """
 import contextlib
+import math
 import time
 import warnings
 
@@ -531,20 +532,25 @@ class TorchHooksJacobianBackend:
             raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
 
     def _outputs(self, batch):
-        """``(model_outputs, out)``: what the model part of ``function`` returns (for the
-        determinism probe) and the outputs to differentiate, flattened to ``(n, n_output)``.
-        For a likelihood's transform (``OutputTransform``, see :mod:`nngeometry.variants`) the
-        model part is its ``function``; otherwise the whole ``function``."""
+        """``(model_outputs, out, columns)``: what the model part of ``function`` returns (for
+        the determinism probe), the outputs to differentiate, flattened to ``(n, n_output)``,
+        and ``columns(k0, k1)``, the graph of ``out[:, k0:k1]`` alone (or None). For a
+        likelihood's transform (``OutputTransform``, see :mod:`nngeometry.variants`) the model
+        part is its ``function``; otherwise the whole ``function``."""
         fn = self.function
-        if hasattr(fn, "model_outputs") and hasattr(fn, "transform"):
+        columns = None
+        if hasattr(fn, "model_outputs") and hasattr(fn, "split"):
             raw = fn.model_outputs(*batch)
-            out = check_outputs(fn.transform(raw))
+            out, columns = fn.split(raw)
+            out = check_outputs(out)
         else:
             raw = out = check_outputs(fn(*batch))
         n = out.shape[0] if out.dim() > 0 else 0
+        if columns is not None and out.dim() != 2:
+            columns = None
         out = out.reshape(n, -1)
         self._check_finite(out)
-        return raw, out
+        return raw, out, columns
 
     def _probe_deterministic(self, batch, raw):
         """``RuntimeError`` if the model part of ``function`` gives other outputs than ``raw``
@@ -552,7 +558,7 @@ class TorchHooksJacobianBackend:
         forked RNG (the CPU's and the model's CUDA device's): the global RNG state is as if it
         had not run, and a random model draws other numbers than in the first run."""
         fn = self.function
-        fn = fn.function if hasattr(fn, "model_outputs") and hasattr(fn, "transform") else fn
+        fn = fn.function if hasattr(fn, "model_outputs") and hasattr(fn, "split") else fn
         device = self._device()
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad(), recording_paused(), \
@@ -586,7 +592,7 @@ class TorchHooksJacobianBackend:
         for store in calls.values():
             store.clear()
         with torch.enable_grad():
-            raw, out = self._outputs(batch)
+            raw, out, columns = self._outputs(batch)
         if probe:
             self._probe_deterministic(batch, raw)
         n, n_output = out.shape
@@ -599,11 +605,16 @@ class TorchHooksJacobianBackend:
                     "remove it from the LayerCollection or check the function")
         layer_calls = [c for store in calls.values() for c in store]
         chunk = self._chunk_size(layer_calls, n, n_output, layer_collection.numel(),
-                                 chunk_bytes)
+                                 chunk_bytes, columns is not None)
+        targets = [t.edge for c in layer_calls for t in c.targets]
         for k0 in range(0, n_output, chunk):
             k1 = min(n_output, k0 + chunk)
-            grads = self._batched_backward(out, [t.edge for c in layer_calls for t in c.targets],
-                                           k0, k1, retain=k1 < n_output)
+            if columns is None or chunk == n_output:
+                grads = self._batched_backward(out, targets, k0, k1, retain=k1 < n_output)
+            else:
+                # the chunk's own columns: (K, n, K) cotangents instead of (K, n, n_output)
+                grads = self._batched_backward(columns(k0, k1), targets, 0, k1 - k0,
+                                               retain=k1 < n_output)
             i = 0
             for c in layer_calls:
                 c.set_gradients(grads[i:i + len(c.targets)], k1 - k0)
@@ -615,7 +626,8 @@ class TorchHooksJacobianBackend:
             store.clear()
         return n
 
-    def _chunk_size(self, layer_calls, n, n_output, n_params, chunk_bytes=None):
+    def _chunk_size(self, layer_calls, n, n_output, n_params, chunk_bytes=None,
+                    columns=False):
         """Output directions per backward pass: their gradients w.r.t. all the layers' outputs
         (held together until the consumer is done with the chunk) fit in ``max_chunk_bytes``
         and in the larger of :data:`DIRECTION_CHUNK_BYTES` and one direction's per-example
@@ -623,7 +635,11 @@ class TorchHooksJacobianBackend:
         are small next to the parameters (MLPs, transformers) that is every direction at once;
         for a CNN, whose activations outweigh its parameters, all ``K`` directions' gradients
         would exceed the batch's whole Jacobian (W2: 54 MiB for K = 9, vs 6 MiB per direction
-        for the Jacobian): they are taken a few directions at a time."""
+        for the Jacobian): they are taken a few directions at a time.
+
+        The gradients at the ``(n, n_output)`` outputs themselves fit in the budget too: ``K``
+        one-hot cotangents of the whole output take ``K · n · n_output``; with ``columns`` (the
+        outputs of a chunk have a graph of their own, e.g. Monte-Carlo trials) ``K · n · K``."""
         per_direction = sum(c.out_nbytes for c in layer_calls)
         itemsize = layer_calls[0].out_dtype.itemsize if layer_calls else 4
         budget = max(DIRECTION_CHUNK_BYTES, n * n_params * itemsize) if chunk_bytes is None \
@@ -633,9 +649,11 @@ class TorchHooksJacobianBackend:
         # autograd forms at them, are (n, n_output) each too: with many outputs (Monte-Carlo
         # trials) all K directions at once would take K · n · n_output, quadratic in the number
         # of outputs (2.2 GiB for 2000 trials and 64 examples). They fit in the budget as well.
-        per_direction_out = 2 * n * n_output * itemsize
-        fit = max(1, min(n_output, budget // max(1, per_direction),
-                         budget // max(1, per_direction_out)))
+        if columns:
+            fit_out = math.isqrt(budget // max(1, 2 * n * itemsize))
+        else:
+            fit_out = budget // max(1, 2 * n * n_output * itemsize)
+        fit = max(1, min(n_output, budget // max(1, per_direction), fit_out))
         # as few chunks as fit, of about equal sizes (e.g. 3 + 3 + 3 rather than 4 + 4 + 1):
         # the layers' work on the inputs only (e.g. patches) is redone per chunk
         n_chunks = -(-n_output // fit)
@@ -687,11 +705,14 @@ class TorchHooksJacobianBackend:
         # best of two runs each, interleaved: one sample each picked the slower strategy on a
         # busy machine (W1: 62 vs 66 ms per build)
         t_looped = t_batched = float("inf")
+        # the looped strategy costs the same for each direction: timed on a few of them and
+        # scaled (timing all of them took minutes for thousands of Monte-Carlo trials)
+        m = min(cot.shape[0], LOOPED_TIMING_DIRECTIONS)
         for last in (False, True):
             # one strategy's gradients are not held while the other runs (peak memory)
             grads = None
-            t_looped = min(t_looped, _timed(lambda: _backward_looped(out, targets, cot, True),
-                                            out.device)[0])
+            t_looped = min(t_looped, _timed(lambda: _backward_looped(out, targets, cot[:m], True),
+                                            out.device)[0] * cot.shape[0] / m)
             t, grads = _timed(lambda: _backward_batched(out, targets, cot, retain or not last),
                               out.device)
             t_batched = min(t_batched, t)
@@ -866,6 +887,9 @@ def tensors_in_model(model, tensors):
 DIRECTION_CHUNK_BYTES = 16 * 2 ** 20
 
 #: (id(model), cotangent shape, dtype, device type) -> 'batched' | 'looped', filled by 'auto'
+
+#: 'auto' times the looped backward on this many directions at most (see _backward_directions)
+LOOPED_TIMING_DIRECTIONS = 16
 _BACKWARD_CHOICE = {}
 
 
