@@ -3,7 +3,6 @@ models: each case against a brute-force float64 reference or against its error m
 
 To add a case: a test function per input; compare with ``brute.fim_dense`` /
 ``brute.per_example_jacobian`` or ``pytest.raises(..., match=<the fix the message names>)``."""
-import math
 import sys
 from pathlib import Path
 
@@ -88,7 +87,7 @@ def test_empty_examples_are_refused(examples):
         FIM(mlp(), examples, PMatDense)
 
 
-# ------------------------------------------------------------------ 7. PMatEye, keywords, covariance
+# ------------------------------------------------------------------ 7. PMatEye, keywords, cov.
 def test_pmateye_is_not_built_from_data():
     model = mlp()
     x, y = data()
