@@ -1,7 +1,12 @@
 """What the entry points (FIM, Hessian, Jacobian, GramMatrix) share: the defaults of their
-arguments."""
+arguments and the checks of the representation and its keywords."""
+import inspect
+
 from .backend.batches import default_function
 from .layercollection import LayerCollection
+
+#: the constructor's own arguments, which the entry points pass themselves
+_PASSED_BY_ENTRY = {"self", "layer_collection", "generator", "data", "examples"}
 
 
 def prepare_entry(model, function, layer_collection):
@@ -13,3 +18,50 @@ def prepare_entry(model, function, layer_collection):
     if function is None:
         function = default_function(model)
     return function, layer_collection
+
+
+def _named_keywords(fn):
+    """``(names, open)``: the keyword parameters of ``fn`` and whether it takes ``**kwargs``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set(), True
+    names = {p.name for p in params
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def check_representation(representation, kwargs, entry):
+    """Refuse what a build from data cannot honour: ``PMatEye`` without ``scaling=`` (a fixed
+    ``scaling · I``, built from no data: the identity would be returned, the data ignored) and
+    keywords that neither the representation's
+    constructor nor its ``_build`` take (they would be swallowed by ``**kwargs`` and ignored,
+    e.g. ``regul=``, which belongs to ``solve`` / ``inverse``). Only nngeometry's own classes
+    are checked: a user's class may read any keyword."""
+    from .object.pspace import PMatEye
+
+    if isinstance(representation, type) and issubclass(representation, PMatEye) and \
+            "scaling" not in kwargs and "data" not in kwargs:
+        # with an explicit scaling= the caller asks for that fixed matrix (accepted, as before)
+        raise ValueError(
+            f"{entry}(..., PMatEye) would ignore the model and the data: PMatEye is the fixed "
+            "matrix scaling·I, not built from data. Construct it directly, "
+            "PMatEye(layer_collection, scaling=s), or pick a representation built from the data "
+            "(PMatDense, PMatDiag, PMatKFAC, ...)")
+    if not kwargs or not isinstance(representation, type) or \
+            not representation.__module__.startswith("nngeometry."):
+        return
+    accepted, open_init = _named_keywords(representation.__init__)
+    build = getattr(representation, "_build", None)
+    if build is not None:
+        build_names, _ = _named_keywords(build)
+        accepted |= build_names
+    accepted -= _PASSED_BY_ENTRY
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown and (open_init or build is not None):
+        listed = ", ".join(sorted(accepted)) if accepted else "none"
+        hint = (" (regul is an argument of solve / inverse / pow, not of the build)"
+                if "regul" in unknown else "")
+        raise TypeError(
+            f"{entry}() got keyword arguments that {representation.__name__} does not use: "
+            f"{', '.join(unknown)}{hint}. Keywords it accepts at build time: {listed}")

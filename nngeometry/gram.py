@@ -8,7 +8,7 @@ from .object.fspace import FMatDense
 
 
 def GramMatrix(model, loader, function=None, representation=FMatDense, layer_collection=None,
-               device=None, verbose=False, centering=False):
+               device=None, verbose=False, centering=False, check_deterministic=True):
     """``G[k, i, l, j] = <J_k(x_i), J_l(x_j)>`` with ``J_k(x_i) = ∂f_k(x_i)/∂θ`` the per-example
     Jacobians of ``function`` (default ``model(batch[0])``): a function-space matrix of shape
     ``(K, n, K, n)``, not normalized (the empirical NTK for ``K`` outputs).
@@ -24,10 +24,13 @@ def GramMatrix(model, loader, function=None, representation=FMatDense, layer_col
         verbose: show a progress bar.
         centering: use ``J(x) - J̄`` (``J̄`` the data set's mean Jacobian), i.e. ``C G C`` with
             ``C = I - 11ᵀ/n`` on the example axes.
+        check_deterministic: refuse a random model (dropout in training mode, or outputs that
+            differ when the model runs twice on the first batch); ``False`` skips the check.
     """
     function, layer_collection = prepare_entry(model, function, layer_collection)
     generator = TorchHooksJacobianBackend(model, function, centering=centering, verbose=verbose,
-                                          layer_collection=layer_collection)
+                                          layer_collection=layer_collection,
+                                          check_deterministic=check_deterministic)
     return representation(layer_collection=layer_collection, generator=generator,
                           examples=loader)
 

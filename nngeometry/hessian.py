@@ -1,11 +1,12 @@
 """Entry point: the exact Hessian of a loss summed over the batches."""
-from ._entry import prepare_entry
+from ._entry import check_representation, prepare_entry
 from .backend import HessianBackend
 from .backend.torch_func_hessian import loss_of_targets
 
 
 def Hessian(model, loader, representation, function=None, layer_collection=None, verbose=False,
-            loss_function=None, device=None, output_function=None, **kwargs):
+            loss_function=None, device=None, output_function=None, check_deterministic=True,
+            **kwargs):
     """The Hessian of the total loss, ``H = Σ_b ∇²_θ ℓ_b`` (a sum over the batches of the
     loader, not a mean), in the chosen representation.
 
@@ -41,8 +42,13 @@ def Hessian(model, loader, representation, function=None, layer_collection=None,
         device: kept for compatibility; batches are moved to the model's device.
         output_function: ``output_function(*batch) -> outputs`` given to ``loss_function``;
             default ``model(batch[0])``.
-        **kwargs: passed to the representation.
+        check_deterministic: refuse a random model (dropout modules in training mode:
+            ``RuntimeError`` naming ``model.eval()``); ``False`` skips the check.
+        **kwargs: passed to the representation; a keyword it does not take is refused
+            (``TypeError``), and so is ``PMatEye`` without ``scaling=`` (``ValueError``: not built
+            from data).
     """
+    check_representation(representation, kwargs, "Hessian")
     if function is not None:
         if loss_function is not None:
             raise ValueError("pass either function(prediction, targets) or "
@@ -54,6 +60,8 @@ def Hessian(model, loader, representation, function=None, layer_collection=None,
     output_function, layer_collection = prepare_entry(model, output_function, layer_collection)
     generator = HessianBackend(model, loss_function=loss_function, function=output_function,
                                verbose=verbose)
+    # the backend iterates the batches through its Jacobian generator, which checks the model
+    generator._helper.check_deterministic = bool(check_deterministic)
     return representation(layer_collection=layer_collection, generator=generator,
                           examples=loader, **kwargs)
 

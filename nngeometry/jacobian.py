@@ -5,7 +5,7 @@ from .object.map import PFMapDense
 
 
 def Jacobian(model, loader, function=None, representation=PFMapDense, layer_collection=None,
-             device=None, verbose=False, centering=False):
+             device=None, verbose=False, centering=False, check_deterministic=True):
     """The per-example Jacobians ``J[k, i, :] = ∂f_k(x_i)/∂θ`` of ``function`` (default: the
     model's outputs ``model(batch[0])``, flattened to ``(n, K)``), as a parameter-to-function
     map of shape ``(K, n, P)``; not normalized.
@@ -20,10 +20,13 @@ def Jacobian(model, loader, function=None, representation=PFMapDense, layer_coll
         device: kept for compatibility; batches are moved to the model's device.
         verbose: show a progress bar.
         centering: subtract the mean Jacobian over the whole data set from each example's.
+        check_deterministic: refuse a random model (dropout in training mode, or outputs that
+            differ when the model runs twice on the first batch); ``False`` skips the check.
     """
     function, layer_collection = prepare_entry(model, function, layer_collection)
     generator = TorchHooksJacobianBackend(model, function, centering=centering, verbose=verbose,
-                                          layer_collection=layer_collection)
+                                          layer_collection=layer_collection,
+                                          check_deterministic=check_deterministic)
     return representation(layer_collection=layer_collection, generator=generator,
                           examples=loader)
 

@@ -1,4 +1,5 @@
-"""Turning what the user passes as ``examples`` into batches on the right device."""
+"""Turning what the user passes as ``examples`` into batches on the right device and dtype, and
+checking what the model returns."""
 import cmath
 import math
 from collections.abc import Mapping
@@ -6,37 +7,98 @@ from collections.abc import Mapping
 import torch
 from torch.utils.data import DataLoader
 
+_BATCH_HELP = ("pass a DataLoader, a list of batches [(x1, y1), (x2, y2), ...], or one mini-batch "
+               "as a tuple (inputs, targets, ...), a tensor of inputs or a dict of tensors")
+
+
+def _one_batch(batch):
+    """A batch as the tuple of arguments of ``function(*batch)``."""
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise ValueError(f"a batch is empty ({type(batch).__name__} of length 0): it has no "
+                             f"inputs; {_BATCH_HELP}")
+        return tuple(batch)
+    return (batch,)
+
+
+def _refuse_ambiguous_list(examples):
+    """``ValueError`` for a list of tensors that may be one mini-batch ``[inputs, targets]`` (as
+    a DataLoader yields it) or several batches of inputs ``[x1, x2, ...]``: reading it the wrong
+    way silently uses the first batch only. Ambiguous: two or more tensors of one dtype and one
+    number of dimensions whose shapes are those of batches of one kind (same shape after the
+    first dimension, or different first dimensions, which one mini-batch cannot have)."""
+    if len(examples) < 2 or not all(isinstance(t, torch.Tensor) for t in examples):
+        return
+    first = examples[0]
+    if any(t.dtype != first.dtype or t.dim() != first.dim() for t in examples) or first.dim() == 0:
+        return
+    same_rest = all(t.shape[1:] == first.shape[1:] for t in examples)
+    sizes_differ = any(t.shape[0] != first.shape[0] for t in examples)
+    if same_rest or sizes_differ:
+        shapes = ", ".join(str(tuple(t.shape)) for t in examples[:4])
+        more = ", ..." if len(examples) > 4 else ""
+        raise ValueError(
+            f"examples is a list of {len(examples)} tensors of shapes [{shapes}{more}]: it may be "
+            f"one mini-batch [inputs, targets, ...] or {len(examples)} batches of inputs, and "
+            "nngeometry cannot tell which. Pass one mini-batch as a tuple (inputs, targets), or "
+            "several batches as a list of tuples [(x1,), (x2,), ...] or a DataLoader")
+
 
 def iterate_batches(examples):
     """Yield batches as tuples of arguments for ``function(*batch)``.
 
-    ``examples`` is a ``DataLoader`` (or any iterable of batches), or a single mini-batch: a tuple
-    or list ``(inputs, targets, ...)``, a tensor of inputs, or a dict (e.g. a Hugging Face batch).
+    ``examples`` is
+
+    * a ``DataLoader`` or any other iterable of batches (not a tuple, list, tensor or dict);
+    * a list of batches ``[(x1, y1), (x2, y2), ...]``: a list whose elements are all tuples,
+      lists or dicts is iterated like a loader;
+    * a single mini-batch: a tuple ``(inputs, targets, ...)``, a tensor of inputs, a dict (e.g.
+      a Hugging Face batch), or a list of tensors ``[inputs, targets, ...]`` (what a DataLoader
+      yields). A list of tensors that could as well be several batches of inputs (see
+      ``_refuse_ambiguous_list``) is refused: pass a tuple for one mini-batch.
+
+    Empty examples (``()``, ``[]``, an empty batch) raise a ``ValueError``.
     """
-    if isinstance(examples, (tuple, list)):
+    if isinstance(examples, list) and examples and all(
+            isinstance(b, (tuple, list, Mapping)) for b in examples):
+        for batch in examples:
+            yield _one_batch(batch)
+    elif isinstance(examples, (tuple, list)):
+        if len(examples) == 0:
+            raise ValueError(f"examples is an empty {type(examples).__name__}: there is no data "
+                             f"to compute from; {_BATCH_HELP}")
+        if isinstance(examples, list):
+            _refuse_ambiguous_list(examples)
         yield tuple(examples)
     elif isinstance(examples, (torch.Tensor, Mapping)):
         yield (examples,)
     elif isinstance(examples, DataLoader) or hasattr(examples, "__iter__"):
         for batch in examples:
-            if isinstance(batch, (tuple, list)):
-                yield tuple(batch)
-            else:
-                yield (batch,)
+            yield _one_batch(batch)
     else:
-        raise TypeError(
-            f"examples must be a DataLoader or a single mini-batch (tuple of tensors, tensor or "
-            f"dict), got {type(examples).__name__}")
+        raise TypeError(f"examples must be a DataLoader or a single mini-batch, got "
+                        f"{type(examples).__name__}; {_BATCH_HELP}")
 
 
-def to_device(obj, device):
-    """Move tensors (possibly nested in tuples, lists or dicts) to ``device``."""
+def to_device(obj, device, dtype=None):
+    """Move tensors (possibly nested in tuples, lists or dicts) to ``device``; with ``dtype``,
+    also cast the real floating-point ones to it (the model's dtype: float32 data for a float64
+    model). Integer tensors (token ids, labels) are never cast, complex ones neither. Tensors
+    created under ``torch.inference_mode()`` are copied to normal tensors, which autograd can
+    save for the backward pass."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if dtype is not None and obj.is_floating_point() and obj.dtype != dtype:
+            obj = obj.to(device=device, dtype=dtype)
+        else:
+            obj = obj.to(device)
+        if obj.is_inference():
+            with torch.inference_mode(False):
+                obj = obj.clone()
+        return obj
     if isinstance(obj, Mapping):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, dtype) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(v, device) for v in obj)
+        return type(obj)(to_device(v, device, dtype) for v in obj)
     return obj
 
 
@@ -68,10 +130,11 @@ def all_finite(t):
     return bool(torch.isfinite(t).all())
 
 
-def prepare_batch(batch, device):
-    """Move the batch to ``device`` and refuse NaN or Inf in its floating-point tensors (they
-    would otherwise give NaN statistics, or none of the error, e.g. behind a saturating tanh)."""
-    batch = to_device(batch, device)
+def prepare_batch(batch, device, dtype=None):
+    """Move the batch to ``device`` (and its floating-point tensors to ``dtype``, see
+    :func:`to_device`) and refuse NaN or Inf in its floating-point tensors (they would otherwise
+    give NaN statistics, or none of the error, e.g. behind a saturating tanh)."""
+    batch = to_device(batch, device, dtype)
     for t in _float_tensors(batch):
         if not all_finite(t):
             raise ValueError(
@@ -80,16 +143,70 @@ def prepare_batch(batch, device):
     return batch
 
 
+def _describe(obj):
+    if isinstance(obj, torch.Tensor):
+        return f"Tensor{tuple(obj.shape)}"
+    return type(obj).__name__
+
+
+def check_outputs(out, who="function"):
+    """``out`` if it is a tensor; otherwise a ``TypeError`` that says what it is and how to
+    choose the tensor to differentiate (``function=``). ``who`` names what returned it."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        keys = list(out)[:6]
+        inner = ", ".join(f"{k!r}: {_describe(out[k])}" for k in keys)
+        pick = f"model(x)[{keys[0]!r}]" if keys else "model(x)[key]"
+        raise TypeError(
+            f"{who} returns a {type(out).__name__} {{{inner}}}, not a tensor: nngeometry "
+            f"differentiates one tensor of outputs (n, ...). Choose it with function=, e.g. "
+            f"function=lambda x, *rest: {pick}")
+    if isinstance(out, (tuple, list)):
+        inner = ", ".join(_describe(o) for o in out[:6])
+        raise TypeError(
+            f"{who} returns a {type(out).__name__} ({inner}), not a tensor: nngeometry "
+            "differentiates one tensor of outputs (n, ...). Choose it with function=, e.g. "
+            "function=lambda x, *rest: model(x)[0] for the first element")
+    raise TypeError(f"{who} must return a tensor of outputs (n, ...), got "
+                    f"{type(out).__name__}; choose it with function=")
+
+
+def _leading_size(x):
+    """The first dimension of the model's input (the first tensor of a dict), or None."""
+    if isinstance(x, Mapping):
+        x = next((v for v in x.values() if isinstance(v, torch.Tensor)), None)
+    if not isinstance(x, torch.Tensor):
+        return None
+    return x.shape[0] if x.dim() > 0 else 0
+
+
 def default_function(model):
     """``model(inputs)`` for batches ``(inputs, targets, ...)``; ``model(**batch)`` for dicts.
 
-    Hugging Face style outputs with a ``logits`` attribute are reduced to the logits.
+    Hugging Face style outputs with a ``logits`` attribute are reduced to the logits. Other
+    non-tensor outputs (tuples, dicts) are refused (``TypeError`` naming ``function=``), and so
+    are outputs whose first dimension is not the inputs' (``ValueError``): an input without its
+    batch dimension (one example ``x`` of shape ``(d,)`` instead of ``(1, d)``), or a model
+    that puts the batch elsewhere, would otherwise give a matrix of the wrong examples.
     """
     def function(*batch):
         first = batch[0]
         out = model(**first) if isinstance(first, Mapping) else model(first)
         if hasattr(out, "logits"):
             out = out.logits
+        check_outputs(out, "the model")
+        n = _leading_size(first)
+        if n is not None and (out.dim() == 0 or out.shape[0] != n):
+            shape = tuple(first.shape) if isinstance(first, torch.Tensor) else \
+                "(" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in first.items()
+                                if isinstance(v, torch.Tensor)) + ")"
+            raise ValueError(
+                f"the model's outputs have shape {tuple(out.shape)} for inputs of shape {shape}: "
+                "the first dimension of the inputs and of the outputs must be the batch (n "
+                "examples). For one example add its batch dimension (x.unsqueeze(0), i.e. "
+                "x[None]); for a model that puts the batch elsewhere (e.g. sequence first) pass "
+                "function= returning outputs (n, ...)")
         return out
     return function
 

@@ -17,6 +17,7 @@ gradients, diagonals, KFAC factors) in :mod:`nngeometry.layer_types`.
 """
 import contextlib
 import functools
+import math
 import threading
 import time
 import warnings
@@ -27,9 +28,9 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
-from .batches import all_finite, default_function, iterate_batches, prepare_batch
+from .batches import all_finite, check_outputs, default_function, iterate_batches, prepare_batch
 from .context import BatchContext, Call, check_parameter_uses
-from ..layer_types.base import AbstractLayer, is_recording_paused
+from ..layer_types.base import AbstractLayer, is_recording_paused, recording_paused
 from ..layercollection import LayerCollection, run_eagerly
 from . import consumers as C
 
@@ -97,6 +98,12 @@ class TorchHooksJacobianBackend:
             and then calls ``PMatDense(generator=g, examples=loader)``). Default: all the
             layers of the model (``LayerCollection.from_model(model)``).
         n_output: ignored (older releases needed the number of outputs in advance).
+        check_deterministic: refuse random models (default ``True``): dropout modules in
+            training mode (``RuntimeError`` naming the module and ``model.eval()``), and, once
+            per pass over the examples when a module of the model is in training mode, a probe
+            that runs the model a second time on the first batch (without gradients, on a forked RNG: the global RNG state is left as
+            it was) and refuses outputs that differ. Random outputs make every statistic a
+            random matrix whose average is not the one asked for. ``False`` skips both.
 
     Every statistic method takes ``(examples, layer_collection)``; both may be omitted:
     ``layer_collection`` then is the generator's, and ``examples`` is required (a clear
@@ -105,11 +112,17 @@ class TorchHooksJacobianBackend:
     Refused models: BatchNorm layers that use batch statistics (training mode, or
     ``track_running_stats=False``) couple the examples of a batch, so per-example Jacobians are
     not defined (``RuntimeError``: call ``model.eval()``); parameters of the collection with
-    different dtypes or devices (``ValueError``).
+    different dtypes or devices (``ValueError``); random models (see ``check_deterministic``).
+
+    Batches are moved to the device of the model's parameters, and their floating-point tensors
+    cast to its dtype (integer tensors are never cast). Tensors made under
+    ``torch.inference_mode()`` are copied, and the statistics are computed outside inference
+    mode, so that a build inside ``with torch.inference_mode():`` gives the same numbers.
     """
 
     def __init__(self, model, function=None, centering=False, verbose=False,
-                 max_chunk_bytes=2 ** 30, layer_collection=None, n_output=None, backward="auto"):
+                 max_chunk_bytes=2 ** 30, layer_collection=None, n_output=None, backward="auto",
+                 check_deterministic=True):
         # layer_collection / n_output: accepted for code written against older releases, where
         # the generator held them; the representations now take the collection themselves
         self._layer_collection = layer_collection
@@ -122,6 +135,7 @@ class TorchHooksJacobianBackend:
         if backward not in ("auto", "batched", "looped"):
             raise ValueError(f"unknown backward '{backward}': use 'auto', 'batched' or 'looped'")
         self.backward = backward
+        self.check_deterministic = bool(check_deterministic)
         # collections whose parameter uses were checked (see context.check_parameter_uses)
         self._uses_checked = set()
 
@@ -243,12 +257,21 @@ class TorchHooksJacobianBackend:
         one chunk of output directions (default: see ``_chunk_size``; never more than
         ``max_chunk_bytes``).
         """
-        mean = self._mean_jacobian(examples, layer_collection) if self.centering else None
-        n_total = 0
-        with self._prepared(layer_collection) as (modules, calls):
-            for batch in self._batches(examples):
-                n_total += self._run_batch(batch, layer_collection, modules, calls, consumer,
-                                           chunk_bytes, mean)
+        # inference_mode(False): inside a user's `with torch.inference_mode():` autograd would
+        # record nothing (the backward pass fails); the batches' inference tensors are copied
+        # in _batches. Leaving the block restores the user's mode.
+        with torch.inference_mode(False):
+            mean = self._mean_jacobian(examples, layer_collection) if self.centering else None
+            n_total = 0
+            # the probe costs one more forward of the first batch (+8% to +29% for one-batch
+            # builds of an MLP): only where a module is in training mode, the mode in which
+            # modules are random; a model in eval mode is taken as deterministic
+            probe = self.check_deterministic and any(m.training for m in self.model.modules())
+            with self._prepared(layer_collection) as (modules, calls):
+                for i, batch in enumerate(self._batches(examples)):
+                    n_total += self._run_batch(batch, layer_collection, modules, calls, consumer,
+                                               chunk_bytes, mean,
+                                               probe=probe and i == 0)
         if n_total == 0:
             raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
         consumer.finalize(n_total)
@@ -448,7 +471,13 @@ class TorchHooksJacobianBackend:
 
     # ================================================================== internals
     def _batches(self, examples):
-        it = iterate_batches(examples)
+        """The batches of ``examples`` as tuples, on the model's device, floating-point tensors
+        in the model's dtype (see :func:`~nngeometry.backend.batches.to_device`). First refuses
+        random modules (``check_deterministic``)."""
+        if self.check_deterministic:
+            refuse_random_modules(self.model)
+        device, dtype = self._device(), self._dtype()
+        it = (prepare_batch(batch, device, dtype) for batch in iterate_batches(examples))
         if self.verbose:
             from tqdm.auto import tqdm
             total = len(examples) if isinstance(examples, DataLoader) else None
@@ -459,6 +488,14 @@ class TorchHooksJacobianBackend:
         for p in self.model.parameters():
             return p.device
         return torch.device("cpu")
+
+    def _dtype(self):
+        """The dtype of the model's first floating-point parameter (None without one): the
+        dtype floating-point inputs are cast to."""
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return None
 
     @contextlib.contextmanager
     def _model_state_kept(self, layer_collection):
@@ -562,21 +599,69 @@ class TorchHooksJacobianBackend:
             raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
 
     def _outputs(self, batch):
-        out = self.function(*batch)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"function must return a tensor, got {type(out).__name__}")
+        """``(model_outputs, out, columns)``: what the model part of ``function`` returns (for
+        the determinism probe), the outputs to differentiate, flattened to ``(n, n_output)``,
+        and ``columns(k0, k1)``, the graph of ``out[:, k0:k1]`` alone (or None). For a
+        likelihood's transform (``OutputTransform``, see :mod:`nngeometry.variants`) the model
+        part is its ``function``; otherwise the whole ``function``."""
+        fn = self.function
+        columns = None
+        if hasattr(fn, "model_outputs") and hasattr(fn, "split"):
+            raw = fn.model_outputs(*batch)
+            out, columns = fn.split(raw)
+            out = check_outputs(out)
+        else:
+            raw = out = check_outputs(fn(*batch))
         n = out.shape[0] if out.dim() > 0 else 0
+        if columns is not None and out.dim() != 2:
+            columns = None
         out = out.reshape(n, -1)
         self._check_finite(out)
-        return out
+        return raw, out, columns
+
+    def _probe_deterministic(self, batch, raw):
+        """``RuntimeError`` if the model part of ``function`` gives other outputs than ``raw``
+        on ``batch`` when run again (without gradients, hooks paused). The probe runs on a
+        forked RNG (the CPU's and the model's CUDA device's): the global RNG state is as if it
+        had not run, and a random model draws other numbers than in the first run."""
+        fn = self.function
+        fn = fn.function if hasattr(fn, "model_outputs") and hasattr(fn, "split") else fn
+        device = self._device()
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), recording_paused(), \
+                _no_fused_attention():
+            again = fn(*batch)
+        if not isinstance(again, torch.Tensor) or again.shape != raw.shape:
+            shape = tuple(again.shape) if isinstance(again, torch.Tensor) else type(again).__name__
+            raise RuntimeError(
+                f"the function is not deterministic: run twice on the same batch it returned "
+                f"outputs of shape {tuple(raw.shape)}, then {shape}. Call model.eval(), or pass "
+                "check_deterministic=False if this is intended")
+        ref = raw.detach()
+        if not ref.is_floating_point() or ref.numel() == 0:
+            return
+        # the second run differs by round-off only where kernels differ between grad and
+        # no-grad modes: a tolerance of a few dozen ulps of the largest output
+        tol = 64 * torch.finfo(ref.dtype).eps
+        diff = (again - ref).abs().max().item()
+        scale = ref.abs().max().item()
+        if not diff <= tol * max(scale, torch.finfo(ref.dtype).tiny):
+            raise RuntimeError(
+                f"the function is not deterministic: run twice on the same batch its outputs "
+                f"differ by up to {diff:.3g} (largest output {scale:.3g}); a random layer "
+                "(dropout or another stochastic module in training mode?) makes every matrix "
+                "random. Call model.eval() before computing the matrix, or pass "
+                "check_deterministic=False if the randomness is intended")
 
     def _run_batch(self, batch, layer_collection, modules, calls, consumer, chunk_bytes=None,
-                   mean_jacobian=None):
-        batch = prepare_batch(batch, self._device())
+                   mean_jacobian=None, probe=False):
+        # (the batch comes from _batches: on the model's device and dtype, checked finite)
         for store in calls.values():
             store.clear()
         with torch.enable_grad():
-            out = self._outputs(batch)
+            raw, out, columns = self._outputs(batch)
+        if probe:
+            self._probe_deterministic(batch, raw)
         n, n_output = out.shape
         if n == 0:
             return 0
@@ -594,11 +679,16 @@ class TorchHooksJacobianBackend:
                 checked.add(layer_collection)
         layer_calls = [c for store in calls.values() for c in store]
         chunk = self._chunk_size(layer_calls, n, n_output, layer_collection.numel(),
-                                 chunk_bytes)
+                                 chunk_bytes, columns is not None)
+        targets = [t.edge for c in layer_calls for t in c.targets]
         for k0 in range(0, n_output, chunk):
             k1 = min(n_output, k0 + chunk)
-            grads = self._batched_backward(out, [t.edge for c in layer_calls for t in c.targets],
-                                           k0, k1, retain=k1 < n_output)
+            if columns is None or chunk == n_output:
+                grads = self._batched_backward(out, targets, k0, k1, retain=k1 < n_output)
+            else:
+                # the chunk's own columns: (K, n, K) cotangents instead of (K, n, n_output)
+                grads = self._batched_backward(columns(k0, k1), targets, 0, k1 - k0,
+                                               retain=k1 < n_output)
             i = 0
             for c in layer_calls:
                 c.set_gradients(grads[i:i + len(c.targets)], k1 - k0)
@@ -610,7 +700,8 @@ class TorchHooksJacobianBackend:
             store.clear()
         return n
 
-    def _chunk_size(self, layer_calls, n, n_output, n_params, chunk_bytes=None):
+    def _chunk_size(self, layer_calls, n, n_output, n_params, chunk_bytes=None,
+                    columns=False):
         """Output directions per backward pass: their gradients w.r.t. all the layers' outputs
         (held together until the consumer is done with the chunk) fit in ``max_chunk_bytes``
         and in the larger of :data:`DIRECTION_CHUNK_BYTES` and one direction's per-example
@@ -618,13 +709,25 @@ class TorchHooksJacobianBackend:
         are small next to the parameters (MLPs, transformers) that is every direction at once;
         for a CNN, whose activations outweigh its parameters, all ``K`` directions' gradients
         would exceed the batch's whole Jacobian (W2: 54 MiB for K = 9, vs 6 MiB per direction
-        for the Jacobian): they are taken a few directions at a time."""
+        for the Jacobian): they are taken a few directions at a time.
+
+        The gradients at the ``(n, n_output)`` outputs themselves fit in the budget too: ``K``
+        one-hot cotangents of the whole output take ``K · n · n_output``; with ``columns`` (the
+        outputs of a chunk have a graph of their own, e.g. Monte-Carlo trials) ``K · n · K``."""
         per_direction = sum(c.out_nbytes for c in layer_calls)
         itemsize = layer_calls[0].out_dtype.itemsize if layer_calls else 4
         budget = max(DIRECTION_CHUNK_BYTES, n * n_params * itemsize) if chunk_bytes is None \
             else chunk_bytes
         budget = min(self.max_chunk_bytes, budget)
-        fit = max(1, min(n_output, budget // max(1, per_direction)))
+        # each direction's unit cotangent on the (n, n_output) outputs, and the gradients
+        # autograd forms at them, are (n, n_output) each too: with many outputs (Monte-Carlo
+        # trials) all K directions at once would take K · n · n_output, quadratic in the number
+        # of outputs (2.2 GiB for 2000 trials and 64 examples). They fit in the budget as well.
+        if columns:
+            fit_out = math.isqrt(budget // max(1, 2 * n * itemsize))
+        else:
+            fit_out = budget // max(1, 2 * n * n_output * itemsize)
+        fit = max(1, min(n_output, budget // max(1, per_direction), fit_out))
         # as few chunks as fit, of about equal sizes (e.g. 3 + 3 + 3 rather than 4 + 4 + 1):
         # the layers' work on the inputs only (e.g. patches) is redone per chunk
         n_chunks = -(-n_output // fit)
@@ -676,11 +779,14 @@ class TorchHooksJacobianBackend:
         # best of two runs each, interleaved: one sample each picked the slower strategy on a
         # busy machine (W1: 62 vs 66 ms per build)
         t_looped = t_batched = float("inf")
+        # the looped strategy costs the same for each direction: timed on a few of them and
+        # scaled (timing all of them took minutes for thousands of Monte-Carlo trials)
+        m = min(cot.shape[0], LOOPED_TIMING_DIRECTIONS)
         for last in (False, True):
             # one strategy's gradients are not held while the other runs (peak memory)
             grads = None
-            t_looped = min(t_looped, _timed(lambda: _backward_looped(out, targets, cot, True),
-                                            out.device)[0])
+            t_looped = min(t_looped, _timed(lambda: _backward_looped(out, targets, cot[:m], True),
+                                            out.device)[0] * cot.shape[0] / m)
             t, grads = _timed(lambda: _backward_batched(out, targets, cot, retain or not last),
                               out.device)
             t_batched = min(t_batched, t)
@@ -952,6 +1058,9 @@ def tensors_in_model(model, tensors):
 DIRECTION_CHUNK_BYTES = 16 * 2 ** 20
 
 #: (id(model), cotangent shape, dtype, device type) -> 'batched' | 'looped', filled by 'auto'
+
+#: 'auto' times the looped backward on this many directions at most (see _backward_directions)
+LOOPED_TIMING_DIRECTIONS = 16
 _BACKWARD_CHOICE = {}
 
 
@@ -990,3 +1099,26 @@ def _timed(fn, device):
     result = fn()
     sync()
     return time.perf_counter() - t0, result
+
+
+def refuse_random_modules(model):
+    """``RuntimeError`` naming the first module of ``model`` that draws random numbers in its
+    forward: a dropout module (``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``,
+    ``FeatureAlphaDropout``) or an ``nn.MultiheadAttention`` with ``dropout > 0``, in training
+    mode. Such a model gives a random matrix at each call, whose mean is not the matrix of the
+    model used for prediction (in eval mode)."""
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            p = module.p
+        elif isinstance(module, nn.MultiheadAttention):
+            p = module.dropout
+        else:
+            continue
+        if p > 0:
+            raise RuntimeError(
+                f"module '{name or type(module).__name__}' ({type(module).__name__}, p={p}) is "
+                "in training mode: its forward is random, so the matrix would be a random one "
+                "(per-example quantities need a deterministic forward). Call model.eval() before "
+                "computing the matrix, or pass check_deterministic=False if this is intended")
