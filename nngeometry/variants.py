@@ -63,6 +63,9 @@ class OutputTransform:
     recomputes ``g[:, k0:k1]`` from the same draws through a graph of its own (see
     :func:`monte_carlo_function`)."""
 
+    #: how the transform was made (e.g. ``closed_form_function(function, 'classif_logits')``)
+    origin = None
+
     def __init__(self, function, transform=None, split=None):
         if (transform is None) == (split is None):
             raise TypeError("give either transform or split")
@@ -91,6 +94,13 @@ class OutputTransform:
 
 def closed_form_function(function, variant):
     """``g(*batch)`` with ``J_gᵀ J_g`` the example's Fisher under ``variant``."""
+    g = _closed_form(function, variant)
+    # named in the error of an unpickled PMatImplicit, which needs this function again
+    g.origin = f"nngeometry.variants.closed_form_function(function, {variant!r})"
+    return g
+
+
+def _closed_form(function, variant):
     if variant == "regression":
         return OutputTransform(function, _as_2d)
     if variant == "classif_binary_logits":
@@ -128,6 +138,13 @@ def monte_carlo_function(function, variant, trials, covariance=1.0):
     small graph (``OutputTransform.split``): the backward pass of ``K`` directions then works on
     ``(K, n, K)`` tensors, not on the ``(K, n, trials)`` one-hot cotangents of the whole output,
     whose memory and time grow as ``trials² · n``."""
+    g = _monte_carlo(function, variant, trials, covariance)
+    g.origin = (f"nngeometry.variants.monte_carlo_function(function, {variant!r}, {trials!r}"
+                + (f", covariance={covariance!r})" if covariance != 1.0 else ")"))
+    return g
+
+
+def _monte_carlo(function, variant, trials, covariance):
     if not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive integer, got {trials!r}")
     check_covariance(covariance)

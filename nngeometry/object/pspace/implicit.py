@@ -66,8 +66,9 @@ class PMatImplicit(PMatAbstract):
         # so that the error of an unpickled matrix can name the function to attach again
         fn = getattr(self.generator, "function", None)
         if fn is not None:
-            state["_function_origin"] = (f"{getattr(fn, '__module__', '?')}."
-                                         f"{getattr(fn, '__qualname__', type(fn).__name__)}")
+            state["_function_origin"] = getattr(fn, "origin", None) or (
+                f"{getattr(fn, '__module__', '?')}."
+                f"{getattr(fn, '__qualname__', type(fn).__name__)}")
         return state
 
     def _like(self, scale):
