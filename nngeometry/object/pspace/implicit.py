@@ -5,6 +5,7 @@ import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
+from . import _checks
 from .abstract import PMatAbstract, check_reduction, reduce_forms, resolve_layer_collection
 
 
@@ -265,6 +266,8 @@ class PMatImplicit(PMatAbstract):
             raise NotImplementedError(
                 "PMatImplicit.to_torch() would build the P × P matrix; call "
                 "to_torch(allow_dense=True) if that is really wanted, or build a PMatDense")
+        _checks.check_dense_fits(self.layer_collection.numel(), self.dtype.itemsize,
+                                 what="PMatImplicit.to_torch(allow_dense=True): a dense")
         return self.scale * self._gen().get_covariance_matrix(self.examples, self.layer_collection)
 
     def _needs_matrix(self, what, instead):

@@ -7,6 +7,7 @@ import torch
 from ...layercollection import LayerCollection
 from ..map import PFMapDense
 from ..vector import PVector
+from . import _checks
 from .abstract import PMatAbstract, check_reduction, reduce_forms, resolve_layer_collection
 
 
@@ -326,7 +327,10 @@ class PMatMixed(PMatAbstract):
         return super().norm(ord)
 
     def to_torch(self):
-        """Dense ``(P, P)``: each group's block at its layers' positions, zeros elsewhere."""
+        """Dense ``(P, P)``: each group's block at its layers' positions, zeros elsewhere
+        (refused with a MemoryError naming the size when it can't fit)."""
+        _checks.check_dense_fits(self.layer_collection.numel(), self.dtype.itemsize,
+                                 what="PMatMixed.to_torch(): a dense")
         out = None
         for g, m in self.data.items():
             B = m.to_torch()
