@@ -6,9 +6,53 @@ gradients of ``K`` output directions w.r.t. the module's output, shape ``(K, n, 
 :class:`BatchContext` turns those into the statistics that representations need, with caching,
 so that two consumers asking for the same per-example gradients share the work.
 """
+import weakref
+
 import torch
 
 from ..maths.gram import GramRows
+
+#: model -> keys of (function, collection) whose parameter uses were verified in this process
+_USES_VERIFIED = weakref.WeakKeyDictionary()
+
+
+def _function_key(function):
+    """What identifies the computation of ``function`` for :func:`check_parameter_uses`: the
+    user's function under any output transform (a variant changes the outputs' directions, not
+    which parameters the forward uses); the default ``model(inputs)`` is one key per model; a
+    user function is its code and the identities of what its closure holds (a lambda written
+    once in a loop over models gets a key per model)."""
+    while hasattr(function, "function") and callable(function.function):
+        function = function.function
+    if getattr(function, "nngeometry_default_of", None) is not None:
+        return "default"
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return ("object", id(function))
+    cells = tuple(id(c.cell_contents) for c in (function.__closure__ or ()))
+    return (code, cells, id(getattr(function, "__self__", None)))
+
+
+def uses_key(model, function, layer_collection):
+    """The key under which the parameter-use check of ``(model, function, collection)`` is
+    remembered, or None when it cannot be remembered (a model that cannot be weakly referenced).
+    The parameters' identities are part of it: a module given a new parameter is checked again."""
+    params = tuple(id(p) for p in model.parameters()) if hasattr(model, "parameters") else ()
+    return (_function_key(function), tuple(layer_collection.layer_ids()), params)
+
+
+def uses_verified(model, key):
+    try:
+        return key in _USES_VERIFIED.get(model, ())
+    except TypeError:
+        return False
+
+
+def mark_uses_verified(model, key):
+    try:
+        _USES_VERIFIED.setdefault(model, set()).add(key)
+    except TypeError:
+        pass
 
 
 class GradTarget:

@@ -29,7 +29,8 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
 from .batches import all_finite, check_outputs, default_function, iterate_batches, prepare_batch
-from .context import BatchContext, Call, check_parameter_uses
+from .context import (BatchContext, Call, check_parameter_uses, mark_uses_verified,
+                      uses_key, uses_verified)
 from ..layer_types.base import AbstractLayer, is_recording_paused, recording_paused
 from ..layercollection import LayerCollection, run_eagerly
 from . import consumers as C
@@ -136,8 +137,6 @@ class TorchHooksJacobianBackend:
             raise ValueError(f"unknown backward '{backward}': use 'auto', 'batched' or 'looped'")
         self.backward = backward
         self.check_deterministic = bool(check_deterministic)
-        # collections whose parameter uses were checked (see context.check_parameter_uses)
-        self._uses_checked = set()
 
     # ================================================================== collection, dtype, device
     @property
@@ -670,13 +669,13 @@ class TorchHooksJacobianBackend:
                 raise RuntimeError(
                     f"layer '{lid}' was not called during the forward pass of the function; "
                     "remove it from the LayerCollection or check the function")
-        checked = getattr(self, "_uses_checked", None)
-        if checked is None or layer_collection not in checked:
-            # once per generator and collection: a parameter used outside its module's forward
-            # would give a plausible wrong matrix
+        key = uses_key(self.model, self.function, layer_collection)
+        if not uses_verified(self.model, key):
+            # once per model, function and collection in a process (entry points build a new
+            # generator per call: the check must not cost a pass each time): a parameter used
+            # outside its module's forward would give a plausible wrong matrix
             check_parameter_uses(out, layer_collection, modules, calls)
-            if checked is not None:
-                checked.add(layer_collection)
+            mark_uses_verified(self.model, key)
         layer_calls = [c for store in calls.values() for c in store]
         chunk = self._chunk_size(layer_calls, n, n_output, layer_collection.numel(),
                                  chunk_bytes, columns is not None)

@@ -109,6 +109,32 @@ def test_parameter_use_check_leaves_exact_models_alone():
     assert rel(F_, fim_dense(model.to(DT), x.to(DT))) < 1e-5
 
 
+def test_parameter_use_check_runs_once_per_model_function_and_collection(monkeypatch):
+    """Entry points build a new generator per call: the check is remembered per model, function
+    and collection (it costs a backward pass), and runs again for a new function or parameter."""
+    import nngeometry.backend.jacobian as jac
+    runs = []
+    real = jac.check_parameter_uses
+    monkeypatch.setattr(jac, "check_parameter_uses", lambda *a: runs.append(1) or real(*a))
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).to(DT)
+    x = torch.randn(16, 6, dtype=DT)
+    FIM(model, (x,), PMatDiag)
+    FIM(model, (x,), PMatDense)
+    assert len(runs) == 1
+    FIM(model, (x,), PMatDiag, function=lambda inp: model(inp) * 2)
+    assert len(runs) == 2
+    model[0].weight = nn.Parameter(model[0].weight.detach().clone())
+    FIM(model, (x,), PMatDiag)
+    assert len(runs) == 3
+    # a model whose check failed is checked again (and refused again)
+    lm, tokens = _lm()
+    for _ in range(2):
+        with pytest.raises(ParameterUseError):
+            FIM(lm, (tokens,), PMatDiag)
+    assert len(runs) == 5
+
+
 # ---------------------------------------------------------------- 2. tied weights
 class Tied(nn.Module):
     def __init__(self, V=7, d=5):
