@@ -12,7 +12,8 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.0", "numpy", "opt_einsum", "tqdm"],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "mkdocs>=1.6", "mkdocstrings[python]>=0.25"],
+        "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.25"],
         "examples": ["scikit-learn"],
         "scipy": ["scipy"],
     },

@@ -46,7 +46,9 @@ class PMatEKFAC(PMatAbstract):
     ``((U_A_0, U_G_0), (U_A_1, U_G_1), ...)`` in ``evecs`` and a tuple of diagonals in ``diags``.
 
     Args:
-        layer_collection, generator, examples: as for every representation.
+        layer_collection: as for every representation.
+        generator: as for every representation.
+        examples: as for every representation.
         data: ``(evecs, diags)`` as above (``diags`` entries of any shape with ``dG · dA``
             values, e.g. upstream's ``(dG · dA, 1)``); also accepted: the dict
             ``{layer_id: (U_A, U_G, D)}`` with ``D`` of shape ``(dG, dA)`` (a tuple of those for

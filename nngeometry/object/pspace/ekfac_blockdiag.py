@@ -79,7 +79,8 @@ class PMatEKFACBlockDiag(PMatEKFAC):
         data: ``(evecs, diags)`` as above; also accepted: the dict with
             ``{layer_id: (U_A, U_G, D)}`` for EKFAC layers (see PMatEKFAC) and
             ``{layer_id: (U, d)}`` for dense layers.
-        kfac_approx: see PMatKFAC.
+
+    The build takes KFAC's ``kfac_approx`` keyword (see PMatKFAC).
     """
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None,
