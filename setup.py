@@ -12,9 +12,11 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.0", "numpy", "opt_einsum", "tqdm"],
     extras_require={
-        "test": ["pytest", "mkdocs>=1.6", "mkdocstrings[python]>=0.25"],
+        # the examples and the docs site are smoke-tested by the suite
+        "test": ["pytest", "scikit-learn", "matplotlib", "mkdocs>=1.6",
+                 "mkdocstrings[python]>=0.25"],
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.25"],
-        "examples": ["scikit-learn"],
+        "examples": ["scikit-learn", "matplotlib"],
         "scipy": ["scipy"],
     },
 )

@@ -1,0 +1,30 @@
+"""Every example runs (a smoke run with fewer steps) and prints its summary. Skipped where
+scikit-learn is not installed (the ``test`` extra installs it, so CI runs them)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(args, tmp_path):
+    pytest.importorskip("sklearn")
+    run = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+def test_fim_digits(tmp_path):
+    out = _run([str(EXAMPLES / "fim_digits.py")], tmp_path)
+    assert "Fisher information matrix (PMatDense)" in out and "EWC, KFAC F" in out
+
+
+def test_ewc_split_digits(tmp_path):
+    out = _run([str(EXAMPLES / "ewc_split_digits.py"), "--quick", "--out", str(tmp_path)],
+               tmp_path)
+    assert "EWC KFAC" in out and (tmp_path / "ewc_split_digits.json").exists()
+    if "plot:" in out:
+        assert (tmp_path / "ewc_split_digits.png").stat().st_size > 1000
