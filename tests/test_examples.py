@@ -28,3 +28,10 @@ def test_ewc_split_digits(tmp_path):
     assert "EWC KFAC" in out and (tmp_path / "ewc_split_digits.json").exists()
     if "plot:" in out:
         assert (tmp_path / "ewc_split_digits.png").stat().st_size > 1000
+
+
+def test_natural_gradient_digits(tmp_path):
+    out = _run([str(EXAMPLES / "natural_gradient_digits.py"), "--quick", "--out", str(tmp_path)],
+               tmp_path)
+    assert "NG-KFAC" in out and "NG-EKFAC" in out
+    assert (tmp_path / "natural_gradient_digits.json").exists()

@@ -1,0 +1,212 @@
+"""Natural-gradient preconditioning for any ``torch.optim`` optimizer.
+
+:class:`NaturalGradient` replaces the gradients of a model, in place, by the damped
+natural-gradient direction::
+
+    g ← (F̄ + λ I)⁻¹ g
+
+with ``F̄`` a running average of the curvature (Fisher, Monte-Carlo Fisher, or any curvature a
+callable returns) in the representation you choose, then lets the optimizer (SGD, with or
+without momentum, is the usual choice) take its step. The pattern of K-FAC optimizers (Martens &
+Grosse 2015; Ba et al. 2017)::
+
+    precond = NaturalGradient(model, PMatKFAC, damping=1e-3, update_freq=10, inv_freq=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in loader:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        precond.step((x, y))          # curvature refreshed on this batch when due; grads replaced
+        opt.step()
+
+* **Curvature.** Every ``update_freq`` steps a new estimate ``F_t`` is computed on the step's
+  batch and averaged, ``F̄ ← β F̄ + (1 − β) F_t`` (``β = ema_decay``; the first estimate is taken
+  as is). For ``PMatKFAC`` (and ``PMatEKFAC``, whose eigenbasis comes from the averaged KFAC) the
+  running average is over the Kronecker factors, ``Ā ← β Ā + (1 − β) A_t`` and likewise ``G``,
+  as K-FAC optimizers do; for the other representations it is the exact average of the matrices.
+  The estimate is computed by an extra pass on the batch (``FIM_MonteCarlo`` with one sampled
+  target per example by default).
+* **Inverse.** The matrix used for the solves is refreshed every ``inv_freq`` steps (its
+  eigendecompositions / factorizations are cached in between). ``PMatEKFAC`` also refits its
+  diagonal in the new eigenbasis on that step's batch.
+* **Damping** ``λ``: a float or a function of the step number; ``damping='exact'`` solves with
+  ``(F̄ + λ I)`` exactly (KFAC through its factors' eigendecompositions), ``'pi'`` uses KFAC's
+  π-damped factors (only KFAC has them).
+* **KL clipping** (Ba et al. 2017): with ``kl_clip=κ`` and the optimizer's learning rate ``η``,
+  the direction ``p`` is scaled by ``ν = min(1, sqrt(κ / (η² |pᵀ g|)))``.
+"""
+import math
+
+import torch
+
+from .metrics import FIM, FIM_MonteCarlo
+from .object.pspace import PMatEKFAC, PMatKFAC
+from .object.vector import PVector
+
+_DAMPINGS = ("exact", "pi")
+
+
+class NaturalGradient:
+    """Natural-gradient preconditioner (see the module docstring for the maths).
+
+    Args:
+        model: the network being trained.
+        representation: the ``PMat*`` class of the curvature (``PMatKFAC``, ``PMatEKFAC``,
+            ``PMatDiag``, ``PMatBlockDiag``, ``PMatDense``, ...).
+        curvature: ``'mc'`` (``FIM_MonteCarlo`` with ``trials`` samples), ``'fisher'`` (the
+            closed-form ``FIM``), or a callable ``(model, batch, representation) -> PMat`` (e.g.
+            an empirical Fisher or a GGN).
+        variant: the likelihood of ``FIM`` / ``FIM_MonteCarlo`` (``'classif_logits'``,
+            ``'regression'``, ...).
+        damping: ``λ``, a float or a function ``step -> λ``.
+        damping_mode: ``'exact'`` (default) or ``'pi'`` (KFAC only).
+        update_freq: steps between curvature estimates.
+        inv_freq: steps between refreshes of the matrix used for solves (default
+            ``update_freq``).
+        ema_decay: ``β`` of the running average (0: the latest estimate only).
+        kl_clip: ``κ`` of KL clipping, or ``None``; needs ``lr`` or ``optimizer``.
+        lr: the learning rate used by KL clipping (default: read from ``optimizer``).
+        optimizer: the optimizer whose first parameter group's ``lr`` KL clipping reads.
+        trials: samples per example of the Monte-Carlo Fisher.
+        function: ``function(*batch) -> outputs``, as for ``FIM`` (default ``model(batch[0])``).
+        layer_collection: the layers preconditioned (default: all the model's layers); the
+            gradients of other parameters are left as they are.
+    """
+
+    def __init__(self, model, representation=PMatKFAC, curvature="mc", variant="classif_logits",
+                 damping=1e-3, damping_mode="exact", update_freq=10, inv_freq=None,
+                 ema_decay=0.95, kl_clip=None, lr=None, optimizer=None, trials=1, function=None,
+                 layer_collection=None):
+        if damping_mode not in _DAMPINGS:
+            raise ValueError(f"damping_mode={damping_mode!r}: use 'exact' ((F + λI)⁻¹) or 'pi' "
+                             "(KFAC's π-damped factors)")
+        if damping_mode == "pi" and not issubclass(representation, PMatKFAC):
+            raise ValueError("damping_mode='pi' exists for PMatKFAC only (π-damped Kronecker "
+                             "factors); use damping_mode='exact' with " + representation.__name__)
+        if curvature not in ("mc", "fisher") and not callable(curvature):
+            raise ValueError(f"curvature={curvature!r}: use 'mc', 'fisher' or a callable "
+                             "(model, batch, representation) -> PMat")
+        if not 0.0 <= float(ema_decay) < 1.0:
+            raise ValueError(f"ema_decay={ema_decay} must lie in [0, 1)")
+        for name, f in (("update_freq", update_freq), ("inv_freq", inv_freq)):
+            if f is not None and (int(f) != f or f < 1):
+                raise ValueError(f"{name}={f} must be a positive integer")
+        if kl_clip is not None and lr is None and optimizer is None:
+            raise ValueError("kl_clip needs the learning rate: pass lr= or optimizer=")
+        self.model = model
+        self.representation = representation
+        self.curvature = curvature
+        self.variant = variant
+        self.damping = damping
+        self.damping_mode = damping_mode
+        self.update_freq = int(update_freq)
+        self.inv_freq = int(inv_freq) if inv_freq is not None else int(update_freq)
+        self.ema_decay = float(ema_decay)
+        self.kl_clip = kl_clip
+        self.lr = lr
+        self.optimizer = optimizer
+        self.trials = trials
+        self.function = function
+        self.layer_collection = layer_collection
+        self.steps = 0
+        self.running = None      # F̄, the running average
+        self.for_solves = None   # F̄ as of the last inverse refresh
+        self._latest = None      # the latest estimate (its generator refits EKFAC diagonals)
+
+    # ------------------------------------------------------------------ curvature
+    def _estimate(self, batch):
+        rep = PMatKFAC if self.representation is PMatEKFAC else self.representation
+        kw = dict(variant=self.variant, function=self.function,
+                  layer_collection=self.layer_collection)
+        if self.curvature == "mc":
+            return FIM_MonteCarlo(self.model, batch, rep, trials=self.trials, **kw)
+        if self.curvature == "fisher":
+            return FIM(self.model, batch, rep, **kw)
+        return self.curvature(self.model, batch, rep)
+
+    def _average(self, new):
+        b = self.ema_decay
+        if self.running is None or b == 0.0:
+            return new
+        if isinstance(new, PMatKFAC):
+            return _kfac_average(self.running, new, b)
+        return b * self.running + (1.0 - b) * new
+
+    def _refresh_for_solves(self, batch):
+        if self.representation is PMatEKFAC:
+            ekfac = PMatEKFAC.from_kfac(self.running)
+            ekfac.generator = self._latest.generator
+            ekfac.update_diag(batch)
+            return ekfac
+        return self.running
+
+    def current_damping(self):
+        return float(self.damping(self.steps)) if callable(self.damping) else float(self.damping)
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, batch):
+        """Refresh the curvature on ``batch`` when due, then replace the gradients of the
+        preconditioned parameters by ``(F̄ + λI)⁻¹ g`` (KL-clipped if asked). Call after
+        ``loss.backward()`` and before ``optimizer.step()``; returns the direction (a PVector)."""
+        if self.steps % self.update_freq == 0:
+            with torch.enable_grad():
+                self._latest = self._estimate(batch)
+            self.running = self._average(self._latest)
+            if self.layer_collection is None:
+                self.layer_collection = self._latest.layer_collection
+        if self.for_solves is None or self.steps % self.inv_freq == 0:
+            with torch.enable_grad():
+                self.for_solves = self._refresh_for_solves(batch)
+        lam = self.current_damping()  # λ of this step (a schedule reads the step number)
+        self.steps += 1
+        g = PVector.from_model_grad(self.model, self.layer_collection)
+        if self.damping_mode == "pi":
+            p = self.for_solves.solve(g, regul=lam)
+        elif isinstance(self.for_solves, PMatKFAC):
+            p = self.for_solves.solve(g, regul=lam, damping="exact")
+        else:
+            p = self.for_solves.solve(g, regul=lam)
+        if self.kl_clip is not None:
+            lr = self.lr if self.lr is not None else self.optimizer.param_groups[0]["lr"]
+            vg = abs(float(p.dot(g)))
+            nu = min(1.0, math.sqrt(self.kl_clip / (lr ** 2 * vg))) if vg > 0 else 1.0
+            p = p * nu
+        _write_grads(self.model, self.layer_collection, p)
+        return p
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self):
+        """The step count and the matrices (picklable with ``torch.save``; no model inside)."""
+        return {"steps": self.steps, "running": self.running, "for_solves": self.for_solves,
+                "layer_collection": self.layer_collection}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+        self.running, self.for_solves = state["running"], state["for_solves"]
+        self.layer_collection = state["layer_collection"]
+
+
+def _kfac_average(old, new, b):
+    """``β old + (1 − β) new`` factor by factor (each Kronecker term of each layer)."""
+    def combine(u1, u2):
+        if isinstance(u1, tuple) and len(u1) == 2 and torch.is_tensor(u1[0]):
+            return tuple(b * f1 + (1.0 - b) * f2 for f1, f2 in zip(u1, u2))
+        return tuple(combine(a, c) for a, c in zip(u1, u2))
+
+    return PMatKFAC(old.layer_collection, data={lid: combine(old.data[lid], new.data[lid])
+                                                for lid in old.data})
+
+
+def _write_grads(model, layer_collection, direction):
+    """Copy the PVector ``direction`` into the ``.grad`` of the collection's parameters."""
+    parts = direction.get_dict_representation()
+    modules = layer_collection.get_layerid_module_map(model)
+    for lid, module in modules.items():
+        for p, d in zip(layer_collection[lid].parameters_of(module), parts[lid]):
+            if p.grad is None:
+                p.grad = d.detach().clone().reshape(p.shape)
+            else:
+                p.grad.copy_(d.reshape(p.shape))
+
+
+__all__ = ["NaturalGradient"]
