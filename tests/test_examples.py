@@ -35,3 +35,9 @@ def test_natural_gradient_digits(tmp_path):
                tmp_path)
     assert "NG-KFAC" in out and "NG-EKFAC" in out
     assert (tmp_path / "natural_gradient_digits.json").exists()
+
+
+def test_laplace_digits(tmp_path):
+    out = _run([str(EXAMPLES / "laplace_digits.py"), "--quick", "--out", str(tmp_path)], tmp_path)
+    assert "Laplace KFAC" in out and "marglik" in out and "noisy test" in out
+    assert (tmp_path / "laplace_digits.json").exists()

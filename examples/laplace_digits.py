@@ -1,0 +1,163 @@
+"""Laplace approximation of a digit classifier: calibration before and after.
+
+An MLP is trained on 600 of scikit-learn's 8×8 digits (no download); then
+`nngeometry.laplace.Laplace` approximates its posterior with a KFAC, a diagonal and a last-layer
+dense GGN, the prior precision chosen either by maximising the log marginal likelihood or by the
+NLL of a validation set. The GLM predictive (probit approximation) is compared with the MAP
+network on the test digits and on the same digits with noise (a shifted distribution where the
+MAP network is over-confident): accuracy, negative log-likelihood (NLL) and expected calibration
+error (ECE, 10 bins), plus a reliability diagram in ``laplace_digits.png`` (matplotlib) in
+``--out``.
+
+What it shows (and the literature reports): with the evidence-optimal prior the whole-network
+Laplace is under-confident in distribution but far better calibrated under the shift; with the
+validation prior it improves both NLL and ECE in distribution and the NLL under the shift.
+
+    python examples/laplace_digits.py            # about 20 s on two cores
+    python examples/laplace_digits.py --quick    # a smoke run
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as tF
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from nngeometry.laplace import Laplace
+from nngeometry.layercollection import LayerCollection
+from nngeometry.object import PMatDense, PMatDiag, PMatKFAC
+
+
+def load(seed=0):
+    digits = load_digits()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=g)
+    x, y = x[perm], y[perm]
+    n = 600  # a small training set: the network over-fits and is over-confident
+    return (x[:n], y[:n]), (x[n:], y[n:])
+
+
+def train(model, data, steps, lr=1e-2):
+    x, y = data
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=g)
+        opt.zero_grad()
+        tF.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+
+
+def metrics(probs, y, n_bins=10):
+    """Accuracy, NLL and ECE (equal-width confidence bins), and the per-bin reliability."""
+    conf, pred = probs.max(1)
+    correct = (pred == y).float()
+    nll = -torch.log(probs[torch.arange(len(y)), y].clamp_min(1e-12)).mean().item()
+    edges = torch.linspace(0, 1, n_bins + 1)
+    ece, bins = 0.0, []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.float().mean().item() * abs(correct[m].mean().item() - conf[m].mean().item())
+            bins.append((conf[m].mean().item(), correct[m].mean().item(), int(m.sum())))
+    return {"acc": correct.mean().item(), "nll": nll, "ece": ece, "bins": bins}
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot; pip install -e \".[examples]\")")
+        return False
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
+    for name, r in results.items():
+        c = [b[0] for b in r["bins"]]
+        a = [b[1] for b in r["bins"]]
+        ax.plot(c, a, "o-", ms=3, label=f"{name} (ECE {r['ece']:.3f})")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability on held-out digits")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer steps")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    steps = 100 if args.quick else args.steps
+    t0 = time.time()
+    train_data, (x_rest, y_rest) = load()
+    x_val, y_val = x_rest[:300], y_rest[:300]
+    x_test, y_test = x_rest[300:], y_rest[300:]
+    g = torch.Generator().manual_seed(5)
+    x_noisy = (x_test + 0.5 * torch.randn(x_test.shape, generator=g)).clamp(0, 1)
+    sets = {"test": (x_test, y_test), "noisy test": (x_noisy, y_test)}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    train(model, train_data, steps)
+    loader = DataLoader(TensorDataset(*train_data), batch_size=200)
+
+    rows = {}
+    with torch.no_grad():
+        rows["MAP", "-"] = {k: metrics(torch.softmax(model(x), 1), y) for k, (x, y) in sets.items()}
+    last = LayerCollection.from_model(model).last_layer()
+    configs = {"KFAC": dict(representation=PMatKFAC), "Diag": dict(representation=PMatDiag),
+               "last-layer Dense": dict(representation=PMatDense, layer_collection=last)}
+    priors = {}
+    for name, kw in configs.items():
+        la = Laplace(model, "classification", prior_precision=1.0, **kw).fit(loader)
+        # the prior precision by evidence (marginal likelihood) ...
+        lam = la.optimize_prior_precision(n_steps=30 if args.quick else 100)
+        priors[name, "marglik"] = lam
+        rows[name, "marglik"] = {k: metrics(la.predictive(x), y) for k, (x, y) in sets.items()}
+        # ... and by the NLL of a validation set
+        grid = [1.0, 3.0, 10.0, 30.0, 100.0, 300.0]
+        val = []
+        for lam in grid:
+            la.prior_precision = lam
+            val.append((metrics(la.predictive(x_val), y_val)["nll"], lam))
+        la.prior_precision = priors[name, "val. NLL"] = min(val)[1]
+        rows[name, "val. NLL"] = {k: metrics(la.predictive(x), y) for k, (x, y) in sets.items()}
+
+    print(f"{'':>24s} {'prior λ by':>10s} {'λ':>7s} | " + " | ".join(
+        f"{k:^21s}" for k in sets))
+    print(f"{'':>24s} {'':>10s} {'':>7s} | " + " | ".join(
+        f"{'acc':>5s} {'NLL':>7s} {'ECE':>6s}" for _ in sets))
+    for (name, how), r in rows.items():
+        lam = priors.get((name, how))
+        lam = f"{lam:7.3g}" if lam is not None else f"{'-':>7s}"
+        label = "MAP network" if name == "MAP" else f"Laplace {name}"
+        print(f"{label:>24s} {how:>10s} {lam} | " + " | ".join(
+            f"{r[k]['acc']:5.3f} {r[k]['nll']:7.4f} {r[k]['ece']:6.4f}" for k in sets))
+    print(f"({len(train_data[1])} training digits, {steps} Adam steps; {len(y_test)} test digits, "
+          "the same with Gaussian noise of std 0.5; probit GLM predictive; the validation grid "
+          f"uses {len(y_val)} other digits)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "laplace_digits.json").write_text(json.dumps(
+        {" / ".join(k): v for k, v in rows.items()}, indent=1))
+    shown = {("MAP network" if n == "MAP" else f"Laplace {n} ({h})"): r["test"]
+             for (n, h), r in rows.items() if h != "marglik"}
+    if plot(shown, args.out / "laplace_digits.png"):
+        print(f"plot: {args.out / 'laplace_digits.png'}")
+    print(f"total {time.time() - t0:.1f} s")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
