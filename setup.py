@@ -18,5 +18,8 @@ setup(
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.25"],
         "examples": ["scikit-learn", "matplotlib"],
         "scipy": ["scipy"],
+        # benchmarks/peers.py: the peers it compares against (BackPACK needs a torchvision
+        # that matches torch: a separate environment is often simpler, see the script)
+        "bench": ["curvlinops-for-pytorch", "backpack-for-pytorch"],
     },
 )
