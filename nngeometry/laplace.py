@@ -56,11 +56,14 @@ class Laplace:
         layer_collection: the parameters treated by the approximation (default all;
             ``LayerCollection.from_model(model).last_layer()`` for a last-layer Laplace).
         function: ``function(*batch) -> outputs``, as for ``FIM``.
+        **representation_kwargs: passed to the representation's build, e.g.
+            ``separate_weight_and_bias=True`` for KFAC with separate weight and bias blocks
+            (laplace-torch's ``KronLaplace`` layout).
     """
 
     def __init__(self, model, likelihood="classification", representation=PMatKFAC,
                  prior_precision=1.0, sigma_noise=1.0, temperature=1.0, layer_collection=None,
-                 function=None):
+                 function=None, **representation_kwargs):
         if likelihood not in _LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r}: use 'classification' or 'regression'")
         if likelihood == "classification" and not _is_one(sigma_noise):
@@ -74,6 +77,7 @@ class Laplace:
         self.temperature = float(temperature)
         self.layer_collection = layer_collection
         self.function = function
+        self.representation_kwargs = representation_kwargs
         self.ggn = None
         self.n = 0
         self.loss = None  # Σ_i of the negative log-likelihood's data term at θ* (see fit)
@@ -84,7 +88,8 @@ class Laplace:
         the current parameters ``θ*``, over ``loader`` (batches ``(inputs, targets)``)."""
         variant = "classif_logits" if self.likelihood == "classification" else "regression"
         self.ggn = FIM(self.model, loader, self.representation, variant=variant,
-                       function=self.function, layer_collection=self.layer_collection)
+                       function=self.function, layer_collection=self.layer_collection,
+                       **self.representation_kwargs)
         self.layer_collection = self.ggn.layer_collection
         self.theta_map = PVector.from_model(self.model, self.layer_collection).detach().clone()
         n, loss, n_out = 0, 0.0, None
