@@ -18,8 +18,9 @@ def _run(args, tmp_path):
 
 
 def test_fim_digits(tmp_path):
-    out = _run([str(EXAMPLES / "fim_digits.py")], tmp_path)
+    out = _run([str(EXAMPLES / "fim_digits.py"), "--out", str(tmp_path)], tmp_path)
     assert "Fisher information matrix (PMatDense)" in out and "EWC, KFAC F" in out
+    assert "EKFAC" in out
 
 
 def test_ewc_split_digits(tmp_path):
