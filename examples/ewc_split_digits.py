@@ -17,14 +17,11 @@ a diagonal, KFAC, EKFAC, block-diagonal and dense Fisher.
 Writes ``ewc_split_digits.png`` (and ``.json``) to ``--out`` (default: this folder) when
 matplotlib is installed (``pip install -e ".[examples]"``).
 """
-import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as tF
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -32,18 +29,15 @@ from nngeometry import FIM
 from nngeometry.object import PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatKFAC
 from nngeometry.regularization import EWC
 
+from _common import digits, parser, pyplot, save
+
 TASKS = [(0, 1, 2, 3), (4, 5, 6), (7, 8, 9)]
 REPRESENTATIONS = {"none": None, "Diag": PMatDiag, "KFAC": PMatKFAC, "EKFAC": PMatEKFAC,
                    "BlockDiag": PMatBlockDiag, "Dense": PMatDense}
 
 
 def load_tasks(seed=0):
-    digits = load_digits()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=g)
-    x, y = x[perm], y[perm]
+    x, y = digits(seed)
     n_train = int(0.8 * len(y))
     tasks = []
     for classes in TASKS:
@@ -98,13 +92,9 @@ def run(representation, tasks, steps, lam, gamma):
 
 
 def plot(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no plot; pip install -e \".[examples]\")")
-        return False
+    plt = pyplot()
+    if plt is None:
+        return
     names = list(results)
     width = 0.8 / len(TASKS)
     fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -116,20 +106,15 @@ def plot(results, path):
     ax.set_ylim(0, 1.05)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("Online EWC on split digits: what each Fisher representation keeps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    save(fig, path)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="Adam steps per task")
-    parser.add_argument("--lam", type=float, default=500.0, help="EWC strength λ")
-    parser.add_argument("--gamma", type=float, default=1.0, help="online EWC decay γ")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 20 steps per task")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    args = parser.parse_args(argv)
+    p = parser(__doc__, "a smoke run: 20 steps per task")
+    p.add_argument("--steps", type=int, default=300, help="Adam steps per task")
+    p.add_argument("--lam", type=float, default=500.0, help="EWC strength λ")
+    p.add_argument("--gamma", type=float, default=1.0, help="online EWC decay γ")
+    args = p.parse_args(argv)
     steps = 20 if args.quick else args.steps
     torch.set_num_threads(1)  # tiny matrices: threads cost more than they give
     tasks = load_tasks()
@@ -149,8 +134,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ewc_split_digits.json").write_text(json.dumps(
         {"steps": steps, "lam": args.lam, "gamma": args.gamma, "accuracy": results}, indent=1))
-    if plot(results, args.out / "ewc_split_digits.png"):
-        print(f"plot: {args.out / 'ewc_split_digits.png'}")
+    plot(results, args.out / "ewc_split_digits.png")
     print(f"total {time.time() - t0:.1f} s")
     return results
 

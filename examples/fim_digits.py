@@ -15,18 +15,17 @@ digits):
 With matplotlib installed it also writes ``fim_digits.png`` next to this file (``--out`` to
 change the folder): the eigenvalue spectrum of the exact Fisher against KFAC's and EKFAC's.
 """
-import argparse
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as tF
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nngeometry import FIM
 from nngeometry.object import PMatDense, PMatEKFAC, PMatKFAC, PVector
+
+from _common import digits, parser, pyplot, save
 
 torch.manual_seed(0)
 # a tiny model: one thread avoids the cost of splitting tiny operations over threads (and the
@@ -35,11 +34,7 @@ torch.set_num_threads(1)
 
 
 def load_tasks():
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0  # pixels in [0, 1]
-    y = torch.tensor(digits.target, dtype=torch.long)
-    perm = torch.randperm(len(y))
-    x, y = x[perm], y[perm]
+    x, y = digits()
     n_train = int(0.8 * len(y))
 
     def split(mask):
@@ -72,13 +67,9 @@ def train(model, data, steps, lr=1e-2, penalty=None):
 
 def plot_spectra(spectra, path):
     """Sorted eigenvalues of each matrix, log scale (matplotlib optional)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no plot; pip install -e \".[examples]\")")
-        return False
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, ev in spectra.items():
         ev = ev.sort(descending=True).values.clamp_min(1e-12)
@@ -90,16 +81,11 @@ def plot_spectra(spectra, path):
     ax.set_ylabel("eigenvalue")
     ax.set_title("Fisher of a digits MLP: exact vs KFAC vs EKFAC")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    save(fig, path)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    args = parser.parse_args(argv)
+    args = parser(__doc__, "(no effect: the demo is quick)").parse_args(argv)
     t_start = time.time()
     (a_train, a_test), (b_train, b_test) = load_tasks()
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
@@ -136,10 +122,8 @@ def main(argv=None):
     rel_e = (torch.linalg.norm(F_ekfac.to_torch() - dense) / torch.linalg.norm(dense)).item()
     print(f"EKFAC (KFAC's eigenbasis, refitted eigenvalues): relative Frobenius error {rel_e:.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    if plot_spectra({"exact (PMatDense)": evals, "KFAC": torch.linalg.eigvalsh(approx),
-                     "EKFAC": torch.linalg.eigvalsh(F_ekfac.to_torch())},
-                    args.out / "fim_digits.png"):
-        print(f"spectra plotted in {args.out / 'fim_digits.png'}")
+    plot_spectra({"exact (PMatDense)": evals, "KFAC": torch.linalg.eigvalsh(approx),
+                  "EKFAC": torch.linalg.eigvalsh(F_ekfac.to_torch())}, args.out / "fim_digits.png")
 
     # ---------------------------------------------------------------- EWC on task B
     theta_a = PVector.from_model(model).clone().detach()

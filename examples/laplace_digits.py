@@ -16,14 +16,11 @@ validation prior it improves both NLL and ECE in distribution and the NLL under 
     python examples/laplace_digits.py            # about 20 s on two cores
     python examples/laplace_digits.py --quick    # a smoke run
 """
-import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as tF
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,14 +28,11 @@ from nngeometry.laplace import Laplace
 from nngeometry.layercollection import LayerCollection
 from nngeometry.object import PMatDense, PMatDiag, PMatKFAC
 
+from _common import digits, parser, pyplot, save
+
 
 def load(seed=0):
-    digits = load_digits()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=g)
-    x, y = x[perm], y[perm]
+    x, y = digits(seed)
     n = 600  # a small training set: the network over-fits and is over-confident
     return (x[:n], y[:n]), (x[n:], y[n:])
 
@@ -70,13 +64,9 @@ def metrics(probs, y, n_bins=10):
 
 
 def plot(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no plot; pip install -e \".[examples]\")")
-        return False
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
     for name, r in results.items():
@@ -87,18 +77,13 @@ def plot(results, path):
     ax.set_ylabel("accuracy")
     ax.set_title("Reliability on held-out digits")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    save(fig, path)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--quick", action="store_true", help="smoke run: fewer steps")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    args = parser.parse_args(argv)
+    p = parser(__doc__, "smoke run: fewer steps")
+    p.add_argument("--steps", type=int, default=1500)
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
     steps = 100 if args.quick else args.steps
     t0 = time.time()
@@ -153,8 +138,7 @@ def main(argv=None):
         {" / ".join(k): v for k, v in rows.items()}, indent=1))
     shown = {("MAP network" if n == "MAP" else f"Laplace {n} ({h})"): r["test"]
              for (n, h), r in rows.items() if h != "marglik"}
-    if plot(shown, args.out / "laplace_digits.png"):
-        print(f"plot: {args.out / 'laplace_digits.png'}")
+    plot(shown, args.out / "laplace_digits.png")
     print(f"total {time.time() - t0:.1f} s")
     return rows
 

@@ -13,30 +13,24 @@ test-accuracy curves to ``natural_gradient_digits.png`` (matplotlib) in ``--out`
     python examples/natural_gradient_digits.py            # about 30 s on two cores
     python examples/natural_gradient_digits.py --quick    # a smoke run
 """
-import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as tF
-from sklearn.datasets import load_digits
 from torch import nn
 
 from nngeometry.object import PMatEKFAC, PMatKFAC
 from nngeometry.optim import NaturalGradient
+
+from _common import digits, parser, pyplot, save
 
 GRIDS = {"SGD": [0.1, 0.3, 1.0, 3.0], "Adam": [3e-3, 1e-2, 3e-2, 1e-1],
          "NG-KFAC": [0.01, 0.03, 0.1, 0.3], "NG-EKFAC": [0.01, 0.03, 0.1, 0.3]}
 
 
 def load(seed=0):
-    digits = load_digits()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=g)
-    x, y = x[perm], y[perm]
+    x, y = digits(seed)
     n = int(0.8 * len(y))
     return (x[:n], y[:n]), (x[n:], y[n:])
 
@@ -81,13 +75,9 @@ def run(method, lr, train, test, steps, batch_size=64, every=10):
 
 
 def plot(best, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no plot; pip install -e \".[examples]\")")
-        return False
+    plt = pyplot()
+    if plt is None:
+        return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     for name, (lr, curve) in best.items():
         steps = [c[0] for c in curve]
@@ -101,18 +91,13 @@ def plot(best, path):
     ax2.set_ylabel("test accuracy")
     ax2.set_ylim(0.5, 1.0)
     fig.suptitle("Digits MLP: natural gradient (KFAC, EKFAC) vs SGD and Adam, tuned learning rates")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    save(fig, path)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps, one lr each")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    args = parser.parse_args(argv)
+    p = parser(__doc__, "smoke run: 20 steps, one lr each")
+    p.add_argument("--steps", type=int, default=300)
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
     steps = 20 if args.quick else args.steps
     train, test = load()
@@ -133,8 +118,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "natural_gradient_digits.json").write_text(json.dumps(
         {m: {"lr": lr, "curve": c} for m, (lr, c) in best.items()}, indent=1))
-    if plot(best, args.out / "natural_gradient_digits.png"):
-        print(f"plot: {args.out / 'natural_gradient_digits.png'}")
+    plot(best, args.out / "natural_gradient_digits.png")
     print(f"total {time.time() - t0:.1f} s")
     return best
 
