@@ -6,6 +6,7 @@ import torch
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
+from ._prior import scalar_or_prior
 from .abstract import PMatAbstract, check_reduction, reduce_forms, resolve_layer_collection
 
 
@@ -166,6 +167,23 @@ class PMatImplicit(PMatAbstract):
         raise TypeError(f"the preconditioner M must be a PMat or a callable PVector -> PVector, "
                         f"got {type(M).__name__}")
 
+    def _solve_rows(self, B, regul, tol, max_iter, M, what="solve"):
+        """``(M + Λ)⁻¹`` applied to the rows of ``B`` by CG. ``regul`` gives ``Λ``: a scalar
+        ``λ``, a dict ``{layer_id: λ_l}``, a PVector, a PMatEye or a PMatDiag (any diagonal:
+        CG only needs products). Differentiable w.r.t. ``B`` and ``Λ`` by implicit
+        differentiation (one more CG solve in the backward pass), not through the iterations."""
+        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatImplicit", what)
+        lam = scalar if prior is None else prior.flat(B)
+        if _checks.needs_graph(B, lam):
+            def solver(R, lam_value):
+                with torch.no_grad():
+                    return self._cg(R, lam_value, tol, max_iter, M)
+            lam_t = lam if torch.is_tensor(lam) else torch.as_tensor(lam, dtype=B.dtype,
+                                                                     device=B.device)
+            X = solver(B.detach(), lam_t.detach())
+            return _CGSolve.apply(B, lam_t, X, solver)
+        return self._cg(B, lam, tol, max_iter, M)
+
     def _cg(self, B, regul, tol, max_iter, M=None):
         """Batched (preconditioned) conjugate gradients: ``(M + regul I) X = B`` for the rows of
         ``B`` ``(m, P)``.
@@ -177,8 +195,10 @@ class PMatImplicit(PMatAbstract):
         ``(M + regul I)⁻¹``), the iterations are those of CG on the preconditioned system: as
         many as ``C (M + regul I)`` has distinct eigenvalues (one for ``C = (M + regul I)⁻¹``).
         """
-        if float(regul) < 0:
-            raise ValueError(f"regul must be ≥ 0, got {regul}")
+        low = float(regul.detach().min()) if torch.is_tensor(regul) and regul.dim() else \
+            _checks._float(regul)
+        if low < 0:
+            raise ValueError(f"regul must be ≥ 0, got {low:.3g}")
         if tol is None:
             tol = torch.finfo(B.dtype).eps ** 0.75
         if max_iter is None:
@@ -235,7 +255,7 @@ class PMatImplicit(PMatAbstract):
         """
         self._check_pvector(x)
         _check_solve(solve)
-        y = self._cg(x.get_flat_representation().unsqueeze(0), regul, tol, max_iter, M)
+        y = self._solve_rows(x.get_flat_representation().unsqueeze(0), regul, tol, max_iter, M)
         return PVector(self.layer_collection, vector_repr=y.squeeze(0))
 
     def solvePFMap(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None):
@@ -245,7 +265,7 @@ class PMatImplicit(PMatAbstract):
         _check_solve(solve)
         J = x.to_torch()
         K, n, P = J.shape
-        Y = self._cg(J.reshape(K * n, P), regul, tol, max_iter, M)
+        Y = self._solve_rows(J.reshape(K * n, P), regul, tol, max_iter, M)
         return PFMapDense(self.layer_collection, data=Y.reshape(K, n, P))
 
     # ------------------------------------------------------------------ reductions
@@ -340,6 +360,29 @@ class _Quadratic(torch.autograd.Function):
     def backward(ctx, g):
         (v,) = ctx.saved_tensors
         return 2 * g * _mat_vec(v, ctx.product), None, None
+
+
+class _CGSolve(torch.autograd.Function):
+    """Links ``X = (M + Λ)⁻¹ B`` (rows, computed by CG outside) to ``B`` and to ``Λ`` (a scalar
+    or the ``(P,)`` diagonal): with ``Z = (M + Λ)⁻¹ G`` for the incoming gradient ``G``,
+    ``dB = Z`` and ``dΛ_pp = -Σ_rows Z_p X_p`` (summed over ``p`` for a scalar ``Λ``)."""
+
+    @staticmethod
+    def forward(ctx, B, lam, X, solver):
+        ctx.save_for_backward(lam, X)
+        ctx.solver = solver
+        return X.clone()
+
+    @staticmethod
+    def backward(ctx, G):
+        lam, X = ctx.saved_tensors
+        Z = ctx.solver(G, lam.detach())
+        g_lam = None
+        if ctx.needs_input_grad[1]:
+            g_lam = -(Z * X).sum(0)
+            if lam.dim() == 0:
+                g_lam = g_lam.sum()
+        return Z, g_lam, None, None
 
 
 def _check_solve(solve):
