@@ -273,3 +273,52 @@ def test_kfac_per_layer_prior_pi_damping():
         one = M.inverse(regul=lams[lid])
         torch.testing.assert_close(inv.data[lid][0], one.data[lid][0])
         torch.testing.assert_close(inv.data[lid][1], one.data[lid][1])
+
+
+def test_sqrt_is_the_damped_half_power():
+    for rep in ("PMatDense", "PMatDiag", "PMatEKFAC"):
+        M = built(rep)
+        regul, lam, _ = make_prior("layer", M.layer_collection)
+        close(dense(M.sqrt(regul=regul)), dense_pow(dense(M) + torch.diag(lam), 0.5), rtol=1e-7,
+              what=f"{rep}.sqrt")
+
+
+@pytest.mark.parametrize("rep,kinds", [("PMatDense", ["float", "tensor0d", "eye"]),
+                                       ("PMatBlockDiag", ["float", "layer", "eye"]),
+                                       ("PMatKFAC", ["float", "layer", "tensor0d"])])
+def test_cached_eigendecompositions_are_reused_for_a_new_prior(rep, kinds, monkeypatch):
+    """A new scalar (or, per layer, per-layer) Λ shifts the cached eigenvalues: no new
+    eigendecomposition."""
+    from nngeometry.object.pspace import _spectral
+
+    M = built(rep)
+    kw = damping_kw(rep)
+    M.logdet(regul=0.05)  # fill the caches
+    calls = []
+    real = _spectral.eigh
+    monkeypatch.setattr(_spectral, "eigh", lambda A: calls.append(A.shape) or real(A))
+    v = random_pvector(M.layer_collection, dtype=DT)
+    for i, kind in enumerate(kinds):
+        regul, lam, _ = make_prior(kind, M.layer_collection)
+        D = dense(M) + torch.diag(lam)
+        close(M.logdet(regul=regul), torch.logdet(D), what=f"logdet {kind}")
+        close(dense(M.pow(-0.5, regul=regul, **kw)), dense_pow(D, -0.5), rtol=1e-7,
+              what=f"pow(-1/2) {kind}")
+        solve = {"solve": "eigh"} if rep != "PMatKFAC" else {}
+        close(M.solve(v, regul=regul, **solve, **kw).to_torch(),
+              torch.linalg.solve(D, v.to_torch()), what=f"solve {kind}")
+    assert calls == [], f"{rep}: {len(calls)} new eigendecompositions"
+
+
+def test_dense_solve_cache_builds_a_new_graph_for_a_new_lambda_tensor():
+    """The Dense solve cache must not hand back a factorization with an old autograd graph
+    (marginal-likelihood loops: a new λ tensor of the same value at every step)."""
+    M = built("PMatDense")
+    v = random_pvector(M.layer_collection, dtype=DT)
+    for _ in range(3):
+        lam = torch.tensor(0.3, dtype=DT, requires_grad=True)
+        y = M.solve(v, regul=lam)
+        (g,) = torch.autograd.grad(torch.dot(y.to_torch(), v.to_torch()), [lam])
+        D = M.to_torch() + 0.3 * torch.eye(M.size(0), dtype=DT)
+        yy = torch.linalg.solve(D, v.to_torch())
+        close(g, -(yy * yy).sum())

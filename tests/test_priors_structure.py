@@ -155,3 +155,12 @@ def test_glm_predictive_variance_in_one_call(rep, kind):
     ref = _glm_reference(M.to_torch(), lam, J.to_torch())
     close(q, ref, rtol=1e-8)
     close(Minv.mapTMmap(J, reduction="sum"), ref.sum(0), rtol=1e-8)
+
+
+def test_ekfac_blockdiag_separate_weight_and_bias():
+    from nngeometry.object import PMatEKFACBlockDiag
+
+    model, x, loader, lc = setup()
+    K = FIM(model, loader, PMatKFAC, separate_weight_and_bias=True)
+    E = FIM(model, loader, PMatEKFACBlockDiag, separate_weight_and_bias=True)
+    close(E.to_torch(), K.to_torch(), rtol=1e-8)

@@ -43,6 +43,8 @@ class PMatImplicit(PMatAbstract):
         self.examples = examples
         self.data = None
         self.scale = 1.0
+        # a diagonal added to scale·M: 0, a scalar, or a (P,) tensor (M + PMatEye, M + PMatDiag)
+        self.shift = 0.0
         self.rows_per_pass = rows_per_pass
         self._diag = None
         self.last_cg_info = None
@@ -73,6 +75,10 @@ class PMatImplicit(PMatAbstract):
                 f"{getattr(fn, '__qualname__', type(fn).__name__)}")
         return state
 
+    def __setstate__(self, state_dict):
+        super().__setstate__(state_dict)
+        self.__dict__.setdefault("shift", 0.0)  # pickled before the shift existed
+
     def _like(self, scale):
         new = PMatImplicit.__new__(PMatImplicit)
         new.__dict__.update(self.__dict__)
@@ -93,11 +99,12 @@ class PMatImplicit(PMatAbstract):
         gen, lc = self._gen(), self.layer_collection
         step = self.rows_per_pass or V.shape[0]
         parts = [gen.implicit_mm(V[i:i + step], self.examples, lc) for i in range(0, V.shape[0], step)]
-        return self.scale * torch.cat(parts, dim=0)
+        return self.scale * torch.cat(parts, dim=0) + self.shift * V
 
     def _flat_mv(self, f):
         """``M f`` for a flat ``(P,)`` tensor (no autograd graph to ``f``)."""
-        return self.scale * self._gen().implicit_mv(f, self.examples, self.layer_collection)
+        return self.scale * self._gen().implicit_mv(f, self.examples, self.layer_collection) \
+            + self.shift * f
 
     def mv(self, v):
         """``M v``: one JVP and one VJP per batch. Differentiable w.r.t. ``v`` (``M`` is
@@ -115,7 +122,9 @@ class PMatImplicit(PMatAbstract):
         f = v.get_flat_representation()
         gen = self._gen()
 
-        value = self.scale * gen.implicit_vTMv(f.detach(), self.examples, self.layer_collection)
+        fd = f.detach()
+        value = self.scale * gen.implicit_vTMv(fd, self.examples, self.layer_collection) \
+            + (self.shift * fd * fd).sum()
         if torch.is_grad_enabled() and f.requires_grad:
             return _Quadratic.apply(f, value, self._flat_mv)
         return value
@@ -140,7 +149,8 @@ class PMatImplicit(PMatAbstract):
         A = torch.cat([gen.implicit_JV(rows[i:i + step], self.examples, self.layer_collection)
                        for i in range(0, rows.shape[0], step)], dim=0)
         N = A.shape[-1]  # examples seen
-        q = self.scale * (A * A).reshape(K * n, -1).sum(dim=-1).reshape(K, n) / N
+        q = self.scale * (A * A).reshape(K * n, -1).sum(dim=-1).reshape(K, n) / N \
+            + (self.shift * Q * Q).sum(dim=-1)
         return reduce_forms(q, reduction)
 
     # ------------------------------------------------------------------ solves
@@ -274,7 +284,7 @@ class PMatImplicit(PMatAbstract):
         if self._diag is None:
             self._diag = self.scale * self._gen().get_covariance_diag(self.examples,
                                                                       self.layer_collection)
-        return self._diag
+        return self._diag + self.shift
 
     def trace(self):
         return self.get_diag().sum()
@@ -288,7 +298,10 @@ class PMatImplicit(PMatAbstract):
                 "to_torch(allow_dense=True) if that is really wanted, or build a PMatDense")
         _checks.check_dense_fits(self.layer_collection.numel(), self.dtype.itemsize,
                                  what="PMatImplicit.to_torch(allow_dense=True): a dense")
-        return self.scale * self._gen().get_covariance_matrix(self.examples, self.layer_collection)
+        D = self.scale * self._gen().get_covariance_matrix(self.examples, self.layer_collection)
+        if torch.is_tensor(self.shift) and self.shift.dim():
+            return D + torch.diag(self.shift.to(D.dtype))
+        return D + self.shift * torch.eye(D.shape[0], dtype=D.dtype, device=D.device)
 
     def _needs_matrix(self, what, instead):
         raise NotImplementedError(
@@ -312,14 +325,33 @@ class PMatImplicit(PMatAbstract):
         self._needs_matrix("mm", "chain mv calls, or use PMatDense")
 
     def __add__(self, other):
+        """``M + s·I`` (a :class:`PMatEye`) or ``M + diag(d)`` (a :class:`PMatDiag`): still
+        implicit, every product adds the diagonal (nothing more is stored than the diagonal
+        itself); sums with other matrices need their entries."""
+        from .diag import PMatDiag
+        from .eye import PMatEye
+
+        if isinstance(other, (PMatEye, PMatDiag)):
+            if other.layer_collection != self.layer_collection:
+                raise ValueError("the two matrices are built on different LayerCollections")
+            new = self._like(self.scale)
+            new.shift = self.shift + (other.scaling if isinstance(other, PMatEye) else other.data)
+            return new
         self._needs_matrix("__add__", "apply mv of each term and add the PVectors")
 
     def __sub__(self, other):
+        from .diag import PMatDiag
+        from .eye import PMatEye
+
+        if isinstance(other, (PMatEye, PMatDiag)):
+            return self + (-other)
         self._needs_matrix("__sub__", "apply mv of each term and subtract the PVectors")
 
     # ------------------------------------------------------------------ arithmetic
     def _scaled(self, x):
-        return self._like(self.scale * x)
+        new = self._like(self.scale * x)
+        new.shift = self.shift * x
+        return new
 
 
 def _mat_vec(v, product):
