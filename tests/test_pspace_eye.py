@@ -75,12 +75,17 @@ def test_sums_with_structured(mats, rep):
     close((A - M).to_torch(), DA - D)
 
 
-def test_sum_with_kfac_refused(mats):
-    """``A ⊗ G + s·I`` is not Kronecker: refused, naming the way out."""
+def test_sum_with_kfac_is_an_exact_eigen_kronecker_matrix(mats):
+    """``A ⊗ G + s·I`` is not Kronecker, but it is exact in the factors' eigenbasis: a
+    PMatEKFAC ``U (λ_G ⊗ λ_A + s) Uᵀ``, in either order, and for differences."""
+    from nngeometry.object import PMatEKFAC
+
     s, M, D = mats
     K = FIM(s.model, s.loader, PMatKFAC, variant=s.variant)
-    with pytest.raises(NotImplementedError, match="to_torch|EKFAC"):
-        M + K
+    DK = K.to_torch()
+    for R, ref in ((K + M, DK + D), (M + K, DK + D), (K - M, DK - D), (M - K, D - DK)):
+        assert isinstance(R, PMatEKFAC)
+        close(R.to_torch(), ref)
 
 
 def test_pickle_and_layout(mats):

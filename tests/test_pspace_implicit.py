@@ -87,6 +87,41 @@ def test_scaling(mats):
           torch.linalg.solve(3.0 * D + 0.3 * torch.eye(D.shape[0], dtype=DT), f), rtol=1e-9)
 
 
+def test_plus_eye_or_diag_stays_implicit(mats):
+    """``M + s·I``, ``M + diag(d)``, their differences and scalings: every product, the
+    diagonal, the solves and the pickled form add the diagonal exactly."""
+    from nngeometry.object import PMatDiag, PMatEye
+
+    s, M, D = mats
+    P = D.shape[0]
+    d = torch.linspace(0.1, 0.9, P, dtype=DT)
+    eye = PMatEye(s.lc, scaling=torch.tensor(0.4, dtype=DT))
+    diag = PMatDiag(s.lc, None, data=d)
+    cases = [(M + eye, D + 0.4 * torch.eye(P, dtype=DT)), (eye + M, D + 0.4 * torch.eye(P, dtype=DT)),
+             (M + diag, D + torch.diag(d)), (M - eye, D - 0.4 * torch.eye(P, dtype=DT)),
+             (2.0 * (M + diag), 2.0 * (D + torch.diag(d)))]
+    v = s.vec()
+    f = v.get_flat_representation()
+    Jm = s.pfmap()
+    J = Jm.to_torch()
+    for R, ref in cases:
+        assert isinstance(R, PMatImplicit)
+        close(R.mv(v).get_flat_representation(), ref @ f, rtol=1e-10)
+        close(R.vTMv(v), f @ ref @ f, rtol=1e-10)
+        close(R.mmap(Jm).to_torch(), J @ ref, rtol=1e-10)
+        close(R.mapTMmap(Jm, reduction="diag"), torch.einsum("kip,pq,kiq->ki", J, ref, J),
+              rtol=1e-10)
+        close(R.get_diag(), torch.diagonal(ref), rtol=1e-10)
+        close(R.to_torch(allow_dense=True), ref, rtol=1e-10)
+    R, ref = cases[2]
+    close(R.solve(v, regul=0.2, tol=1e-13).get_flat_representation(),
+          torch.linalg.solve(ref + 0.2 * torch.eye(P, dtype=DT), f), rtol=1e-9)
+    M2 = pickle.loads(pickle.dumps(R))
+    M2.generator = M.generator
+    close(M2.mv(v).get_flat_representation(), ref @ f, rtol=1e-10)
+    close(M.mv(v).get_flat_representation(), D @ f, rtol=1e-10)  # M itself unchanged
+
+
 def test_unsupported_name_alternatives(mats):
     s, M, D = mats
     with pytest.raises(NotImplementedError, match="solve"):

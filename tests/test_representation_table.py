@@ -44,6 +44,7 @@ PRODUCT_COLUMNS = ["mv", "vTMv", "mmap", "mapTMmap (sum, diag)", "solvePVec", "s
                    "inverse / inv", "pow / **", "@"]
 OTHER_COLUMNS = ["get_diag", "trace", "frobenius_norm / norm", "to_torch", "size", "mm", "+", "-",
                  "scalar *", "+ PMatEye", "logdet", "pickling", "eigendecomposition"]
+PRIOR_COLUMNS = ["`regul`: scalar / PMatEye", "`regul`: per-layer dict", "`regul`: PVector / PMatDiag"]
 INFO_COLUMNS = ["storage (`data`)", "memory", "build (passes over the data)",
                 "`regul` in solve / inverse / pow", "what it is"]
 ALTERNATIVE = re.compile(r"\b(use|call|instead|convert|multiply|apply|chain|go back|add)\b", re.I)
@@ -95,7 +96,8 @@ def parse_doc(text):
 TEXT = DOC.read_text() if DOC.exists() else ""
 OPS, INFO, SOLVES, FOOTNOTES = parse_doc(TEXT)
 PUBLIC = sorted(n for n in pspace.__all__ if n.startswith("PMat") and n != "PMatAbstract")
-CELLS = [(rep, col) for rep in sorted(OPS) for col in PRODUCT_COLUMNS + OTHER_COLUMNS]
+CELLS = [(rep, col) for rep in sorted(OPS)
+         for col in PRODUCT_COLUMNS + OTHER_COLUMNS + PRIOR_COLUMNS]
 
 
 def test_page_covers_every_representation_and_column():
@@ -104,7 +106,7 @@ def test_page_covers_every_representation_and_column():
     assert sorted(INFO) == PUBLIC, "the per-representation table must have one row per PMat class"
     assert sorted(SOLVES) == PUBLIC, "the solve= table must have one row per PMat class"
     for rep in PUBLIC:
-        assert list(OPS[rep]) == PRODUCT_COLUMNS + OTHER_COLUMNS, rep
+        assert list(OPS[rep]) == PRODUCT_COLUMNS + OTHER_COLUMNS + PRIOR_COLUMNS, rep
         assert list(INFO[rep]) == INFO_COLUMNS, rep
         for col, cell in INFO[rep].items():
             assert cell, f"empty cell ({rep}, {col})"
@@ -400,7 +402,50 @@ def _quasidiag_mask(lc):
     return mask
 
 
+def _prior_of(b, col):
+    """``(regul, its (P,) diagonal)`` for a prior column, and a second form of the same kind."""
+    ids = b.lc.layer_ids()
+    g = torch.Generator().manual_seed(11)
+    if col.endswith("scalar / PMatEye"):
+        return [(0.35, torch.full((b.P,), 0.35, dtype=DT)),
+                (PMatEye(b.lc, scaling=torch.tensor(0.35, dtype=DT)),
+                 torch.full((b.P,), 0.35, dtype=DT))]
+    if col.endswith("per-layer dict"):
+        lams = {lid: 0.2 + 0.25 * i for i, lid in enumerate(ids)}
+        flat = torch.cat([torch.full((b.lc[lid].numel(),), lams[lid], dtype=DT) for lid in ids])
+        return [(lams, flat)]
+    d = 0.1 + torch.rand(b.P, generator=g, dtype=DT)
+    return [(PVector(b.lc, vector_repr=d), d), (PMatDiag(b.lc, None, data=d), d)]
+
+
+def _check_prior(b, col, cell):
+    """A prior column: ``solve`` (and ``inverse`` / ``logdet`` where the representation has
+    them) against the dense ``M + Λ`` (KFAC with ``damping='exact'``); a ``no`` cell raises."""
+    M, D, v = b.M, b.D, b.v
+    # π-damped KFAC (alone, or as a PMatMixed group): its exact damping
+    kw = {"damping": "exact"} if _rule(b.rep) in ("π-damped", "per group") else {}
+    for regul, lam in _prior_of(b, col):
+        if cell.startswith("no"):
+            expect_not_implemented(lambda: M.solve(v, regul=regul, **kw), cell, f"{b.rep}.{col}")
+            continue
+        assert cell.startswith("yes"), f"({b.rep}, {col}): unknown cell {cell!r}"
+        A = D + torch.diag(lam)
+        rt = 1e-7 if _rule(b.rep) == "CG" else 1e-8
+        close(M.solve(v, regul=regul, **kw).get_flat_representation(),
+              torch.linalg.solve(A, v.get_flat_representation()), rtol=rt, what=f"solve, {col}")
+        if OPS[b.rep]["inverse / inv"].startswith("yes"):
+            R = M.inverse(regul=regul, **kw)
+            if "→" in cell:
+                check_type(R, returned_type(cell, b.rep), f"inverse, {col}")
+            close(dense_of(R), torch.linalg.inv(A), rtol=1e-8, what=f"inverse, {col}")
+        if OPS[b.rep]["logdet"].startswith("yes"):
+            close(M.logdet(regul=regul), torch.linalg.slogdet(A)[1], rtol=1e-9,
+                  what=f"logdet, {col}")
+
+
 def run_cell(b, col, cell):
+    if col in PRIOR_COLUMNS:
+        return _check_prior(b, col, cell)
     M, D, v, m, P = b.M, b.D, b.v, b.m, b.P
     f, J = v.get_flat_representation(), m.to_torch()
     K, n, _ = J.shape

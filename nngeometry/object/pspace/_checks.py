@@ -24,15 +24,27 @@ class SingularMatrixError(ValueError):
     """``M + regul·I`` is singular (or numerically so): the operation has no finite result."""
 
 
+def _float(regul):
+    """A damping as a float, without a warning for a tensor that requires grad."""
+    return float(regul.detach()) if torch.is_tensor(regul) else float(regul)
+
+
 def _is_damped(regul):
-    """Whether the caller asked for a positive damping (then values are trusted as computed)."""
-    return float(regul) > 0
+    """Whether the caller asked for a positive damping (then values are trusted as computed);
+    a per-layer or per-parameter prior (``_prior.Prior``) is positive when all its entries are."""
+    return _float(regul) > 0
+
+
+def describe_regul(regul):
+    """``regul=0.1``, or the description of a per-layer / per-parameter prior."""
+    describe = getattr(regul, "describe", None)
+    return describe() if describe is not None else f"regul={_float(regul):.3g}"
 
 
 def singular_error(rep, what, regul, detail=""):
     """The shared error for an operation that needs ``M + regul·I`` invertible."""
     return SingularMatrixError(
-        f"{rep}.{what}: the matrix is singular at this damping (regul={float(regul):.3g})"
+        f"{rep}.{what}: the matrix is singular at this damping ({describe_regul(regul)})"
         + (f"; {detail}" if detail else "") + ": its inverse, negative powers and "
         "log-determinant are infinite. Pass a damping regul > 0 (e.g. regul=1e-3 · trace/P), "
         "or use pinv() for the pseudo-inverse")
@@ -87,17 +99,53 @@ def logdet_of(values, rep, regul, exact=False, require_pd=True, multiplicity=1):
     else:
         check_invertible(values, rep, "logdet", regul, exact=exact)
         neg = int((v < 0).sum()) * multiplicity
-    if neg and (require_pd or neg % 2):
+    if neg and require_pd:
+        raise not_psd_error(rep, "logdet", low, regul)
+    if neg % 2:
         raise ValueError(
-            f"{rep}.logdet: log-determinant of a matrix with a negative eigenvalue ({low:.3g}"
-            + ("" if require_pd else f"; {neg} negative, so det < 0") + "): M + regul·I must be "
-            f"positive definite; use a regul above {-low:.3g}")
+            f"{rep}.logdet: log-determinant of a matrix with a negative eigenvalue ({low:.3g}; "
+            f"{neg} negative, so det < 0): M + regul·I must be positive definite; use a regul "
+            f"above {-low:.3g}")
     return multiplicity * torch.log(values.abs()).sum()
 
 
+class NotPositiveSemiDefiniteError(ValueError):
+    """``M + Λ`` has a negative eigenvalue where the operation needs it PSD (fractional powers,
+    square roots) or positive definite (log-determinants). One class and one message for every
+    representation."""
+
+
+def not_psd_error(rep, what, low, regul):
+    """The shared error for a fractional power / square root / logdet of a matrix that is not
+    positive semi-definite after damping (``low`` its most negative eigenvalue)."""
+    return NotPositiveSemiDefiniteError(
+        f"{rep}.{what}: M + regul·I is not positive semi-definite: it has a negative eigenvalue "
+        f"({low:.3g}) at {describe_regul(regul)}, so its fractional powers, square root and "
+        "log-determinant are not real (logdet needs M + regul·I positive definite: it must be "
+        f"positive definite). Use a regul above {-low:.3g} (e.g. for an indefinite Hessian), "
+        "or an integer power")
+
+
+def psd_values(values, rep, what, regul, exact=False):
+    """The eigenvalues ``values`` of ``M + Λ`` made ready for a fractional power: a genuinely
+    negative one is refused (:func:`not_psd_error`); negative round-off (``exact=False``: values
+    out of a factorization) is clipped to 0. ``exact=True``: stored values, any negative one is
+    genuine."""
+    if values.numel() == 0:
+        return values
+    v = values.detach()
+    low = float(v.min())
+    if low >= 0:
+        return values
+    tol = 0.0 if exact else 100 * round_off_tol(v)
+    if low < -tol:
+        raise not_psd_error(rep, what, low, regul)
+    return values.clamp(min=0)
+
+
 def check_regul_nonnegative(rep, what, regul, why):
-    if float(regul) < 0:
-        raise ValueError(f"{rep}.{what}: regul={float(regul):.3g} is negative; {why}. Pass "
+    if _float(regul) < 0:
+        raise ValueError(f"{rep}.{what}: {describe_regul(regul)} is negative; {why}. Pass "
                          "regul ≥ 0")
 
 
@@ -151,10 +199,13 @@ class Snapshot:
 
 def regul_key(regul):
     """Cache key of a damping: its value, or None (do not cache) for a tensor that records a
-    graph (see :func:`needs_graph`)."""
+    graph (see :func:`needs_graph`), and for a per-layer / per-parameter prior its own key."""
+    key = getattr(regul, "key", None)
+    if key is not None:
+        return key()
     if needs_graph(regul):
         return None
-    return float(regul)
+    return _float(regul)
 
 
 def cached(store, name, key, compute, sources):

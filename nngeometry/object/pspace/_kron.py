@@ -15,6 +15,18 @@ import torch
 from . import _checks, _spectral
 
 
+# ---------------------------------------------------------------------- support
+def check_kfac_support(layer_collection, representation):
+    """Refuse, naming the layer and its type, a collection with a layer that has no KFAC."""
+    for lid, layer in layer_collection.layers.items():
+        if not getattr(layer, "supports_kfac", False):
+            raise NotImplementedError(
+                f"{representation}: layer '{lid}' is of type {type(layer).__name__}, which has no "
+                "KFAC approximation; use PMatEKFACBlockDiag (EKFAC where KFAC exists, dense blocks "
+                "elsewhere), PMatBlockDiag, or a PMatMixed putting this layer in another "
+                "representation")
+
+
 # ---------------------------------------------------------------------- factors
 def fdim(F):
     """Size of a factor or eigenbasis (tensor 1-D / 2-D, or int for an identity basis)."""
@@ -271,3 +283,40 @@ class Layout:
         perm = self._on(lid, 2, vec_or_mat.device)
         out = vec_or_mat[perm]
         return out[:, perm] if both else out
+
+
+# ---------------------------------------------------------------------- weight / bias split
+def bias_is_last_input(layer, dA):
+    """Whether the layer's bias sits in the last column of its Kronecker layout (the trailing 1
+    of the input factor ``A`` of size ``dA``), and its weight never does: then the weight and
+    bias blocks of ``kron(G, A)`` are separated by dropping ``A``'s last row and column off the
+    diagonal. True for Linear and convolution layers with a bias."""
+    if getattr(layer, "bias", None) is None or getattr(layer, "weight", None) is None:
+        return False
+    perm = layer.kfac_permutation()
+    nw = layer.weight.numel()
+    col = perm % dA
+    return bool((col[nw:] == dA - 1).all()) and not bool((col[:nw] == dA - 1).any())
+
+
+def separate_weight_and_bias(layer_collection, data):
+    """The KFAC data with the weight and the bias of every eligible layer (see
+    :func:`bias_is_last_input`) factored separately: the weight block ``G ⊗ A_ww`` (``A``
+    without its last row and column) and the bias block ``G · A_bb`` (the bias entry of
+    ``A``), no weight-bias cross terms. Stored, in the same joint Kronecker layout, as the
+    factor ``A`` with its last row and column zeroed off the diagonal: ``kron(G, A')`` is then
+    exactly ``blockdiag(kron(G, A_ww), G · A_bb)`` re-indexed, so every operation (eigenbases,
+    damping, EKFAC's diagonal) keeps working unchanged. Layers with several Kronecker blocks, a
+    diagonal ``A`` or no bias are left as they are."""
+    out = {}
+    for lid, entry in data.items():
+        if is_multi(entry) or entry[0].dim() != 2 or \
+                not bias_is_last_input(layer_collection[lid], entry[0].shape[0]):
+            out[lid] = entry
+            continue
+        A, G = entry
+        A = A.clone()
+        A[:-1, -1] = 0
+        A[-1, :-1] = 0
+        out[lid] = (A, G)
+    return out

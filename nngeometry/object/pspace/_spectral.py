@@ -1,7 +1,7 @@
 """Checks shared by the representations that take matrix functions through eigenvalues."""
 import torch
 
-from ._checks import check_invertible, logdet_of
+from ._checks import check_invertible, logdet_of, psd_values
 
 
 def eigh(M):
@@ -29,7 +29,9 @@ def eigh(M):
     # one new matrix, symmetrized and shifted in place (a factor can be 2049² floats)
     shifted = M + M.transpose(-1, -2)
     shifted.mul_(0.5)
-    shift = 1e-6 * shifted.diagonal(dim1=-2, dim2=-1).abs().mean(dim=-1)  # (...,)
+    # detached: the shift is added then subtracted, so it is a constant for autograd (and the
+    # in-place add below must not modify a tensor saved for its backward)
+    shift = 1e-6 * shifted.detach().diagonal(dim1=-2, dim2=-1).abs().mean(dim=-1)  # (...,)
     shifted.diagonal(dim1=-2, dim2=-1).add_(shift.unsqueeze(-1))
     try:
         evals, evecs = torch.linalg.eigh(shifted)
@@ -65,13 +67,7 @@ def eigvals_for_power(ev, x, rep="PMat", regul=0.0):
         check_invertible(ev, rep, f"pow({x})", regul)
     if float(x).is_integer():
         return ev
-    low = ev.min()
-    if low < -_round_off(ev):
-        raise ValueError(
-            f"fractional power {x} of a matrix with a negative eigenvalue ({low.item():.3g}): "
-            "M + regul·I is not positive semi-definite (e.g. an indefinite Hessian); use a regul "
-            f"above {-low.item():.3g} or an integer power")
-    return ev.clamp(min=0)
+    return psd_values(ev, rep, f"pow({x})", regul)
 
 
 def logdet_from_eigvals(ev, rep="PMat", regul=0.0):

@@ -155,6 +155,12 @@ class PMatAbstract:
         """``log det(M + regul·I)``."""
         self._unsupported("logdet")
 
+    def sqrt(self, regul=0.0, **kwargs):
+        """``(M + Λ)^{1/2}``: :meth:`pow` with ``x = 1/2`` (same ``regul`` kinds, same damping
+        rule and keywords; a matrix that is not positive semi-definite after damping raises the
+        shared ``NotPositiveSemiDefiniteError``)."""
+        return self.pow(0.5, regul=regul, **kwargs)
+
     # ------------------------------------------------------------------ reductions
     def get_diag(self):
         self._unsupported("get_diag")

@@ -4,6 +4,7 @@ import torch
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks, _spectral
+from ._prior import PARAM, scalar_or_prior
 from ._spectral import eigvals_for_power, logdet_from_eigvals
 from .abstract import PMatAbstract, check_reduction, reduce_forms
 from .eye import PMatEye
@@ -74,12 +75,42 @@ class PMatBlockDiag(PMatAbstract):
         cache = self.__dict__.setdefault("_eigh_cache", {})
         return _checks.cached(cache, lid, "eigh", lambda: _spectral.eigh(b), b)
 
+    def _regul(self, regul, what):
+        """``regul`` as given for a scalar ``λ`` (``Λ = λI``), else the normalised per-layer /
+        per-parameter :class:`~._prior.Prior`."""
+        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatBlockDiag", what)
+        return scalar if prior is None else prior
+
+    @staticmethod
+    def _block_regul(regul, lid):
+        """The scalar damping of block ``lid``, or None for a per-parameter ``Λ``."""
+        if not hasattr(regul, "kind"):
+            return regul
+        return None if regul.kind == PARAM else regul.layer_value(lid)
+
+    def _damped_block(self, lid, b, regul):
+        """``M_l + Λ_l``."""
+        lam = self._block_regul(regul, lid)
+        if lam is None:
+            return b + torch.diag(regul.layer_slice(lid, b))
+        return b + lam * self._eye_like(b)
+
+    def _damped_block_eig(self, lid, b, regul):
+        """Eigendecomposition of ``M_l + Λ_l``: the block's cached one shifted by ``λ_l``
+        (scalar or per-layer ``Λ``: reused for every new value), or that of ``M_l + Λ_l``
+        (per-parameter)."""
+        lam = self._block_regul(regul, lid)
+        if lam is None:
+            return _spectral.eigh(self._damped_block(lid, b, regul))
+        evals, evecs = self._block_eigh(lid, b)
+        return evals + lam, evecs
+
     def _check_invertible(self, regul, what):
         """Refuse an undamped (``regul <= 0``) operation on a singular block (shared
         singular-matrix error), through the blocks' cached eigenvalues."""
-        if not float(regul) > 0:
+        if not _checks._float(regul) > 0:
             for lid, _, b in self._blocks():
-                _checks.check_invertible(self._block_eigh(lid, b)[0] + regul, "PMatBlockDiag",
+                _checks.check_invertible(self._damped_block_eig(lid, b, regul)[0], "PMatBlockDiag",
                                          what, regul, detail=f"block of layer '{lid}' is singular")
 
     def _factorizations(self, regul, solve):
@@ -97,7 +128,7 @@ class PMatBlockDiag(PMatAbstract):
         def compute():
             facs = {}
             for lid, _, b in self._blocks():
-                A = _checks.upcast(b + regul * self._eye_like(b))
+                A = _checks.upcast(self._damped_block(lid, b, regul))
                 try:
                     facs[lid] = (torch.linalg.cholesky(A) if solve == "cholesky"
                                  else torch.linalg.lu_factor(A))
@@ -105,7 +136,7 @@ class PMatBlockDiag(PMatAbstract):
                     if solve == "cholesky":
                         raise ValueError(
                             f"PMatBlockDiag.solve(solve='cholesky'): the block of layer '{lid}' "
-                            f"plus regul·I is not positive definite at regul={float(regul):.3g} "
+                            f"plus regul·I is not positive definite at regul={_checks._float(regul):.3g} "
                             f"(torch: {str(e).splitlines()[0]}); pass a larger regul > 0, or "
                             "solve='solve' (LU) for an indefinite matrix") from None
                     raise _checks.singular_error("PMatBlockDiag", "solve", regul,
@@ -141,8 +172,8 @@ class PMatBlockDiag(PMatAbstract):
                 _checks.upcast(rhs), facs[lid]).to(rhs.dtype)
 
         def solve_block(lid, b, rhs):
-            evals, evecs = self._block_eigh(lid, b)
-            return evecs @ ((evecs.t() @ rhs) / (evals + regul).unsqueeze(1))
+            evals, evecs = self._damped_block_eig(lid, b, regul)
+            return evecs @ ((evecs.t() @ rhs) / evals.unsqueeze(1))
         return solve_block
 
     def solve_block(self, d, layer_id, regul=1e-8, solve="default"):
@@ -159,12 +190,16 @@ class PMatBlockDiag(PMatAbstract):
                 f"'{layer_id}' has {b.shape[0]} parameters), got "
                 f"{tuple(d.shape) if torch.is_tensor(d) else type(d).__name__}")
         rows = d.reshape(-1, b.shape[0])
+        regul = self._regul(regul, "solve_block")
         out = self._solver(regul, solve)(layer_id, b, rows.t()).t()
         return out.reshape(d.shape)
 
     def solvePVec(self, x, regul=1e-8, solve="default"):
-        """``(M_l + regul·I)⁻¹ x_l`` for every layer ``l`` (exact)."""
+        """``(M_l + Λ_l)⁻¹ x_l`` for every layer ``l`` (exact); ``regul`` gives ``Λ``: a scalar
+        ``λ`` (``λI``), a dict ``{layer_id: λ_l}``, a PVector (one value per parameter), a
+        PMatEye or a PMatDiag."""
         self._check_pvector(x)
+        regul = self._regul(regul, "solve")
         f = x.get_flat_representation()
         solve_block = self._solver(regul, solve)
         out = [solve_block(lid, b, f[s].unsqueeze(1)).squeeze(1) for lid, s, b in self._blocks()]
@@ -173,6 +208,7 @@ class PMatBlockDiag(PMatAbstract):
     def solvePFMap(self, x, regul=1e-8, solve="default"):
         """The same, for every row of a PFMap."""
         self._check_pfmap(x)
+        regul = self._regul(regul, "solve")
         J = x.to_torch()
         K, n, _ = J.shape
         solve_block = self._solver(regul, solve)
@@ -183,12 +219,14 @@ class PMatBlockDiag(PMatAbstract):
         return PFMapDense(self.layer_collection, data=torch.cat(out, dim=2))
 
     def inverse(self, regul=1e-8):
-        """``(M + regul·I)⁻¹`` as a PMatBlockDiag (block by block, exact)."""
+        """``(M + Λ)⁻¹`` as a PMatBlockDiag (block by block, exact; ``regul``: see
+        :meth:`solvePVec`)."""
+        regul = self._regul(regul, "inverse")
         self._check_invertible(regul, "inverse")
         out = {}
         for lid, _, b in self._blocks():
             try:
-                out[lid] = torch.linalg.inv(_checks.upcast(b + regul * self._eye_like(b))).to(b.dtype)
+                out[lid] = torch.linalg.inv(_checks.upcast(self._damped_block(lid, b, regul))).to(b.dtype)
             except torch.linalg.LinAlgError:
                 raise _checks.singular_error("PMatBlockDiag", "inverse", regul,
                                              f"block of layer '{lid}' is singular") from None
@@ -197,17 +235,20 @@ class PMatBlockDiag(PMatAbstract):
     def pow(self, x, regul=0.0):
         """``(M + regul·I)^x`` block by block, through each block's eigendecomposition
         (for fractional powers, negative round-off eigenvalues are clipped to 0 and a genuinely
-        indefinite block is refused)."""
+        indefinite block is refused). ``regul``: ``Λ`` as in :meth:`solvePVec`."""
+        regul = self._regul(regul, f"pow({x})")
         out = {}
         for lid, _, b in self._blocks():
-            evals, evecs = self._block_eigh(lid, b)
-            ev = eigvals_for_power(evals + regul, x, "PMatBlockDiag", regul)
+            evals, evecs = self._damped_block_eig(lid, b, regul)
+            ev = eigvals_for_power(evals, x, "PMatBlockDiag", regul)
             out[lid] = (evecs * ev ** x) @ evecs.t()
         return self._new(out)
 
     def logdet(self, regul=0.0):
-        """``log det(M + regul·I) = Σ_l log det(M_l + regul·I)``."""
-        return sum(logdet_from_eigvals(self._block_eigh(lid, b)[0] + regul, "PMatBlockDiag", regul)
+        """``log det(M + Λ) = Σ_l log det(M_l + Λ_l)`` (``regul``: see :meth:`solvePVec`)."""
+        regul = self._regul(regul, "logdet")
+        return sum(logdet_from_eigvals(self._damped_block_eig(lid, b, regul)[0], "PMatBlockDiag",
+                                       regul)
                    for lid, _, b in self._blocks())
 
     def get_eigendecomposition(self):

@@ -4,6 +4,7 @@ import torch
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks, _spectral
+from ._prior import scalar_or_prior
 from ._spectral import eigvals_for_power, logdet_from_eigvals
 from .abstract import PMatAbstract, check_reduction, reduce_forms
 from .eye import PMatEye
@@ -51,17 +52,36 @@ class PMatDense(PMatAbstract):
         return PMatDense(self.layer_collection, None, data=self.data @ other.data)
 
     # ------------------------------------------------------------------ solves and functions
+    def _regul(self, regul, what):
+        """``regul`` as given when it is a scalar ``λ`` (``Λ = λI``), else the normalised
+        per-layer / per-parameter :class:`~._prior.Prior`."""
+        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatDense", what)
+        return scalar if prior is None else prior
+
     def _damped(self, regul):
+        """The dense ``M + Λ``."""
+        if hasattr(regul, "flat"):  # a per-layer / per-parameter prior
+            return self.data + torch.diag(regul.flat(self.data))
         return self.data + regul * torch.eye(self.data.shape[0], dtype=self.data.dtype,
                                              device=self.data.device)
+
+    def _damped_eig(self, regul):
+        """``(eigenvalues, eigenvectors)`` of ``M + Λ``: for a scalar ``λ`` the cached
+        eigendecomposition of ``M`` shifted by ``λ`` (reused for every new ``λ``); for a
+        per-layer / per-parameter ``Λ`` the eigendecomposition of ``M + Λ`` itself (``M`` and
+        ``Λ`` then share no eigenbasis)."""
+        if hasattr(regul, "flat"):
+            return _spectral.eigh(self._damped(regul))
+        evals, evecs = self.get_eigendecomposition()
+        return evals + regul, evecs
 
     def _check_invertible(self, regul, what):
         """Refuse (shared singular-matrix error) an undamped ``regul <= 0`` solve of a singular
         or rank-deficient matrix, through its eigenvalues (computed once, and the ``O(P³)`` the
         solve costs anyway). With ``regul > 0`` the damped matrix is trusted."""
-        if not float(regul) > 0:
-            evals, _ = self.get_eigendecomposition()
-            _checks.check_invertible(evals + regul, "PMatDense", what, regul)
+        if not _checks._float(regul) > 0:
+            evals, _ = self._damped_eig(regul)
+            _checks.check_invertible(evals, "PMatDense", what, regul)
 
     def _factorization(self, regul, solve):
         """The factorization of ``M + regul·I`` for ``solve`` ('lu': ``lu_factor``, 'cholesky':
@@ -92,7 +112,7 @@ class PMatDense(PMatAbstract):
         if solve == "cholesky":
             return ValueError(
                 f"PMatDense.solve(solve='cholesky'): M + regul·I is not positive definite at "
-                f"regul={float(regul):.3g} (torch: {str(err).splitlines()[0]}); pass a larger "
+                f"regul={_checks._float(regul):.3g} (torch: {str(err).splitlines()[0]}); pass a larger "
                 "regul > 0, or solve='solve' (LU) for an indefinite matrix")
         return _checks.singular_error("PMatDense", "solve", regul,
                                       "the LU factorization has a zero pivot")
@@ -124,28 +144,32 @@ class PMatDense(PMatAbstract):
         elif solve == "lstsq":
             x = torch.linalg.lstsq(_checks.upcast(self._damped(regul)), b).solution
         else:  # 'eigh', and 'eigendecomposition': nngeometry 0.4's name
-            evals, evecs = self.get_eigendecomposition()
+            evals, evecs = self._damped_eig(regul)
             evals, evecs = _checks.upcast(evals), _checks.upcast(evecs)
-            x = evecs @ ((evecs.t() @ b) / (evals + regul).unsqueeze(1))
+            x = evecs @ ((evecs.t() @ b) / evals.unsqueeze(1))
         return x.to(out_dtype)
 
     def solvePVec(self, x, regul=1e-8, solve="solve"):
-        """``(M + regul·I)⁻¹ x``, exactly."""
+        """``(M + Λ)⁻¹ x``, exactly; ``regul`` gives ``Λ``: a scalar ``λ`` (``λI``), a dict
+        ``{layer_id: λ_l}``, a PVector (one value per parameter), a PMatEye or a PMatDiag."""
         self._check_pvector(x)
+        regul = self._regul(regul, "solve")
         y = self._solve_matrix(x.get_flat_representation().unsqueeze(1), regul, solve)
         return PVector(self.layer_collection, vector_repr=y.squeeze(1))
 
     def solvePFMap(self, x, regul=1e-8, solve="solve"):
-        """``(M + regul·I)⁻¹`` applied to every row of the PFMap."""
+        """``(M + Λ)⁻¹`` applied to every row of the PFMap (``regul``: see :meth:`solvePVec`)."""
         self._check_pfmap(x)
+        regul = self._regul(regul, "solve")
         J = x.to_torch()
         K, n, P = J.shape
         Y = self._solve_matrix(J.reshape(K * n, P).t(), regul, solve)
         return PFMapDense(self.layer_collection, data=Y.t().reshape(K, n, P))
 
     def inverse(self, regul=1e-8):
-        """``(M + regul·I)⁻¹`` as a PMatDense (``regul <= 0`` on a singular matrix is
-        refused)."""
+        """``(M + Λ)⁻¹`` as a PMatDense (``regul``: see :meth:`solvePVec`; ``regul <= 0`` on a
+        singular matrix is refused)."""
+        regul = self._regul(regul, "inverse")
         self._check_invertible(regul, "inverse")
         A = self._damped(regul)
         try:
@@ -158,14 +182,22 @@ class PMatDense(PMatAbstract):
     def pow(self, x, regul=0.0):
         """``(M + regul·I)^x`` through the eigendecomposition (for fractional powers, negative
         round-off eigenvalues are clipped to 0 and a genuinely indefinite matrix is refused;
-        for negative powers a singular ``M + regul·I`` is refused)."""
-        evals, evecs = self.get_eigendecomposition()
-        ev = eigvals_for_power(evals + regul, x, "PMatDense", regul)
+        for negative powers a singular ``M + regul·I`` is refused). ``regul``: ``Λ`` as in
+        :meth:`solvePVec`; a scalar reuses the cached eigendecomposition of ``M``."""
+        regul = self._regul(regul, f"pow({x})")
+        evals, evecs = self._damped_eig(regul)
+        ev = eigvals_for_power(evals, x, "PMatDense", regul)
         return PMatDense(self.layer_collection, None, data=(evecs * ev ** x) @ evecs.t())
 
     def logdet(self, regul=0.0):
-        evals, _ = self.get_eigendecomposition()
-        return logdet_from_eigvals(evals + regul, "PMatDense", regul)
+        """``log det(M + Λ)`` (``regul``: ``Λ`` as in :meth:`solvePVec`), differentiable with
+        respect to a ``Λ`` that requires grad."""
+        regul = self._regul(regul, "logdet")
+        if hasattr(regul, "flat"):
+            evals = _spectral.eigvalsh(self._damped(regul))
+        else:
+            evals = self.get_eigendecomposition()[0] + regul
+        return logdet_from_eigvals(evals, "PMatDense", regul)
 
     def compute_eigendecomposition(self, impl="eigh"):
         """Eigendecomposition ``M = V diag(λ) Vᵀ`` of the symmetric matrix, cached in ``evals``

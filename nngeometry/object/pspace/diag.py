@@ -4,6 +4,7 @@ import torch
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
+from ._prior import scalar_or_prior
 from .abstract import PMatAbstract, check_reduction, reduce_forms
 from .eye import PMatEye
 
@@ -50,12 +51,17 @@ class PMatDiag(PMatAbstract):
 
     # ------------------------------------------------------------------ solves and functions
     def _damped(self, regul):
-        return self.data + regul
+        """The diagonal of ``M + Λ``; ``regul`` gives ``Λ``: a scalar ``λ`` (``λI``), a dict
+        ``{layer_id: λ_l}`` (0 for the layers left out), a PVector (one value per parameter),
+        a PMatEye or a PMatDiag. All are exact here (a sum of diagonals)."""
+        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatDiag", "solve")
+        return self.data + (scalar if prior is None else prior.flat(self.data))
 
     def _damped_invertible(self, regul, what):
         """``diag(M) + regul`` after refusing a zero entry (shared singular-matrix error; the
         entries are stored exactly, so only an exact 0 is singular)."""
         d = self._damped(regul)
+        regul = _as_checked(regul, self.layer_collection)
         _checks.check_invertible(d, "PMatDiag", what, regul, exact=True,
                                  detail=f"{int((d == 0).sum())} diagonal entries of M + regul·I "
                                         "are 0 (parameters with no gradient)")
@@ -83,16 +89,15 @@ class PMatDiag(PMatAbstract):
     def pow(self, x, regul=0.0):
         """``(diag(M) + regul·I)^x`` as a PMatDiag."""
         d = self._damped_invertible(regul, f"pow({x})") if float(x) < 0 else self._damped(regul)
-        if not float(x).is_integer() and bool((d < 0).any()):
-            raise ValueError(
-                f"PMatDiag.pow({x}): fractional power of a matrix with a negative diagonal entry "
-                f"({float(d.min()):.3g}): M + regul·I is not positive semi-definite; use a regul "
-                f"above {-float(d.min()):.3g} or an integer power")
+        if not float(x).is_integer():
+            d = _checks.psd_values(d, "PMatDiag", f"pow({x})",
+                                   _as_checked(regul, self.layer_collection), exact=True)
         return self._new(d ** x)
 
     def logdet(self, regul=0.0):
-        """``log det(diag(M) + regul·I) = Σ_p log(M_pp + regul)``."""
-        return _checks.logdet_of(self._damped(regul), "PMatDiag", regul, exact=True)
+        """``log det(diag(M) + Λ) = Σ_p log(M_pp + Λ_pp)``."""
+        return _checks.logdet_of(self._damped(regul), "PMatDiag",
+                                 _as_checked(regul, self.layer_collection), exact=True)
 
     def pinv(self, atol=1e-8):
         """Pseudo-inverse: ``1/M_pp`` where ``|M_pp| > atol``, 0 elsewhere, as a PMatDiag."""
@@ -139,6 +144,12 @@ class PMatDiag(PMatAbstract):
             return self._new(self.data - other.scaling)
         self._check_same_kind(other)
         return self._new(self.data - other.data)
+
+
+def _as_checked(regul, layer_collection):
+    """What the shared checks read of ``regul``: the scalar, or the normalised prior."""
+    scalar, prior = scalar_or_prior(regul, layer_collection, "PMatDiag", "solve")
+    return scalar if prior is None else prior
 
 
 def _check_solve(solve):

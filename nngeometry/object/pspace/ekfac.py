@@ -6,9 +6,9 @@ from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
 from . import _kron as K
+from ._prior import per_parameter_refused, scalar_or_prior
 from .abstract import PMatAbstract
 from .eye import PMatEye
-from .kfac import check_kfac_support
 
 
 def _holds_bases(entry):
@@ -59,13 +59,18 @@ class PMatEKFAC(PMatAbstract):
             / PMatEKFAC; the diagonal is then estimated on ``examples`` as in
             :meth:`update_diag`.
         kfac_approx: see PMatKFAC.
+        separate_weight_and_bias: see PMatKFAC (the eigenbases are then those of the separated
+            factors; the joint ``[W | b]`` stays the default).
 
     ``solve``/``inverse``/``pow``/``logdet`` with ``regul=λ`` are exact for this matrix:
     ``(M + λI)^x = U diag((d + λ)^x) Uᵀ``.
     """
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None,
-                 eigendecomposition=None, kfac_approx="expand", **kwargs):
+                 eigendecomposition=None, kfac_approx="expand", separate_weight_and_bias=False,
+                 **kwargs):
+        if separate_weight_and_bias:  # only meaningful when the bases come from KFAC factors
+            kwargs["separate_weight_and_bias"] = True
         super().__init__(layer_collection, generator, data=data, examples=examples,
                          eigendecomposition=eigendecomposition, kfac_approx=kfac_approx, **kwargs)
         self._check_data()
@@ -132,13 +137,21 @@ class PMatEKFAC(PMatAbstract):
         return (UA, UG, d.reshape(dG, dA))
 
     # ------------------------------------------------------------------ building
-    def _build(self, examples, eigendecomposition=None, kfac_approx="expand"):
-        check_kfac_support(self.layer_collection, type(self).__name__)
+    def _build(self, examples, eigendecomposition=None, kfac_approx="expand",
+               separate_weight_and_bias=False):
+        K.check_kfac_support(self.layer_collection, type(self).__name__)
         if eigendecomposition is not None:
+            if separate_weight_and_bias:
+                raise ValueError(
+                    f"{type(self).__name__}: separate_weight_and_bias=True chooses how KFAC's "
+                    "factors are split, but eigendecomposition= gives the bases already; build "
+                    "the bases from a PMatKFAC(..., separate_weight_and_bias=True) instead")
             bases = self._bases_from(eigendecomposition)
             diags = self.generator.get_kfe_diag(bases, examples, self.layer_collection)
             return {lid: self._replace_entry(b, diags[lid]) for lid, b in bases.items()}
         kfac = self.generator.get_kfac_blocks(examples, self.layer_collection, approx=kfac_approx)
+        if separate_weight_and_bias:
+            kfac = K.separate_weight_and_bias(self.layer_collection, kfac)
         return {lid: self._entry_from_kfac(e) for lid, e in kfac.items()}
 
     @classmethod
@@ -163,12 +176,8 @@ class PMatEKFAC(PMatAbstract):
         return (UA, UG, torch.outer(lG, lA))
 
     def _bases_from(self, eigendecomposition):
-        from .kfac import PMatKFAC
-
-        if isinstance(eigendecomposition, PMatKFAC):
-            return K.repack(eigendecomposition.data, {
-                key: (eA[1], eG[1]) for key, (eA, eG) in
-                ((key, eigendecomposition._eig(key)) for key, _, _ in eigendecomposition._units())})
+        if hasattr(eigendecomposition, "kronecker_eigenbases"):  # a PMatKFAC
+            return eigendecomposition.kronecker_eigenbases()
         if isinstance(eigendecomposition, PMatEKFAC):
             return K.repack(eigendecomposition._store,
                             {key: tuple(ent[:2]) for key, ent in eigendecomposition._units()})
@@ -247,11 +256,12 @@ class PMatEKFAC(PMatAbstract):
         return {lid: self._replace_entry(self._store[lid] if K.is_multi(self._store[lid])
                                          else self._entry(lid), diags[lid]) for lid in self._store}
 
-    def _map_diags(self, fn):
-        """``{lid: D'}`` (lists for multi-block layers) with ``D' = fn(D)`` per block."""
+    def _map_diags(self, fn, with_layer=False):
+        """``{lid: D'}`` (lists for multi-block layers) with ``D' = fn(D)`` per block
+        (``fn(lid, D)`` with ``with_layer``)."""
         out = {}
         for lid, e in self._store.items():
-            ds = [fn(D) for _, _, D in self._entries(lid)]
+            ds = [fn(lid, D) if with_layer else fn(D) for _, _, D in self._entries(lid)]
             out[lid] = ds if K.is_multi(e) else ds[0]
         return out
 
@@ -364,27 +374,57 @@ class PMatEKFAC(PMatAbstract):
             raise ValueError(f"{type(self).__name__} damps exactly in its eigenbasis; damping "
                              f"'{damping}' is not available (use damping='exact')")
 
+    def _regul(self, regul, what):
+        """``regul`` as given for a scalar ``λ``, the normalised per-layer prior for a dict
+        (``M + Λ`` keeps the eigenbasis: ``D + λ_l`` per layer); a per-parameter ``Λ`` is
+        refused (it does not keep the eigenbasis)."""
+        rep = type(self).__name__
+        scalar, prior = scalar_or_prior(regul, self.layer_collection, rep, what)
+        if prior is None:
+            return scalar
+        if prior.kind != "layer":
+            raise per_parameter_refused(rep, what)
+        return prior
+
+    @staticmethod
+    def _unit_regul(regul, key):
+        """The scalar damping of a unit (a block of a multi-block layer gets its layer's)."""
+        if hasattr(regul, "layer_value"):
+            return regul.layer_value(key[0] if isinstance(key, tuple) else key)
+        return regul
+
+    def _damped_values(self, regul):
+        """Every eigenvalue ``D + λ_l`` of ``M + Λ``, concatenated."""
+        return torch.cat([(ent[2] + self._unit_regul(regul, key)).reshape(-1)
+                          for key, ent in self._units()])
+
     def _check_invertible(self, regul, what):
         """Refuse (shared singular-matrix error) when ``D + regul`` has a zero, or undamped
         (``regul <= 0``) a round-off, value: the eigenvalues of ``M + regul·I``."""
-        values = torch.cat([ent[2].reshape(-1) for _, ent in self._units()])
-        _checks.check_invertible(values + regul, type(self).__name__, what, regul)
+        _checks.check_invertible(self._damped_values(regul), type(self).__name__, what, regul)
+
+    def _solve_fn(self, regul):
+        return lambda key, V: self._scale_layer(
+            key, V, lambda D: 1.0 / (D + self._unit_regul(regul, key)))
 
     def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
-        """``(M + regul·I)⁻¹ x``, exactly (``U (D + regul)⁻¹ Uᵀ x``)."""
+        """``(M + Λ)⁻¹ x``, exactly (``U (D + λ_l)⁻¹ Uᵀ x`` per layer); ``regul``: a scalar
+        ``λ`` or a per-layer dict ``{layer_id: λ_l}`` (layers left out: 0), also a PMatEye; a
+        per-parameter ``Λ`` raises ``NotImplementedError``."""
         self._check_pvector(x)
         self._check_solve(solve, damping)
+        regul = self._regul(regul, "solve")
         self._check_invertible(regul, "solve")
-        f = lambda D: 1.0 / (D + regul)  # noqa: E731
         return PVector(self.layer_collection, vector_repr=self._apply(
-            x.get_flat_representation(), lambda lid, V: self._scale_layer(lid, V, f)))
+            x.get_flat_representation(), self._solve_fn(regul)))
 
     def solvePFMap(self, x, regul=1e-8, solve="default", damping="exact"):
         self._check_pfmap(x)
         self._check_solve(solve, damping)
+        regul = self._regul(regul, "solve")
         self._check_invertible(regul, "solve")
-        f = lambda D: 1.0 / (D + regul)  # noqa: E731
-        return PFMapDense(self.layer_collection, data=self._apply(x.to_torch(), lambda lid, V: self._scale_layer(lid, V, f)))
+        return PFMapDense(self.layer_collection,
+                          data=self._apply(x.to_torch(), self._solve_fn(regul)))
 
     def inverse(self, regul=1e-8):
         """``(M + regul·I)⁻¹``, same representation."""
@@ -397,16 +437,20 @@ class PMatEKFAC(PMatAbstract):
         if impl != "default":
             raise ValueError(f"unknown impl '{impl}' for {type(self).__name__}.pow: use 'default'")
         x = pow  # upstream's parameter name shadows the builtin; only `x` below
+        what = "inverse" if x == -1 else f"pow({x})"
+        regul = self._regul(regul, what)
         if float(x) < 0:
-            self._check_invertible(regul, "inverse" if x == -1 else f"pow({x})")
+            self._check_invertible(regul, what)
+        elif not float(x).is_integer():  # the whole spectrum at once: one error, one tolerance
+            _checks.psd_values(self._damped_values(regul), type(self).__name__, what, regul)
 
-        def f(D):
-            d = D + regul
+        def f(lid, D):
+            d = D + self._unit_regul(regul, lid)
             if not float(x).is_integer():
-                d = d.clamp(min=0)
+                d = d.clamp(min=0)  # round-off only: genuinely negative values refused above
             return d ** x
 
-        return self._with_diags(self._map_diags(f))
+        return self._with_diags(self._map_diags(f, with_layer=True))
 
     def pinv(self, atol=1e-8):
         """The Moore-Penrose pseudo-inverse ``U diag(D⁺) Uᵀ``, with ``D⁺ = 1/D`` where
@@ -420,9 +464,9 @@ class PMatEKFAC(PMatAbstract):
         return self._with_diags(self._map_diags(f))
 
     def logdet(self, regul=0.0):
-        """``log det(M + regul·I) = Σ log(D + regul)``."""
-        values = torch.cat([ent[2].reshape(-1) for _, ent in self._units()])
-        return _checks.logdet_of(values + regul, type(self).__name__, regul)
+        """``log det(M + Λ) = Σ_l Σ log(D_l + λ_l)`` (``regul``: see :meth:`solvePVec`)."""
+        regul = self._regul(regul, "logdet")
+        return _checks.logdet_of(self._damped_values(regul), type(self).__name__, regul)
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self, v=None, split_weight_bias=True):

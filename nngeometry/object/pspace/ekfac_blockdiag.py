@@ -122,16 +122,20 @@ class PMatEKFACBlockDiag(PMatEKFAC):
             return (basis, diag.reshape(-1))
         return super()._stored_entry(lid, basis, diag)
 
-    def _build(self, examples, eigendecomposition=None, kfac_approx="expand"):
+    def _build(self, examples, eigendecomposition=None, kfac_approx="expand",
+               separate_weight_and_bias=False):
         if eigendecomposition is not None:
             raise ValueError("PMatEKFACBlockDiag computes its own bases; eigendecomposition is not "
                              "supported")
         c = self.generator.accumulate(examples, self.layer_collection,
                                       _KFACOrBlocks(self.layer_collection, kfac_approx))
+        factors = c.factors
+        if separate_weight_and_bias:  # see PMatKFAC: the KFAC layers only
+            factors = K.separate_weight_and_bias(self.layer_collection, factors)
         data = {}
         for lid in self.layer_collection.layer_ids():
-            if lid in c.factors:
-                data[lid] = self._entry_from_kfac(c.factors[lid])
+            if lid in factors:
+                data[lid] = self._entry_from_kfac(factors[lid])
             else:
                 evals, U = _spectral.eigh(c.blocks[lid])
                 data[lid] = (U, evals)

@@ -4,6 +4,7 @@ import torch
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
+from ._prior import scalar_or_prior
 from .abstract import PMatAbstract, check_reduction, reduce_forms, resolve_layer_collection
 
 
@@ -78,6 +79,16 @@ class PMatEye(PMatAbstract):
         raise TypeError(f"mm takes a PMat, got {type(other).__name__}")
 
     # ------------------------------------------------------------------ solves and functions
+    def _as_diag(self, regul, what):
+        """For a per-layer / per-parameter ``Λ``: the PMatDiag ``s·I + Λ`` and the prior
+        (``regul`` 0 left to apply); for a scalar ``λ``: ``(None, λ)``."""
+        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatEye", what)
+        if prior is None:
+            return None, scalar
+        from .diag import PMatDiag
+        return PMatDiag(self.layer_collection, None,
+                        data=self.get_diag() + prior.flat(self.data)), prior
+
     def _damped_invertible(self, regul, what):
         d = self.data + regul
         _checks.check_invertible(d.reshape(1), "PMatEye", what, regul, exact=True,
@@ -85,13 +96,20 @@ class PMatEye(PMatAbstract):
         return d
 
     def solvePVec(self, v, regul=0.0, solve="default"):
-        """``v / (s + regul)``."""
+        """``v / (s + regul)``; a per-layer / per-parameter ``Λ`` (dict, PVector, PMatDiag):
+        ``v / (s + Λ)``."""
         self._check_pvector(v)
+        D, regul = self._as_diag(regul, "solve")
+        if D is not None:
+            return D.solvePVec(v, regul=0.0)
         return PVector(self.layer_collection,
                        vector_repr=v.get_flat_representation() / self._damped_invertible(regul, "solve"))
 
     def solvePFMap(self, x, regul=0.0, solve="default"):
         self._check_pfmap(x)
+        D, regul = self._as_diag(regul, "solve")
+        if D is not None:
+            return D.solvePFMap(x, regul=0.0)
         return PFMapDense(self.layer_collection,
                           data=x.to_torch() / self._damped_invertible(regul, "solve"))
 
@@ -100,18 +118,30 @@ class PMatEye(PMatAbstract):
         return super().solve(x, regul=regul, solve=solve, **kwargs)
 
     def inverse(self, regul=0.0):
-        """``((s + regul)·I)⁻¹`` as a PMatEye."""
+        """``((s + regul)·I)⁻¹`` as a PMatEye (a PMatDiag for a per-layer / per-parameter
+        ``Λ``)."""
+        D, regul = self._as_diag(regul, "inverse")
+        if D is not None:
+            return D.inverse(regul=0.0)
         return self._new(1.0 / self._damped_invertible(regul, "inverse"))
 
     def pow(self, x, regul=0.0):
+        """``((s + regul)·I)^x`` as a PMatEye (a PMatDiag for a per-layer / per-parameter
+        ``Λ``)."""
+        D, regul = self._as_diag(regul, f"pow({x})")
+        if D is not None:
+            return D.pow(x, regul=0.0)
         d = self._damped_invertible(regul, f"pow({x})") if float(x) < 0 else self.data + regul
-        if not float(x).is_integer() and float(d) < 0:
-            raise ValueError(f"PMatEye.pow({x}): fractional power of a negative scaling "
-                             f"({float(d):.3g}); use a regul above {-float(d):.3g}")
+        if not float(x).is_integer():
+            d = _checks.psd_values(d.reshape(1), "PMatEye", f"pow({x})", regul, exact=True)[0]
         return self._new(d ** x)
 
     def logdet(self, regul=0.0):
-        """``P · log(s + regul)``."""
+        """``P · log(s + regul)`` (``Σ_p log(s + Λ_pp)`` for a per-layer / per-parameter
+        ``Λ``)."""
+        D, regul = self._as_diag(regul, "logdet")
+        if D is not None:
+            return D.logdet(regul=0.0)
         return _checks.logdet_of((self.data + regul).reshape(1), "PMatEye", regul, exact=True,
                                  multiplicity=self.layer_collection.numel())
 

@@ -6,6 +6,7 @@ import torch
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
+from ._prior import scalar_or_prior
 from .abstract import PMatAbstract, check_reduction, reduce_forms, resolve_layer_collection
 
 
@@ -42,6 +43,8 @@ class PMatImplicit(PMatAbstract):
         self.examples = examples
         self.data = None
         self.scale = 1.0
+        # a diagonal added to scale·M: 0, a scalar, or a (P,) tensor (M + PMatEye, M + PMatDiag)
+        self.shift = 0.0
         self.rows_per_pass = rows_per_pass
         self._diag = None
         self.last_cg_info = None
@@ -72,6 +75,10 @@ class PMatImplicit(PMatAbstract):
                 f"{getattr(fn, '__qualname__', type(fn).__name__)}")
         return state
 
+    def __setstate__(self, state_dict):
+        super().__setstate__(state_dict)
+        self.__dict__.setdefault("shift", 0.0)  # pickled before the shift existed
+
     def _like(self, scale):
         new = PMatImplicit.__new__(PMatImplicit)
         new.__dict__.update(self.__dict__)
@@ -92,11 +99,12 @@ class PMatImplicit(PMatAbstract):
         gen, lc = self._gen(), self.layer_collection
         step = self.rows_per_pass or V.shape[0]
         parts = [gen.implicit_mm(V[i:i + step], self.examples, lc) for i in range(0, V.shape[0], step)]
-        return self.scale * torch.cat(parts, dim=0)
+        return self.scale * torch.cat(parts, dim=0) + self.shift * V
 
     def _flat_mv(self, f):
         """``M f`` for a flat ``(P,)`` tensor (no autograd graph to ``f``)."""
-        return self.scale * self._gen().implicit_mv(f, self.examples, self.layer_collection)
+        return self.scale * self._gen().implicit_mv(f, self.examples, self.layer_collection) \
+            + self.shift * f
 
     def mv(self, v):
         """``M v``: one JVP and one VJP per batch. Differentiable w.r.t. ``v`` (``M`` is
@@ -114,7 +122,9 @@ class PMatImplicit(PMatAbstract):
         f = v.get_flat_representation()
         gen = self._gen()
 
-        value = self.scale * gen.implicit_vTMv(f.detach(), self.examples, self.layer_collection)
+        fd = f.detach()
+        value = self.scale * gen.implicit_vTMv(fd, self.examples, self.layer_collection) \
+            + (self.shift * fd * fd).sum()
         if torch.is_grad_enabled() and f.requires_grad:
             return _Quadratic.apply(f, value, self._flat_mv)
         return value
@@ -139,7 +149,8 @@ class PMatImplicit(PMatAbstract):
         A = torch.cat([gen.implicit_JV(rows[i:i + step], self.examples, self.layer_collection)
                        for i in range(0, rows.shape[0], step)], dim=0)
         N = A.shape[-1]  # examples seen
-        q = self.scale * (A * A).reshape(K * n, -1).sum(dim=-1).reshape(K, n) / N
+        q = self.scale * (A * A).reshape(K * n, -1).sum(dim=-1).reshape(K, n) / N \
+            + (self.shift * Q * Q).sum(dim=-1)
         return reduce_forms(q, reduction)
 
     # ------------------------------------------------------------------ solves
@@ -166,6 +177,23 @@ class PMatImplicit(PMatAbstract):
         raise TypeError(f"the preconditioner M must be a PMat or a callable PVector -> PVector, "
                         f"got {type(M).__name__}")
 
+    def _solve_rows(self, B, regul, tol, max_iter, M, what="solve"):
+        """``(M + Λ)⁻¹`` applied to the rows of ``B`` by CG. ``regul`` gives ``Λ``: a scalar
+        ``λ``, a dict ``{layer_id: λ_l}``, a PVector, a PMatEye or a PMatDiag (any diagonal:
+        CG only needs products). Differentiable w.r.t. ``B`` and ``Λ`` by implicit
+        differentiation (one more CG solve in the backward pass), not through the iterations."""
+        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatImplicit", what)
+        lam = scalar if prior is None else prior.flat(B)
+        if _checks.needs_graph(B, lam):
+            def solver(R, lam_value):
+                with torch.no_grad():
+                    return self._cg(R, lam_value, tol, max_iter, M)
+            lam_t = lam if torch.is_tensor(lam) else torch.as_tensor(lam, dtype=B.dtype,
+                                                                     device=B.device)
+            X = solver(B.detach(), lam_t.detach())
+            return _CGSolve.apply(B, lam_t, X, solver)
+        return self._cg(B, lam, tol, max_iter, M)
+
     def _cg(self, B, regul, tol, max_iter, M=None):
         """Batched (preconditioned) conjugate gradients: ``(M + regul I) X = B`` for the rows of
         ``B`` ``(m, P)``.
@@ -177,8 +205,10 @@ class PMatImplicit(PMatAbstract):
         ``(M + regul I)⁻¹``), the iterations are those of CG on the preconditioned system: as
         many as ``C (M + regul I)`` has distinct eigenvalues (one for ``C = (M + regul I)⁻¹``).
         """
-        if float(regul) < 0:
-            raise ValueError(f"regul must be ≥ 0, got {regul}")
+        low = float(regul.detach().min()) if torch.is_tensor(regul) and regul.dim() else \
+            _checks._float(regul)
+        if low < 0:
+            raise ValueError(f"regul must be ≥ 0, got {low:.3g}")
         if tol is None:
             tol = torch.finfo(B.dtype).eps ** 0.75
         if max_iter is None:
@@ -235,7 +265,7 @@ class PMatImplicit(PMatAbstract):
         """
         self._check_pvector(x)
         _check_solve(solve)
-        y = self._cg(x.get_flat_representation().unsqueeze(0), regul, tol, max_iter, M)
+        y = self._solve_rows(x.get_flat_representation().unsqueeze(0), regul, tol, max_iter, M)
         return PVector(self.layer_collection, vector_repr=y.squeeze(0))
 
     def solvePFMap(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None):
@@ -245,7 +275,7 @@ class PMatImplicit(PMatAbstract):
         _check_solve(solve)
         J = x.to_torch()
         K, n, P = J.shape
-        Y = self._cg(J.reshape(K * n, P), regul, tol, max_iter, M)
+        Y = self._solve_rows(J.reshape(K * n, P), regul, tol, max_iter, M)
         return PFMapDense(self.layer_collection, data=Y.reshape(K, n, P))
 
     # ------------------------------------------------------------------ reductions
@@ -254,7 +284,7 @@ class PMatImplicit(PMatAbstract):
         if self._diag is None:
             self._diag = self.scale * self._gen().get_covariance_diag(self.examples,
                                                                       self.layer_collection)
-        return self._diag
+        return self._diag + self.shift
 
     def trace(self):
         return self.get_diag().sum()
@@ -268,7 +298,10 @@ class PMatImplicit(PMatAbstract):
                 "to_torch(allow_dense=True) if that is really wanted, or build a PMatDense")
         _checks.check_dense_fits(self.layer_collection.numel(), self.dtype.itemsize,
                                  what="PMatImplicit.to_torch(allow_dense=True): a dense")
-        return self.scale * self._gen().get_covariance_matrix(self.examples, self.layer_collection)
+        D = self.scale * self._gen().get_covariance_matrix(self.examples, self.layer_collection)
+        if torch.is_tensor(self.shift) and self.shift.dim():
+            return D + torch.diag(self.shift.to(D.dtype))
+        return D + self.shift * torch.eye(D.shape[0], dtype=D.dtype, device=D.device)
 
     def _needs_matrix(self, what, instead):
         raise NotImplementedError(
@@ -292,14 +325,33 @@ class PMatImplicit(PMatAbstract):
         self._needs_matrix("mm", "chain mv calls, or use PMatDense")
 
     def __add__(self, other):
+        """``M + s·I`` (a :class:`PMatEye`) or ``M + diag(d)`` (a :class:`PMatDiag`): still
+        implicit, every product adds the diagonal (nothing more is stored than the diagonal
+        itself); sums with other matrices need their entries."""
+        from .diag import PMatDiag
+        from .eye import PMatEye
+
+        if isinstance(other, (PMatEye, PMatDiag)):
+            if other.layer_collection != self.layer_collection:
+                raise ValueError("the two matrices are built on different LayerCollections")
+            new = self._like(self.scale)
+            new.shift = self.shift + (other.scaling if isinstance(other, PMatEye) else other.data)
+            return new
         self._needs_matrix("__add__", "apply mv of each term and add the PVectors")
 
     def __sub__(self, other):
+        from .diag import PMatDiag
+        from .eye import PMatEye
+
+        if isinstance(other, (PMatEye, PMatDiag)):
+            return self + (-other)
         self._needs_matrix("__sub__", "apply mv of each term and subtract the PVectors")
 
     # ------------------------------------------------------------------ arithmetic
     def _scaled(self, x):
-        return self._like(self.scale * x)
+        new = self._like(self.scale * x)
+        new.shift = self.shift * x
+        return new
 
 
 def _mat_vec(v, product):
@@ -340,6 +392,29 @@ class _Quadratic(torch.autograd.Function):
     def backward(ctx, g):
         (v,) = ctx.saved_tensors
         return 2 * g * _mat_vec(v, ctx.product), None, None
+
+
+class _CGSolve(torch.autograd.Function):
+    """Links ``X = (M + Λ)⁻¹ B`` (rows, computed by CG outside) to ``B`` and to ``Λ`` (a scalar
+    or the ``(P,)`` diagonal): with ``Z = (M + Λ)⁻¹ G`` for the incoming gradient ``G``,
+    ``dB = Z`` and ``dΛ_pp = -Σ_rows Z_p X_p`` (summed over ``p`` for a scalar ``Λ``)."""
+
+    @staticmethod
+    def forward(ctx, B, lam, X, solver):
+        ctx.save_for_backward(lam, X)
+        ctx.solver = solver
+        return X.clone()
+
+    @staticmethod
+    def backward(ctx, G):
+        lam, X = ctx.saved_tensors
+        Z = ctx.solver(G, lam.detach())
+        g_lam = None
+        if ctx.needs_input_grad[1]:
+            g_lam = -(Z * X).sum(0)
+            if lam.dim() == 0:
+                g_lam = g_lam.sum()
+        return Z, g_lam, None, None
 
 
 def _check_solve(solve):

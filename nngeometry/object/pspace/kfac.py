@@ -7,20 +7,12 @@ from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
 from . import _kron as K
+from ._prior import per_parameter_refused, scalar_or_prior
+from ._kron import check_kfac_support  # noqa: F401  (its historical home: kept importable)
 from .abstract import PMatAbstract
+from .ekfac import PMatEKFAC
 
 _DAMPINGS = ("pi", "exact")
-
-
-def check_kfac_support(layer_collection, representation):
-    """Refuse, naming the layer and its type, a collection with a layer that has no KFAC."""
-    for lid, layer in layer_collection.layers.items():
-        if not getattr(layer, "supports_kfac", False):
-            raise NotImplementedError(
-                f"{representation}: layer '{lid}' is of type {type(layer).__name__}, which has no "
-                "KFAC approximation; use PMatEKFACBlockDiag (EKFAC where KFAC exists, dense blocks "
-                "elsewhere), PMatBlockDiag, or a PMatMixed putting this layer in another "
-                "representation")
 
 
 def _check_damping(damping):
@@ -61,6 +53,14 @@ class PMatKFAC(PMatAbstract):
             None.
         kfac_approx: ``'expand'`` (default) or ``'reduce'`` for layers with weight sharing
             (sequences), Eschenhagen et al. 2023.
+        separate_weight_and_bias: False (default): one Kronecker block per layer for the joint
+            ``[W | b]``. True: the weight and the bias factored separately, no cross terms
+            (curvlinops' default and laplace-torch's layout): the weight block ``G ⊗ A_ww``
+            (``A`` without its last row and column) and the bias block ``G · A_bb`` (the bias
+            entry of ``A``), both exact parts of the joint factors. Stored in the same layout as
+            ``A`` with its last row and column zeroed off the diagonal (see
+            ``_kron.separate_weight_and_bias``); applies to the layers whose bias is the last
+            column of the Kronecker layout (Linear, convolutions), others are unchanged.
 
     Damping (``solve``, ``inverse``, ``pow``, ``logdet``) takes ``damping='pi'`` or
     ``damping='exact'``:
@@ -85,13 +85,15 @@ class PMatKFAC(PMatAbstract):
     """
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None,
-                 kfac_approx="expand", **kwargs):
+                 kfac_approx="expand", separate_weight_and_bias=False, **kwargs):
         # the caches first: _build may fill the eigendecomposition cache
         self._eig_cache = {}
         self._inv_cache = {}
         super().__init__(layer_collection, generator, data=data, examples=examples,
                          kfac_approx=kfac_approx, **kwargs)
         self._check_data()
+        if separate_weight_and_bias:
+            self.data = K.separate_weight_and_bias(self.layer_collection, self.data)
 
     def _build(self, examples, kfac_approx="expand"):
         if kfac_approx not in ("expand", "reduce"):
@@ -177,6 +179,12 @@ class PMatKFAC(PMatAbstract):
                            lambda: ((K.eig(A), K.eig(G)) if impl == "eigh"
                                     else (K.eig_svd(A), K.eig_svd(G))), (A, G))
 
+    def kronecker_eigenbases(self):
+        """``{layer_id: (U_A, U_G)}`` (a tuple of pairs for a multi-block layer): the
+        eigenbases of the factors, what :class:`PMatEKFAC` takes as ``eigendecomposition=``."""
+        return K.repack(self.data, {key: (self._eig(key)[0][1], self._eig(key)[1][1])
+                                    for key, _, _ in self._units()})
+
     def get_eigendecomposition(self):
         """``(evals, evecs)``: ``evals[layer_id] = (λ_A, λ_G)`` (1-D) and
         ``evecs[layer_id] = (U_A, U_G)`` (eigenvectors as columns) of the layer's factors, so
@@ -187,6 +195,28 @@ class PMatKFAC(PMatAbstract):
         evals = self._map_units(lambda key, A, G: (self._eig(key)[0][0], self._eig(key)[1][0]))
         evecs = self._map_units(lambda key, A, G: (self._eig(key)[0][1], self._eig(key)[1][1]))
         return evals, evecs
+
+    def _regul(self, regul, what):
+        """``regul`` as given for a scalar ``λ``, the normalised per-layer prior for a dict;
+        a per-parameter ``Λ`` is refused (it does not keep the Kronecker eigenbasis)."""
+        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatKFAC", what)
+        if prior is None:
+            return scalar
+        if prior.kind != "layer":
+            raise per_parameter_refused("PMatKFAC", what)
+        return prior
+
+    @staticmethod
+    def _unit_regul(regul, key):
+        """The scalar damping ``λ_l`` of a unit (every block of a layer gets its layer's)."""
+        if hasattr(regul, "layer_value"):
+            return regul.layer_value(key[0] if isinstance(key, tuple) else key)
+        return regul
+
+    @staticmethod
+    def _sqrt(lam):
+        """``√λ``, keeping the graph of a tensor that requires grad."""
+        return lam ** 0.5 if _checks.needs_graph(lam) else _checks._float(lam) ** 0.5
 
     def _check_pi_regul(self, regul, what):
         _checks.check_regul_nonnegative(
@@ -208,10 +238,11 @@ class PMatKFAC(PMatAbstract):
 
         def compute():
             out = {}
-            s = regul ** 0.5 if _checks.needs_graph(regul) else float(regul) ** 0.5
             for unit, A, G in self._units():
+                lam = self._unit_regul(regul, unit)
+                s = self._sqrt(lam)
                 pi = K.pi_damping(A, G, use_pi)
-                if power == -1.0 and float(regul) > 0:
+                if power == -1.0 and _checks._float(lam) > 0:
                     inv = (K.damped_inverse(A, pi * s), K.damped_inverse(G, s / pi))
                     if inv[0] is not None and inv[1] is not None:
                         out[unit] = inv
@@ -224,7 +255,8 @@ class PMatKFAC(PMatAbstract):
                         _checks.check_invertible(d, "PMatKFAC", what, regul,
                                                  detail=f"the {name} of layer '{lid}' is singular")
                 if not float(power).is_integer():
-                    dA, dG = dA.clamp(min=0), dG.clamp(min=0)
+                    dA = _checks.psd_values(dA, "PMatKFAC", what, regul)
+                    dG = _checks.psd_values(dG, "PMatKFAC", what, regul)
                 out[unit] = (K.from_eig(dA ** power, UA), K.from_eig(dG ** power, UG))
             return out
 
@@ -239,13 +271,15 @@ class PMatKFAC(PMatAbstract):
         for key, A, G in self._units():
             (lA, _), (lG, _) = self._eig(key)
             lid = key[0] if isinstance(key, tuple) else key
-            _checks.check_invertible(torch.outer(lG, lA) + regul, "PMatKFAC", what, regul,
+            _checks.check_invertible(torch.outer(lG, lA) + self._unit_regul(regul, key),
+                                     "PMatKFAC", what, regul,
                                      detail=f"the block of layer '{lid}' is singular")
 
     def _exact_layer(self, key, V, regul, power=-1.0):
         (lA, UA), (lG, UG) = self._eig(key)
         W = K.to_kfe(V, UA, UG)
-        return K.from_kfe(W * (torch.outer(lG, lA) + regul) ** power, UA, UG)
+        return K.from_kfe(W * (torch.outer(lG, lA) + self._unit_regul(regul, key)) ** power,
+                          UA, UG)
 
     # ------------------------------------------------------------------ products
     def mv(self, vs):
@@ -289,6 +323,7 @@ class PMatKFAC(PMatAbstract):
 
     # ------------------------------------------------------------------ solves and functions
     def _solve_flat(self, flat, regul, solve, use_pi, damping):
+        regul = self._regul(regul, "solve")
         if solve == "eigh":
             damping = "exact"
         elif solve not in ("default", "solve"):
@@ -303,7 +338,12 @@ class PMatKFAC(PMatAbstract):
 
     def solvePVec(self, x, regul=1e-8, solve="default", use_pi=True, damping="pi"):
         """Solve with damping ``regul``: π-damped factors (``damping='pi'``, default;
-        ``use_pi=False`` for π = 1) or ``(M + regul·I)⁻¹ x`` exactly (``damping='exact'``)."""
+        ``use_pi=False`` for π = 1) or ``(M + regul·I)⁻¹ x`` exactly (``damping='exact'``).
+        π-damping is not ``M + λI``: it inverts ``(A + π√λ I) ⊗ (G + √λ/π I)``, which adds the
+        cross term ``λ_A-weighted G + λ_G-weighted A`` besides ``λI`` (cheaper, no
+        eigendecomposition). ``regul``: a scalar ``λ`` or a per-layer dict ``{layer_id: λ_l}``
+        (layers left out: 0), also a PMatEye; a per-parameter ``Λ`` raises
+        ``NotImplementedError``."""
         self._check_pvector(x)
         return PVector(self.layer_collection, vector_repr=self._solve_flat(
             x.get_flat_representation(), regul, solve, use_pi, damping))
@@ -329,19 +369,18 @@ class PMatKFAC(PMatAbstract):
         x = pow  # upstream's parameter name shadows the builtin; only `x` below
         _check_damping(damping)
         what = "inverse" if x == -1 else f"pow({x})"
+        regul = self._regul(regul, what)
         if damping == "pi":
             return PMatKFAC(self.layer_collection, None, data=K.repack(
                 self.data, self._pi_inverse_factors(regul, use_pi, power=float(x), what=what)))
-        from .ekfac import PMatEKFAC
-
         if float(x) < 0:
             self._check_exact_invertible(regul, what)
 
         def entry(key, A, G):
             (lA, UA), (lG, UG) = self._eig(key)
-            d = torch.outer(lG, lA) + regul
+            d = torch.outer(lG, lA) + self._unit_regul(regul, key)
             if not float(x).is_integer():
-                d = d.clamp(min=0)
+                d = _checks.psd_values(d, "PMatKFAC", what, regul)
             return (UA, UG, d ** x)
 
         return PMatEKFAC(self.layer_collection, None, data=self._map_units(entry))
@@ -350,15 +389,17 @@ class PMatKFAC(PMatAbstract):
         """``log det(M + regul·I) = Σ log(λ_G,i λ_A,j + regul)`` (``damping='exact'``, default),
         or the log-determinant of the π-damped Kronecker product (``damping='pi'``)."""
         _check_damping(damping)
+        regul = self._regul(regul, "logdet")
         if damping == "pi":
             self._check_pi_regul(regul, "logdet")
         total = 0
-        s = float(regul) ** 0.5 if damping == "pi" else None
         for key, A, G in self._units():
             (lA, _), (lG, _) = self._eig(key)
+            lam = self._unit_regul(regul, key)
             if damping == "exact":
-                total = total + _checks.logdet_of(torch.outer(lG, lA) + regul, "PMatKFAC", regul)
+                total = total + _checks.logdet_of(torch.outer(lG, lA) + lam, "PMatKFAC", regul)
             else:
+                s = self._sqrt(lam)
                 pi = K.pi_damping(A, G, use_pi)
                 total = total \
                     + _checks.logdet_of(lA + pi * s, "PMatKFAC", regul, multiplicity=lG.numel()) \
@@ -419,7 +460,18 @@ class PMatKFAC(PMatAbstract):
 
     def __add__(self, other):
         """Sum of two PMatKFAC, where it stays Kronecker: per layer one factor of ``other`` must be
-        proportional to the same factor of ``self`` (e.g. ``M + c·M``)."""
+        proportional to the same factor of ``self`` (e.g. ``M + c·M``); other sums are refused
+        (``A₁⊗G₁ + A₂⊗G₂`` is not a Kronecker product), naming the alternatives.
+
+        ``M + s·I`` (a :class:`PMatEye`, e.g. an isotropic prior precision) is exact as an
+        eigen-Kronecker matrix: the :class:`PMatEKFAC` ``U (λ_G ⊗ λ_A + s) Uᵀ`` in the
+        factors' (cached) eigenbasis, the same as ``pow(1, regul=s, damping='exact')``."""
+        from .eye import PMatEye
+
+        if isinstance(other, PMatEye):
+            if other.layer_collection != self.layer_collection:
+                raise ValueError("the two matrices are built on different LayerCollections")
+            return self.pow(1, regul=other.scaling, damping="exact")
         self._check_same_kind(other)
         tol = 1e3 * torch.finfo(self.dtype).eps
 
@@ -434,8 +486,12 @@ class PMatKFAC(PMatAbstract):
             lid = key[0] if isinstance(key, tuple) else key
             raise NotImplementedError(
                 f"the sum of these two PMatKFAC is not a Kronecker product for layer '{lid}' (neither "
-                "factor of one is proportional to the other's); use to_torch() and add the dense "
-                "tensors, or PMatDense")
+                "factor of one is proportional to the other's). For an online / running estimate "
+                "(e.g. online EWC, F ← γF + F_new) keep a running average of the factors instead, "
+                "PMatKFAC(lc, data={lid: (γ·A₁ + A₂, γ·G₁ + G₂)}) (an approximation of the sum, "
+                "the usual KFAC one); or use PMatEKFAC on one shared eigenbasis (build the second "
+                "with eigendecomposition= the first), where sums are exact; or to_torch() / "
+                "PMatDense on small models")
 
         return PMatKFAC(self.layer_collection, None, data=self._map_units(add))
 

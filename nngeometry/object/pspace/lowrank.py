@@ -6,6 +6,7 @@ import torch
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks, _spectral
+from ._prior import scalar_or_prior
 from .abstract import PMatAbstract, check_reduction, reduce_forms
 from .eye import PMatEye
 
@@ -19,7 +20,7 @@ class _LowRankBase(PMatAbstract):
     """Shared checks."""
 
     def _check_regul(self, regul, what):
-        if not float(regul) > 0:
+        if not _checks._float(regul) > 0:
             raise _checks.singular_error(
                 type(self).__name__, what, regul,
                 f"a low-rank matrix (rank ≤ {self._rank()} < P = {self.layer_collection.numel()}) "
@@ -174,8 +175,24 @@ class PMatLowRank(_LowRankBase):
         return self.evals, self.evecs
 
     # ------------------------------------------------------------------ solves and functions
+    def _with_prior(self, regul, what):
+        """``(λ, None)`` for a scalar ``λ``; ``(None, Λ + UᵀU)`` as a
+        :class:`PMatEyePlusLowRank` with a diagonal ``α = diag(Λ)`` for a per-layer /
+        per-parameter ``Λ`` (whose every entry must then be positive: a low-rank matrix is
+        singular without damping)."""
+        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatLowRank", what)
+        if prior is None:
+            return scalar, None
+        self._check_regul(prior, what)
+        U = self._U()
+        return None, PMatEyePlusLowRank(self.layer_collection, alpha=prior.flat(U), U=U,
+                                        C=torch.eye(U.shape[0], dtype=U.dtype, device=U.device))
+
     def _solve_rows(self, X, regul, solve):
         """``(M + λI)⁻¹`` applied to the rows of ``X`` (shape ``(..., P)``)."""
+        regul, damped = self._with_prior(regul, "solve")
+        if damped is not None:  # Woodbury with the diagonal Λ: never P × P
+            return damped._solve_rows(X, 0.0)
         self._check_regul(regul, "solve")
         U = self._U()
         if solve in ("default", "woodbury"):
@@ -208,7 +225,12 @@ class PMatLowRank(_LowRankBase):
         return PFMapDense(self.layer_collection, data=self._solve_rows(x.to_torch(), regul, solve))
 
     def inverse(self, regul=1e-8):
-        """``(M + regul·I)⁻¹ = I/λ - Uᵀ(λI + G)⁻¹U/λ``, exact, as a :class:`PMatEyePlusLowRank`."""
+        """``(M + regul·I)⁻¹ = I/λ - Uᵀ(λI + G)⁻¹U/λ``, exact, as a :class:`PMatEyePlusLowRank`
+        (for a per-layer / per-parameter ``Λ``: ``Λ⁻¹ - Λ⁻¹Uᵀ(I + UΛ⁻¹Uᵀ)⁻¹UΛ⁻¹``, the same
+        type with a diagonal ``α``)."""
+        regul, damped = self._with_prior(regul, "inverse")
+        if damped is not None:
+            return damped.inverse(0.0)
         self._check_regul(regul, "inverse")
         return self._as_update().inverse(regul=regul)
 
@@ -221,12 +243,25 @@ class PMatLowRank(_LowRankBase):
         * ``on_range=True``: the power restricted to the range of ``M`` (zero on its orthogonal
           complement): PMatLowRank ``V (Λ + λ)^x Vᵀ``; with ``x = -1, regul = 0`` this is the
           Moore-Penrose pseudo-inverse.
+
+        A per-layer / per-parameter ``Λ``: ``x = ±1`` only (a :class:`PMatEyePlusLowRank` with
+        a diagonal ``α``); other powers of a diagonal plus a low-rank matrix have no low-rank
+        form.
         """
+        regul, damped = self._with_prior(regul, f"pow({x})")
+        if damped is not None:
+            if x in (1, -1) and not on_range:
+                return damped.pow(x, 0.0)
+            raise NotImplementedError(
+                f"PMatLowRank.pow({x}) with a per-layer or per-parameter regul: M + Λ (Λ not a "
+                "multiple of I) has no low-rank eigendecomposition, so only x = 1 and x = -1 are "
+                "exact here; use a scalar regul, solve() / inverse(), or PMatDense on small "
+                "models")
         evals, V = self.get_eigendecomposition()
         ev = evals + regul
-        if on_range or (float(regul) == 0 and x > 0):
+        if on_range or (_checks._float(regul) == 0 and x > 0):
             return self._new((V * ev ** (x / 2)).t())
-        if float(regul) == 0:
+        if _checks._float(regul) == 0:
             self._check_regul(regul, f"pow({x})")
         lam = torch.as_tensor(regul, dtype=evals.dtype, device=evals.device)
         return PMatEyePlusLowRank(self.layer_collection, alpha=lam ** x, U=V.t(),
@@ -257,7 +292,11 @@ class PMatLowRank(_LowRankBase):
         return super().norm(ord)
 
     def logdet(self, regul=0.0):
-        """``log det(M + λI) = (P - r) log λ + log det(λI_r + G)`` (Sylvester)."""
+        """``log det(M + λI) = (P - r) log λ + log det(λI_r + G)`` (Sylvester); for a
+        per-layer / per-parameter ``Λ``: ``Σ log Λ_pp + log det(I_r + UΛ⁻¹Uᵀ)``."""
+        regul, damped = self._with_prior(regul, "logdet")
+        if damped is not None:
+            return damped.logdet(0.0)
         self._check_regul(regul, "logdet")
         G = self._gram()
         P, r = self.layer_collection.numel(), G.shape[0]
@@ -307,10 +346,11 @@ class PMatLowRank(_LowRankBase):
 
 
 class PMatEyePlusLowRank(_LowRankBase):
-    """``α I + Uᵀ C U`` with ``α`` a scalar, ``U`` ``(r, P)`` and ``C`` a symmetric ``r × r``
-    matrix (not necessarily PSD): what :class:`PMatLowRank` returns for damped inverses, exact
-    damped powers, differences and negative scalings. The family is closed under damping,
-    inversion (Woodbury), scaling and sums; all operations cost ``O(P r + r³)``.
+    """``α I + Uᵀ C U`` with ``α`` a scalar (or a ``(P,)`` tensor: the diagonal matrix
+    ``diag(α)``), ``U`` ``(r, P)`` and ``C`` a symmetric ``r × r`` matrix (not necessarily
+    PSD): what :class:`PMatLowRank` returns for damped inverses, exact damped powers,
+    differences and negative scalings. The family is closed under damping (by any diagonal
+    ``Λ``), inversion (Woodbury), scaling and sums; all operations cost ``O(P r + r³)``.
 
     ``data`` is the tuple ``(alpha, U, C)``.
     """
@@ -346,7 +386,7 @@ class PMatEyePlusLowRank(_LowRankBase):
         alpha, U, C = self.data
         f = v.get_flat_representation()
         Uf = U @ f
-        return alpha * torch.dot(f, f) + Uf @ (C @ Uf)
+        return (alpha * f * f).sum() + Uf @ (C @ Uf)
 
     def mmap(self, pfmap):
         self._check_pfmap(pfmap)
@@ -368,17 +408,33 @@ class PMatEyePlusLowRank(_LowRankBase):
             return (W + W.t()) / 2  # symmetric in exact arithmetic
         return self._last_regul_cache(("woodbury", _checks.regul_key(beta)), compute)
 
-    def _beta(self, regul):
-        beta = self.data[0] + regul
-        if float(beta) == 0:
+    def _beta(self, regul, what="solve", check=True):
+        """``β = α + Λ``: a scalar, or the ``(P,)`` diagonal (a per-layer / per-parameter
+        ``Λ``, or a diagonal ``α``)."""
+        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatEyePlusLowRank", what)
+        alpha = self.data[0]
+        beta = alpha + (scalar if prior is None else prior.flat(alpha))
+        if check and bool((beta.detach() == 0).any()):
             raise _checks.singular_error(
-                "PMatEyePlusLowRank", "solve", regul,
+                "PMatEyePlusLowRank", what, regul if prior is None else prior,
                 "α + regul = 0: it is singular on the orthogonal complement of U's rows")
         return beta
+
+    def _diag_woodbury(self, beta):
+        """For a diagonal ``B = diag(β)``: ``(Ub, W)`` with ``Ub = U B⁻¹`` and
+        ``W = (I + C U B⁻¹ Uᵀ)⁻¹ C``, so that ``(B + UᵀCU)⁻¹ = B⁻¹ - Ubᵀ W Ub``."""
+        _, U, C = self.data
+        Ub = U / beta
+        I = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        W = torch.linalg.solve(_checks.upcast(I + C @ (Ub @ U.t())), _checks.upcast(C)).to(C.dtype)
+        return Ub, (W + W.t()) / 2
 
     def _solve_rows(self, X, regul):
         beta = self._beta(regul)
         U = self.data[1]
+        if beta.dim():
+            Ub, W = self._diag_woodbury(beta)
+            return X / beta - ((X @ Ub.t()) @ W) @ Ub
         W = self._woodbury(beta)
         return (X - ((X @ U.t()) @ W) @ U) / beta
 
@@ -396,14 +452,18 @@ class PMatEyePlusLowRank(_LowRankBase):
         return super().solve(x, regul=regul, solve=solve, **kwargs)
 
     def inverse(self, regul=0.0):
-        """``(αI + UᵀCU + regul·I)⁻¹ = I/β - Uᵀ (W/β) U``, again of this form."""
-        beta = self._beta(regul)
+        """``(αI + UᵀCU + regul·I)⁻¹ = I/β - Uᵀ (W/β) U``, again of this form (for a
+        diagonal ``β``: ``β⁻¹ - (Uβ⁻¹)ᵀ W (Uβ⁻¹)``)."""
+        beta = self._beta(regul, "inverse")
+        if beta.dim():
+            Ub, W = self._diag_woodbury(beta)
+            return self._new(1.0 / beta, Ub, -W)
         return self._new(1.0 / beta, self.data[1], -self._woodbury(beta) / beta)
 
     def pow(self, x, regul=0.0):
         if x == 1:
             alpha, U, C = self.data
-            return self._new(alpha + regul, U, C)
+            return self._new(self._beta(regul, "pow(1)", check=False), U, C)
         if x == -1:
             return self.inverse(regul)
         raise NotImplementedError(
@@ -411,17 +471,29 @@ class PMatEyePlusLowRank(_LowRankBase):
             "which goes through the eigendecomposition")
 
     def logdet(self, regul=0.0):
-        """``P log β + log det(I_r + C G / β)`` (Sylvester), ``β = α + regul``."""
-        beta = self._beta(regul)
+        """``P log β + log det(I_r + C G / β)`` (Sylvester), ``β = α + regul`` (for a diagonal
+        ``β``: ``Σ log β_p + log det(I_r + C U β⁻¹ Uᵀ)``)."""
+        beta = self._beta(regul, "logdet")
         _, U, C = self.data
+        if beta.dim():
+            I = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+            sign, logabs = torch.linalg.slogdet(_checks.upcast(I + C @ ((U / beta) @ U.t())))
+            if float(sign.detach()) == 0:
+                raise _checks.singular_error("PMatEyePlusLowRank", "logdet", 0.0,
+                                             "I + C U β⁻¹ Uᵀ is singular")
+            if float(sign.detach()) * float(torch.sign(beta.detach()).prod()) < 0:
+                raise ValueError("PMatEyePlusLowRank.logdet: det(M + regul·I) < 0, its "
+                                 "log-determinant is undefined (M + regul·I must be positive "
+                                 "definite); use a larger regul")
+            return torch.log(beta.abs()).sum() + logabs.to(C.dtype)
         G = U @ U.t()
         I = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
         sign, logabs = torch.linalg.slogdet(_checks.upcast(I + C @ G / beta))
         P = self.layer_collection.numel()
-        if float(sign) == 0:
+        if float(sign.detach()) == 0:
             raise _checks.singular_error("PMatEyePlusLowRank", "logdet", regul,
                                          "I + C G / β is singular")
-        total_sign = float(sign) * (1.0 if float(beta) > 0 or P % 2 == 0 else -1.0)
+        total_sign = float(sign.detach()) * (1.0 if float(beta.detach()) > 0 or P % 2 == 0 else -1.0)
         if total_sign < 0:
             raise ValueError("PMatEyePlusLowRank.logdet: det(M + regul·I) < 0, its "
                              "log-determinant is undefined (M + regul·I must be positive "
@@ -435,15 +507,20 @@ class PMatEyePlusLowRank(_LowRankBase):
 
     def trace(self):
         alpha, U, C = self.data
-        return alpha * self.layer_collection.numel() + (C * (U @ U.t())).sum()
+        a = alpha.sum() if alpha.dim() else alpha * self.layer_collection.numel()
+        return a + (C * (U @ U.t())).sum()
 
     def frobenius_norm(self):
         # ||αI + UᵀCU||² = α²P + 2α tr(CG) + tr(CGCG)
         alpha, U, C = self.data
         G = U @ U.t()
         CG = C @ G
-        sq = alpha ** 2 * self.layer_collection.numel() + 2 * alpha * torch.trace(CG) \
-            + (CG * CG.t()).sum()
+        if alpha.dim():  # ||D||² + 2 tr(C U D Uᵀ) + tr(CGCG)
+            sq = (alpha * alpha).sum() + 2 * (C * ((U * alpha) @ U.t())).sum() \
+                + (CG * CG.t()).sum()
+        else:
+            sq = alpha ** 2 * self.layer_collection.numel() + 2 * alpha * torch.trace(CG) \
+                + (CG * CG.t()).sum()
         return torch.sqrt(sq)
 
     def to_torch(self):
@@ -452,7 +529,9 @@ class PMatEyePlusLowRank(_LowRankBase):
         alpha, U, C = self.data
         _checks.check_dense_fits(U.shape[1], U.element_size(), count=2,
                                  what="PMatEyePlusLowRank.to_torch(): a dense")
-        return alpha * torch.eye(U.shape[1], dtype=U.dtype, device=U.device) + U.t() @ C @ U
+        eye = torch.diag(alpha) if alpha.dim() else \
+            alpha * torch.eye(U.shape[1], dtype=U.dtype, device=U.device)
+        return eye + U.t() @ C @ U
 
     # ------------------------------------------------------------------ arithmetic
     def _scaled(self, x):
@@ -476,3 +555,4 @@ class PMatEyePlusLowRank(_LowRankBase):
 
     def __sub__(self, other):
         return self + (-other)
+

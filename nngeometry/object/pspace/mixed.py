@@ -8,6 +8,7 @@ from ...layercollection import LayerCollection
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
+from ._prior import scalar_or_prior
 from .abstract import PMatAbstract, check_reduction, reduce_forms, resolve_layer_collection
 
 
@@ -268,34 +269,50 @@ class PMatMixed(PMatAbstract):
             return kwargs
         return {k: v for k, v in kwargs.items() if k in params}
 
+    def _part_reguls(self, regul, what):
+        """``{group: its share of Λ}``: a scalar as it is, a per-layer / per-parameter prior
+        restricted to the group's layers (``M + Λ`` is block-diagonal over the groups, so every
+        group's result is exact where its representation's is)."""
+        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatMixed", what)
+        if prior is None:
+            return {g: scalar for g in self.data}
+        return {g: prior.restrict(self.layer_collection_each[g]) for g in self.data}
+
     def solvePVec(self, x, regul=1e-8, solve="default", **kwargs):
-        """Group-wise ``solve`` (each group's damping semantics, see its representation)."""
+        """Group-wise ``solve`` (each group's damping semantics, see its representation);
+        ``regul``: a scalar, a per-layer dict, a PVector, a PMatEye or a PMatDiag, each group
+        receiving its own layers' part."""
         self._check_pvector(x)
+        reguls = self._part_reguls(regul, "solve")
         parts = {}
         for g, p in self._split_pvector(x).items():
             m = self.data[g]
-            parts[g] = m.solvePVec(p, regul=regul, solve=solve, **self._accepted(m.solvePVec, kwargs))
+            parts[g] = m.solvePVec(p, regul=reguls[g], solve=solve, **self._accepted(m.solvePVec, kwargs))
         return PVector.concat(self.layer_collection, list(parts.values()))
 
     def solvePFMap(self, x, regul=1e-8, solve="default", **kwargs):
         self._check_pfmap(x)
+        reguls = self._part_reguls(regul, "solve")
         parts = {}
         for g, p in self._split_pfmap(x).items():
             m = self.data[g]
-            parts[g] = m.solvePFMap(p, regul=regul, solve=solve, **self._accepted(m.solvePFMap, kwargs))
+            parts[g] = m.solvePFMap(p, regul=reguls[g], solve=solve, **self._accepted(m.solvePFMap, kwargs))
         return self._join_pfmaps(parts)
 
     def inverse(self, regul=1e-8, **kwargs):
-        return self._new({g: m.inverse(regul=regul, **self._accepted(m.inverse, kwargs))
+        reguls = self._part_reguls(regul, "inverse")
+        return self._new({g: m.inverse(regul=reguls[g], **self._accepted(m.inverse, kwargs))
                           for g, m in self.data.items()})
 
     def pow(self, x, regul=0.0, **kwargs):
-        return self._new({g: m.pow(x, regul=regul, **self._accepted(m.pow, kwargs))
+        reguls = self._part_reguls(regul, f"pow({x})")
+        return self._new({g: m.pow(x, regul=reguls[g], **self._accepted(m.pow, kwargs))
                           for g, m in self.data.items()})
 
     def logdet(self, regul=0.0):
-        """``Σ_g log det(M_g + regul·I)``."""
-        return sum(m.logdet(regul=regul) for m in self.data.values())
+        """``Σ_g log det(M_g + Λ_g)``."""
+        reguls = self._part_reguls(regul, "logdet")
+        return sum(m.logdet(regul=reguls[g]) for g, m in self.data.items())
 
     def pinv(self, atol=1e-8, **kwargs):
         """Pseudo-inverse group by group (block-diagonal across groups, so exact for this
@@ -350,10 +367,23 @@ class PMatMixed(PMatAbstract):
         return self._new({g: m * x for g, m in self.data.items()})
 
     def __add__(self, other):
-        """Group-wise sums with another PMatMixed grouped the same way."""
+        """Group-wise sums with another PMatMixed grouped the same way; ``M + s·I`` (a
+        :class:`PMatEye`) adds ``s·I`` to every group (each group's own ``+ PMatEye``: a KFAC
+        group becomes a PMatEKFAC)."""
+        from .eye import PMatEye
+
+        if isinstance(other, PMatEye):
+            if other.layer_collection != self.layer_collection:
+                raise ValueError("the two matrices are built on different LayerCollections")
+            return self._new({g: m + PMatEye(self.layer_collection_each[g], scaling=other.scaling)
+                              for g, m in self.data.items()})
         self._check_same_grouping(other)
         return self._new({g: self.data[g] + other.data[g] for g in self.data})
 
     def __sub__(self, other):
+        from .eye import PMatEye
+
+        if isinstance(other, PMatEye):
+            return self + (-other)
         self._check_same_grouping(other)
         return self._new({g: self.data[g] - other.data[g] for g in self.data})

@@ -22,6 +22,7 @@ from ...backend.consumers import QuasiDiagCovariance
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
+from ._prior import scalar_or_prior
 from .abstract import PMatAbstract
 from .eye import PMatEye
 
@@ -106,6 +107,18 @@ class PMatQuasiDiag(_PerLayer):
         return self._join(yw, yb)
 
     # ------------------------------------------------------------------ solves and functions
+    def _regul(self, regul, what):
+        """``regul`` as given for a scalar ``λ``, else the normalised per-layer /
+        per-parameter prior: adding a diagonal ``Λ`` keeps the arrowhead structure, so every
+        kind is exact here."""
+        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatQuasiDiag", what)
+        return scalar if prior is None else prior
+
+    @staticmethod
+    def _layer_lam(regul, lid, like):
+        """``Λ`` on layer ``lid``: the scalar, or the layer's ``(p_l,)`` diagonal."""
+        return regul.layer_slice(lid, like) if hasattr(regul, "layer_slice") else regul
+
     def _schur(self, lid, regul, what="solve"):
         """``(1/(a+λ), c/(a+λ), 1/σ)`` of every unit of a coupled layer, after refusing a
         singular unit (shared singular-matrix error): an ``a + λ`` that is 0, or a Schur
@@ -113,13 +126,16 @@ class PMatQuasiDiag(_PerLayer):
         ``|s + λ| + Σ c²/|a + λ|``; exactly 0 when a regul > 0 was given)."""
         d, c = self.data[lid]
         dw, db = self._split(lid, d, c.shape)
-        aw = dw + regul
+        lam = self._layer_lam(regul, lid, d)
+        lw, lb = self._split(lid, lam, c.shape) if torch.is_tensor(lam) and lam.dim() == 1 \
+            else (lam, lam)
+        aw = dw + lw
         _checks.check_invertible(aw, "PMatQuasiDiag", what, regul, exact=True,
                                  detail=f"layer '{lid}' has a weight whose diagonal entry plus "
                                         "regul is 0")
         inv_a = 1.0 / aw
         a_inv_c = c * inv_a
-        sb = db + regul
+        sb = db + lb
         sigma = sb - (c * a_inv_c).sum(-1)
         sig = sigma.detach()
         if _checks._is_damped(regul):
@@ -135,7 +151,7 @@ class PMatQuasiDiag(_PerLayer):
         return inv_a, a_inv_c, 1.0 / sigma
 
     def _diag_invertible(self, lid, d, regul, what):
-        dd = d + regul
+        dd = d + self._layer_lam(regul, lid, d)
         _checks.check_invertible(dd, "PMatQuasiDiag", what, regul, exact=True,
                                  detail=f"layer '{lid}' has a diagonal entry plus regul equal to 0")
         return dd
@@ -158,22 +174,27 @@ class PMatQuasiDiag(_PerLayer):
         return torch.cat(out, dim=-1)
 
     def solvePVec(self, x, regul=1e-8, solve="default"):
-        """``(M + regul·I)⁻¹ x``, exact, through the per-unit Schur complement."""
+        """``(M + Λ)⁻¹ x``, exact, through the per-unit Schur complement; ``regul`` gives ``Λ``:
+        a scalar ``λ`` (``λI``), a dict ``{layer_id: λ_l}``, a PVector (one value per
+        parameter), a PMatEye or a PMatDiag."""
         self._check_pvector(x)
         _check_solve(solve)
+        regul = self._regul(regul, "solve")
         return PVector(self.layer_collection,
                        vector_repr=self._solve_rows(x.get_flat_representation(), regul))
 
     def solvePFMap(self, x, regul=1e-8, solve="default"):
-        """``(M + regul·I)⁻¹`` applied to every row of the PFMap (exact)."""
+        """``(M + Λ)⁻¹`` applied to every row of the PFMap (exact)."""
         self._check_pfmap(x)
         _check_solve(solve)
+        regul = self._regul(regul, "solve")
         return PFMapDense(self.layer_collection, data=self._solve_rows(x.to_torch(), regul))
 
     def inverse(self, regul=1e-8):
         """``(M + regul·I)⁻¹``, exact. It is not quasi-diagonal (each unit's block of the
         inverse is dense), but it is *diagonal plus one rank-one term per unit*: a
-        :class:`PMatQuasiDiagInverse`, in ``O(P)`` memory."""
+        :class:`PMatQuasiDiagInverse`, in ``O(P)`` memory. ``regul``: see :meth:`solvePVec`."""
+        regul = self._regul(regul, "inverse")
         data = {}
         for lid, d, c, shape in self._items():
             if c is None:
@@ -185,7 +206,11 @@ class PMatQuasiDiag(_PerLayer):
     def pow(self, x, regul=0.0):
         """Only ``x = 1`` (``M + regul·I``) and ``x = -1`` (:meth:`inverse`): other powers of an
         arrowhead matrix are dense per unit."""
+        regul = self._regul(regul, f"pow({x})")
         if x == 1:
+            if hasattr(regul, "layer_slice"):
+                return self._new({lid: (d + regul.layer_slice(lid, d), c)
+                                  for lid, d, c, _ in self._items()})
             return self + PMatEye(self.layer_collection, scaling=torch.as_tensor(
                 regul, dtype=next(iter(self.data.values()))[0].dtype))
         if x == -1:
@@ -201,7 +226,9 @@ class PMatQuasiDiag(_PerLayer):
         The quasi-diagonal of a PSD matrix is not PSD in general (``σ_o`` can be negative):
         ``log |det|`` is returned when ``det > 0`` (an even number of negative pivots ``a + λ``,
         ``σ``: the pivots of the unit blocks' LDLᵀ factorization, whose signs are those of the
-        eigenvalues), and refused with the fix when ``det <= 0``."""
+        eigenvalues), and refused with the fix when ``det <= 0``. ``regul``: ``Λ`` as in
+        :meth:`solvePVec`."""
+        regul = self._regul(regul, "logdet")
         pivots = []
         for lid, d, c, shape in self._items():
             if c is None:
