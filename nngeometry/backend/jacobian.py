@@ -270,7 +270,7 @@ class TorchHooksJacobianBackend:
                 for i, batch in enumerate(self._batches(examples)):
                     n_total += self._run_batch(batch, layer_collection, modules, calls, consumer,
                                                chunk_bytes, mean,
-                                               probe=probe and i == 0)
+                                               probe=probe and i == 0, index=i)
         if n_total == 0:
             raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
         consumer.finalize(n_total)
@@ -597,7 +597,7 @@ class TorchHooksJacobianBackend:
         if n == 0:
             raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
 
-    def _outputs(self, batch):
+    def _outputs(self, batch, index=None):
         """``(model_outputs, out, columns)``: what the model part of ``function`` returns (for
         the determinism probe), the outputs to differentiate, flattened to ``(n, n_output)``,
         and ``columns(k0, k1)``, the graph of ``out[:, k0:k1]`` alone (or None). For a
@@ -607,7 +607,11 @@ class TorchHooksJacobianBackend:
         columns = None
         if hasattr(fn, "model_outputs") and hasattr(fn, "split"):
             raw = fn.model_outputs(*batch)
-            out, columns = fn.split(raw)
+            if getattr(fn, "needs_batch", False):
+                # losses of the observed targets, seeded draws: the transform reads the batch
+                out, columns = fn.split(raw, fn.batch_info(batch, index))
+            else:
+                out, columns = fn.split(raw)
             out = check_outputs(out)
         else:
             raw = out = check_outputs(fn(*batch))
@@ -653,12 +657,12 @@ class TorchHooksJacobianBackend:
                 "check_deterministic=False if the randomness is intended")
 
     def _run_batch(self, batch, layer_collection, modules, calls, consumer, chunk_bytes=None,
-                   mean_jacobian=None, probe=False):
+                   mean_jacobian=None, probe=False, index=None):
         # (the batch comes from _batches: on the model's device and dtype, checked finite)
         for store in calls.values():
             store.clear()
         with torch.enable_grad():
-            raw, out, columns = self._outputs(batch)
+            raw, out, columns = self._outputs(batch, index)
         if probe:
             self._probe_deterministic(batch, raw)
         n, n_output = out.shape
@@ -814,13 +818,17 @@ class TorchHooksJacobianBackend:
                     constant[f"{lid}.{pname}" if lid else pname] = mask
             params = {k: p.detach() for k, p in names.items()}
             device = self._device()
-            for batch in self._batches(examples):
+            fn = self.function
+            needs_batch = getattr(fn, "needs_batch", False) and hasattr(fn, "model_outputs")
+            for index, batch in enumerate(self._batches(examples)):
                 batch = prepare_batch(batch, device)
+                # read outside the torch.func transforms (a seed's key hashes the batch's bytes)
+                info = fn.batch_info(batch, index) if needs_batch else None
                 # inference tensors (data made inside torch.inference_mode()) can't be saved
                 # for backward: normal copies with the same values (see _outside_inference_mode)
                 batch = tree_map(_normal_tensor, batch)
 
-                def f(p, batch=batch):
+                def f(p, batch=batch, info=info):
                     # buffers (e.g. BatchNorm running statistics, updated in place in training
                     # mode) are copied inside the transform: torch.func refuses in-place updates
                     # of captured tensors, and the model's own buffers must stay untouched
@@ -828,7 +836,10 @@ class TorchHooksJacobianBackend:
                     p = {k: torch.where(constant[k], t.detach(), t) if k in constant else t
                          for k, t in p.items()}
                     with _no_fused_attention(), tensors_in_model(self.model, {**p, **bufs}):
-                        out = self.function(*batch)
+                        if info is not None:
+                            out = fn.transform(fn.model_outputs(*batch), info)
+                        else:
+                            out = self.function(*batch)
                     return out.reshape(out.shape[0], -1)
 
                 yield batch, params, f
