@@ -290,7 +290,7 @@ class QuasiDiagCovariance(Consumer):
     @staticmethod
     def unit_shape(layer):
         """``(out, n_in)`` if the layer has one bias per row of its weight, else None."""
-        if layer.bias is None:
+        if layer.bias is None or not getattr(layer, "quasidiag_rows", True):
             return None
         out = layer.weight.size[0]
         if layer.bias.size != (out,):

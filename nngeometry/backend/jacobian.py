@@ -673,6 +673,8 @@ class TorchHooksJacobianBackend:
                 raise RuntimeError(
                     f"layer '{lid}' was not called during the forward pass of the function; "
                     "remove it from the LayerCollection or check the function")
+        if n > 1:
+            _refuse_unbatched_calls(layer_collection, modules, calls, n)
         key = uses_key(self.model, self.function, layer_collection)
         if not uses_verified(self.model, key):
             # once per model, function and collection in a process (entry points build a new
@@ -879,6 +881,29 @@ class _InstanceForward:
             self.module.__dict__.pop("forward", None)
         else:
             self.module.__dict__["forward"] = self.saved
+
+
+def _refuse_unbatched_calls(layer_collection, modules, calls, n):
+    """``RuntimeError`` for a call of a layer's module whose output does not hold the ``n``
+    examples of the batch along its batch axis: e.g. GPT-2's position embedding, looked up with
+    positions of shape ``(1, T)`` and broadcast over the batch. The gradient w.r.t. such an
+    output is already summed over the examples, so per-example gradients (and every matrix
+    built from them) cannot be recovered from it (GPT-2's ``wpe`` diagonal came out 180 % off)."""
+    for lid, store in calls.items():
+        layer, module = layer_collection[lid], modules[lid]
+        axis = layer.batch_axis(module)
+        for c in store:
+            shape = c.targets[0].shape
+            if len(shape) > axis and shape[axis] != n:
+                raise RuntimeError(
+                    f"layer '{lid}' ({type(module).__name__}) returned an output of shape "
+                    f"{tuple(shape)} for a batch of {n} examples: its input is not batched "
+                    f"along dimension {axis} (e.g. position ids of shape (1, T) broadcast over "
+                    "the batch), so its gradients are summed over the examples and per-example "
+                    "quantities cannot be computed. Fixes: give the module batched inputs (for "
+                    "Hugging Face models put position_ids = torch.arange(T).expand(n, T) in the "
+                    "batch), use PMatImplicit (exact through torch.func), or leave the layer out "
+                    "of the LayerCollection")
 
 
 def _examples_count(examples):
