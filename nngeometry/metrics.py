@@ -24,6 +24,57 @@ def _variant_name(variant):
     return variant.value if isinstance(variant, FIM_Types) else variant
 
 
+def subnetwork_collection(layer_collection, subnetwork_indices):
+    """``(indices, collection)``: the checked flat indices (``(k,)`` int64, CPU) and the
+    one-layer collection ``{'subnetwork': SubnetworkLayer}`` of a subnetwork of
+    ``layer_collection``."""
+    import torch
+
+    from .layercollection import LayerCollection
+    from .layer_types.subnetwork import SubnetworkLayer
+
+    P = layer_collection.numel()
+    idx = torch.as_tensor(subnetwork_indices)
+    if idx.dtype == torch.bool:
+        if idx.shape != (P,):
+            raise ValueError(f"a boolean subnetwork mask must have one entry per parameter "
+                             f"({P}), got shape {tuple(idx.shape)}")
+        idx = torch.nonzero(idx).reshape(-1)
+    if idx.is_floating_point() or idx.is_complex() or idx.dim() != 1 or idx.numel() == 0:
+        raise ValueError("subnetwork_indices must be a non-empty 1-D tensor (or list) of integer "
+                         "flat parameter indices, or a boolean mask of length P, got "
+                         f"{idx.dtype} of shape {tuple(idx.shape)}")
+    idx = idx.long().cpu()
+    if int(idx.min()) < 0 or int(idx.max()) >= P:
+        raise ValueError(f"subnetwork_indices must lie in [0, {P}) (the collection's {P} "
+                         f"parameters), got values from {int(idx.min())} to {int(idx.max())}")
+    if torch.unique(idx).numel() != idx.numel():
+        raise ValueError("subnetwork_indices has repeated indices: each parameter once")
+    lc = LayerCollection()
+    lc.add_layer("subnetwork", SubnetworkLayer(idx, layer_collection))
+    lc.dtype, lc.device = layer_collection.dtype, layer_collection.device
+    return idx, lc
+
+
+def _represent(representation, layer_collection, generator, loader, kwargs, subnetwork_indices):
+    if subnetwork_indices is None:
+        return representation(layer_collection=layer_collection, generator=generator,
+                              examples=loader, **kwargs)
+    from .object.pspace import PMatDense
+
+    if representation is not PMatDense:
+        name = getattr(representation, "__name__", repr(representation))
+        raise ValueError(f"subnetwork_indices= builds the dense k × k matrix of the subnetwork: "
+                         f"pass PMatDense, not {name}")
+    if kwargs:
+        raise TypeError(f"keywords {sorted(kwargs)} are not used with subnetwork_indices=")
+    idx, sub = subnetwork_collection(layer_collection, subnetwork_indices)
+    data = generator.get_subnetwork_matrix(idx, loader, layer_collection)
+    if sub.dtype is None:
+        sub.dtype, sub.device = data.dtype, data.device
+    return PMatDense(layer_collection=sub, data=data)
+
+
 def _drop_n_output(kwargs):
     # n_output: required by early releases (the number of outputs), ignored since; it must not
     # reach the representation
@@ -33,7 +84,7 @@ def _drop_n_output(kwargs):
 
 def FIM(model, loader, representation, variant="classif_logits", device=None, function=None,
         layer_collection=None, verbose=False, check_deterministic=True, positions="sum",
-        target_key="labels", **kwargs):
+        target_key="labels", subnetwork_indices=None, **kwargs):
     """The Fisher information matrix in closed form, in the chosen representation.
 
     Computes ``F = (1/n) Σ_x J_f(x)ᵀ Σ_{y|x} J_f(x)`` with ``f(x)`` the model's outputs on
@@ -68,6 +119,11 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
             ``model.eval()``. ``False`` skips the check (see ``TorchHooksJacobianBackend``).
         positions: ``'sum'`` or ``'mean'`` over the positions of the outputs (see above).
         target_key: for dict batches, the key of the targets, left out of ``model(**inputs)``.
+        subnetwork_indices: flat parameter indices ``idx`` (of the collection's layout; a
+            ``(k,)`` integer tensor or list, or a boolean mask of length ``P``), with
+            ``PMatDense``: the ``k × k`` matrix ``M[idx][:, idx]`` without forming ``P × P``
+            (laplace-torch's subnetwork Laplace), a ``PMatDense`` on a collection of one layer
+            ``'subnetwork'`` of ``k`` parameters (``PVector``\ s on it have ``k`` entries).
         **kwargs: passed to the representation (``n_output=``, which older code passes, is
             ignored); a keyword the representation does not take is refused (``TypeError``).
 
@@ -80,14 +136,14 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
     generator = TorchHooksJacobianBackend(
         model, closed_form_function(function, _variant_name(variant), positions), verbose=verbose,
         layer_collection=layer_collection, check_deterministic=check_deterministic)
-    return representation(layer_collection=layer_collection, generator=generator, examples=loader,
-                          **kwargs)
+    return _represent(representation, layer_collection, generator, loader, kwargs,
+                      subnetwork_indices)
 
 
 def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", trials=1, device=None,
                    function=None, layer_collection=None, verbose=False, covariance=1.0,
                    check_deterministic=True, seed=None, positions="sum", target_key="labels",
-                   **kwargs):
+                   subnetwork_indices=None, **kwargs):
     """The Fisher information matrix estimated with sampled targets.
 
     Computes ``F = (1/n) Σ_x (1/T) Σ_t ∇log p(y_t|x) ∇log p(y_t|x)ᵀ`` with ``y_t ~ p(·|x)``
@@ -126,13 +182,14 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
                                     positions=positions, seed=seed),
         verbose=verbose, layer_collection=layer_collection,
         check_deterministic=check_deterministic)
-    return representation(layer_collection=layer_collection, generator=generator, examples=loader,
-                          **kwargs)
+    return _represent(representation, layer_collection, generator, loader, kwargs,
+                      subnetwork_indices)
 
 
 def EmpiricalFisher(model, loader, representation, loss_function=None, device=None,
                     function=None, layer_collection=None, verbose=False,
-                    check_deterministic=True, positions="sum", target_key="labels", **kwargs):
+                    check_deterministic=True, positions="sum", target_key="labels",
+                    subnetwork_indices=None, **kwargs):
     """The empirical Fisher ``(1/n) Σ_i ∇θℓ_i ∇θℓ_iᵀ``, ``ℓ_i`` the loss of example ``i`` for
     its observed target, in the chosen representation (every one built from data: Dense,
     BlockDiag, Diag, QuasiDiag, LowRank, KFAC, EKFAC, Implicit, Mixed).
@@ -157,13 +214,13 @@ def EmpiricalFisher(model, loader, representation, loss_function=None, device=No
         model, empirical_function(function, loss_function, positions, target_key),
         verbose=verbose, layer_collection=layer_collection,
         check_deterministic=check_deterministic)
-    return representation(layer_collection=layer_collection, generator=generator, examples=loader,
-                          **kwargs)
+    return _represent(representation, layer_collection, generator, loader, kwargs,
+                      subnetwork_indices)
 
 
 def GGN(model, loader, representation, loss_function, device=None, function=None,
         layer_collection=None, verbose=False, check_deterministic=True, positions="sum",
-        target_key="labels", **kwargs):
+        target_key="labels", subnetwork_indices=None, **kwargs):
     """The generalized Gauss-Newton matrix ``(1/n) Σ_i J_iᵀ H_i J_i`` of a loss, in the chosen
     representation (Dense, BlockDiag, Diag, QuasiDiag, LowRank, KFAC, EKFAC, Implicit, Mixed).
 
@@ -192,8 +249,8 @@ def GGN(model, loader, representation, loss_function, device=None, function=None
         model, ggn_function(function, loss_function, positions, target_key),
         verbose=verbose, layer_collection=layer_collection,
         check_deterministic=check_deterministic)
-    return representation(layer_collection=layer_collection, generator=generator, examples=loader,
-                          **kwargs)
+    return _represent(representation, layer_collection, generator, loader, kwargs,
+                      subnetwork_indices)
 
 
 # the other entry points live in their own modules (upstream's paths); importable from here too

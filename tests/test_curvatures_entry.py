@@ -420,3 +420,30 @@ def test_mc_sequence_per_position():
                         for s in range(300)])
     z = (ests.mean(0) - exact).abs() / (ests.std(0) / 300 ** 0.5 + 1e-12)
     assert float(z.max()) < 5.5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mc_seeded_every_representation(kind):
+    """Seeded FIM_MonteCarlo in every representation against brute force for the same draws:
+    ``(1/n) Σ_i J_iᵀ U_iᵀ U_i J_i`` with ``U_i`` the gradients of the sampled log-likelihoods
+    w.r.t. the outputs (the draws are a fixed function of the seed and the batch)."""
+    from nngeometry import variants as V
+    model, x, y = make(kind)
+    dl = [(x, y)]
+    t = V.monte_carlo_function(lambda *b: model(b[0]), "classif_logits", 2, seed=7)
+    U = _dgdf(t, model, x, y)
+    U = U.reshape(U.shape[0], U.shape[1], -1)  # (n, K, D)
+    J = brute_jac(model, x)
+    ref = torch.einsum("nkd,ndp,nke,neq->pq", U, J, U, J) / x.shape[0]
+    lc = LayerCollection.from_model(model)
+
+    def mc(rep):
+        return FIM_MonteCarlo(model, dl, rep, trials=2, seed=7)
+    torch.testing.assert_close(mc(PMatDense).to_torch(), ref, **TOL)
+    torch.testing.assert_close(mc(PMatLowRank).to_torch(), ref, **TOL)
+    torch.testing.assert_close(mc(PMatDiag).get_diag(), torch.diag(ref), **TOL)
+    bd = mc(PMatBlockDiag).to_torch()
+    torch.testing.assert_close(bd, torch.where(block_mask(lc), ref, torch.zeros_like(ref)), **TOL)
+    v = torch.randn(ref.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(mc(PMatImplicit).mv(PVector(lc, vector_repr=v)).to_torch(),
+                               ref @ v, **TOL)

@@ -70,32 +70,43 @@ def brute_fim(model, b, lc):
 
 
 def test_tied_model_diag_kfac_implicit():
+    from nngeometry.backend import TorchHooksJacobianBackend
+    from nngeometry.backend.batches import default_function
+    from nngeometry.object import PMatMixed
+    from nngeometry.variants import closed_form_function
+
     model = gpt2(tied=True)
     assert model.lm_head.weight is model.transformer.wte.weight
     b = batch()
-    # the tied pair is refused by the hooks (they cannot see the other use): the hooks-based
-    # representations take the other layers, Implicit takes every parameter
-    with pytest.raises(ValueError, match="tied weights"):
+    # by default the tied pair is refused; tied_weights='sum' adds lm_head's use of the weight
+    # to wte's per-example gradients
+    with pytest.raises(ValueError, match="tied weights.*tied_weights='sum'"):
         LayerCollection.from_model(model)
-    lc = collection(model, skip=("transformer.wte", "lm_head"))
-    J, Sig = brute_parts(model, b, lc)
+    lc = LayerCollection.from_model(model, tied_weights="sum")
+    assert "lm_head" not in lc.layer_ids() and lc.tied["transformer.wte"][0][0] == "lm_head"
+    J, Sig = brute_parts(model, b, lc)  # functional_call: both uses of the tied weight
     diag = FIM(model, [b], PMatDiag, layer_collection=lc).get_diag()
     torch.testing.assert_close(diag, torch.einsum("ndp,nde,nep->p", J, Sig, J) / N,
                                atol=1e-10, rtol=1e-8)
-    kfac = FIM(model, [b], PMatKFAC, layer_collection=lc)
-    # KFAC approximates the blocks (its Conv1D maths is checked exactly against nn.Linear's in
-    # test_conv1d_is_a_transposed_linear): here it must be built from these layers, PSD
-    d = kfac.get_diag()
-    assert d.shape == (lc.numel(),) and torch.isfinite(d).all() and d.min() >= 0
-    w = PVector(lc, vector_repr=torch.randn(lc.numel(), dtype=torch.float64))
-    assert float(kfac.vTMv(w)) > 0
-    lc_all = collection(model, skip=("lm_head",))  # wte holds the tied weight: both uses seen
-    J, Sig = brute_parts(model, b, lc_all)
-    imp = FIM(model, [b], PMatImplicit, layer_collection=lc_all)
-    v = torch.randn(lc_all.numel(), dtype=torch.float64)
+    imp = FIM(model, [b], PMatImplicit, layer_collection=lc)
+    v = torch.randn(lc.numel(), dtype=torch.float64)
     ref_mv = torch.einsum("ndp,nde,ne->p", J, Sig, J @ v) / N
-    torch.testing.assert_close(imp.mv(PVector(lc_all, vector_repr=v)).to_torch(), ref_mv,
+    torch.testing.assert_close(imp.mv(PVector(lc, vector_repr=v)).to_torch(), ref_mv,
                                atol=1e-10, rtol=1e-8)
+    # KFAC: the tied layer's block is a sum of two Kronecker products: refused with advice...
+    with pytest.raises(NotImplementedError, match="tied weights.*PMatMixed"):
+        FIM(model, [b], PMatKFAC, layer_collection=lc)
+    # ... KFAC on every other layer, the diagonal on the tied one
+    gen = TorchHooksJacobianBackend(model, closed_form_function(default_function(model),
+                                                                "classif_logits"))
+    mixed = PMatMixed.from_mapping(lc, gen, PMatKFAC, {"transformer.wte": PMatDiag},
+                                   examples=[b])
+    d = mixed.get_diag()
+    sl = lc.slice("transformer.wte")
+    torch.testing.assert_close(d[sl], diag[sl], atol=1e-10, rtol=1e-8)
+    assert torch.isfinite(d).all() and d.min() >= 0
+    w = PVector(lc, vector_repr=torch.randn(lc.numel(), dtype=torch.float64))
+    assert float(mixed.vTMv(w)) > 0
 
 
 def test_position_embedding_broadcast_refused_or_exact():

@@ -228,6 +228,13 @@ class TorchHooksJacobianBackend:
         return self.accumulate(examples, lc, C.KFEDiag(lc, kfe),
                                chunk_bytes=self.max_chunk_bytes).result
 
+    def get_subnetwork_matrix(self, indices, examples=None, layer_collection=None):
+        """``(k, k)``: ``(1/n) Σ_x J(x)ᵀ J(x)`` restricted to the flat parameter ``indices``
+        (``(k,)``, of the collection's layout), without forming ``P × P``."""
+        examples, layer_collection = self._resolve(examples, layer_collection)
+        return self.accumulate(examples, layer_collection,
+                               C.SubnetworkCovariance(layer_collection, indices)).result
+
     def get_jacobian(self, examples=None, layer_collection=None):
         """``(n_output, n, P)``: the per-example Jacobians (not normalized)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
@@ -503,14 +510,24 @@ class TorchHooksJacobianBackend:
         modules = layer_collection.get_layerid_module_map(self.model)
         _check_uniform_params(layer_collection, modules)
         params = layer_collection.parameters(modules)
+        # the other parameters are constants for the time of the pass: autograd then records
+        # no graph below the collection's first layer (a last-layer matrix runs no backward
+        # pass through the rest of the network)
+        mine = {id(p) for p in params}
+        others = [p for p in self.model.parameters() if id(p) not in mine]
         flags = [p.requires_grad for p in params]
+        other_flags = [p.requires_grad for p in others]
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         try:
             for p in params:
                 p.requires_grad_(True)
+            for p in others:
+                p.requires_grad_(False)
             yield modules, params
         finally:
             for p, f in zip(params, flags):
+                p.requires_grad_(f)
+            for p, f in zip(others, other_flags):
                 p.requires_grad_(f)
             with torch.no_grad():
                 for b, saved in buffers:
@@ -540,6 +557,12 @@ class TorchHooksJacobianBackend:
                         handles.append(_InstanceForward(module, active))
                     handles.append(module.register_forward_hook(
                         self._make_hook(calls[lid], active), with_kwargs=True))
+                    # other modules using this layer's parameters (tied weights): their calls
+                    # are calls of the layer, with their own spec and module
+                    for tname, tspec in getattr(layer_collection, "tied", {}).get(lid, ()):
+                        tmod = self.model.get_submodule(tname)
+                        handles.append(tmod.register_forward_hook(
+                            self._make_hook(calls[lid], None, tspec, tmod), with_kwargs=True))
                 yield modules, calls
             finally:
                 for h in reversed(handles):
@@ -565,7 +588,7 @@ class TorchHooksJacobianBackend:
         return pre_hook
 
     @staticmethod
-    def _make_hook(store, active=None):
+    def _make_hook(store, active=None, spec=None, tied_module=None):
         def hook(module, args, kwargs, output):
             if is_recording_paused():
                 # a layer type re-running this module's forward to compute its statistics
@@ -582,7 +605,7 @@ class TorchHooksJacobianBackend:
                 raise TypeError(f"cannot differentiate through the output of {type(module).__name__}")
             store.append(Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
                               {k: v.detach() if isinstance(v, torch.Tensor) else v
-                               for k, v in kwargs.items()}, out, rec))
+                               for k, v in kwargs.items()}, out, rec, spec, tied_module))
         return hook
 
     @staticmethod
@@ -890,9 +913,9 @@ def _refuse_unbatched_calls(layer_collection, modules, calls, n):
     output is already summed over the examples, so per-example gradients (and every matrix
     built from them) cannot be recovered from it (GPT-2's ``wpe`` diagonal came out 180 % off)."""
     for lid, store in calls.items():
-        layer, module = layer_collection[lid], modules[lid]
-        axis = layer.batch_axis(module)
         for c in store:
+            layer, module = c.spec or layer_collection[lid], c.module or modules[lid]
+            axis = layer.batch_axis(module)
             shape = c.targets[0].shape
             if len(shape) > axis and shape[axis] != n:
                 raise RuntimeError(
