@@ -107,3 +107,26 @@ def test_kfac_on_dict_batches():
     k1 = FIM(m, batches(), PMatKFAC).to_torch()
     k2 = FIM(plain, as_tuples(batches()), PMatKFAC).to_torch()
     torch.testing.assert_close(k1, k2)
+
+
+def test_hessian_default_loss_on_dict_sequence_batches():
+    """Hessian's default loss on (n, T, V) outputs of a dict batch: the per-token cross-entropy
+    summed, targets from 'labels' (F.cross_entropy on (n, T, V) would read T as the classes)."""
+    from nngeometry import Hessian
+    m, plain = model_and_plain()
+    d = batches(k=1)[0]
+    H = Hessian(m, [d], PMatDense).to_torch()
+    ids, y = d["input_ids"], d["labels"]
+    lc = LayerCollection.from_model(plain)
+    params = dict(plain.named_parameters())
+    names = [f"{lid}.{p}" for lid, layer in lc.layers.items() for p in layer.param_names()]
+    flat = torch.cat([params[k].detach().reshape(-1) for k in names])
+
+    def loss(theta):
+        p, i = {}, 0
+        for k in names:
+            p[k] = theta[i:i + params[k].numel()].reshape(params[k].shape)
+            i += params[k].numel()
+        out = torch.func.functional_call(plain, p, (ids,))
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
+    torch.testing.assert_close(H, torch.func.hessian(loss)(flat))
