@@ -296,10 +296,25 @@ def get_rep(name):
     return cls
 
 
+def _ce(out, y):
+    return torch.nn.functional.cross_entropy(out, y, reduction="none")
+
+
 def build(model, loader, cls, variant):
     if variant == "FIM":
         return nngeometry.FIM(model=model, loader=loader, representation=cls,
                               variant="classif_logits")
+    if variant == "EF":
+        # empirical Fisher: one backward direction, as MC with one trial
+        return nngeometry.EmpiricalFisher(model, loader, cls, loss_function=_ce)
+    if variant == "GGN":
+        # GGN of the cross-entropy through the output Hessians' square roots: C directions
+        return nngeometry.GGN(model, loader, cls, loss_function=_ce)
+    if variant == "LL":
+        # closed-form Fisher of the last layer only (no backward pass below it)
+        return nngeometry.FIM(model=model, loader=loader, representation=cls,
+                              variant="classif_logits",
+                              layer_collection=layer_collection(model).last_layer())
     return nngeometry.FIM_MonteCarlo(model=model, loader=loader, representation=cls,
                                      variant="classif_logits", trials=1)
 
@@ -416,7 +431,7 @@ def run_workload(w, reps, variants, repeats, quick, memory, log, n=None):
     floor_chunks = [floor_samples]
 
     # per-example Jacobian of the whole model for one batch, per variant (K rows per example)
-    K_of = {"FIM": N_CLASSES - 1, "MC": 1}
+    K_of = {"FIM": N_CLASSES - 1, "MC": 1, "EF": 1, "GGN": N_CLASSES, "LL": N_CLASSES - 1}
     res["jacobian_batch_bytes"] = {v: K_of[v] * w.batch * P * 4 for v in K_of}
 
     for name in reps:
@@ -451,7 +466,7 @@ def run_workload(w, reps, variants, repeats, quick, memory, log, n=None):
             except Exception as exc:  # noqa: BLE001
                 entry.update(status="n/a", reason=reason_of(exc))
                 log(f"    build {variant}: n/a ({reason_of(exc)})")
-            if name in ("Dense", "BlockDiag"):
+            if name in ("Dense", "BlockDiag") and variant in ("FIM", "MC"):
                 try:
                     t, samples = bare_gemm(lc, n, K_of[variant], name == "BlockDiag", repeats)
                     res["gemm"].setdefault(name, {})[variant] = {"time_s": t, "samples": samples}
@@ -798,7 +813,9 @@ def parse_args(argv=None):
                     help=f"comma-separated subset of {','.join(ALL_REPS)} (each workload runs "
                          "those of them that apply to it)")
     ap.add_argument("--variants", default="FIM,MC",
-                    help="builds to measure: FIM (closed form), MC (FIM_MonteCarlo, trials=1)")
+                    help="builds to measure: FIM (closed form), MC (FIM_MonteCarlo, trials=1), "
+                         "EF (EmpiricalFisher, cross-entropy), GGN (GGN of the cross-entropy), "
+                         "LL (FIM of the last layer)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="samples per figure (median); default 3, 1 with --quick")
     ap.add_argument("--quick", action="store_true", help="smaller N per workload: a smoke run")
@@ -831,7 +848,7 @@ def main(argv=None):
     workloads = list(WORKLOADS) if args.all or not args.workloads else \
         _split(args.workloads, list(WORKLOADS), "workload")
     reps = list(ALL_REPS) if args.all or not args.reps else _split(args.reps, ALL_REPS, "representation")
-    variants = _split(args.variants, ["FIM", "MC"], "variant")
+    variants = _split(args.variants, ["FIM", "MC", "EF", "GGN", "LL"], "variant")
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
 

@@ -9,14 +9,14 @@ from .layercollection import LayerCollection
 _PASSED_BY_ENTRY = {"self", "layer_collection", "generator", "data", "examples"}
 
 
-def prepare_entry(model, function, layer_collection):
+def prepare_entry(model, function, layer_collection, target_key="labels"):
     """``(function, layer_collection)`` with the defaults: ``model(batch[0])`` and all the
     layers of the model. (Batches always go to the model's device: entry points accept
     ``device`` only for compatibility.)"""
     if layer_collection is None:
         layer_collection = LayerCollection.from_model(model)
     if function is None:
-        function = default_function(model)
+        function = default_function(model, target_key)
     return function, layer_collection
 
 

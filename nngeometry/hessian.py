@@ -66,4 +66,119 @@ def Hessian(model, loader, representation, function=None, layer_collection=None,
                           examples=loader, **kwargs)
 
 
-__all__ = ["Hessian"]
+
+
+class ActivationHessian:
+    """The Hessian of a batch's loss w.r.t. an intermediate feature: ``∇²_z L`` with ``z`` the
+    output (or input) of the module named ``layer_name`` on one batch and
+    ``L = Σ_i ℓ(f(x_i), y_i)`` the loss summed over the batch's examples, the rest of the
+    network (after ``z``) held as a function of ``z`` (curvlinops' experimental
+    ``ActivationHessianLinearOperator``). ``z`` has shape ``shape`` (the batch's, e.g.
+    ``(n, d)``); the matrix is ``(N, N)`` with ``N = z.numel()``, in ``z.flatten()`` order.
+    Examples interact only through the loss' sum, so the matrix is block-diagonal over the
+    examples for per-example losses.
+
+    Products (``mv``, one Hessian-vector product: reverse-over-reverse) need no ``N × N``
+    memory; ``to_torch()`` forms the dense matrix (``N`` products).
+
+    Args:
+        model: the ``torch.nn.Module`` (in eval mode: dropout would make the Hessian random).
+        batch: one mini-batch ``(inputs, targets, ...)`` or a dict batch.
+        layer_name: the module's qualified name (``dict(model.named_modules())``).
+        loss_function: ``loss_function(outputs, *targets) -> (n,)``; default cross-entropy on
+            logits (as :func:`nngeometry.EmpiricalFisher`).
+        io: ``'output'`` (default) or ``'input'`` (the module's first positional input).
+        function: ``function(*batch) -> outputs``; default ``model(batch[0])`` /
+            ``model(**inputs)``.
+        positions, target_key: as for :func:`nngeometry.EmpiricalFisher`.
+    """
+
+    def __init__(self, model, batch, layer_name, loss_function=None, io="output", function=None,
+                 positions="sum", target_key="labels"):
+        import torch
+
+        from .backend.batches import default_function, iterate_batches, prepare_batch
+        from .variants import _loss_or_default, per_example_losses, targets_of
+
+        if io not in ("output", "input"):
+            raise ValueError(f"io must be 'output' or 'input', got {io!r}")
+        modules = dict(model.named_modules())
+        if layer_name not in modules:
+            close = [n for n in modules if n and layer_name in n][:5]
+            raise ValueError(f"no module named {layer_name!r} in the model"
+                             + (f"; did you mean one of {close}?" if close else ""))
+        self.module = modules[layer_name]
+        batches = list(iterate_batches(batch))
+        if len(batches) != 1:
+            raise ValueError(f"ActivationHessian takes one mini-batch, got {len(batches)} batches")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        self.batch = prepare_batch(batches[0], device, dtype)
+        self.function = function if function is not None else default_function(model, target_key)
+        self.loss = _loss_or_default(loss_function)
+        self.targets = targets_of(self.batch, target_key, "the activation Hessian")
+        self.io, self.positions = io, positions
+        self._per_example = per_example_losses
+        seen = []
+
+        def grab(m, args, out=None):
+            seen.append((out if io == "output" else args[0]))
+        h = (self.module.register_forward_hook(grab) if io == "output"
+             else self.module.register_forward_pre_hook(grab))
+        try:
+            with torch.no_grad():
+                self.function(*self.batch)
+        finally:
+            h.remove()
+        if not seen or not isinstance(seen[0], torch.Tensor):
+            raise ValueError(f"module {layer_name!r} was not called with a tensor {io} by the "
+                             "forward pass of this batch")
+        self.z = seen[0].detach()
+        self.shape = tuple(self.z.shape)
+
+    def _loss_of(self, z):
+        import torch
+
+        if self.io == "output":
+            h = self.module.register_forward_hook(lambda m, a, o: z)
+        else:
+            h = self.module.register_forward_pre_hook(lambda m, a: (z,) + tuple(a[1:]))
+        try:
+            with torch.enable_grad():
+                out = self.function(*self.batch)
+                losses = self.loss(out, *self.targets)
+                return self._per_example(losses, out.shape[0], self.positions).sum()
+        finally:
+            h.remove()
+
+    def mv(self, v):
+        """``H v`` for ``v`` of shape ``shape`` (or flat ``(N,)``); same shape as ``v``."""
+        import torch
+
+        z = self.z.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(self._loss_of(z), z, create_graph=True)
+        vv = v.reshape(self.shape).to(z.dtype)
+        (hv,) = torch.autograd.grad(g, z, vv, allow_unused=True)
+        hv = torch.zeros_like(z) if hv is None else hv
+        return hv.reshape(v.shape).detach()
+
+    def to_torch(self):
+        """The dense ``(N, N)`` matrix (``N`` Hessian-vector products, vmapped)."""
+        import torch
+
+        from .backend.consumers import check_fits
+
+        N = self.z.numel()
+        check_fits(N * N * self.z.element_size(),
+                   f"the activation Hessian ({N}² entries)", "use mv() products instead")
+        z = self.z.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(self._loss_of(z), z, create_graph=True)
+        eye = torch.eye(N, dtype=z.dtype, device=z.device).reshape((N,) + self.shape)
+        rows = []
+        for e in eye:  # one HVP per coordinate (a loop: double backward of any model)
+            (r,) = torch.autograd.grad(g, z, e, retain_graph=True, allow_unused=True)
+            rows.append(torch.zeros_like(z).reshape(-1) if r is None else r.reshape(-1))
+        return torch.stack(rows).detach()
+
+
+__all__ = ["Hessian", "ActivationHessian"]

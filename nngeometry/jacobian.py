@@ -31,4 +31,47 @@ def Jacobian(model, loader, function=None, representation=PFMapDense, layer_coll
                           examples=loader)
 
 
-__all__ = ["Jacobian"]
+def _collection(model, layer_collection, last_layer):
+    from .layercollection import LayerCollection
+
+    if last_layer:
+        if layer_collection is not None:
+            raise ValueError("pass either layer_collection= or last_layer=True, not both")
+        return LayerCollection.from_model(model).last_layer()
+    return layer_collection
+
+
+def per_example_gradients(model, loader, loss_function=None, function=None,
+                          layer_collection=None, last_layer=False, positions="sum",
+                          target_key="labels", check_deterministic=True):
+    """``(n, P)``: the gradient of each example's loss for its observed target,
+    ``∇θ ℓ(f(x_i), y_i)`` (laplace-torch's ``gradients``), in the collection's layout (all the
+    layers, or the last one with ``last_layer=True``: no backward pass below it).
+
+    ``loss_function(outputs, *targets) -> (n,)`` per-example losses, default cross-entropy on
+    logits; targets, positions and dict batches as for :func:`nngeometry.EmpiricalFisher`
+    (whose matrix is ``GᵀG / n`` for the ``G`` returned here)."""
+    from .variants import empirical_function
+
+    layer_collection = _collection(model, layer_collection, last_layer)
+    function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
+    generator = TorchHooksJacobianBackend(
+        model, empirical_function(function, loss_function, positions, target_key),
+        layer_collection=layer_collection, check_deterministic=check_deterministic)
+    return generator.get_jacobian(loader, layer_collection)[0]
+
+
+def per_example_jacobians(model, loader, function=None, layer_collection=None,
+                          last_layer=False, target_key="labels", check_deterministic=True):
+    """``(n, D, P)``: the Jacobian of each example's outputs (flattened to ``D``) w.r.t. the
+    parameters, ``J[i, d, :] = ∂f_d(x_i)/∂θ`` (laplace-torch's ``jacobians``), on all the
+    layers or the last one (``last_layer=True``). :func:`Jacobian` gives the same numbers as a
+    ``(D, n, P)`` ``PFMapDense``."""
+    layer_collection = _collection(model, layer_collection, last_layer)
+    function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
+    generator = TorchHooksJacobianBackend(model, function, layer_collection=layer_collection,
+                                          check_deterministic=check_deterministic)
+    return generator.get_jacobian(loader, layer_collection).transpose(0, 1)
+
+
+__all__ = ["Jacobian", "per_example_gradients", "per_example_jacobians"]

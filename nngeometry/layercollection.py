@@ -75,6 +75,26 @@ def run_eagerly(model):
                 setattr(m, name, value)
 
 
+def _tied_owner(lc, model, module, name, own, claimed):
+    """``(owner_layer_id, spec)`` when every parameter of ``module`` is the parameter of one
+    layer already in ``lc``, in the same order and shapes (a tied use); else None."""
+    cls = _type_for(module)
+    if cls is None:
+        return None
+    spec = cls.from_module(module)
+    owners = {claimed.get(id(p)) for _, p in own}
+    if len(owners) != 1 or None in owners:
+        return None
+    owner = owners.pop()
+    if owner not in lc.layers:
+        return None
+    mine = spec.parameters_of(module)
+    theirs = lc[owner].parameters_of(model.get_submodule(owner))
+    if len(mine) != len(theirs) or any(a is not b for a, b in zip(mine, theirs)):
+        return None
+    return owner, spec
+
+
 class LayerCollection:
     """An ordered collection of layers with their offsets in the flat parameter vector."""
 
@@ -86,14 +106,26 @@ class LayerCollection:
         # defaults for the random vectors and maps built on it; not part of equality
         self.dtype = None
         self.device = None
+        #: ``{layer_id: [(module_name, layer_spec), ...]}``: other modules that use this layer's
+        #: parameters (tied weights, ``from_model(..., tied_weights='sum')``); their uses are
+        #: added to the layer's per-example gradients
+        self.tied = OrderedDict()
         if layers is not None:
             for layer_id, layer in layers.items() if hasattr(layers, "items") else layers:
                 self.add_layer(layer_id, layer)
 
     # ------------------------------------------------------------------ building
     @staticmethod
-    def from_model(model, ignore_unsupported_layers=False):
+    def from_model(model, ignore_unsupported_layers=False, tied_weights="refuse"):
         """All layers of ``model`` that have parameters, in ``named_modules()`` order.
+
+        ``tied_weights``: what to do with a module whose parameters are those of an earlier
+        layer (GPT-2's ``lm_head`` and ``wte``): ``'refuse'`` (default, ``ValueError``) or
+        ``'sum'``: the module is a second use of the earlier layer's parameters (in
+        :attr:`tied`), and the generator adds its per-example gradients to the layer's, so
+        that the matrices are exact (Dense, BlockDiag, Diag, LowRank, QuasiDiag, Implicit;
+        KFAC/EKFAC refuse such a layer: a sum of two Kronecker products is not one). The module
+        must hold no parameter of its own besides the shared ones, in the same layout.
 
         Raises:
             UnsupportedLayerError: a module owns parameters but no layer type handles it (and
@@ -112,6 +144,13 @@ class LayerCollection:
             if None not in owners and all(name.startswith(o + ".") or o == "" for o in owners):
                 # held by an enclosing layer (e.g. MultiheadAttention's out_proj)
                 continue
+            if tied_weights not in ("refuse", "sum"):
+                raise ValueError(f"tied_weights must be 'refuse' or 'sum', got {tied_weights!r}")
+            if tied_weights == "sum" and all(id(p) in seen for _, p in own):
+                owner = _tied_owner(lc, model, module, name, own, claimed)
+                if owner is not None:
+                    lc.tied.setdefault(owner[0], []).append((name, owner[1]))
+                    continue
             for pname, p in own:
                 if id(p) in seen:
                     # leaving one module out of the collection is not enough: the hooks of
@@ -127,7 +166,9 @@ class LayerCollection:
                         "LayerCollection built by hand: lc = LayerCollection(); "
                         "lc.add_layer_from_model(model, module) for every layer but one of the "
                         "two modules (the parameters of the module left out that it does not "
-                        "share, e.g. its bias, are then constants)")
+                        "share, e.g. its bias, are then constants). For exact hooks-based "
+                        "matrices of both uses: LayerCollection.from_model(model, "
+                        "tied_weights='sum')")
                 seen[id(p)] = f"{name}.{pname}"
             cls = _type_for(module)
             if cls is None:
@@ -273,6 +314,9 @@ class LayerCollection:
             raise KeyError(f"layers not in the collection: {sorted(missing)}")
         out = LayerCollection([(lid, l) for lid, l in self.layers.items() if lid in wanted])
         out.dtype, out.device = self.dtype, self.device
+        for lid, uses in self.tied.items():
+            if lid in wanted:
+                out.tied[lid] = list(uses)
         return out
 
     def last_layer(self):

@@ -4,7 +4,8 @@ from enum import Enum
 
 from ._entry import check_representation, prepare_entry
 from .backend import TorchHooksJacobianBackend
-from .variants import closed_form_function, monte_carlo_function
+from .variants import (check_positions, closed_form_function, empirical_function, ggn_function,
+                       monte_carlo_function)
 
 
 class FIM_Types(str, Enum):
@@ -23,6 +24,57 @@ def _variant_name(variant):
     return variant.value if isinstance(variant, FIM_Types) else variant
 
 
+def subnetwork_collection(layer_collection, subnetwork_indices):
+    """``(indices, collection)``: the checked flat indices (``(k,)`` int64, CPU) and the
+    one-layer collection ``{'subnetwork': SubnetworkLayer}`` of a subnetwork of
+    ``layer_collection``."""
+    import torch
+
+    from .layercollection import LayerCollection
+    from .layer_types.subnetwork import SubnetworkLayer
+
+    P = layer_collection.numel()
+    idx = torch.as_tensor(subnetwork_indices)
+    if idx.dtype == torch.bool:
+        if idx.shape != (P,):
+            raise ValueError(f"a boolean subnetwork mask must have one entry per parameter "
+                             f"({P}), got shape {tuple(idx.shape)}")
+        idx = torch.nonzero(idx).reshape(-1)
+    if idx.is_floating_point() or idx.is_complex() or idx.dim() != 1 or idx.numel() == 0:
+        raise ValueError("subnetwork_indices must be a non-empty 1-D tensor (or list) of integer "
+                         "flat parameter indices, or a boolean mask of length P, got "
+                         f"{idx.dtype} of shape {tuple(idx.shape)}")
+    idx = idx.long().cpu()
+    if int(idx.min()) < 0 or int(idx.max()) >= P:
+        raise ValueError(f"subnetwork_indices must lie in [0, {P}) (the collection's {P} "
+                         f"parameters), got values from {int(idx.min())} to {int(idx.max())}")
+    if torch.unique(idx).numel() != idx.numel():
+        raise ValueError("subnetwork_indices has repeated indices: each parameter once")
+    lc = LayerCollection()
+    lc.add_layer("subnetwork", SubnetworkLayer(idx, layer_collection))
+    lc.dtype, lc.device = layer_collection.dtype, layer_collection.device
+    return idx, lc
+
+
+def _represent(representation, layer_collection, generator, loader, kwargs, subnetwork_indices):
+    if subnetwork_indices is None:
+        return representation(layer_collection=layer_collection, generator=generator,
+                              examples=loader, **kwargs)
+    from .object.pspace import PMatDense
+
+    if representation is not PMatDense:
+        name = getattr(representation, "__name__", repr(representation))
+        raise ValueError(f"subnetwork_indices= builds the dense k × k matrix of the subnetwork: "
+                         f"pass PMatDense, not {name}")
+    if kwargs:
+        raise TypeError(f"keywords {sorted(kwargs)} are not used with subnetwork_indices=")
+    idx, sub = subnetwork_collection(layer_collection, subnetwork_indices)
+    data = generator.get_subnetwork_matrix(idx, loader, layer_collection)
+    if sub.dtype is None:
+        sub.dtype, sub.device = data.dtype, data.device
+    return PMatDense(layer_collection=sub, data=data)
+
+
 def _drop_n_output(kwargs):
     # n_output: required by early releases (the number of outputs), ignored since; it must not
     # reach the representation
@@ -31,7 +83,8 @@ def _drop_n_output(kwargs):
 
 
 def FIM(model, loader, representation, variant="classif_logits", device=None, function=None,
-        layer_collection=None, verbose=False, check_deterministic=True, **kwargs):
+        layer_collection=None, verbose=False, check_deterministic=True, positions="sum",
+        target_key="labels", subnetwork_indices=None, **kwargs):
     """The Fisher information matrix in closed form, in the chosen representation.
 
     Computes ``F = (1/n) Σ_x J_f(x)ᵀ Σ_{y|x} J_f(x)`` with ``f(x)`` the model's outputs on
@@ -45,6 +98,13 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
 
     Targets in the loader are not used.
 
+    Outputs with positions, ``(n, T, C)`` (sequences: classes last) or ``(n, C, H, W)``
+    (images: classes along dimension 1): the likelihood factorises over positions, one softmax
+    (Bernoulli, Gaussian) per position, and ``F`` sums the per-position terms
+    (``positions='sum'``) or averages them (``positions='mean'``: ``F`` divided by the number of
+    positions ``S``, for losses that are means over tokens, curvlinops'
+    ``loss_average='batch+sequence'``).
+
     Args:
         model: the ``torch.nn.Module``.
         loader: a DataLoader (or a single mini-batch) of ``(inputs, targets, ...)``.
@@ -57,6 +117,13 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
         check_deterministic: refuse a random model (dropout in training mode; a second run
             of the model on the first batch that differs): ``RuntimeError`` naming
             ``model.eval()``. ``False`` skips the check (see ``TorchHooksJacobianBackend``).
+        positions: ``'sum'`` or ``'mean'`` over the positions of the outputs (see above).
+        target_key: for dict batches, the key of the targets, left out of ``model(**inputs)``.
+        subnetwork_indices: flat parameter indices ``idx`` (of the collection's layout; a
+            ``(k,)`` integer tensor or list, or a boolean mask of length ``P``), with
+            ``PMatDense``: the ``k × k`` matrix ``M[idx][:, idx]`` without forming ``P × P``
+            (laplace-torch's subnetwork Laplace), a ``PMatDense`` on a collection of one layer
+            ``'subnetwork'`` of ``k`` parameters (``PVector``\ s on it have ``k`` entries).
         **kwargs: passed to the representation (``n_output=``, which older code passes, is
             ignored); a keyword the representation does not take is refused (``TypeError``).
 
@@ -64,17 +131,19 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
     """
     kwargs = _drop_n_output(kwargs)
     check_representation(representation, kwargs, "FIM")
-    function, layer_collection = prepare_entry(model, function, layer_collection)
+    check_positions(positions)
+    function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
     generator = TorchHooksJacobianBackend(
-        model, closed_form_function(function, _variant_name(variant)), verbose=verbose,
+        model, closed_form_function(function, _variant_name(variant), positions), verbose=verbose,
         layer_collection=layer_collection, check_deterministic=check_deterministic)
-    return representation(layer_collection=layer_collection, generator=generator, examples=loader,
-                          **kwargs)
+    return _represent(representation, layer_collection, generator, loader, kwargs,
+                      subnetwork_indices)
 
 
 def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", trials=1, device=None,
                    function=None, layer_collection=None, verbose=False, covariance=1.0,
-                   check_deterministic=True, **kwargs):
+                   check_deterministic=True, seed=None, positions="sum", target_key="labels",
+                   subnetwork_indices=None, **kwargs):
     """The Fisher information matrix estimated with sampled targets.
 
     Computes ``F = (1/n) Σ_x (1/T) Σ_t ∇log p(y_t|x) ∇log p(y_t|x)ᵀ`` with ``y_t ~ p(·|x)``
@@ -87,7 +156,17 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     returns the Fisher ``JᵀJ / covariance``, where upstream nngeometry returned
     ``covariance·JᵀJ``; ``covariance`` must be finite and positive).
 
-    The targets are drawn from PyTorch's global RNG (``torch.multinomial`` / exponential draws
+    Outputs with positions (``(n, T, C)``, ``(n, C, H, W)``): one target per position, the
+    log-probabilities summed over positions (``positions='sum'``) or averaged (``'mean'``), as
+    for :func:`FIM`.
+
+    ``seed`` (an int): the sampled targets are a fixed function of the seed, the batch's index
+    in the loader and the batch's content (no RNG state is read or changed), so that every pass
+    over the loader sees the same targets: the same matrix on every build, and a
+    ``PMatImplicit`` that is one fixed matrix (two products with it agree, as CG, Lanczos and
+    Hutchinson need). See :func:`nngeometry.variants.monte_carlo_function`.
+
+    Without ``seed`` the targets are drawn from PyTorch's global RNG (``torch.multinomial`` / exponential draws
     for the classification variants, ``torch.randn`` for ``regression``, on the outputs'
     device): that is the only global state a call changes. Memory grows linearly with
     ``trials`` (the trials' backward directions are taken in chunks).
@@ -97,13 +176,81 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     """
     kwargs = _drop_n_output(kwargs)
     check_representation(representation, kwargs, "FIM_MonteCarlo")
-    function, layer_collection = prepare_entry(model, function, layer_collection)
+    function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
     generator = TorchHooksJacobianBackend(
-        model, monte_carlo_function(function, _variant_name(variant), trials, covariance),
+        model, monte_carlo_function(function, _variant_name(variant), trials, covariance,
+                                    positions=positions, seed=seed),
         verbose=verbose, layer_collection=layer_collection,
         check_deterministic=check_deterministic)
-    return representation(layer_collection=layer_collection, generator=generator, examples=loader,
-                          **kwargs)
+    return _represent(representation, layer_collection, generator, loader, kwargs,
+                      subnetwork_indices)
+
+
+def EmpiricalFisher(model, loader, representation, loss_function=None, device=None,
+                    function=None, layer_collection=None, verbose=False,
+                    check_deterministic=True, positions="sum", target_key="labels",
+                    subnetwork_indices=None, **kwargs):
+    """The empirical Fisher ``(1/n) Σ_i ∇θℓ_i ∇θℓ_iᵀ``, ``ℓ_i`` the loss of example ``i`` for
+    its observed target, in the chosen representation (every one built from data: Dense,
+    BlockDiag, Diag, QuasiDiag, LowRank, KFAC, EKFAC, Implicit, Mixed).
+
+    Not a Fisher information (the targets are the data's, not the model's): it equals the
+    Fisher only in expectation over targets drawn from the model. One backward direction per
+    example.
+
+    Args:
+        loss_function: ``loss_function(outputs, *targets) -> (n,)`` per-example losses, e.g.
+            ``lambda out, y: F.cross_entropy(out, y, reduction='none')``; a loss per position
+            ``(n, T)`` is summed over positions (``positions='sum'``) or averaged (``'mean'``).
+            ``targets`` is ``batch[1:]``, or ``(batch[target_key],)`` for dict batches. Default:
+            cross-entropy on logits (one per position for ``(n, T, C)`` / ``(n, C, H, W)``
+            outputs; targets -100 ignored, as in PyTorch).
+        the others: as for :func:`FIM`.
+    """
+    kwargs = _drop_n_output(kwargs)
+    check_representation(representation, kwargs, "EmpiricalFisher")
+    function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
+    generator = TorchHooksJacobianBackend(
+        model, empirical_function(function, loss_function, positions, target_key),
+        verbose=verbose, layer_collection=layer_collection,
+        check_deterministic=check_deterministic)
+    return _represent(representation, layer_collection, generator, loader, kwargs,
+                      subnetwork_indices)
+
+
+def GGN(model, loader, representation, loss_function, device=None, function=None,
+        layer_collection=None, verbose=False, check_deterministic=True, positions="sum",
+        target_key="labels", subnetwork_indices=None, **kwargs):
+    """The generalized Gauss-Newton matrix ``(1/n) Σ_i J_iᵀ H_i J_i`` of a loss, in the chosen
+    representation (Dense, BlockDiag, Diag, QuasiDiag, LowRank, KFAC, EKFAC, Implicit, Mixed).
+
+    ``J_i``: the Jacobian of example ``i``'s outputs (``D`` of them, flattened) w.r.t. the
+    parameters; ``H_i = ∇²_f ℓ_i`` the Hessian of its loss w.r.t. its outputs, computed with
+    ``torch.func.hessian`` (vmapped over the examples) and factored ``H_i = S_i S_iᵀ`` by an
+    eigendecomposition: ``D`` backward directions per example, as ``FIM(variant='regression')``.
+    Any loss convex in the outputs: weighted MSE, Gaussian NLL with a given variance, Poisson,
+    cross-entropy with label smoothing... A loss whose ``H_i`` has a negative eigenvalue is
+    refused (``ValueError``). For ``F.cross_entropy`` the GGN equals
+    ``FIM(variant='classif_logits')``, for ``0.5·||f - y||²`` ``FIM(variant='regression')``.
+
+    Memory: ``n · D²`` numbers per batch for the ``H_i`` (checked): for a language model's
+    ``(n, T, vocabulary)`` outputs use ``FIM(variant='classif_logits')`` (the same matrix for
+    the cross-entropy, without the ``(T·V)²`` Hessians).
+
+    Args:
+        loss_function: ``loss_function(outputs, *targets) -> (n,)`` per-example losses (as
+            for :func:`EmpiricalFisher`; required). It must treat examples independently.
+        the others: as for :func:`FIM`.
+    """
+    kwargs = _drop_n_output(kwargs)
+    check_representation(representation, kwargs, "GGN")
+    function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
+    generator = TorchHooksJacobianBackend(
+        model, ggn_function(function, loss_function, positions, target_key),
+        verbose=verbose, layer_collection=layer_collection,
+        check_deterministic=check_deterministic)
+    return _represent(representation, layer_collection, generator, loader, kwargs,
+                      subnetwork_indices)
 
 
 # the other entry points live in their own modules (upstream's paths); importable from here too
@@ -111,4 +258,4 @@ from .hessian import Hessian  # noqa: E402
 from .jacobian import Jacobian  # noqa: E402
 from .gram import GramMatrix  # noqa: E402
 
-__all__ = ["FIM", "FIM_MonteCarlo", "FIM_Types", "Hessian", "Jacobian", "GramMatrix"]
+__all__ = ["FIM", "FIM_MonteCarlo", "FIM_Types", "EmpiricalFisher", "GGN", "Hessian", "Jacobian", "GramMatrix"]

@@ -53,6 +53,111 @@ def _as_2d(out):
     return out.reshape(out.shape[0], -1)
 
 
+POSITIONS = ("sum", "mean")
+
+
+def check_positions(positions):
+    """``ValueError`` unless ``positions`` is ``'sum'`` or ``'mean'``."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be 'sum' (the log-likelihood sums over the positions "
+                         f"of an output (n, T, C) / (n, C, H, W): the default) or 'mean' (the "
+                         f"per-position terms averaged, for losses that are means over tokens), "
+                         f"got {positions!r}")
+
+
+def class_positions(out):
+    """The outputs ``out`` as ``(n, S, C)``: ``S`` positions of ``C`` classes each.
+
+    * ``(n, C)``: one position;
+    * ``(n, T, C)`` (sequences, Hugging Face's ``(batch, tokens, vocabulary)``): classes last;
+    * ``(n, C, H, W, ...)`` (images, segmentation; PyTorch's ``cross_entropy`` layout): classes
+      along dimension 1.
+
+    A ``(n, C, T)`` sequence must be given as ``(n, T, C)`` (``function=`` returning
+    ``out.transpose(1, 2)``)."""
+    n = out.shape[0]
+    if out.dim() <= 2:
+        return out.reshape(n, 1, -1)
+    if out.dim() == 3:
+        return out
+    return out.movedim(1, -1).reshape(n, -1, out.shape[1])
+
+
+def _position_scale(S, positions):
+    """The factor of the per-example output transform ``g``: 1 for the sum over the ``S``
+    positions, ``1/sqrt(S)`` for their mean (``gᵀg`` scales by ``1/S``)."""
+    return 1.0 if positions == "sum" or S == 1 else S ** -0.5
+
+
+class BatchInfo:
+    """What a batch-aware transform (``OutputTransform(..., needs_batch=True)``) gets besides the
+    outputs: the batch (the tuple ``function(*batch)`` was called with), its index in the
+    loader (None when unknown) and ``key``, a 63-bit integer that is a fixed function of the
+    seed, the index and the content of the batch (None without a seed)."""
+
+    __slots__ = ("batch", "index", "key")
+
+    def __init__(self, batch, index=None, key=None):
+        self.batch, self.index, self.key = batch, index, key
+
+
+def _tensors_in(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for k in obj:
+            yield from _tensors_in(obj[k])
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _tensors_in(v)
+
+
+def batch_key(seed, batch, index=None):
+    """A 63-bit integer, a fixed function of ``seed``, the batch's ``index`` in the loader and the
+    bytes, dtypes and shapes of its tensors (hashed with BLAKE2b). Computed on real tensors
+    (the generator calls it outside ``torch.func`` transforms)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr((int(seed), index)).encode())
+    for t in _tensors_in(batch):
+        h.update(repr((str(t.dtype), tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def _signed64(c):
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN = _signed64(0x9E3779B97F4A7C15)
+_MIX1 = _signed64(0xBF58476D1CE4E5B9)
+_MIX2 = _signed64(0x94D049BB133111EB)
+
+
+def _shr(z, s):
+    """Logical right shift of int64 ``z`` (``>>`` is arithmetic on signed tensors)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def counter_uniform(key, shape, dtype, device):
+    """Uniform numbers in ``(0, 1)`` of ``shape``: SplitMix64 (Steele et al. 2014) of the
+    counters ``key·φ + 1, 2, ...``, top 53 bits. Plain integer arithmetic, no RNG state: the
+    same numbers on every call, device and ``torch.func`` transform (``vmap`` refuses random
+    ops), which is what makes a seeded Monte-Carlo matrix one fixed matrix."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    z = torch.arange(1, numel + 1, dtype=torch.int64, device=device) * _GOLDEN
+    z = z + _signed64(((key * 0x2545F4914F6CDD1D) + 0x632BE59BD9B4E019) % (1 << 64))
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    u = (_shr(z, 11).to(torch.float64) + 0.5) * 2.0 ** -53
+    return u.to(dtype).clamp_(min=torch.finfo(dtype).tiny, max=1 - torch.finfo(dtype).eps / 2)\
+        .reshape(shape)
+
+
 class OutputTransform:
     """``g(*batch) = transform(function(*batch))``: a likelihood's transform of the model's
     outputs. The generator calls the two parts itself, so that it can check that
@@ -61,96 +166,163 @@ class OutputTransform:
 
     Give either ``transform(f) -> g`` or ``split(f) -> (g, columns)``, where ``columns(k0, k1)``
     recomputes ``g[:, k0:k1]`` from the same draws through a graph of its own (see
-    :func:`monte_carlo_function`)."""
+    :func:`monte_carlo_function`).
+
+    With ``needs_batch=True`` both take a second argument, a :class:`BatchInfo` (the batch, its
+    index, the seed's key): losses of the observed targets (empirical Fisher, GGN) and seeded
+    sampling. ``seed``: the seed of :func:`batch_key` (None: no key)."""
 
     #: how the transform was made (e.g. ``closed_form_function(function, 'classif_logits')``)
     origin = None
 
-    def __init__(self, function, transform=None, split=None):
+    def __init__(self, function, transform=None, split=None, needs_batch=False, seed=None):
         if (transform is None) == (split is None):
             raise TypeError("give either transform or split")
         self.function = function
         self._transform = transform
         self._split = split
+        self.needs_batch = bool(needs_batch)
+        self.seed = seed
+
+    def batch_info(self, batch, index=None):
+        """The :class:`BatchInfo` of ``batch`` (call it on real tensors, outside ``torch.func``
+        transforms: the seed's key reads the batch's bytes)."""
+        key = None if self.seed is None else batch_key(self.seed, batch, index)
+        return BatchInfo(batch, index, key)
 
     def model_outputs(self, *batch):
         """The model's outputs ``function(*batch)``, checked to be a tensor."""
         return check_outputs(self.function(*batch))
 
-    def transform(self, f):
-        """``g`` from the model's outputs ``f``."""
-        return self._transform(f) if self._split is None else self._split(f)[0]
+    def _args(self, f, info):
+        if not self.needs_batch:
+            return (f,)
+        if info is None:
+            raise TypeError("this output transform needs the batch: call it as g(*batch), or "
+                            "transform(f, g.batch_info(batch))")
+        return (f, info)
 
-    def split(self, f):
+    def transform(self, f, info=None):
+        """``g`` from the model's outputs ``f``."""
+        args = self._args(f, info)
+        return self._transform(*args) if self._split is None else self._split(*args)[0]
+
+    def split(self, f, info=None):
         """``(g, columns)`` with ``columns(k0, k1)`` the graph of ``g[:, k0:k1]``, or
         ``(g, None)``."""
+        args = self._args(f, info)
         if self._split is None:
-            return self._transform(f), None
-        return self._split(f)
+            return self._transform(*args), None
+        return self._split(*args)
 
     def __call__(self, *batch):
-        return self.transform(self.model_outputs(*batch))
+        info = self.batch_info(batch) if self.needs_batch else None
+        return self.transform(self.model_outputs(*batch), info)
 
 
-def closed_form_function(function, variant):
-    """``g(*batch)`` with ``J_gᵀ J_g`` the example's Fisher under ``variant``."""
-    g = _closed_form(function, variant)
+def closed_form_function(function, variant, positions="sum"):
+    """``g(*batch)`` with ``J_gᵀ J_g`` the example's Fisher under ``variant``.
+
+    Outputs with positions (``(n, T, C)``, ``(n, C, H, W)``, see :func:`class_positions`): the
+    likelihood factorises over positions, the Fisher is the sum of the per-position terms
+    (``positions='sum'``) or their mean (``'mean'``, for losses averaged over tokens)."""
+    check_positions(positions)
+    g = _closed_form(function, variant, positions)
     # named in the error of an unpickled PMatImplicit, which needs this function again
-    g.origin = f"nngeometry.variants.closed_form_function(function, {variant!r})"
+    g.origin = (f"nngeometry.variants.closed_form_function(function, {variant!r}"
+                + (f", positions={positions!r})" if positions != "sum" else ")"))
     return g
 
 
-def _closed_form(function, variant):
+def _closed_form(function, variant, positions="sum"):
     if variant == "regression":
-        return OutputTransform(function, _as_2d)
+        def g(out):
+            # Σ = I: every entry is its own unit-variance Gaussian, the positions are summed
+            f = _as_2d(out)
+            S = class_positions(out).shape[1] if out.dim() > 2 else 1
+            scale = _position_scale(S, positions)
+            return f if scale == 1.0 else f * scale
+        return OutputTransform(function, g)
     if variant == "classif_binary_logits":
         def g(out):
-            f = _as_2d(out)
-            if f.shape[1] != 1:
-                raise ValueError(
-                    f"variant 'classif_binary_logits' expects one logit per example, the model "
-                    f"gives {f.shape[1]}; use 'classif_logits' for several classes")
+            if out.dim() <= 2:
+                f = _as_2d(out)
+                if f.shape[1] != 1:
+                    raise ValueError(
+                        f"variant 'classif_binary_logits' expects one logit per example, the "
+                        f"model gives {f.shape[1]}; use 'classif_logits' for several classes")
+                S = 1
+            else:
+                fp = class_positions(out)
+                if fp.shape[2] != 1:
+                    raise ValueError(
+                        f"variant 'classif_binary_logits' expects one logit per position, "
+                        f"outputs of shape {tuple(out.shape)} have {fp.shape[2]} (classes are "
+                        "the last dimension of (n, T, C), dimension 1 of (n, C, H, W)); use "
+                        "'classif_logits' for several classes")
+                f, S = _as_2d(out), fp.shape[1]
             s = torch.sigmoid(f.detach())
-            return torch.sqrt(s * (1 - s)) * f
+            return torch.sqrt(s * (1 - s)) * f * _position_scale(S, positions)
         return OutputTransform(function, g)
     if variant == "classif_logits":
         def g(out):
-            f = _as_2d(out)
-            if f.shape[1] < 2:
-                raise ValueError("variant 'classif_logits' needs at least 2 logits per example; "
-                                 "use 'classif_binary_logits' for one logit")
-            L = multinomial_covariance_sqrt(torch.softmax(f.detach(), dim=1))
-            return torch.einsum("nc,nck->nk", f, L)
+            fp = class_positions(out)  # (n, S, C): one softmax per position
+            n, S, C = fp.shape
+            if C < 2:
+                raise ValueError("variant 'classif_logits' needs at least 2 logits per example "
+                                 "(per position); use 'classif_binary_logits' for one logit")
+            fl = fp.reshape(n * S, C)
+            L = multinomial_covariance_sqrt(torch.softmax(fl.detach(), dim=1))
+            gs = torch.einsum("nc,nck->nk", fl, L).reshape(n, S * (C - 1))
+            scale = _position_scale(S, positions)
+            return gs if scale == 1.0 else gs * scale
         return OutputTransform(function, g)
     raise ValueError(f"unknown variant '{variant}' for FIM; expected one of {CLOSED_FORM_VARIANTS}")
 
 
-def monte_carlo_function(function, variant, trials, covariance=1.0):
+def monte_carlo_function(function, variant, trials, covariance=1.0, positions="sum",
+                         seed=None):
     """``g(*batch)`` of shape ``(n, trials)`` with ``g_t = log p(y_t | x) / sqrt(trials)`` and
     ``y_t ~ p(· | x)`` sampled (constant for the backward pass), so that
     ``J_gᵀ J_g = (1/T) Σ_t ∇ log p(y_t|x) ∇ log p(y_t|x)ᵀ``.
 
-    The labels are drawn from PyTorch's global RNG (of the outputs' device): ``torch.multinomial``
-    (``Exponential`` draws for one trial) for the classification variants, ``torch.randn`` for
-    ``regression``; seed it with ``torch.manual_seed`` for reproducible matrices.
+    Outputs with positions (``(n, T, C)``: classes last; ``(n, C, H, W)``: classes along
+    dimension 1, see :func:`class_positions`): one label is drawn per position and the
+    log-probabilities are summed over positions (``positions='sum'``), or averaged
+    (``'mean'``: ``g`` scaled by ``1/sqrt(S)``, so the matrix is the sum's divided by ``S``).
+
+    Without ``seed`` the labels are drawn from PyTorch's global RNG (of the outputs' device):
+    ``torch.multinomial`` (``Exponential`` draws for one trial) for the classification
+    variants, ``torch.randn`` for ``regression``; seed it with ``torch.manual_seed`` for
+    reproducible matrices. With ``seed`` (an int) no RNG state is used: the draws are a fixed
+    function of the seed, the batch's index in the loader and its content (:func:`batch_key`,
+    :func:`counter_uniform`; labels by the Gumbel-max rule, Gaussians by Box-Muller), so that
+    every pass over the same loader sees the same targets: ``PMatImplicit`` is then one fixed
+    matrix (CG, Lanczos and Hutchinson need that), and the numbers are the same on every device.
 
     The transform also gives the generator each chunk of columns ``g[:, k0:k1]`` as its own
     small graph (``OutputTransform.split``): the backward pass of ``K`` directions then works on
     ``(K, n, K)`` tensors, not on the ``(K, n, trials)`` one-hot cotangents of the whole output,
     whose memory and time grow as ``trials² · n``."""
-    g = _monte_carlo(function, variant, trials, covariance)
-    g.origin = (f"nngeometry.variants.monte_carlo_function(function, {variant!r}, {trials!r}"
-                + (f", covariance={covariance!r})" if covariance != 1.0 else ")"))
+    check_positions(positions)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int (or None for PyTorch's global RNG), got "
+                        f"{type(seed).__name__}")
+    g = _monte_carlo(function, variant, trials, covariance, positions, seed)
+    extra = (f", covariance={covariance!r}" if covariance != 1.0 else "") + \
+        (f", positions={positions!r}" if positions != "sum" else "") + \
+        (f", seed={seed!r}" if seed is not None else "")
+    g.origin = f"nngeometry.variants.monte_carlo_function(function, {variant!r}, {trials!r}{extra})"
     return g
 
 
-def _monte_carlo(function, variant, trials, covariance):
+def _monte_carlo(function, variant, trials, covariance, positions="sum", seed=None):
     if not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive integer, got {trials!r}")
     check_covariance(covariance)
     scale = trials ** -0.5
 
-    def draw_labels(logp, from_softmax=False):
+    def draw_labels(logp, from_softmax, key):
         # logp: (m, C) normalized log-probabilities -> labels (m, T)
         probs = logp.detach().exp()
         if not all_finite(probs):
@@ -158,6 +330,11 @@ def _monte_carlo(function, variant, trials, covariance):
             raise ValueError(
                 "the model's outputs contain NaN or Inf; check the inputs (NaN/Inf in the data?) "
                 "and the model's parameters")
+        if key is not None:
+            # Gumbel-max: argmax_c (log p_c + G_c), G_c = -log(-log u_c), is a draw from p
+            m, C = logp.shape
+            u = counter_uniform(key, (m, trials, C), logp.dtype, logp.device)
+            return (logp.detach().unsqueeze(1) - torch.log(-torch.log(u))).argmax(2)
         if trials == 1 and from_softmax:
             # one draw per row: argmax_c p_c / E_c with E_c ~ Exp(1) is a draw from p (the
             # smallest of independent Exp(p_c) times), and it is the computation torch.multinomial
@@ -168,44 +345,68 @@ def _monte_carlo(function, variant, trials, covariance):
             return torch.div(probs, E).argmax(1, keepdim=True)  # (E = 0: 0/0 a NaN max)
         return torch.multinomial(probs, trials, replacement=True)
 
-    def sampled(logp, from_softmax, n=None):
+    def sampled(logp, from_softmax, key, n=None):
         """``(g, columns)`` for normalized log-probabilities ``logp`` (m, C); with ``n``, the
-        m = n · pixels rows are summed per example (segmentation)."""
-        y = draw_labels(logp, from_softmax)
+        m = n · positions rows are summed per example (sequences, segmentation)."""
+        y = draw_labels(logp, from_softmax, key)
+        pos_scale = 1.0 if n is None else _position_scale(logp.shape[0] // max(n, 1), positions)
 
         def columns(k0, k1):
             lp = torch.gather(logp, 1, y[:, k0:k1].contiguous())  # (5x faster backward)
             if n is not None:
-                return lp.reshape(n, -1, k1 - k0).sum(1) * scale
+                return lp.reshape(n, -1, k1 - k0).sum(1) * (scale * pos_scale)
             # one trial: scale = 1, no multiplication (one op less forward and backward)
             return lp if trials == 1 else lp * scale
         return columns(0, trials), columns
 
+    def key_of(info):
+        return None if info is None else info.key
+
+    def classif(out, info, log_softmax):
+        fp = class_positions(out)
+        n, S, C = fp.shape
+        logp = fp.reshape(n * S, C)
+        if log_softmax:
+            logp = F.log_softmax(logp, dim=1)
+        return sampled(logp, log_softmax and trials == 1, key_of(info), None if S == 1 and
+                       out.dim() <= 2 else n)
+
+    needs = seed is not None
     if variant == "classif_logits":
-        return OutputTransform(
-            function, split=lambda out: sampled(F.log_softmax(_as_2d(out), dim=1), trials == 1))
+        return OutputTransform(function, split=lambda out, info=None: classif(out, info, True),
+                               needs_batch=needs, seed=seed)
     if variant == "classif_logsoftmax":
-        return OutputTransform(function, split=lambda out: sampled(_as_2d(out), False))
+        return OutputTransform(function, split=lambda out, info=None: classif(out, info, False),
+                               needs_batch=needs, seed=seed)
     if variant == "segmentation_logits":
-        def split(f):  # f: (n, C, *spatial)
+        def split(f, info=None):  # f: (n, C, *spatial)
             if f.dim() < 3:
                 raise ValueError("variant 'segmentation_logits' expects outputs (n, C, H, W, ...)")
             n, C = f.shape[:2]
             logp = F.log_softmax(f, dim=1).movedim(1, -1).reshape(-1, C)  # (n*pixels, C)
-            return sampled(logp, True, n)
-        return OutputTransform(function, split=split)
+            return sampled(logp, True, key_of(info), n)
+        return OutputTransform(function, split=split, needs_batch=needs, seed=seed)
     if variant == "regression":
         sigma2 = float(covariance)
 
-        def split(out):
+        def split(out, info=None):
             f = _as_2d(out)
-            y = f.detach().unsqueeze(1) + (sigma2 ** 0.5) * torch.randn(
-                f.shape[0], trials, f.shape[1], dtype=f.dtype, device=f.device)
+            S = class_positions(out).shape[1] if out.dim() > 2 else 1
+            pos_scale = _position_scale(S, positions)
+            shape = (f.shape[0], trials, f.shape[1])
+            key = key_of(info)
+            if key is None:
+                noise = torch.randn(*shape, dtype=f.dtype, device=f.device)
+            else:  # Box-Muller from two counter-based uniforms
+                u = counter_uniform(key, (2,) + shape, f.dtype, f.device)
+                noise = torch.sqrt(-2 * torch.log(u[0])) * torch.cos(2 * math.pi * u[1])
+            y = f.detach().unsqueeze(1) + (sigma2 ** 0.5) * noise
 
             def columns(k0, k1):
-                return -((y[:, k0:k1] - f.unsqueeze(1)) ** 2).sum(2) / (2 * sigma2) * scale
+                return -((y[:, k0:k1] - f.unsqueeze(1)) ** 2).sum(2) / (2 * sigma2) * \
+                    (scale * pos_scale)
             return columns(0, trials), columns
-        return OutputTransform(function, split=split)
+        return OutputTransform(function, split=split, needs_batch=needs, seed=seed)
     raise ValueError(f"unknown variant '{variant}' for FIM_MonteCarlo; expected one of {MC_VARIANTS}")
 
 
@@ -220,3 +421,214 @@ def check_covariance(covariance):
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"covariance must be a finite positive number (the variance σ² of the "
                          f"regression likelihood N(f, σ²I)), got {covariance!r}")
+
+
+# ====================================================================== losses of observed targets
+def targets_of(batch, target_key="labels", who="this matrix"):
+    """The targets that a loss of the observed targets takes after the outputs:
+    ``batch[1:]`` for a batch ``(inputs, targets, ...)``; for a dict batch (Hugging Face
+    style) the value of ``target_key`` (``'labels'``) when the batch has no other element."""
+    first = batch[0]
+    if isinstance(first, dict) and len(batch) == 1:
+        if target_key not in first:
+            raise ValueError(
+                f"{who} needs the observed targets, and the dict batch has no key "
+                f"{target_key!r} (its keys: {', '.join(map(repr, first))}); name the targets' key "
+                "with target_key=, or pass batches (inputs, targets)")
+        return (first[target_key],)
+    if len(batch) < 2:
+        raise ValueError(
+            f"{who} needs the observed targets: the batches hold only inputs. Pass batches "
+            "(inputs, targets, ...) (a DataLoader of a TensorDataset(x, y)), or dicts with a "
+            f"{target_key!r} key")
+    return tuple(batch[1:])
+
+
+def cross_entropy_losses(outputs, targets):
+    """``-log softmax(outputs)[targets]`` per position, shape ``(n, S)`` (positions as in
+    :func:`class_positions`); targets equal to -100 (PyTorch's and Hugging Face's
+    ``ignore_index``) give 0."""
+    fp = class_positions(outputs)
+    n, S, C = fp.shape
+    if targets.is_floating_point() or targets.numel() != n * S:
+        raise ValueError(
+            f"the default loss (cross-entropy on logits) needs integer class targets, one per "
+            f"position: {n * S} for outputs of shape {tuple(outputs.shape)}, got a "
+            f"{targets.dtype} tensor of shape {tuple(targets.shape)}; pass loss_function= for "
+            "another loss")
+    y = targets.reshape(n * S)
+    return F.cross_entropy(fp.reshape(n * S, C), y, reduction="none").reshape(n, S)
+
+
+def per_example_losses(losses, n, positions="sum", who="loss_function"):
+    """The per-example losses ``(n,)`` from what a loss returned: ``(n,)`` as is, ``(n, ...)``
+    (a loss per position) summed, or averaged with ``positions='mean'``, over the positions."""
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(f"{who} must return a tensor of per-example losses (n,), got "
+                        f"{type(losses).__name__}")
+    if losses.dim() == 0 or losses.shape[0] != n:
+        raise ValueError(
+            f"{who} must return one loss per example, shape ({n},) (reduction='none', e.g. "
+            f"lambda out, y: F.cross_entropy(out, y, reduction='none')), got shape "
+            f"{tuple(losses.shape)}: a loss reduced over the batch has no per-example gradients")
+    if losses.dim() == 1:
+        return losses
+    flat = losses.reshape(n, -1)
+    return flat.sum(1) if positions == "sum" else flat.mean(1)
+
+
+def _loss_or_default(loss_function):
+    if loss_function is None:
+        return cross_entropy_losses
+    if not callable(loss_function):
+        raise TypeError(f"loss_function must be callable, loss_function(outputs, *targets) -> "
+                        f"per-example losses (n,), got {type(loss_function).__name__}")
+    return loss_function
+
+
+def empirical_function(function, loss_function=None, positions="sum", target_key="labels"):
+    """``g(*batch)`` of shape ``(n, 1)``: the per-example loss ``ℓ_i`` of the observed target,
+    so that ``J_gᵀ J_g = ∇θℓ_i ∇θℓ_iᵀ``, the empirical Fisher's term of example ``i``.
+
+    ``loss_function(outputs, *targets) -> (n,)`` (or ``(n, ...)``, reduced over positions by
+    ``positions``); default :func:`cross_entropy_losses`. ``targets``: see :func:`targets_of`."""
+    check_positions(positions)
+    loss = _loss_or_default(loss_function)
+
+    def g(out, info):
+        targets = targets_of(info.batch, target_key, "the empirical Fisher")
+        losses = per_example_losses(loss(out, *targets), out.shape[0], positions)
+        return losses.unsqueeze(1)
+    t = OutputTransform(function, g, needs_batch=True)
+    t.origin = "nngeometry.variants.empirical_function(function, loss_function)"
+    return t
+
+
+def _vmap_dims(targets, n):
+    return tuple(0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else None
+                 for t in targets)
+
+
+def output_hessians(loss_function, outputs, targets, positions="sum"):
+    """``(n, D, D)``: ``H_i = ∇²_f ℓ_i``, the Hessian of example ``i``'s loss w.r.t. its own
+    outputs (flattened, ``D`` entries), by ``torch.func.hessian`` vmapped over the examples
+    (a loss that ``vmap`` cannot batch is run example by example). The loss is
+    ``loss_function(f_i[None], *targets_i[None])`` reduced as :func:`per_example_losses`."""
+    n = outputs.shape[0]
+    f = outputs.detach()
+    shape = f.shape[1:]
+    try:
+        H = _output_hessians_autograd(loss_function, f, targets, positions)
+        if H is not None:
+            return H
+    except RuntimeError:
+        pass  # inside a torch.func transform (implicit products): the functional form below
+
+    def one(fi, *ti):
+        ti = tuple(t.unsqueeze(0) if isinstance(t, torch.Tensor) and d == 0 else t
+                   for t, d in zip(ti, dims))
+        return per_example_losses(loss_function(fi.unsqueeze(0), *ti), 1, positions).sum()
+
+    dims = _vmap_dims(targets, n)
+    # reverse-over-reverse (torch.func.hessian is forward-over-reverse: the implicit products
+    # already run inside a forward-mode level, which cannot be nested)
+    hess = torch.func.jacrev(torch.func.jacrev(one))
+    try:
+        H = torch.func.vmap(hess, in_dims=(0,) + dims)(f, *targets)
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        if "must return one loss per example" in str(e):
+            raise
+        # ops without a batching rule (or .item() in the loss): one example at a time
+        dims = tuple(None for _ in targets)
+        H = torch.stack([
+            hess(f[i], *[t[i:i + 1] if d0 == 0 else t for t, d0 in
+                         zip(targets, _vmap_dims(targets, n))])
+            for i in range(n)]) if n else f.new_zeros((0,) + shape + shape)
+    D = shape.numel()
+    return H.reshape(n, D, D)
+
+
+def _output_hessians_autograd(loss_function, f, targets, positions):
+    """:func:`output_hessians` by plain autograd (5-50x faster than ``torch.func`` on small
+    outputs): the per-example losses depend on their own outputs only, so the gradient of
+    their sum w.r.t. ``f`` holds every example's gradient, and one backward per output
+    coordinate (batched) gives row ``d`` of every ``H_i``. None when the loss does not
+    support double backward."""
+    n = f.shape[0]
+    D = f[0].numel() if n else f.shape[1:].numel()
+    flat = f.reshape(n, D).clone().requires_grad_(True)
+    with torch.enable_grad():
+        losses = per_example_losses(loss_function(flat.reshape(f.shape), *targets), n,
+                                    positions)
+        (g,) = torch.autograd.grad(losses.sum(), flat, create_graph=True)
+        if not g.requires_grad:  # a loss linear in the outputs: H = 0
+            return flat.new_zeros(n, D, D)
+        eye = torch.eye(D, dtype=f.dtype, device=f.device).unsqueeze(1).expand(D, n, D)
+        try:
+            (rows,) = torch.autograd.grad(g, flat, eye, is_grads_batched=True,
+                                          allow_unused=True)
+        except RuntimeError:
+            rows = torch.stack([torch.autograd.grad(g, flat, eye[d], retain_graph=True,
+                                                    allow_unused=True)[0]
+                                for d in range(D)])
+    if rows is None:
+        return flat.new_zeros(n, D, D)
+    return rows.transpose(0, 1).detach()  # (n, D, D): H[i, d, :] = ∂g_{i,d}/∂f_i
+
+
+def psd_sqrt(H, who="the loss"):
+    """``S`` with ``S Sᵀ = H`` for a batch of symmetric PSD matrices ``H`` (``(n, D, D)``), from
+    their eigendecompositions ``H = V Λ Vᵀ``: ``S = V Λ^{1/2}``. Eigenvalues below zero by more
+    than round-off are refused (``ValueError``): the Gauss-Newton matrix needs a loss convex in
+    the outputs."""
+    H = 0.5 * (H + H.transpose(1, 2))
+    lam, V = torch.linalg.eigh(H)
+    if lam.numel():
+        top = lam.abs().amax(dim=1)
+        tol = 100 * H.shape[1] * torch.finfo(H.dtype).eps * top + torch.finfo(H.dtype).tiny
+        worst = (lam[:, 0] + tol)
+        if bool((worst < 0).any()):
+            i = int(torch.argmin(lam[:, 0] / top.clamp_min(torch.finfo(H.dtype).tiny)))
+            raise ValueError(
+                f"{who} is not convex in the outputs: the Hessian of example {i}'s loss w.r.t. "
+                f"its outputs has the eigenvalue {float(lam[i, 0]):.3g} (largest "
+                f"{float(lam[i, -1]):.3g}). The generalized Gauss-Newton matrix J^T H J needs a "
+                "positive semi-definite H (a loss convex in the outputs: cross-entropy, (weighted) "
+                "MSE, Gaussian/Poisson negative log-likelihood in the natural parameter...); for "
+                "this loss use Hessian(...) or EmpiricalFisher(...)")
+    S = V * lam.clamp_min(0).sqrt().unsqueeze(1)
+    # directions whose eigenvalue is zero for every example (the softmax's constant direction:
+    # cross-entropy has rank C - 1) contribute nothing: dropped, one backward direction less
+    if lam.numel():
+        # (below eigh's own error, D·eps·top, an eigenvalue is round-off)
+        null = 4 * H.shape[1] * torch.finfo(H.dtype).eps * top + torch.finfo(H.dtype).tiny
+        keep = (lam > null.unsqueeze(1)).any(dim=0)
+        if not bool(keep.all()) and bool(keep.any()):
+            S = S[:, :, keep]
+    return S
+
+
+def ggn_function(function, loss_function, positions="sum", target_key="labels"):
+    """``g(*batch)`` of shape ``(n, D)`` (``D`` outputs per example) with
+    ``J_gᵀ J_g = J_fᵀ H J_f``, ``H = ∇²_f ℓ`` the per-example loss's Hessian in output space:
+    ``g = S_iᵀ f_i`` with ``S_i S_iᵀ = H_i`` (:func:`psd_sqrt` of :func:`output_hessians`),
+    ``S_i`` a constant of the backward pass."""
+    check_positions(positions)
+    if loss_function is None or not callable(loss_function):
+        raise TypeError("GGN needs loss_function(outputs, *targets) -> per-example losses (n,), "
+                        "e.g. lambda out, y: F.cross_entropy(out, y, reduction='none')")
+
+    def g(out, info):
+        targets = targets_of(info.batch, target_key, "the GGN")
+        n = out.shape[0]
+        D = out[0].numel() if n else out.shape[1:].numel()
+        from .backend.consumers import check_fits
+        check_fits(n * D * D * out.element_size() * 3,
+                   f"the per-example output Hessians of the loss ({n} × {D}² entries)",
+                   "use fewer outputs per example, smaller batches, or FIM(variant=...) / "
+                   "EmpiricalFisher for this model")
+        S = psd_sqrt(output_hessians(loss_function, out, targets, positions))
+        return torch.einsum("nd,nde->ne", out.reshape(n, D), S.to(out.dtype))
+    t = OutputTransform(function, g, needs_batch=True)
+    t.origin = "nngeometry.variants.ggn_function(function, loss_function)"
+    return t

@@ -64,6 +64,14 @@ def iterate_batches(examples):
         for batch in examples:
             yield _one_batch(batch)
     elif isinstance(examples, (tuple, list)):
+        if len(examples) >= 2 and all(isinstance(b, Mapping) for b in examples):
+            # one mini-batch (inputs, targets) never has two dicts: several dict batches, of
+            # which only the first would be used
+            raise ValueError(
+                f"examples is a tuple of {len(examples)} dicts: nngeometry reads a tuple as one "
+                "mini-batch (inputs, targets, ...), whose inputs would be the first dict only. "
+                "Pass several dict batches as a list [batch1, batch2, ...] or a DataLoader, or "
+                "one batch as the dict itself")
         if len(examples) == 0:
             raise ValueError(f"examples is an empty {type(examples).__name__}: there is no data "
                              f"to compute from; {_BATCH_HELP}")
@@ -181,8 +189,11 @@ def _leading_size(x):
     return x.shape[0] if x.dim() > 0 else 0
 
 
-def default_function(model):
-    """``model(inputs)`` for batches ``(inputs, targets, ...)``; ``model(**batch)`` for dicts.
+def default_function(model, target_key="labels"):
+    """``model(inputs)`` for batches ``(inputs, targets, ...)``; for dict batches (Hugging Face
+    style, ``{'input_ids': ..., 'attention_mask': ..., 'labels': ...}``) ``model(**inputs)``
+    with every key but ``target_key`` (the targets, ``'labels'``: passing them would make a
+    Hugging Face model compute its loss, and they are not an input).
 
     Hugging Face style outputs with a ``logits`` attribute are reduced to the logits. Other
     non-tensor outputs (tuples, dicts) are refused (``TypeError`` naming ``function=``), and so
@@ -192,7 +203,10 @@ def default_function(model):
     """
     def function(*batch):
         first = batch[0]
-        out = model(**first) if isinstance(first, Mapping) else model(first)
+        if isinstance(first, Mapping):
+            out = model(**{k: v for k, v in first.items() if k != target_key})
+        else:
+            out = model(first)
         if hasattr(out, "logits"):
             out = out.logits
         check_outputs(out, "the model")

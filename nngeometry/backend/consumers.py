@@ -35,6 +35,45 @@ class DenseCovariance(Consumer):
         self.result = self._acc.result(1.0 / n)
 
 
+class SubnetworkCovariance(Consumer):
+    """``(1/n) Σ_x J(x)[:, idx]ᵀ J(x)[:, idx]``, shape ``(k, k)``: the matrix restricted to the
+    flat parameter indices ``idx`` (a subnetwork), from each batch's per-example Jacobian
+    columns (``K n k`` numbers per layer batch, never ``P × P``)."""
+
+    def __init__(self, layer_collection, indices):
+        self.lc = layer_collection
+        self.indices = indices
+        self._parts = None  # per layer: (positions in the result, offsets in the layer)
+        self._acc = SymmetricAccumulator()
+        self.result = None
+
+    def _split(self, device):
+        parts = []
+        for lid in self.lc.layer_ids():
+            sl = self.lc.slice(lid)
+            mask = (self.indices >= sl.start) & (self.indices < sl.stop)
+            pos = torch.nonzero(mask).reshape(-1)
+            if pos.numel():
+                parts.append((lid, pos.to(device), (self.indices[pos] - sl.start).to(device)))
+        return parts
+
+    def update(self, ctx):
+        if self._parts is None:
+            self._parts = self._split(ctx.outputs.device)
+        rows = None
+        for lid, pos, local in self._parts:
+            g = ctx.per_example_grad(lid)
+            if rows is None:
+                rows = g.new_zeros(g.shape[0], g.shape[1], self.indices.numel())
+            rows[:, :, pos] = g[:, :, local]
+            ctx.release(lid)
+        if rows is not None:
+            self._acc.add(rows.reshape(-1, rows.shape[-1]))
+
+    def finalize(self, n):
+        self.result = self._acc.result(1.0 / n)
+
+
 class DiagCovariance(Consumer):
     """Diagonal of ``(1/n) Σ_x J(x)ᵀ J(x)``, shape ``(P,)``."""
 
@@ -290,7 +329,7 @@ class QuasiDiagCovariance(Consumer):
     @staticmethod
     def unit_shape(layer):
         """``(out, n_in)`` if the layer has one bias per row of its weight, else None."""
-        if layer.bias is None:
+        if layer.bias is None or not getattr(layer, "quasidiag_rows", True):
             return None
         out = layer.weight.size[0]
         if layer.bias.size != (out,):

@@ -38,7 +38,9 @@ def uses_key(model, function, layer_collection):
     remembered, or None when it cannot be remembered (a model that cannot be weakly referenced).
     The parameters' identities are part of it: a module given a new parameter is checked again."""
     params = tuple(id(p) for p in model.parameters()) if hasattr(model, "parameters") else ()
-    return (_function_key(function), tuple(layer_collection.layer_ids()), params)
+    tied = tuple((lid, tuple(name for name, _ in uses))
+                 for lid, uses in getattr(layer_collection, "tied", {}).items())
+    return (_function_key(function), tuple(layer_collection.layer_ids()), params, tied)
 
 
 def uses_verified(model, key):
@@ -92,11 +94,15 @@ class Call:
     gradients w.r.t. its recorder's ``targets`` in ``extra_gy`` (same order, each
     ``(K, *shape)``)."""
 
-    __slots__ = ("args", "kwargs", "targets", "record", "gy", "extra_gy")
+    __slots__ = ("args", "kwargs", "targets", "record", "gy", "extra_gy", "spec", "module")
 
-    def __init__(self, args, kwargs, output, recorder=None):
+    def __init__(self, args, kwargs, output, recorder=None, spec=None, module=None):
         self.args = args
         self.kwargs = kwargs
+        # a call of another module that uses the layer's parameters (tied weights): its own
+        # layer spec and module; None for the layer's own module
+        self.spec = spec
+        self.module = module
         self.targets = [GradTarget(output)]
         self.record = None
         if recorder is not None:
@@ -171,7 +177,8 @@ class BatchContext:
         g = self._grads.get(layer_id)
         if g is None:
             layer, module = self.layer_collection[layer_id], self.modules[layer_id]
-            parts = [layer.per_example_grad(module, layer.inputs_of(c), c.gy)
+            parts = [(c.spec or layer).per_example_grad(c.module or module,
+                                                        (c.spec or layer).inputs_of(c), c.gy)
                      for c in self.calls[layer_id]]
             g = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
             if self.centering:
@@ -204,7 +211,8 @@ class BatchContext:
         """``sum_{k,i} g_{k,i}²`` over the layer's coordinates, without per-example grads where
         the layer type allows it."""
         calls = self.calls[layer_id]
-        if len(calls) == 1 and not self.centering and layer_id not in self._grads:
+        if len(calls) == 1 and calls[0].spec is None and not self.centering and \
+                layer_id not in self._grads:
             layer = self.layer_collection[layer_id]
             return layer.diag(self.modules[layer_id], layer.inputs_of(calls[0]), calls[0].gy)
         g = self.per_example_grad(layer_id)
@@ -215,7 +223,8 @@ class BatchContext:
         place where the layer type has ``diag_into`` (no per-batch diagonal allocated)."""
         calls = self.calls[layer_id]
         layer = self.layer_collection[layer_id]
-        if len(calls) == 1 and not self.centering and layer_id not in self._grads:
+        if len(calls) == 1 and calls[0].spec is None and not self.centering and \
+                layer_id not in self._grads:
             return layer.diag_into(self.modules[layer_id], layer.inputs_of(calls[0]),
                                    calls[0].gy, out)
         out += self.layer_diag(layer_id)
@@ -240,6 +249,12 @@ class BatchContext:
 
         if self.centering:
             raise NotImplementedError("KFAC with centering=True is not implemented")
+        if any(c.spec is not None for c in self.calls[layer_id]):
+            raise NotImplementedError(
+                f"layer '{layer_id}' has tied weights (another module uses its parameters): its "
+                "block is a sum of two Kronecker products, which KFAC/EKFAC cannot hold. Use "
+                "PMatMixed with PMatDiag or PMatBlockDiag for this layer, or leave the tied pair "
+                "out of the LayerCollection")
         layer, module = self.layer_collection[layer_id], self.modules[layer_id]
         A, G, multi = None, None, None
         # past the first chunk of directions A is dropped: layer types whose A is costly to
@@ -275,7 +290,8 @@ class BatchContext:
 
         layer, module = self.layer_collection[layer_id], self.modules[layer_id]
         calls = self.calls[layer_id]
-        if perm is None and len(calls) == 1 and not self.centering and layer_id not in self._grads:
+        if perm is None and len(calls) == 1 and calls[0].spec is None and not self.centering \
+                and layer_id not in self._grads:
             return layer.kfe_diag(module, layer.inputs_of(calls[0]), calls[0].gy, UA, UG)
         if perm is None:
             perm = layer.kfac_permutation()
@@ -289,7 +305,8 @@ class BatchContext:
 
         layer, module = self.layer_collection[layer_id], self.modules[layer_id]
         calls = self.calls[layer_id]
-        if len(calls) == 1 and not self.centering and layer_id not in self._grads:
+        if len(calls) == 1 and calls[0].spec is None and not self.centering and \
+                layer_id not in self._grads:
             return layer.kfe_diag_blocks(module, layer.inputs_of(calls[0]), calls[0].gy, bases)
         gs = project_blocks_to_kfe(self.per_example_grad(layer_id), bases,
                                    layer.kfac_permutation())
@@ -349,9 +366,10 @@ def check_parameter_uses(out, layer_collection, modules, calls):
         for (lid, c), gy in zip(layer_calls, gys):
             if gy is None:
                 continue
-            names = layer_collection[lid].param_names()
+            spec = c.spec or layer_collection[lid]
+            names = spec.param_names()
             leaves = {nm: p.detach().requires_grad_(True) for nm, p in zip(names, params[lid])}
-            y = functional_call(modules[lid], leaves, c.args, c.kwargs)
+            y = functional_call(c.module or modules[lid], leaves, c.args, c.kwargs)
             if not isinstance(y, torch.Tensor):
                 y = y[0]  # the hooks differentiate through the first output (see Call)
             g = torch.autograd.grad(y, list(leaves.values()), gy, allow_unused=True)
@@ -395,7 +413,7 @@ def _is_random(module, layer_calls, devices):
         for c in layer_calls:
             ys = []
             for _ in range(2):
-                y = functional_call(module, {}, c.args, c.kwargs)
+                y = functional_call(c.module or module, {}, c.args, c.kwargs)
                 ys.append(y if isinstance(y, torch.Tensor) else y[0])
             if not torch.equal(ys[0], ys[1]):
                 return True

@@ -46,7 +46,19 @@ def batched_hvp(func, primals, batched_tangents):
 def summed_cross_entropy(outputs, *batch):
     """The default loss of :class:`HessianBackend`: ``Σ_i -log softmax(outputs_i)[y_i]`` over
     the examples of a batch ``(inputs, targets, ...)``, summed (``reduction='sum'``) so that the
-    Hessian summed over batches is the Hessian of the total loss over the data set."""
+    Hessian summed over batches is the Hessian of the total loss over the data set.
+
+    Outputs with positions (``(n, T, C)``: classes last; ``(n, C, H, W)``: classes along
+    dimension 1) sum the per-position cross-entropies; a dict batch (Hugging Face style) takes
+    its targets from the key ``'labels'``."""
+    from collections.abc import Mapping
+
+    if len(batch) == 1 and isinstance(batch[0], Mapping) and "labels" in batch[0]:
+        batch = (batch[0], batch[0]["labels"])
+    if outputs.dim() == 3:
+        from ..variants import cross_entropy_losses
+        return cross_entropy_losses(outputs, batch[1]).sum() if len(batch) >= 2 else \
+            summed_cross_entropy(outputs.reshape(outputs.shape[0], -1))
     if len(batch) < 2:
         raise ValueError(
             "the default loss of the Hessian (summed cross-entropy) needs batches (inputs, "

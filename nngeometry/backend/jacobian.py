@@ -228,6 +228,13 @@ class TorchHooksJacobianBackend:
         return self.accumulate(examples, lc, C.KFEDiag(lc, kfe),
                                chunk_bytes=self.max_chunk_bytes).result
 
+    def get_subnetwork_matrix(self, indices, examples=None, layer_collection=None):
+        """``(k, k)``: ``(1/n) Σ_x J(x)ᵀ J(x)`` restricted to the flat parameter ``indices``
+        (``(k,)``, of the collection's layout), without forming ``P × P``."""
+        examples, layer_collection = self._resolve(examples, layer_collection)
+        return self.accumulate(examples, layer_collection,
+                               C.SubnetworkCovariance(layer_collection, indices)).result
+
     def get_jacobian(self, examples=None, layer_collection=None):
         """``(n_output, n, P)``: the per-example Jacobians (not normalized)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
@@ -270,7 +277,7 @@ class TorchHooksJacobianBackend:
                 for i, batch in enumerate(self._batches(examples)):
                     n_total += self._run_batch(batch, layer_collection, modules, calls, consumer,
                                                chunk_bytes, mean,
-                                               probe=probe and i == 0)
+                                               probe=probe and i == 0, index=i)
         if n_total == 0:
             raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
         consumer.finalize(n_total)
@@ -503,14 +510,24 @@ class TorchHooksJacobianBackend:
         modules = layer_collection.get_layerid_module_map(self.model)
         _check_uniform_params(layer_collection, modules)
         params = layer_collection.parameters(modules)
+        # the other parameters are constants for the time of the pass: autograd then records
+        # no graph below the collection's first layer (a last-layer matrix runs no backward
+        # pass through the rest of the network)
+        mine = {id(p) for p in params}
+        others = [p for p in self.model.parameters() if id(p) not in mine]
         flags = [p.requires_grad for p in params]
+        other_flags = [p.requires_grad for p in others]
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         try:
             for p in params:
                 p.requires_grad_(True)
+            for p in others:
+                p.requires_grad_(False)
             yield modules, params
         finally:
             for p, f in zip(params, flags):
+                p.requires_grad_(f)
+            for p, f in zip(others, other_flags):
                 p.requires_grad_(f)
             with torch.no_grad():
                 for b, saved in buffers:
@@ -540,6 +557,12 @@ class TorchHooksJacobianBackend:
                         handles.append(_InstanceForward(module, active))
                     handles.append(module.register_forward_hook(
                         self._make_hook(calls[lid], active), with_kwargs=True))
+                    # other modules using this layer's parameters (tied weights): their calls
+                    # are calls of the layer, with their own spec and module
+                    for tname, tspec in getattr(layer_collection, "tied", {}).get(lid, ()):
+                        tmod = self.model.get_submodule(tname)
+                        handles.append(tmod.register_forward_hook(
+                            self._make_hook(calls[lid], None, tspec, tmod), with_kwargs=True))
                 yield modules, calls
             finally:
                 for h in reversed(handles):
@@ -565,7 +588,7 @@ class TorchHooksJacobianBackend:
         return pre_hook
 
     @staticmethod
-    def _make_hook(store, active=None):
+    def _make_hook(store, active=None, spec=None, tied_module=None):
         def hook(module, args, kwargs, output):
             if is_recording_paused():
                 # a layer type re-running this module's forward to compute its statistics
@@ -582,7 +605,7 @@ class TorchHooksJacobianBackend:
                 raise TypeError(f"cannot differentiate through the output of {type(module).__name__}")
             store.append(Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
                               {k: v.detach() if isinstance(v, torch.Tensor) else v
-                               for k, v in kwargs.items()}, out, rec))
+                               for k, v in kwargs.items()}, out, rec, spec, tied_module))
         return hook
 
     @staticmethod
@@ -597,7 +620,7 @@ class TorchHooksJacobianBackend:
         if n == 0:
             raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
 
-    def _outputs(self, batch):
+    def _outputs(self, batch, index=None):
         """``(model_outputs, out, columns)``: what the model part of ``function`` returns (for
         the determinism probe), the outputs to differentiate, flattened to ``(n, n_output)``,
         and ``columns(k0, k1)``, the graph of ``out[:, k0:k1]`` alone (or None). For a
@@ -607,7 +630,11 @@ class TorchHooksJacobianBackend:
         columns = None
         if hasattr(fn, "model_outputs") and hasattr(fn, "split"):
             raw = fn.model_outputs(*batch)
-            out, columns = fn.split(raw)
+            if getattr(fn, "needs_batch", False):
+                # losses of the observed targets, seeded draws: the transform reads the batch
+                out, columns = fn.split(raw, fn.batch_info(batch, index))
+            else:
+                out, columns = fn.split(raw)
             out = check_outputs(out)
         else:
             raw = out = check_outputs(fn(*batch))
@@ -653,12 +680,12 @@ class TorchHooksJacobianBackend:
                 "check_deterministic=False if the randomness is intended")
 
     def _run_batch(self, batch, layer_collection, modules, calls, consumer, chunk_bytes=None,
-                   mean_jacobian=None, probe=False):
+                   mean_jacobian=None, probe=False, index=None):
         # (the batch comes from _batches: on the model's device and dtype, checked finite)
         for store in calls.values():
             store.clear()
         with torch.enable_grad():
-            raw, out, columns = self._outputs(batch)
+            raw, out, columns = self._outputs(batch, index)
         if probe:
             self._probe_deterministic(batch, raw)
         n, n_output = out.shape
@@ -669,6 +696,8 @@ class TorchHooksJacobianBackend:
                 raise RuntimeError(
                     f"layer '{lid}' was not called during the forward pass of the function; "
                     "remove it from the LayerCollection or check the function")
+        if n > 1:
+            _refuse_unbatched_calls(layer_collection, modules, calls, n)
         key = uses_key(self.model, self.function, layer_collection)
         if not uses_verified(self.model, key):
             # once per model, function and collection in a process (entry points build a new
@@ -814,13 +843,17 @@ class TorchHooksJacobianBackend:
                     constant[f"{lid}.{pname}" if lid else pname] = mask
             params = {k: p.detach() for k, p in names.items()}
             device = self._device()
-            for batch in self._batches(examples):
+            fn = self.function
+            needs_batch = getattr(fn, "needs_batch", False) and hasattr(fn, "model_outputs")
+            for index, batch in enumerate(self._batches(examples)):
                 batch = prepare_batch(batch, device)
+                # read outside the torch.func transforms (a seed's key hashes the batch's bytes)
+                info = fn.batch_info(batch, index) if needs_batch else None
                 # inference tensors (data made inside torch.inference_mode()) can't be saved
                 # for backward: normal copies with the same values (see _outside_inference_mode)
                 batch = tree_map(_normal_tensor, batch)
 
-                def f(p, batch=batch):
+                def f(p, batch=batch, info=info):
                     # buffers (e.g. BatchNorm running statistics, updated in place in training
                     # mode) are copied inside the transform: torch.func refuses in-place updates
                     # of captured tensors, and the model's own buffers must stay untouched
@@ -828,7 +861,10 @@ class TorchHooksJacobianBackend:
                     p = {k: torch.where(constant[k], t.detach(), t) if k in constant else t
                          for k, t in p.items()}
                     with _no_fused_attention(), tensors_in_model(self.model, {**p, **bufs}):
-                        out = self.function(*batch)
+                        if info is not None:
+                            out = fn.transform(fn.model_outputs(*batch), info)
+                        else:
+                            out = self.function(*batch)
                     return out.reshape(out.shape[0], -1)
 
                 yield batch, params, f
@@ -868,6 +904,29 @@ class _InstanceForward:
             self.module.__dict__.pop("forward", None)
         else:
             self.module.__dict__["forward"] = self.saved
+
+
+def _refuse_unbatched_calls(layer_collection, modules, calls, n):
+    """``RuntimeError`` for a call of a layer's module whose output does not hold the ``n``
+    examples of the batch along its batch axis: e.g. GPT-2's position embedding, looked up with
+    positions of shape ``(1, T)`` and broadcast over the batch. The gradient w.r.t. such an
+    output is already summed over the examples, so per-example gradients (and every matrix
+    built from them) cannot be recovered from it (GPT-2's ``wpe`` diagonal came out 180 % off)."""
+    for lid, store in calls.items():
+        for c in store:
+            layer, module = c.spec or layer_collection[lid], c.module or modules[lid]
+            axis = layer.batch_axis(module)
+            shape = c.targets[0].shape
+            if len(shape) > axis and shape[axis] != n:
+                raise RuntimeError(
+                    f"layer '{lid}' ({type(module).__name__}) returned an output of shape "
+                    f"{tuple(shape)} for a batch of {n} examples: its input is not batched "
+                    f"along dimension {axis} (e.g. position ids of shape (1, T) broadcast over "
+                    "the batch), so its gradients are summed over the examples and per-example "
+                    "quantities cannot be computed. Fixes: give the module batched inputs (for "
+                    "Hugging Face models put position_ids = torch.arange(T).expand(n, T) in the "
+                    "batch), use PMatImplicit (exact through torch.func), or leave the layer out "
+                    "of the LayerCollection")
 
 
 def _examples_count(examples):

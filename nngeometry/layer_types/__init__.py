@@ -1,6 +1,7 @@
 """Layer types: one module per type, each holding its spec and its per-layer maths."""
 from .base import AbstractLayer, Parameter, layer_type_for, register_layer_type
 from .linear import LinearLayer
+from .conv1d_hf import HFConv1DLayer
 from .conv import (Conv1dLayer, Conv2dLayer, Conv3dLayer, ConvTranspose1dLayer,
                    ConvTranspose2dLayer, ConvTranspose3dLayer)
 from .normalization import (BatchNorm1dLayer, BatchNorm2dLayer, BatchNorm3dLayer, GroupNormLayer,
@@ -12,7 +13,7 @@ from .reparametrized import Affine1dLayer, Cosine1dLayer, WeightNorm1dLayer, Wei
 from .generic import GenericLayer
 
 __all__ = ["AbstractLayer", "Parameter", "layer_type_for", "register_layer_type",
-           "LinearLayer", "Conv1dLayer", "Conv2dLayer", "Conv3dLayer", "ConvTranspose1dLayer",
+           "LinearLayer", "HFConv1DLayer", "Conv1dLayer", "Conv2dLayer", "Conv3dLayer", "ConvTranspose1dLayer",
            "ConvTranspose2dLayer", "ConvTranspose3dLayer", "BatchNorm1dLayer", "BatchNorm2dLayer",
            "BatchNorm3dLayer", "GroupNormLayer", "InstanceNorm1dLayer", "InstanceNorm2dLayer",
            "InstanceNorm3dLayer", "LayerNormLayer", "RMSNormLayer", "ScaleShiftLayer",

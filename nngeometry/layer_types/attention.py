@@ -124,6 +124,9 @@ class MultiheadAttentionLayer(AbstractLayer):
     def inputs_of(self, call):
         return call.args, call.kwargs, call.record, call.extra_gy
 
+    def batch_axis(self, module):
+        return 0 if module.batch_first else 1
+
     def per_example_grad(self, module, x, gy):
         if self.supports_kfac and x[2] is not None:
             # from the recomputed projections (see kfac_pieces): Σ_s g_s [a_s, 1]ᵀ per block,

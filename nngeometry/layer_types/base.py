@@ -101,6 +101,13 @@ class AbstractLayer:
         don't override this record nothing."""
         return None
 
+    def batch_axis(self, module):
+        """The axis of the module's output that holds the examples (0; attention with
+        ``batch_first=False``: 1). The generator refuses a call whose output does not have the
+        batch's ``n`` examples along it (an input looked up once and broadcast over the batch:
+        its output gradient is summed over the examples, see ``backend.jacobian``)."""
+        return 0
+
     def inputs_of(self, call):
         """What this layer's maths takes as ``x`` from a recorded forward call
         (:class:`~nngeometry.backend.context.Call`): the module's first positional input by
@@ -330,7 +337,15 @@ def layer_type_for(module):
     precedence over ``LinearLayer``).
     """
     best, best_distance = None, None
+    mro = type(module).__mro__
     for cls in _REGISTRY:
+        # classes of optional packages, matched by qualified name (not imported here)
+        for qual in getattr(cls, "module_class_names", ()):
+            for depth, k in enumerate(mro):
+                if f"{k.__module__}.{k.__qualname__}" == qual:
+                    if best is None or depth < best_distance:
+                        best, best_distance = cls, depth
+                    break
         for mt in cls.module_types:
             if isinstance(module, mt):
                 # how many inheritance steps separate the module's class from the match

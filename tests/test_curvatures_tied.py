@@ -1,0 +1,76 @@
+"""Tied weights with LayerCollection.from_model(model, tied_weights='sum'): the second module's
+use of the parameter is added to the layer's per-example gradients (exact matrices)."""
+import pytest
+import torch
+from torch import nn
+
+from brute import fim_dense
+from nngeometry import FIM, EmpiricalFisher
+from nngeometry.backend.context import ParameterUseError
+from nngeometry.layercollection import LayerCollection
+from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit, PMatKFAC,
+                               PMatLowRank, PVector)
+
+TOL = dict(atol=1e-10, rtol=1e-8)
+
+
+class Tied(nn.Module):
+    def __init__(self, V=7, d=5):
+        super().__init__()
+        self.emb = nn.Embedding(V, d)
+        self.mid = nn.Linear(d, d)
+        self.head = nn.Linear(d, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(self.emb(x))))
+
+
+def setup():
+    torch.manual_seed(0)
+    return Tied().double().eval(), torch.randint(0, 7, (6,))
+
+
+def test_tied_sum_is_exact_in_every_hooks_representation():
+    m, x = setup()
+    lc = LayerCollection.from_model(m, tied_weights="sum")
+    assert lc.layer_ids() == ["emb", "mid"] and [n for n, _ in lc.tied["emb"]] == ["head"]
+    ref = fim_dense(m, x, layer_collection=lc)  # functional_call sees both uses
+    torch.testing.assert_close(FIM(m, (x,), PMatDense, layer_collection=lc).to_torch(), ref,
+                               **TOL)
+    torch.testing.assert_close(FIM(m, (x,), PMatLowRank, layer_collection=lc).to_torch(), ref,
+                               **TOL)
+    torch.testing.assert_close(FIM(m, (x,), PMatDiag, layer_collection=lc).get_diag(),
+                               torch.diag(ref), **TOL)
+    bd = FIM(m, (x,), PMatBlockDiag, layer_collection=lc).to_torch()
+    s = lc.slice("emb")
+    torch.testing.assert_close(bd[s, s], ref[s, s], **TOL)
+    v = torch.randn(lc.numel(), dtype=torch.float64)
+    torch.testing.assert_close(
+        FIM(m, (x,), PMatImplicit, layer_collection=lc).mv(PVector(lc, vector_repr=v)).to_torch(),
+        ref @ v, **TOL)
+    # a sub-collection keeps the tied use
+    sub = lc.sub(["emb"])
+    torch.testing.assert_close(FIM(m, (x,), PMatDense, layer_collection=sub).to_torch(),
+                               ref[s, s], **TOL)
+    with pytest.raises(NotImplementedError, match="tied weights"):
+        FIM(m, (x,), PMatKFAC, layer_collection=lc)
+    # the empirical Fisher too (targets given)
+    y = torch.randint(0, 7, (6,))
+    assert torch.isfinite(EmpiricalFisher(m, [(x, y)], PMatDiag, layer_collection=lc)
+                          .get_diag()).all()
+
+
+def test_collection_without_the_tied_use_still_refused():
+    """The parameter-use check remembers collections with their tied uses: a verified tied
+    collection does not let the same layers without the tied use through."""
+    m, x = setup()
+    lc = LayerCollection.from_model(m, tied_weights="sum")
+    FIM(m, (x,), PMatDiag, layer_collection=lc)
+    plain = LayerCollection()
+    plain.add_layer_from_model(m, m.emb)
+    plain.add_layer_from_model(m, m.mid)
+    with pytest.raises(ParameterUseError, match="'emb'"):
+        FIM(m, (x,), PMatDiag, layer_collection=plain)
+    with pytest.raises(ValueError, match="tied_weights must be"):
+        LayerCollection.from_model(m, tied_weights="yes")
