@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.0", "numpy", "opt_einsum", "tqdm"],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "scipy"],
         "examples": ["scikit-learn"],
         "scipy": ["scipy"],
     },

@@ -45,12 +45,17 @@ class MvOnly:
 
 
 class CountingDense(PMatDense):
-    """PMatDense counting its mmap calls (how many batched product calls an estimator makes)."""
+    """PMatDense counting its batched product calls (mmap, and mapTMmap: the quadratic forms
+    Hutchinson's trace needs)."""
     mmap_calls = 0
 
     def mmap(self, pfmap):
         CountingDense.mmap_calls += 1
         return super().mmap(pfmap)
+
+    def mapTMmap(self, pfmap, reduction="sum"):
+        CountingDense.mmap_calls += 1
+        return super().mapTMmap(pfmap, reduction=reduction)
 
 
 def flat(x):
@@ -259,6 +264,20 @@ def test_products_are_batched():
     CountingDense.mmap_calls = 0
     trace_estimate(M, 12, generator=0, batch_size=5)
     assert CountingDense.mmap_calls == 3  # 5 + 5 + 2
+    CountingDense.mmap_calls = 0
+    diag_estimate(M, 12, generator=0, batch_size=5)
+    assert CountingDense.mmap_calls == 3
+
+
+def test_implicit_hutchinson_uses_quadratic_forms():
+    """PMatImplicit: Hutchinson's trace from mapTMmap (JVPs only) equals the one from mmap."""
+    s = Setup("mlp", "classif_logits")
+    M = PMatImplicit(s.lc, s.generator(), examples=s.loader)
+    a = trace_estimate(M, 8, generator=2)
+    W = torch.randint(0, 2, (8, s.lc.numel()), generator=torch.Generator().manual_seed(2))
+    W = (2 * W - 1).to(DT)
+    ref = torch.einsum("ip,pq,iq->i", W, s.dense, W)
+    torch.testing.assert_close(a.samples, ref, rtol=1e-9, atol=1e-12)
 
 
 def test_mv_only_operator_and_same_numbers():

@@ -59,6 +59,21 @@ class Operator:
                 for v in V]
         return torch.stack(rows)
 
+    def quadratic_forms(self, V):
+        """``vᵀ M v`` for each row ``v`` of ``V`` ``(s, P)``, shape ``(s,)``: through
+        ``mapTMmap`` where the matrix has it (``PMatImplicit``: forward-mode JVPs only, no
+        backward pass: about half the cost of ``mmap``), else from ``matmat``. Counts ``s``
+        products."""
+        if not self._batched or getattr(type(self.M), "mapTMmap", None) is None:
+            return (V * self.matmat(V)).sum(dim=1)
+        V = V.to(dtype=self.dtype, device=self.device)
+        s = V.shape[0]
+        self.n_matvecs += s
+        step = self.batch_size or max(s, 1)
+        parts = [self.M.mapTMmap(PFMapDense(self.layer_collection, data=V[i:i + step].unsqueeze(0)),
+                                 reduction="diag").reshape(-1) for i in range(0, s, step)]
+        return torch.cat(parts) if parts else V.new_zeros(0)
+
     def matvec(self, v):
         """``M v`` for a flat ``(P,)`` tensor."""
         return self.matmat(v.unsqueeze(0)).squeeze(0)

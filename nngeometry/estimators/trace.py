@@ -98,7 +98,8 @@ def trace_estimate(M, n_matvecs, method="hutchinson", distribution="rademacher",
         generator: a ``torch.Generator`` or an int seed for the probes (None: torch's global RNG).
         batch_size: at most this many vectors per product call (default: all the probes of a
             stage in one call, i.e. one batched ``mmap``: one pass over the data for
-            ``PMatImplicit``).
+            ``PMatImplicit``). Hutchinson only needs the quadratic forms ``ωᵀ M ω``: it calls
+            ``mapTMmap`` (for ``PMatImplicit``: JVPs only, no backward pass).
 
     Returns an :class:`Estimate` with a 0-dim ``value`` and ``stderr``.
     """
@@ -107,7 +108,7 @@ def trace_estimate(M, n_matvecs, method="hutchinson", distribution="rademacher",
     if method == "hutchinson":
         check_count("n_matvecs", n_matvecs, 2, "the standard error needs two samples")
         W = random_probes(n_matvecs, op.P, distribution, op.dtype, op.device, gen)
-        samples = (W * op.matmat(W)).sum(dim=1)
+        samples = op.quadratic_forms(W)  # ωᵀMω only: PMatImplicit needs no backward pass
         value, stderr = _mean_stderr(samples)
     elif method == "hutchpp":
         check_count("n_matvecs", n_matvecs, 4, "Hutch++ uses m//3 products for its sketch, as many "
