@@ -42,11 +42,12 @@ N_PRODUCTS = 100
 ROWS = ("trace", "diag", "single")
 
 
-def bench_workload(wname, n, repeats, log):
+def bench_workload(wname, n, repeats, log, n_products=None):
     import nngeometry
     from nngeometry.estimators import diag_estimate, trace_estimate
     from nngeometry.object import PMatImplicit, random_pvector
 
+    n_products = n_products or N_PRODUCTS
     w = harness.WORKLOADS[wname]
     model, loader = harness.make_setup(w, n)
     floor = harness.floor_fn(model, loader)
@@ -55,16 +56,16 @@ def bench_workload(wname, n, repeats, log):
                        variant="classif_logits")
     v = random_pvector(M.layer_collection)
     res = {"description": w.description, "n": n,
-           "n_params": M.layer_collection.numel(), "n_products": N_PRODUCTS}
+           "n_params": M.layer_collection.numel(), "n_products": n_products}
 
     def trace():
-        return trace_estimate(M, N_PRODUCTS, generator=0)
+        return trace_estimate(M, n_products, generator=0)
 
     def diag():
-        return diag_estimate(M, N_PRODUCTS, generator=0)
+        return diag_estimate(M, n_products, generator=0)
 
     def single():
-        for _ in range(N_PRODUCTS):
+        for _ in range(n_products):
             out = M.mv(v)
         return out
 
@@ -87,8 +88,8 @@ def bench_workload(wname, n, repeats, log):
     return res
 
 
-def print_table(results):
-    print(f"== {N_PRODUCTS} products with PMatImplicit (exact Fisher, classif_logits), as "
+def print_table(results, n_products=N_PRODUCTS):
+    print(f"== {n_products} products with PMatImplicit (exact Fisher, classif_logits), as "
           f"multiples of the floor (threads={torch.get_num_threads()})")
     print(f"{'workload':<10}{'n':>6}{'P':>10}{'floor s':>10}{'trace':>10}{'diag':>10}"
           f"{'single':>10}{'single/trace':>14}{'single/diag':>13}")
@@ -119,6 +120,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="samples per figure (default 3, "
                     "1 with --quick)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--products", type=int, default=N_PRODUCTS,
+                    help=f"products per row (default {N_PRODUCTS}; fewer for a smoke run)")
     ap.add_argument("--json", default=None, metavar="PATH")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     ap.add_argument("--quiet", action="store_true")
@@ -136,10 +139,10 @@ def main(argv=None):
         w = harness.WORKLOADS[wname]
         n = args.n or (w.n_quick if args.quick else w.n)
         try:
-            results[wname] = bench_workload(wname, n, repeats, log)
+            results[wname] = bench_workload(wname, n, repeats, log, args.products)
         except Exception as exc:  # noqa: BLE001
             results[wname] = {"description": w.description, "reason": harness.reason_of(exc)}
-    print_table(results)
+    print_table(results, args.products)
     if args.json:
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                 "repeats": repeats, "clock": args.clock, "dtype": "float32",
