@@ -252,3 +252,26 @@ def test_spectrum_errors_and_plot(monkeypatch):
     out = plot_spectrum(sd, ax=ax)
     assert out is ax and len(ax.lines) == 1 and ax.get_yscale() == "log"
     plt.close(fig)
+
+
+REPS = ["PMatDense", "PMatDiag", "PMatBlockDiag", "PMatQuasiDiag", "PMatLowRank", "PMatImplicit",
+        "PMatKFAC", "PMatEKFAC", "PMatEKFACBlockDiag", "PMatMixed", "PMatEye",
+        "PMatQuasiDiagInverse", "PMatEyePlusLowRank"]
+
+
+@pytest.mark.parametrize("rep", REPS)
+def test_every_representation(rep):
+    """Every representation goes through the estimators: exact XTrace (more probes than P) and
+    the top eigenpairs against its own dense matrix."""
+    from nngeometry.estimators import diag_estimate, trace_estimate
+    from test_representation_table import built
+    b = built(rep)
+    D = b.D
+    P = D.shape[0]
+    t = trace_estimate(b.M, 2 * P + 2, method="xtrace", generator=0)
+    assert abs(float(t.value - torch.trace(D))) <= 1e-10 * float(D.abs().sum())
+    d = diag_estimate(b.M, 2 * P + 2, method="xdiag", generator=0)
+    assert float((d.value.get_flat_representation() - D.diagonal()).abs().max()) <= \
+        1e-10 * float(D.abs().max())
+    r = top_eigenpairs(b.M, 2, generator=0)
+    check_pairs(r, D, torch.linalg.eigvalsh(D).flip(0)[:2])

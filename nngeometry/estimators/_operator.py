@@ -52,9 +52,13 @@ class Operator:
             return V.clone()
         if self._batched:
             step = self.batch_size or s
-            parts = [self.M.mmap(PFMapDense(self.layer_collection, data=V[i:i + step].unsqueeze(0)))
-                     .to_torch().reshape(-1, self.P) for i in range(0, s, step)]
-            return torch.cat(parts, dim=0)
+            try:
+                parts = [self.M.mmap(PFMapDense(self.layer_collection,
+                                                data=V[i:i + step].unsqueeze(0)))
+                         .to_torch().reshape(-1, self.P) for i in range(0, s, step)]
+                return torch.cat(parts, dim=0)
+            except NotImplementedError:  # an mmap that refuses: products one by one from now on
+                self._batched = False
         rows = [self.M.mv(PVector(self.layer_collection, vector_repr=v)).get_flat_representation()
                 for v in V]
         return torch.stack(rows)
