@@ -12,8 +12,9 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.0", "numpy", "opt_einsum", "tqdm"],
     extras_require={
-        # the examples, the docs site and a GPT-2 built from a config are exercised by the suite
-        "test": ["pytest", "transformers", "scikit-learn", "matplotlib", "mkdocs>=1.6",
+        # the examples, the docs site, scipy interop and a GPT-2 built from a config are
+        # exercised by the suite
+        "test": ["pytest", "scipy", "transformers", "scikit-learn", "matplotlib", "mkdocs>=1.6",
                  "mkdocstrings[python]>=0.25"],
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.25"],
         "examples": ["scikit-learn", "matplotlib"],

@@ -1,7 +1,41 @@
-"""Iterative solvers with parameter-space matrices."""
+"""Iterative solvers with parameter-space matrices: conjugate gradients (``cg``, upstream's
+signature), MINRES for symmetric indefinite matrices (Hessians), and a truncated Neumann series.
+
+Each solves ``(A + regul·I) x = b`` for a PVector ``b`` using only products ``A.mv``; ``A`` is any
+``PMat*`` (e.g. ``PMatImplicit`` of a Fisher, GGN or Hessian: one pass over the data per
+product) or any object with ``mv``. The optional preconditioner ``M`` approximates
+``(A + regul·I)⁻¹`` and must be symmetric positive definite: a representation ``M`` is applied as
+``M.solve(r, regul=regul)`` (so ``M`` is an approximation of ``A`` itself, e.g. a ``PMatKFAC`` or
+``PMatDiag`` of the same curvature), a callable as ``M(r)`` (PVector to PVector). With
+``return_info=True`` each returns ``(x, info)``, ``info`` a :class:`SolveInfo` (iterations,
+products, residual).
+"""
+from dataclasses import dataclass
+
 import torch
 
 from .object.vector import PVector
+
+
+@dataclass
+class SolveInfo:
+    """What an iterative solve did.
+
+    Attributes:
+        iterations: iterations made.
+        n_matvecs: products with ``A`` (including the residual checks and, for ``neumann`` with
+            ``scale=None``, the power iterations that chose the scale).
+        residual_norm: ``||b - (A + regul·I) x||`` of the returned ``x`` (2-norm).
+        relative_residual: ``residual_norm / ||b||``.
+        converged: whether the stopping rule was met (``neumann``: whether the residual is below
+            ``max(rtol·||b||, atol)``).
+    """
+
+    iterations: int
+    n_matvecs: int
+    residual_norm: float
+    relative_residual: float
+    converged: bool
 
 
 def zero_like_pvector(pvector):
@@ -10,7 +44,44 @@ def zero_like_pvector(pvector):
     return PVector(pvector.layer_collection, vector_repr=torch.zeros_like(flat))
 
 
-def cg(A, b, regul=1e-8, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None):
+class _System:
+    """``(A + regul·I)`` and the preconditioner as functions of flat tensors, counting products."""
+
+    def __init__(self, A, b, regul, M):
+        if not isinstance(b, PVector):
+            raise TypeError(f"the right-hand side b must be a PVector, got {type(b).__name__}")
+        if not callable(getattr(A, "mv", None)):
+            raise TypeError(f"A must be a parameter-space matrix with mv (a PMat*), got "
+                            f"{type(A).__name__}")
+        self.A, self.lc, self.regul, self.M = A, b.layer_collection, regul, M
+        self.n_matvecs = 0
+        if M is not None and not (callable(getattr(M, "solve", None)) or callable(M)):
+            raise TypeError(f"the preconditioner M must be a PMat (applied as M.solve(r, regul)) "
+                            f"or a callable PVector -> PVector, got {type(M).__name__}")
+
+    def apply(self, pf):
+        self.n_matvecs += 1
+        Ap = self.A.mv(PVector(self.lc, vector_repr=pf)).get_flat_representation()
+        return Ap + self.regul * pf if self.regul else Ap
+
+    def precondition(self, rf):
+        if self.M is None:
+            return rf
+        r = PVector(self.lc, vector_repr=rf)
+        z = self.M.solve(r, regul=self.regul) if callable(getattr(self.M, "solve", None)) \
+            else self.M(r)
+        return z.get_flat_representation() if isinstance(z, PVector) else z
+
+    def info(self, x, bf, iterations, converged, residual=None):
+        if residual is None:
+            residual = bf - self.apply(x)
+        rn = float(torch.linalg.vector_norm(residual))
+        bn = float(torch.linalg.vector_norm(bf))
+        return SolveInfo(iterations=iterations, n_matvecs=self.n_matvecs, residual_norm=rn,
+                         relative_residual=rn / bn if bn > 0 else rn, converged=converged)
+
+
+def cg(A, b, regul=1e-8, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None, return_info=False):
     """Solve ``(A + regul·I) x = b`` by (preconditioned) conjugate gradients.
 
     Args:
@@ -23,22 +94,16 @@ def cg(A, b, regul=1e-8, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None):
         rtol, atol: stop when ``||r|| ≤ max(rtol·||b||, atol)``, ``r = b - (A + λI) x``.
         max_iter: at most this many iterations (default ``10 P``).
         M: a preconditioner: ``M.solve(r, regul=regul)`` approximates ``(A + λI)⁻¹ r`` (e.g. a
-            ``PMatKFAC`` or ``PMatDiag`` of the same matrix).
+            ``PMatKFAC`` or ``PMatDiag`` of the same matrix), or a callable ``r -> z``.
+        return_info: also return a :class:`SolveInfo`.
 
-    Returns the PVector ``x`` (the last iterate if ``max_iter`` is reached first).
+    Returns the PVector ``x`` (the last iterate if ``max_iter`` is reached first), or
+    ``(x, info)``. The residual ``r`` is the recursively updated one (what the stopping rule
+    uses); ``info.residual_norm`` is recomputed from ``x`` (one more product).
     """
+    sysm = _System(A, b, regul, M)
     lc = b.layer_collection
     bf = b.get_flat_representation()
-
-    def apply(pf):
-        Ap = A.mv(PVector(lc, vector_repr=pf)).get_flat_representation()
-        return Ap + regul * pf if regul else Ap
-
-    def precondition(rf):
-        if M is None:
-            return rf
-        return M.solve(PVector(lc, vector_repr=rf), regul=regul).get_flat_representation()
-
     if max_iter is None:
         max_iter = 10 * lc.numel()
     tol = max(rtol * float(torch.linalg.vector_norm(bf)), atol)
@@ -47,22 +112,165 @@ def cg(A, b, regul=1e-8, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None):
         r = bf.clone()
     else:
         x = x0.get_flat_representation().clone()
-        r = bf - apply(x)
-    z = precondition(r)
+        r = bf - sysm.apply(x)
+    z = sysm.precondition(r)
     p = z.clone()
     rz = torch.dot(r, z)
+    iterations = 0
+    converged = False
     for _ in range(max_iter):
         if float(torch.linalg.vector_norm(r)) <= tol:
+            converged = True
             break
-        Ap = apply(p)
+        Ap = sysm.apply(p)
         alpha = rz / torch.dot(p, Ap)
         x = x + alpha * p
         r = r - alpha * Ap
-        z = precondition(r)
+        z = sysm.precondition(r)
         rz_next = torch.dot(r, z)
         p = z + (rz_next / rz) * p
         rz = rz_next
-    return PVector(lc, vector_repr=x)
+        iterations += 1
+    else:
+        converged = float(torch.linalg.vector_norm(r)) <= tol
+    out = PVector(lc, vector_repr=x)
+    if not return_info:
+        return out
+    return out, sysm.info(x, bf, iterations, converged)
 
 
-__all__ = ["cg", "zero_like_pvector"]
+def minres(A, b, regul=0.0, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None, return_info=False):
+    """Solve ``(A + regul·I) x = b`` for a symmetric, possibly indefinite ``A`` (a Hessian) by
+    MINRES (Paige & Saunders 1975): the iterate minimising the residual norm over the Krylov
+    space, through the Lanczos recurrence and Givens rotations; one product per iteration.
+
+    Args: as :func:`cg`; ``M``, if given, must be symmetric positive definite (e.g. a KFAC or
+    diagonal Gauss-Newton approximation preconditioning a Hessian), and then the minimised norm
+    is the ``M``-norm of the residual ``sqrt(rᵀ M r)``.
+
+    Stops when that (recursively updated) residual norm is ``≤ max(rtol·‖b‖_M, atol)``
+    (``‖b‖_M = sqrt(bᵀ M b)``; the 2-norm without a preconditioner). ``(A + regul·I)`` must be
+    nonsingular on the Krylov space for the solution to be unique; on a singular consistent system
+    MINRES converges to a least-squares solution.
+    """
+    sysm = _System(A, b, regul, M)
+    lc = b.layer_collection
+    bf = b.get_flat_representation()
+    if max_iter is None:
+        max_iter = 10 * lc.numel()
+    tiny = torch.finfo(bf.dtype).tiny
+    x = torch.zeros_like(bf) if x0 is None else x0.get_flat_representation().clone()
+    r1 = bf.clone() if x0 is None else bf - sysm.apply(x)
+    y = sysm.precondition(r1)
+    beta1_sq = float(torch.dot(r1, y))
+    if beta1_sq < 0:
+        raise ValueError("the preconditioner M is not positive definite (rᵀ M r < 0): MINRES "
+                         "needs a symmetric positive definite M")
+    beta1 = beta1_sq ** 0.5
+    bnorm_m = float(torch.dot(bf, sysm.precondition(bf))) ** 0.5 if M is not None \
+        else float(torch.linalg.vector_norm(bf))
+    tol = max(rtol * bnorm_m, atol)
+    iterations = 0
+    converged = beta1 <= tol
+    # the Lanczos vectors v_k = y / beta (y = M r), and the rotated tridiagonal's recurrences
+    old_beta, beta = 0.0, beta1
+    r2 = r1
+    cs, sn = -1.0, 0.0
+    dbar, epsln, phibar = 0.0, 0.0, beta1
+    w = torch.zeros_like(bf)
+    w2 = torch.zeros_like(bf)
+    while not converged and iterations < max_iter:
+        v = y / beta
+        y = sysm.apply(v)
+        if iterations > 0:
+            y = y - (beta / old_beta) * r1
+        alpha = float(torch.dot(v, y))
+        y = y - (alpha / beta) * r2
+        r1, r2 = r2, y
+        y = sysm.precondition(r2)
+        old_beta = beta
+        beta_sq = float(torch.dot(r2, y))
+        if beta_sq < 0:
+            raise ValueError("the preconditioner M is not positive definite (rᵀ M r < 0): "
+                             "MINRES needs a symmetric positive definite M")
+        beta = beta_sq ** 0.5
+        # apply the previous rotation to the new column of the tridiagonal, then a new rotation
+        # that annihilates its subdiagonal entry beta
+        old_eps = epsln
+        delta = cs * dbar + sn * alpha
+        gbar = sn * dbar - cs * alpha
+        epsln = sn * beta
+        dbar = -cs * beta
+        gamma = max((gbar ** 2 + beta ** 2) ** 0.5, tiny)
+        cs, sn = gbar / gamma, beta / gamma
+        phi = cs * phibar
+        phibar = sn * phibar
+        # search directions: w_k = (v_k - ε_k w_{k-2} - δ_k w_{k-1}) / γ_k
+        w1, w2 = w2, w
+        w = (v - old_eps * w1 - delta * w2) / gamma
+        x = x + phi * w
+        iterations += 1
+        converged = phibar <= tol
+        if beta <= tiny:  # the Krylov space is invariant: x is the solution in it
+            break
+    out = PVector(lc, vector_repr=x)
+    if not return_info:
+        return out
+    return out, sysm.info(x, bf, iterations, bool(converged))
+
+
+def neumann(A, b, regul=0.0, scale=None, n_terms=100, M=None, rtol=1e-5, atol=0,
+            return_info=False):
+    """``(A + regul·I)⁻¹ b`` by the truncated Neumann series
+    ``x = α Σ_{j=0}^{K-1} (I - α C (A + regul·I))^j C b`` with ``K = n_terms``, ``α = scale``
+    and ``C`` the preconditioner (identity if None): exact as ``K → ∞`` when the spectral radius
+    of ``I - α C (A + regul·I)`` is below 1, i.e. for positive definite ``C(A + regul·I)`` when
+    ``0 < α < 2 / λ_max``. The error after ``K`` terms is ``(I - α C (A + regul·I))^K x*``:
+    eigen-directions with small ``α λ`` converge slowly, so a truncated series is also a damped
+    inverse (a regulariser in its own right). ``K - 1`` products.
+
+    Args:
+        scale: ``α``. None: ``1 / (1.05 λ̂)`` with ``λ̂`` the largest eigenvalue of
+            ``C (A + regul·I)`` estimated by 30 power iterations (30 more products, counted in
+            ``info.n_matvecs``).
+        n_terms: ``K ≥ 1``.
+        rtol, atol: only for ``info.converged`` (the series always runs ``K`` terms).
+
+    Returns ``x`` (a PVector), or ``(x, info)`` with ``return_info=True``.
+    """
+    if isinstance(n_terms, bool) or not isinstance(n_terms, int) or n_terms < 1:
+        raise ValueError(f"n_terms must be an int ≥ 1, got {n_terms!r}")
+    sysm = _System(A, b, regul, M)
+    lc = b.layer_collection
+    bf = b.get_flat_representation()
+    if scale is None:
+        g = torch.Generator(device=bf.device).manual_seed(0)
+        v = torch.randn(bf.shape, generator=g, device=bf.device, dtype=bf.dtype)
+        lam = 0.0
+        for _ in range(30):
+            v = v / torch.linalg.vector_norm(v)
+            u = sysm.precondition(sysm.apply(v))
+            lam = float(torch.linalg.vector_norm(u))
+            v = u
+        if lam <= 0:
+            raise ValueError("neumann: the estimated largest eigenvalue of C(A + regul·I) is "
+                             "not positive; the series needs a positive definite system")
+        scale = 1.0 / (1.05 * lam)
+    elif not scale > 0:
+        raise ValueError(f"scale must be > 0 (and < 2/λ_max for the series to converge), "
+                         f"got {scale}")
+    term = scale * sysm.precondition(bf)
+    x = term.clone()
+    for _ in range(n_terms - 1):
+        term = term - scale * sysm.precondition(sysm.apply(term))
+        x = x + term
+    out = PVector(lc, vector_repr=x)
+    if not return_info:
+        return out
+    info = sysm.info(x, bf, n_terms, False)
+    tol = max(rtol * float(torch.linalg.vector_norm(bf)), atol)
+    info.converged = info.residual_norm <= tol
+    return out, info
+
+
+__all__ = ["SolveInfo", "cg", "minres", "neumann", "zero_like_pvector"]

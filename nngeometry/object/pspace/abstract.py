@@ -253,6 +253,18 @@ class PMatAbstract:
         self.__dict__.update(state_dict)
         self.__dict__.setdefault("generator", None)
 
+    # ------------------------------------------------------------------ interop (see _scipy.py)
+    def to_scipy(self, dtype=None):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out, batched
+        ``matmat``) for ``eigsh``, ``cg``, ``lsmr``...; needs scipy (optional)."""
+        from ._scipy import to_scipy
+        return to_scipy(self, dtype=dtype)
+
+    def submatrix(self, rows, cols=None):
+        """The dense tensor ``M[rows][:, cols]`` (``cols`` default ``rows``), from products."""
+        from ._scipy import submatrix
+        return submatrix(self, rows, cols)
+
 
 def check_reduction(reduction):
     if reduction not in ("sum", "diag"):
