@@ -205,7 +205,8 @@ def EmpiricalFisher(model, loader, representation, loss_function=None, device=No
             ``targets`` is ``batch[1:]``, or ``(batch[target_key],)`` for dict batches. Default:
             cross-entropy on logits (one per position for ``(n, T, C)`` / ``(n, C, H, W)``
             outputs; targets -100 ignored, as in PyTorch).
-        the others: as for :func:`FIM`.
+
+    The other arguments are as for :func:`FIM`.
     """
     kwargs = _drop_n_output(kwargs)
     check_representation(representation, kwargs, "EmpiricalFisher")
@@ -240,7 +241,8 @@ def GGN(model, loader, representation, loss_function, device=None, function=None
     Args:
         loss_function: ``loss_function(outputs, *targets) -> (n,)`` per-example losses (as
             for :func:`EmpiricalFisher`; required). It must treat examples independently.
-        the others: as for :func:`FIM`.
+
+    The other arguments are as for :func:`FIM`.
     """
     kwargs = _drop_n_output(kwargs)
     check_representation(representation, kwargs, "GGN")

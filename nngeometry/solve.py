@@ -91,7 +91,8 @@ def cg(A, b, regul=1e-8, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None, retu
         b: the right-hand side, a PVector.
         regul: the damping ``λ`` added to the diagonal.
         x0: the starting point (default 0).
-        rtol, atol: stop when ``||r|| ≤ max(rtol·||b||, atol)``, ``r = b - (A + λI) x``.
+        rtol: stop when ``||r|| ≤ max(rtol·||b||, atol)``, ``r = b - (A + λI) x``.
+        atol: see ``rtol``.
         max_iter: at most this many iterations (default ``10 P``).
         M: a preconditioner: ``M.solve(r, regul=regul)`` approximates ``(A + λI)⁻¹ r`` (e.g. a
             ``PMatKFAC`` or ``PMatDiag`` of the same matrix), or a callable ``r -> z``.
@@ -234,7 +235,8 @@ def neumann(A, b, regul=0.0, scale=None, n_terms=100, M=None, rtol=1e-5, atol=0,
             ``C (A + regul·I)`` estimated by 30 power iterations (30 more products, counted in
             ``info.n_matvecs``).
         n_terms: ``K ≥ 1``.
-        rtol, atol: only for ``info.converged`` (the series always runs ``K`` terms).
+        rtol: only for ``info.converged`` (the series always runs ``K`` terms).
+        atol: likewise.
 
     Returns ``x`` (a PVector), or ``(x, info)`` with ``return_info=True``.
     """
