@@ -123,7 +123,7 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
             ``(k,)`` integer tensor or list, or a boolean mask of length ``P``), with
             ``PMatDense``: the ``k × k`` matrix ``M[idx][:, idx]`` without forming ``P × P``
             (laplace-torch's subnetwork Laplace), a ``PMatDense`` on a collection of one layer
-            ``'subnetwork'`` of ``k`` parameters (``PVector``\ s on it have ``k`` entries).
+            ``'subnetwork'`` of ``k`` parameters (PVectors on it have ``k`` entries).
         **kwargs: passed to the representation (``n_output=``, which older code passes, is
             ignored); a keyword the representation does not take is refused (``TypeError``).
 

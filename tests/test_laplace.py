@@ -9,7 +9,7 @@ from torch import nn
 from nngeometry.laplace import Laplace
 from nngeometry.layercollection import LayerCollection
 from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatKFAC,
-                               PMatLowRank)
+                               PMatLowRank, PVector)
 
 from brute import fim_dense, per_example_jacobian
 
@@ -173,3 +173,38 @@ def test_bad_arguments():
         Laplace(model, "classification", sigma_noise=2.0)
     with pytest.raises(RuntimeError, match="fit"):
         Laplace(model).log_marginal_likelihood()
+
+
+def _prior_kinds(lc):
+    ids = list(lc.layer_ids())
+    per_layer = {ids[0]: 0.4, ids[1]: 1.7}
+    diag = torch.cat([torch.full((lc[lid].numel(),), per_layer[lid], dtype=DT) for lid in ids])
+    g = torch.Generator().manual_seed(3)
+    vec = 0.3 + torch.rand(lc.numel(), generator=g, dtype=DT)
+    return {"per_layer": (per_layer, diag), "pvector": (PVector(lc, vector_repr=vec), vec)}
+
+
+@pytest.mark.parametrize("kind", ["per_layer", "pvector"])
+@pytest.mark.parametrize("rep", [PMatDense, PMatBlockDiag, PMatDiag, PMatKFAC, PMatEKFAC,
+                                 PMatLowRank], ids=lambda r: r.__name__)
+def test_log_marginal_likelihood_with_structured_priors(rep, kind):
+    model, x, y = _classif(7)
+    la = Laplace(model, "classification", rep).fit((x, y))
+    prior, diag = _prior_kinds(la.layer_collection)[kind]
+    if kind == "pvector" and rep in (PMatKFAC, PMatEKFAC):
+        with pytest.raises(NotImplementedError):
+            la.log_marginal_likelihood(prior)
+        return
+    H = len(y) * la.ggn.to_torch() + torch.diag(diag)
+    ref = _lml_brute(model, x, y, H, diag, "classification")
+    assert torch.allclose(la.log_marginal_likelihood(prior), ref, rtol=1e-10)
+
+
+def test_per_layer_prior_optimisation_reaches_a_stationary_point():
+    model, x, y = _classif(8)
+    la = Laplace(model, "classification", PMatKFAC).fit((x, y))
+    prior = la.optimize_prior_precision(per_layer=True, n_steps=300, lr=0.05)
+    ids = list(la.layer_collection.layer_ids())
+    t = {lid: torch.tensor(prior[lid], dtype=DT, requires_grad=True) for lid in ids}
+    grads = torch.autograd.grad(la.log_marginal_likelihood(t), [t[lid] for lid in ids])
+    assert max(abs(float(g)) * prior[lid] for g, lid in zip(grads, ids)) < 1e-3

@@ -39,3 +39,23 @@ def test_log_marginal_likelihood_equals_laplace_torch(likelihood, structure):
     ref = theirs.log_marginal_likelihood().detach()
     got = ours.log_marginal_likelihood().detach()
     assert torch.allclose(got, ref.to(got.dtype), rtol=1e-6, atol=0), (float(got), float(ref))
+# --- append to tests/test_laplace_vs_laplace_torch.py after the algebra (issue 10) lands
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_kron_log_marginal_likelihood_equals_laplace_torch_per_layer_prior(likelihood):
+    """KronLaplace factors weight and bias separately: separate_weight_and_bias=True; a prior
+    precision per parameter group (their layout: weight, bias of each layer) is our per-layer
+    dict when weight and bias share it."""
+    from nngeometry.object import PMatKFAC
+    model, loader = _problem(likelihood)
+    sigma = 0.7 if likelihood == "regression" else 1.0
+    theirs = laplace.Laplace(model, likelihood, subset_of_weights="all",
+                             hessian_structure="kron", prior_precision=0.8, sigma_noise=sigma)
+    theirs.fit(loader)
+    ours = Laplace(model, likelihood, PMatKFAC, prior_precision=0.8, sigma_noise=sigma,
+                   separate_weight_and_bias=True).fit(loader)
+    assert torch.allclose(ours.log_marginal_likelihood().detach(),
+                          theirs.log_marginal_likelihood().detach().to(DT), rtol=1e-6, atol=0)
+    theirs.prior_precision = torch.tensor([0.5, 0.5, 2.0, 2.0])
+    prior = {"0": 0.5, "2": 2.0}
+    assert torch.allclose(ours.log_marginal_likelihood(prior).detach(),
+                          theirs.log_marginal_likelihood().detach().to(DT), rtol=1e-6, atol=0)
