@@ -42,3 +42,9 @@ def test_laplace_digits(tmp_path):
     out = _run([str(EXAMPLES / "laplace_digits.py"), "--quick", "--out", str(tmp_path)], tmp_path)
     assert "Laplace KFAC" in out and "marglik" in out and "noisy test" in out
     assert (tmp_path / "laplace_digits.json").exists()
+
+
+def test_fim_spectrum(tmp_path):
+    out = _run([str(EXAMPLES / "fim_spectrum.py"), "--quick", "--out", str(tmp_path)], tmp_path)
+    assert "Lanczos top 20 vs exact" in out and "CNN" in out
+    assert (tmp_path / "fim_spectrum.json").exists()
