@@ -622,11 +622,13 @@ def ggn_function(function, loss_function, positions="sum", target_key="labels"):
         targets = targets_of(info.batch, target_key, "the GGN")
         n = out.shape[0]
         D = out[0].numel() if n else out.shape[1:].numel()
-        from .backend.consumers import check_fits
-        check_fits(n * D * D * out.element_size() * 3,
-                   f"the per-example output Hessians of the loss ({n} × {D}² entries)",
-                   "use fewer outputs per example, smaller batches, or FIM(variant=...) / "
-                   "EmpiricalFisher for this model")
+        need = n * D * D * out.element_size() * 3
+        if need > 2 ** 26:  # (reading the memory available costs more than small Hessians)
+            from .backend.consumers import check_fits
+            check_fits(need,
+                       f"the per-example output Hessians of the loss ({n} × {D}² entries)",
+                       "use fewer outputs per example, smaller batches, or FIM(variant=...) / "
+                       "EmpiricalFisher for this model")
         S = psd_sqrt(output_hessians(loss_function, out, targets, positions))
         return torch.einsum("nd,nde->ne", out.reshape(n, D), S.to(out.dtype))
     t = OutputTransform(function, g, needs_batch=True)
