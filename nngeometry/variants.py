@@ -298,7 +298,8 @@ def monte_carlo_function(function, variant, trials, covariance=1.0, positions="s
     function of the seed, the batch's index in the loader and its content (:func:`batch_key`,
     :func:`counter_uniform`; labels by the Gumbel-max rule, Gaussians by Box-Muller), so that
     every pass over the same loader sees the same targets: ``PMatImplicit`` is then one fixed
-    matrix (CG, Lanczos and Hutchinson need that), and the numbers are the same on every device.
+    matrix (CG, Lanczos and Hutchinson need that); the uniform numbers behind the draws are
+    the same on every device (the labels then agree up to floating-point ties).
 
     The transform also gives the generator each chunk of columns ``g[:, k0:k1]`` as its own
     small graph (``OutputTransform.split``): the backward pass of ``K`` directions then works on
