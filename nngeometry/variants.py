@@ -298,7 +298,8 @@ def monte_carlo_function(function, variant, trials, covariance=1.0, positions="s
     function of the seed, the batch's index in the loader and its content (:func:`batch_key`,
     :func:`counter_uniform`; labels by the Gumbel-max rule, Gaussians by Box-Muller), so that
     every pass over the same loader sees the same targets: ``PMatImplicit`` is then one fixed
-    matrix (CG, Lanczos and Hutchinson need that), and the numbers are the same on every device.
+    matrix (CG, Lanczos and Hutchinson need that); the uniform numbers behind the draws are
+    the same on every device (the labels then agree up to floating-point ties).
 
     The transform also gives the generator each chunk of columns ``g[:, k0:k1]`` as its own
     small graph (``OutputTransform.split``): the backward pass of ``K`` directions then works on
@@ -622,11 +623,13 @@ def ggn_function(function, loss_function, positions="sum", target_key="labels"):
         targets = targets_of(info.batch, target_key, "the GGN")
         n = out.shape[0]
         D = out[0].numel() if n else out.shape[1:].numel()
-        from .backend.consumers import check_fits
-        check_fits(n * D * D * out.element_size() * 3,
-                   f"the per-example output Hessians of the loss ({n} × {D}² entries)",
-                   "use fewer outputs per example, smaller batches, or FIM(variant=...) / "
-                   "EmpiricalFisher for this model")
+        need = n * D * D * out.element_size() * 3
+        if need > 2 ** 26:  # (reading the memory available costs more than small Hessians)
+            from .backend.consumers import check_fits
+            check_fits(need,
+                       f"the per-example output Hessians of the loss ({n} × {D}² entries)",
+                       "use fewer outputs per example, smaller batches, or FIM(variant=...) / "
+                       "EmpiricalFisher for this model")
         S = psd_sqrt(output_hessians(loss_function, out, targets, positions))
         return torch.einsum("nd,nde->ne", out.reshape(n, D), S.to(out.dtype))
     t = OutputTransform(function, g, needs_batch=True)

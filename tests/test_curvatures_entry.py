@@ -447,3 +447,22 @@ def test_mc_seeded_every_representation(kind):
     v = torch.randn(ref.shape[0], dtype=torch.float64)
     torch.testing.assert_close(mc(PMatImplicit).mv(PVector(lc, vector_repr=v)).to_torch(),
                                ref @ v, **TOL)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "seq"])
+def test_implicit_products_every_entry(kind):
+    """PMatImplicit's vTMv and the generator's multi-vector product (vmapped torch.func paths)
+    for GGN, EmpiricalFisher and seeded Monte-Carlo equal the dense matrix's."""
+    model, x, y = make(kind)
+    lc = LayerCollection.from_model(model)
+    dl = [(x, y)]
+    builds = (lambda r: GGN(model, dl, r, loss_function=ce_sum),
+              lambda r: EmpiricalFisher(model, dl, r, loss_function=ce_sum),
+              lambda r: FIM_MonteCarlo(model, dl, r, trials=3, seed=1))
+    for build_it in builds:
+        D = build_it(PMatDense).to_torch()
+        imp = build_it(PMatImplicit)
+        v = torch.randn(lc.numel(), dtype=torch.float64)
+        torch.testing.assert_close(imp.vTMv(PVector(lc, vector_repr=v)), v @ D @ v, **TOL)
+        V = torch.randn(3, lc.numel(), dtype=torch.float64)
+        torch.testing.assert_close(imp.generator.implicit_mm(V, dl, lc), V @ D, **TOL)
