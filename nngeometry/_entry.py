@@ -14,10 +14,29 @@ def prepare_entry(model, function, layer_collection, target_key="labels"):
     layers of the model. (Batches always go to the model's device: entry points accept
     ``device`` only for compatibility.)"""
     if layer_collection is None:
-        layer_collection = LayerCollection.from_model(model)
+        from .backend.jacobian import _model_lock
+
+        # another thread's implicit product may have this model's parameters swapped for
+        # functional tensors: read them when it is done
+        with _model_lock(model):
+            layer_collection = LayerCollection.from_model(model)
     if function is None:
         function = default_function(model, target_key)
     return function, layer_collection
+
+
+def build_from_jacobians(model, loader, representation, function, layer_collection, centering,
+                         verbose, check_deterministic):
+    """``representation`` (a map or function-space matrix class) built from the per-example
+    Jacobians of ``function`` over ``loader``: what ``Jacobian`` and ``GramMatrix`` share."""
+    from .backend import TorchHooksJacobianBackend
+
+    function, layer_collection = prepare_entry(model, function, layer_collection)
+    generator = TorchHooksJacobianBackend(model, function, centering=centering, verbose=verbose,
+                                          layer_collection=layer_collection,
+                                          check_deterministic=check_deterministic)
+    return representation(layer_collection=layer_collection, generator=generator,
+                          examples=loader)
 
 
 def _named_keywords(fn):

@@ -2,8 +2,7 @@
 
 (The Gram-matrix accumulator used inside the statistics lives in :mod:`nngeometry.maths.gram`.)
 """
-from ._entry import prepare_entry
-from .backend import TorchHooksJacobianBackend
+from ._entry import build_from_jacobians
 from .object.fspace import FMatDense
 
 
@@ -27,12 +26,8 @@ def GramMatrix(model, loader, function=None, representation=FMatDense, layer_col
         check_deterministic: refuse a random model (dropout in training mode, or outputs that
             differ when the model runs twice on the first batch); ``False`` skips the check.
     """
-    function, layer_collection = prepare_entry(model, function, layer_collection)
-    generator = TorchHooksJacobianBackend(model, function, centering=centering, verbose=verbose,
-                                          layer_collection=layer_collection,
-                                          check_deterministic=check_deterministic)
-    return representation(layer_collection=layer_collection, generator=generator,
-                          examples=loader)
+    return build_from_jacobians(model, loader, representation, function, layer_collection,
+                                centering, verbose, check_deterministic)
 
 
 __all__ = ["GramMatrix"]

@@ -1,5 +1,5 @@
 """Entry point: the per-example Jacobians of a model's outputs."""
-from ._entry import prepare_entry
+from ._entry import build_from_jacobians, prepare_entry
 from .backend import TorchHooksJacobianBackend
 from .object.map import PFMapDense
 
@@ -23,12 +23,8 @@ def Jacobian(model, loader, function=None, representation=PFMapDense, layer_coll
         check_deterministic: refuse a random model (dropout in training mode, or outputs that
             differ when the model runs twice on the first batch); ``False`` skips the check.
     """
-    function, layer_collection = prepare_entry(model, function, layer_collection)
-    generator = TorchHooksJacobianBackend(model, function, centering=centering, verbose=verbose,
-                                          layer_collection=layer_collection,
-                                          check_deterministic=check_deterministic)
-    return representation(layer_collection=layer_collection, generator=generator,
-                          examples=loader)
+    return build_from_jacobians(model, loader, representation, function, layer_collection,
+                                centering, verbose, check_deterministic)
 
 
 def _collection(model, layer_collection, last_layer):

@@ -21,7 +21,7 @@ from nngeometry.backend import TorchHooksJacobianBackend
 from nngeometry.backend.batches import default_function
 from nngeometry.layercollection import LayerCollection
 from nngeometry.metrics import FIM
-from nngeometry.object import PMatDense, PMatImplicit, PVector
+from nngeometry.object import PMatDense, PMatDiag, PMatImplicit, PVector
 from nngeometry.variants import closed_form_function
 
 DT = torch.float64
@@ -315,6 +315,41 @@ def test_same_model_in_two_threads_is_exact():
         torch.testing.assert_close(out[3], torch.diag(ref), rtol=1e-9, atol=1e-12)
     assert not model.mha._forward_hooks and "forward" not in model.mha.__dict__
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+def test_entry_point_reading_the_model_while_another_thread_runs_an_implicit_product():
+    """An entry point that reads the model's layers (no layer_collection given) waits for an
+    implicit product of another thread, which has the parameters swapped for functional
+    tensors while its function runs (here: held there until the other thread has started)."""
+    import threading
+    import time
+    from nngeometry import FIM
+    model = _AttnNet(2).to(DT).eval()
+    torch.manual_seed(5)
+    x = torch.randn(12, 4, 8, dtype=DT)
+    lc, ref = _attention_reference(model, x)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=12)
+    inside, armed = threading.Event(), [False]
+
+    def slow(inputs):
+        if armed[0]:
+            inside.set()
+            time.sleep(0.3)  # the other thread reads the model meanwhile
+        return model(inputs)
+
+    M = FIM(model, loader, PMatImplicit, layer_collection=lc, function=slow)
+    v = PVector(lc, vector_repr=torch.randn(ref.shape[0], dtype=DT))
+    armed[0] = True
+
+    def reader():
+        inside.wait(10)
+        return FIM(model, loader, PMatDiag).get_diag()
+
+    out = _run_threads([lambda: M.mv(v).get_flat_representation(), reader])
+    for r in out:
+        assert not isinstance(r, BaseException), r
+    torch.testing.assert_close(out[0], ref @ v.get_flat_representation(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out[1], torch.diag(ref), rtol=1e-9, atol=1e-12)
 
 
 # ---------------------------------------------------------------------- item 11: n·P sizes
