@@ -322,3 +322,10 @@ def test_dense_solve_cache_builds_a_new_graph_for_a_new_lambda_tensor():
         D = M.to_torch() + 0.3 * torch.eye(M.size(0), dtype=DT)
         yy = torch.linalg.solve(D, v.to_torch())
         close(g, -(yy * yy).sum())
+
+
+def test_one_element_tensor_is_a_scalar_and_a_vector_tensor_names_pvector():
+    M = built("PMatDense")
+    close(M.logdet(regul=torch.tensor([0.3], dtype=DT)), M.logdet(regul=0.3))
+    with pytest.raises(TypeError, match="PVector"):
+        M.logdet(regul=torch.ones(M.size(0), dtype=DT))

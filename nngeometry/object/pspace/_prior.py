@@ -143,6 +143,13 @@ def as_prior(regul, layer_collection, rep="PMat", what="solve"):
         return regul
     if _is_scalar(regul):
         return Prior(SCALAR, regul, layer_collection)
+    if torch.is_tensor(regul) and regul.numel() == 1:
+        return Prior(SCALAR, regul.reshape(()), layer_collection)
+    if torch.is_tensor(regul):
+        raise TypeError(
+            f"{rep}.{what}: regul is a tensor of shape {tuple(regul.shape)}; for one value per "
+            "parameter pass a PVector (PVector(layer_collection, vector_repr=t)) or a PMatDiag, "
+            "for one per layer a dict {layer_id: value}")
     if isinstance(regul, dict):
         ids = layer_collection.layer_ids()
         unknown = [k for k in regul if k not in layer_collection.layers]
@@ -180,9 +187,12 @@ def as_prior(regul, layer_collection, rep="PMat", what="solve"):
 
 def scalar_or_prior(regul, layer_collection, rep, what):
     """``(scalar, None)`` for a scalar ``Λ = λI`` (the representation's own fast path, with
-    ``λ`` as given: number or 0-d tensor), ``(None, prior)`` otherwise."""
+    ``λ`` as given: number or 0-d tensor; a one-element tensor is read as its 0-d value),
+    ``(None, prior)`` otherwise."""
     if _is_scalar(regul):
         return regul, None
+    if torch.is_tensor(regul) and regul.numel() == 1:
+        return regul.reshape(()), None
     prior = as_prior(regul, layer_collection, rep, what)
     if prior.is_scalar:
         return prior.value, None

@@ -54,14 +54,14 @@ class PMatDiag(PMatAbstract):
         """The diagonal of ``M + Λ``; ``regul`` gives ``Λ``: a scalar ``λ`` (``λI``), a dict
         ``{layer_id: λ_l}`` (0 for the layers left out), a PVector (one value per parameter),
         a PMatEye or a PMatDiag. All are exact here (a sum of diagonals)."""
-        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatDiag", "solve")
-        return self.data + (scalar if prior is None else prior.flat(self.data))
+        regul = _as_checked(regul, self.layer_collection)
+        return self.data + (regul.flat(self.data) if hasattr(regul, "flat") else regul)
 
     def _damped_invertible(self, regul, what):
         """``diag(M) + regul`` after refusing a zero entry (shared singular-matrix error; the
         entries are stored exactly, so only an exact 0 is singular)."""
-        d = self._damped(regul)
         regul = _as_checked(regul, self.layer_collection)
+        d = self._damped(regul)
         _checks.check_invertible(d, "PMatDiag", what, regul, exact=True,
                                  detail=f"{int((d == 0).sum())} diagonal entries of M + regul·I "
                                         "are 0 (parameters with no gradient)")
@@ -96,8 +96,8 @@ class PMatDiag(PMatAbstract):
 
     def logdet(self, regul=0.0):
         """``log det(diag(M) + Λ) = Σ_p log(M_pp + Λ_pp)``."""
-        return _checks.logdet_of(self._damped(regul), "PMatDiag",
-                                 _as_checked(regul, self.layer_collection), exact=True)
+        regul = _as_checked(regul, self.layer_collection)
+        return _checks.logdet_of(self._damped(regul), "PMatDiag", regul, exact=True)
 
     def pinv(self, atol=1e-8):
         """Pseudo-inverse: ``1/M_pp`` where ``|M_pp| > atol``, 0 elsewhere, as a PMatDiag."""
@@ -147,7 +147,10 @@ class PMatDiag(PMatAbstract):
 
 
 def _as_checked(regul, layer_collection):
-    """What the shared checks read of ``regul``: the scalar, or the normalised prior."""
+    """What the shared checks read of ``regul``: the scalar, or the normalised prior (a prior
+    already normalised is returned as it is)."""
+    if hasattr(regul, "flat"):
+        return regul
     scalar, prior = scalar_or_prior(regul, layer_collection, "PMatDiag", "solve")
     return scalar if prior is None else prior
 

@@ -8,6 +8,7 @@ from . import _checks
 from . import _kron as K
 from ._prior import per_parameter_refused, scalar_or_prior
 from .abstract import PMatAbstract
+from .blocks import EigenKronBlock
 from .eye import PMatEye
 
 
@@ -197,9 +198,7 @@ class PMatEKFAC(PMatAbstract):
     @classmethod
     def from_kfac(cls, kfac):
         """The EKFAC with ``kfac``'s eigenbases and diagonal ``λ_G ⊗ λ_A`` (equal to ``kfac``)."""
-        data = kfac._map_units(lambda key, A, G: (kfac._eig(key)[0][1], kfac._eig(key)[1][1],
-                                                  torch.outer(kfac._eig(key)[1][0],
-                                                              kfac._eig(key)[0][0])))
+        data = kfac._map_units(lambda key, A, G: kfac._eigen_block(key).as_entry())
         return cls(kfac.layer_collection, kfac.generator, data=data)
 
     def _check_data(self):
@@ -304,11 +303,13 @@ class PMatEKFAC(PMatAbstract):
         parts = self._layout.split(flat)
         return self._layout.join({lid: fn(lid, V) for lid, V in parts.items()})
 
+    def _block(self, key):
+        """The unit's :class:`~.blocks.EigenKronBlock` (a light view of the stored entry)."""
+        return EigenKronBlock(*self._unit(key))
+
     def _scale_layer(self, key, V, f=None):
         """``U f(D) Uᵀ`` applied to ``V`` (``f`` default identity), for one unit."""
-        UA, UG, D = self._unit(key)
-        W = K.to_kfe(V, UA, UG)
-        return K.from_kfe(W * (D if f is None else f(D)), UA, UG)
+        return self._block(key).apply(V, f)
 
     def get_KFE(self, layer_id=None, layer=None, split_weight_bias=True):
         """The dense eigenbasis ``U_G ⊗ U_A`` of a layer (``(p_l, p_l)``, eigenvectors as
@@ -341,12 +342,8 @@ class PMatEKFAC(PMatAbstract):
     def vTMv(self, vector):
         """``vᵀ M v = Σ D ∘ (Uᵀ v)²`` for a PVector ``vector``."""
         self._check_pvector(vector)
-        total = 0
-        for key, V in self._layout.split(vector.get_flat_representation()).items():
-            UA, UG, D = self._unit(key)
-            W = K.to_kfe(V, UA, UG)
-            total = total + (D * W * W).sum()
-        return total
+        return sum(self._block(key).quadratic(V)
+                   for key, V in self._layout.split(vector.get_flat_representation()).items())
 
     def mmap(self, pfmap):
         self._check_pfmap(pfmap)
@@ -359,11 +356,8 @@ class PMatEKFAC(PMatAbstract):
         self._check_pfmap(pfmap)
         if reduction not in ("sum", "diag"):
             raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
-        out = 0
-        for key, V in self._layout.split(pfmap.to_torch()).items():
-            UA, UG, D = self._unit(key)
-            W = K.to_kfe(V, UA, UG)
-            out = out + torch.einsum("kiab,ab,kiab->ki", W, D, W)
+        out = sum(self._block(key).quadratic(V)
+                  for key, V in self._layout.split(pfmap.to_torch()).items())
         return out.sum(dim=0) if reduction == "sum" else out
 
     # ------------------------------------------------------------------ solves and functions
@@ -395,8 +389,10 @@ class PMatEKFAC(PMatAbstract):
 
     def _damped_values(self, regul):
         """Every eigenvalue ``D + λ_l`` of ``M + Λ``, concatenated."""
-        return torch.cat([(ent[2] + self._unit_regul(regul, key)).reshape(-1)
-                          for key, ent in self._units()])
+        if hasattr(regul, "layer_value"):  # one value per layer
+            return torch.cat([(ent[2] + self._unit_regul(regul, key)).reshape(-1)
+                              for key, ent in self._units()])
+        return torch.cat([ent[2].reshape(-1) for _, ent in self._units()]) + regul
 
     def _check_invertible(self, regul, what):
         """Refuse (shared singular-matrix error) when ``D + regul`` has a zero, or undamped
@@ -404,8 +400,7 @@ class PMatEKFAC(PMatAbstract):
         _checks.check_invertible(self._damped_values(regul), type(self).__name__, what, regul)
 
     def _solve_fn(self, regul):
-        return lambda key, V: self._scale_layer(
-            key, V, lambda D: 1.0 / (D + self._unit_regul(regul, key)))
+        return lambda key, V: self._block(key).apply_power(V, -1.0, self._unit_regul(regul, key))
 
     def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
         """``(M + Λ)⁻¹ x``, exactly (``U (D + λ_l)⁻¹ Uᵀ x`` per layer); ``regul``: a scalar
@@ -478,24 +473,17 @@ class PMatEKFAC(PMatAbstract):
                             "pass split_weight_bias by keyword: get_diag(split_weight_bias=False)")
         parts = []
         for lid in self._store:
-            ds = []
-            for UA, UG, D in self._entries(lid):
-                d = D
-                if not isinstance(UA, int):
-                    d = d @ (UA * UA).t()
-                if not isinstance(UG, int):
-                    d = (UG * UG) @ d
-                ds.append(d.reshape(-1))
-            d = torch.cat(ds)
+            d = torch.cat([EigenKronBlock(*ent).diagonal().reshape(-1)
+                           for ent in self._entries(lid)])
             parts.append(self._layout.to_flat_order(lid, d) if split_weight_bias else d)
         return torch.cat(parts)
 
     def trace(self):
-        return sum(ent[2].sum() for _, ent in self._units())
+        return sum(EigenKronBlock(*ent).trace() for _, ent in self._units())
 
     def frobenius_norm(self):
         """``sqrt(Σ D²)`` (the basis is orthogonal)."""
-        return torch.sqrt(sum((ent[2] ** 2).sum() for _, ent in self._units()))
+        return torch.sqrt(sum(EigenKronBlock(*ent).frobenius_sq() for _, ent in self._units()))
 
     def get_block_torch(self, layer_id, layer=None, split_weight_bias=True):
         """The dense ``(p_l, p_l)`` block ``U diag(D) Uᵀ`` of layer ``layer_id``, in the flat

@@ -10,6 +10,7 @@ from . import _kron as K
 from ._prior import per_parameter_refused, scalar_or_prior
 from ._kron import check_kfac_support  # noqa: F401  (its historical home: kept importable)
 from .abstract import PMatAbstract
+from .blocks import EigenKronBlock
 from .ekfac import PMatEKFAC
 
 _DAMPINGS = ("pi", "exact")
@@ -269,17 +270,18 @@ class PMatKFAC(PMatAbstract):
         """Refuse (shared singular-matrix error) a negative power of ``M + regul·I`` when one
         of its eigenvalues ``λ_G,i λ_A,j + regul`` is zero (undamped: round-off)."""
         for key, A, G in self._units():
-            (lA, _), (lG, _) = self._eig(key)
             lid = key[0] if isinstance(key, tuple) else key
-            _checks.check_invertible(torch.outer(lG, lA) + self._unit_regul(regul, key),
+            _checks.check_invertible(self._eigen_block(key).eigenvalues(self._unit_regul(regul, key)),
                                      "PMatKFAC", what, regul,
                                      detail=f"the block of layer '{lid}' is singular")
 
+    def _eigen_block(self, key):
+        """The unit's ``A ⊗ G`` as an :class:`~.blocks.EigenKronBlock` (from the cached
+        eigendecompositions of its factors): what exact damping works on."""
+        return EigenKronBlock.from_factors_eig(*self._eig(key))
+
     def _exact_layer(self, key, V, regul, power=-1.0):
-        (lA, UA), (lG, UG) = self._eig(key)
-        W = K.to_kfe(V, UA, UG)
-        return K.from_kfe(W * (torch.outer(lG, lA) + self._unit_regul(regul, key)) ** power,
-                          UA, UG)
+        return self._eigen_block(key).apply_power(V, power, self._unit_regul(regul, key))
 
     # ------------------------------------------------------------------ products
     def mv(self, vs):
@@ -339,11 +341,11 @@ class PMatKFAC(PMatAbstract):
     def solvePVec(self, x, regul=1e-8, solve="default", use_pi=True, damping="pi"):
         """Solve with damping ``regul``: π-damped factors (``damping='pi'``, default;
         ``use_pi=False`` for π = 1) or ``(M + regul·I)⁻¹ x`` exactly (``damping='exact'``).
-        π-damping is not ``M + λI``: it inverts ``(A + π√λ I) ⊗ (G + √λ/π I)``, which adds the
-        cross term ``λ_A-weighted G + λ_G-weighted A`` besides ``λI`` (cheaper, no
+        π-damping differs from exact: it inverts ``(A + π√λ I) ⊗ (G + √λ/π I) = A ⊗ G + λI +
+        √λ (π I ⊗ G + A ⊗ I / π)``, ``M + λI`` plus that last term (cheaper: no
         eigendecomposition). ``regul``: a scalar ``λ`` or a per-layer dict ``{layer_id: λ_l}``
-        (layers left out: 0), also a PMatEye; a per-parameter ``Λ`` raises
-        ``NotImplementedError``."""
+        (layers left out: 0; π-damping then uses each layer's ``λ_l``), also a PMatEye; a
+        per-parameter ``Λ`` raises ``NotImplementedError``."""
         self._check_pvector(x)
         return PVector(self.layer_collection, vector_repr=self._solve_flat(
             x.get_flat_representation(), regul, solve, use_pi, damping))
@@ -354,8 +356,9 @@ class PMatKFAC(PMatAbstract):
         return PFMapDense(self.layer_collection, data=self._solve_flat(x.to_torch(), regul, solve, use_pi, damping))
 
     def inverse(self, regul=1e-8, use_pi=True, damping="pi"):
-        """``damping='pi'``: the PMatKFAC with factors ``(A + π√λ I)⁻¹``, ``(G + √λ/π I)⁻¹``;
-        ``damping='exact'``: ``(M + λI)⁻¹`` as a PMatEKFAC."""
+        """``damping='pi'`` (default): the PMatKFAC with factors ``(A + π√λ I)⁻¹``,
+        ``(G + √λ/π I)⁻¹`` (not ``(M + λI)⁻¹``: see :meth:`solvePVec`); ``damping='exact'``:
+        ``(M + Λ)⁻¹`` as a PMatEKFAC (``regul`` a scalar or a per-layer dict)."""
         return self.pow(-1.0, regul=regul, use_pi=use_pi, damping=damping)
 
     def inv(self, regul=1e-8, use_pi=True, damping="pi"):
@@ -377,11 +380,11 @@ class PMatKFAC(PMatAbstract):
             self._check_exact_invertible(regul, what)
 
         def entry(key, A, G):
-            (lA, UA), (lG, UG) = self._eig(key)
-            d = torch.outer(lG, lA) + self._unit_regul(regul, key)
+            block = self._eigen_block(key)
+            d = block.eigenvalues(self._unit_regul(regul, key))
             if not float(x).is_integer():
                 d = _checks.psd_values(d, "PMatKFAC", what, regul)
-            return (UA, UG, d ** x)
+            return (block.UA, block.UG, d ** x)
 
         return PMatEKFAC(self.layer_collection, None, data=self._map_units(entry))
 
@@ -397,7 +400,8 @@ class PMatKFAC(PMatAbstract):
             (lA, _), (lG, _) = self._eig(key)
             lam = self._unit_regul(regul, key)
             if damping == "exact":
-                total = total + _checks.logdet_of(torch.outer(lG, lA) + lam, "PMatKFAC", regul)
+                total = total + _checks.logdet_of(self._eigen_block(key).eigenvalues(lam),
+                                                  "PMatKFAC", regul)
             else:
                 s = self._sqrt(lam)
                 pi = K.pi_damping(A, G, use_pi)

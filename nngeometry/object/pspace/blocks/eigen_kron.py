@@ -1,0 +1,96 @@
+"""The eigen-Kronecker block ``U diag(D) Uᵀ`` with ``U = U_G ⊗ U_A`` (EKFAC's per-layer block;
+also KFAC's ``A ⊗ G`` with exact damping, ``D = λ_G ⊗ λ_A``).
+
+Layout: the layer's Kronecker layout (see ``_kron``): a vector of the layer is a
+``(dG, dA)`` matrix ``V`` and ``U v`` is ``U_G V U_Aᵀ``; ``D`` has shape ``(dG, dA)``, entry
+``[p, q]`` the eigenvalue of ``U_G[:, p] ⊗ U_A[:, q]``. A basis may be an ``int`` ``d`` (the
+identity of size ``d``: the basis of a diagonal factor), never densified.
+
+Every primitive takes batches: ``V`` of shape ``(..., dG, dA)``.
+"""
+import torch
+
+from .. import _kron as K
+
+
+class EigenKronBlock:
+    """``U diag(D) Uᵀ``, ``U = U_G ⊗ U_A`` (see the module docstring)."""
+
+    __slots__ = ("UA", "UG", "D")
+
+    def __init__(self, UA, UG, D):
+        self.UA, self.UG, self.D = UA, UG, D
+
+    @classmethod
+    def from_factors_eig(cls, eig_A, eig_G):
+        """The block ``A ⊗ G`` from ``(λ_A, U_A)`` and ``(λ_G, U_G)``: ``D = λ_G ⊗ λ_A``."""
+        (lA, UA), (lG, UG) = eig_A, eig_G
+        return cls(UA, UG, torch.outer(lG, lA))
+
+    def as_entry(self):
+        """PMatEKFAC's stored entry ``(U_A, U_G, D)``."""
+        return (self.UA, self.UG, self.D)
+
+    # ------------------------------------------------------------------ primitives
+    def to_eigenbasis(self, V):
+        """Coordinates of ``V`` in the eigenbasis: ``U_Gᵀ V U_A``."""
+        return K.to_kfe(V, self.UA, self.UG)
+
+    def from_eigenbasis(self, W):
+        return K.from_kfe(W, self.UA, self.UG)
+
+    def eigenvalues(self, damping=0.0):
+        """The ``(dG, dA)`` eigenvalues of the block plus ``damping·I``."""
+        return self.D + damping
+
+    def apply(self, V, fn=None):
+        """``U fn(D) Uᵀ`` applied to ``V`` (``fn`` default: the identity, i.e. the block)."""
+        W = self.to_eigenbasis(V)
+        return self.from_eigenbasis(W * (self.D if fn is None else fn(self.D)))
+
+    def apply_power(self, V, p, damping=0.0):
+        """``(B + damping·I)^p`` applied to ``V`` (the caller checks invertibility / PSD)."""
+        return self.apply(V, lambda D: (D + damping) ** p)
+
+    def quadratic(self, V):
+        """``vᵀ B v`` for each ``(dG, dA)`` matrix of the batch ``V``: shape ``V.shape[:-2]``."""
+        W = self.to_eigenbasis(V)
+        return (self.D * W * W).sum(dim=(-2, -1))
+
+    def matpower(self, p, damping=0.0, clip=False):
+        """The block ``(B + damping·I)^p``, in the same eigenbasis. ``clip``: negative values
+        (round-off, once the caller has refused genuinely negative ones) set to 0 first."""
+        d = self.D + damping
+        if clip:
+            d = d.clamp(min=0)
+        return EigenKronBlock(self.UA, self.UG, d ** p)
+
+    def map_values(self, fn):
+        """The block ``U fn(D) Uᵀ``."""
+        return EigenKronBlock(self.UA, self.UG, fn(self.D))
+
+    def diagonal(self):
+        """The ``(dG, dA)`` diagonal of the block (Kronecker layout): ``(U_G∘U_G) D (U_A∘U_A)ᵀ``."""
+        d = self.D
+        if not isinstance(self.UA, int):
+            d = d @ (self.UA * self.UA).t()
+        if not isinstance(self.UG, int):
+            d = (self.UG * self.UG) @ d
+        return d
+
+    def dense(self):
+        """The dense ``(dG·dA, dG·dA)`` block, Kronecker layout."""
+        U = torch.kron(K.dense_basis(self.UG, self.D).contiguous(),
+                       K.dense_basis(self.UA, self.D).contiguous())
+        return (U * self.D.reshape(-1)) @ U.t()
+
+    def trace(self):
+        return self.D.sum()
+
+    def frobenius_sq(self):
+        """``‖B‖_F²`` (the basis is orthogonal)."""
+        return (self.D * self.D).sum()
+
+    def logdet(self, damping=0.0):
+        """``Σ log(D + damping)`` (the caller checks positivity)."""
+        return torch.log(self.D + damping).sum()
