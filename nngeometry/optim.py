@@ -128,7 +128,7 @@ class NaturalGradient:
         if self.running is None or b == 0.0:
             return new
         if isinstance(new, PMatKFAC):
-            return _kfac_average(self.running, new, b)
+            return self.running.factor_average(new, b, 1.0 - b)
         return b * self.running + (1.0 - b) * new
 
     def _refresh_for_solves(self, batch):
@@ -184,17 +184,6 @@ class NaturalGradient:
         self.steps = state["steps"]
         self.running, self.for_solves = state["running"], state["for_solves"]
         self.layer_collection = state["layer_collection"]
-
-
-def _kfac_average(old, new, b):
-    """``β old + (1 − β) new`` factor by factor (each Kronecker term of each layer)."""
-    def combine(u1, u2):
-        if isinstance(u1, tuple) and len(u1) == 2 and torch.is_tensor(u1[0]):
-            return tuple(b * f1 + (1.0 - b) * f2 for f1, f2 in zip(u1, u2))
-        return tuple(combine(a, c) for a, c in zip(u1, u2))
-
-    return PMatKFAC(old.layer_collection, data={lid: combine(old.data[lid], new.data[lid])
-                                                for lid in old.data})
 
 
 def _write_grads(model, layer_collection, direction):

@@ -130,25 +130,12 @@ def _merge(terms, fisher):
     if len(terms) == 1:
         (w, F), = terms
         if isinstance(F, PMatKFAC) and type(fisher) is PMatKFAC:
-            return [(1.0, _kfac_weighted_sum(F, w, fisher))]
+            return [(1.0, F.factor_average(fisher, w, 1.0))]
         try:
             return [(1.0, w * F + fisher)]
         except NotImplementedError:
             pass
     return terms + [(1.0, fisher)]
-
-
-def _kfac_weighted_sum(F1, w, F2):
-    """``w F1 + F2`` for two KFAC matrices, through the factor average described in the module
-    docstring (per Kronecker term of each layer)."""
-    def combine(u1, u2):
-        if isinstance(u1, tuple) and len(u1) == 2 and torch.is_tensor(u1[0]):
-            (A1, G1), (A2, G2) = u1, u2
-            return ((w * A1 + A2) / (w + 1.0), w * G1 + G2)
-        return tuple(combine(a, b) for a, b in zip(u1, u2))
-
-    data = {lid: combine(F1.data[lid], F2.data[lid]) for lid in F1.data}
-    return PMatKFAC(F1.layer_collection, data=data)
 
 
 def _device(model):

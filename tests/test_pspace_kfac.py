@@ -348,3 +348,27 @@ def test_eigh_shift_is_exact_and_fallback_works(monkeypatch):
     assert calls == [torch.float32, torch.float64]
     assert e32.dtype == torch.float32 and U32.dtype == torch.float32
     close((U32.double() * e32.double()) @ U32.double().t(), A, rtol=1e-5)
+
+
+def test_factor_average_is_exact_with_a_shared_factor_and_averages_otherwise():
+    torch.manual_seed(11)
+    lc = LayerCollection()
+    lin = torch.nn.Linear(3, 2).double()
+    lc.add_layer_from_model(torch.nn.Sequential(lin), lin)
+    lid = lc.layer_ids()[0]
+
+    def spd(d):
+        X = torch.randn(d, d + 2, dtype=torch.float64)
+        return X @ X.T / d
+
+    A, G1, G2, A2 = spd(4), spd(2), spd(2), spd(4)
+    F1 = PMatKFAC(lc, data={lid: (A, G1)})
+    F2 = PMatKFAC(lc, data={lid: (A, G2)})
+    S = F1.factor_average(F2, 0.3, 1.0)
+    torch.testing.assert_close(S.to_torch(), 0.3 * F1.to_torch() + F2.to_torch())
+    F3 = PMatKFAC(lc, data={lid: (A2, G2)})
+    S = F1.factor_average(F3, 0.9, 0.1)  # an exponential moving average of both factors
+    torch.testing.assert_close(S.data[lid][0], 0.9 * A + 0.1 * A2)
+    torch.testing.assert_close(S.data[lid][1], 0.9 * G1 + 0.1 * G2)
+    with pytest.raises(ValueError, match="positive sum"):
+        F1.factor_average(F3, 0.0, 0.0)

@@ -462,6 +462,24 @@ class PMatKFAC(PMatAbstract):
         return PMatKFAC(self.layer_collection, None,
                         data=self._map_units(lambda key, A, G: (A, G * x)))
 
+    def factor_average(self, other, weight=1.0, other_weight=1.0):
+        """The KFAC approximation of ``weight·self + other_weight·other`` that running averages
+        and online EWC use: factor by factor (each Kronecker term of each layer),
+        ``Ā = (w₁A₁ + w₂A₂)/(w₁ + w₂)`` and ``Ḡ = w₁G₁ + w₂G₂``, so the matrix is ``Ā ⊗ Ḡ``.
+        Exact when the two matrices share either factor (up to scale: e.g. the same inputs);
+        otherwise an approximation of the sum, which is not a Kronecker product (``+`` refuses
+        it). With ``w₁ + w₂ = 1`` it is the exponential moving average of both factors."""
+        self._check_same_kind(other)
+        w1, w2 = float(weight), float(other_weight)
+        if w1 + w2 <= 0:
+            raise ValueError(f"factor_average needs weights with a positive sum, got {w1}, {w2}")
+
+        def average(key, A1, G1):
+            A2, G2 = K.get_unit(other.data, key)
+            return ((w1 * A1 + w2 * A2) / (w1 + w2), w1 * G1 + w2 * G2)
+
+        return PMatKFAC(self.layer_collection, None, data=self._map_units(average))
+
     def __add__(self, other):
         """Sum of two PMatKFAC, where it stays Kronecker: per layer one factor of ``other`` must be
         proportional to the same factor of ``self`` (e.g. ``M + c·M``); other sums are refused
@@ -491,9 +509,9 @@ class PMatKFAC(PMatAbstract):
             raise NotImplementedError(
                 f"the sum of these two PMatKFAC is not a Kronecker product for layer '{lid}' (neither "
                 "factor of one is proportional to the other's). For an online / running estimate "
-                "(e.g. online EWC, F ← γF + F_new) keep a running average of the factors instead, "
-                "PMatKFAC(lc, data={lid: (γ·A₁ + A₂, γ·G₁ + G₂)}) (an approximation of the sum, "
-                "the usual KFAC one); or use PMatEKFAC on one shared eigenbasis (build the second "
+                "(e.g. online EWC, F ← γF + F_new) average the factors instead, "
+                "F.factor_average(F_new, γ, 1) (an approximation of the sum, the usual KFAC "
+                "one); or use PMatEKFAC on one shared eigenbasis (build the second "
                 "with eigendecomposition= the first), where sums are exact; or to_torch() / "
                 "PMatDense on small models")
 
