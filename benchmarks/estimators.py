@@ -135,7 +135,8 @@ def main(argv=None):
     results = {}
     for wname in [x.strip() for x in args.workloads.split(",") if x.strip()]:
         if wname not in harness.WORKLOADS:
-            raise SystemExit(f"unknown workload {wname}; choose from {', '.join(harness.WORKLOADS)}")
+            raise SystemExit(f"unknown workload {wname}; choose from "
+                             f"{', '.join(harness.WORKLOADS)}")
         w = harness.WORKLOADS[wname]
         n = args.n or (w.n_quick if args.quick else w.n)
         try:

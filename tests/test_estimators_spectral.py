@@ -182,12 +182,12 @@ def test_density_matches_exact_smoothed_spectrum():
     lc = layout()
     A = sym(lc.numel(), seed=5)
     ev = torch.linalg.eigvalsh(A)
-    sd = spectral_density(PMatDense(lc, data=A), n_lanczos=lc.numel(), n_repeats=200,
+    sd = spectral_density(PMatDense(lc, data=A), n_lanczos=lc.numel(), n_repeats=100,
                           n_points=200, kappa=8.0, margin=0.5, generator=0)
     dt = float(sd.grid[1] - sd.grid[0])
     assert abs(float(sd.density.sum()) * dt - 1) < 1e-6
     ref = exact_density(ev, sd.grid, sd.sigma)
-    # sampling error of 200 repeats: a few percent of the peak; a wrong scale or width fails
+    # sampling error of 100 repeats: about 6 % of the peak; a wrong scale or width fails
     assert float((sd.density - ref).abs().max()) <= 0.1 * float(ref.max())
     # the grid covers the spectrum with the margin
     assert float(sd.grid[0]) < float(ev[0]) and float(sd.grid[-1]) > float(ev[-1])

@@ -116,11 +116,12 @@ def trace_estimate(M, n_matvecs, method="hutchinson", distribution="rademacher",
         k = n_matvecs // 3
         S = random_probes(k, op.P, distribution, op.dtype, op.device, gen)
         G = random_probes(n_matvecs - 2 * k, op.P, distribution, op.dtype, op.device, gen)
-        Q = torch.linalg.qr(op.matmat(S).T).Q  # (P, k), orthonormal columns
+        Q = torch.linalg.qr(op.matmat(S).T).Q  # (P, min(k, P)), orthonormal columns
+        kq = Q.shape[1]
         G = G - (G @ Q) @ Q.T  # residual probes (I - QQᵀ) g
         out = op.matmat(torch.cat([Q.T, G], dim=0))  # one batch: M Q and M (I - QQᵀ) g
-        exact_part = (Q.T * out[:k]).sum()
-        samples = (G * out[k:]).sum(dim=1)
+        exact_part = (Q.T * out[:kq]).sum()
+        samples = (G * out[kq:]).sum(dim=1)
         mean, stderr = _mean_stderr(samples)
         value = exact_part + mean
     elif method == "xtrace":
