@@ -199,6 +199,27 @@ def scalar_or_prior(regul, layer_collection, rep, what):
     return None, prior
 
 
+def layer_prior(regul, layer_collection, rep, what):
+    """``regul`` for a representation that keeps a per-layer eigenbasis (KFAC, EKFAC): a scalar
+    ``λ`` as given, the normalised per-layer prior for a dict; a per-parameter ``Λ`` is refused
+    (it does not keep the Kronecker eigenbasis)."""
+    scalar, prior = scalar_or_prior(regul, layer_collection, rep, what)
+    if prior is None:
+        return scalar
+    if prior.kind != "layer":
+        raise per_parameter_refused(rep, what)
+    return prior
+
+
+def unit_value(regul, key):
+    """The scalar damping ``λ_l`` of a unit of a per-layer representation (``key`` a layer id,
+    or ``(layer_id, block)``: every block of a layer gets its layer's), from what
+    :func:`layer_prior` returned."""
+    if hasattr(regul, "layer_value"):
+        return regul.layer_value(key[0] if isinstance(key, tuple) else key)
+    return regul
+
+
 def per_parameter_refused(rep, what):
     """The error for a per-parameter ``Λ`` on a Kronecker-structured representation."""
     return NotImplementedError(

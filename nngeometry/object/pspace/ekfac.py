@@ -6,7 +6,7 @@ from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
 from . import _kron as K
-from ._prior import per_parameter_refused, scalar_or_prior
+from ._prior import layer_prior, unit_value
 from .abstract import PMatAbstract
 from .blocks import EigenKronBlock
 from .eye import PMatEye
@@ -369,23 +369,9 @@ class PMatEKFAC(PMatAbstract):
                              f"'{damping}' is not available (use damping='exact')")
 
     def _regul(self, regul, what):
-        """``regul`` as given for a scalar ``λ``, the normalised per-layer prior for a dict
-        (``M + Λ`` keeps the eigenbasis: ``D + λ_l`` per layer); a per-parameter ``Λ`` is
-        refused (it does not keep the eigenbasis)."""
-        rep = type(self).__name__
-        scalar, prior = scalar_or_prior(regul, self.layer_collection, rep, what)
-        if prior is None:
-            return scalar
-        if prior.kind != "layer":
-            raise per_parameter_refused(rep, what)
-        return prior
+        return layer_prior(regul, self.layer_collection, type(self).__name__, what)
 
-    @staticmethod
-    def _unit_regul(regul, key):
-        """The scalar damping of a unit (a block of a multi-block layer gets its layer's)."""
-        if hasattr(regul, "layer_value"):
-            return regul.layer_value(key[0] if isinstance(key, tuple) else key)
-        return regul
+    _unit_regul = staticmethod(unit_value)
 
     def _damped_values(self, regul):
         """Every eigenvalue ``D + λ_l`` of ``M + Λ``, concatenated."""

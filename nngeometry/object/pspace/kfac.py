@@ -7,7 +7,7 @@ from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
 from . import _kron as K
-from ._prior import per_parameter_refused, scalar_or_prior
+from ._prior import layer_prior, unit_value
 from ._kron import check_kfac_support  # noqa: F401  (its historical home: kept importable)
 from .abstract import PMatAbstract
 from .blocks import EigenKronBlock
@@ -198,21 +198,9 @@ class PMatKFAC(PMatAbstract):
         return evals, evecs
 
     def _regul(self, regul, what):
-        """``regul`` as given for a scalar ``λ``, the normalised per-layer prior for a dict;
-        a per-parameter ``Λ`` is refused (it does not keep the Kronecker eigenbasis)."""
-        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatKFAC", what)
-        if prior is None:
-            return scalar
-        if prior.kind != "layer":
-            raise per_parameter_refused("PMatKFAC", what)
-        return prior
+        return layer_prior(regul, self.layer_collection, "PMatKFAC", what)
 
-    @staticmethod
-    def _unit_regul(regul, key):
-        """The scalar damping ``λ_l`` of a unit (every block of a layer gets its layer's)."""
-        if hasattr(regul, "layer_value"):
-            return regul.layer_value(key[0] if isinstance(key, tuple) else key)
-        return regul
+    _unit_regul = staticmethod(unit_value)
 
     @staticmethod
     def _sqrt(lam):
