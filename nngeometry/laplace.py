@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as tF
 
 from .jacobian import Jacobian
+from .layercollection import LayerCollection
 from .metrics import FIM
 from .object.map import PFMapDense
 from .object.pspace import PMatKFAC
@@ -56,9 +57,12 @@ class Laplace:
         layer_collection: the parameters treated by the approximation (default all;
             ``LayerCollection.from_model(model).last_layer()`` for a last-layer Laplace).
         function: ``function(*batch) -> outputs``, as for ``FIM``.
-        **representation_kwargs: passed to the representation's build, e.g.
-            ``separate_weight_and_bias=True`` for KFAC with separate weight and bias blocks
-            (laplace-torch's ``KronLaplace`` layout).
+        **representation_kwargs: passed to the build, e.g. ``separate_weight_and_bias=True``
+            for KFAC with separate weight and bias blocks (laplace-torch's ``KronLaplace``
+            layout), or ``subnetwork_indices=idx`` with ``PMatDense``: a subnetwork Laplace over
+            the ``k`` parameters ``θ[idx]`` (flat indices in ``layer_collection``'s layout), the
+            others fixed at ``θ*`` (the posterior is ``N(θ*[idx], H⁻¹)`` with the ``k × k``
+            ``H = (n/T) GGN[idx][:, idx] + Λ``; ``sample`` draws those ``k`` parameters).
     """
 
     def __init__(self, model, likelihood="classification", representation=PMatKFAC,
@@ -77,6 +81,7 @@ class Laplace:
         self.temperature = float(temperature)
         self.layer_collection = layer_collection
         self.function = function
+        self.subnetwork_indices = representation_kwargs.pop("subnetwork_indices", None)
         self.representation_kwargs = representation_kwargs
         self.ggn = None
         self.n = 0
@@ -87,11 +92,21 @@ class Laplace:
         """Compute the GGN (mean over the examples) and the data term of the log-likelihood at
         the current parameters ``θ*``, over ``loader`` (batches ``(inputs, targets)``)."""
         variant = "classif_logits" if self.likelihood == "classification" else "regression"
+        extra = dict(self.representation_kwargs)
+        if self.subnetwork_indices is not None:
+            extra["subnetwork_indices"] = self.subnetwork_indices
         self.ggn = FIM(self.model, loader, self.representation, variant=variant,
                        function=self.function, layer_collection=self.layer_collection,
-                       **self.representation_kwargs)
+                       **extra)
+        # the layout the subnetwork's indices refer to (all layers by default)
+        self.base_collection = self.layer_collection or LayerCollection.from_model(self.model)
         self.layer_collection = self.ggn.layer_collection
-        self.theta_map = PVector.from_model(self.model, self.layer_collection).detach().clone()
+        theta = PVector.from_model(self.model, self.base_collection).detach().clone()
+        if self.subnetwork_indices is not None:
+            flat = theta.get_flat_representation()
+            theta = PVector(self.layer_collection,
+                            vector_repr=flat[self.layer_collection["subnetwork"].indices.to(flat.device)])
+        self.theta_map = theta
         n, loss, n_out = 0, 0.0, None
         with torch.no_grad():
             for batch in _batches(loader):
@@ -192,7 +207,10 @@ class Laplace:
         """``Σ(x*) = J* H⁻¹ J*ᵀ`` for a batch of inputs: shape ``(n*, K, K)``."""
         self._check_fitted()
         J = Jacobian(self.model, (inputs,), function=self._jac_function(),
-                     layer_collection=self.layer_collection)
+                     layer_collection=self.base_collection)
+        if self.subnetwork_indices is not None:  # the subnetwork's columns of J
+            idx = self.layer_collection["subnetwork"].indices.to(J.to_torch().device)
+            J = PFMapDense(self.layer_collection, data=J.to_torch()[..., idx])
         s = self._scale()
         HinvJ = _call_exact(self.ggn, "solve", J, regul=self._damping(self.prior_precision, s))
         Jt, St = J.to_torch(), HinvJ.to_torch() / s  # (K, n, P)

@@ -208,3 +208,29 @@ def test_per_layer_prior_optimisation_reaches_a_stationary_point():
     t = {lid: torch.tensor(prior[lid], dtype=DT, requires_grad=True) for lid in ids}
     grads = torch.autograd.grad(la.log_marginal_likelihood(t), [t[lid] for lid in ids])
     assert max(abs(float(g)) * prior[lid] for g, lid in zip(grads, ids)) < 1e-3
+
+
+def test_subnetwork_laplace():
+    """subnetwork_indices=idx: the k × k posterior precision n·F[idx][:, idx] + λI over θ[idx],
+    its marginal likelihood and GLM predictive against brute force."""
+    model, x, y = _classif(9)
+    P = sum(p.numel() for p in model.parameters())
+    idx = torch.tensor([0, 3, 7, 20, 21, P - 1])
+    lam = 0.6
+    la = Laplace(model, "classification", PMatDense, prior_precision=lam,
+                 subnetwork_indices=idx).fit((x, y))
+    k = len(idx)
+    assert la.ggn.size(0) == k
+    F = fim_dense(model, x)[idx][:, idx]
+    H = len(y) * F + lam * torch.eye(k, dtype=DT)
+    theta = _flat(model)[idx]
+    loglik = -tF.cross_entropy(model(x).detach(), y, reduction="sum")
+    ref = loglik - 0.5 * lam * (theta ** 2).sum() - 0.5 * (torch.logdet(H) - k * math.log(lam))
+    assert torch.allclose(la.log_marginal_likelihood(), ref, rtol=1e-10)
+    xs = torch.randn(4, 3, dtype=DT)
+    J = per_example_jacobian(model, xs)[..., idx]
+    var = torch.einsum("ikp,pq,ilq->ikl", J, torch.linalg.inv(H), J)
+    assert torch.allclose(la.functional_variance(xs), var, rtol=1e-8, atol=1e-12)
+    assert la.sample(3).shape == (3, k)
+    with pytest.raises(ValueError, match="PMatDense"):
+        Laplace(model, "classification", PMatDiag, subnetwork_indices=idx).fit((x, y))
