@@ -112,7 +112,9 @@ class TinyTransformer(nn.Module):
         self.head = nn.Linear(d_model, N_CLASSES)
 
     def forward(self, x):
-        positions = torch.arange(x.shape[1], device=x.device)
+        # one row of positions per example: an embedding looked up with unbatched positions
+        # and broadcast over the batch has no per-example gradient (nngeometry refuses it)
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         h = self.encoder(self.tok(x) + self.pos(positions))
         return self.head(h.mean(dim=1))
 
