@@ -7,29 +7,26 @@ import sys
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import nngeometry
 from nngeometry.estimators import (Eigenpairs, log_spectral_density, plot_spectrum,
                                    spectral_density, top_eigenpairs)
 from nngeometry.estimators._operator import random_probes
-from nngeometry.layercollection import LayerCollection, LinearLayer
 from nngeometry.object import PMatDense, PMatImplicit, PVector
 
 from _reps_fixtures import Setup
+from _linalg_fixtures import hessian_problem, sym
+from _linalg_fixtures import layout as _layout
 
 DT = torch.float64
 
 
 def layout(n_in=9, n_out=6):
-    return LayerCollection([("a", LinearLayer(n_in, n_out))])
+    return _layout(n_in, n_out)
 
 
-def sym(P, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(P, P, generator=g, dtype=DT)
-    return A + A.T
+
+
 
 
 def with_spectrum(P, values, seed=1):
@@ -97,12 +94,7 @@ def test_top_eigenpairs_low_rank_invariant_space():
 
 
 def test_hessian_both_ends():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(8, 3, generator=g, dtype=DT)
-    y = torch.randint(0, 3, (8,), generator=g)
-    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    model, loader = hessian_problem()
     D = nngeometry.Hessian(model, loader, PMatDense).to_torch()
     ev = torch.linalg.eigvalsh(D)
     assert float(ev[0]) < 0

@@ -4,27 +4,24 @@ of an MLP (negative eigenvalues), PMatImplicit Fishers of an MLP and a CNN. Erro
 coverage of the truth over many seeds, with tolerances a wrong stderr fails."""
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import nngeometry
 from nngeometry.estimators import diag_estimate, trace_estimate
-from nngeometry.layercollection import LayerCollection, LinearLayer
 from nngeometry.object import PMatDense, PMatImplicit, PVector
 
 from _reps_fixtures import Setup
+from _linalg_fixtures import hessian_problem, sym
+from _linalg_fixtures import layout as _layout
 
 DT = torch.float64
 
 
 def layout(n_in=5, n_out=4):
-    return LayerCollection([("a", LinearLayer(n_in, n_out))])
+    return _layout(n_in, n_out)
 
 
-def sym(P, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(P, P, generator=g, dtype=DT)
-    return A + A.T  # indefinite
+
+
 
 
 def low_rank(P, eigenvalues, seed=1):
@@ -214,12 +211,7 @@ def test_diag_error_bars_cover_at_the_stated_rate(method, distribution, band):
 
 # ---------------------------------------------------------------------- curvatures of networks
 def test_hessian_negative_eigenvalues():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(8, 3, generator=g, dtype=DT)
-    y = torch.randint(0, 3, (8,), generator=g)
-    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    model, loader = hessian_problem()
     H = nngeometry.Hessian(model, loader, PMatDense)
     D = H.to_torch()
     assert float(torch.linalg.eigvalsh(D).min()) < -1e-3  # indefinite indeed

@@ -8,21 +8,20 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import nngeometry
 from nngeometry import FIM
-from nngeometry.layercollection import LayerCollection, LinearLayer
 from nngeometry.object import PMatDense, PMatDiag, PMatImplicit, PMatKFAC, PVector
 from nngeometry.solve import SolveInfo, cg, minres, neumann
+from _linalg_fixtures import hessian_problem, sym
+from _linalg_fixtures import layout as _layout
 
 DT = torch.float64
 
 
-def layout():
-    return LayerCollection([("a", LinearLayer(4, 3))])
+def layout(n_in=4, n_out=3):
+    return _layout(n_in, n_out)
 
 
-def sym(P, seed=0, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(P, P, generator=g, dtype=DT)
-    return A + A.T + shift * torch.eye(P, dtype=DT)
+
+
 
 
 def spd(P, seed=0):
@@ -95,12 +94,7 @@ def test_minres_residual_decreases_monotonically():
 
 
 def test_minres_on_hessian_implicit():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(8, 3, generator=g, dtype=DT)
-    y = torch.randint(0, 3, (8,), generator=g)
-    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    model, loader = hessian_problem()
     D = nngeometry.Hessian(model, loader, PMatDense).to_torch()
     assert float(torch.linalg.eigvalsh(D).min()) < 0
     H = nngeometry.Hessian(model, loader, PMatImplicit)
