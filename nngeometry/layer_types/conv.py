@@ -332,9 +332,14 @@ class _ConvNdLayer(AbstractLayer):
                     up += UA[D].unsqueeze(1)
             upT = up.transpose(1, 2)  # (nc, L, D')
             g = gy[:, i0:i1].reshape(K, nc, C, L)
+            # U_Gᵀ (g ũᵀ U_A) = (U_Gᵀ g)(ũᵀ U_A): apply U_G on the side with fewer columns,
+            # the L locations or the D' patch coordinates (C² L against C² D' per example: on
+            # a ResNet's last 3×3 convolutions, L = 16 and D' = 4609)
+            project_g_first = not isinstance(UG, int) and L < upT.shape[2]
             for k in range(K):
-                gw = torch.bmm(g[k], upT)  # (nc, C_out, D')
-                if not isinstance(UG, int):
+                gk = torch.matmul(UG.t(), g[k]) if project_g_first else g[k]
+                gw = torch.bmm(gk, upT)  # (nc, C_out, D')
+                if not isinstance(UG, int) and not project_g_first:
                     gw = torch.matmul(UG.t(), gw)
                 s = gw.square_().sum(dim=0)
                 total = s if total is None else total.add_(s)
