@@ -58,14 +58,7 @@ class LargestStorage(TorchDispatchMode):
         return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One BLAS/OpenMP thread: these matrices are small, and with several threads the timings
-    degrade badly when the machine's cores are busy with other work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ====================================================================== models

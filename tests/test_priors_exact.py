@@ -33,12 +33,7 @@ KRON = {"PMatKFAC", "PMatEKFAC", "PMatEKFACBlockDiag", "PMatMixed"}
 PER_PARAM = {"pvector", "pmatdiag"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)

@@ -50,14 +50,7 @@ INFO_COLUMNS = ["storage (`data`)", "memory", "build (passes over the data)",
 ALTERNATIVE = re.compile(r"\b(use|call|instead|convert|multiply|apply|chain|go back|add)\b", re.I)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One BLAS/OpenMP thread: these matrices are small, and with several threads the timings
-    degrade badly when the machine's cores are busy with other work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ====================================================================== parsing the page

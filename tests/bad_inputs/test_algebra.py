@@ -5,28 +5,19 @@ KFAC regul, half precision, PMatQuasiDiagInverse from examples).
 Each case is checked against a float64 reference (the brute-force Fisher of brute.py, or the
 representation's own dense matrix through torch.linalg) or against its error message. To add
 a case: add a representation to ``REPS`` (with its ops) or a row to the parametrizations."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-# tests/ helpers (brute.py) are imported by plain name; with --import-mode=prepend only this
-# folder is put on sys.path when the file is run on its own (and tests/bad_inputs is collected
-# before the files of tests/ that would add it)
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
-
-from brute import fim_dense  # noqa: E402
-from nngeometry.layercollection import LayerCollection  # noqa: E402
-from nngeometry.metrics import FIM  # noqa: E402
-from nngeometry.object import (  # noqa: E402
+from brute import fim_dense
+from nngeometry.layercollection import LayerCollection
+from nngeometry.metrics import FIM
+from nngeometry.object import (
                                PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatEKFACBlockDiag,
                                PMatEye, PMatEyePlusLowRank, PMatKFAC, PMatLowRank, PMatQuasiDiag,
                                PMatQuasiDiagInverse, random_pvector)
-from nngeometry.object.pspace._checks import SingularMatrixError  # noqa: E402
+from nngeometry.object.pspace._checks import SingularMatrixError
 
 DT = torch.float64
 SINGULAR = "singular at this damping"

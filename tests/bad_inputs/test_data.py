@@ -3,8 +3,6 @@ models: each case against a brute-force float64 reference or against its error m
 
 To add a case: a test function per input; compare with ``brute.fim_dense`` /
 ``brute.per_example_jacobian`` or ``pytest.raises(..., match=<the fix the message names>)``."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,18 +10,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
-# the helpers of tests/ (brute.py) are imported by plain name, also when this file runs alone
-_TESTS = str(Path(__file__).resolve().parent.parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
+from brute import fim_dense, per_example_jacobian
 
-from brute import fim_dense, per_example_jacobian  # noqa: E402
-
-import nngeometry.backend.jacobian as jac  # noqa: E402
-from nngeometry import FIM, FIM_MonteCarlo, GramMatrix, Hessian, Jacobian  # noqa: E402
-from nngeometry.backend import TorchHooksJacobianBackend  # noqa: E402
-from nngeometry.layercollection import LayerCollection  # noqa: E402
-from nngeometry.object import (PMatDense, PMatDiag, PMatEye, PMatImplicit,  # noqa: E402
+import nngeometry.backend.jacobian as jac
+from nngeometry import FIM, FIM_MonteCarlo, GramMatrix, Hessian, Jacobian
+from nngeometry.backend import TorchHooksJacobianBackend
+from nngeometry.layercollection import LayerCollection
+from nngeometry.object import (PMatDense, PMatDiag, PMatEye, PMatImplicit,
                                PMatKFAC)
 
 DT = torch.float64

@@ -6,8 +6,6 @@ grad mode, inference mode and the attention fast-path flag are unchanged, the pa
 same ``nn.Parameter`` objects with the same values, ``requires_grad`` and ``.grad``, the buffers
 are unchanged, and the RNG state is unchanged for the closed-form statistics. ``FIM_MonteCarlo``
 consumes the global RNG for its targets (documented); only that is allowed to differ."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_mod
 
-_TESTS = str(Path(__file__).resolve().parent.parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
 
-from nngeometry import FIM, FIM_MonteCarlo, GramMatrix, Hessian, Jacobian  # noqa: E402
-from nngeometry.object import PMatDense, PMatEKFAC, PMatImplicit, random_pvector  # noqa: E402
+from nngeometry import FIM, FIM_MonteCarlo, GramMatrix, Hessian, Jacobian
+from nngeometry.object import PMatDense, PMatEKFAC, PMatImplicit, random_pvector
 
 DT = torch.float64
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",

@@ -3,9 +3,7 @@ behaves like the other representations (inference mode, gradients w.r.t. v, unpi
 BatchNorm), attention statistics are recorded without touching global state (two threads, two
 models), one model is not built on by two threads at once, and n·P-sized results are refused
 before they are allocated. References: brute-force float64 Jacobians (tests/brute.py)."""
-import os
 import pickle
-import sys
 import threading
 
 import pytest
@@ -13,9 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# tests/ helpers (brute.py) by plain name, also when this file is run alone (the prepend import
-# mode puts only this folder on sys.path)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from brute import fim_dense, per_example_jacobian
 from nngeometry.backend import TorchHooksJacobianBackend
 from nngeometry.backend.batches import default_function

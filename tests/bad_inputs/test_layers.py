@@ -2,8 +2,6 @@
 weights, arguments of the generic (torch.func) layer type, modules whose batching rules fail
 under nested vmap, torch.compile'd models. Each case is checked against a brute-force float64
 reference or against its error message."""
-import os
-import sys
 
 import pytest
 import torch
@@ -11,17 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev
 
-# the tests folder's helpers (brute.py), whichever test file pytest collects first
-_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
+from brute import fim_dense, multinomial_cov, param_names
 
-from brute import fim_dense, multinomial_cov, param_names  # noqa: E402
-
-from nngeometry import FIM, GramMatrix, Jacobian  # noqa: E402
-from nngeometry.backend.context import ParameterUseError  # noqa: E402
-from nngeometry.layercollection import LayerCollection  # noqa: E402
-from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit,  # noqa: E402
+from nngeometry import FIM, GramMatrix, Jacobian
+from nngeometry.backend.context import ParameterUseError
+from nngeometry.layercollection import LayerCollection
+from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit,
                                PMatKFAC, PMatLowRank, PMatQuasiDiag, PVector)
 
 DT = torch.float64
