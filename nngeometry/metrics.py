@@ -75,6 +75,25 @@ def _represent(representation, layer_collection, generator, loader, kwargs, subn
     return PMatDense(layer_collection=sub, data=data)
 
 
+def _curvature(entry, model, loader, representation, make_transform, function,
+               layer_collection, target_key, verbose, check_deterministic, subnetwork_indices,
+               kwargs, validate=None):
+    """What every curvature entry point does: check the representation and its keywords (and
+    ``validate()`` the entry's own), fill in the default function and collection, and build the
+    representation from a generator running ``make_transform(function)``, the output transform
+    whose ``Jᵀ J`` is the curvature."""
+    kwargs = _drop_n_output(kwargs)
+    check_representation(representation, kwargs, entry)
+    if validate is not None:
+        validate()
+    function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
+    generator = TorchHooksJacobianBackend(
+        model, make_transform(function), verbose=verbose, layer_collection=layer_collection,
+        check_deterministic=check_deterministic)
+    return _represent(representation, layer_collection, generator, loader, kwargs,
+                      subnetwork_indices)
+
+
 def _drop_n_output(kwargs):
     # n_output: required by early releases (the number of outputs), ignored since; it must not
     # reach the representation
@@ -129,15 +148,11 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
 
     ``PMatEye`` without ``scaling=`` is refused (``ValueError``): it is not built from data.
     """
-    kwargs = _drop_n_output(kwargs)
-    check_representation(representation, kwargs, "FIM")
-    check_positions(positions)
-    function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
-    generator = TorchHooksJacobianBackend(
-        model, closed_form_function(function, _variant_name(variant), positions), verbose=verbose,
-        layer_collection=layer_collection, check_deterministic=check_deterministic)
-    return _represent(representation, layer_collection, generator, loader, kwargs,
-                      subnetwork_indices)
+    return _curvature(
+        "FIM", model, loader, representation,
+        lambda f: closed_form_function(f, _variant_name(variant), positions), function,
+        layer_collection, target_key, verbose, check_deterministic, subnetwork_indices, kwargs,
+        validate=lambda: check_positions(positions))
 
 
 def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", trials=1, device=None,
@@ -174,16 +189,11 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     ``check_deterministic``, the other keywords and ``PMatEye``: as for :func:`FIM` (the check
     runs the model, not the sampling).
     """
-    kwargs = _drop_n_output(kwargs)
-    check_representation(representation, kwargs, "FIM_MonteCarlo")
-    function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
-    generator = TorchHooksJacobianBackend(
-        model, monte_carlo_function(function, _variant_name(variant), trials, covariance,
-                                    positions=positions, seed=seed),
-        verbose=verbose, layer_collection=layer_collection,
-        check_deterministic=check_deterministic)
-    return _represent(representation, layer_collection, generator, loader, kwargs,
-                      subnetwork_indices)
+    return _curvature(
+        "FIM_MonteCarlo", model, loader, representation,
+        lambda f: monte_carlo_function(f, _variant_name(variant), trials, covariance,
+                                       positions=positions, seed=seed), function,
+        layer_collection, target_key, verbose, check_deterministic, subnetwork_indices, kwargs)
 
 
 def EmpiricalFisher(model, loader, representation, loss_function=None, device=None,
@@ -208,15 +218,10 @@ def EmpiricalFisher(model, loader, representation, loss_function=None, device=No
 
     The other arguments are as for :func:`FIM`.
     """
-    kwargs = _drop_n_output(kwargs)
-    check_representation(representation, kwargs, "EmpiricalFisher")
-    function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
-    generator = TorchHooksJacobianBackend(
-        model, empirical_function(function, loss_function, positions, target_key),
-        verbose=verbose, layer_collection=layer_collection,
-        check_deterministic=check_deterministic)
-    return _represent(representation, layer_collection, generator, loader, kwargs,
-                      subnetwork_indices)
+    return _curvature(
+        "EmpiricalFisher", model, loader, representation,
+        lambda f: empirical_function(f, loss_function, positions, target_key), function,
+        layer_collection, target_key, verbose, check_deterministic, subnetwork_indices, kwargs)
 
 
 def GGN(model, loader, representation, loss_function, device=None, function=None,
@@ -244,15 +249,10 @@ def GGN(model, loader, representation, loss_function, device=None, function=None
 
     The other arguments are as for :func:`FIM`.
     """
-    kwargs = _drop_n_output(kwargs)
-    check_representation(representation, kwargs, "GGN")
-    function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
-    generator = TorchHooksJacobianBackend(
-        model, ggn_function(function, loss_function, positions, target_key),
-        verbose=verbose, layer_collection=layer_collection,
-        check_deterministic=check_deterministic)
-    return _represent(representation, layer_collection, generator, loader, kwargs,
-                      subnetwork_indices)
+    return _curvature(
+        "GGN", model, loader, representation,
+        lambda f: ggn_function(f, loss_function, positions, target_key), function,
+        layer_collection, target_key, verbose, check_deterministic, subnetwork_indices, kwargs)
 
 
 # the other entry points live in their own modules (upstream's paths); importable from here too
