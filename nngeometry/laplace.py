@@ -32,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as tF
 
+from .backend.batches import iterate_batches
 from .jacobian import Jacobian
 from .layercollection import LayerCollection
 from .metrics import FIM
@@ -109,7 +110,8 @@ class Laplace:
         self.theta_map = theta
         n, loss, n_out = 0, 0.0, None
         with torch.no_grad():
-            for batch in _batches(loader):
+            # the batches as the generator reads them: the data term and the GGN see the same
+            for batch in iterate_batches(loader):
                 out = self._outputs(batch)
                 y = batch[1]
                 if self.likelihood == "classification":
@@ -301,12 +303,6 @@ def _log(x):
 
 def _is_one(x):
     return float(x) == 1.0
-
-
-def _batches(loader):
-    if isinstance(loader, (tuple, list)) and loader and torch.is_tensor(loader[0]):
-        return [loader]
-    return loader
 
 
 __all__ = ["Laplace"]
