@@ -23,8 +23,15 @@ Grosse 2015; Ba et al. 2017)::
   as is). For ``PMatKFAC`` (and ``PMatEKFAC``, whose eigenbasis comes from the averaged KFAC) the
   running average is over the Kronecker factors, ``Ā ← β Ā + (1 − β) A_t`` and likewise ``G``,
   as K-FAC optimizers do; for the other representations it is the exact average of the matrices.
-  The estimate is computed by an extra pass on the batch (``FIM_MonteCarlo`` with one sampled
-  target per example by default).
+  With ``curvature='mc'`` or ``'fisher'`` the estimate is taken from the training step itself
+  (``capture=True``, the default): the preconditioner records the layers' inputs during the
+  step's forward pass, and when ``loss.backward()`` reaches the model's output it
+  back-propagates the curvature's own output directions (one sampled label per example for
+  ``'mc'``) to the layers' outputs, keeping the graph for the loss's backward pass
+  (:mod:`nngeometry.backend.capture`). No extra forward pass: the update step costs one partial
+  backward pass more than an SGD step. Otherwise (a callable curvature, a custom ``function``,
+  ``capture=False``, or a step whose forward pass was not recorded) the estimate is computed by
+  an extra pass on the batch given to ``step``.
 * **Inverse.** The matrix used for the solves is refreshed every ``inv_freq`` steps (its
   eigendecompositions / factorizations are cached in between). ``PMatEKFAC`` also refits its
   diagonal in the new eigenbasis on that step's batch.
@@ -70,12 +77,15 @@ class NaturalGradient:
         function: ``function(*batch) -> outputs``, as for ``FIM`` (default ``model(batch[0])``).
         layer_collection: the layers preconditioned (default: all the model's layers); the
             gradients of other parameters are left as they are.
+        capture: take the curvature of ``'mc'`` / ``'fisher'`` from the training step's own
+            forward and backward passes (see the module docstring); ``False`` always runs an
+            extra pass on the batch given to ``step``.
     """
 
     def __init__(self, model, representation=PMatKFAC, curvature="mc", variant="classif_logits",
                  damping=1e-3, damping_mode="exact", update_freq=10, inv_freq=None,
                  ema_decay=0.95, kl_clip=None, lr=None, optimizer=None, trials=1, function=None,
-                 layer_collection=None):
+                 layer_collection=None, capture=True):
         if damping_mode not in _DAMPINGS:
             raise ValueError(f"damping_mode={damping_mode!r}: use 'exact' ((F + λI)⁻¹) or 'pi' "
                              "(KFAC's π-damped factors)")
@@ -111,10 +121,52 @@ class NaturalGradient:
         self.running = None      # F̄, the running average
         self.for_solves = None   # F̄ as of the last inverse refresh
         self._latest = None      # the latest estimate (its generator refits EKFAC diagonals)
+        self._capture = None     # records the training step's statistics (see _arm)
+        if capture and curvature in ("mc", "fisher") and function is None:
+            self._capture = self._make_capture()
+            self._arm()
 
     # ------------------------------------------------------------------ curvature
-    def _estimate(self, batch):
+    def _make_capture(self):
+        from .backend import TorchHooksJacobianBackend
+        from .backend.batches import default_function
+        from .backend.capture import StepCapture
+        from .layercollection import LayerCollection
+        from .variants import closed_form_function, monte_carlo_function
+
+        if self.layer_collection is None:
+            self.layer_collection = LayerCollection.from_model(self.model)
+        f = default_function(self.model)
+        transform = monte_carlo_function(f, self.variant, self.trials) \
+            if self.curvature == "mc" else closed_form_function(f, self.variant)
+        gen = TorchHooksJacobianBackend(self.model, transform,
+                                        layer_collection=self.layer_collection)
+        return StepCapture(gen, self.layer_collection)
+
+    def _due(self, step):
+        """``(update, refresh)``: whether step ``step`` estimates the curvature and refreshes
+        the matrix used for solves."""
+        return step % self.update_freq == 0, self.for_solves is None or step % self.inv_freq == 0
+
+    def _arm(self):
+        """Record the next training step when it needs statistics (an estimate, or EKFAC's
+        diagonal refit); otherwise no hooks stay on the model."""
+        update, refresh = self._due(self.steps)
+        if update or (refresh and self.representation is PMatEKFAC):
+            self._capture.arm()
+        else:
+            self._capture.disarm()
+
+    def _replay(self, record):
+        from .backend.capture import ReplayBackend
+        return ReplayBackend(self._capture, record)
+
+    def _estimate(self, batch, record=None):
         rep = PMatKFAC if self.representation is PMatEKFAC else self.representation
+        if record is not None:
+            return rep(layer_collection=self.layer_collection, generator=self._replay(record),
+                       examples=record)
+        _need_batch(batch)
         kw = dict(variant=self.variant, function=self.function,
                   layer_collection=self.layer_collection)
         if self.curvature == "mc":
@@ -131,34 +183,55 @@ class NaturalGradient:
             return self.running.factor_average(new, b, 1.0 - b)
         return b * self.running + (1.0 - b) * new
 
-    def _refresh_for_solves(self, batch):
+    def _refresh_for_solves(self, batch, record=None):
         if self.representation is PMatEKFAC:
             ekfac = PMatEKFAC.from_kfac(self.running)
-            ekfac.generator = self._latest.generator
-            ekfac.update_diag(batch)
+            if record is not None:
+                ekfac.generator = self._replay(record)
+                ekfac.update_diag(record)
+            else:
+                _need_batch(batch)
+                ekfac.generator = self._latest_generator(batch)
+                ekfac.update_diag(batch)
             return ekfac
         return self.running
+
+    def _latest_generator(self, batch):
+        gen = self._latest.generator
+        from .backend.capture import ReplayBackend
+
+        if isinstance(gen, ReplayBackend):
+            # the estimate came from a recorded step: refit on this batch with a real pass
+            return self._capture.generator
+        return gen
 
     def current_damping(self):
         return float(self.damping(self.steps)) if callable(self.damping) else float(self.damping)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, batch):
-        """Refresh the curvature on ``batch`` when due, then replace the gradients of the
-        preconditioned parameters by ``(F̄ + λI)⁻¹ g`` (KL-clipped if asked). Call after
-        ``loss.backward()`` and before ``optimizer.step()``; returns the direction (a PVector)."""
-        if self.steps % self.update_freq == 0:
+    def step(self, batch=None):
+        """Refresh the curvature when due (from the recorded training step, or from an extra
+        pass on ``batch``), then replace the gradients of the preconditioned parameters by
+        ``(F̄ + λI)⁻¹ g`` (KL-clipped if asked). Call after ``loss.backward()`` and before
+        ``optimizer.step()``; returns the direction (a PVector)."""
+        record = None
+        if self._capture is not None and self._capture.ready:
+            record = self._capture.take()
+        update, refresh = self._due(self.steps)
+        if update:
             with torch.enable_grad():
-                self._latest = self._estimate(batch)
+                self._latest = self._estimate(batch, record)
             self.running = self._average(self._latest)
             if self.layer_collection is None:
                 self.layer_collection = self._latest.layer_collection
-        if self.for_solves is None or self.steps % self.inv_freq == 0:
+        if refresh:
             with torch.enable_grad():
-                self.for_solves = self._refresh_for_solves(batch)
+                self.for_solves = self._refresh_for_solves(batch, record)
         lam = self.current_damping()  # λ of this step (a schedule reads the step number)
         self.steps += 1
+        if self._capture is not None:
+            self._arm()
         g = PVector.from_model_grad(self.model, self.layer_collection)
         if self.damping_mode == "pi":
             p = self.for_solves.solve(g, regul=lam)
@@ -184,6 +257,25 @@ class NaturalGradient:
         self.steps = state["steps"]
         self.running, self.for_solves = state["running"], state["for_solves"]
         self.layer_collection = state["layer_collection"]
+        if self._capture is not None:
+            self._capture.disarm()
+            self._capture = self._make_capture()
+            self._arm()
+
+    def close(self):
+        """Remove the hooks that record training steps from the model (a preconditioner that
+        is no longer used leaves the model as it was)."""
+        if self._capture is not None:
+            self._capture.disarm()
+            self._capture = None
+
+
+def _need_batch(batch):
+    if batch is None:
+        raise ValueError("this step needs a curvature estimate but no training step was "
+                         "recorded (the forward pass ran without gradients, through another "
+                         "function than the model, or capture=False): pass the batch, "
+                         "step((inputs, targets))")
 
 
 def _write_grads(model, layer_collection, direction):

@@ -538,36 +538,45 @@ class TorchHooksJacobianBackend:
         _refuse_batch_statistics(self.model)
         # compiled code would not run the hooks: the compiled parts run their Python code
         with _model_lock(self.model), run_eagerly(self.model), \
-                self._model_state_kept(layer_collection) as (modules, params):
-            calls = {lid: [] for lid in modules}
-            handles, recorders = [], []
-            try:
-                for lid, module in modules.items():
-                    layer = layer_collection[lid]
-                    # recorders of tensors inside the module's forward (see
-                    # AbstractLayer.internal_recorder), one per call in progress
-                    active = [] if type(layer).internal_recorder is not \
-                        AbstractLayer.internal_recorder else None
-                    if active is not None:
-                        recorders.append(active)
-                        handles.append(module.register_forward_pre_hook(
-                            self._make_pre_hook(layer, active)))
-                        # the recorder's own forward, on this instance only (removed with the
-                        # hooks)
-                        handles.append(_InstanceForward(module, active))
-                    handles.append(module.register_forward_hook(
-                        self._make_hook(calls[lid], active), with_kwargs=True))
-                    # other modules using this layer's parameters (tied weights): their calls
-                    # are calls of the layer, with their own spec and module
-                    for tname, tspec in getattr(layer_collection, "tied", {}).get(lid, ()):
-                        tmod = self.model.get_submodule(tname)
-                        handles.append(tmod.register_forward_hook(
-                            self._make_hook(calls[lid], None, tspec, tmod), with_kwargs=True))
-                yield modules, calls
-            finally:
-                for h in reversed(handles):
-                    h.remove()
-                self._close_recorders(recorders)
+                self._model_state_kept(layer_collection) as (modules, params), \
+                self._hooks(layer_collection, modules) as calls:
+            yield modules, calls
+
+    @contextlib.contextmanager
+    def _hooks(self, layer_collection, modules):
+        """``{layer_id: [Call, ...]}``, filled by the forward passes run inside the block: the
+        hooks that record each call of the collection's modules (and of modules tied to them).
+        Nothing else about the model is changed (see :mod:`.capture`, which records a user's
+        own training step with them)."""
+        calls = {lid: [] for lid in modules}
+        handles, recorders = [], []
+        try:
+            for lid, module in modules.items():
+                layer = layer_collection[lid]
+                # recorders of tensors inside the module's forward (see
+                # AbstractLayer.internal_recorder), one per call in progress
+                active = [] if type(layer).internal_recorder is not \
+                    AbstractLayer.internal_recorder else None
+                if active is not None:
+                    recorders.append(active)
+                    handles.append(module.register_forward_pre_hook(
+                        self._make_pre_hook(layer, active)))
+                    # the recorder's own forward, on this instance only (removed with the
+                    # hooks)
+                    handles.append(_InstanceForward(module, active))
+                handles.append(module.register_forward_hook(
+                    self._make_hook(calls[lid], active), with_kwargs=True))
+                # other modules using this layer's parameters (tied weights): their calls
+                # are calls of the layer, with their own spec and module
+                for tname, tspec in getattr(layer_collection, "tied", {}).get(lid, ()):
+                    tmod = self.model.get_submodule(tname)
+                    handles.append(tmod.register_forward_hook(
+                        self._make_hook(calls[lid], None, tspec, tmod), with_kwargs=True))
+            yield calls
+        finally:
+            for h in reversed(handles):
+                h.remove()
+            self._close_recorders(recorders)
 
     @staticmethod
     def _close_recorders(recorders):
