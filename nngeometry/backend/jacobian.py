@@ -809,11 +809,16 @@ class TorchHooksJacobianBackend:
         Two strategies give the same numbers: one vmapped backward (``is_grads_batched``), fast
         through matrix products, or one backward per direction, faster through ops whose batching
         rule just loops (max-pooling, ReLU's backward on some builds). With ``backward='auto'``
-        both are timed once on the first batch of a given model and shape, and the faster one is
-        used from then on (like ``cudnn.benchmark``).
+        both are timed once, for a given model, number of directions and output shape, on the
+        first ``LOOPED_TIMING_DIRECTIONS`` directions only (both strategies cost about the same
+        per direction at any count: timing all of them took 27-67 s for a token-level model
+        with 50 Monte-Carlo trials), and the faster one is used from then on (like
+        ``cudnn.benchmark``); the batch size is not part of the key (a smaller last batch
+        does not time again).
         """
         mode = self.backward
-        key = (id(self.model), tuple(cot.shape), cot.dtype, out.device.type)
+        # (the number of examples, cot.shape[1], left out: see the docstring)
+        key = (id(self.model), cot.shape[0], tuple(cot.shape[2:]), cot.dtype, out.device.type)
         if mode == "auto":
             mode = _BACKWARD_CHOICE.get(key)
         if mode == "batched":
@@ -823,26 +828,12 @@ class TorchHooksJacobianBackend:
             return grads
         if mode == "looped":
             return _backward_looped(out, targets, cot, retain)
-        # first time for this model and shape: time both (the graph is kept in between)
-        if _backward_batched(out, targets, cot, True) is None:
-            _BACKWARD_CHOICE[key] = "looped"
-            return _backward_looped(out, targets, cot, retain)
-        # best of two runs each, interleaved: one sample each picked the slower strategy on a
-        # busy machine (W1: 62 vs 66 ms per build)
-        t_looped = t_batched = float("inf")
-        # the looped strategy costs the same for each direction: timed on a few of them and
-        # scaled (timing all of them took minutes for thousands of Monte-Carlo trials)
-        m = min(cot.shape[0], LOOPED_TIMING_DIRECTIONS)
-        for last in (False, True):
-            # one strategy's gradients are not held while the other runs (peak memory)
-            grads = None
-            t_looped = min(t_looped, _timed(lambda: _backward_looped(out, targets, cot[:m], True),
-                                            out.device)[0] * cot.shape[0] / m)
-            t, grads = _timed(lambda: _backward_batched(out, targets, cot, retain or not last),
-                              out.device)
-            t_batched = min(t_batched, t)
-        _BACKWARD_CHOICE[key] = "batched" if t_batched <= t_looped else "looped"
-        return grads
+        _BACKWARD_CHOICE[key] = _time_backward_strategies(out, targets, cot)
+        if _BACKWARD_CHOICE[key] == "batched":
+            grads = _backward_batched(out, targets, cot, retain)
+            if grads is not None:
+                return grads
+        return _backward_looped(out, targets, cot, retain)
 
     # ---------------------------------------------------------------- functional (implicit) path
     def _functional_batches(self, examples, layer_collection):
@@ -1240,3 +1231,20 @@ def _vector_chunk(backend, m, examples, layer_collection):
     per_vector = counted[0] + layer_collection.numel()
     return max(1, min(m, _VECTOR_CHUNK_NUMBERS // max(per_vector, 1)))
 
+
+def _time_backward_strategies(out, targets, cot):
+    """``'batched'`` or ``'looped'``: the faster of the two backward strategies of
+    ``_backward_directions``, timed on the first ``LOOPED_TIMING_DIRECTIONS`` directions of
+    ``cot`` (best of two interleaved runs each: one sample each picked the slower strategy on
+    a busy machine), keeping the graph; ``'looped'`` when an op has no batching rule. The
+    gradients of the timing runs are dropped at once (peak memory: one strategy's at a time)."""
+    probe = cot[:LOOPED_TIMING_DIRECTIONS]
+    if _backward_batched(out, targets, probe, True) is None:
+        return "looped"
+    t_looped = t_batched = float("inf")
+    for _ in range(2):
+        t_looped = min(t_looped, _timed(lambda: _backward_looped(out, targets, probe, True),
+                                        out.device)[0])
+        t_batched = min(t_batched, _timed(lambda: _backward_batched(out, targets, probe, True),
+                                          out.device)[0])
+    return "batched" if t_batched <= t_looped else "looped"
