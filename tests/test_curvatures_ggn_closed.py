@@ -11,10 +11,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import nngeometry.variants as V
 from nngeometry import GGN, EmpiricalFisher
-from nngeometry.object import PMatDense, PMatDiag, PMatImplicit, PMatKFAC, PVector
+from nngeometry.object import (PFMapDense, PMatDense, PMatDiag, PMatImplicit, PMatKFAC,
+                               PVector)
 from test_curvatures_entry import C, brute_jac, make
 
 TOL = dict(atol=1e-10, rtol=1e-8)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_ggn(model, batch, loss, post=None, positions="sum"):
@@ -83,6 +85,10 @@ def _check(model, batch, loss, monkeypatch, post=None, positions="sum", closed=T
         v = torch.randn(ref.shape[0], dtype=torch.float64)
         torch.testing.assert_close(imp.mv(PVector(M.generator.layer_collection,
                                                   vector_repr=v)).to_torch(), ref @ v, **TOL)
+        # the vmapped products (mmap: the transform runs inside torch.func.vmap)
+        V = torch.randn(3, ref.shape[0], dtype=torch.float64)
+        MV = imp.mmap(PFMapDense(imp.layer_collection, data=V.unsqueeze(0))).to_torch()[0]
+        torch.testing.assert_close(MV, V @ ref, **TOL)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
