@@ -310,7 +310,13 @@ def build(model, loader, cls, variant):
         # empirical Fisher: one backward direction, as MC with one trial
         return nngeometry.EmpiricalFisher(model, loader, cls, loss_function=_ce)
     if variant == "GGN":
-        # GGN of the cross-entropy through the output Hessians' square roots: C directions
+        # GGN of the cross-entropy given as a torch.nn module: the closed-form square root of
+        # its output Hessian (C - 1 directions, as FIM)
+        return nngeometry.GGN(model, loader, cls,
+                              loss_function=torch.nn.CrossEntropyLoss(reduction="none"))
+    if variant == "GGNgen":
+        # the same loss as an opaque callable: output Hessians by double backward and their
+        # eigendecompositions (the generic path of any convex loss)
         return nngeometry.GGN(model, loader, cls, loss_function=_ce)
     if variant == "LL":
         # closed-form Fisher of the last layer only (no backward pass below it)
@@ -433,7 +439,8 @@ def run_workload(w, reps, variants, repeats, quick, memory, log, n=None):
     floor_chunks = [floor_samples]
 
     # per-example Jacobian of the whole model for one batch, per variant (K rows per example)
-    K_of = {"FIM": N_CLASSES - 1, "MC": 1, "EF": 1, "GGN": N_CLASSES, "LL": N_CLASSES - 1}
+    K_of = {"FIM": N_CLASSES - 1, "MC": 1, "EF": 1, "GGN": N_CLASSES - 1,
+            "GGNgen": N_CLASSES - 1, "LL": N_CLASSES - 1}
     res["jacobian_batch_bytes"] = {v: K_of[v] * w.batch * P * 4 for v in K_of}
 
     for name in reps:
@@ -816,8 +823,9 @@ def parse_args(argv=None):
                          "those of them that apply to it)")
     ap.add_argument("--variants", default="FIM,MC",
                     help="builds to measure: FIM (closed form), MC (FIM_MonteCarlo, trials=1), "
-                         "EF (EmpiricalFisher, cross-entropy), GGN (GGN of the cross-entropy), "
-                         "LL (FIM of the last layer)")
+                         "EF (EmpiricalFisher, cross-entropy), GGN (GGN of nn.CrossEntropyLoss: "
+                         "closed form), GGNgen (GGN of the cross-entropy as an opaque callable: "
+                         "generic output Hessians), LL (FIM of the last layer)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="samples per figure (median); default 3, 1 with --quick")
     ap.add_argument("--quick", action="store_true", help="smaller N per workload: a smoke run")
@@ -850,7 +858,8 @@ def main(argv=None):
     workloads = list(WORKLOADS) if args.all or not args.workloads else \
         _split(args.workloads, list(WORKLOADS), "workload")
     reps = list(ALL_REPS) if args.all or not args.reps else _split(args.reps, ALL_REPS, "representation")
-    variants = _split(args.variants, ["FIM", "MC", "EF", "GGN", "LL"], "variant")
+    variants = _split(args.variants, ["FIM", "MC", "EF", "GGN", "GGNgen", "LL"],
+                      "variant")
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
 

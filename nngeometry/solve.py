@@ -5,8 +5,10 @@ Each solves ``(A + regul·I) x = b`` for a PVector ``b`` using only products ``A
 ``PMat*`` (e.g. ``PMatImplicit`` of a Fisher, GGN or Hessian: one pass over the data per
 product) or any object with ``mv``. The optional preconditioner ``M`` approximates
 ``(A + regul·I)⁻¹`` and must be symmetric positive definite: a representation ``M`` is applied as
-``M.solve(r, regul=regul)`` (so ``M`` is an approximation of ``A`` itself, e.g. a ``PMatKFAC`` or
-``PMatDiag`` of the same curvature), a callable as ``M(r)`` (PVector to PVector). With
+``M.solve(r, regul=regul)`` (so ``M`` is an approximation of ``A`` itself, e.g. a ``PMatKFAC``,
+``PMatEKFAC`` or ``PMatDiag`` of the same curvature), exactly damped: ``(M + regul·I)⁻¹ r``
+(KFAC with ``damping='exact'``, not its default π-damping, a worse preconditioner); a callable as
+``M(r)`` (PVector to PVector), e.g. ``lambda r: K.solve(r, regul=λ)`` for π-damped KFAC. With
 ``return_info=True`` each returns ``(x, info)``, ``info`` a :class:`SolveInfo` (iterations,
 products, residual).
 """
@@ -44,6 +46,29 @@ def zero_like_pvector(pvector):
     return PVector(pvector.layer_collection, vector_repr=torch.zeros_like(flat))
 
 
+def _exact_damping_kwargs(M):
+    """``{'damping': 'exact'}`` when the representation ``M`` has a damping option (KFAC, and
+    PMatMixed passing it to its KFAC groups), else ``{}``: a preconditioner is applied as
+    ``(M + λI)⁻¹``, damped exactly with the system's ``λ``. KFAC's default π-damping inverts
+    ``(A + π√λ I) ⊗ (G + √λ/π I) = A⊗G + λI + √λ (A⊗I/π + π I⊗G)`` instead: the extra term
+    over-damps the directions where the factors are large, and makes it a worse preconditioner
+    (iteration counts in docs/estimators.md)."""
+    import inspect
+
+    from .object.pspace import PMatMixed
+
+    solve_pvec = getattr(M, "solvePVec", None)
+    if solve_pvec is None:
+        return {}
+    if isinstance(M, PMatMixed):
+        return {"damping": "exact"}
+    try:
+        params = inspect.signature(solve_pvec).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"damping": "exact"} if "damping" in params else {}
+
+
 class _System:
     """``(A + regul·I)`` and the preconditioner as functions of flat tensors, counting products."""
 
@@ -58,6 +83,7 @@ class _System:
         if M is not None and not (callable(getattr(M, "solve", None)) or callable(M)):
             raise TypeError(f"the preconditioner M must be a PMat (applied as M.solve(r, regul)) "
                             f"or a callable PVector -> PVector, got {type(M).__name__}")
+        self.solve_kwargs = _exact_damping_kwargs(M)
 
     def apply(self, pf):
         self.n_matvecs += 1
@@ -68,8 +94,8 @@ class _System:
         if self.M is None:
             return rf
         r = PVector(self.lc, vector_repr=rf)
-        z = self.M.solve(r, regul=self.regul) if callable(getattr(self.M, "solve", None)) \
-            else self.M(r)
+        z = self.M.solve(r, regul=self.regul, **self.solve_kwargs) \
+            if callable(getattr(self.M, "solve", None)) else self.M(r)
         return z.get_flat_representation() if isinstance(z, PVector) else z
 
     def info(self, x, bf, iterations, converged, residual=None):
@@ -95,7 +121,8 @@ def cg(A, b, regul=1e-8, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None, retu
         atol: see ``rtol``.
         max_iter: at most this many iterations (default ``10 P``).
         M: a preconditioner: ``M.solve(r, regul=regul)`` approximates ``(A + λI)⁻¹ r`` (e.g. a
-            ``PMatKFAC`` or ``PMatDiag`` of the same matrix), or a callable ``r -> z``.
+            ``PMatKFAC``, ``PMatEKFAC`` or ``PMatDiag`` of the same matrix; KFAC damped
+            exactly, ``(K + λI)⁻¹``), or a callable ``r -> z``.
         return_info: also return a :class:`SolveInfo`.
 
     Returns the PVector ``x`` (the last iterate if ``max_iter`` is reached first), or

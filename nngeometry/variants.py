@@ -481,6 +481,9 @@ def per_example_losses(losses, n, positions="sum", who="loss_function"):
 def _loss_or_default(loss_function):
     if loss_function is None:
         return cross_entropy_losses
+    if isinstance(loss_function, str) or (isinstance(loss_function, torch.nn.Module)
+                                          and known_loss(loss_function) is not None):
+        return known_loss(loss_function).losses  # (checks the name and the reduction)
     if not callable(loss_function):
         raise TypeError(f"loss_function must be callable, loss_function(outputs, *targets) -> "
                         f"per-example losses (n,), got {type(loss_function).__name__}")
@@ -609,18 +612,188 @@ def psd_sqrt(H, who="the loss"):
     return S
 
 
+# ------------------------------------------------------- losses with a closed-form output Hessian
+#: the losses that ``GGN(..., loss_function=name)`` / ``EmpiricalFisher`` accept by name
+LOSS_NAMES = ("cross_entropy", "mse", "bce_with_logits")
+
+
+class _KnownLoss:
+    """A loss whose per-example output Hessian ``H_i`` has a closed-form square root, so the GGN
+    needs neither output Hessians by double backward nor their eigendecompositions.
+
+    ``kind``:
+
+    * ``'softmax'``: cross-entropy on logits, ``H = diag(p) - p pᵀ`` per position
+      (``p = softmax``), square root :func:`multinomial_covariance_sqrt` (``C - 1`` columns).
+      ``classes``: ``'last'`` (the library's convention, :func:`class_positions`: ``(n, C)``,
+      ``(n, T, C)``, ``(n, C, H, W)``) or ``1`` (``torch.nn.CrossEntropyLoss``: classes along
+      dimension 1 for every shape). Positions whose target is ``ignore_index`` have ``H = 0``.
+      Label smoothing ``ε`` leaves ``H`` unchanged (the smoothed targets sum to one).
+    * ``'elementwise'``: a loss that is a sum over the output entries of a function of one
+      entry, ``H = diag(h)``: ``h = 2`` (squared error ``(f - y)²``), ``σ(f)(1 - σ(f))``
+      (binary cross-entropy on logits), ``1 / max(var, eps)`` (Gaussian NLL
+      ``0.5 (log var + (f - y)² / var)``), ``exp(f)`` (Poisson NLL with log-rate outputs);
+      square root ``sqrt(h)``.
+
+    ``losses(out, *targets)`` is the loss itself (per position / per entry), for the empirical
+    Fisher and for error messages."""
+
+    def __init__(self, name, kind, losses, curvature=None, classes="last", ignore_index=None):
+        self.name, self.kind, self.losses = name, kind, losses
+        self.curvature = curvature      # elementwise: h(f_detached, targets) -> broadcastable
+        self.classes = classes
+        self.ignore_index = ignore_index
+
+    def __call__(self, out, *targets):
+        return self.losses(out, *targets)
+
+
+def _mse_losses(out, y):
+    return (out - y) ** 2
+
+
+def _bce_losses(out, y):
+    return F.binary_cross_entropy_with_logits(out, y.to(out.dtype), reduction="none")
+
+
+def _ce_string_losses(out, y):
+    return cross_entropy_losses(out, y)
+
+
+def known_loss(loss_function):
+    """The :class:`_KnownLoss` behind ``loss_function`` (a name of :data:`LOSS_NAMES` or a
+    ``torch.nn`` loss module of an exact known type), or None for any other callable (the GGN
+    then uses the generic output Hessians).
+
+    Modules: ``nn.CrossEntropyLoss`` (class indices; with ``weight=`` or probability targets:
+    generic path), ``nn.MSELoss``, ``nn.BCEWithLogitsLoss`` (with ``weight`` / ``pos_weight``:
+    generic), ``nn.GaussianNLLLoss`` (targets ``(y, var)``), ``nn.PoissonNLLLoss(log_input=True)``.
+    A module must have ``reduction='none'`` (``ValueError`` otherwise: a loss reduced over the
+    batch has no per-example Hessians, and a mean would scale them by ``1/n``)."""
+    nn = torch.nn
+    if isinstance(loss_function, str):
+        if loss_function == "cross_entropy":
+            return _KnownLoss("cross_entropy", "softmax", _ce_string_losses, classes="last",
+                              ignore_index=-100)
+        if loss_function == "mse":
+            return _KnownLoss("mse", "elementwise", _mse_losses,
+                              lambda f, t: torch.full((), 2.0, dtype=f.dtype, device=f.device))
+        if loss_function == "bce_with_logits":
+            return _KnownLoss("bce_with_logits", "elementwise", _bce_losses, _bernoulli_h)
+        raise ValueError(f"unknown loss_function {loss_function!r}: the names are "
+                         f"{', '.join(map(repr, LOSS_NAMES))}; or pass a torch.nn loss module "
+                         "with reduction='none', or a callable loss_function(outputs, *targets) "
+                         "-> per-example losses (n,)")
+    known_types = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss, nn.GaussianNLLLoss,
+                   nn.PoissonNLLLoss)
+    if type(loss_function) not in known_types:
+        return None  # (a subclass may redefine forward: the generic path is always right)
+    m = loss_function
+    if m.reduction != "none":
+        raise ValueError(
+            f"{type(m).__name__}(reduction={m.reduction!r}) reduces the losses over the batch: "
+            "the GGN and the empirical Fisher need one loss per example (a 'mean' would also "
+            f"scale every Hessian by 1/n). Use {type(m).__name__}(reduction='none')")
+    if type(m) is nn.CrossEntropyLoss:
+        if m.weight is not None:
+            return None  # H scales with the target's class weight: generic path
+        return _KnownLoss("CrossEntropyLoss", "softmax", m, classes=1,
+                          ignore_index=m.ignore_index)
+    if type(m) is nn.MSELoss:
+        return _KnownLoss("MSELoss", "elementwise", m,
+                          lambda f, t: torch.full((), 2.0, dtype=f.dtype, device=f.device))
+    if type(m) is nn.BCEWithLogitsLoss:
+        if m.weight is not None or m.pos_weight is not None:
+            return None
+        return _KnownLoss("BCEWithLogitsLoss", "elementwise", m, _bernoulli_h)
+    if type(m) is nn.GaussianNLLLoss:
+        eps = m.eps
+
+        def gaussian_h(f, targets):
+            if len(targets) < 2 or not isinstance(targets[1], torch.Tensor):
+                raise ValueError("nn.GaussianNLLLoss needs the variances: batches "
+                                 "(inputs, targets, var), called as loss(outputs, targets, var)")
+            var = targets[1].detach().to(f.dtype)
+            if var.shape != f.shape and var.shape == f.shape[:-1]:
+                var = var.unsqueeze(-1)  # (torch's rule: the last dimension dropped = shared)
+            return 1.0 / var.clamp(min=eps)
+        return _KnownLoss("GaussianNLLLoss", "elementwise", m, gaussian_h)
+    if not m.log_input:
+        return None  # H = y / f² depends on the targets: generic path
+    return _KnownLoss("PoissonNLLLoss", "elementwise", m, lambda f, t: torch.exp(f))
+
+
+def _bernoulli_h(f, targets):
+    s = torch.sigmoid(f)
+    return s * (1 - s)
+
+
+def _closed_form_ggn(known, out, targets, positions):
+    """``g`` (``(n, K)``) with ``J_gᵀ J_g = J_fᵀ H J_f`` from the closed form of ``known``, or
+    None where it does not apply (probability targets of the cross-entropy: generic path)."""
+    n = out.shape[0]
+    if known.kind == "softmax":
+        y = targets[0] if targets else None
+        if not isinstance(y, torch.Tensor) or y.is_floating_point():
+            return None  # class probabilities: H = (Σ q)(diag p - ppᵀ), left to the generic path
+        if known.classes == "last":
+            fp = class_positions(out)
+        else:
+            if out.dim() < 2:
+                raise ValueError(f"{known.name} expects outputs (n, C) or (n, C, d1, ...), got "
+                                 f"shape {tuple(out.shape)}")
+            fp = out.movedim(1, -1).reshape(n, -1, out.shape[1])
+        _, S, C = fp.shape
+        if y.numel() != n * S:
+            raise ValueError(
+                f"{known.name}: outputs of shape {tuple(out.shape)} have {n * S} positions of "
+                f"{C} classes, the targets have shape {tuple(y.shape)} ({y.numel()} class "
+                "indices); classes are " + ("the last dimension of (n, T, C), dimension 1 of "
+                                            "(n, C, H, W)" if known.classes == "last" else
+                                            "dimension 1, as for torch.nn.CrossEntropyLoss"))
+        fl = fp.reshape(n * S, C)
+        L = multinomial_covariance_sqrt(torch.softmax(fl.detach(), dim=1))
+        if known.ignore_index is not None:
+            kept = (y.reshape(n * S) != known.ignore_index).to(L.dtype)
+            if not bool(kept.all()):
+                L = L * kept.view(-1, 1, 1)
+        g = torch.einsum("nc,nck->nk", fl, L).reshape(n, S * (C - 1))
+        return g * _position_scale(S, positions) if positions == "mean" else g
+    f = out
+    h = known.curvature(f.detach(), targets)
+    y = targets[0] if targets else None
+    if isinstance(y, torch.Tensor) and torch.broadcast_shapes(f.shape, y.shape) != f.shape:
+        raise ValueError(
+            f"{known.name}: targets of shape {tuple(y.shape)} broadcast against outputs of "
+            f"shape {tuple(f.shape)} to a larger shape: the loss would compare every output "
+            "with every target. Give targets of the outputs' shape")
+    if isinstance(h, torch.Tensor) and torch.broadcast_shapes(f.shape, h.shape) != f.shape:
+        raise ValueError(f"{known.name}: the curvature of shape {tuple(h.shape)} does not "
+                         f"broadcast to the outputs' shape {tuple(f.shape)}")
+    D = f[0].numel() if n else f.shape[1:].numel()
+    g = (f * torch.sqrt(h.clamp(min=0))).reshape(n, D)
+    return g * _position_scale(D, positions) if positions == "mean" else g
+
+
 def ggn_function(function, loss_function, positions="sum", target_key="labels"):
     """``g(*batch)`` of shape ``(n, D)`` (``D`` outputs per example) with
     ``J_gᵀ J_g = J_fᵀ H J_f``, ``H = ∇²_f ℓ`` the per-example loss's Hessian in output space:
     ``g = S_iᵀ f_i`` with ``S_i S_iᵀ = H_i`` (:func:`psd_sqrt` of :func:`output_hessians`),
     ``S_i`` a constant of the backward pass."""
     check_positions(positions)
-    if loss_function is None or not callable(loss_function):
+    known = known_loss(loss_function) if isinstance(loss_function, (str, torch.nn.Module)) \
+        else None
+    if known is None and (loss_function is None or not callable(loss_function)):
         raise TypeError("GGN needs loss_function(outputs, *targets) -> per-example losses (n,), "
-                        "e.g. lambda out, y: F.cross_entropy(out, y, reduction='none')")
+                        "e.g. lambda out, y: F.cross_entropy(out, y, reduction='none'), a "
+                        f"torch.nn loss module with reduction='none', or one of {LOSS_NAMES}")
 
     def g(out, info):
         targets = targets_of(info.batch, target_key, "the GGN")
+        if known is not None:
+            closed = _closed_form_ggn(known, out, targets, positions)
+            if closed is not None:
+                return closed
         n = out.shape[0]
         D = out[0].numel() if n else out.shape[1:].numel()
         need = n * D * D * out.element_size() * 3
@@ -630,7 +803,8 @@ def ggn_function(function, loss_function, positions="sum", target_key="labels"):
                        f"the per-example output Hessians of the loss ({n} × {D}² entries)",
                        "use fewer outputs per example, smaller batches, or FIM(variant=...) / "
                        "EmpiricalFisher for this model")
-        S = psd_sqrt(output_hessians(loss_function, out, targets, positions))
+        generic_loss = loss_function if known is None else known.losses
+        S = psd_sqrt(output_hessians(generic_loss, out, targets, positions))
         return torch.einsum("nd,nde->ne", out.reshape(n, D), S.to(out.dtype))
     t = OutputTransform(function, g, needs_batch=True)
     t.origin = "nngeometry.variants.ggn_function(function, loss_function)"

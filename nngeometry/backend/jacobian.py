@@ -440,10 +440,18 @@ class TorchHooksJacobianBackend:
     def _JV(self, V, examples, layer_collection):
         """``(m, n_output, n)``: ``J(x_i) v_j`` for the ``m`` rows ``v_j`` of ``V`` (``(m, P)``)
         and every example (not normalized); Jacobian-vector products vmapped over the rows."""
+        # the vectors go through in chunks whose tangent activations stay small: a vmapped
+        # JVP of m vectors holds m copies of every activation, and past a few MB the
+        # elementwise ops run at memory speed (W2: 2.2x faster in chunks of 4 than all 100)
+        chunk = _vector_chunk(self, V.shape[0], examples, layer_collection)
         parts = []
         for batch, params, f in self._functional_batches(examples, layer_collection):
-            tangents = self._split_flat_rows(V, params)
-            jv = torch.func.vmap(lambda t: torch.func.jvp(f, (params,), (t,))[1])(tangents)
+            jvs = []
+            for j0 in range(0, V.shape[0], chunk):
+                tangents = self._split_flat_rows(V[j0:j0 + chunk], params)
+                jvs.append(torch.func.vmap(
+                    lambda t: torch.func.jvp(f, (params,), (t,))[1])(tangents))
+            jv = jvs[0] if len(jvs) == 1 else torch.cat(jvs, dim=0)
             parts.append(jv.transpose(1, 2))  # (m, n_output, nb)
         self._check_nonempty(len(parts))
         return torch.cat(parts, dim=2)
@@ -454,18 +462,33 @@ class TorchHooksJacobianBackend:
         if V.shape[0] == 1:
             # one vector (e.g. a CG iteration): the single-forward path of implicit_mv
             return self._mv(V[0], examples, layer_collection).unsqueeze(0)
+        # chunks of vectors whose tangent activations and gradients stay small (see _JV): W1
+        # 3x faster in chunks of ~20 than all 100 at once; a model whose activations alone
+        # exceed the budget takes the single-forward path vector by vector
+        chunk = _vector_chunk(self, V.shape[0], examples, layer_collection)
+        if chunk == 1:
+            return torch.stack([self._mv(v, examples, layer_collection) for v in V])
         out, n_total = None, 0
         for batch, params, f in self._functional_batches(examples, layer_collection):
-            tangents = self._split_flat_rows(V, params)
             outputs, vjp_fn = torch.func.vjp(f, params)
             self._check_finite(outputs)
-            jv = torch.func.vmap(lambda t: torch.func.jvp(f, (params,), (t,))[1])(tangents)
-            (g,) = torch.func.vmap(vjp_fn)(jv)
-            flat = torch.cat([g[k].reshape(V.shape[0], -1) for k in params], dim=1)
-            out = flat if out is None else out + flat
+            if out is None:
+                out = V.new_zeros(V.shape[0], sum(p.numel() for p in params.values()),
+                                  dtype=outputs.dtype)
+            for j0 in range(0, V.shape[0], chunk):
+                Vc = V[j0:j0 + chunk]
+                tangents = self._split_flat_rows(Vc, params)
+                jv = torch.func.vmap(lambda t: torch.func.jvp(f, (params,), (t,))[1])(tangents)
+                (g,) = torch.func.vmap(vjp_fn)(jv)
+                # accumulated in place, layer by layer (no (m, P) concatenation per batch)
+                start = 0
+                for k in params:
+                    gk = g[k].reshape(Vc.shape[0], -1)
+                    out[j0:j0 + Vc.shape[0], start:start + gk.shape[1]] += gk
+                    start += gk.shape[1]
             n_total += outputs.shape[0]
         self._check_nonempty(n_total)
-        return out / n_total
+        return out.div_(n_total)
 
     @staticmethod
     def _split_flat_rows(V, params):
@@ -795,11 +818,16 @@ class TorchHooksJacobianBackend:
         Two strategies give the same numbers: one vmapped backward (``is_grads_batched``), fast
         through matrix products, or one backward per direction, faster through ops whose batching
         rule just loops (max-pooling, ReLU's backward on some builds). With ``backward='auto'``
-        both are timed once on the first batch of a given model and shape, and the faster one is
-        used from then on (like ``cudnn.benchmark``).
+        both are timed once, for a given model, number of directions and output shape, on the
+        first ``LOOPED_TIMING_DIRECTIONS`` directions only (both strategies cost about the same
+        per direction at any count: timing all of them took 27-67 s for a token-level model
+        with 50 Monte-Carlo trials), and the faster one is used from then on (like
+        ``cudnn.benchmark``); the batch size is not part of the key (a smaller last batch
+        does not time again).
         """
         mode = self.backward
-        key = (id(self.model), tuple(cot.shape), cot.dtype, out.device.type)
+        # (the number of examples, cot.shape[1], left out: see the docstring)
+        key = (id(self.model), cot.shape[0], tuple(cot.shape[2:]), cot.dtype, out.device.type)
         if mode == "auto":
             mode = _BACKWARD_CHOICE.get(key)
         if mode == "batched":
@@ -809,26 +837,12 @@ class TorchHooksJacobianBackend:
             return grads
         if mode == "looped":
             return _backward_looped(out, targets, cot, retain)
-        # first time for this model and shape: time both (the graph is kept in between)
-        if _backward_batched(out, targets, cot, True) is None:
-            _BACKWARD_CHOICE[key] = "looped"
-            return _backward_looped(out, targets, cot, retain)
-        # best of two runs each, interleaved: one sample each picked the slower strategy on a
-        # busy machine (W1: 62 vs 66 ms per build)
-        t_looped = t_batched = float("inf")
-        # the looped strategy costs the same for each direction: timed on a few of them and
-        # scaled (timing all of them took minutes for thousands of Monte-Carlo trials)
-        m = min(cot.shape[0], LOOPED_TIMING_DIRECTIONS)
-        for last in (False, True):
-            # one strategy's gradients are not held while the other runs (peak memory)
-            grads = None
-            t_looped = min(t_looped, _timed(lambda: _backward_looped(out, targets, cot[:m], True),
-                                            out.device)[0] * cot.shape[0] / m)
-            t, grads = _timed(lambda: _backward_batched(out, targets, cot, retain or not last),
-                              out.device)
-            t_batched = min(t_batched, t)
-        _BACKWARD_CHOICE[key] = "batched" if t_batched <= t_looped else "looped"
-        return grads
+        _BACKWARD_CHOICE[key] = _time_backward_strategies(out, targets, cot)
+        if _BACKWARD_CHOICE[key] == "batched":
+            grads = _backward_batched(out, targets, cot, retain)
+            if grads is not None:
+                return grads
+        return _backward_looped(out, targets, cot, retain)
 
     # ---------------------------------------------------------------- functional (implicit) path
     def _functional_batches(self, examples, layer_collection):
@@ -1189,3 +1203,57 @@ def refuse_random_modules(model):
                 "in training mode: its forward is random, so the matrix would be a random one "
                 "(per-example quantities need a deterministic forward). Call model.eval() before "
                 "computing the matrix, or pass check_deterministic=False if this is intended")
+
+
+#: numbers (activations and parameters) one chunk of vmapped vector products may hold per
+#: batch: about 32 MB in float32, measured best on W1 (chunks of 16-25) and W2 (2-4)
+_VECTOR_CHUNK_NUMBERS = 2 ** 23
+
+
+def _vector_chunk(backend, m, examples, layer_collection):
+    """How many of ``m`` vectors the batched products (``_mm``, ``_JV``) push through one
+    vmapped pass: ``_VECTOR_CHUNK_NUMBERS // (A + P)``, with ``A`` the numbers in the outputs of
+    the model's modules for the first batch (one forward without graph, measured by forward
+    hooks on the model's modules) and ``P`` the collection's parameters; between 1 and ``m``.
+    A few vectors (``m ≤ 4``) go through at once without measuring."""
+    if m <= 4:
+        return m
+    counted = [0]
+
+    def count(module, inputs, output):
+        for t in (output if isinstance(output, (tuple, list)) else (output,)):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                counted[0] += t.numel()
+
+    handles = []
+    try:
+        for module in backend.model.modules():
+            if not list(module.children()):  # leaf modules: every activation once
+                handles.append(module.register_forward_hook(count))
+        for batch, params, f in backend._functional_batches(examples, layer_collection):
+            with torch.no_grad():
+                f(params)
+            break
+    finally:
+        for h in handles:
+            h.remove()
+    per_vector = counted[0] + layer_collection.numel()
+    return max(1, min(m, _VECTOR_CHUNK_NUMBERS // max(per_vector, 1)))
+
+
+def _time_backward_strategies(out, targets, cot):
+    """``'batched'`` or ``'looped'``: the faster of the two backward strategies of
+    ``_backward_directions``, timed on the first ``LOOPED_TIMING_DIRECTIONS`` directions of
+    ``cot`` (best of two interleaved runs each: one sample each picked the slower strategy on
+    a busy machine), keeping the graph; ``'looped'`` when an op has no batching rule. The
+    gradients of the timing runs are dropped at once (peak memory: one strategy's at a time)."""
+    probe = cot[:LOOPED_TIMING_DIRECTIONS]
+    if _backward_batched(out, targets, probe, True) is None:
+        return "looped"
+    t_looped = t_batched = float("inf")
+    for _ in range(2):
+        t_looped = min(t_looped, _timed(lambda: _backward_looped(out, targets, probe, True),
+                                        out.device)[0])
+        t_batched = min(t_batched, _timed(lambda: _backward_batched(out, targets, probe, True),
+                                          out.device)[0])
+    return "batched" if t_batched <= t_looped else "looped"
