@@ -157,7 +157,9 @@ class Consumer:
     def all_reduce(self, group=None, device=None):
         """Sum the state over the ranks of ``group`` (default: the world), with one collective
         (plus a small exchange of the counts and shapes, which lets a rank that saw no example
-        take part): afterwards every rank holds the statistic of all the examples."""
+        take part): afterwards every rank holds the statistic of all the examples. ``device``:
+        where a rank without examples makes its zeros (the model's device; the default, the
+        CPU, suits gloo, not NCCL)."""
         from .distributed import all_reduce_tree
 
         if self.reduction == "rows":

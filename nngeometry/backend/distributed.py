@@ -82,10 +82,11 @@ def _describe(tree):
     return tree_map(lambda x: _TensorSpec(x) if isinstance(x, torch.Tensor) else x, tree)
 
 
-def _exchange(count, tree, group, what, rows_dim=None):
+def _exchange(count, tree, group, what, rows_dim=None, device=None):
     """``(counts, reference description, tree)`` after one ``all_gather_object`` of every rank's
     count and shapes; ``tree`` is replaced by zeros of the reference's shapes on a rank whose
-    count is 0. ``rows_dim``: the dimension along which shapes may differ (gathered rows)."""
+    count is 0, on ``device`` (default: the device of the tree's tensors, else the CPU).
+    ``rows_dim``: the dimension along which shapes may differ (gathered rows)."""
     dist = _dist()
     world = dist.get_world_size(group)
     desc = _describe(tree) if count else None
@@ -110,7 +111,7 @@ def _exchange(count, tree, group, what, rows_dim=None):
                 "every rank must run the same model, layer collection and function (only the "
                 "examples may differ)")
     if not count:
-        device = _local_device(tree)
+        device = device if device is not None else _local_device(tree)
         leaves = [(x.zeros(device) if isinstance(x, _TensorSpec) else x) for x in ref_leaves]
         if rows_dim is not None:
             leaves = [_empty_rows(x, rows_dim) if isinstance(x, torch.Tensor) else x
@@ -144,16 +145,12 @@ def _short(leaves):
     return s if len(s) < 200 else s[:200] + "...]"
 
 
-#: the device a rank uses for the zeros of an empty shard (set by the generator from the model)
-_DEFAULT_DEVICE = [None]
-
-
 def _local_device(tree):
     leaves, _ = tree_flatten(tree)
     for x in leaves:
         if isinstance(x, torch.Tensor):
             return x.device
-    return _DEFAULT_DEVICE[0] or torch.device("cpu")
+    return torch.device("cpu")
 
 
 def all_reduce_tree(tree, count, group, what="statistic", device=None):
@@ -163,12 +160,7 @@ def all_reduce_tree(tree, count, group, what="statistic", device=None):
     rank when this one saw no example). ``count``: this rank's number of examples. A rank with
     ``count == 0`` gets its shapes from the others (see the module docstring)."""
     dist = _dist()
-    saved = _DEFAULT_DEVICE[0]
-    _DEFAULT_DEVICE[0] = device
-    try:
-        counts, ref, tree = _exchange(count, tree, group, what)
-    finally:
-        _DEFAULT_DEVICE[0] = saved
+    counts, ref, tree = _exchange(count, tree, group, what, device=device)
     total = sum(counts)
     if ref is None:
         return tree, 0
@@ -195,12 +187,7 @@ def all_gather_rows(t, count, group, dim, what="statistic", device=None):
     the largest count: uneven and empty shards are allowed). ``t`` may be None where
     ``count == 0``."""
     dist = _dist()
-    saved = _DEFAULT_DEVICE[0]
-    _DEFAULT_DEVICE[0] = device
-    try:
-        counts, ref, tree = _exchange(count, [t], group, what, rows_dim=dim)
-    finally:
-        _DEFAULT_DEVICE[0] = saved
+    counts, ref, tree = _exchange(count, [t], group, what, rows_dim=dim, device=device)
     if ref is None:
         return t, counts
     t = tree[0]
@@ -213,15 +200,6 @@ def all_gather_rows(t, count, group, dim, what="statistic", device=None):
     pieces = [torch.empty_like(t) for _ in counts]
     dist.all_gather(pieces, t, group=group)
     return torch.cat([p.narrow(dim, 0, c) for p, c in zip(pieces, counts)], dim=dim), counts
-
-
-def all_reduce_count(count, group, device=None):
-    """The sum of the ranks' ``count`` (ints), through one small all_reduce."""
-    dist = _dist()
-    t = torch.tensor([int(count)], dtype=torch.int64,
-                     device=device if device is not None else torch.device("cpu"))
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return int(t.item())  # once per statistic, after the pass
 
 
 def global_batch_index(local_index, group):
