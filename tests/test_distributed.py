@@ -58,6 +58,7 @@ def compute_all(loader, n, world):
     the whole data set in one process (the reference)."""
     from nngeometry import FIM, FIM_MonteCarlo, GramMatrix, Hessian, Jacobian
     from nngeometry.backend import TorchHooksJacobianBackend
+    from nngeometry.backend.distributed import resolve_group, spread_eigh
     from nngeometry.layercollection import LayerCollection
     from nngeometry.metrics import GGN, EmpiricalFisher
     from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC,
@@ -69,6 +70,14 @@ def compute_all(loader, n, world):
     lc = LayerCollection.from_model(model)
     v = PVector(lc, vector_repr=torch.linspace(-1, 1, lc.numel(), dtype=torch.float64))
     out = {}
+    # KAISA-style eigendecompositions of the reduced KFAC factors: each on one rank
+    factors = FIM(model, loader, PMatKFAC).data
+    mats = {f"{lid}/{w}": m for lid, (A, G) in factors.items() for w, m in (("A", A), ("G", G))}
+    eig = spread_eigh(mats, resolve_group())
+    out["spread_eigh/evals"] = torch.cat([e for e, _ in eig.values()])
+    out["spread_eigh/reconstructed"] = torch.cat([((U * e) @ U.t()).reshape(-1)
+                                                  for e, U in eig.values()])
+    out["spread_eigh/evecs"] = torch.cat([U.reshape(-1) for _, U in eig.values()])
     for rep in (PMatDense, PMatBlockDiag, PMatDiag, PMatKFAC, PMatEKFAC, PMatEKFACBlockDiag,
                 PMatQuasiDiag, PMatLowRank):
         M = FIM(model, loader, rep)
@@ -212,6 +221,11 @@ def _reference(n, world):
 
 
 def _compare(results, ref):
+    # the eigenvectors come from one rank's decomposition: the same bits on every rank (their
+    # signs may differ from the single process's, hence the comparison of U Λ Uᵀ below)
+    for res in results[1:]:
+        assert torch.equal(res["spread_eigh/evecs"], results[0]["spread_eigh/evecs"])
+    ref = {k: v for k, v in ref.items() if k != "spread_eigh/evecs"}
     assert set(ref) <= set(results[0])
     for rank, res in enumerate(results):
         for name, expected in ref.items():

@@ -226,3 +226,49 @@ def unwrap_model(model):
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
+
+
+def spread_eigh(matrices, group=None):
+    """``{key: (eigenvalues, eigenvectors)}`` (``torch.linalg.eigh``) of the symmetric matrices
+    ``{key: (d, d)}`` (e.g. the KFAC factors of every layer), the work spread over the ranks as
+    KAISA does (Pauloski et al. 2021): each matrix is decomposed on one rank only (the largest
+    first, each to the rank with the least work so far, work counted as ``d³``), and every rank
+    receives every result, by one ``broadcast`` per rank that has work. Every rank must pass
+    the same keys, in the same order, with the same shapes (the reduced statistics of a
+    data-parallel build are the same on every rank). The results are identical on every rank
+    (they come from one decomposition). ``group=None``: all the decompositions here."""
+    keys = list(matrices)
+    if group is None:
+        return {k: tuple(torch.linalg.eigh(matrices[k])) for k in keys}
+    dist = _dist()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    load, owner = [0] * world, {}
+    order = sorted(range(len(keys)), key=lambda i: (-matrices[keys[i]].shape[0], i))
+    for i in order:
+        r = min(range(world), key=lambda j: (load[j], j))
+        owner[keys[i]] = r
+        load[r] += matrices[keys[i]].shape[0] ** 3
+    out = {}
+    for r in range(world):
+        mine = [k for k in keys if owner[k] == r]
+        if not mine:
+            continue
+        ref = matrices[mine[0]]
+        sizes = [matrices[k].shape[0] for k in mine]
+        if r == rank:
+            parts = []
+            for k in mine:
+                evals, evecs = torch.linalg.eigh(matrices[k])
+                parts += [evals.reshape(-1), evecs.reshape(-1)]
+            buf = torch.cat(parts)
+        else:
+            buf = torch.empty(sum(d + d * d for d in sizes), dtype=ref.dtype, device=ref.device)
+        dist.broadcast(buf, src=dist.get_global_rank(group, r) if group is not dist.group.WORLD
+                       else r, group=group)
+        start = 0
+        for k, d in zip(mine, sizes):
+            evals = buf[start:start + d]
+            evecs = buf[start + d:start + d + d * d].view(d, d)
+            out[k] = (evals, evecs)
+            start += d + d * d
+    return {k: out[k] for k in keys}
