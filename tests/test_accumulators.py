@@ -100,6 +100,18 @@ def test_merge_of_halves_equals_one_pass(kind, name):
     _assert_trees_close(values, ref_values)
 
 
+@pytest.mark.parametrize("make", [C.DiagCovariance, C.DenseCovariance, C.KFACFactors])
+def test_two_passes_into_one_statistic(make):
+    model = mlp()
+    lc = LayerCollection.from_model(model)
+    gen = TorchHooksJacobianBackend(model)
+    ref = gen.accumulate(loader("mlp", 0, 50), lc, make(lc)).result
+    c = gen.accumulate(loader("mlp", 0, 30), lc, make(lc), finalize=False)
+    c = gen.accumulate(loader("mlp", 30, 50), lc, c)
+    assert c.count == 50
+    _assert_trees_close(c.result, ref)
+
+
 def test_merge_into_empty_and_of_empty():
     model = mlp()
     lc = LayerCollection.from_model(model)

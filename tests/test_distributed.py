@@ -168,6 +168,24 @@ def count_collectives(loader):
     return torch.tensor(out)
 
 
+def second_pass_refused(loader):
+    """A statistic reduced over the ranks can't take another pass (it would count the earlier
+    examples once per rank): refused on every rank, before any collective."""
+    from nngeometry.backend import TorchHooksJacobianBackend
+    from nngeometry.backend import consumers as C
+    from nngeometry.layercollection import LayerCollection
+
+    model = make_model()
+    lc = LayerCollection.from_model(model)
+    gen = TorchHooksJacobianBackend(model)
+    c = gen.accumulate(loader, lc, C.DiagCovariance(lc), finalize=False)
+    try:
+        gen.accumulate(loader, lc, c)
+    except RuntimeError as e:
+        return torch.tensor(int("already holds the statistic of all the ranks" in str(e)))
+    return torch.tensor(0)
+
+
 def _worker(rank, world, init, n, out_dir, run_example):
     import torch.distributed as dist
 
@@ -176,6 +194,7 @@ def _worker(rank, world, init, n, out_dir, run_example):
     try:
         res = compute_all(loader_of(n, rank, world), n, world)
         res["collectives"] = count_collectives(loader_of(n, rank, world))
+        res["second_pass_refused"] = second_pass_refused(loader_of(n, rank, world))
         if run_example:
             # NaturalGradient under DistributedDataParallel: each rank holds half of one batch
             model = make_model()
@@ -242,6 +261,7 @@ def test_two_ranks_uneven_shards_ddp_optimizer_and_example(tmp_path, one_thread)
         # KFAC over 4 batches: one all_reduce of all the factors (one dtype) after one exchange
         # of counts and shapes; an implicit product: the same
         assert res.pop("collectives").tolist() == [[1, 0, 1, 0], [1, 0, 1, 0]]
+        assert res.pop("second_pass_refused").item() == 1
     assert [len(sum(batches_of(n, r, 2), [])) for r in range(2)] == [14, 12]
     _compare(results, _reference(n, 2))
     # the natural-gradient step under DDP is the single-process step on the whole batch

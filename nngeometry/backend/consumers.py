@@ -77,7 +77,7 @@ class Consumer:
     #: examples added so far (after a distributed reduction: of all the ranks)
     count = 0
 
-    _NOT_STATE = ("lc", "layer_collection", "count", "result")
+    _NOT_STATE = ("lc", "layer_collection", "count", "result", "_reduced")
 
     # ---------------------------------------------------------------- per batch
     def add(self, ctx):
@@ -166,6 +166,7 @@ class Consumer:
             return self.all_gather(group, device)
         state, total = all_reduce_tree(self.state(), self.count, group, type(self).__name__,
                                        device)
+        self._reduced = True  # (a later pass into it would count these examples again)
         return self.load_state(state, total)
 
     def all_gather(self, group=None, device=None):
@@ -181,6 +182,7 @@ class Consumer:
         t = self.state()[names[0]]
         t, counts = all_gather_rows(t if self.count else None, self.count, group, self.rows_dim,
                                     type(self).__name__, device)
+        self._reduced = True
         return self.load_state({names[0]: t}, sum(counts))
 
     def compute(self):

@@ -154,7 +154,7 @@ class TorchHooksJacobianBackend:
         resolve_group(distributed, process_group)  # checks the value (and a required group)
         self.distributed = distributed
         self.process_group = process_group
-        # one dict per implicit product in progress: batch index -> examples (see _local_sum)
+        # one dict per implicit product in progress: batch index -> examples (see _counting)
         self._counters = []
 
     def _group(self):
@@ -295,6 +295,11 @@ class TorchHooksJacobianBackend:
         :class:`~nngeometry.backend.consumers.Consumer`.
         """
         group = self._group()
+        if group is not None and getattr(consumer, "_reduced", False):
+            raise RuntimeError(
+                f"this {type(consumer).__name__} already holds the statistic of all the ranks: "
+                "another pass into it would count the earlier examples once per rank; "
+                "accumulate into a new statistic and merge() the two")
         # inference_mode(False): inside a user's `with torch.inference_mode():` autograd would
         # record nothing (the backward pass fails); the batches' inference tensors are copied
         # in _batches. Leaving the block restores the user's mode.
@@ -310,7 +315,9 @@ class TorchHooksJacobianBackend:
                     n_total += self._run_batch(batch, layer_collection, modules, calls, consumer,
                                                chunk_bytes, mean, probe=probe and i == 0,
                                                index=global_batch_index(i, group))
-        consumer.count = n_total
+        # a statistic may already hold the examples of an earlier pass (accumulated into again)
+        consumer.count = getattr(consumer, "count", 0) + n_total
+        n_total = consumer.count
         if group is not None:
             if not hasattr(consumer, "all_reduce"):
                 raise TypeError(
