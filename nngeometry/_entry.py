@@ -13,6 +13,10 @@ def prepare_entry(model, function, layer_collection, target_key="labels"):
     """``(function, layer_collection)`` with the defaults: ``model(batch[0])`` and all the
     layers of the model. (Batches always go to the model's device: entry points accept
     ``device`` only for compatibility.)"""
+    from .backend.distributed import unwrap_model
+
+    # a DistributedDataParallel wrapper: the inner module (hooks, layer ids, default function)
+    model = unwrap_model(model)
     if layer_collection is None:
         from .backend.jacobian import _model_lock
 
@@ -26,15 +30,20 @@ def prepare_entry(model, function, layer_collection, target_key="labels"):
 
 
 def build_from_jacobians(model, loader, representation, function, layer_collection, centering,
-                         verbose, check_deterministic):
+                         verbose, check_deterministic, distributed=None, process_group=None):
     """``representation`` (a map or function-space matrix class) built from the per-example
-    Jacobians of ``function`` over ``loader``: what ``Jacobian`` and ``GramMatrix`` share."""
+    Jacobians of ``function`` over ``loader``: what ``Jacobian`` and ``GramMatrix`` share.
+    Data-parallel (``distributed``, ``process_group``: see ``TorchHooksJacobianBackend``): the
+    examples of all the ranks, in rank order."""
     from .backend import TorchHooksJacobianBackend
+    from .backend.distributed import unwrap_model
 
+    model = unwrap_model(model)
     function, layer_collection = prepare_entry(model, function, layer_collection)
     generator = TorchHooksJacobianBackend(model, function, centering=centering, verbose=verbose,
                                           layer_collection=layer_collection,
-                                          check_deterministic=check_deterministic)
+                                          check_deterministic=check_deterministic,
+                                          distributed=distributed, process_group=process_group)
     return representation(layer_collection=layer_collection, generator=generator,
                           examples=loader)
 

@@ -6,7 +6,7 @@ from .backend.torch_func_hessian import loss_of_targets
 
 def Hessian(model, loader, representation, function=None, layer_collection=None, verbose=False,
             loss_function=None, device=None, output_function=None, check_deterministic=True,
-            **kwargs):
+            distributed=None, process_group=None, **kwargs):
     """The Hessian of the total loss, ``H = Σ_b ∇²_θ ℓ_b`` (a sum over the batches of the
     loader, not a mean), in the chosen representation.
 
@@ -44,6 +44,10 @@ def Hessian(model, loader, representation, function=None, layer_collection=None,
             default ``model(batch[0])``.
         check_deterministic: refuse a random model (dropout modules in training mode:
             ``RuntimeError`` naming ``model.eval()``); ``False`` skips the check.
+        distributed: data parallelism over ``torch.distributed`` (as for
+            :func:`nngeometry.FIM`): ``loader`` is this rank's shard and every rank gets the
+            Hessian of the loss summed over all the ranks' batches.
+        process_group: the group to reduce over (default: the world).
         **kwargs: passed to the representation; a keyword it does not take is refused
             (``TypeError``), and so is ``PMatEye`` without ``scaling=`` (``ValueError``: not built
             from data).
@@ -57,9 +61,13 @@ def Hessian(model, loader, representation, function=None, layer_collection=None,
             raise ValueError("function(prediction, targets) receives model(batch[0]); to loss "
                              "other outputs use output_function= with loss_function=")
         loss_function = loss_of_targets(function)
+    from .backend.distributed import unwrap_model
+
+    model = unwrap_model(model)
     output_function, layer_collection = prepare_entry(model, output_function, layer_collection)
     generator = HessianBackend(model, loss_function=loss_function, function=output_function,
-                               verbose=verbose)
+                               verbose=verbose, distributed=distributed,
+                               process_group=process_group)
     # the backend iterates the batches through its Jacobian generator, which checks the model
     generator._helper.check_deterministic = bool(check_deterministic)
     return representation(layer_collection=layer_collection, generator=generator,

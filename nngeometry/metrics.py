@@ -4,6 +4,7 @@ from enum import Enum
 
 from ._entry import check_representation, prepare_entry
 from .backend import TorchHooksJacobianBackend
+from .backend.distributed import unwrap_model
 from .variants import (check_positions, closed_form_function, empirical_function, ggn_function,
                        monte_carlo_function)
 
@@ -81,15 +82,20 @@ def _curvature(entry, model, loader, representation, make_transform, function,
     """What every curvature entry point does: check the representation and its keywords (and
     ``validate()`` the entry's own), fill in the default function and collection, and build the
     representation from a generator running ``make_transform(function)``, the output transform
-    whose ``Jᵀ J`` is the curvature."""
+    whose ``Jᵀ J`` is the curvature. ``kwargs`` may hold ``distributed`` / ``process_group``
+    (for the generator, not the representation)."""
+    distributed = kwargs.pop("distributed", None)
+    process_group = kwargs.pop("process_group", None)
     kwargs = _drop_n_output(kwargs)
     check_representation(representation, kwargs, entry)
     if validate is not None:
         validate()
+    model = unwrap_model(model)
     function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
     generator = TorchHooksJacobianBackend(
         model, make_transform(function), verbose=verbose, layer_collection=layer_collection,
-        check_deterministic=check_deterministic)
+        check_deterministic=check_deterministic, distributed=distributed,
+        process_group=process_group)
     return _represent(representation, layer_collection, generator, loader, kwargs,
                       subnetwork_indices)
 
@@ -103,7 +109,8 @@ def _drop_n_output(kwargs):
 
 def FIM(model, loader, representation, variant="classif_logits", device=None, function=None,
         layer_collection=None, verbose=False, check_deterministic=True, positions="sum",
-        target_key="labels", subnetwork_indices=None, **kwargs):
+        target_key="labels", subnetwork_indices=None, distributed=None, process_group=None,
+        **kwargs):
     """The Fisher information matrix in closed form, in the chosen representation.
 
     Computes ``F = (1/n) Σ_x J_f(x)ᵀ Σ_{y|x} J_f(x)`` with ``f(x)`` the model's outputs on
@@ -143,6 +150,13 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
             ``PMatDense``: the ``k × k`` matrix ``M[idx][:, idx]`` without forming ``P × P``
             (laplace-torch's subnetwork Laplace), a ``PMatDense`` on a collection of one layer
             ``'subnetwork'`` of ``k`` parameters (PVectors on it have ``k`` entries).
+        distributed: data parallelism over ``torch.distributed``: ``None`` (default: on when a
+            process group is initialised and has more than one rank), ``True`` or ``False``.
+            When on, ``loader`` is this rank's shard (e.g. with a ``DistributedSampler``) and
+            every rank gets the matrix of all the ranks' examples (``n`` the global count);
+            see the page "Data-parallel and GPU". A ``DistributedDataParallel`` model is
+            accepted (its ``.module`` is used).
+        process_group: the group to reduce over (default: the world).
         **kwargs: passed to the representation (``n_output=``, which older code passes, is
             ignored); a keyword the representation does not take is refused (``TypeError``).
 
@@ -151,14 +165,16 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
     return _curvature(
         "FIM", model, loader, representation,
         lambda f: closed_form_function(f, _variant_name(variant), positions), function,
-        layer_collection, target_key, verbose, check_deterministic, subnetwork_indices, kwargs,
+        layer_collection, target_key, verbose, check_deterministic, subnetwork_indices,
+        dict(kwargs, distributed=distributed, process_group=process_group),
         validate=lambda: check_positions(positions))
 
 
 def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", trials=1, device=None,
                    function=None, layer_collection=None, verbose=False, covariance=1.0,
                    check_deterministic=True, seed=None, positions="sum", target_key="labels",
-                   subnetwork_indices=None, **kwargs):
+                   subnetwork_indices=None, distributed=None, process_group=None,
+        **kwargs):
     """The Fisher information matrix estimated with sampled targets.
 
     Computes ``F = (1/n) Σ_x (1/T) Σ_t ∇log p(y_t|x) ∇log p(y_t|x)ᵀ`` with ``y_t ~ p(·|x)``
@@ -193,13 +209,15 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
         "FIM_MonteCarlo", model, loader, representation,
         lambda f: monte_carlo_function(f, _variant_name(variant), trials, covariance,
                                        positions=positions, seed=seed), function,
-        layer_collection, target_key, verbose, check_deterministic, subnetwork_indices, kwargs)
+        layer_collection, target_key, verbose, check_deterministic, subnetwork_indices,
+        dict(kwargs, distributed=distributed, process_group=process_group))
 
 
 def EmpiricalFisher(model, loader, representation, loss_function=None, device=None,
                     function=None, layer_collection=None, verbose=False,
                     check_deterministic=True, positions="sum", target_key="labels",
-                    subnetwork_indices=None, **kwargs):
+                    subnetwork_indices=None, distributed=None, process_group=None,
+        **kwargs):
     """The empirical Fisher ``(1/n) Σ_i ∇θℓ_i ∇θℓ_iᵀ``, ``ℓ_i`` the loss of example ``i`` for
     its observed target, in the chosen representation (every one built from data: Dense,
     BlockDiag, Diag, QuasiDiag, LowRank, KFAC, EKFAC, Implicit, Mixed).
@@ -221,12 +239,14 @@ def EmpiricalFisher(model, loader, representation, loss_function=None, device=No
     return _curvature(
         "EmpiricalFisher", model, loader, representation,
         lambda f: empirical_function(f, loss_function, positions, target_key), function,
-        layer_collection, target_key, verbose, check_deterministic, subnetwork_indices, kwargs)
+        layer_collection, target_key, verbose, check_deterministic, subnetwork_indices,
+        dict(kwargs, distributed=distributed, process_group=process_group))
 
 
 def GGN(model, loader, representation, loss_function, device=None, function=None,
         layer_collection=None, verbose=False, check_deterministic=True, positions="sum",
-        target_key="labels", subnetwork_indices=None, **kwargs):
+        target_key="labels", subnetwork_indices=None, distributed=None, process_group=None,
+        **kwargs):
     """The generalized Gauss-Newton matrix ``(1/n) Σ_i J_iᵀ H_i J_i`` of a loss, in the chosen
     representation (Dense, BlockDiag, Diag, QuasiDiag, LowRank, KFAC, EKFAC, Implicit, Mixed).
 
@@ -252,7 +272,8 @@ def GGN(model, loader, representation, loss_function, device=None, function=None
     return _curvature(
         "GGN", model, loader, representation,
         lambda f: ggn_function(f, loss_function, positions, target_key), function,
-        layer_collection, target_key, verbose, check_deterministic, subnetwork_indices, kwargs)
+        layer_collection, target_key, verbose, check_deterministic, subnetwork_indices,
+        dict(kwargs, distributed=distributed, process_group=process_group))
 
 
 # the other entry points live in their own modules (upstream's paths); importable from here too

@@ -45,6 +45,7 @@ import math
 
 import torch
 
+from .backend.distributed import unwrap_model
 from .metrics import FIM, FIM_MonteCarlo
 from .object.pspace import PMatEKFAC, PMatKFAC
 from .object.vector import PVector
@@ -102,7 +103,8 @@ class NaturalGradient:
                 raise ValueError(f"{name}={f} must be a positive integer")
         if kl_clip is not None and lr is None and optimizer is None:
             raise ValueError("kl_clip needs the learning rate: pass lr= or optimizer=")
-        self.model = model
+        # a DistributedDataParallel wrapper: its .module holds the parameters (and their grads)
+        self.model = unwrap_model(model)
         self.representation = representation
         self.curvature = curvature
         self.variant = variant

@@ -1,7 +1,9 @@
 """Turning what the user passes as ``examples`` into batches on the right device and dtype, and
 checking what the model returns."""
 import cmath
+import contextlib
 import math
+import threading
 from collections.abc import Mapping
 
 import torch
@@ -138,16 +140,51 @@ def all_finite(t):
     return bool(torch.isfinite(t).all())
 
 
+#: the finiteness checks recorded on accelerators inside deferred_finite_checks (per thread)
+_DEFERRED = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_finite_checks():
+    """Within the block, :func:`check_finite` on a tensor that is not on the CPU records a
+    device-side flag instead of reading the answer at once: reading it is a host
+    synchronisation, which once per batch stalls a GPU's queue. On leaving the block normally
+    the flags are read together (one synchronisation per pass) and the first failure raises
+    its ``ValueError``. (A NaN may then reach the statistics before the error; the error is the
+    same.) CPU tensors are checked at once, as outside the block."""
+    outer = getattr(_DEFERRED, "pending", None)
+    pending = _DEFERRED.pending = []
+    try:
+        yield
+    finally:
+        _DEFERRED.pending = outer
+    if pending:
+        flags = torch.stack([f.to(pending[0][0].device) for f, _ in pending])
+        if not bool(flags.all()):  # the one synchronisation
+            raise ValueError(pending[int(torch.nonzero(~flags)[0, 0])][1])
+
+
+def check_finite(t, message):
+    """``ValueError(message)`` if the floating-point tensor ``t`` holds a NaN or an Inf; on an
+    accelerator inside :func:`deferred_finite_checks`, when the block ends."""
+    pending = getattr(_DEFERRED, "pending", None)
+    if pending is not None and t.device.type != "cpu":
+        if t.numel():
+            pending.append((torch.isfinite(t).all(), message))
+        return
+    if not all_finite(t):
+        raise ValueError(message)
+
+
 def prepare_batch(batch, device, dtype=None):
     """Move the batch to ``device`` (and its floating-point tensors to ``dtype``, see
     :func:`to_device`) and refuse NaN or Inf in its floating-point tensors (they would otherwise
     give NaN statistics, or none of the error, e.g. behind a saturating tanh)."""
     batch = to_device(batch, device, dtype)
     for t in _float_tensors(batch):
-        if not all_finite(t):
-            raise ValueError(
-                "the data contain NaN or Inf (in a batch tensor of shape "
-                f"{tuple(t.shape)}); clean or impute the inputs before computing the matrix")
+        check_finite(t, "the data contain NaN or Inf (in a batch tensor of shape "
+                        f"{tuple(t.shape)}); clean or impute the inputs before computing the "
+                        "matrix")
     return batch
 
 

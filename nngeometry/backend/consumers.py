@@ -1,25 +1,224 @@
 """Consumers of per-batch statistics: each accumulates one kind of matrix over the batches.
 
-A consumer has ``update(ctx)`` (called once per mini-batch and chunk of output directions with a
-:class:`~nngeometry.backend.context.BatchContext`) and ``finalize(n)`` (called once, with the
-number of examples seen). Keeping the running sums in one object per statistic is what lets
-statistics be summed across data-parallel workers before ``finalize``.
+Every statistic follows one protocol (:class:`Consumer`):
+
+* ``add(ctx)`` (older name ``update``): called once per mini-batch and chunk of output
+  directions with a :class:`~nngeometry.backend.context.BatchContext`; adds the batch's
+  contribution to running **sums** (never means), and the batch's examples to ``count``;
+* ``state()``: the sums as plain tensors (a dict of nested dicts / lists of tensors), sealing
+  the lazy accumulators (:class:`~nngeometry.maths.gram.SymmetricAccumulator` keeps half a
+  Gram matrix until then: no row can be added afterwards);
+* ``merge(other)``: ``self`` becomes the statistic of both sets of examples (sums added,
+  counts added; for row statistics the rows of ``other`` are appended after ``self``'s);
+* ``all_reduce(group)`` (sums) / ``all_gather(group)`` (row statistics, ``reduction = 'rows'``:
+  per-example Jacobians, in rank order): the statistic of every rank's examples, on every rank,
+  with one collective (see :mod:`nngeometry.backend.distributed`);
+* ``ema(other, decay)``: the running average ``decay · mean(self) + (1 - decay) · mean(other)``
+  of the normalised statistics (what an optimizer's curvature estimate needs);
+* ``compute()``: the normalised statistic (the sums divided by the global ``count``), also left
+  in the attribute ``result``, which the representations read (``finalize(n)``, the older
+  name, does the same with an explicit ``n``). Once computed, the statistic is final.
+
+A statistic is thus a function of its state and count only: merging the statistics of two
+halves of a data set gives the statistic of the whole data set (the tests check it to 1e-12 in
+float64), whichever process or device computed them.
 """
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..maths.gram import GramRows, SymmetricAccumulator
 
 
+def _tree_combine(a, b, fn, what, rows_dim=None):
+    """``fn(x, y)`` on the tensor leaves of two trees of the same structure (other leaves are
+    taken from ``a``); the shapes must agree, except along ``rows_dim`` if given."""
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    if sa != sb or len(la) != len(lb):
+        raise ValueError(f"{what}: the two statistics have different structures (different "
+                         "layers, Kronecker blocks or output sizes), so they can't be combined: "
+                         "both must come from the same model, layer collection and function")
+    out = []
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            sx, sy = list(x.shape), list(y.shape)
+            if rows_dim is not None and len(sx) == len(sy):
+                sx[rows_dim] = sy[rows_dim] = 0
+            if sx != sy:
+                raise ValueError(f"{what}: a tensor of shape {tuple(x.shape)} can't be combined "
+                                 f"with one of shape {tuple(y.shape)}")
+            out.append(fn(x, y))
+        else:
+            out.append(x)
+    return tree_unflatten(out, sa)
+
+
+def _tree_map_tensors(tree, fn):
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten([fn(x) if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+
+
 class Consumer:
+    """The accumulator protocol (see the module docstring).
+
+    Subclasses implement ``update(ctx)`` (add one batch to the sums), ``finalize(n)`` (put the
+    sums divided by ``n`` in ``result``), and say which attributes hold the sums
+    (``state_attrs``; default: every attribute but the layer collection, the count and the
+    result, which suits simple consumers whose sums are tensors in dicts and lists). Lazy
+    accumulators are turned into tensors by ``_seal()``.
+    """
+
+    #: 'sum': statistics summed over examples (reduced with all_reduce); 'rows': one row per
+    #: example along ``rows_dim`` (gathered with all_gather, in rank order)
+    reduction = "sum"
+    rows_dim = None
+    #: names of the attributes holding the statistic's state (None: see the class docstring)
+    state_attrs = None
+    #: examples added so far (after a distributed reduction: of all the ranks)
+    count = 0
+
+    _NOT_STATE = ("lc", "layer_collection", "count", "result", "_reduced")
+
+    # ---------------------------------------------------------------- per batch
+    def add(self, ctx):
+        """Add one batch (one chunk of output directions) to the sums."""
+        if ctx.first_chunk:
+            self.count = self.count + ctx.n
+        self.update(ctx)
+
     def update(self, ctx):
         raise NotImplementedError
 
     def finalize(self, n):
         raise NotImplementedError
 
+    # ---------------------------------------------------------------- state
+    def _seal(self):
+        """Turn lazy accumulators into plain tensors (no row can be added afterwards)."""
+
+    def _state_names(self):
+        if self.state_attrs is not None:
+            return list(self.state_attrs)
+        return [k for k in vars(self) if k not in self._NOT_STATE]
+
+    def state(self):
+        """The sums, as ``{attribute: nested dicts / lists / tuples of tensors}``."""
+        self._seal()
+        return {k: getattr(self, k) for k in self._state_names()}
+
+    def load_state(self, state, count):
+        """Replace the sums by ``state`` and the example count by ``count``."""
+        for k, v in state.items():
+            setattr(self, k, v)
+        self.count = count
+        return self
+
+    # ---------------------------------------------------------------- combining
+    def merge(self, other):
+        """``self`` becomes the statistic of its examples and of ``other``'s (returns ``self``)."""
+        if type(other) is not type(self):
+            raise TypeError(f"can't merge a {type(other).__name__} into a {type(self).__name__}")
+        theirs = other.state()
+        if not other.count:
+            return self
+        if not self.count:
+            return self.load_state(_tree_map_tensors(theirs, torch.clone), other.count)
+        mine = self.state()
+        if self.reduction == "rows":
+            combined = _tree_combine(mine, theirs, lambda a, b: torch.cat([a, b], self.rows_dim),
+                                     f"merging {type(self).__name__}", self.rows_dim)
+        else:
+            combined = _tree_combine(mine, theirs, torch.add, f"merging {type(self).__name__}")
+        return self.load_state(combined, self.count + other.count)
+
+    def ema(self, other, decay):
+        """``self`` becomes the running average of the normalised statistics,
+        ``decay · (self's sums / self.count) + (1 - decay) · (other's sums / other.count)``,
+        stored as sums over ``other.count`` examples (so ``compute()`` gives the average).
+        ``decay`` in ``[0, 1]``; an empty ``self`` takes ``other`` as is."""
+        if self.reduction == "rows":
+            raise TypeError(f"{type(self).__name__} holds one row per example: a running average "
+                            "of it has no meaning (average the matrices built from it instead)")
+        decay = float(decay)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay={decay} must lie in [0, 1]")
+        if not other.count:
+            raise ValueError("ema(): the new statistic saw no example")
+        theirs = other.state()
+        if not self.count:
+            return self.load_state(_tree_map_tensors(theirs, torch.clone), other.count)
+        mine = self.state()
+        n_self, n_other = float(self.count), float(other.count)
+        combined = _tree_combine(
+            mine, theirs, lambda a, b: a * (decay * n_other / n_self) + b * (1.0 - decay),
+            f"ema of {type(self).__name__}")
+        return self.load_state(combined, other.count)
+
+    def all_reduce(self, group=None, device=None):
+        """Sum the state over the ranks of ``group`` (default: the world), with one collective
+        (plus a small exchange of the counts and shapes, which lets a rank that saw no example
+        take part): afterwards every rank holds the statistic of all the examples. ``device``:
+        where a rank without examples makes its zeros (the model's device; the default, the
+        CPU, suits gloo, not NCCL)."""
+        from .distributed import all_reduce_tree
+
+        if self.reduction == "rows":
+            return self.all_gather(group, device)
+        state, total = all_reduce_tree(self.state(), self.count, group, type(self).__name__,
+                                       device)
+        self._reduced = True  # (a later pass into it would count these examples again)
+        return self.load_state(state, total)
+
+    def all_gather(self, group=None, device=None):
+        """Row statistics: every rank's rows concatenated along ``rows_dim`` in rank order
+        (rank 0's examples first), on every rank."""
+        from .distributed import all_gather_rows
+
+        if self.reduction != "rows":
+            return self.all_reduce(group, device)
+        names = self._state_names()
+        if len(names) != 1:
+            raise NotImplementedError("row statistics hold one tensor")
+        t = self.state()[names[0]]
+        t, counts = all_gather_rows(t if self.count else None, self.count, group, self.rows_dim,
+                                    type(self).__name__, device)
+        self._reduced = True
+        return self.load_state({names[0]: t}, sum(counts))
+
+    def compute(self):
+        """The normalised statistic (also left in ``result``); final afterwards."""
+        if not self.count:
+            raise ValueError(f"{type(self).__name__}: no example was added, nothing to normalise")
+        self.finalize(self.count)
+        return self.result
+
+
+def _seal_gram(acc):
+    """The full (mirrored) sum of a SymmetricAccumulator, or ``acc`` if it is a tensor/None."""
+    return acc.result() if isinstance(acc, SymmetricAccumulator) else acc
+
+
+def _mean_of(acc, n):
+    """``acc / n`` for a (sealed or not) sum: scaled while mirrored where it is still lazy."""
+    if acc is None:
+        return None
+    if isinstance(acc, SymmetricAccumulator):
+        return acc.result(1.0 / n)
+    return acc.div_(n)
+
+
+def _live(acc, who):
+    """``acc`` if rows can still be added to it (``RuntimeError`` once its state was taken)."""
+    if not isinstance(acc, SymmetricAccumulator):
+        raise RuntimeError(f"{who}: rows added after state() / merge() sealed the sums; "
+                           "accumulate into a new statistic and merge it")
+    return acc
+
 
 class DenseCovariance(Consumer):
-    """``(1/n) Σ_x J(x)ᵀ J(x)``, shape ``(P, P)``."""
+    """``(1/n) Σ_x J(x)ᵀ J(x)``, shape ``(P, P)``. State: ``_acc``, the ``(P, P)`` sum."""
+
+    state_attrs = ("_acc",)
 
     def __init__(self, layer_collection):
         self.lc = layer_collection
@@ -28,17 +227,23 @@ class DenseCovariance(Consumer):
 
     def update(self, ctx):
         J = ctx.jacobian()
-        self._acc.add(J.reshape(-1, J.shape[-1]))
+        _live(self._acc, "DenseCovariance").add(J.reshape(-1, J.shape[-1]))
+
+    def _seal(self):
+        self._acc = _seal_gram(self._acc)
 
     def finalize(self, n):
         # the 1/n is applied while the sum is mirrored (no extra pass over the P × P matrix)
-        self.result = self._acc.result(1.0 / n)
+        self.result = _mean_of(self._acc, n)
 
 
 class SubnetworkCovariance(Consumer):
     """``(1/n) Σ_x J(x)[:, idx]ᵀ J(x)[:, idx]``, shape ``(k, k)``: the matrix restricted to the
     flat parameter indices ``idx`` (a subnetwork), from each batch's per-example Jacobian
-    columns (``K n k`` numbers per layer batch, never ``P × P``)."""
+    columns (``K n k`` numbers per layer batch, never ``P × P``). State: ``_acc``, the
+    ``(k, k)`` sum."""
+
+    state_attrs = ("_acc",)
 
     def __init__(self, layer_collection, indices):
         self.lc = layer_collection
@@ -68,35 +273,44 @@ class SubnetworkCovariance(Consumer):
             rows[:, :, pos] = g[:, :, local]
             ctx.release(lid)
         if rows is not None:
-            self._acc.add(rows.reshape(-1, rows.shape[-1]))
+            _live(self._acc, "SubnetworkCovariance").add(rows.reshape(-1, rows.shape[-1]))
+
+    def _seal(self):
+        self._acc = _seal_gram(self._acc)
 
     def finalize(self, n):
-        self.result = self._acc.result(1.0 / n)
+        self.result = _mean_of(self._acc, n)
 
 
 class DiagCovariance(Consumer):
-    """Diagonal of ``(1/n) Σ_x J(x)ᵀ J(x)``, shape ``(P,)``."""
+    """Diagonal of ``(1/n) Σ_x J(x)ᵀ J(x)``, shape ``(P,)``. State: ``_sum``, ``(P,)``."""
+
+    state_attrs = ("_sum",)
 
     def __init__(self, layer_collection):
         self.lc = layer_collection
+        self._sum = None
         self.result = None
 
     def update(self, ctx):
-        if self.result is None:
+        if self._sum is None:
             ref = ctx.calls[ctx.layer_ids()[0]][0].gy  # the layers' gradient dtype/device
-            self.result = torch.zeros(self.lc.numel(), dtype=ref.dtype, device=ref.device)
+            self._sum = torch.zeros(self.lc.numel(), dtype=ref.dtype, device=ref.device)
         # in place, layer by layer, into the layer's slice of the sum: no concatenated copy and
         # no new (P,) sum per batch (layer types with ``diag_into`` add their GEMM in place)
         for lid in ctx.layer_ids():
-            ctx.layer_diag_into(lid, self.result[self.lc.slice(lid)])
+            ctx.layer_diag_into(lid, self._sum[self.lc.slice(lid)])
 
     def finalize(self, n):
         # in place: the running sum is this consumer's own buffer (no second (P,) allocation)
-        self.result = self.result.div_(n)
+        self.result = self._sum.div_(n)
 
 
 class LayerBlocks(Consumer):
-    """``{layer_id: (1/n) Σ_x J_l(x)ᵀ J_l(x)}``: one dense block per layer."""
+    """``{layer_id: (1/n) Σ_x J_l(x)ᵀ J_l(x)}``: one dense block per layer. State: ``_acc``,
+    ``{layer_id: (p_l, p_l) sum}``."""
+
+    state_attrs = ("_acc",)
 
     def __init__(self, layer_collection):
         self.lc = layer_collection
@@ -114,14 +328,17 @@ class LayerBlocks(Consumer):
             acc = self._acc.get(lid)
             if acc is None:
                 acc = self._acc[lid] = SymmetricAccumulator(min_rows=self.MIN_ROWS)
-            acc.add(g.reshape(-1, g.shape[-1]))
+            _live(acc, "LayerBlocks").add(g.reshape(-1, g.shape[-1]))
             # drop our reference too: the next layer's gradients are formed while this one
             # would otherwise still be held
             del g
             ctx.release(lid)
 
+    def _seal(self):
+        self._acc = {lid: _seal_gram(acc) for lid, acc in self._acc.items()}
+
     def finalize(self, n):
-        self.result = {lid: acc.result(1.0 / n) for lid, acc in self._acc.items()}
+        self.result = {lid: _mean_of(acc, n) for lid, acc in self._acc.items()}
 
 
 class KFACFactors(Consumer):
@@ -135,7 +352,13 @@ class KFACFactors(Consumer):
     ``A = √K · (1/n) Σ a aᵀ`` and ``G = (1/√K) · (1/n) Σ_k Σ g_k g_kᵀ``. ``A ⊗ G`` is unchanged;
     this is upstream nngeometry's split of the scale, which code that reads the factors or
     damps them without π (``use_pi=False``) relies on.
+
+    State: ``_acc``, ``{layer_id: [[A sum, None], [G sum, None]] per Kronecker block}`` once
+    sealed (before: ``[dense part, Gram accumulator]`` pairs), plus ``_multi`` and
+    ``n_directions`` (flags, not summed).
     """
+
+    state_attrs = ("_acc", "_multi", "n_directions")
 
     def __init__(self, layer_collection, approx="expand", sqrt_k_split=False):
         self.lc = layer_collection
@@ -146,9 +369,26 @@ class KFACFactors(Consumer):
         # lid -> one entry per Kronecker block: [[dense sum, Gram accumulator] for A, same for G]
         self._acc = {}
         self._multi = {}
+        self._sealed = False
         self.result = {}
 
+    def _seal(self):
+        # each slot [dense part, Gram accumulator] becomes [its whole sum, None]
+        for blocks in self._acc.values():
+            for pair in blocks:
+                for slots in pair:
+                    dense, gram = slots
+                    if gram is not None:
+                        total = gram.result()
+                        if dense is not None:
+                            total = total.add_(dense)
+                        slots[0], slots[1] = total, None
+        self._sealed = True
+
     def update(self, ctx):
+        if self._sealed:
+            raise RuntimeError("KFACFactors: rows added after state() / merge() sealed the "
+                               "sums; accumulate into a new statistic and merge it")
         if self.n_directions is None:
             self.n_directions = ctx.n_output
         for lid in ctx.layer_ids():
@@ -193,7 +433,7 @@ class KFACFactors(Consumer):
         second factor-sized allocation at the end of the build)."""
         dense, gram = slots
         if gram is None:
-            return dense / n  # may be a layer type's own tensor: not modified
+            return dense / n  # may be a layer type's own tensor (or another's): not modified
         if dense is None:
             return gram.result(1.0 / n)  # the accumulator's own buffer, scaled as it is mirrored
         return gram.result().add_(dense).div_(n)
@@ -215,28 +455,33 @@ class KFEDiag(Consumer):
     ``kfac_permutation()``). Only the layers listed in ``kfe`` are computed. A layer with several
     Kronecker blocks takes the tuple ``((U_A_0, U_G_0), (U_A_1, U_G_1), ...)`` and its result is
     the list of the blocks' ``(dG_b, dA_b)`` diagonals.
+
+    State: ``_sum``, ``{layer_id: (dG, dA) sum or list of them}``.
     """
+
+    state_attrs = ("_sum",)
 
     def __init__(self, layer_collection, kfe):
         self.lc = layer_collection
         self.kfe = kfe
+        self._sum = {}
         self.result = {}
 
     def update(self, ctx):
         for lid, entry in self.kfe.items():
             if isinstance(entry[0], (tuple, list)):  # several Kronecker blocks
                 d = ctx.kfe_diag_blocks(lid, [tuple(e[:2]) for e in entry])
-                self.result[lid] = d if lid not in self.result else \
-                    [a + b for a, b in zip(self.result[lid], d)]
+                self._sum[lid] = d if lid not in self._sum else \
+                    [a + b for a, b in zip(self._sum[lid], d)]
                 continue
             UA, UG = entry[0], entry[1]
             perm = entry[2] if len(entry) > 2 else None
             d = ctx.kfe_diag(lid, UA, UG, perm)
-            self.result[lid] = d if lid not in self.result else self.result[lid] + d
+            self._sum[lid] = d if lid not in self._sum else self._sum[lid] + d
 
     def finalize(self, n):
         self.result = {lid: ([x / n for x in d] if isinstance(d, list) else d / n)
-                       for lid, d in self.result.items()}
+                       for lid, d in self._sum.items()}
 
 
 def _format_bytes(n):
@@ -276,7 +521,15 @@ class Jacobian(Consumer):
     ``n_expected``: the number of examples if known in advance (a sized DataLoader): the whole
     result's size (``n_output · n · P`` entries, held twice while the batches are concatenated)
     is checked against the memory available at the first batch (:func:`check_fits`); the
-    running size is checked at every batch in any case."""
+    running size is checked at every batch in any case.
+
+    A row statistic (``reduction = 'rows'``): its state ``batches`` is sealed into the one
+    ``(n_output, n, P)`` tensor; :meth:`merge` appends rows and :meth:`all_gather` concatenates
+    the ranks' examples in rank order."""
+
+    reduction = "rows"
+    rows_dim = 1
+    state_attrs = ("batches",)
 
     def __init__(self, layer_collection, n_expected=None, limit_bytes=None):
         self.lc = layer_collection
@@ -301,14 +554,22 @@ class Jacobian(Consumer):
         self._held += ctx.n * K * P * ref.dtype.itemsize
 
     def update(self, ctx):
+        if not isinstance(self.batches, list):
+            raise RuntimeError("Jacobian: rows added after state() / merge() sealed them; "
+                               "accumulate into a new statistic and merge it")
         if ctx.first_chunk:
             self._check_size(ctx)
             self.batches.append([])
         self.batches[-1].append(ctx.jacobian())
 
+    def _seal(self):
+        if isinstance(self.batches, list):
+            per_batch = [torch.cat(chunks, dim=0) for chunks in self.batches]
+            self.batches = torch.cat(per_batch, dim=1) if per_batch else None
+
     def finalize(self, n):
-        per_batch = [torch.cat(chunks, dim=0) for chunks in self.batches]
-        self.result = torch.cat(per_batch, dim=1)
+        self._seal()
+        self.result = self.batches
         self.batches = []
 
 
@@ -320,10 +581,15 @@ class QuasiDiagCovariance(Consumer):
     holds ``M[w_{o,i}, b_o]``: the coupling between output unit ``o``'s bias and each of its
     weights. ``cross`` is None for layers without such a bias. Computed from the per-example
     gradients with one contraction over (outputs, examples) per layer.
+
+    State: ``_sum``, ``{layer_id: [diag sum, cross sum or None]}``.
     """
+
+    state_attrs = ("_sum",)
 
     def __init__(self, layer_collection):
         self.lc = layer_collection
+        self._sum = {}
         self.result = {}
 
     @staticmethod
@@ -351,14 +617,19 @@ class QuasiDiagCovariance(Consumer):
                 cross = torch.einsum("knoi,kno->oi", gw, g[:, :, nw:])
                 del g, gw
                 ctx.release(lid)
-            if lid not in self.result:
-                self.result[lid] = [d, cross]
+            if lid not in self._sum:
+                self._sum[lid] = [d, cross]
             else:
-                acc = self.result[lid]
+                acc = self._sum[lid]
                 acc[0] = acc[0] + d
                 if cross is not None:
                     acc[1] = acc[1] + cross
 
     def finalize(self, n):
         self.result = {lid: (d / n, None if c is None else c / n)
-                       for lid, (d, c) in self.result.items()}
+                       for lid, (d, c) in self._sum.items()}
+
+
+class EmptyExamplesError(ValueError):
+    """The examples yielded no data. A ``ValueError`` (what callers catch); its own class so
+    that a rank with an empty shard can take part in a reduction instead of failing."""

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .batches import default_function, prepare_batch
+from .distributed import all_reduce_tree, resolve_group, unwrap_model
 from .jacobian import (TorchHooksJacobianBackend, _check_uniform_params, tensors_in_model,
                        _no_fused_attention)
 
@@ -90,25 +91,48 @@ class HessianBackend:
         rows_per_pass: how many Hessian-vector products are vmapped at once when building
             the dense matrix, the layer blocks or the diagonal (memory ≈ that many copies of a
             batch's activations; time is unchanged).
+        distributed: data parallelism over ``torch.distributed`` (see
+            :class:`~nngeometry.backend.TorchHooksJacobianBackend`): each rank passes its shard
+            and every result is the Hessian of the loss summed over all the ranks' batches
+            (one all_reduce per result).
+        process_group: the group to reduce over (default: the world).
 
     Only the parameters of the ``LayerCollection`` given to each method are differentiated;
     the model's other parameters are constants. The model's buffers and ``requires_grad``
     flags are left as they were.
     """
 
-    def __init__(self, model, loss_function=None, function=None, verbose=False, rows_per_pass=64):
+    def __init__(self, model, loss_function=None, function=None, verbose=False, rows_per_pass=64,
+                 distributed=None, process_group=None):
         if loss_function is not None and not callable(loss_function):
             raise TypeError(f"loss_function must be callable (outputs, *batch) -> scalar, got "
                             f"{type(loss_function).__name__}")
         if int(rows_per_pass) < 1:
             raise ValueError(f"rows_per_pass must be ≥ 1, got {rows_per_pass}")
+        model = unwrap_model(model)
         self.model = model
         self.function = function if function is not None else default_function(model)
         self.loss_function = loss_function if loss_function is not None else summed_cross_entropy
         self.verbose = verbose
         self.rows_per_pass = int(rows_per_pass)
         # reuse the Jacobian generator's model-state keeping and batch iteration
-        self._helper = TorchHooksJacobianBackend(model, self.function, verbose=verbose)
+        self._helper = TorchHooksJacobianBackend(model, self.function, verbose=verbose,
+                                                 distributed=distributed,
+                                                 process_group=process_group)
+        resolve_group(distributed, process_group)
+        self.distributed = distributed
+        self.process_group = process_group
+
+    def _reduce(self, local, what):
+        """``local`` (a sum over this rank's batches: a tensor, a dict of tensors, or None
+        without batches) summed over the ranks when data-parallel (one all_reduce)."""
+        group = resolve_group(getattr(self, "distributed", None),
+                              getattr(self, "process_group", None))
+        if group is None:
+            return local
+        (out,), _ = all_reduce_tree([local], 0 if local is None else 1, group, what,
+                                    self._helper._device())
+        return out
 
     # ================================================================== dtype, device
     def get_device(self, layer_collection):
@@ -132,6 +156,7 @@ class HessianBackend:
             Hb = torch.cat([self._hvp_rows(loss, params, keys, self._basis(i0, i1, P, params))
                             for i0, i1 in self._chunks(P)], dim=0)
             H = Hb if H is None else H + Hb
+        H = self._reduce(H, "the Hessian")
         self._check_nonempty(H)
         self._check_finite(H)
         return (H + H.t()) / 2
@@ -149,6 +174,7 @@ class HessianBackend:
                     [self._hvp_rows(loss, params, lkeys, self._basis(i0, i1, p_l, params, lkeys))
                      for i0, i1 in self._chunks(p_l)], dim=0)
             blocks = new if blocks is None else {k: blocks[k] + new[k] for k in blocks}
+        blocks = self._reduce(blocks, "the Hessian's blocks")
         self._check_nonempty(blocks)
         for b in blocks.values():
             self._check_finite(b)
@@ -170,6 +196,7 @@ class HessianBackend:
                     parts.append(rows[idx, i0 + idx])
             d = torch.cat(parts)
             diag = d if diag is None else diag + d
+        diag = self._reduce(diag, "the Hessian's diagonal")
         self._check_nonempty(diag)
         self._check_finite(diag)
         return diag
@@ -185,6 +212,7 @@ class HessianBackend:
             hv = hvp(loss, params, tangents)
             flat_hv = torch.cat([hv[k].reshape(-1) for k in keys])
             out = flat_hv if out is None else out + flat_hv
+        out = self._reduce(out, "a Hessian-vector product")
         self._check_nonempty(out)
         self._check_finite(out)
         return out
@@ -201,6 +229,7 @@ class HessianBackend:
         for params, loss, keys in self._functional_batches(examples, layer_collection):
             rows = self._hvp_rows(loss, params, keys, self._split(V, params, keys))
             out = rows if out is None else out + rows
+        out = self._reduce(out, "Hessian-vector products")
         self._check_nonempty(out)
         self._check_finite(out)
         return out

@@ -28,12 +28,15 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
-from .batches import all_finite, check_outputs, default_function, iterate_batches, prepare_batch
+from .batches import (check_finite, check_outputs, default_function, deferred_finite_checks,
+                      iterate_batches, prepare_batch)
 from .context import (BatchContext, Call, check_parameter_uses, mark_uses_verified,
                       uses_key, uses_verified)
 from ..layer_types.base import AbstractLayer, is_recording_paused, recording_paused
 from ..layercollection import LayerCollection, run_eagerly
 from . import consumers as C
+from .distributed import (all_gather_rows, all_reduce_tree, global_batch_index, resolve_group,
+                          unwrap_model)
 
 
 def _outside_inference_mode(method):
@@ -105,6 +108,16 @@ class TorchHooksJacobianBackend:
             that runs the model a second time on the first batch (without gradients, on a forked RNG: the global RNG state is left as
             it was) and refuses outputs that differ. Random outputs make every statistic a
             random matrix whose average is not the one asked for. ``False`` skips both.
+        distributed: data parallelism over ``torch.distributed``: ``None`` (default: on when a
+            process group is initialised and has more than one rank), ``True`` or ``False``.
+            When on, each rank passes its own shard of the examples and every statistic and
+            implicit product is that of all the ranks' examples (sums reduced once per
+            statistic, per-example rows gathered in rank order; see
+            :mod:`nngeometry.backend.distributed`); every rank must make the same calls.
+        process_group: the group to reduce over (default: the world).
+
+    A model wrapped in ``DistributedDataParallel`` (or ``DataParallel``) is unwrapped: the
+    hooks go on its ``.module`` and the layer ids are the inner model's.
 
     Every statistic method takes ``(examples, layer_collection)``; both may be omitted:
     ``layer_collection`` then is the generator's, and ``examples`` is required (a clear
@@ -123,11 +136,12 @@ class TorchHooksJacobianBackend:
 
     def __init__(self, model, function=None, centering=False, verbose=False,
                  max_chunk_bytes=2 ** 30, layer_collection=None, n_output=None, backward="auto",
-                 check_deterministic=True):
+                 check_deterministic=True, distributed=None, process_group=None):
         # layer_collection / n_output: accepted for code written against older releases, where
         # the generator held them; the representations now take the collection themselves
         self._layer_collection = layer_collection
         self.n_output = n_output
+        model = unwrap_model(model)
         self.model = model
         self.function = function if function is not None else default_function(model)
         self.centering = centering
@@ -137,6 +151,16 @@ class TorchHooksJacobianBackend:
             raise ValueError(f"unknown backward '{backward}': use 'auto', 'batched' or 'looped'")
         self.backward = backward
         self.check_deterministic = bool(check_deterministic)
+        resolve_group(distributed, process_group)  # checks the value (and a required group)
+        self.distributed = distributed
+        self.process_group = process_group
+        # one dict per implicit product in progress: batch index -> examples (see _counting)
+        self._counters = []
+
+    def _group(self):
+        """The process group the statistics are reduced over, or None (one process)."""
+        return resolve_group(getattr(self, "distributed", None),
+                             getattr(self, "process_group", None))
 
     # ================================================================== collection, dtype, device
     @property
@@ -255,14 +279,27 @@ class TorchHooksJacobianBackend:
         Jf = J.reshape(K * n, P)
         return (Jf @ Jf.t()).reshape(K, n, K, n)
 
-    def accumulate(self, examples, layer_collection, consumer, chunk_bytes=None):
+    def accumulate(self, examples, layer_collection, consumer, chunk_bytes=None, finalize=True):
         """Run the model over ``examples`` and feed each batch to ``consumer``.
 
         The consumer has ``update(ctx: BatchContext)`` and ``finalize(n_examples)``; it is
-        returned after ``finalize``. ``chunk_bytes``: the memory for the output gradients of
-        one chunk of output directions (default: see ``_chunk_size``; never more than
-        ``max_chunk_bytes``).
+        returned after ``finalize`` (with ``finalize=False``: with its sums and ``count``, to be
+        merged or averaged, see :class:`~nngeometry.backend.consumers.Consumer`).
+        ``chunk_bytes``: the memory for the output gradients of one chunk of output directions
+        (default: see ``_chunk_size``; never more than ``max_chunk_bytes``).
+
+        Under data parallelism (see ``distributed``) the consumer's sums are reduced over the
+        ranks after the pass (one collective, :meth:`Consumer.all_reduce` /
+        :meth:`Consumer.all_gather`) and normalised by the global example count; a rank whose
+        shard is empty takes part with zeros. The consumer must then follow the protocol of
+        :class:`~nngeometry.backend.consumers.Consumer`.
         """
+        group = self._group()
+        if group is not None and getattr(consumer, "_reduced", False):
+            raise RuntimeError(
+                f"this {type(consumer).__name__} already holds the statistic of all the ranks: "
+                "another pass into it would count the earlier examples once per rank; "
+                "accumulate into a new statistic and merge() the two")
         # inference_mode(False): inside a user's `with torch.inference_mode():` autograd would
         # record nothing (the backward pass fails); the batches' inference tensors are copied
         # in _batches. Leaving the block restores the user's mode.
@@ -273,14 +310,28 @@ class TorchHooksJacobianBackend:
             # builds of an MLP): only where a module is in training mode, the mode in which
             # modules are random; a model in eval mode is taken as deterministic
             probe = self.check_deterministic and any(m.training for m in self.model.modules())
-            with self._prepared(layer_collection) as (modules, calls):
+            with self._prepared(layer_collection) as (modules, calls), deferred_finite_checks():
                 for i, batch in enumerate(self._batches(examples)):
                     n_total += self._run_batch(batch, layer_collection, modules, calls, consumer,
-                                               chunk_bytes, mean,
-                                               probe=probe and i == 0, index=i)
+                                               chunk_bytes, mean, probe=probe and i == 0,
+                                               index=global_batch_index(i, group))
+        # a statistic may already hold the examples of an earlier pass (accumulated into again)
+        consumer.count = getattr(consumer, "count", 0) + n_total
+        n_total = consumer.count
+        if group is not None:
+            if not hasattr(consumer, "all_reduce"):
+                raise TypeError(
+                    f"{type(consumer).__name__} can't be reduced across ranks: under "
+                    "torch.distributed a consumer must follow the protocol of "
+                    "nngeometry.backend.consumers.Consumer (subclass it), or pass "
+                    "distributed=False to the generator")
+            # once per statistic, after the pass (never per batch)
+            consumer.all_reduce(group, self._device())
+            n_total = consumer.count
         if n_total == 0:
             raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
-        consumer.finalize(n_total)
+        if finalize:
+            consumer.finalize(n_total)
         return consumer
 
     # ================================================================== implicit products
@@ -289,12 +340,59 @@ class TorchHooksJacobianBackend:
     # ``m = J̄`` (``(K, P)``): for ``J_c(x) = J(x) - m``,
     #   (1/n) Σ J_cᵀ J_c v = M v - mᵀ (m v),     vᵀ M_c v = vᵀ M v - ||m v||²,
     #   J_c(x) v = J(x) v - m v,                 Σ_i J_c(x_i)ᵀ w_i = Σ_i J(x_i)ᵀ w_i - mᵀ Σ_i w_i.
+    #
+    # Under data parallelism (see ``distributed``) each product runs on the rank's shard and is
+    # then reduced: means are summed over the ranks weighted by their example counts (one
+    # all_reduce), per-example rows (``J v``) are gathered in rank order (one all_gather).
+    @contextlib.contextmanager
+    def _counting(self):
+        """Count the examples the functional passes inside the block see: ``{batch index:
+        examples}`` (filled by ``_functional_batches``; a dict, so that a function called
+        several times per batch, as in the vmapped products, is counted once)."""
+        counts = {}
+        if not hasattr(self, "_counters"):
+            self._counters = []
+        self._counters.append(counts)
+        try:
+            yield counts
+        finally:
+            self._counters.pop()
+
+    def _global_mean(self, product, group):
+        """The mean over every rank's examples of a product that ``product()`` computes as a
+        mean over this rank's: ``Σ_r n_r · mean_r / Σ_r n_r``, with one all_reduce (a rank
+        without examples adds zeros)."""
+        with self._counting() as counts:
+            try:
+                local = product()
+            except C.EmptyExamplesError:
+                local = None
+        n = sum(counts.values()) if local is not None else 0
+        (summed,), total = all_reduce_tree([local * n if n else None], n, group,
+                                           "implicit product", self._device())
+        self._check_nonempty(total)
+        return summed / total
+
+    def _global_rows(self, product, group, dim):
+        """Per-example rows of every rank, concatenated along ``dim`` in rank order."""
+        with self._counting() as counts:
+            try:
+                local = product()
+            except C.EmptyExamplesError:
+                local = None
+        n = sum(counts.values()) if local is not None else 0
+        rows, counts = all_gather_rows(local, n, group, dim, "implicit product", self._device())
+        self._check_nonempty(sum(counts))
+        return rows
+
     @_outside_inference_mode
     def implicit_mv(self, v=None, examples=None, layer_collection=None):
         """``(P,)``: ``M v = (1/n) Σ_x J(x)ᵀ J(x) v`` without forming ``M``."""
         _required(v, "v", "implicit_mv")
         examples, lc = self._resolve(examples, layer_collection)
-        out = self._mv(v, examples, lc)
+        group = self._group()
+        out = self._mv(v, examples, lc) if group is None else \
+            self._global_mean(lambda: self._mv(v, examples, lc), group)
         if self.centering:
             m = self._mean_jacobian(examples, lc)
             out = out - m.t() @ (m @ _flat(v).to(m.dtype))
@@ -305,7 +403,9 @@ class TorchHooksJacobianBackend:
         """``vᵀ M v = (1/n) Σ_x ||J(x) v||²`` (a scalar tensor)."""
         _required(v, "v", "implicit_vTMv")
         examples, lc = self._resolve(examples, layer_collection)
-        out = self._vTMv(v, examples, lc)
+        group = self._group()
+        out = self._vTMv(v, examples, lc) if group is None else \
+            self._global_mean(lambda: self._vTMv(v, examples, lc), group)
         if self.centering:
             mv = self._mean_jacobian(examples, lc) @ _flat(v)
             out = out - (mv * mv).sum()
@@ -316,16 +416,22 @@ class TorchHooksJacobianBackend:
         """``(n_output, n)``: ``J(x_i) v`` for every example (not normalized)."""
         _required(v, "v", "implicit_Jv")
         examples, lc = self._resolve(examples, layer_collection)
-        out = self._Jv(v, examples, lc)
+        group = self._group()
+        out = self._Jv(v, examples, lc) if group is None else \
+            self._global_rows(lambda: self._Jv(v, examples, lc), group, 1)
         if self.centering:
             out = out - (self._mean_jacobian(examples, lc) @ _flat(v)).unsqueeze(1)
         return out
 
     @_outside_inference_mode
     def implicit_JTv(self, w, examples=None, layer_collection=None):
-        """``(P,)``: ``Σ_i J(x_i)ᵀ w[:, i]`` for ``w`` of shape ``(n_output, n)``."""
+        """``(P,)``: ``Σ_i J(x_i)ᵀ w[:, i]`` for ``w`` of shape ``(n_output, n)``. Under data
+        parallelism ``n`` is the number of examples of all the ranks, in rank order (the order
+        of :meth:`implicit_Jv`); each rank uses its own columns."""
         examples, lc = self._resolve(examples, layer_collection)
-        out = self._JTv(w, examples, lc)
+        group = self._group()
+        out = self._JTv(w, examples, lc) if group is None else \
+            self._global_JTv(w, examples, lc, group)
         if self.centering:
             m = self._mean_jacobian(examples, lc)
             out = out - m.t() @ w.sum(dim=1).to(m.dtype)
@@ -336,7 +442,9 @@ class TorchHooksJacobianBackend:
         """``(m, n_output, n)``: ``J(x_i) v_j`` for the ``m`` rows ``v_j`` of ``V``
         (``(m, P)``) and every example (not normalized)."""
         examples, lc = self._resolve(examples, layer_collection)
-        out = self._JV(V, examples, lc)
+        group = self._group()
+        out = self._JV(V, examples, lc) if group is None else \
+            self._global_rows(lambda: self._JV(V, examples, lc), group, 2)
         if self.centering:
             out = out - (V @ self._mean_jacobian(examples, lc).t()).unsqueeze(2)
         return out
@@ -345,10 +453,37 @@ class TorchHooksJacobianBackend:
     def implicit_mm(self, V, examples=None, layer_collection=None):
         """``(m, P)``: ``M v_j`` for the rows of ``V`` (``(m, P)``), without forming ``M``."""
         examples, lc = self._resolve(examples, layer_collection)
-        out = self._mm(V, examples, lc)
+        group = self._group()
+        out = self._mm(V, examples, lc) if group is None else \
+            self._global_mean(lambda: self._mm(V, examples, lc), group)
         if self.centering:
             m = self._mean_jacobian(examples, lc)
             out = out - (V @ m.t()) @ m
+        return out
+
+    def _global_JTv(self, w, examples, lc, group):
+        import torch.distributed as dist
+
+        from .batches import batch_size_of
+
+        # this rank's columns of w: its offset is the example count of the ranks before it
+        n_local = sum(int(batch_size_of(b)) for b in iterate_batches(examples))
+        counts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(counts, n_local, group=group)
+        if w.shape[1] != sum(counts):
+            raise ValueError(
+                f"implicit_JTv under torch.distributed: w has {w.shape[1]} columns but the "
+                f"ranks hold {sum(counts)} examples ({counts}): pass one column per example of "
+                "all the ranks, in rank order (the layout implicit_Jv returns)")
+        start = sum(counts[:dist.get_rank(group)])
+        mine = w[:, start:start + n_local]
+        try:
+            local = self._JTv(mine, examples, lc) if n_local else None
+        except C.EmptyExamplesError:
+            local = None
+        (out,), total = all_reduce_tree([local], n_local if local is not None else 0, group,
+                                        "implicit_JTv", self._device())
+        self._check_nonempty(total)
         return out
 
     def implicit_trace(self, examples=None, layer_collection=None):
@@ -642,15 +777,16 @@ class TorchHooksJacobianBackend:
 
     @staticmethod
     def _check_finite(outputs):
-        if not all_finite(outputs):
-            raise ValueError(
-                "the model's outputs contain NaN or Inf; check the inputs (NaN/Inf in the data?) "
-                "and the model's parameters")
+        # on an accelerator, within a pass, read once at the end of the pass (no host
+        # synchronisation per batch; see deferred_finite_checks)
+        check_finite(outputs, "the model's outputs contain NaN or Inf; check the inputs (NaN/Inf "
+                              "in the data?) and the model's parameters")
 
     @staticmethod
     def _check_nonempty(n):
         if n == 0:
-            raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
+            raise C.EmptyExamplesError(
+                "the examples yielded no data (empty loader): nothing to compute from")
 
     def _outputs(self, batch, index=None):
         """``(model_outputs, out, columns)``: what the model part of ``function`` returns (for
@@ -868,29 +1004,42 @@ class TorchHooksJacobianBackend:
             device = self._device()
             fn = self.function
             needs_batch = getattr(fn, "needs_batch", False) and hasattr(fn, "model_outputs")
-            for index, batch in enumerate(self._batches(examples)):
-                batch = prepare_batch(batch, device)
-                # read outside the torch.func transforms (a seed's key hashes the batch's bytes)
-                info = fn.batch_info(batch, index) if needs_batch else None
-                # inference tensors (data made inside torch.inference_mode()) can't be saved
-                # for backward: normal copies with the same values (see _outside_inference_mode)
-                batch = tree_map(_normal_tensor, batch)
+            group = self._group()
+            # the examples of each batch, for the reduction over ranks (see _counting)
+            counts = self._counters[-1] if getattr(self, "_counters", None) else None
+            with deferred_finite_checks():
+                yield from self._functional_batch_fns(examples, fn, needs_batch, group, counts,
+                                                      device, params, constant)
 
-                def f(p, batch=batch, info=info):
-                    # buffers (e.g. BatchNorm running statistics, updated in place in training
-                    # mode) are copied inside the transform: torch.func refuses in-place updates
-                    # of captured tensors, and the model's own buffers must stay untouched
-                    bufs = {k: b.clone() for k, b in self.model.named_buffers()}
-                    p = {k: torch.where(constant[k], t.detach(), t) if k in constant else t
-                         for k, t in p.items()}
-                    with _no_fused_attention(), tensors_in_model(self.model, {**p, **bufs}):
-                        if info is not None:
-                            out = fn.transform(fn.model_outputs(*batch), info)
-                        else:
-                            out = self.function(*batch)
-                    return out.reshape(out.shape[0], -1)
+    def _functional_batch_fns(self, examples, fn, needs_batch, group, counts, device, params,
+                              constant):
+        """The loop of :meth:`_functional_batches` (inside its model state and checks)."""
+        for index, batch in enumerate(self._batches(examples)):
+            batch = prepare_batch(batch, device)
+            # read outside the torch.func transforms (a seed's key hashes the batch's bytes)
+            info = fn.batch_info(batch, global_batch_index(index, group)) \
+                if needs_batch else None
+            # inference tensors (data made inside torch.inference_mode()) can't be saved
+            # for backward: normal copies with the same values (see _outside_inference_mode)
+            batch = tree_map(_normal_tensor, batch)
 
-                yield batch, params, f
+            def f(p, batch=batch, info=info):
+                # buffers (e.g. BatchNorm running statistics, updated in place in training
+                # mode) are copied inside the transform: torch.func refuses in-place updates
+                # of captured tensors, and the model's own buffers must stay untouched
+                bufs = {k: b.clone() for k, b in self.model.named_buffers()}
+                p = {k: torch.where(constant[k], t.detach(), t) if k in constant else t
+                     for k, t in p.items()}
+                with _no_fused_attention(), tensors_in_model(self.model, {**p, **bufs}):
+                    if info is not None:
+                        out = fn.transform(fn.model_outputs(*batch), info)
+                    else:
+                        out = self.function(*batch)
+                if counts is not None:
+                    counts[index] = out.shape[0]
+                return out.reshape(out.shape[0], -1)
+
+            yield batch, params, f
 
     @staticmethod
     def _split_flat(v, params, layer_collection):
@@ -980,26 +1129,29 @@ def _flat(v):
     return v.get_flat_representation() if hasattr(v, "get_flat_representation") else v
 
 
-class _MeanJacobian:
+class _MeanJacobian(C.Consumer):
     """Consumer of :meth:`TorchHooksJacobianBackend.accumulate`: ``(1/n) Σ_x J(x)``, shape
-    ``(n_output, P)`` in the collection's layout."""
+    ``(n_output, P)`` in the collection's layout. State: ``_sum``."""
+
+    state_attrs = ("_sum",)
 
     def __init__(self, layer_collection):
         self.lc = layer_collection
+        self._sum = None
         self.result = None
 
     def update(self, ctx):
-        if self.result is None:
+        if self._sum is None:
             ref = ctx.calls[ctx.layer_ids()[0]][0].gy
-            self.result = torch.zeros(ctx.n_output, self.lc.numel(), dtype=ref.dtype,
-                                      device=ref.device)
-        rows = self.result[ctx.k_start:ctx.k_start + ctx.K]
+            self._sum = torch.zeros(ctx.n_output, self.lc.numel(), dtype=ref.dtype,
+                                    device=ref.device)
+        rows = self._sum[ctx.k_start:ctx.k_start + ctx.K]
         for lid in ctx.layer_ids():
             rows[:, self.lc.slice(lid)] += ctx.per_example_grad(lid).sum(dim=1)
             ctx.release(lid)
 
     def finalize(self, n):
-        self.result = self.result.div_(n)
+        self.result = self._sum.div_(n)
 
 
 def _check_uniform_params(layer_collection, modules):
