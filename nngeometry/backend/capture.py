@@ -197,19 +197,30 @@ class ReplayBackend(TorchHooksJacobianBackend):
     products, and not centering)."""
 
     def __init__(self, capture, record):
-        super().__init__(capture.model, capture.generator.function,
-                         layer_collection=capture.layer_collection, check_deterministic=False)
+        gen = capture.generator
+        super().__init__(capture.model, gen.function, layer_collection=capture.layer_collection,
+                         check_deterministic=False,
+                         distributed=getattr(gen, "distributed", None),
+                         process_group=getattr(gen, "process_group", None))
         self.record = record
 
-    def accumulate(self, examples, layer_collection, consumer, chunk_bytes=None):
+    def accumulate(self, examples, layer_collection, consumer, chunk_bytes=None, finalize=True):
+        """Feed the recorded step's statistics to ``consumer``. Under data parallelism (the
+        training step of every rank recorded) the sums are reduced over the ranks, as a pass
+        of the engine does: every rank gets the statistic of the global batch."""
         missing = [lid for lid in layer_collection.layer_ids() if lid not in self.record.calls]
         if missing:
             raise ValueError(f"layers {missing} were not recorded in the training step")
         for ctx in self.record.contexts(layer_collection):
             consumer.update(ctx)
-        if self.record.n == 0:
+        consumer.count = getattr(consumer, "count", 0) + self.record.n
+        group = self._group()
+        if group is not None:
+            consumer.all_reduce(group, self._device())
+        if consumer.count == 0:
             raise ValueError("the recorded training step had no examples")
-        consumer.finalize(self.record.n)
+        if finalize:
+            consumer.finalize(consumer.count)
         return consumer
 
     def _unsupported(self, *args, **kwargs):
