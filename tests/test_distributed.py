@@ -290,3 +290,22 @@ def test_two_ranks_all_empty_is_refused_clearly(tmp_path, one_thread):
     empty = DataLoader(make_data(4), batch_sampler=[])
     with pytest.raises(ValueError, match="no data"):
         FIM(make_model(), empty, PMatDiag)
+
+
+def test_deferred_finite_checks_raise_at_the_end_of_the_pass():
+    """On an accelerator the finiteness flags of a pass are read once, when the pass ends (no
+    host synchronisation per batch); CPU tensors are still checked at once. (No GPU here: the
+    deferred flags are recorded by hand, as check_finite records them for CUDA tensors.)"""
+    from nngeometry.backend import batches as B
+
+    with pytest.raises(ValueError, match="at once"):
+        with B.deferred_finite_checks():
+            B.check_finite(torch.tensor([1.0, float("nan")]), "at once")
+    with pytest.raises(ValueError, match="second batch"):
+        with B.deferred_finite_checks():
+            B._DEFERRED.pending.append((torch.tensor(True), "first batch"))
+            B._DEFERRED.pending.append((torch.tensor(False), "second batch"))
+            B._DEFERRED.pending.append((torch.tensor(False), "third batch"))
+    with B.deferred_finite_checks():  # all finite: nothing raised
+        B._DEFERRED.pending.append((torch.tensor(True), "fine"))
+    assert getattr(B._DEFERRED, "pending", None) is None
