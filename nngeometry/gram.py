@@ -7,7 +7,8 @@ from .object.fspace import FMatDense
 
 
 def GramMatrix(model, loader, function=None, representation=FMatDense, layer_collection=None,
-               device=None, verbose=False, centering=False, check_deterministic=True):
+               device=None, verbose=False, centering=False, check_deterministic=True,
+               distributed=None, process_group=None):
     """``G[k, i, l, j] = <J_k(x_i), J_l(x_j)>`` with ``J_k(x_i) = ∂f_k(x_i)/∂θ`` the per-example
     Jacobians of ``function`` (default ``model(batch[0])``): a function-space matrix of shape
     ``(K, n, K, n)``, not normalized (the empirical NTK for ``K`` outputs).
@@ -25,9 +26,13 @@ def GramMatrix(model, loader, function=None, representation=FMatDense, layer_col
             ``C = I - 11ᵀ/n`` on the example axes.
         check_deterministic: refuse a random model (dropout in training mode, or outputs that
             differ when the model runs twice on the first batch); ``False`` skips the check.
+        distributed, process_group: data parallelism over ``torch.distributed`` (default:
+            on when a process group of more than one rank is initialised): the examples of
+            every rank, in rank order (see ``TorchHooksJacobianBackend``).
     """
     return build_from_jacobians(model, loader, representation, function, layer_collection,
-                                centering, verbose, check_deterministic)
+                                centering, verbose, check_deterministic,
+                                distributed=distributed, process_group=process_group)
 
 
 __all__ = ["GramMatrix"]

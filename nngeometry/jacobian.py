@@ -5,7 +5,8 @@ from .object.map import PFMapDense
 
 
 def Jacobian(model, loader, function=None, representation=PFMapDense, layer_collection=None,
-             device=None, verbose=False, centering=False, check_deterministic=True):
+             device=None, verbose=False, centering=False, check_deterministic=True,
+             distributed=None, process_group=None):
     """The per-example Jacobians ``J[k, i, :] = ∂f_k(x_i)/∂θ`` of ``function`` (default: the
     model's outputs ``model(batch[0])``, flattened to ``(n, K)``), as a parameter-to-function
     map of shape ``(K, n, P)``; not normalized.
@@ -22,9 +23,13 @@ def Jacobian(model, loader, function=None, representation=PFMapDense, layer_coll
         centering: subtract the mean Jacobian over the whole data set from each example's.
         check_deterministic: refuse a random model (dropout in training mode, or outputs that
             differ when the model runs twice on the first batch); ``False`` skips the check.
+        distributed, process_group: data parallelism over ``torch.distributed`` (default:
+            on when a process group of more than one rank is initialised): the examples of
+            every rank, in rank order (see ``TorchHooksJacobianBackend``).
     """
     return build_from_jacobians(model, loader, representation, function, layer_collection,
-                                centering, verbose, check_deterministic)
+                                centering, verbose, check_deterministic,
+                                distributed=distributed, process_group=process_group)
 
 
 def _collection(model, layer_collection, last_layer):

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .backend.batches import all_finite, check_outputs
+from .backend.batches import all_finite, check_finite, check_outputs
 
 CLOSED_FORM_VARIANTS = ("classif_logits", "classif_binary_logits", "regression")
 MC_VARIANTS = ("classif_logits", "classif_logsoftmax", "segmentation_logits", "regression")
@@ -326,11 +326,17 @@ def _monte_carlo(function, variant, trials, covariance, positions="sum", seed=No
     def draw_labels(logp, from_softmax, key):
         # logp: (m, C) normalized log-probabilities -> labels (m, T)
         probs = logp.detach().exp()
-        if not all_finite(probs):
-            # checked here because sampling comes before the generator's check of the outputs
-            raise ValueError(
-                "the model's outputs contain NaN or Inf; check the inputs (NaN/Inf in the data?) "
-                "and the model's parameters")
+        # checked here because sampling comes before the generator's check of the outputs;
+        # torch.multinomial needs finite rows before it runs (a device-side assert on CUDA),
+        # the other draws only need the error before the matrix is used (deferred on
+        # accelerators: no host synchronisation per batch)
+        msg = ("the model's outputs contain NaN or Inf; check the inputs (NaN/Inf in the data?) "
+               "and the model's parameters")
+        if key is None and not (trials == 1 and from_softmax):
+            if not all_finite(probs):
+                raise ValueError(msg)
+        else:
+            check_finite(probs, msg)
         if key is not None:
             # Gumbel-max: argmax_c (log p_c + G_c), G_c = -log(-log u_c), is a draw from p
             m, C = logp.shape
