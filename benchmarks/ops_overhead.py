@@ -2,7 +2,7 @@
 """Per-call overhead of the representations' operations (issue 10): the median time of one call
 of ``mv``, ``vTMv``, ``get_diag``, ``solve`` (a later call with the same ``regul``, so cached
 factorizations are reused) and ``logdet`` for Diag, KFAC, EKFAC, Dense and BlockDiag on a small
-float64 MLP (10-16-16-4, 532 parameters), one thread, in microseconds.
+float64 MLP (10-16-16-4, 532 parameters), one thread, in microseconds of process CPU time.
 
 On a model this small the arithmetic is a few microseconds: what is measured is mostly the Python
 work around it (checks, dispatch, wrapping the result), i.e. what a redesign of the
@@ -48,15 +48,17 @@ def _setup():
 
 
 def _median_us(fn, calls, rounds):
-    """Median over ``rounds`` of the mean time of ``calls`` calls, in µs (after a warm-up)."""
+    """Median over ``rounds`` of the mean time of ``calls`` calls, in µs (after a warm-up), on
+    the process CPU clock: on a shared machine, wall time also counts the time slices other
+    processes take (spikes of hundreds of µs), CPU time only this process's work."""
     for _ in range(3):
         fn()
     samples = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for _ in range(calls):
             fn()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
+        samples.append((time.process_time() - t0) / calls * 1e6)
     return statistics.median(samples)
 
 
@@ -110,7 +112,7 @@ def _child(path, calls, rounds):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--calls", type=int, default=50, help="calls per timed round")
+    ap.add_argument("--calls", type=int, default=200, help="calls per timed round")
     ap.add_argument("--rounds", type=int, default=15, help="timed rounds (median taken)")
     ap.add_argument("--baseline", help="another checkout to compare with (its root folder)")
     ap.add_argument("--pairs", type=int, default=3,

@@ -26,7 +26,10 @@ class DenseBlock(Block):
         return (self.M.shape[0],)
 
     def eigh(self):
-        """``(λ ascending, U)`` of ``M``, cached (not when ``M`` records a graph)."""
+        """``(λ ascending, U)`` of ``M``, cached (not when ``M`` records a graph); ``eig`` given
+        to the constructor may be the pair, or a function returning it (a container's cache)."""
+        if callable(self._eig):
+            return self._eig()
         if self._eig is None:
             eig = _spectral.eigh(self.M)
             if _checks.needs_graph(self.M):
@@ -48,9 +51,13 @@ class DenseBlock(Block):
 
     # ------------------------------------------------------------------ products
     def apply(self, V):
+        if V.dim() == 1:
+            return self.M @ V
         return V @ self.M  # M symmetric: rows times M is M applied to each row
 
     def quadratic(self, V):
+        if V.dim() == 1:
+            return V @ (self.M @ V)
         return (V * (V @ self.M)).sum(-1)
 
     def solve(self, V, damping=0.0, who=None):
@@ -75,7 +82,23 @@ class DenseBlock(Block):
         return self.eigh()[0] + damping
 
     def matpower(self, p, damping=0.0, who=None):
+        """``(M + Λ)^p``: ``p = 1`` the damped matrix; ``p = -1`` through an LU inverse (its
+        gradient has no ``1/(λ_i - λ_j)`` terms, so it is finite for the repeated eigenvalues
+        a per-layer damping of a rank-deficient ``M`` produces); other powers through the
+        eigendecomposition."""
         rep, regul = who_of(self, damping, who)
+        if float(p) == 1.0:
+            return DenseBlock(self.damped(damping))
+        if float(p) == -1.0:
+            if not _checks._float(regul) > 0:
+                _checks.check_invertible(self.damped_eigh(damping)[0], rep, "inverse", regul)
+            A = self.damped(damping)
+            try:
+                inv = torch.linalg.inv(_checks.upcast(A)).to(A.dtype)
+            except torch.linalg.LinAlgError:
+                raise _checks.singular_error(rep, "inverse", regul,
+                                             "the LU factorization has a zero pivot") from None
+            return DenseBlock(inv)
         evals, evecs = self.damped_eigh(damping)
         ev = values_for_power(evals, p, rep, regul)
         return DenseBlock((evecs * ev ** p) @ evecs.t())

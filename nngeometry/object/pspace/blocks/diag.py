@@ -22,6 +22,8 @@ class DiagBlock(Block):
         return V * self.d
 
     def quadratic(self, V):
+        if self.d.dim() == 1:
+            return (V * self.d * V).sum(-1)
         return (V * V * self.d).sum(dim=self.layout_dims)
 
     def solve(self, V, damping=0.0, who=None):

@@ -29,7 +29,10 @@ class KronBlock(Block):
 
     def eigen(self):
         """The same block as an :class:`EigenKronBlock` (the factors' eigendecompositions,
-        computed once)."""
+        computed once; ``eigen`` given to the constructor may be that block, or a function
+        returning it: a container's cache)."""
+        if callable(self._eigen):
+            return self._eigen()
         if self._eigen is None:
             self._eigen = EigenKronBlock.from_factors_eig(K.eig(self.A), K.eig(self.G))
         return self._eigen
@@ -77,7 +80,7 @@ class KronBlock(Block):
     # ------------------------------------------------------------------ arithmetic
     def scaled(self, x):
         """``x·(A ⊗ G) = (x·A) ⊗ G`` (the eigenbasis is kept)."""
-        eig = None if self._eigen is None else self._eigen.scaled(x)
+        eig = None if self._eigen is None or callable(self._eigen) else self._eigen.scaled(x)
         return KronBlock(self.A * x, self.G, eig)
 
     def add(self, other):

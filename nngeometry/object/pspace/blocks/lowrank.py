@@ -66,6 +66,13 @@ class LowRankBlock(Block):
     def eigenvalues(self, damping=0.0):
         a = self._shifted(damping)
         if is_entries(a):
+            # a diagonal plus a low-rank term shares no eigenbasis with either: dense, and only
+            # where that is affordable
+            if self.shape[0] > 4096:
+                raise NotImplementedError(
+                    "LowRankBlock.eigenvalues with a diagonal that is not a multiple of the "
+                    f"identity needs the dense {self.shape[0]} × {self.shape[0]} matrix; use a "
+                    "scalar damping, or to_torch() and torch.linalg.eigvalsh on a smaller model")
             return torch.linalg.eigvalsh(self.dense() + torch.diag(a - self.alpha))
         E, Q = self.thin_eigh()
         d, r = self.shape[0], E.shape[0]
