@@ -44,7 +44,8 @@ PRODUCT_COLUMNS = ["mv", "vTMv", "mmap", "mapTMmap (sum, diag)", "solvePVec", "s
                    "inverse / inv", "pow / **", "@"]
 OTHER_COLUMNS = ["get_diag", "trace", "frobenius_norm / norm", "to_torch", "size", "mm", "+", "-",
                  "scalar *", "+ PMatEye", "logdet", "pickling", "eigendecomposition"]
-PRIOR_COLUMNS = ["`regul`: scalar / PMatEye", "`regul`: per-layer dict", "`regul`: PVector / PMatDiag"]
+PRIOR_COLUMNS = ["`regul`: scalar / PMatEye", "`regul`: per-layer dict", "`regul`: PVector / PMatDiag",
+                 "`damping=`", "diag_of_inverse", "eigenvalues"]
 INFO_COLUMNS = ["storage (`data`)", "memory", "build (passes over the data)",
                 "`regul` in solve / inverse / pow", "what it is"]
 ALTERNATIVE = re.compile(r"\b(use|call|instead|convert|multiply|apply|chain|go back|add)\b", re.I)
@@ -411,9 +412,68 @@ def _prior_of(b, col):
     return [(PVector(b.lc, vector_repr=d), d), (PMatDiag(b.lc, None, data=d), d)]
 
 
+def _check_damping_cell(b, cell):
+    """``damping=``: every value the cell lists is accepted by solve / inverse / pow / logdet
+    (``'exact'`` gives the exact result), any other is refused with a ValueError; never a
+    TypeError."""
+    M, D, v = b.M, b.D, b.v
+    listed = re.findall(r"`'(\w+)'`", cell)
+    assert "exact" in listed, f"{b.rep}: damping='exact' must be accepted everywhere"
+    calls = {"solve": lambda d: M.solve(v, regul=REGUL, damping=d),
+             "inverse": lambda d: M.inverse(regul=REGUL, damping=d),
+             "pow": lambda d: M.pow(-1, regul=REGUL, damping=d),
+             "logdet": lambda d: M.logdet(regul=REGUL, damping=d)}
+    A = D + REGUL * torch.eye(b.P, dtype=DT)
+    for name, call in calls.items():
+        for value in listed:
+            try:
+                r = call(value)
+            except NotImplementedError:
+                # the operation itself is a "no" cell of this representation
+                continue
+            if value == "exact" and name == "logdet":
+                close(r, torch.linalg.slogdet(A)[1], rtol=1e-9, what="logdet, damping='exact'")
+            elif value == "exact" and name == "solve":
+                close(r.get_flat_representation(), torch.linalg.solve(A, v.get_flat_representation()),
+                      rtol=1e-7, what="solve, damping='exact'")
+        with pytest.raises(ValueError, match="damping"):
+            call("not-a-damping")
+    for value in ("pi",):
+        if value not in listed:
+            for name, call in calls.items():
+                try:
+                    call(value)
+                except NotImplementedError:
+                    continue
+                except ValueError as e:
+                    assert "'exact'" in str(e), f"{b.rep}.{name}: the error names no alternative"
+                    continue
+                raise AssertionError(f"{b.rep}.{name}(damping={value!r}) should be refused")
+
+
+def _check_block_op(b, col, cell):
+    """``diag_of_inverse`` / ``eigenvalues`` against torch.linalg on the dense ``M + λI``."""
+    M, D = b.M, b.D
+    call = (lambda: M.diag_of_inverse(regul=REGUL)) if col == "diag_of_inverse" \
+        else (lambda: M.eigenvalues(regul=REGUL))
+    if cell.startswith("no"):
+        return expect_not_implemented(call, cell, f"{b.rep}.{col}")
+    assert cell.startswith("yes"), f"({b.rep}, {col}): unknown cell {cell!r}"
+    A = D + REGUL * torch.eye(b.P, dtype=DT)
+    if col == "diag_of_inverse":
+        close(call(), torch.diagonal(torch.linalg.inv(A)), rtol=1e-8, what="diag_of_inverse")
+    else:
+        close(torch.sort(call())[0], torch.linalg.eigvalsh(A),
+              rtol=1e-9, what="eigenvalues")
+
+
 def _check_prior(b, col, cell):
     """A prior column: ``solve`` (and ``inverse`` / ``logdet`` where the representation has
     them) against the dense ``M + Λ`` (KFAC with ``damping='exact'``); a ``no`` cell raises."""
+    if col == "`damping=`":
+        return _check_damping_cell(b, cell)
+    if col in ("diag_of_inverse", "eigenvalues"):
+        return _check_block_op(b, col, cell)
     M, D, v = b.M, b.D, b.v
     # π-damped KFAC (alone, or as a PMatMixed group): its exact damping
     kw = {"damping": "exact"} if _rule(b.rep) in ("π-damped", "per group") else {}

@@ -1,8 +1,20 @@
-"""The contract shared by every parameter-space matrix representation."""
+"""The contract shared by every parameter-space matrix representation, and the operations
+written once for the representations that are containers of blocks.
+
+A container (PMatDense, PMatDiag, PMatBlockDiag, PMatEye, ...) says what its blocks are
+(``_blocks()``: one :mod:`~.blocks` block per layer, or one for the whole matrix) and how a flat
+``(..., P)`` tensor splits into the blocks' layouts (``_split`` / ``_join``; by default the
+layers' slices, or the whole vector for a single block). Every operation below (``mv``, ``vTMv``,
+``mmap``, ``mapTMmap``, ``solve``, ``inverse``, ``pow``, ``logdet``, ``get_diag``, ``trace``,
+``norm``, ``to_torch``, ``eigenvalues``, ``diag_of_inverse``, scaling and ``+ PMatEye``) is then
+written once, from the blocks' primitives, on batches: a PVector is a batch of one row, a PFMap
+the ``K·n`` rows of its tensor.
+"""
 import torch
 
-from ..map import PFMap, resolve_layer_collection
+from ..map import PFMap, PFMapDense, resolve_layer_collection
 from ..vector import PVector
+from ._prior import scalar_or_prior
 
 
 class PMatAbstract:
@@ -85,15 +97,116 @@ class PMatAbstract:
     def dtype(self):
         return self.get_diag().dtype
 
+    # ------------------------------------------------------------------ container of blocks
+    # A representation that is a container of blocks implements ``_blocks`` (and ``_from_blocks``
+    # for the operations that return a matrix); ``_split``/``_join`` default to the layers'
+    # slices of the flat layout (one block per layer, 1-D layouts) or the whole vector (one
+    # block). Kronecker-structured containers override them with their layout.
+    _DAMPINGS = ("exact",)
+    # whether each block's layout is its slice of the flat layout (else ``_split``/``_join``
+    # re-index, and ``to_torch`` goes through products with the identity)
+    _flat_layouts = True
+    # whether the blocks take a per-entry damping exactly (not the Kronecker ones: refused with
+    # the message naming the representations where it is exact)
+    _per_entry_exact = True
+
+    def _blocks(self):
+        """The blocks, in the order of the flat layout; None for a representation that is not a
+        container of blocks (it implements the operations itself)."""
+        return None
+
+    def _blocks_or_unsupported(self, what):
+        blocks = self._blocks()
+        if blocks is None:
+            self._unsupported(what)
+        return blocks
+
+    def _block_keys(self):
+        """The layer id of each block, or None when one block holds the whole matrix."""
+        return None
+
+    def _split(self, X):
+        """``X`` of shape ``(..., P)`` as one tensor per block, in the blocks' layouts."""
+        keys = self._block_keys()
+        if keys is None:
+            return [X]
+        return [X[..., s] for s in self._slices(keys)]
+
+    def _slices(self, keys):
+        """The flat-layout slices of the layers ``keys``, computed once per collection."""
+        cached = self.__dict__.get("_slices_cache")
+        if cached is None or cached[0] is not self.layer_collection or cached[1] != keys:
+            lc = self.layer_collection
+            cached = self._slices_cache = (lc, list(keys), [lc.slice(k) for k in keys])
+        return cached[2]
+
+    def _join(self, parts):
+        """The inverse of :meth:`_split`: one ``(..., P)`` tensor."""
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def _from_blocks(self, blocks):
+        """The representation holding ``blocks`` (results of ``matpower``, ``scaled``, ``add``):
+        by default the same class, on the same collection."""
+        self._unsupported("a matrix built from its blocks")
+
+    def _rows(self, X, fn):
+        """``fn(block, V)`` for each block on its part of the rows of ``X``, joined back."""
+        return self._join([fn(b, V) for b, V in zip(self._blocks(), self._split(X))])
+
+    def _check_damping(self, damping, what):
+        if damping not in self._DAMPINGS:
+            raise ValueError(
+                f"{type(self).__name__}.{what}: damping={damping!r} is not available; "
+                f"this representation offers damping={' or '.join(map(repr, self._DAMPINGS))} "
+                "('exact': functions of M + Λ itself; 'pi': π-damped Kronecker factors, "
+                "PMatKFAC only)")
+
+    def _dampings(self, regul, what, damping="exact"):
+        """``(regul for the messages, [the damping of each block])``: a scalar ``λ`` as given;
+        a per-layer ``Λ`` as each layer's scalar when blocks are per layer; otherwise each
+        block's part of the diagonal of ``Λ`` (a per-entry damping in the block's layout)."""
+        self._check_damping(damping, what)
+        if damping != "exact":  # the blocks compute functions of M + Λ itself
+            raise ValueError(f"{type(self).__name__}.{what}: damping={damping!r} is not "
+                             "available for this operation; use damping='exact'")
+        blocks = self._blocks_or_unsupported(what)
+        scalar, prior = scalar_or_prior(regul, self.layer_collection, type(self).__name__, what)
+        if prior is None:
+            return scalar, [scalar] * len(blocks)
+        keys = self._block_keys()
+        if prior.kind == "layer" and keys is not None:
+            # a key (layer_id, i): block i of a layer with several (attention), its layer's λ
+            return prior, [prior.layer_value(k[0] if isinstance(k, tuple) else k) for k in keys]
+        if not self._per_entry_exact:
+            from ._prior import per_parameter_refused
+            raise per_parameter_refused(type(self).__name__, what)
+        like = self._like()
+        return prior, self._split(prior.flat(like))
+
+    def _like(self):
+        """A tensor of the matrix's dtype and device."""
+        return self.get_diag()
+
     # ------------------------------------------------------------------ products
     def mv(self, v):
-        self._unsupported("mv")
+        """``M v``."""
+        self._blocks_or_unsupported("mv")
+        self._check_pvector(v)
+        return PVector(self.layer_collection,
+                       vector_repr=self._rows(v.get_flat_representation(), _apply))
 
     def vTMv(self, v):
-        self._unsupported("vTMv")
+        """``vᵀ M v``."""
+        blocks = self._blocks_or_unsupported("vTMv")
+        self._check_pvector(v)
+        parts = self._split(v.get_flat_representation())
+        return _total(b.quadratic(V) for b, V in zip(blocks, parts))
 
     def mmap(self, pfmap):
-        self._unsupported("mmap")
+        """``M`` applied to every row of the PFMap (shape ``(K, n, P)``)."""
+        self._blocks_or_unsupported("mmap")
+        self._check_pfmap(pfmap)
+        return PFMapDense(self.layer_collection, data=self._rows(pfmap.to_torch(), _apply))
 
     def mapTMmap(self, pfmap, reduction="sum"):
         """Quadratic forms of the rows of a PFMap ``J`` (shape ``(K, n, P)``):
@@ -105,6 +218,10 @@ class PMatAbstract:
         self._check_pfmap(pfmap)
         check_reduction(reduction)
         J = pfmap.to_torch()
+        blocks = self._blocks()
+        if blocks is not None:
+            q = _total(b.quadratic(V) for b, V in zip(blocks, self._split(J)))
+            return reduce_forms(q, reduction)
         MJ = self.mmap(pfmap).to_torch()
         return reduce_forms((J * MJ).sum(dim=-1), reduction)
 
@@ -133,27 +250,73 @@ class PMatAbstract:
             return self.solvePFMap(x, regul=regul, solve=solve, **kwargs)
         raise TypeError(f"solve takes a PVector or a PFMap, got {type(x).__name__}")
 
-    def solvePVec(self, x, regul=1e-8, solve="default", **kwargs):
-        self._unsupported("solvePVec")
+    def _solve_rows(self, X, regul, damping, what="solve"):
+        regul, dampings = self._dampings(regul, what, damping)
+        who = (type(self).__name__, regul)
+        return self._join([b.solve(V, d, who) for b, V, d in
+                           zip(self._blocks(), self._split(X), dampings)])
 
-    def solvePFMap(self, x, regul=1e-8, solve="default", **kwargs):
-        self._unsupported("solvePFMap")
+    def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
+        """``(M + Λ)⁻¹ x`` block by block, exact (``regul``: see :mod:`._prior`)."""
+        self._blocks_or_unsupported("solvePVec")
+        self._check_pvector(x)
+        _check_default_solve(self, solve)
+        return PVector(self.layer_collection, vector_repr=self._solve_rows(
+            x.get_flat_representation(), regul, damping))
 
-    def inverse(self, regul=1e-8):
-        self._unsupported("inverse")
+    def solvePFMap(self, x, regul=1e-8, solve="default", damping="exact"):
+        """``(M + Λ)⁻¹`` applied to every row of the PFMap, block by block."""
+        self._blocks_or_unsupported("solvePFMap")
+        self._check_pfmap(x)
+        _check_default_solve(self, solve)
+        return PFMapDense(self.layer_collection,
+                          data=self._solve_rows(x.to_torch(), regul, damping))
+
+    def _power_blocks(self, p, regul, damping, what):
+        """``[(B + Λ_B)^p]`` for every block."""
+        regul, dampings = self._dampings(regul, what, damping)
+        who = (type(self).__name__, regul)
+        return [b.matpower(p, d, who) for b, d in zip(self._blocks(), dampings)]
+
+    def _matpower(self, p, regul, damping, what):
+        return self._from_blocks(self._power_blocks(p, regul, damping, what))
+
+    def inverse(self, regul=1e-8, damping="exact"):
+        """``(M + Λ)⁻¹`` block by block, exact (singular: the shared error)."""
+        return self._matpower(-1.0, regul, damping, "inverse")
 
     def inv(self, regul=1e-8, **kwargs):
         return self.inverse(regul=regul, **kwargs)
 
-    def pow(self, x, regul=0.0):
-        self._unsupported("pow")
+    def pow(self, x, regul=0.0, damping="exact"):
+        """``(M + Λ)^x`` block by block, exact: negative powers need ``M + Λ`` invertible,
+        fractional ones positive semi-definite (the shared errors; round-off below 0 is
+        clipped)."""
+        return self._matpower(x, regul, damping, f"pow({x})")
 
     def __pow__(self, x):
         return self.pow(x)
 
-    def logdet(self, regul=0.0):
-        """``log det(M + regul·I)``."""
-        self._unsupported("logdet")
+    def logdet(self, regul=0.0, damping="exact"):
+        """``log det(M + Λ) = Σ_blocks log det(B + Λ_B)`` (positive definite, or the shared
+        errors), differentiable with respect to a ``Λ`` that requires grad."""
+        regul, dampings = self._dampings(regul, "logdet", damping)
+        who = (type(self).__name__, regul)
+        return _total(b.logdet(d, who) for b, d in zip(self._blocks(), dampings))
+
+    def eigenvalues(self, regul=0.0, damping="exact"):
+        """The ``P`` eigenvalues of ``M + Λ``, block by block (in no particular order)."""
+        regul, dampings = self._dampings(regul, "eigenvalues", damping)
+        return torch.cat([b.eigenvalues(d).reshape(-1)
+                          for b, d in zip(self._blocks(), dampings)])
+
+    def diag_of_inverse(self, regul=1e-8, damping="exact"):
+        """``diag((M + Λ)⁻¹)`` as a ``(P,)`` tensor (the marginal variances of a Laplace
+        posterior of precision ``M + Λ``), block by block, without forming a ``P × P``."""
+        regul, dampings = self._dampings(regul, "diag_of_inverse", damping)
+        who = (type(self).__name__, regul)
+        return self._join([b.matpower(-1.0, d, who).diag() for b, d in
+                           zip(self._blocks(), dampings)])
 
     def sqrt(self, regul=0.0, **kwargs):
         """``(M + Λ)^{1/2}``: :meth:`pow` with ``x = 1/2`` (same ``regul`` kinds, same damping
@@ -163,13 +326,19 @@ class PMatAbstract:
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self):
-        self._unsupported("get_diag")
+        """The ``(P,)`` diagonal of ``M``."""
+        return self._join([b.diag() for b in self._blocks_or_unsupported("get_diag")])
 
     def trace(self):
-        return self.get_diag().sum()
+        blocks = self._blocks()
+        if blocks is None:
+            return self.get_diag().sum()
+        return _total(b.trace() for b in blocks)
 
     def frobenius_norm(self):
-        self._unsupported("frobenius_norm")
+        """``sqrt(Σ_pq M_pq²)``."""
+        return torch.sqrt(_total(b.frobenius_sq() for b in self._blocks_or_unsupported(
+            "frobenius_norm")))
 
     def norm(self, ord=None):
         """A matrix norm of ``M``:
@@ -190,7 +359,8 @@ class PMatAbstract:
 
     def _singular_values(self):
         """All ``P`` singular values (``|λ|``), in any order; what ``norm(ord=±2)`` needs."""
-        self._unsupported("norm(ord=2 or -2)")
+        self._blocks_or_unsupported("norm(ord=2 or -2)")
+        return self.eigenvalues().abs()
 
     def pinv(self, atol=1e-8):
         """Moore-Penrose pseudo-inverse ``M⁺``: the eigenvalues with ``|λ| ≤ atol`` are treated
@@ -211,14 +381,42 @@ class PMatAbstract:
         return torch.device(device if device is not None else "cpu")
 
     def to_torch(self):
-        self._unsupported("to_torch")
+        """The dense ``(P, P)`` matrix, from the blocks' dense matrices (allocates ``P²``;
+        refused with a MemoryError naming the size when it can't fit)."""
+        from ._checks import check_dense_fits
+        blocks = self._blocks_or_unsupported("to_torch")
+        like = self._like()
+        check_dense_fits(self.layer_collection.numel(), like.element_size(),
+                         what=f"{type(self).__name__}.to_torch(): a dense")
+        if not self._flat_layouts:
+            P = self.layer_collection.numel()
+            check_dense_fits(P, like.element_size(), count=2,
+                             what=f"{type(self).__name__}.to_torch(): a dense")
+            return self._rows(torch.eye(P, dtype=like.dtype, device=like.device), _apply)
+        if len(blocks) == 1 and self._block_keys() is None:
+            return blocks[0].dense()
+        return torch.block_diag(*[b.dense() for b in blocks])
 
     def get_dense_tensor(self):
         return self.to_torch()
 
     # ------------------------------------------------------------------ arithmetic
     def _scaled(self, x):
-        self._unsupported("_scaled")
+        return self._from_blocks([b.scaled(x) for b in self._blocks_or_unsupported("scaling")])
+
+    def _add_blocks(self, other, sign=1.0):
+        """``M + sign·other`` block by block, for another container on the same collection
+        whose blocks add to a structured block (a PMatEye: ``+ s·I`` on every block)."""
+        from .eye import PMatEye
+        blocks = self._blocks_or_unsupported("__add__")
+        if other.layer_collection != self.layer_collection:
+            raise ValueError("the two matrices are built on different LayerCollections")
+        if isinstance(other, PMatEye):
+            s = other.scaling * sign
+            return self._from_blocks([b.add_identity(s) for b in blocks])
+        self._check_same_kind(other)
+        theirs = other._blocks() if sign == 1.0 else [b.scaled(sign) for b in other._blocks()]
+        return self._from_blocks([a.add(b) for a, b in zip(blocks, theirs)])
 
     def __mul__(self, x):
         if isinstance(x, (int, float)) or (torch.is_tensor(x) and x.dim() == 0):
@@ -245,6 +443,7 @@ class PMatAbstract:
         # and not needed once the matrix is built
         state = self.__dict__.copy()
         state["generator"] = None
+        state.pop("_slices_cache", None)  # recomputed on demand
         return state
 
     def __setstate__(self, state_dict):
@@ -264,6 +463,25 @@ class PMatAbstract:
         """The dense tensor ``M[rows][:, cols]`` (``cols`` default ``rows``), from products."""
         from ._scipy import submatrix
         return submatrix(self, rows, cols)
+
+
+def _total(values):
+    """The sum of an iterable of tensors, without the ``0 + t`` that ``sum`` starts with (one
+    tensor operation less per call: these are per-call overheads on small models)."""
+    it = iter(values)
+    out = next(it)
+    for v in it:
+        out = out + v
+    return out
+
+
+def _apply(block, V):
+    return block.apply(V)
+
+
+def _check_default_solve(rep, solve):
+    if solve not in ("default", "solve"):
+        raise ValueError(f"unknown solve '{solve}' for {type(rep).__name__}: use 'default'")
 
 
 def check_reduction(reduction):

@@ -1,13 +1,15 @@
-"""``PMatBlockDiag``: one dense block per layer, zero between layers."""
+"""``PMatBlockDiag``: one dense block per layer, zero between layers (a container of
+:class:`~.blocks.DenseBlock`)."""
+import functools
+
 import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks, _spectral
 from ._prior import PARAM, scalar_or_prior
-from ._spectral import eigvals_for_power, logdet_from_eigvals
-from .abstract import PMatAbstract, check_reduction, reduce_forms
-from .eye import PMatEye
+from .abstract import PMatAbstract
+from .blocks import DenseBlock
 
 
 class PMatBlockDiag(PMatAbstract):
@@ -25,7 +27,7 @@ class PMatBlockDiag(PMatAbstract):
     def _new(self, blocks):
         return PMatBlockDiag(self.layer_collection, None, data=blocks)
 
-    def _blocks(self):
+    def _blocks_items(self):
         """``(layer_id, slice in the flat layout, block)`` in layout order."""
         for lid in self.layer_collection.layer_ids():
             yield lid, self.layer_collection.slice(lid), self.data[lid]
@@ -33,40 +35,33 @@ class PMatBlockDiag(PMatAbstract):
     def _eye_like(self, b):
         return torch.eye(b.shape[0], dtype=b.dtype, device=b.device)
 
+    # ------------------------------------------------------------------ the container
+    def _blocks(self):
+        """One :class:`~.blocks.DenseBlock` per layer, sharing the cached eigendecompositions."""
+        return [DenseBlock(b, functools.partial(self._block_eigh, lid, b))
+                for lid, _, b in self._blocks_items()]
+
+    def _block_keys(self):
+        return self.layer_collection.layer_ids()
+
+    def _from_blocks(self, blocks):
+        return self._new({lid: b.dense() for lid, b in zip(self._block_keys(), blocks)})
+
+    def _like(self):
+        return next(iter(self.data.values()))
+
     # ------------------------------------------------------------------ products
+    # (written once in the base class; upstream's parameter names kept)
     def mv(self, vs):
-        """``M vs`` block by block."""
-        self._check_pvector(vs)
-        f = vs.get_flat_representation()
-        return PVector(self.layer_collection,
-                       vector_repr=torch.cat([b @ f[s] for _, s, b in self._blocks()]))
+        return super().mv(vs)
 
     def vTMv(self, vector):
-        """``vectorᵀ M vector = Σ_l v_lᵀ M_l v_l``."""
-        self._check_pvector(vector)
-        f = vector.get_flat_representation()
-        return sum(f[s] @ (b @ f[s]) for _, s, b in self._blocks())
-
-    def mmap(self, pfmap):
-        self._check_pfmap(pfmap)
-        J = pfmap.to_torch()
-        # blocks are symmetric: row-vector times block is the block applied to the row
-        out = torch.cat([J[:, :, s] @ b for _, s, b in self._blocks()], dim=2)
-        return PFMapDense(self.layer_collection, data=out)
-
-    def mapTMmap(self, pfmap, reduction="sum"):
-        """``q[k, i] = Σ_l J[k, i, l] M_l J[k, i, l]ᵀ``: ``'diag'`` ``(K, n)``, ``'sum'``
-        ``Σ_k``, ``(n,)``."""
-        self._check_pfmap(pfmap)
-        check_reduction(reduction)
-        J = pfmap.to_torch()
-        q = sum(torch.einsum("kip,kip->ki", J[:, :, s] @ b, J[:, :, s]) for _, s, b in self._blocks())
-        return reduce_forms(q, reduction)
+        return super().vTMv(vector)
 
     def mm(self, other):
         """Product with another PMatBlockDiag (block by block)."""
         self._check_same_kind(other)
-        return self._new({lid: b @ other.data[lid] for lid, _, b in self._blocks()})
+        return self._new({lid: b @ other.data[lid] for lid, _, b in self._blocks_items()})
 
     # ------------------------------------------------------------------ solves and functions
     def _block_eigh(self, lid, b):
@@ -109,7 +104,7 @@ class PMatBlockDiag(PMatAbstract):
         """Refuse an undamped (``regul <= 0``) operation on a singular block (shared
         singular-matrix error), through the blocks' cached eigenvalues."""
         if not _checks._float(regul) > 0:
-            for lid, _, b in self._blocks():
+            for lid, _, b in self._blocks_items():
                 _checks.check_invertible(self._damped_block_eig(lid, b, regul)[0], "PMatBlockDiag",
                                          what, regul, detail=f"block of layer '{lid}' is singular")
 
@@ -127,7 +122,7 @@ class PMatBlockDiag(PMatAbstract):
 
         def compute():
             facs = {}
-            for lid, _, b in self._blocks():
+            for lid, _, b in self._blocks_items():
                 A = _checks.upcast(self._damped_block(lid, b, regul))
                 try:
                     facs[lid] = (torch.linalg.cholesky(A) if solve == "cholesky"
@@ -144,7 +139,7 @@ class PMatBlockDiag(PMatAbstract):
                 del A
             return facs
 
-        blocks = [b for _, _, b in self._blocks()]
+        blocks = [b for _, _, b in self._blocks_items()]
         return _checks.cached(self.__dict__, "_solve_cache", (solve, _checks.regul_key(regul)),
                               compute, blocks)
 
@@ -194,72 +189,42 @@ class PMatBlockDiag(PMatAbstract):
         out = self._solver(regul, solve)(layer_id, b, rows.t()).t()
         return out.reshape(d.shape)
 
-    def solvePVec(self, x, regul=1e-8, solve="default"):
+    def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
         """``(M_l + Λ_l)⁻¹ x_l`` for every layer ``l`` (exact); ``regul`` gives ``Λ``: a scalar
         ``λ`` (``λI``), a dict ``{layer_id: λ_l}``, a PVector (one value per parameter), a
-        PMatEye or a PMatDiag."""
+        PMatEye or a PMatDiag. The factorizations of the last ``(solve, regul)`` are kept (see
+        ``_factorizations``)."""
+        self._check_damping(damping, "solve")
         self._check_pvector(x)
         regul = self._regul(regul, "solve")
         f = x.get_flat_representation()
         solve_block = self._solver(regul, solve)
-        out = [solve_block(lid, b, f[s].unsqueeze(1)).squeeze(1) for lid, s, b in self._blocks()]
+        out = [solve_block(lid, b, f[s].unsqueeze(1)).squeeze(1) for lid, s, b in self._blocks_items()]
         return PVector(self.layer_collection, vector_repr=torch.cat(out))
 
-    def solvePFMap(self, x, regul=1e-8, solve="default"):
+    def solvePFMap(self, x, regul=1e-8, solve="default", damping="exact"):
         """The same, for every row of a PFMap."""
+        self._check_damping(damping, "solve")
         self._check_pfmap(x)
         regul = self._regul(regul, "solve")
         J = x.to_torch()
         K, n, _ = J.shape
         solve_block = self._solver(regul, solve)
         out = []
-        for lid, s, b in self._blocks():
+        for lid, s, b in self._blocks_items():
             rhs = J[:, :, s].reshape(K * n, -1).t()
             out.append(solve_block(lid, b, rhs).t().reshape(K, n, -1))
         return PFMapDense(self.layer_collection, data=torch.cat(out, dim=2))
 
-    def inverse(self, regul=1e-8):
-        """``(M + Λ)⁻¹`` as a PMatBlockDiag (block by block, exact; ``regul``: see
-        :meth:`solvePVec`)."""
-        regul = self._regul(regul, "inverse")
-        self._check_invertible(regul, "inverse")
-        out = {}
-        for lid, _, b in self._blocks():
-            try:
-                out[lid] = torch.linalg.inv(_checks.upcast(self._damped_block(lid, b, regul))).to(b.dtype)
-            except torch.linalg.LinAlgError:
-                raise _checks.singular_error("PMatBlockDiag", "inverse", regul,
-                                             f"block of layer '{lid}' is singular") from None
-        return self._new(out)
-
-    def pow(self, x, regul=0.0):
-        """``(M + regul·I)^x`` block by block, through each block's eigendecomposition
-        (for fractional powers, negative round-off eigenvalues are clipped to 0 and a genuinely
-        indefinite block is refused). ``regul``: ``Λ`` as in :meth:`solvePVec`."""
-        regul = self._regul(regul, f"pow({x})")
-        out = {}
-        for lid, _, b in self._blocks():
-            evals, evecs = self._damped_block_eig(lid, b, regul)
-            ev = eigvals_for_power(evals, x, "PMatBlockDiag", regul)
-            out[lid] = (evecs * ev ** x) @ evecs.t()
-        return self._new(out)
-
-    def logdet(self, regul=0.0):
-        """``log det(M + Λ) = Σ_l log det(M_l + Λ_l)`` (``regul``: see :meth:`solvePVec`)."""
-        regul = self._regul(regul, "logdet")
-        return sum(logdet_from_eigvals(self._damped_block_eig(lid, b, regul)[0], "PMatBlockDiag",
-                                       regul)
-                   for lid, _, b in self._blocks())
-
     def get_eigendecomposition(self):
         """``{layer_id: (evals ascending, evecs as columns)}`` of each block."""
-        return {lid: self._block_eigh(lid, b) for lid, _, b in self._blocks()}
+        return {lid: self._block_eigh(lid, b) for lid, _, b in self._blocks_items()}
 
     def pinv(self, atol=1e-8):
         """Pseudo-inverse block by block: in each block's eigenbasis the eigenvalues with
         ``|λ| ≤ atol`` are treated as zero, the others inverted."""
         out = {}
-        for lid, _, b in self._blocks():
+        for lid, _, b in self._blocks_items():
             evals, evecs = self._block_eigh(lid, b)
             keep = evals.abs() > atol
             inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)),
@@ -290,43 +255,11 @@ class PMatBlockDiag(PMatAbstract):
         inv = torch.argsort(spec.kfac_permutation()).to(b.device)
         return b[inv][:, inv]
 
-    # ------------------------------------------------------------------ reductions
-    def get_diag(self):
-        return torch.cat([torch.diagonal(b) for _, _, b in self._blocks()])
-
-    def trace(self):
-        return sum(torch.trace(b) for _, _, b in self._blocks())
-
-    def frobenius_norm(self):
-        return torch.sqrt(sum((b * b).sum() for _, _, b in self._blocks()))
-
-    def _singular_values(self):
-        return torch.cat([self._block_eigh(lid, b)[0].abs() for lid, _, b in self._blocks()])
-
-    def to_torch(self):
-        """The dense ``(P, P)`` block-diagonal matrix (allocates ``P²``; refused with a
-        MemoryError naming the size when it can't fit)."""
-        _checks.check_dense_fits(self.layer_collection.numel(), self.get_diag().element_size(),
-                                 what="PMatBlockDiag.to_torch(): a dense")
-        return torch.block_diag(*[b for _, _, b in self._blocks()])
-
     # ------------------------------------------------------------------ arithmetic
-    def _scaled(self, x):
-        return self._new({lid: b * x for lid, _, b in self._blocks()})
-
     def __add__(self, other):
-        if isinstance(other, PMatEye):
-            if other.layer_collection != self.layer_collection:
-                raise ValueError("the two matrices are built on different LayerCollections")
-            return self._new({lid: b + other.scaling * self._eye_like(b)
-                              for lid, _, b in self._blocks()})
-        self._check_same_kind(other)
-        return self._new({lid: b + other.data[lid] for lid, _, b in self._blocks()})
+        return self._add_blocks(other)
 
     __radd__ = __add__
 
     def __sub__(self, other):
-        if isinstance(other, PMatEye):
-            return self + (-other)
-        self._check_same_kind(other)
-        return self._new({lid: b - other.data[lid] for lid, _, b in self._blocks()})
+        return self._add_blocks(other, -1.0)

@@ -1,13 +1,12 @@
-"""``PMatDense``: the full ``P × P`` matrix."""
+"""``PMatDense``: the full ``P × P`` matrix (a container of one :class:`~.blocks.DenseBlock`)."""
 import torch
 
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks, _spectral
 from ._prior import scalar_or_prior
-from ._spectral import eigvals_for_power, logdet_from_eigvals
-from .abstract import PMatAbstract, check_reduction, reduce_forms
-from .eye import PMatEye
+from .abstract import PMatAbstract
+from .blocks import DenseBlock
 
 
 class PMatDense(PMatAbstract):
@@ -26,27 +25,20 @@ class PMatDense(PMatAbstract):
             return param.element_size()
         return 4
 
+    # ------------------------------------------------------------------ the container
+    def _blocks(self):
+        """One :class:`~.blocks.DenseBlock` for the whole matrix, sharing the cached
+        eigendecomposition (:meth:`get_eigendecomposition`)."""
+        return [DenseBlock(self.data, self.get_eigendecomposition)]
+
+    def _from_blocks(self, blocks):
+        (b,) = blocks
+        return PMatDense(self.layer_collection, None, data=b.dense())
+
+    def _like(self):
+        return self.data
+
     # ------------------------------------------------------------------ products
-    def mv(self, v):
-        self._check_pvector(v)
-        return PVector(self.layer_collection, vector_repr=self.data @ v.get_flat_representation())
-
-    def vTMv(self, v):
-        self._check_pvector(v)
-        f = v.get_flat_representation()
-        return f @ (self.data @ f)
-
-    def mmap(self, pfmap):
-        self._check_pfmap(pfmap)
-        return PFMapDense(self.layer_collection, data=pfmap.to_torch() @ self.data)
-
-    def mapTMmap(self, pfmap, reduction="sum"):
-        """``q[k, i] = J[k, i] M J[k, i]ᵀ``: ``'diag'`` ``(K, n)``, ``'sum'`` ``Σ_k``, ``(n,)``."""
-        self._check_pfmap(pfmap)
-        check_reduction(reduction)
-        J = pfmap.to_torch()
-        return reduce_forms(torch.einsum("kip,kip->ki", J @ self.data, J), reduction)
-
     def mm(self, other):
         self._check_same_kind(other)
         return PMatDense(self.layer_collection, None, data=self.data @ other.data)
@@ -149,55 +141,25 @@ class PMatDense(PMatAbstract):
             x = evecs @ ((evecs.t() @ b) / evals.unsqueeze(1))
         return x.to(out_dtype)
 
-    def solvePVec(self, x, regul=1e-8, solve="solve"):
+    def solvePVec(self, x, regul=1e-8, solve="solve", damping="exact"):
         """``(M + Λ)⁻¹ x``, exactly; ``regul`` gives ``Λ``: a scalar ``λ`` (``λI``), a dict
-        ``{layer_id: λ_l}``, a PVector (one value per parameter), a PMatEye or a PMatDiag."""
+        ``{layer_id: λ_l}``, a PVector (one value per parameter), a PMatEye or a PMatDiag. The
+        factorization of the last ``(solve, regul)`` is kept (see ``_factorization``)."""
+        self._check_damping(damping, "solve")
         self._check_pvector(x)
         regul = self._regul(regul, "solve")
         y = self._solve_matrix(x.get_flat_representation().unsqueeze(1), regul, solve)
         return PVector(self.layer_collection, vector_repr=y.squeeze(1))
 
-    def solvePFMap(self, x, regul=1e-8, solve="solve"):
+    def solvePFMap(self, x, regul=1e-8, solve="solve", damping="exact"):
         """``(M + Λ)⁻¹`` applied to every row of the PFMap (``regul``: see :meth:`solvePVec`)."""
+        self._check_damping(damping, "solve")
         self._check_pfmap(x)
         regul = self._regul(regul, "solve")
         J = x.to_torch()
         K, n, P = J.shape
         Y = self._solve_matrix(J.reshape(K * n, P).t(), regul, solve)
         return PFMapDense(self.layer_collection, data=Y.t().reshape(K, n, P))
-
-    def inverse(self, regul=1e-8):
-        """``(M + Λ)⁻¹`` as a PMatDense (``regul``: see :meth:`solvePVec`; ``regul <= 0`` on a
-        singular matrix is refused)."""
-        regul = self._regul(regul, "inverse")
-        self._check_invertible(regul, "inverse")
-        A = self._damped(regul)
-        try:
-            inv = torch.linalg.inv(_checks.upcast(A)).to(A.dtype)
-        except torch.linalg.LinAlgError:
-            raise _checks.singular_error("PMatDense", "inverse", regul,
-                                         "the LU factorization has a zero pivot") from None
-        return PMatDense(self.layer_collection, None, data=inv)
-
-    def pow(self, x, regul=0.0):
-        """``(M + regul·I)^x`` through the eigendecomposition (for fractional powers, negative
-        round-off eigenvalues are clipped to 0 and a genuinely indefinite matrix is refused;
-        for negative powers a singular ``M + regul·I`` is refused). ``regul``: ``Λ`` as in
-        :meth:`solvePVec`; a scalar reuses the cached eigendecomposition of ``M``."""
-        regul = self._regul(regul, f"pow({x})")
-        evals, evecs = self._damped_eig(regul)
-        ev = eigvals_for_power(evals, x, "PMatDense", regul)
-        return PMatDense(self.layer_collection, None, data=(evecs * ev ** x) @ evecs.t())
-
-    def logdet(self, regul=0.0):
-        """``log det(M + Λ)`` (``regul``: ``Λ`` as in :meth:`solvePVec`), differentiable with
-        respect to a ``Λ`` that requires grad."""
-        regul = self._regul(regul, "logdet")
-        if hasattr(regul, "flat"):
-            evals = _spectral.eigvalsh(self._damped(regul))
-        else:
-            evals = self.get_eigendecomposition()[0] + regul
-        return logdet_from_eigvals(evals, "PMatDense", regul)
 
     def compute_eigendecomposition(self, impl="eigh"):
         """Eigendecomposition ``M = V diag(λ) Vᵀ`` of the symmetric matrix, cached in ``evals``
@@ -265,15 +227,6 @@ class PMatDense(PMatAbstract):
         return PMatDense(self.layer_collection, None, data=(evecs * inv) @ evecs.t())
 
     # ------------------------------------------------------------------ reductions
-    def get_diag(self):
-        return torch.diagonal(self.data)
-
-    def trace(self):
-        return torch.trace(self.data)
-
-    def frobenius_norm(self):
-        return torch.linalg.norm(self.data)
-
     def norm(self, ord=None):
         if ord in (None, "fro"):
             return self.frobenius_norm()
@@ -283,26 +236,13 @@ class PMatDense(PMatAbstract):
         return self.data
 
     # ------------------------------------------------------------------ arithmetic
-    def _scaled(self, x):
-        return PMatDense(self.layer_collection, None, data=self.data * x)
-
     def __add__(self, other):
-        return PMatDense(self.layer_collection, None, data=self.data + self._dense_operand(other))
+        return self._add_blocks(other)
 
     __radd__ = __add__
 
     def __sub__(self, other):
-        return PMatDense(self.layer_collection, None, data=self.data - self._dense_operand(other))
-
-    def _dense_operand(self, other):
-        """Another PMatDense's data, or a PMatEye's ``s·I`` (e.g. a prior precision)."""
-        if isinstance(other, PMatEye):
-            if other.layer_collection != self.layer_collection:
-                raise ValueError("the two matrices are built on different LayerCollections")
-            return other.scaling * torch.eye(self.data.shape[0], dtype=self.data.dtype,
-                                             device=self.data.device)
-        self._check_same_kind(other)
-        return other.data
+        return self._add_blocks(other, -1.0)
 
 
 # the size check is shared by every representation's dense allocations: see _checks

@@ -332,41 +332,58 @@ class PMatEKFAC(PMatAbstract):
         """A layer's diagonal in its eigenbasis, flat in the column order of :meth:`get_KFE`."""
         return torch.cat([D.reshape(-1) for _, _, D in self._entries(lid)])
 
+    # ------------------------------------------------------------------ the container
+    # one EigenKronBlock per Kronecker unit (a layer, or each block of a multi-block layer), in
+    # the layer's Kronecker layout; every operation below that is not written here is the base
+    # class's, from the blocks' primitives
+    _flat_layouts = False
+    _per_entry_exact = False
+
+    def _blocks(self):
+        return [EigenKronBlock(*ent) for _, ent in self._units()]
+
+    def _block_keys(self):
+        """The unit keys in layout order (the layout's, computed once with it)."""
+        lay = self._layout
+        keys = getattr(lay, "unit_keys", None)
+        if keys is None:
+            keys = lay.unit_keys = [key for _, (*_, units) in lay.entries.items()
+                                    for key, *_ in units]
+        return keys
+
+    def _split(self, X):
+        return list(self._layout.split(X).values())
+
+    def _join(self, parts):
+        return self._layout.join(dict(zip(self._block_keys(), parts)))
+
+    def _from_blocks(self, blocks):
+        """The same eigenbases with each block's new ``D``."""
+        diags = {}
+        for (key, _), b in zip(self._units(), blocks):
+            if isinstance(key, tuple):
+                diags.setdefault(key[0], []).append(b.D)
+            else:
+                diags[key] = b.D
+        return self._with_diags(diags)
+
+    def _like(self):
+        return self._units()[0][1][2]
+
     # ------------------------------------------------------------------ products
     def mv(self, vs):
         """``M v`` for a PVector ``vs``: ``U (D ∘ (Uᵀ v))`` per layer."""
-        self._check_pvector(vs)
-        return PVector(self.layer_collection,
-                       vector_repr=self._apply(vs.get_flat_representation(), self._scale_layer))
+        return super().mv(vs)
 
     def vTMv(self, vector):
         """``vᵀ M v = Σ D ∘ (Uᵀ v)²`` for a PVector ``vector``."""
-        self._check_pvector(vector)
-        return sum(self._block(key).quadratic(V)
-                   for key, V in self._layout.split(vector.get_flat_representation()).items())
-
-    def mmap(self, pfmap):
-        self._check_pfmap(pfmap)
-        return PFMapDense(self.layer_collection, data=self._apply(pfmap.to_torch(), self._scale_layer))
-
-    def mapTMmap(self, pfmap, reduction="sum"):
-        """Quadratic forms of the rows of a PFMap ``J`` of shape ``(K, n, P)``:
-        ``reduction='diag'``: ``(K, n)`` with entry ``J[k, i] M J[k, i]ᵀ = Σ D ∘ (Uᵀ J[k, i])²``;
-        ``'sum'``: their sum over ``k``, shape ``(n,)``."""
-        self._check_pfmap(pfmap)
-        if reduction not in ("sum", "diag"):
-            raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
-        out = sum(self._block(key).quadratic(V)
-                  for key, V in self._layout.split(pfmap.to_torch()).items())
-        return out.sum(dim=0) if reduction == "sum" else out
+        return super().vTMv(vector)
 
     # ------------------------------------------------------------------ solves and functions
     def _check_solve(self, solve, damping="exact"):
         if solve not in ("default", "solve", "eigh"):
             raise ValueError(f"unknown solve '{solve}' for {type(self).__name__}: use 'default'")
-        if damping != "exact":
-            raise ValueError(f"{type(self).__name__} damps exactly in its eigenbasis; damping "
-                             f"'{damping}' is not available (use damping='exact')")
+        self._check_damping(damping, "solve")  # it damps exactly, in its eigenbasis
 
     def _regul(self, regul, what):
         return layer_prior(regul, self.layer_collection, type(self).__name__, what)
@@ -394,44 +411,46 @@ class PMatEKFAC(PMatAbstract):
         per-parameter ``Λ`` raises ``NotImplementedError``."""
         self._check_pvector(x)
         self._check_solve(solve, damping)
-        regul = self._regul(regul, "solve")
-        self._check_invertible(regul, "solve")
-        return PVector(self.layer_collection, vector_repr=self._apply(
-            x.get_flat_representation(), self._solve_fn(regul)))
+        return PVector(self.layer_collection, vector_repr=self._solve_checked(
+            x.get_flat_representation(), regul))
 
     def solvePFMap(self, x, regul=1e-8, solve="default", damping="exact"):
         self._check_pfmap(x)
         self._check_solve(solve, damping)
-        regul = self._regul(regul, "solve")
-        self._check_invertible(regul, "solve")
-        return PFMapDense(self.layer_collection,
-                          data=self._apply(x.to_torch(), self._solve_fn(regul)))
+        return PFMapDense(self.layer_collection, data=self._solve_checked(x.to_torch(), regul))
 
-    def inverse(self, regul=1e-8):
+    def _solve_checked(self, X, regul):
+        """``(M + Λ)⁻¹`` on the rows of ``X``: the whole spectrum checked at once (one error,
+        one tolerance), then each block's ``(B + λ_l)⁻¹`` without checking again."""
+        prior = self._regul(regul, "solve")
+        self._check_invertible(prior, "solve")
+        _, dampings = self._dampings(regul, "solve")
+        return self._join([b.apply_power(V, -1.0, d) for b, V, d in
+                           zip(self._blocks(), self._split(X), dampings)])
+
+    def inverse(self, regul=1e-8, damping="exact"):
         """``(M + regul·I)⁻¹``, same representation."""
-        return self.pow(-1.0, regul=regul)
+        return self.pow(-1.0, regul=regul, damping=damping)
 
-    def pow(self, pow, regul=0.0, impl="default"):
+    def pow(self, pow, regul=0.0, impl="default", damping="exact"):
         """``(M + regul·I)^pow = U diag((D + regul)^pow) Uᵀ`` (values below 0, round-off, are
         clipped to 0 for fractional ``pow``). ``impl``: only ``'default'`` (upstream's
         parameter; the power is always taken on the diagonal)."""
+        self._check_damping(damping, "pow")
         if impl != "default":
             raise ValueError(f"unknown impl '{impl}' for {type(self).__name__}.pow: use 'default'")
         x = pow  # upstream's parameter name shadows the builtin; only `x` below
         what = "inverse" if x == -1 else f"pow({x})"
-        regul = self._regul(regul, what)
+        prior = self._regul(regul, what)
+        # the whole spectrum checked at once (one error, one tolerance), then the blocks' powers
         if float(x) < 0:
-            self._check_invertible(regul, what)
-        elif not float(x).is_integer():  # the whole spectrum at once: one error, one tolerance
-            _checks.psd_values(self._damped_values(regul), type(self).__name__, what, regul)
-
-        def f(lid, D):
-            d = D + self._unit_regul(regul, lid)
-            if not float(x).is_integer():
-                d = d.clamp(min=0)  # round-off only: genuinely negative values refused above
-            return d ** x
-
-        return self._with_diags(self._map_diags(f, with_layer=True))
+            self._check_invertible(prior, what)
+        elif not float(x).is_integer():
+            _checks.psd_values(self._damped_values(prior), type(self).__name__, what, prior)
+        _, dampings = self._dampings(regul, what, damping)
+        clip = not float(x).is_integer()  # round-off only: genuinely negative values refused
+        return self._from_blocks([b.matpower(x, d, clip=clip)
+                                  for b, d in zip(self._blocks(), dampings)])
 
     def pinv(self, atol=1e-8):
         """The Moore-Penrose pseudo-inverse ``U diag(D⁺) Uᵀ``, with ``D⁺ = 1/D`` where
@@ -444,8 +463,9 @@ class PMatEKFAC(PMatAbstract):
 
         return self._with_diags(self._map_diags(f))
 
-    def logdet(self, regul=0.0):
+    def logdet(self, regul=0.0, damping="exact"):
         """``log det(M + Λ) = Σ_l Σ log(D_l + λ_l)`` (``regul``: see :meth:`solvePVec`)."""
+        self._check_damping(damping, "logdet")
         regul = self._regul(regul, "logdet")
         return _checks.logdet_of(self._damped_values(regul), type(self).__name__, regul)
 
@@ -463,13 +483,6 @@ class PMatEKFAC(PMatAbstract):
                            for ent in self._entries(lid)])
             parts.append(self._layout.to_flat_order(lid, d) if split_weight_bias else d)
         return torch.cat(parts)
-
-    def trace(self):
-        return sum(EigenKronBlock(*ent).trace() for _, ent in self._units())
-
-    def frobenius_norm(self):
-        """``sqrt(Σ D²)`` (the basis is orthogonal)."""
-        return torch.sqrt(sum(EigenKronBlock(*ent).frobenius_sq() for _, ent in self._units()))
 
     def get_block_torch(self, layer_id, layer=None, split_weight_bias=True):
         """The dense ``(p_l, p_l)`` block ``U diag(D) Uᵀ`` of layer ``layer_id``, in the flat

@@ -248,7 +248,7 @@ class PMatImplicit(PMatAbstract):
                 RuntimeWarning)
         return X
 
-    def solvePVec(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None):
+    def solvePVec(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None, damping="exact"):
         """``(M + regul·I)⁻¹ x`` by conjugate gradients.
 
         Args:
@@ -263,14 +263,16 @@ class PMatImplicit(PMatAbstract):
                 or a callable ``PVector -> PVector``. It changes the iterations, not the
                 solution.
         """
+        self._check_damping(damping, "solve")
         self._check_pvector(x)
         _check_solve(solve)
         y = self._solve_rows(x.get_flat_representation().unsqueeze(0), regul, tol, max_iter, M)
         return PVector(self.layer_collection, vector_repr=y.squeeze(0))
 
-    def solvePFMap(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None):
+    def solvePFMap(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None, damping="exact"):
         """``(M + regul·I)⁻¹`` applied to every row of the PFMap, by batched CG (see
         :meth:`solvePVec` for ``tol``, ``max_iter`` and the preconditioner ``M``)."""
+        self._check_damping(damping, "solve")
         self._check_pfmap(x)
         _check_solve(solve)
         J = x.to_torch()
@@ -312,13 +314,16 @@ class PMatImplicit(PMatAbstract):
         self._needs_matrix("frobenius_norm", "use PMatLowRank (exact, from the r × r Gram "
                                              "matrix) or PMatDense")
 
-    def inverse(self, regul=1e-8):
+    def inverse(self, regul=1e-8, damping="exact"):
+        self._check_damping(damping, "inverse")
         self._needs_matrix("inverse", "use solve(x, regul) (conjugate gradients)")
 
-    def pow(self, x, regul=0.0):
+    def pow(self, x, regul=0.0, damping="exact"):
+        self._check_damping(damping, "pow")
         self._needs_matrix("pow", "use solve(x, regul) for x = -1, or PMatLowRank.pow")
 
-    def logdet(self, regul=0.0):
+    def logdet(self, regul=0.0, damping="exact"):
+        self._check_damping(damping, "logdet")
         self._needs_matrix("logdet", "use PMatLowRank.logdet or PMatDense.logdet")
 
     def mm(self, other):

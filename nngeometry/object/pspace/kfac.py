@@ -1,5 +1,7 @@
 """``PMatKFAC``: block-diagonal over layers, each block a Kronecker product of two small factors
 (Martens & Grosse 2015; convolutions: Grosse & Martens 2016)."""
+import functools
+
 import torch
 
 from ...backend.consumers import KFACFactors
@@ -10,7 +12,7 @@ from . import _kron as K
 from ._prior import layer_prior, unit_value
 from ._kron import check_kfac_support  # noqa: F401  (its historical home: kept importable)
 from .abstract import PMatAbstract
-from .blocks import EigenKronBlock
+from .blocks import EigenKronBlock, KronBlock
 from .ekfac import PMatEKFAC
 
 _DAMPINGS = ("pi", "exact")
@@ -84,6 +86,8 @@ class PMatKFAC(PMatAbstract):
     (``A.mul_(0.9).add_(0.1 * A_new)``) recomputes them. ``mm`` results may have non-symmetric
     factors: use them for products and ``to_torch``, not for damped solves.
     """
+
+    _DAMPINGS = _DAMPINGS
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None,
                  kfac_approx="expand", separate_weight_and_bias=False, **kwargs):
@@ -271,35 +275,55 @@ class PMatKFAC(PMatAbstract):
     def _exact_layer(self, key, V, regul, power=-1.0):
         return self._eigen_block(key).apply_power(V, power, self._unit_regul(regul, key))
 
+    # ------------------------------------------------------------------ the container
+    # one KronBlock per Kronecker unit (a layer, or each block of a multi-block layer), in the
+    # layer's Kronecker layout, sharing the cached factor eigendecompositions: products,
+    # reductions and the exactly damped functions are the base class's, from the blocks'
+    # primitives; π-damping (the default of solve / inverse / pow) is written here
+    _flat_layouts = False
+    _per_entry_exact = False
+
+    def _blocks(self):
+        return [KronBlock(A, G, functools.partial(self._eigen_block, key))
+                for key, A, G in self._units()]
+
+    def _block_keys(self):
+        """The unit keys in layout order (the layout's, computed once with it)."""
+        lay = self._layout
+        keys = getattr(lay, "unit_keys", None)
+        if keys is None:
+            keys = lay.unit_keys = [key for _, (*_, units) in lay.entries.items()
+                                    for key, *_ in units]
+        return keys
+
+    def _split(self, X):
+        return list(self._layout.split(X).values())
+
+    def _join(self, parts):
+        return self._layout.join(dict(zip(self._block_keys(), parts)))
+
+    def _from_blocks(self, blocks):
+        """Kronecker blocks stay a PMatKFAC; exactly damped ones (eigen-Kronecker) are a
+        PMatEKFAC on the factors' eigenbases."""
+        keys = self._block_keys()
+        if all(isinstance(b, KronBlock) for b in blocks):
+            return PMatKFAC(self.layer_collection, None, data=K.repack(
+                self.data, {k: (b.A, b.G) for k, b in zip(keys, blocks)}))
+        eig = [b.eigen() if isinstance(b, KronBlock) else b for b in blocks]
+        return PMatEKFAC(self.layer_collection, None, data=K.repack(
+            self.data, {k: b.as_entry() for k, b in zip(keys, eig)}))
+
+    def _like(self):
+        return self._units()[0][2]
+
     # ------------------------------------------------------------------ products
     def mv(self, vs):
         """``M v`` for a PVector ``vs``: per layer ``G V Aᵀ`` on the reshaped vector."""
-        self._check_pvector(vs)
-        return PVector(self.layer_collection,
-                       vector_repr=self._apply(vs.get_flat_representation(), self._mul_layer))
+        return super().mv(vs)
 
     def vTMv(self, vector):
         """``vᵀ M v`` (a scalar tensor) for a PVector ``vector``."""
-        self._check_pvector(vector)
-        parts = self._layout.split(vector.get_flat_representation())
-        return sum((V * self._mul_layer(lid, V)).sum() for lid, V in parts.items())
-
-    def mmap(self, pfmap):
-        """``M`` applied to every row of a PFMap ``(K, n, P)``: a PFMapDense."""
-        self._check_pfmap(pfmap)
-        return PFMapDense(self.layer_collection, data=self._apply(pfmap.to_torch(), self._mul_layer))
-
-    def mapTMmap(self, pfmap, reduction="sum"):
-        """Quadratic forms of the rows of a PFMap ``J`` of shape ``(K, n, P)``:
-        ``reduction='diag'``: ``(K, n)`` with entry ``J[k, i] M J[k, i]ᵀ``; ``'sum'``: their sum
-        over ``k``, shape ``(n,)``."""
-        self._check_pfmap(pfmap)
-        if reduction not in ("sum", "diag"):
-            raise ValueError(f"unknown reduction '{reduction}': use 'sum' or 'diag'")
-        out = 0
-        for key, V in self._layout.split(pfmap.to_torch()).items():
-            out = out + torch.einsum("kiab,kiab->ki", V, self._mul_layer(key, V))
-        return out.sum(dim=0) if reduction == "sum" else out
+        return super().vTMv(vector)
 
     def mm(self, other):
         """``M₁ M₂`` for another PMatKFAC: per layer ``(G₁G₂) ⊗ (A₁A₂)``."""
@@ -322,7 +346,7 @@ class PMatKFAC(PMatAbstract):
         _check_damping(damping)
         if damping == "exact":
             self._check_exact_invertible(regul, "solve")
-            return self._apply(flat, lambda lid, V: self._exact_layer(lid, V, regul))
+            return self._solve_rows(flat, regul, "exact")
         inv = self._pi_inverse_factors(regul, use_pi)
         return self._apply(flat, lambda lid, V: K.kron_apply(*inv[lid], V))
 
@@ -366,15 +390,10 @@ class PMatKFAC(PMatAbstract):
                 self.data, self._pi_inverse_factors(regul, use_pi, power=float(x), what=what)))
         if float(x) < 0:
             self._check_exact_invertible(regul, what)
-
-        def entry(key, A, G):
-            block = self._eigen_block(key)
-            d = block.eigenvalues(self._unit_regul(regul, key))
-            if not float(x).is_integer():
-                d = _checks.psd_values(d, "PMatKFAC", what, regul)
-            return (block.UA, block.UG, d ** x)
-
-        return PMatEKFAC(self.layer_collection, None, data=self._map_units(entry))
+        return PMatEKFAC(self.layer_collection, None, data=K.repack(self.data, {
+            key: b.as_entry() for key, b in zip(self._block_keys(), (
+                b.eigen().matpower(x, d, ("PMatKFAC", regul)) for b, d in zip(
+                    self._blocks(), self._dampings(regul, what)[1])))}))
 
     def logdet(self, regul=0.0, damping="exact", use_pi=True):
         """``log det(M + regul·I) = Σ log(λ_G,i λ_A,j + regul)`` (``damping='exact'``, default),
@@ -408,13 +427,6 @@ class PMatKFAC(PMatAbstract):
                            for A, G in K.blocks_of(e)])
             parts.append(self._layout.to_flat_order(lid, d) if split_weight_bias else d)
         return torch.cat(parts)
-
-    def trace(self):
-        return sum(K.ftrace(A) * K.ftrace(G) for _, A, G in self._units())
-
-    def frobenius_norm(self):
-        """``sqrt(Σ_blocks (‖A‖_F ‖G‖_F)²)``."""
-        return torch.sqrt(sum((K.fnorm(A) * K.fnorm(G)) ** 2 for _, A, G in self._units()))
 
     def get_block_torch(self, layer_id, layer=None, split_weight_bias=True):
         """The dense ``(p_l, p_l)`` block of layer ``layer_id``, in the flat order

@@ -8,6 +8,7 @@ from ..vector import PVector
 from . import _checks, _spectral
 from ._prior import scalar_or_prior
 from .abstract import PMatAbstract, check_reduction, reduce_forms
+from .blocks import LowRankBlock
 from .eye import PMatEye
 
 
@@ -99,6 +100,14 @@ class PMatLowRank(_LowRankBase):
 
     def _new(self, U):
         return PMatLowRank(self.layer_collection, None, data=U)
+
+    # the block view (diag_of_inverse, eigenvalues: the base class's, from LowRankBlock; the
+    # other operations are written here, with their solver choices and caches)
+    def _blocks(self):
+        return [LowRankBlock(self._U())]
+
+    def _like(self):
+        return self.data
 
     def _as_update(self):
         U = self._U()
@@ -213,28 +222,31 @@ class PMatLowRank(_LowRankBase):
             return (XV / (evals + regul)) @ V.t() + (X - XV @ V.t()) / regul
         raise ValueError(f"unknown solve '{solve}': use 'woodbury' (default) or 'eigh'")
 
-    def solvePVec(self, x, regul=1e-8, solve="default"):
+    def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
         """``(M + regul·I)⁻¹ x``, exact (``regul > 0``)."""
+        self._check_damping(damping, "solve")
         self._check_pvector(x)
         return PVector(self.layer_collection,
                        vector_repr=self._solve_rows(x.get_flat_representation(), regul, solve))
 
-    def solvePFMap(self, x, regul=1e-8, solve="default"):
+    def solvePFMap(self, x, regul=1e-8, solve="default", damping="exact"):
         """``(M + regul·I)⁻¹`` applied to every row of the PFMap (exact, ``regul > 0``)."""
+        self._check_damping(damping, "solve")
         self._check_pfmap(x)
         return PFMapDense(self.layer_collection, data=self._solve_rows(x.to_torch(), regul, solve))
 
-    def inverse(self, regul=1e-8):
+    def inverse(self, regul=1e-8, damping="exact"):
         """``(M + regul·I)⁻¹ = I/λ - Uᵀ(λI + G)⁻¹U/λ``, exact, as a :class:`PMatEyePlusLowRank`
         (for a per-layer / per-parameter ``Λ``: ``Λ⁻¹ - Λ⁻¹Uᵀ(I + UΛ⁻¹Uᵀ)⁻¹UΛ⁻¹``, the same
         type with a diagonal ``α``)."""
+        self._check_damping(damping, "inverse")
         regul, damped = self._with_prior(regul, "inverse")
         if damped is not None:
             return damped.inverse(0.0)
         self._check_regul(regul, "inverse")
         return self._as_update().inverse(regul=regul)
 
-    def pow(self, x, regul=0.0, on_range=False):
+    def pow(self, x, regul=0.0, on_range=False, damping="exact"):
         """``(M + regul·I)^x`` through the thin eigendecomposition ``M = V Λ Vᵀ``.
 
         * ``on_range=False`` (default): exact, ``λ^x I + V ((Λ + λ)^x - λ^x) Vᵀ`` as a
@@ -248,6 +260,7 @@ class PMatLowRank(_LowRankBase):
         a diagonal ``α``); other powers of a diagonal plus a low-rank matrix have no low-rank
         form.
         """
+        self._check_damping(damping, "pow")
         regul, damped = self._with_prior(regul, f"pow({x})")
         if damped is not None:
             if x in (1, -1) and not on_range:
@@ -291,9 +304,10 @@ class PMatLowRank(_LowRankBase):
             return ev[r - P] if r >= P else torch.zeros((), dtype=ev.dtype, device=ev.device)
         return super().norm(ord)
 
-    def logdet(self, regul=0.0):
+    def logdet(self, regul=0.0, damping="exact"):
         """``log det(M + λI) = (P - r) log λ + log det(λI_r + G)`` (Sylvester); for a
         per-layer / per-parameter ``Λ``: ``Σ log Λ_pp + log det(I_r + UΛ⁻¹Uᵀ)``."""
+        self._check_damping(damping, "logdet")
         regul, damped = self._with_prior(regul, "logdet")
         if damped is not None:
             return damped.logdet(0.0)
@@ -373,6 +387,13 @@ class PMatEyePlusLowRank(_LowRankBase):
     def _new(self, alpha, U, C):
         return PMatEyePlusLowRank(self.layer_collection, data=(alpha, U, C))
 
+    def _blocks(self):
+        alpha, U, C = self.data
+        return [LowRankBlock(U, alpha, C)]
+
+    def _like(self):
+        return self.data[1]
+
     def _apply(self, X):
         alpha, U, C = self.data
         return alpha * X + ((X @ U.t()) @ C) @ U
@@ -438,29 +459,33 @@ class PMatEyePlusLowRank(_LowRankBase):
         W = self._woodbury(beta)
         return (X - ((X @ U.t()) @ W) @ U) / beta
 
-    def solvePVec(self, x, regul=0.0, solve="default"):
+    def solvePVec(self, x, regul=0.0, solve="default", damping="exact"):
         """``(αI + UᵀCU + regul·I)⁻¹ x``, exact (Woodbury)."""
+        self._check_damping(damping, "solve")
         self._check_pvector(x)
         return PVector(self.layer_collection,
                        vector_repr=self._solve_rows(x.get_flat_representation(), regul))
 
-    def solvePFMap(self, x, regul=0.0, solve="default"):
+    def solvePFMap(self, x, regul=0.0, solve="default", damping="exact"):
+        self._check_damping(damping, "solve")
         self._check_pfmap(x)
         return PFMapDense(self.layer_collection, data=self._solve_rows(x.to_torch(), regul))
 
     def solve(self, x, regul=0.0, solve="default", **kwargs):
         return super().solve(x, regul=regul, solve=solve, **kwargs)
 
-    def inverse(self, regul=0.0):
+    def inverse(self, regul=0.0, damping="exact"):
         """``(αI + UᵀCU + regul·I)⁻¹ = I/β - Uᵀ (W/β) U``, again of this form (for a
         diagonal ``β``: ``β⁻¹ - (Uβ⁻¹)ᵀ W (Uβ⁻¹)``)."""
+        self._check_damping(damping, "inverse")
         beta = self._beta(regul, "inverse")
         if beta.dim():
             Ub, W = self._diag_woodbury(beta)
             return self._new(1.0 / beta, Ub, -W)
         return self._new(1.0 / beta, self.data[1], -self._woodbury(beta) / beta)
 
-    def pow(self, x, regul=0.0):
+    def pow(self, x, regul=0.0, damping="exact"):
+        self._check_damping(damping, "pow")
         if x == 1:
             alpha, U, C = self.data
             return self._new(self._beta(regul, "pow(1)", check=False), U, C)
@@ -470,9 +495,10 @@ class PMatEyePlusLowRank(_LowRankBase):
             f"PMatEyePlusLowRank.pow({x}): only 1 and -1; for other powers use PMatLowRank.pow, "
             "which goes through the eigendecomposition")
 
-    def logdet(self, regul=0.0):
+    def logdet(self, regul=0.0, damping="exact"):
         """``P log β + log det(I_r + C G / β)`` (Sylvester), ``β = α + regul`` (for a diagonal
         ``β``: ``Σ log β_p + log det(I_r + C U β⁻¹ Uᵀ)``)."""
+        self._check_damping(damping, "logdet")
         beta = self._beta(regul, "logdet")
         _, U, C = self.data
         if beta.dim():

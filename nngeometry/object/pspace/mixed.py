@@ -262,8 +262,22 @@ class PMatMixed(PMatAbstract):
         return self._new({g: self.data[g].mm(other.data[g]) for g in self.data})
 
     # ------------------------------------------------------------------ solves and functions
-    @staticmethod
-    def _accepted(fn, kwargs):
+    @property
+    def _DAMPINGS(self):
+        """Every damping one of the groups offers ('pi' when a group is KFAC)."""
+        out = ["exact"]
+        for m in self.data.values():
+            out += [d for d in m._DAMPINGS if d not in out]
+        return tuple(out)
+
+    def _accepted(self, fn, kwargs):
+        """The keywords ``fn`` (a group's method) takes; ``damping='pi'`` reaches the groups
+        that offer it (KFAC), the others damp exactly."""
+        if "damping" in kwargs:
+            self._check_damping(kwargs["damping"], fn.__name__)
+            owner = getattr(fn, "__self__", None)
+            if owner is not None and kwargs["damping"] not in owner._DAMPINGS:
+                kwargs = dict(kwargs, damping="exact")
         params = inspect.signature(fn).parameters
         if any(p.kind == p.VAR_KEYWORD for p in params.values()):
             return kwargs
@@ -309,10 +323,11 @@ class PMatMixed(PMatAbstract):
         return self._new({g: m.pow(x, regul=reguls[g], **self._accepted(m.pow, kwargs))
                           for g, m in self.data.items()})
 
-    def logdet(self, regul=0.0):
-        """``Σ_g log det(M_g + Λ_g)``."""
+    def logdet(self, regul=0.0, **kwargs):
+        """``Σ_g log det(M_g + Λ_g)`` (``damping=``: see :meth:`_accepted`)."""
         reguls = self._part_reguls(regul, "logdet")
-        return sum(m.logdet(regul=reguls[g]) for g, m in self.data.items())
+        return sum(m.logdet(regul=reguls[g], **self._accepted(m.logdet, kwargs))
+                   for g, m in self.data.items())
 
     def pinv(self, atol=1e-8, **kwargs):
         """Pseudo-inverse group by group (block-diagonal across groups, so exact for this
@@ -320,14 +335,36 @@ class PMatMixed(PMatAbstract):
         return self._new({g: m.pinv(atol=atol, **self._accepted(m.pinv, kwargs))
                           for g, m in self.data.items()})
 
+    def diag_of_inverse(self, regul=1e-8, **kwargs):
+        """``diag((M + Λ)⁻¹)`` group by group (``M + Λ`` is block-diagonal over the groups)."""
+        reguls = self._part_reguls(regul, "diag_of_inverse")
+        return self._scatter({g: m.diag_of_inverse(regul=reguls[g],
+                                                   **self._accepted(m.diag_of_inverse, kwargs))
+                              for g, m in self.data.items()})
+
+    def eigenvalues(self, regul=0.0, **kwargs):
+        """The ``P`` eigenvalues of ``M + Λ``: the union of the groups' (in no particular
+        order)."""
+        reguls = self._part_reguls(regul, "eigenvalues")
+        return torch.cat([m.eigenvalues(regul=reguls[g], **self._accepted(m.eigenvalues, kwargs))
+                          .reshape(-1) for g, m in self.data.items()])
+
     # ------------------------------------------------------------------ reductions
-    def get_diag(self):
-        parts = {g: m.get_diag() for g, m in self.data.items()}
+    def _scatter(self, parts):
+        """One ``(P,)`` tensor from each group's ``(P_g,)`` part, in the flat layout."""
         first = next(iter(parts.values()))
         out = first.new_empty(self.layer_collection.numel())
+        if any(d.requires_grad for d in parts.values()):
+            out = torch.zeros_like(out)
+            for g, d in parts.items():
+                out = out.index_put((self._index[g].to(d.device),), d)
+            return out
         for g, d in parts.items():
             out[self._index[g].to(d.device)] = d
         return out
+
+    def get_diag(self):
+        return self._scatter({g: m.get_diag() for g, m in self.data.items()})
 
     def trace(self):
         return sum(m.trace() for m in self.data.values())

@@ -1,11 +1,26 @@
-"""Per-layer blocks: each block type, one file, implements the same few primitives once (apply
-to a batch of vectors, quadratic forms, ``matpower(p, damping)``, eigenvalues, diagonal, dense,
-trace, logdet), and the representations are containers of blocks that write each operation
-once from them.
+"""Per-layer blocks: each block type, one file, implements the same few primitives once, on
+batches of vectors in its layout (see ``base.Block``): ``apply``, ``quadratic``, ``solve``,
+``matpower(p, damping)``, ``eigenvalues``, ``diag``, ``dense``, ``trace``, ``frobenius_sq``,
+``logdet(damping)``, ``scaled``, ``add``. The representations are containers of blocks and write
+each operation once from them (see ``abstract.PMatAbstract``).
 
-Migrated so far: the eigen-Kronecker block (PMatEKFAC, PMatEKFACBlockDiag's Kronecker layers,
-and PMatKFAC's exact damping). See docs/representations.md for what the others still do on
-their own."""
+* :class:`DenseBlock`: a dense symmetric block (PMatDense, PMatBlockDiag);
+* :class:`DiagBlock`: a diagonal (PMatDiag);
+* :class:`ScaledIdentityBlock`: ``s·I`` (PMatEye);
+* :class:`KronBlock`: ``A ⊗ G``, factors possibly diagonal (PMatKFAC);
+* :class:`EigenKronBlock`: ``(U_G ⊗ U_A) diag(D) (U_G ⊗ U_A)ᵀ`` (PMatEKFAC, exactly damped KFAC);
+* :class:`QuasiDiagBlock` / :class:`ArrowInverseBlock`: per-unit arrowheads and their inverses
+  (PMatQuasiDiag, PMatQuasiDiagInverse);
+* :class:`LowRankBlock`: ``diag(α) + Jᵀ C J`` (PMatLowRank, PMatEyePlusLowRank).
+"""
+from .base import Block
+from .dense import DenseBlock
+from .diag import DiagBlock
 from .eigen_kron import EigenKronBlock
+from .identity import ScaledIdentityBlock
+from .kron import KronBlock
+from .lowrank import LowRankBlock
+from .quasidiag import ArrowInverseBlock, QuasiDiagBlock
 
-__all__ = ["EigenKronBlock"]
+__all__ = ["Block", "DenseBlock", "DiagBlock", "EigenKronBlock", "ScaledIdentityBlock",
+           "KronBlock", "LowRankBlock", "QuasiDiagBlock", "ArrowInverseBlock"]

@@ -6,14 +6,17 @@ Layout: the layer's Kronecker layout (see ``_kron``): a vector of the layer is a
 ``[p, q]`` the eigenvalue of ``U_G[:, p] ⊗ U_A[:, q]``. A basis may be an ``int`` ``d`` (the
 identity of size ``d``: the basis of a diagonal factor), never densified.
 
-Every primitive takes batches: ``V`` of shape ``(..., dG, dA)``.
+Every primitive takes batches: ``V`` of shape ``(..., dG, dA)``. A scalar damping ``λ`` is exact
+(``D + λ``); a per-entry damping does not keep the basis and is refused.
 """
 import torch
 
+from .. import _checks
 from .. import _kron as K
+from .base import Block, is_entries, per_entry_refused, values_for_power, who_of
 
 
-class EigenKronBlock:
+class EigenKronBlock(Block):
     """``U diag(D) Uᵀ``, ``U = U_G ⊗ U_A`` (see the module docstring)."""
 
     __slots__ = ("UA", "UG", "D")
@@ -31,6 +34,15 @@ class EigenKronBlock:
         """PMatEKFAC's stored entry ``(U_A, U_G, D)``."""
         return (self.UA, self.UG, self.D)
 
+    @property
+    def shape(self):
+        return (K.fdim(self.UG), K.fdim(self.UA))
+
+    def _scalar(self, damping):
+        if is_entries(damping):
+            raise per_entry_refused(self)
+        return damping
+
     # ------------------------------------------------------------------ primitives
     def to_eigenbasis(self, V):
         """Coordinates of ``V`` in the eigenbasis: ``U_Gᵀ V U_A``."""
@@ -41,7 +53,7 @@ class EigenKronBlock:
 
     def eigenvalues(self, damping=0.0):
         """The ``(dG, dA)`` eigenvalues of the block plus ``damping·I``."""
-        return self.D + damping
+        return self.D + self._scalar(damping)
 
     def apply(self, V, fn=None):
         """``U fn(D) Uᵀ`` applied to ``V`` (``fn`` default: the identity, i.e. the block)."""
@@ -49,20 +61,30 @@ class EigenKronBlock:
         return self.from_eigenbasis(W * (self.D if fn is None else fn(self.D)))
 
     def apply_power(self, V, p, damping=0.0):
-        """``(B + damping·I)^p`` applied to ``V`` (the caller checks invertibility / PSD)."""
+        """``(B + damping·I)^p`` applied to ``V`` (no checks: the caller has made them)."""
         return self.apply(V, lambda D: (D + damping) ** p)
+
+    def solve(self, V, damping=0.0, who=None):
+        """``(B + λI)⁻¹ v`` for every vector of ``V`` (singular: the shared error)."""
+        rep, regul = who_of(self, damping, who)
+        _checks.check_invertible(self.eigenvalues(damping).reshape(-1), rep, "solve", regul)
+        return self.apply_power(V, -1.0, damping)
 
     def quadratic(self, V):
         """``vᵀ B v`` for each ``(dG, dA)`` matrix of the batch ``V``: shape ``V.shape[:-2]``."""
         W = self.to_eigenbasis(V)
         return (self.D * W * W).sum(dim=(-2, -1))
 
-    def matpower(self, p, damping=0.0, clip=False):
-        """The block ``(B + damping·I)^p``, in the same eigenbasis. ``clip``: negative values
-        (round-off, once the caller has refused genuinely negative ones) set to 0 first."""
-        d = self.D + damping
+    def matpower(self, p, damping=0.0, who=None, clip=False):
+        """The block ``(B + λI)^p``, in the same eigenbasis (shared checks: invertible for
+        ``p < 0``, PSD for fractional ``p``, round-off below 0 clipped). ``clip``: every
+        negative value set to 0 first, unchecked (the caller has refused genuine ones)."""
+        d = self.D + self._scalar(damping)
         if clip:
             d = d.clamp(min=0)
+        else:
+            rep, regul = who_of(self, damping, who)
+            d = values_for_power(d, p, rep, regul)
         return EigenKronBlock(self.UA, self.UG, d ** p)
 
     def map_values(self, fn):
@@ -78,6 +100,8 @@ class EigenKronBlock:
             d = (self.UG * self.UG) @ d
         return d
 
+    diag = diagonal
+
     def dense(self):
         """The dense ``(dG·dA, dG·dA)`` block, Kronecker layout."""
         U = torch.kron(K.dense_basis(self.UG, self.D).contiguous(),
@@ -91,6 +115,28 @@ class EigenKronBlock:
         """``‖B‖_F²`` (the basis is orthogonal)."""
         return (self.D * self.D).sum()
 
-    def logdet(self, damping=0.0):
-        """``Σ log(D + damping)`` (the caller checks positivity)."""
-        return torch.log(self.D + damping).sum()
+    def logdet(self, damping=0.0, who=None):
+        """``Σ log(D + λ)`` (positive definite, or the shared errors)."""
+        rep, regul = who_of(self, damping, who)
+        return _checks.logdet_of(self.eigenvalues(damping).reshape(-1), rep, regul)
+
+    # ------------------------------------------------------------------ arithmetic
+    def scaled(self, x):
+        return EigenKronBlock(self.UA, self.UG, self.D * x)
+
+    def add(self, other):
+        """``+ s·I`` and ``+`` a block on the same eigenbasis stay eigen-Kronecker."""
+        from .identity import ScaledIdentityBlock
+        if isinstance(other, ScaledIdentityBlock):
+            return EigenKronBlock(self.UA, self.UG, self.D + other.s)
+        if isinstance(other, EigenKronBlock) and _same_basis(self, other):
+            return EigenKronBlock(self.UA, self.UG, self.D + other.D)
+        return super().add(other)
+
+
+def _same_basis(a, b):
+    def same(x, y):
+        if isinstance(x, int) or isinstance(y, int):
+            return isinstance(x, int) and isinstance(y, int) and x == y
+        return x is y or (x.shape == y.shape and bool(torch.equal(x, y)))
+    return same(a.UA, b.UA) and same(a.UG, b.UG)
