@@ -149,9 +149,9 @@ class PMatAbstract:
         by default the same class, on the same collection."""
         self._unsupported("a matrix built from its blocks")
 
-    def _rows(self, X, fn):
+    def _rows(self, X, fn, blocks):
         """``fn(block, V)`` for each block on its part of the rows of ``X``, joined back."""
-        return self._join([fn(b, V) for b, V in zip(self._blocks(), self._split(X))])
+        return self._join([fn(b, V) for b, V in zip(blocks, self._split(X))])
 
     def _check_damping(self, damping, what):
         if damping not in self._DAMPINGS:
@@ -162,7 +162,7 @@ class PMatAbstract:
                 "PMatKFAC only)")
 
     def _dampings(self, regul, what, damping="exact"):
-        """``(regul for the messages, [the damping of each block])``: a scalar ``λ`` as given;
+        """``(regul for the messages, the blocks, [the damping of each block])``: a scalar ``λ`` as given;
         a per-layer ``Λ`` as each layer's scalar when blocks are per layer; otherwise each
         block's part of the diagonal of ``Λ`` (a per-entry damping in the block's layout)."""
         self._check_damping(damping, what)
@@ -172,16 +172,17 @@ class PMatAbstract:
         blocks = self._blocks_or_unsupported(what)
         scalar, prior = scalar_or_prior(regul, self.layer_collection, type(self).__name__, what)
         if prior is None:
-            return scalar, [scalar] * len(blocks)
+            return scalar, blocks, [scalar] * len(blocks)
         keys = self._block_keys()
         if prior.kind == "layer" and keys is not None:
             # a key (layer_id, i): block i of a layer with several (attention), its layer's λ
-            return prior, [prior.layer_value(k[0] if isinstance(k, tuple) else k) for k in keys]
+            return prior, blocks, [prior.layer_value(k[0] if isinstance(k, tuple) else k)
+                                   for k in keys]
         if not self._per_entry_exact:
             from ._prior import per_parameter_refused
             raise per_parameter_refused(type(self).__name__, what)
         like = self._like()
-        return prior, self._split(prior.flat(like))
+        return prior, blocks, self._split(prior.flat(like))
 
     def _like(self):
         """A tensor of the matrix's dtype and device."""
@@ -190,10 +191,10 @@ class PMatAbstract:
     # ------------------------------------------------------------------ products
     def mv(self, v):
         """``M v``."""
-        self._blocks_or_unsupported("mv")
+        blocks = self._blocks_or_unsupported("mv")
         self._check_pvector(v)
         return PVector(self.layer_collection,
-                       vector_repr=self._rows(v.get_flat_representation(), _apply))
+                       vector_repr=self._rows(v.get_flat_representation(), _apply, blocks))
 
     def vTMv(self, v):
         """``vᵀ M v``."""
@@ -204,9 +205,10 @@ class PMatAbstract:
 
     def mmap(self, pfmap):
         """``M`` applied to every row of the PFMap (shape ``(K, n, P)``)."""
-        self._blocks_or_unsupported("mmap")
+        blocks = self._blocks_or_unsupported("mmap")
         self._check_pfmap(pfmap)
-        return PFMapDense(self.layer_collection, data=self._rows(pfmap.to_torch(), _apply))
+        return PFMapDense(self.layer_collection,
+                          data=self._rows(pfmap.to_torch(), _apply, blocks))
 
     def mapTMmap(self, pfmap, reduction="sum"):
         """Quadratic forms of the rows of a PFMap ``J`` (shape ``(K, n, P)``):
@@ -250,18 +252,18 @@ class PMatAbstract:
             return self.solvePFMap(x, regul=regul, solve=solve, **kwargs)
         raise TypeError(f"solve takes a PVector or a PFMap, got {type(x).__name__}")
 
-    def _solve_rows(self, X, regul, damping, what="solve"):
-        regul, dampings = self._dampings(regul, what, damping)
+    def _block_solve_rows(self, X, regul, damping, what="solve"):
+        regul, blocks, dampings = self._dampings(regul, what, damping)
         who = (type(self).__name__, regul)
         return self._join([b.solve(V, d, who) for b, V, d in
-                           zip(self._blocks(), self._split(X), dampings)])
+                           zip(blocks, self._split(X), dampings)])
 
     def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
         """``(M + Λ)⁻¹ x`` block by block, exact (``regul``: see :mod:`._prior`)."""
         self._blocks_or_unsupported("solvePVec")
         self._check_pvector(x)
         _check_default_solve(self, solve)
-        return PVector(self.layer_collection, vector_repr=self._solve_rows(
+        return PVector(self.layer_collection, vector_repr=self._block_solve_rows(
             x.get_flat_representation(), regul, damping))
 
     def solvePFMap(self, x, regul=1e-8, solve="default", damping="exact"):
@@ -270,13 +272,13 @@ class PMatAbstract:
         self._check_pfmap(x)
         _check_default_solve(self, solve)
         return PFMapDense(self.layer_collection,
-                          data=self._solve_rows(x.to_torch(), regul, damping))
+                          data=self._block_solve_rows(x.to_torch(), regul, damping))
 
     def _power_blocks(self, p, regul, damping, what):
         """``[(B + Λ_B)^p]`` for every block."""
-        regul, dampings = self._dampings(regul, what, damping)
+        regul, blocks, dampings = self._dampings(regul, what, damping)
         who = (type(self).__name__, regul)
-        return [b.matpower(p, d, who) for b, d in zip(self._blocks(), dampings)]
+        return [b.matpower(p, d, who) for b, d in zip(blocks, dampings)]
 
     def _matpower(self, p, regul, damping, what):
         return self._from_blocks(self._power_blocks(p, regul, damping, what))
@@ -300,23 +302,21 @@ class PMatAbstract:
     def logdet(self, regul=0.0, damping="exact"):
         """``log det(M + Λ) = Σ_blocks log det(B + Λ_B)`` (positive definite, or the shared
         errors), differentiable with respect to a ``Λ`` that requires grad."""
-        regul, dampings = self._dampings(regul, "logdet", damping)
+        regul, blocks, dampings = self._dampings(regul, "logdet", damping)
         who = (type(self).__name__, regul)
-        return _total(b.logdet(d, who) for b, d in zip(self._blocks(), dampings))
+        return _total(b.logdet(d, who) for b, d in zip(blocks, dampings))
 
     def eigenvalues(self, regul=0.0, damping="exact"):
         """The ``P`` eigenvalues of ``M + Λ``, block by block (in no particular order)."""
-        regul, dampings = self._dampings(regul, "eigenvalues", damping)
-        return torch.cat([b.eigenvalues(d).reshape(-1)
-                          for b, d in zip(self._blocks(), dampings)])
+        regul, blocks, dampings = self._dampings(regul, "eigenvalues", damping)
+        return torch.cat([b.eigenvalues(d).reshape(-1) for b, d in zip(blocks, dampings)])
 
     def diag_of_inverse(self, regul=1e-8, damping="exact"):
         """``diag((M + Λ)⁻¹)`` as a ``(P,)`` tensor (the marginal variances of a Laplace
         posterior of precision ``M + Λ``), block by block, without forming a ``P × P``."""
-        regul, dampings = self._dampings(regul, "diag_of_inverse", damping)
+        regul, blocks, dampings = self._dampings(regul, "diag_of_inverse", damping)
         who = (type(self).__name__, regul)
-        return self._join([b.matpower(-1.0, d, who).diag() for b, d in
-                           zip(self._blocks(), dampings)])
+        return self._join([b.matpower(-1.0, d, who).diag() for b, d in zip(blocks, dampings)])
 
     def sqrt(self, regul=0.0, **kwargs):
         """``(M + Λ)^{1/2}``: :meth:`pow` with ``x = 1/2`` (same ``regul`` kinds, same damping
@@ -392,7 +392,7 @@ class PMatAbstract:
             P = self.layer_collection.numel()
             check_dense_fits(P, like.element_size(), count=2,
                              what=f"{type(self).__name__}.to_torch(): a dense")
-            return self._rows(torch.eye(P, dtype=like.dtype, device=like.device), _apply)
+            return self._rows(torch.eye(P, dtype=like.dtype, device=like.device), _apply, blocks)
         if len(blocks) == 1 and self._block_keys() is None:
             return blocks[0].dense()
         return torch.block_diag(*[b.dense() for b in blocks])

@@ -424,9 +424,9 @@ class PMatEKFAC(PMatAbstract):
         one tolerance), then each block's ``(B + λ_l)⁻¹`` without checking again."""
         prior = self._regul(regul, "solve")
         self._check_invertible(prior, "solve")
-        _, dampings = self._dampings(regul, "solve")
+        _, blocks, dampings = self._dampings(regul, "solve")
         return self._join([b.apply_power(V, -1.0, d) for b, V, d in
-                           zip(self._blocks(), self._split(X), dampings)])
+                           zip(blocks, self._split(X), dampings)])
 
     def inverse(self, regul=1e-8, damping="exact"):
         """``(M + regul·I)⁻¹``, same representation."""
@@ -447,10 +447,9 @@ class PMatEKFAC(PMatAbstract):
             self._check_invertible(prior, what)
         elif not float(x).is_integer():
             _checks.psd_values(self._damped_values(prior), type(self).__name__, what, prior)
-        _, dampings = self._dampings(regul, what, damping)
+        _, blocks, dampings = self._dampings(regul, what, damping)
         clip = not float(x).is_integer()  # round-off only: genuinely negative values refused
-        return self._from_blocks([b.matpower(x, d, clip=clip)
-                                  for b, d in zip(self._blocks(), dampings)])
+        return self._from_blocks([b.matpower(x, d, clip=clip) for b, d in zip(blocks, dampings)])
 
     def pinv(self, atol=1e-8):
         """The Moore-Penrose pseudo-inverse ``U diag(D⁺) Uᵀ``, with ``D⁺ = 1/D`` where

@@ -346,7 +346,7 @@ class PMatKFAC(PMatAbstract):
         _check_damping(damping)
         if damping == "exact":
             self._check_exact_invertible(regul, "solve")
-            return self._solve_rows(flat, regul, "exact")
+            return self._block_solve_rows(flat, regul, "exact")
         inv = self._pi_inverse_factors(regul, use_pi)
         return self._apply(flat, lambda lid, V: K.kron_apply(*inv[lid], V))
 
@@ -390,10 +390,10 @@ class PMatKFAC(PMatAbstract):
                 self.data, self._pi_inverse_factors(regul, use_pi, power=float(x), what=what)))
         if float(x) < 0:
             self._check_exact_invertible(regul, what)
-        return PMatEKFAC(self.layer_collection, None, data=K.repack(self.data, {
-            key: b.as_entry() for key, b in zip(self._block_keys(), (
-                b.eigen().matpower(x, d, ("PMatKFAC", regul)) for b, d in zip(
-                    self._blocks(), self._dampings(regul, what)[1])))}))
+        _, blocks, dampings = self._dampings(regul, what)
+        # always eigen-Kronecker (a PMatEKFAC), even for x = 1 without damping
+        return self._from_blocks([b.eigen().matpower(x, d, ("PMatKFAC", regul))
+                                  for b, d in zip(blocks, dampings)])
 
     def logdet(self, regul=0.0, damping="exact", use_pi=True):
         """``log det(M + regul·I) = Σ log(λ_G,i λ_A,j + regul)`` (``damping='exact'``, default),
