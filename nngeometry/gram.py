@@ -26,9 +26,10 @@ def GramMatrix(model, loader, function=None, representation=FMatDense, layer_col
             ``C = I - 11ᵀ/n`` on the example axes.
         check_deterministic: refuse a random model (dropout in training mode, or outputs that
             differ when the model runs twice on the first batch); ``False`` skips the check.
-        distributed, process_group: data parallelism over ``torch.distributed`` (default:
-            on when a process group of more than one rank is initialised): the examples of
-            every rank, in rank order (see ``TorchHooksJacobianBackend``).
+        distributed: data parallelism over ``torch.distributed`` (default ``None``: on when a
+            process group of more than one rank is initialised): the examples of every rank,
+            in rank order (see ``TorchHooksJacobianBackend``).
+        process_group: the group of ranks (default: the world).
     """
     return build_from_jacobians(model, loader, representation, function, layer_collection,
                                 centering, verbose, check_deterministic,
