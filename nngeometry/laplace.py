@@ -262,15 +262,9 @@ class Laplace:
 
 # ---------------------------------------------------------------------- helpers
 def _call_exact(M, name, *args, regul):
-    """``M.<name>(*args, regul=regul)`` with exact damping where the representation also has
-    another (KFAC's π-damping is the default of its solve / inverse / pow)."""
-    method = getattr(M, name)
-    try:
-        return method(*args, regul=regul, damping="exact")
-    except TypeError as e:
-        if "damping" not in str(e):
-            raise
-        return method(*args, regul=regul)
+    """``M.<name>(*args, regul=regul)`` with exact damping (every representation takes
+    ``damping='exact'``; KFAC's π-damping is the default of its solve / inverse / pow)."""
+    return getattr(M, name)(*args, regul=regul, damping="exact")
 
 
 def _prior_quadratic(prior, theta):

@@ -101,6 +101,39 @@ def damped_inverse(F, shift):
     return torch.cholesky_inverse(L).to(F.dtype)
 
 
+def damped_cholesky(F, shift):
+    """The Cholesky factor ``L`` of ``F + shift·I`` (in float32 for half precision), the
+    reciprocal ``1/(F + shift)`` of a diagonal factor, or None when not positive definite."""
+    if F.dim() == 1:
+        d = F + shift
+        return 1.0 / d if bool((d.detach() > 0).all()) else None
+    A = _checks.upcast(F + shift * torch.eye(F.shape[0], dtype=F.dtype, device=F.device))
+    A = (A + A.mT) / 2
+    L, info = torch.linalg.cholesky_ex(A)
+    return None if int(info) != 0 else L
+
+
+def cholesky_inverse_of(L, dtype):
+    """``(L Lᵀ)⁻¹`` from :func:`damped_cholesky`'s factor (a diagonal factor's reciprocal as
+    is)."""
+    return L if L.dim() == 1 else torch.cholesky_inverse(L).to(dtype)
+
+
+def cholesky_kron_solve(LA, LG, V):
+    """``(G̃⁻¹ ⊗ Ã⁻¹)`` applied to ``V`` (Kronecker layout ``(..., dG, dA)``): ``G̃⁻¹ V Ã⁻¹``
+    from the Cholesky factors (reciprocals for diagonal factors), by triangular solves."""
+    dtype = V.dtype
+    if LG.dim() == 1:
+        W = LG.unsqueeze(-1) * V
+    else:
+        W = torch.cholesky_solve(_checks.upcast(V), LG)
+    if LA.dim() == 1:
+        W = W * LA
+    else:
+        W = torch.cholesky_solve(W.mT, LA).mT
+    return W.to(dtype)
+
+
 def eig_svd(F):
     """:func:`eig` through the SVD ``F = U diag(s) Vᵀ``: ``(s, U)``, the eigendecomposition of
     a symmetric positive semi-definite factor (values descending)."""
@@ -223,6 +256,12 @@ class Layout:
 
     def __init__(self, layer_collection, dims, perms):
         self.entries = {}
+        # per layer: 'same' (the flat slice is the Kronecker matrix, row-major), 'bias_last'
+        # (the flat slice is the weight (dG, dA - 1), row-major, then the bias (dG,): the
+        # Kronecker matrix is [W | b], Linear and convolutions with a bias), or None (a general
+        # permutation: gathered). The two common cases are moved by slices (one contiguous
+        # copy, or none) instead of an index gather (6x slower on W1's 200k-entry layer).
+        self.fast = {}
         for lid, layer in layer_collection.layers.items():
             d = dims[lid]
             multi = isinstance(d, list)
@@ -242,6 +281,7 @@ class Layout:
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(perm.numel())
             self.entries[lid] = (start, start + numel, perm, inv, units)
+            self.fast[lid] = _contiguous_kind(perm, sizes) if not multi else None
 
     def _on(self, lid, which, device):
         """``perm`` (which=2) or ``inv`` (which=3) of a layer on ``device``, copied once."""
@@ -262,6 +302,11 @@ class Layout:
         out = {}
         lead = flat.shape[:-1]
         for lid, (s, e, perm, inv, units) in self.entries.items():
+            kind = self.__dict__.get("fast", {}).get(lid)  # (layouts pickled before: none)
+            if kind is not None:
+                (key, _, dG, dA), = units
+                out[key] = _to_kron(flat[..., s:e], kind, dG, dA)
+                continue
             kv = flat[..., s:e][..., self._on(lid, 3, flat.device)]
             for key, off, dG, dA in units:
                 out[key] = kv[..., off:off + dG * dA].reshape(*lead, dG, dA)
@@ -269,20 +314,89 @@ class Layout:
 
     def join(self, parts):
         """Flat ``(..., P)`` from ``{unit key: (..., dG, dA)}`` (layers in layout order)."""
+        first = next(iter(parts.values()))
+        lead = first.shape[:-2]
+        end = max(e for s, e, *_ in self.entries.values())
+        out = first.new_empty(*lead, end) if len(self.entries) > 1 else None
         flats = []
         for lid, (s, e, perm, inv, units) in self.entries.items():
+            kind = self.__dict__.get("fast", {}).get(lid)  # (layouts pickled before: none)
+            if kind is not None:
+                (key, _, dG, dA), = units
+                if out is not None:
+                    _from_kron_into(out[..., s:e], parts[key], kind, dG, dA)
+                else:
+                    flats.append(_from_kron(parts[key], kind, dG, dA))
+                continue
             pieces = [parts[key].reshape(*parts[key].shape[:-2], dG * dA)
                       for key, off, dG, dA in units]
             kv = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
-            flats.append(kv[..., self._on(lid, 2, kv.device)])
-        return flats[0] if len(flats) == 1 else torch.cat(flats, dim=-1)
+            flat = kv[..., self._on(lid, 2, kv.device)]
+            if out is not None:
+                out[..., s:e] = flat
+            else:
+                flats.append(flat)
+        if out is not None:
+            return out
+        return flats[0]
 
     def to_flat_order(self, lid, vec_or_mat, both=False):
         """Re-index a Kronecker-ordered vector (or the rows, and with ``both`` the columns, of a
         matrix) of layer ``lid`` to the flat order."""
+        kind = self.__dict__.get("fast", {}).get(lid)
+        if kind is not None and not both and vec_or_mat.dim() == 1:
+            (_, _, dG, dA), = self.entries[lid][4]
+            return _from_kron(vec_or_mat.reshape(dG, dA), kind, dG, dA)
         perm = self._on(lid, 2, vec_or_mat.device)
         out = vec_or_mat[perm]
         return out[:, perm] if both else out
+
+
+def _contiguous_kind(perm, sizes):
+    """``'same'``, ``'bias_last'`` or None for a single-unit layer's permutation (see
+    ``Layout.fast``)."""
+    (dG, dA), = sizes
+    n = perm.numel()
+    ar = torch.arange(n)
+    if torch.equal(perm, ar):
+        return "same"
+    if dA > 1:
+        nw = dG * (dA - 1)
+        w = ar[:nw]
+        expect = torch.cat([(w // (dA - 1)) * dA + w % (dA - 1), torch.arange(dG) * dA + dA - 1])
+        if torch.equal(perm, expect):
+            return "bias_last"
+    return None
+
+
+def _to_kron(flat, kind, dG, dA):
+    """``(..., dG, dA)`` from a layer's flat ``(..., dG·dA)`` slice."""
+    lead = flat.shape[:-1]
+    if kind == "same":
+        return flat.reshape(*lead, dG, dA)
+    nw = dG * (dA - 1)
+    return torch.cat([flat[..., :nw].reshape(*lead, dG, dA - 1),
+                      flat[..., nw:].unsqueeze(-1)], dim=-1)
+
+
+def _from_kron(V, kind, dG, dA):
+    """A layer's flat ``(..., dG·dA)`` slice from its Kronecker ``(..., dG, dA)``."""
+    lead = V.shape[:-2]
+    if kind == "same":
+        return V.reshape(*lead, dG * dA)
+    out = V.new_empty(*lead, dG * dA)
+    _from_kron_into(out, V, kind, dG, dA)
+    return out
+
+
+def _from_kron_into(out, V, kind, dG, dA):
+    lead = V.shape[:-2]
+    if kind == "same":
+        out.copy_(V.reshape(*lead, dG * dA))
+        return
+    nw = dG * (dA - 1)
+    out[..., :nw].view(*lead, dG, dA - 1).copy_(V[..., :-1])
+    out[..., nw:].copy_(V[..., -1])
 
 
 # ---------------------------------------------------------------------- weight / bias split

@@ -444,6 +444,7 @@ class PMatAbstract:
         state = self.__dict__.copy()
         state["generator"] = None
         state.pop("_slices_cache", None)  # recomputed on demand
+        state.pop("_solve_cache", None)  # factorizations: recomputable
         return state
 
     def __setstate__(self, state_dict):

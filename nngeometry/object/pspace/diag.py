@@ -3,6 +3,7 @@
 import torch
 
 from ..vector import PVector
+from . import _checks
 from .abstract import PMatAbstract
 from .blocks import DiagBlock, ScaledIdentityBlock
 
@@ -40,6 +41,28 @@ class PMatDiag(PMatAbstract):
         # the hot path of natural-gradient loops: one product, no per-block dispatch
         self._check_pvector(v)
         return PVector(self.layer_collection, vector_repr=self.data * v.get_flat_representation())
+
+    def vTMv(self, v):
+        # one fused product and reduction (Σ d v² as ⟨v, d·v⟩: one temporary, not two)
+        self._check_pvector(v)
+        f = v.get_flat_representation()
+        return torch.dot(f, self.data * f)
+
+    def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
+        """``(M + Λ)⁻¹ x``, exact. For a scalar ``regul`` (the hot path of natural-gradient
+        and EWC loops) the reciprocal ``1/(M_pp + λ)`` is computed and checked once per
+        ``(data, λ)`` and reused: one product per call."""
+        if type(regul) in (float, int) and damping == "exact" and solve == "default":
+            self._check_pvector(x)
+            inv = _checks.cached(self.__dict__, "_solve_cache", ("reciprocal", float(regul)),
+                                 lambda: self._damped_reciprocal(float(regul)), self.data)
+            return PVector(self.layer_collection,
+                           vector_repr=x.get_flat_representation() * inv)
+        return super().solvePVec(x, regul=regul, solve=solve, damping=damping)
+
+    def _damped_reciprocal(self, regul):
+        # the block's own checks (singular entries) on the first call only
+        return DiagBlock(self.data).matpower(-1, regul, (type(self).__name__, regul)).d
 
     def mm(self, other):
         """Product with another PMatDiag (still diagonal)."""

@@ -24,6 +24,10 @@ def _check_damping(damping):
                          "'exact' ((A⊗G + regul·I)⁻¹ through the factors' eigendecompositions)")
 
 
+#: π-damped solves factorize wider factors lazily (see ``PMatKFAC._pi_solve``)
+LAZY_INVERSE_WIDTH = 1024
+
+
 class PMatKFAC(PMatAbstract):
     """KFAC: per layer, ``M_layer ≈ kron(G, A)`` in the layer's Kronecker layout.
 
@@ -347,8 +351,56 @@ class PMatKFAC(PMatAbstract):
         if damping == "exact":
             self._check_exact_invertible(regul, "solve")
             return self._block_solve_rows(flat, regul, "exact")
-        inv = self._pi_inverse_factors(regul, use_pi)
-        return self._apply(flat, lambda lid, V: K.kron_apply(*inv[lid], V))
+        return self._pi_solve(flat, regul, use_pi)
+
+    def _pi_solve(self, flat, regul, use_pi):
+        """π-damped solve. The first solve with a given ``(regul, use_pi)`` factorizes each
+        damped factor (Cholesky, ``d³/3``) and solves by triangular solves; the second turns
+        the same factors into explicit inverses (``2d³/3`` more), which later solves apply by
+        matrix products (faster than triangular solves: 2.2x on a 785-wide factor). One solve
+        thus costs a third of what inverting up front cost (W5, ResNet-18: 4609-wide input
+        factors), and a loop of solves the same as before. Only where a factor is wider than
+        :data:`LAZY_INVERSE_WIDTH` (below it the inverses cost little, and every solve takes
+        the same path, bit for bit)."""
+        self._check_pi_regul(regul, "solve")
+        key = (_checks.regul_key(regul), bool(use_pi), -1.0)
+        entry = self._inv_cache.get("pi")
+        wide = any(F.dim() == 2 and F.shape[0] > LAZY_INVERSE_WIDTH
+                   for _, A, G in self._units() for F in (A, G))
+        if key[0] is None or not wide or (entry is not None and entry[0] == key
+                              and entry[1].matches(_checks.tensors_of(self.data))):
+            inv = self._pi_inverse_factors(regul, use_pi)
+            return self._apply(flat, lambda lid, V: K.kron_apply(*inv[lid], V))
+        chol = self._inv_cache.get("pi_chol")
+        if chol is not None and chol[0] == key and chol[1].matches(_checks.tensors_of(self.data)):
+            # the second solve: the inverses from the factors already computed
+            factors = chol[2]
+            self._inv_cache.pop("pi_chol", None)
+            dtypes = {unit: A.dtype for unit, A, G in self._units()}
+            inv = _checks.cached(
+                self._inv_cache, "pi", key,
+                lambda: {u: (K.cholesky_inverse_of(LA, dtypes[u]),
+                             K.cholesky_inverse_of(LG, dtypes[u]))
+                         for u, (LA, LG) in factors.items()}, self.data)
+            return self._apply(flat, lambda lid, V: K.kron_apply(*inv[lid], V))
+        factors = {}
+        for unit, A, G in self._units():
+            lam = self._unit_regul(regul, unit)
+            s = self._sqrt(lam)
+            pi = K.pi_damping(A, G, use_pi)
+            LA = LG = None
+            if _checks._float(lam) > 0:
+                LA, LG = K.damped_cholesky(A, pi * s), K.damped_cholesky(G, s / pi)
+            if LA is None or LG is None:
+                # undamped, or not positive definite once damped: the general path
+                inv = self._pi_inverse_factors(regul, use_pi)
+                return self._apply(flat, lambda lid, V: K.kron_apply(*inv[lid], V))
+            factors[unit] = (LA, LG)
+        self._inv_cache.pop("pi_chol", None)
+        if not _checks.needs_graph(_checks.tensors_of(self.data)):
+            self._inv_cache["pi_chol"] = (key, _checks.Snapshot(_checks.tensors_of(self.data)),
+                                          factors)
+        return self._apply(flat, lambda lid, V: K.cholesky_kron_solve(*factors[lid], V))
 
     def solvePVec(self, x, regul=1e-8, solve="default", use_pi=True, damping="pi"):
         """Solve with damping ``regul``: π-damped factors (``damping='pi'``, default;

@@ -1,0 +1,158 @@
+"""The fast paths of the per-call operations (issue 16) give the numbers of the general path:
+the Kronecker layout moved by slices instead of an index gather, the cached damped reciprocal
+of PMatDiag's solve, the fused Diag quadratic form."""
+import pytest
+import torch
+from torch import nn
+
+from nngeometry import FIM
+from nngeometry.object import PMatDiag, PMatEKFAC, PMatKFAC, PVector
+from nngeometry.object.pspace import _kron as K
+
+DT = torch.float64
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 2, bias=False),
+                         nn.Flatten(), nn.Linear(2 * 3 * 3, 4), nn.Tanh(),
+                         nn.Linear(4, 3, bias=False)).to(DT)
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(6, 2, 6, 6, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+
+
+@pytest.fixture(scope="module")
+def kfac():
+    model = _model()
+    return FIM(model, _data(), PMatKFAC)
+
+
+def test_every_layer_takes_a_fast_path(kfac):
+    """Linear and convolutions, with and without a bias: no index gather left."""
+    lay = kfac._layout
+    kinds = {lid: lay.fast[lid] for lid in lay.entries}
+    assert set(kinds.values()) == {"same", "bias_last"}, kinds
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3)])
+def test_split_and_join_equal_the_permutation(kfac, lead):
+    lay = kfac._layout
+    P = kfac.layer_collection.numel()
+    flat = torch.randn(*lead, P, dtype=DT)
+    parts = lay.split(flat)
+    for lid, (s, e, perm, inv, units) in lay.entries.items():
+        (key, _, dG, dA), = units
+        ref = flat[..., s:e][..., inv].reshape(*lead, dG, dA)
+        assert torch.equal(parts[key], ref)
+    assert torch.equal(lay.join(parts), flat)
+    # joined from new tensors (not views of the input): the same flat vector
+    assert torch.equal(lay.join({k: v.clone() for k, v in parts.items()}), flat)
+
+
+def test_split_views_are_never_written(kfac):
+    """A product must leave its input vector as it was (split may return views of it)."""
+    v = PVector(kfac.layer_collection,
+                vector_repr=torch.randn(kfac.layer_collection.numel(), dtype=DT))
+    before = v.get_flat_representation().clone()
+    kfac.mv(v), kfac.vTMv(v), kfac.solve(v, regul=0.1), kfac.solve(v, regul=0.1, damping="exact")
+    PMatEKFAC.from_kfac(kfac).mv(v)
+    assert torch.equal(v.get_flat_representation(), before)
+
+
+def test_kfac_products_and_diagonal_against_dense(kfac):
+    M = kfac.to_torch()
+    v = torch.randn(M.shape[0], dtype=DT)
+    pv = PVector(kfac.layer_collection, vector_repr=v)
+    assert torch.allclose(kfac.mv(pv).get_flat_representation(), M @ v, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(kfac.get_diag(), torch.diagonal(M), rtol=1e-12, atol=1e-15)
+    lam = 0.3
+    ref = torch.linalg.solve(M + lam * torch.eye(M.shape[0], dtype=DT), v)
+    got = kfac.solve(pv, regul=lam, damping="exact").get_flat_representation()
+    assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_diag_solve_reuses_and_refreshes_its_reciprocal():
+    model = _model()
+    D = FIM(model, _data(), PMatDiag)
+    d = D.get_diag().clone()
+    v = PVector(D.layer_collection, vector_repr=torch.randn(d.numel(), dtype=DT))
+    f = v.get_flat_representation()
+    for lam in (0.1, 0.1, 0.5):
+        assert torch.allclose(D.solve(v, regul=lam).get_flat_representation(), f / (d + lam),
+                              rtol=1e-14, atol=0)
+    D.data.mul_(2.0)  # an in-place change of the matrix: the cache must not be reused
+    assert torch.allclose(D.solve(v, regul=0.5).get_flat_representation(),
+                          f / (2 * d + 0.5), rtol=1e-14, atol=0)
+    assert torch.allclose(D.vTMv(v), (2 * d * f * f).sum(), rtol=1e-13)
+
+
+def test_diag_solve_still_refuses_singular_and_differentiates():
+    model = _model()
+    D = FIM(model, _data(), PMatDiag)
+    D.data[0] = 0.0
+    v = PVector(D.layer_collection, vector_repr=torch.ones(D.data.numel(), dtype=DT))
+    with pytest.raises(ValueError, match="diagonal entries"):
+        D.solve(v, regul=0)
+    lam = torch.tensor(0.2, dtype=DT, requires_grad=True)
+    y = D.solve(v, regul=lam).get_flat_representation().sum()
+    (g,) = torch.autograd.grad(y, lam)
+    assert torch.allclose(g, -(1 / (D.data + 0.2) ** 2).sum(), rtol=1e-12)
+
+
+def test_pickled_layouts_without_fast_paths_still_work(kfac):
+    lay = kfac._layout
+    old = K.Layout.__new__(K.Layout)
+    old.__dict__.update({k: v for k, v in lay.__dict__.items() if k != "fast"})
+    flat = torch.randn(kfac.layer_collection.numel(), dtype=DT)
+    assert torch.equal(old.join(old.split(flat)), flat)
+
+
+def test_pi_solve_first_by_cholesky_then_by_inverses(kfac, monkeypatch):
+    """π-damped solves with wide factors (the threshold lowered to this model's): the first
+    (triangular solves), the second (inverses made from the same Cholesky factors) and later
+    ones all equal the dense π-damped solve; a new regul, or a change of the factors, starts
+    again."""
+    import nngeometry.object.pspace.kfac as kfac_module
+    monkeypatch.setattr(kfac_module, "LAZY_INVERSE_WIDTH", 0)
+    kfac._inv_cache.clear()
+    lam = 0.05
+    v = PVector(kfac.layer_collection,
+                vector_repr=torch.randn(kfac.layer_collection.numel(), dtype=DT))
+
+    def reference(M, lam):
+        blocks = []
+        for lid in M.layer_collection.layer_ids():
+            A, G = M.data[lid]
+            pi = K.pi_damping(A, G, True)
+            s = lam ** 0.5
+            Ad, Gd = A + pi * s * torch.eye(A.shape[0], dtype=DT), G + s / pi * torch.eye(
+                G.shape[0], dtype=DT)
+            blocks.append(torch.kron(Gd, Ad))
+        dense = torch.block_diag(*blocks)
+        parts = M._layout.split(v.get_flat_representation())
+        flat = torch.cat([parts[lid].reshape(-1) for lid in M.layer_collection.layer_ids()])
+        sol = torch.linalg.solve(dense, flat)
+        out, o = {}, 0
+        for lid in M.layer_collection.layer_ids():
+            n = parts[lid].numel()
+            out[lid] = sol[o:o + n].reshape(parts[lid].shape)
+            o += n
+        return M._layout.join(out)
+
+    ref = reference(kfac, lam)
+    for i in range(3):
+        got = kfac.solve(v, regul=lam).get_flat_representation()
+        assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12), i
+        assert ("pi_chol" in kfac._inv_cache) == (i == 0)
+    ref2 = reference(kfac, 2 * lam)
+    assert torch.allclose(kfac.solve(v, regul=2 * lam).get_flat_representation(), ref2,
+                          rtol=1e-10, atol=1e-12)
+    for A, G in kfac.data.values():
+        A.mul_(1.5)
+    assert torch.allclose(kfac.solve(v, regul=2 * lam).get_flat_representation(),
+                          reference(kfac, 2 * lam), rtol=1e-10, atol=1e-12)
+    for A, G in kfac.data.values():
+        A.div_(1.5)
