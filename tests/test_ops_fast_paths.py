@@ -156,3 +156,16 @@ def test_pi_solve_first_by_cholesky_then_by_inverses(kfac, monkeypatch):
                           reference(kfac, 2 * lam), rtol=1e-10, atol=1e-12)
     for A, G in kfac.data.values():
         A.div_(1.5)
+
+
+def test_kfac_diagonal_of_factors_that_record_a_graph(kfac):
+    """get_diag writes in place only for plain factors: with factors requiring grad it stays
+    differentiable (d/dA of Σ diag = tr(G) per diagonal entry of A)."""
+    data = {lid: (A.clone().requires_grad_(True), G.clone()) for lid, (A, G) in
+            kfac.data.items()}
+    M = PMatKFAC(kfac.layer_collection, data=data)
+    d = M.get_diag()
+    assert torch.allclose(d, kfac.get_diag(), rtol=1e-14)
+    lid = next(iter(data))
+    (gA,) = torch.autograd.grad(d.sum(), data[lid][0])
+    assert torch.allclose(torch.diagonal(gA), torch.trace(data[lid][1]).expand(gA.shape[0]))

@@ -17,11 +17,8 @@ equals ``FIM_MonteCarlo(model, batch, PMatKFAC)`` with the same draws.
 """
 import torch
 
-from .context import (BatchContext, check_parameter_uses, mark_uses_verified, uses_key,
-                      uses_verified)
-from .batches import check_outputs
-from .jacobian import (TorchHooksJacobianBackend, _refuse_batch_statistics,
-                       _refuse_unbatched_calls)
+from .context import BatchContext
+from .jacobian import TorchHooksJacobianBackend, _refuse_batch_statistics
 
 
 class CaptureError(RuntimeError):
@@ -131,36 +128,12 @@ class StepCapture:
 
     def _differentiate(self, record, raw):
         gen, lc = self.generator, self.layer_collection
-        out, columns = gen.function.split(raw)
-        out = check_outputs(out)
-        n = out.shape[0] if out.dim() > 0 else 0
-        if columns is not None and out.dim() != 2:
-            columns = None
-        out = out.reshape(n, -1)
-        gen._check_finite(out)
+        out, columns = gen._transformed(raw)
         n, n_output = out.shape
-        calls = record.calls
-        for lid, store in calls.items():
-            if not store:
-                raise CaptureError(
-                    f"layer '{lid}' was not called during the forward pass of the training "
-                    "step; remove it from the layer collection")
-        if n > 1:
-            _refuse_unbatched_calls(lc, record.modules, calls, n)
-        key = uses_key(self.model, gen.function, lc)
-        if not uses_verified(self.model, key):
-            check_parameter_uses(out, lc, record.modules, calls)
-            mark_uses_verified(self.model, key)
-        layer_calls = [c for store in calls.values() for c in store]
-        chunk = gen._chunk_size(layer_calls, n, n_output, lc.numel(), None, columns is not None)
-        targets = [t.edge for c in layer_calls for t in c.targets]
-        for k0 in range(0, n_output, chunk):
-            k1 = min(n_output, k0 + chunk)
-            # retain: the user's backward pass goes on through the same graph
-            if columns is None or chunk == n_output:
-                grads = gen._batched_backward(out, targets, k0, k1, retain=True)
-            else:
-                grads = gen._batched_backward(columns(k0, k1), targets, 0, k1 - k0, retain=True)
+        gen._check_calls(out, lc, record.modules, record.calls, "the training step")
+        # keep_graph: the user's backward pass goes on through the same graph
+        for k0, k1, grads in gen._direction_chunks(out, columns, record.calls, lc,
+                                                   keep_graph=True):
             record.chunks.append((k0, k1, [g.detach() if g is not None else None
                                            for g in grads]))
         record.n, record.n_output, record.outputs = n, n_output, out.detach()

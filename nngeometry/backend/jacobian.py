@@ -358,16 +358,21 @@ class TorchHooksJacobianBackend:
         finally:
             self._counters.pop()
 
-    def _global_mean(self, product, group):
-        """The mean over every rank's examples of a product that ``product()`` computes as a
-        mean over this rank's: ``Σ_r n_r · mean_r / Σ_r n_r``, with one all_reduce (a rank
-        without examples adds zeros)."""
+    def _local_product(self, product):
+        """``(product(), n)`` on this rank's shard, ``n`` its examples; ``(None, 0)`` for an
+        empty shard (the rank still joins the collective)."""
         with self._counting() as counts:
             try:
                 local = product()
             except C.EmptyExamplesError:
-                local = None
-        n = sum(counts.values()) if local is not None else 0
+                return None, 0
+        return local, sum(counts.values())
+
+    def _global_mean(self, product, group):
+        """The mean over every rank's examples of a product that ``product()`` computes as a
+        mean over this rank's: ``Σ_r n_r · mean_r / Σ_r n_r``, with one all_reduce (a rank
+        without examples adds zeros)."""
+        local, n = self._local_product(product)
         (summed,), total = all_reduce_tree([local * n if n else None], n, group,
                                            "implicit product", self._device())
         self._check_nonempty(total)
@@ -375,12 +380,7 @@ class TorchHooksJacobianBackend:
 
     def _global_rows(self, product, group, dim):
         """Per-example rows of every rank, concatenated along ``dim`` in rank order."""
-        with self._counting() as counts:
-            try:
-                local = product()
-            except C.EmptyExamplesError:
-                local = None
-        n = sum(counts.values()) if local is not None else 0
+        local, n = self._local_product(product)
         rows, counts = all_gather_rows(local, n, group, dim, "implicit product", self._device())
         self._check_nonempty(sum(counts))
         return rows
@@ -795,23 +795,29 @@ class TorchHooksJacobianBackend:
         likelihood's transform (``OutputTransform``, see :mod:`nngeometry.variants`) the model
         part is its ``function``; otherwise the whole ``function``."""
         fn = self.function
-        columns = None
         if hasattr(fn, "model_outputs") and hasattr(fn, "split"):
             raw = fn.model_outputs(*batch)
-            if getattr(fn, "needs_batch", False):
-                # losses of the observed targets, seeded draws: the transform reads the batch
-                out, columns = fn.split(raw, fn.batch_info(batch, index))
-            else:
-                out, columns = fn.split(raw)
-            out = check_outputs(out)
-        else:
-            raw = out = check_outputs(fn(*batch))
+            info = fn.batch_info(batch, index) if getattr(fn, "needs_batch", False) else None
+            out, columns = self._transformed(raw, info)
+            return raw, out, columns
+        raw = out = check_outputs(fn(*batch))
+        return raw, *self._flat_outputs(out, None)
+
+    def _transformed(self, raw, info=None):
+        """``(out, columns)`` of an output transform applied to the model's outputs ``raw``
+        (``info``: the batch's, for transforms that read it)."""
+        fn = self.function
+        # losses of the observed targets, seeded draws: the transform reads the batch
+        out, columns = fn.split(raw, info) if info is not None else fn.split(raw)
+        return self._flat_outputs(check_outputs(out), columns)
+
+    def _flat_outputs(self, out, columns):
         n = out.shape[0] if out.dim() > 0 else 0
         if columns is not None and out.dim() != 2:
             columns = None
         out = out.reshape(n, -1)
         self._check_finite(out)
-        return raw, out, columns
+        return out, columns
 
     def _probe_deterministic(self, batch, raw):
         """``RuntimeError`` if the model part of ``function`` gives other outputs than ``raw``
@@ -859,32 +865,10 @@ class TorchHooksJacobianBackend:
         n, n_output = out.shape
         if n == 0:
             return 0
-        for lid, store in calls.items():
-            if not store:
-                raise RuntimeError(
-                    f"layer '{lid}' was not called during the forward pass of the function; "
-                    "remove it from the LayerCollection or check the function")
-        if n > 1:
-            _refuse_unbatched_calls(layer_collection, modules, calls, n)
-        key = uses_key(self.model, self.function, layer_collection)
-        if not uses_verified(self.model, key):
-            # once per model, function and collection in a process (entry points build a new
-            # generator per call: the check must not cost a pass each time): a parameter used
-            # outside its module's forward would give a plausible wrong matrix
-            check_parameter_uses(out, layer_collection, modules, calls)
-            mark_uses_verified(self.model, key)
+        self._check_calls(out, layer_collection, modules, calls)
         layer_calls = [c for store in calls.values() for c in store]
-        chunk = self._chunk_size(layer_calls, n, n_output, layer_collection.numel(),
-                                 chunk_bytes, columns is not None)
-        targets = [t.edge for c in layer_calls for t in c.targets]
-        for k0 in range(0, n_output, chunk):
-            k1 = min(n_output, k0 + chunk)
-            if columns is None or chunk == n_output:
-                grads = self._batched_backward(out, targets, k0, k1, retain=k1 < n_output)
-            else:
-                # the chunk's own columns: (K, n, K) cotangents instead of (K, n, n_output)
-                grads = self._batched_backward(columns(k0, k1), targets, 0, k1 - k0,
-                                               retain=k1 < n_output)
+        for k0, k1, grads in self._direction_chunks(out, columns, calls, layer_collection,
+                                                    chunk_bytes):
             i = 0
             for c in layer_calls:
                 c.set_gradients(grads[i:i + len(c.targets)], k1 - k0)
@@ -895,6 +879,48 @@ class TorchHooksJacobianBackend:
         for store in calls.values():
             store.clear()
         return n
+
+    def _check_calls(self, out, layer_collection, modules, calls, who="the function"):
+        """Refuse a forward pass whose recorded calls can't give the statistics: a layer not
+        called, a layer called on an unbatched input, a parameter used outside its module."""
+        n = out.shape[0]
+        for lid, store in calls.items():
+            if not store:
+                raise RuntimeError(
+                    f"layer '{lid}' was not called during the forward pass of {who}; "
+                    "remove it from the LayerCollection or check the function")
+        if n > 1:
+            _refuse_unbatched_calls(layer_collection, modules, calls, n)
+        key = uses_key(self.model, self.function, layer_collection)
+        if not uses_verified(self.model, key):
+            # once per model, function and collection in a process (entry points build a new
+            # generator per call: the check must not cost a pass each time): a parameter used
+            # outside its module's forward would give a plausible wrong matrix
+            check_parameter_uses(out, layer_collection, modules, calls)
+            mark_uses_verified(self.model, key)
+
+    def _direction_chunks(self, out, columns, calls, layer_collection, chunk_bytes=None,
+                          keep_graph=False):
+        """``(k0, k1, grads)`` per chunk of output directions: the gradients of directions
+        ``k0 .. k1 - 1`` of ``out`` (``(n, n_output)``; ``columns(k0, k1)``: the chunk's own
+        graph, or None) w.r.t. every target of the recorded calls, in call order. The graph is
+        freed after the last chunk unless ``keep_graph`` (a training step's backward pass goes
+        on through it)."""
+        n, n_output = out.shape
+        layer_calls = [c for store in calls.values() for c in store]
+        chunk = self._chunk_size(layer_calls, n, n_output, layer_collection.numel(),
+                                 chunk_bytes, columns is not None)
+        targets = [t.edge for c in layer_calls for t in c.targets]
+        for k0 in range(0, n_output, chunk):
+            k1 = min(n_output, k0 + chunk)
+            retain = keep_graph or k1 < n_output
+            if columns is None or chunk == n_output:
+                grads = self._batched_backward(out, targets, k0, k1, retain=retain)
+            else:
+                # the chunk's own columns: (K, n, K) cotangents instead of (K, n, n_output)
+                grads = self._batched_backward(columns(k0, k1), targets, 0, k1 - k0,
+                                               retain=retain)
+            yield k0, k1, grads
 
     def _chunk_size(self, layer_calls, n, n_output, n_params, chunk_bytes=None,
                     columns=False):

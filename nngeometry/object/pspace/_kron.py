@@ -340,6 +340,37 @@ class Layout:
             return out
         return flats[0]
 
+    def outer_diag_flat(self, diags):
+        """The flat ``(P,)`` diagonal of a Kronecker-factored matrix from the factors'
+        diagonals ``{lid: [(diag A_b, diag G_b), ...]}`` (entry ``[p, q]`` of unit ``b`` is
+        ``diag G[p] · diag A[q]``), each layer written in place where its layout is contiguous."""
+        first = next(iter(diags.values()))[0][0]
+        end = max(e for s, e, *_ in self.entries.values())
+        out = first.new_empty(end)
+        fast = self.__dict__.get("fast", {})
+        parts = []
+        # (out= writes are not differentiable: factors that record a graph take the general path)
+        graph = torch.is_grad_enabled() and any(
+            t.requires_grad for pairs in diags.values() for pair in pairs for t in pair)
+        for lid, (s, e, perm, inv, units) in self.entries.items():
+            kind = None if graph else fast.get(lid)
+            if kind is not None:
+                (a, g), = diags[lid]
+                (_, _, dG, dA), = units
+                if kind == "same":
+                    torch.outer(g, a, out=out[s:e].view(dG, dA))
+                else:
+                    nw = dG * (dA - 1)
+                    torch.outer(g, a[:-1], out=out[s:s + nw].view(dG, dA - 1))
+                    torch.mul(g, a[-1], out=out[s + nw:e])
+                continue
+            d = torch.cat([torch.outer(g, a).reshape(-1) for a, g in diags[lid]])
+            if graph:
+                parts.append(d[self._on(lid, 2, d.device)])
+            else:
+                out[s:e] = d[self._on(lid, 2, d.device)]
+        return torch.cat(parts) if graph else out
+
     def to_flat_order(self, lid, vec_or_mat, both=False):
         """Re-index a Kronecker-ordered vector (or the rows, and with ``both`` the columns, of a
         matrix) of layer ``lid`` to the flat order."""
@@ -350,6 +381,27 @@ class Layout:
         perm = self._on(lid, 2, vec_or_mat.device)
         out = vec_or_mat[perm]
         return out[:, perm] if both else out
+
+
+class KronBlocksInLayout:
+    """The container plumbing of the representations stored in a :class:`Layout` (PMatKFAC,
+    PMatEKFAC): one block per Kronecker unit, in the layout's unit order; needs
+    ``self._layout``."""
+
+    def _block_keys(self):
+        """The unit keys in layout order (the layout's, computed once with it)."""
+        lay = self._layout
+        keys = getattr(lay, "unit_keys", None)
+        if keys is None:
+            keys = lay.unit_keys = [key for _, (*_, units) in lay.entries.items()
+                                    for key, *_ in units]
+        return keys
+
+    def _split(self, X):
+        return list(self._layout.split(X).values())
+
+    def _join(self, parts):
+        return self._layout.join(dict(zip(self._block_keys(), parts)))
 
 
 def _contiguous_kind(perm, sizes):

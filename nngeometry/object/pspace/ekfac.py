@@ -24,7 +24,7 @@ def _holds_bases(entry):
     return False
 
 
-class PMatEKFAC(PMatAbstract):
+class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
     """EKFAC: per layer ``M_layer ≈ U diag(d) Uᵀ`` with ``U = U_G ⊗ U_A`` the Kronecker-factored
     eigenbasis (KFE) of the layer's KFAC factors and ``d`` a diagonal in that basis.
 
@@ -341,21 +341,6 @@ class PMatEKFAC(PMatAbstract):
 
     def _blocks(self):
         return [EigenKronBlock(*ent) for _, ent in self._units()]
-
-    def _block_keys(self):
-        """The unit keys in layout order (the layout's, computed once with it)."""
-        lay = self._layout
-        keys = getattr(lay, "unit_keys", None)
-        if keys is None:
-            keys = lay.unit_keys = [key for _, (*_, units) in lay.entries.items()
-                                    for key, *_ in units]
-        return keys
-
-    def _split(self, X):
-        return list(self._layout.split(X).values())
-
-    def _join(self, parts):
-        return self._layout.join(dict(zip(self._block_keys(), parts)))
 
     def _from_blocks(self, blocks):
         """The same eigenbases with each block's new ``D``."""

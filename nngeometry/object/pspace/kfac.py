@@ -28,7 +28,7 @@ def _check_damping(damping):
 LAZY_INVERSE_WIDTH = 1024
 
 
-class PMatKFAC(PMatAbstract):
+class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
     """KFAC: per layer, ``M_layer ≈ kron(G, A)`` in the layer's Kronecker layout.
 
     ``kron(G, A)`` approximates the layer's block of ``(1/n) Σ_x J(x)ᵀ J(x)`` (exact for a Linear
@@ -291,21 +291,6 @@ class PMatKFAC(PMatAbstract):
         return [KronBlock(A, G, functools.partial(self._eigen_block, key))
                 for key, A, G in self._units()]
 
-    def _block_keys(self):
-        """The unit keys in layout order (the layout's, computed once with it)."""
-        lay = self._layout
-        keys = getattr(lay, "unit_keys", None)
-        if keys is None:
-            keys = lay.unit_keys = [key for _, (*_, units) in lay.entries.items()
-                                    for key, *_ in units]
-        return keys
-
-    def _split(self, X):
-        return list(self._layout.split(X).values())
-
-    def _join(self, parts):
-        return self._layout.join(dict(zip(self._block_keys(), parts)))
-
     def _from_blocks(self, blocks):
         """Kronecker blocks stay a PMatKFAC; exactly damped ones (eigen-Kronecker) are a
         PMatEKFAC on the factors' eigenbases."""
@@ -473,12 +458,13 @@ class PMatKFAC(PMatAbstract):
     def get_diag(self, split_weight_bias=True):
         """Diagonal ``(P,)``: per layer ``diag(G) ⊗ diag(A)``; in the flat layout
         (``split_weight_bias=True``) or each layer's Kronecker layout (False)."""
-        parts = []
-        for lid, e in self.data.items():
-            d = torch.cat([torch.outer(K.fdiag(G), K.fdiag(A)).reshape(-1)
-                           for A, G in K.blocks_of(e)])
-            parts.append(self._layout.to_flat_order(lid, d) if split_weight_bias else d)
-        return torch.cat(parts)
+        if split_weight_bias:
+            # written in place into the flat vector where the layout allows (no reordering copy)
+            return self._layout.outer_diag_flat(
+                {lid: [(K.fdiag(A), K.fdiag(G)) for A, G in K.blocks_of(e)]
+                 for lid, e in self.data.items()})
+        return torch.cat([torch.outer(K.fdiag(G), K.fdiag(A)).reshape(-1)
+                          for e in self.data.values() for A, G in K.blocks_of(e)])
 
     def get_block_torch(self, layer_id, layer=None, split_weight_bias=True):
         """The dense ``(p_l, p_l)`` block of layer ``layer_id``, in the flat order
