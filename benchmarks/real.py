@@ -80,8 +80,11 @@ class ResNet18(nn.Module):
 
 def gpt2(vocab=8192, positions=128, width=256, layers=6, heads=4):
     from transformers import GPT2Config, GPT2LMHeadModel
+    # untied output layer: a tied one is one parameter used by two modules, which the per-layer
+    # statistics refuse by default (LayerCollection.from_model(tied_weights='sum') sums them)
     cfg = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_layer=layers,
-                     n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     tie_word_embeddings=False)
     return GPT2LMHeadModel(cfg)
 
 
@@ -116,7 +119,11 @@ def w6(n):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1))
 
     def function(b):  # next-token logits (n, T-1, V)
-        return model(input_ids=b["input_ids"]).logits[:, :-1]
+        ids = b["input_ids"]
+        # positions per example: an unbatched (1, T) lookup is refused (its per-example
+        # gradients would be summed over the batch)
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        return model(input_ids=ids, position_ids=pos).logits[:, :-1]
 
     def per_example_loss(out, labels):
         ce = F.cross_entropy(out.transpose(1, 2), labels[:, 1:], reduction="none")
@@ -165,14 +172,25 @@ def rows(s):
     def build(entry, rep, **extra):
         return lambda: _entry(entry)(s.model, s.loader, rep, **_kw(s, entry), **extra)
 
+    # the language model's closed form would back-propagate T·(V − 1) ≈ 10⁶ output directions
+    # per sequence (and its implicit product form the per-position V × (V − 1) square roots):
+    # its EKFAC and implicit rows use the Monte-Carlo Fisher (one sampled token per position)
+    closed = "FIM_MonteCarlo" if s.lm else "FIM"
     out = {
         "MC Diag build": build("FIM_MonteCarlo", PMatDiag),
         "MC KFAC build": build("FIM_MonteCarlo", PMatKFAC),
         "KFAC build (closed form)": build("FIM", PMatKFAC),
-        "EKFAC build (closed form)": build("FIM", PMatEKFAC),
+        "EKFAC build (closed form)": build(closed, PMatEKFAC),
         "EF Diag build": build("EmpiricalFisher", PMatDiag),
         "EF KFAC build": build("EmpiricalFisher", PMatKFAC),
     }
+    if s.lm:
+        del out["KFAC build (closed form)"]
+        out["EKFAC build (MC)"] = out.pop("EKFAC build (closed form)")
+    ekfac_row = "EKFAC build (MC)" if s.lm else "EKFAC build (closed form)"
+    implicit = (lambda: _entry("FIM_MonteCarlo")(s.model, s.loader, PMatImplicit, seed=0,
+                                                 **_kw(s, "FIM_MonteCarlo"))) if s.lm else \
+        build("FIM", PMatImplicit)
 
     def last_layer():
         lc = LayerCollection.from_model(s.model).last_layer()
@@ -186,15 +204,19 @@ def rows(s):
             cache[key] = make()
         return cache[key]
 
+    # rows on a built matrix: ``prepare`` (untimed) builds it, so that the timed call is the
+    # operation alone (a build of more than 2 s would otherwise count as the first sample)
     def update_diag():
-        M = built("ekfac", out["EKFAC build (closed form)"])
+        M = built("ekfac", out[ekfac_row])
         M.update_diag(s.loader)
+    update_diag.prepare = lambda: built("ekfac", out[ekfac_row])
     out["EKFAC update_diag"] = update_diag
 
     def implicit_mv():
-        M = built("implicit", build("FIM", PMatImplicit))
+        M = built("implicit", implicit)
         v = built("v", lambda: random_pvector(M.layer_collection))
         return M.mv(v)
+    implicit_mv.prepare = lambda: built("implicit", implicit)
     out["Implicit mv"] = implicit_mv
 
     def solve(key, make, first):
@@ -204,6 +226,14 @@ def rows(s):
             if first:  # a fresh copy of the factors: nothing decomposed yet
                 M = type(M)(M.layer_collection, data=M.data)
             return M.solve(v, regul=1e-3)
+
+        def prepare():
+            M = built(key, make)
+            if not first:  # the factorizations of the first solves are done
+                v = built("v", lambda: random_pvector(M.layer_collection))
+                M.solve(v, regul=1e-3)
+                M.solve(v, regul=1e-3)
+        go.prepare = prepare
         return go
     mc_kfac = out["MC KFAC build"]
     out["KFAC solve, first"] = solve("kfac", mc_kfac, True)
@@ -211,7 +241,7 @@ def rows(s):
     return out
 
 
-def run_workload(name, quick, repeats, log):
+def run_workload(name, quick, repeats, log, only=None):
     make, n, n_quick = WORKLOADS[name]
     try:
         s = make(n_quick if quick else n)
@@ -226,7 +256,11 @@ def run_workload(name, quick, repeats, log):
         f"peak {floor_peak / 2**20:.0f} MiB")
     res["rows"] = {}
     for label, fn in rows(s).items():
+        if only and label not in only:
+            continue
         try:
+            if hasattr(fn, "prepare"):
+                R._quiet_warnings(fn.prepare)
             t, _, _ = R.timeit(lambda: R._quiet_warnings(fn), repeats, budget_s=600)
             row = {"time": t, "x_floor": t / floor_t}
             if "build" in label:
@@ -263,12 +297,16 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--rows", default=None,
+                   help="the row labels to run, separated by ';' (default: all), e.g. "
+                        "'KFAC solve, first;KFAC solve, later'")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     results = {}
     for name in args.workloads.split(","):
+        only = set(args.rows.split(";")) if args.rows else None
         results[name] = run_workload(name, args.quick, args.repeats,
-                                     lambda m: print(m, file=sys.stderr, flush=True))
+                                     lambda m: print(m, file=sys.stderr, flush=True), only)
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -107,8 +107,11 @@ def damped_cholesky(F, shift):
     if F.dim() == 1:
         d = F + shift
         return 1.0 / d if bool((d.detach() > 0).all()) else None
-    A = _checks.upcast(F + shift * torch.eye(F.shape[0], dtype=F.dtype, device=F.device))
-    A = (A + A.mT) / 2
+    # one copy with the shift on its diagonal; Cholesky reads the lower triangle only, so an
+    # accumulated factor that is symmetric up to round-off needs no symmetrization
+    A = _checks.upcast(F).clone() if F.dtype == _checks.factor_dtype(F.dtype) else \
+        _checks.upcast(F)
+    A.diagonal().add_(shift)
     L, info = torch.linalg.cholesky_ex(A)
     return None if int(info) != 0 else L
 
