@@ -93,7 +93,11 @@ def _nngeometry_row(row, model, loader):
         M = fim(obj.PMatKFAC if row == "kfac_mv" else obj.PMatImplicit)
         # upstream 0.4's matrices keep their collection on the generator
         lc = getattr(M, "layer_collection", None) or M.generator.layer_collection
-        v = random_pvector(lc)
+        import torch
+        try:
+            v = random_pvector(lc, dtype=torch.float32)
+        except TypeError:  # (upstream 0.4 has the keyword; older releases make float32)
+            v = random_pvector(lc)
         return lambda: M.mv(v)
     raise KeyError(row)
 
