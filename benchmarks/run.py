@@ -22,6 +22,9 @@ runs against any package with nngeometry's API (``PYTHONPATH=... python benchmar
   ``FIM_MonteCarlo(trials=1)``; EKFAC's ``update_diag`` on the closed-form object;
 * **operations** on the closed-form object: ``mv``, ``vTMv``, ``solve`` (first call with a given
   ``regul``, then later calls), ``get_diag``, ``trace``;
+* **bare tensor expressions** of the operations (``--bare-ops``, see ``benchmarks/ops.py``):
+  ``mv``, ``vTMv``, ``get_diag``, ``trace``, ``solve`` of Diag/KFAC/EKFAC against the expression
+  each needs, with the per-call overhead in µs and the ratio to upstream nngeometry;
 * **bare GEMM** (Dense, BlockDiag): one ``torch.mm(Jᵀ, J)`` of the stacked per-example Jacobians
   (per layer for BlockDiag), on random data of the shape the maths needs: ``J`` has ``K·N`` rows,
   ``K = C - 1 = 9`` for the closed form (the multinomial covariance has rank C - 1) and ``K = 1``
@@ -837,6 +840,11 @@ def parse_args(argv=None):
                     help="cpu: process CPU time (default; with one thread it is the wall time of "
                          "an idle machine, robust to other processes); wall: perf_counter")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ap.add_argument("--bare-ops", action="store_true",
+                    help="instead: every operation of Diag/KFAC/EKFAC on W1/W2 against the bare "
+                         "tensor expression it needs (and upstream with --upstream-python): "
+                         "benchmarks/ops.py")
+    ap.add_argument("--upstream-python", default=None, help="with --bare-ops (see ops.py)")
     return ap.parse_args(argv)
 
 
@@ -850,6 +858,16 @@ def _split(s, allowed, what):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.bare_ops:
+        import ops
+        extra = ["--repeats", str(args.repeats or 5)]
+        if args.workloads:
+            extra += ["--workloads", args.workloads]
+        if args.upstream_python:
+            extra += ["--upstream-python", args.upstream_python]
+        if args.json:
+            extra += ["--json", args.json]
+        return ops.main(extra)
     global _clock
     _clock = CLOCK[args.clock]
     torch.set_num_threads(1)
