@@ -87,18 +87,11 @@ def eig(F):
 
 
 def damped_inverse(F, shift):
-    """``(F + shift·I)⁻¹`` through a Cholesky factorization (in float32 for half precision),
-    or None when ``F + shift·I`` is not positive definite (the caller then uses the
-    eigendecomposition). A diagonal factor stays diagonal."""
-    if F.dim() == 1:
-        d = F + shift
-        return 1.0 / d if bool((d.detach() > 0).all()) else None
-    A = _checks.upcast(F + shift * torch.eye(F.shape[0], dtype=F.dtype, device=F.device))
-    A = (A + A.mT) / 2  # accumulated factors are symmetric up to round-off only
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) != 0:
-        return None
-    return torch.cholesky_inverse(L).to(F.dtype)
+    """``(F + shift·I)⁻¹`` through a Cholesky factorization (:func:`damped_cholesky`, in
+    float32 for half precision), or None when ``F + shift·I`` is not positive definite (the
+    caller then uses the eigendecomposition). A diagonal factor stays diagonal."""
+    L = damped_cholesky(F, shift)
+    return None if L is None else cholesky_inverse_of(L, F.dtype)
 
 
 def damped_cholesky(F, shift):
