@@ -1260,6 +1260,8 @@ _FORWARD_AD_LOCK = threading.RLock()
 #: one lock per model (weakly held): see _model_lock
 _MODEL_LOCKS = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
+#: per thread, ``{id(model): depth}`` of the computations in progress (see in_engine_pass)
+_ENGINE_PASSES = threading.local()
 
 
 @contextlib.contextmanager
@@ -1275,7 +1277,21 @@ def _model_lock(model):
         if lock is None:
             lock = _MODEL_LOCKS[model] = threading.RLock()
     with lock:
-        yield
+        depth = _ENGINE_PASSES.__dict__.setdefault("depth", {})
+        depth[id(model)] = depth.get(id(model), 0) + 1
+        try:
+            yield
+        finally:
+            depth[id(model)] -= 1
+            if not depth[id(model)]:
+                del depth[id(model)]
+
+
+def in_engine_pass(model):
+    """Whether this thread is inside one of the library's own computations on ``model`` (a
+    build or an implicit product): its forward passes are not the user's (a recorder of
+    training steps, :mod:`.capture`, ignores them)."""
+    return id(model) in getattr(_ENGINE_PASSES, "depth", {})
 
 
 @contextlib.contextmanager
