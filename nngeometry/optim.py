@@ -268,14 +268,14 @@ class NaturalGradient:
         """The step count, the matrices and the layer collection as plain tensors, numbers,
         strings and containers (no model, no function inside): ``torch.save(pre.state_dict(),
         f)`` then ``pre.load_state_dict(torch.load(f))`` with the defaults
-        (``weights_only=True``; see :mod:`nngeometry.serialization`)."""
+        (``weights_only=True``; see `nngeometry.serialization`)."""
         from .serialization import to_state
         return to_state({"steps": self.steps, "running": self.running,
                          "for_solves": self.for_solves,
                          "layer_collection": self.layer_collection})
 
     def load_state_dict(self, state):
-        """Restore a state saved by :meth:`state_dict` (also a state dict of an earlier
+        """Restore a state saved by `state_dict` (also a state dict of an earlier
         release, which held the objects themselves)."""
         from .serialization import from_state
         state = from_state(state)

@@ -116,14 +116,14 @@ class EWC:
     def state_dict(self):
         """Everything but the model, as plain tensors, numbers, strings and containers:
         ``torch.save(ewc.state_dict(), f)`` then ``ewc.load_state_dict(torch.load(f))`` with
-        the defaults (``weights_only=True``; see :mod:`nngeometry.serialization`)."""
+        the defaults (``weights_only=True``; see `nngeometry.serialization`)."""
         from .serialization import to_state
         return to_state({"lam": self.lam, "gamma": self.gamma,
                          "layer_collection": self.layer_collection,
                          "tasks": [[a, [list(wF) for wF in t]] for a, t in self.tasks]})
 
     def load_state_dict(self, state):
-        """Restore a state saved by :meth:`state_dict` (also a state dict of an earlier
+        """Restore a state saved by `state_dict` (also a state dict of an earlier
         release, which held the objects themselves)."""
         from .serialization import from_state
         state = from_state(state)

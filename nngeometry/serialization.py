@@ -5,8 +5,8 @@ numbers, strings, ``None`` and containers (dicts, lists, tuples) and refuses eve
 (``Unsupported global: ...``) unless the class is registered with
 ``torch.serialization.add_safe_globals``. The objects of this library (representations,
 ``PVector``, ``LayerCollection`` and its layer specs) are therefore saved as *state dicts*:
-:func:`to_state` turns an object, or any container of objects, into such plain data, and
-:func:`from_state` rebuilds it::
+`to_state` turns an object, or any container of objects, into such plain data, and
+`from_state` rebuilds it::
 
     torch.save(F.state_dict(), "fisher.pt")                      # F: any PMat*
     F = PMatKFAC.from_state_dict(torch.load("fisher.pt"))        # default weights_only=True
@@ -47,7 +47,7 @@ def to_state(obj):
 
 
 def from_state(state):
-    """The object that :func:`to_state` turned into ``state`` (a plain dict is returned as a
+    """The object that `to_state` turned into ``state`` (a plain dict is returned as a
     dict of rebuilt values; objects that are not in plain form are returned as they are, so
     that state dicts saved by earlier releases, which held the objects themselves, load too)."""
     return _Decoder().decode(state, "state")
@@ -170,12 +170,12 @@ def _class(name, path):
 
 
 class StateDictMixin:
-    """``state_dict()`` / ``from_state_dict()`` through :func:`to_state` / :func:`from_state`:
+    """``state_dict()`` / ``from_state_dict()`` through `to_state` / `from_state`:
     plain data that ``torch.load(f)`` reads with its defaults (``weights_only=True``)."""
 
     def state_dict(self):
         """This object as plain tensors, numbers, strings and containers (see
-        :mod:`nngeometry.serialization`): ``torch.save(obj.state_dict(), f)``, then
+        `nngeometry.serialization`): ``torch.save(obj.state_dict(), f)``, then
         ``type(obj).from_state_dict(torch.load(f))``. What is left out is what pickling leaves
         out (the generator, which holds the model: set it again for the operations that run
         the model)."""
@@ -183,7 +183,7 @@ class StateDictMixin:
 
     @classmethod
     def from_state_dict(cls, state):
-        """The object saved by :meth:`state_dict` (``TypeError`` if ``state`` holds another
+        """The object saved by `state_dict` (``TypeError`` if ``state`` holds another
         kind of object than ``cls``)."""
         obj = from_state(state)
         if not isinstance(obj, cls):

@@ -40,7 +40,7 @@ class StepCapture:
     copies are never recorded). The record lives with the forward's output tensor: when the
     first backward pass that reaches one recorded output runs (the user's ``loss.backward()``,
     or the ``torch.autograd.grad`` of a gradient penalty through that output), the output
-    transform of ``generator.function`` (an :class:`~nngeometry.variants.OutputTransform` that
+    transform of ``generator.function`` (an `nngeometry.variants.OutputTransform` that
     does not read the batch: closed-form or unseeded Monte-Carlo Fisher) is applied to the
     recorded output and its directions are back-propagated to the layers' outputs, keeping the
     forward graph for the user's own backward pass. That record is complete (``ready``) and
@@ -85,14 +85,16 @@ class StepCapture:
         self._record = None
         # a process-wide pre-hook rather than one on the model: nothing of the capture is in
         # the model's state (pickling, deepcopy), and the hook holds the capture weakly
-        holder = []
         self._handle = torch.nn.modules.module.register_module_forward_pre_hook(
-            _weak_pre_hook(weakref.ref(self), holder))
-        holder.append(self._handle)
+            _weak_pre_hook(weakref.ref(self)))
+        # a capture dropped while armed (its optimizer gone without close()) takes its hook
+        # with it
+        self._finalizer = weakref.finalize(self, self._handle.remove)
         return self
 
     def disarm(self):
         if self._handle is not None:
+            self._finalizer.detach()
             self._handle.remove()
             self._handle = None
         self._close_call()
@@ -191,18 +193,14 @@ def _in_torch_func():
     return torch._C._functorch.maybe_current_level() is not None
 
 
-def _weak_pre_hook(ref, holder):
-    """A process-wide forward pre-hook that hands the calls to the capture ``ref()`` while it
-    lives; a capture dropped while armed removes the hook (``holder``: its handle) at the next
-    call of any module."""
+def _weak_pre_hook(ref):
+    """A process-wide forward pre-hook that hands the calls to the capture ``ref()`` (held
+    weakly: the hook alone does not keep a capture, its generator and model alive)."""
 
     def pre_hook(module, args):
         cap = ref()
-        if cap is None:
-            while holder:
-                holder.pop().remove()
-            return
-        cap._on_pre_forward(module)
+        if cap is not None:
+            cap._on_pre_forward(module)
 
     return pre_hook
 

@@ -1290,7 +1290,7 @@ def _model_lock(model):
 def in_engine_pass(model):
     """Whether this thread is inside one of the library's own computations on ``model`` (a
     build or an implicit product): its forward passes are not the user's (a recorder of
-    training steps, :mod:`.capture`, ignores them)."""
+    training steps, `.capture`, ignores them)."""
     return id(model) in getattr(_ENGINE_PASSES, "depth", {})
 
 
@@ -1397,7 +1397,7 @@ def first_random_module(model):
 
 def refuse_random_modules(model):
     """``RuntimeError`` naming the first module of ``model`` that draws random numbers in its
-    forward (see :func:`first_random_module`). Such a model gives a random matrix at each call,
+    forward (see `first_random_module`). Such a model gives a random matrix at each call,
     whose mean is not the matrix of the model used for prediction (in eval mode)."""
     found = first_random_module(model)
     if found is not None:
