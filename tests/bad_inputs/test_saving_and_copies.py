@@ -12,11 +12,11 @@ import torch.nn.functional as tF
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from nngeometry import FIM
+from nngeometry import FIM, GramMatrix
 from nngeometry.layercollection import LayerCollection
-from nngeometry.object import (PFMapDense, PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC,
-                               PMatEye, PMatImplicit, PMatKFAC, PMatLowRank, PMatMixed,
-                               PMatQuasiDiag, PVector, random_pvector)
+from nngeometry.object import (FMatDense, PFMapDense, PMatBlockDiag, PMatDense, PMatDiag,
+                               PMatEKFAC, PMatEye, PMatImplicit, PMatKFAC, PMatLowRank,
+                               PMatMixed, PMatQuasiDiag, PVector, random_pvector)
 from nngeometry.object.pspace import PMatAbstract, PMatEKFACBlockDiag
 from nngeometry.optim import NaturalGradient
 from nngeometry.regularization import EWC
@@ -134,6 +134,9 @@ def test_vectors_maps_and_collections_round_trip():
     m = PFMapDense(lc, data=torch.randn(2, 3, lc.numel(), dtype=DT))
     m2 = PFMapDense.from_state_dict(_saved_and_loaded(m.state_dict()))
     assert torch.equal(m2.to_torch(), m.to_torch())
+    K = GramMatrix(model, (x,))
+    K2 = FMatDense.from_state_dict(_saved_and_loaded(K.state_dict()))
+    assert torch.equal(K2.to_torch(), K.to_torch())
     lc2 = LayerCollection.from_state_dict(_saved_and_loaded(lc.state_dict()))
     assert lc2 == lc and lc2.numel() == lc.numel() and lc2.dtype == DT
     assert list(lc2.get_layerid_module_map(model)) == lc.layer_ids()
