@@ -316,8 +316,9 @@ def _refuse_random_modules(model):
 def _need_batch(batch):
     if batch is None:
         raise ValueError("this step needs a curvature estimate but no training step was "
-                         "recorded (the forward pass ran without gradients, through another "
-                         "function than the model, or capture=False): pass the batch, "
+                         "recorded (the forward pass ran without gradients, inside a torch.func "
+                         "transform, through another function than the model, or no backward "
+                         "pass reached its output; or capture=False): pass the batch, "
                          "step((inputs, targets))")
 
 

@@ -15,6 +15,7 @@ generator whose passes feed the recorded statistics to the representation's accu
 instead of running the model: ``PMatKFAC(generator=ReplayBackend(capture), examples=...)``
 equals ``FIM_MonteCarlo(model, batch, PMatKFAC)`` with the same draws.
 """
+import copy
 import weakref
 
 import torch
@@ -98,6 +99,19 @@ class StepCapture:
             self._handle.remove()
             self._handle = None
         self._close_call()
+
+    def __deepcopy__(self, memo):
+        """A copy on the copy of the model (``copy.deepcopy((model, optimizer))``), armed if
+        this one is, with hooks of its own (the process-wide hook is never shared)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k not in ("_handle", "_finalizer", "_open"):
+                setattr(new, k, copy.deepcopy(v, memo))
+        new._handle = new._open = None
+        if self.armed:
+            new.arm()
+        return new
 
     def __enter__(self):
         return self.arm()

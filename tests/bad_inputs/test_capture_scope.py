@@ -146,3 +146,22 @@ def test_library_passes_and_failed_forwards_mid_training_are_not_recorded():
     pre.step()
     assert count[0] == 1
     assert torch.allclose(pre._latest.get_diag(), torch.diag(fim_dense(model, x)), rtol=1e-10)
+
+
+def test_dropped_or_copied_preconditioner_leaves_no_hook_behind():
+    """A preconditioner dropped while armed takes its process-wide hook with it; a deep copy of
+    (model, preconditioner) records its own model's steps, not the original's."""
+    hooks = torch.nn.modules.module._global_forward_pre_hooks
+    n = len(hooks)
+    model, x, y, xv, yv = _setup()
+    pre = NaturalGradient(model, PMatDiag, curvature="fisher", update_freq=1)
+    assert len(hooks) == n + 1
+    twin, twin_pre = copy.deepcopy((model, pre))
+    assert len(hooks) == n + 2 and twin_pre._capture.model is twin
+    tF.cross_entropy(twin(xv), yv).backward()
+    assert twin_pre._capture.ready and not pre._capture.ready
+    twin_pre.step()
+    assert torch.allclose(twin_pre._latest.get_diag(), torch.diag(fim_dense(twin, xv)),
+                          rtol=1e-10)
+    del pre, twin_pre
+    assert len(hooks) == n
