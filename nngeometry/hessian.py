@@ -52,7 +52,7 @@ def Hessian(model, loader, representation, function=None, layer_collection=None,
             (``TypeError``), and so is ``PMatEye`` without ``scaling=`` (``ValueError``: not built
             from data).
     """
-    check_representation(representation, kwargs, "Hessian")
+    representation = check_representation(representation, kwargs, "Hessian")
     if function is not None:
         if loss_function is not None:
             raise ValueError("pass either function(prediction, targets) or "

@@ -87,7 +87,7 @@ def _curvature(entry, model, loader, representation, make_transform, function,
     distributed = kwargs.pop("distributed", None)
     process_group = kwargs.pop("process_group", None)
     kwargs = _drop_n_output(kwargs)
-    check_representation(representation, kwargs, entry)
+    representation = check_representation(representation, kwargs, entry)
     if validate is not None:
         validate()
     model = unwrap_model(model)

@@ -23,6 +23,7 @@ Inference 4(2), 2015.
 """
 import torch
 
+from . import _checks
 from .abstract import PMatAbstract
 from .blocks import ArrowInverseBlock, DiagBlock, QuasiDiagBlock
 
@@ -170,10 +171,38 @@ class PMatQuasiDiag(_PerLayer):
         """``log det(M + Λ) = Σ_units (Σ_i log(a_oi + λ) + log σ_o)``.
 
         The quasi-diagonal of a PSD matrix is not PSD in general (``σ_o`` can be negative):
-        per layer, ``log |det|`` is returned when ``det > 0`` (an even number of negative
-        pivots ``a + λ``, ``σ``: the pivots of the unit blocks' LDLᵀ factorization, whose signs
-        are those of the eigenvalues), and refused with the fix when ``det <= 0``."""
-        return super().logdet(regul=regul, damping=damping)
+        ``log |det|`` is returned when the whole matrix has ``det > 0`` (an even number of
+        negative pivots ``a + λ``, ``σ`` over all the layers: the pivots of the unit blocks'
+        LDLᵀ factorization, whose signs are those of the eigenvalues; a layer alone may have
+        ``det < 0``), refused when ``det < 0`` with the layers whose blocks have ``det < 0``
+        named, and refused when singular (the shared error)."""
+        regul, blocks, dampings = self._dampings(regul, "logdet", damping)
+        who = ("PMatQuasiDiag", regul)
+        total, negative = None, {}
+        for lid, b, d in zip(self._block_keys(), blocks, dampings):
+            if isinstance(b, QuasiDiagBlock):
+                inv_a, _, inv_sigma = b.schur(d, who, "logdet")
+                pivots = torch.cat([(1.0 / inv_a).reshape(-1), 1.0 / inv_sigma])
+            else:
+                pivots = b.eigenvalues(d)
+            part = _checks.logdet_of(pivots, "PMatQuasiDiag", regul, exact=True,
+                                     require_pd=False, allow_negative_det=True)
+            neg = int((pivots.detach() < 0).sum())
+            if neg:
+                negative[lid] = (neg, float(pivots.detach().min()))
+            total = part if total is None else total + part
+        if sum(n for n, _ in negative.values()) % 2:
+            odd = [f"'{lid}' ({n} negative pivot{'s' * (n > 1)})"
+                   for lid, (n, _) in negative.items() if n % 2]
+            low = min(v for _, v in negative.values())
+            raise ValueError(
+                f"PMatQuasiDiag.logdet: det(M + regul·I) < 0 at {_checks.describe_regul(regul)}, "
+                f"its log-determinant is undefined: the blocks of layer(s) {', '.join(odd)} have "
+                "det < 0 (each layer's pivots are the signs of its eigenvalues; blocks with det "
+                "< 0 in an even number of layers would still give the whole matrix det > 0). "
+                "The quasi-diagonal of a PSD matrix need not be PSD: use a regul above "
+                f"{-low:.3g}, or PMatDiag / PMatBlockDiag, which stay PSD")
+        return total
 
     def mm(self, other):
         raise NotImplementedError(
