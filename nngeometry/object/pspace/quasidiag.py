@@ -156,16 +156,45 @@ class PMatQuasiDiag(_PerLayer):
         return PMatQuasiDiagInverse(self.layer_collection, None, data=data)
 
     def pow(self, x, regul=0.0, damping="exact"):
-        """Only ``x = 1`` (``M + Λ``) and ``x = -1`` (:meth:`inverse`): other powers of an
-        arrowhead matrix are dense per unit."""
+        """``(M + Λ)^x``, exact. ``x = 1``: ``M + Λ`` (a ``PMatQuasiDiag``); ``x = -1``:
+        :meth:`inverse` (a :class:`PMatQuasiDiagInverse`, ``O(P)``). Other powers (``x = ±1/2``,
+        integers) of an arrowhead are dense per unit: each unit's ``(n_in + 1) × (n_in + 1)``
+        block ``(B_o + Λ_o)^x`` from its eigendecomposition (batched over the units), returned
+        as a :class:`PMatBlockDiag` (zero between units; memory ``Σ_l p_l²``, refused with a
+        ``MemoryError`` when it can't fit). Negative powers need ``M + Λ`` invertible,
+        fractional ones positive semi-definite (the shared errors: the quasi-diagonal of a PSD
+        matrix can be indefinite)."""
         if x == 1:
             return self._matpower(1.0, regul, damping, "pow(1)")
         if x == -1:
             return self.inverse(regul=regul, damping=damping)
-        raise NotImplementedError(
-            f"PMatQuasiDiag.pow({x}) is not implemented: powers other than 1 and -1 of a "
-            "quasi-diagonal matrix are not quasi-diagonal; use solve()/inverse(), or PMatDiag / "
-            "PMatBlockDiag, whose powers are computed exactly")
+        from . import _spectral
+        from .blockdiag import PMatBlockDiag, check_blocks_fit
+
+        what = f"pow({x})"
+        regul, blocks, dampings = self._dampings(regul, what, damping)
+        like = self._like()
+        check_blocks_fit(self.layer_collection, like.element_size(), f"PMatQuasiDiag.{what}")
+        lc = self.layer_collection
+        data = {}
+        for (lid, shape), b, d in zip(self._unit_shapes().items(), blocks, dampings):
+            if shape is None:
+                data[lid] = torch.diag(b.matpower(x, d, ("PMatQuasiDiag", regul)).d)
+                continue
+            out, n = shape
+            evals, evecs = _spectral.eigh(b.arrowheads(d))  # (out, n+1), per unit
+            ev = _spectral.eigvals_for_power(evals.reshape(-1), x, "PMatQuasiDiag",
+                                             regul).reshape(evals.shape)
+            units = (evecs * ev.unsqueeze(-2) ** x) @ evecs.transpose(-1, -2)
+            # flat index of unit o's entries: its weights o·n + i, then its bias out·n + o
+            o = torch.arange(out, device=like.device)
+            idx = torch.cat([(o * n).unsqueeze(1) + torch.arange(n, device=like.device),
+                             (out * n + o).unsqueeze(1)], dim=1)
+            p = lc[lid].numel()
+            block = torch.zeros(p, p, dtype=units.dtype, device=units.device)
+            block[idx.unsqueeze(-1), idx.unsqueeze(-2)] = units
+            data[lid] = block
+        return PMatBlockDiag(lc, None, data=data)
 
     def logdet(self, regul=0.0, damping="exact"):
         """``log det(M + Λ) = Σ_units (Σ_i log(a_oi + λ) + log σ_o)``.
