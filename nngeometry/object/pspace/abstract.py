@@ -437,6 +437,27 @@ class PMatAbstract:
     def __sub__(self, other):
         return self + (-other)
 
+    # ------------------------------------------------------------------ device and dtype
+    def to(self, *args, **kwargs):
+        """A copy of the matrix with its storage moved: ``M.to(device)``, ``M.to(dtype)``,
+        ``M.to(device, dtype)`` or ``M.to(tensor)``, as ``torch.Tensor.to`` (``non_blocking=``
+        too). Floating-point tensors take the dtype (e.g. ``torch.float64`` for an accurate
+        solve); integer ones (indices) only move. The caches (factorizations,
+        eigendecompositions) are not carried: they are recomputed on demand in the new dtype.
+        The generator is kept. The LayerCollection is a copy recording the new dtype / device
+        (the default of ``random_pvector``); it equals the original, so vectors on either work
+        with the moved matrix once they are in its dtype and on its device."""
+        from .._moving import move, parse_to
+
+        device, dtype, non_blocking = parse_to(args, kwargs, type(self).__name__)
+        # what pickling keeps: the storage without the caches (they are keyed on the tensors)
+        state = self.__getstate__()
+        moved = type(self).__new__(type(self))
+        moved.__setstate__({k: move(v, device, dtype, non_blocking) for k, v in state.items()
+                            if k != "generator"})
+        moved.generator = self.generator
+        return moved
+
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
         # the generator holds the model and a user function (often a lambda): not picklable,
