@@ -33,7 +33,7 @@ def Hessian(model, loader, representation, function=None, layer_collection=None,
     Args:
         model: the ``torch.nn.Module``.
         loader: a DataLoader (or a single mini-batch) of ``(inputs, targets, ...)``.
-        representation: a ``PMat*`` class (see above).
+        representation: a ``PMat*`` class (see above), or its name (``'dense'``, ...).
         function: ``function(prediction, targets) -> scalar`` loss of a batch (see above).
         layer_collection: the layers to differentiate; default all layers of the model (the
             other parameters are held constant).

@@ -134,7 +134,9 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
     Args:
         model: the ``torch.nn.Module``.
         loader: a DataLoader (or a single mini-batch) of ``(inputs, targets, ...)``.
-        representation: a ``PMat*`` class (e.g. ``PMatDense``, ``PMatKFAC``).
+        representation: a ``PMat*`` class (e.g. ``PMatDense``, ``PMatKFAC``), or its name,
+            case-insensitive: ``'dense'``, ``'diag'``, ``'blockdiag'``, ``'kfac'``, ``'ekfac'``,
+            ``'lowrank'``, ``'quasidiag'``, ``'implicit'``, ... (or ``'PMatKFAC'``).
         variant: see above.
         device: kept for compatibility; batches are moved to the model's device.
         function: ``function(*batch) -> outputs (n, C)``; default ``model(batch[0])``.
