@@ -331,7 +331,8 @@ def _dict_keys_error(model, batch, target_key, error):
         f"the batches are dicts with keys {keys}, which nngeometry passes as keyword arguments, "
         f"model(**batch) without the key target_key={target_key!r} (Hugging Face style); "
         f"{name}.forward does not take them ({error}). Map the keys yourself: pass {how}, or "
-        "yield batches (inputs, targets)")
+        "yield batches (inputs, targets) (or, for a model that takes keywords, drop the keys "
+        "its forward does not take)")
 
 
 def batch_size_of(batch):

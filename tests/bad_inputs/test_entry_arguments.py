@@ -53,6 +53,10 @@ def test_representation_name_everywhere_and_refusals():
         FIM(model, (x,), 3)
     lap = Laplace(model, representation="diag").fit([(x, y)])
     assert type(lap.ggn) is PMatDiag
+    from nngeometry.object import PMatEKFAC
+    from nngeometry.optim import NaturalGradient
+    assert NaturalGradient(model, "EKFAC").representation is PMatEKFAC
+    assert NaturalGradient(model, "kfac", damping_mode="pi").representation is PMatKFAC
 
 
 # ---------------------------------------------------------------------- batches

@@ -73,6 +73,21 @@ def test_every_representation_to_float64_and_back():
         pickle.loads(pickle.dumps(M64))  # still a plain, picklable matrix
 
 
+def test_eigendecomposition_recomputed_after_to():
+    """An eigendecomposition computed in float32 is not carried into the float64 copy: its
+    powers are float64-exact."""
+    _, _, mats = all_matrices()
+    for name in ("PMatDense", "PMatLowRank", "PMatBlockDiag"):
+        M = mats[name]
+        M.pow(0.5, regul=0.3)  # computes (and caches) the float32 eigendecomposition
+        M64 = M.to(F64)
+        D = M64.to_torch()
+        e, V = torch.linalg.eigh(D + 0.3 * torch.eye(D.shape[0], dtype=F64))
+        want = (V * e ** 0.5) @ V.t()
+        torch.testing.assert_close(M64.pow(0.5, regul=0.3).to_torch(), want, rtol=1e-11,
+                                   atol=1e-12, msg=name)
+
+
 def test_kfac_pi_damped_solve_after_to():
     _, _, mats = all_matrices()
     K = mats["PMatKFAC"]

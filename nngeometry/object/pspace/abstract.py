@@ -450,11 +450,16 @@ class PMatAbstract:
         from .._moving import move, parse_to
 
         device, dtype, non_blocking = parse_to(args, kwargs, type(self).__name__)
-        # what pickling keeps: the storage without the caches (they are keyed on the tensors)
-        state = self.__getstate__()
+        # what pickling keeps, without the caches (keyed on the old tensors) and without an
+        # eigendecomposition computed from the data (its '_eig_snapshot' says so; one set by
+        # hand is the user's and moves): recomputed in the new dtype when asked for
+        drop = {"generator"}
+        if "_eig_snapshot" in self.__dict__:
+            drop |= {"evals", "evecs"}
+        state = {k: v for k, v in self.__getstate__().items()
+                 if k not in drop and not k.endswith("_cache")}
         moved = type(self).__new__(type(self))
-        moved.__setstate__({k: move(v, device, dtype, non_blocking) for k, v in state.items()
-                            if k != "generator"})
+        moved.__setstate__({k: move(v, device, dtype, non_blocking) for k, v in state.items()})
         moved.generator = self.generator
         return moved
 
