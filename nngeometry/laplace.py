@@ -71,6 +71,10 @@ class Laplace:
             ``H = (n/T) GGN[idx][:, idx] + Λ``; ``sample`` draws those ``k`` parameters).
     """
 
+    #: the key of the targets in dict batches (a class default: instances saved before it
+    #: existed read it from here)
+    target_key = "labels"
+
     def __init__(self, model, likelihood="classification", representation=PMatKFAC,
                  prior_precision=1.0, sigma_noise=1.0, temperature=1.0, layer_collection=None,
                  function=None, target_key="labels", **representation_kwargs):

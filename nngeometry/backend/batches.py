@@ -94,7 +94,9 @@ def iterate_batches(examples):
       yields). A list of tensors that could as well be several batches of inputs (see
       ``_refuse_ambiguous_list``) is refused: pass a tuple for one mini-batch.
 
-    Empty examples (``()``, ``[]``, an empty batch) raise a ``ValueError``.
+    Empty examples (``()``, ``[]``, an empty batch, a batch of 0 examples such as
+    ``(X[:0], y[:0])``) raise a ``ValueError``, and so does a tuple of batches
+    ``((x1, y1), (x2, y2))`` (see ``_looks_like_batches``: a tuple is one mini-batch).
     """
     if isinstance(examples, list) and examples and all(
             isinstance(b, (tuple, list, Mapping)) for b in examples):
