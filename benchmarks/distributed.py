@@ -9,7 +9,7 @@ thread each (the time of a build is the slowest rank's, between two barriers, so
 the reduction of the factors). Median of ``--repeats`` builds after a warm-up build (which also
 times the backward strategies, once per process), in wall-clock time and in CPU time of the
 slowest process (all its threads: on free cores that is its wall time, and it is not inflated
-by other work on a shared machine). The target of issue 15:
+by other work on a shared machine). The target:
 two processes ≤ 0.65 × one process with one thread, on a machine with 2 free cores.
 """
 import argparse

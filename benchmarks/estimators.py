@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark of the matrix-free estimators (issue 13): the cost of 100 Hutchinson products with
+"""Benchmark of the matrix-free estimators: the cost of 100 Hutchinson products with
 the exact Fisher ``PMatImplicit`` on the workloads of benchmarks/run.py, as multiples of the same
 floor (one forward + backward of the mean cross-entropy over the same data and batches).
 

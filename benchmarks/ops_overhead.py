@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Per-call overhead of the representations' operations (issue 10): the median time of one call
+"""Per-call overhead of the representations' operations: the median time of one call
 of ``mv``, ``vTMv``, ``get_diag``, ``solve`` (a later call with the same ``regul``, so cached
 factorizations are reused) and ``logdet`` for Diag, KFAC, EKFAC, Dense and BlockDiag on a small
 float64 MLP (10-16-16-4, 532 parameters), one thread, in microseconds of process CPU time.

@@ -21,7 +21,7 @@ Workloads (float32, fixed seeds, one thread, clock and memory probe of ``benchma
 Rows: Monte-Carlo Diag and KFAC builds, closed-form EKFAC build and its ``update_diag``,
 empirical-Fisher Diag and KFAC builds, ``PMatImplicit.mv``, KFAC and EKFAC ``solve`` (first call,
 which decomposes, then a later call), last-layer Dense build. A row whose API is missing or that
-raises is ``n/a (reason)``. Targets (issue 16): MC Diag ≤ 1.3× floor, MC KFAC ≤ 2×, closed-form
+raises is ``n/a (reason)``. Targets: MC Diag ≤ 1.3× floor, MC KFAC ≤ 2×, closed-form
 KFAC on W5 ≤ 8×, first KFAC solve on W5 ≤ 1×.
 """
 import argparse

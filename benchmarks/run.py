@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark suite for nngeometry (issue 5): build and operation costs of every parameter-space
+"""Benchmark suite for nngeometry: build and operation costs of every parameter-space
 representation, as multiples of the cost of training the model.
 
 Usage::
@@ -605,7 +605,7 @@ def _rep_status(res, rep):
 
 
 def evaluate_targets(results):
-    """Every target of issue 5 that applies to the workloads that were run."""
+    """Every target that applies to the workloads that were run."""
     targets = []
 
     def add(wname, tid, text, value_reason, limit, unit):

@@ -1,6 +1,6 @@
 """Where each layer's parameters sit in the flat parameter vector.
 
-Layout (see CONVENTIONS): layers in the order of ``model.named_modules()``, restricted to modules
+Layout (docs/index.md, "Parameter layout"): layers in the order of ``model.named_modules()``, restricted to modules
 with parameters; a layer's id is its qualified module name; inside a layer ``weight.flatten()``
 then ``bias.flatten()``. ``p_pos[layer_id]`` is the layer's offset.
 """

@@ -39,7 +39,8 @@ def test_log_marginal_likelihood_equals_laplace_torch(likelihood, structure):
     ref = theirs.log_marginal_likelihood().detach()
     got = ours.log_marginal_likelihood().detach()
     assert torch.allclose(got, ref.to(got.dtype), rtol=1e-6, atol=0), (float(got), float(ref))
-# --- append to tests/test_laplace_vs_laplace_torch.py after the algebra (issue 10) lands
+
+
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 def test_kron_log_marginal_likelihood_equals_laplace_torch_per_layer_prior(likelihood):
     """KronLaplace factors weight and bias separately: separate_weight_and_bias=True; a prior

@@ -1,4 +1,4 @@
-"""The fast paths of the per-call operations (issue 16) give the numbers of the general path:
+"""The fast paths of the per-call operations give the numbers of the general path:
 the Kronecker layout moved by slices instead of an index gather, the cached damped reciprocal
 of PMatDiag's solve, the fused Diag quadratic form."""
 import pytest

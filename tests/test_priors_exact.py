@@ -1,4 +1,4 @@
-"""``(M + Λ)`` for every representation and every kind of prior ``Λ`` (issue 10).
+"""``(M + Λ)`` for every representation and every kind of prior ``Λ``.
 
 Every representation × every kind of ``Λ`` (Python scalar, 0-d tensor, PMatEye, per-layer dict,
 per-parameter PVector, PMatDiag) × {solve (PVector, PFMap), inverse, vTMv after inverse,
@@ -223,7 +223,8 @@ def test_bad_priors_are_refused_with_the_fix():
 
 
 def test_dense_logdet_and_inverse_with_a_pvector_are_the_true_ones():
-    """The two silently wrong numbers of issue 10: log det(M + diag v), (M + diag v)⁻¹."""
+    """Dense ``log det(M + diag v)`` and ``(M + diag v)⁻¹`` with a PVector prior are the true ones
+    (not ``M + v`` read as a scalar or a per-layer value)."""
     M = built("PMatDense")
     lc = M.layer_collection
     regul, lam, _ = make_prior("pvector", lc)

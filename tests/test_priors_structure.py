@@ -1,4 +1,4 @@
-"""Structure kept by priors (issue 10): ``M + PMatEye`` / ``γ·M1 + M2`` of KFAC / EKFAC,
+"""Structure kept by priors: ``M + PMatEye`` / ``γ·M1 + M2`` of KFAC / EKFAC,
 KFAC / EKFAC ``separate_weight_and_bias=True``, and powers applied to PFMaps in one call
 (``M.pow(-1, regul=Λ).mapTMmap(J, reduction='diag')``, the GLM predictive variance), all against
 dense float64 computations."""

@@ -84,7 +84,7 @@ class Call:
 
     ``targets[0]`` is the module's output as a :class:`GradTarget`, not the output tensor:
     holding the tensor kept e.g. every convolution's output alive through the backward pass
-    (6 MiB for W2 in a build whose other transients are 16), and an in-place op applied to the
+    (6 MiB for a small CNN in a build whose other transients are 16), and an in-place op applied to the
     output afterwards (``ReLU(inplace=True)``) made the tensor stand for that op's result, so
     that ``gy`` was the gradient w.r.t. the wrong quantity. The edge is the output as the module
     returned it.

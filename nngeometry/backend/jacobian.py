@@ -247,8 +247,8 @@ class TorchHooksJacobianBackend:
         if set(kfe) != set(lc.layer_ids()):
             lc = lc.sub(list(kfe))
         # all directions in one backward pass as far as max_chunk_bytes allows: the layer
-        # types project the inputs on U_A once per chunk of directions (W2's fc: a GEMM with
-        # 2049² U_A), which made 5 chunks 11% slower than one
+        # types project the inputs on U_A once per chunk of directions (a CNN's 2048-input fc: a GEMM
+        # with a 2049² U_A), which made 5 chunks 11% slower than one
         return self.accumulate(examples, lc, C.KFEDiag(lc, kfe),
                                chunk_bytes=self.max_chunk_bytes).result
 
@@ -577,7 +577,8 @@ class TorchHooksJacobianBackend:
         and every example (not normalized); Jacobian-vector products vmapped over the rows."""
         # the vectors go through in chunks whose tangent activations stay small: a vmapped
         # JVP of m vectors holds m copies of every activation, and past a few MB the
-        # elementwise ops run at memory speed (W2: 2.2x faster in chunks of 4 than all 100)
+        # elementwise ops run at memory speed (a small CNN: 2.2x faster in chunks of 4 than all
+        # 100)
         chunk = _vector_chunk(self, V.shape[0], examples, layer_collection)
         parts = []
         for batch, params, f in self._functional_batches(examples, layer_collection):
@@ -597,7 +598,7 @@ class TorchHooksJacobianBackend:
         if V.shape[0] == 1:
             # one vector (e.g. a CG iteration): the single-forward path of implicit_mv
             return self._mv(V[0], examples, layer_collection).unsqueeze(0)
-        # chunks of vectors whose tangent activations and gradients stay small (see _JV): W1
+        # chunks of vectors whose tangent activations and gradients stay small (see _JV): an MLP
         # 3x faster in chunks of ~20 than all 100 at once; a model whose activations alone
         # exceed the budget takes the single-forward path vector by vector
         chunk = _vector_chunk(self, V.shape[0], examples, layer_collection)
@@ -930,7 +931,7 @@ class TorchHooksJacobianBackend:
         Jacobian of the whole model for the batch (``n P`` numbers). Where the layers' outputs
         are small next to the parameters (MLPs, transformers) that is every direction at once;
         for a CNN, whose activations outweigh its parameters, all ``K`` directions' gradients
-        would exceed the batch's whole Jacobian (W2: 54 MiB for K = 9, vs 6 MiB per direction
+        would exceed the batch's whole Jacobian (a small CNN: 54 MiB for K = 9, vs 6 MiB per direction
         for the Jacobian): they are taken a few directions at a time.
 
         The gradients at the ``(n, n_output)`` outputs themselves fit in the budget too: ``K``
@@ -1410,7 +1411,8 @@ def refuse_random_modules(model):
 
 
 #: numbers (activations and parameters) one chunk of vmapped vector products may hold per
-#: batch: about 32 MB in float32, measured best on W1 (chunks of 16-25) and W2 (2-4)
+#: batch: about 32 MB in float32, measured best on an MLP (chunks of 16-25) and a
+#: CNN (2-4)
 _VECTOR_CHUNK_NUMBERS = 2 ** 23
 
 

@@ -16,7 +16,7 @@ is done in that equivalent layout and re-indexed to the module's weight layout
 Patch extraction is written once for any number of spatial dimensions (``Tensor.unfold`` per
 dimension, dilation by slicing the windows), since torch only has ``F.unfold`` for 2-d.
 
-KFAC (KFC, Grosse & Martens 2016, see CONVENTIONS): ``'expand'`` (default) ``A = Σ_{i,l} u uᵀ``
+KFAC (KFC, Grosse & Martens 2016; docs/layers.md, "KFAC on weight sharing"): ``'expand'`` (default) ``A = Σ_{i,l} u uᵀ``
 over examples and locations, ``G = Σ_{k,i,l} g gᵀ / L``; for spatially constant inputs the exact
 block is ``L ×`` KFAC. ``'reduce'`` (Eschenhagen et al. 2023): ``A = Σ_i ū ūᵀ`` with ``ū`` the
 mean patch of example ``i``, ``G = Σ_{k,i} ĝ ĝᵀ`` with ``ĝ = Σ_l g``: exact when the patches do
@@ -162,9 +162,9 @@ class _ConvNdLayer(AbstractLayer):
         """The batch by chunks of examples whose patches fit in :data:`PATCH_CHUNK_BYTES`: yields
         ``(i0, i1, u)`` with ``u`` the patches of examples ``i0 .. i1 - 1`` (as
         :meth:`_patches`). The patches are ``prod(k)`` times the input (9.4 MiB for a batch of
-        64 on W2's second convolution, more than the per-example gradients of the whole model
+        64 on a 16→32-channel 3×3 convolution, more than the per-example gradients of the whole model
         for one output direction): every statistic is a sum over examples, so it is
-        accumulated chunk by chunk instead. The chunks are wide enough (W2: 14-19 examples) that
+        accumulated chunk by chunk instead. The chunks are wide enough (there: 14-19 examples) that
         the per-chunk overhead does not show."""
         n = x.shape[0]
         per_example = (self.in_channels * math.prod(self.kernel_size)
@@ -246,7 +246,7 @@ class _ConvNdLayer(AbstractLayer):
           per copied element.
 
         ``einsum`` folded all ``K`` directions with a copy of the whole ``(K, n, C_out, L)`` output
-        gradient: 2.8x slower than the first way for W2's first convolution (D = 27)."""
+        gradient: 2.8x slower than the first way for a 3-channel 3×3 convolution (D = 27)."""
         n, ng, D, L = u.shape
         K = g.shape[0]
         cg = g.shape[3]
@@ -313,7 +313,7 @@ class _ConvNdLayer(AbstractLayer):
         (:meth:`_example_chunks`) are one ``bmm`` reading the output gradients in place, and
         ``U_Gᵀ`` is applied to that ``(C_out, D')`` result. Going through
         :meth:`per_example_grad` instead gathers ``(K, n, numel)`` into the Kronecker layout and
-        projects it with transposed copies (1.3x slower on W2's second convolution; folding
+        projects it with transposed copies (1.3x slower on a 16→32-channel 3×3 convolution; folding
         the directions into the rows of one product needs a permuted copy of the output
         gradients, which costs as much as it saves)."""
         if self.groups != 1:

@@ -139,12 +139,6 @@ def _leaf_vjp(module, names, leaves, spec, batched, gy, method):
     return torch.stack(rows, dim=1)
 
 
-def batch_dims(values, n):
-    """``vmap`` in_dims for recorded arguments: 0 for tensors whose first axis has size ``n``."""
-    return [0 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else None
-            for v in values]
-
-
 class GenericLayer(AbstractLayer):
     """Any other module with direct parameters; see the module docstring. Not registered: it is
     the fallback of :func:`LayerCollection.from_model`."""

@@ -20,7 +20,7 @@ def seq_grads(a, g):
     ``a``: inputs ``(n, S, d)``, ``g``: output gradients ``(K, n, S, rows)``; returns
     ``(K, n, rows, d)`` (row-major ``(rows, d)`` per example and direction), as one batched
     product (``a`` is broadcast over the directions, ``g`` read through a transposed view:
-    1.4x faster than ``einsum`` for W4's shapes). For ``S = 1`` (outer products, bound by
+    1.4x faster than ``einsum`` for a small transformer's shapes). For ``S = 1`` (outer products, bound by
     writing the result) ``einsum`` is the faster of the two."""
     if a.shape[1] == 1:
         return torch.einsum("kno,ni->knoi", g[:, :, 0], a[:, 0])
@@ -161,7 +161,7 @@ class LinearLayer(AbstractLayer):
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         # the gradient gy xᵀ is rank one, so in the eigenbasis it is (U_Gᵀ gy)(U_Aᵀ x)ᵀ and its
         # square factors: no per-example gradient is formed
-        # squares summed over the directions first, then one GEMM (einsum: 1.7x slower, W1);
+        # squares summed over the directions first, then one GEMM (einsum: 1.7x slower on an MLP);
         # squared in place only when the projection made a tensor of our own
         xp2 = x.square() if isinstance(UA, int) else (x @ UA).square_()
         if isinstance(UG, int):

@@ -63,7 +63,8 @@ class ScaleShiftLayer(AbstractLayer):
         K, n = gy.shape[:2]
         if not self.channel_axis:
             # trailing parameter axes: products in the natural (positions, F) layout, summed
-            # over positions (no transposed copies; ~2x faster than the einsum below for W4)
+            # over positions (no transposed copies; ~2x faster than the einsum below for a
+            # small transformer)
             F_ = self.weight.numel()
             xh = self.normalized(module, x).to(gy.dtype).reshape(n, -1, F_)
             g = gy.reshape(K, n, -1, F_)

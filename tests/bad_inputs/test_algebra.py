@@ -1,5 +1,5 @@
-"""Issue 11, linear-algebra side: singular matrices (3), stale caches (4), dense allocations
-that can't fit (11, representations) and the obscure errors of solves (singular LU, negative
+"""Bad inputs on the linear-algebra side: singular matrices, stale caches, dense allocations
+that can't fit (representations) and the obscure errors of solves (singular LU, negative
 KFAC regul, half precision, PMatQuasiDiagInverse from examples).
 
 Each case is checked against a float64 reference (the brute-force Fisher of brute.py, or the

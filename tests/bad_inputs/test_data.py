@@ -1,4 +1,4 @@
-"""Issue 11, data / batches / outputs / entry-point arguments / Monte-Carlo memory / random
+"""Bad data / batches / outputs / entry-point arguments / Monte-Carlo memory / random
 models: each case against a brute-force float64 reference or against its error message.
 
 To add a case: a test function per input; compare with ``brute.fim_dense`` /
@@ -232,7 +232,7 @@ def test_determinism_probe_catches_other_random_models():
     torch.manual_seed(0)
     model = Noisy().to(DT)
     x, y = data()
-    # without the check two identical calls differ (the 0.63 of the issue)
+    # without the check two identical calls differ (by far more than round-off)
     a = FIM(model, (x, y), PMatDense, check_deterministic=False).to_torch()
     b = FIM(model, (x, y), PMatDense, check_deterministic=False).to_torch()
     assert rel(a, b) > 1e-3

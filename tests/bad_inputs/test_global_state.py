@@ -1,4 +1,4 @@
-"""Issue 11: no global state is changed by any call, normal or failed, once per entry point.
+"""No global state is changed by any call, normal or failed, once per entry point.
 
 Checked after each call: the functions of ``torch.nn.functional`` and ``torch`` are the
 originals, no hook is left (the model's modules' and the global ``nn.modules.module`` ones),

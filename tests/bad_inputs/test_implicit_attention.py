@@ -1,4 +1,4 @@
-"""Issue 11, items 5, 8, 11 (generator side) and the same model in two threads: PMatImplicit
+"""Bad inputs on the generator side and the same model in two threads: PMatImplicit
 behaves like the other representations (inference mode, gradients w.r.t. v, unpickling,
 BatchNorm), attention statistics are recorded without touching global state (two threads, two
 models), one model is not built on by two threads at once, and n·P-sized results are refused

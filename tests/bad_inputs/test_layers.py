@@ -1,4 +1,4 @@
-"""Bad inputs around layers (issue 11): parameters used outside their module's forward, tied
+"""Bad inputs around layers: parameters used outside their module's forward, tied
 weights, arguments of the generic (torch.func) layer type, modules whose batching rules fail
 under nested vmap, torch.compile'd models. Each case is checked against a brute-force float64
 reference or against its error message."""

@@ -1,6 +1,6 @@
 """Per-layer Kronecker algebra shared by the KFAC and EKFAC representations.
 
-Conventions (see CONVENTIONS.md, "KFAC and EKFAC"): a layer's block is ``kron(G, A)`` in the
+Conventions (docs/index.md, "Parameter layout"): a layer's block is ``kron(G, A)`` in the
 *Kronecker layout*, where a flat vector of the layer reshaped row-major to ``(dG, dA)`` is the
 matrix ``V`` (e.g. ``[W | b]`` for a Linear layer), so that ``kron(G, A) vec(V) = vec(G V Aᵀ)``.
 The layer type's ``kfac_permutation()`` maps the flat layout to that layout: flat coordinate
@@ -256,7 +256,7 @@ class Layout:
         # (the flat slice is the weight (dG, dA - 1), row-major, then the bias (dG,): the
         # Kronecker matrix is [W | b], Linear and convolutions with a bias), or None (a general
         # permutation: gathered). The two common cases are moved by slices (one contiguous
-        # copy, or none) instead of an index gather (6x slower on W1's 200k-entry layer).
+        # copy, or none) instead of an index gather (6x slower on a 200k-entry layer).
         self.fast = {}
         for lid, layer in layer_collection.layers.items():
             d = dims[lid]

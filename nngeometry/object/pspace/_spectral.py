@@ -48,12 +48,6 @@ def eigvalsh(M):
     return eigh(M)[0]
 
 
-def _round_off(ev):
-    """Size below which a negative eigenvalue of a PSD matrix is round-off."""
-    eps = torch.finfo(ev.dtype).eps
-    return 100 * ev.numel() * eps * ev.abs().max().clamp(min=torch.finfo(ev.dtype).tiny)
-
-
 def eigvals_for_power(ev, x, rep="PMat", regul=0.0):
     """The eigenvalues of ``M + regul·I`` made ready for the power ``x``.
 

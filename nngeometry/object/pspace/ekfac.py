@@ -307,10 +307,6 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         """The unit's :class:`~.blocks.EigenKronBlock` (a light view of the stored entry)."""
         return EigenKronBlock(*self._unit(key))
 
-    def _scale_layer(self, key, V, f=None):
-        """``U f(D) Uᵀ`` applied to ``V`` (``f`` default identity), for one unit."""
-        return self._block(key).apply(V, f)
-
     def get_KFE(self, layer_id=None, layer=None, split_weight_bias=True):
         """The dense eigenbasis ``U_G ⊗ U_A`` of a layer (``(p_l, p_l)``, eigenvectors as
         columns, column ``p·dA + q`` for ``D[p, q]``), rows in the flat layout
@@ -386,9 +382,6 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         """Refuse (shared singular-matrix error) when ``D + regul`` has a zero, or undamped
         (``regul <= 0``) a round-off, value: the eigenvalues of ``M + regul·I``."""
         _checks.check_invertible(self._damped_values(regul), type(self).__name__, what, regul)
-
-    def _solve_fn(self, regul):
-        return lambda key, V: self._block(key).apply_power(V, -1.0, self._unit_regul(regul, key))
 
     def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
         """``(M + Λ)⁻¹ x``, exactly (``U (D + λ_l)⁻¹ Uᵀ x`` per layer); ``regul``: a scalar

@@ -161,10 +161,6 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         parts = self._layout.split(flat)
         return self._layout.join({lid: fn(lid, V) for lid, V in parts.items()})
 
-    def _mul_layer(self, key, V):
-        A, G = K.get_unit(self.data, key)
-        return K.kron_apply(A, G, V)
-
     def _eig(self, key):
         """``((λ_A, U_A), (λ_G, U_G))`` of a unit, computed once (and again when its factors
         are replaced or changed in place)."""
@@ -276,9 +272,6 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         eigendecompositions of its factors): what exact damping works on."""
         return EigenKronBlock.from_factors_eig(*self._eig(key))
 
-    def _exact_layer(self, key, V, regul, power=-1.0):
-        return self._eigen_block(key).apply_power(V, power, self._unit_regul(regul, key))
-
     # ------------------------------------------------------------------ the container
     # one KronBlock per Kronecker unit (a layer, or each block of a multi-block layer), in the
     # layer's Kronecker layout, sharing the cached factor eigendecompositions: products,
@@ -343,8 +336,8 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         damped factor (Cholesky, ``d³/3``) and solves by triangular solves; the second turns
         the same factors into explicit inverses (``2d³/3`` more), which later solves apply by
         matrix products (faster than triangular solves: 2.2x on a 785-wide factor). One solve
-        thus costs a third of what inverting up front cost (W5, ResNet-18: 4609-wide input
-        factors), and a loop of solves the same as before. Only where a factor is wider than
+        thus costs a third of what inverting up front cost (e.g. on a ResNet-18 with 4609-wide
+        input factors), and a loop of solves the same as before. Only where a factor is wider than
         :data:`LAZY_INVERSE_WIDTH` (below it the inverses cost little, and every solve takes
         the same path, bit for bit)."""
         self._check_pi_regul(regul, "solve")

@@ -48,13 +48,6 @@ def who_of(block, damping, who):
     return type(block).__name__, EntriesDamping(damping) if is_entries(damping) else damping
 
 
-def is_zero(damping):
-    """A damping that adds nothing (and records no graph)."""
-    if torch.is_tensor(damping):
-        return not damping.requires_grad and damping.dim() == 0 and float(damping) == 0.0
-    return float(damping) == 0.0
-
-
 def per_entry_refused(block):
     return NotImplementedError(
         f"{type(block).__name__}: a per-entry damping does not keep the Kronecker eigenbasis, so "
@@ -140,12 +133,6 @@ class Block:
         """The block ``B + s·I`` (``s`` a scalar)."""
         from .identity import ScaledIdentityBlock
         return self.add(ScaledIdentityBlock(s, self.shape))
-
-
-def flat_batch(V, shape):
-    """``V`` of shape ``(..., *shape)`` as ``(m, d)`` rows, and the batch shape."""
-    batch = V.shape[:V.dim() - len(shape)]
-    return V.reshape(-1, math.prod(shape)), batch
 
 
 def check_shape(V, shape, name):

@@ -87,10 +87,6 @@ class EigenKronBlock(Block):
             d = values_for_power(d, p, rep, regul)
         return EigenKronBlock(self.UA, self.UG, d ** p)
 
-    def map_values(self, fn):
-        """The block ``U fn(D) Uᵀ``."""
-        return EigenKronBlock(self.UA, self.UG, fn(self.D))
-
     def diagonal(self):
         """The ``(dG, dA)`` diagonal of the block (Kronecker layout): ``(U_G∘U_G) D (U_A∘U_A)ᵀ``."""
         d = self.D
