@@ -1,7 +1,7 @@
 """Dict batches with the user's own keys ({'x': ..., 'y': ...}) for a model that takes one
 tensor: the error says how nngeometry reads a dict and how to map the keys; following it gives
 the matrix (and the Laplace fit) of the same data as tuple batches, checked against brute force.
-Hugging Face style dicts keep working (tests/test_dict_batches.py)."""
+Hugging Face style dicts keep working (tests/backend/test_dict_batches.py)."""
 import pytest
 import torch
 from torch import nn

@@ -202,8 +202,12 @@ CHILD = textwrap.dedent(r"""
 def test_large_models_in_limited_memory(tmp_path):
     limit = 6 * 2 ** 30
     env = dict(os.environ, MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="1")
-    here = str(Path(__file__).resolve().parent)
-    env["PYTHONPATH"] = os.pathsep.join([here, str(Path(here).parent), env.get("PYTHONPATH", "")])
+    # this module's folder, the tests folder (brute.py, models.py) and the repository root
+    here = Path(__file__).resolve().parent
+    tests = here.parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(tests), str(tests.parent),
+                                         env.get("PYTHONPATH", "")])
+    here = str(here)
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     r = subprocess.run([sys.executable, str(script), str(limit), here], capture_output=True,

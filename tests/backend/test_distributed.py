@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 TOL = dict(atol=1e-10, rtol=1e-10)
 BATCH = 4
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_model():

@@ -7,7 +7,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-laplace = pytest.importorskip("laplace")
+# laplace-torch's own module, not this tests folder (also named laplace, importable as a
+# namespace package when laplace-torch is missing)
+pytest.importorskip("laplace.baselaplace")
+import laplace  # noqa: E402
 
 from nngeometry.laplace import Laplace  # noqa: E402
 from nngeometry.object import PMatDense, PMatDiag  # noqa: E402

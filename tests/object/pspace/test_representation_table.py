@@ -38,7 +38,7 @@ from brute import fim_dense
 
 DT = torch.float64
 REGUL = 0.3
-DOC = Path(__file__).resolve().parent.parent / "docs" / "representations.md"
+DOC = Path(__file__).resolve().parents[3] / "docs" / "representations.md"
 
 PRODUCT_COLUMNS = ["mv", "vTMv", "mmap", "mapTMmap (sum, diag)", "solvePVec", "solvePFMap", "solve",
                    "inverse / inv", "pow / **", "@"]
