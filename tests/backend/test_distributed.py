@@ -10,7 +10,6 @@ draws the same targets as one process (see nngeometry.backend.distributed.global
 """
 import importlib.util
 import os
-import socket
 
 import pytest
 import torch
@@ -212,12 +211,6 @@ def _worker(rank, world, init, n, out_dir, run_example):
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(tmp_path, world, n, run_example=False):

@@ -303,10 +303,6 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         parts = self._layout.split(flat)
         return self._layout.join({lid: fn(lid, V) for lid, V in parts.items()})
 
-    def _block(self, key):
-        """The unit's :class:`~.blocks.EigenKronBlock` (a light view of the stored entry)."""
-        return EigenKronBlock(*self._unit(key))
-
     def get_KFE(self, layer_id=None, layer=None, split_weight_bias=True):
         """The dense eigenbasis ``U_G ⊗ U_A`` of a layer (``(p_l, p_l)``, eigenvectors as
         columns, column ``p·dA + q`` for ``D[p, q]``), rows in the flat layout
