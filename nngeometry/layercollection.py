@@ -116,16 +116,19 @@ class LayerCollection:
 
     # ------------------------------------------------------------------ building
     @staticmethod
-    def from_model(model, ignore_unsupported_layers=False, tied_weights="refuse"):
+    def from_model(model, ignore_unsupported_layers=False, tied_weights="sum"):
         """All layers of ``model`` that have parameters, in ``named_modules()`` order.
 
         ``tied_weights``: what to do with a module whose parameters are those of an earlier
-        layer (GPT-2's ``lm_head`` and ``wte``): ``'refuse'`` (default, ``ValueError``) or
-        ``'sum'``: the module is a second use of the earlier layer's parameters (in
-        :attr:`tied`), and the generator adds its per-example gradients to the layer's, so
-        that the matrices are exact (Dense, BlockDiag, Diag, LowRank, QuasiDiag, Implicit;
-        KFAC/EKFAC refuse such a layer: a sum of two Kronecker products is not one). The module
-        must hold no parameter of its own besides the shared ones, in the same layout.
+        layer (GPT-2's ``lm_head`` and ``wte``): ``'sum'`` (default): the module is a second
+        use of the earlier layer's parameters (in :attr:`tied`), and the generator adds its
+        per-example gradients to the layer's, so that the matrices are exact (Dense,
+        BlockDiag, Diag, LowRank, QuasiDiag, Implicit, Jacobian, Gram). A KFAC/EKFAC block
+        cannot hold such a layer (a sum of two Kronecker products is not one): the entry
+        points (``FIM``, ...) give it the exact diagonal block instead, with a warning, and a
+        ``PMatKFAC`` built directly refuses it. The module must hold no parameter of its own
+        besides the shared ones, in the same layout (otherwise the shared parameter is
+        refused as with ``'refuse'``). ``'refuse'``: ``ValueError`` on any shared parameter.
 
         Raises:
             UnsupportedLayerError: a module owns parameters but no layer type handles it (and

@@ -28,8 +28,8 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
-from .batches import (check_finite, check_outputs, default_function, deferred_finite_checks,
-                      iterate_batches, prepare_batch)
+from .batches import (batch_size_of, check_finite, check_outputs, default_function,
+                      deferred_finite_checks, iterate_batches, prepare_batch)
 from .context import (BatchContext, Call, check_parameter_uses, mark_uses_verified,
                       uses_key, uses_verified)
 from ..layer_types.base import AbstractLayer, is_recording_paused, recording_paused
@@ -156,6 +156,8 @@ class TorchHooksJacobianBackend:
         self.process_group = process_group
         # one dict per implicit product in progress: batch index -> examples (see _counting)
         self._counters = []
+        # the number of examples the hooks expand shared outputs to (see _broadcast_outputs)
+        self._broadcast = _Broadcast()
 
     def _group(self):
         """The process group the statistics are reduced over, or None (one process)."""
@@ -708,6 +710,7 @@ class TorchHooksJacobianBackend:
         own training step with them)."""
         calls = {lid: [] for lid in modules}
         handles, recorders = [], []
+        broadcast = getattr(self, "_broadcast", None)
         try:
             for lid, module in modules.items():
                 layer = layer_collection[lid]
@@ -723,13 +726,15 @@ class TorchHooksJacobianBackend:
                     # hooks)
                     handles.append(_InstanceForward(module, active))
                 handles.append(module.register_forward_hook(
-                    self._make_hook(calls[lid], active), with_kwargs=True))
+                    self._make_hook(calls[lid], active, layer=layer, broadcast=broadcast),
+                    with_kwargs=True))
                 # other modules using this layer's parameters (tied weights): their calls
                 # are calls of the layer, with their own spec and module
                 for tname, tspec in getattr(layer_collection, "tied", {}).get(lid, ()):
                     tmod = self.model.get_submodule(tname)
                     handles.append(tmod.register_forward_hook(
-                        self._make_hook(calls[lid], None, tspec, tmod), with_kwargs=True))
+                        self._make_hook(calls[lid], None, tspec, tmod, layer=tspec,
+                                        broadcast=broadcast), with_kwargs=True))
             yield calls
         finally:
             for h in reversed(handles):
@@ -755,7 +760,7 @@ class TorchHooksJacobianBackend:
         return pre_hook
 
     @staticmethod
-    def _make_hook(store, active=None, spec=None, tied_module=None):
+    def _make_hook(store, active=None, spec=None, tied_module=None, layer=None, broadcast=None):
         def hook(module, args, kwargs, output):
             if is_recording_paused():
                 # a layer type re-running this module's forward to compute its statistics
@@ -770,9 +775,26 @@ class TorchHooksJacobianBackend:
                 out = output[0]
             else:
                 raise TypeError(f"cannot differentiate through the output of {type(module).__name__}")
+            replaced = None
+            n = broadcast.n if broadcast is not None else None
+            if n is not None and n > 1 and layer is not None and rec is None:
+                axis = layer.batch_axis(module)
+                if out.dim() > axis and out.shape[axis] == 1:
+                    # one output shared by the n examples (positions (1, T), a learned table):
+                    # the model would broadcast it; broadcasting it here instead makes the
+                    # gradient w.r.t. the copy per-example (the gradient w.r.t. the shared
+                    # output is their sum, from which they cannot be recovered)
+                    out = _expand_axis(out, axis, n)
+                    args = tuple(_expand_axis(a, axis, n) for a in args)
+                    kwargs = {k: _expand_axis(v, axis, n) for k, v in kwargs.items()}
+                    replaced = out if isinstance(output, torch.Tensor) else \
+                        type(output)([out, *output[1:]]) if isinstance(output, list) else \
+                        _rebuild_tuple(output, out)
+                    broadcast.expanded = True
             store.append(Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
                               {k: v.detach() if isinstance(v, torch.Tensor) else v
                                for k, v in kwargs.items()}, out, rec, spec, tied_module))
+            return replaced
         return hook
 
     @staticmethod
@@ -856,10 +878,7 @@ class TorchHooksJacobianBackend:
     def _run_batch(self, batch, layer_collection, modules, calls, consumer, chunk_bytes=None,
                    mean_jacobian=None, probe=False, index=None):
         # (the batch comes from _batches: on the model's device and dtype, checked finite)
-        for store in calls.values():
-            store.clear()
-        with torch.enable_grad():
-            raw, out, columns = self._outputs(batch, index)
+        raw, out, columns = self._broadcast_outputs(batch, index, calls)
         if probe:
             self._probe_deterministic(batch, raw)
         n, n_output = out.shape
@@ -879,6 +898,36 @@ class TorchHooksJacobianBackend:
         for store in calls.values():
             store.clear()
         return n
+
+    def _broadcast_outputs(self, batch, index, calls):
+        """:meth:`_outputs` run with the hooks told the batch's number of examples, so that a
+        layer whose output is shared by the batch's examples (e.g. a position embedding looked
+        up with positions of shape ``(1, T)``) gets that output expanded to the ``n`` examples
+        (see ``_make_hook``): its per-example quantities are then exact. The number is read
+        from the batch (the first dimension of its first tensor); if the outputs show another
+        one and an output was expanded, the forward pass is run again with the outputs' own."""
+        try:
+            guess = int(batch_size_of(batch))
+        except Exception:  # a batch whose first element is not a batched tensor
+            guess = None
+        raw, out, columns, expanded = self._forward_expanding(batch, index, calls, guess)
+        if expanded and out.shape[0] != guess:
+            raw, out, columns, _ = self._forward_expanding(batch, index, calls, out.shape[0])
+        return raw, out, columns
+
+    def _forward_expanding(self, batch, index, calls, n):
+        """``(raw, out, columns, expanded)``: :meth:`_outputs` with the hooks expanding shared
+        outputs to ``n`` examples, and whether one was."""
+        for store in calls.values():
+            store.clear()
+        broadcast = self._broadcast
+        broadcast.n, broadcast.expanded = n, False
+        try:
+            with torch.enable_grad():
+                raw, out, columns = self._outputs(batch, index)
+            return raw, out, columns, broadcast.expanded
+        finally:
+            broadcast.n, broadcast.expanded = None, False
 
     def _check_calls(self, out, layer_collection, modules, calls, who="the function"):
         """Refuse a forward pass whose recorded calls can't give the statistics: a layer not
@@ -1102,6 +1151,34 @@ class _InstanceForward:
             self.module.__dict__.pop("forward", None)
         else:
             self.module.__dict__["forward"] = self.saved
+
+
+class _Broadcast:
+    """What the forward hooks of a generator expand shared outputs to: ``n``, the number of
+    examples of the batch being run (None: expand nothing), and whether an output was expanded
+    in the current forward pass."""
+
+    __slots__ = ("n", "expanded")
+
+    def __init__(self):
+        self.n, self.expanded = None, False
+
+
+def _expand_axis(t, axis, n):
+    """``t`` with its size-1 axis ``axis`` repeated ``n`` times (a copy: the model may write to
+    it in place); other values as they are."""
+    if not isinstance(t, torch.Tensor) or t.dim() <= axis or t.shape[axis] != 1:
+        return t
+    shape = list(t.shape)
+    shape[axis] = n
+    return t.expand(shape).clone()
+
+
+def _rebuild_tuple(output, first):
+    """``output`` (a tuple, possibly a named tuple) with its first element replaced."""
+    if hasattr(output, "_fields"):
+        return output._replace(**{output._fields[0]: first})
+    return (first, *output[1:])
 
 
 def _refuse_unbatched_calls(layer_collection, modules, calls, n):
