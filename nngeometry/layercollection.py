@@ -9,6 +9,7 @@ from collections import OrderedDict
 
 from .layer_types import AbstractLayer, layer_type_for
 from .layer_types.generic import GenericLayer, refusal_reason
+from .layer_types.parametrized import ParametrizedLayer, is_parametrized, own_parameters
 from .layer_types import *  # noqa: F401,F403  (re-export LinearLayer, Conv2dLayer, ...)
 from .layer_types import __all__ as _layer_types_all
 
@@ -20,6 +21,8 @@ class UnsupportedLayerError(TypeError):
 def _type_for(module):
     """The layer type of a module with direct parameters: the registered one, else the generic
     one (``None`` for modules that are refused, see ``layer_types.generic``)."""
+    if is_parametrized(module):
+        return ParametrizedLayer
     cls = layer_type_for(module)
     if cls is not None:
         return cls
@@ -140,7 +143,7 @@ class LayerCollection:
         seen = {}
         claimed = {}  # id(parameter) -> layer that holds it (possibly a submodule's parameter)
         for name, module in model.named_modules():
-            own = list(module.named_parameters(recurse=False))
+            own = own_parameters(module)
             if not own:
                 continue
             owners = {claimed.get(id(p)) for _, p in own}
@@ -212,7 +215,7 @@ class LayerCollection:
                     raise UnsupportedLayerError(
                         f"module '{name}' of type {type(module).__name__} is not supported: "
                         f"{refusal_reason(module)}")
-                if not list(module.parameters(recurse=False)):
+                if not own_parameters(module):
                     raise ValueError(
                         f"module '{name}' ({type(module).__name__}) has no parameters of its own "
                         "(an enclosing layer such as MultiheadAttention may hold them, or they "

@@ -33,6 +33,7 @@ from .batches import (batch_size_of, check_finite, check_outputs, default_functi
 from .context import (BatchContext, Call, check_parameter_uses, mark_uses_verified,
                       uses_key, uses_verified)
 from ..layer_types.base import AbstractLayer, is_recording_paused, recording_paused
+from ..layer_types.parametrized import parametrizations_prepared
 from ..layercollection import LayerCollection, run_eagerly
 from . import consumers as C
 from .distributed import (all_gather_rows, all_reduce_tree, global_batch_index, resolve_group,
@@ -678,6 +679,9 @@ class TorchHooksJacobianBackend:
         flags = [p.requires_grad for p in params]
         other_flags = [p.requires_grad for p in others]
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        # torch.nn.utils.parametrize: one function for the whole computation (spectral_norm
+        # in training mode would advance its power iteration at every forward pass)
+        restore_parametrizations = parametrizations_prepared(self.model)
         try:
             for p in params:
                 p.requires_grad_(True)
@@ -692,6 +696,7 @@ class TorchHooksJacobianBackend:
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
+            restore_parametrizations()
 
     @contextlib.contextmanager
     def _prepared(self, layer_collection):
