@@ -372,6 +372,9 @@ def check_parameter_uses(out, layer_collection, modules, calls):
             y = functional_call(c.module or modules[lid], leaves, c.args, c.kwargs)
             if not isinstance(y, torch.Tensor):
                 y = y[0]  # the hooks differentiate through the first output (see Call)
+            if y.shape != gy.shape:
+                # an output shared by the examples, expanded to the batch by the hooks
+                y = y.expand(gy.shape)
             g = torch.autograd.grad(y, list(leaves.values()), gy, allow_unused=True)
             for acc, gk in zip(hooked[lid], g):
                 if gk is not None:
