@@ -1188,10 +1188,10 @@ def _rebuild_tuple(output, first):
 
 def _refuse_unbatched_calls(layer_collection, modules, calls, n):
     """``RuntimeError`` for a call of a layer's module whose output does not hold the ``n``
-    examples of the batch along its batch axis: e.g. GPT-2's position embedding, looked up with
-    positions of shape ``(1, T)`` and broadcast over the batch. The gradient w.r.t. such an
-    output is already summed over the examples, so per-example gradients (and every matrix
-    built from them) cannot be recovered from it (GPT-2's ``wpe`` diagonal came out 180 % off)."""
+    examples of the batch along its batch axis, nor one shared example that the hooks expanded
+    (see ``_make_hook``): e.g. T5's relative position bias, an Embedding looked up on a
+    ``(T, T)`` table. The gradient w.r.t. such an output is already summed over the examples,
+    so per-example gradients (and every matrix built from them) cannot be recovered from it."""
     for lid, store in calls.items():
         for c in store:
             layer, module = c.spec or layer_collection[lid], c.module or modules[lid]
@@ -1200,13 +1200,13 @@ def _refuse_unbatched_calls(layer_collection, modules, calls, n):
             if len(shape) > axis and shape[axis] != n:
                 raise RuntimeError(
                     f"layer '{lid}' ({type(module).__name__}) returned an output of shape "
-                    f"{tuple(shape)} for a batch of {n} examples: its input is not batched "
-                    f"along dimension {axis} (e.g. position ids of shape (1, T) broadcast over "
-                    "the batch), so its gradients are summed over the examples and per-example "
-                    "quantities cannot be computed. Fixes: give the module batched inputs (for "
-                    "Hugging Face models put position_ids = torch.arange(T).expand(n, T) in the "
-                    "batch), use PMatImplicit (exact through torch.func), or leave the layer out "
-                    "of the LayerCollection")
+                    f"{tuple(shape)} for a batch of {n} examples: its output has no batch axis "
+                    f"(dimension {axis} is not the examples; e.g. T5's relative position bias, "
+                    "looked up on a (T, T) table, then broadcast over the batch), so its "
+                    "gradients are summed over the examples and per-example quantities cannot "
+                    "be computed (outputs with batch dimension 1 are expanded to the batch "
+                    "automatically). Fixes: use PMatImplicit (exact through torch.func), or "
+                    "leave the layer out of the LayerCollection")
 
 
 def _examples_count(examples):
