@@ -142,7 +142,7 @@ def brute_parts(model, b, lc):
     return torch.stack(Js), Sig
 
 
-ARCHS = ["gpt2", "pythia", "llama", "llama_tied", "bert", "vit"]
+ARCHS = ["gpt2", "pythia", "llama", "llama_tied", "bert", "vit", "t5"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -151,7 +151,8 @@ def arch(request):
     model = build(name)
     b = batch(name)
     lc = LayerCollection.from_model(model)
-    assert bool(lc.tied) == (name in ("gpt2", "llama_tied"))
+    # T5: the encoder's and decoder's embeddings (and the head) share one matrix
+    assert bool(lc.tied) == (name in ("gpt2", "llama_tied", "t5"))
     J, Sig = brute_parts(model, b, lc)
     return name, model, b, lc, J, Sig
 
@@ -207,20 +208,3 @@ def test_tied_gpt2_diag_implicit_exact_kfac_runs():
     s = lc.slice("transformer.wte")
     torch.testing.assert_close(kfac.get_diag()[s], diag[s], **TOL)
     assert float(kfac.vTMv(PVector(lc, vector_repr=v))) > 0
-
-
-def test_t5_implicit_exact():
-    """T5 looks its relative position buckets up without a batch axis (an Embedding called on a
-    (T, T) table): the implicit products (torch.func) are exact; the hooks-based
-    representations refuse that layer, naming it."""
-    model = build("t5")
-    b = batch("t5")
-    lc = LayerCollection.from_model(model)
-    assert lc.tied  # encoder / decoder embeddings (and the head) share the embedding
-    J, Sig = brute_parts(model, b, lc)
-    v = torch.randn(lc.numel(), dtype=torch.float64)
-    M = FIM(model, [b], PMatImplicit)
-    torch.testing.assert_close(M.mv(PVector(lc, vector_repr=v)).to_torch(),
-                               torch.einsum("ndp,nde,ne->p", J, Sig, J @ v) / N, **TOL)
-    with pytest.raises(RuntimeError, match="relative_attention_bias"):
-        FIM(model, [b], PMatDiag)

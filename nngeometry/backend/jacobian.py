@@ -780,7 +780,7 @@ class TorchHooksJacobianBackend:
                 out = output[0]
             else:
                 raise TypeError(f"cannot differentiate through the output of {type(module).__name__}")
-            replaced = None
+            replaced = shared = None
             n = broadcast.n if broadcast is not None else None
             if n is not None and n > 1 and layer is not None and rec is None:
                 axis = layer.batch_axis(module)
@@ -796,9 +796,17 @@ class TorchHooksJacobianBackend:
                         type(output)([out, *output[1:]]) if isinstance(output, list) else \
                         _rebuild_tuple(output, out)
                     broadcast.expanded = True
-            store.append(Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
-                              {k: v.detach() if isinstance(v, torch.Tensor) else v
-                               for k, v in kwargs.items()}, out, rec, spec, tied_module))
+                elif out.dim() > axis and out.shape[axis] != n:
+                    # an output with no batch axis (T5's relative position bias, looked up on
+                    # a (T, T) table): its per-example gradients take a backward pass of
+                    # their own (see _direction_chunks)
+                    shared = (n, axis)
+                    broadcast.expanded = True
+            call = Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                        {k: v.detach() if isinstance(v, torch.Tensor) else v
+                         for k, v in kwargs.items()}, out, rec, spec, tied_module)
+            call.shared = shared
+            store.append(call)
             return replaced
         return hook
 
@@ -891,6 +899,9 @@ class TorchHooksJacobianBackend:
             return 0
         self._check_calls(out, layer_collection, modules, calls)
         layer_calls = [c for store in calls.values() for c in store]
+        for c in layer_calls:
+            if c.shared is not None:
+                c.expand_shared()
         for k0, k1, grads in self._direction_chunks(out, columns, calls, layer_collection,
                                                     chunk_bytes):
             i = 0
@@ -910,14 +921,18 @@ class TorchHooksJacobianBackend:
         up with positions of shape ``(1, T)``) gets that output expanded to the ``n`` examples
         (see ``_make_hook``): its per-example quantities are then exact. The number is read
         from the batch (the first dimension of its first tensor); if the outputs show another
-        one and an output was expanded, the forward pass is run again with the outputs' own."""
+        one and a layer's output does not have it, the forward pass is run again with the
+        outputs' own."""
         try:
             guess = int(batch_size_of(batch))
         except Exception:  # a batch whose first element is not a batched tensor
             guess = None
         raw, out, columns, expanded = self._forward_expanding(batch, index, calls, guess)
-        if expanded and out.shape[0] != guess:
-            raw, out, columns, _ = self._forward_expanding(batch, index, calls, out.shape[0])
+        n = out.shape[0]
+        if n != guess and n > 1 and (expanded or any(
+                len(c.targets[0].shape) and c.targets[0].shape[0] != n
+                for store in calls.values() for c in store)):
+            raw, out, columns, _ = self._forward_expanding(batch, index, calls, n)
         return raw, out, columns
 
     def _forward_expanding(self, batch, index, calls, n):
@@ -965,16 +980,45 @@ class TorchHooksJacobianBackend:
         chunk = self._chunk_size(layer_calls, n, n_output, layer_collection.numel(),
                                  chunk_bytes, columns is not None)
         targets = [t.edge for c in layer_calls for t in c.targets]
+        # calls whose output has no batch axis: index of their output among the targets
+        shared, j = [], 0
+        for c in layer_calls:
+            if getattr(c, "shared", None) is not None:
+                shared.append((j, c))
+            j += len(c.targets)
         for k0 in range(0, n_output, chunk):
             k1 = min(n_output, k0 + chunk)
             retain = keep_graph or k1 < n_output
+            own = self._shared_gradients(out, shared, k0, k1) if shared else None
             if columns is None or chunk == n_output:
                 grads = self._batched_backward(out, targets, k0, k1, retain=retain)
             else:
                 # the chunk's own columns: (K, n, K) cotangents instead of (K, n, n_output)
                 grads = self._batched_backward(columns(k0, k1), targets, 0, k1 - k0,
                                                retain=retain)
+            if own is not None:
+                grads = list(grads)
+                for (j, _), g in zip(shared, own):
+                    grads[j] = g
             yield k0, k1, grads
+
+    def _shared_gradients(self, out, shared, k0, k1):
+        """``(K, n, *shape)`` per shared call: the gradient of output direction ``k`` of
+        example ``i`` alone w.r.t. an output that the examples share (no batch axis), for
+        directions ``k0 .. k1 - 1``. The backward pass of all the examples together gives only
+        their sum; here each (direction, example) pair is a cotangent of its own: ``K · n``
+        directions, one backward pass (the graph is kept for the main one)."""
+        n, n_output = out.shape
+        K = k1 - k0
+        cot = torch.zeros(K, n, n, n_output, dtype=out.dtype, device=out.device)
+        idx = torch.arange(n, device=out.device)
+        for k in range(K):
+            cot[k, idx, idx, k0 + k] = 1
+        edges = [c.targets[0].edge for _, c in shared]
+        grads = self._backward_directions(out, edges, cot.reshape(K * n, n, n_output), True)
+        return [g.reshape(K, n, *c.targets[0].shape) if g is not None
+                else c.targets[0].zeros(K * n).reshape(K, n, *c.targets[0].shape)
+                for g, (_, c) in zip(grads, shared)]
 
     def _chunk_size(self, layer_calls, n, n_output, n_params, chunk_bytes=None,
                     columns=False):
@@ -1194,6 +1238,8 @@ def _refuse_unbatched_calls(layer_collection, modules, calls, n):
     so per-example gradients (and every matrix built from them) cannot be recovered from it."""
     for lid, store in calls.items():
         for c in store:
+            if getattr(c, "shared", None) is not None:
+                continue
             layer, module = c.spec or layer_collection[lid], c.module or modules[lid]
             axis = layer.batch_axis(module)
             shape = c.targets[0].shape
