@@ -1034,7 +1034,10 @@ class TorchHooksJacobianBackend:
         The gradients at the ``(n, n_output)`` outputs themselves fit in the budget too: ``K``
         one-hot cotangents of the whole output take ``K · n · n_output``; with ``columns`` (the
         outputs of a chunk have a graph of their own, e.g. Monte-Carlo trials) ``K · n · K``."""
-        per_direction = sum(c.out_nbytes for c in layer_calls)
+        # a call whose output the examples share holds one gradient per example and direction
+        # (see _shared_gradients)
+        per_direction = sum(c.out_nbytes * (n if getattr(c, "shared", None) else 1)
+                            for c in layer_calls)
         itemsize = layer_calls[0].out_dtype.itemsize if layer_calls else 4
         budget = max(DIRECTION_CHUNK_BYTES, n * n_params * itemsize) if chunk_bytes is None \
             else chunk_bytes
