@@ -1011,9 +1011,9 @@ class TorchHooksJacobianBackend:
         n, n_output = out.shape
         K = k1 - k0
         cot = torch.zeros(K, n, n, n_output, dtype=out.dtype, device=out.device)
-        idx = torch.arange(n, device=out.device)
-        for k in range(K):
-            cot[k, idx, idx, k0 + k] = 1
+        ks = torch.arange(K, device=out.device).unsqueeze(1)
+        idx = torch.arange(n, device=out.device).unsqueeze(0)
+        cot[ks, idx, idx, k0 + ks] = 1
         edges = [c.targets[0].edge for _, c in shared]
         grads = self._backward_directions(out, edges, cot.reshape(K * n, n, n_output), True)
         return [g.reshape(K, n, *c.targets[0].shape) if g is not None
