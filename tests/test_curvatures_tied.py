@@ -85,3 +85,28 @@ def test_collection_without_the_tied_use_still_refused():
         FIM(m, (x,), PMatDiag, layer_collection=plain)
     with pytest.raises(ValueError, match="tied_weights must be"):
         LayerCollection.from_model(m, tied_weights="yes")
+
+
+def test_hessian_of_a_tied_model_by_default():
+    """The default collection holds the tied parameter once; the Hessian (torch.func) sees both
+    of its uses."""
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    from nngeometry import Hessian
+
+    m, x = setup()
+    y = torch.randint(0, 7, (6,))
+    H = Hessian(m, [(x, y)], PMatDense).to_torch()
+    names = ["emb.weight", "mid.weight", "mid.bias"]
+    allp = dict(m.named_parameters())
+
+    def loss(flat):
+        parts, i = {}, 0
+        for k in names:
+            parts[k] = flat[i:i + allp[k].numel()].view_as(allp[k])
+            i += allp[k].numel()
+        out = functional_call(m, {**allp, **parts}, (x,))  # ties lm head and embedding
+        return F.cross_entropy(out, y, reduction="sum")
+    flat = torch.cat([allp[k].detach().reshape(-1) for k in names])
+    torch.testing.assert_close(H, torch.func.hessian(loss)(flat), **TOL)
