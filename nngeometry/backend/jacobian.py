@@ -933,6 +933,14 @@ class TorchHooksJacobianBackend:
                 len(c.targets[0].shape) and c.targets[0].shape[0] != n
                 for store in calls.values() for c in store)):
             raw, out, columns, _ = self._forward_expanding(batch, index, calls, n)
+            if out.shape[0] != n:
+                raise RuntimeError(
+                    f"the function's outputs had {n} examples, and {out.shape[0]} once the "
+                    f"layers' outputs shared by the examples were expanded to {n}: a layer's "
+                    "output of batch dimension 1 is not broadcast over the examples by the model "
+                    "(e.g. it is concatenated along the batch). Pass the batch with its examples "
+                    "along the first dimension of its first tensor, or leave that layer out of "
+                    "the LayerCollection")
         return raw, out, columns
 
     def _forward_expanding(self, batch, index, calls, n):

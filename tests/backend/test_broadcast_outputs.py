@@ -106,3 +106,24 @@ def test_batch_size_read_from_the_outputs():
     finally:
         del m.forward
     torch.testing.assert_close(got, ref, **TOL)
+
+
+def test_shared_output_not_broadcast_by_the_model_is_refused():
+    """A layer of batch dimension 1 whose output the model concatenates along the batch (not a
+    broadcast): expanding it changes the number of outputs, refused with a message."""
+    import pytest
+
+    torch.manual_seed(0)
+
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, C)
+
+        def forward(self, x):
+            return torch.cat([self.lin(x[:1]), x.new_zeros(x.shape[0], C)])
+
+    m = Cat().double()
+    x = torch.randn(3, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="not broadcast over the examples"):
+        FIM(m, [{"x0": torch.zeros(1), "x": x}], PMatDiag, function=lambda d: m(d["x"]))
