@@ -28,11 +28,12 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
-from .batches import (check_finite, check_outputs, default_function, deferred_finite_checks,
-                      iterate_batches, prepare_batch)
+from .batches import (batch_size_of, check_finite, check_outputs, default_function,
+                      deferred_finite_checks, iterate_batches, prepare_batch)
 from .context import (BatchContext, Call, check_parameter_uses, mark_uses_verified,
                       uses_key, uses_verified)
 from ..layer_types.base import AbstractLayer, is_recording_paused, recording_paused
+from ..layer_types.parametrized import parametrizations_prepared
 from ..layercollection import LayerCollection, run_eagerly
 from . import consumers as C
 from .distributed import (all_gather_rows, all_reduce_tree, global_batch_index, resolve_group,
@@ -156,6 +157,8 @@ class TorchHooksJacobianBackend:
         self.process_group = process_group
         # one dict per implicit product in progress: batch index -> examples (see _counting)
         self._counters = []
+        # the number of examples the hooks expand shared outputs to (see _broadcast_outputs)
+        self._broadcast = _Broadcast()
 
     def _group(self):
         """The process group the statistics are reduced over, or None (one process)."""
@@ -676,6 +679,9 @@ class TorchHooksJacobianBackend:
         flags = [p.requires_grad for p in params]
         other_flags = [p.requires_grad for p in others]
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        # torch.nn.utils.parametrize: one function for the whole computation (spectral_norm
+        # in training mode would advance its power iteration at every forward pass)
+        restore_parametrizations = parametrizations_prepared(self.model)
         try:
             for p in params:
                 p.requires_grad_(True)
@@ -690,6 +696,7 @@ class TorchHooksJacobianBackend:
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
+            restore_parametrizations()
 
     @contextlib.contextmanager
     def _prepared(self, layer_collection):
@@ -708,6 +715,7 @@ class TorchHooksJacobianBackend:
         own training step with them)."""
         calls = {lid: [] for lid in modules}
         handles, recorders = [], []
+        broadcast = getattr(self, "_broadcast", None)
         try:
             for lid, module in modules.items():
                 layer = layer_collection[lid]
@@ -723,13 +731,15 @@ class TorchHooksJacobianBackend:
                     # hooks)
                     handles.append(_InstanceForward(module, active))
                 handles.append(module.register_forward_hook(
-                    self._make_hook(calls[lid], active), with_kwargs=True))
+                    self._make_hook(calls[lid], active, layer=layer, broadcast=broadcast),
+                    with_kwargs=True))
                 # other modules using this layer's parameters (tied weights): their calls
                 # are calls of the layer, with their own spec and module
                 for tname, tspec in getattr(layer_collection, "tied", {}).get(lid, ()):
                     tmod = self.model.get_submodule(tname)
                     handles.append(tmod.register_forward_hook(
-                        self._make_hook(calls[lid], None, tspec, tmod), with_kwargs=True))
+                        self._make_hook(calls[lid], None, tspec, tmod, layer=tspec,
+                                        broadcast=broadcast), with_kwargs=True))
             yield calls
         finally:
             for h in reversed(handles):
@@ -755,7 +765,7 @@ class TorchHooksJacobianBackend:
         return pre_hook
 
     @staticmethod
-    def _make_hook(store, active=None, spec=None, tied_module=None):
+    def _make_hook(store, active=None, spec=None, tied_module=None, layer=None, broadcast=None):
         def hook(module, args, kwargs, output):
             if is_recording_paused():
                 # a layer type re-running this module's forward to compute its statistics
@@ -770,9 +780,34 @@ class TorchHooksJacobianBackend:
                 out = output[0]
             else:
                 raise TypeError(f"cannot differentiate through the output of {type(module).__name__}")
-            store.append(Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
-                              {k: v.detach() if isinstance(v, torch.Tensor) else v
-                               for k, v in kwargs.items()}, out, rec, spec, tied_module))
+            replaced = shared = None
+            n = broadcast.n if broadcast is not None else None
+            if n is not None and n > 1 and layer is not None and rec is None:
+                axis = layer.batch_axis(module)
+                if out.dim() > axis and out.shape[axis] == 1:
+                    # one output shared by the n examples (positions (1, T), a learned table):
+                    # the model would broadcast it; broadcasting it here instead makes the
+                    # gradient w.r.t. the copy per-example (the gradient w.r.t. the shared
+                    # output is their sum, from which they cannot be recovered)
+                    out = _expand_axis(out, axis, n)
+                    args = tuple(_expand_axis(a, axis, n) for a in args)
+                    kwargs = {k: _expand_axis(v, axis, n) for k, v in kwargs.items()}
+                    replaced = out if isinstance(output, torch.Tensor) else \
+                        type(output)([out, *output[1:]]) if isinstance(output, list) else \
+                        _rebuild_tuple(output, out)
+                    broadcast.expanded = True
+                elif out.dim() > axis and out.shape[axis] != n:
+                    # an output with no batch axis (T5's relative position bias, looked up on
+                    # a (T, T) table): its per-example gradients take a backward pass of
+                    # their own (see _direction_chunks)
+                    shared = (n, axis)
+                    broadcast.expanded = True
+            call = Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                        {k: v.detach() if isinstance(v, torch.Tensor) else v
+                         for k, v in kwargs.items()}, out, rec, spec, tied_module)
+            call.shared = shared
+            store.append(call)
+            return replaced
         return hook
 
     @staticmethod
@@ -856,10 +891,7 @@ class TorchHooksJacobianBackend:
     def _run_batch(self, batch, layer_collection, modules, calls, consumer, chunk_bytes=None,
                    mean_jacobian=None, probe=False, index=None):
         # (the batch comes from _batches: on the model's device and dtype, checked finite)
-        for store in calls.values():
-            store.clear()
-        with torch.enable_grad():
-            raw, out, columns = self._outputs(batch, index)
+        raw, out, columns = self._broadcast_outputs(batch, index, calls)
         if probe:
             self._probe_deterministic(batch, raw)
         n, n_output = out.shape
@@ -867,6 +899,9 @@ class TorchHooksJacobianBackend:
             return 0
         self._check_calls(out, layer_collection, modules, calls)
         layer_calls = [c for store in calls.values() for c in store]
+        for c in layer_calls:
+            if c.shared is not None:
+                c.expand_shared()
         for k0, k1, grads in self._direction_chunks(out, columns, calls, layer_collection,
                                                     chunk_bytes):
             i = 0
@@ -879,6 +914,48 @@ class TorchHooksJacobianBackend:
         for store in calls.values():
             store.clear()
         return n
+
+    def _broadcast_outputs(self, batch, index, calls):
+        """:meth:`_outputs` run with the hooks told the batch's number of examples, so that a
+        layer whose output is shared by the batch's examples (e.g. a position embedding looked
+        up with positions of shape ``(1, T)``) gets that output expanded to the ``n`` examples
+        (see ``_make_hook``): its per-example quantities are then exact. The number is read
+        from the batch (the first dimension of its first tensor); if the outputs show another
+        one and a layer's output does not have it, the forward pass is run again with the
+        outputs' own."""
+        try:
+            guess = int(batch_size_of(batch))
+        except Exception:  # a batch whose first element is not a batched tensor
+            guess = None
+        raw, out, columns, expanded = self._forward_expanding(batch, index, calls, guess)
+        n = out.shape[0]
+        if n != guess and n > 1 and (expanded or any(
+                len(c.targets[0].shape) and c.targets[0].shape[0] != n
+                for store in calls.values() for c in store)):
+            raw, out, columns, _ = self._forward_expanding(batch, index, calls, n)
+            if out.shape[0] != n:
+                raise RuntimeError(
+                    f"the function's outputs had {n} examples, and {out.shape[0]} once the "
+                    f"layers' outputs shared by the examples were expanded to {n}: a layer's "
+                    "output of batch dimension 1 is not broadcast over the examples by the model "
+                    "(e.g. it is concatenated along the batch). Pass the batch with its examples "
+                    "along the first dimension of its first tensor, or leave that layer out of "
+                    "the LayerCollection")
+        return raw, out, columns
+
+    def _forward_expanding(self, batch, index, calls, n):
+        """``(raw, out, columns, expanded)``: :meth:`_outputs` with the hooks expanding shared
+        outputs to ``n`` examples, and whether one was."""
+        for store in calls.values():
+            store.clear()
+        broadcast = self._broadcast
+        broadcast.n, broadcast.expanded = n, False
+        try:
+            with torch.enable_grad():
+                raw, out, columns = self._outputs(batch, index)
+            return raw, out, columns, broadcast.expanded
+        finally:
+            broadcast.n, broadcast.expanded = None, False
 
     def _check_calls(self, out, layer_collection, modules, calls, who="the function"):
         """Refuse a forward pass whose recorded calls can't give the statistics: a layer not
@@ -911,16 +988,45 @@ class TorchHooksJacobianBackend:
         chunk = self._chunk_size(layer_calls, n, n_output, layer_collection.numel(),
                                  chunk_bytes, columns is not None)
         targets = [t.edge for c in layer_calls for t in c.targets]
+        # calls whose output has no batch axis: index of their output among the targets
+        shared, j = [], 0
+        for c in layer_calls:
+            if getattr(c, "shared", None) is not None:
+                shared.append((j, c))
+            j += len(c.targets)
         for k0 in range(0, n_output, chunk):
             k1 = min(n_output, k0 + chunk)
             retain = keep_graph or k1 < n_output
+            own = self._shared_gradients(out, shared, k0, k1) if shared else None
             if columns is None or chunk == n_output:
                 grads = self._batched_backward(out, targets, k0, k1, retain=retain)
             else:
                 # the chunk's own columns: (K, n, K) cotangents instead of (K, n, n_output)
                 grads = self._batched_backward(columns(k0, k1), targets, 0, k1 - k0,
                                                retain=retain)
+            if own is not None:
+                grads = list(grads)
+                for (j, _), g in zip(shared, own):
+                    grads[j] = g
             yield k0, k1, grads
+
+    def _shared_gradients(self, out, shared, k0, k1):
+        """``(K, n, *shape)`` per shared call: the gradient of output direction ``k`` of
+        example ``i`` alone w.r.t. an output that the examples share (no batch axis), for
+        directions ``k0 .. k1 - 1``. The backward pass of all the examples together gives only
+        their sum; here each (direction, example) pair is a cotangent of its own: ``K · n``
+        directions, one backward pass (the graph is kept for the main one)."""
+        n, n_output = out.shape
+        K = k1 - k0
+        cot = torch.zeros(K, n, n, n_output, dtype=out.dtype, device=out.device)
+        ks = torch.arange(K, device=out.device).unsqueeze(1)
+        idx = torch.arange(n, device=out.device).unsqueeze(0)
+        cot[ks, idx, idx, k0 + ks] = 1
+        edges = [c.targets[0].edge for _, c in shared]
+        grads = self._backward_directions(out, edges, cot.reshape(K * n, n, n_output), True)
+        return [g.reshape(K, n, *c.targets[0].shape) if g is not None
+                else c.targets[0].zeros(K * n).reshape(K, n, *c.targets[0].shape)
+                for g, (_, c) in zip(grads, shared)]
 
     def _chunk_size(self, layer_calls, n, n_output, n_params, chunk_bytes=None,
                     columns=False):
@@ -936,7 +1042,10 @@ class TorchHooksJacobianBackend:
         The gradients at the ``(n, n_output)`` outputs themselves fit in the budget too: ``K``
         one-hot cotangents of the whole output take ``K · n · n_output``; with ``columns`` (the
         outputs of a chunk have a graph of their own, e.g. Monte-Carlo trials) ``K · n · K``."""
-        per_direction = sum(c.out_nbytes for c in layer_calls)
+        # a call whose output the examples share holds one gradient per example and direction
+        # (see _shared_gradients)
+        per_direction = sum(c.out_nbytes * (n if getattr(c, "shared", None) else 1)
+                            for c in layer_calls)
         itemsize = layer_calls[0].out_dtype.itemsize if layer_calls else 4
         budget = max(DIRECTION_CHUNK_BYTES, n * n_params * itemsize) if chunk_bytes is None \
             else chunk_bytes
@@ -1104,27 +1213,57 @@ class _InstanceForward:
             self.module.__dict__["forward"] = self.saved
 
 
+class _Broadcast:
+    """What the forward hooks of a generator expand shared outputs to: ``n``, the number of
+    examples of the batch being run (None: expand nothing), and whether an output was expanded
+    in the current forward pass."""
+
+    __slots__ = ("n", "expanded")
+
+    def __init__(self):
+        self.n, self.expanded = None, False
+
+
+def _expand_axis(t, axis, n):
+    """``t`` with its size-1 axis ``axis`` repeated ``n`` times (a copy: the model may write to
+    it in place); other values as they are."""
+    if not isinstance(t, torch.Tensor) or t.dim() <= axis or t.shape[axis] != 1:
+        return t
+    shape = list(t.shape)
+    shape[axis] = n
+    return t.expand(shape).clone()
+
+
+def _rebuild_tuple(output, first):
+    """``output`` (a tuple, possibly a named tuple) with its first element replaced."""
+    if hasattr(output, "_fields"):
+        return output._replace(**{output._fields[0]: first})
+    return (first, *output[1:])
+
+
 def _refuse_unbatched_calls(layer_collection, modules, calls, n):
     """``RuntimeError`` for a call of a layer's module whose output does not hold the ``n``
-    examples of the batch along its batch axis: e.g. GPT-2's position embedding, looked up with
-    positions of shape ``(1, T)`` and broadcast over the batch. The gradient w.r.t. such an
-    output is already summed over the examples, so per-example gradients (and every matrix
-    built from them) cannot be recovered from it (GPT-2's ``wpe`` diagonal came out 180 % off)."""
+    examples of the batch along its batch axis, nor one shared example that the hooks expanded
+    (see ``_make_hook``): e.g. T5's relative position bias, an Embedding looked up on a
+    ``(T, T)`` table. The gradient w.r.t. such an output is already summed over the examples,
+    so per-example gradients (and every matrix built from them) cannot be recovered from it."""
     for lid, store in calls.items():
         for c in store:
+            if getattr(c, "shared", None) is not None:
+                continue
             layer, module = c.spec or layer_collection[lid], c.module or modules[lid]
             axis = layer.batch_axis(module)
             shape = c.targets[0].shape
             if len(shape) > axis and shape[axis] != n:
                 raise RuntimeError(
                     f"layer '{lid}' ({type(module).__name__}) returned an output of shape "
-                    f"{tuple(shape)} for a batch of {n} examples: its input is not batched "
-                    f"along dimension {axis} (e.g. position ids of shape (1, T) broadcast over "
-                    "the batch), so its gradients are summed over the examples and per-example "
-                    "quantities cannot be computed. Fixes: give the module batched inputs (for "
-                    "Hugging Face models put position_ids = torch.arange(T).expand(n, T) in the "
-                    "batch), use PMatImplicit (exact through torch.func), or leave the layer out "
-                    "of the LayerCollection")
+                    f"{tuple(shape)} for a batch of {n} examples: its output has no batch axis "
+                    f"(dimension {axis} is not the examples; e.g. T5's relative position bias, "
+                    "looked up on a (T, T) table, then broadcast over the batch), so its "
+                    "gradients are summed over the examples and per-example quantities cannot "
+                    "be computed (outputs with batch dimension 1 are expanded to the batch "
+                    "automatically). Fixes: use PMatImplicit (exact through torch.func), or "
+                    "leave the layer out of the LayerCollection")
 
 
 def _examples_count(examples):
