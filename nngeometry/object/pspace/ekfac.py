@@ -428,10 +428,12 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         what = "inverse" if x == -1 else f"pow({x})"
         prior = self._regul(regul, what)
         # the whole spectrum checked at once (one error, one tolerance), then the blocks' powers
+        # a negative eigenvalue first: for a fractional power it is the error to report, also
+        # when (negative power) the damped spectrum has a zero too
+        if not float(x).is_integer():
+            _checks.psd_values(self._damped_values(prior), type(self).__name__, what, prior)
         if float(x) < 0:
             self._check_invertible(prior, what)
-        elif not float(x).is_integer():
-            _checks.psd_values(self._damped_values(prior), type(self).__name__, what, prior)
         _, blocks, dampings = self._dampings(regul, what, damping)
         clip = not float(x).is_integer()  # round-off only: genuinely negative values refused
         return self._from_blocks([b.matpower(x, d, clip=clip) for b, d in zip(blocks, dampings)])
