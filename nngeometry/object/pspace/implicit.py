@@ -6,7 +6,8 @@ from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
 from ._prior import scalar_or_prior
-from .abstract import PMatAbstract, check_reduction, reduce_forms, resolve_layer_collection
+from .abstract import (PMatAbstract, check_reduction, check_same_function, function_origin,
+                       reduce_forms, resolve_layer_collection)
 
 
 class PMatImplicit(PMatAbstract):
@@ -61,17 +62,17 @@ class PMatImplicit(PMatAbstract):
                 "nngeometry.variants.closed_form_function(lambda *b: model(b[0]), v)); for "
                 "FIM_MonteCarlo, nngeometry.variants.monte_carlo_function(lambda *b: model(b[0]), "
                 "v, trials); or build a new PMatImplicit with FIM(..., PMatImplicit)")
+        check_same_function(self, "PMatImplicit")
         return self.generator
 
     def __getstate__(self):
         state = super().__getstate__()
         # the generator (model + function) is dropped; where its function came from is kept,
-        # so that the error of an unpickled matrix can name the function to attach again
-        fn = getattr(self.generator, "function", None)
-        if fn is not None:
-            state["_function_origin"] = getattr(fn, "origin", None) or (
-                f"{getattr(fn, '__module__', '?')}."
-                f"{getattr(fn, '__qualname__', type(fn).__name__)}")
+        # so that the error of an unpickled matrix can name the function to attach again, and
+        # a generator attached with another function is refused (see check_same_function)
+        origin = function_origin(self.generator)
+        if origin is not None:
+            state["_function_origin"] = origin
         return state
 
     def __setstate__(self, state_dict):
