@@ -104,10 +104,14 @@ class TorchHooksJacobianBackend:
         n_output: ignored (older releases needed the number of outputs in advance).
         check_deterministic: refuse random models (default ``True``): dropout modules in
             training mode (``RuntimeError`` naming the module and ``model.eval()``), and, once
-            per pass over the examples when a module of the model is in training mode, a probe
-            that runs the model a second time on the first batch (without gradients, on a forked RNG: the global RNG state is left as
-            it was) and refuses outputs that differ. Random outputs make every statistic a
-            random matrix whose average is not the one asked for. ``False`` skips both.
+            per pass over the examples when a module of the model is in training mode or when
+            the first forward drew from the global RNG (CPU, and the model's CUDA device:
+            randomness outside the modules, such as ``F.dropout(x, training=True)`` or
+            ``torch.rand`` in ``forward``), a probe that runs the model again on the first batch
+            (without gradients, on a forked RNG: the global RNG state is left as it was) and
+            refuses outputs that differ. The implicit products watch the RNG the same way.
+            Random outputs make every statistic a random matrix whose average is not the one
+            asked for. ``False`` skips both.
         distributed: data parallelism over ``torch.distributed``: ``None`` (default: on when a
             process group is initialised and has more than one rank), ``True`` or ``False``.
             When on, each rank passes its own shard of the examples and every statistic and
