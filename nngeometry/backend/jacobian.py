@@ -58,6 +58,26 @@ def _outside_inference_mode(method):
     return wrapper
 
 
+def random_in_vmap_explained(method):
+    """Products vmapped over many vectors (``torch.func.vmap``) refuse a forward that draws
+    random numbers with torch's own message about vmap's randomness flags; say what it means
+    for the user's model instead."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except RuntimeError as e:
+            if "randomness error mode" not in str(e):
+                raise
+            raise RuntimeError(
+                "the function is not deterministic: its forward draws random numbers (a "
+                "dropout module in training mode, F.dropout(x, p, training=True), or torch.rand "
+                "/ torch.randn noise in forward), which makes every matrix random. Call "
+                "model.eval(), make that randomness follow the module's mode "
+                "(F.dropout(x, p, training=self.training), or nn.Dropout)") from e
+    return wrapper
+
+
 def _normal_tensor(x):
     """A normal tensor with the values of ``x`` if ``x`` (or a PVector's flat tensor) is an
     inference tensor; ``x`` itself otherwise. Call outside inference mode."""
@@ -449,6 +469,7 @@ class TorchHooksJacobianBackend:
         return out
 
     @_outside_inference_mode
+    @random_in_vmap_explained
     def implicit_JV(self, V, examples=None, layer_collection=None):
         """``(m, n_output, n)``: ``J(x_i) v_j`` for the ``m`` rows ``v_j`` of ``V``
         (``(m, P)``) and every example (not normalized)."""
@@ -462,6 +483,7 @@ class TorchHooksJacobianBackend:
         return out
 
     @_outside_inference_mode
+    @random_in_vmap_explained
     def implicit_mm(self, V, examples=None, layer_collection=None):
         """``(m, P)``: ``M v_j`` for the rows of ``V`` (``(m, P)``), without forming ``M``."""
         examples, lc = self._resolve(examples, layer_collection)

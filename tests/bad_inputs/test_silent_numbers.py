@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import jacrev, vmap
 
 from brute import fim_dense, per_example_jacobian
-from nngeometry import FIM
+from nngeometry import FIM, Hessian
 from nngeometry.backend import TorchHooksJacobianBackend
 from nngeometry.layercollection import LayerCollection
 from nngeometry.object import (PMatDense, PMatDiag, PMatEKFAC, PMatImplicit, PMatKFAC, PVector,
@@ -125,6 +125,16 @@ def test_randomness_outside_modules_is_refused(cls, rep):
     # opting out computes (one draw of) the random matrix
     FIM(model, [(x, y)], PMatDense, check_deterministic=False)
     assert not torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("rep", [PMatDense, PMatImplicit])
+def test_randomness_outside_modules_is_refused_by_the_hessian(rep):
+    torch.manual_seed(0)
+    model = FunctionalDropout().to(DT).eval()
+    x, y = torch.randn(5, 3, dtype=DT), torch.randint(0, 3, (5,))
+    with pytest.raises(RuntimeError, match="not deterministic.*training=self.training"):
+        H = Hessian(model, [(x, y)], rep)
+        H.mv(random_pvector(H.layer_collection, dtype=DT))
 
 
 def test_rng_draw_without_effect_is_accepted():
