@@ -110,8 +110,19 @@ def _bad_predictive_inputs(examples):
 
 
 @pytest.mark.parametrize("entry", list(ENTRIES))
-@pytest.mark.parametrize("outcome", ["normal", "failed", "batchnorm_training"])
+@pytest.mark.parametrize("outcome", ["normal", "failed", "batchnorm_training",
+                                     "normal_no_grad"])
 def test_application_leaves_state_unchanged(entry, outcome):
+    if outcome == "normal_no_grad":
+        # called inside torch.no_grad(): the entry points compute with autograd locally and
+        # leave grad mode off
+        with torch.no_grad():
+            _check_application(entry, "normal")
+    else:
+        _check_application(entry, outcome)
+
+
+def _check_application(entry, outcome):
     model, good, bad = model_and_data()
     prepare, call = ENTRIES[entry]
     context = prepare(model, good) if prepare is not None else None
@@ -122,7 +133,8 @@ def test_application_leaves_state_unchanged(entry, outcome):
         model[1].train()  # batch statistics: per-example quantities are not defined
     if entry == "NaturalGradient.step":
         # step() reads the gradients of the training step
-        model(good[0][0]).logsumexp(1).sum().backward()
+        with torch.enable_grad():
+            model(good[0][0]).logsumexp(1).sum().backward()
     before = snapshot(model)
     if outcome == "normal":
         call(context, model, examples, good, False)
