@@ -178,6 +178,17 @@ def test_nonfinite_backward_is_refused(rep):
         FIM(model, ex, rep)
 
 
+def test_nonfinite_backward_is_refused_by_merged_statistics():
+    from nngeometry.backend import consumers as C
+
+    model, ex = nan_backward_model()
+    lc = LayerCollection.from_model(model)
+    gen = TorchHooksJacobianBackend(model)
+    stat = gen.accumulate(ex, lc, C.DiagCovariance(lc), finalize=False)
+    with pytest.raises(ValueError, match="statistics of layer\\(s\\) 'l1' contain NaN"):
+        stat.compute()
+
+
 def test_nonfinite_backward_is_refused_by_implicit_products():
     model, ex = nan_backward_model()
     M = FIM(model, ex, PMatImplicit)
