@@ -14,10 +14,11 @@ import torch
 
 from ..map import PFMap, PFMapDense, resolve_layer_collection
 from ..vector import PVector
+from ...serialization import SharedGeneratorCopy, StateDictMixin
 from ._prior import scalar_or_prior
 
 
-class PMatAbstract:
+class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
     """A ``P × P`` matrix in the parameter space of a ``LayerCollection``.
 
     Built either from ``examples`` (a DataLoader or a single mini-batch) through ``generator``,
