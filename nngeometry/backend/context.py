@@ -297,6 +297,13 @@ class BatchContext:
             for b, (a, g) in enumerate(pairs):
                 A[b].append(a)
                 G[b].append(g)
+        uses = len(self.calls[layer_id])
+        if uses > 1:
+            # a module called R times in one forward (nn.Sequential(lin, act, lin)): each use
+            # is one more location of the shared weight, as positions are in 'expand' (see
+            # docs/layers.md): A = Σ_r A_r, G = (1/R) Σ_r G_r, which is KFAC-expand with the R
+            # uses as R positions (each use's factors as the layer type gives them)
+            G = [[_sum_pieces(pg) / uses] for pg in G]
         if lazy:
             return [((pa if self.first_chunk else None), pg) for pa, pg in zip(A, G)], multi
         return [((_sum_pieces(pa) if self.first_chunk else None), _sum_pieces(pg))

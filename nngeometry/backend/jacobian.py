@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
-from .batches import (batch_size_of, check_finite, check_outputs, default_function,
+from .batches import (all_finite, batch_size_of, check_finite, check_outputs, default_function,
                       deferred_finite_checks, iterate_batches, prepare_batch)
 from .context import (BatchContext, Call, check_parameter_uses, mark_uses_verified,
                       uses_key, uses_verified)
@@ -56,6 +56,26 @@ def _outside_inference_mode(method):
             args = [_normal_tensor(a) for a in args]
             kwargs = {k: _normal_tensor(a) for k, a in kwargs.items()}
             return method(self, *args, **kwargs)
+    return wrapper
+
+
+def random_in_vmap_explained(method):
+    """Products vmapped over many vectors (``torch.func.vmap``) refuse a forward that draws
+    random numbers with torch's own message about vmap's randomness flags; say what it means
+    for the user's model instead."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except RuntimeError as e:
+            if "randomness error mode" not in str(e):
+                raise
+            raise RuntimeError(
+                "the function is not deterministic: its forward draws random numbers (a "
+                "dropout module in training mode, F.dropout(x, p, training=True), or torch.rand "
+                "/ torch.randn noise in forward), which makes every matrix random. Call "
+                "model.eval(), make that randomness follow the module's mode "
+                "(F.dropout(x, p, training=self.training), or nn.Dropout)") from e
     return wrapper
 
 
@@ -105,10 +125,14 @@ class TorchHooksJacobianBackend:
         n_output: ignored (older releases needed the number of outputs in advance).
         check_deterministic: refuse random models (default ``True``): dropout modules in
             training mode (``RuntimeError`` naming the module and ``model.eval()``), and, once
-            per pass over the examples when a module of the model is in training mode, a probe
-            that runs the model a second time on the first batch (without gradients, on a forked RNG: the global RNG state is left as
-            it was) and refuses outputs that differ. Random outputs make every statistic a
-            random matrix whose average is not the one asked for. ``False`` skips both.
+            per pass over the examples when a module of the model is in training mode or when
+            the first forward drew from the global RNG (CPU, and the model's CUDA device:
+            randomness outside the modules, such as ``F.dropout(x, training=True)`` or
+            ``torch.rand`` in ``forward``), a probe that runs the model again on the first batch
+            (without gradients, on a forked RNG: the global RNG state is left as it was) and
+            refuses outputs that differ. The implicit products watch the RNG the same way.
+            Random outputs make every statistic a random matrix whose average is not the one
+            asked for. ``False`` skips both.
         distributed: data parallelism over ``torch.distributed``: ``None`` (default: on when a
             process group is initialised and has more than one rank), ``True`` or ``False``.
             When on, each rank passes its own shard of the examples and every statistic and
@@ -311,8 +335,10 @@ class TorchHooksJacobianBackend:
             n_total = 0
             # the probe costs one more forward of the first batch (+8% to +29% for one-batch
             # builds of an MLP): only where a module is in training mode, the mode in which
-            # modules are random; a model in eval mode is taken as deterministic
-            probe = self.check_deterministic and any(m.training for m in self.model.modules())
+            # modules are random, or where the first forward drew from the global RNG
+            # (randomness outside the modules: F.dropout(x, training=True), torch.rand); a
+            # model in eval mode whose forward leaves the RNG alone is deterministic
+            probe = self.check_deterministic
             with self._prepared(layer_collection) as (modules, calls), deferred_finite_checks():
                 for i, batch in enumerate(self._batches(examples)):
                     n_total += self._run_batch(batch, layer_collection, modules, calls, consumer,
@@ -335,6 +361,7 @@ class TorchHooksJacobianBackend:
             raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
         if finalize:
             consumer.finalize(n_total)
+            check_statistic(getattr(consumer, "result", None), layer_collection)
         return consumer
 
     # ================================================================== implicit products
@@ -399,6 +426,7 @@ class TorchHooksJacobianBackend:
         if self.centering:
             m = self._mean_jacobian(examples, lc)
             out = out - m.t() @ (m @ _flat(v).to(m.dtype))
+        _check_product(out, v, "implicit_mv")
         return out
 
     @_outside_inference_mode
@@ -412,6 +440,7 @@ class TorchHooksJacobianBackend:
         if self.centering:
             mv = self._mean_jacobian(examples, lc) @ _flat(v)
             out = out - (mv * mv).sum()
+        _check_product(out, v, "implicit_vTMv")
         return out
 
     @_outside_inference_mode
@@ -424,6 +453,7 @@ class TorchHooksJacobianBackend:
             self._global_rows(lambda: self._Jv(v, examples, lc), group, 1)
         if self.centering:
             out = out - (self._mean_jacobian(examples, lc) @ _flat(v)).unsqueeze(1)
+        _check_product(out, v, "implicit_Jv")
         return out
 
     @_outside_inference_mode
@@ -438,9 +468,11 @@ class TorchHooksJacobianBackend:
         if self.centering:
             m = self._mean_jacobian(examples, lc)
             out = out - m.t() @ w.sum(dim=1).to(m.dtype)
+        _check_product(out, w, "implicit_JTv")
         return out
 
     @_outside_inference_mode
+    @random_in_vmap_explained
     def implicit_JV(self, V, examples=None, layer_collection=None):
         """``(m, n_output, n)``: ``J(x_i) v_j`` for the ``m`` rows ``v_j`` of ``V``
         (``(m, P)``) and every example (not normalized)."""
@@ -450,9 +482,11 @@ class TorchHooksJacobianBackend:
             self._global_rows(lambda: self._JV(V, examples, lc), group, 2)
         if self.centering:
             out = out - (V @ self._mean_jacobian(examples, lc).t()).unsqueeze(2)
+        _check_product(out, V, "implicit_JV")
         return out
 
     @_outside_inference_mode
+    @random_in_vmap_explained
     def implicit_mm(self, V, examples=None, layer_collection=None):
         """``(m, P)``: ``M v_j`` for the rows of ``V`` (``(m, P)``), without forming ``M``."""
         examples, lc = self._resolve(examples, layer_collection)
@@ -462,6 +496,7 @@ class TorchHooksJacobianBackend:
         if self.centering:
             m = self._mean_jacobian(examples, lc)
             out = out - (V @ m.t()) @ m
+        _check_product(out, V, "implicit_mm")
         return out
 
     def _global_JTv(self, w, examples, lc, group):
@@ -823,7 +858,7 @@ class TorchHooksJacobianBackend:
             raise C.EmptyExamplesError(
                 "the examples yielded no data (empty loader): nothing to compute from")
 
-    def _outputs(self, batch, index=None):
+    def _outputs(self, batch, index=None, watch_rng=False):
         """``(model_outputs, out, columns)``: what the model part of ``function`` returns (for
         the determinism probe), the outputs to differentiate, flattened to ``(n, n_output)``,
         and ``columns(k0, k1)``, the graph of ``out[:, k0:k1]`` alone (or None). For a
@@ -831,11 +866,15 @@ class TorchHooksJacobianBackend:
         part is its ``function``; otherwise the whole ``function``."""
         fn = self.function
         if hasattr(fn, "model_outputs") and hasattr(fn, "split"):
+            rng = _rng_state(self._device()) if watch_rng else None
             raw = fn.model_outputs(*batch)
+            self._rng_consumed = watch_rng and not _same_rng(rng, _rng_state(self._device()))
             info = fn.batch_info(batch, index) if getattr(fn, "needs_batch", False) else None
             out, columns = self._transformed(raw, info)
             return raw, out, columns
+        rng = _rng_state(self._device()) if watch_rng else None
         raw = out = check_outputs(fn(*batch))
+        self._rng_consumed = watch_rng and not _same_rng(rng, _rng_state(self._device()))
         return raw, *self._flat_outputs(out, None)
 
     def _transformed(self, raw, info=None):
@@ -854,7 +893,7 @@ class TorchHooksJacobianBackend:
         self._check_finite(out)
         return out, columns
 
-    def _probe_deterministic(self, batch, raw):
+    def _probe_deterministic(self, batch, raw, rng_consumed=False):
         """``RuntimeError`` if the model part of ``function`` gives other outputs than ``raw``
         on ``batch`` when run again (without gradients, hooks paused). The probe runs on a
         forked RNG (the CPU's and the model's CUDA device's): the global RNG state is as if it
@@ -881,6 +920,8 @@ class TorchHooksJacobianBackend:
         diff = (again - ref).abs().max().item()
         scale = ref.abs().max().item()
         if not diff <= tol * max(scale, torch.finfo(ref.dtype).tiny):
+            if rng_consumed and not any(m.training for m in self.model.modules()):
+                raise RuntimeError(_random_outside_modules(diff, scale))
             raise RuntimeError(
                 f"the function is not deterministic: run twice on the same batch its outputs "
                 f"differ by up to {diff:.3g} (largest output {scale:.3g}); a random layer "
@@ -891,9 +932,9 @@ class TorchHooksJacobianBackend:
     def _run_batch(self, batch, layer_collection, modules, calls, consumer, chunk_bytes=None,
                    mean_jacobian=None, probe=False, index=None):
         # (the batch comes from _batches: on the model's device and dtype, checked finite)
-        raw, out, columns = self._broadcast_outputs(batch, index, calls)
-        if probe:
-            self._probe_deterministic(batch, raw)
+        raw, out, columns = self._broadcast_outputs(batch, index, calls, watch_rng=probe)
+        if probe and (self._rng_consumed or any(m.training for m in self.model.modules())):
+            self._probe_deterministic(batch, raw, self._rng_consumed)
         n, n_output = out.shape
         if n == 0:
             return 0
@@ -915,7 +956,7 @@ class TorchHooksJacobianBackend:
             store.clear()
         return n
 
-    def _broadcast_outputs(self, batch, index, calls):
+    def _broadcast_outputs(self, batch, index, calls, watch_rng=False):
         """:meth:`_outputs` run with the hooks told the batch's number of examples, so that a
         layer whose output is shared by the batch's examples (e.g. a position embedding looked
         up with positions of shape ``(1, T)``) gets that output expanded to the ``n`` examples
@@ -927,12 +968,13 @@ class TorchHooksJacobianBackend:
             guess = int(batch_size_of(batch))
         except Exception:  # a batch whose first element is not a batched tensor
             guess = None
-        raw, out, columns, expanded = self._forward_expanding(batch, index, calls, guess)
+        raw, out, columns, expanded = self._forward_expanding(batch, index, calls, guess,
+                                                              watch_rng)
         n = out.shape[0]
         if n != guess and n > 1 and (expanded or any(
                 len(c.targets[0].shape) and c.targets[0].shape[0] != n
                 for store in calls.values() for c in store)):
-            raw, out, columns, _ = self._forward_expanding(batch, index, calls, n)
+            raw, out, columns, _ = self._forward_expanding(batch, index, calls, n, watch_rng)
             if out.shape[0] != n:
                 raise RuntimeError(
                     f"the function's outputs had {n} examples, and {out.shape[0]} once the "
@@ -943,7 +985,7 @@ class TorchHooksJacobianBackend:
                     "the LayerCollection")
         return raw, out, columns
 
-    def _forward_expanding(self, batch, index, calls, n):
+    def _forward_expanding(self, batch, index, calls, n, watch_rng=False):
         """``(raw, out, columns, expanded)``: :meth:`_outputs` with the hooks expanding shared
         outputs to ``n`` examples, and whether one was."""
         for store in calls.values():
@@ -952,7 +994,7 @@ class TorchHooksJacobianBackend:
         broadcast.n, broadcast.expanded = n, False
         try:
             with torch.enable_grad():
-                raw, out, columns = self._outputs(batch, index)
+                raw, out, columns = self._outputs(batch, index, watch_rng=watch_rng)
             return raw, out, columns, broadcast.expanded
         finally:
             broadcast.n, broadcast.expanded = None, False
@@ -1149,6 +1191,9 @@ class TorchHooksJacobianBackend:
     def _functional_batch_fns(self, examples, fn, needs_batch, group, counts, device, params,
                               constant):
         """The loop of :meth:`_functional_batches` (inside its model state and checks)."""
+        # reading the RNG state around the model's forward costs a copy of a few KB; only a
+        # forward that drew from it is run again to see whether its outputs are random
+        watch = self.check_deterministic
         for index, batch in enumerate(self._batches(examples)):
             batch = prepare_batch(batch, device)
             # read outside the torch.func transforms (a seed's key hashes the batch's bytes)
@@ -1158,23 +1203,55 @@ class TorchHooksJacobianBackend:
             # for backward: normal copies with the same values (see _outside_inference_mode)
             batch = tree_map(_normal_tensor, batch)
 
-            def f(p, batch=batch, info=info):
+            drew = []  # whether a call of f drew from the global RNG (see below)
+
+            def f(p, batch=batch, info=info, drew=drew):
                 # buffers (e.g. BatchNorm running statistics, updated in place in training
                 # mode) are copied inside the transform: torch.func refuses in-place updates
                 # of captured tensors, and the model's own buffers must stay untouched
                 bufs = {k: b.clone() for k, b in self.model.named_buffers()}
                 p = {k: torch.where(constant[k], t.detach(), t) if k in constant else t
                      for k, t in p.items()}
+                rng = _rng_state(device) if watch else None
                 with _no_fused_attention(), tensors_in_model(self.model, {**p, **bufs}):
                     if info is not None:
-                        out = fn.transform(fn.model_outputs(*batch), info)
+                        raw = fn.model_outputs(*batch)
+                        if watch:
+                            drew.append(not _same_rng(rng, _rng_state(device)))
+                        out = fn.transform(raw, info)
                     else:
                         out = self.function(*batch)
+                        if watch:
+                            drew.append(not _same_rng(rng, _rng_state(device)))
                 if counts is not None:
                     counts[index] = out.shape[0]
                 return out.reshape(out.shape[0], -1)
 
             yield batch, params, f
+            if watch and any(drew):
+                # the products' forward drew from the global RNG: checked once, here,
+                # outside the torch.func transforms, by running it twice more
+                watch = False
+                self._probe_functional(f, params, device)
+
+    def _probe_functional(self, f, params, device):
+        """``RuntimeError`` if ``f(params)`` (the forward of an implicit product) gives other
+        outputs when run twice (on a forked RNG: the global state is left as it was)."""
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), _no_fused_attention():
+            a, b = f(params), f(params)
+        if not torch.is_floating_point(a) or a.numel() == 0:
+            return
+        diff = (a - b).abs().max().item()
+        scale = a.abs().max().item()
+        if not diff <= 64 * torch.finfo(a.dtype).eps * max(scale, torch.finfo(a.dtype).tiny):
+            if any(m.training for m in self.model.modules()):
+                raise RuntimeError(
+                    f"the function is not deterministic: run twice on the same batch its "
+                    f"outputs differ by up to {diff:.3g} (largest output {scale:.3g}); a random "
+                    "layer in training mode makes every product random. Call model.eval(), or "
+                    "pass check_deterministic=False if the randomness is intended")
+            raise RuntimeError(_random_outside_modules(diff, scale))
 
     @staticmethod
     def _split_flat(v, params, layer_collection):
@@ -1184,6 +1261,99 @@ class TorchHooksJacobianBackend:
             out[k] = flat[start:start + p.numel()].view_as(p)
             start += p.numel()
         return out
+
+
+_BACKWARD_NONFINITE = (
+    "although the model's outputs are finite: a gradient became NaN or Inf in the backward "
+    "pass, at an operation that is not differentiable where it is evaluated (e.g. "
+    "torch.sqrt(h * h) or h.abs() ** 0.5 at h = 0, torch.where whose unused branch has an "
+    "infinite gradient) or that overflows. Find it with "
+    "torch.autograd.set_detect_anomaly(True) on a backward pass of the model, and make it "
+    "differentiable there (e.g. torch.sqrt(h * h + eps))")
+
+
+def _nonfinite_layers(result, layer_collection):
+    """The ids of the layers whose part of ``result`` (a tensor whose last dimension is the
+    collection's ``P``, or a dict keyed by layer id) holds a NaN or an Inf."""
+    if isinstance(result, dict):
+        bad = []
+        for lid, part in result.items():
+            if any(not bool(torch.isfinite(t).all()) for t in _tensor_leaves(part)):
+                bad.append(lid)
+        return bad
+    if torch.is_tensor(result) and result.dim() and \
+            result.shape[-1] == layer_collection.numel():
+        P = result.shape[-1]
+        # a dense (P, P) matrix: a layer's bad gradients also spoil its rows in the other
+        # layers' columns; its diagonal says whose they are
+        part = torch.diagonal(result) if result.shape == (P, P) else result
+        ok = torch.isfinite(part).reshape(-1, P).all(dim=0)
+        return [lid for lid in layer_collection.layer_ids()
+                if not bool(ok[layer_collection.slice(lid)].all())]
+    return []
+
+
+def _tensor_leaves(obj):
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensor_leaves(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensor_leaves(v)]
+    return []
+
+
+def check_statistic(result, layer_collection):
+    """``ValueError`` naming the layers if the statistic ``result`` of a pass (whose outputs
+    were checked finite) holds a NaN or an Inf: checked once per pass, one host
+    synchronisation on an accelerator."""
+    leaves = [t for t in _tensor_leaves(result) if t.is_floating_point() and t.numel()]
+    if not leaves:
+        return
+    if leaves[0].device.type == "cpu":
+        ok = all(all_finite(t) for t in leaves)
+    else:
+        ok = bool(torch.stack([torch.isfinite(t).all() for t in leaves]).all())
+    if ok:
+        return
+    lids = _nonfinite_layers(result, layer_collection)
+    where = f" of layer(s) {', '.join(repr(lid) for lid in lids)}" if lids else ""
+    raise ValueError(f"the statistics{where} contain NaN or Inf " + _BACKWARD_NONFINITE)
+
+
+def _check_product(out, inp, what):
+    """``ValueError`` if an implicit product ``out`` holds a NaN or an Inf (one check per
+    product, i.e. per pass over the examples)."""
+    if not torch.is_tensor(out) or not out.is_floating_point() or all_finite(out):
+        return
+    t = _flat(inp) if hasattr(inp, "get_flat_representation") else inp
+    if torch.is_tensor(t) and t.is_floating_point() and not all_finite(t):
+        raise ValueError(f"{what}: the vector multiplied contains NaN or Inf")
+    raise ValueError(f"{what}: the product contains NaN or Inf " + _BACKWARD_NONFINITE)
+
+
+def _rng_state(device):
+    """The global RNG state that a forward on ``device`` draws from: the CPU generator's, and
+    the device's generator's for an accelerator."""
+    state = [torch.get_rng_state()]
+    if device.type == "cuda":
+        state.append(torch.cuda.get_rng_state(device))
+    return state
+
+
+def _same_rng(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _random_outside_modules(diff, scale):
+    return (
+        f"the function is not deterministic: run twice on the same batch its outputs differ by "
+        f"up to {diff:.3g} (largest output {scale:.3g}), and every module is in eval mode: the "
+        "forward draws from the global random number generator outside a module's training "
+        "mode (e.g. F.dropout(x, p, training=True), or noise from torch.rand / torch.randn in "
+        "forward), which makes every matrix random. Make that randomness follow the module's "
+        "mode (F.dropout(x, p, training=self.training), or nn.Dropout), or pass "
+        "check_deterministic=False if the randomness is intended")
 
 
 class _InstanceForward:
