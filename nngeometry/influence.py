@@ -193,7 +193,9 @@ class Influence:
         measurement: ``measurement(outputs, *targets) -> (n,)`` for the queries (e.g.
             :func:`causal_lm_log_prob` of a completion); default the loss.
         curvature: ``'ggn'``, ``'fisher'``, ``'mc'`` or ``'empirical'`` (see above).
-        variant, trials, seed: of ``'fisher'`` / ``'mc'`` (see ``FIM``, ``FIM_MonteCarlo``).
+        variant: the likelihood of ``'fisher'`` / ``'mc'`` (see ``FIM``).
+        trials: the sampled targets per example of ``'mc'`` (see ``FIM_MonteCarlo``).
+        seed: the seed of ``'mc'``'s draws (see ``FIM_MonteCarlo``).
         function: ``function(*batch) -> outputs``; default the model on ``batch[0]`` (or
             ``model(**batch)`` without the targets' key for dict batches, its ``.logits``).
         layer_collection: the parameters ``θ`` (default all the layers of the model).
@@ -212,10 +214,12 @@ class Influence:
         curvature_options: extra keywords of the curvature entry point (e.g. ``kfac_approx``).
         verbose: progress bars over the batches.
         check_deterministic: as for the entry points.
-        distributed, process_group: data parallelism over ``torch.distributed`` (see the page
-            "Data-parallel and GPU"): each rank passes its shard of the training data; the
-            curvature is reduced over the ranks, every rank preconditions the same (whole)
-            query set, and the scores' training columns are gathered in rank order.
+        distributed: data parallelism over ``torch.distributed`` (``None``: on when a process
+            group of more than one rank is initialised; see the page "Data-parallel and GPU"):
+            each rank passes its shard of the training data; the curvature is reduced over the
+            ranks, every rank preconditions the same (whole) query set, and the scores'
+            training columns are gathered in rank order.
+        process_group: the group of ranks (default: the world).
     """
 
     def __init__(self, model, representation=PMatEKFAC, damping="heuristic", loss_function=None,
