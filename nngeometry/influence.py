@@ -437,12 +437,17 @@ class Influence:
             prod = G * self._solve(G).to(G.dtype)
             out.append(torch.stack([prod[:, lc.slice(lid)].sum(1) for lid in lc.layer_ids()])
                        if per_layer else prod.sum(1))
-        scores = torch.cat(out, dim=-1)
         group = resolve_group(self.distributed, self.process_group)
+        if group is None and not out:
+            raise ValueError("self_scores: the training examples yielded no data (empty loader)")
+        scores = torch.cat(out, dim=-1) if out else None
         if group is not None:
             from .backend.distributed import all_gather_rows
-            scores, _ = all_gather_rows(scores, scores.shape[-1], group, scores.dim() - 1,
-                                        "self_scores", scores.device)
+            # a rank whose shard is empty takes part with no rows
+            dim = 1 if per_layer else 0
+            count = scores.shape[-1] if scores is not None else 0
+            device = next(self.model.parameters()).device
+            scores, _ = all_gather_rows(scores, count, group, dim, "self_scores", device)
         return scores
 
     # ------------------------------------------------------------------ saving
