@@ -7,9 +7,9 @@ its completion (the next three digits); its measurement is the completion's nega
 log-probability (``-causal_lm_log_prob``, the prompt's labels set to -100), so that a positive
 score means that training on the sequence makes the completion likelier; the training loss is
 the model's own per-sequence loss (``causal_lm_loss``). `Influence` with EKFAC (on the attention and MLP
-projections, the embeddings and the layer norms; the tied output layer is left out: KFAC has
-no form for a weight used twice) scores every training sequence, with the
-curvature the empirical Fisher of the training loss.
+projections, the position embedding and the layer norms; the token embedding, tied to the
+output layer, is left out: KFAC has no form for a weight used twice) scores every training
+sequence, with the curvature the empirical Fisher of the training loss.
 
 What to look for: the training sequences with the largest scores (those whose training makes
 the completion likelier) should mostly have the query's step; the printout gives the share of

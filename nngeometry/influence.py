@@ -276,8 +276,9 @@ class Influence:
         (a number or ``{layer_id: λ_l}``)."""
         if issubclass(self.representation, PMatEye):
             lc = self.layer_collection
-            dtype = lc.dtype or next(self.model.parameters()).dtype
-            self.matrix = PMatEye(lc, scaling=torch.tensor(1.0, dtype=dtype))
+            ref = next(self.model.parameters())
+            self.matrix = PMatEye(lc, scaling=torch.tensor(1.0, dtype=lc.dtype or ref.dtype,
+                                                           device=lc.device or ref.device))
         else:
             self.matrix = self._build(train_loader)
             if isinstance(self.matrix, PMatEKFAC) and self.refit_eigenvalues:
