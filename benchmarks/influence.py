@@ -9,6 +9,13 @@ Usage::
     python benchmarks/influence.py                      # EKFAC, KFAC, Diag, identity
     python benchmarks/influence.py --strategies ekfac --json influence.json
     python benchmarks/influence.py --quick              # 64 × 8 examples: a smoke run
+    python benchmarks/influence.py --workload W6 --strategies ekfac --query-rank 32
+
+``--workload W6``: the GPT-2-style model of ``benchmarks/real.py`` (6 layers, width 256,
+vocabulary 8192, 128 tokens, untied output layer), the per-sequence next-token loss summed over
+tokens, nngeometry only (kronfluence tracks ``nn.Linear`` and ``nn.Conv2d`` modules, not the
+``transformers`` ``Conv1D`` projections of GPT-2); 100 full query gradients would take 3.6 GB,
+hence ``--query-rank`` (each layer's preconditioned query gradient kept at that rank).
 
 Both sides use the same model, data, batches (64 training, 100 query examples per batch),
 curvature (the empirical Fisher: kronfluence's ``use_empirical_fisher=True``) and damping
@@ -63,14 +70,17 @@ def clocked(fn):
     return out, time.process_time() - t0
 
 
-def ours(model, train, query, strategy):
-    train_loader = DataLoader(train, batch_size=BATCH)
-    query_loader = DataLoader(query, batch_size=QUERY_BATCH)
+def ours(model, train, query, strategy, **kwargs):
+    train_loader = train if isinstance(train, list) else DataLoader(train, batch_size=BATCH)
+    query_loader = query if isinstance(query, list) else DataLoader(query, batch_size=QUERY_BATCH)
     damping = 0.0 if strategy == "identity" else "heuristic"
-    inf = Influence(model, REPS[strategy], damping=damping, curvature="empirical")
+
+    def make():
+        return Influence(model, REPS[strategy], damping=damping, curvature="empirical",
+                         **kwargs)
+    inf = make()
     _, t_fit = clocked(lambda: inf.fit(train_loader))
-    _, peak_fit, _ = peak_memory(lambda: Influence(model, REPS[strategy], damping=damping,
-                                                   curvature="empirical").fit(train_loader))
+    _, peak_fit, _ = peak_memory(lambda: make().fit(train_loader))
     scores, t_scores = clocked(lambda: inf.pairwise_scores(train_loader, query_loader))
     _, peak_scores, _ = peak_memory(lambda: inf.pairwise_scores(train_loader, query_loader))
     return scores, {"fit_s": t_fit, "fit_peak_MiB": peak_fit / 2 ** 20, "scores_s": t_scores,
@@ -121,6 +131,27 @@ def theirs(model, train, query, strategy, workdir):
                "scores_peak_MiB": peak_scores / 2 ** 20}
 
 
+def main_w6(args):
+    from real import w6
+
+    n_train, n_query = (32, 4) if args.quick else (1000, 100)
+    setup = w6(n_train + n_query)
+    batches = setup.loader  # dicts of 16 sequences
+    n_train_batches = n_train // 16 if n_train >= 16 else 1
+    train = batches[:n_train_batches]
+    query = [{k: v[:n_query] for k, v in b.items()} for b in batches[n_train_batches:][:1]] \
+        if n_query < 16 else batches[n_train_batches:]
+    kw = setup.kwargs
+    print(f"W6 (GPT-2-style), {16 * len(train)} train x "
+          f"{sum(b['input_ids'].shape[0] for b in query)} query sequences, float32, one thread, "
+          f"CPU time, query_rank={args.query_rank}; nngeometry only")
+    for strategy in args.strategies.split(","):
+        _, r = ours(setup.model, train, query, strategy, function=kw["function"],
+                    loss_function=kw["loss_function"], query_rank=args.query_rank)
+        print(f"{strategy:9s} nngeometry   fit {r['fit_s']:.2f} s, {r['fit_peak_MiB']:.1f} MiB; "
+              f"scores {r['scores_s']:.2f} s, {r['scores_peak_MiB']:.1f} MiB")
+
+
 def pearson(a, b):
     a, b = a.flatten().double(), b.flatten().double()
     a, b = a - a.mean(), b - b.mean()
@@ -132,8 +163,12 @@ def main(argv=None):
     p.add_argument("--strategies", default="ekfac,kfac,diagonal,identity")
     p.add_argument("--quick", action="store_true", help="64 × 8 examples: a smoke run")
     p.add_argument("--json", default=None)
+    p.add_argument("--workload", default="W2", choices=("W2", "W6"))
+    p.add_argument("--query-rank", type=int, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.workload == "W6":
+        return main_w6(args)
     n_train, n_query = (64, 8) if args.quick else (1000, 100)
     train, query = data(n_train, n_query)
     torch.manual_seed(0)
