@@ -81,6 +81,9 @@ def test_dense_ggn_and_empirical_match_brute_force():
     # self-influence: the diagonal of the train × train scores
     self_want = torch.einsum("ip,pi->i", gz, torch.linalg.solve(G + 0.05 * torch.eye(P, dtype=torch.float64), gz.t()))
     assert torch.allclose(inf.self_scores(train), self_want, rtol=1e-8, atol=0)
+    per_layer = inf.self_scores(train, per_layer=True)
+    assert per_layer.shape == (2, N_TRAIN)
+    assert torch.allclose(per_layer.sum(0), self_want, rtol=1e-8, atol=0)
 
 
 def test_implicit_cg_matches_brute_force():

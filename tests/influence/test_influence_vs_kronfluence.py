@@ -1,5 +1,5 @@
 """Influence scores against kronfluence (skipped where it is not installed): same model, data,
-damping and factor strategy, scores to 1e-4 relative.
+damping and factor strategy, pairwise, self and per-module scores to 1e-4 relative.
 
 Conventions aligned:
 
@@ -100,3 +100,37 @@ def test_pairwise_scores_agree_with_kronfluence(analyzer, strategy, rep, damping
     got = inf.pairwise_scores(DataLoader(train, batch_size=8), DataLoader(query, batch_size=N_QUERY))
     assert got.shape == want.shape == (N_QUERY, N_TRAIN)
     assert torch.allclose(got, want.to(got.dtype), rtol=1e-4, atol=1e-4 * want.abs().max())
+
+
+def test_self_and_per_module_scores_agree_with_kronfluence(analyzer):
+    model, train, query, an = analyzer
+    f64 = torch.float64
+    fargs = FactorArguments(strategy="ekfac", use_empirical_fisher=True,
+                            activation_covariance_dtype=f64, gradient_covariance_dtype=f64,
+                            eigendecomposition_dtype=f64, per_sample_gradient_dtype=f64,
+                            lambda_dtype=f64)
+    an.fit_all_factors(factors_name="ekfac_self", dataset=train, per_device_batch_size=8,
+                       factor_args=fargs, overwrite_output_dir=True)
+    sargs = ScoreArguments(damping_factor=1e-3, per_sample_gradient_dtype=f64,
+                           precondition_dtype=f64, score_dtype=f64,
+                           compute_per_module_scores=True)
+    an.compute_self_scores(scores_name="self", factors_name="ekfac_self", train_dataset=train,
+                           per_device_train_batch_size=8, score_args=sargs,
+                           overwrite_output_dir=True)
+    an.compute_pairwise_scores(scores_name="per_module", factors_name="ekfac_self",
+                               query_dataset=query, train_dataset=train,
+                               per_device_query_batch_size=N_QUERY,
+                               per_device_train_batch_size=8, score_args=sargs,
+                               overwrite_output_dir=True)
+    self_kf = an.load_self_scores("self")
+    pairs_kf = an.load_pairwise_scores("per_module")
+    inf = Influence(model, PMatEKFAC, curvature="empirical", damping=1e-3)
+    loader = DataLoader(train, batch_size=8)
+    inf.fit(loader)
+    self_ours = inf.self_scores(loader, per_layer=True)
+    pairs_ours = inf.pairwise_scores(loader, DataLoader(query, batch_size=N_QUERY), per_layer=True)
+    # kronfluence names a module's scores by its module name; ours come in the layers' order
+    for i, lid in enumerate(inf.layer_collection.layer_ids()):
+        for got, want in ((self_ours[i], self_kf[lid]), (pairs_ours[i], pairs_kf[lid])):
+            assert torch.allclose(got, want.to(got.dtype), rtol=1e-4,
+                                  atol=1e-4 * want.abs().max())
