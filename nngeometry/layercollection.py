@@ -11,6 +11,7 @@ from .layer_types import AbstractLayer, layer_type_for
 from .layer_types.generic import GenericLayer, refusal_reason
 from .layer_types import *  # noqa: F401,F403  (re-export LinearLayer, Conv2dLayer, ...)
 from .layer_types import __all__ as _layer_types_all
+from .serialization import StateDictMixin
 
 
 class UnsupportedLayerError(TypeError):
@@ -95,7 +96,7 @@ def _tied_owner(lc, model, module, name, own, claimed):
     return owner, spec
 
 
-class LayerCollection:
+class LayerCollection(StateDictMixin):
     """An ordered collection of layers with their offsets in the flat parameter vector."""
 
     def __init__(self, layers=None):

@@ -1260,6 +1260,8 @@ _FORWARD_AD_LOCK = threading.RLock()
 #: one lock per model (weakly held): see _model_lock
 _MODEL_LOCKS = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
+#: per thread, ``{id(model): depth}`` of the computations in progress (see in_engine_pass)
+_ENGINE_PASSES = threading.local()
 
 
 @contextlib.contextmanager
@@ -1275,7 +1277,21 @@ def _model_lock(model):
         if lock is None:
             lock = _MODEL_LOCKS[model] = threading.RLock()
     with lock:
-        yield
+        depth = _ENGINE_PASSES.__dict__.setdefault("depth", {})
+        depth[id(model)] = depth.get(id(model), 0) + 1
+        try:
+            yield
+        finally:
+            depth[id(model)] -= 1
+            if not depth[id(model)]:
+                del depth[id(model)]
+
+
+def in_engine_pass(model):
+    """Whether this thread is inside one of the library's own computations on ``model`` (a
+    build or an implicit product): its forward passes are not the user's (a recorder of
+    training steps, `.capture`, ignores them)."""
+    return id(model) in getattr(_ENGINE_PASSES, "depth", {})
 
 
 @contextlib.contextmanager
@@ -1360,12 +1376,11 @@ def _timed(fn, device):
     return time.perf_counter() - t0, result
 
 
-def refuse_random_modules(model):
-    """``RuntimeError`` naming the first module of ``model`` that draws random numbers in its
-    forward: a dropout module (``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``,
-    ``FeatureAlphaDropout``) or an ``nn.MultiheadAttention`` with ``dropout > 0``, in training
-    mode. Such a model gives a random matrix at each call, whose mean is not the matrix of the
-    model used for prediction (in eval mode)."""
+def first_random_module(model):
+    """``(name, module, p)`` of the first module of ``model`` that draws random numbers in its
+    forward (a dropout module, ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``,
+    ``FeatureAlphaDropout``, or an ``nn.MultiheadAttention`` with ``dropout > 0``, in training
+    mode), or None. ``name`` is its qualified name (its class name for the model itself)."""
     for name, module in model.named_modules():
         if not module.training:
             continue
@@ -1376,11 +1391,22 @@ def refuse_random_modules(model):
         else:
             continue
         if p > 0:
-            raise RuntimeError(
-                f"module '{name or type(module).__name__}' ({type(module).__name__}, p={p}) is "
-                "in training mode: its forward is random, so the matrix would be a random one "
-                "(per-example quantities need a deterministic forward). Call model.eval() before "
-                "computing the matrix, or pass check_deterministic=False if this is intended")
+            return name or type(module).__name__, module, p
+    return None
+
+
+def refuse_random_modules(model):
+    """``RuntimeError`` naming the first module of ``model`` that draws random numbers in its
+    forward (see `first_random_module`). Such a model gives a random matrix at each call,
+    whose mean is not the matrix of the model used for prediction (in eval mode)."""
+    found = first_random_module(model)
+    if found is not None:
+        name, module, p = found
+        raise RuntimeError(
+            f"module '{name}' ({type(module).__name__}, p={p}) is "
+            "in training mode: its forward is random, so the matrix would be a random one "
+            "(per-example quantities need a deterministic forward). Call model.eval() before "
+            "computing the matrix, or pass check_deterministic=False if this is intended")
 
 
 #: numbers (activations and parameters) one chunk of vmapped vector products may hold per
