@@ -329,11 +329,15 @@ def _need_batch(batch):
 
 
 def _write_grads(model, layer_collection, direction):
-    """Copy the PVector ``direction`` into the ``.grad`` of the collection's parameters."""
+    """Copy the PVector ``direction`` into the ``.grad`` of the collection's parameters; a
+    frozen parameter (``requires_grad=False``) gets none: an optimizer would otherwise update
+    it."""
     parts = direction.get_dict_representation()
     modules = layer_collection.get_layerid_module_map(model)
     for lid, module in modules.items():
         for p, d in zip(layer_collection[lid].parameters_of(module), parts[lid]):
+            if not p.requires_grad:
+                continue
             if p.grad is None:
                 p.grad = d.detach().clone().reshape(p.shape)
             else:
