@@ -7,8 +7,8 @@
 
 A profile hook records every Python function entered whose code lives in the package, after a
 first build and solve (so that imports and first-call caches are not counted). Functions are
-counted by qualified name; ``--no-inner`` leaves out comprehensions, generator expressions and
-lambdas. The model is a 2-layer MLP, two batches. docs/architecture.md explains the path.
+counted by qualified name, leaving out comprehensions, generator expressions and lambdas
+(``--inner`` counts them too). The model is a 2-layer MLP, two batches. docs/architecture.md explains the path.
 """
 import argparse
 import collections
@@ -50,8 +50,8 @@ def traced(fn, inner=True):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-v", action="store_true", help="list the functions, file by file")
-    ap.add_argument("--no-inner", action="store_true",
-                    help="leave out comprehensions, generator expressions and lambdas")
+    ap.add_argument("--inner", action="store_true",
+                    help="count comprehensions, generator expressions and lambdas too")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
@@ -59,8 +59,8 @@ def main():
     loader = DataLoader(data, batch_size=8)
     v = PVector.from_model(model)
     FIM(model, loader, PMatKFAC).solve(v, 1e-3)
-    M, build = traced(lambda: FIM(model, loader, PMatKFAC), not args.no_inner)
-    _, solve = traced(lambda: M.solve(v, 1e-3), not args.no_inner)
+    M, build = traced(lambda: FIM(model, loader, PMatKFAC), args.inner)
+    _, solve = traced(lambda: M.solve(v, 1e-3), args.inner)
     for name, seen in (("build", build), ("solve", solve)):
         files = list(dict.fromkeys(f for f, _ in seen))
         print(f"{name}: {len(files)} files, {len(seen)} functions")
