@@ -61,7 +61,7 @@ def per_example_gradients(model, loader, loss_function=None, function=None,
 
     check_positions(positions)
     check_class_dim(class_dim)
-    lm = lm_convention(unwrap_model(model), causal_lm, target_key)
+    lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)
     layer_collection = _collection(model, layer_collection, last_layer)
     function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
     generator = TorchHooksJacobianBackend(

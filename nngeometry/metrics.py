@@ -169,7 +169,8 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
         class_dim: the axis of the outputs that holds the classes, for outputs with more than
             2 dimensions (``-1``: ``(n, T, C)``; ``1``: ``(n, C, L)``, ``(n, C, H, W)``).
         causal_lm: ``None`` (default) detects a causal language model (Hugging Face's
-            ``*ForCausalLM`` / ``*LMHeadModel``, ``loss_type='ForCausalLM'``); ``True`` applies
+            ``*ForCausalLM`` / ``*LMHeadModel``, ``loss_type='ForCausalLM'``) when ``function``
+            is not given (a user's function defines its own outputs); ``True`` applies
             its convention (shifted positions), ``False`` the convention without the shift
             (masked LM, token classification: padding and -100 excluded).
         **kwargs: passed to the representation (``n_output=``, which older code passes, is
@@ -179,7 +180,7 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
     """
     check_positions(positions)
     check_class_dim(class_dim)
-    lm = lm_convention(unwrap_model(model), causal_lm, target_key)
+    lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)
     return _curvature(
         "FIM", model, loader, representation,
         lambda f: closed_form_function(f, _variant_name(variant), positions, class_dim, lm),
@@ -225,7 +226,7 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     """
     check_positions(positions)
     check_class_dim(class_dim)
-    lm = lm_convention(unwrap_model(model), causal_lm, target_key)
+    lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)
     return _curvature(
         "FIM_MonteCarlo", model, loader, representation,
         lambda f: monte_carlo_function(f, _variant_name(variant), trials, covariance,
@@ -269,7 +270,7 @@ def EmpiricalFisher(model, loader, representation, loss_function=None, device=No
     """
     check_positions(positions)
     check_class_dim(class_dim)
-    lm = lm_convention(unwrap_model(model), causal_lm, target_key)
+    lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)
     return _curvature(
         "EmpiricalFisher", model, loader, representation,
         lambda f: empirical_function(f, loss_function, positions, target_key, class_dim, lm),
@@ -310,7 +311,7 @@ def GGN(model, loader, representation, loss_function, device=None, function=None
     """
     check_positions(positions)
     check_class_dim(class_dim)
-    lm = lm_convention(unwrap_model(model), causal_lm, target_key)
+    lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)
     return _curvature(
         "GGN", model, loader, representation,
         lambda f: ggn_function(f, loss_function, positions, target_key, class_dim, lm),

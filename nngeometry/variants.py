@@ -166,8 +166,11 @@ class LMConvention:
         return f"LMConvention(causal={self.causal}, target_key={self.target_key!r})"
 
 
-def lm_convention(model, causal_lm=None, target_key="labels"):
+def lm_convention(model, causal_lm=None, target_key="labels", function=None):
     """The :class:`LMConvention` of ``model`` (None: no language-model convention).
+
+    With a user ``function`` (the outputs are then the user's, e.g. logits already shifted)
+    nothing is detected: only ``causal_lm=True`` / ``False`` applies a convention.
 
     ``causal_lm``: None detects it (:func:`is_causal_lm`: a causal LM gets the convention with
     shifted labels, any other model none); True forces the causal convention, False the
@@ -176,7 +179,7 @@ def lm_convention(model, causal_lm=None, target_key="labels"):
     if causal_lm is not None and not isinstance(causal_lm, bool):
         raise TypeError(f"causal_lm must be True, False or None (detect), got {causal_lm!r}")
     if causal_lm is None:
-        if is_causal_lm(model):
+        if function is None and is_causal_lm(model):
             return LMConvention(True, target_key)
         return None
     return LMConvention(causal_lm, target_key)

@@ -228,3 +228,12 @@ def test_dict_batches_of_other_models_unchanged():
     torch.testing.assert_close(FIM(model, [b], PMatDense, causal_lm=False,
                                    positions="sum").to_torch(), ref, rtol=1e-8, atol=1e-12)
     assert lc.numel() == ref.shape[0]
+    # a user's function defines its own outputs: no convention detected, the class axis given
+    inputs = {k: v for k, v in b.items() if k != "labels"}
+    plain = FIM(model, [b], PMatDense, function=lambda d: model(**{k: d[k] for k in inputs})
+                .logits, class_dim=-1).to_torch()
+    keep_all = torch.ones(N, T, dtype=torch.float64)
+    cov = (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)) * keep_all[..., None, None]
+    H = torch.stack([torch.block_diag(*cov[i]) for i in range(N)])
+    torch.testing.assert_close(plain, torch.einsum("ndp,nde,neq->pq", J, H, J) / N,
+                               rtol=1e-8, atol=1e-12)
