@@ -146,8 +146,8 @@ def main(argv=None):
         return implicit["M"].mv(implicit["v"])
 
     rows = {
-        "MC Diag": (lambda: FIM_MonteCarlo(model, loader, PMatDiag, seed=0), 1.5),
-        "MC KFAC": (lambda: FIM_MonteCarlo(model, loader, PMatKFAC, seed=0,
+        "MC Diag": (lambda: FIM_MonteCarlo(model, loader, PMatDiag), 1.5),
+        "MC KFAC": (lambda: FIM_MonteCarlo(model, loader, PMatKFAC,
                                            layer_collection=lc_kfac), 3.0),
         "implicit mv": (mv, 3.0),
     }

@@ -556,6 +556,10 @@ def monte_carlo_function(function, variant, trials, covariance=1.0, positions="s
     return g
 
 
+#: from this many classes the one-trial sampler draws by the inverse CDF
+_INVERSE_CDF_CLASSES = 1024
+
+
 def _monte_carlo(function, variant, trials, covariance, positions="sum", seed=None,
                  class_dim=None, conv=None):
     if not isinstance(trials, int) or trials < 1:
@@ -582,6 +586,14 @@ def _monte_carlo(function, variant, trials, covariance, positions="sum", seed=No
             m, C = logp.shape
             u = counter_uniform(key, (m, trials, C), logp.dtype, logp.device)
             return (logp.detach().unsqueeze(1) - torch.log(-torch.log(u))).argmax(2)
+        if trials == 1 and from_softmax and logp.shape[1] >= _INVERSE_CDF_CLASSES:
+            # many classes (a vocabulary): the inverse CDF, one uniform per row and a binary
+            # search in the cumulative sums (in float64), instead of one exponential per class
+            # (which costs more than the model's forward for a 50k vocabulary)
+            cdf = torch.cumsum(probs.to(torch.float64), dim=1)
+            u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device)
+            u = (u * cdf[:, -1:]).clamp_(min=torch.finfo(torch.float64).tiny)
+            return torch.searchsorted(cdf, u).clamp_(max=cdf.shape[1] - 1)
         if trials == 1 and from_softmax:
             # one draw per row: argmax_c p_c / E_c with E_c ~ Exp(1) is a draw from p (the
             # smallest of independent Exp(p_c) times), and it is the computation torch.multinomial

@@ -237,3 +237,24 @@ def test_dict_batches_of_other_models_unchanged():
     H = torch.stack([torch.block_diag(*cov[i]) for i in range(N)])
     torch.testing.assert_close(plain, torch.einsum("ndp,nde,neq->pq", J, H, J) / N,
                                rtol=1e-8, atol=1e-12)
+
+
+def test_many_class_sampler_draws_from_the_softmax():
+    """With a vocabulary-sized softmax the one-trial sampler draws by the inverse CDF: the
+    label frequencies match softmax(f), and a class of probability 0 is never drawn."""
+    torch.manual_seed(0)
+    C = 2048
+    logits = torch.full((1, C), -200.0, dtype=torch.float64)
+    logits[0, :4] = torch.tensor([2.0, 0.5, -1.0, 0.0], dtype=torch.float64)
+    logits[0, -1] = 1.0
+    n = 50_000
+    f = variants.monte_carlo_function(lambda x: x, "classif_logits", trials=1)
+    lp = f(logits.expand(n, -1)).detach()[:, 0]
+    logp = torch.log_softmax(logits[0], 0)
+    keep = torch.tensor([0, 1, 2, 3, C - 1])
+    labels = keep[(lp.unsqueeze(1) - logp[keep].unsqueeze(0)).abs().argmin(1)]
+    assert torch.allclose(lp, logp[labels])  # only those classes are ever drawn
+    freq = torch.bincount(labels, minlength=C).double() / n
+    p = logp.exp()
+    sigma = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 5 * sigma + 1e-12).all()
