@@ -218,8 +218,9 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     ``PMatImplicit`` that is one fixed matrix (two products with it agree, as CG, Lanczos and
     Hutchinson need). See :func:`nngeometry.variants.monte_carlo_function`.
 
-    Without ``seed`` the targets are drawn from PyTorch's global RNG (``torch.multinomial`` / exponential draws
-    for the classification variants, ``torch.randn`` for ``regression``, on the outputs'
+    Without ``seed`` the targets are drawn from PyTorch's global RNG (``torch.multinomial`` /
+    exponential draws, the inverse CDF for one trial of 1024 classes or more, for the
+    classification variants, ``torch.randn`` for ``regression``, on the outputs'
     device): that is the only global state a call changes. Memory grows linearly with
     ``trials`` (the trials' backward directions are taken in chunks).
 

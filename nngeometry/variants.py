@@ -529,7 +529,8 @@ def monte_carlo_function(function, variant, trials, covariance=1.0, positions="s
     (``'mean'``: ``g`` scaled by ``1/sqrt(S)``, so the matrix is the sum's divided by ``S``).
 
     Without ``seed`` the labels are drawn from PyTorch's global RNG (of the outputs' device):
-    ``torch.multinomial`` (``Exponential`` draws for one trial) for the classification
+    ``torch.multinomial`` (``Exponential`` draws for one trial; for one trial of 1024 classes
+    or more, the inverse CDF of one ``torch.rand`` per row) for the classification
     variants, ``torch.randn`` for ``regression``; seed it with ``torch.manual_seed`` for
     reproducible matrices. With ``seed`` (an int) no RNG state is used: the draws are a fixed
     function of the seed, the batch's index in the loader and its content (:func:`batch_key`,

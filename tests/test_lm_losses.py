@@ -164,7 +164,7 @@ def test_implicit_products_use_the_output_metric(monkeypatch):
     monkeypatch.setattr(variants, "multinomial_covariance_sqrt", refuse)
     g = torch.Generator().manual_seed(0)
     v = torch.randn(lc.numel(), generator=g, dtype=torch.float64)
-    Vs = torch.randn(3, lc.numel(), generator=g, dtype=torch.float64)
+    Vs = torch.randn(5, lc.numel(), generator=g, dtype=torch.float64)  # (> 4: chunked)
     for M in (FIM(model, [b], PMatImplicit), GGN(model, [b], PMatImplicit, "cross_entropy")):
         pv = PVector(lc, vector_repr=v)
         torch.testing.assert_close(M.mv(pv).to_torch(), ref @ v, rtol=1e-8, atol=1e-12)

@@ -1433,7 +1433,11 @@ def _vector_chunk(backend, m, examples, layer_collection):
         for module in backend.model.modules():
             if not list(module.children()):  # leaf modules: every activation once
                 handles.append(module.register_forward_hook(count))
-        for batch, params, f in backend._functional_batches(examples, layer_collection):
+        # (the model's outputs only when the products use the output metric: the transform
+        # would form the square roots the metric avoids)
+        raw = getattr(backend, "_uses_metric", lambda: False)()
+        for batch, params, f, *_ in backend._functional_batches(examples, layer_collection,
+                                                                raw):
             with torch.no_grad():
                 f(params)
             break
