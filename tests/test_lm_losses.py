@@ -139,13 +139,14 @@ def test_fisher_and_ggn_follow_the_convention():
 
 
 def test_monte_carlo_follows_the_convention():
-    """The expectation of the MC Fisher is the closed form: 4000 draws, 5 % on the trace (a
-    wrong weighting, e.g. the sum over tokens or padding counted, is off by far more)."""
+    """The expectation of the MC Fisher is the closed form: 800 draws, 3 % on the trace (within
+    0.5 % for seeds 0-3; a wrong weighting, e.g. the sum over tokens or padding counted, is off
+    by far more)."""
     model = causal_lm()
     b = lm_batch()
     exact = FIM(model, [b], PMatDiag).get_diag()
-    mc = FIM_MonteCarlo(model, [b], PMatDiag, trials=4000, seed=0).get_diag()
-    assert abs(mc.sum() / exact.sum() - 1) < 0.05
+    mc = FIM_MonteCarlo(model, [b], PMatDiag, trials=800, seed=0).get_diag()
+    assert abs(mc.sum() / exact.sum() - 1) < 0.03
     summed = FIM(model, [b], PMatDiag, positions="sum").get_diag()
     assert summed.sum() > 1.5 * exact.sum()
 
@@ -243,11 +244,11 @@ def test_many_class_sampler_draws_from_the_softmax():
     """With a vocabulary-sized softmax the one-trial sampler draws by the inverse CDF: the
     label frequencies match softmax(f), and a class of probability 0 is never drawn."""
     torch.manual_seed(0)
-    C = 2048
+    C = 1024
     logits = torch.full((1, C), -200.0, dtype=torch.float64)
     logits[0, :4] = torch.tensor([2.0, 0.5, -1.0, 0.0], dtype=torch.float64)
     logits[0, -1] = 1.0
-    n = 50_000
+    n = 10_000
     f = variants.monte_carlo_function(lambda x: x, "classif_logits", trials=1)
     lp = f(logits.expand(n, -1)).detach()[:, 0]
     logp = torch.log_softmax(logits[0], 0)
