@@ -334,9 +334,10 @@ def GGN(model, loader, representation, loss_function, device=None, function=None
         loss_function: ``loss_function(outputs, *targets) -> (n,)`` per-example losses (as
             for :func:`EmpiricalFisher`; required). It must treat examples independently.
 
-    Language models (``causal_lm``): the convention of :func:`EmpiricalFisher`, for
-    ``loss_function='cross_entropy'`` or ``nn.CrossEntropyLoss(reduction='none')`` (other
-    losses are refused under it: pass ``causal_lm=False``).
+    Language models (``causal_lm``): the convention of :func:`EmpiricalFisher`;
+    ``'cross_entropy'`` and ``nn.CrossEntropyLoss(reduction='none')`` in closed form, a
+    callable through the output Hessians of the convention's loss (it gets the shifted logits
+    and labels, as for :func:`EmpiricalFisher`).
 
     The other arguments are as for :func:`FIM`.
     """

@@ -227,6 +227,13 @@ def lm_positions(out, batch, conv, class_dim=-1, positions="mean"):
     return fp, y, w
 
 
+def _takes_full_outputs(loss_function):
+    """Whether ``loss_function`` applies a language model's convention itself (it sets
+    ``nngeometry_full_outputs = True``, e.g. :func:`nngeometry.influence.causal_lm_loss`,
+    which shifts the labels): it then gets the full logits and labels, no convention."""
+    return bool(getattr(loss_function, "nngeometry_full_outputs", False))
+
+
 def _lm_active(conv, out):
     return conv is not None and out.dim() == 3
 
@@ -778,6 +785,7 @@ def empirical_function(function, loss_function=None, positions="sum", target_key
     along dimension 1 (the logits transposed)."""
     check_positions(positions)
     check_class_dim(class_dim)
+    lm = None if _takes_full_outputs(loss_function) else lm
     positions = _resolve_positions(positions, lm)
     loss = _loss_or_default(loss_function, lambda: output_class_dim(function, class_dim))
     known = known_loss(loss_function) if isinstance(loss_function, (str, torch.nn.Module)) \
@@ -1104,10 +1112,13 @@ def ggn_function(function, loss_function, positions="sum", target_key="labels",
 
     The cross-entropy (``'cross_entropy'``, ``nn.CrossEntropyLoss``) has the closed-form output
     metric (:meth:`OutputTransform.metric`), used by the implicit products. ``lm`` (a
-    :class:`LMConvention`): the language model's positions and weights (:func:`lm_positions`),
-    for the cross-entropy only."""
+    :class:`LMConvention`): the language model's positions and weights (:func:`lm_positions`);
+    a callable ``loss_function`` then gets the shifted logits ``(n, S, V)`` and labels
+    ``(n, S)`` (-100 where a position does not count), a per-position result ``(n, S)``
+    weighted by the positions' weights (generic output Hessians)."""
     check_positions(positions)
     check_class_dim(class_dim)
+    lm = None if _takes_full_outputs(loss_function) else lm
     positions = _resolve_positions(positions, lm)
     known = known_loss(loss_function) if isinstance(loss_function, (str, torch.nn.Module)) \
         else None
@@ -1116,13 +1127,35 @@ def ggn_function(function, loss_function, positions="sum", target_key="labels",
                         "e.g. lambda out, y: F.cross_entropy(out, y, reduction='none'), a "
                         f"torch.nn loss module with reduction='none', or one of {LOSS_NAMES}")
 
+    def lm_generic(out, info):
+        """``(loss, targets)`` of a callable under the convention: the loss of the full
+        outputs ``(m, T, V)`` given the convention's labels and weights ``(m, S)``, per
+        example, so that its output Hessians are those of the model's own loss."""
+        cd = output_class_dim(function, class_dim)
+        cd = -1 if cd is None else cd
+        _, y, w = lm_positions(out, info.batch, lm, cd, positions)
+        if y is None:
+            raise ValueError(f"the GGN needs the observed targets: the batch has no "
+                             f"{lm.target_key!r} (dict batches) or targets (batch[1])")
+
+        def loss(o, yy, ww):
+            fp = class_positions(o, cd)
+            fp = fp[:, :-1] if lm.causal else fp
+            losses = loss_function(fp, yy)
+            if losses.dim() == 2 and tuple(losses.shape) == tuple(ww.shape):
+                return (losses * ww).sum(1)
+            return losses
+        return loss, (y, w)
+
     def g(out, info):
-        if _lm_active(lm, out) and (known is None or known.kind != "softmax"):
-            raise ValueError(
-                "the GGN of a language model's outputs under its loss convention (shifted "
-                "labels, padding excluded) takes loss_function='cross_entropy' or "
-                "nn.CrossEntropyLoss(reduction='none'); for another loss pass causal_lm=False "
-                "and a loss_function of the full outputs")
+        if _lm_active(lm, out) and known is not None and known.kind != "softmax":
+            raise ValueError(f"{known.name} is not a loss of a language model's logits; pass "
+                             "causal_lm=False for other outputs")
+        if _lm_active(lm, out) and known is None:
+            generic_loss, targets = lm_generic(out, info)
+            S = psd_sqrt(output_hessians(generic_loss, out, targets, positions))
+            n = out.shape[0]
+            return torch.einsum("nd,nde->ne", out.reshape(n, -1), S.to(out.dtype))
         targets = () if _lm_active(lm, out) else targets_of(info.batch, target_key, "the GGN")
         if known is not None:
             closed = _closed_form_ggn(known, out, targets, positions, function, class_dim, lm,

@@ -125,17 +125,19 @@ def test_fisher_and_ggn_follow_the_convention():
     model = causal_lm()
     b = lm_batch()
     J, logits = jacobians_and_logits(model, b)
+    # a callable gets the shifted logits and labels; per-position losses are weighted
+    ce = lambda out, y: F.cross_entropy(out.transpose(1, 2), y, reduction="none")  # noqa: E731
     for positions in ("mean", "sum"):
         H = convention_hessians(b, logits, positions)
         ref = torch.einsum("ndp,nde,neq->pq", J, H, J) / N
         kw = {} if positions == "mean" else {"positions": "sum"}
         torch.testing.assert_close(FIM(model, [b], PMatDense, **kw).to_torch(), ref,
                                    rtol=1e-8, atol=1e-12)
-        for loss in ("cross_entropy", nn.CrossEntropyLoss(reduction="none")):
+        for loss in ("cross_entropy", nn.CrossEntropyLoss(reduction="none"), ce):
             torch.testing.assert_close(GGN(model, [b], PMatDense, loss, **kw).to_torch(), ref,
                                        rtol=1e-8, atol=1e-12)
     with pytest.raises(ValueError, match="causal_lm=False"):
-        GGN(model, [b], PMatDiag, lambda out, y: out.sum((1, 2)))
+        GGN(model, [b], PMatDiag, "mse")
 
 
 def test_monte_carlo_follows_the_convention():
