@@ -13,7 +13,7 @@ from nngeometry.object import PMatDense, PMatDiag, PMatImplicit, PMatKFAC, PVect
 
 N, T, V = 2, 3, 50
 # the brute-force references below sum over every position with its own token; the model's
-# own convention (shifted labels, mean over tokens) is tested in tests/test_lm_losses.py
+# own convention (shifted labels, mean over tokens) is tested in tests/curvature/test_lm_losses.py
 ALL_POSITIONS = dict(causal_lm=False, positions="sum")
 
 
