@@ -96,7 +96,8 @@ class TorchHooksJacobianBackend:
             output directions are processed in chunks that fit.
         backward: how the gradients of several output directions are obtained: ``'batched'``
             (one vmapped backward), ``'looped'`` (one backward per direction) or ``'auto'``
-            (default: the faster of the two, timed once per model and shape). Same numbers.
+            (default: the faster of the two, timed on the first batches' own directions, no
+            extra pass, once per model structure and shape). Same numbers.
         layer_collection: the collection the statistics are computed for when a method is
             called without one (code written for nngeometry 0.4 builds the generator with it
             and then calls ``PMatDense(generator=g, examples=loader)``). Default: all the
