@@ -36,27 +36,38 @@ from .base import AbstractLayer, Parameter, register_layer_type
 PATCH_CHUNK_BYTES = 2 * 2 ** 20
 
 
-#: ``_sum_of_grams``: one batched product then a sum when each matrix's product costs fewer than
-#: this many multiply-adds (``C² L``) ...
+#: ``_sum_of_grams`` on one thread: one batched product then a sum when each matrix's product
+#: costs fewer than this many multiply-adds (``C² L``) ...
 BMM_SUM_MAX_WORK = 2 ** 18
-#: ... and its ``(B, C, C)`` intermediate holds at most this many numbers
+#: ... and, on any number of threads, when its ``(B, C, C)`` intermediate holds at most this
+#: many numbers
 BMM_SUM_MAX_NUMBERS = 2 ** 22
 
 
 def _sum_of_grams(g):
-    """``Σ_b g_b g_bᵀ`` for ``g`` of shape ``(B, C, L)``, by the faster kernel for the shape.
+    """``Σ_b g_b g_bᵀ`` for ``g`` of shape ``(B, C, L)``, by the faster kernel for the shape and
+    the number of threads (measured on float32, CPU):
 
-    ``addbmm_`` accumulates the ``B`` products in place, with no intermediate, but pays a
-    fixed cost per product: with few channels and locations (``C² L`` small) it was 2-16× slower
-    on one thread than ``bmm`` into a ``(B, C, C)`` intermediate summed over ``b``, which in turn
-    loses when the products are large (the sum over a big intermediate; 3.5× slower for
-    ``C = 512``, ``L = 49``). ``einsum`` and one GEMM on a channels-first copy were never
-    clearly faster than the better of these two.
-    """
+    * ``addbmm_`` accumulates the ``B`` products in place with no intermediate, but pays a fixed
+      cost per product, and on several threads a synchronisation per product: on one thread it
+      was 2-16× slower than ``bmm`` into a ``(B, C, C)`` intermediate summed over ``b`` when the
+      products are small (``C² L < BMM_SUM_MAX_WORK``) and the fastest for larger ones; on two
+      busy threads it was 2-40× slower than ``bmm`` and a sum at every shape;
+    * ``bmm`` and a sum loses when the intermediate is large (``C = 512``, ``L = 49``: 1.8×
+      slower than ``addbmm_`` on one thread, 2.3× slower than one GEMM on two); there, on
+      several threads, one GEMM ``h hᵀ`` on a channels-first copy ``h`` (``(C, B L)``) is used.
+
+    ``einsum`` was never the fastest by a clear margin."""
     B, C, L = g.shape
-    if C * C * L < BMM_SUM_MAX_WORK and B * C * C <= BMM_SUM_MAX_NUMBERS:
+    fits = B * C * C <= BMM_SUM_MAX_NUMBERS
+    if torch.get_num_threads() == 1:
+        if fits and C * C * L < BMM_SUM_MAX_WORK:
+            return torch.bmm(g, g.transpose(1, 2)).sum(dim=0)
+        return g.new_zeros(C, C).addbmm_(g, g.transpose(1, 2))
+    if fits:
         return torch.bmm(g, g.transpose(1, 2)).sum(dim=0)
-    return g.new_zeros(C, C).addbmm_(g, g.transpose(1, 2))
+    h = g.transpose(0, 1).reshape(C, B * L)
+    return h @ h.t()
 
 
 def _tuple(v, d):
