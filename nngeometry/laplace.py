@@ -311,9 +311,11 @@ class Laplace:
         (``n_samples`` draws of ``f ~ N(f*, Σ)``). Regression: ``(mean, variance)``, the
         variance ``Σ + σ² I`` of shape ``(n*, K, K)``."""
         self._check_fitted()
+        # the checked computation first: it refuses a model it can't use (BatchNorm in
+        # training mode, dropout) before the plain forward below could update its buffers
+        var = self.functional_variance(inputs).detach()
         with torch.no_grad():
             f = self._outputs((inputs,))
-        var = self.functional_variance(inputs).detach()
         if self.likelihood == "regression":
             K = var.shape[-1]
             return f, var + self.sigma_noise ** 2 * torch.eye(K, dtype=var.dtype, device=var.device)
