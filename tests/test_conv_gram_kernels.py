@@ -35,7 +35,7 @@ def test_sum_of_grams(shape, threads):
 def test_kernel_benchmark_quick(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
     try:
-        import kernels
+        import gram_kernels as kernels
     finally:
         sys.path.pop(0)
     out = tmp_path / "k.json"

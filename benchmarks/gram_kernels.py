@@ -13,7 +13,7 @@ Each is timed (median of ``--repeats`` after a warm-up) on one thread (``--threa
 of small CNNs, the benchmark CNN (W2) and ResNet-like layers; the table gives each time and the
 fastest, ``--json`` writes the figures.
 
-    python benchmarks/kernels.py [--threads 1] [--repeats 5] [--json kernels.json] [--quick]
+    python benchmarks/gram_kernels.py [--threads 1] [--repeats 5] [--json kernels.json] [--quick]
 """
 import argparse
 import json
