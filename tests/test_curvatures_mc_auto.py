@@ -101,3 +101,22 @@ def test_choice_kept_per_structure_not_per_object(monkeypatch):
     build(other, loader)
     assert len(jac._BACKWARD_CHOICE) == 2
     assert sorted(calls[:2]) == ["batched", "looped"], calls  # its first batch is split
+
+
+def test_no_batching_rule_decides_for_the_loop(monkeypatch):
+    """A vmapped backward that fails (an op without a batching rule) makes the loop the choice
+    at once, with the same matrix."""
+    model, loader = _setup()
+    lc = LayerCollection.from_model(model)
+
+    def diag(backward):
+        g = monte_carlo_function(lambda x, *_: model(x), "classif_logits", 6, seed=3)
+        return TorchHooksJacobianBackend(model, g, backward=backward).get_covariance_diag(
+            loader, lc)
+    ref = diag("looped")
+    monkeypatch.setattr(jac, "_backward_batched", lambda *a: None)
+    jac._BACKWARD_CHOICE.clear()
+    jac._BACKWARD_SAMPLES.clear()
+    torch.testing.assert_close(diag("auto"), ref, rtol=1e-12, atol=1e-14)
+    assert list(jac._BACKWARD_CHOICE.values()) == ["looped"]
+    assert not jac._BACKWARD_SAMPLES

@@ -1800,7 +1800,8 @@ def _backward_sampled(key, out, targets, cot, retain):
     for i, which in enumerate(order):
         keep = retain or i == 0
         if which == "batched":
-            t, g = _timed(lambda: _backward_batched(out, targets, cot[:k_vmap], keep), out.device)
+            # the graph kept: a vmapped backward that fails may have freed part of it
+            t, g = _timed(lambda: _backward_batched(out, targets, cot[:k_vmap], True), out.device)
             if g is None:  # an op without a batching rule: the loop, no more timing
                 _BACKWARD_CHOICE[key] = "looped"
                 _BACKWARD_SAMPLES.pop(key, None)
