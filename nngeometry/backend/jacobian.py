@@ -556,7 +556,9 @@ class TorchHooksJacobianBackend:
 
         out = None
         n_total = 0
-        for batch, params, f in self._functional_batches(examples, layer_collection):
+        raw = self._uses_metric()
+        for batch, params, f, *metric in self._functional_batches(examples, layer_collection,
+                                                                   raw):
             tangents = self._split_flat(v, params, layer_collection)
             leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
             with fwAD.dual_level(), torch.enable_grad():
@@ -567,7 +569,10 @@ class TorchHooksJacobianBackend:
                 # the outputs do not depend on the collection's parameters: M v = 0 here
                 g = [None] * len(leaves)
             else:
-                g = torch.autograd.grad(outputs, list(leaves.values()), jv.detach(),
+                w = jv.detach()
+                if metric:  # J_fᵀ H J_f v: the output metric between the JVP and the VJP
+                    w = metric[0](outputs.detach(), w)
+                g = torch.autograd.grad(outputs, list(leaves.values()), w,
                                         allow_unused=True)
             flat = torch.cat([torch.zeros_like(p).reshape(-1) if gk is None else gk.reshape(-1)
                               for gk, p in zip(g, leaves.values())])
@@ -579,11 +584,13 @@ class TorchHooksJacobianBackend:
     def _vTMv(self, v, examples, layer_collection):
         """``vᵀ M v = (1/n) Σ_x ||J(x) v||²`` with one Jacobian-vector product per batch."""
         total, n_total = 0.0, 0
-        for batch, params, f in self._functional_batches(examples, layer_collection):
+        raw = self._uses_metric()
+        for batch, params, f, *metric in self._functional_batches(examples, layer_collection,
+                                                                   raw):
             tangents = self._split_flat(v, params, layer_collection)
             outputs, jv = torch.func.jvp(f, (params,), (tangents,))
             self._check_finite(outputs)
-            total = total + (jv * jv).sum()
+            total = total + (jv * (metric[0](outputs, jv) if metric else jv)).sum()
             n_total += outputs.shape[0]
         self._check_nonempty(n_total)
         return total / n_total
@@ -643,7 +650,9 @@ class TorchHooksJacobianBackend:
         if chunk == 1:
             return torch.stack([self._mv(v, examples, layer_collection) for v in V])
         out, n_total = None, 0
-        for batch, params, f in self._functional_batches(examples, layer_collection):
+        raw = self._uses_metric()
+        for batch, params, f, *metric in self._functional_batches(examples, layer_collection,
+                                                                   raw):
             outputs, vjp_fn = torch.func.vjp(f, params)
             self._check_finite(outputs)
             if out is None:
@@ -653,6 +662,9 @@ class TorchHooksJacobianBackend:
                 Vc = V[j0:j0 + chunk]
                 tangents = self._split_flat_rows(Vc, params)
                 jv = torch.func.vmap(lambda t: torch.func.jvp(f, (params,), (t,))[1])(tangents)
+                if metric:
+                    jv = torch.func.vmap(
+                        lambda u, o=outputs.detach(), m=metric[0]: m(o, u))(jv)
                 (g,) = torch.func.vmap(vjp_fn)(jv)
                 # accumulated in place, layer by layer (no (m, P) concatenation per batch)
                 start = 0
@@ -1181,9 +1193,17 @@ class TorchHooksJacobianBackend:
                 out.device.type)
 
     # ---------------------------------------------------------------- functional (implicit) path
-    def _functional_batches(self, examples, layer_collection):
+    def _uses_metric(self):
+        """Whether the implicit products run through the output transform's closed-form
+        output metric (``J_fᵀ H J_f`` as JVP, ``H u``, VJP on the model's outputs: no square
+        root of ``H``, ``O(outputs)`` memory) rather than through ``J_gᵀ J_g``."""
+        return getattr(self.function, "has_metric", False) and not self.centering
+
+    def _functional_batches(self, examples, layer_collection, raw=False):
         """Yield ``(batch, params, f)`` with ``f(params) -> (n, n_output)`` a pure function of the
-        collection's parameters (a dict name -> tensor) for that batch."""
+        collection's parameters (a dict name -> tensor) for that batch. With ``raw`` (an output
+        transform with a metric, see :meth:`_uses_metric`), yield ``(batch, params, f,
+        metric)`` with ``f(params)`` the model's outputs and ``metric(f, u) = H u``."""
         _refuse_batch_statistics(self.model)
         _refuse_inference_parameters(dict(self.model.named_parameters()))
         # forward-mode AD levels are process-wide in torch ("Nested forward mode AD is not
@@ -1209,10 +1229,10 @@ class TorchHooksJacobianBackend:
             counts = self._counters[-1] if getattr(self, "_counters", None) else None
             with deferred_finite_checks():
                 yield from self._functional_batch_fns(examples, fn, needs_batch, group, counts,
-                                                      device, params, constant)
+                                                      device, params, constant, raw)
 
     def _functional_batch_fns(self, examples, fn, needs_batch, group, counts, device, params,
-                              constant):
+                              constant, raw=False):
         """The loop of :meth:`_functional_batches` (inside its model state and checks)."""
         # reading the RNG state around the model's forward costs a copy of a few KB; only a
         # forward that drew from it is run again to see whether its outputs are random
@@ -1237,20 +1257,23 @@ class TorchHooksJacobianBackend:
                      for k, t in p.items()}
                 rng = _rng_state(device) if watch else None
                 with _no_fused_attention(), tensors_in_model(self.model, {**p, **bufs}):
-                    if info is not None:
-                        raw = fn.model_outputs(*batch)
+                    if raw or info is not None:
+                        model_out = fn.model_outputs(*batch)
                         if watch:
                             drew.append(not _same_rng(rng, _rng_state(device)))
-                        out = fn.transform(raw, info)
+                        out = model_out if raw else fn.transform(model_out, info)
                     else:
                         out = self.function(*batch)
                         if watch:
                             drew.append(not _same_rng(rng, _rng_state(device)))
                 if counts is not None:
                     counts[index] = out.shape[0]
-                return out.reshape(out.shape[0], -1)
+                return out if raw else out.reshape(out.shape[0], -1)
 
-            yield batch, params, f
+            if raw:
+                yield batch, params, f, (lambda out, u, info=info: fn.metric(out, u, info))
+            else:
+                yield batch, params, f
             if watch and any(drew):
                 # the products' forward drew from the global RNG: checked once, here,
                 # outside the torch.func transforms, by running it twice more
@@ -1771,7 +1794,11 @@ def _vector_chunk(backend, m, examples, layer_collection):
         for module in backend.model.modules():
             if not list(module.children()):  # leaf modules: every activation once
                 handles.append(module.register_forward_hook(count))
-        for batch, params, f in backend._functional_batches(examples, layer_collection):
+        # (the model's outputs only when the products use the output metric: the transform
+        # would form the square roots the metric avoids)
+        raw = getattr(backend, "_uses_metric", lambda: False)()
+        for batch, params, f, *_ in backend._functional_batches(examples, layer_collection,
+                                                                raw):
             with torch.no_grad():
                 f(params)
             break
