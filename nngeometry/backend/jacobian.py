@@ -117,7 +117,8 @@ class TorchHooksJacobianBackend:
             output directions are processed in chunks that fit.
         backward: how the gradients of several output directions are obtained: ``'batched'``
             (one vmapped backward), ``'looped'`` (one backward per direction) or ``'auto'``
-            (default: the faster of the two, timed once per model and shape). Same numbers.
+            (default: the faster of the two, timed on the first batches' own directions, no
+            extra pass, once per model structure and shape). Same numbers.
         layer_collection: the collection the statistics are computed for when a method is
             called without one (code written for nngeometry 0.4 builds the generator with it
             and then calls ``PMatDense(generator=g, examples=loader)``). Default: all the
@@ -1144,17 +1145,21 @@ class TorchHooksJacobianBackend:
         Two strategies give the same numbers: one vmapped backward (``is_grads_batched``), fast
         through matrix products, or one backward per direction, faster through ops whose batching
         rule just loops (max-pooling, ReLU's backward on some builds). With ``backward='auto'``
-        both are timed once, for a given model, number of directions and output shape, on the
-        first ``LOOPED_TIMING_DIRECTIONS`` directions only (both strategies cost about the same
-        per direction at any count: timing all of them took 27-67 s for a token-level model
-        with 50 Monte-Carlo trials), and the faster one is used from then on (like
-        ``cudnn.benchmark``); the batch size is not part of the key (a smaller last batch
-        does not time again).
+        the choice costs no extra backward pass: while it is open, the directions of a batch are
+        split, the first ones through the vmapped backward and the last ones (at most
+        ``LOOPED_TIMING_DIRECTIONS``) through the loop, and each strategy's time per direction
+        is recorded; both strategies cost about the same per direction at any count, so after
+        ``BACKWARD_TIMING_ROUNDS`` such batches (the order of the two swapped each time, the best
+        time of each kept: one sample each picked the slower strategy on a busy machine) the
+        faster one is used for all directions. An op without a batching rule decides at once for
+        the loop. The choice is kept per model *structure* (see ``_backward_key``), not per model
+        object: a new model of the same architecture reuses it, and a freed model's id reused by
+        another one cannot hand it a choice made for a different graph.
         """
         mode = self.backward
-        # (the number of examples, cot.shape[1], left out: see the docstring)
-        key = (id(self.model), cot.shape[0], tuple(cot.shape[2:]), cot.dtype, out.device.type)
+        key = None
         if mode == "auto":
+            key = self._backward_key(out, targets, cot)
             mode = _BACKWARD_CHOICE.get(key)
         if mode == "batched":
             grads = _backward_batched(out, targets, cot, retain)
@@ -1163,12 +1168,30 @@ class TorchHooksJacobianBackend:
             return grads
         if mode == "looped":
             return _backward_looped(out, targets, cot, retain)
-        _BACKWARD_CHOICE[key] = _time_backward_strategies(out, targets, cot)
-        if _BACKWARD_CHOICE[key] == "batched":
-            grads = _backward_batched(out, targets, cot, retain)
-            if grads is not None:
-                return grads
-        return _backward_looped(out, targets, cot, retain)
+        return _backward_sampled(key, out, targets, cot, retain)
+
+    def _backward_key(self, out, targets, cot):
+        """What the faster backward strategy depends on: the model's structure (per module its
+        type, training flag and its own parameters' shapes), the shapes of the targets' gradients
+        and of the outputs without the batch dimension (a smaller last batch reuses the choice),
+        the number of directions, the dtype and the device type."""
+        struct = getattr(self, "_structure_cache", None)
+        if struct is None or struct[0] is not self.model:
+            sig = tuple((type(m).__name__, m.training,
+                         tuple(tuple(p.shape) for p in m.parameters(recurse=False)))
+                        for m in self.model.modules())
+            struct = (self.model, sig)
+            self._structure_cache = struct
+        shapes = []
+        for t in targets:
+            node = getattr(t, "node", None)
+            try:
+                meta = node._input_metadata[t.output_nr] if node is not None else None
+                shapes.append(tuple(meta.shape[1:]) if meta is not None else None)
+            except (AttributeError, IndexError, RuntimeError):
+                shapes.append(None)
+        return (struct[1], tuple(shapes), cot.shape[0], tuple(cot.shape[2:]), cot.dtype,
+                out.device.type)
 
     # ---------------------------------------------------------------- functional (implicit) path
     def _uses_metric(self):
@@ -1665,11 +1688,16 @@ def tensors_in_model(model, tensors):
 #: per-example Jacobian of the whole model is smaller (see ``_chunk_size``)
 DIRECTION_CHUNK_BYTES = 16 * 2 ** 20
 
-#: (id(model), cotangent shape, dtype, device type) -> 'batched' | 'looped', filled by 'auto'
-
-#: 'auto' times the looped backward on this many directions at most (see _backward_directions)
+#: 'auto': the loop takes at most this many directions of a batch while the choice is open
+#: (see ``_backward_directions``)
 LOOPED_TIMING_DIRECTIONS = 16
+#: 'auto': batches split between the two strategies before the choice is made
+BACKWARD_TIMING_ROUNDS = 2
+#: structure key (``_backward_key``) -> 'batched' | 'looped', filled by 'auto'
 _BACKWARD_CHOICE = {}
+#: structure key -> {'batched': best seconds per direction, 'looped': ..., 'rounds': n} while
+#: the choice is open
+_BACKWARD_SAMPLES = {}
 
 
 def _backward_batched(out, targets, cot, retain):
@@ -1783,19 +1811,43 @@ def _vector_chunk(backend, m, examples, layer_collection):
     return max(1, min(m, _VECTOR_CHUNK_NUMBERS // max(per_vector, 1)))
 
 
-def _time_backward_strategies(out, targets, cot):
-    """``'batched'`` or ``'looped'``: the faster of the two backward strategies of
-    ``_backward_directions``, timed on the first ``LOOPED_TIMING_DIRECTIONS`` directions of
-    ``cot`` (best of two interleaved runs each: one sample each picked the slower strategy on
-    a busy machine), keeping the graph; ``'looped'`` when an op has no batching rule. The
-    gradients of the timing runs are dropped at once (peak memory: one strategy's at a time)."""
-    probe = cot[:LOOPED_TIMING_DIRECTIONS]
-    if _backward_batched(out, targets, probe, True) is None:
-        return "looped"
-    t_looped = t_batched = float("inf")
-    for _ in range(2):
-        t_looped = min(t_looped, _timed(lambda: _backward_looped(out, targets, probe, True),
-                                        out.device)[0])
-        t_batched = min(t_batched, _timed(lambda: _backward_batched(out, targets, probe, True),
-                                          out.device)[0])
-    return "batched" if t_batched <= t_looped else "looped"
+def _backward_sampled(key, out, targets, cot, retain):
+    """The gradients of all ``K`` directions, the first ones by the vmapped backward and the
+    last ones (at most ``LOOPED_TIMING_DIRECTIONS``, at least one) by the loop, each timed per
+    direction and recorded under ``key``; the choice is made once ``BACKWARD_TIMING_ROUNDS``
+    batches are recorded (see ``_backward_directions``). With one direction both are the same
+    backward: no sample."""
+    K = cot.shape[0]
+    if K < 2:
+        return _backward_looped(out, targets, cot, retain)
+    samples = _BACKWARD_SAMPLES.setdefault(key, {"batched": math.inf, "looped": math.inf,
+                                                 "rounds": 0})
+    k_loop = min(LOOPED_TIMING_DIRECTIONS, K // 2)
+    k_vmap = K - k_loop
+    parts = {}
+    order = ("batched", "looped") if samples["rounds"] % 2 == 0 else ("looped", "batched")
+    for i, which in enumerate(order):
+        keep = retain or i == 0
+        if which == "batched":
+            # the graph kept: a vmapped backward that fails may have freed part of it
+            t, g = _timed(lambda: _backward_batched(out, targets, cot[:k_vmap], True), out.device)
+            if g is None:  # an op without a batching rule: the loop, no more timing
+                _BACKWARD_CHOICE[key] = "looped"
+                _BACKWARD_SAMPLES.pop(key, None)
+                if i == 0:
+                    return _backward_looped(out, targets, cot, retain)
+                g = _backward_looped(out, targets, cot[:k_vmap], keep)
+                t = math.inf
+            samples["batched"] = min(samples["batched"], t / k_vmap)
+        else:
+            t, g = _timed(lambda: _backward_looped(out, targets, cot[k_vmap:], keep), out.device)
+            samples["looped"] = min(samples["looped"], t / k_loop)
+        parts[which] = g
+    samples["rounds"] += 1
+    if samples["rounds"] >= BACKWARD_TIMING_ROUNDS and key not in _BACKWARD_CHOICE:
+        _BACKWARD_CHOICE[key] = "batched" if samples["batched"] <= samples["looped"] \
+            else "looped"
+        _BACKWARD_SAMPLES.pop(key, None)
+    # a target unused by the outputs is unused by every direction: None in both parts
+    return [None if a is None or b is None else torch.cat([a, b])
+            for a, b in zip(parts["batched"], parts["looped"])]
