@@ -33,7 +33,8 @@ def test_sum_of_grams(shape, threads):
 
 
 def test_kernel_benchmark_quick(tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
     try:
         import gram_kernels as kernels
     finally:
