@@ -18,7 +18,7 @@ precision) is a scalar, a dict ``{layer_id: scalar}`` or a per-parameter ``PVect
   with ``log p(D | θ*)`` the summed log-likelihood at ``θ*`` (``−Σ CE`` for classification;
   ``−Σ ||f − y||² / (2σ²) − (n K / 2) log(2π σ²)`` for regression), divided by ``T``. It is
   differentiable w.r.t. a prior precision (and ``σ``) given as tensors that require grad, which
-  :meth:`Laplace.optimize_prior_precision` uses.
+  [`Laplace.optimize_prior_precision`][nngeometry.laplace.Laplace.optimize_prior_precision] uses.
 * **GLM predictive**: ``f(x*) ~ N(f(x*; θ*), J* H⁻¹ J*ᵀ)``, with ``J*`` the Jacobian at the
   test inputs; for classification the class probabilities by the probit approximation
   ``softmax(f / sqrt(1 + π/8 · diag Σ))`` or by Monte-Carlo samples of ``f``.

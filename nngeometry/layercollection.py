@@ -122,7 +122,7 @@ class LayerCollection:
         ``tied_weights``: what to do with a module whose parameters are those of an earlier
         layer (GPT-2's ``lm_head`` and ``wte``): ``'refuse'`` (default, ``ValueError``) or
         ``'sum'``: the module is a second use of the earlier layer's parameters (in
-        :attr:`tied`), and the generator adds its per-example gradients to the layer's, so
+        `tied`), and the generator adds its per-example gradients to the layer's, so
         that the matrices are exact (Dense, BlockDiag, Diag, LowRank, QuasiDiag, Implicit;
         KFAC/EKFAC refuse such a layer: a sum of two Kronecker products is not one). The module
         must hold no parameter of its own besides the shared ones, in the same layout.
@@ -259,7 +259,7 @@ class LayerCollection:
         return out
 
     def get_layerid_module_maps(self, model):
-        """``(layerid_to_module, module_to_layerid)``: the map of :meth:`get_layerid_module_map`
+        """``(layerid_to_module, module_to_layerid)``: the map of [`get_layerid_module_map`][nngeometry.layercollection.LayerCollection.get_layerid_module_map]
         and its inverse (nngeometry 0.4's form)."""
         layerid_to_module = self.get_layerid_module_map(model)
         module_to_layerid = OrderedDict((m, lid) for lid, m in layerid_to_module.items())

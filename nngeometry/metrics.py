@@ -178,7 +178,7 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     """The Fisher information matrix estimated with sampled targets.
 
     Computes ``F = (1/n) Σ_x (1/T) Σ_t ∇log p(y_t|x) ∇log p(y_t|x)ᵀ`` with ``y_t ~ p(·|x)``
-    (``T = trials``); an unbiased estimate of :func:`FIM`, at the cost of ``trials`` backward
+    (``T = trials``); an unbiased estimate of [`FIM`][nngeometry.FIM], at the cost of ``trials`` backward
     directions instead of ``C - 1``.
 
     Variants: ``classif_logits`` (outputs are logits), ``classif_logsoftmax`` (outputs are
@@ -189,20 +189,20 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
 
     Outputs with positions (``(n, T, C)``, ``(n, C, H, W)``): one target per position, the
     log-probabilities summed over positions (``positions='sum'``) or averaged (``'mean'``), as
-    for :func:`FIM`.
+    for [`FIM`][nngeometry.FIM].
 
     ``seed`` (an int): the sampled targets are a fixed function of the seed, the batch's index
     in the loader and the batch's content (no RNG state is read or changed), so that every pass
     over the loader sees the same targets: the same matrix on every build, and a
     ``PMatImplicit`` that is one fixed matrix (two products with it agree, as CG, Lanczos and
-    Hutchinson need). See :func:`nngeometry.variants.monte_carlo_function`.
+    Hutchinson need). See `nngeometry.variants.monte_carlo_function`.
 
     Without ``seed`` the targets are drawn from PyTorch's global RNG (``torch.multinomial`` / exponential draws
     for the classification variants, ``torch.randn`` for ``regression``, on the outputs'
     device): that is the only global state a call changes. Memory grows linearly with
     ``trials`` (the trials' backward directions are taken in chunks).
 
-    ``check_deterministic``, the other keywords and ``PMatEye``: as for :func:`FIM` (the check
+    ``check_deterministic``, the other keywords and ``PMatEye``: as for [`FIM`][nngeometry.FIM] (the check
     runs the model, not the sampling).
     """
     return _curvature(
@@ -234,7 +234,7 @@ def EmpiricalFisher(model, loader, representation, loss_function=None, device=No
             cross-entropy on logits (one per position for ``(n, T, C)`` / ``(n, C, H, W)``
             outputs; targets -100 ignored, as in PyTorch).
 
-    The other arguments are as for :func:`FIM`.
+    The other arguments are as for [`FIM`][nngeometry.FIM].
     """
     return _curvature(
         "EmpiricalFisher", model, loader, representation,
@@ -265,9 +265,9 @@ def GGN(model, loader, representation, loss_function, device=None, function=None
 
     Args:
         loss_function: ``loss_function(outputs, *targets) -> (n,)`` per-example losses (as
-            for :func:`EmpiricalFisher`; required). It must treat examples independently.
+            for [`EmpiricalFisher`][nngeometry.EmpiricalFisher]; required). It must treat examples independently.
 
-    The other arguments are as for :func:`FIM`.
+    The other arguments are as for [`FIM`][nngeometry.FIM].
     """
     return _curvature(
         "GGN", model, loader, representation,

@@ -1,6 +1,6 @@
 """Natural-gradient preconditioning for any ``torch.optim`` optimizer.
 
-:class:`NaturalGradient` replaces the gradients of a model, in place, by the damped
+[`NaturalGradient`][nngeometry.optim.NaturalGradient] replaces the gradients of a model, in place, by the damped
 natural-gradient direction::
 
     g ← (F̄ + λ I)⁻¹ g
@@ -28,7 +28,7 @@ Grosse 2015; Ba et al. 2017)::
   step's forward pass, and when ``loss.backward()`` reaches the model's output it
   back-propagates the curvature's own output directions (one sampled label per example for
   ``'mc'``) to the layers' outputs, keeping the graph for the loss's backward pass
-  (:mod:`nngeometry.backend.capture`). No extra forward pass: the update step costs one partial
+  (`nngeometry.backend.capture`). No extra forward pass: the update step costs one partial
   backward pass more than an SGD step. Otherwise (a callable curvature, a custom ``function``,
   ``capture=False``, or a step whose forward pass was not recorded) the estimate is computed by
   an extra pass on the batch given to ``step``.

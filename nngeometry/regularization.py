@@ -40,11 +40,12 @@ class EWC:
         layer_collection: the layers penalised (default: those of the matrices registered, which
             must all share one collection).
 
-    Use::
-
+    Example:
+        ```python
         ewc = EWC(model, lam=100.)
         ewc.register_task(FIM(model, loader_a, PMatKFAC))   # anchor: the current parameters
         loss = criterion(model(x), y) + ewc.penalty()
+        ```
     """
 
     def __init__(self, model, lam=1.0, gamma=None, layer_collection=None):

@@ -166,11 +166,11 @@ class OutputTransform:
 
     Give either ``transform(f) -> g`` or ``split(f) -> (g, columns)``, where ``columns(k0, k1)``
     recomputes ``g[:, k0:k1]`` from the same draws through a graph of its own (see
-    :func:`monte_carlo_function`).
+    `monte_carlo_function`).
 
-    With ``needs_batch=True`` both take a second argument, a :class:`BatchInfo` (the batch, its
+    With ``needs_batch=True`` both take a second argument, a `BatchInfo` (the batch, its
     index, the seed's key): losses of the observed targets (empirical Fisher, GGN) and seeded
-    sampling. ``seed``: the seed of :func:`batch_key` (None: no key)."""
+    sampling. ``seed``: the seed of `batch_key` (None: no key)."""
 
     #: how the transform was made (e.g. ``closed_form_function(function, 'classif_logits')``)
     origin = None
@@ -185,7 +185,7 @@ class OutputTransform:
         self.seed = seed
 
     def batch_info(self, batch, index=None):
-        """The :class:`BatchInfo` of ``batch`` (call it on real tensors, outside ``torch.func``
+        """The `BatchInfo` of ``batch`` (call it on real tensors, outside ``torch.func``
         transforms: the seed's key reads the batch's bytes)."""
         key = None if self.seed is None else batch_key(self.seed, batch, index)
         return BatchInfo(batch, index, key)
@@ -223,7 +223,7 @@ class OutputTransform:
 def closed_form_function(function, variant, positions="sum"):
     """``g(*batch)`` with ``J_gᵀ J_g`` the example's Fisher under ``variant``.
 
-    Outputs with positions (``(n, T, C)``, ``(n, C, H, W)``, see :func:`class_positions`): the
+    Outputs with positions (``(n, T, C)``, ``(n, C, H, W)``, see `class_positions`): the
     likelihood factorises over positions, the Fisher is the sum of the per-position terms
     (``positions='sum'``) or their mean (``'mean'``, for losses averaged over tokens)."""
     check_positions(positions)
@@ -287,7 +287,7 @@ def monte_carlo_function(function, variant, trials, covariance=1.0, positions="s
     ``J_gᵀ J_g = (1/T) Σ_t ∇ log p(y_t|x) ∇ log p(y_t|x)ᵀ``.
 
     Outputs with positions (``(n, T, C)``: classes last; ``(n, C, H, W)``: classes along
-    dimension 1, see :func:`class_positions`): one label is drawn per position and the
+    dimension 1, see `class_positions`): one label is drawn per position and the
     log-probabilities are summed over positions (``positions='sum'``), or averaged
     (``'mean'``: ``g`` scaled by ``1/sqrt(S)``, so the matrix is the sum's divided by ``S``).
 
@@ -295,8 +295,8 @@ def monte_carlo_function(function, variant, trials, covariance=1.0, positions="s
     ``torch.multinomial`` (``Exponential`` draws for one trial) for the classification
     variants, ``torch.randn`` for ``regression``; seed it with ``torch.manual_seed`` for
     reproducible matrices. With ``seed`` (an int) no RNG state is used: the draws are a fixed
-    function of the seed, the batch's index in the loader and its content (:func:`batch_key`,
-    :func:`counter_uniform`; labels by the Gumbel-max rule, Gaussians by Box-Muller), so that
+    function of the seed, the batch's index in the loader and its content (`batch_key`,
+    `counter_uniform`; labels by the Gumbel-max rule, Gaussians by Box-Muller), so that
     every pass over the same loader sees the same targets: ``PMatImplicit`` is then one fixed
     matrix (CG, Lanczos and Hutchinson need that); the uniform numbers behind the draws are
     the same on every device (the labels then agree up to floating-point ties).
@@ -453,7 +453,7 @@ def targets_of(batch, target_key="labels", who="this matrix"):
 
 def cross_entropy_losses(outputs, targets):
     """``-log softmax(outputs)[targets]`` per position, shape ``(n, S)`` (positions as in
-    :func:`class_positions`); targets equal to -100 (PyTorch's and Hugging Face's
+    `class_positions`); targets equal to -100 (PyTorch's and Hugging Face's
     ``ignore_index``) give 0."""
     fp = class_positions(outputs)
     n, S, C = fp.shape
@@ -501,7 +501,7 @@ def empirical_function(function, loss_function=None, positions="sum", target_key
     so that ``J_gᵀ J_g = ∇θℓ_i ∇θℓ_iᵀ``, the empirical Fisher's term of example ``i``.
 
     ``loss_function(outputs, *targets) -> (n,)`` (or ``(n, ...)``, reduced over positions by
-    ``positions``); default :func:`cross_entropy_losses`. ``targets``: see :func:`targets_of`."""
+    ``positions``); default `cross_entropy_losses`. ``targets``: see `targets_of`."""
     check_positions(positions)
     loss = _loss_or_default(loss_function)
 
@@ -523,7 +523,7 @@ def output_hessians(loss_function, outputs, targets, positions="sum"):
     """``(n, D, D)``: ``H_i = ∇²_f ℓ_i``, the Hessian of example ``i``'s loss w.r.t. its own
     outputs (flattened, ``D`` entries), by ``torch.func.hessian`` vmapped over the examples
     (a loss that ``vmap`` cannot batch is run example by example). The loss is
-    ``loss_function(f_i[None], *targets_i[None])`` reduced as :func:`per_example_losses`."""
+    ``loss_function(f_i[None], *targets_i[None])`` reduced as `per_example_losses`."""
     n = outputs.shape[0]
     f = outputs.detach()
     shape = f.shape[1:]
@@ -559,7 +559,7 @@ def output_hessians(loss_function, outputs, targets, positions="sum"):
 
 
 def _output_hessians_autograd(loss_function, f, targets, positions):
-    """:func:`output_hessians` by plain autograd (5-50x faster than ``torch.func`` on small
+    """`output_hessians` by plain autograd (5-50x faster than ``torch.func`` on small
     outputs): the per-example losses depend on their own outputs only, so the gradient of
     their sum w.r.t. ``f`` holds every example's gradient, and one backward per output
     coordinate (batched) gives row ``d`` of every ``H_i``. None when the loss does not
@@ -630,8 +630,8 @@ class _KnownLoss:
     ``kind``:
 
     * ``'softmax'``: cross-entropy on logits, ``H = diag(p) - p pᵀ`` per position
-      (``p = softmax``), square root :func:`multinomial_covariance_sqrt` (``C - 1`` columns).
-      ``classes``: ``'last'`` (the library's convention, :func:`class_positions`: ``(n, C)``,
+      (``p = softmax``), square root `multinomial_covariance_sqrt` (``C - 1`` columns).
+      ``classes``: ``'last'`` (the library's convention, `class_positions`: ``(n, C)``,
       ``(n, T, C)``, ``(n, C, H, W)``) or ``1`` (``torch.nn.CrossEntropyLoss``: classes along
       dimension 1 for every shape). Positions whose target is ``ignore_index`` have ``H = 0``.
       Label smoothing ``ε`` leaves ``H`` unchanged (the smoothed targets sum to one).
@@ -667,7 +667,7 @@ def _ce_string_losses(out, y):
 
 
 def known_loss(loss_function):
-    """The :class:`_KnownLoss` behind ``loss_function`` (a name of :data:`LOSS_NAMES` or a
+    """The `_KnownLoss` behind ``loss_function`` (a name of `LOSS_NAMES` or a
     ``torch.nn`` loss module of an exact known type), or None for any other callable (the GGN
     then uses the generic output Hessians).
 
@@ -784,7 +784,7 @@ def _closed_form_ggn(known, out, targets, positions):
 def ggn_function(function, loss_function, positions="sum", target_key="labels"):
     """``g(*batch)`` of shape ``(n, D)`` (``D`` outputs per example) with
     ``J_gᵀ J_g = J_fᵀ H J_f``, ``H = ∇²_f ℓ`` the per-example loss's Hessian in output space:
-    ``g = S_iᵀ f_i`` with ``S_i S_iᵀ = H_i`` (:func:`psd_sqrt` of :func:`output_hessians`),
+    ``g = S_iᵀ f_i`` with ``S_i S_iᵀ = H_i`` (`psd_sqrt` of `output_hessians`),
     ``S_i`` a constant of the backward pass."""
     check_positions(positions)
     known = known_loss(loss_function) if isinstance(loss_function, (str, torch.nn.Module)) \

@@ -146,7 +146,7 @@ _DEFERRED = threading.local()
 
 @contextlib.contextmanager
 def deferred_finite_checks():
-    """Within the block, :func:`check_finite` on a tensor that is not on the CPU records a
+    """Within the block, `check_finite` on a tensor that is not on the CPU records a
     device-side flag instead of reading the answer at once: reading it is a host
     synchronisation, which once per batch stalls a GPU's queue. On leaving the block normally
     the flags are read together (one synchronisation per pass) and the first failure raises
@@ -166,7 +166,7 @@ def deferred_finite_checks():
 
 def check_finite(t, message):
     """``ValueError(message)`` if the floating-point tensor ``t`` holds a NaN or an Inf; on an
-    accelerator inside :func:`deferred_finite_checks`, when the block ends."""
+    accelerator inside `deferred_finite_checks`, when the block ends."""
     pending = getattr(_DEFERRED, "pending", None)
     if pending is not None and t.device.type != "cpu":
         if t.numel():
@@ -178,7 +178,7 @@ def check_finite(t, message):
 
 def prepare_batch(batch, device, dtype=None):
     """Move the batch to ``device`` (and its floating-point tensors to ``dtype``, see
-    :func:`to_device`) and refuse NaN or Inf in its floating-point tensors (they would otherwise
+    `to_device`) and refuse NaN or Inf in its floating-point tensors (they would otherwise
     give NaN statistics, or none of the error, e.g. behind a saturating tanh)."""
     batch = to_device(batch, device, dtype)
     for t in _float_tensors(batch):

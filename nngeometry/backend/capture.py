@@ -5,12 +5,12 @@ Running the engine on that batch costs one more forward and backward pass. The s
 need the inputs of each layer (the forward pass of the training step has them) and the
 gradients of the *curvature's* output directions w.r.t. each layer's output (for the Monte-Carlo
 Fisher, ``∇_s log p(ŷ|x)`` with ``ŷ`` sampled from the model: not the gradients of the training
-loss). :class:`StepCapture` records the layers' calls during the user's forward pass and, when
+loss). `StepCapture` records the layers' calls during the user's forward pass and, when
 the user's ``loss.backward()`` reaches the model's output, runs the curvature's backward pass
 from there (re-entrantly, while the forward graph is still alive) down to the layers' outputs
 only. The training step then costs one extra partial backward pass, and no forward pass.
 
-The recorded batch is then replayed into any representation by :class:`ReplayBackend`, a
+The recorded batch is then replayed into any representation by `ReplayBackend`, a
 generator whose passes feed the recorded statistics to the representation's accumulators
 instead of running the model: ``PMatKFAC(generator=ReplayBackend(capture), examples=...)``
 equals ``FIM_MonteCarlo(model, batch, PMatKFAC)`` with the same draws.
@@ -33,7 +33,7 @@ class StepCapture:
     hooks the collection's modules and the model's output. Every forward pass of ``model`` with
     gradients enabled inside the block starts a new record (passes without gradients, e.g. an
     evaluation, are ignored); when the backward pass of a loss reaches the model's output, the
-    output transform of ``generator.function`` (an :class:`~nngeometry.variants.OutputTransform`
+    output transform of ``generator.function`` (an `OutputTransform`
     that does not read the batch: closed-form or unseeded Monte-Carlo Fisher) is applied to the
     recorded output and its directions are back-propagated to the layers' outputs, keeping the
     forward graph for the user's own backward pass. ``ready`` says whether a record is complete.
@@ -152,7 +152,7 @@ class _Record:
         self.outputs = None
 
     def contexts(self, layer_collection):
-        """The :class:`BatchContext` of each chunk, as the engine's pass would give them."""
+        """The `BatchContext` of each chunk, as the engine's pass would give them."""
         layer_calls = [c for store in self.calls.values() for c in store]
         for k0, k1, grads in self.chunks:
             i = 0
@@ -164,7 +164,7 @@ class _Record:
 
 
 class ReplayBackend(TorchHooksJacobianBackend):
-    """A generator whose passes replay one recorded training step (:class:`StepCapture`)
+    """A generator whose passes replay one recorded training step (`StepCapture`)
     instead of running the model: the representations built from it hold the curvature of the
     recorded batch. Only statistics accumulated in one pass are available (not implicit
     products, and not centering)."""

@@ -1,9 +1,9 @@
 """What one mini-batch gives to the consumers of the Jacobian generator.
 
 For every layer of the collection and every call of its module during the forward pass, a
-:class:`Call` records the module's input ``x`` and, after the batched backward pass, ``gy``: the
+`Call` records the module's input ``x`` and, after the batched backward pass, ``gy``: the
 gradients of ``K`` output directions w.r.t. the module's output, shape ``(K, n, *out_shape)``.
-:class:`BatchContext` turns those into the statistics that representations need, with caching,
+`BatchContext` turns those into the statistics that representations need, with caching,
 so that two consumers asking for the same per-example gradients share the work.
 """
 import weakref
@@ -17,7 +17,7 @@ _USES_VERIFIED = weakref.WeakKeyDictionary()
 
 
 def _function_key(function):
-    """What identifies the computation of ``function`` for :func:`check_parameter_uses`: the
+    """What identifies the computation of ``function`` for `check_parameter_uses`: the
     user's function under any output transform (a variant changes the outputs' directions, not
     which parameters the forward uses); the default ``model(inputs)`` is one key per model; a
     user function is its code and the identities of what its closure holds (a lambda written
@@ -82,7 +82,7 @@ class Call:
     """One call of a module: its inputs, what the backward pass differentiates to and, once it
     has run, ``gy`` (the gradients w.r.t. the module's output).
 
-    ``targets[0]`` is the module's output as a :class:`GradTarget`, not the output tensor:
+    ``targets[0]`` is the module's output as a `GradTarget`, not the output tensor:
     holding the tensor kept e.g. every convolution's output alive through the backward pass
     (6 MiB for W2 in a build whose other transients are 16), and an in-place op applied to the
     output afterwards (``ReLU(inplace=True)``) made the tensor stand for that op's result, so
@@ -235,14 +235,14 @@ class BatchContext:
         of output directions (it depends on the inputs only).
 
         With ``lazy=True`` each factor is a list of pieces, dense tensors or
-        :class:`~nngeometry.maths.gram.GramRows` (left for the consumer to accumulate with
+        `GramRows` (left for the consumer to accumulate with
         symmetric, batched GEMMs); otherwise dense tensors (or 1-D for diagonal factors).
         """
         blocks, multi = self.kfac_factor_blocks(layer_id, approx=approx, lazy=lazy)
         return blocks if multi else blocks[0]
 
     def kfac_factor_blocks(self, layer_id, approx="expand", lazy=False):
-        """``(blocks, multi)``: ``blocks`` the list of ``(A, G)`` (as :meth:`kfac_factors`) of
+        """``(blocks, multi)``: ``blocks`` the list of ``(A, G)`` (as `kfac_factors`) of
         each Kronecker block of the layer (one for most layer types), ``multi`` whether the
         layer type returned several blocks (see ``AbstractLayer.kfac_factors``)."""
         from ..layer_types.base import is_multiblock, kfac_block_list
@@ -299,7 +299,7 @@ class BatchContext:
         return (g * g).sum(dim=(0, 1))
 
     def kfe_diag_blocks(self, layer_id, bases):
-        """:meth:`kfe_diag` for a multi-block layer: ``bases`` ``[(U_A_b, U_G_b), ...]`` in the
+        """`kfe_diag` for a multi-block layer: ``bases`` ``[(U_A_b, U_G_b), ...]`` in the
         layer's Kronecker layout order; returns the list of ``(dG_b, dA_b)`` sums."""
         from ..layer_types.base import project_blocks_to_kfe
 
@@ -330,7 +330,7 @@ class ParameterUseError(RuntimeError):
 
 def check_parameter_uses(out, layer_collection, modules, calls):
     """Check, on one batch, that the per-layer hooks see every use of the collection's
-    parameters; raise :class:`ParameterUseError` naming the layers where they do not.
+    parameters; raise `ParameterUseError` naming the layers where they do not.
 
     With ``u`` a fixed pseudo-random cotangent of the outputs ``out`` (``(n, K)``) and ``gy_c``
     the resulting gradient w.r.t. the output of each recorded call ``c`` of a layer's module,

@@ -39,13 +39,13 @@ def hvp(func, primals, tangents):
 
 
 def batched_hvp(func, primals, batched_tangents):
-    """:func:`hvp` for ``m`` tangents at once: every leaf of ``batched_tangents`` has a leading
+    """`hvp` for ``m`` tangents at once: every leaf of ``batched_tangents`` has a leading
     axis of size ``m`` (vmapped, no Python loop); the result has the same leading axis."""
     return torch.func.vmap(lambda t: hvp(func, primals, t))(batched_tangents)
 
 
 def summed_cross_entropy(outputs, *batch):
-    """The default loss of :class:`HessianBackend`: ``Σ_i -log softmax(outputs_i)[y_i]`` over
+    """The default loss of `HessianBackend`: ``Σ_i -log softmax(outputs_i)[y_i]`` over
     the examples of a batch ``(inputs, targets, ...)``, summed (``reduction='sum'``) so that the
     Hessian summed over batches is the Hessian of the total loss over the data set.
 
@@ -81,7 +81,7 @@ class HessianBackend:
     Args:
         model: the ``torch.nn.Module``.
         loss_function: ``loss_function(outputs, *batch) -> scalar``, the loss of one batch
-            (``outputs = function(*batch)``). Default :func:`summed_cross_entropy`: the
+            (``outputs = function(*batch)``). Default `summed_cross_entropy`: the
             cross-entropy of ``outputs`` against ``batch[1]`` summed over the batch, so that
             ``H`` is the Hessian of the total (not mean) loss. With a mean-reduced loss, ``H``
             is the sum over batches of the per-batch mean Hessians.
@@ -92,7 +92,7 @@ class HessianBackend:
             the dense matrix, the layer blocks or the diagonal (memory ≈ that many copies of a
             batch's activations; time is unchanged).
         distributed: data parallelism over ``torch.distributed`` (see
-            :class:`~nngeometry.backend.TorchHooksJacobianBackend`): each rank passes its shard
+            [`TorchHooksJacobianBackend`][nngeometry.backend.TorchHooksJacobianBackend]): each rank passes its shard
             and every result is the Hessian of the loss summed over all the ranks' batches
             (one all_reduce per result).
         process_group: the group to reduce over (default: the world).

@@ -7,13 +7,13 @@ Jacobians ``J(x) = ∂f(x)/∂θ`` (``K × P``). Representations are built from
     M = (1/n) Σ_x J(x)ᵀ J(x)        (n: number of examples seen),
 
 so a Fisher matrix is obtained by choosing ``f`` such that ``J(x)ᵀ J(x)`` is the example's
-Fisher (see :mod:`nngeometry.metrics`).
+Fisher (see `nngeometry.metrics`).
 
 How: one forward pass per batch with hooks that record each layer's inputs and outputs, then a
 single *batched* backward pass (``is_grads_batched``) from the ``K`` unit cotangents to the
 layers' outputs: no parameter gradient is formed by autograd, and no Python loop over examples
 or outputs. Each layer type turns ``(input, output gradient)`` into what is asked (per-example
-gradients, diagonals, KFAC factors) in :mod:`nngeometry.layer_types`.
+gradients, diagonals, KFAC factors) in `nngeometry.layer_types`.
 """
 import contextlib
 import functools
@@ -113,7 +113,7 @@ class TorchHooksJacobianBackend:
             When on, each rank passes its own shard of the examples and every statistic and
             implicit product is that of all the ranks' examples (sums reduced once per
             statistic, per-example rows gathered in rank order; see
-            :mod:`nngeometry.backend.distributed`); every rank must make the same calls.
+            `nngeometry.backend.distributed`); every rank must make the same calls.
         process_group: the group to reduce over (default: the world).
 
     A model wrapped in ``DistributedDataParallel`` (or ``DataParallel``) is unwrapped: the
@@ -268,7 +268,7 @@ class TorchHooksJacobianBackend:
     def get_gram_matrix(self, examples=None, layer_collection=None):
         """``(n_output, n, n_output, n)``: ``G[k,i,l,j] = <J_k(x_i), J_l(x_j)>`` (not normalized).
         Its ``(K n)²`` entries are checked against the memory available before the product
-        (``MemoryError``), as the Jacobian's ``K n P`` are (:func:`consumers.check_fits`)."""
+        (``MemoryError``), as the Jacobian's ``K n P`` are (`consumers.check_fits`)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
         J = self.get_jacobian(examples, layer_collection)
         K, n, P = J.shape
@@ -284,15 +284,15 @@ class TorchHooksJacobianBackend:
 
         The consumer has ``update(ctx: BatchContext)`` and ``finalize(n_examples)``; it is
         returned after ``finalize`` (with ``finalize=False``: with its sums and ``count``, to be
-        merged or averaged, see :class:`~nngeometry.backend.consumers.Consumer`).
+        merged or averaged, see `Consumer`).
         ``chunk_bytes``: the memory for the output gradients of one chunk of output directions
         (default: see ``_chunk_size``; never more than ``max_chunk_bytes``).
 
         Under data parallelism (see ``distributed``) the consumer's sums are reduced over the
-        ranks after the pass (one collective, :meth:`Consumer.all_reduce` /
-        :meth:`Consumer.all_gather`) and normalised by the global example count; a rank whose
+        ranks after the pass (one collective, `Consumer.all_reduce` /
+        `Consumer.all_gather`) and normalised by the global example count; a rank whose
         shard is empty takes part with zeros. The consumer must then follow the protocol of
-        :class:`~nngeometry.backend.consumers.Consumer`.
+        `Consumer`.
         """
         group = self._group()
         if group is not None and getattr(consumer, "_reduced", False):
@@ -427,7 +427,7 @@ class TorchHooksJacobianBackend:
     def implicit_JTv(self, w, examples=None, layer_collection=None):
         """``(P,)``: ``Σ_i J(x_i)ᵀ w[:, i]`` for ``w`` of shape ``(n_output, n)``. Under data
         parallelism ``n`` is the number of examples of all the ranks, in rank order (the order
-        of :meth:`implicit_Jv`); each rank uses its own columns."""
+        of [`implicit_Jv`][nngeometry.backend.TorchHooksJacobianBackend.implicit_Jv]); each rank uses its own columns."""
         examples, lc = self._resolve(examples, layer_collection)
         group = self._group()
         out = self._JTv(w, examples, lc) if group is None else \
@@ -498,7 +498,7 @@ class TorchHooksJacobianBackend:
                                           _MeanJacobian(layer_collection)).result
 
     def accumulate_uncentered(self, examples, layer_collection, consumer):
-        """:meth:`accumulate` without centering, whatever ``self.centering`` is."""
+        """[`accumulate`][nngeometry.backend.TorchHooksJacobianBackend.accumulate] without centering, whatever ``self.centering`` is."""
         saved, self.centering = self.centering, False
         try:
             return self.accumulate(examples, layer_collection, consumer)
@@ -636,7 +636,7 @@ class TorchHooksJacobianBackend:
     # ================================================================== internals
     def _batches(self, examples):
         """The batches of ``examples`` as tuples, on the model's device, floating-point tensors
-        in the model's dtype (see :func:`~nngeometry.backend.batches.to_device`). First refuses
+        in the model's dtype (see `to_device`). First refuses
         random modules (``check_deterministic``)."""
         if self.check_deterministic:
             refuse_random_modules(self.model)
@@ -704,7 +704,7 @@ class TorchHooksJacobianBackend:
     def _hooks(self, layer_collection, modules):
         """``{layer_id: [Call, ...]}``, filled by the forward passes run inside the block: the
         hooks that record each call of the collection's modules (and of modules tied to them).
-        Nothing else about the model is changed (see :mod:`.capture`, which records a user's
+        Nothing else about the model is changed (see `capture`, which records a user's
         own training step with them)."""
         calls = {lid: [] for lid in modules}
         handles, recorders = [], []
@@ -792,7 +792,7 @@ class TorchHooksJacobianBackend:
         """``(model_outputs, out, columns)``: what the model part of ``function`` returns (for
         the determinism probe), the outputs to differentiate, flattened to ``(n, n_output)``,
         and ``columns(k0, k1)``, the graph of ``out[:, k0:k1]`` alone (or None). For a
-        likelihood's transform (``OutputTransform``, see :mod:`nngeometry.variants`) the model
+        likelihood's transform (``OutputTransform``, see `nngeometry.variants`) the model
         part is its ``function``; otherwise the whole ``function``."""
         fn = self.function
         if hasattr(fn, "model_outputs") and hasattr(fn, "split"):
@@ -926,7 +926,7 @@ class TorchHooksJacobianBackend:
                     columns=False):
         """Output directions per backward pass: their gradients w.r.t. all the layers' outputs
         (held together until the consumer is done with the chunk) fit in ``max_chunk_bytes``
-        and in the larger of :data:`DIRECTION_CHUNK_BYTES` and one direction's per-example
+        and in the larger of `DIRECTION_CHUNK_BYTES` and one direction's per-example
         Jacobian of the whole model for the batch (``n P`` numbers). Where the layers' outputs
         are small next to the parameters (MLPs, transformers) that is every direction at once;
         for a CNN, whose activations outweigh its parameters, all ``K`` directions' gradients
@@ -1039,7 +1039,7 @@ class TorchHooksJacobianBackend:
 
     def _functional_batch_fns(self, examples, fn, needs_batch, group, counts, device, params,
                               constant):
-        """The loop of :meth:`_functional_batches` (inside its model state and checks)."""
+        """The loop of `_functional_batches` (inside its model state and checks)."""
         for index, batch in enumerate(self._batches(examples)):
             batch = prepare_batch(batch, device)
             # read outside the torch.func transforms (a seed's key hashes the batch's bytes)
@@ -1082,7 +1082,7 @@ class _InstanceForward:
     call's recorder (``active[-1]``, pushed by the pre-hook; see
     ``AbstractLayer.internal_recorder``) when it has one. Set on the module *instance* (its
     ``__dict__``), never on the class or on a function of torch, so that other modules, other
-    models and other threads are not affected; :meth:`remove` puts back what was there."""
+    models and other threads are not affected; `remove` puts back what was there."""
 
     def __init__(self, module, active):
         self.module = module
@@ -1156,7 +1156,7 @@ def _flat(v):
 
 
 class _MeanJacobian(C.Consumer):
-    """Consumer of :meth:`TorchHooksJacobianBackend.accumulate`: ``(1/n) Σ_x J(x)``, shape
+    """Consumer of [`TorchHooksJacobianBackend.accumulate`][nngeometry.backend.TorchHooksJacobianBackend.accumulate]: ``(1/n) Σ_x J(x)``, shape
     ``(n_output, P)`` in the collection's layout. State: ``_sum``."""
 
     state_attrs = ("_sum",)

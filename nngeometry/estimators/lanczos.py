@@ -26,7 +26,7 @@ from .trace import _generator
 
 @dataclass
 class Eigenpairs:
-    """Eigenpairs from :func:`top_eigenpairs`.
+    """Eigenpairs from [`top_eigenpairs`][nngeometry.estimators.top_eigenpairs].
 
     Attributes:
         eigenvalues: ``(k,)`` tensor (``'largest'``: decreasing; ``'smallest'``: increasing;
@@ -104,7 +104,7 @@ def top_eigenpairs(M, k, which="largest", tol=None, max_iter=None, block_size=No
         generator: ``torch.Generator`` or int seed of the random start block.
         batch_size: at most this many vectors per product call.
 
-    Returns an :class:`Eigenpairs`. Cost: ``b`` products per iteration, memory ``2 × (basis
+    Returns an `Eigenpairs`. Cost: ``b`` products per iteration, memory ``2 × (basis
     size) × P``.
     """
     op = Operator(M, batch_size=batch_size)

@@ -100,7 +100,7 @@ def spectral_density(M, n_lanczos=64, n_repeats=4, n_points=1024, kappa=3.0, mar
         generator: ``torch.Generator`` or int seed of the start vectors.
         batch_size: at most this many vectors per product call.
 
-    Returns a :class:`SpectralDensity` (``grid``, ``density``, the nodes and weights).
+    Returns a `SpectralDensity` (``grid``, ``density``, the nodes and weights).
     """
     op, nodes, weights = _run(M, n_lanczos, n_repeats, generator, batch_size)
     grid, density, sigma = _smooth(nodes, weights, n_points, kappa, margin)
@@ -113,7 +113,7 @@ def log_spectral_density(M, n_lanczos=64, n_repeats=4, n_points=1024, kappa=3.0,
     """The smoothed density of ``log(|λ| + ε)`` over the eigenvalues ``λ`` of ``M``, by the
     same quadrature (module docstring): for spectra spanning orders of magnitude.
 
-    Args: as :func:`spectral_density`; ``epsilon``: the ``ε`` (default ``1e-5 · max|θ|``: the
+    Args: as [`spectral_density`][nngeometry.estimators.spectral_density]; ``epsilon``: the ``ε`` (default ``1e-5 · max|θ|``: the
     eigenvalues below it pile up at ``log ε``).
     """
     op, nodes, weights = _run(M, n_lanczos, n_repeats, generator, batch_size)
@@ -128,7 +128,7 @@ def log_spectral_density(M, n_lanczos=64, n_repeats=4, n_points=1024, kappa=3.0,
 
 
 def plot_spectrum(density, ax=None, log_scale_y=True, **plot_kwargs):
-    """Plot a :class:`SpectralDensity` with matplotlib (optional dependency) on ``ax`` (default
+    """Plot a `SpectralDensity` with matplotlib (optional dependency) on ``ax`` (default
     the current axes); the y axis in log scale by default (densities span orders of magnitude).
     Returns the axes."""
     try:

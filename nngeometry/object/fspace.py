@@ -105,7 +105,7 @@ class FMatDense(FMatAbstract):
                                       "use 'eigh' or 'svd'")
 
     def get_eigendecomposition(self):
-        """``(evals, evecs)`` from :meth:`compute_eigendecomposition` (computed with 'eigh' if
+        """``(evals, evecs)`` from `compute_eigendecomposition` (computed with 'eigh' if
         it was not called yet)."""
         if getattr(self, "evecs", None) is None:
             self.compute_eigendecomposition()
@@ -118,7 +118,7 @@ class FMatDense(FMatAbstract):
 
     def project_from_diag(self, v):
         """The FVector ``evecs v`` of shape ``(K, n)`` whose eigenbasis coordinates are the
-        tensor ``v`` of shape ``(K n,)`` (inverse of :meth:`project_to_diag`)."""
+        tensor ``v`` of shape ``(K n,)`` (inverse of `project_to_diag`)."""
         _, evecs = self.get_eigendecomposition()
         K, n = self.data.shape[:2]
         return FVector((evecs @ v).reshape(K, n))

@@ -113,7 +113,7 @@ class PFMapDense(PFMap):
     @staticmethod
     def from_dict(layer_collection=None, generator=None, data_dict=None):
         """The PFMapDense whose per-layer blocks are ``data_dict[layer_id] = (weight, [bias])``,
-        each of shape ``(K, n, *param_shape)`` (the inverse of :meth:`to_torch_layer`)."""
+        each of shape ``(K, n, *param_shape)`` (the inverse of `to_torch_layer`)."""
         layer_collection = resolve_layer_collection(layer_collection, generator, "PFMapDense.from_dict")
         if data_dict is None:
             raise ValueError("PFMapDense.from_dict needs data_dict={layer_id: (weight, [bias])}")

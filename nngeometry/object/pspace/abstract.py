@@ -2,7 +2,7 @@
 written once for the representations that are containers of blocks.
 
 A container (PMatDense, PMatDiag, PMatBlockDiag, PMatEye, ...) says what its blocks are
-(``_blocks()``: one :mod:`~.blocks` block per layer, or one for the whole matrix) and how a flat
+(``_blocks()``: one `blocks` block per layer, or one for the whole matrix) and how a flat
 ``(..., P)`` tensor splits into the blocks' layouts (``_split`` / ``_join``; by default the
 layers' slices, or the whole vector for a single block). Every operation below (``mv``, ``vTMv``,
 ``mmap``, ``mapTMmap``, ``solve``, ``inverse``, ``pow``, ``logdet``, ``get_diag``, ``trace``,
@@ -141,7 +141,7 @@ class PMatAbstract:
         return cached[2]
 
     def _join(self, parts):
-        """The inverse of :meth:`_split`: one ``(..., P)`` tensor."""
+        """The inverse of `_split`: one ``(..., P)`` tensor."""
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def _from_blocks(self, blocks):
@@ -259,7 +259,7 @@ class PMatAbstract:
                            zip(blocks, self._split(X), dampings)])
 
     def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
-        """``(M + Λ)⁻¹ x`` block by block, exact (``regul``: see :mod:`._prior`)."""
+        """``(M + Λ)⁻¹ x`` block by block, exact (``regul``: see `_prior`)."""
         self._blocks_or_unsupported("solvePVec")
         self._check_pvector(x)
         _check_default_solve(self, solve)
@@ -319,7 +319,7 @@ class PMatAbstract:
         return self._join([b.matpower(-1.0, d, who).diag() for b, d in zip(blocks, dampings)])
 
     def sqrt(self, regul=0.0, **kwargs):
-        """``(M + Λ)^{1/2}``: :meth:`pow` with ``x = 1/2`` (same ``regul`` kinds, same damping
+        """``(M + Λ)^{1/2}``: [`pow`][nngeometry.object.pspace.abstract.PMatAbstract.pow] with ``x = 1/2`` (same ``regul`` kinds, same damping
         rule and keywords; a matrix that is not positive semi-definite after damping raises the
         shared ``NotPositiveSemiDefiniteError``)."""
         return self.pow(0.5, regul=regul, **kwargs)

@@ -1,5 +1,5 @@
 """``PMatEye``: a scaled identity ``s·I`` (e.g. an isotropic prior precision); a container of
-one :class:`~.blocks.ScaledIdentityBlock`."""
+one `ScaledIdentityBlock`."""
 import torch
 
 from .abstract import PMatAbstract, resolve_layer_collection

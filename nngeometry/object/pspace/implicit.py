@@ -271,7 +271,7 @@ class PMatImplicit(PMatAbstract):
 
     def solvePFMap(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None, damping="exact"):
         """``(M + regul·I)⁻¹`` applied to every row of the PFMap, by batched CG (see
-        :meth:`solvePVec` for ``tol``, ``max_iter`` and the preconditioner ``M``)."""
+        [`solvePVec`][nngeometry.object.pspace.abstract.PMatAbstract.solvePVec] for ``tol``, ``max_iter`` and the preconditioner ``M``)."""
         self._check_damping(damping, "solve")
         self._check_pfmap(x)
         _check_solve(solve)
@@ -330,7 +330,7 @@ class PMatImplicit(PMatAbstract):
         self._needs_matrix("mm", "chain mv calls, or use PMatDense")
 
     def __add__(self, other):
-        """``M + s·I`` (a :class:`PMatEye`) or ``M + diag(d)`` (a :class:`PMatDiag`): still
+        """``M + s·I`` (a `PMatEye`) or ``M + diag(d)`` (a `PMatDiag`): still
         implicit, every product adds the diagonal (nothing more is stored than the diagonal
         itself); sums with other matrices need their entries."""
         from .diag import PMatDiag
@@ -370,7 +370,7 @@ def _mat_vec(v, product):
 
 class _MatVec(torch.autograd.Function):
     """Links ``value = M v`` to ``v``: the vector-Jacobian product of the linear map ``v -> M v``
-    is ``g -> Mᵀ g = M g``, one more product (through :func:`_mat_vec` again: products of any
+    is ``g -> Mᵀ g = M g``, one more product (through `_mat_vec` again: products of any
     order). The products are computed outside ``forward``, where forward-mode AD, which they
     use, is off."""
 

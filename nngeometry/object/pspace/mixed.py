@@ -324,7 +324,7 @@ class PMatMixed(PMatAbstract):
                           for g, m in self.data.items()})
 
     def logdet(self, regul=0.0, **kwargs):
-        """``Σ_g log det(M_g + Λ_g)`` (``damping=``: see :meth:`_accepted`)."""
+        """``Σ_g log det(M_g + Λ_g)`` (``damping=``: see `_accepted`)."""
         reguls = self._part_reguls(regul, "logdet")
         return sum(m.logdet(regul=reguls[g], **self._accepted(m.logdet, kwargs))
                    for g, m in self.data.items())
@@ -373,7 +373,7 @@ class PMatMixed(PMatAbstract):
         return torch.sqrt(sum(m.frobenius_norm() ** 2 for m in self.data.values()))
 
     def norm(self, ord=None):
-        """As :meth:`PMatAbstract.norm`; the spectrum is the union of the groups' spectra, so
+        """As [`PMatAbstract.norm`][nngeometry.object.pspace.abstract.PMatAbstract.norm]; the spectrum is the union of the groups' spectra, so
         ``ord=2`` is the largest group norm and ``ord=-2`` the smallest."""
         if ord in (2, -2):
             norms = torch.stack([torch.as_tensor(m.norm(ord)) for m in self.data.values()])
@@ -405,7 +405,7 @@ class PMatMixed(PMatAbstract):
 
     def __add__(self, other):
         """Group-wise sums with another PMatMixed grouped the same way; ``M + s·I`` (a
-        :class:`PMatEye`) adds ``s·I`` to every group (each group's own ``+ PMatEye``: a KFAC
+        `PMatEye`) adds ``s·I`` to every group (each group's own ``+ PMatEye``: a KFAC
         group becomes a PMatEKFAC)."""
         from .eye import PMatEye
 
