@@ -98,7 +98,8 @@ class ActivationHessian:
         io: ``'output'`` (default) or ``'input'`` (the module's first positional input).
         function: ``function(*batch) -> outputs``; default ``model(batch[0])`` /
             ``model(**inputs)``.
-        positions, target_key: as for [`nngeometry.EmpiricalFisher`][nngeometry.EmpiricalFisher].
+        positions: as for [`nngeometry.EmpiricalFisher`][nngeometry.EmpiricalFisher].
+        target_key: as for [`nngeometry.EmpiricalFisher`][nngeometry.EmpiricalFisher].
     """
 
     def __init__(self, model, batch, layer_name, loss_function=None, io="output", function=None,

@@ -1,9 +1,11 @@
 """The Laplace approximation of a trained network's posterior, over any representation.
 
 With ``θ*`` the trained parameters (the MAP under a Gaussian prior ``N(0, Λ⁻¹)``), the posterior
-is approximated by ``N(θ*, H⁻¹)`` with the generalized Gauss-Newton posterior precision::
+is approximated by ``N(θ*, H⁻¹)`` with the generalized Gauss-Newton posterior precision:
 
-    H = (1/T) Σ_i J_iᵀ Λ_i J_i + Λ = (n/T) · GGN + Λ
+```
+H = (1/T) Σ_i J_iᵀ Λ_i J_i + Λ = (n/T) · GGN + Λ
+```
 
 where ``Λ_i`` is the Hessian of the negative log-likelihood in the outputs (``diag(p) − ppᵀ``
 for classification with softmax logits, ``I/σ²`` for Gaussian regression with noise ``σ``),
@@ -11,14 +13,16 @@ for classification with softmax logits, ``I/σ²`` for Gaussian regression with 
 likelihoods) in the chosen representation, and ``T`` the temperature. ``Λ`` (the prior
 precision) is a scalar, a dict ``{layer_id: scalar}`` or a per-parameter ``PVector``.
 
-* **Log marginal likelihood** (evidence)::
+* **Log marginal likelihood** (evidence):
 
+  ```
       log p(D) ≈ log p(D | θ*) − ½ θ*ᵀ Λ θ* − ½ (log det H − log det Λ)
 
   with ``log p(D | θ*)`` the summed log-likelihood at ``θ*`` (``−Σ CE`` for classification;
   ``−Σ ||f − y||² / (2σ²) − (n K / 2) log(2π σ²)`` for regression), divided by ``T``. It is
   differentiable w.r.t. a prior precision (and ``σ``) given as tensors that require grad, which
   [`Laplace.optimize_prior_precision`][nngeometry.laplace.Laplace.optimize_prior_precision] uses.
+  ```
 * **GLM predictive**: ``f(x*) ~ N(f(x*; θ*), J* H⁻¹ J*ᵀ)``, with ``J*`` the Jacobian at the
   test inputs; for classification the class probabilities by the probit approximation
   ``softmax(f / sqrt(1 + π/8 · diag Σ))`` or by Monte-Carlo samples of ``f``.

@@ -1,22 +1,26 @@
 """Natural-gradient preconditioning for any ``torch.optim`` optimizer.
 
 [`NaturalGradient`][nngeometry.optim.NaturalGradient] replaces the gradients of a model, in place, by the damped
-natural-gradient direction::
+natural-gradient direction:
 
-    g ← (F̄ + λ I)⁻¹ g
+```
+g ← (F̄ + λ I)⁻¹ g
+```
 
 with ``F̄`` a running average of the curvature (Fisher, Monte-Carlo Fisher, or any curvature a
 callable returns) in the representation you choose, then lets the optimizer (SGD, with or
 without momentum, is the usual choice) take its step. The pattern of K-FAC optimizers (Martens &
-Grosse 2015; Ba et al. 2017)::
+Grosse 2015; Ba et al. 2017):
 
-    precond = NaturalGradient(model, PMatKFAC, damping=1e-3, update_freq=10, inv_freq=10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for x, y in loader:
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        precond.step((x, y))          # curvature refreshed on this batch when due; grads replaced
-        opt.step()
+```
+precond = NaturalGradient(model, PMatKFAC, damping=1e-3, update_freq=10, inv_freq=10)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for x, y in loader:
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    precond.step((x, y))          # curvature refreshed on this batch when due; grads replaced
+    opt.step()
+```
 
 * **Curvature.** Every ``update_freq`` steps a new estimate ``F_t`` is computed on the step's
   batch and averaged, ``F̄ ← β F̄ + (1 − β) F_t`` (``β = ema_decay``; the first estimate is taken
