@@ -23,7 +23,8 @@ PUBLIC_MODULES = [
     "nngeometry.object.pspace", "nngeometry.object.vector", "nngeometry.object.map",
     "nngeometry.object.fspace", "nngeometry.backend", "nngeometry.estimators",
     "nngeometry.solve", "nngeometry.spectrum", "nngeometry.optim", "nngeometry.regularization",
-    "nngeometry.laplace", "nngeometry.maths", "nngeometry.utils",
+    "nngeometry.laplace", "nngeometry.influence", "nngeometry.maths", "nngeometry.utils",
+    "nngeometry.serialization",
 ]
 
 
