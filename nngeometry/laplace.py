@@ -41,6 +41,8 @@ from .object.pspace import PMatKFAC
 from .object.vector import PVector
 
 _LIKELIHOODS = ("classification", "regression")
+_PRED_TYPES = ("glm", "nn")
+_LINKS = ("probit", "bridge", "bridge_norm", "mc")
 
 
 class Laplace:
@@ -52,7 +54,13 @@ class Laplace:
             (Gaussian with noise ``sigma_noise``).
         representation: the ``PMat*`` class of the GGN (``PMatKFAC``, ``PMatEKFAC``, ``PMatDiag``,
             ``PMatBlockDiag``, ``PMatLowRank``, ``PMatDense``).
-        prior_precision: ``Λ``: a scalar, a dict ``{layer_id: scalar}``, or a ``PVector``.
+        prior_precision: ``Λ``: a scalar, a dict ``{layer_id: scalar}`` (one per layer, weight
+            and bias together), a ``PVector`` (one per parameter), or laplace-torch's 1-D tensor:
+            of length 1 (scalar), of the number of parameter tensors (one per tensor, weight and
+            bias apart, in the layer collection's order: laplace-torch's ``layerwise``) or of
+            ``P`` (diagonal).
+        prior_mean: ``m`` of the prior ``N(m, Λ⁻¹)``: a scalar, a 1-D tensor of length ``P`` or a
+            ``PVector``; it enters the evidence's scatter ``(θ* − m)ᵀ Λ (θ* − m)``.
         sigma_noise: ``σ`` (regression).
         temperature: ``T``.
         layer_collection: the parameters treated by the approximation (default all;
@@ -68,7 +76,7 @@ class Laplace:
 
     def __init__(self, model, likelihood="classification", representation=PMatKFAC,
                  prior_precision=1.0, sigma_noise=1.0, temperature=1.0, layer_collection=None,
-                 function=None, **representation_kwargs):
+                 function=None, prior_mean=0.0, **representation_kwargs):
         if likelihood not in _LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r}: use 'classification' or 'regression'")
         if likelihood == "classification" and not _is_one(sigma_noise):
@@ -78,6 +86,7 @@ class Laplace:
         self.likelihood = likelihood
         self.representation = representation
         self.prior_precision = prior_precision
+        self.prior_mean = prior_mean
         self.sigma_noise = sigma_noise
         self.temperature = float(temperature)
         self.layer_collection = layer_collection
@@ -155,17 +164,74 @@ class Laplace:
     def posterior_precision_logdet(self, prior_precision=None, sigma_noise=None):
         """``log det H``, with ``H = s (M + Λ/s)``, ``s = n/(T σ²)``."""
         self._check_fitted()
-        prior = self.prior_precision if prior_precision is None else prior_precision
+        prior = self._prior(prior_precision)
         s = self._scale(sigma_noise)
         P = self.layer_collection.numel()
         logs = torch.log(s) if torch.is_tensor(s) else math.log(s)
         return _call_exact(self.ggn, "logdet", regul=self._damping(prior, s)) + P * logs
 
-    def log_marginal_likelihood(self, prior_precision=None, sigma_noise=None):
-        """``log p(D) ≈ log p(D|θ*) − ½ θ*ᵀΛθ* − ½ (log det H − log det Λ)``; a 0-d tensor,
-        differentiable w.r.t. ``prior_precision`` / ``sigma_noise`` given as tensors."""
+    # ------------------------------------------------------------------ the prior
+    def _tensor_sizes(self):
+        """``[(layer_id, numel)]`` of every parameter tensor, in the flat layout's order."""
+        return [(lid, spec.numel()) for lid in self.layer_collection.layer_ids()
+                for _, spec in self.layer_collection[lid].param_specs()]
+
+    def _prior(self, prior=None):
+        """The prior precision in a form the representations take: a scalar, a per-layer dict
+        or a ``PVector`` (laplace-torch's 1-D tensors are converted; gradients flow through)."""
+        prior = self.prior_precision if prior is None else prior
+        if not torch.is_tensor(prior) or prior.dim() == 0:
+            return prior
+        if prior.dim() != 1:
+            raise ValueError(f"prior_precision has shape {tuple(prior.shape)}: give a scalar, a "
+                             "1-D tensor (one value, one per parameter tensor, or one per "
+                             "parameter), a dict {layer_id: value} or a PVector")
+        lc = self.layer_collection
+        sizes = self._tensor_sizes()
+        prior = prior.to(self.theta_map.dtype)
+        if prior.numel() == 1:
+            return prior.reshape(())
+        if prior.numel() == len(sizes):
+            counts = torch.tensor([n for _, n in sizes], device=prior.device)
+            flat = torch.repeat_interleave(prior, counts)
+            if not prior.requires_grad:
+                # constant within every layer: a per-layer dict, which Kronecker forms keep
+                per_layer, ok = {}, True
+                for (lid, _), v in zip(sizes, prior.tolist()):
+                    ok = ok and per_layer.setdefault(lid, v) == v
+                if ok:
+                    return per_layer
+            return PVector(lc, vector_repr=flat)
+        if prior.numel() == lc.numel():
+            return PVector(lc, vector_repr=prior)
+        raise ValueError(f"prior_precision has {prior.numel()} values: give 1, one per parameter "
+                         f"tensor ({len(sizes)}) or one per parameter ({lc.numel()})")
+
+    def prior_precision_diag(self, prior_precision=None):
+        """The prior precision ``Λ`` as a flat tensor of length ``P`` (differentiable)."""
         self._check_fitted()
-        prior = self.prior_precision if prior_precision is None else prior_precision
+        return _prior_flat(self._prior(prior_precision), self.layer_collection,
+                           self.theta_map.get_flat_representation())
+
+    def _prior_mean_flat(self):
+        m = self.prior_mean
+        if isinstance(m, PVector):
+            m = m.get_flat_representation()
+        P = self.layer_collection.numel()
+        if torch.is_tensor(m) and m.dim() > 0 and m.numel() != 1:
+            if m.dim() != 1 or m.numel() != P:
+                raise ValueError(f"prior_mean has shape {tuple(m.shape)}: give a scalar or a "
+                                 f"1-D tensor of length P = {P}")
+            return m.to(self.theta_map.dtype)
+        return m.reshape(()) if torch.is_tensor(m) else m
+
+    # ------------------------------------------------------------------ the evidence
+    def log_marginal_likelihood(self, prior_precision=None, sigma_noise=None):
+        """``log p(D) ≈ log p(D|θ*) − ½ (θ*−m)ᵀΛ(θ*−m) − ½ (log det H − log det Λ)``; a 0-d
+        tensor, differentiable w.r.t. ``prior_precision`` / ``sigma_noise`` given as tensors
+        (``prior_precision`` in any form the constructor takes)."""
+        self._check_fitted()
+        prior = self._prior(prior_precision)
         sigma = self.sigma_noise if sigma_noise is None else sigma_noise
         if self.likelihood == "classification":
             loglik = -self.loss
@@ -176,47 +242,204 @@ class Laplace:
                 math.log(2 * math.pi * sig2)
             loglik = -self.loss / sig2 - 0.5 * self.n * K * log2pisig2
         loglik = loglik / self.temperature
-        scatter = _prior_quadratic(prior, self.theta_map)
+        delta = self.theta_map.get_flat_representation() - self._prior_mean_flat()
+        scatter = _prior_quadratic(prior, PVector(self.layer_collection, vector_repr=delta))
         logdet_prior = _prior_logdet(prior, self.layer_collection)
         logdet_post = self.posterior_precision_logdet(prior, sigma)
         return loglik - 0.5 * scatter - 0.5 * (logdet_post - logdet_prior)
 
-    def optimize_prior_precision(self, per_layer=False, n_steps=100, lr=0.1, init=None):
-        """Maximise the log marginal likelihood over the prior precision (a scalar, or one per
-        layer with ``per_layer=True``) by Adam on its logarithm; sets and returns it."""
+    def optimize_prior_precision(self, pred_type="glm", method="marglik", n_steps=100, lr=0.1,
+                                 init_prior_prec=None, prior_structure=None, val_loader=None,
+                                 loss=None, log_prior_prec_min=-4, log_prior_prec_max=4,
+                                 grid_size=100, link_approx="probit", n_samples=100,
+                                 verbose=False, progress_bar=False, log_prior_prec_base=10.0,
+                                 *, per_layer=False, init=None, grid=None, generator=None):
+        """Choose the prior precision; sets and returns it (laplace-torch's arguments).
+
+        * ``method='marglik'``: maximise :meth:`log_marginal_likelihood` by ``n_steps`` of Adam
+          (learning rate ``lr``) on ``log Λ`` from ``init_prior_prec`` (alias ``init``; default
+          the current scalar prior), with ``prior_structure``: ``'scalar'`` (default; returns a
+          float), ``'layer'`` (one per layer, weight and bias together; returns a dict; alias
+          ``per_layer=True``), ``'layerwise'`` (laplace-torch's: one per parameter tensor,
+          weight and bias apart; returns a 1-D tensor) or ``'diag'`` (one per parameter;
+          returns a 1-D tensor of length ``P``). Kronecker representations (KFAC, EKFAC) take
+          ``'scalar'`` and ``'layer'`` only (a prior that differs inside a Kronecker block has no
+          exact form there).
+        * ``method='gridsearch'``: the scalar of ``grid`` (default ``log_prior_prec_base **
+          linspace(log_prior_prec_min, log_prior_prec_max, grid_size)``) with the lowest
+          validation loss over ``val_loader``, the predictive being
+          ``predictive(x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples)``.
+          ``loss(prediction, y) -> float`` (summed over the batch); default the negative log
+          predictive density: ``−Σ log p(y)`` of the predicted class probabilities for
+          classification, the Gaussian ``N(y; mean, variance)`` for regression (laplace-torch
+          uses the mean squared error there, which the GLM predictive's mean never changes).
+
+        A bool as first argument is the former ``per_layer``.
+        """
         self._check_fitted()
+        if isinstance(pred_type, bool):
+            per_layer, pred_type = pred_type, "glm"
+        init = init_prior_prec if init is None else init
+        if method == "gridsearch":
+            return self._gridsearch(val_loader, grid, loss, log_prior_prec_min,
+                                    log_prior_prec_max, grid_size, log_prior_prec_base,
+                                    pred_type, link_approx, n_samples, generator, verbose)
+        if method != "marglik":
+            raise ValueError(f"method={method!r}: use 'marglik' or 'gridsearch'")
+        structure = prior_structure or ("layer" if per_layer else "scalar")
         ids = list(self.layer_collection.layer_ids())
-        start = init if init is not None else self.prior_precision
-        if isinstance(start, (dict, PVector)):
-            raise ValueError("optimize_prior_precision starts from a scalar (init=)")
-        shape = (len(ids),) if per_layer else ()
+        sizes = {"scalar": None, "layer": len(ids), "layerwise": len(self._tensor_sizes()),
+                 "diag": self.layer_collection.numel()}
+        if structure not in sizes:
+            raise ValueError(f"prior_structure={structure!r}: use 'scalar', 'layer', "
+                             "'layerwise' or 'diag'")
+        start = self.prior_precision if init is None else init
+        if isinstance(start, (dict, PVector)) or (torch.is_tensor(start) and start.numel() > 1):
+            raise ValueError("optimize_prior_precision starts from a scalar (init_prior_prec=)")
+        shape = () if sizes[structure] is None else (sizes[structure],)
         log_prior = torch.full(shape, math.log(float(start)), dtype=self.theta_map.dtype,
-                               requires_grad=True)
+                               device=self.theta_map.device, requires_grad=True)
+
+        def as_prior(t):
+            if structure == "layer":
+                return {lid: t[i] for i, lid in enumerate(ids)}
+            return t
+
         opt = torch.optim.Adam([log_prior], lr=lr)
         for _ in range(n_steps):
             opt.zero_grad()
-            prior = ({lid: log_prior[i].exp() for i, lid in enumerate(ids)} if per_layer
-                     else log_prior.exp())
-            (-self.log_marginal_likelihood(prior)).backward()
+            (-self.log_marginal_likelihood(as_prior(log_prior.exp()))).backward()
             opt.step()
         with torch.no_grad():
-            self.prior_precision = ({lid: float(log_prior[i].exp()) for i, lid in enumerate(ids)}
-                                    if per_layer else float(log_prior.exp()))
+            value = log_prior.exp().detach()
+            if structure == "scalar":
+                self.prior_precision = float(value)
+            elif structure == "layer":
+                self.prior_precision = {lid: float(value[i]) for i, lid in enumerate(ids)}
+            else:
+                self.prior_precision = value
+        if verbose:
+            print(f"prior precision by marginal likelihood: {self.prior_precision}")
         return self.prior_precision
 
-    # ------------------------------------------------------------------ predictive
-    def functional_variance(self, inputs):
-        """``Σ(x*) = J* H⁻¹ J*ᵀ`` for a batch of inputs: shape ``(n*, K, K)``."""
+    def _gridsearch(self, val_loader, grid, loss, lo, hi, size, base, pred_type, link_approx,
+                    n_samples, generator, verbose):
+        if val_loader is None:
+            raise ValueError("method='gridsearch' needs val_loader= (a validation loader of "
+                             "(inputs, targets) batches)")
+        if grid is None:
+            grid = base ** torch.linspace(lo, hi, size, dtype=torch.float64)
+        grid = [float(g) for g in grid]
+        if not grid or min(grid) <= 0:
+            raise ValueError("the grid of prior precisions must be non-empty and positive")
+        if loss is None:
+            loss = self._nlpd
+        batches = list(iterate_batches(val_loader))
+        saved, scores = self.prior_precision, []
+        try:
+            for g in grid:
+                self.prior_precision = g
+                total = 0.0
+                for batch in batches:
+                    pred = self.predictive(batch[0], link_approx=link_approx,
+                                           n_samples=n_samples, generator=generator,
+                                           pred_type=pred_type)
+                    total += float(loss(pred, batch[1]))
+                scores.append(total)
+        finally:
+            self.prior_precision = saved
+        best = min(range(len(grid)), key=lambda i: (math.isnan(scores[i]), scores[i]))
+        self.prior_precision = grid[best]
+        if verbose:
+            print(f"prior precision by grid search: {grid[best]} (loss {scores[best]})")
+        return self.prior_precision
+
+    def _nlpd(self, pred, y):
+        """``−Σ log p(y)`` of a batch's predictive."""
+        if self.likelihood == "classification":
+            return -torch.log(pred.gather(-1, y.reshape(-1, 1))).sum()
+        mean, var = pred
+        y = y.reshape(mean.shape)
+        if var.dim() == mean.dim():  # diagonal_output
+            var = torch.diag_embed(var)
+        return -torch.distributions.MultivariateNormal(mean, var).log_prob(y).sum()
+
+    # ------------------------------------------------------------------ the posterior
+    def _precision_mv(self, v):
+        """``H v`` for flat ``v`` of shape ``(P,)``."""
+        s = self._scale()
+        Mv = self.ggn.mv(PVector(self.layer_collection, vector_repr=v)).get_flat_representation()
+        return s * Mv + self.prior_precision_diag() * v
+
+    def log_prob(self, value, normalized=True):
+        """``log N(value; θ*, H⁻¹)`` for flat parameters ``value`` (shape ``(P,)`` or
+        ``(S, P)``): ``−½ (v−θ*)ᵀ H (v−θ*) + ½ log det H − (P/2) log 2π``, or only the first term
+        with ``normalized=False``."""
         self._check_fitted()
+        value = torch.as_tensor(value, dtype=self.theta_map.dtype)
+        P = self.layer_collection.numel()
+        if value.shape[-1] != P or value.dim() > 2:
+            raise ValueError(f"value has shape {tuple(value.shape)}: give (P,) or (S, P) with "
+                             f"P = {P}")
+        d = value - self.theta_map.get_flat_representation()
+        rows = d.reshape(-1, P)
+        quad = torch.stack([torch.dot(r, self._precision_mv(r)) for r in rows])
+        quad = quad.reshape(value.shape[:-1])
+        if not normalized:
+            return -0.5 * quad
+        return -0.5 * quad + 0.5 * self.posterior_precision_logdet() - 0.5 * P * math.log(2 * math.pi)
+
+    @property
+    def posterior_precision(self):
+        """``H = (n/T) M + Λ`` as a dense ``(P, P)`` tensor (small ``P`` only)."""
+        self._check_fitted()
+        return self._scale() * self.ggn.to_torch() + torch.diag(self.prior_precision_diag())
+
+    @property
+    def posterior_covariance(self):
+        """``H⁻¹`` as a dense ``(P, P)`` tensor, through the representation's exact damped
+        inverse (small ``P`` only)."""
+        self._check_fitted()
+        s = self._scale()
+        return _call_exact(self.ggn, "inverse", regul=self._damping(self._prior(), s)).to_torch() / s
+
+    @property
+    def posterior_variance(self):
+        """The diagonal of ``H⁻¹``, shape ``(P,)``, without forming ``P × P`` where the
+        representation's inverse has a cheap diagonal."""
+        self._check_fitted()
+        s = self._scale()
+        inv = _call_exact(self.ggn, "inverse", regul=self._damping(self._prior(), s))
+        return inv.get_diag() / s
+
+    # ------------------------------------------------------------------ predictive
+    def _jacobian(self, inputs):
+        """``J*`` over the approximation's parameters, a PFMap ``(K, n*, P)``."""
         J = Jacobian(self.model, (inputs,), function=self._jac_function(),
                      layer_collection=self.base_collection)
         if self.subnetwork_indices is not None:  # the subnetwork's columns of J
             idx = self.layer_collection["subnetwork"].indices.to(J.to_torch().device)
             J = PFMapDense(self.layer_collection, data=J.to_torch()[..., idx])
+        return J
+
+    def _HinvJ(self, J):
         s = self._scale()
-        HinvJ = _call_exact(self.ggn, "solve", J, regul=self._damping(self.prior_precision, s))
-        Jt, St = J.to_torch(), HinvJ.to_torch() / s  # (K, n, P)
+        HinvJ = _call_exact(self.ggn, "solve", J, regul=self._damping(self._prior(), s))
+        return J.to_torch(), HinvJ.to_torch() / s  # (K, n, P)
+
+    def functional_variance(self, inputs):
+        """``Σ(x*) = J* H⁻¹ J*ᵀ`` for a batch of inputs: shape ``(n*, K, K)``."""
+        self._check_fitted()
+        Jt, St = self._HinvJ(self._jacobian(inputs))
         return torch.einsum("kip,lip->ikl", Jt, St)
+
+    def functional_covariance(self, inputs):
+        """The joint ``J* H⁻¹ J*ᵀ`` over a batch of inputs: shape ``(n* K, n* K)``, index
+        ``i K + k`` for output ``k`` of input ``i`` (laplace-torch's layout)."""
+        self._check_fitted()
+        Jt, St = self._HinvJ(self._jacobian(inputs))
+        K, n = Jt.shape[:2]
+        return torch.einsum("kip,ljp->ikjl", Jt, St).reshape(n * K, n * K)
 
     def _jac_function(self):
         if self.function is not None:
@@ -224,28 +447,115 @@ class Laplace:
             return lambda *b: f(*b).reshape(b[0].shape[0], -1)
         return lambda x, *rest: self.model(x).reshape(x.shape[0], -1)
 
-    def predictive(self, inputs, link_approx="probit", n_samples=100, generator=None):
-        """GLM predictive at a batch of inputs. Classification: class probabilities
-        ``(n*, C)`` by ``'probit'`` (``softmax(f / sqrt(1 + π/8 diag Σ))``) or ``'mc'``
-        (``n_samples`` draws of ``f ~ N(f*, Σ)``). Regression: ``(mean, variance)``, the
-        variance ``Σ + σ² I`` of shape ``(n*, K, K)``."""
+    def __call__(self, x, pred_type="glm", joint=False, link_approx="probit", n_samples=100,
+                 diagonal_output=False, generator=None):
+        """laplace-torch's call: :meth:`predictive` with its argument order."""
+        return self.predictive(x, link_approx=link_approx, n_samples=n_samples,
+                               generator=generator, pred_type=pred_type, joint=joint,
+                               diagonal_output=diagonal_output)
+
+    def predictive(self, inputs, link_approx="probit", n_samples=100, generator=None,
+                   pred_type="glm", joint=False, diagonal_output=False):
+        """The posterior predictive at a batch of inputs (``n*`` of them, ``K`` outputs).
+
+        ``pred_type='glm'`` (linearised network, ``f ~ N(f(x*; θ*), Σ)``, ``Σ = J* H⁻¹ J*ᵀ``):
+
+        * classification, class probabilities ``(n*, C)`` by ``link_approx``: ``'probit'``
+          (``softmax(f / sqrt(1 + π/8 diag Σ))``), ``'bridge'`` (the Laplace bridge: the mean
+          of the Dirichlet ``α_k = (1 − 2/C + e^{μ_k} Σ_l e^{−μ_l} / C²) / Σ_kk`` matched to
+          ``N(μ, Σ)`` after conditioning the logits on ``Σ_k f_k = 0``, which softmax does not
+          see), ``'bridge_norm'`` (the same after dividing ``μ`` by ``√c`` and ``diag Σ`` by ``c``, ``c``
+          chosen so that ``diag Σ`` has mean ``√(C/2)``: laplace-torch's normalised bridge) or
+          ``'mc'``
+          (``n_samples`` draws of ``f``);
+        * regression: ``(mean (n*, K), variance (n*, K, K))``, the variance ``Σ + σ² I``
+          (``(n*, K)`` with ``diagonal_output=True``);
+        * ``joint=True``: the joint Gaussian over the batch, ``(mean (n* K,), covariance
+          (n* K, n* K))`` (:meth:`functional_covariance`, plus ``σ² I`` for regression; for
+          classification, of the logits).
+
+        ``pred_type='nn'``: ``n_samples`` networks ``θ ~ N(θ*, H⁻¹)`` (:meth:`sample`) run at
+        the inputs: classification, the mean of their softmax ``(n*, C)``; regression,
+        ``(mean, covariance + σ² I)`` of their outputs (unbiased sample covariance).
+
+        The second positional argument may be laplace-torch's ``pred_type`` (``'glm'`` or
+        ``'nn'``): ``predictive(x, 'nn', 'mc', 50)`` reads as laplace-torch's
+        ``predictive(x, pred_type, link_approx, n_samples)``.
+        """
+        if link_approx in _PRED_TYPES:
+            # laplace-torch's positional order predictive(x, pred_type, link_approx, n_samples)
+            pred_type, link_approx, n_samples = link_approx, n_samples, generator
+            generator = None
+            if not isinstance(link_approx, str):
+                link_approx = "probit"
+            if not isinstance(n_samples, int):
+                n_samples = 100
         self._check_fitted()
+        if pred_type not in _PRED_TYPES:
+            raise ValueError(f"pred_type={pred_type!r}: use 'glm' or 'nn'")
+        if link_approx not in _LINKS:
+            raise ValueError(f"link_approx={link_approx!r}: use 'probit', 'bridge', "
+                             "'bridge_norm' or 'mc'")
+        if pred_type == "nn":
+            if joint:
+                raise ValueError("joint=True is the GLM predictive's: use pred_type='glm'")
+            return self._nn_predictive(inputs, n_samples, generator, diagonal_output)
         with torch.no_grad():
             f = self._outputs((inputs,))
+        if joint:
+            cov = self.functional_covariance(inputs).detach()
+            if self.likelihood == "regression":
+                cov = cov + self.sigma_noise ** 2 * torch.eye(cov.shape[0], dtype=cov.dtype,
+                                                              device=cov.device)
+            return f.reshape(-1), cov
         var = self.functional_variance(inputs).detach()
         if self.likelihood == "regression":
             K = var.shape[-1]
-            return f, var + self.sigma_noise ** 2 * torch.eye(K, dtype=var.dtype, device=var.device)
+            var = var + self.sigma_noise ** 2 * torch.eye(K, dtype=var.dtype, device=var.device)
+            return f, (torch.diagonal(var, dim1=-2, dim2=-1) if diagonal_output else var)
         if link_approx == "probit":
             kappa = 1.0 / torch.sqrt(1.0 + math.pi / 8.0 * torch.diagonal(var, dim1=-2, dim2=-1))
             return torch.softmax(f * kappa, dim=-1)
-        if link_approx == "mc":
-            L = torch.linalg.cholesky(var + 1e-10 * var.diagonal(dim1=-2, dim2=-1).mean()
-                                      * torch.eye(var.shape[-1], dtype=var.dtype))
-            z = torch.randn((n_samples, *f.shape), generator=generator, dtype=f.dtype)
-            samples = f + torch.einsum("ikl,sil->sik", L, z)
-            return torch.softmax(samples, dim=-1).mean(0)
-        raise ValueError(f"link_approx={link_approx!r}: use 'probit' or 'mc'")
+        if link_approx in ("bridge", "bridge_norm"):
+            return _laplace_bridge(f, var, normalise=link_approx == "bridge_norm")
+        if diagonal_output:
+            var = torch.diag_embed(torch.diagonal(var, dim1=-2, dim2=-1))
+        L = torch.linalg.cholesky(var + 1e-10 * var.diagonal(dim1=-2, dim2=-1).mean()
+                                  * torch.eye(var.shape[-1], dtype=var.dtype, device=var.device))
+        z = torch.randn((n_samples, *f.shape), generator=generator, dtype=f.dtype,
+                        device=f.device)
+        samples = f + torch.einsum("ikl,sil->sik", L, z)
+        return torch.softmax(samples, dim=-1).mean(0)
+
+    def _set_parameters(self, flat):
+        """Write the approximation's parameters ``flat`` (shape ``(P,)``) into the model."""
+        if self.subnetwork_indices is not None:
+            full = PVector.from_model(self.model, self.base_collection).get_flat_representation()
+            full = full.detach().clone()
+            full[self.layer_collection["subnetwork"].indices.to(full.device)] = flat
+            PVector(self.base_collection, vector_repr=full).copy_to_model(self.model)
+        else:
+            PVector(self.layer_collection, vector_repr=flat).copy_to_model(self.model)
+
+    def _nn_predictive(self, inputs, n_samples, generator, diagonal_output):
+        thetas = self.sample(n_samples, generator=generator)
+        outs = []
+        try:
+            with torch.no_grad():
+                for theta in thetas:
+                    self._set_parameters(theta)
+                    outs.append(self._outputs((inputs,)))
+        finally:
+            self._set_parameters(self.theta_map.get_flat_representation())
+        fs = torch.stack(outs)  # (S, n*, K)
+        if self.likelihood == "classification":
+            return torch.softmax(fs, dim=-1).mean(0)
+        mean = fs.mean(0)
+        d = fs - mean
+        cov = torch.einsum("sik,sil->ikl", d, d) / max(n_samples - 1, 1)
+        cov = cov + self.sigma_noise ** 2 * torch.eye(cov.shape[-1], dtype=cov.dtype,
+                                                      device=cov.device)
+        return mean, (torch.diagonal(cov, dim1=-2, dim2=-1) if diagonal_output else cov)
 
     def sample(self, n_samples=1, generator=None):
         """``n_samples`` posterior draws ``θ* + H^{-1/2} z``, shape ``(n_samples, P)``."""
@@ -254,7 +564,7 @@ class Laplace:
         P = self.layer_collection.numel()
         dt = self.theta_map.dtype
         z = torch.randn((n_samples, 1, P), generator=generator, dtype=dt)
-        root = _call_exact(self.ggn, "pow", -0.5, regul=self._damping(self.prior_precision, s))
+        root = _call_exact(self.ggn, "pow", -0.5, regul=self._damping(self._prior(), s))
         zmap = PFMapDense(self.layer_collection, data=z.transpose(0, 1).contiguous())
         draws = root.mmap(zmap).to_torch()[0] / math.sqrt(s)  # (n_samples, P)
         return self.theta_map.get_flat_representation() + draws
@@ -275,6 +585,36 @@ def _prior_quadratic(prior, theta):
     if isinstance(prior, PVector):
         return (prior.get_flat_representation() * theta.get_flat_representation() ** 2).sum()
     return prior * (theta.get_flat_representation() ** 2).sum()
+
+
+def _prior_flat(prior, layer_collection, like):
+    """``Λ`` as a flat tensor of length ``P`` (``like``: a tensor giving dtype and device)."""
+    P = layer_collection.numel()
+    if isinstance(prior, PVector):
+        return prior.get_flat_representation()
+    if isinstance(prior, dict):
+        return torch.cat([prior[lid] * torch.ones(layer_collection[lid].numel(),
+                                                  dtype=like.dtype, device=like.device)
+                          for lid in layer_collection.layer_ids()])
+    return prior * torch.ones(P, dtype=like.dtype, device=like.device)
+
+
+def _laplace_bridge(mu, var, normalise=False):
+    """The Laplace bridge from logits ``N(μ, Σ)`` (``(n, C)``, ``(n, C, C)``) to a Dirichlet,
+    returning its mean ``α / Σ_k α_k``. The logits are first conditioned on ``1ᵀ f = 0``
+    (softmax is invariant along ``1``): ``μ ← μ − Σ1 (1ᵀμ) / (1ᵀΣ1)``,
+    ``Σ ← Σ − Σ1 1ᵀΣ / (1ᵀΣ1)``."""
+    C = mu.shape[-1]
+    row = var.sum(-1)  # Σ1, (n, C)
+    tot = row.sum(-1, keepdim=True)  # 1ᵀΣ1, (n, 1)
+    mu = mu - row * mu.sum(-1, keepdim=True) / tot
+    d = torch.diagonal(var, dim1=-2, dim2=-1) - row ** 2 / tot
+    if normalise:
+        scale = d.mean(-1, keepdim=True) / math.sqrt(C / 2)
+        mu = mu / scale.sqrt()
+        d = d / scale
+    alpha = (1 - 2 / C + mu.exp() * torch.exp(-mu).sum(-1, keepdim=True) / C ** 2) / d
+    return alpha / alpha.sum(-1, keepdim=True)
 
 
 def _prior_logdet(prior, layer_collection):
