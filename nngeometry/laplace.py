@@ -28,14 +28,15 @@ Everything uses the representation's exact damped operations (``(M + Λ/n)`` wit
 for KFAC, through the eigendecomposition of its factors): ``H = (n/T)(M + (T/n) Λ)``.
 """
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as tF
 
-from .backend.batches import iterate_batches
+from .backend.batches import batch_size_of, default_function, iterate_batches
 from .jacobian import Jacobian
 from .layercollection import LayerCollection
-from .metrics import FIM
+from .metrics import FIM, EmpiricalFisher, FIM_MonteCarlo
 from .object.map import PFMapDense
 from .object.pspace import PMatKFAC
 from .object.vector import PVector
@@ -65,7 +66,15 @@ class Laplace:
         temperature: ``T``.
         layer_collection: the parameters treated by the approximation (default all;
             ``LayerCollection.from_model(model).last_layer()`` for a last-layer Laplace).
-        function: ``function(*batch) -> outputs``, as for ``FIM``.
+        function: ``function(*batch) -> outputs``, as for ``FIM`` (default: ``model(inputs)``,
+            or ``model(**inputs).logits`` for dict batches).
+        prior_mean: see above.
+        curvature: the matrix ``M`` of ``H``: ``'ggn'`` (default: the GGN, the Fisher in closed
+            form), ``'mc'`` (the Monte-Carlo Fisher, ``mc_samples`` targets drawn from the
+            model per example: ``FIM_MonteCarlo``) or ``'ef'`` (the empirical Fisher of the
+            observed targets: ``EmpiricalFisher``); laplace-torch reaches these through its
+            backends.
+        mc_samples: the targets per example for ``curvature='mc'``.
         **representation_kwargs: passed to the build, e.g. ``separate_weight_and_bias=True``
             for KFAC with separate weight and bias blocks (laplace-torch's ``KronLaplace``
             layout), or ``subnetwork_indices=idx`` with ``PMatDense``: a subnetwork Laplace over
@@ -76,7 +85,8 @@ class Laplace:
 
     def __init__(self, model, likelihood="classification", representation=PMatKFAC,
                  prior_precision=1.0, sigma_noise=1.0, temperature=1.0, layer_collection=None,
-                 function=None, prior_mean=0.0, **representation_kwargs):
+                 function=None, prior_mean=0.0, curvature="ggn", mc_samples=1,
+                 **representation_kwargs):
         if likelihood not in _LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r}: use 'classification' or 'regression'")
         if likelihood == "classification" and not _is_one(sigma_noise):
@@ -89,8 +99,14 @@ class Laplace:
         self.prior_mean = prior_mean
         self.sigma_noise = sigma_noise
         self.temperature = float(temperature)
+        if curvature not in ("ggn", "ef", "mc"):
+            raise ValueError(f"curvature={curvature!r}: use 'ggn' (closed form), 'mc' "
+                             "(Monte-Carlo Fisher) or 'ef' (empirical Fisher)")
+        self.curvature, self.mc_samples = curvature, int(mc_samples)
         self.layer_collection = layer_collection
+        self._lc_arg = layer_collection
         self.function = function
+        self._fn = function if function is not None else default_function(model)
         self.subnetwork_indices = representation_kwargs.pop("subnetwork_indices", None)
         self.representation_kwargs = representation_kwargs
         self.ggn = None
@@ -98,18 +114,26 @@ class Laplace:
         self.loss = None  # Σ_i of the negative log-likelihood's data term at θ* (see fit)
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, loader):
+    def fit(self, loader, override=True):
         """Compute the GGN (mean over the examples) and the data term of the log-likelihood at
-        the current parameters ``θ*``, over ``loader`` (batches ``(inputs, targets)``)."""
-        variant = "classif_logits" if self.likelihood == "classification" else "regression"
+        the current parameters ``θ*``, over ``loader``: batches ``(inputs, targets)``, or dicts
+        (Hugging Face style: ``model(**inputs)`` without ``'labels'``, ``.logits`` of the
+        output, targets ``batch['labels']``; outputs ``(n, T, C)`` are ``T`` classified
+        positions per example, summed).
+
+        ``override=False`` (laplace-torch's online fit) adds this loader's examples to those
+        already fitted: the curvature becomes ``(n₁ M₁ + n₂ M₂) / (n₁ + n₂)``, exact for the
+        representations closed under sums (Dense, BlockDiag, Diag); Kronecker factors are
+        averaged (``factor_average``, the usual KFAC approximation of a sum, as laplace-torch
+        does); others are refused. The data term adds up, ``θ*`` is the current parameters."""
+        if not override and self.ggn is not None:
+            return self._accumulate(loader)
         extra = dict(self.representation_kwargs)
         if self.subnetwork_indices is not None:
             extra["subnetwork_indices"] = self.subnetwork_indices
-        self.ggn = FIM(self.model, loader, self.representation, variant=variant,
-                       function=self.function, layer_collection=self.layer_collection,
-                       **extra)
+        self.ggn = self._curvature_of(loader, extra)
         # the layout the subnetwork's indices refer to (all layers by default)
-        self.base_collection = self.layer_collection or LayerCollection.from_model(self.model)
+        self.base_collection = self._lc_arg or LayerCollection.from_model(self.model)
         self.layer_collection = self.ggn.layer_collection
         theta = PVector.from_model(self.model, self.base_collection).detach().clone()
         if self.subnetwork_indices is not None:
@@ -117,26 +141,117 @@ class Laplace:
             theta = PVector(self.layer_collection,
                             vector_repr=flat[self.layer_collection["subnetwork"].indices.to(flat.device)])
         self.theta_map = theta
+        self.n, self.loss, self.n_outputs = self._data_term(loader)
+        return self
+
+    def _curvature_of(self, loader, extra):
+        common = dict(function=self.function, layer_collection=self._lc_arg, **extra)
+        variant = "classif_logits" if self.likelihood == "classification" else "regression"
+        if self.curvature == "ggn":
+            return FIM(self.model, loader, self.representation, variant=variant, **common)
+        if self.curvature == "mc":
+            return FIM_MonteCarlo(self.model, loader, self.representation, variant=variant,
+                                  trials=self.mc_samples, **common)
+        loss_fn = None
+        if self.likelihood == "regression":
+            def loss_fn(out, y):
+                d = out - y.reshape(out.shape)
+                return 0.5 * (d.reshape(d.shape[0], -1) ** 2).sum(-1)
+        return EmpiricalFisher(self.model, loader, self.representation, loss_function=loss_fn,
+                               **common)
+
+    def _data_term(self, loader):
         n, loss, n_out = 0, 0.0, None
         with torch.no_grad():
             # the batches as the generator reads them: the data term and the GGN see the same
             for batch in iterate_batches(loader):
-                out = self._outputs(batch)
-                y = batch[1]
+                raw = self._fn(*batch)
+                y = _targets(batch)
                 if self.likelihood == "classification":
-                    loss += tF.cross_entropy(out, y, reduction="sum")
+                    C = raw.shape[-1]
+                    loss += tF.cross_entropy(raw.reshape(-1, C), y.reshape(-1), reduction="sum")
                 else:
+                    out = raw.reshape(raw.shape[0], -1)
                     loss += 0.5 * ((out - y.reshape(out.shape)) ** 2).sum()
-                n += out.shape[0]
-                n_out = out[0].numel()
+                n += raw.shape[0]
+                n_out = raw[0].numel()
         if n == 0:
             raise ValueError("the loader gave no examples")
-        self.n, self.loss, self.n_outputs = n, loss, n_out
+        return n, loss, n_out
+
+    def _accumulate(self, loader):
+        extra = dict(self.representation_kwargs)
+        if self.subnetwork_indices is not None:
+            extra["subnetwork_indices"] = self.subnetwork_indices
+        new = self._curvature_of(loader, extra)
+        n, loss, n_out = self._data_term(loader)
+        if n_out != self.n_outputs:
+            raise ValueError(f"the loader's examples have {n_out} outputs, the fitted ones "
+                             f"{self.n_outputs}")
+        w1, w2 = self.n / (self.n + n), n / (self.n + n)
+        if isinstance(self.ggn, PMatKFAC):
+            self.ggn = self.ggn.factor_average(new, w1, w2)
+        else:
+            try:
+                self.ggn = self.ggn * w1 + new * w2
+            except (NotImplementedError, TypeError) as err:
+                raise NotImplementedError(
+                    f"fit(override=False) with {type(self.ggn).__name__}: the sum of two such "
+                    "matrices is not one; use PMatDense, PMatBlockDiag, PMatDiag or PMatKFAC "
+                    "(factors averaged), or fit once on all the data") from err
+        self.n, self.loss = self.n + n, self.loss + loss
+        theta = PVector.from_model(self.model, self.base_collection).detach().clone()
+        if self.subnetwork_indices is not None:
+            flat = theta.get_flat_representation()
+            theta = PVector(self.layer_collection,
+                            vector_repr=flat[self.layer_collection["subnetwork"].indices.to(flat.device)])
+        self.theta_map = theta
         return self
 
     def _outputs(self, batch):
-        out = self.function(*batch) if self.function is not None else self.model(batch[0])
+        out = self._fn(*batch)
         return out.reshape(out.shape[0], -1)
+
+    # ------------------------------------------------------------------ saving
+    def state_dict(self):
+        """What :meth:`load_state_dict` needs to restore the fitted approximation without the
+        data: plain tensors, numbers and strings only (``torch.load`` with its defaults reads
+        it). The model's parameters are not included (save ``model.state_dict()``)."""
+        self._check_fitted()
+        if self.subnetwork_indices is not None:
+            raise NotImplementedError("state_dict of a subnetwork Laplace: refit it after loading")
+        prior = self.prior_precision
+        if isinstance(prior, PVector):
+            prior = prior.get_flat_representation().detach()
+        return {"likelihood": self.likelihood, "representation": self.representation.__name__,
+                "curvature": self.curvature, "ggn": self.ggn.data, "n": self.n,
+                "loss": torch.as_tensor(self.loss).detach(), "n_outputs": self.n_outputs,
+                "theta_map": self.theta_map.get_flat_representation().detach(),
+                "prior_precision": prior, "prior_mean": self.prior_mean,
+                "sigma_noise": self.sigma_noise, "temperature": self.temperature,
+                "layer_ids": list(self.layer_collection.layer_ids())}
+
+    def load_state_dict(self, state):
+        """Restore :meth:`state_dict` into a Laplace built with the same model, likelihood,
+        representation and layer collection."""
+        for key, mine in (("likelihood", self.likelihood),
+                          ("representation", self.representation.__name__),
+                          ("curvature", self.curvature)):
+            if state[key] != mine:
+                raise ValueError(f"the state was saved with {key}={state[key]!r}, this Laplace "
+                                 f"has {mine!r}: build it with the same {key}")
+        base = self._lc_arg or LayerCollection.from_model(self.model)
+        if list(base.layer_ids()) != state["layer_ids"]:
+            raise ValueError(f"the state's layers {state['layer_ids']} are not this Laplace's "
+                             f"{list(base.layer_ids())}: pass the same layer_collection")
+        self.ggn = self.representation(base, data=state["ggn"], **self.representation_kwargs)
+        self.base_collection = base
+        self.layer_collection = self.ggn.layer_collection
+        self.theta_map = PVector(self.layer_collection, vector_repr=state["theta_map"])
+        self.n, self.loss, self.n_outputs = state["n"], state["loss"], state["n_outputs"]
+        self.prior_precision, self.prior_mean = state["prior_precision"], state["prior_mean"]
+        self.sigma_noise, self.temperature = state["sigma_noise"], state["temperature"]
+        return self
 
     def _check_fitted(self):
         if self.ggn is None:
@@ -145,11 +260,13 @@ class Laplace:
 
     # ------------------------------------------------------------------ the posterior precision
     def _scale(self, sigma_noise=None):
-        """``s`` with ``H = s · (M + Λ / s)``: ``s = n / (T σ²)``."""
+        """``s`` with ``H = s · (M + Λ / s)``: ``s = n / (T σ²)`` (``n / (T σ⁴)`` for the
+        empirical Fisher of regression, built from the gradients of ``½||f − y||²``, which are
+        ``σ²`` times the log-likelihood's)."""
         sigma = self.sigma_noise if sigma_noise is None else sigma_noise
         s = self.n / self.temperature
         if self.likelihood == "regression":
-            s = s / sigma ** 2
+            s = s / sigma ** (4 if self.curvature == "ef" else 2)
         return s
 
     def _damping(self, prior, s):
@@ -442,10 +559,8 @@ class Laplace:
         return torch.einsum("kip,ljp->ikjl", Jt, St).reshape(n * K, n * K)
 
     def _jac_function(self):
-        if self.function is not None:
-            f = self.function
-            return lambda *b: f(*b).reshape(b[0].shape[0], -1)
-        return lambda x, *rest: self.model(x).reshape(x.shape[0], -1)
+        f = self._fn
+        return lambda *b: f(*b).reshape(batch_size_of(b), -1)
 
     def __call__(self, x, pred_type="glm", joint=False, link_approx="probit", n_samples=100,
                  diagonal_output=False, generator=None):
@@ -571,6 +686,18 @@ class Laplace:
 
 
 # ---------------------------------------------------------------------- helpers
+def _targets(batch):
+    first = batch[0]
+    if isinstance(first, Mapping):
+        if "labels" not in first:
+            raise ValueError(f"a dict batch needs its targets under 'labels' (keys: {list(first)})")
+        return first["labels"]
+    if len(batch) < 2:
+        raise ValueError("the Laplace approximation needs batches (inputs, targets): the data "
+                         "term of the evidence reads the targets")
+    return batch[1]
+
+
 def _call_exact(M, name, *args, regul):
     """``M.<name>(*args, regul=regul)`` with exact damping (every representation takes
     ``damping='exact'``; KFAC's π-damping is the default of its solve / inverse / pow)."""
