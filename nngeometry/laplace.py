@@ -123,7 +123,7 @@ class Laplace:
 
         ``override=False`` (laplace-torch's online fit) adds this loader's examples to those
         already fitted: the curvature becomes ``(n₁ M₁ + n₂ M₂) / (n₁ + n₂)``, exact for the
-        representations closed under sums (Dense, BlockDiag, Diag); Kronecker factors are
+        representations closed under sums (Dense, BlockDiag, Diag, LowRank); Kronecker factors are
         averaged (``factor_average``, the usual KFAC approximation of a sum, as laplace-torch
         does); others are refused. The data term adds up, ``θ*`` is the current parameters."""
         if not override and self.ggn is not None:
@@ -197,8 +197,8 @@ class Laplace:
             except (NotImplementedError, TypeError) as err:
                 raise NotImplementedError(
                     f"fit(override=False) with {type(self.ggn).__name__}: the sum of two such "
-                    "matrices is not one; use PMatDense, PMatBlockDiag, PMatDiag or PMatKFAC "
-                    "(factors averaged), or fit once on all the data") from err
+                    "matrices is not one; use PMatDense, PMatBlockDiag, PMatDiag, PMatLowRank "
+                    "or PMatKFAC (factors averaged), or fit once on all the data") from err
         self.n, self.loss = self.n + n, self.loss + loss
         theta = PVector.from_model(self.model, self.base_collection).detach().clone()
         if self.subnetwork_indices is not None:
