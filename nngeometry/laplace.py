@@ -685,6 +685,196 @@ class Laplace:
         return self.theta_map.get_flat_representation() + draws
 
 
+_STRUCTURES = {"full": "PMatDense", "diag": "PMatDiag", "kron": "PMatKFAC",
+               "lowrank": "PMatLowRank"}
+
+
+def marglik_training(model, train_loader, likelihood="classification", hessian_structure="kron",
+                     backend=None, optimizer_cls=torch.optim.Adam, optimizer_kwargs=None,
+                     scheduler_cls=None, scheduler_kwargs=None, n_epochs=300, lr_hyp=0.1,
+                     prior_structure="layerwise", n_epochs_burnin=0, n_hypersteps=10,
+                     marglik_frequency=1, prior_prec_init=1.0, sigma_noise_init=1.0,
+                     temperature=1.0, fix_sigma_noise=False, progress_bar=False,
+                     enable_backprop=False, dict_key_x="input_ids", dict_key_y="labels", *,
+                     representation=None, curvature="ggn", **representation_kwargs):
+    """Train a network and its prior precision (and ``σ`` for regression) jointly by the
+    Laplace marginal likelihood (Immer et al., 2021), with laplace-torch's arguments.
+
+    Every epoch trains the network on the negative log joint per example, in laplace-torch's
+    scale: ``mean_i ℓ_i + c · ½ θᵀΛθ / N`` per batch, ``N`` the examples of an epoch, with
+    ``ℓ_i`` the cross-entropy and ``c = T`` (classification), or ``ℓ_i = ||f_i − y_i||²`` and
+    ``c = 2σ²T`` (regression: the Gaussian negative log-likelihood times ``2σ²T``). Every
+    ``marglik_frequency`` epochs from ``n_epochs_burnin`` on, a :class:`Laplace` is fitted at
+    the current parameters and ``n_hypersteps`` Adam steps (learning rate ``lr_hyp``) on
+    ``log Λ`` (and ``log σ`` unless ``fix_sigma_noise``) maximise its evidence. The network,
+    prior and ``σ`` of the best evidence (after the last step of a round) are kept and a final
+    Laplace is fitted with them.
+
+    Args:
+        model, train_loader: the network and its training batches (``(x, y)`` or dicts).
+        likelihood: ``'classification'`` or ``'regression'``.
+        hessian_structure: ``'full'``, ``'diag'``, ``'kron'`` or ``'lowrank'`` (our
+            ``PMatDense``, ``PMatDiag``, ``PMatKFAC``, ``PMatLowRank``); ``representation=`` a
+            ``PMat*`` class instead.
+        backend: laplace-torch's curvature backend: not used (pass ``None``); ``curvature=``
+            chooses ``'ggn'``, ``'mc'`` or ``'ef'``.
+        optimizer_cls, optimizer_kwargs, scheduler_cls, scheduler_kwargs: the network's
+            optimiser (a ``weight_decay`` is refused: the prior is the weight decay) and
+            learning-rate scheduler (stepped every batch, as laplace-torch does).
+        prior_structure: ``'scalar'``, ``'layer'`` (one per layer), ``'layerwise'`` (one per
+            parameter tensor; not with Kronecker representations, whose blocks hold weight and
+            bias together) or ``'diag'``.
+        prior_prec_init, sigma_noise_init, temperature: initial ``Λ`` (scalar), ``σ``, and
+            ``T``.
+        progress_bar, enable_backprop: accepted for laplace-torch's signature; not used.
+        dict_key_x, dict_key_y: dict batches' keys; the targets must be under ``'labels'``.
+
+    Returns:
+        ``(laplace, model, margliks, losses)``: the final :class:`Laplace`, the model (its best
+        parameters loaded), the negative log marginal likelihood after every hyper-parameter
+        step, and the training loss of every epoch.
+    """
+    from . import object as _objects
+
+    if backend is not None:
+        raise ValueError("backend= is laplace-torch's curvature backend: leave it None and "
+                         "choose curvature='ggn' | 'mc' | 'ef'")
+    if dict_key_y != "labels":
+        raise ValueError("dict batches must hold their targets under 'labels'")
+    if representation is None:
+        if hessian_structure not in _STRUCTURES:
+            raise ValueError(f"hessian_structure={hessian_structure!r}: use one of "
+                             f"{list(_STRUCTURES)} or representation=")
+        representation = getattr(_objects, _STRUCTURES[hessian_structure])
+    if prior_structure == "layerwise" and representation.__name__ in ("PMatKFAC", "PMatEKFAC"):
+        raise NotImplementedError(
+            f"prior_structure='layerwise' (weight and bias apart) with {representation.__name__}:"
+            " a precision that differs inside a Kronecker block has no exact form; use "
+            "prior_structure='layer' (one per layer) or 'scalar', or hessian_structure='full' / "
+            "'diag'")
+    if likelihood not in _LIKELIHOODS:
+        raise ValueError(f"likelihood={likelihood!r}: use 'classification' or 'regression'")
+    optimizer_kwargs = dict(optimizer_kwargs or {})
+    if optimizer_kwargs.get("weight_decay", 0):
+        raise ValueError("weight_decay: the prior precision is the weight decay here, learnt by "
+                         "marginal likelihood; drop it from optimizer_kwargs")
+    lc = LayerCollection.from_model(model)
+    modules = lc.get_layerid_module_map(model)
+    params = lc.parameters(modules)
+    like = params[0].detach()
+    ids = list(lc.layer_ids())
+    counts = [spec.numel() for lid in ids for _, spec in lc[lid].param_specs()]
+    per_layer = [lc[lid].numel() for lid in ids]
+    sizes = {"scalar": (), "layer": (len(ids),), "layerwise": (len(counts),), "diag": (lc.numel(),)}
+    if prior_structure not in sizes:
+        raise ValueError(f"prior_structure={prior_structure!r}: use 'scalar', 'layer', "
+                         "'layerwise' or 'diag'")
+    log_prior = torch.full(sizes[prior_structure], math.log(prior_prec_init), dtype=like.dtype,
+                           device=like.device, requires_grad=True)
+    hyper = [log_prior]
+    log_sigma = None
+    if likelihood == "regression" and not fix_sigma_noise:
+        log_sigma = torch.full((), math.log(sigma_noise_init), dtype=like.dtype,
+                               device=like.device, requires_grad=True)
+        hyper.append(log_sigma)
+
+    def prior_of(lp):
+        lam = lp.exp()
+        if prior_structure == "layer":
+            return {lid: lam[i] for i, lid in enumerate(ids)}
+        return lam
+
+    def flat_prior(lam):
+        if prior_structure == "scalar":
+            return lam
+        reps = per_layer if prior_structure == "layer" else counts
+        if prior_structure == "diag":
+            return lam
+        return torch.repeat_interleave(lam, torch.tensor(reps, device=lam.device))
+
+    def sigma_now():
+        if likelihood == "classification":
+            return 1.0
+        return sigma_noise_init if log_sigma is None else log_sigma.exp()
+
+    optimizer = optimizer_cls(model.parameters(), **optimizer_kwargs)
+    scheduler = scheduler_cls(optimizer, **(scheduler_kwargs or {})) if scheduler_cls else None
+    hyper_opt = torch.optim.Adam(hyper, lr=lr_hyp)
+    try:
+        N = len(train_loader.dataset)
+    except (AttributeError, TypeError):
+        N = sum(batch_size_of(tuple(b)) for b in iterate_batches(train_loader))
+    best, best_state, margliks, losses = math.inf, None, [], []
+    for epoch in range(1, n_epochs + 1):
+        total = 0.0
+        for batch in iterate_batches(train_loader):
+            batch = tuple(batch)
+            y = _targets(batch)
+            optimizer.zero_grad()
+            out = default_function(model)(*batch)
+            with torch.no_grad():
+                lam = flat_prior(log_prior.exp())
+                sig = sigma_now()
+                sig = float(sig) if torch.is_tensor(sig) else sig
+            if likelihood == "classification":
+                data = tF.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+                c = temperature
+            else:
+                o = out.reshape(out.shape[0], -1)
+                data = ((o - y.reshape(o.shape)) ** 2).sum() / o.shape[0]
+                c = 2 * sig ** 2 * temperature
+            theta = torch.cat([p.reshape(-1) for p in params])
+            m = out.shape[0]
+            loss = data + c * 0.5 * (lam * theta ** 2).sum() / N
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += float(loss) * m
+        losses.append(total / N)
+        if epoch % marglik_frequency != 0 or epoch < n_epochs_burnin:
+            continue
+        with torch.no_grad():
+            sig0 = sigma_now()
+        la = Laplace(model, likelihood, representation,
+                     prior_precision=prior_of(log_prior.detach()), sigma_noise=(
+                         float(sig0) if torch.is_tensor(sig0) else sig0),
+                     temperature=temperature, curvature=curvature,
+                     **representation_kwargs).fit(train_loader)
+        for _ in range(n_hypersteps):
+            hyper_opt.zero_grad()
+            # the hyper-parameters this evidence is of (kept with it: the step moves them)
+            evaluated = (log_prior.detach().clone(),
+                         None if log_sigma is None else log_sigma.detach().clone())
+            sigma = log_sigma.exp() if log_sigma is not None else None
+            neg = -la.log_marginal_likelihood(prior_of(log_prior), sigma)
+            neg.backward()
+            hyper_opt.step()
+            margliks.append(float(neg))
+        if margliks[-1] < best:
+            best = margliks[-1]
+            best_state = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                          *evaluated)
+    if best_state is not None:
+        model.load_state_dict(best_state[0])
+        with torch.no_grad():
+            log_prior.copy_(best_state[1])
+            if log_sigma is not None:
+                log_sigma.copy_(best_state[2])
+    with torch.no_grad():
+        final_prior = prior_of(log_prior.detach())
+        if prior_structure == "layer":
+            final_prior = {k: float(v) for k, v in final_prior.items()}
+        elif prior_structure == "scalar":
+            final_prior = float(final_prior)
+        sigma = sigma_now()
+        sigma = float(sigma) if torch.is_tensor(sigma) else sigma
+    la = Laplace(model, likelihood, representation, prior_precision=final_prior,
+                 sigma_noise=sigma, temperature=temperature, curvature=curvature,
+                 **representation_kwargs).fit(train_loader)
+    return la, model, margliks, losses
+
+
 # ---------------------------------------------------------------------- helpers
 def _targets(batch):
     first = batch[0]
@@ -766,4 +956,4 @@ def _is_one(x):
     return float(x) == 1.0
 
 
-__all__ = ["Laplace"]
+__all__ = ["Laplace", "marglik_training"]
