@@ -830,7 +830,7 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            total += float(loss) * m
+            total += float(loss.detach()) * m
         losses.append(total / N)
         if epoch % marglik_frequency != 0 or epoch < n_epochs_burnin:
             continue
