@@ -18,7 +18,7 @@ precision) is a scalar, a dict ``{layer_id: scalar}`` or a per-parameter ``PVect
   with ``log p(D | θ*)`` the summed log-likelihood at ``θ*`` (``−Σ CE`` for classification;
   ``−Σ ||f − y||² / (2σ²) − (n K / 2) log(2π σ²)`` for regression), divided by ``T``. It is
   differentiable w.r.t. a prior precision (and ``σ``) given as tensors that require grad, which
-  :meth:`Laplace.optimize_prior_precision` uses.
+  `Laplace.optimize_prior_precision` uses.
 * **GLM predictive**: ``f(x*) ~ N(f(x*; θ*), J* H⁻¹ J*ᵀ)``, with ``J*`` the Jacobian at the
   test inputs; for classification the class probabilities by the probit approximation
   ``softmax(f / sqrt(1 + π/8 · diag Σ))`` or by Monte-Carlo samples of ``f``.
@@ -214,7 +214,7 @@ class Laplace:
 
     # ------------------------------------------------------------------ saving
     def state_dict(self):
-        """What :meth:`load_state_dict` needs to restore the fitted approximation without the
+        """What `load_state_dict` needs to restore the fitted approximation without the
         data: plain tensors, numbers and strings only (``torch.load`` with its defaults reads
         it). The model's parameters are not included (save ``model.state_dict()``)."""
         self._check_fitted()
@@ -232,7 +232,7 @@ class Laplace:
                 "layer_ids": list(self.layer_collection.layer_ids())}
 
     def load_state_dict(self, state):
-        """Restore :meth:`state_dict` into a Laplace built with the same model, likelihood,
+        """Restore `state_dict` into a Laplace built with the same model, likelihood,
         representation and layer collection."""
         for key, mine in (("likelihood", self.likelihood),
                           ("representation", self.representation.__name__),
@@ -373,7 +373,7 @@ class Laplace:
                                  *, per_layer=False, init=None, grid=None, generator=None):
         """Choose the prior precision; sets and returns it (laplace-torch's arguments).
 
-        * ``method='marglik'``: maximise :meth:`log_marginal_likelihood` by ``n_steps`` of Adam
+        * ``method='marglik'``: maximise `log_marginal_likelihood` by ``n_steps`` of Adam
           (learning rate ``lr``) on ``log Λ`` from ``init_prior_prec`` (alias ``init``; default
           the current scalar prior), with ``prior_structure``: ``'scalar'`` (default; returns a
           float), ``'layer'`` (one per layer, weight and bias together; returns a dict; alias
@@ -564,7 +564,7 @@ class Laplace:
 
     def __call__(self, x, pred_type="glm", joint=False, link_approx="probit", n_samples=100,
                  diagonal_output=False, generator=None):
-        """laplace-torch's call: :meth:`predictive` with its argument order."""
+        """laplace-torch's call: `predictive` with its argument order."""
         return self.predictive(x, link_approx=link_approx, n_samples=n_samples,
                                generator=generator, pred_type=pred_type, joint=joint,
                                diagonal_output=diagonal_output)
@@ -586,10 +586,10 @@ class Laplace:
         * regression: ``(mean (n*, K), variance (n*, K, K))``, the variance ``Σ + σ² I``
           (``(n*, K)`` with ``diagonal_output=True``);
         * ``joint=True``: the joint Gaussian over the batch, ``(mean (n* K,), covariance
-          (n* K, n* K))`` (:meth:`functional_covariance`, plus ``σ² I`` for regression; for
+          (n* K, n* K))`` (`functional_covariance`, plus ``σ² I`` for regression; for
           classification, of the logits).
 
-        ``pred_type='nn'``: ``n_samples`` networks ``θ ~ N(θ*, H⁻¹)`` (:meth:`sample`) run at
+        ``pred_type='nn'``: ``n_samples`` networks ``θ ~ N(θ*, H⁻¹)`` (`sample`) run at
         the inputs: classification, the mean of their softmax ``(n*, C)``; regression,
         ``(mean, covariance + σ² I)`` of their outputs (unbiased sample covariance).
 
@@ -704,33 +704,50 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
     scale: ``mean_i ℓ_i + c · ½ θᵀΛθ / N`` per batch, ``N`` the examples of an epoch, with
     ``ℓ_i`` the cross-entropy and ``c = T`` (classification), or ``ℓ_i = ||f_i − y_i||²`` and
     ``c = 2σ²T`` (regression: the Gaussian negative log-likelihood times ``2σ²T``). Every
-    ``marglik_frequency`` epochs from ``n_epochs_burnin`` on, a :class:`Laplace` is fitted at
+    ``marglik_frequency`` epochs from ``n_epochs_burnin`` on, a `Laplace` is fitted at
     the current parameters and ``n_hypersteps`` Adam steps (learning rate ``lr_hyp``) on
     ``log Λ`` (and ``log σ`` unless ``fix_sigma_noise``) maximise its evidence. The network,
     prior and ``σ`` of the best evidence (after the last step of a round) are kept and a final
     Laplace is fitted with them.
 
     Args:
-        model, train_loader: the network and its training batches (``(x, y)`` or dicts).
+        model: the network (trained in place).
+        train_loader: its training batches (``(x, y)`` or dicts).
         likelihood: ``'classification'`` or ``'regression'``.
         hessian_structure: ``'full'``, ``'diag'``, ``'kron'`` or ``'lowrank'`` (our
             ``PMatDense``, ``PMatDiag``, ``PMatKFAC``, ``PMatLowRank``); ``representation=`` a
             ``PMat*`` class instead.
         backend: laplace-torch's curvature backend: not used (pass ``None``); ``curvature=``
             chooses ``'ggn'``, ``'mc'`` or ``'ef'``.
-        optimizer_cls, optimizer_kwargs, scheduler_cls, scheduler_kwargs: the network's
-            optimiser (a ``weight_decay`` is refused: the prior is the weight decay) and
-            learning-rate scheduler (stepped every batch, as laplace-torch does).
+        optimizer_cls: the network's optimiser class (Adam).
+        optimizer_kwargs: its arguments (a ``weight_decay`` is refused: the prior is the
+            weight decay).
+        scheduler_cls: a learning-rate scheduler class, stepped every batch as laplace-torch
+            does, or None.
+        scheduler_kwargs: its arguments.
+        n_epochs: epochs of training.
+        lr_hyp: Adam's learning rate on the log hyper-parameters.
         prior_structure: ``'scalar'``, ``'layer'`` (one per layer), ``'layerwise'`` (one per
             parameter tensor; not with Kronecker representations, whose blocks hold weight and
             bias together) or ``'diag'``.
-        prior_prec_init, sigma_noise_init, temperature: initial ``Λ`` (scalar), ``σ``, and
-            ``T``.
-        progress_bar, enable_backprop: accepted for laplace-torch's signature; not used.
-        dict_key_x, dict_key_y: dict batches' keys; the targets must be under ``'labels'``.
+        n_epochs_burnin: no hyper-parameter step before this epoch.
+        n_hypersteps: hyper-parameter steps per round.
+        marglik_frequency: a round every this many epochs.
+        prior_prec_init: the initial prior precision (a scalar).
+        sigma_noise_init: the initial ``σ`` (regression).
+        temperature: ``T``.
+        fix_sigma_noise: keep ``σ = sigma_noise_init``.
+        progress_bar: accepted for laplace-torch's signature; not used.
+        enable_backprop: accepted for laplace-torch's signature; not used.
+        dict_key_x: accepted for laplace-torch's signature (dict batches pass every key but
+            the targets' to the model).
+        dict_key_y: the targets' key of dict batches; must be ``'labels'``.
+        representation: a ``PMat*`` class, instead of ``hessian_structure``.
+        curvature: ``'ggn'``, ``'mc'`` or ``'ef'`` (see `Laplace`).
+        **representation_kwargs: passed to `Laplace`.
 
     Returns:
-        ``(laplace, model, margliks, losses)``: the final :class:`Laplace`, the model (its best
+        ``(laplace, model, margliks, losses)``: the final `Laplace`, the model (its best
         parameters loaded), the negative log marginal likelihood after every hyper-parameter
         step, and the training loss of every epoch.
     """
