@@ -283,9 +283,16 @@ class Laplace:
         self._check_fitted()
         prior = self._prior(prior_precision)
         s = self._scale(sigma_noise)
+        if self._kron_prior(prior):
+            return _KronPrior(self.ggn, self.prior_precision_diag(prior), s).logdet()
         P = self.layer_collection.numel()
         logs = torch.log(s) if torch.is_tensor(s) else math.log(s)
         return _call_exact(self.ggn, "logdet", regul=self._damping(prior, s)) + P * logs
+
+    def _kron_prior(self, prior):
+        """A per-parameter prior on KFAC: exact through `_KronPrior` (one precision per
+        parameter tensor), where the representation's own damping takes one per layer."""
+        return isinstance(prior, PVector) and type(self.ggn) is PMatKFAC
 
     # ------------------------------------------------------------------ the prior
     def _tensor_sizes(self):
@@ -379,9 +386,9 @@ class Laplace:
           float), ``'layer'`` (one per layer, weight and bias together; returns a dict; alias
           ``per_layer=True``), ``'layerwise'`` (laplace-torch's: one per parameter tensor,
           weight and bias apart; returns a 1-D tensor) or ``'diag'`` (one per parameter;
-          returns a 1-D tensor of length ``P``). Kronecker representations (KFAC, EKFAC) take
-          ``'scalar'`` and ``'layer'`` only (a prior that differs inside a Kronecker block has no
-          exact form there).
+          returns a 1-D tensor of length ``P``). KFAC takes all but ``'diag'`` (one precision
+          per parameter tensor is exact there: a rank-one correction of each Kronecker block in
+          its factors' eigenbases); EKFAC ``'scalar'`` and ``'layer'`` only.
         * ``method='gridsearch'``: the scalar of ``grid`` (default ``log_prior_prec_base **
           linspace(log_prior_prec_min, log_prior_prec_max, grid_size)``) with the lowest
           validation loss over ``val_loader``, the predictive being
@@ -518,7 +525,12 @@ class Laplace:
         inverse (small ``P`` only)."""
         self._check_fitted()
         s = self._scale()
-        return _call_exact(self.ggn, "inverse", regul=self._damping(self._prior(), s)).to_torch() / s
+        prior = self._prior()
+        if self._kron_prior(prior):
+            eye = torch.eye(self.layer_collection.numel(), dtype=self.theta_map.dtype,
+                            device=self.theta_map.device)
+            return _KronPrior(self.ggn, self.prior_precision_diag(prior), s).solve(eye)
+        return _call_exact(self.ggn, "inverse", regul=self._damping(prior, s)).to_torch() / s
 
     @property
     def posterior_variance(self):
@@ -526,6 +538,8 @@ class Laplace:
         representation's inverse has a cheap diagonal."""
         self._check_fitted()
         s = self._scale()
+        if self._kron_prior(self._prior()):
+            return torch.diagonal(self.posterior_covariance)
         inv = _call_exact(self.ggn, "inverse", regul=self._damping(self._prior(), s))
         return inv.get_diag() / s
 
@@ -541,6 +555,10 @@ class Laplace:
 
     def _HinvJ(self, J):
         s = self._scale()
+        prior = self._prior()
+        if self._kron_prior(prior):
+            Jt = J.to_torch()
+            return Jt, _KronPrior(self.ggn, self.prior_precision_diag(prior), s).solve(Jt)
         HinvJ = _call_exact(self.ggn, "solve", J, regul=self._damping(self._prior(), s))
         return J.to_torch(), HinvJ.to_torch() / s  # (K, n, P)
 
@@ -676,6 +694,11 @@ class Laplace:
         """``n_samples`` posterior draws ``θ* + H^{-1/2} z``, shape ``(n_samples, P)``."""
         self._check_fitted()
         s = self._scale()
+        if self._kron_prior(self._prior()):
+            raise NotImplementedError(
+                "sample with KFAC and a prior that differs between weight and bias: H^{-1/2} "
+                "has no Kronecker form there; use one precision per layer, or PMatDense / "
+                "PMatDiag")
         P = self.layer_collection.numel()
         dt = self.theta_map.dtype
         z = torch.randn((n_samples, 1, P), generator=generator, dtype=dt)
@@ -728,8 +751,7 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
         n_epochs: epochs of training.
         lr_hyp: Adam's learning rate on the log hyper-parameters.
         prior_structure: ``'scalar'``, ``'layer'`` (one per layer), ``'layerwise'`` (one per
-            parameter tensor; not with Kronecker representations, whose blocks hold weight and
-            bias together) or ``'diag'``.
+            parameter tensor; exact with KFAC, not EKFAC) or ``'diag'`` (not KFAC, EKFAC).
         n_epochs_burnin: no hyper-parameter step before this epoch.
         n_hypersteps: hyper-parameter steps per round.
         marglik_frequency: a round every this many epochs.
@@ -763,12 +785,11 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
             raise ValueError(f"hessian_structure={hessian_structure!r}: use one of "
                              f"{list(_STRUCTURES)} or representation=")
         representation = getattr(_objects, _STRUCTURES[hessian_structure])
-    if prior_structure == "layerwise" and representation.__name__ in ("PMatKFAC", "PMatEKFAC"):
+    if prior_structure in ("layerwise", "diag") and representation.__name__ == "PMatEKFAC":
         raise NotImplementedError(
-            f"prior_structure='layerwise' (weight and bias apart) with {representation.__name__}:"
-            " a precision that differs inside a Kronecker block has no exact form; use "
-            "prior_structure='layer' (one per layer) or 'scalar', or hessian_structure='full' / "
-            "'diag'")
+            f"prior_structure={prior_structure!r} with PMatEKFAC: a precision that differs "
+            "inside a Kronecker block has no exact form there; use prior_structure='layer' or "
+            "'scalar', or PMatKFAC (exact with one precision per parameter tensor)")
     if likelihood not in _LIKELIHOODS:
         raise ValueError(f"likelihood={likelihood!r}: use 'classification' or 'regression'")
     optimizer_kwargs = dict(optimizer_kwargs or {})
@@ -890,6 +911,108 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
                  sigma_noise=sigma, temperature=temperature, curvature=curvature,
                  **representation_kwargs).fit(train_loader)
     return la, model, margliks, losses
+
+
+# ---------------------------------------------------------------------- KFAC, per-entry prior
+class _KronPrior:
+    """``H = s · KFAC + diag(Λ)`` for a KFAC matrix and a prior that, in each layer's Kronecker
+    layout ``(d_G, d_A)``, is ``I ⊗ diag(d_A)`` with ``d_A = λ 1 + δ e_k`` (one coordinate
+    apart: the bias column of ``[W | b]`` with its own precision). Each layer's block is, in
+    ``G``'s eigenbasis ``(g_j)`` and ``A``'s ``(a_i, U_A)``, ``⊕_j (diag(s g_j a + λ) + δ u uᵀ)``
+    with ``u = U_Aᵀ e_k``: a diagonal plus a rank one, so ``log det`` (matrix determinant lemma)
+    and solves (Sherman-Morrison) are exact and cost ``O(d_G d_A)`` per layer after the factors'
+    eigendecompositions."""
+
+    def __init__(self, ggn, prior_flat, s):
+        from .object.pspace import _kron as K
+        self.s, self.units = s, []
+        lc = ggn.layer_collection
+        for lid in lc.layer_ids():
+            A, G = K.get_unit(ggn.data, lid)
+            layer = lc[lid]
+            perm = layer.kfac_permutation()
+            sl = lc.slice(lid)
+            lam = prior_flat[sl]
+            dG = G.shape[0]
+            dA = A.shape[0]
+            kron = torch.zeros(dG * dA, dtype=lam.dtype, device=lam.device)
+            kron = kron.index_put((perm.to(lam.device),), lam).reshape(dG, dA)
+            base = kron[0]
+            if not torch.equal(kron.detach(), base.detach().expand(dG, dA)):
+                raise NotImplementedError(
+                    f"layer '{lid}': the prior precision is not the same for every output unit "
+                    "(in the Kronecker layout); KFAC takes one precision per layer or per "
+                    "parameter tensor")
+            vals = base.detach()
+            uniq, counts = torch.unique(vals, return_counts=True)
+            if len(uniq) == 1:
+                k = dA - 1
+            elif len(uniq) == 2 and int(counts.min()) == 1:
+                rare = uniq[int(counts.argmin())] if int(counts.max()) > 1 else vals[-1]
+                k = int((vals == rare).nonzero().flatten()[-1])
+            else:
+                raise NotImplementedError(
+                    f"layer '{lid}': the prior precision differs on several input coordinates "
+                    "of the Kronecker layout; KFAC takes one precision per layer or per "
+                    "parameter tensor (weight, bias)")
+            lam0 = base[(k + 1) % dA] if dA > 1 else base[0]
+            delta = base[k] - lam0
+            a, UA = _eig(A)
+            g, UG = _eig(G)
+            if UA is not None:
+                u = UA[k]
+            else:
+                u = torch.zeros(dA, dtype=A.dtype, device=A.device)
+                u[k] = 1.0
+            self.units.append((sl, perm, dG, dA, a, UA, g, UG, lam0, delta, u))
+
+    def logdet(self):
+        total = 0.0
+        for _, _, _, _, a, _, g, _, lam0, delta, u in self.units:
+            c = self.s * g[:, None] * a[None, :] + lam0  # (d_G, d_A)
+            total = total + torch.log(c).sum() + torch.log1p(delta * (u ** 2 / c).sum(-1)).sum()
+        return total
+
+    def solve(self, V):
+        """``H⁻¹ V`` for ``V`` of shape ``(..., P)`` in the flat layout."""
+        out = torch.empty_like(V)
+        for sl, perm, dG, dA, a, UA, g, UG, lam0, delta, u in self.units:
+            v = V[..., sl]
+            vk = v.new_empty(v.shape)
+            vk[..., perm.to(v.device)] = v
+            vk = vk.reshape(*v.shape[:-1], dG, dA)
+            t = _to_basis(vk, UG, UA)
+            c = self.s * g[:, None] * a[None, :] + lam0
+            tc = t / c
+            uc = u / c  # (d_G, d_A)
+            coef = (tc * u).sum(-1, keepdim=True) / (1 + delta * (u * uc).sum(-1, keepdim=True))
+            x = tc - delta * uc * coef
+            xk = _from_basis(x, UG, UA).reshape(*v.shape[:-1], dG * dA)
+            out[..., sl] = xk[..., perm.to(v.device)]
+        return out
+
+
+def _eig(F):
+    if F.dim() == 1:
+        return F, None
+    w, U = torch.linalg.eigh(F)
+    return w.clamp_min(0), U
+
+
+def _to_basis(V, UG, UA):
+    if UG is not None:
+        V = UG.transpose(-1, -2) @ V
+    if UA is not None:
+        V = V @ UA
+    return V
+
+
+def _from_basis(V, UG, UA):
+    if UG is not None:
+        V = UG @ V
+    if UA is not None:
+        V = V @ UA.transpose(-1, -2)
+    return V
 
 
 # ---------------------------------------------------------------------- helpers

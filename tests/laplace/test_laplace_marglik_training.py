@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nngeometry.laplace import marglik_training
+from nngeometry.object import PMatEKFAC
 
 from brute import fim_dense
 
@@ -76,7 +77,7 @@ def test_marglik_training_bad_arguments():
     model, x, y = _problem()
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     with pytest.raises(NotImplementedError, match="layerwise"):
-        marglik_training(model, loader, "regression", "kron", n_epochs=1)
+        marglik_training(model, loader, "regression", representation=PMatEKFAC, n_epochs=1)
     with pytest.raises(ValueError, match="weight_decay"):
         marglik_training(model, loader, "regression", "full", optimizer_kwargs={"weight_decay": 1e-3})
     with pytest.raises(ValueError, match="backend"):
