@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as tF
 
 from .backend.batches import batch_size_of, default_function, iterate_batches
+from ._entry import resolve_representation
 from .jacobian import Jacobian
 from .layercollection import LayerCollection
 from .metrics import FIM, EmpiricalFisher, FIM_MonteCarlo
@@ -54,7 +55,8 @@ class Laplace:
         likelihood: ``'classification'`` (softmax logits, cross-entropy) or ``'regression'``
             (Gaussian with noise ``sigma_noise``).
         representation: the ``PMat*`` class of the GGN (``PMatKFAC``, ``PMatEKFAC``, ``PMatDiag``,
-            ``PMatBlockDiag``, ``PMatLowRank``, ``PMatDense``).
+            ``PMatBlockDiag``, ``PMatLowRank``, ``PMatDense``), or its name (``'kfac'``,
+            ``'diag'``, ...).
         prior_precision: ``Λ``: a scalar, a dict ``{layer_id: scalar}`` (one per layer, weight
             and bias together), a ``PVector`` (one per parameter), or laplace-torch's 1-D tensor:
             of length 1 (scalar), of the number of parameter tensors (one per tensor, weight and
@@ -75,6 +77,9 @@ class Laplace:
             observed targets: ``EmpiricalFisher``); laplace-torch reaches these through its
             backends.
         mc_samples: the targets per example for ``curvature='mc'``.
+        target_key: for dict batches, the key of the targets (default ``'labels'``), as for
+            ``FIM``; with a model that takes one tensor, map the inputs' key with ``function=``,
+            e.g. ``function=lambda b: model(b['x'])`` and ``target_key='y'``.
         **representation_kwargs: passed to the build, e.g. ``separate_weight_and_bias=True``
             for KFAC with separate weight and bias blocks (laplace-torch's ``KronLaplace``
             layout), or ``subnetwork_indices=idx`` with ``PMatDense``: a subnetwork Laplace over
@@ -83,10 +88,14 @@ class Laplace:
             ``H = (n/T) GGN[idx][:, idx] + Λ``; ``sample`` draws those ``k`` parameters).
     """
 
+    #: the key of the targets in dict batches (a class default: instances saved before it
+    #: existed read it from here)
+    target_key = "labels"
+
     def __init__(self, model, likelihood="classification", representation=PMatKFAC,
                  prior_precision=1.0, sigma_noise=1.0, temperature=1.0, layer_collection=None,
                  function=None, prior_mean=0.0, curvature="ggn", mc_samples=1,
-                 **representation_kwargs):
+                 target_key="labels", **representation_kwargs):
         if likelihood not in _LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r}: use 'classification' or 'regression'")
         if likelihood == "classification" and not _is_one(sigma_noise):
@@ -94,7 +103,7 @@ class Laplace:
                              "classification")
         self.model = model
         self.likelihood = likelihood
-        self.representation = representation
+        self.representation = resolve_representation(representation, "Laplace")
         self.prior_precision = prior_precision
         self.prior_mean = prior_mean
         self.sigma_noise = sigma_noise
@@ -106,7 +115,8 @@ class Laplace:
         self.layer_collection = layer_collection
         self._lc_arg = layer_collection
         self.function = function
-        self._fn = function if function is not None else default_function(model)
+        self.target_key = target_key
+        self._fn = function if function is not None else default_function(model, target_key)
         self.subnetwork_indices = representation_kwargs.pop("subnetwork_indices", None)
         self.representation_kwargs = representation_kwargs
         self.ggn = None
@@ -117,15 +127,23 @@ class Laplace:
     def fit(self, loader, override=True):
         """Compute the GGN (mean over the examples) and the data term of the log-likelihood at
         the current parameters ``θ*``, over ``loader``: batches ``(inputs, targets)``, or dicts
-        (Hugging Face style: ``model(**inputs)`` without ``'labels'``, ``.logits`` of the
-        output, targets ``batch['labels']``; outputs ``(n, T, C)`` are ``T`` classified
-        positions per example, summed).
+        (Hugging Face style: ``model(**inputs)`` without the targets, ``.logits`` of the
+        output, targets ``batch[target_key]``).
+
+        Targets: classification, integer class labels ``(n,)`` in ``[0, C)`` (``(n, 1)`` is
+        read as ``(n,)``); regression, the outputs' shape ``(n, K)`` (or ``(n,)`` for
+        ``K = 1``). Other targets are refused (``ValueError`` saying what to pass).
 
         ``override=False`` (laplace-torch's online fit) adds this loader's examples to those
         already fitted: the curvature becomes ``(n₁ M₁ + n₂ M₂) / (n₁ + n₂)``, exact for the
         representations closed under sums (Dense, BlockDiag, Diag, LowRank); Kronecker factors are
         averaged (``factor_average``, the usual KFAC approximation of a sum, as laplace-torch
         does); others are refused. The data term adds up, ``θ*`` is the current parameters."""
+        if isinstance(loader, (list, tuple, dict, torch.Tensor)):
+            # in memory: the targets' kind is checked before the pass over the data
+            for batch in iterate_batches(loader):
+                self._targets(batch)
+                break
         if not override and self.ggn is not None:
             return self._accumulate(loader)
         extra = dict(self.representation_kwargs)
@@ -145,7 +163,8 @@ class Laplace:
         return self
 
     def _curvature_of(self, loader, extra):
-        common = dict(function=self.function, layer_collection=self._lc_arg, **extra)
+        common = dict(function=self.function, layer_collection=self._lc_arg,
+                      target_key=self.target_key, **extra)
         variant = "classif_logits" if self.likelihood == "classification" else "regression"
         if self.curvature == "ggn":
             return FIM(self.model, loader, self.representation, variant=variant, **common)
@@ -165,16 +184,14 @@ class Laplace:
         with torch.no_grad():
             # the batches as the generator reads them: the data term and the GGN see the same
             for batch in iterate_batches(loader):
-                raw = self._fn(*batch)
-                y = _targets(batch)
+                out = self._outputs(batch)
+                y = self._targets(batch, out)
                 if self.likelihood == "classification":
-                    C = raw.shape[-1]
-                    loss += tF.cross_entropy(raw.reshape(-1, C), y.reshape(-1), reduction="sum")
+                    loss += tF.cross_entropy(out, y, reduction="sum")
                 else:
-                    out = raw.reshape(raw.shape[0], -1)
-                    loss += 0.5 * ((out - y.reshape(out.shape)) ** 2).sum()
-                n += raw.shape[0]
-                n_out = raw[0].numel()
+                    loss += 0.5 * ((out - y) ** 2).sum()
+                n += out.shape[0]
+                n_out = out[0].numel()
         if n == 0:
             raise ValueError("the loader gave no examples")
         return n, loss, n_out
@@ -211,6 +228,65 @@ class Laplace:
     def _outputs(self, batch):
         out = self._fn(*batch)
         return out.reshape(out.shape[0], -1)
+
+    def _targets(self, batch, out=None):
+        """The batch's targets, checked against the likelihood (and the outputs ``(n, K)``
+        when given): classification ``(n,)`` integer labels in ``[0, K)``, regression
+        ``(n, K)`` in the outputs' dtype. A ``ValueError`` says what to pass otherwise."""
+        first = batch[0]
+        if isinstance(first, Mapping) and len(batch) == 1:
+            if self.target_key not in first:
+                raise ValueError(
+                    f"Laplace.fit needs the targets, and the dict batch has no key "
+                    f"{self.target_key!r} (its keys: {', '.join(map(repr, first))}); name the "
+                    "targets' key with Laplace(..., target_key=...) (and, for a model that "
+                    "takes one tensor, its input with function=lambda b: model(b[key])), or "
+                    "pass batches (inputs, targets)")
+            y = first[self.target_key]
+        elif len(batch) < 2:
+            raise ValueError(
+                "Laplace.fit needs the targets (for the log-likelihood at θ*): the batches hold "
+                "only inputs. Pass batches (inputs, targets), e.g. a DataLoader of "
+                "TensorDataset(x, y)")
+        else:
+            y = batch[1]
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"Laplace.fit: the targets must be a tensor, got {type(y).__name__}")
+        shape = tuple(y.shape)
+        if self.likelihood == "classification":
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise ValueError(
+                    f"likelihood='classification' needs integer class labels (n,), got a "
+                    f"{y.dtype} tensor of shape {shape}: use y.long() for whole-number labels, "
+                    "y.argmax(-1) for one-hot or probability targets, or "
+                    "likelihood='regression' for real-valued targets")
+            if out is None:
+                return y
+            n, C = out.shape
+            if y.dim() == 2 and y.shape[1] == 1:  # (n, 1): one label per example
+                y = y[:, 0]
+            if tuple(y.shape) != (n,):
+                raise ValueError(
+                    f"likelihood='classification' needs one class label per example, shape "
+                    f"({n},), for outputs of shape ({n}, {C}); got targets of shape {shape}. "
+                    "Outputs with positions (sequences, images) need function= returning "
+                    "(n, C) and targets (n,)")
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
+                raise ValueError(
+                    f"class labels must be in [0, {C}) for outputs of {C} classes, got labels "
+                    f"from {int(y.min())} to {int(y.max())}")
+            return y
+        if out is None:
+            return y
+        n, K = out.shape
+        if y.dim() == 0 or y.shape[0] != n or y[0].numel() != K:
+            hint = (" Integer targets, one per example, look like class labels: use "
+                    "likelihood='classification'." if not y.is_floating_point() and
+                    y.numel() == n and K > 1 else "")
+            raise ValueError(
+                f"likelihood='regression' needs targets of the outputs' shape ({n}, {K}) (or "
+                f"({n},) for one output), got shape {shape}.{hint}")
+        return y.reshape(n, K).to(out.dtype)
 
     # ------------------------------------------------------------------ saving
     def state_dict(self):
@@ -763,7 +839,7 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
         enable_backprop: accepted for laplace-torch's signature; not used.
         dict_key_x: accepted for laplace-torch's signature (dict batches pass every key but
             the targets' to the model).
-        dict_key_y: the targets' key of dict batches; must be ``'labels'``.
+        dict_key_y: the targets' key of dict batches.
         representation: a ``PMat*`` class, instead of ``hessian_structure``.
         curvature: ``'ggn'``, ``'mc'`` or ``'ef'`` (see `Laplace`).
         **representation_kwargs: passed to `Laplace`.
@@ -778,8 +854,8 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
     if backend is not None:
         raise ValueError("backend= is laplace-torch's curvature backend: leave it None and "
                          "choose curvature='ggn' | 'mc' | 'ef'")
-    if dict_key_y != "labels":
-        raise ValueError("dict batches must hold their targets under 'labels'")
+    if representation is not None:
+        representation = resolve_representation(representation, "marglik_training")
     if representation is None:
         if hessian_structure not in _STRUCTURES:
             raise ValueError(f"hessian_structure={hessian_structure!r}: use one of "
@@ -835,6 +911,8 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
             return 1.0
         return sigma_noise_init if log_sigma is None else log_sigma.exp()
 
+    forward = default_function(model, dict_key_y)
+    probe = Laplace(model, likelihood, representation, target_key=dict_key_y)  # target checks
     optimizer = optimizer_cls(model.parameters(), **optimizer_kwargs)
     scheduler = scheduler_cls(optimizer, **(scheduler_kwargs or {})) if scheduler_cls else None
     hyper_opt = torch.optim.Adam(hyper, lr=lr_hyp)
@@ -847,9 +925,9 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
         total = 0.0
         for batch in iterate_batches(train_loader):
             batch = tuple(batch)
-            y = _targets(batch)
             optimizer.zero_grad()
-            out = default_function(model)(*batch)
+            out = forward(*batch)
+            y = probe._targets(batch, out.detach().reshape(out.shape[0], -1))
             with torch.no_grad():
                 lam = flat_prior(log_prior.exp())
                 sig = sigma_now()
@@ -877,7 +955,7 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
         la = Laplace(model, likelihood, representation,
                      prior_precision=prior_of(log_prior.detach()), sigma_noise=(
                          float(sig0) if torch.is_tensor(sig0) else sig0),
-                     temperature=temperature, curvature=curvature,
+                     temperature=temperature, curvature=curvature, target_key=dict_key_y,
                      **representation_kwargs).fit(train_loader)
         for _ in range(n_hypersteps):
             hyper_opt.zero_grad()
@@ -909,7 +987,7 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
         sigma = float(sigma) if torch.is_tensor(sigma) else sigma
     la = Laplace(model, likelihood, representation, prior_precision=final_prior,
                  sigma_noise=sigma, temperature=temperature, curvature=curvature,
-                 **representation_kwargs).fit(train_loader)
+                 target_key=dict_key_y, **representation_kwargs).fit(train_loader)
     return la, model, margliks, losses
 
 
@@ -1016,18 +1094,6 @@ def _from_basis(V, UG, UA):
 
 
 # ---------------------------------------------------------------------- helpers
-def _targets(batch):
-    first = batch[0]
-    if isinstance(first, Mapping):
-        if "labels" not in first:
-            raise ValueError(f"a dict batch needs its targets under 'labels' (keys: {list(first)})")
-        return first["labels"]
-    if len(batch) < 2:
-        raise ValueError("the Laplace approximation needs batches (inputs, targets): the data "
-                         "term of the evidence reads the targets")
-    return batch[1]
-
-
 def _call_exact(M, name, *args, regul):
     """``M.<name>(*args, regul=regul)`` with exact damping (every representation takes
     ``damping='exact'``; KFAC's π-damping is the default of its solve / inverse / pow)."""

@@ -87,7 +87,7 @@ def _curvature(entry, model, loader, representation, make_transform, function,
     distributed = kwargs.pop("distributed", None)
     process_group = kwargs.pop("process_group", None)
     kwargs = _drop_n_output(kwargs)
-    check_representation(representation, kwargs, entry)
+    representation = check_representation(representation, kwargs, entry)
     if validate is not None:
         validate()
     model = unwrap_model(model)
@@ -134,7 +134,9 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
     Args:
         model: the ``torch.nn.Module``.
         loader: a DataLoader (or a single mini-batch) of ``(inputs, targets, ...)``.
-        representation: a ``PMat*`` class (e.g. ``PMatDense``, ``PMatKFAC``).
+        representation: a ``PMat*`` class (e.g. ``PMatDense``, ``PMatKFAC``), or its name,
+            case-insensitive: ``'dense'``, ``'diag'``, ``'blockdiag'``, ``'kfac'``, ``'ekfac'``,
+            ``'lowrank'``, ``'quasidiag'``, ``'implicit'``, ... (or ``'PMatKFAC'``).
         variant: see above.
         device: kept for compatibility; batches are moved to the model's device.
         function: ``function(*batch) -> outputs (n, C)``; default ``model(batch[0])``.

@@ -59,7 +59,7 @@ class NaturalGradient:
     Args:
         model: the network being trained.
         representation: the ``PMat*`` class of the curvature (``PMatKFAC``, ``PMatEKFAC``,
-            ``PMatDiag``, ``PMatBlockDiag``, ``PMatDense``, ...).
+            ``PMatDiag``, ``PMatBlockDiag``, ``PMatDense``, ...), or its name (``'kfac'``, ...).
         curvature: ``'mc'`` (``FIM_MonteCarlo`` with ``trials`` samples), ``'fisher'`` (the
             closed-form ``FIM``), or a callable ``(model, batch, representation) -> PMat`` (e.g.
             an empirical Fisher or a GGN).
@@ -90,7 +90,13 @@ class NaturalGradient:
         if damping_mode not in _DAMPINGS:
             raise ValueError(f"damping_mode={damping_mode!r}: use 'exact' ((F + λI)⁻¹) or 'pi' "
                              "(KFAC's π-damped factors)")
-        if damping_mode == "pi" and not issubclass(representation, PMatKFAC):
+        from ._entry import resolve_representation
+
+        # a name ('kfac', 'ekfac', ...) as the class, so that the EKFAC and π-damping checks
+        # below see it
+        representation = resolve_representation(representation, "NaturalGradient")
+        if damping_mode == "pi" and not (isinstance(representation, type) and
+                                         issubclass(representation, PMatKFAC)):
             raise ValueError("damping_mode='pi' exists for PMatKFAC only (π-damped Kronecker "
                              "factors); use damping_mode='exact' with " + representation.__name__)
         if curvature not in ("mc", "fisher") and not callable(curvature):

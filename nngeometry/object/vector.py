@@ -128,6 +128,20 @@ class PVector:
     def __len__(self):
         return self.layer_collection.numel()
 
+    def to(self, *args, **kwargs):
+        """A PVector with its tensors moved: ``v.to(device)``, ``v.to(dtype)``,
+        ``v.to(device, dtype)`` or ``v.to(tensor)``, as ``torch.Tensor.to``; the same
+        storage (flat or per layer), on a copy of the LayerCollection recording the new dtype /
+        device. A vector viewing a model's parameters (``from_model``) gives a copy when the
+        device or dtype changes, as ``torch.Tensor.to``."""
+        from ._moving import move, move_collection, parse_to
+
+        device, dtype, non_blocking = parse_to(args, kwargs, "PVector")
+        lc = move_collection(self.layer_collection, device, dtype)
+        if self.vector_repr is not None:
+            return PVector(lc, vector_repr=move(self.vector_repr, device, dtype, non_blocking))
+        return PVector(lc, dict_repr=move(self.dict_repr, device, dtype, non_blocking))
+
     @property
     def dtype(self):
         return self._any_tensor().dtype

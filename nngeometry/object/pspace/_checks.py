@@ -84,14 +84,17 @@ def check_invertible(values, rep, what, regul, exact=False, detail=""):
         raise singular_error(rep, what, regul, detail)
 
 
-def logdet_of(values, rep, regul, exact=False, require_pd=True, multiplicity=1):
+def logdet_of(values, rep, regul, exact=False, require_pd=True, multiplicity=1,
+              allow_negative_det=False):
     """``log det(M + regul·I) = Σ log λ`` from the eigenvalues (or diagonal pivots) ``values``
     of ``M + regul·I``, each counted ``multiplicity`` times.
 
     Singular (see :func:`check_invertible`): the shared singular error. ``require_pd=True``: a
     negative value is refused (log det of a matrix that should be positive definite, e.g. the
     damped Fisher of a Laplace posterior); ``require_pd=False``: ``log |det|`` when
-    ``det > 0`` (an even number of negative values), the same clear error when ``det < 0``."""
+    ``det > 0`` (an even number of negative values), the same clear error when ``det < 0``
+    (``allow_negative_det=True``: ``log |det|`` in any case, for a part of a matrix whose
+    caller checks the sign of the whole determinant)."""
     v = values.detach()
     low = float(v.min()) if v.numel() else 0.0
     if require_pd and low < -(0.0 if exact or _is_damped(regul) else round_off_tol(v)):
@@ -101,7 +104,7 @@ def logdet_of(values, rep, regul, exact=False, require_pd=True, multiplicity=1):
         neg = int((v < 0).sum()) * multiplicity
     if neg and require_pd:
         raise not_psd_error(rep, "logdet", low, regul)
-    if neg % 2:
+    if neg % 2 and not allow_negative_det:
         raise ValueError(
             f"{rep}.logdet: log-determinant of a matrix with a negative eigenvalue ({low:.3g}; "
             f"{neg} negative, so det < 0): M + regul·I must be positive definite; use a regul "

@@ -437,6 +437,32 @@ class PMatAbstract:
     def __sub__(self, other):
         return self + (-other)
 
+    # ------------------------------------------------------------------ device and dtype
+    def to(self, *args, **kwargs):
+        """A copy of the matrix with its storage moved: ``M.to(device)``, ``M.to(dtype)``,
+        ``M.to(device, dtype)`` or ``M.to(tensor)``, as ``torch.Tensor.to`` (``non_blocking=``
+        too). Floating-point tensors take the dtype (e.g. ``torch.float64`` for an accurate
+        solve); integer ones (indices) only move. The caches (factorizations,
+        eigendecompositions) are not carried: they are recomputed on demand in the new dtype.
+        The generator is kept. The LayerCollection is a copy recording the new dtype / device
+        (the default of ``random_pvector``); it equals the original, so vectors on either work
+        with the moved matrix once they are in its dtype and on its device."""
+        from .._moving import move, parse_to
+
+        device, dtype, non_blocking = parse_to(args, kwargs, type(self).__name__)
+        # what pickling keeps, without the caches (keyed on the old tensors) and without an
+        # eigendecomposition computed from the data (its '_eig_snapshot' says so; one set by
+        # hand is the user's and moves): recomputed in the new dtype when asked for
+        drop = {"generator"}
+        if "_eig_snapshot" in self.__dict__:
+            drop |= {"evals", "evecs"}
+        state = {k: v for k, v in self.__getstate__().items()
+                 if k not in drop and not k.endswith("_cache")}
+        moved = type(self).__new__(type(self))
+        moved.__setstate__({k: move(v, device, dtype, non_blocking) for k, v in state.items()})
+        moved.generator = self.generator
+        return moved
+
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
         # the generator holds the model and a user function (often a lambda): not picklable,

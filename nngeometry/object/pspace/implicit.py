@@ -49,6 +49,32 @@ class PMatImplicit(PMatAbstract):
         self._diag = None
         self.last_cg_info = None
 
+    def to(self, *args, **kwargs):
+        """A copy, when the device and dtype asked for are the model's (the only ones this
+        matrix has: it stores no entries, every product runs the model). Another device or
+        dtype is refused (``ValueError``): move the model itself (``model.to(...)``; the matrix
+        follows it, its products then take vectors on the model's device and in its dtype), or
+        build a stored representation (``PMatDense``, ``PMatKFAC``, ...) and move that."""
+        from .._moving import parse_to
+
+        device, dtype, _ = parse_to(args, kwargs, "PMatImplicit")
+        params = list(getattr(getattr(self.generator, "model", None), "parameters", list)())
+        have_device = params[0].device if params else None
+        have_dtype = params[0].dtype if params else None
+        want_device = torch.device(device) if device is not None else None
+        if want_device is not None and want_device.type != "cpu" and want_device.index is None \
+                and have_device is not None and have_device.type == want_device.type:
+            want_device = have_device  # 'cuda' is the model's 'cuda:k'
+        if (want_device is not None and want_device != have_device) or \
+                (dtype is not None and dtype != have_dtype):
+            raise ValueError(
+                f"PMatImplicit.to({', '.join(str(a) for a in (device, dtype) if a is not None)}): "
+                "this matrix stores no entries, its products run the model, which is on "
+                f"{have_device} in {have_dtype}. Move the model instead (model.to(...)): the "
+                "matrix follows it. Or build a stored representation (PMatDense, PMatKFAC, "
+                "PMatDiag, ...) and move that")
+        return super().to(*args, **kwargs)
+
     def _gen(self):
         if self.generator is None:
             origin = self.__dict__.get("_function_origin")
