@@ -39,7 +39,7 @@ from .jacobian import Jacobian
 from .layercollection import LayerCollection
 from .metrics import FIM, EmpiricalFisher, FIM_MonteCarlo
 from .object.map import PFMapDense
-from .object.pspace import PMatKFAC
+from .object.pspace import PMatDense, PMatDiag, PMatKFAC
 from .object.vector import PVector
 
 _LIKELIHOODS = ("classification", "regression")
@@ -163,6 +163,8 @@ class Laplace:
         return self
 
     def _curvature_of(self, loader, extra):
+        if self._last_layer_fast():
+            return self._last_layer_curvature(loader)
         common = dict(function=self.function, layer_collection=self._lc_arg,
                       target_key=self.target_key, **extra)
         variant = "classif_logits" if self.likelihood == "classification" else "regression"
@@ -178,6 +180,72 @@ class Laplace:
                 return 0.5 * (d.reshape(d.shape[0], -1) ** 2).sum(-1)
         return EmpiricalFisher(self.model, loader, self.representation, loss_function=loss_fn,
                                **common)
+
+    # ------------------------------------------------------------------ last layer, no backward
+    def _last_layer_fast(self):
+        """The linear last layer of a classifier (``curvature='ggn'``, Dense / Diag / KFAC):
+        its GGN in closed form from the layer's inputs and the softmax probabilities, one
+        forward pass and no backward pass."""
+        lc = self._lc_arg
+        if (lc is None or len(lc.layers) != 1 or self.likelihood != "classification"
+                or self.curvature != "ggn" or self.subnetwork_indices is not None
+                or self.function is not None or self.representation_kwargs
+                or self.representation not in (PMatDense, PMatDiag, PMatKFAC)):
+            return False
+        layer = next(iter(lc.layers.values()))
+        return type(layer).__name__ == "LinearLayer"
+
+    def _last_layer_curvature(self, loader):
+        """``GGN = (1/n) Σ_i (x̃_i x̃_iᵀ) ⊗ Λ_i``, ``x̃_i = [x_i, 1]`` the layer's input,
+        ``Λ_i = diag(p_i) − p_i p_iᵀ``, with ``Λ_i`` only ever applied as a product:
+
+        * diagonal: ``W[c, j]``: ``(1/n) Σ_i x_ij² (p_ic − p_ic²)``, a ``(C, d)`` matrix product;
+        * KFAC: ``A = (1/n) Σ_i x̃ x̃ᵀ``, ``G = (1/n) Σ_i Λ_i = diag(p̄) − PᵀP / n`` (the mean of
+          the outputs' Hessians, as ``FIM``'s KFAC for this layer);
+        * dense: ``δ_cc' Σ_i p_ic x̃_ij x̃_ij' − Σ_i (p_ic x̃_ij)(p_ic' x̃_ij')`` (for small layers:
+          the matrix is ``(C(d+1))²``)."""
+        lid, layer = next(iter(self._lc_arg.layers.items()))
+        module = self._lc_arg.get_layerid_module_map(self.model)[lid]
+        captured = []
+        hook = module.register_forward_pre_hook(lambda m, inp: captured.append(inp[0].detach()))
+        has_bias = layer.has_bias() if callable(layer.has_bias) else layer.has_bias
+        C, d, bias = layer.out_features, layer.in_features, bool(has_bias)
+        rep = self.representation
+        acc, n = None, 0
+        try:
+            with torch.no_grad():
+                for batch in iterate_batches(loader):
+                    captured.clear()
+                    out = self._outputs(batch)
+                    x = captured[-1].reshape(out.shape[0], -1)
+                    p = torch.softmax(out, dim=-1)
+                    if bias:
+                        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+                    if rep is PMatDiag:
+                        part = ((p - p ** 2).T @ x ** 2,)  # (C, d+1)
+                    elif rep is PMatKFAC:
+                        part = (x.T @ x, torch.diag(p.sum(0)) - p.T @ p)
+                    else:
+                        px = (p[:, :, None] * x[:, None, :]).reshape(len(p), -1)
+                        first = torch.einsum("ic,ij,ik->cjk", p, x, x)
+                        dense = -(px.T @ px)
+                        D = x.shape[1]
+                        dense = dense.reshape(C, D, C, D)
+                        dense[torch.arange(C), :, torch.arange(C), :] += first
+                        part = (dense.reshape(C * D, C * D),)
+                    acc = part if acc is None else tuple(a + b for a, b in zip(acc, part))
+                    n += out.shape[0]
+        finally:
+            hook.remove()
+        if n == 0:
+            raise ValueError("the loader gave no examples")
+        acc = tuple(a / n for a in acc)
+        perm = layer.kfac_permutation().to(acc[0].device)  # flat index -> Kronecker index
+        if rep is PMatKFAC:
+            return PMatKFAC(self._lc_arg, data={lid: acc})
+        if rep is PMatDiag:
+            return PMatDiag(self._lc_arg, data=acc[0].reshape(-1)[perm])
+        return PMatDense(self._lc_arg, data=acc[0][perm][:, perm])
 
     def _data_term(self, loader):
         n, loss, n_out = 0, 0.0, None

@@ -128,3 +128,24 @@ def test_monte_carlo_fisher_curvature_converges_to_the_ggn():
     assert 1e-4 < err < 0.15  # sampled (not exact), and near the GGN
     with pytest.raises(ValueError, match="curvature"):
         Laplace(model, curvature="hessian")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rep", [PMatDense, PMatDiag, PMatKFAC], ids=lambda r: r.__name__)
+def test_last_layer_ggn_without_backward_pass(rep, bias):
+    """A linear last layer of a classifier: Σ_i (x̃ x̃ᵀ) ⊗ Λ_i from one forward pass (no backward
+    through the layer), equal to the dense brute force (Dense) and to FIM's build (Diag, KFAC)."""
+    from nngeometry import FIM
+    from nngeometry.layercollection import LayerCollection
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5, bias=bias)).to(DT)
+    x, y = torch.randn(20, 3, dtype=DT), torch.randint(0, 5, (20,))
+    lc = LayerCollection.from_model(model).last_layer()
+    calls = []
+    h = model[2].register_full_backward_hook(lambda *a: calls.append(1))
+    la = Laplace(model, "classification", rep, layer_collection=lc).fit([(x[:8], y[:8]), (x[8:], y[8:])])
+    h.remove()
+    assert la._last_layer_fast() and not calls
+    ref = fim_dense(model, x, layer_collection=lc) if rep is PMatDense else \
+        FIM(model, [(x, y)], rep, layer_collection=lc).to_torch()
+    assert torch.allclose(la.ggn.to_torch(), ref, rtol=1e-11, atol=1e-14)
