@@ -37,7 +37,7 @@ from .backend.batches import batch_size_of, default_function, iterate_batches
 from ._entry import resolve_representation
 from .jacobian import Jacobian
 from .layercollection import LayerCollection
-from .metrics import FIM, EmpiricalFisher, FIM_MonteCarlo
+from .metrics import FIM, EmpiricalFisher, FIM_MonteCarlo, subnetwork_collection
 from .object.map import PFMapDense
 from .object.pspace import PMatDense, PMatDiag, PMatKFAC
 from .object.vector import PVector
@@ -82,7 +82,8 @@ class Laplace:
             e.g. ``function=lambda b: model(b['x'])`` and ``target_key='y'``.
         **representation_kwargs: passed to the build, e.g. ``separate_weight_and_bias=True``
             for KFAC with separate weight and bias blocks (laplace-torch's ``KronLaplace``
-            layout), or ``subnetwork_indices=idx`` with ``PMatDense``: a subnetwork Laplace over
+            layout), or ``subnetwork_indices=idx`` with ``PMatDense`` or ``PMatDiag`` (the
+            diagonal's entries ``idx``): a subnetwork Laplace over
             the ``k`` parameters ``θ[idx]`` (flat indices in ``layer_collection``'s layout), the
             others fixed at ``θ*`` (the posterior is ``N(θ*[idx], H⁻¹)`` with the ``k × k``
             ``H = (n/T) GGN[idx][:, idx] + Λ``; ``sample`` draws those ``k`` parameters).
@@ -165,6 +166,14 @@ class Laplace:
     def _curvature_of(self, loader, extra):
         if self._last_layer_fast():
             return self._last_layer_curvature(loader)
+        if "subnetwork_indices" in extra and self.representation is PMatDiag:
+            # a diagonal over a subnetwork: the whole diagonal (computed in one pass anyway),
+            # restricted to the subnetwork's entries
+            extra = dict(extra)
+            idx = extra.pop("subnetwork_indices")
+            full = self._curvature_of(loader, extra)
+            idx, sub = subnetwork_collection(full.layer_collection, idx)
+            return PMatDiag(sub, data=full.get_diag()[idx.to(full.get_diag().device)])
         common = dict(function=self.function, layer_collection=self._lc_arg,
                       target_key=self.target_key, **extra)
         variant = "classif_logits" if self.likelihood == "classification" else "regression"

@@ -149,3 +149,21 @@ def test_last_layer_ggn_without_backward_pass(rep, bias):
     ref = fim_dense(model, x, layer_collection=lc) if rep is PMatDense else \
         FIM(model, [(x, y)], rep, layer_collection=lc).to_torch()
     assert torch.allclose(la.ggn.to_torch(), ref, rtol=1e-11, atol=1e-14)
+
+
+def test_subnetwork_with_a_diagonal():
+    model, x, y = _problem(seed=8)
+    P = sum(p.numel() for p in model.parameters())
+    idx = torch.tensor([0, 4, 9, 20, P - 2])
+    la = Laplace(model, "classification", PMatDiag, prior_precision=0.6,
+                 subnetwork_indices=idx).fit((x, y))
+    F = fim_dense(model, x)
+    H = torch.diag(len(y) * F.diagonal()[idx] + 0.6)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])[idx]
+    loglik = -tF.cross_entropy(model(x).detach(), y, reduction="sum")
+    ref = loglik - 0.3 * (theta ** 2).sum() - 0.5 * (torch.logdet(H) - 5 * math.log(0.6))
+    assert torch.allclose(la.log_marginal_likelihood(), ref, rtol=1e-11)
+    xs = torch.randn(3, 3, dtype=DT)
+    J = per_example_jacobian(model, xs)[..., idx]
+    var = torch.einsum("ikp,pq,ilq->ikl", J, torch.linalg.inv(H), J)
+    assert torch.allclose(la.functional_variance(xs), var, rtol=1e-9, atol=1e-14)
