@@ -42,7 +42,7 @@ from .object.map import PFMapDense
 from .object.pspace import PMatDense, PMatDiag, PMatKFAC
 from .object.vector import PVector
 
-_LIKELIHOODS = ("classification", "regression")
+_LIKELIHOODS = ("classification", "regression", "reward_modeling")
 _PRED_TYPES = ("glm", "nn")
 _LINKS = ("probit", "bridge", "bridge_norm", "mc")
 
@@ -52,8 +52,11 @@ class Laplace:
 
     Args:
         model: the trained network (its current parameters are ``θ*``).
-        likelihood: ``'classification'`` (softmax logits, cross-entropy) or ``'regression'``
-            (Gaussian with noise ``sigma_noise``).
+        likelihood: ``'classification'`` (softmax logits, cross-entropy), ``'regression'``
+            (Gaussian with noise ``sigma_noise``) or ``'reward_modeling'`` (laplace-torch's:
+            fitted as a classification of pairs, the model's two logits for a pair being its
+            rewards and the target the preferred one; its predictive is the rewards' Gaussian,
+            ``(mean, variance)`` of ``f`` without noise, as for regression).
         representation: the ``PMat*`` class of the GGN (``PMatKFAC``, ``PMatEKFAC``, ``PMatDiag``,
             ``PMatBlockDiag``, ``PMatLowRank``, ``PMatDense``), or its name (``'kfac'``,
             ``'diag'``, ...).
@@ -98,8 +101,9 @@ class Laplace:
                  function=None, prior_mean=0.0, curvature="ggn", mc_samples=1,
                  target_key="labels", **representation_kwargs):
         if likelihood not in _LIKELIHOODS:
-            raise ValueError(f"likelihood={likelihood!r}: use 'classification' or 'regression'")
-        if likelihood == "classification" and not _is_one(sigma_noise):
+            raise ValueError(f"likelihood={likelihood!r}: use 'classification', 'regression' or "
+                             "'reward_modeling'")
+        if likelihood != "regression" and not _is_one(sigma_noise):
             raise ValueError("sigma_noise is the regression noise: leave it at 1 for "
                              "classification")
         self.model = model
@@ -176,7 +180,7 @@ class Laplace:
             return PMatDiag(sub, data=full.get_diag()[idx.to(full.get_diag().device)])
         common = dict(function=self.function, layer_collection=self._lc_arg,
                       target_key=self.target_key, **extra)
-        variant = "classif_logits" if self.likelihood == "classification" else "regression"
+        variant = "classif_logits" if self._classif else "regression"
         if self.curvature == "ggn":
             return FIM(self.model, loader, self.representation, variant=variant, **common)
         if self.curvature == "mc":
@@ -196,7 +200,7 @@ class Laplace:
         its GGN in closed form from the layer's inputs and the softmax probabilities, one
         forward pass and no backward pass."""
         lc = self._lc_arg
-        if (lc is None or len(lc.layers) != 1 or self.likelihood != "classification"
+        if (lc is None or len(lc.layers) != 1 or not self._classif
                 or self.curvature != "ggn" or self.subnetwork_indices is not None
                 or self.function is not None or self.representation_kwargs
                 or self.representation not in (PMatDense, PMatDiag, PMatKFAC)):
@@ -263,7 +267,7 @@ class Laplace:
             for batch in iterate_batches(loader):
                 out = self._outputs(batch)
                 y = self._targets(batch, out)
-                if self.likelihood == "classification":
+                if self._classif:
                     loss += tF.cross_entropy(out, y, reduction="sum")
                 else:
                     loss += 0.5 * ((out - y) ** 2).sum()
@@ -330,7 +334,7 @@ class Laplace:
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"Laplace.fit: the targets must be a tensor, got {type(y).__name__}")
         shape = tuple(y.shape)
-        if self.likelihood == "classification":
+        if self._classif:
             if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
                 raise ValueError(
                     f"likelihood='classification' needs integer class labels (n,), got a "
@@ -405,6 +409,12 @@ class Laplace:
         self.prior_precision, self.prior_mean = state["prior_precision"], state["prior_mean"]
         self.sigma_noise, self.temperature = state["sigma_noise"], state["temperature"]
         return self
+
+    @property
+    def _classif(self):
+        """Fitted as a classifier: classification, and reward modelling (Bradley-Terry: the
+        logits of a pair are its two rewards, the target the preferred one)."""
+        return self.likelihood in ("classification", "reward_modeling")
 
     def _check_fitted(self):
         if self.ggn is None:
@@ -510,7 +520,7 @@ class Laplace:
         self._check_fitted()
         prior = self._prior(prior_precision)
         sigma = self.sigma_noise if sigma_noise is None else sigma_noise
-        if self.likelihood == "classification":
+        if self._classif:
             loglik = -self.loss
         else:
             K = self.n_outputs
@@ -633,6 +643,9 @@ class Laplace:
 
     def _nlpd(self, pred, y):
         """``−Σ log p(y)`` of a batch's predictive."""
+        if self.likelihood == "reward_modeling":
+            raise ValueError("grid search with likelihood='reward_modeling': pass loss= (the "
+                             "predictive is the rewards' mean and variance)")
         if self.likelihood == "classification":
             return -torch.log(pred.gather(-1, y.reshape(-1, 1))).sum()
         mean, var = pred
@@ -790,14 +803,16 @@ class Laplace:
             f = self._outputs((inputs,))
         if joint:
             cov = self.functional_covariance(inputs).detach()
-            if self.likelihood == "regression":
+            if self.likelihood == "regression":  # reward modelling: of the rewards, no noise
                 cov = cov + self.sigma_noise ** 2 * torch.eye(cov.shape[0], dtype=cov.dtype,
                                                               device=cov.device)
             return f.reshape(-1), cov
         var = self.functional_variance(inputs).detach()
-        if self.likelihood == "regression":
-            K = var.shape[-1]
-            var = var + self.sigma_noise ** 2 * torch.eye(K, dtype=var.dtype, device=var.device)
+        if self.likelihood != "classification":
+            if self.likelihood == "regression":
+                K = var.shape[-1]
+                var = var + self.sigma_noise ** 2 * torch.eye(K, dtype=var.dtype,
+                                                              device=var.device)
             return f, (torch.diagonal(var, dim1=-2, dim2=-1) if diagonal_output else var)
         if link_approx == "probit":
             kappa = 1.0 / torch.sqrt(1.0 + math.pi / 8.0 * torch.diagonal(var, dim1=-2, dim2=-1))
@@ -839,8 +854,9 @@ class Laplace:
         mean = fs.mean(0)
         d = fs - mean
         cov = torch.einsum("sik,sil->ikl", d, d) / max(n_samples - 1, 1)
-        cov = cov + self.sigma_noise ** 2 * torch.eye(cov.shape[-1], dtype=cov.dtype,
-                                                      device=cov.device)
+        if self.likelihood == "regression":
+            cov = cov + self.sigma_noise ** 2 * torch.eye(cov.shape[-1], dtype=cov.dtype,
+                                                          device=cov.device)
         return mean, (torch.diagonal(cov, dim1=-2, dim2=-1) if diagonal_output else cov)
 
     def sample(self, n_samples=1, generator=None):

@@ -11,7 +11,7 @@ from nngeometry.laplace import Laplace
 from nngeometry.layercollection import LayerCollection
 from nngeometry.object import PMatDense, PMatDiag, PMatKFAC, PMatLowRank
 
-from brute import per_example_jacobian
+from brute import fim_dense, per_example_jacobian
 
 DT = torch.float64
 
@@ -189,3 +189,34 @@ def test_predictive_bad_arguments():
         la.predictive(x, pred_type="nn", joint=True)
     with pytest.raises(ValueError, match="value has shape"):
         la.log_prob(torch.zeros(3, dtype=DT))
+
+
+def test_reward_modeling_fits_as_classification_and_predicts_the_rewards():
+    """Pairs (n, 2, d) -> two rewards (n, 2), the target the preferred one: the evidence is the
+    classification's; the predictive is the rewards' Gaussian (no noise term)."""
+
+    class Reward(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+        def forward(self, x):
+            return self.net(x).squeeze(-1)
+
+    torch.manual_seed(9)
+    model = Reward().to(DT)
+    x, y = torch.randn(16, 2, 3, dtype=DT), torch.randint(0, 2, (16,))
+    rm = Laplace(model, "reward_modeling", PMatDense, prior_precision=0.9).fit((x, y))
+    cl = Laplace(model, "classification", PMatDense, prior_precision=0.9).fit((x, y))
+    assert torch.equal(rm.log_marginal_likelihood(), cl.log_marginal_likelihood())
+    xs = torch.randn(3, 2, 3, dtype=DT)
+    mean, var = rm.predictive(xs)
+    P = rm.layer_collection.numel()
+    H = 16 * fim_dense(model, x) + 0.9 * torch.eye(P, dtype=DT)
+    J = per_example_jacobian(model, xs)
+    assert torch.allclose(mean, model(xs).detach(), rtol=1e-12)
+    assert torch.allclose(var, torch.einsum("ikp,pq,ilq->ikl", J, torch.linalg.inv(H), J),
+                          rtol=1e-9, atol=1e-14)
+    with pytest.raises(ValueError, match="sigma_noise"):
+        Laplace(model, "reward_modeling", sigma_noise=0.5)
+
