@@ -799,15 +799,19 @@ class Laplace:
             if joint:
                 raise ValueError("joint=True is the GLM predictive's: use pred_type='glm'")
             return self._nn_predictive(inputs, n_samples, generator, diagonal_output)
-        with torch.no_grad():
-            f = self._outputs((inputs,))
+        # the checked computation first: it refuses a model it can't use (BatchNorm in
+        # training mode, dropout) before the plain forward below could update its buffers
         if joint:
             cov = self.functional_covariance(inputs).detach()
+            with torch.no_grad():
+                f = self._outputs((inputs,))
             if self.likelihood == "regression":  # reward modelling: of the rewards, no noise
                 cov = cov + self.sigma_noise ** 2 * torch.eye(cov.shape[0], dtype=cov.dtype,
                                                               device=cov.device)
             return f.reshape(-1), cov
         var = self.functional_variance(inputs).detach()
+        with torch.no_grad():
+            f = self._outputs((inputs,))
         if self.likelihood != "classification":
             if self.likelihood == "regression":
                 K = var.shape[-1]

@@ -5,9 +5,10 @@ import torch
 
 from .map import resolve_layer_collection
 from .vector import FVector
+from ..serialization import SharedGeneratorCopy, StateDictMixin
 
 
-class FMatAbstract(metaclass=ABCMeta):
+class FMatAbstract(StateDictMixin, SharedGeneratorCopy, metaclass=ABCMeta):
     """Base class of the function-space matrices: a matrix indexed by pairs
     ``((k, i), (l, j))`` of (output, example), built from a generator."""
 

@@ -2,6 +2,7 @@
 import torch
 
 from ..layercollection import LayerCollection
+from ..serialization import StateDictMixin
 
 
 def _check_same_layout(a, b, what="PVector"):
@@ -14,7 +15,7 @@ def _check_same_layout(a, b, what="PVector"):
             "from the same LayerCollection")
 
 
-class PVector:
+class PVector(StateDictMixin):
     """A vector of the parameter space of a ``LayerCollection``.
 
     Stored either flat (``vector_repr``, shape ``(P,)`` in the collection's layout) or as a dict

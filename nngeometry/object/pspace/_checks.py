@@ -24,6 +24,24 @@ class SingularMatrixError(ValueError):
     """``M + regul·I`` is singular (or numerically so): the operation has no finite result."""
 
 
+class SolverNotConvergedError(RuntimeError):
+    """An iterative solve (conjugate gradients, MINRES) reached its iteration limit before its
+    tolerance: its iterate is not the solution asked for (e.g. a singular system without
+    damping, whose right-hand side is outside the range, makes CG diverge)."""
+
+
+def not_converged_error(who, iterations, rel, tol, hint=""):
+    """The shared error of an iterative solve that stopped before its tolerance."""
+    return SolverNotConvergedError(
+        f"{who}: the iterative solve did not converge: {iterations} iterations left a relative "
+        f"residual ||b - (A + regul·I) x|| / ||b|| = {rel:.3g} > tol = {tol:.3g}. The matrix may "
+        "be singular or ill-conditioned at this damping: pass a damping regul > 0 (e.g. "
+        "regul=1e-3 · trace/P), a preconditioner M, or a larger max_iter"
+        + (f"; {hint}" if hint else "") + ". To accept the last iterate as it is, pass "
+        "return_info=True: it returns (x, info) with the iteration count and the residual, "
+        "and does not raise")
+
+
 def _float(regul):
     """A damping as a float, without a warning for a tensor that requires grad."""
     return float(regul.detach()) if torch.is_tensor(regul) else float(regul)

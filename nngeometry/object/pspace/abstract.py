@@ -14,10 +14,11 @@ import torch
 
 from ..map import PFMap, PFMapDense, resolve_layer_collection
 from ..vector import PVector
+from ...serialization import SharedGeneratorCopy, StateDictMixin
 from ._prior import scalar_or_prior
 
 
-class PMatAbstract:
+class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
     """A ``P × P`` matrix in the parameter space of a ``LayerCollection``.
 
     Built either from ``examples`` (a DataLoader or a single mini-batch) through ``generator``,
@@ -490,6 +491,39 @@ class PMatAbstract:
         """The dense tensor ``M[rows][:, cols]`` (``cols`` default ``rows``), from products."""
         from ._scipy import submatrix
         return submatrix(self, rows, cols)
+
+
+def function_origin(generator):
+    """What identifies the function of ``generator`` (a Jacobian generator) across pickling: a
+    variant's description (``closed_form_function(function, 'classif_logits')``, see
+    :mod:`nngeometry.variants`) or the module and qualified name of a user's function; None
+    without a generator."""
+    fn = getattr(generator, "function", None)
+    if fn is None:
+        return None
+    return getattr(fn, "origin", None) or (
+        f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}")
+
+
+def check_same_function(matrix, rep):
+    """``RuntimeError`` if the generator attached to an unpickled ``matrix`` computes another
+    function than the one the matrix was built with: e.g. a generator of the bare model,
+    ``TorchHooksJacobianBackend(model)``, differentiates the logits where a Fisher was built
+    from ``closed_form_function(model, 'classif_logits')`` (12 times off on a 3-class MLP)."""
+    built = matrix.__dict__.get("_function_origin")
+    if built is None:
+        return
+    attached = function_origin(matrix.generator)
+    if attached == built:
+        return
+    raise RuntimeError(
+        f"the generator attached to this unpickled {rep} computes another function than the one "
+        f"it was built with: built with {built}, attached {attached}; its products would be of "
+        "another matrix. Attach a generator built with the same function, e.g. for "
+        "FIM(model, ..., variant=v): TorchHooksJacobianBackend(model, "
+        "nngeometry.variants.closed_form_function(lambda *b: model(b[0]), v)) (for "
+        "FIM_MonteCarlo: monte_carlo_function(lambda *b: model(b[0]), v, trials)); or build "
+        "the matrix again from the model")
 
 
 def _total(values):

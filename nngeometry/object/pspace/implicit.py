@@ -1,5 +1,4 @@
 """``PMatImplicit``: the exact matrix, never stored; every product runs the model."""
-import warnings
 
 import torch
 
@@ -7,7 +6,8 @@ from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
 from ._prior import scalar_or_prior
-from .abstract import PMatAbstract, check_reduction, reduce_forms, resolve_layer_collection
+from .abstract import (PMatAbstract, check_reduction, check_same_function, function_origin,
+                       reduce_forms, resolve_layer_collection)
 
 
 class PMatImplicit(PMatAbstract):
@@ -88,17 +88,17 @@ class PMatImplicit(PMatAbstract):
                 "nngeometry.variants.closed_form_function(lambda *b: model(b[0]), v)); for "
                 "FIM_MonteCarlo, nngeometry.variants.monte_carlo_function(lambda *b: model(b[0]), "
                 "v, trials); or build a new PMatImplicit with FIM(..., PMatImplicit)")
+        check_same_function(self, "PMatImplicit")
         return self.generator
 
     def __getstate__(self):
         state = super().__getstate__()
         # the generator (model + function) is dropped; where its function came from is kept,
-        # so that the error of an unpickled matrix can name the function to attach again
-        fn = getattr(self.generator, "function", None)
-        if fn is not None:
-            state["_function_origin"] = getattr(fn, "origin", None) or (
-                f"{getattr(fn, '__module__', '?')}."
-                f"{getattr(fn, '__qualname__', type(fn).__name__)}")
+        # so that the error of an unpickled matrix can name the function to attach again, and
+        # a generator attached with another function is refused (see check_same_function)
+        origin = function_origin(self.generator)
+        if origin is not None:
+            state["_function_origin"] = origin
         return state
 
     def __setstate__(self, state_dict):
@@ -203,7 +203,7 @@ class PMatImplicit(PMatAbstract):
         raise TypeError(f"the preconditioner M must be a PMat or a callable PVector -> PVector, "
                         f"got {type(M).__name__}")
 
-    def _solve_rows(self, B, regul, tol, max_iter, M, what="solve"):
+    def _solve_rows(self, B, regul, tol, max_iter, M, what="solve", return_info=False):
         """``(M + Λ)⁻¹`` applied to the rows of ``B`` by CG. ``regul`` gives ``Λ``: a scalar
         ``λ``, a dict ``{layer_id: λ_l}``, a PVector, a PMatEye or a PMatDiag (any diagonal:
         CG only needs products). Differentiable w.r.t. ``B`` and ``Λ`` by implicit
@@ -211,16 +211,16 @@ class PMatImplicit(PMatAbstract):
         scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatImplicit", what)
         lam = scalar if prior is None else prior.flat(B)
         if _checks.needs_graph(B, lam):
-            def solver(R, lam_value):
+            def solver(R, lam_value, return_info=False):
                 with torch.no_grad():
-                    return self._cg(R, lam_value, tol, max_iter, M)
+                    return self._cg(R, lam_value, tol, max_iter, M, return_info)
             lam_t = lam if torch.is_tensor(lam) else torch.as_tensor(lam, dtype=B.dtype,
                                                                      device=B.device)
-            X = solver(B.detach(), lam_t.detach())
+            X = solver(B.detach(), lam_t.detach(), return_info)
             return _CGSolve.apply(B, lam_t, X, solver)
-        return self._cg(B, lam, tol, max_iter, M)
+        return self._cg(B, lam, tol, max_iter, M, return_info)
 
-    def _cg(self, B, regul, tol, max_iter, M=None):
+    def _cg(self, B, regul, tol, max_iter, M=None, return_info=False):
         """Batched (preconditioned) conjugate gradients: ``(M + regul I) X = B`` for the rows of
         ``B`` ``(m, P)``.
 
@@ -265,23 +265,29 @@ class PMatImplicit(PMatAbstract):
             rs = (R * R).sum(1)
             it += 1
         rel = (rs.sqrt() / bnorm.clamp(min=torch.finfo(B.dtype).tiny)).max()
-        self.last_cg_info = {"iterations": it, "relative_residual": float(rel)}
-        if bool((rs.sqrt() > target).any()):
-            warnings.warn(
-                f"PMatImplicit.solve: conjugate gradients stopped after {it} iterations with a "
-                f"relative residual {float(rel):.2e} > tol={tol:.1e}; raise max_iter or regul "
-                "(M + regul·I is ill-conditioned for small regul), or give a preconditioner M",
-                RuntimeWarning)
+        converged = not bool((rs.sqrt() > target).any())
+        self.last_cg_info = {"iterations": it, "relative_residual": float(rel),
+                             "converged": converged}
+        if not converged and not return_info:
+            # the iterate of a solve that did not converge is not (M + regul·I)⁻¹ b: on a
+            # singular M without damping it grows without bound (entries of 1e35)
+            raise _checks.not_converged_error("PMatImplicit.solve (conjugate gradients)", it,
+                                              float(rel), tol)
         return X
 
-    def solvePVec(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None, damping="exact"):
+    def solvePVec(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None,
+                  damping="exact", return_info=False):
         """``(M + regul·I)⁻¹ x`` by conjugate gradients.
 
         Args:
             tol: relative residual ``||b - (M + regul I) y|| / ||b||`` to reach (default
                 ``eps^0.75``: about ``2e-12`` in float64, ``6e-6`` in float32).
-            max_iter: most CG iterations, each one pass over the examples (default ``P``);
-                a ``RuntimeWarning`` tells when it stops before ``tol``.
+            max_iter: most CG iterations, each one pass over the examples (default ``P``).
+                Stopping there before ``tol`` raises ``SolverNotConvergedError`` (e.g. a
+                singular ``M`` with ``regul=0``), unless ``return_info=True``.
+            return_info: return ``(y, info)``, ``info`` a dict with ``iterations``,
+                ``relative_residual`` (the largest over the rows) and ``converged``, and
+                return the last iterate instead of raising when CG did not converge.
             M: a preconditioner ``C`` (the argument's name follows
                 ``scipy.sparse.linalg.cg``; it is not this matrix): an approximation of
                 ``(M + regul·I)⁻¹``, symmetric positive definite, given as a PMat (applied with
@@ -292,19 +298,25 @@ class PMatImplicit(PMatAbstract):
         self._check_damping(damping, "solve")
         self._check_pvector(x)
         _check_solve(solve)
-        y = self._solve_rows(x.get_flat_representation().unsqueeze(0), regul, tol, max_iter, M)
-        return PVector(self.layer_collection, vector_repr=y.squeeze(0))
+        y = self._solve_rows(x.get_flat_representation().unsqueeze(0), regul, tol, max_iter, M,
+                             return_info=return_info)
+        out = PVector(self.layer_collection, vector_repr=y.squeeze(0))
+        return (out, dict(self.last_cg_info)) if return_info else out
 
-    def solvePFMap(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None, damping="exact"):
+    def solvePFMap(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None,
+                   damping="exact", return_info=False):
         """``(M + regul·I)⁻¹`` applied to every row of the PFMap, by batched CG (see
-        :meth:`solvePVec` for ``tol``, ``max_iter`` and the preconditioner ``M``)."""
+        :meth:`solvePVec` for ``tol``, ``max_iter``, ``return_info`` and the preconditioner
+        ``M``)."""
         self._check_damping(damping, "solve")
         self._check_pfmap(x)
         _check_solve(solve)
         J = x.to_torch()
         K, n, P = J.shape
-        Y = self._solve_rows(J.reshape(K * n, P), regul, tol, max_iter, M)
-        return PFMapDense(self.layer_collection, data=Y.reshape(K, n, P))
+        Y = self._solve_rows(J.reshape(K * n, P), regul, tol, max_iter, M,
+                             return_info=return_info)
+        out = PFMapDense(self.layer_collection, data=Y.reshape(K, n, P))
+        return (out, dict(self.last_cg_info)) if return_info else out
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self):
