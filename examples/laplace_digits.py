@@ -70,16 +70,23 @@ def plot(results, path):
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.2, 6.0), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1.2]})
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
-    for name, r in results.items():
+    width = 0.8 / (10 * max(len(results), 1))
+    for j, (name, r) in enumerate(results.items()):
         c = [b[0] for b in r["bins"]]
         a = [b[1] for b in r["bins"]]
-        ax.plot(c, a, "o-", ms=3, label=f"{name} (ECE {r['ece']:.3f})")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Reliability on held-out digits")
+        line, = ax.plot(c, a, "o-", ms=3, label=f"{name} (ECE {r['ece']:.3f})")
+        # how many test digits each bin holds: the points of the sparse bins are noisy
+        axc.bar([x + (j - len(results) / 2) * width for x in c], [b[2] for b in r["bins"]],
+                width, color=line.get_color())
+    ax.set_ylabel("accuracy in the bin")
+    ax.set_title("Reliability on held-out digits (10 confidence bins)")
     ax.legend(fontsize=7)
+    axc.set_yscale("log")
+    axc.set_xlabel("confidence (largest predicted probability)")
+    axc.set_ylabel("digits in the bin")
     save(fig, path)
 
 
@@ -147,7 +154,8 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "laplace_digits.json").write_text(json.dumps(
         {" / ".join(k): v for k, v in rows.items()}, indent=1))
-    shown = {("MAP network" if n == "MAP" else f"Laplace {n} ({h})"): r["test"]
+    shown = {("MAP network" if n == "MAP" else
+              f"Laplace {n}, prior by validation NLL"): r["test"]
              for (n, h), r in rows.items() if h == "val. NLL" or n == "MAP"}
     plot(shown, args.out / "laplace_digits.png")
     print(f"total {time.time() - t0:.1f} s")
