@@ -160,7 +160,7 @@ class PMatQuasiDiag(_PerLayer):
         if x == 1:
             return self._matpower(1.0, regul, damping, "pow(1)")
         if x == -1:
-            return self.inverse(regul=regul, damping=damping)
+            return self._inverse_impl(regul=regul, damping=damping)
         raise NotImplementedError(
             f"PMatQuasiDiag.pow({x}) is not implemented: powers other than 1 and -1 of a "
             "quasi-diagonal matrix are not quasi-diagonal; use solve()/inverse(), or PMatDiag / "
