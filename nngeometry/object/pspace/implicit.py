@@ -266,7 +266,7 @@ class PMatImplicit(PMatAbstract):
             M: a preconditioner ``C`` (the argument's name follows
                 ``scipy.sparse.linalg.cg``; it is not this matrix): an approximation of
                 ``(M + regul·I)⁻¹``, symmetric positive definite, given as a PMat (applied with
-                ``mmap``; e.g. ``PMatDiag(...).inverse(regul)`` for Jacobi, or a KFAC inverse)
+                ``mmap``; e.g. ``PMatDiag(...).inv(regul)`` for Jacobi, or a KFAC inverse)
                 or a callable ``PVector -> PVector``. It changes the iterations, not the
                 solution.
             x0: the starting point, a PVector (default 0), as in `nngeometry.solve.cg`.
