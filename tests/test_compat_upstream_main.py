@@ -148,3 +148,41 @@ def test_torch_func_jacobian_backend():
     model, x, lc, dense = _setup()
     M = PMatDense(lc, TorchFuncJacobianBackend(model), examples=(x,))
     torch.testing.assert_close(M.to_torch(), dense, rtol=1e-10, atol=1e-12)
+
+
+def test_hessian_backend_holds_a_collection_as_in_0_4():
+    from nngeometry.backend import TorchFuncHessianBackend
+
+    model = _mlp(3)
+    x, y = torch.randn(5, 3, dtype=DT), torch.tensor([0, 1, 1, 0, 1])
+    lc = LayerCollection.from_model(model).last_layer()
+
+    def loss(out, tgt):
+        return torch.nn.functional.cross_entropy(out, tgt, reduction="sum")
+
+    g = TorchFuncHessianBackend(model=model, function=loss, layer_collection=lc)
+    H = g.get_covariance_matrix((x, y))  # the generator's collection: the last layer
+    assert H.shape == (lc.numel(), lc.numel())
+    torch.testing.assert_close(H, g.get_covariance_matrix((x, y), lc))
+    assert g.get_dtype() == DT and g.get_device() == torch.device("cpu")
+    # against brute force: the Hessian of the summed loss w.r.t. the last layer
+    w, b = model[2].weight.detach(), model[2].bias.detach()
+    h = torch.tanh(model[0](x)).detach()
+
+    def f(flat):
+        W, B = flat[:w.numel()].reshape(w.shape), flat[w.numel():]
+        return loss(h @ W.t() + B, y)
+
+    ref = torch.autograd.functional.hessian(f, torch.cat([w.reshape(-1), b]))
+    torch.testing.assert_close(H, ref, rtol=1e-10, atol=1e-12)
+    M = PMatDense(generator=g, examples=[(x, y)])
+    torch.testing.assert_close(M.to_torch(), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_dummy_generator_keywords_of_0_4():
+    from nngeometry.backend import DummyGenerator
+
+    lc = LayerCollection([("a", LinearLayer(2, 2))])
+    g = DummyGenerator(layer_collection=lc, device="cpu")
+    assert g.layer_collection is lc and g.get_device() == torch.device("cpu")
+    assert DummyGenerator("cpu").layer_collection is None
