@@ -17,6 +17,7 @@ def prepare_entry(model, function, layer_collection, target_key="labels"):
 
     # a DistributedDataParallel wrapper: the inner module (hooks, layer ids, default function)
     model = unwrap_model(model)
+    check_not_meta(model)
     if layer_collection is None:
         from .backend.jacobian import _model_lock
 
@@ -27,6 +28,55 @@ def prepare_entry(model, function, layer_collection, target_key="labels"):
     if function is None:
         function = default_function(model, target_key)
     return function, layer_collection
+
+
+def check_not_meta(model):
+    """``ValueError`` for a model with parameters or buffers on the ``meta`` device: they have
+    shapes but no values, so nothing can be computed from them."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.is_meta for t in tensors):
+        raise ValueError(
+            f"the model ({type(model).__name__}) has parameters on the meta device: they have "
+            "shapes but no values. Materialise them first, e.g. model.to_empty(device='cpu') "
+            "then model.load_state_dict(weights), or load_state_dict(weights, assign=True)")
+
+
+# the names accepted for the classes: lower case, with and without the "PMat" prefix
+def _representation_names():
+    from .object import pspace
+
+    names = {}
+    for cls_name in pspace.__all__:
+        cls = getattr(pspace, cls_name)
+        if isinstance(cls, type) and issubclass(cls, pspace.PMatAbstract) and \
+                cls is not pspace.PMatAbstract:
+            names[cls_name.lower()] = cls
+            names[cls_name[4:].lower()] = cls
+    return names
+
+
+def resolve_representation(representation, entry):
+    """The representation class: ``representation`` itself, or the class named by a string
+    (``'kfac'``, ``'dense'``, ``'diag'``, ``'blockdiag'``, ``'ekfac'``, ``'lowrank'``,
+    ``'quasidiag'``, ``'implicit'``, ... or the class name ``'PMatKFAC'``; case-insensitive,
+    ``_`` and ``-`` ignored). Anything else that is not callable: ``TypeError`` listing the
+    names."""
+    if isinstance(representation, str):
+        names = _representation_names()
+        key = representation.lower().replace("_", "").replace("-", "")
+        if key in names:
+            return names[key]
+        short = sorted(k for k in names if not k.startswith("pmat"))
+        raise ValueError(
+            f"{entry}: unknown representation {representation!r}; pass a PMat* class (e.g. "
+            f"nngeometry.object.PMatKFAC) or one of the names {', '.join(short)} "
+            "(case-insensitive)")
+    if not callable(representation):
+        raise TypeError(
+            f"{entry}: representation must be a PMat* class (e.g. nngeometry.object.PMatKFAC, "
+            f"PMatDense, PMatDiag) or its name ('kfac', 'dense', 'diag', ...), got "
+            f"{type(representation).__name__}")
+    return representation
 
 
 def build_from_jacobians(model, loader, representation, function, layer_collection, centering,
@@ -60,7 +110,8 @@ def _named_keywords(fn):
 
 
 def check_representation(representation, kwargs, entry):
-    """Refuse what a build from data cannot honour: ``PMatEye`` without ``scaling=`` (a fixed
+    """The representation class (a name resolved by :func:`resolve_representation`), after
+    refusing what a build from data cannot honour: ``PMatEye`` without ``scaling=`` (a fixed
     ``scaling · I``, built from no data: the identity would be returned, the data ignored) and
     keywords that neither the representation's
     constructor nor its ``_build`` take (they would be swallowed by ``**kwargs`` and ignored,
@@ -68,6 +119,7 @@ def check_representation(representation, kwargs, entry):
     are checked: a user's class may read any keyword."""
     from .object.pspace import PMatEye
 
+    representation = resolve_representation(representation, entry)
     if isinstance(representation, type) and issubclass(representation, PMatEye) and \
             "scaling" not in kwargs and "data" not in kwargs:
         # with an explicit scaling= the caller asks for that fixed matrix (accepted, as before)
@@ -78,7 +130,7 @@ def check_representation(representation, kwargs, entry):
             "(PMatDense, PMatDiag, PMatKFAC, ...)")
     if not kwargs or not isinstance(representation, type) or \
             not representation.__module__.startswith("nngeometry."):
-        return
+        return representation
     accepted, open_init = _named_keywords(representation.__init__)
     build = getattr(representation, "_build", None)
     if build is not None:
@@ -93,3 +145,4 @@ def check_representation(representation, kwargs, entry):
         raise TypeError(
             f"{entry}() got keyword arguments that {representation.__name__} does not use: "
             f"{', '.join(unknown)}{hint}. Keywords it accepts at build time: {listed}")
+    return representation

@@ -33,7 +33,7 @@ def Hessian(model, loader, representation, function=None, layer_collection=None,
     Args:
         model: the ``torch.nn.Module``.
         loader: a DataLoader (or a single mini-batch) of ``(inputs, targets, ...)``.
-        representation: a ``PMat*`` class (see above).
+        representation: a ``PMat*`` class (see above), or its name (``'dense'``, ...).
         function: ``function(prediction, targets) -> scalar`` loss of a batch (see above).
         layer_collection: the layers to differentiate; default all layers of the model (the
             other parameters are held constant).
@@ -52,7 +52,7 @@ def Hessian(model, loader, representation, function=None, layer_collection=None,
             (``TypeError``), and so is ``PMatEye`` without ``scaling=`` (``ValueError``: not built
             from data).
     """
-    check_representation(representation, kwargs, "Hessian")
+    representation = check_representation(representation, kwargs, "Hessian")
     if function is not None:
         if loss_function is not None:
             raise ValueError("pass either function(prediction, targets) or "

@@ -28,11 +28,12 @@ Everything uses the representation's exact damped operations (``(M + Λ/n)`` wit
 for KFAC, through the eigendecomposition of its factors): ``H = (n/T)(M + (T/n) Λ)``.
 """
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as tF
 
-from .backend.batches import iterate_batches
+from .backend.batches import default_function, iterate_batches
 from .jacobian import Jacobian
 from .layercollection import LayerCollection
 from .metrics import FIM
@@ -51,13 +52,17 @@ class Laplace:
         likelihood: ``'classification'`` (softmax logits, cross-entropy) or ``'regression'``
             (Gaussian with noise ``sigma_noise``).
         representation: the ``PMat*`` class of the GGN (``PMatKFAC``, ``PMatEKFAC``, ``PMatDiag``,
-            ``PMatBlockDiag``, ``PMatLowRank``, ``PMatDense``).
+            ``PMatBlockDiag``, ``PMatLowRank``, ``PMatDense``), or its name (``'kfac'``,
+            ``'diag'``, ...).
         prior_precision: ``Λ``: a scalar, a dict ``{layer_id: scalar}``, or a ``PVector``.
         sigma_noise: ``σ`` (regression).
         temperature: ``T``.
         layer_collection: the parameters treated by the approximation (default all;
             ``LayerCollection.from_model(model).last_layer()`` for a last-layer Laplace).
         function: ``function(*batch) -> outputs``, as for ``FIM``.
+        target_key: for dict batches, the key of the targets (default ``'labels'``), as for
+            ``FIM``; with a model that takes one tensor, map the inputs' key with ``function=``,
+            e.g. ``function=lambda b: model(b['x'])`` and ``target_key='y'``.
         **representation_kwargs: passed to the build, e.g. ``separate_weight_and_bias=True``
             for KFAC with separate weight and bias blocks (laplace-torch's ``KronLaplace``
             layout), or ``subnetwork_indices=idx`` with ``PMatDense``: a subnetwork Laplace over
@@ -66,9 +71,13 @@ class Laplace:
             ``H = (n/T) GGN[idx][:, idx] + Λ``; ``sample`` draws those ``k`` parameters).
     """
 
+    #: the key of the targets in dict batches (a class default: instances saved before it
+    #: existed read it from here)
+    target_key = "labels"
+
     def __init__(self, model, likelihood="classification", representation=PMatKFAC,
                  prior_precision=1.0, sigma_noise=1.0, temperature=1.0, layer_collection=None,
-                 function=None, **representation_kwargs):
+                 function=None, target_key="labels", **representation_kwargs):
         if likelihood not in _LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r}: use 'classification' or 'regression'")
         if likelihood == "classification" and not _is_one(sigma_noise):
@@ -82,6 +91,7 @@ class Laplace:
         self.temperature = float(temperature)
         self.layer_collection = layer_collection
         self.function = function
+        self.target_key = target_key
         self.subnetwork_indices = representation_kwargs.pop("subnetwork_indices", None)
         self.representation_kwargs = representation_kwargs
         self.ggn = None
@@ -91,14 +101,24 @@ class Laplace:
     # ------------------------------------------------------------------ fitting
     def fit(self, loader):
         """Compute the GGN (mean over the examples) and the data term of the log-likelihood at
-        the current parameters ``θ*``, over ``loader`` (batches ``(inputs, targets)``)."""
+        the current parameters ``θ*``, over ``loader`` (batches ``(inputs, targets)``, or dicts
+        with the targets under ``target_key``).
+
+        Targets: classification, integer class labels ``(n,)`` in ``[0, C)`` (``(n, 1)`` is
+        read as ``(n,)``); regression, the outputs' shape ``(n, K)`` (or ``(n,)`` for
+        ``K = 1``). Other targets are refused (``ValueError`` saying what to pass)."""
         variant = "classif_logits" if self.likelihood == "classification" else "regression"
         extra = dict(self.representation_kwargs)
         if self.subnetwork_indices is not None:
             extra["subnetwork_indices"] = self.subnetwork_indices
+        if isinstance(loader, (list, tuple, dict, torch.Tensor)):
+            # in memory: the targets' kind is checked before the pass over the data
+            for batch in iterate_batches(loader):
+                self._targets(batch)
+                break
         self.ggn = FIM(self.model, loader, self.representation, variant=variant,
                        function=self.function, layer_collection=self.layer_collection,
-                       **extra)
+                       target_key=self.target_key, **extra)
         # the layout the subnetwork's indices refer to (all layers by default)
         self.base_collection = self.layer_collection or LayerCollection.from_model(self.model)
         self.layer_collection = self.ggn.layer_collection
@@ -113,11 +133,11 @@ class Laplace:
             # the batches as the generator reads them: the data term and the GGN see the same
             for batch in iterate_batches(loader):
                 out = self._outputs(batch)
-                y = batch[1]
+                y = self._targets(batch, out)
                 if self.likelihood == "classification":
                     loss += tF.cross_entropy(out, y, reduction="sum")
                 else:
-                    loss += 0.5 * ((out - y.reshape(out.shape)) ** 2).sum()
+                    loss += 0.5 * ((out - y) ** 2).sum()
                 n += out.shape[0]
                 n_out = out[0].numel()
         if n == 0:
@@ -126,8 +146,69 @@ class Laplace:
         return self
 
     def _outputs(self, batch):
-        out = self.function(*batch) if self.function is not None else self.model(batch[0])
+        f = self.function if self.function is not None else \
+            default_function(self.model, self.target_key)
+        out = f(*batch)
         return out.reshape(out.shape[0], -1)
+
+    def _targets(self, batch, out=None):
+        """The batch's targets, checked against the likelihood (and the outputs ``(n, K)``
+        when given): classification ``(n,)`` integer labels in ``[0, K)``, regression
+        ``(n, K)`` in the outputs' dtype. A ``ValueError`` says what to pass otherwise."""
+        first = batch[0]
+        if isinstance(first, Mapping) and len(batch) == 1:
+            if self.target_key not in first:
+                raise ValueError(
+                    f"Laplace.fit needs the targets, and the dict batch has no key "
+                    f"{self.target_key!r} (its keys: {', '.join(map(repr, first))}); name the "
+                    "targets' key with Laplace(..., target_key=...) (and, for a model that "
+                    "takes one tensor, its input with function=lambda b: model(b[key])), or "
+                    "pass batches (inputs, targets)")
+            y = first[self.target_key]
+        elif len(batch) < 2:
+            raise ValueError(
+                "Laplace.fit needs the targets (for the log-likelihood at θ*): the batches hold "
+                "only inputs. Pass batches (inputs, targets), e.g. a DataLoader of "
+                "TensorDataset(x, y)")
+        else:
+            y = batch[1]
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"Laplace.fit: the targets must be a tensor, got {type(y).__name__}")
+        shape = tuple(y.shape)
+        if self.likelihood == "classification":
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise ValueError(
+                    f"likelihood='classification' needs integer class labels (n,), got a "
+                    f"{y.dtype} tensor of shape {shape}: use y.long() for whole-number labels, "
+                    "y.argmax(-1) for one-hot or probability targets, or "
+                    "likelihood='regression' for real-valued targets")
+            if out is None:
+                return y
+            n, C = out.shape
+            if y.dim() == 2 and y.shape[1] == 1:  # (n, 1): one label per example
+                y = y[:, 0]
+            if tuple(y.shape) != (n,):
+                raise ValueError(
+                    f"likelihood='classification' needs one class label per example, shape "
+                    f"({n},), for outputs of shape ({n}, {C}); got targets of shape {shape}. "
+                    "Outputs with positions (sequences, images) need function= returning "
+                    "(n, C) and targets (n,)")
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
+                raise ValueError(
+                    f"class labels must be in [0, {C}) for outputs of {C} classes, got labels "
+                    f"from {int(y.min())} to {int(y.max())}")
+            return y
+        if out is None:
+            return y
+        n, K = out.shape
+        if y.dim() == 0 or y.shape[0] != n or y[0].numel() != K:
+            hint = (" Integer targets, one per example, look like class labels: use "
+                    "likelihood='classification'." if not y.is_floating_point() and
+                    y.numel() == n and K > 1 else "")
+            raise ValueError(
+                f"likelihood='regression' needs targets of the outputs' shape ({n}, {K}) (or "
+                f"({n},) for one output), got shape {shape}.{hint}")
+        return y.reshape(n, K).to(out.dtype)
 
     def _check_fitted(self):
         if self.ggn is None:
@@ -230,9 +311,11 @@ class Laplace:
         (``n_samples`` draws of ``f ~ N(f*, Σ)``). Regression: ``(mean, variance)``, the
         variance ``Σ + σ² I`` of shape ``(n*, K, K)``."""
         self._check_fitted()
+        # the checked computation first: it refuses a model it can't use (BatchNorm in
+        # training mode, dropout) before the plain forward below could update its buffers
+        var = self.functional_variance(inputs).detach()
         with torch.no_grad():
             f = self._outputs((inputs,))
-        var = self.functional_variance(inputs).detach()
         if self.likelihood == "regression":
             K = var.shape[-1]
             return f, var + self.sigma_noise ** 2 * torch.eye(K, dtype=var.dtype, device=var.device)

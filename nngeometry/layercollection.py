@@ -9,8 +9,10 @@ from collections import OrderedDict
 
 from .layer_types import AbstractLayer, layer_type_for
 from .layer_types.generic import GenericLayer, refusal_reason
+from .layer_types.parametrized import ParametrizedLayer, is_parametrized, own_parameters
 from .layer_types import *  # noqa: F401,F403  (re-export LinearLayer, Conv2dLayer, ...)
 from .layer_types import __all__ as _layer_types_all
+from .serialization import StateDictMixin
 
 
 class UnsupportedLayerError(TypeError):
@@ -20,6 +22,8 @@ class UnsupportedLayerError(TypeError):
 def _type_for(module):
     """The layer type of a module with direct parameters: the registered one, else the generic
     one (``None`` for modules that are refused, see ``layer_types.generic``)."""
+    if is_parametrized(module):
+        return ParametrizedLayer
     cls = layer_type_for(module)
     if cls is not None:
         return cls
@@ -95,7 +99,7 @@ def _tied_owner(lc, model, module, name, own, claimed):
     return owner, spec
 
 
-class LayerCollection:
+class LayerCollection(StateDictMixin):
     """An ordered collection of layers with their offsets in the flat parameter vector."""
 
     def __init__(self, layers=None):
@@ -116,16 +120,19 @@ class LayerCollection:
 
     # ------------------------------------------------------------------ building
     @staticmethod
-    def from_model(model, ignore_unsupported_layers=False, tied_weights="refuse"):
+    def from_model(model, ignore_unsupported_layers=False, tied_weights="sum"):
         """All layers of ``model`` that have parameters, in ``named_modules()`` order.
 
         ``tied_weights``: what to do with a module whose parameters are those of an earlier
-        layer (GPT-2's ``lm_head`` and ``wte``): ``'refuse'`` (default, ``ValueError``) or
-        ``'sum'``: the module is a second use of the earlier layer's parameters (in
-        :attr:`tied`), and the generator adds its per-example gradients to the layer's, so
-        that the matrices are exact (Dense, BlockDiag, Diag, LowRank, QuasiDiag, Implicit;
-        KFAC/EKFAC refuse such a layer: a sum of two Kronecker products is not one). The module
-        must hold no parameter of its own besides the shared ones, in the same layout.
+        layer (GPT-2's ``lm_head`` and ``wte``): ``'sum'`` (default): the module is a second
+        use of the earlier layer's parameters (in :attr:`tied`), and the generator adds its
+        per-example gradients to the layer's, so that the matrices are exact (Dense,
+        BlockDiag, Diag, LowRank, QuasiDiag, Implicit, Jacobian, Gram). A KFAC/EKFAC block
+        cannot hold such a layer (a sum of two Kronecker products is not one): the entry
+        points (``FIM``, ...) give it the exact diagonal block instead, with a warning, and a
+        ``PMatKFAC`` built directly refuses it. The module must hold no parameter of its own
+        besides the shared ones, in the same layout (otherwise the shared parameter is
+        refused as with ``'refuse'``). ``'refuse'``: ``ValueError`` on any shared parameter.
 
         Raises:
             UnsupportedLayerError: a module owns parameters but no layer type handles it (and
@@ -137,7 +144,7 @@ class LayerCollection:
         seen = {}
         claimed = {}  # id(parameter) -> layer that holds it (possibly a submodule's parameter)
         for name, module in model.named_modules():
-            own = list(module.named_parameters(recurse=False))
+            own = own_parameters(module)
             if not own:
                 continue
             owners = {claimed.get(id(p)) for _, p in own}
@@ -209,7 +216,7 @@ class LayerCollection:
                     raise UnsupportedLayerError(
                         f"module '{name}' of type {type(module).__name__} is not supported: "
                         f"{refusal_reason(module)}")
-                if not list(module.parameters(recurse=False)):
+                if not own_parameters(module):
                     raise ValueError(
                         f"module '{name}' ({type(module).__name__}) has no parameters of its own "
                         "(an enclosing layer such as MultiheadAttention may hold them, or they "

@@ -57,8 +57,36 @@ def subnetwork_collection(layer_collection, subnetwork_indices):
     return idx, lc
 
 
+def _tied_kfac(representation, layer_collection, generator, loader, kwargs):
+    """A KFAC-family representation on a collection with tied layers (a layer whose parameters
+    another module also uses, e.g. a language model's ``lm_head`` tied to its token embedding):
+    the block of a tied layer is a sum of one Kronecker product per use, which KFAC/EKFAC cannot
+    hold. The matrix returned is a ``PMatMixed``: ``representation`` on every other layer, and
+    on each tied layer the exact diagonal of its block (both uses summed), with a one-line
+    warning; None when no layer is tied or ``representation`` is not of the KFAC family."""
+    from .object.pspace import PMatDiag, PMatEKFAC, PMatKFAC, PMatMixed
+
+    tied = [lid for lid in getattr(layer_collection, "tied", {}) if lid in layer_collection.layers]
+    if not tied or not isinstance(representation, type) or \
+            not issubclass(representation, (PMatKFAC, PMatEKFAC)):
+        return None
+    import warnings
+
+    warnings.warn(
+        f"{representation.__name__}: tied layer(s) {', '.join(map(repr, tied))} (parameters used "
+        "by several modules) get the exact diagonal of their block (PMatDiag) instead of a "
+        "Kronecker factorisation; the result is a PMatMixed", stacklevel=5)
+    if len(tied) == len(layer_collection.layers):
+        return PMatDiag(layer_collection=layer_collection, generator=generator, examples=loader)
+    return PMatMixed.from_mapping(layer_collection, generator, (representation, kwargs),
+                                  {lid: PMatDiag for lid in tied}, examples=loader)
+
+
 def _represent(representation, layer_collection, generator, loader, kwargs, subnetwork_indices):
     if subnetwork_indices is None:
+        tied = _tied_kfac(representation, layer_collection, generator, loader, kwargs)
+        if tied is not None:
+            return tied
         return representation(layer_collection=layer_collection, generator=generator,
                               examples=loader, **kwargs)
     from .object.pspace import PMatDense
@@ -87,7 +115,7 @@ def _curvature(entry, model, loader, representation, make_transform, function,
     distributed = kwargs.pop("distributed", None)
     process_group = kwargs.pop("process_group", None)
     kwargs = _drop_n_output(kwargs)
-    check_representation(representation, kwargs, entry)
+    representation = check_representation(representation, kwargs, entry)
     if validate is not None:
         validate()
     model = unwrap_model(model)
@@ -134,7 +162,9 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
     Args:
         model: the ``torch.nn.Module``.
         loader: a DataLoader (or a single mini-batch) of ``(inputs, targets, ...)``.
-        representation: a ``PMat*`` class (e.g. ``PMatDense``, ``PMatKFAC``).
+        representation: a ``PMat*`` class (e.g. ``PMatDense``, ``PMatKFAC``), or its name,
+            case-insensitive: ``'dense'``, ``'diag'``, ``'blockdiag'``, ``'kfac'``, ``'ekfac'``,
+            ``'lowrank'``, ``'quasidiag'``, ``'implicit'``, ... (or ``'PMatKFAC'``).
         variant: see above.
         device: kept for compatibility; batches are moved to the model's device.
         function: ``function(*batch) -> outputs (n, C)``; default ``model(batch[0])``.

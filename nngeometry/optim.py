@@ -59,7 +59,7 @@ class NaturalGradient:
     Args:
         model: the network being trained.
         representation: the ``PMat*`` class of the curvature (``PMatKFAC``, ``PMatEKFAC``,
-            ``PMatDiag``, ``PMatBlockDiag``, ``PMatDense``, ...).
+            ``PMatDiag``, ``PMatBlockDiag``, ``PMatDense``, ...), or its name (``'kfac'``, ...).
         curvature: ``'mc'`` (``FIM_MonteCarlo`` with ``trials`` samples), ``'fisher'`` (the
             closed-form ``FIM``), or a callable ``(model, batch, representation) -> PMat`` (e.g.
             an empirical Fisher or a GGN).
@@ -81,16 +81,28 @@ class NaturalGradient:
         capture: take the curvature of ``'mc'`` / ``'fisher'`` from the training step's own
             forward and backward passes (see the module docstring); ``False`` always runs an
             extra pass on the batch given to ``step``.
+        check_deterministic: refuse, at every step that estimates the curvature, a model with a
+            random module in training mode (dropout, ``nn.MultiheadAttention`` with dropout),
+            with or without ``capture`` (``RuntimeError`` naming the module). ``False``
+            preconditions with the curvature of the random network: with ``capture`` that of
+            the training step's own dropout masks (the masks its gradient was taken with),
+            with an extra pass that of a fresh draw of the masks.
     """
 
     def __init__(self, model, representation=PMatKFAC, curvature="mc", variant="classif_logits",
                  damping=1e-3, damping_mode="exact", update_freq=10, inv_freq=None,
                  ema_decay=0.95, kl_clip=None, lr=None, optimizer=None, trials=1, function=None,
-                 layer_collection=None, capture=True):
+                 layer_collection=None, capture=True, check_deterministic=True):
         if damping_mode not in _DAMPINGS:
             raise ValueError(f"damping_mode={damping_mode!r}: use 'exact' ((F + λI)⁻¹) or 'pi' "
                              "(KFAC's π-damped factors)")
-        if damping_mode == "pi" and not issubclass(representation, PMatKFAC):
+        from ._entry import resolve_representation
+
+        # a name ('kfac', 'ekfac', ...) as the class, so that the EKFAC and π-damping checks
+        # below see it
+        representation = resolve_representation(representation, "NaturalGradient")
+        if damping_mode == "pi" and not (isinstance(representation, type) and
+                                         issubclass(representation, PMatKFAC)):
             raise ValueError("damping_mode='pi' exists for PMatKFAC only (π-damped Kronecker "
                              "factors); use damping_mode='exact' with " + representation.__name__)
         if curvature not in ("mc", "fisher") and not callable(curvature):
@@ -119,6 +131,7 @@ class NaturalGradient:
         self.trials = trials
         self.function = function
         self.layer_collection = layer_collection
+        self.check_deterministic = bool(check_deterministic)
         self.steps = 0
         self.running = None      # F̄, the running average
         self.for_solves = None   # F̄ as of the last inverse refresh
@@ -142,7 +155,8 @@ class NaturalGradient:
         transform = monte_carlo_function(f, self.variant, self.trials) \
             if self.curvature == "mc" else closed_form_function(f, self.variant)
         gen = TorchHooksJacobianBackend(self.model, transform,
-                                        layer_collection=self.layer_collection)
+                                        layer_collection=self.layer_collection,
+                                        check_deterministic=self.check_deterministic)
         return StepCapture(gen, self.layer_collection)
 
     def _due(self, step):
@@ -170,7 +184,8 @@ class NaturalGradient:
                        examples=record)
         _need_batch(batch)
         kw = dict(variant=self.variant, function=self.function,
-                  layer_collection=self.layer_collection)
+                  layer_collection=self.layer_collection,
+                  check_deterministic=self.check_deterministic)
         if self.curvature == "mc":
             return FIM_MonteCarlo(self.model, batch, rep, trials=self.trials, **kw)
         if self.curvature == "fisher":
@@ -199,10 +214,13 @@ class NaturalGradient:
         return self.running
 
     def _latest_generator(self, batch):
-        gen = self._latest.generator
         from .backend.capture import ReplayBackend
 
-        if isinstance(gen, ReplayBackend):
+        if self._latest is None and self._capture is None:
+            # restored from a state dict: a generator of the curvature, from an estimate
+            self._latest = self._estimate(batch)
+        gen = None if self._latest is None else self._latest.generator
+        if gen is None or isinstance(gen, ReplayBackend):
             # the estimate came from a recorded step: refit on this batch with a real pass
             return self._capture.generator
         return gen
@@ -217,10 +235,12 @@ class NaturalGradient:
         pass on ``batch``), then replace the gradients of the preconditioned parameters by
         ``(F̄ + λI)⁻¹ g`` (KL-clipped if asked). Call after ``loss.backward()`` and before
         ``optimizer.step()``; returns the direction (a PVector)."""
+        update, refresh = self._due(self.steps)
+        if (update or refresh) and self.check_deterministic:
+            _refuse_random_modules(self.model)
         record = None
         if self._capture is not None and self._capture.ready:
             record = self._capture.take()
-        update, refresh = self._due(self.steps)
         if update:
             with torch.enable_grad():
                 self._latest = self._estimate(batch, record)
@@ -251,14 +271,26 @@ class NaturalGradient:
 
     # ------------------------------------------------------------------ state
     def state_dict(self):
-        """The step count and the matrices (picklable with ``torch.save``; no model inside)."""
-        return {"steps": self.steps, "running": self.running, "for_solves": self.for_solves,
-                "layer_collection": self.layer_collection}
+        """The step count, the matrices and the layer collection as plain tensors, numbers,
+        strings and containers (no model, no function inside): ``torch.save(pre.state_dict(),
+        f)`` then ``pre.load_state_dict(torch.load(f))`` with the defaults
+        (``weights_only=True``; see `nngeometry.serialization`)."""
+        from .serialization import to_state
+        return to_state({"steps": self.steps, "running": self.running,
+                         "for_solves": self.for_solves,
+                         "layer_collection": self.layer_collection})
 
     def load_state_dict(self, state):
-        self.steps = state["steps"]
+        """Restore a state saved by `state_dict` (also a state dict of an earlier
+        release, which held the objects themselves)."""
+        from .serialization import from_state
+        state = from_state(state)
+        self.steps = int(state["steps"])
         self.running, self.for_solves = state["running"], state["for_solves"]
         self.layer_collection = state["layer_collection"]
+        # the latest estimate (whose generator refits EKFAC's diagonal) is not saved: the next
+        # refresh without a recorded step estimates it again
+        self._latest = None
         if self._capture is not None:
             self._capture.disarm()
             self._capture = self._make_capture()
@@ -272,20 +304,40 @@ class NaturalGradient:
             self._capture = None
 
 
+def _refuse_random_modules(model):
+    """``RuntimeError`` naming the first random module of ``model`` in training mode (see
+    ``NaturalGradient``'s ``check_deterministic``)."""
+    from .backend.jacobian import first_random_module
+    found = first_random_module(model)
+    if found is not None:
+        name, module, p = found
+        raise RuntimeError(
+            f"module '{name}' ({type(module).__name__}, p={p}) is in training mode: its forward "
+            "is random, so each curvature estimate would be that of one random draw of the "
+            "network, not of the network. Pass NaturalGradient(..., check_deterministic=False) "
+            "to precondition with it anyway (with capture=True: the curvature of the training "
+            "step's own draw, the one its gradient was taken with), or remove the random module")
+
+
 def _need_batch(batch):
     if batch is None:
         raise ValueError("this step needs a curvature estimate but no training step was "
-                         "recorded (the forward pass ran without gradients, through another "
-                         "function than the model, or capture=False): pass the batch, "
+                         "recorded (the forward pass ran without gradients, inside a torch.func "
+                         "transform, through another function than the model, or no backward "
+                         "pass reached its output; or capture=False): pass the batch, "
                          "step((inputs, targets))")
 
 
 def _write_grads(model, layer_collection, direction):
-    """Copy the PVector ``direction`` into the ``.grad`` of the collection's parameters."""
+    """Copy the PVector ``direction`` into the ``.grad`` of the collection's parameters; a
+    frozen parameter (``requires_grad=False``) gets none: an optimizer would otherwise update
+    it."""
     parts = direction.get_dict_representation()
     modules = layer_collection.get_layerid_module_map(model)
     for lid, module in modules.items():
         for p, d in zip(layer_collection[lid].parameters_of(module), parts[lid]):
+            if not p.requires_grad:
+                continue
             if p.grad is None:
                 p.grad = d.detach().clone().reshape(p.shape)
             else:

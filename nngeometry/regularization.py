@@ -114,14 +114,22 @@ class EWC:
 
     # ------------------------------------------------------------------ state
     def state_dict(self):
-        """Everything but the model: picklable with ``torch.save`` (matrices hold no model)."""
-        return {"lam": self.lam, "gamma": self.gamma, "layer_collection": self.layer_collection,
-                "tasks": [(a, list(t)) for a, t in self.tasks]}
+        """Everything but the model, as plain tensors, numbers, strings and containers:
+        ``torch.save(ewc.state_dict(), f)`` then ``ewc.load_state_dict(torch.load(f))`` with
+        the defaults (``weights_only=True``; see `nngeometry.serialization`)."""
+        from .serialization import to_state
+        return to_state({"lam": self.lam, "gamma": self.gamma,
+                         "layer_collection": self.layer_collection,
+                         "tasks": [[a, [list(wF) for wF in t]] for a, t in self.tasks]})
 
     def load_state_dict(self, state):
+        """Restore a state saved by `state_dict` (also a state dict of an earlier
+        release, which held the objects themselves)."""
+        from .serialization import from_state
+        state = from_state(state)
         self.lam, self.gamma = state["lam"], state["gamma"]
         self.layer_collection = state["layer_collection"]
-        self.tasks = [(a, list(t)) for a, t in state["tasks"]]
+        self.tasks = [(a, [tuple(wF) for wF in t]) for a, t in state["tasks"]]
 
 
 def _merge(terms, fisher):

@@ -11,11 +11,18 @@ product) or any object with ``mv``. The optional preconditioner ``M`` approximat
 ``M(r)`` (PVector to PVector), e.g. ``lambda r: K.solve(r, regul=λ)`` for π-damped KFAC. With
 ``return_info=True`` each returns ``(x, info)``, ``info`` a :class:`SolveInfo` (iterations,
 products, residual).
+
+``cg`` and ``minres`` raise ``SolverNotConvergedError`` when ``max_iter`` is reached before the
+tolerance (their iterate is then not the solution: on a singular system without damping it can
+grow without bound); with ``return_info=True`` they return the last iterate and its
+``SolveInfo`` (``converged=False``) instead. ``neumann`` is a truncated series by design
+(always ``n_terms`` terms) and never raises for it.
 """
 from dataclasses import dataclass
 
 import torch
 
+from .object.pspace._checks import SolverNotConvergedError, not_converged_error  # noqa: F401
 from .object.vector import PVector
 
 
@@ -123,10 +130,11 @@ def cg(A, b, regul=1e-8, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None, retu
         M: a preconditioner: ``M.solve(r, regul=regul)`` approximates ``(A + λI)⁻¹ r`` (e.g. a
             ``PMatKFAC``, ``PMatEKFAC`` or ``PMatDiag`` of the same matrix; KFAC damped
             exactly, ``(K + λI)⁻¹``), or a callable ``r -> z``.
-        return_info: also return a :class:`SolveInfo`.
+        return_info: also return a :class:`SolveInfo`, and return the last iterate instead of
+            raising when ``max_iter`` is reached before the tolerance.
 
-    Returns the PVector ``x`` (the last iterate if ``max_iter`` is reached first), or
-    ``(x, info)``. The residual ``r`` is the recursively updated one (what the stopping rule
+    Returns the PVector ``x``, or ``(x, info)``. Raises ``SolverNotConvergedError`` when
+    ``max_iter`` is reached first (unless ``return_info=True``). The residual ``r`` is the recursively updated one (what the stopping rule
     uses); ``info.residual_norm`` is recomputed from ``x`` (one more product).
     """
     sysm = _System(A, b, regul, M)
@@ -161,10 +169,20 @@ def cg(A, b, regul=1e-8, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None, retu
         iterations += 1
     else:
         converged = float(torch.linalg.vector_norm(r)) <= tol
+    return _finish("cg", sysm, lc, x, bf, iterations, converged, tol, return_info)
+
+
+def _finish(who, sysm, lc, x, bf, iterations, converged, tol, return_info, exhausted=False):
+    """``x`` (or ``(x, info)``), or the shared error of a solve that did not converge."""
     out = PVector(lc, vector_repr=x)
-    if not return_info:
-        return out
-    return out, sysm.info(x, bf, iterations, converged)
+    if return_info:
+        return out, sysm.info(x, bf, iterations, bool(converged))
+    if not converged and not exhausted:
+        info = sysm.info(x, bf, iterations, False)
+        bn = float(torch.linalg.vector_norm(bf))
+        raise not_converged_error(who, iterations, info.relative_residual,
+                                  tol / bn if bn > 0 else tol)
+    return out
 
 
 def minres(A, b, regul=0.0, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None, return_info=False):
@@ -241,10 +259,10 @@ def minres(A, b, regul=0.0, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None, r
         converged = phibar <= tol
         if beta <= tiny:  # the Krylov space is invariant: x is the solution in it
             break
-    out = PVector(lc, vector_repr=x)
-    if not return_info:
-        return out
-    return out, sysm.info(x, bf, iterations, bool(converged))
+    # an invariant Krylov space (beta ≈ 0): x is the least-squares solution in it, the best
+    # MINRES can give (a singular inconsistent system): reported in info, not refused
+    return _finish("minres", sysm, lc, x, bf, iterations, converged, tol, return_info,
+                   exhausted=beta <= tiny)
 
 
 def neumann(A, b, regul=0.0, scale=None, n_terms=100, M=None, rtol=1e-5, atol=0,

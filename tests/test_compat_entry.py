@@ -210,7 +210,7 @@ def test_solve_cg_vs_direct_solve():
     x = cg(A, b, regul=1e-2, x0=x0, rtol=1e-12)
     torch.testing.assert_close(x.get_flat_representation(), ref * 0 + torch.linalg.solve(
         M + 1e-2 * torch.eye(P, dtype=DT), b.get_flat_representation()), atol=1e-8, rtol=1e-8)
-    one = cg(A, b, regul=1e-2, max_iter=1).get_flat_representation()
+    one = cg(A, b, regul=1e-2, max_iter=1, return_info=True)[0].get_flat_representation()
     assert not torch.allclose(one, ref, atol=1e-6)
     z = zero_like_pvector(b)
     assert z.layer_collection == lc and torch.equal(z.get_flat_representation(),

@@ -1,4 +1,4 @@
-"""Tied weights with LayerCollection.from_model(model, tied_weights='sum'): the second module's
+"""Tied weights with LayerCollection.from_model(model) (tied_weights='sum'): the second module's
 use of the parameter is added to the layer's per-example gradients (exact matrices)."""
 import pytest
 import torch
@@ -8,8 +8,8 @@ from brute import fim_dense
 from nngeometry import FIM, EmpiricalFisher
 from nngeometry.backend.context import ParameterUseError
 from nngeometry.layercollection import LayerCollection
-from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit, PMatKFAC,
-                               PMatLowRank, PVector)
+from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatImplicit,
+                               PMatKFAC, PMatLowRank, PVector)
 
 TOL = dict(atol=1e-10, rtol=1e-8)
 
@@ -53,8 +53,19 @@ def test_tied_sum_is_exact_in_every_hooks_representation():
     sub = lc.sub(["emb"])
     torch.testing.assert_close(FIM(m, (x,), PMatDense, layer_collection=sub).to_torch(),
                                ref[s, s], **TOL)
-    with pytest.raises(NotImplementedError, match="tied weights"):
-        FIM(m, (x,), PMatKFAC, layer_collection=lc)
+    # KFAC/EKFAC: the tied layer gets its exact diagonal block, the others their KFAC/EKFAC
+    sm = lc.slice("mid")
+    for rep in (PMatKFAC, PMatEKFAC):
+        with pytest.warns(UserWarning, match=r"tied layer\(s\) 'emb'.*PMatMixed"):
+            mixed = FIM(m, (x,), rep, layer_collection=lc)
+        dense = mixed.to_torch()
+        torch.testing.assert_close(dense[s, s], torch.diag(torch.diag(ref)[s]), **TOL)
+        assert dense[s, sm].abs().max() == 0
+        torch.testing.assert_close(
+            dense[sm, sm], FIM(m, (x,), rep, layer_collection=lc.sub(["mid"])).to_torch(), **TOL)
+    with pytest.warns(UserWarning, match="tied"):
+        only = FIM(m, (x,), PMatKFAC, layer_collection=sub)
+    torch.testing.assert_close(only.get_diag(), torch.diag(ref)[s], **TOL)
     # the empirical Fisher too (targets given)
     y = torch.randint(0, 7, (6,))
     assert torch.isfinite(EmpiricalFisher(m, [(x, y)], PMatDiag, layer_collection=lc)
@@ -74,3 +85,28 @@ def test_collection_without_the_tied_use_still_refused():
         FIM(m, (x,), PMatDiag, layer_collection=plain)
     with pytest.raises(ValueError, match="tied_weights must be"):
         LayerCollection.from_model(m, tied_weights="yes")
+
+
+def test_hessian_of_a_tied_model_by_default():
+    """The default collection holds the tied parameter once; the Hessian (torch.func) sees both
+    of its uses."""
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    from nngeometry import Hessian
+
+    m, x = setup()
+    y = torch.randint(0, 7, (6,))
+    H = Hessian(m, [(x, y)], PMatDense).to_torch()
+    names = ["emb.weight", "mid.weight", "mid.bias"]
+    allp = dict(m.named_parameters())
+
+    def loss(flat):
+        parts, i = {}, 0
+        for k in names:
+            parts[k] = flat[i:i + allp[k].numel()].view_as(allp[k])
+            i += allp[k].numel()
+        out = functional_call(m, {**allp, **parts}, (x,))  # ties lm head and embedding
+        return F.cross_entropy(out, y, reduction="sum")
+    flat = torch.cat([allp[k].detach().reshape(-1) for k in names])
+    torch.testing.assert_close(H, torch.func.hessian(loss)(flat), **TOL)

@@ -78,11 +78,11 @@ def test_tied_model_diag_kfac_implicit():
     model = gpt2(tied=True)
     assert model.lm_head.weight is model.transformer.wte.weight
     b = batch()
-    # by default the tied pair is refused; tied_weights='sum' adds lm_head's use of the weight
-    # to wte's per-example gradients
+    # tied_weights='sum' (the default) adds lm_head's use of the weight to wte's per-example
+    # gradients; 'refuse' refuses the shared parameter
     with pytest.raises(ValueError, match="tied weights.*tied_weights='sum'"):
-        LayerCollection.from_model(model)
-    lc = LayerCollection.from_model(model, tied_weights="sum")
+        LayerCollection.from_model(model, tied_weights="refuse")
+    lc = LayerCollection.from_model(model)
     assert "lm_head" not in lc.layer_ids() and lc.tied["transformer.wte"][0][0] == "lm_head"
     J, Sig = brute_parts(model, b, lc)  # functional_call: both uses of the tied weight
     diag = FIM(model, [b], PMatDiag, layer_collection=lc).get_diag()
@@ -93,9 +93,18 @@ def test_tied_model_diag_kfac_implicit():
     ref_mv = torch.einsum("ndp,nde,ne->p", J, Sig, J @ v) / N
     torch.testing.assert_close(imp.mv(PVector(lc, vector_repr=v)).to_torch(), ref_mv,
                                atol=1e-10, rtol=1e-8)
-    # KFAC: the tied layer's block is a sum of two Kronecker products: refused with advice...
+    # KFAC: the tied layer's block is a sum of two Kronecker products: a PMatKFAC built
+    # directly refuses it with advice...
+    gen0 = TorchHooksJacobianBackend(model, closed_form_function(default_function(model),
+                                                                 "classif_logits"))
     with pytest.raises(NotImplementedError, match="tied weights.*PMatMixed"):
-        FIM(model, [b], PMatKFAC, layer_collection=lc)
+        PMatKFAC(generator=gen0, examples=[b], layer_collection=lc)
+    # ... the entry point gives the tied layer its exact diagonal, with a warning
+    with pytest.warns(UserWarning, match="'transformer.wte'.*PMatDiag"):
+        auto = FIM(model, [b], PMatKFAC)
+    assert isinstance(auto, PMatMixed)
+    torch.testing.assert_close(auto.get_diag()[lc.slice("transformer.wte")],
+                               diag[lc.slice("transformer.wte")], atol=1e-10, rtol=1e-8)
     # ... KFAC on every other layer, the diagonal on the tied one
     gen = TorchHooksJacobianBackend(model, closed_form_function(default_function(model),
                                                                 "classif_logits"))
@@ -109,19 +118,19 @@ def test_tied_model_diag_kfac_implicit():
     assert float(mixed.vTMv(w)) > 0
 
 
-def test_position_embedding_broadcast_refused_or_exact():
-    """GPT-2 looks positions up with shape (1, T): refused on the hooks path (its diagonal was
-    180 % off, silently); exact with batched position_ids."""
+def test_position_embedding_broadcast_is_exact():
+    """GPT-2 looks positions up with shape (1, T), broadcast over the batch: the hooks expand
+    the lookup to the batch, so its per-example quantities are exact, as with batched
+    position_ids."""
     model = gpt2(tied=False)
     lc = LayerCollection.from_model(model)
-    with pytest.raises(RuntimeError, match=r"'transformer.wpe'.*position_ids"):
-        FIM(model, [batch(with_positions=False)], PMatDiag)
-    b = batch()
     sub = collection(model, skip=[n for n, _ in model.named_modules()
                                   if n not in ("transformer.wpe", "transformer.h.0.attn.c_attn")])
-    ref = brute_fim(model, b, sub)
-    torch.testing.assert_close(FIM(model, [b], PMatDense, layer_collection=sub).to_torch(), ref,
-                               atol=1e-10, rtol=1e-8)
+    for b in (batch(), batch(with_positions=False)):
+        ref = brute_fim(model, b, sub)
+        torch.testing.assert_close(FIM(model, [b], PMatDense, layer_collection=sub).to_torch(),
+                                   ref, atol=1e-10, rtol=1e-8)
+    b = batch()
     assert lc.numel() > sub.numel()
     # the default loss of the empirical Fisher reads the labels of the dict batch
     ef = EmpiricalFisher(model, [b], PMatDiag, layer_collection=sub).get_diag()

@@ -134,18 +134,32 @@ def test_unrecorded_update_step_needs_the_batch():
         cap.take()
 
 
+def _module_hooks(model):
+    return [h for m in model.modules()
+            for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())] + \
+        [m for m in model.modules() if "forward" in vars(m)]
+
+
 def test_close_removes_the_hooks():
+    """The model carries no hook of the preconditioner, armed or not: the layers are hooked
+    for the time of the recorded forward call only; close() disarms."""
     model, x, y = _cnn()
-    pre = NaturalGradient(model, PMatKFAC)
-    assert model._forward_hooks and model[0]._forward_hooks
+    pre = NaturalGradient(model, PMatKFAC, update_freq=1)
+    assert pre._capture.armed and not _module_hooks(model)
+    out = model(x)
+    assert not _module_hooks(model)
+    tF.cross_entropy(out, y).backward()
+    assert pre._capture.ready and not pre._capture.armed  # one record per arming
+    pre.step()
+    assert pre._capture.armed
     pre.close()
-    assert not model._forward_hooks and not model[0]._forward_hooks
-    # hooks are also off between update steps
+    assert pre._capture is None and not _module_hooks(model)
+    # between update steps the capture is not armed
     model, x, y = _cnn()
     pre = NaturalGradient(model, PMatKFAC, update_freq=3)
     _train_step(model, x, y)
     pre.step()
-    assert not model._forward_hooks
+    assert not pre._capture.armed
 
 
 def test_capture_refuses_batch_reading_curvatures():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from _reps_fixtures import (DT, check_inverse, check_layout_errors, check_pickle, check_products,
-                            check_solves, close, setup)  # noqa: F401
+                            check_solves, close, dense_pow, setup)  # noqa: F401
 from nngeometry.metrics import FIM
 from nngeometry.object import PMatBlockDiag, PMatEye, PMatQuasiDiag, PMatQuasiDiagInverse
 
@@ -83,8 +83,10 @@ def test_pow_logdet_and_unsupported(mats):
     I = torch.eye(D.shape[0], dtype=DT)
     close(M.pow(1, regul=0.2).to_torch(), D + 0.2 * I)
     close(M.logdet(regul=0.2), torch.logdet(D + 0.2 * I))
-    with pytest.raises(NotImplementedError, match="quasi-diagonal"):
-        M.pow(0.5)
+    # other powers are dense per unit: a PMatBlockDiag, exact
+    R = M.pow(-0.5, regul=0.2)
+    assert isinstance(R, PMatBlockDiag)
+    close(R.to_torch(), dense_pow(D, -0.5, regul=0.2))
     with pytest.raises(NotImplementedError, match="mv/mmap"):
         M.mm(M)
 

@@ -19,8 +19,43 @@ def _one_batch(batch):
         if len(batch) == 0:
             raise ValueError(f"a batch is empty ({type(batch).__name__} of length 0): it has no "
                              f"inputs; {_BATCH_HELP}")
-        return tuple(batch)
-    return (batch,)
+        return _refuse_no_examples(tuple(batch))
+    return _refuse_no_examples((batch,))
+
+
+def _refuse_no_examples(batch):
+    """``batch`` unless its inputs hold 0 examples (a first dimension of size 0, e.g.
+    ``(X[:0], y[:0])``): refused with a ``ValueError``, since an empty batch has no statistics
+    and would otherwise fail deep inside the computation."""
+    n = _leading_size(batch[0])
+    first = batch[0]
+    if isinstance(first, Mapping):
+        first = next((v for v in first.values() if isinstance(v, torch.Tensor)), None)
+    if n == 0 and isinstance(first, torch.Tensor) and first.dim() > 0:
+        raise ValueError(
+            f"a batch holds 0 examples (inputs of shape {tuple(first.shape)}): nngeometry "
+            "computes from the examples of every batch, so drop empty batches before passing "
+            "them (e.g. filter them out of the list, or keep the DataLoader's batch_size > 0)")
+    return batch
+
+
+def _looks_like_batches(examples):
+    """Whether the tuple ``examples`` is several batches ``((x1, y1), (x2, y2), ...)`` rather
+    than one mini-batch: two or more tuples or lists of tensors, of one length, holding at each
+    position tensors of one dtype and one shape after the first dimension (one mini-batch never
+    has that shape: its elements are its inputs and targets)."""
+    if len(examples) < 2 or not all(isinstance(b, (tuple, list)) and b for b in examples):
+        return False
+    first = examples[0]
+    if any(len(b) != len(first) for b in examples):
+        return False
+    for j in range(len(first)):
+        ts = [b[j] for b in examples]
+        if not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in ts):
+            return False
+        if any(t.dtype != ts[0].dtype or t.shape[1:] != ts[0].shape[1:] for t in ts):
+            return False
+    return True
 
 
 def _refuse_ambiguous_list(examples):
@@ -59,7 +94,9 @@ def iterate_batches(examples):
       yields). A list of tensors that could as well be several batches of inputs (see
       ``_refuse_ambiguous_list``) is refused: pass a tuple for one mini-batch.
 
-    Empty examples (``()``, ``[]``, an empty batch) raise a ``ValueError``.
+    Empty examples (``()``, ``[]``, an empty batch, a batch of 0 examples such as
+    ``(X[:0], y[:0])``) raise a ``ValueError``, and so does a tuple of batches
+    ``((x1, y1), (x2, y2))`` (see ``_looks_like_batches``: a tuple is one mini-batch).
     """
     if isinstance(examples, list) and examples and all(
             isinstance(b, (tuple, list, Mapping)) for b in examples):
@@ -77,11 +114,19 @@ def iterate_batches(examples):
         if len(examples) == 0:
             raise ValueError(f"examples is an empty {type(examples).__name__}: there is no data "
                              f"to compute from; {_BATCH_HELP}")
+        if isinstance(examples, tuple) and _looks_like_batches(examples):
+            # read as one mini-batch, its inputs would be the first batch (x1, y1) itself
+            raise ValueError(
+                f"examples is a tuple of {len(examples)} batches (each a "
+                f"{type(examples[0]).__name__} of {len(examples[0])} tensors): nngeometry reads "
+                "a tuple as one mini-batch (inputs, targets, ...), whose inputs would be the "
+                "first batch. Pass several batches as a list [(x1, y1), (x2, y2), ...] or a "
+                "DataLoader, or one mini-batch as (inputs, targets)")
         if isinstance(examples, list):
             _refuse_ambiguous_list(examples)
-        yield tuple(examples)
+        yield _refuse_no_examples(tuple(examples))
     elif isinstance(examples, (torch.Tensor, Mapping)):
-        yield (examples,)
+        yield _refuse_no_examples((examples,))
     elif isinstance(examples, DataLoader) or hasattr(examples, "__iter__"):
         for batch in examples:
             yield _one_batch(batch)
@@ -241,7 +286,15 @@ def default_function(model, target_key="labels"):
     def function(*batch):
         first = batch[0]
         if isinstance(first, Mapping):
-            out = model(**{k: v for k, v in first.items() if k != target_key})
+            inputs = {k: v for k, v in first.items() if k != target_key}
+            try:
+                out = model(**inputs)
+            except TypeError as e:
+                # only the call's own refusal of a key, not a TypeError from inside forward
+                if "unexpected keyword argument" not in str(e) or \
+                        not any(repr(k) in str(e) for k in inputs):
+                    raise
+                raise _dict_keys_error(model, first, target_key, e) from e
         else:
             out = model(first)
         if hasattr(out, "logits"):
@@ -262,6 +315,26 @@ def default_function(model, target_key="labels"):
     # the same computation for every call on this model (see context.uses_key)
     function.nngeometry_default_of = model
     return function
+
+
+def _dict_keys_error(model, batch, target_key, error):
+    """The ``TypeError`` for a dict batch whose keys are not the model's keyword arguments
+    (e.g. ``{'x': ..., 'y': ...}`` for a model ``forward(self, x)`` called as
+    ``model(x=..., y=...)``): it says how nngeometry reads a dict and how to map the keys."""
+    keys = list(batch)
+    inputs = [k for k in keys if k != target_key]
+    x_key = inputs[0] if inputs else "x"
+    y_key = target_key if target_key in batch else (inputs[1] if len(inputs) > 1 else None)
+    name = type(model).__name__
+    how = f"function=lambda b: model(b[{x_key!r}])"
+    if y_key is not None and y_key != target_key:
+        how += f" and target_key={y_key!r} (the key of the targets, for the losses that use them)"
+    return TypeError(
+        f"the batches are dicts with keys {keys}, which nngeometry passes as keyword arguments, "
+        f"model(**batch) without the key target_key={target_key!r} (Hugging Face style); "
+        f"{name}.forward does not take them ({error}). Map the keys yourself: pass {how}, or "
+        "yield batches (inputs, targets) (or, for a model that takes keywords, drop the keys "
+        "its forward does not take)")
 
 
 def batch_size_of(batch):

@@ -15,10 +15,14 @@ generator whose passes feed the recorded statistics to the representation's accu
 instead of running the model: ``PMatKFAC(generator=ReplayBackend(capture), examples=...)``
 equals ``FIM_MonteCarlo(model, batch, PMatKFAC)`` with the same draws.
 """
+import copy
+import weakref
+
 import torch
 
+from ..layer_types.base import is_recording_paused
 from .context import BatchContext
-from .jacobian import TorchHooksJacobianBackend, _refuse_batch_statistics
+from .jacobian import TorchHooksJacobianBackend, _refuse_batch_statistics, in_engine_pass
 
 
 class CaptureError(RuntimeError):
@@ -30,13 +34,24 @@ class StepCapture:
     """Records the curvature statistics of the next training step of ``model``.
 
     ``with StepCapture(generator, layer_collection) as cap:`` (or ``arm()`` / ``disarm()``)
-    hooks the collection's modules and the model's output. Every forward pass of ``model`` with
-    gradients enabled inside the block starts a new record (passes without gradients, e.g. an
-    evaluation, are ignored); when the backward pass of a loss reaches the model's output, the
-    output transform of ``generator.function`` (an :class:`~nngeometry.variants.OutputTransform`
-    that does not read the batch: closed-form or unseeded Monte-Carlo Fisher) is applied to the
+    arms the capture. While it is armed, every forward pass of ``model`` with gradients
+    enabled is recorded: the collection's modules are hooked for the time of that call only
+    (the model carries no hook, no instance attribute and no reference to the capture between
+    its calls, so ``copy.deepcopy(model)`` and ``torch.save(model)`` work at any time, and the
+    copies are never recorded). The record lives with the forward's output tensor: when the
+    first backward pass that reaches one recorded output runs (the user's ``loss.backward()``,
+    or the ``torch.autograd.grad`` of a gradient penalty through that output), the output
+    transform of ``generator.function`` (an `nngeometry.variants.OutputTransform` that
+    does not read the batch: closed-form or unseeded Monte-Carlo Fisher) is applied to the
     recorded output and its directions are back-propagated to the layers' outputs, keeping the
-    forward graph for the user's own backward pass. ``ready`` says whether a record is complete.
+    forward graph for the user's own backward pass. That record is complete (``ready``) and
+    the capture disarms itself: one record per arming. Every later backward pass (through the
+    same output with ``retain_graph``, a validation loss, a second model call) costs nothing.
+
+    Not recorded: passes without gradients (an evaluation under ``torch.no_grad()``), passes
+    inside a ``torch.func`` transform (``vmap`` over ``grad`` / ``jacrev`` of the same model:
+    per-example gradients of the user's own), the library's own passes on the model (a matrix
+    built in the middle of training), and the calls of the model's copies.
 
     The model's batch statistics must not couple the examples (BatchNorm in training mode is
     refused, as for every matrix).
@@ -54,31 +69,49 @@ class StepCapture:
         self.generator = generator
         self.model = generator.model
         self.layer_collection = layer_collection
-        self._stack = None
-        self._calls = None
+        self._handle = None   # the process-wide pre-hook that spots the model's calls
+        self._open = None     # (hooks context, calls, finishing handle) of the call in progress
         self._record = None   # the latest complete record
-        self._pending = None  # the record whose backward pass has not reached the output yet
 
     # ------------------------------------------------------------------ arming
+    @property
+    def armed(self):
+        return self._handle is not None
+
     def arm(self):
-        if self._stack is not None:
+        if self._handle is not None:
             return self
         _refuse_batch_statistics(self.model)
-        modules = self.layer_collection.get_layerid_module_map(self.model)
-        self._modules = modules
-        ctx = self.generator._hooks(self.layer_collection, modules)
-        self._calls = ctx.__enter__()
-        self._stack = [ctx, self.model.register_forward_hook(self._on_forward)]
-        self._record = self._pending = None
+        self._modules = self.layer_collection.get_layerid_module_map(self.model)
+        self._record = None
+        # a process-wide pre-hook rather than one on the model: nothing of the capture is in
+        # the model's state (pickling, deepcopy), and the hook holds the capture weakly
+        self._handle = torch.nn.modules.module.register_module_forward_pre_hook(
+            _weak_pre_hook(weakref.ref(self)))
+        # a capture dropped while armed (its optimizer gone without close()) takes its hook
+        # with it
+        self._finalizer = weakref.finalize(self, self._handle.remove)
         return self
 
     def disarm(self):
-        if self._stack is None:
-            return
-        ctx, handle = self._stack
-        self._stack = None
-        handle.remove()
-        ctx.__exit__(None, None, None)
+        if self._handle is not None:
+            self._finalizer.detach()
+            self._handle.remove()
+            self._handle = None
+        self._close_call()
+
+    def __deepcopy__(self, memo):
+        """A copy on the copy of the model (``copy.deepcopy((model, optimizer))``), armed if
+        this one is, with hooks of its own (the process-wide hook is never shared)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k not in ("_handle", "_finalizer", "_open"):
+                setattr(new, k, copy.deepcopy(v, memo))
+        new._handle = new._open = None
+        if self.armed:
+            new.arm()
+        return new
 
     def __enter__(self):
         return self.arm()
@@ -100,29 +133,58 @@ class StepCapture:
         return rec
 
     # ------------------------------------------------------------------ hooks
-    def _on_forward(self, module, args, output):
-        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or \
-                not output.requires_grad:
-            for store in self._calls.values():
-                store.clear()
+    def _records(self, module):
+        """Whether this call of ``module`` is a training forward pass to record."""
+        return (module is self.model and self._open is None and torch.is_grad_enabled()
+                and not _in_torch_func() and not is_recording_paused()
+                and not in_engine_pass(self.model))
+
+    def _on_pre_forward(self, module):
+        if not self._records(module):
             return
-        # this pass's calls: the stores are refilled by the next forward pass
-        calls = {lid: list(store) for lid, store in self._calls.items()}
-        for store in self._calls.values():
-            store.clear()
+        ctx = self.generator._hooks(self.layer_collection, self._modules)
+        calls = ctx.__enter__()
+        try:
+            # registered after the layers' hooks: runs after them (the model itself may be
+            # one of the layers), and also when the forward raises (always_call)
+            finish = module.register_forward_hook(self._on_forward, always_call=True)
+        except BaseException:
+            ctx.__exit__(None, None, None)
+            raise
+        self._open = (ctx, calls, finish)
+
+    def _close_call(self):
+        """Remove the hooks of the call in progress; its calls (or None)."""
+        if self._open is None:
+            return None
+        ctx, calls, finish = self._open
+        self._open = None
+        finish.remove()
+        ctx.__exit__(None, None, None)
+        return calls
+
+    def _on_forward(self, module, args, output):
+        calls = self._close_call()
+        if calls is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
         record = _Record(calls, self._modules)
-        self._pending = record
         done = []
+        ref = weakref.ref(self)
 
         def on_output_grad(grad):
-            # fires again for the re-entrant pass itself (it reaches the output too)
+            # fires again for the re-entrant pass itself (it reaches the output too), and for
+            # any later backward pass through this output: one capture per record
             if done:
                 return
             done.append(True)
+            cap = ref()
+            # disarmed: another output's backward completed this arming's record already
+            if cap is None or not cap.armed or _in_torch_func():
+                return
             with torch.enable_grad():
-                self._differentiate(record, output)
-            if self._pending is record:
-                self._record, self._pending = record, None
+                cap._differentiate(record, output)
+            cap._record = record
+            cap.disarm()
 
         output.register_hook(on_output_grad)
 
@@ -137,6 +199,24 @@ class StepCapture:
             record.chunks.append((k0, k1, [g.detach() if g is not None else None
                                            for g in grads]))
         record.n, record.n_output, record.outputs = n, n_output, out.detach()
+
+
+def _in_torch_func():
+    """Whether the code runs inside a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``,
+    ``jvp``...): those passes are another computation's, never the training step."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def _weak_pre_hook(ref):
+    """A process-wide forward pre-hook that hands the calls to the capture ``ref()`` (held
+    weakly: the hook alone does not keep a capture, its generator and model alive)."""
+
+    def pre_hook(module, args):
+        cap = ref()
+        if cap is not None:
+            cap._on_pre_forward(module)
+
+    return pre_hook
 
 
 class _Record:

@@ -190,6 +190,11 @@ class Consumer:
         if not self.count:
             raise ValueError(f"{type(self).__name__}: no example was added, nothing to normalise")
         self.finalize(self.count)
+        lc = getattr(self, "lc", None)
+        if lc is not None:
+            # NaN / Inf from the backward pass of any of the passes merged into it
+            from .jacobian import check_statistic
+            check_statistic(self.result, lc)
         return self.result
 
 

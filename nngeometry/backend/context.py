@@ -94,7 +94,8 @@ class Call:
     gradients w.r.t. its recorder's ``targets`` in ``extra_gy`` (same order, each
     ``(K, *shape)``)."""
 
-    __slots__ = ("args", "kwargs", "targets", "record", "gy", "extra_gy", "spec", "module")
+    __slots__ = ("args", "kwargs", "targets", "record", "gy", "extra_gy", "spec", "module",
+                 "shared")
 
     def __init__(self, args, kwargs, output, recorder=None, spec=None, module=None):
         self.args = args
@@ -110,6 +111,25 @@ class Call:
             self.targets += [GradTarget(t) for t in recorder.targets]
         self.gy = None
         self.extra_gy = []
+        # (n, axis) for an output with no batch axis, shared by the n examples (see
+        # expand_shared); None otherwise
+        self.shared = None
+
+    def expand_shared(self):
+        """Give every tensor argument of a call whose output has no batch axis a batch axis
+        of ``n`` copies: each example's per-example quantities are then those of the whole
+        call with that example's own output gradient (``gy``: ``(K, n, *out_shape)``)."""
+        n, axis = self.shared
+
+        def rep(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            t = t.unsqueeze(axis)
+            shape = list(t.shape)
+            shape[axis] = n
+            return t.expand(shape)
+        self.args = tuple(rep(a) for a in self.args)
+        self.kwargs = {k: rep(v) for k, v in self.kwargs.items()}
 
     @property
     def target(self):
@@ -277,6 +297,13 @@ class BatchContext:
             for b, (a, g) in enumerate(pairs):
                 A[b].append(a)
                 G[b].append(g)
+        uses = len(self.calls[layer_id])
+        if uses > 1:
+            # a module called R times in one forward (nn.Sequential(lin, act, lin)): each use
+            # is one more location of the shared weight, as positions are in 'expand' (see
+            # docs/layers.md): A = Σ_r A_r, G = (1/R) Σ_r G_r, which is KFAC-expand with the R
+            # uses as R positions (each use's factors as the layer type gives them)
+            G = [[_sum_pieces(pg) / uses] for pg in G]
         if lazy:
             return [((pa if self.first_chunk else None), pg) for pa, pg in zip(A, G)], multi
         return [((_sum_pieces(pa) if self.first_chunk else None), _sum_pieces(pg))
@@ -372,6 +399,9 @@ def check_parameter_uses(out, layer_collection, modules, calls):
             y = functional_call(c.module or modules[lid], leaves, c.args, c.kwargs)
             if not isinstance(y, torch.Tensor):
                 y = y[0]  # the hooks differentiate through the first output (see Call)
+            if y.shape != gy.shape:
+                # an output shared by the examples, expanded to the batch by the hooks
+                y = y.expand(gy.shape)
             g = torch.autograd.grad(y, list(leaves.values()), gy, allow_unused=True)
             for acc, gk in zip(hooked[lid], g):
                 if gk is not None:

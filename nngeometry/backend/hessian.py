@@ -27,7 +27,7 @@ from ..layercollection import LayerCollection
 from .batches import default_function, prepare_batch
 from .distributed import all_reduce_tree, resolve_group, unwrap_model
 from .jacobian import (TorchHooksJacobianBackend, _check_uniform_params, tensors_in_model,
-                       _no_fused_attention)
+                       _no_fused_attention, _rng_state, _same_rng, random_in_vmap_explained)
 
 
 def hvp(func, primals, tangents):
@@ -162,6 +162,7 @@ class HessianBackend:
                                      layer_collection.get_layerid_module_map(self.model))[0]
 
     # ================================================================== dense statistics
+    @random_in_vmap_explained
     def get_covariance_matrix(self, examples, layer_collection=None):
         """``(P, P)``: the Hessian ``H = Σ_b ∇²ℓ_b`` w.r.t. the collection's parameters, in its
         layout. Costs ``P`` HVPs per batch (vmapped by ``rows_per_pass``); symmetrized
@@ -178,6 +179,7 @@ class HessianBackend:
         self._check_finite(H)
         return (H + H.t()) / 2
 
+    @random_in_vmap_explained
     def get_covariance_layer_blocks(self, examples, layer_collection=None):
         """``{layer_id: (p_l, p_l)}``: the diagonal blocks ``∂²ℓ/∂θ_l²`` of ``H``, each built
         from HVPs in that layer's parameters only (``p_l`` HVPs per layer and batch; no
@@ -198,6 +200,7 @@ class HessianBackend:
             self._check_finite(b)
         return {lid: (b + b.t()) / 2 for lid, b in blocks.items()}
 
+    @random_in_vmap_explained
     def get_covariance_diag(self, examples, layer_collection=None):
         """``(P,)``: the exact diagonal of ``H``. Costs ``P`` HVPs per batch (each restricted
         to one layer's parameters, vmapped by ``rows_per_pass``) and ``rows_per_pass × p_l``
@@ -243,6 +246,7 @@ class HessianBackend:
         flat = v.get_flat_representation() if hasattr(v, "get_flat_representation") else v
         return flat @ self.implicit_mv(flat, examples, layer_collection)
 
+    @random_in_vmap_explained
     def implicit_mm(self, V, examples, layer_collection=None):
         """``(m, P)``: ``H v_j`` for the rows of ``V`` ``(m, P)``, HVPs vmapped over the rows
         (all ``m`` at once: the caller chunks, e.g. ``PMatImplicit(rows_per_pass=...)``)."""
@@ -365,19 +369,27 @@ class HessianBackend:
             # graph is built through them and no result requires grad
             others = {k: p.detach() for k, p in self.model.named_parameters() if k not in params}
             device = helper._device()
+            # randomness outside the modules (F.dropout(x, training=True)): a forward that
+            # drew from the global RNG is run twice more and compared (see the Jacobian
+            # generator's check_deterministic)
+            watch = helper.check_deterministic
             for batch in helper._batches(examples):
                 batch = prepare_batch(batch, device)
+                drew = []
 
-                def loss(p, batch=batch):
+                def loss(p, batch=batch, drew=drew):
                     # buffers are cloned inside the transform: torch.func refuses in-place
                     # updates of captured tensors (training-mode BatchNorm), and the model's
                     # own buffers must stay untouched
                     bufs = {k: b.clone() for k, b in self.model.named_buffers()}
                     p = {k: torch.where(constant[k], t.detach(), t) if k in constant else t
                          for k, t in p.items()}
+                    rng = _rng_state(device) if watch else None
                     with _no_fused_attention(), tensors_in_model(self.model,
                                                                  {**others, **p, **bufs}):
                         out = self.function(*batch)
+                    if watch:
+                        drew.append(not _same_rng(rng, _rng_state(device)))
                     value = self.loss_function(out, *batch)
                     if not isinstance(value, torch.Tensor) or value.numel() != 1:
                         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -387,6 +399,9 @@ class HessianBackend:
                     return value.reshape(())
 
                 yield params, loss, keys
+                if watch and any(drew):
+                    watch = False
+                    helper._probe_functional(lambda q: loss(q).reshape(1, 1), params, device)
 
     @staticmethod
     def _check_nonempty(result):

@@ -28,11 +28,12 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
-from .batches import (check_finite, check_outputs, default_function, deferred_finite_checks,
-                      iterate_batches, prepare_batch)
+from .batches import (all_finite, batch_size_of, check_finite, check_outputs, default_function,
+                      deferred_finite_checks, iterate_batches, prepare_batch)
 from .context import (BatchContext, Call, check_parameter_uses, mark_uses_verified,
                       uses_key, uses_verified)
 from ..layer_types.base import AbstractLayer, is_recording_paused, recording_paused
+from ..layer_types.parametrized import parametrizations_prepared
 from ..layercollection import LayerCollection, run_eagerly
 from . import consumers as C
 from .distributed import (all_gather_rows, all_reduce_tree, global_batch_index, resolve_group,
@@ -55,6 +56,26 @@ def _outside_inference_mode(method):
             args = [_normal_tensor(a) for a in args]
             kwargs = {k: _normal_tensor(a) for k, a in kwargs.items()}
             return method(self, *args, **kwargs)
+    return wrapper
+
+
+def random_in_vmap_explained(method):
+    """Products vmapped over many vectors (``torch.func.vmap``) refuse a forward that draws
+    random numbers with torch's own message about vmap's randomness flags; say what it means
+    for the user's model instead."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except RuntimeError as e:
+            if "randomness error mode" not in str(e):
+                raise
+            raise RuntimeError(
+                "the function is not deterministic: its forward draws random numbers (a "
+                "dropout module in training mode, F.dropout(x, p, training=True), or torch.rand "
+                "/ torch.randn noise in forward), which makes every matrix random. Call "
+                "model.eval(), make that randomness follow the module's mode "
+                "(F.dropout(x, p, training=self.training), or nn.Dropout)") from e
     return wrapper
 
 
@@ -104,10 +125,14 @@ class TorchHooksJacobianBackend:
         n_output: ignored (older releases needed the number of outputs in advance).
         check_deterministic: refuse random models (default ``True``): dropout modules in
             training mode (``RuntimeError`` naming the module and ``model.eval()``), and, once
-            per pass over the examples when a module of the model is in training mode, a probe
-            that runs the model a second time on the first batch (without gradients, on a forked RNG: the global RNG state is left as
-            it was) and refuses outputs that differ. Random outputs make every statistic a
-            random matrix whose average is not the one asked for. ``False`` skips both.
+            per pass over the examples when a module of the model is in training mode or when
+            the first forward drew from the global RNG (CPU, and the model's CUDA device:
+            randomness outside the modules, such as ``F.dropout(x, training=True)`` or
+            ``torch.rand`` in ``forward``), a probe that runs the model again on the first batch
+            (without gradients, on a forked RNG: the global RNG state is left as it was) and
+            refuses outputs that differ. The implicit products watch the RNG the same way.
+            Random outputs make every statistic a random matrix whose average is not the one
+            asked for. ``False`` skips both.
         distributed: data parallelism over ``torch.distributed``: ``None`` (default: on when a
             process group is initialised and has more than one rank), ``True`` or ``False``.
             When on, each rank passes its own shard of the examples and every statistic and
@@ -156,6 +181,8 @@ class TorchHooksJacobianBackend:
         self.process_group = process_group
         # one dict per implicit product in progress: batch index -> examples (see _counting)
         self._counters = []
+        # the number of examples the hooks expand shared outputs to (see _broadcast_outputs)
+        self._broadcast = _Broadcast()
 
     def _group(self):
         """The process group the statistics are reduced over, or None (one process)."""
@@ -308,8 +335,10 @@ class TorchHooksJacobianBackend:
             n_total = 0
             # the probe costs one more forward of the first batch (+8% to +29% for one-batch
             # builds of an MLP): only where a module is in training mode, the mode in which
-            # modules are random; a model in eval mode is taken as deterministic
-            probe = self.check_deterministic and any(m.training for m in self.model.modules())
+            # modules are random, or where the first forward drew from the global RNG
+            # (randomness outside the modules: F.dropout(x, training=True), torch.rand); a
+            # model in eval mode whose forward leaves the RNG alone is deterministic
+            probe = self.check_deterministic
             with self._prepared(layer_collection) as (modules, calls), deferred_finite_checks():
                 for i, batch in enumerate(self._batches(examples)):
                     n_total += self._run_batch(batch, layer_collection, modules, calls, consumer,
@@ -332,6 +361,7 @@ class TorchHooksJacobianBackend:
             raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
         if finalize:
             consumer.finalize(n_total)
+            check_statistic(getattr(consumer, "result", None), layer_collection)
         return consumer
 
     # ================================================================== implicit products
@@ -396,6 +426,7 @@ class TorchHooksJacobianBackend:
         if self.centering:
             m = self._mean_jacobian(examples, lc)
             out = out - m.t() @ (m @ _flat(v).to(m.dtype))
+        _check_product(out, v, "implicit_mv")
         return out
 
     @_outside_inference_mode
@@ -409,6 +440,7 @@ class TorchHooksJacobianBackend:
         if self.centering:
             mv = self._mean_jacobian(examples, lc) @ _flat(v)
             out = out - (mv * mv).sum()
+        _check_product(out, v, "implicit_vTMv")
         return out
 
     @_outside_inference_mode
@@ -421,6 +453,7 @@ class TorchHooksJacobianBackend:
             self._global_rows(lambda: self._Jv(v, examples, lc), group, 1)
         if self.centering:
             out = out - (self._mean_jacobian(examples, lc) @ _flat(v)).unsqueeze(1)
+        _check_product(out, v, "implicit_Jv")
         return out
 
     @_outside_inference_mode
@@ -435,9 +468,11 @@ class TorchHooksJacobianBackend:
         if self.centering:
             m = self._mean_jacobian(examples, lc)
             out = out - m.t() @ w.sum(dim=1).to(m.dtype)
+        _check_product(out, w, "implicit_JTv")
         return out
 
     @_outside_inference_mode
+    @random_in_vmap_explained
     def implicit_JV(self, V, examples=None, layer_collection=None):
         """``(m, n_output, n)``: ``J(x_i) v_j`` for the ``m`` rows ``v_j`` of ``V``
         (``(m, P)``) and every example (not normalized)."""
@@ -447,9 +482,11 @@ class TorchHooksJacobianBackend:
             self._global_rows(lambda: self._JV(V, examples, lc), group, 2)
         if self.centering:
             out = out - (V @ self._mean_jacobian(examples, lc).t()).unsqueeze(2)
+        _check_product(out, V, "implicit_JV")
         return out
 
     @_outside_inference_mode
+    @random_in_vmap_explained
     def implicit_mm(self, V, examples=None, layer_collection=None):
         """``(m, P)``: ``M v_j`` for the rows of ``V`` (``(m, P)``), without forming ``M``."""
         examples, lc = self._resolve(examples, layer_collection)
@@ -459,6 +496,7 @@ class TorchHooksJacobianBackend:
         if self.centering:
             m = self._mean_jacobian(examples, lc)
             out = out - (V @ m.t()) @ m
+        _check_product(out, V, "implicit_mm")
         return out
 
     def _global_JTv(self, w, examples, lc, group):
@@ -676,6 +714,9 @@ class TorchHooksJacobianBackend:
         flags = [p.requires_grad for p in params]
         other_flags = [p.requires_grad for p in others]
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        # torch.nn.utils.parametrize: one function for the whole computation (spectral_norm
+        # in training mode would advance its power iteration at every forward pass)
+        restore_parametrizations = parametrizations_prepared(self.model)
         try:
             for p in params:
                 p.requires_grad_(True)
@@ -690,6 +731,7 @@ class TorchHooksJacobianBackend:
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
+            restore_parametrizations()
 
     @contextlib.contextmanager
     def _prepared(self, layer_collection):
@@ -708,6 +750,7 @@ class TorchHooksJacobianBackend:
         own training step with them)."""
         calls = {lid: [] for lid in modules}
         handles, recorders = [], []
+        broadcast = getattr(self, "_broadcast", None)
         try:
             for lid, module in modules.items():
                 layer = layer_collection[lid]
@@ -723,13 +766,15 @@ class TorchHooksJacobianBackend:
                     # hooks)
                     handles.append(_InstanceForward(module, active))
                 handles.append(module.register_forward_hook(
-                    self._make_hook(calls[lid], active), with_kwargs=True))
+                    self._make_hook(calls[lid], active, layer=layer, broadcast=broadcast),
+                    with_kwargs=True))
                 # other modules using this layer's parameters (tied weights): their calls
                 # are calls of the layer, with their own spec and module
                 for tname, tspec in getattr(layer_collection, "tied", {}).get(lid, ()):
                     tmod = self.model.get_submodule(tname)
                     handles.append(tmod.register_forward_hook(
-                        self._make_hook(calls[lid], None, tspec, tmod), with_kwargs=True))
+                        self._make_hook(calls[lid], None, tspec, tmod, layer=tspec,
+                                        broadcast=broadcast), with_kwargs=True))
             yield calls
         finally:
             for h in reversed(handles):
@@ -755,7 +800,7 @@ class TorchHooksJacobianBackend:
         return pre_hook
 
     @staticmethod
-    def _make_hook(store, active=None, spec=None, tied_module=None):
+    def _make_hook(store, active=None, spec=None, tied_module=None, layer=None, broadcast=None):
         def hook(module, args, kwargs, output):
             if is_recording_paused():
                 # a layer type re-running this module's forward to compute its statistics
@@ -770,9 +815,34 @@ class TorchHooksJacobianBackend:
                 out = output[0]
             else:
                 raise TypeError(f"cannot differentiate through the output of {type(module).__name__}")
-            store.append(Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
-                              {k: v.detach() if isinstance(v, torch.Tensor) else v
-                               for k, v in kwargs.items()}, out, rec, spec, tied_module))
+            replaced = shared = None
+            n = broadcast.n if broadcast is not None else None
+            if n is not None and n > 1 and layer is not None and rec is None:
+                axis = layer.batch_axis(module)
+                if out.dim() > axis and out.shape[axis] == 1:
+                    # one output shared by the n examples (positions (1, T), a learned table):
+                    # the model would broadcast it; broadcasting it here instead makes the
+                    # gradient w.r.t. the copy per-example (the gradient w.r.t. the shared
+                    # output is their sum, from which they cannot be recovered)
+                    out = _expand_axis(out, axis, n)
+                    args = tuple(_expand_axis(a, axis, n) for a in args)
+                    kwargs = {k: _expand_axis(v, axis, n) for k, v in kwargs.items()}
+                    replaced = out if isinstance(output, torch.Tensor) else \
+                        type(output)([out, *output[1:]]) if isinstance(output, list) else \
+                        _rebuild_tuple(output, out)
+                    broadcast.expanded = True
+                elif out.dim() > axis and out.shape[axis] != n:
+                    # an output with no batch axis (T5's relative position bias, looked up on
+                    # a (T, T) table): its per-example gradients take a backward pass of
+                    # their own (see _direction_chunks)
+                    shared = (n, axis)
+                    broadcast.expanded = True
+            call = Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                        {k: v.detach() if isinstance(v, torch.Tensor) else v
+                         for k, v in kwargs.items()}, out, rec, spec, tied_module)
+            call.shared = shared
+            store.append(call)
+            return replaced
         return hook
 
     @staticmethod
@@ -788,7 +858,7 @@ class TorchHooksJacobianBackend:
             raise C.EmptyExamplesError(
                 "the examples yielded no data (empty loader): nothing to compute from")
 
-    def _outputs(self, batch, index=None):
+    def _outputs(self, batch, index=None, watch_rng=False):
         """``(model_outputs, out, columns)``: what the model part of ``function`` returns (for
         the determinism probe), the outputs to differentiate, flattened to ``(n, n_output)``,
         and ``columns(k0, k1)``, the graph of ``out[:, k0:k1]`` alone (or None). For a
@@ -796,11 +866,15 @@ class TorchHooksJacobianBackend:
         part is its ``function``; otherwise the whole ``function``."""
         fn = self.function
         if hasattr(fn, "model_outputs") and hasattr(fn, "split"):
+            rng = _rng_state(self._device()) if watch_rng else None
             raw = fn.model_outputs(*batch)
+            self._rng_consumed = watch_rng and not _same_rng(rng, _rng_state(self._device()))
             info = fn.batch_info(batch, index) if getattr(fn, "needs_batch", False) else None
             out, columns = self._transformed(raw, info)
             return raw, out, columns
+        rng = _rng_state(self._device()) if watch_rng else None
         raw = out = check_outputs(fn(*batch))
+        self._rng_consumed = watch_rng and not _same_rng(rng, _rng_state(self._device()))
         return raw, *self._flat_outputs(out, None)
 
     def _transformed(self, raw, info=None):
@@ -819,7 +893,7 @@ class TorchHooksJacobianBackend:
         self._check_finite(out)
         return out, columns
 
-    def _probe_deterministic(self, batch, raw):
+    def _probe_deterministic(self, batch, raw, rng_consumed=False):
         """``RuntimeError`` if the model part of ``function`` gives other outputs than ``raw``
         on ``batch`` when run again (without gradients, hooks paused). The probe runs on a
         forked RNG (the CPU's and the model's CUDA device's): the global RNG state is as if it
@@ -846,6 +920,8 @@ class TorchHooksJacobianBackend:
         diff = (again - ref).abs().max().item()
         scale = ref.abs().max().item()
         if not diff <= tol * max(scale, torch.finfo(ref.dtype).tiny):
+            if rng_consumed and not any(m.training for m in self.model.modules()):
+                raise RuntimeError(_random_outside_modules(diff, scale))
             raise RuntimeError(
                 f"the function is not deterministic: run twice on the same batch its outputs "
                 f"differ by up to {diff:.3g} (largest output {scale:.3g}); a random layer "
@@ -856,17 +932,17 @@ class TorchHooksJacobianBackend:
     def _run_batch(self, batch, layer_collection, modules, calls, consumer, chunk_bytes=None,
                    mean_jacobian=None, probe=False, index=None):
         # (the batch comes from _batches: on the model's device and dtype, checked finite)
-        for store in calls.values():
-            store.clear()
-        with torch.enable_grad():
-            raw, out, columns = self._outputs(batch, index)
-        if probe:
-            self._probe_deterministic(batch, raw)
+        raw, out, columns = self._broadcast_outputs(batch, index, calls, watch_rng=probe)
+        if probe and (self._rng_consumed or any(m.training for m in self.model.modules())):
+            self._probe_deterministic(batch, raw, self._rng_consumed)
         n, n_output = out.shape
         if n == 0:
             return 0
         self._check_calls(out, layer_collection, modules, calls)
         layer_calls = [c for store in calls.values() for c in store]
+        for c in layer_calls:
+            if c.shared is not None:
+                c.expand_shared()
         for k0, k1, grads in self._direction_chunks(out, columns, calls, layer_collection,
                                                     chunk_bytes):
             i = 0
@@ -879,6 +955,49 @@ class TorchHooksJacobianBackend:
         for store in calls.values():
             store.clear()
         return n
+
+    def _broadcast_outputs(self, batch, index, calls, watch_rng=False):
+        """:meth:`_outputs` run with the hooks told the batch's number of examples, so that a
+        layer whose output is shared by the batch's examples (e.g. a position embedding looked
+        up with positions of shape ``(1, T)``) gets that output expanded to the ``n`` examples
+        (see ``_make_hook``): its per-example quantities are then exact. The number is read
+        from the batch (the first dimension of its first tensor); if the outputs show another
+        one and a layer's output does not have it, the forward pass is run again with the
+        outputs' own."""
+        try:
+            guess = int(batch_size_of(batch))
+        except Exception:  # a batch whose first element is not a batched tensor
+            guess = None
+        raw, out, columns, expanded = self._forward_expanding(batch, index, calls, guess,
+                                                              watch_rng)
+        n = out.shape[0]
+        if n != guess and n > 1 and (expanded or any(
+                len(c.targets[0].shape) and c.targets[0].shape[0] != n
+                for store in calls.values() for c in store)):
+            raw, out, columns, _ = self._forward_expanding(batch, index, calls, n, watch_rng)
+            if out.shape[0] != n:
+                raise RuntimeError(
+                    f"the function's outputs had {n} examples, and {out.shape[0]} once the "
+                    f"layers' outputs shared by the examples were expanded to {n}: a layer's "
+                    "output of batch dimension 1 is not broadcast over the examples by the model "
+                    "(e.g. it is concatenated along the batch). Pass the batch with its examples "
+                    "along the first dimension of its first tensor, or leave that layer out of "
+                    "the LayerCollection")
+        return raw, out, columns
+
+    def _forward_expanding(self, batch, index, calls, n, watch_rng=False):
+        """``(raw, out, columns, expanded)``: :meth:`_outputs` with the hooks expanding shared
+        outputs to ``n`` examples, and whether one was."""
+        for store in calls.values():
+            store.clear()
+        broadcast = self._broadcast
+        broadcast.n, broadcast.expanded = n, False
+        try:
+            with torch.enable_grad():
+                raw, out, columns = self._outputs(batch, index, watch_rng=watch_rng)
+            return raw, out, columns, broadcast.expanded
+        finally:
+            broadcast.n, broadcast.expanded = None, False
 
     def _check_calls(self, out, layer_collection, modules, calls, who="the function"):
         """Refuse a forward pass whose recorded calls can't give the statistics: a layer not
@@ -911,16 +1030,45 @@ class TorchHooksJacobianBackend:
         chunk = self._chunk_size(layer_calls, n, n_output, layer_collection.numel(),
                                  chunk_bytes, columns is not None)
         targets = [t.edge for c in layer_calls for t in c.targets]
+        # calls whose output has no batch axis: index of their output among the targets
+        shared, j = [], 0
+        for c in layer_calls:
+            if getattr(c, "shared", None) is not None:
+                shared.append((j, c))
+            j += len(c.targets)
         for k0 in range(0, n_output, chunk):
             k1 = min(n_output, k0 + chunk)
             retain = keep_graph or k1 < n_output
+            own = self._shared_gradients(out, shared, k0, k1) if shared else None
             if columns is None or chunk == n_output:
                 grads = self._batched_backward(out, targets, k0, k1, retain=retain)
             else:
                 # the chunk's own columns: (K, n, K) cotangents instead of (K, n, n_output)
                 grads = self._batched_backward(columns(k0, k1), targets, 0, k1 - k0,
                                                retain=retain)
+            if own is not None:
+                grads = list(grads)
+                for (j, _), g in zip(shared, own):
+                    grads[j] = g
             yield k0, k1, grads
+
+    def _shared_gradients(self, out, shared, k0, k1):
+        """``(K, n, *shape)`` per shared call: the gradient of output direction ``k`` of
+        example ``i`` alone w.r.t. an output that the examples share (no batch axis), for
+        directions ``k0 .. k1 - 1``. The backward pass of all the examples together gives only
+        their sum; here each (direction, example) pair is a cotangent of its own: ``K · n``
+        directions, one backward pass (the graph is kept for the main one)."""
+        n, n_output = out.shape
+        K = k1 - k0
+        cot = torch.zeros(K, n, n, n_output, dtype=out.dtype, device=out.device)
+        ks = torch.arange(K, device=out.device).unsqueeze(1)
+        idx = torch.arange(n, device=out.device).unsqueeze(0)
+        cot[ks, idx, idx, k0 + ks] = 1
+        edges = [c.targets[0].edge for _, c in shared]
+        grads = self._backward_directions(out, edges, cot.reshape(K * n, n, n_output), True)
+        return [g.reshape(K, n, *c.targets[0].shape) if g is not None
+                else c.targets[0].zeros(K * n).reshape(K, n, *c.targets[0].shape)
+                for g, (_, c) in zip(grads, shared)]
 
     def _chunk_size(self, layer_calls, n, n_output, n_params, chunk_bytes=None,
                     columns=False):
@@ -936,7 +1084,10 @@ class TorchHooksJacobianBackend:
         The gradients at the ``(n, n_output)`` outputs themselves fit in the budget too: ``K``
         one-hot cotangents of the whole output take ``K · n · n_output``; with ``columns`` (the
         outputs of a chunk have a graph of their own, e.g. Monte-Carlo trials) ``K · n · K``."""
-        per_direction = sum(c.out_nbytes for c in layer_calls)
+        # a call whose output the examples share holds one gradient per example and direction
+        # (see _shared_gradients)
+        per_direction = sum(c.out_nbytes * (n if getattr(c, "shared", None) else 1)
+                            for c in layer_calls)
         itemsize = layer_calls[0].out_dtype.itemsize if layer_calls else 4
         budget = max(DIRECTION_CHUNK_BYTES, n * n_params * itemsize) if chunk_bytes is None \
             else chunk_bytes
@@ -1040,6 +1191,9 @@ class TorchHooksJacobianBackend:
     def _functional_batch_fns(self, examples, fn, needs_batch, group, counts, device, params,
                               constant):
         """The loop of :meth:`_functional_batches` (inside its model state and checks)."""
+        # reading the RNG state around the model's forward costs a copy of a few KB; only a
+        # forward that drew from it is run again to see whether its outputs are random
+        watch = self.check_deterministic
         for index, batch in enumerate(self._batches(examples)):
             batch = prepare_batch(batch, device)
             # read outside the torch.func transforms (a seed's key hashes the batch's bytes)
@@ -1049,23 +1203,55 @@ class TorchHooksJacobianBackend:
             # for backward: normal copies with the same values (see _outside_inference_mode)
             batch = tree_map(_normal_tensor, batch)
 
-            def f(p, batch=batch, info=info):
+            drew = []  # whether a call of f drew from the global RNG (see below)
+
+            def f(p, batch=batch, info=info, drew=drew):
                 # buffers (e.g. BatchNorm running statistics, updated in place in training
                 # mode) are copied inside the transform: torch.func refuses in-place updates
                 # of captured tensors, and the model's own buffers must stay untouched
                 bufs = {k: b.clone() for k, b in self.model.named_buffers()}
                 p = {k: torch.where(constant[k], t.detach(), t) if k in constant else t
                      for k, t in p.items()}
+                rng = _rng_state(device) if watch else None
                 with _no_fused_attention(), tensors_in_model(self.model, {**p, **bufs}):
                     if info is not None:
-                        out = fn.transform(fn.model_outputs(*batch), info)
+                        raw = fn.model_outputs(*batch)
+                        if watch:
+                            drew.append(not _same_rng(rng, _rng_state(device)))
+                        out = fn.transform(raw, info)
                     else:
                         out = self.function(*batch)
+                        if watch:
+                            drew.append(not _same_rng(rng, _rng_state(device)))
                 if counts is not None:
                     counts[index] = out.shape[0]
                 return out.reshape(out.shape[0], -1)
 
             yield batch, params, f
+            if watch and any(drew):
+                # the products' forward drew from the global RNG: checked once, here,
+                # outside the torch.func transforms, by running it twice more
+                watch = False
+                self._probe_functional(f, params, device)
+
+    def _probe_functional(self, f, params, device):
+        """``RuntimeError`` if ``f(params)`` (the forward of an implicit product) gives other
+        outputs when run twice (on a forked RNG: the global state is left as it was)."""
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), _no_fused_attention():
+            a, b = f(params), f(params)
+        if not torch.is_floating_point(a) or a.numel() == 0:
+            return
+        diff = (a - b).abs().max().item()
+        scale = a.abs().max().item()
+        if not diff <= 64 * torch.finfo(a.dtype).eps * max(scale, torch.finfo(a.dtype).tiny):
+            if any(m.training for m in self.model.modules()):
+                raise RuntimeError(
+                    f"the function is not deterministic: run twice on the same batch its "
+                    f"outputs differ by up to {diff:.3g} (largest output {scale:.3g}); a random "
+                    "layer in training mode makes every product random. Call model.eval(), or "
+                    "pass check_deterministic=False if the randomness is intended")
+            raise RuntimeError(_random_outside_modules(diff, scale))
 
     @staticmethod
     def _split_flat(v, params, layer_collection):
@@ -1075,6 +1261,99 @@ class TorchHooksJacobianBackend:
             out[k] = flat[start:start + p.numel()].view_as(p)
             start += p.numel()
         return out
+
+
+_BACKWARD_NONFINITE = (
+    "although the model's outputs are finite: a gradient became NaN or Inf in the backward "
+    "pass, at an operation that is not differentiable where it is evaluated (e.g. "
+    "torch.sqrt(h * h) or h.abs() ** 0.5 at h = 0, torch.where whose unused branch has an "
+    "infinite gradient) or that overflows. Find it with "
+    "torch.autograd.set_detect_anomaly(True) on a backward pass of the model, and make it "
+    "differentiable there (e.g. torch.sqrt(h * h + eps))")
+
+
+def _nonfinite_layers(result, layer_collection):
+    """The ids of the layers whose part of ``result`` (a tensor whose last dimension is the
+    collection's ``P``, or a dict keyed by layer id) holds a NaN or an Inf."""
+    if isinstance(result, dict):
+        bad = []
+        for lid, part in result.items():
+            if any(not bool(torch.isfinite(t).all()) for t in _tensor_leaves(part)):
+                bad.append(lid)
+        return bad
+    if torch.is_tensor(result) and result.dim() and \
+            result.shape[-1] == layer_collection.numel():
+        P = result.shape[-1]
+        # a dense (P, P) matrix: a layer's bad gradients also spoil its rows in the other
+        # layers' columns; its diagonal says whose they are
+        part = torch.diagonal(result) if result.shape == (P, P) else result
+        ok = torch.isfinite(part).reshape(-1, P).all(dim=0)
+        return [lid for lid in layer_collection.layer_ids()
+                if not bool(ok[layer_collection.slice(lid)].all())]
+    return []
+
+
+def _tensor_leaves(obj):
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensor_leaves(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensor_leaves(v)]
+    return []
+
+
+def check_statistic(result, layer_collection):
+    """``ValueError`` naming the layers if the statistic ``result`` of a pass (whose outputs
+    were checked finite) holds a NaN or an Inf: checked once per pass, one host
+    synchronisation on an accelerator."""
+    leaves = [t for t in _tensor_leaves(result) if t.is_floating_point() and t.numel()]
+    if not leaves:
+        return
+    if leaves[0].device.type == "cpu":
+        ok = all(all_finite(t) for t in leaves)
+    else:
+        ok = bool(torch.stack([torch.isfinite(t).all() for t in leaves]).all())
+    if ok:
+        return
+    lids = _nonfinite_layers(result, layer_collection)
+    where = f" of layer(s) {', '.join(repr(lid) for lid in lids)}" if lids else ""
+    raise ValueError(f"the statistics{where} contain NaN or Inf " + _BACKWARD_NONFINITE)
+
+
+def _check_product(out, inp, what):
+    """``ValueError`` if an implicit product ``out`` holds a NaN or an Inf (one check per
+    product, i.e. per pass over the examples)."""
+    if not torch.is_tensor(out) or not out.is_floating_point() or all_finite(out):
+        return
+    t = _flat(inp) if hasattr(inp, "get_flat_representation") else inp
+    if torch.is_tensor(t) and t.is_floating_point() and not all_finite(t):
+        raise ValueError(f"{what}: the vector multiplied contains NaN or Inf")
+    raise ValueError(f"{what}: the product contains NaN or Inf " + _BACKWARD_NONFINITE)
+
+
+def _rng_state(device):
+    """The global RNG state that a forward on ``device`` draws from: the CPU generator's, and
+    the device's generator's for an accelerator."""
+    state = [torch.get_rng_state()]
+    if device.type == "cuda":
+        state.append(torch.cuda.get_rng_state(device))
+    return state
+
+
+def _same_rng(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _random_outside_modules(diff, scale):
+    return (
+        f"the function is not deterministic: run twice on the same batch its outputs differ by "
+        f"up to {diff:.3g} (largest output {scale:.3g}), and every module is in eval mode: the "
+        "forward draws from the global random number generator outside a module's training "
+        "mode (e.g. F.dropout(x, p, training=True), or noise from torch.rand / torch.randn in "
+        "forward), which makes every matrix random. Make that randomness follow the module's "
+        "mode (F.dropout(x, p, training=self.training), or nn.Dropout), or pass "
+        "check_deterministic=False if the randomness is intended")
 
 
 class _InstanceForward:
@@ -1104,27 +1383,57 @@ class _InstanceForward:
             self.module.__dict__["forward"] = self.saved
 
 
+class _Broadcast:
+    """What the forward hooks of a generator expand shared outputs to: ``n``, the number of
+    examples of the batch being run (None: expand nothing), and whether an output was expanded
+    in the current forward pass."""
+
+    __slots__ = ("n", "expanded")
+
+    def __init__(self):
+        self.n, self.expanded = None, False
+
+
+def _expand_axis(t, axis, n):
+    """``t`` with its size-1 axis ``axis`` repeated ``n`` times (a copy: the model may write to
+    it in place); other values as they are."""
+    if not isinstance(t, torch.Tensor) or t.dim() <= axis or t.shape[axis] != 1:
+        return t
+    shape = list(t.shape)
+    shape[axis] = n
+    return t.expand(shape).clone()
+
+
+def _rebuild_tuple(output, first):
+    """``output`` (a tuple, possibly a named tuple) with its first element replaced."""
+    if hasattr(output, "_fields"):
+        return output._replace(**{output._fields[0]: first})
+    return (first, *output[1:])
+
+
 def _refuse_unbatched_calls(layer_collection, modules, calls, n):
     """``RuntimeError`` for a call of a layer's module whose output does not hold the ``n``
-    examples of the batch along its batch axis: e.g. GPT-2's position embedding, looked up with
-    positions of shape ``(1, T)`` and broadcast over the batch. The gradient w.r.t. such an
-    output is already summed over the examples, so per-example gradients (and every matrix
-    built from them) cannot be recovered from it (GPT-2's ``wpe`` diagonal came out 180 % off)."""
+    examples of the batch along its batch axis, nor one shared example that the hooks expanded
+    (see ``_make_hook``): e.g. T5's relative position bias, an Embedding looked up on a
+    ``(T, T)`` table. The gradient w.r.t. such an output is already summed over the examples,
+    so per-example gradients (and every matrix built from them) cannot be recovered from it."""
     for lid, store in calls.items():
         for c in store:
+            if getattr(c, "shared", None) is not None:
+                continue
             layer, module = c.spec or layer_collection[lid], c.module or modules[lid]
             axis = layer.batch_axis(module)
             shape = c.targets[0].shape
             if len(shape) > axis and shape[axis] != n:
                 raise RuntimeError(
                     f"layer '{lid}' ({type(module).__name__}) returned an output of shape "
-                    f"{tuple(shape)} for a batch of {n} examples: its input is not batched "
-                    f"along dimension {axis} (e.g. position ids of shape (1, T) broadcast over "
-                    "the batch), so its gradients are summed over the examples and per-example "
-                    "quantities cannot be computed. Fixes: give the module batched inputs (for "
-                    "Hugging Face models put position_ids = torch.arange(T).expand(n, T) in the "
-                    "batch), use PMatImplicit (exact through torch.func), or leave the layer out "
-                    "of the LayerCollection")
+                    f"{tuple(shape)} for a batch of {n} examples: its output has no batch axis "
+                    f"(dimension {axis} is not the examples; e.g. T5's relative position bias, "
+                    "looked up on a (T, T) table, then broadcast over the batch), so its "
+                    "gradients are summed over the examples and per-example quantities cannot "
+                    "be computed (outputs with batch dimension 1 are expanded to the batch "
+                    "automatically). Fixes: use PMatImplicit (exact through torch.func), or "
+                    "leave the layer out of the LayerCollection")
 
 
 def _examples_count(examples):
@@ -1260,6 +1569,8 @@ _FORWARD_AD_LOCK = threading.RLock()
 #: one lock per model (weakly held): see _model_lock
 _MODEL_LOCKS = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
+#: per thread, ``{id(model): depth}`` of the computations in progress (see in_engine_pass)
+_ENGINE_PASSES = threading.local()
 
 
 @contextlib.contextmanager
@@ -1275,7 +1586,21 @@ def _model_lock(model):
         if lock is None:
             lock = _MODEL_LOCKS[model] = threading.RLock()
     with lock:
-        yield
+        depth = _ENGINE_PASSES.__dict__.setdefault("depth", {})
+        depth[id(model)] = depth.get(id(model), 0) + 1
+        try:
+            yield
+        finally:
+            depth[id(model)] -= 1
+            if not depth[id(model)]:
+                del depth[id(model)]
+
+
+def in_engine_pass(model):
+    """Whether this thread is inside one of the library's own computations on ``model`` (a
+    build or an implicit product): its forward passes are not the user's (a recorder of
+    training steps, `.capture`, ignores them)."""
+    return id(model) in getattr(_ENGINE_PASSES, "depth", {})
 
 
 @contextlib.contextmanager
@@ -1360,12 +1685,11 @@ def _timed(fn, device):
     return time.perf_counter() - t0, result
 
 
-def refuse_random_modules(model):
-    """``RuntimeError`` naming the first module of ``model`` that draws random numbers in its
-    forward: a dropout module (``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``,
-    ``FeatureAlphaDropout``) or an ``nn.MultiheadAttention`` with ``dropout > 0``, in training
-    mode. Such a model gives a random matrix at each call, whose mean is not the matrix of the
-    model used for prediction (in eval mode)."""
+def first_random_module(model):
+    """``(name, module, p)`` of the first module of ``model`` that draws random numbers in its
+    forward (a dropout module, ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``,
+    ``FeatureAlphaDropout``, or an ``nn.MultiheadAttention`` with ``dropout > 0``, in training
+    mode), or None. ``name`` is its qualified name (its class name for the model itself)."""
     for name, module in model.named_modules():
         if not module.training:
             continue
@@ -1376,11 +1700,22 @@ def refuse_random_modules(model):
         else:
             continue
         if p > 0:
-            raise RuntimeError(
-                f"module '{name or type(module).__name__}' ({type(module).__name__}, p={p}) is "
-                "in training mode: its forward is random, so the matrix would be a random one "
-                "(per-example quantities need a deterministic forward). Call model.eval() before "
-                "computing the matrix, or pass check_deterministic=False if this is intended")
+            return name or type(module).__name__, module, p
+    return None
+
+
+def refuse_random_modules(model):
+    """``RuntimeError`` naming the first module of ``model`` that draws random numbers in its
+    forward (see `first_random_module`). Such a model gives a random matrix at each call,
+    whose mean is not the matrix of the model used for prediction (in eval mode)."""
+    found = first_random_module(model)
+    if found is not None:
+        name, module, p = found
+        raise RuntimeError(
+            f"module '{name}' ({type(module).__name__}, p={p}) is "
+            "in training mode: its forward is random, so the matrix would be a random one "
+            "(per-example quantities need a deterministic forward). Call model.eval() before "
+            "computing the matrix, or pass check_deterministic=False if this is intended")
 
 
 #: numbers (activations and parameters) one chunk of vmapped vector products may hold per

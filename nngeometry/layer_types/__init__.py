@@ -11,6 +11,7 @@ from .embedding import EmbeddingLayer
 from .attention import MultiheadAttentionLayer
 from .reparametrized import Affine1dLayer, Cosine1dLayer, WeightNorm1dLayer, WeightNorm2dLayer
 from .generic import GenericLayer
+from .parametrized import ParametrizedLayer
 
 __all__ = ["AbstractLayer", "Parameter", "layer_type_for", "register_layer_type",
            "LinearLayer", "HFConv1DLayer", "Conv1dLayer", "Conv2dLayer", "Conv3dLayer", "ConvTranspose1dLayer",
@@ -18,4 +19,4 @@ __all__ = ["AbstractLayer", "Parameter", "layer_type_for", "register_layer_type"
            "BatchNorm3dLayer", "GroupNormLayer", "InstanceNorm1dLayer", "InstanceNorm2dLayer",
            "InstanceNorm3dLayer", "LayerNormLayer", "RMSNormLayer", "ScaleShiftLayer",
            "EmbeddingLayer", "MultiheadAttentionLayer", "Affine1dLayer", "Cosine1dLayer",
-           "WeightNorm1dLayer", "WeightNorm2dLayer", "GenericLayer"]
+           "WeightNorm1dLayer", "WeightNorm2dLayer", "GenericLayer", "ParametrizedLayer"]

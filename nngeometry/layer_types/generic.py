@@ -253,6 +253,9 @@ class GenericLayer(AbstractLayer):
         gen = torch.Generator().manual_seed(0)  # no global RNG state touched
         w = torch.rand(n, generator=gen, dtype=gy.dtype).to(gy.device) + 0.5
         cot = (gy * w.view(1, n, *([1] * (gy.dim() - 2)))).sum(0)
+        if full.dim() and full.shape[0] == 1 and n > 1:
+            # an output shared by the examples (expanded to the batch by the hooks)
+            cot = cot.sum(0, keepdim=True)
         with recording_paused(), torch.enable_grad():
             _, fn = vjp(lambda p: _first_tensor(_run(module, p, leaves, spec)), params)
             ref = torch.cat([g.reshape(-1) for g in (fn(cot)[0][nm] for nm in names)])

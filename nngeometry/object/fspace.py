@@ -5,9 +5,10 @@ import torch
 
 from .map import resolve_layer_collection
 from .vector import FVector
+from ..serialization import SharedGeneratorCopy, StateDictMixin
 
 
-class FMatAbstract(metaclass=ABCMeta):
+class FMatAbstract(StateDictMixin, SharedGeneratorCopy, metaclass=ABCMeta):
     """Base class of the function-space matrices: a matrix indexed by pairs
     ``((k, i), (l, j))`` of (output, example), built from a generator."""
 
@@ -133,6 +134,13 @@ class FMatDense(FMatAbstract):
 
     def _with(self, data):
         return FMatDense(self.layer_collection, self.generator, data=data)
+
+    def to(self, *args, **kwargs):
+        """An FMatDense with ``data`` moved (device and / or dtype, as ``torch.Tensor.to``)."""
+        from ._moving import move_tensor, parse_to
+
+        device, dtype, non_blocking = parse_to(args, kwargs, "FMatDense")
+        return self._with(move_tensor(self.data, device, dtype, non_blocking))
 
     def __add__(self, other):
         return self._with(self.data + self._same(other).data)

@@ -5,6 +5,7 @@ import torch
 
 from ..layercollection import LayerCollection
 from .vector import FVector, PVector
+from ..serialization import SharedGeneratorCopy, StateDictMixin
 
 
 def resolve_layer_collection(layer_collection, generator, owner):
@@ -33,7 +34,7 @@ def resolve_layer_collection(layer_collection, generator, owner):
         "generator built on a model (whose layers are then used)")
 
 
-class PFMap:
+class PFMap(StateDictMixin, SharedGeneratorCopy):
     """Base class. ``to_torch()`` has shape ``(n_output, n_examples, P)``."""
 
     layer_collection = None

@@ -2,6 +2,7 @@
 import torch
 
 from ..layercollection import LayerCollection
+from ..serialization import StateDictMixin
 
 
 def _check_same_layout(a, b, what="PVector"):
@@ -14,7 +15,7 @@ def _check_same_layout(a, b, what="PVector"):
             "from the same LayerCollection")
 
 
-class PVector:
+class PVector(StateDictMixin):
     """A vector of the parameter space of a ``LayerCollection``.
 
     Stored either flat (``vector_repr``, shape ``(P,)`` in the collection's layout) or as a dict
@@ -127,6 +128,20 @@ class PVector:
 
     def __len__(self):
         return self.layer_collection.numel()
+
+    def to(self, *args, **kwargs):
+        """A PVector with its tensors moved: ``v.to(device)``, ``v.to(dtype)``,
+        ``v.to(device, dtype)`` or ``v.to(tensor)``, as ``torch.Tensor.to``; the same
+        storage (flat or per layer), on a copy of the LayerCollection recording the new dtype /
+        device. A vector viewing a model's parameters (``from_model``) gives a copy when the
+        device or dtype changes, as ``torch.Tensor.to``."""
+        from ._moving import move, move_collection, parse_to
+
+        device, dtype, non_blocking = parse_to(args, kwargs, "PVector")
+        lc = move_collection(self.layer_collection, device, dtype)
+        if self.vector_repr is not None:
+            return PVector(lc, vector_repr=move(self.vector_repr, device, dtype, non_blocking))
+        return PVector(lc, dict_repr=move(self.dict_repr, device, dtype, non_blocking))
 
     @property
     def dtype(self):

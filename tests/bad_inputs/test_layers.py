@@ -145,7 +145,7 @@ def test_tied_weights_error_gives_advice_that_is_exact():
     torch.manual_seed(0)
     model, x = Tied().to(DT), torch.randint(0, 7, (6,))
     with pytest.raises(ValueError, match=r"tied weights.*PMatImplicit.*add_layer_from_model"):
-        LayerCollection.from_model(model)
+        LayerCollection.from_model(model, tied_weights="refuse")
     # following the message: the collection without the head, and PMatImplicit
     lc = LayerCollection()
     lc.add_layer_from_model(model, model.emb)

@@ -24,6 +24,24 @@ class SingularMatrixError(ValueError):
     """``M + regul·I`` is singular (or numerically so): the operation has no finite result."""
 
 
+class SolverNotConvergedError(RuntimeError):
+    """An iterative solve (conjugate gradients, MINRES) reached its iteration limit before its
+    tolerance: its iterate is not the solution asked for (e.g. a singular system without
+    damping, whose right-hand side is outside the range, makes CG diverge)."""
+
+
+def not_converged_error(who, iterations, rel, tol, hint=""):
+    """The shared error of an iterative solve that stopped before its tolerance."""
+    return SolverNotConvergedError(
+        f"{who}: the iterative solve did not converge: {iterations} iterations left a relative "
+        f"residual ||b - (A + regul·I) x|| / ||b|| = {rel:.3g} > tol = {tol:.3g}. The matrix may "
+        "be singular or ill-conditioned at this damping: pass a damping regul > 0 (e.g. "
+        "regul=1e-3 · trace/P), a preconditioner M, or a larger max_iter"
+        + (f"; {hint}" if hint else "") + ". To accept the last iterate as it is, pass "
+        "return_info=True: it returns (x, info) with the iteration count and the residual, "
+        "and does not raise")
+
+
 def _float(regul):
     """A damping as a float, without a warning for a tensor that requires grad."""
     return float(regul.detach()) if torch.is_tensor(regul) else float(regul)
@@ -84,14 +102,17 @@ def check_invertible(values, rep, what, regul, exact=False, detail=""):
         raise singular_error(rep, what, regul, detail)
 
 
-def logdet_of(values, rep, regul, exact=False, require_pd=True, multiplicity=1):
+def logdet_of(values, rep, regul, exact=False, require_pd=True, multiplicity=1,
+              allow_negative_det=False):
     """``log det(M + regul·I) = Σ log λ`` from the eigenvalues (or diagonal pivots) ``values``
     of ``M + regul·I``, each counted ``multiplicity`` times.
 
     Singular (see :func:`check_invertible`): the shared singular error. ``require_pd=True``: a
     negative value is refused (log det of a matrix that should be positive definite, e.g. the
     damped Fisher of a Laplace posterior); ``require_pd=False``: ``log |det|`` when
-    ``det > 0`` (an even number of negative values), the same clear error when ``det < 0``."""
+    ``det > 0`` (an even number of negative values), the same clear error when ``det < 0``
+    (``allow_negative_det=True``: ``log |det|`` in any case, for a part of a matrix whose
+    caller checks the sign of the whole determinant)."""
     v = values.detach()
     low = float(v.min()) if v.numel() else 0.0
     if require_pd and low < -(0.0 if exact or _is_damped(regul) else round_off_tol(v)):
@@ -101,7 +122,7 @@ def logdet_of(values, rep, regul, exact=False, require_pd=True, multiplicity=1):
         neg = int((v < 0).sum()) * multiplicity
     if neg and require_pd:
         raise not_psd_error(rep, "logdet", low, regul)
-    if neg % 2:
+    if neg % 2 and not allow_negative_det:
         raise ValueError(
             f"{rep}.logdet: log-determinant of a matrix with a negative eigenvalue ({low:.3g}; "
             f"{neg} negative, so det < 0): M + regul·I must be positive definite; use a regul "

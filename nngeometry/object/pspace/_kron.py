@@ -22,7 +22,7 @@ def check_kfac_support(layer_collection, representation):
         if not getattr(layer, "supports_kfac", False):
             raise NotImplementedError(
                 f"{representation}: layer '{lid}' is of type {type(layer).__name__}, which has no "
-                "KFAC approximation; use PMatEKFACBlockDiag (EKFAC where KFAC exists, dense blocks "
+                f"KFAC approximation{getattr(layer, 'no_kfac_reason', '')}; use PMatEKFACBlockDiag (EKFAC where KFAC exists, dense blocks "
                 "elsewhere), PMatBlockDiag, or a PMatMixed putting this layer in another "
                 "representation")
 

@@ -18,6 +18,7 @@ import torch
 
 from ..map import PFMap, PFMapDense, resolve_layer_collection
 from ..vector import PVector
+from ...serialization import SharedGeneratorCopy, StateDictMixin
 from ._prior import scalar_or_prior
 
 
@@ -51,7 +52,7 @@ def _install_renamed(cls):
             setattr(cls, old, _renamed(old, impl))
 
 
-class PMatAbstract:
+class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
     """A ``P × P`` matrix in the parameter space of a ``LayerCollection``.
 
     Built either from ``examples`` (a DataLoader or a single mini-batch) through ``generator``,
@@ -480,6 +481,32 @@ class PMatAbstract:
     def __sub__(self, other):
         return self + (-other)
 
+    # ------------------------------------------------------------------ device and dtype
+    def to(self, *args, **kwargs):
+        """A copy of the matrix with its storage moved: ``M.to(device)``, ``M.to(dtype)``,
+        ``M.to(device, dtype)`` or ``M.to(tensor)``, as ``torch.Tensor.to`` (``non_blocking=``
+        too). Floating-point tensors take the dtype (e.g. ``torch.float64`` for an accurate
+        solve); integer ones (indices) only move. The caches (factorizations,
+        eigendecompositions) are not carried: they are recomputed on demand in the new dtype.
+        The generator is kept. The LayerCollection is a copy recording the new dtype / device
+        (the default of ``random_pvector``); it equals the original, so vectors on either work
+        with the moved matrix once they are in its dtype and on its device."""
+        from .._moving import move, parse_to
+
+        device, dtype, non_blocking = parse_to(args, kwargs, type(self).__name__)
+        # what pickling keeps, without the caches (keyed on the old tensors) and without an
+        # eigendecomposition computed from the data (its '_eig_snapshot' says so; one set by
+        # hand is the user's and moves): recomputed in the new dtype when asked for
+        drop = {"generator"}
+        if "_eig_snapshot" in self.__dict__:
+            drop |= {"evals", "evecs"}
+        state = {k: v for k, v in self.__getstate__().items()
+                 if k not in drop and not k.endswith("_cache")}
+        moved = type(self).__new__(type(self))
+        moved.__setstate__({k: move(v, device, dtype, non_blocking) for k, v in state.items()})
+        moved.generator = self.generator
+        return moved
+
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
         # the generator holds the model and a user function (often a lambda): not picklable,
@@ -507,6 +534,39 @@ class PMatAbstract:
         """The dense tensor ``M[rows][:, cols]`` (``cols`` default ``rows``), from products."""
         from ._scipy import submatrix
         return submatrix(self, rows, cols)
+
+
+def function_origin(generator):
+    """What identifies the function of ``generator`` (a Jacobian generator) across pickling: a
+    variant's description (``closed_form_function(function, 'classif_logits')``, see
+    :mod:`nngeometry.variants`) or the module and qualified name of a user's function; None
+    without a generator."""
+    fn = getattr(generator, "function", None)
+    if fn is None:
+        return None
+    return getattr(fn, "origin", None) or (
+        f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}")
+
+
+def check_same_function(matrix, rep):
+    """``RuntimeError`` if the generator attached to an unpickled ``matrix`` computes another
+    function than the one the matrix was built with: e.g. a generator of the bare model,
+    ``TorchHooksJacobianBackend(model)``, differentiates the logits where a Fisher was built
+    from ``closed_form_function(model, 'classif_logits')`` (12 times off on a 3-class MLP)."""
+    built = matrix.__dict__.get("_function_origin")
+    if built is None:
+        return
+    attached = function_origin(matrix.generator)
+    if attached == built:
+        return
+    raise RuntimeError(
+        f"the generator attached to this unpickled {rep} computes another function than the one "
+        f"it was built with: built with {built}, attached {attached}; its products would be of "
+        "another matrix. Attach a generator built with the same function, e.g. for "
+        "FIM(model, ..., variant=v): TorchHooksJacobianBackend(model, "
+        "nngeometry.variants.closed_form_function(lambda *b: model(b[0]), v)) (for "
+        "FIM_MonteCarlo: monte_carlo_function(lambda *b: model(b[0]), v, trials)); or build "
+        "the matrix again from the model")
 
 
 def _total(values):

@@ -22,6 +22,7 @@ class PMatBlockDiag(PMatAbstract):
     """
 
     def _build(self, examples, **kwargs):
+        _check_blocks_fit(self.layer_collection, self.generator)
         return self.generator.get_covariance_layer_blocks(examples, self.layer_collection)
 
     def _new(self, blocks):
@@ -263,3 +264,29 @@ class PMatBlockDiag(PMatAbstract):
 
     def __sub__(self, other):
         return self._add_blocks(other, -1.0)
+
+
+def _check_blocks_fit(layer_collection, generator, limit_bytes=None):
+    """Refuse, before the pass over the data, blocks ``Σ_l p_l²`` that can't be allocated (a
+    ``MemoryError`` naming the largest layer and the alternatives, instead of the allocator's
+    failure)."""
+    itemsize = next((p.element_size() for p in generator.model.parameters()), 4) \
+        if getattr(generator, "model", None) is not None else 4
+    check_blocks_fit(layer_collection, itemsize, "PMatBlockDiag", limit_bytes)
+
+
+def check_blocks_fit(layer_collection, itemsize, what, limit_bytes=None):
+    """``MemoryError`` (with the alternatives) when the dense per-layer blocks ``Σ_l p_l²``
+    of ``itemsize`` bytes can't be allocated; ``what`` names who builds them."""
+    from ...backend.consumers import check_fits
+
+    sizes = {lid: layer_collection[lid].numel() for lid in layer_collection.layer_ids()}
+    if not sizes:
+        return
+    big = max(sizes, key=sizes.get)
+    check_fits(sum(p * p for p in sizes.values()) * itemsize,
+               f"{what}: dense per-layer blocks (the largest, layer {big!r}, is "
+               f"{sizes[big]} × {sizes[big]})",
+               "use PMatKFAC or PMatEKFAC (Kronecker factors per layer), PMatDiag, PMatQuasiDiag, "
+               "PMatLowRank or PMatImplicit, or PMatMixed with a Kronecker or diagonal "
+               "representation for the large layers", limit_bytes=limit_bytes)

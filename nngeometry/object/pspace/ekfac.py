@@ -7,7 +7,7 @@ from ..vector import PVector
 from . import _checks
 from . import _kron as K
 from ._prior import layer_prior, unit_value
-from .abstract import PMatAbstract
+from .abstract import PMatAbstract, check_same_function, function_origin
 from .blocks import EigenKronBlock
 from .eye import PMatEye
 
@@ -294,6 +294,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
                 "unpickled matrix has none. Set matrix.generator = "
                 "TorchHooksJacobianBackend(model, function) (the same function as when it was "
                 "built), then call update_diag again")
+        check_same_function(self, type(self).__name__)
         req = {lid: self._kfe_request(lid) for lid in self._store}
         diags = self.generator.get_kfe_diag(req, examples, self.layer_collection)
         self._store = self._replace_diags(diags)
@@ -428,10 +429,12 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         what = "inverse" if x == -1 else f"pow({x})"
         prior = self._regul(regul, what)
         # the whole spectrum checked at once (one error, one tolerance), then the blocks' powers
+        # a negative eigenvalue first: for a fractional power it is the error to report, also
+        # when (negative power) the damped spectrum has a zero too
+        if not float(x).is_integer():
+            _checks.psd_values(self._damped_values(prior), type(self).__name__, what, prior)
         if float(x) < 0:
             self._check_invertible(prior, what)
-        elif not float(x).is_integer():
-            _checks.psd_values(self._damped_values(prior), type(self).__name__, what, prior)
         _, blocks, dampings = self._dampings(regul, what, damping)
         clip = not float(x).is_integer()  # round-off only: genuinely negative values refused
         return self._from_blocks([b.matpower(x, d, clip=clip) for b, d in zip(blocks, dampings)])
@@ -537,5 +540,9 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_layout_obj", None)
+        # the generator is dropped: its function's description is kept (see update_diag)
+        origin = function_origin(self.generator)
+        if origin is not None:
+            state["_function_origin"] = origin
         return state
 

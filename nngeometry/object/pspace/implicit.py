@@ -1,5 +1,4 @@
 """``PMatImplicit``: the exact matrix, never stored; every product runs the model."""
-import warnings
 
 import torch
 
@@ -7,7 +6,8 @@ from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
 from ._prior import scalar_or_prior
-from .abstract import PMatAbstract, check_reduction, reduce_forms, resolve_layer_collection
+from .abstract import (PMatAbstract, check_reduction, check_same_function, function_origin,
+                       reduce_forms, resolve_layer_collection)
 
 
 class PMatImplicit(PMatAbstract):
@@ -49,6 +49,32 @@ class PMatImplicit(PMatAbstract):
         self._diag = None
         self.last_cg_info = None
 
+    def to(self, *args, **kwargs):
+        """A copy, when the device and dtype asked for are the model's (the only ones this
+        matrix has: it stores no entries, every product runs the model). Another device or
+        dtype is refused (``ValueError``): move the model itself (``model.to(...)``; the matrix
+        follows it, its products then take vectors on the model's device and in its dtype), or
+        build a stored representation (``PMatDense``, ``PMatKFAC``, ...) and move that."""
+        from .._moving import parse_to
+
+        device, dtype, _ = parse_to(args, kwargs, "PMatImplicit")
+        params = list(getattr(getattr(self.generator, "model", None), "parameters", list)())
+        have_device = params[0].device if params else None
+        have_dtype = params[0].dtype if params else None
+        want_device = torch.device(device) if device is not None else None
+        if want_device is not None and want_device.type != "cpu" and want_device.index is None \
+                and have_device is not None and have_device.type == want_device.type:
+            want_device = have_device  # 'cuda' is the model's 'cuda:k'
+        if (want_device is not None and want_device != have_device) or \
+                (dtype is not None and dtype != have_dtype):
+            raise ValueError(
+                f"PMatImplicit.to({', '.join(str(a) for a in (device, dtype) if a is not None)}): "
+                "this matrix stores no entries, its products run the model, which is on "
+                f"{have_device} in {have_dtype}. Move the model instead (model.to(...)): the "
+                "matrix follows it. Or build a stored representation (PMatDense, PMatKFAC, "
+                "PMatDiag, ...) and move that")
+        return super().to(*args, **kwargs)
+
     def _gen(self):
         if self.generator is None:
             origin = self.__dict__.get("_function_origin")
@@ -62,17 +88,17 @@ class PMatImplicit(PMatAbstract):
                 "nngeometry.variants.closed_form_function(lambda *b: model(b[0]), v)); for "
                 "FIM_MonteCarlo, nngeometry.variants.monte_carlo_function(lambda *b: model(b[0]), "
                 "v, trials); or build a new PMatImplicit with FIM(..., PMatImplicit)")
+        check_same_function(self, "PMatImplicit")
         return self.generator
 
     def __getstate__(self):
         state = super().__getstate__()
         # the generator (model + function) is dropped; where its function came from is kept,
-        # so that the error of an unpickled matrix can name the function to attach again
-        fn = getattr(self.generator, "function", None)
-        if fn is not None:
-            state["_function_origin"] = getattr(fn, "origin", None) or (
-                f"{getattr(fn, '__module__', '?')}."
-                f"{getattr(fn, '__qualname__', type(fn).__name__)}")
+        # so that the error of an unpickled matrix can name the function to attach again, and
+        # a generator attached with another function is refused (see check_same_function)
+        origin = function_origin(self.generator)
+        if origin is not None:
+            state["_function_origin"] = origin
         return state
 
     def __setstate__(self, state_dict):
@@ -177,7 +203,8 @@ class PMatImplicit(PMatAbstract):
         raise TypeError(f"the preconditioner M must be a PMat or a callable PVector -> PVector, "
                         f"got {type(M).__name__}")
 
-    def _solve_rows(self, B, regul, tol, max_iter, M, what="solve", X0=None, atol=0.0):
+    def _solve_rows(self, B, regul, tol, max_iter, M, what="solve", return_info=False,
+                    X0=None, atol=0.0):
         """``(M + Λ)⁻¹`` applied to the rows of ``B`` by CG. ``regul`` gives ``Λ``: a scalar
         ``λ``, a dict ``{layer_id: λ_l}``, a PVector, a PMatEye or a PMatDiag (any diagonal:
         CG only needs products). Differentiable w.r.t. ``B`` and ``Λ`` by implicit
@@ -185,17 +212,18 @@ class PMatImplicit(PMatAbstract):
         scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatImplicit", what)
         lam = scalar if prior is None else prior.flat(B)
         if _checks.needs_graph(B, lam):
-            def solver(R, lam_value):
+            def solver(R, lam_value, return_info=False):
                 with torch.no_grad():
-                    return self._cg(R, lam_value, tol, max_iter, M, atol=atol)
+                    return self._cg(R, lam_value, tol, max_iter, M, return_info, atol=atol)
             lam_t = lam if torch.is_tensor(lam) else torch.as_tensor(lam, dtype=B.dtype,
                                                                      device=B.device)
             with torch.no_grad():
-                X = self._cg(B.detach(), lam_t.detach(), tol, max_iter, M, X0=X0, atol=atol)
+                X = self._cg(B.detach(), lam_t.detach(), tol, max_iter, M, return_info, X0=X0,
+                             atol=atol)
             return _CGSolve.apply(B, lam_t, X, solver)
-        return self._cg(B, lam, tol, max_iter, M, X0=X0, atol=atol)
+        return self._cg(B, lam, tol, max_iter, M, return_info, X0=X0, atol=atol)
 
-    def _cg(self, B, regul, tol, max_iter, M=None, X0=None, atol=0.0):
+    def _cg(self, B, regul, tol, max_iter, M=None, return_info=False, X0=None, atol=0.0):
         """Batched (preconditioned) conjugate gradients: ``(M + regul I) X = B`` for the rows of
         ``B`` ``(m, P)``.
 
@@ -245,24 +273,29 @@ class PMatImplicit(PMatAbstract):
             rs = (R * R).sum(1)
             it += 1
         rel = (rs.sqrt() / bnorm.clamp(min=torch.finfo(B.dtype).tiny)).max()
-        self.last_cg_info = {"iterations": it, "relative_residual": float(rel)}
-        if bool((rs.sqrt() > target).any()):
-            warnings.warn(
-                f"PMatImplicit.solve: conjugate gradients stopped after {it} iterations with a "
-                f"relative residual {float(rel):.2e} > tol={tol:.1e} (atol={atol:.1e}); raise max_iter or regul "
-                "(M + regul·I is ill-conditioned for small regul), or give a preconditioner M",
-                RuntimeWarning)
+        converged = not bool((rs.sqrt() > target).any())
+        self.last_cg_info = {"iterations": it, "relative_residual": float(rel),
+                             "converged": converged}
+        if not converged and not return_info:
+            # the iterate of a solve that did not converge is not (M + regul·I)⁻¹ b: on a
+            # singular M without damping it grows without bound (entries of 1e35)
+            raise _checks.not_converged_error("PMatImplicit.solve (conjugate gradients)", it,
+                                              float(rel), tol)
         return X
 
     def solvePVec(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None,
-                  damping="exact", x0=None, rtol=None, atol=0.0):
+                  damping="exact", return_info=False, x0=None, rtol=None, atol=0.0):
         """``(M + regul·I)⁻¹ x`` by conjugate gradients.
 
         Args:
             tol: relative residual ``||b - (M + regul I) y|| / ||b||`` to reach (default
                 ``eps^0.75``: about ``2e-12`` in float64, ``6e-6`` in float32).
-            max_iter: most CG iterations, each one pass over the examples (default ``P``);
-                a ``RuntimeWarning`` tells when it stops before ``tol``.
+            max_iter: most CG iterations, each one pass over the examples (default ``P``).
+                Stopping there before ``tol`` raises ``SolverNotConvergedError`` (e.g. a
+                singular ``M`` with ``regul=0``), unless ``return_info=True``.
+            return_info: return ``(y, info)``, ``info`` a dict with ``iterations``,
+                ``relative_residual`` (the largest over the rows) and ``converged``, and
+                return the last iterate instead of raising when CG did not converge.
             M: a preconditioner ``C`` (the argument's name follows
                 ``scipy.sparse.linalg.cg``; it is not this matrix): an approximation of
                 ``(M + regul·I)⁻¹``, symmetric positive definite, given as a PMat (applied with
@@ -282,14 +315,16 @@ class PMatImplicit(PMatAbstract):
             self._check_pvector(x0)
             X0 = x0.get_flat_representation().unsqueeze(0)
         y = self._solve_rows(x.get_flat_representation().unsqueeze(0), regul, tol, max_iter, M,
-                             X0=X0, atol=atol)
-        return PVector(self.layer_collection, vector_repr=y.squeeze(0))
+                             return_info=return_info, X0=X0, atol=atol)
+        out = PVector(self.layer_collection, vector_repr=y.squeeze(0))
+        return (out, dict(self.last_cg_info)) if return_info else out
 
     def solvePFMap(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None,
-                   damping="exact", x0=None, rtol=None, atol=0.0):
+                   damping="exact", return_info=False, x0=None, rtol=None, atol=0.0):
         """``(M + regul·I)⁻¹`` applied to every row of the PFMap, by batched CG (see
-        :meth:`solvePVec` for ``tol`` / ``rtol``, ``atol``, ``max_iter`` and the preconditioner
-        ``M``); ``x0``: a PFMap of the same shape, the starting rows (default 0)."""
+        :meth:`solvePVec` for ``tol`` / ``rtol``, ``atol``, ``max_iter``, ``return_info`` and
+        the preconditioner ``M``); ``x0``: a PFMap of the same shape, the starting rows
+        (default 0)."""
         self._check_damping(damping, "solve")
         self._check_pfmap(x)
         _check_solve(solve)
@@ -304,8 +339,10 @@ class PMatImplicit(PMatAbstract):
                 raise ValueError(f"x0 has shape {tuple(X0.shape)}, the PFMap to solve "
                                  f"{tuple(J.shape)}: give a starting PFMap of the same shape")
             X0 = X0.reshape(K * n, P)
-        Y = self._solve_rows(J.reshape(K * n, P), regul, tol, max_iter, M, X0=X0, atol=atol)
-        return PFMapDense(self.layer_collection, data=Y.reshape(K, n, P))
+        Y = self._solve_rows(J.reshape(K * n, P), regul, tol, max_iter, M,
+                             return_info=return_info, X0=X0, atol=atol)
+        out = PFMapDense(self.layer_collection, data=Y.reshape(K, n, P))
+        return (out, dict(self.last_cg_info)) if return_info else out
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self):

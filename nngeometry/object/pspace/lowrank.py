@@ -52,6 +52,7 @@ class _LowRankBase(PMatAbstract):
         state = super().__getstate__()
         state.pop("_gram_cache", None)
         state.pop("_regul_cache", None)
+        state.pop("_thin_eig_cache", None)
         state.pop("_eig_snapshot", None)
         return state
 
@@ -272,6 +273,13 @@ class PMatLowRank(_LowRankBase):
                 "models")
         evals, V = self.get_eigendecomposition()
         ev = evals + regul
+        if _checks._float(regul) < 0:
+            # M + λI with λ < 0: the range's eigenvalues, and λ itself on the orthogonal
+            # complement when there is one, go through the shared checks (no silent NaN)
+            P = self.layer_collection.numel()
+            lam = torch.as_tensor(regul, dtype=evals.dtype, device=evals.device).reshape(1)
+            _spectral.eigvals_for_power(torch.cat([ev, lam]) if evals.numel() < P and
+                                        not on_range else ev, x, "PMatLowRank", regul)
         if on_range or (_checks._float(regul) == 0 and x > 0):
             return self._new((V * ev ** (x / 2)).t())
         if _checks._float(regul) == 0:
@@ -484,16 +492,54 @@ class PMatEyePlusLowRank(_LowRankBase):
             return self._new(1.0 / beta, Ub, -W)
         return self._new(1.0 / beta, self.data[1], -self._woodbury(beta) / beta)
 
+    def _thin_eigendecomposition(self):
+        """``(D, V)`` with ``UᵀCU = V diag(D) Vᵀ``, ``V`` ``(P, q)`` with orthonormal columns,
+        ``q = min(r, P)``: from the thin QR ``Uᵀ = QR``, ``UᵀCU = Q (R C Rᵀ) Qᵀ`` and the
+        eigendecomposition ``R C Rᵀ = W diag(D) Wᵀ`` of that ``q × q`` matrix, ``V = QW``
+        (``O(P r² + r³)``; computed once, and again when ``data`` changes)."""
+        def compute():
+            _, U, C = self.data
+            Q, R = torch.linalg.qr(_checks.upcast(U.t()))
+            S = R @ _checks.upcast(C) @ R.t()
+            D, W = _spectral.eigh((S + S.t()) / 2)
+            return D.to(U.dtype), (Q @ W).to(U.dtype)
+        return _checks.cached(self.__dict__, "_thin_eig_cache", "eig", compute, self.data)
+
     def pow(self, x, regul=0.0, damping="exact"):
+        """``(αI + UᵀCU + Λ)^x``, exact. ``x = 1``: the damped matrix; ``x = -1``:
+        :meth:`inverse` (Woodbury). Other ``x`` (fractional: ``x = ±1/2``; integer) with a
+        scalar ``β = α + λ``: through the thin eigendecomposition ``UᵀCU = V D Vᵀ``
+        (:meth:`_thin_eigendecomposition`), ``β^x I + V ((β + D)^x - β^x) Vᵀ``, again a
+        ``PMatEyePlusLowRank``; negative powers need the matrix invertible, fractional ones
+        positive semi-definite (the shared errors: ``C`` need not be PSD). A diagonal ``β``
+        (a non-scalar ``α`` or a per-layer / per-parameter ``Λ``) has no low-rank
+        eigendecomposition: ``x = ±1`` only."""
         self._check_damping(damping, "pow")
         if x == 1:
             alpha, U, C = self.data
             return self._new(self._beta(regul, "pow(1)", check=False), U, C)
         if x == -1:
             return self._inverse_impl(regul)
-        raise NotImplementedError(
-            f"PMatEyePlusLowRank.pow({x}): only 1 and -1; for other powers use PMatLowRank.pow, "
-            "which goes through the eigendecomposition")
+        what = f"pow({x})"
+        beta = self._beta(regul, what, check=False)
+        if beta.dim():
+            raise NotImplementedError(
+                f"PMatEyePlusLowRank.{what} with a diagonal α + regul (not a multiple of I): "
+                "it has no low-rank eigendecomposition, so only x = 1 and x = -1 are exact "
+                "here; use a scalar regul, solve() / inverse(), or to_torch() on small models")
+        D, V = self._thin_eigendecomposition()
+        P, q = V.shape
+        ev = beta + D
+        # the eigenvalues of the whole matrix: β + D on the span of V, β on its complement
+        full = torch.cat([ev, beta.reshape(1)]) if q < P else ev
+        full = _spectral.eigvals_for_power(full, x, "PMatEyePlusLowRank", regul)
+        ev = full[:q]
+        if q < P:
+            b = full[q]
+            bx = b ** x
+            return self._new(bx, V.t(), torch.diag(ev ** x - bx))
+        return self._new(torch.zeros((), dtype=V.dtype, device=V.device), V.t(),
+                         torch.diag(ev ** x))
 
     def logdet(self, regul=0.0, damping="exact"):
         """``P log β + log det(I_r + C G / β)`` (Sylvester), ``β = α + regul`` (for a diagonal

@@ -23,6 +23,7 @@ Inference 4(2), 2015.
 """
 import torch
 
+from . import _checks
 from .abstract import PMatAbstract
 from .blocks import ArrowInverseBlock, DiagBlock, QuasiDiagBlock
 
@@ -155,25 +156,82 @@ class PMatQuasiDiag(_PerLayer):
         return PMatQuasiDiagInverse(self.layer_collection, None, data=data)
 
     def pow(self, x, regul=0.0, damping="exact"):
-        """Only ``x = 1`` (``M + Λ``) and ``x = -1`` (:meth:`inverse`): other powers of an
-        arrowhead matrix are dense per unit."""
+        """``(M + Λ)^x``, exact. ``x = 1``: ``M + Λ`` (a ``PMatQuasiDiag``); ``x = -1``:
+        :meth:`inverse` (a :class:`PMatQuasiDiagInverse`, ``O(P)``). Other powers (``x = ±1/2``,
+        integers) of an arrowhead are dense per unit: each unit's ``(n_in + 1) × (n_in + 1)``
+        block ``(B_o + Λ_o)^x`` from its eigendecomposition (batched over the units), returned
+        as a :class:`PMatBlockDiag` (zero between units; memory ``Σ_l p_l²``, refused with a
+        ``MemoryError`` when it can't fit). Negative powers need ``M + Λ`` invertible,
+        fractional ones positive semi-definite (the shared errors: the quasi-diagonal of a PSD
+        matrix can be indefinite)."""
         if x == 1:
             return self._matpower(1.0, regul, damping, "pow(1)")
         if x == -1:
             return self._inverse_impl(regul=regul, damping=damping)
-        raise NotImplementedError(
-            f"PMatQuasiDiag.pow({x}) is not implemented: powers other than 1 and -1 of a "
-            "quasi-diagonal matrix are not quasi-diagonal; use solve()/inverse(), or PMatDiag / "
-            "PMatBlockDiag, whose powers are computed exactly")
+        from . import _spectral
+        from .blockdiag import PMatBlockDiag, check_blocks_fit
+
+        what = f"pow({x})"
+        regul, blocks, dampings = self._dampings(regul, what, damping)
+        like = self._like()
+        check_blocks_fit(self.layer_collection, like.element_size(), f"PMatQuasiDiag.{what}")
+        lc = self.layer_collection
+        data = {}
+        for (lid, shape), b, d in zip(self._unit_shapes().items(), blocks, dampings):
+            if shape is None:
+                data[lid] = torch.diag(b.matpower(x, d, ("PMatQuasiDiag", regul)).d)
+                continue
+            out, n = shape
+            evals, evecs = _spectral.eigh(b.arrowheads(d))  # (out, n+1), per unit
+            ev = _spectral.eigvals_for_power(evals.reshape(-1), x, "PMatQuasiDiag",
+                                             regul).reshape(evals.shape)
+            units = (evecs * ev.unsqueeze(-2) ** x) @ evecs.transpose(-1, -2)
+            # flat index of unit o's entries: its weights o·n + i, then its bias out·n + o
+            o = torch.arange(out, device=like.device)
+            idx = torch.cat([(o * n).unsqueeze(1) + torch.arange(n, device=like.device),
+                             (out * n + o).unsqueeze(1)], dim=1)
+            p = lc[lid].numel()
+            block = torch.zeros(p, p, dtype=units.dtype, device=units.device)
+            block[idx.unsqueeze(-1), idx.unsqueeze(-2)] = units
+            data[lid] = block
+        return PMatBlockDiag(lc, None, data=data)
 
     def logdet(self, regul=0.0, damping="exact"):
         """``log det(M + Λ) = Σ_units (Σ_i log(a_oi + λ) + log σ_o)``.
 
         The quasi-diagonal of a PSD matrix is not PSD in general (``σ_o`` can be negative):
-        per layer, ``log |det|`` is returned when ``det > 0`` (an even number of negative
-        pivots ``a + λ``, ``σ``: the pivots of the unit blocks' LDLᵀ factorization, whose signs
-        are those of the eigenvalues), and refused with the fix when ``det <= 0``."""
-        return super().logdet(regul=regul, damping=damping)
+        ``log |det|`` is returned when the whole matrix has ``det > 0`` (an even number of
+        negative pivots ``a + λ``, ``σ`` over all the layers: the pivots of the unit blocks'
+        LDLᵀ factorization, whose signs are those of the eigenvalues; a layer alone may have
+        ``det < 0``), refused when ``det < 0`` with the layers whose blocks have ``det < 0``
+        named, and refused when singular (the shared error)."""
+        regul, blocks, dampings = self._dampings(regul, "logdet", damping)
+        who = ("PMatQuasiDiag", regul)
+        total, negative = None, {}
+        for lid, b, d in zip(self._block_keys(), blocks, dampings):
+            if isinstance(b, QuasiDiagBlock):
+                inv_a, _, inv_sigma = b.schur(d, who, "logdet")
+                pivots = torch.cat([(1.0 / inv_a).reshape(-1), 1.0 / inv_sigma])
+            else:
+                pivots = b.eigenvalues(d)
+            part = _checks.logdet_of(pivots, "PMatQuasiDiag", regul, exact=True,
+                                     require_pd=False, allow_negative_det=True)
+            neg = int((pivots.detach() < 0).sum())
+            if neg:
+                negative[lid] = (neg, float(pivots.detach().min()))
+            total = part if total is None else total + part
+        if sum(n for n, _ in negative.values()) % 2:
+            odd = [f"'{lid}' ({n} negative pivot{'s' * (n > 1)})"
+                   for lid, (n, _) in negative.items() if n % 2]
+            low = min(v for _, v in negative.values())
+            raise ValueError(
+                f"PMatQuasiDiag.logdet: det(M + regul·I) < 0 at {_checks.describe_regul(regul)}, "
+                f"its log-determinant is undefined: the blocks of layer(s) {', '.join(odd)} have "
+                "det < 0 (each layer's pivots are the signs of its eigenvalues; blocks with det "
+                "< 0 in an even number of layers would still give the whole matrix det > 0). "
+                "The quasi-diagonal of a PSD matrix need not be PSD: use a regul above "
+                f"{-low:.3g}, or PMatDiag / PMatBlockDiag, which stay PSD")
+        return total
 
     def mm(self, other):
         raise NotImplementedError(
