@@ -51,6 +51,11 @@ def causal_lm_loss(logits, labels):
     return per_token.sum(1) / counts.to(per_token.dtype)
 
 
+# (they shift the labels themselves: the entry points pass them the full logits and labels,
+# without the language-model convention's own shift)
+causal_lm_loss.nngeometry_full_outputs = True
+
+
 def causal_lm_log_prob(logits, labels):
     """``(n,)``: the log-probability of each sequence's labelled tokens (those whose label is
     not ``-100``, e.g. a completion after its prompt), ``Σ_t log p(y_{t+1} | y_{≤t})``: a
@@ -60,6 +65,9 @@ def causal_lm_log_prob(logits, labels):
     per_token = F.cross_entropy(shift_logits.reshape(n * T, V), shift_labels.reshape(n * T),
                                 ignore_index=-100, reduction="none").reshape(n, T)
     return -per_token.sum(1)
+
+
+causal_lm_log_prob.nngeometry_full_outputs = True
 
 
 # ====================================================================== stored query gradients

@@ -299,6 +299,9 @@ def default_function(model, target_key="labels"):
             out = model(first)
         if hasattr(out, "logits"):
             out = out.logits
+            # Hugging Face logits are (batch, [tokens,] classes): the class axis is the last,
+            # read by the likelihoods' transforms (nngeometry.variants.output_class_dim)
+            function.output_class_dim = -1
         check_outputs(out, "the model")
         n = _leading_size(first)
         if n is not None and (out.dim() == 0 or out.shape[0] != n):
