@@ -70,7 +70,7 @@ def plot(results, path):
     plt = pyplot()
     if plt is None:
         return
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.2, 6.0), sharex=True,
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.2, 7.0), sharex=True,
                                   gridspec_kw={"height_ratios": [3, 1.2]})
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
     width = 0.8 / (10 * max(len(results), 1))
@@ -83,10 +83,12 @@ def plot(results, path):
                 width, color=line.get_color())
     ax.set_ylabel("accuracy in the bin")
     ax.set_title("Reliability on held-out digits (10 confidence bins)")
-    ax.legend(fontsize=7)
     axc.set_yscale("log")
     axc.set_xlabel("confidence (largest predicted probability)")
     axc.set_ylabel("digits in the bin")
+    # below the panels: inside, the legend would hide points
+    axc.legend(*ax.get_legend_handles_labels(), loc="upper center", fontsize=7,
+               bbox_to_anchor=(0.5, -0.55))
     save(fig, path)
 
 
