@@ -1010,6 +1010,8 @@ class TorchHooksJacobianBackend:
                     "remove it from the LayerCollection or check the function")
         if n > 1:
             _refuse_unbatched_calls(layer_collection, modules, calls, n)
+            _mark_coincident_shared(out, self.model, self.function, layer_collection, modules,
+                                    calls)
         key = uses_key(self.model, self.function, layer_collection)
         if not uses_verified(self.model, key):
             # once per model, function and collection in a process (entry points build a new
@@ -1409,6 +1411,63 @@ def _rebuild_tuple(output, first):
     if hasattr(output, "_fields"):
         return output._replace(**{output._fields[0]: first})
     return (first, *output[1:])
+
+
+#: model -> {(function/collection key, n, candidate shapes): the calls found shared}
+_COINCIDENT_SHARED = weakref.WeakKeyDictionary()
+
+
+def _mark_coincident_shared(out, model, function, layer_collection, modules, calls):
+    """Mark as shared (see ``Call.expand_shared``) the calls whose output has the batch's ``n``
+    along its batch axis without holding the examples there: a ``(T, d)`` table looked up on
+    positions of shape ``(T,)``, or returned as is, when ``T == n`` (e.g. the last batch of a
+    loader). Its shape cannot tell it from a batched output; its gradients can. Row ``j`` of a
+    batched output reaches example ``j``'s outputs only, so the gradient of a combination of
+    example 0's outputs w.r.t. it is exactly zero off row 0; a shared output's rows reach every
+    example. The shared treatment is exact for such a call (each example gets the gradient
+    w.r.t. the whole output), as it is for any output that couples the examples.
+
+    One backward pass of one direction, once per model, function, collection, ``n`` and shapes
+    of the outputs in a process (a loader's batches have one or two sizes)."""
+    n = out.shape[0]
+    cands = []
+    for lid, store in calls.items():
+        for i, c in enumerate(store):
+            if c.shared is not None:
+                continue
+            axis = (c.spec or layer_collection[lid]).batch_axis(c.module or modules[lid])
+            t = c.targets[0]
+            if len(t.shape) > axis and t.shape[axis] == n and \
+                    not isinstance(t.edge, torch.Tensor):
+                cands.append((lid, i, c, axis))
+    if not cands:
+        return
+    key = (uses_key(model, function, layer_collection), n,
+           tuple((lid, i, tuple(c.targets[0].shape)) for lid, i, c, _ in cands))
+    try:
+        known = _COINCIDENT_SHARED.get(model, {}).get(key)
+    except TypeError:
+        known = None
+    if known is None:
+        # a fixed pseudo-random combination (no cancellation between directions; the global
+        # RNG is left alone)
+        gen = torch.Generator().manual_seed(0)
+        w = torch.rand(out.shape[1], generator=gen, dtype=torch.float64) + 0.5
+        cot = torch.zeros_like(out)
+        cot[0] = w.to(dtype=out.dtype, device=out.device)
+        grads = torch.autograd.grad(out, [c.targets[0].edge for _, _, c, _ in cands], cot,
+                                    retain_graph=True, allow_unused=True)
+        known = set()
+        for (lid, i, c, axis), g in zip(cands, grads):
+            if g is not None and g.narrow(axis, 1, n - 1).count_nonzero().item():
+                known.add((lid, i))
+        try:
+            _COINCIDENT_SHARED.setdefault(model, {})[key] = known
+        except TypeError:
+            pass
+    for lid, i, c, axis in cands:
+        if (lid, i) in known:
+            c.shared = (n, axis)
 
 
 def _refuse_unbatched_calls(layer_collection, modules, calls, n):

@@ -127,3 +127,36 @@ def test_shared_output_not_broadcast_by_the_model_is_refused():
     x = torch.randn(3, 2, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="not broadcast over the examples"):
         FIM(m, [{"x0": torch.zeros(1), "x": x}], PMatDiag, function=lambda d: m(d["x"]))
+
+
+
+def test_table_as_long_as_the_batch_is_shared():
+    """A ``(T, D)`` table (positions of shape ``(T,)``, no batch axis) in a batch of ``T``
+    examples (here the loader's batches of 3, 3, 2) looks batched by its shape: it is found
+    shared from its gradients, and the matrices equal brute force / the single-batch result."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    t = 3
+
+    class Tab(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(t, D)
+            self.tab = nn.Linear(D, 2)
+            self.lin = nn.Linear(2, C)
+
+        def forward(self, x):
+            p = self.tab(self.pos(torch.arange(t)))          # (t, 2), shared
+            return self.lin(torch.tanh(x + p)).mean(1)
+
+    m = Tab().double()
+    x = torch.randn(8, t, 2, dtype=torch.float64)
+    data = TensorDataset(x)
+    ref = fim_dense(m, x, layer_collection=LayerCollection.from_model(m))
+    got = FIM(m, DataLoader(data, batch_size=t), PMatDense).to_torch()
+    torch.testing.assert_close(got, ref, **TOL)
+    # KFAC (factors summed over the batches): the same from any batch size
+    k_small = FIM(m, DataLoader(data, batch_size=t), PMatKFAC).to_torch()
+    k_one = FIM(m, DataLoader(data, batch_size=8), PMatKFAC).to_torch()
+    torch.testing.assert_close(k_small, k_one, **TOL)
