@@ -121,7 +121,9 @@ def iterate_batches(examples):
                 f"{type(examples[0]).__name__} of {len(examples[0])} tensors): nngeometry reads "
                 "a tuple as one mini-batch (inputs, targets, ...), whose inputs would be the "
                 "first batch. Pass several batches as a list [(x1, y1), (x2, y2), ...] or a "
-                "DataLoader, or one mini-batch as (inputs, targets)")
+                "DataLoader, or one mini-batch as (inputs, targets); a mini-batch whose inputs "
+                "and targets are themselves tuples ((x1, x2), (t1, t2)) goes in a list of one "
+                "batch: [((x1, x2), (t1, t2))]")
         if isinstance(examples, list):
             _refuse_ambiguous_list(examples)
         yield _refuse_no_examples(tuple(examples))
