@@ -30,7 +30,10 @@ def _refuse_no_examples(batch):
     n = _leading_size(batch[0])
     first = batch[0]
     if isinstance(first, Mapping):
-        first = next((v for v in first.values() if isinstance(v, torch.Tensor)), None)
+        # the examples are in whichever value is batched: empty only if every one is
+        batched = [v for v in first.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        first = next(iter(batched), None)
+        n = 0 if batched and all(v.shape[0] == 0 for v in batched) else None
     if n == 0 and isinstance(first, torch.Tensor) and first.dim() > 0:
         raise ValueError(
             f"a batch holds 0 examples (inputs of shape {tuple(first.shape)}): nngeometry "
@@ -302,8 +305,16 @@ def default_function(model, target_key="labels"):
         if hasattr(out, "logits"):
             out = out.logits
         check_outputs(out, "the model")
-        n = _leading_size(first)
-        if n is not None and (out.dim() == 0 or out.shape[0] != n):
+        if isinstance(first, Mapping):
+            # any batched value may come first (position_ids of shape (1, T), a 0-dim flag):
+            # the outputs must have the first dimension of one of them
+            sizes = {v.shape[0] for v in first.values()
+                     if isinstance(v, torch.Tensor) and v.dim() > 0}
+            bad = bool(sizes) and (out.dim() == 0 or out.shape[0] not in sizes)
+        else:
+            n = _leading_size(first)
+            bad = n is not None and (out.dim() == 0 or out.shape[0] != n)
+        if bad:
             shape = tuple(first.shape) if isinstance(first, torch.Tensor) else \
                 "(" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in first.items()
                                 if isinstance(v, torch.Tensor)) + ")"
