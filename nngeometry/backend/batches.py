@@ -351,7 +351,13 @@ def _dict_keys_error(model, batch, target_key, error):
 
 
 def batch_size_of(batch):
+    """The number of examples of ``batch``: the first dimension of its first tensor; for a
+    dict, the largest first dimension of its values (those not batched, such as position_ids of
+    shape ``(1, T)`` or a 0-dim flag, may come first)."""
     first = batch[0]
     if isinstance(first, Mapping):
+        sizes = [v.shape[0] for v in first.values() if isinstance(v, torch.Tensor) and v.dim()]
+        if sizes:
+            return max(sizes)
         first = next(iter(first.values()))
     return first.shape[0]
