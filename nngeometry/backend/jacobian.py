@@ -819,7 +819,7 @@ class TorchHooksJacobianBackend:
             n = broadcast.n if broadcast is not None else None
             if n is not None and n > 1 and layer is not None and rec is None:
                 axis = layer.batch_axis(module)
-                if out.dim() > axis and out.shape[axis] == 1:
+                if out.dim() > axis and out.shape[axis] == 1 and not broadcast.keep_ones:
                     # one output shared by the n examples (positions (1, T), a learned table):
                     # the model would broadcast it; broadcasting it here instead makes the
                     # gradient w.r.t. the copy per-example (the gradient w.r.t. the shared
@@ -830,7 +830,7 @@ class TorchHooksJacobianBackend:
                     replaced = out if isinstance(output, torch.Tensor) else \
                         type(output)([out, *output[1:]]) if isinstance(output, list) else \
                         _rebuild_tuple(output, out)
-                    broadcast.expanded = True
+                    broadcast.expanded = broadcast.widened = True
                 elif out.dim() > axis and out.shape[axis] != n:
                     # an output with no batch axis (T5's relative position bias, looked up on
                     # a (T, T) table): its per-example gradients take a backward pass of
@@ -968,13 +968,36 @@ class TorchHooksJacobianBackend:
             guess = int(batch_size_of(batch))
         except Exception:  # a batch whose first element is not a batched tensor
             guess = None
-        raw, out, columns, expanded = self._forward_expanding(batch, index, calls, guess,
-                                                              watch_rng)
+        keep_ones = False
+        try:
+            raw, out, columns, expanded = self._forward_expanding(batch, index, calls, guess,
+                                                                  watch_rng)
+        except Exception as first:
+            if not self._broadcast.last_widened:
+                raise
+            # the model does not take the expanded copy of an output of batch dimension 1
+            # (it repeats or tiles it along the batch itself): such outputs are then left as
+            # they are, with the backward pass of their own of shared outputs (exact too)
+            keep_ones = True
+            try:
+                raw, out, columns, expanded = self._forward_expanding(
+                    batch, index, calls, guess, watch_rng, keep_ones=True)
+            except Exception:
+                raise first from None
         n = out.shape[0]
+        if not keep_ones and guess is not None and n != guess and \
+                self._broadcast.last_widened:
+            # expanding changed the number of outputs (the model concatenates the output of
+            # batch dimension 1 along the batch): run again with it left as it is
+            keep_ones = True
+            raw, out, columns, expanded = self._forward_expanding(
+                batch, index, calls, guess, watch_rng, keep_ones=True)
+            n = out.shape[0]
         if n != guess and n > 1 and (expanded or any(
                 len(c.targets[0].shape) and c.targets[0].shape[0] != n
                 for store in calls.values() for c in store)):
-            raw, out, columns, _ = self._forward_expanding(batch, index, calls, n, watch_rng)
+            raw, out, columns, _ = self._forward_expanding(batch, index, calls, n, watch_rng,
+                                                           keep_ones)
             if out.shape[0] != n:
                 raise RuntimeError(
                     f"the function's outputs had {n} examples, and {out.shape[0]} once the "
@@ -985,19 +1008,23 @@ class TorchHooksJacobianBackend:
                     "the LayerCollection")
         return raw, out, columns
 
-    def _forward_expanding(self, batch, index, calls, n, watch_rng=False):
+    def _forward_expanding(self, batch, index, calls, n, watch_rng=False, keep_ones=False):
         """``(raw, out, columns, expanded)``: :meth:`_outputs` with the hooks expanding shared
-        outputs to ``n`` examples, and whether one was."""
+        outputs to ``n`` examples (with ``keep_ones``, those of batch dimension 1 are left as
+        they are), and whether one was."""
         for store in calls.values():
             store.clear()
         broadcast = self._broadcast
-        broadcast.n, broadcast.expanded = n, False
+        broadcast.n, broadcast.expanded, broadcast.keep_ones = n, False, keep_ones
+        broadcast.widened = False
         try:
             with torch.enable_grad():
                 raw, out, columns = self._outputs(batch, index, watch_rng=watch_rng)
             return raw, out, columns, broadcast.expanded
         finally:
-            broadcast.n, broadcast.expanded = None, False
+            broadcast.last_widened = broadcast.widened
+            broadcast.n, broadcast.expanded, broadcast.keep_ones = None, False, False
+            broadcast.widened = False
 
     def _check_calls(self, out, layer_collection, modules, calls, who="the function"):
         """Refuse a forward pass whose recorded calls can't give the statistics: a layer not
@@ -1387,13 +1414,18 @@ class _InstanceForward:
 
 class _Broadcast:
     """What the forward hooks of a generator expand shared outputs to: ``n``, the number of
-    examples of the batch being run (None: expand nothing), and whether an output was expanded
-    in the current forward pass."""
+    examples of the batch being run (None: expand nothing), whether an output was expanded or
+    marked shared in the current forward pass, whether one of batch dimension 1 was expanded
+    (``widened``; ``last_widened``: in the last pass, read after it ended), and
+    ``keep_ones``: outputs of batch dimension 1 are left as they are and get the backward pass
+    of their own of outputs with no batch axis (for a model that repeats such an output along
+    the batch itself, which the expanded copy would break)."""
 
-    __slots__ = ("n", "expanded")
+    __slots__ = ("n", "expanded", "widened", "last_widened", "keep_ones")
 
     def __init__(self):
-        self.n, self.expanded = None, False
+        self.n, self.expanded, self.keep_ones = None, False, False
+        self.widened = self.last_widened = False
 
 
 def _expand_axis(t, axis, n):
