@@ -161,6 +161,8 @@ def _kw(s, entry):
         kw["loss_function"] = s.kwargs["loss_function"]
     if entry in ("FIM", "FIM_MonteCarlo"):
         kw["variant"] = "classif_logits"
+    if s.lm:
+        kw["class_dim"] = -1  # the function's shifted logits (n, T-1, V): classes last
     return kw
 
 

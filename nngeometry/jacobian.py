@@ -44,21 +44,29 @@ def _collection(model, layer_collection, last_layer):
 
 
 def per_example_gradients(model, loader, loss_function=None, function=None,
-                          layer_collection=None, last_layer=False, positions="sum",
-                          target_key="labels", check_deterministic=True):
+                          layer_collection=None, last_layer=False, positions=None,
+                          target_key="labels", check_deterministic=True, class_dim=None,
+                          causal_lm=None):
     """``(n, P)``: the gradient of each example's loss for its observed target,
     ``∇θ ℓ(f(x_i), y_i)`` (laplace-torch's ``gradients``), in the collection's layout (all the
     layers, or the last one with ``last_layer=True``: no backward pass below it).
 
     ``loss_function(outputs, *targets) -> (n,)`` per-example losses, default cross-entropy on
-    logits; targets, positions and dict batches as for :func:`nngeometry.EmpiricalFisher`
-    (whose matrix is ``GᵀG / n`` for the ``G`` returned here)."""
-    from .variants import empirical_function
+    logits; targets, positions, ``class_dim``, ``causal_lm`` (language models: the model's own
+    loss convention) and dict batches as for :func:`nngeometry.EmpiricalFisher` (whose matrix
+    is ``GᵀG / n`` for the ``G`` returned here)."""
+    from .backend.distributed import unwrap_model
+    from .variants import (check_class_dim, check_positions, empirical_function,
+                           lm_convention)
 
+    check_positions(positions)
+    check_class_dim(class_dim)
+    lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)
     layer_collection = _collection(model, layer_collection, last_layer)
     function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
     generator = TorchHooksJacobianBackend(
-        model, empirical_function(function, loss_function, positions, target_key),
+        model, empirical_function(function, loss_function, positions, target_key, class_dim,
+                                  lm),
         layer_collection=layer_collection, check_deterministic=check_deterministic)
     return generator.get_jacobian(loader, layer_collection)[0]
 

@@ -5,8 +5,8 @@ from enum import Enum
 from ._entry import check_representation, prepare_entry
 from .backend import TorchHooksJacobianBackend
 from .backend.distributed import unwrap_model
-from .variants import (check_positions, closed_form_function, empirical_function, ggn_function,
-                       monte_carlo_function)
+from .variants import (check_class_dim, check_positions, closed_form_function,
+                       empirical_function, ggn_function, lm_convention, monte_carlo_function)
 
 
 class FIM_Types(str, Enum):
@@ -136,9 +136,9 @@ def _drop_n_output(kwargs):
 
 
 def FIM(model, loader, representation, variant="classif_logits", device=None, function=None,
-        layer_collection=None, verbose=False, check_deterministic=True, positions="sum",
+        layer_collection=None, verbose=False, check_deterministic=True, positions=None,
         target_key="labels", subnetwork_indices=None, distributed=None, process_group=None,
-        **kwargs):
+        class_dim=None, causal_lm=None, **kwargs):
     """The Fisher information matrix in closed form, in the chosen representation.
 
     Computes ``F = (1/n) Σ_x J_f(x)ᵀ Σ_{y|x} J_f(x)`` with ``f(x)`` the model's outputs on
@@ -152,12 +152,20 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
 
     Targets in the loader are not used.
 
-    Outputs with positions, ``(n, T, C)`` (sequences: classes last) or ``(n, C, H, W)``
-    (images: classes along dimension 1): the likelihood factorises over positions, one softmax
-    (Bernoulli, Gaussian) per position, and ``F`` sums the per-position terms
-    (``positions='sum'``) or averages them (``positions='mean'``: ``F`` divided by the number of
-    positions ``S``, for losses that are means over tokens, curvlinops'
-    ``loss_average='batch+sequence'``).
+    Outputs with positions (more than 2 dimensions: ``(n, T, C)`` sequences, ``(n, C, L)``,
+    ``(n, C, H, W)`` segmentation): the class axis is ``class_dim`` (required for a tensor
+    output with more than 2 dimensions, ``ValueError`` without; Hugging Face ``.logits`` have
+    it last); the likelihood factorises over positions, one softmax (Bernoulli, Gaussian) per
+    position, and ``F`` sums the per-position terms (``positions='sum'``, the default) or
+    averages them (``positions='mean'``: ``F`` divided by the number of positions ``S``, for
+    losses that are means over tokens, curvlinops' ``loss_average='batch+sequence'``).
+
+    Language models (``causal_lm``, detected for Hugging Face causal LMs): the model's own loss
+    convention, see the page "Curvatures": the logits at position ``t`` describe token
+    ``t + 1`` (the last position drops out), positions whose target is padding
+    (``attention_mask`` 0) or labelled -100 contribute nothing, and the default
+    ``positions=None`` is ``'mean'`` over each sequence's counted positions (``F`` is then the
+    GGN of Hugging Face's per-sequence ``loss``); ``positions='sum'`` sums them.
 
     Args:
         model: the ``torch.nn.Module``.
@@ -173,7 +181,8 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
         check_deterministic: refuse a random model (dropout in training mode; a second run
             of the model on the first batch that differs): ``RuntimeError`` naming
             ``model.eval()``. ``False`` skips the check (see ``TorchHooksJacobianBackend``).
-        positions: ``'sum'`` or ``'mean'`` over the positions of the outputs (see above).
+        positions: ``'sum'`` or ``'mean'`` over the positions of the outputs (see above);
+            None (default): ``'mean'`` under a language model's convention, else ``'sum'``.
         target_key: for dict batches, the key of the targets, left out of ``model(**inputs)``.
         subnetwork_indices: flat parameter indices ``idx`` (of the collection's layout; a
             ``(k,)`` integer tensor or list, or a boolean mask of length ``P``), with
@@ -187,24 +196,33 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
             see the page "Data-parallel and GPU". A ``DistributedDataParallel`` model is
             accepted (its ``.module`` is used).
         process_group: the group to reduce over (default: the world).
+        class_dim: the axis of the outputs that holds the classes, for outputs with more than
+            2 dimensions (``-1``: ``(n, T, C)``; ``1``: ``(n, C, L)``, ``(n, C, H, W)``).
+        causal_lm: ``None`` (default) detects a causal language model (Hugging Face's
+            ``*ForCausalLM`` / ``*LMHeadModel``, ``loss_type='ForCausalLM'``) when ``function``
+            is not given (a user's function defines its own outputs); ``True`` applies
+            its convention (shifted positions), ``False`` the convention without the shift
+            (masked LM, token classification: padding and -100 excluded).
         **kwargs: passed to the representation (``n_output=``, which older code passes, is
             ignored); a keyword the representation does not take is refused (``TypeError``).
 
     ``PMatEye`` without ``scaling=`` is refused (``ValueError``): it is not built from data.
     """
+    check_positions(positions)
+    check_class_dim(class_dim)
+    lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)
     return _curvature(
         "FIM", model, loader, representation,
-        lambda f: closed_form_function(f, _variant_name(variant), positions), function,
-        layer_collection, target_key, verbose, check_deterministic, subnetwork_indices,
-        dict(kwargs, distributed=distributed, process_group=process_group),
-        validate=lambda: check_positions(positions))
+        lambda f: closed_form_function(f, _variant_name(variant), positions, class_dim, lm),
+        function, layer_collection, target_key, verbose, check_deterministic,
+        subnetwork_indices, dict(kwargs, distributed=distributed, process_group=process_group))
 
 
 def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", trials=1, device=None,
                    function=None, layer_collection=None, verbose=False, covariance=1.0,
-                   check_deterministic=True, seed=None, positions="sum", target_key="labels",
+                   check_deterministic=True, seed=None, positions=None, target_key="labels",
                    subnetwork_indices=None, distributed=None, process_group=None,
-        **kwargs):
+                   class_dim=None, causal_lm=None, **kwargs):
     """The Fisher information matrix estimated with sampled targets.
 
     Computes ``F = (1/n) Σ_x (1/T) Σ_t ∇log p(y_t|x) ∇log p(y_t|x)ᵀ`` with ``y_t ~ p(·|x)``
@@ -217,9 +235,10 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     returns the Fisher ``JᵀJ / covariance``, where upstream nngeometry returned
     ``covariance·JᵀJ``; ``covariance`` must be finite and positive).
 
-    Outputs with positions (``(n, T, C)``, ``(n, C, H, W)``): one target per position, the
-    log-probabilities summed over positions (``positions='sum'``) or averaged (``'mean'``), as
-    for :func:`FIM`.
+    Outputs with positions (more than 2 dimensions, the class axis ``class_dim``; the
+    ``segmentation_logits`` variant has it at 1): one target per position, the
+    log-probabilities summed over positions (``positions='sum'``) or averaged (``'mean'``);
+    language models (``causal_lm``): as for :func:`FIM`.
 
     ``seed`` (an int): the sampled targets are a fixed function of the seed, the batch's index
     in the loader and the batch's content (no RNG state is read or changed), so that every pass
@@ -227,27 +246,32 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     ``PMatImplicit`` that is one fixed matrix (two products with it agree, as CG, Lanczos and
     Hutchinson need). See :func:`nngeometry.variants.monte_carlo_function`.
 
-    Without ``seed`` the targets are drawn from PyTorch's global RNG (``torch.multinomial`` / exponential draws
-    for the classification variants, ``torch.randn`` for ``regression``, on the outputs'
+    Without ``seed`` the targets are drawn from PyTorch's global RNG (``torch.multinomial`` /
+    exponential draws, the inverse CDF for one trial of 1024 classes or more, for the
+    classification variants, ``torch.randn`` for ``regression``, on the outputs'
     device): that is the only global state a call changes. Memory grows linearly with
     ``trials`` (the trials' backward directions are taken in chunks).
 
     ``check_deterministic``, the other keywords and ``PMatEye``: as for :func:`FIM` (the check
     runs the model, not the sampling).
     """
+    check_positions(positions)
+    check_class_dim(class_dim)
+    lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)
     return _curvature(
         "FIM_MonteCarlo", model, loader, representation,
         lambda f: monte_carlo_function(f, _variant_name(variant), trials, covariance,
-                                       positions=positions, seed=seed), function,
+                                       positions=positions, seed=seed, class_dim=class_dim,
+                                       lm=lm), function,
         layer_collection, target_key, verbose, check_deterministic, subnetwork_indices,
         dict(kwargs, distributed=distributed, process_group=process_group))
 
 
 def EmpiricalFisher(model, loader, representation, loss_function=None, device=None,
                     function=None, layer_collection=None, verbose=False,
-                    check_deterministic=True, positions="sum", target_key="labels",
+                    check_deterministic=True, positions=None, target_key="labels",
                     subnetwork_indices=None, distributed=None, process_group=None,
-        **kwargs):
+                    class_dim=None, causal_lm=None, **kwargs):
     """The empirical Fisher ``(1/n) Σ_i ∇θℓ_i ∇θℓ_iᵀ``, ``ℓ_i`` the loss of example ``i`` for
     its observed target, in the chosen representation (every one built from data: Dense,
     BlockDiag, Diag, QuasiDiag, LowRank, KFAC, EKFAC, Implicit, Mixed).
@@ -261,22 +285,35 @@ def EmpiricalFisher(model, loader, representation, loss_function=None, device=No
             ``lambda out, y: F.cross_entropy(out, y, reduction='none')``; a loss per position
             ``(n, T)`` is summed over positions (``positions='sum'``) or averaged (``'mean'``).
             ``targets`` is ``batch[1:]``, or ``(batch[target_key],)`` for dict batches. Default:
-            cross-entropy on logits (one per position for ``(n, T, C)`` / ``(n, C, H, W)``
-            outputs; targets -100 ignored, as in PyTorch).
+            cross-entropy on logits (one per position for outputs with more than 2 dimensions,
+            the classes along ``class_dim``; targets -100 ignored, as in PyTorch).
+
+    Language models (``causal_lm``, detected for Hugging Face causal LMs): the model's own
+    loss, with shifted labels (position ``t`` predicts token ``t + 1``), -100 labels and
+    padding (``attention_mask`` 0) excluded, and by default (``positions=None``) each
+    sequence's loss is the mean over its counted tokens: ``(1/n) Σ_i g_i g_iᵀ`` with ``g_i``
+    the gradient of Hugging Face's ``model(**batch_i).loss`` on sequence ``i`` alone;
+    ``positions='sum'`` sums over the tokens instead. A ``loss_function`` then gets the
+    shifted logits ``(n, T-1, V)`` and labels ``(n, T-1)`` (-100 where a position does not
+    count).
 
     The other arguments are as for :func:`FIM`.
     """
+    check_positions(positions)
+    check_class_dim(class_dim)
+    lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)
     return _curvature(
         "EmpiricalFisher", model, loader, representation,
-        lambda f: empirical_function(f, loss_function, positions, target_key), function,
+        lambda f: empirical_function(f, loss_function, positions, target_key, class_dim, lm),
+        function,
         layer_collection, target_key, verbose, check_deterministic, subnetwork_indices,
         dict(kwargs, distributed=distributed, process_group=process_group))
 
 
 def GGN(model, loader, representation, loss_function, device=None, function=None,
-        layer_collection=None, verbose=False, check_deterministic=True, positions="sum",
+        layer_collection=None, verbose=False, check_deterministic=True, positions=None,
         target_key="labels", subnetwork_indices=None, distributed=None, process_group=None,
-        **kwargs):
+        class_dim=None, causal_lm=None, **kwargs):
     """The generalized Gauss-Newton matrix ``(1/n) Σ_i J_iᵀ H_i J_i`` of a loss, in the chosen
     representation (Dense, BlockDiag, Diag, QuasiDiag, LowRank, KFAC, EKFAC, Implicit, Mixed).
 
@@ -297,11 +334,20 @@ def GGN(model, loader, representation, loss_function, device=None, function=None
         loss_function: ``loss_function(outputs, *targets) -> (n,)`` per-example losses (as
             for :func:`EmpiricalFisher`; required). It must treat examples independently.
 
+    Language models (``causal_lm``): the convention of :func:`EmpiricalFisher`;
+    ``'cross_entropy'`` and ``nn.CrossEntropyLoss(reduction='none')`` in closed form, a
+    callable through the output Hessians of the convention's loss (it gets the shifted logits
+    and labels, as for :func:`EmpiricalFisher`).
+
     The other arguments are as for :func:`FIM`.
     """
+    check_positions(positions)
+    check_class_dim(class_dim)
+    lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)
     return _curvature(
         "GGN", model, loader, representation,
-        lambda f: ggn_function(f, loss_function, positions, target_key), function,
+        lambda f: ggn_function(f, loss_function, positions, target_key, class_dim, lm),
+        function,
         layer_collection, target_key, verbose, check_deterministic, subnetwork_indices,
         dict(kwargs, distributed=distributed, process_group=process_group))
 

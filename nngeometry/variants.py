@@ -13,6 +13,7 @@ Closed forms (``F = (1/n) Σ_x J_f(x)ᵀ Σ_{y|x} J_f(x)``, ``f`` the model's ou
 The factors are computed from detached probabilities: they are constants of the backward pass.
 """
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -57,36 +58,184 @@ POSITIONS = ("sum", "mean")
 
 
 def check_positions(positions):
-    """``ValueError`` unless ``positions`` is ``'sum'`` or ``'mean'``."""
-    if positions not in POSITIONS:
+    """``ValueError`` unless ``positions`` is ``'sum'``, ``'mean'`` or None (the default: the
+    language-model convention's ``'mean'``, ``'sum'`` otherwise)."""
+    if positions is not None and positions not in POSITIONS:
         raise ValueError(f"positions must be 'sum' (the log-likelihood sums over the positions "
-                         f"of an output (n, T, C) / (n, C, H, W): the default) or 'mean' (the "
+                         f"of an output (n, T, C) / (n, C, H, W)) or 'mean' (the "
                          f"per-position terms averaged, for losses that are means over tokens), "
                          f"got {positions!r}")
 
 
-def class_positions(out):
+def check_class_dim(class_dim):
+    """``TypeError`` unless ``class_dim`` is None or an int."""
+    if class_dim is not None and (isinstance(class_dim, bool) or not isinstance(class_dim, int)):
+        raise TypeError(f"class_dim must be an int (the axis of the outputs that holds the "
+                        f"classes, e.g. -1 or 1) or None, got {type(class_dim).__name__}")
+
+
+def _layout_error(out):
+    shape = tuple(out.shape)
+    return ValueError(
+        f"outputs of shape {shape} have more than 2 dimensions: which axis holds the classes? "
+        f"Pass class_dim=-1 for classes last, (n, T, C) (sequences, Hugging Face's (batch, "
+        f"tokens, vocabulary)), or class_dim=1 for classes along dimension 1, (n, C, L) / "
+        f"(n, C, H, W) (PyTorch's cross_entropy layout, segmentation). (Hugging Face outputs "
+        f"with .logits are read with classes last.)")
+
+
+def output_class_dim(function, class_dim=None):
+    """The class axis of ``function``'s outputs: ``class_dim`` when given, else the one the
+    function reports (the default function on a Hugging Face output reads ``.logits`` with
+    classes last and sets ``function.output_class_dim = -1`` when it does), else None."""
+    if class_dim is not None:
+        return class_dim
+    return getattr(function, "output_class_dim", None)
+
+
+def class_positions(out, class_dim=None):
     """The outputs ``out`` as ``(n, S, C)``: ``S`` positions of ``C`` classes each.
 
-    * ``(n, C)``: one position;
-    * ``(n, T, C)`` (sequences, Hugging Face's ``(batch, tokens, vocabulary)``): classes last;
-    * ``(n, C, H, W, ...)`` (images, segmentation; PyTorch's ``cross_entropy`` layout): classes
-      along dimension 1.
-
-    A ``(n, C, T)`` sequence must be given as ``(n, T, C)`` (``function=`` returning
-    ``out.transpose(1, 2)``)."""
+    * ``(n, C)``: one position (``class_dim`` ignored, or -1 / 1);
+    * more dimensions: the classes along ``class_dim`` (``-1``: ``(n, T, C)``, Hugging Face's
+      ``(batch, tokens, vocabulary)``; ``1``: ``(n, C, L)``, ``(n, C, H, W)``, PyTorch's
+      ``cross_entropy`` layout), the other axes flattened (row-major) into the positions.
+      Without ``class_dim`` a ``ValueError`` names both layouts: the class axis is never
+      guessed from the shape."""
     n = out.shape[0]
     if out.dim() <= 2:
         return out.reshape(n, 1, -1)
-    if out.dim() == 3:
-        return out
-    return out.movedim(1, -1).reshape(n, -1, out.shape[1])
+    if class_dim is None:
+        raise _layout_error(out)
+    d = class_dim % out.dim()
+    if d == 0:
+        raise ValueError(f"class_dim={class_dim} is the batch axis of outputs of shape "
+                         f"{tuple(out.shape)}; the classes are along another axis")
+    C = out.shape[d]
+    if d != out.dim() - 1:
+        out = out.movedim(d, -1)
+    return out.reshape(n, -1, C)
+
+
+def _from_positions(fp, shape, class_dim):
+    """The inverse of :func:`class_positions`: ``(n, S, C)`` back to the outputs' ``shape``."""
+    if len(shape) <= 2:
+        return fp.reshape(shape)
+    d = class_dim % len(shape)
+    moved = list(shape[:d]) + list(shape[d + 1:]) + [shape[d]]
+    out = fp.reshape(moved)
+    return out if d == len(shape) - 1 else out.movedim(-1, d)
 
 
 def _position_scale(S, positions):
     """The factor of the per-example output transform ``g``: 1 for the sum over the ``S``
     positions, ``1/sqrt(S)`` for their mean (``gᵀg`` scales by ``1/S``)."""
-    return 1.0 if positions == "sum" or S == 1 else S ** -0.5
+    return 1.0 if positions != "mean" or S == 1 else S ** -0.5
+
+
+# ------------------------------------------------------------------ language-model conventions
+def is_causal_lm(model):
+    """Whether ``model`` is a causal language model whose own loss shifts the labels (logits at
+    position ``t`` predict token ``t + 1``): Hugging Face's ``*ForCausalLM`` / ``*LMHeadModel``
+    classes, or a model whose ``loss_type`` is ``'ForCausalLM'``."""
+    if getattr(model, "loss_type", None) == "ForCausalLM":
+        return True
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
+class LMConvention:
+    """How a language model's outputs ``(n, T, V)`` meet its batch, as its own loss reads them.
+
+    * ``causal``: the logits at position ``t`` predict the label at ``t + 1`` (the last
+      position predicts nothing); otherwise position ``t`` predicts label ``t``.
+    * A position counts when its target's label is not ``ignore_index`` (-100) and its
+      target's ``attention_mask`` entry is not 0 (padding); the labels are those of
+      ``target_key`` (dict batches) or ``batch[1]``, the mask ``batch[0][mask_key]``.
+      Without labels (the closed-form and Monte-Carlo Fisher need none) only the mask counts.
+    * ``positions='mean'`` (the default under the convention) divides example ``i``'s terms by
+      ``N_i``, its number of counted positions: its loss is the mean over its tokens, Hugging
+      Face's ``loss`` on that sequence alone; ``'sum'`` sums them."""
+
+    def __init__(self, causal, target_key="labels", mask_key="attention_mask",
+                 ignore_index=-100):
+        self.causal, self.target_key = bool(causal), target_key
+        self.mask_key, self.ignore_index = mask_key, ignore_index
+
+    def __repr__(self):
+        return f"LMConvention(causal={self.causal}, target_key={self.target_key!r})"
+
+
+def lm_convention(model, causal_lm=None, target_key="labels", function=None):
+    """The :class:`LMConvention` of ``model`` (None: no language-model convention).
+
+    With a user ``function`` (the outputs are then the user's, e.g. logits already shifted)
+    nothing is detected: only ``causal_lm=True`` / ``False`` applies a convention.
+
+    ``causal_lm``: None detects it (:func:`is_causal_lm`: a causal LM gets the convention with
+    shifted labels, any other model none); True forces the causal convention, False the
+    convention without the shift (position ``t`` with label ``t``, as a masked LM or a token
+    classifier: padding and -100 excluded, ``positions='mean'`` by default)."""
+    if causal_lm is not None and not isinstance(causal_lm, bool):
+        raise TypeError(f"causal_lm must be True, False or None (detect), got {causal_lm!r}")
+    if causal_lm is None:
+        if function is None and is_causal_lm(model):
+            return LMConvention(True, target_key)
+        return None
+    return LMConvention(causal_lm, target_key)
+
+
+def _batch_parts(batch, conv):
+    first = batch[0] if batch else None
+    if isinstance(first, Mapping):
+        return first.get(conv.target_key), first.get(conv.mask_key)
+    return (batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None), None
+
+
+def lm_positions(out, batch, conv, class_dim=-1, positions="mean"):
+    """``(fp, y, w)`` for a language model's outputs ``out`` under ``conv``:
+
+    * ``fp`` ``(n, S, V)``: the logits of the positions that predict something (``S = T - 1``
+      for a causal LM);
+    * ``y`` ``(n, S)``: their labels (``ignore_index`` where a position does not count), or
+      None when the batch has none;
+    * ``w`` ``(n, S)``: the weight of each position, 0 where it does not count, else 1
+      (``positions='sum'``) or ``1 / N_i`` (``'mean'``, ``N_i`` the counted positions of
+      example ``i``; an example with none has weights 0)."""
+    fp = class_positions(out, class_dim)
+    n, T, _ = fp.shape
+    labels, mask = _batch_parts(batch, conv)
+    for name, t in (("labels", labels), ("attention_mask", mask)):
+        if t is not None and tuple(t.shape) != (n, T):
+            raise ValueError(
+                f"the language-model convention pairs logits {tuple(out.shape)} ((n, T, V)) with "
+                f"{name} of shape (n, T) = ({n}, {T}), got {tuple(t.shape)}; pass causal_lm=False "
+                "and a loss_function for another layout")
+    if conv.causal:
+        fp = fp[:, :-1]
+        labels = None if labels is None else labels[:, 1:]
+        mask = None if mask is None else mask[:, 1:]
+    keep = torch.ones(fp.shape[:2], dtype=torch.bool, device=fp.device)
+    if labels is not None:
+        keep = keep & (labels != conv.ignore_index)
+    if mask is not None:
+        keep = keep & (mask != 0)
+    w = keep.to(fp.dtype)
+    if positions == "mean":
+        w = w / keep.sum(1, keepdim=True).clamp(min=1).to(fp.dtype)
+    y = None if labels is None else torch.where(keep, labels, conv.ignore_index)
+    return fp, y, w
+
+
+def _takes_full_outputs(loss_function):
+    """Whether ``loss_function`` applies a language model's convention itself (it sets
+    ``nngeometry_full_outputs = True``, e.g. :func:`nngeometry.influence.causal_lm_loss`,
+    which shifts the labels): it then gets the full logits and labels, no convention."""
+    return bool(getattr(loss_function, "nngeometry_full_outputs", False))
+
+
+def _lm_active(conv, out):
+    return conv is not None and out.dim() == 3
 
 
 class BatchInfo:
@@ -175,10 +324,12 @@ class OutputTransform:
     #: how the transform was made (e.g. ``closed_form_function(function, 'classif_logits')``)
     origin = None
 
-    def __init__(self, function, transform=None, split=None, needs_batch=False, seed=None):
+    def __init__(self, function, transform=None, split=None, needs_batch=False, seed=None,
+                 metric=None):
         if (transform is None) == (split is None):
             raise TypeError("give either transform or split")
         self.function = function
+        self._metric = metric
         self._transform = transform
         self._split = split
         self.needs_batch = bool(needs_batch)
@@ -215,33 +366,126 @@ class OutputTransform:
             return self._transform(*args), None
         return self._split(*args)
 
+    @property
+    def has_metric(self):
+        """Whether :meth:`metric` is available: ``J_gᵀ J_g = J_fᵀ H J_f`` with ``H u``
+        computable from the model's outputs ``f`` without forming ``g`` (the implicit
+        products then run JVP, ``H u``, VJP on the model's outputs)."""
+        return self._metric is not None
+
+    def metric(self, f, u, info=None):
+        """``H u`` (the shape of the model's outputs ``f``): the output-space matrix of the
+        transform, ``J_g = R J_f`` with ``Rᵀ R = H``, applied to ``u`` without forming ``R``."""
+        if self._metric is None:
+            raise TypeError("this output transform has no closed-form output metric")
+        return self._metric(f, u, info) if self.needs_batch else self._metric(f, u)
+
     def __call__(self, *batch):
         info = self.batch_info(batch) if self.needs_batch else None
         return self.transform(self.model_outputs(*batch), info)
 
 
-def closed_form_function(function, variant, positions="sum"):
+def _resolve_positions(positions, conv):
+    return positions if positions is not None else ("mean" if conv is not None else "sum")
+
+
+def _origin_extras(positions=None, class_dim=None, conv=None):
+    return ((f", positions={positions!r}" if positions not in (None, "sum") else "")
+            + (f", class_dim={class_dim!r}" if class_dim is not None else "")
+            + (f", lm={conv!r}" if conv is not None else ""))
+
+
+def closed_form_function(function, variant, positions="sum", class_dim=None, lm=None):
     """``g(*batch)`` with ``J_gᵀ J_g`` the example's Fisher under ``variant``.
 
-    Outputs with positions (``(n, T, C)``, ``(n, C, H, W)``, see :func:`class_positions`): the
-    likelihood factorises over positions, the Fisher is the sum of the per-position terms
-    (``positions='sum'``) or their mean (``'mean'``, for losses averaged over tokens)."""
+    Outputs with positions (more than 2 dimensions, the class axis ``class_dim``, see
+    :func:`class_positions`): the likelihood factorises over positions, the Fisher is the sum of
+    the per-position terms (``positions='sum'``) or their mean (``'mean'``, for losses averaged
+    over tokens). ``lm``: a :class:`LMConvention` (language models ``(n, T, V)``: shifted
+    positions for a causal LM, padding excluded, ``positions=None`` meaning ``'mean'`` over the
+    counted positions, see :func:`lm_positions`).
+
+    ``classif_logits`` also has the closed-form output metric :meth:`OutputTransform.metric`:
+    ``H u = p ⊙ u − p (pᵀu)`` per position, which the implicit products use instead of the
+    ``C × (C − 1)`` square roots (``O(n·S·C)`` memory)."""
     check_positions(positions)
-    g = _closed_form(function, variant, positions)
+    check_class_dim(class_dim)
+    g = _closed_form(function, variant, _resolve_positions(positions, lm), class_dim, lm)
     # named in the error of an unpickled PMatImplicit, which needs this function again
     g.origin = (f"nngeometry.variants.closed_form_function(function, {variant!r}"
-                + (f", positions={positions!r})" if positions != "sum" else ")"))
+                + _origin_extras(positions, class_dim, lm) + ")")
     return g
 
 
-def _closed_form(function, variant, positions="sum"):
+class _SoftmaxLayout:
+    """The positions of a softmax output for one batch: ``view(t)`` ``(n, S, C)`` (the
+    positions that count for the likelihood, the class axis last), ``unview(tp)`` back to the
+    outputs' shape (zeros where a position was dropped), ``w`` the weight of each position
+    (``(n, S)`` tensor, a float, or None for 1) and ``y`` the labels ``(n, S)`` when known."""
+
+    def __init__(self, out, info, function, class_dim, conv, positions):
+        self.shape = out.shape
+        cd = output_class_dim(function, class_dim)
+        self.lm = _lm_active(conv, out)
+        if self.lm:
+            self.cd = -1 if cd is None else cd
+            batch = info.batch if info is not None else ()
+            fp, self.y, self.w = lm_positions(out, batch, conv, self.cd, positions)
+            self.causal = conv.causal
+        else:
+            self.cd, self.y, self.causal = cd, None, False
+            fp = class_positions(out, cd)
+            S = fp.shape[1]
+            self.w = 1.0 / S if positions == "mean" and S > 1 else None
+        self.fp = fp
+
+    def view(self, t):
+        tp = class_positions(t, self.cd)
+        return tp[:, :-1] if self.causal else tp
+
+    def unview(self, tp):
+        if self.causal:
+            tp = F.pad(tp, (0, 0, 0, 1))
+        return _from_positions(tp, self.shape, self.cd)
+
+    def weighted(self, tp, power=1.0):
+        """``tp`` ``(n, S, ...)`` times ``w ** power`` per position."""
+        if self.w is None:
+            return tp
+        if isinstance(self.w, float):
+            return tp * self.w ** power
+        w = self.w if power == 1.0 else self.w.sqrt()
+        return tp * w.reshape(w.shape + (1,) * (tp.dim() - 2))
+
+
+def _softmax_root_g(fp, weights_sqrt_fn):
+    n, S, C = fp.shape
+    if C < 2:
+        raise ValueError("variant 'classif_logits' needs at least 2 logits per example "
+                         "(per position); use 'classif_binary_logits' for one logit")
+    fl = fp.reshape(n * S, C)
+    L = multinomial_covariance_sqrt(torch.softmax(fl.detach(), dim=1)).reshape(n, S, C, C - 1)
+    L = weights_sqrt_fn(L)
+    return torch.einsum("nsc,nsck->nsk", fp, L).reshape(n, S * (C - 1))
+
+
+def softmax_metric(fp, up):
+    """``H u = p ⊙ u − p (pᵀu)`` per position (``p = softmax(fp)``, classes last): the
+    multinomial covariance applied to ``up`` in ``O(C)`` per position."""
+    p = torch.softmax(fp.detach(), dim=-1)
+    pu = p * up
+    return pu - p * pu.sum(-1, keepdim=True)
+
+
+def _closed_form(function, variant, positions="sum", class_dim=None, conv=None):
     if variant == "regression":
         def g(out):
             # Σ = I: every entry is its own unit-variance Gaussian, the positions are summed
             f = _as_2d(out)
-            S = class_positions(out).shape[1] if out.dim() > 2 else 1
-            scale = _position_scale(S, positions)
-            return f if scale == 1.0 else f * scale
+            if positions != "mean" or out.dim() <= 2:
+                return f
+            S = class_positions(out, output_class_dim(function, class_dim)).shape[1]
+            return f * _position_scale(S, positions)
         return OutputTransform(function, g)
     if variant == "classif_binary_logits":
         def g(out):
@@ -253,35 +497,35 @@ def _closed_form(function, variant, positions="sum"):
                         f"model gives {f.shape[1]}; use 'classif_logits' for several classes")
                 S = 1
             else:
-                fp = class_positions(out)
+                fp = class_positions(out, output_class_dim(function, class_dim))
                 if fp.shape[2] != 1:
                     raise ValueError(
                         f"variant 'classif_binary_logits' expects one logit per position, "
-                        f"outputs of shape {tuple(out.shape)} have {fp.shape[2]} (classes are "
-                        "the last dimension of (n, T, C), dimension 1 of (n, C, H, W)); use "
-                        "'classif_logits' for several classes")
+                        f"outputs of shape {tuple(out.shape)} have {fp.shape[2]} along the "
+                        "class axis class_dim; use 'classif_logits' for several classes")
                 f, S = _as_2d(out), fp.shape[1]
             s = torch.sigmoid(f.detach())
             return torch.sqrt(s * (1 - s)) * f * _position_scale(S, positions)
         return OutputTransform(function, g)
     if variant == "classif_logits":
-        def g(out):
-            fp = class_positions(out)  # (n, S, C): one softmax per position
-            n, S, C = fp.shape
-            if C < 2:
-                raise ValueError("variant 'classif_logits' needs at least 2 logits per example "
-                                 "(per position); use 'classif_binary_logits' for one logit")
-            fl = fp.reshape(n * S, C)
-            L = multinomial_covariance_sqrt(torch.softmax(fl.detach(), dim=1))
-            gs = torch.einsum("nc,nck->nk", fl, L).reshape(n, S * (C - 1))
-            scale = _position_scale(S, positions)
-            return gs if scale == 1.0 else gs * scale
-        return OutputTransform(function, g)
+        needs = conv is not None
+
+        def layout(out, info):
+            return _SoftmaxLayout(out, info, function, class_dim, conv, positions)
+
+        def g(out, info=None):
+            lay = layout(out, info)  # one softmax per counted position
+            return _softmax_root_g(lay.fp, lambda L: lay.weighted(L, 0.5))
+
+        def metric(out, u, info=None):
+            lay = layout(out, info)
+            return lay.unview(lay.weighted(softmax_metric(lay.fp, lay.view(u))))
+        return OutputTransform(function, g, needs_batch=needs, metric=metric)
     raise ValueError(f"unknown variant '{variant}' for FIM; expected one of {CLOSED_FORM_VARIANTS}")
 
 
 def monte_carlo_function(function, variant, trials, covariance=1.0, positions="sum",
-                         seed=None):
+                         seed=None, class_dim=None, lm=None):
     """``g(*batch)`` of shape ``(n, trials)`` with ``g_t = log p(y_t | x) / sqrt(trials)`` and
     ``y_t ~ p(· | x)`` sampled (constant for the backward pass), so that
     ``J_gᵀ J_g = (1/T) Σ_t ∇ log p(y_t|x) ∇ log p(y_t|x)ᵀ``.
@@ -292,7 +536,8 @@ def monte_carlo_function(function, variant, trials, covariance=1.0, positions="s
     (``'mean'``: ``g`` scaled by ``1/sqrt(S)``, so the matrix is the sum's divided by ``S``).
 
     Without ``seed`` the labels are drawn from PyTorch's global RNG (of the outputs' device):
-    ``torch.multinomial`` (``Exponential`` draws for one trial) for the classification
+    ``torch.multinomial`` (``Exponential`` draws for one trial; for one trial of 1024 classes
+    or more, the inverse CDF of one ``torch.rand`` per row) for the classification
     variants, ``torch.randn`` for ``regression``; seed it with ``torch.manual_seed`` for
     reproducible matrices. With ``seed`` (an int) no RNG state is used: the draws are a fixed
     function of the seed, the batch's index in the loader and its content (:func:`batch_key`,
@@ -306,18 +551,25 @@ def monte_carlo_function(function, variant, trials, covariance=1.0, positions="s
     ``(K, n, K)`` tensors, not on the ``(K, n, trials)`` one-hot cotangents of the whole output,
     whose memory and time grow as ``trials² · n``."""
     check_positions(positions)
+    check_class_dim(class_dim)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int (or None for PyTorch's global RNG), got "
                         f"{type(seed).__name__}")
-    g = _monte_carlo(function, variant, trials, covariance, positions, seed)
+    g = _monte_carlo(function, variant, trials, covariance, _resolve_positions(positions, lm),
+                     seed, class_dim, lm)
     extra = (f", covariance={covariance!r}" if covariance != 1.0 else "") + \
-        (f", positions={positions!r}" if positions != "sum" else "") + \
+        _origin_extras(positions, class_dim, lm) + \
         (f", seed={seed!r}" if seed is not None else "")
     g.origin = f"nngeometry.variants.monte_carlo_function(function, {variant!r}, {trials!r}{extra})"
     return g
 
 
-def _monte_carlo(function, variant, trials, covariance, positions="sum", seed=None):
+#: from this many classes the one-trial sampler draws by the inverse CDF
+_INVERSE_CDF_CLASSES = 1024
+
+
+def _monte_carlo(function, variant, trials, covariance, positions="sum", seed=None,
+                 class_dim=None, conv=None):
     if not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive integer, got {trials!r}")
     check_covariance(covariance)
@@ -342,6 +594,14 @@ def _monte_carlo(function, variant, trials, covariance, positions="sum", seed=No
             m, C = logp.shape
             u = counter_uniform(key, (m, trials, C), logp.dtype, logp.device)
             return (logp.detach().unsqueeze(1) - torch.log(-torch.log(u))).argmax(2)
+        if trials == 1 and from_softmax and logp.shape[1] >= _INVERSE_CDF_CLASSES:
+            # many classes (a vocabulary): the inverse CDF, one uniform per row and a binary
+            # search in the cumulative sums (in float64), instead of one exponential per class
+            # (which costs more than the model's forward for a 50k vocabulary)
+            cdf = torch.cumsum(probs.to(torch.float64), dim=1)
+            u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device)
+            u = (u * cdf[:, -1:]).clamp_(min=torch.finfo(torch.float64).tiny)
+            return torch.searchsorted(cdf, u).clamp_(max=cdf.shape[1] - 1)
         if trials == 1 and from_softmax:
             # one draw per row: argmax_c p_c / E_c with E_c ~ Exp(1) is a draw from p (the
             # smallest of independent Exp(p_c) times), and it is the computation torch.multinomial
@@ -352,14 +612,18 @@ def _monte_carlo(function, variant, trials, covariance, positions="sum", seed=No
             return torch.div(probs, E).argmax(1, keepdim=True)  # (E = 0: 0/0 a NaN max)
         return torch.multinomial(probs, trials, replacement=True)
 
-    def sampled(logp, from_softmax, key, n=None):
+    def sampled(logp, from_softmax, key, n=None, root_w=None):
         """``(g, columns)`` for normalized log-probabilities ``logp`` (m, C); with ``n``, the
-        m = n · positions rows are summed per example (sequences, segmentation)."""
+        m = n · positions rows are summed per example (sequences, segmentation), weighted by
+        ``root_w`` ``(n, positions)`` when given (the square roots of the positions' weights
+        in the matrix)."""
         y = draw_labels(logp, from_softmax, key)
         pos_scale = 1.0 if n is None else _position_scale(logp.shape[0] // max(n, 1), positions)
 
         def columns(k0, k1):
             lp = torch.gather(logp, 1, y[:, k0:k1].contiguous())  # (5x faster backward)
+            if n is not None and root_w is not None:
+                return (lp.reshape(n, -1, k1 - k0) * root_w.unsqueeze(2)).sum(1) * scale
             if n is not None:
                 return lp.reshape(n, -1, k1 - k0).sum(1) * (scale * pos_scale)
             # one trial: scale = 1, no multiplication (one op less forward and backward)
@@ -370,15 +634,17 @@ def _monte_carlo(function, variant, trials, covariance, positions="sum", seed=No
         return None if info is None else info.key
 
     def classif(out, info, log_softmax):
-        fp = class_positions(out)
+        lay = _SoftmaxLayout(out, info, function, class_dim, conv, positions)
+        fp = lay.fp
         n, S, C = fp.shape
         logp = fp.reshape(n * S, C)
         if log_softmax:
             logp = F.log_softmax(logp, dim=1)
+        root_w = lay.w.sqrt() if isinstance(lay.w, torch.Tensor) else None
         return sampled(logp, log_softmax and trials == 1, key_of(info), None if S == 1 and
-                       out.dim() <= 2 else n)
+                       out.dim() <= 2 else n, root_w)
 
-    needs = seed is not None
+    needs = seed is not None or conv is not None
     if variant == "classif_logits":
         return OutputTransform(function, split=lambda out, info=None: classif(out, info, True),
                                needs_batch=needs, seed=seed)
@@ -398,7 +664,8 @@ def _monte_carlo(function, variant, trials, covariance, positions="sum", seed=No
 
         def split(out, info=None):
             f = _as_2d(out)
-            S = class_positions(out).shape[1] if out.dim() > 2 else 1
+            S = class_positions(out, output_class_dim(function, class_dim)).shape[1] \
+                if out.dim() > 2 and positions == "mean" else 1
             pos_scale = _position_scale(S, positions)
             shape = (f.shape[0], trials, f.shape[1])
             key = key_of(info)
@@ -451,11 +718,11 @@ def targets_of(batch, target_key="labels", who="this matrix"):
     return tuple(batch[1:])
 
 
-def cross_entropy_losses(outputs, targets):
+def cross_entropy_losses(outputs, targets, class_dim=None):
     """``-log softmax(outputs)[targets]`` per position, shape ``(n, S)`` (positions as in
-    :func:`class_positions`); targets equal to -100 (PyTorch's and Hugging Face's
-    ``ignore_index``) give 0."""
-    fp = class_positions(outputs)
+    :func:`class_positions`, the classes along ``class_dim``); targets equal to -100 (PyTorch's
+    and Hugging Face's ``ignore_index``) give 0."""
+    fp = class_positions(outputs, class_dim)
     n, S, C = fp.shape
     if targets.is_floating_point() or targets.numel() != n * S:
         raise ValueError(
@@ -484,9 +751,13 @@ def per_example_losses(losses, n, positions="sum", who="loss_function"):
     return flat.sum(1) if positions == "sum" else flat.mean(1)
 
 
-def _loss_or_default(loss_function):
-    if loss_function is None:
-        return cross_entropy_losses
+def _loss_or_default(loss_function, class_dim_of=lambda: None):
+    """The loss ``(outputs, *targets) -> losses`` of ``loss_function``; the cross-entropy on
+    logits (default, ``'cross_entropy'``) reads the class axis ``class_dim_of()`` at call
+    time."""
+    if loss_function is None or (isinstance(loss_function, str)
+                                 and loss_function == "cross_entropy"):
+        return lambda out, y, *rest: cross_entropy_losses(out, y, class_dim_of())
     if isinstance(loss_function, str) or (isinstance(loss_function, torch.nn.Module)
                                           and known_loss(loss_function) is not None):
         return known_loss(loss_function).losses  # (checks the name and the reduction)
@@ -496,21 +767,54 @@ def _loss_or_default(loss_function):
     return loss_function
 
 
-def empirical_function(function, loss_function=None, positions="sum", target_key="labels"):
+def empirical_function(function, loss_function=None, positions="sum", target_key="labels",
+                       class_dim=None, lm=None):
     """``g(*batch)`` of shape ``(n, 1)``: the per-example loss ``ℓ_i`` of the observed target,
     so that ``J_gᵀ J_g = ∇θℓ_i ∇θℓ_iᵀ``, the empirical Fisher's term of example ``i``.
 
     ``loss_function(outputs, *targets) -> (n,)`` (or ``(n, ...)``, reduced over positions by
-    ``positions``); default :func:`cross_entropy_losses`. ``targets``: see :func:`targets_of`."""
+    ``positions``); default :func:`cross_entropy_losses` (classes along ``class_dim``).
+    ``targets``: see :func:`targets_of`.
+
+    ``lm`` (a :class:`LMConvention`), for outputs ``(n, T, V)``: the loss is called on the
+    positions that predict something and their labels (:func:`lm_positions`: ``(n, S, V)``
+    logits, ``(n, S)`` labels, -100 where a position does not count: a -100 label or padding),
+    a per-position result ``(n, S)`` weighted by the positions' weights: summed over the
+    counted positions (``positions='sum'``) or averaged over them (``'mean'``, the default:
+    Hugging Face's ``loss`` of the sequence alone). ``nn.CrossEntropyLoss`` gets its classes
+    along dimension 1 (the logits transposed)."""
     check_positions(positions)
-    loss = _loss_or_default(loss_function)
+    check_class_dim(class_dim)
+    lm = None if _takes_full_outputs(loss_function) else lm
+    positions = _resolve_positions(positions, lm)
+    loss = _loss_or_default(loss_function, lambda: output_class_dim(function, class_dim))
+    known = known_loss(loss_function) if isinstance(loss_function, (str, torch.nn.Module)) \
+        else None
 
     def g(out, info):
+        if _lm_active(lm, out):
+            cd = output_class_dim(function, class_dim)
+            fp, y, w = lm_positions(out, info.batch, lm, -1 if cd is None else cd, positions)
+            if y is None:
+                raise ValueError(
+                    f"the empirical Fisher needs the observed targets: the batch has no "
+                    f"{lm.target_key!r} (dict batches) or targets (batch[1])")
+            if known is not None and known.kind == "softmax" and known.classes == 1:
+                losses = loss(fp.transpose(1, 2), y)
+            elif known is not None and known.kind != "softmax":
+                raise ValueError(f"{known.name} is not a loss of a language model's logits; "
+                                 "pass causal_lm=False for other outputs")
+            else:
+                losses = loss(fp, y)
+            if losses.dim() == 2 and tuple(losses.shape) == tuple(w.shape):
+                return (losses * w).sum(1, keepdim=True)
+            return per_example_losses(losses, out.shape[0], positions).unsqueeze(1)
         targets = targets_of(info.batch, target_key, "the empirical Fisher")
         losses = per_example_losses(loss(out, *targets), out.shape[0], positions)
         return losses.unsqueeze(1)
     t = OutputTransform(function, g, needs_batch=True)
-    t.origin = "nngeometry.variants.empirical_function(function, loss_function)"
+    t.origin = ("nngeometry.variants.empirical_function(function, loss_function"
+                + _origin_extras(positions, class_dim, lm) + ")")
     return t
 
 
@@ -734,37 +1038,55 @@ def _bernoulli_h(f, targets):
     return s * (1 - s)
 
 
-def _closed_form_ggn(known, out, targets, positions):
+def _ggn_softmax_layout(known, out, targets, positions, function, class_dim, conv, info):
+    """``(lay, kept)`` for a softmax loss: the :class:`_SoftmaxLayout` of the outputs (the
+    convention's under ``conv``) and the ``(n, S)`` 0/1 weights of the positions whose target
+    is not ``ignore_index`` (None: all), or None where the closed form does not apply
+    (probability targets: generic path)."""
+    if _lm_active(conv, out):
+        cd = output_class_dim(function, class_dim)
+        lay = _SoftmaxLayout(out, info, function, -1 if cd is None else cd, conv, positions)
+        return lay, None  # (the convention's weights exclude -100 and padding)
+    y = targets[0] if targets else None
+    if not isinstance(y, torch.Tensor) or y.is_floating_point():
+        return None  # class probabilities: H = (Σ q)(diag p - ppᵀ), left to the generic path
+    n = out.shape[0]
+    if known.classes != "last" and out.dim() < 2:
+        raise ValueError(f"{known.name} expects outputs (n, C) or (n, C, d1, ...), got "
+                         f"shape {tuple(out.shape)}")
+    cd = output_class_dim(function, class_dim) if known.classes == "last" else 1
+    lay = _SoftmaxLayout(out, None, function, cd, None, positions)
+    _, S, C = lay.fp.shape
+    if y.numel() != n * S:
+        raise ValueError(
+            f"{known.name}: outputs of shape {tuple(out.shape)} have {n * S} positions of "
+            f"{C} classes, the targets have shape {tuple(y.shape)} ({y.numel()} class "
+            "indices); classes are " + ("along class_dim" if known.classes == "last" else
+                                        "dimension 1, as for torch.nn.CrossEntropyLoss"))
+    kept = None
+    if known.ignore_index is not None:
+        k = (y.reshape(n, S) != known.ignore_index)
+        if not bool(k.all()):
+            kept = k.to(out.dtype)
+    return lay, kept
+
+
+def _closed_form_ggn(known, out, targets, positions, function=None, class_dim=None, conv=None,
+                     info=None):
     """``g`` (``(n, K)``) with ``J_gᵀ J_g = J_fᵀ H J_f`` from the closed form of ``known``, or
     None where it does not apply (probability targets of the cross-entropy: generic path)."""
     n = out.shape[0]
     if known.kind == "softmax":
-        y = targets[0] if targets else None
-        if not isinstance(y, torch.Tensor) or y.is_floating_point():
-            return None  # class probabilities: H = (Σ q)(diag p - ppᵀ), left to the generic path
-        if known.classes == "last":
-            fp = class_positions(out)
-        else:
-            if out.dim() < 2:
-                raise ValueError(f"{known.name} expects outputs (n, C) or (n, C, d1, ...), got "
-                                 f"shape {tuple(out.shape)}")
-            fp = out.movedim(1, -1).reshape(n, -1, out.shape[1])
-        _, S, C = fp.shape
-        if y.numel() != n * S:
-            raise ValueError(
-                f"{known.name}: outputs of shape {tuple(out.shape)} have {n * S} positions of "
-                f"{C} classes, the targets have shape {tuple(y.shape)} ({y.numel()} class "
-                "indices); classes are " + ("the last dimension of (n, T, C), dimension 1 of "
-                                            "(n, C, H, W)" if known.classes == "last" else
-                                            "dimension 1, as for torch.nn.CrossEntropyLoss"))
-        fl = fp.reshape(n * S, C)
-        L = multinomial_covariance_sqrt(torch.softmax(fl.detach(), dim=1))
-        if known.ignore_index is not None:
-            kept = (y.reshape(n * S) != known.ignore_index).to(L.dtype)
-            if not bool(kept.all()):
-                L = L * kept.view(-1, 1, 1)
-        g = torch.einsum("nc,nck->nk", fl, L).reshape(n, S * (C - 1))
-        return g * _position_scale(S, positions) if positions == "mean" else g
+        got = _ggn_softmax_layout(known, out, targets, positions, function, class_dim, conv,
+                                  info)
+        if got is None:
+            return None
+        lay, kept = got
+
+        def roots(L):
+            L = lay.weighted(L, 0.5)
+            return L if kept is None else L * kept.reshape(kept.shape + (1, 1))
+        return _softmax_root_g(lay.fp, roots)
     f = out
     h = known.curvature(f.detach(), targets)
     y = targets[0] if targets else None
@@ -781,12 +1103,23 @@ def _closed_form_ggn(known, out, targets, positions):
     return g * _position_scale(D, positions) if positions == "mean" else g
 
 
-def ggn_function(function, loss_function, positions="sum", target_key="labels"):
+def ggn_function(function, loss_function, positions="sum", target_key="labels",
+                 class_dim=None, lm=None):
     """``g(*batch)`` of shape ``(n, D)`` (``D`` outputs per example) with
     ``J_gᵀ J_g = J_fᵀ H J_f``, ``H = ∇²_f ℓ`` the per-example loss's Hessian in output space:
     ``g = S_iᵀ f_i`` with ``S_i S_iᵀ = H_i`` (:func:`psd_sqrt` of :func:`output_hessians`),
-    ``S_i`` a constant of the backward pass."""
+    ``S_i`` a constant of the backward pass.
+
+    The cross-entropy (``'cross_entropy'``, ``nn.CrossEntropyLoss``) has the closed-form output
+    metric (:meth:`OutputTransform.metric`), used by the implicit products. ``lm`` (a
+    :class:`LMConvention`): the language model's positions and weights (:func:`lm_positions`);
+    a callable ``loss_function`` then gets the shifted logits ``(n, S, V)`` and labels
+    ``(n, S)`` (-100 where a position does not count), a per-position result ``(n, S)``
+    weighted by the positions' weights (generic output Hessians)."""
     check_positions(positions)
+    check_class_dim(class_dim)
+    lm = None if _takes_full_outputs(loss_function) else lm
+    positions = _resolve_positions(positions, lm)
     known = known_loss(loss_function) if isinstance(loss_function, (str, torch.nn.Module)) \
         else None
     if known is None and (loss_function is None or not callable(loss_function)):
@@ -794,10 +1127,39 @@ def ggn_function(function, loss_function, positions="sum", target_key="labels"):
                         "e.g. lambda out, y: F.cross_entropy(out, y, reduction='none'), a "
                         f"torch.nn loss module with reduction='none', or one of {LOSS_NAMES}")
 
+    def lm_generic(out, info):
+        """``(loss, targets)`` of a callable under the convention: the loss of the full
+        outputs ``(m, T, V)`` given the convention's labels and weights ``(m, S)``, per
+        example, so that its output Hessians are those of the model's own loss."""
+        cd = output_class_dim(function, class_dim)
+        cd = -1 if cd is None else cd
+        _, y, w = lm_positions(out, info.batch, lm, cd, positions)
+        if y is None:
+            raise ValueError(f"the GGN needs the observed targets: the batch has no "
+                             f"{lm.target_key!r} (dict batches) or targets (batch[1])")
+
+        def loss(o, yy, ww):
+            fp = class_positions(o, cd)
+            fp = fp[:, :-1] if lm.causal else fp
+            losses = loss_function(fp, yy)
+            if losses.dim() == 2 and tuple(losses.shape) == tuple(ww.shape):
+                return (losses * ww).sum(1)
+            return losses
+        return loss, (y, w)
+
     def g(out, info):
-        targets = targets_of(info.batch, target_key, "the GGN")
+        if _lm_active(lm, out) and known is not None and known.kind != "softmax":
+            raise ValueError(f"{known.name} is not a loss of a language model's logits; pass "
+                             "causal_lm=False for other outputs")
+        if _lm_active(lm, out) and known is None:
+            generic_loss, targets = lm_generic(out, info)
+            S = psd_sqrt(output_hessians(generic_loss, out, targets, positions))
+            n = out.shape[0]
+            return torch.einsum("nd,nde->ne", out.reshape(n, -1), S.to(out.dtype))
+        targets = () if _lm_active(lm, out) else targets_of(info.batch, target_key, "the GGN")
         if known is not None:
-            closed = _closed_form_ggn(known, out, targets, positions)
+            closed = _closed_form_ggn(known, out, targets, positions, function, class_dim, lm,
+                                      info)
             if closed is not None:
                 return closed
         n = out.shape[0]
@@ -812,6 +1174,26 @@ def ggn_function(function, loss_function, positions="sum", target_key="labels"):
         generic_loss = loss_function if known is None else known.losses
         S = psd_sqrt(output_hessians(generic_loss, out, targets, positions))
         return torch.einsum("nd,nde->ne", out.reshape(n, D), S.to(out.dtype))
-    t = OutputTransform(function, g, needs_batch=True)
-    t.origin = "nngeometry.variants.ggn_function(function, loss_function)"
+
+    metric = None
+    if known is not None and known.kind == "softmax":
+        def metric(out, u, info):
+            targets = () if _lm_active(lm, out) else targets_of(info.batch, target_key,
+                                                               "the GGN")
+            got = _ggn_softmax_layout(known, out, targets, positions, function, class_dim, lm,
+                                      info)
+            if got is None:  # probability targets: the generic output Hessians
+                S = psd_sqrt(output_hessians(known.losses, out, targets, positions))
+                n = out.shape[0]
+                uf = u.reshape(n, -1)
+                return torch.einsum("nde,ne->nd", S, torch.einsum("nde,nd->ne", S, uf))\
+                    .reshape(u.shape)
+            lay, kept = got
+            hu = lay.weighted(softmax_metric(lay.fp, lay.view(u)))
+            if kept is not None:
+                hu = hu * kept.unsqueeze(2)
+            return lay.unview(hu)
+    t = OutputTransform(function, g, needs_batch=True, metric=metric)
+    t.origin = ("nngeometry.variants.ggn_function(function, loss_function"
+                + _origin_extras(positions, class_dim, lm) + ")")
     return t

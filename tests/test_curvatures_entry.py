@@ -129,6 +129,7 @@ def reference(entry, model, x, y):
 
 
 def build(entry, model, dl, rep, **kw):
+    kw.setdefault("class_dim", -1)  # the "seq" model's (n, T, C) outputs
     if entry == "ef":
         return EmpiricalFisher(model, dl, rep, loss_function=ce_sum, **kw)
     if entry == "ggn":
@@ -173,12 +174,13 @@ def test_ggn_identities():
         model, x, y = make(kind)
         dl = loader(x, y)
         torch.testing.assert_close(GGN(model, dl, PMatDense, loss_function=ce_sum).to_torch(),
-                                   FIM(model, dl, PMatDense).to_torch(), **TOL)
+                                   FIM(model, dl, PMatDense, class_dim=-1).to_torch(), **TOL)
         with torch.no_grad():
             yr = model(x) + torch.randn_like(model(x))
         dlr = loader(x, yr)
         torch.testing.assert_close(GGN(model, dlr, PMatDense, loss_function=mse).to_torch(),
-                                   FIM(model, dlr, PMatDense, variant="regression").to_torch(),
+                                   FIM(model, dlr, PMatDense, variant="regression",
+                                       class_dim=-1).to_torch(),
                                    **TOL)
 
 
@@ -235,7 +237,7 @@ def test_ef_default_loss_is_cross_entropy():
     for kind in KINDS:
         model, x, y = make(kind)
         torch.testing.assert_close(
-            EmpiricalFisher(model, loader(x, y), PMatDense).to_torch(),
+            EmpiricalFisher(model, loader(x, y), PMatDense, class_dim=-1).to_torch(),
             reference("ef", model, x, y), **TOL)
 
 
@@ -245,16 +247,17 @@ def test_sequence_fim_not_one_softmax():
     model, x, y = make("seq")
     ref = brute_fim_classif(model, x)
     dl = loader(x, y)
-    torch.testing.assert_close(FIM(model, dl, PMatDense).to_torch(), ref, **TOL)
+    torch.testing.assert_close(FIM(model, dl, PMatDense, class_dim=-1).to_torch(), ref, **TOL)
     T = x.shape[1]
-    torch.testing.assert_close(FIM(model, dl, PMatDense, positions="mean").to_torch(), ref / T,
-                               **TOL)
+    torch.testing.assert_close(FIM(model, dl, PMatDense, positions="mean", class_dim=-1)
+                               .to_torch(), ref / T, **TOL)
     torch.testing.assert_close(
         GGN(model, dl, PMatDense, positions="mean",
             loss_function=lambda o, t: F.cross_entropy(o.transpose(1, 2), t, reduction="none")
             ).to_torch(), ref / T, **TOL)
     torch.testing.assert_close(
-        FIM(model, dl, PMatDense, variant="regression", positions="mean").to_torch(),
+        FIM(model, dl, PMatDense, variant="regression", positions="mean",
+            class_dim=-1).to_torch(),
         torch.einsum("ndp,ndq->pq", brute_jac(model, x), brute_jac(model, x)) / x.shape[0] / T,
         **TOL)
     with pytest.raises(ValueError, match="positions must be 'sum'"):
@@ -275,7 +278,10 @@ def test_image_outputs_classes_on_dim1():
     Sig = torch.einsum("nscd,st->ncsdt", cov, torch.eye(4, dtype=torch.float64)) \
         .reshape(3, 4 * C, 4 * C)
     ref = torch.einsum("ndp,nde,neq->pq", J, Sig, J) / 3
-    torch.testing.assert_close(FIM(model, (x,), PMatDense).to_torch(), ref, **TOL)
+    torch.testing.assert_close(FIM(model, (x,), PMatDense, class_dim=1).to_torch(), ref, **TOL)
+    # the class axis is never guessed
+    with pytest.raises(ValueError, match=r"class_dim=-1.*\(n, T, C\).*class_dim=1.*\(n, C, H, W\)"):
+        FIM(model, (x,), PMatDense)
 
 
 # ---------------------------------------------------------------- KFAC / EKFAC definitions
@@ -415,8 +421,9 @@ def test_mc_sequence_per_position():
     closed form."""
     model, x, y = make("seq", n=2)
     dl = [(x, y)]
-    exact = FIM(model, dl, PMatDense).to_torch()
-    ests = torch.stack([FIM_MonteCarlo(model, dl, PMatDense, trials=4, seed=s).to_torch()
+    exact = FIM(model, dl, PMatDense, class_dim=-1).to_torch()
+    ests = torch.stack([FIM_MonteCarlo(model, dl, PMatDense, trials=4, seed=s,
+                                       class_dim=-1).to_torch()
                         for s in range(300)])
     z = (ests.mean(0) - exact).abs() / (ests.std(0) / 300 ** 0.5 + 1e-12)
     assert float(z.max()) < 5.5
@@ -430,7 +437,8 @@ def test_mc_seeded_every_representation(kind):
     from nngeometry import variants as V
     model, x, y = make(kind)
     dl = [(x, y)]
-    t = V.monte_carlo_function(lambda *b: model(b[0]), "classif_logits", 2, seed=7)
+    t = V.monte_carlo_function(lambda *b: model(b[0]), "classif_logits", 2, seed=7,
+                               class_dim=-1)
     U = _dgdf(t, model, x, y)
     U = U.reshape(U.shape[0], U.shape[1], -1)  # (n, K, D)
     J = brute_jac(model, x)
@@ -438,7 +446,7 @@ def test_mc_seeded_every_representation(kind):
     lc = LayerCollection.from_model(model)
 
     def mc(rep):
-        return FIM_MonteCarlo(model, dl, rep, trials=2, seed=7)
+        return FIM_MonteCarlo(model, dl, rep, trials=2, seed=7, class_dim=-1)
     torch.testing.assert_close(mc(PMatDense).to_torch(), ref, **TOL)
     torch.testing.assert_close(mc(PMatLowRank).to_torch(), ref, **TOL)
     torch.testing.assert_close(mc(PMatDiag).get_diag(), torch.diag(ref), **TOL)
@@ -458,7 +466,7 @@ def test_implicit_products_every_entry(kind):
     dl = [(x, y)]
     builds = (lambda r: GGN(model, dl, r, loss_function=ce_sum),
               lambda r: EmpiricalFisher(model, dl, r, loss_function=ce_sum),
-              lambda r: FIM_MonteCarlo(model, dl, r, trials=3, seed=1))
+              lambda r: FIM_MonteCarlo(model, dl, r, trials=3, seed=1, class_dim=-1))
     for build_it in builds:
         D = build_it(PMatDense).to_torch()
         imp = build_it(PMatImplicit)

@@ -65,12 +65,14 @@ BY_NAME = {"cross_entropy": _ce_last,
 
 
 def _check(model, batch, loss, monkeypatch, post=None, positions="sum", closed=True,
-           explicit=None):
+           explicit=None, class_dim=None):
     """GGN(loss) == brute force == GGN(opaque callable of the same loss), Dense and Implicit;
     the model's outputs seen through ``post`` (function=post(model(x)))."""
     explicit = explicit or (BY_NAME[loss] if isinstance(loss, str) else loss)
     ref = brute_ggn(model, batch, explicit, post, positions)
     kw = dict(positions=positions)
+    if class_dim is not None:
+        kw["class_dim"] = class_dim
     if post is not None:
         kw["function"] = lambda inp, *_: post(model(inp))
     generic = GGN(model, _loader(*batch), PMatDense,
@@ -98,12 +100,13 @@ def test_cross_entropy_name(kind, monkeypatch):
     model, x, y = make(kind)
     y = y.clone()
     y.view(-1)[1] = -100
-    _check(model, (x, y), "cross_entropy", monkeypatch)
-    _check(model, (x, y), "cross_entropy", monkeypatch, positions="mean")
+    _check(model, (x, y), "cross_entropy", monkeypatch, class_dim=-1)
+    _check(model, (x, y), "cross_entropy", monkeypatch, positions="mean", class_dim=-1)
     # the name's loss is the library's default cross-entropy (per position, -100 ignored)
     torch.testing.assert_close(
-        EmpiricalFisher(model, _loader(x, y), PMatDense, loss_function="cross_entropy")
-        .to_torch(), EmpiricalFisher(model, _loader(x, y), PMatDense).to_torch(), **TOL)
+        EmpiricalFisher(model, _loader(x, y), PMatDense, loss_function="cross_entropy",
+                        class_dim=-1).to_torch(),
+        EmpiricalFisher(model, _loader(x, y), PMatDense, class_dim=-1).to_torch(), **TOL)
 
 
 def test_cross_entropy_module(monkeypatch):
@@ -206,4 +209,4 @@ def test_refusals():
             loss_function="mse")
     with pytest.raises(ValueError, match=r"12 positions of 3 classes.*\(4,\)"):
         m, xs, ys = make("seq")
-        GGN(m, _loader(xs, ys[:, 0]), PMatDiag, loss_function="cross_entropy")
+        GGN(m, _loader(xs, ys[:, 0]), PMatDiag, loss_function="cross_entropy", class_dim=-1)

@@ -1,6 +1,8 @@
-"""``backward='auto'`` with many Monte-Carlo trials: the two backward strategies are timed on
-a few directions only (never on all the trials), once per model and direction count (not again
-for a smaller last batch), and the matrix is the one of either strategy."""
+"""``backward='auto'``: the two backward strategies are timed on the real work (no direction's
+gradient is computed twice), the loop on a few directions only (never on all the trials), the
+choice is made once per model structure and direction count (not again for a smaller last batch,
+nor for a new model of the same structure, but again for another structure), and the matrix is
+the one of either strategy."""
 import pytest
 import torch
 from torch import nn
@@ -45,15 +47,76 @@ def test_auto_times_a_few_directions_only(monkeypatch):
     monkeypatch.setattr(jac, "_backward_batched", rec_batched)
     monkeypatch.setattr(jac, "_backward_looped", rec_looped)
     jac._BACKWARD_CHOICE.clear()
+    jac._BACKWARD_SAMPLES.clear()
     got = diag("auto")
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
-    timing = [k for _, k in calls if k <= jac.LOOPED_TIMING_DIRECTIONS]
-    full = [k for _, k in calls if k > jac.LOOPED_TIMING_DIRECTIONS]
-    # 1 batching-rule check + 2 × 2 timing runs, then every (chunk of) directions of the three
-    # batches (4 + 4 + 2 examples) once with the chosen strategy: no second timing for the
-    # last, smaller batch
-    assert len(timing) == 5, calls
-    assert set(timing) == {jac.LOOPED_TIMING_DIRECTIONS}
-    assert full == [trials] * 3, calls
+    # the first BACKWARD_TIMING_ROUNDS batches are split between the two strategies, the loop
+    # taking LOOPED_TIMING_DIRECTIONS directions; the other batches go through the chosen one
+    rounds = jac.BACKWARD_TIMING_ROUNDS
+    assert rounds == 2
+    k_loop = jac.LOOPED_TIMING_DIRECTIONS
+    split = sorted(calls[:2 * rounds])
+    assert split == sorted([("batched", trials - k_loop), ("looped", k_loop)] * rounds), calls
+    assert [k for _, k in calls[2 * rounds:]] == [trials], calls
+    # every direction of every batch computed once
+    assert sum(k for _, k in calls) == 3 * trials
     assert len(jac._BACKWARD_CHOICE) == 1, jac._BACKWARD_CHOICE
     assert set(jac._BACKWARD_CHOICE.values()) <= {"batched", "looped"}
+    assert not jac._BACKWARD_SAMPLES
+
+
+def test_choice_kept_per_structure_not_per_object(monkeypatch):
+    """A new model of the same structure reuses the choice (no split batch); a model of
+    another structure makes its own; the key holds no object id."""
+    def build(model, loader):
+        lc = LayerCollection.from_model(model)
+        g = monte_carlo_function(lambda x, *_: model(x), "classif_logits", 6, seed=3)
+        return TorchHooksJacobianBackend(model, g, backward="auto").get_covariance_diag(
+            loader, lc)
+    calls = []
+    batched, looped = jac._backward_batched, jac._backward_looped
+    monkeypatch.setattr(jac, "_backward_batched",
+                        lambda *a: calls.append("batched") or batched(*a))
+    monkeypatch.setattr(jac, "_backward_looped", lambda *a: calls.append("looped") or looped(*a))
+    jac._BACKWARD_CHOICE.clear()
+    jac._BACKWARD_SAMPLES.clear()
+    model, loader = _setup()
+    build(model, loader)
+    assert len(jac._BACKWARD_CHOICE) == 1
+    (key,), choice = list(jac._BACKWARD_CHOICE), jac._BACKWARD_CHOICE.copy()
+
+    def leaves(k):
+        return [x for e in k for x in leaves(e)] if isinstance(k, tuple) else [k]
+    assert id(model) not in leaves(key)
+    del model
+    calls.clear()
+    model2, loader = _setup()  # same structure, new object
+    build(model2, loader)
+    assert jac._BACKWARD_CHOICE == choice
+    assert calls == [choice[key]] * 3, calls  # one call per batch, no split
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 2 * 2, 5)).double()  # 4 channels instead of 3
+    calls.clear()
+    build(other, loader)
+    assert len(jac._BACKWARD_CHOICE) == 2
+    assert sorted(calls[:2]) == ["batched", "looped"], calls  # its first batch is split
+
+
+def test_no_batching_rule_decides_for_the_loop(monkeypatch):
+    """A vmapped backward that fails (an op without a batching rule) makes the loop the choice
+    at once, with the same matrix."""
+    model, loader = _setup()
+    lc = LayerCollection.from_model(model)
+
+    def diag(backward):
+        g = monte_carlo_function(lambda x, *_: model(x), "classif_logits", 6, seed=3)
+        return TorchHooksJacobianBackend(model, g, backward=backward).get_covariance_diag(
+            loader, lc)
+    ref = diag("looped")
+    monkeypatch.setattr(jac, "_backward_batched", lambda *a: None)
+    jac._BACKWARD_CHOICE.clear()
+    jac._BACKWARD_SAMPLES.clear()
+    torch.testing.assert_close(diag("auto"), ref, rtol=1e-12, atol=1e-14)
+    assert list(jac._BACKWARD_CHOICE.values()) == ["looped"]
+    assert not jac._BACKWARD_SAMPLES

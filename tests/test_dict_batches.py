@@ -68,8 +68,11 @@ def test_dict_loader_equals_tuple_loader():
     m, plain = model_and_plain()
     dicts = batches()
     tup = as_tuples(dicts)
-    for entry in (lambda mod, dl, r: FIM(mod, dl, r),
-                  lambda mod, dl, r: EmpiricalFisher(mod, dl, r),
+    # (the plain model returns a tensor (n, T, V): its class axis is given; the dict model's
+    # .logits have it last)
+    for entry in (lambda mod, dl, r: FIM(mod, dl, r, class_dim=-1 if mod is plain else None),
+                  lambda mod, dl, r: EmpiricalFisher(
+                      mod, dl, r, class_dim=-1 if mod is plain else None),
                   lambda mod, dl, r: GGN(mod, dl, r, loss_function=ce)):
         ref = entry(plain, tup, PMatDense).to_torch()
         torch.testing.assert_close(entry(m, dicts, PMatDense).to_torch(), ref)
@@ -83,7 +86,7 @@ def test_dict_loader_equals_tuple_loader():
 def test_target_key_configurable():
     m, plain = model_and_plain()
     dicts = [{"input_ids": d["input_ids"], "y": d["labels"]} for d in batches()]
-    ref = EmpiricalFisher(plain, as_tuples(batches()), PMatDense).to_torch()
+    ref = EmpiricalFisher(plain, as_tuples(batches()), PMatDense, class_dim=-1).to_torch()
     torch.testing.assert_close(EmpiricalFisher(m, dicts, PMatDense, target_key="y").to_torch(),
                                ref)
     with pytest.raises(ValueError, match="has no key 'labels'.*target_key="):
@@ -105,7 +108,7 @@ def test_tuple_of_dicts_refused():
 def test_kfac_on_dict_batches():
     m, plain = model_and_plain()
     k1 = FIM(m, batches(), PMatKFAC).to_torch()
-    k2 = FIM(plain, as_tuples(batches()), PMatKFAC).to_torch()
+    k2 = FIM(plain, as_tuples(batches()), PMatKFAC, class_dim=-1).to_torch()
     torch.testing.assert_close(k1, k2)
 
 

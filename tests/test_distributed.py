@@ -116,6 +116,14 @@ def compute_all(loader, n, world):
     Jv = gen.implicit_Jv(v, loader, lc)
     out["implicit_Jv"] = Jv
     out["implicit_JTv"] = gen.implicit_JTv(Jv, loader, lc)
+    # influence: the curvature of all the ranks' examples, the same queries on every rank, the
+    # training columns in rank order
+    from nngeometry.influence import Influence
+    inf = Influence(model, PMatEKFAC, curvature="empirical").fit(loader)
+    queries = make_data(3).tensors
+    out["influence/damping"] = torch.tensor(list(inf.damping_value.values()))
+    out["influence/pairwise"] = inf.pairwise_scores(loader, queries)
+    out["influence/self"] = inf.self_scores(loader)
     return out
 
 
@@ -236,6 +244,8 @@ def _reference(n, world):
     ref["Jacobian"] = ref["Jacobian"][:, order]
     ref["GramMatrix"] = ref["GramMatrix"][:, order][:, :, :, order]
     ref["implicit_Jv"] = ref["implicit_Jv"][:, order]
+    ref["influence/pairwise"] = ref["influence/pairwise"][:, order]
+    ref["influence/self"] = ref["influence/self"][order]
     return ref
 
 

@@ -48,3 +48,10 @@ def test_fim_spectrum(tmp_path):
     out = _run([str(EXAMPLES / "fim_spectrum.py"), "--quick", "--out", str(tmp_path)], tmp_path)
     assert "Lanczos top 20 vs exact" in out and "CNN" in out
     assert (tmp_path / "fim_spectrum.json").exists()
+
+
+def test_influence_digits(tmp_path):
+    out = _run([str(EXAMPLES / "influence_digits.py"), "--quick", "--out", str(tmp_path)],
+               tmp_path)
+    assert "EKFAC" in out and "self-influence" in out
+    assert (tmp_path / "influence_digits.json").exists()

@@ -227,6 +227,7 @@ def test_backward_strategies_agree(backward):
     x = torch.randn(6, 2, 8, 8, dtype=torch.float64)
     lc = LayerCollection.from_model(model)
     jac._BACKWARD_CHOICE.clear()
+    jac._BACKWARD_SAMPLES.clear()
     f = closed_form_function(lambda *d: model(d[0]), "classif_logits")
     ref = TorchHooksJacobianBackend(model, f, backward="batched").get_covariance_matrix((x,), lc)
     gen = TorchHooksJacobianBackend(model, f, backward=backward)

@@ -12,6 +12,9 @@ from nngeometry.layercollection import LayerCollection  # noqa: E402
 from nngeometry.object import PMatDense, PMatDiag, PMatImplicit, PMatKFAC, PVector  # noqa: E402
 
 N, T, V = 2, 3, 50
+# the brute-force references below sum over every position with its own token; the model's
+# own convention (shifted labels, mean over tokens) is tested in tests/test_lm_losses.py
+ALL_POSITIONS = dict(causal_lm=False, positions="sum")
 
 
 def gpt2(tied=True):
@@ -85,10 +88,10 @@ def test_tied_model_diag_kfac_implicit():
     lc = LayerCollection.from_model(model)
     assert "lm_head" not in lc.layer_ids() and lc.tied["transformer.wte"][0][0] == "lm_head"
     J, Sig = brute_parts(model, b, lc)  # functional_call: both uses of the tied weight
-    diag = FIM(model, [b], PMatDiag, layer_collection=lc).get_diag()
+    diag = FIM(model, [b], PMatDiag, layer_collection=lc, **ALL_POSITIONS).get_diag()
     torch.testing.assert_close(diag, torch.einsum("ndp,nde,nep->p", J, Sig, J) / N,
                                atol=1e-10, rtol=1e-8)
-    imp = FIM(model, [b], PMatImplicit, layer_collection=lc)
+    imp = FIM(model, [b], PMatImplicit, layer_collection=lc, **ALL_POSITIONS)
     v = torch.randn(lc.numel(), dtype=torch.float64)
     ref_mv = torch.einsum("ndp,nde,ne->p", J, Sig, J @ v) / N
     torch.testing.assert_close(imp.mv(PVector(lc, vector_repr=v)).to_torch(), ref_mv,
@@ -101,7 +104,7 @@ def test_tied_model_diag_kfac_implicit():
         PMatKFAC(generator=gen0, examples=[b], layer_collection=lc)
     # ... the entry point gives the tied layer its exact diagonal, with a warning
     with pytest.warns(UserWarning, match="'transformer.wte'.*PMatDiag"):
-        auto = FIM(model, [b], PMatKFAC)
+        auto = FIM(model, [b], PMatKFAC, **ALL_POSITIONS)
     assert isinstance(auto, PMatMixed)
     torch.testing.assert_close(auto.get_diag()[lc.slice("transformer.wte")],
                                diag[lc.slice("transformer.wte")], atol=1e-10, rtol=1e-8)
@@ -128,12 +131,13 @@ def test_position_embedding_broadcast_is_exact():
                                   if n not in ("transformer.wpe", "transformer.h.0.attn.c_attn")])
     for b in (batch(), batch(with_positions=False)):
         ref = brute_fim(model, b, sub)
-        torch.testing.assert_close(FIM(model, [b], PMatDense, layer_collection=sub).to_torch(),
-                                   ref, atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(
+            FIM(model, [b], PMatDense, layer_collection=sub, **ALL_POSITIONS).to_torch(),
+            ref, atol=1e-10, rtol=1e-8)
     b = batch()
     assert lc.numel() > sub.numel()
     # the default loss of the empirical Fisher reads the labels of the dict batch
-    ef = EmpiricalFisher(model, [b], PMatDiag, layer_collection=sub).get_diag()
+    ef = EmpiricalFisher(model, [b], PMatDiag, layer_collection=sub, **ALL_POSITIONS).get_diag()
     assert torch.isfinite(ef).all() and ef.sum() > 0
 
 
@@ -173,8 +177,8 @@ def test_conv1d_is_a_transposed_linear():
     perm = torch.cat([lin_index, torch.arange(20, 20 + 5 + 18)])
     assert W.numel() == 20
     for rep in (PMatDense, PMatKFAC):
-        a = FIM(m, (x,), rep).to_torch()
-        b = FIM(lin, (x,), rep).to_torch()[perm][:, perm]
+        a = FIM(m, (x,), rep, class_dim=-1).to_torch()
+        b = FIM(lin, (x,), rep, class_dim=-1).to_torch()[perm][:, perm]
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(FIM(m, (x,), PMatDiag).get_diag(),
-                               FIM(lin, (x,), PMatDiag).get_diag()[perm])
+    torch.testing.assert_close(FIM(m, (x,), PMatDiag, class_dim=-1).get_diag(),
+                               FIM(lin, (x,), PMatDiag, class_dim=-1).get_diag()[perm])

@@ -4,7 +4,9 @@ batch rewriting (positions looked up with shape (1, T)), tied embeddings as the 
 Each is compared to a brute-force reference: per-example Jacobians of the logits by
 ``torch.func.jacrev``, example by example, w.r.t. every parameter of the collection, and the
 closed-form Fisher ``(1/n) Σ_i J_iᵀ Σ_i J_i`` with ``Σ_i`` the block-diagonal softmax
-covariances of the positions."""
+covariances of the positions (for the causal LMs, their own loss convention: position ``t``
+describes token ``t + 1``, the last position nothing, and each sequence's terms are averaged
+over its ``T − 1`` predicted tokens)."""
 import warnings
 
 import pytest
@@ -117,9 +119,13 @@ def names_of(model, lc):
     return [f"{lid}.{p}" for lid, layer in lc.layers.items() for p in layer.param_names()]
 
 
-def brute_parts(model, b, lc):
+CAUSAL = ("gpt2", "pythia", "llama", "llama_tied")
+
+
+def brute_parts(model, b, lc, causal=False):
     """``(J, Σ)``: per-example Jacobians ``(N, D, P)`` of the logits (``D`` = positions ×
-    classes) and the block-diagonal softmax covariances ``(N, D, D)``."""
+    classes) and the block-diagonal softmax covariances ``(N, D, D)`` (``causal``: weighted
+    ``1/(T−1)`` on the first ``T − 1`` positions, 0 on the last)."""
     names = names_of(model, lc)
     allp = dict(model.named_parameters())
     params = {k: allp[k].detach() for k in names}
@@ -138,6 +144,10 @@ def brute_parts(model, b, lc):
                                                       else V))
     p = torch.softmax(torch.stack(logits), -1)  # (N, positions, classes)
     cov = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    if causal:
+        w = torch.full((cov.shape[1],), 1.0 / (cov.shape[1] - 1), dtype=cov.dtype)
+        w[-1] = 0
+        cov = cov * w[:, None, None]
     Sig = torch.stack([torch.block_diag(*cov[i]) for i in range(N)])
     return torch.stack(Js), Sig
 
@@ -153,7 +163,7 @@ def arch(request):
     lc = LayerCollection.from_model(model)
     # T5: the encoder's and decoder's embeddings (and the head) share one matrix
     assert bool(lc.tied) == (name in ("gpt2", "llama_tied", "t5"))
-    J, Sig = brute_parts(model, b, lc)
+    J, Sig = brute_parts(model, b, lc, causal=name in CAUSAL)
     return name, model, b, lc, J, Sig
 
 
@@ -170,11 +180,12 @@ def test_plain_call_dense_is_exact(arch):
 
 
 def _ce(out, y):
-    """Cross-entropy per example, summed over positions (the GGN of which is the closed-form
-    Fisher, whatever the targets)."""
+    """Cross-entropy per example, per position for sequences (summed over them, or for a
+    causal LM averaged under its convention: the GGN of which is the closed-form Fisher,
+    whatever the targets)."""
     if out.dim() == 2:
         return F.cross_entropy(out, y, reduction="none")
-    return F.cross_entropy(out.transpose(1, 2), y, reduction="none").sum(1)
+    return F.cross_entropy(out.transpose(1, 2), y, reduction="none")
 
 
 def test_other_entry_points(arch):
@@ -195,7 +206,7 @@ def test_tied_gpt2_diag_implicit_exact_kfac_runs():
     b = batch("gpt2")
     lc = LayerCollection.from_model(model)
     assert [u for u, _ in lc.tied["transformer.wte"]] == ["lm_head"]
-    J, Sig = brute_parts(model, b, lc)
+    J, Sig = brute_parts(model, b, lc, causal=True)
     diag = FIM(model, [b], PMatDiag).get_diag()
     torch.testing.assert_close(diag, torch.einsum("ndp,nde,nep->p", J, Sig, J) / N, **TOL)
     v = torch.randn(lc.numel(), dtype=torch.float64)

@@ -67,7 +67,7 @@ def test_per_example_gradients_and_jacobians(kind):
     P = LayerCollection.from_model(model).numel()
     torch.testing.assert_close(per_example_jacobians(model, dl, last_layer=True),
                                brute_jac(model, x)[:, :, P - last.numel():], **TOL)
-    torch.testing.assert_close(per_example_gradients(model, dl, last_layer=True),
+    torch.testing.assert_close(per_example_gradients(model, dl, last_layer=True, class_dim=-1),
                                brute_grads(model, x, y, ce_sum)[:, P - last.numel():], **TOL)
 
 

@@ -304,6 +304,9 @@ def default_function(model, target_key="labels"):
             out = model(first)
         if hasattr(out, "logits"):
             out = out.logits
+            # Hugging Face logits are (batch, [tokens,] classes): the class axis is the last,
+            # read by the likelihoods' transforms (nngeometry.variants.output_class_dim)
+            function.output_class_dim = -1
         check_outputs(out, "the model")
         if isinstance(first, Mapping):
             # any batched value may come first (position_ids of shape (1, T), a 0-dim flag):

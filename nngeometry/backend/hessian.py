@@ -58,7 +58,7 @@ def summed_cross_entropy(outputs, *batch):
         batch = (batch[0], batch[0]["labels"])
     if outputs.dim() == 3:
         from ..variants import cross_entropy_losses
-        return cross_entropy_losses(outputs, batch[1]).sum() if len(batch) >= 2 else \
+        return cross_entropy_losses(outputs, batch[1], -1).sum() if len(batch) >= 2 else \
             summed_cross_entropy(outputs.reshape(outputs.shape[0], -1))
     if len(batch) < 2:
         raise ValueError(

@@ -117,7 +117,8 @@ class TorchHooksJacobianBackend:
             output directions are processed in chunks that fit.
         backward: how the gradients of several output directions are obtained: ``'batched'``
             (one vmapped backward), ``'looped'`` (one backward per direction) or ``'auto'``
-            (default: the faster of the two, timed once per model and shape). Same numbers.
+            (default: the faster of the two, timed on the first batches' own directions, no
+            extra pass, once per model structure and shape). Same numbers.
         layer_collection: the collection the statistics are computed for when a method is
             called without one (code written for nngeometry 0.4 builds the generator with it
             and then calls ``PMatDense(generator=g, examples=loader)``). Default: all the
@@ -555,7 +556,9 @@ class TorchHooksJacobianBackend:
 
         out = None
         n_total = 0
-        for batch, params, f in self._functional_batches(examples, layer_collection):
+        raw = self._uses_metric()
+        for batch, params, f, *metric in self._functional_batches(examples, layer_collection,
+                                                                   raw):
             tangents = self._split_flat(v, params, layer_collection)
             leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
             with fwAD.dual_level(), torch.enable_grad():
@@ -566,7 +569,10 @@ class TorchHooksJacobianBackend:
                 # the outputs do not depend on the collection's parameters: M v = 0 here
                 g = [None] * len(leaves)
             else:
-                g = torch.autograd.grad(outputs, list(leaves.values()), jv.detach(),
+                w = jv.detach()
+                if metric:  # J_fᵀ H J_f v: the output metric between the JVP and the VJP
+                    w = metric[0](outputs.detach(), w)
+                g = torch.autograd.grad(outputs, list(leaves.values()), w,
                                         allow_unused=True)
             flat = torch.cat([torch.zeros_like(p).reshape(-1) if gk is None else gk.reshape(-1)
                               for gk, p in zip(g, leaves.values())])
@@ -578,11 +584,13 @@ class TorchHooksJacobianBackend:
     def _vTMv(self, v, examples, layer_collection):
         """``vᵀ M v = (1/n) Σ_x ||J(x) v||²`` with one Jacobian-vector product per batch."""
         total, n_total = 0.0, 0
-        for batch, params, f in self._functional_batches(examples, layer_collection):
+        raw = self._uses_metric()
+        for batch, params, f, *metric in self._functional_batches(examples, layer_collection,
+                                                                   raw):
             tangents = self._split_flat(v, params, layer_collection)
             outputs, jv = torch.func.jvp(f, (params,), (tangents,))
             self._check_finite(outputs)
-            total = total + (jv * jv).sum()
+            total = total + (jv * (metric[0](outputs, jv) if metric else jv)).sum()
             n_total += outputs.shape[0]
         self._check_nonempty(n_total)
         return total / n_total
@@ -642,7 +650,9 @@ class TorchHooksJacobianBackend:
         if chunk == 1:
             return torch.stack([self._mv(v, examples, layer_collection) for v in V])
         out, n_total = None, 0
-        for batch, params, f in self._functional_batches(examples, layer_collection):
+        raw = self._uses_metric()
+        for batch, params, f, *metric in self._functional_batches(examples, layer_collection,
+                                                                   raw):
             outputs, vjp_fn = torch.func.vjp(f, params)
             self._check_finite(outputs)
             if out is None:
@@ -652,6 +662,9 @@ class TorchHooksJacobianBackend:
                 Vc = V[j0:j0 + chunk]
                 tangents = self._split_flat_rows(Vc, params)
                 jv = torch.func.vmap(lambda t: torch.func.jvp(f, (params,), (t,))[1])(tangents)
+                if metric:
+                    jv = torch.func.vmap(
+                        lambda u, o=outputs.detach(), m=metric[0]: m(o, u))(jv)
                 (g,) = torch.func.vmap(vjp_fn)(jv)
                 # accumulated in place, layer by layer (no (m, P) concatenation per batch)
                 start = 0
@@ -1160,17 +1173,21 @@ class TorchHooksJacobianBackend:
         Two strategies give the same numbers: one vmapped backward (``is_grads_batched``), fast
         through matrix products, or one backward per direction, faster through ops whose batching
         rule just loops (max-pooling, ReLU's backward on some builds). With ``backward='auto'``
-        both are timed once, for a given model, number of directions and output shape, on the
-        first ``LOOPED_TIMING_DIRECTIONS`` directions only (both strategies cost about the same
-        per direction at any count: timing all of them took 27-67 s for a token-level model
-        with 50 Monte-Carlo trials), and the faster one is used from then on (like
-        ``cudnn.benchmark``); the batch size is not part of the key (a smaller last batch
-        does not time again).
+        the choice costs no extra backward pass: while it is open, the directions of a batch are
+        split, the first ones through the vmapped backward and the last ones (at most
+        ``LOOPED_TIMING_DIRECTIONS``) through the loop, and each strategy's time per direction
+        is recorded; both strategies cost about the same per direction at any count, so after
+        ``BACKWARD_TIMING_ROUNDS`` such batches (the order of the two swapped each time, the best
+        time of each kept: one sample each picked the slower strategy on a busy machine) the
+        faster one is used for all directions. An op without a batching rule decides at once for
+        the loop. The choice is kept per model *structure* (see ``_backward_key``), not per model
+        object: a new model of the same architecture reuses it, and a freed model's id reused by
+        another one cannot hand it a choice made for a different graph.
         """
         mode = self.backward
-        # (the number of examples, cot.shape[1], left out: see the docstring)
-        key = (id(self.model), cot.shape[0], tuple(cot.shape[2:]), cot.dtype, out.device.type)
+        key = None
         if mode == "auto":
+            key = self._backward_key(out, targets, cot)
             mode = _BACKWARD_CHOICE.get(key)
         if mode == "batched":
             grads = _backward_batched(out, targets, cot, retain)
@@ -1179,17 +1196,43 @@ class TorchHooksJacobianBackend:
             return grads
         if mode == "looped":
             return _backward_looped(out, targets, cot, retain)
-        _BACKWARD_CHOICE[key] = _time_backward_strategies(out, targets, cot)
-        if _BACKWARD_CHOICE[key] == "batched":
-            grads = _backward_batched(out, targets, cot, retain)
-            if grads is not None:
-                return grads
-        return _backward_looped(out, targets, cot, retain)
+        return _backward_sampled(key, out, targets, cot, retain)
+
+    def _backward_key(self, out, targets, cot):
+        """What the faster backward strategy depends on: the model's structure (per module its
+        type, training flag and its own parameters' shapes), the shapes of the targets' gradients
+        and of the outputs without the batch dimension (a smaller last batch reuses the choice),
+        the number of directions, the dtype and the device type."""
+        struct = getattr(self, "_structure_cache", None)
+        if struct is None or struct[0] is not self.model:
+            sig = tuple((type(m).__name__, m.training,
+                         tuple(tuple(p.shape) for p in m.parameters(recurse=False)))
+                        for m in self.model.modules())
+            struct = (self.model, sig)
+            self._structure_cache = struct
+        shapes = []
+        for t in targets:
+            node = getattr(t, "node", None)
+            try:
+                meta = node._input_metadata[t.output_nr] if node is not None else None
+                shapes.append(tuple(meta.shape[1:]) if meta is not None else None)
+            except (AttributeError, IndexError, RuntimeError):
+                shapes.append(None)
+        return (struct[1], tuple(shapes), cot.shape[0], tuple(cot.shape[2:]), cot.dtype,
+                out.device.type)
 
     # ---------------------------------------------------------------- functional (implicit) path
-    def _functional_batches(self, examples, layer_collection):
+    def _uses_metric(self):
+        """Whether the implicit products run through the output transform's closed-form
+        output metric (``J_fᵀ H J_f`` as JVP, ``H u``, VJP on the model's outputs: no square
+        root of ``H``, ``O(outputs)`` memory) rather than through ``J_gᵀ J_g``."""
+        return getattr(self.function, "has_metric", False) and not self.centering
+
+    def _functional_batches(self, examples, layer_collection, raw=False):
         """Yield ``(batch, params, f)`` with ``f(params) -> (n, n_output)`` a pure function of the
-        collection's parameters (a dict name -> tensor) for that batch."""
+        collection's parameters (a dict name -> tensor) for that batch. With ``raw`` (an output
+        transform with a metric, see :meth:`_uses_metric`), yield ``(batch, params, f,
+        metric)`` with ``f(params)`` the model's outputs and ``metric(f, u) = H u``."""
         _refuse_batch_statistics(self.model)
         _refuse_inference_parameters(dict(self.model.named_parameters()))
         # forward-mode AD levels are process-wide in torch ("Nested forward mode AD is not
@@ -1215,10 +1258,10 @@ class TorchHooksJacobianBackend:
             counts = self._counters[-1] if getattr(self, "_counters", None) else None
             with deferred_finite_checks():
                 yield from self._functional_batch_fns(examples, fn, needs_batch, group, counts,
-                                                      device, params, constant)
+                                                      device, params, constant, raw)
 
     def _functional_batch_fns(self, examples, fn, needs_batch, group, counts, device, params,
-                              constant):
+                              constant, raw=False):
         """The loop of :meth:`_functional_batches` (inside its model state and checks)."""
         # reading the RNG state around the model's forward costs a copy of a few KB; only a
         # forward that drew from it is run again to see whether its outputs are random
@@ -1243,20 +1286,23 @@ class TorchHooksJacobianBackend:
                      for k, t in p.items()}
                 rng = _rng_state(device) if watch else None
                 with _no_fused_attention(), tensors_in_model(self.model, {**p, **bufs}):
-                    if info is not None:
-                        raw = fn.model_outputs(*batch)
+                    if raw or info is not None:
+                        model_out = fn.model_outputs(*batch)
                         if watch:
                             drew.append(not _same_rng(rng, _rng_state(device)))
-                        out = fn.transform(raw, info)
+                        out = model_out if raw else fn.transform(model_out, info)
                     else:
                         out = self.function(*batch)
                         if watch:
                             drew.append(not _same_rng(rng, _rng_state(device)))
                 if counts is not None:
                     counts[index] = out.shape[0]
-                return out.reshape(out.shape[0], -1)
+                return out if raw else out.reshape(out.shape[0], -1)
 
-            yield batch, params, f
+            if raw:
+                yield batch, params, f, (lambda out, u, info=info: fn.metric(out, u, info))
+            else:
+                yield batch, params, f
             if watch and any(drew):
                 # the products' forward drew from the global RNG: checked once, here,
                 # outside the torch.func transforms, by running it twice more
@@ -1732,11 +1778,16 @@ def tensors_in_model(model, tensors):
 #: per-example Jacobian of the whole model is smaller (see ``_chunk_size``)
 DIRECTION_CHUNK_BYTES = 16 * 2 ** 20
 
-#: (id(model), cotangent shape, dtype, device type) -> 'batched' | 'looped', filled by 'auto'
-
-#: 'auto' times the looped backward on this many directions at most (see _backward_directions)
+#: 'auto': the loop takes at most this many directions of a batch while the choice is open
+#: (see ``_backward_directions``)
 LOOPED_TIMING_DIRECTIONS = 16
+#: 'auto': batches split between the two strategies before the choice is made
+BACKWARD_TIMING_ROUNDS = 2
+#: structure key (``_backward_key``) -> 'batched' | 'looped', filled by 'auto'
 _BACKWARD_CHOICE = {}
+#: structure key -> {'batched': best seconds per direction, 'looped': ..., 'rounds': n} while
+#: the choice is open
+_BACKWARD_SAMPLES = {}
 
 
 def _backward_batched(out, targets, cot, retain):
@@ -1834,7 +1885,11 @@ def _vector_chunk(backend, m, examples, layer_collection):
         for module in backend.model.modules():
             if not list(module.children()):  # leaf modules: every activation once
                 handles.append(module.register_forward_hook(count))
-        for batch, params, f in backend._functional_batches(examples, layer_collection):
+        # (the model's outputs only when the products use the output metric: the transform
+        # would form the square roots the metric avoids)
+        raw = getattr(backend, "_uses_metric", lambda: False)()
+        for batch, params, f, *_ in backend._functional_batches(examples, layer_collection,
+                                                                raw):
             with torch.no_grad():
                 f(params)
             break
@@ -1845,19 +1900,43 @@ def _vector_chunk(backend, m, examples, layer_collection):
     return max(1, min(m, _VECTOR_CHUNK_NUMBERS // max(per_vector, 1)))
 
 
-def _time_backward_strategies(out, targets, cot):
-    """``'batched'`` or ``'looped'``: the faster of the two backward strategies of
-    ``_backward_directions``, timed on the first ``LOOPED_TIMING_DIRECTIONS`` directions of
-    ``cot`` (best of two interleaved runs each: one sample each picked the slower strategy on
-    a busy machine), keeping the graph; ``'looped'`` when an op has no batching rule. The
-    gradients of the timing runs are dropped at once (peak memory: one strategy's at a time)."""
-    probe = cot[:LOOPED_TIMING_DIRECTIONS]
-    if _backward_batched(out, targets, probe, True) is None:
-        return "looped"
-    t_looped = t_batched = float("inf")
-    for _ in range(2):
-        t_looped = min(t_looped, _timed(lambda: _backward_looped(out, targets, probe, True),
-                                        out.device)[0])
-        t_batched = min(t_batched, _timed(lambda: _backward_batched(out, targets, probe, True),
-                                          out.device)[0])
-    return "batched" if t_batched <= t_looped else "looped"
+def _backward_sampled(key, out, targets, cot, retain):
+    """The gradients of all ``K`` directions, the first ones by the vmapped backward and the
+    last ones (at most ``LOOPED_TIMING_DIRECTIONS``, at least one) by the loop, each timed per
+    direction and recorded under ``key``; the choice is made once ``BACKWARD_TIMING_ROUNDS``
+    batches are recorded (see ``_backward_directions``). With one direction both are the same
+    backward: no sample."""
+    K = cot.shape[0]
+    if K < 2:
+        return _backward_looped(out, targets, cot, retain)
+    samples = _BACKWARD_SAMPLES.setdefault(key, {"batched": math.inf, "looped": math.inf,
+                                                 "rounds": 0})
+    k_loop = min(LOOPED_TIMING_DIRECTIONS, K // 2)
+    k_vmap = K - k_loop
+    parts = {}
+    order = ("batched", "looped") if samples["rounds"] % 2 == 0 else ("looped", "batched")
+    for i, which in enumerate(order):
+        keep = retain or i == 0
+        if which == "batched":
+            # the graph kept: a vmapped backward that fails may have freed part of it
+            t, g = _timed(lambda: _backward_batched(out, targets, cot[:k_vmap], True), out.device)
+            if g is None:  # an op without a batching rule: the loop, no more timing
+                _BACKWARD_CHOICE[key] = "looped"
+                _BACKWARD_SAMPLES.pop(key, None)
+                if i == 0:
+                    return _backward_looped(out, targets, cot, retain)
+                g = _backward_looped(out, targets, cot[:k_vmap], keep)
+                t = math.inf
+            samples["batched"] = min(samples["batched"], t / k_vmap)
+        else:
+            t, g = _timed(lambda: _backward_looped(out, targets, cot[k_vmap:], keep), out.device)
+            samples["looped"] = min(samples["looped"], t / k_loop)
+        parts[which] = g
+    samples["rounds"] += 1
+    if samples["rounds"] >= BACKWARD_TIMING_ROUNDS and key not in _BACKWARD_CHOICE:
+        _BACKWARD_CHOICE[key] = "batched" if samples["batched"] <= samples["looped"] \
+            else "looped"
+        _BACKWARD_SAMPLES.pop(key, None)
+    # a target unused by the outputs is unused by every direction: None in both parts
+    return [None if a is None or b is None else torch.cat([a, b])
+            for a, b in zip(parts["batched"], parts["looped"])]

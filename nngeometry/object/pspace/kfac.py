@@ -59,7 +59,12 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         examples: a DataLoader or a single mini-batch, used with ``generator`` when ``data`` is
             None.
         kfac_approx: ``'expand'`` (default) or ``'reduce'`` for layers with weight sharing
-            (sequences), Eschenhagen et al. 2023.
+            (convolutions, Linear layers on ``(n, T, d)`` sequences, attention projections),
+            Eschenhagen et al. 2023. ``'expand'``: the ``S`` shared positions act like examples
+            in ``A``, and ``G`` sums over them divided by ``S``. ``'reduce'``:
+            ``A = √K · (1/n) Σ_i ā_i ā_iᵀ`` with ``ā_i`` example ``i``'s (bias-augmented) input
+            averaged over its positions, ``G = (1/√K) · (1/n) Σ_i Σ_k ĝ_{i,k} ĝ_{i,k}ᵀ`` with
+            ``ĝ_{i,k}`` its output gradient summed over them. Both are exact for ``S = 1``.
         separate_weight_and_bias: False (default): one Kronecker block per layer for the joint
             ``[W | b]``. True: the weight and the bias factored separately, no cross terms
             (curvlinops' default and laplace-torch's layout): the weight block ``G ⊗ A_ww``
