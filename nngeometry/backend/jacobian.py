@@ -1518,7 +1518,7 @@ def _mark_coincident_shared(out, model, function, layer_collection, modules, cal
             if len(t.shape) > axis and t.shape[axis] == n and \
                     not isinstance(t.edge, torch.Tensor):
                 cands.append((lid, i, c, axis))
-    if not cands:
+    if not cands or not out.requires_grad:
         return
     key = (uses_key(model, function, layer_collection), n,
            tuple((lid, i, tuple(c.targets[0].shape)) for lid, i, c, _ in cands))
