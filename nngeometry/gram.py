@@ -37,3 +37,6 @@ def GramMatrix(model, loader, function=None, representation=FMatDense, layer_col
 
 
 __all__ = ["GramMatrix"]
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from .backend import TorchHooksJacobianBackend  # noqa: E402,F401

@@ -190,3 +190,6 @@ class ActivationHessian:
 
 
 __all__ = ["Hessian", "ActivationHessian"]
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from .backend.torch_func_hessian import TorchFuncHessianBackend  # noqa: E402,F401

@@ -309,9 +309,18 @@ class LayerCollection(StateDictMixin):
                 yield layer_id, layer
 
     def merge(self, other):
-        """A new collection with this one's layers then ``other``'s (ids must not overlap)."""
+        """The union: a new collection with this one's layers, then those of ``other`` that it
+        does not have. A layer in both (same id, same spec) is kept once, where this collection
+        has it; the same id with different specs is an error (they are different layers)."""
         out = LayerCollection(self.layers)
         for layer_id, layer in other.layers.items():
+            if layer_id in out.layers:
+                if out.layers[layer_id] != layer:
+                    raise ValueError(
+                        f"merge: layer '{layer_id}' is {out.layers[layer_id]} in one collection "
+                        f"and {layer} in the other; rename one of them or build both "
+                        "collections from the same model")
+                continue
             out.add_layer(layer_id, layer)
         out.dtype, out.device = self.dtype or other.dtype, self.device or other.device
         return out
@@ -341,3 +350,7 @@ class LayerCollection(StateDictMixin):
 
 
 __all__ = ["LayerCollection", "UnsupportedLayerError", "unwrap_compiled", "run_eagerly"] + list(_layer_types_all)
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from abc import ABC  # noqa: E402,F401
+from functools import reduce  # noqa: E402,F401

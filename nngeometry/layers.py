@@ -112,3 +112,7 @@ class Affine1d(nn.Module):
 
 
 __all__ = ["WeightNorm1d", "WeightNorm2d", "Cosine1d", "Affine1d"]
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from torch import Tensor  # noqa: E402,F401
+from torch.nn import Conv2d, Linear, Module, Parameter  # noqa: E402,F401

@@ -358,3 +358,7 @@ from .jacobian import Jacobian  # noqa: E402
 from .gram import GramMatrix  # noqa: E402
 
 __all__ = ["FIM", "FIM_MonteCarlo", "FIM_Types", "EmpiricalFisher", "GGN", "Hessian", "Jacobian", "GramMatrix"]
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from functools import partial  # noqa: E402,F401
+from .layercollection import LayerCollection  # noqa: E402,F401

@@ -50,3 +50,6 @@ class TorchFuncHessianBackend(HessianBackend):
 
 
 __all__ = ["TorchFuncHessianBackend", "hvp", "batched_hvp"]
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from ..layercollection import LayerCollection  # noqa: E402,F401

@@ -160,3 +160,7 @@ class FMatDense(FMatAbstract):
         state = self.__dict__.copy()
         state["generator"] = None
         return state
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from abc import ABC  # noqa: E402,F401
+from .vector import PVector  # noqa: E402,F401

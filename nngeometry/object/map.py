@@ -252,3 +252,6 @@ def random_pfmap(layer_collection, output_size, device=None, dtype=None):
     dtype, device = _lc_dtype_device(layer_collection, dtype, device)
     data = torch.randn(*output_size, layer_collection.numel(), device=device, dtype=dtype)
     return PFMapDense(layer_collection, data=data)
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from abc import ABC, abstractmethod  # noqa: E402,F401

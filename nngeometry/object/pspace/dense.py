@@ -233,7 +233,7 @@ class PMatDense(PMatAbstract):
 
     def norm(self, ord=None):
         if ord in (None, "fro"):
-            return self.frobenius_norm()
+            return self._frobenius_norm_impl()
         return torch.linalg.matrix_norm(self.data, ord=ord)
 
     def to_torch(self):

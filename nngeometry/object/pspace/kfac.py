@@ -417,7 +417,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
 
     def inv(self, regul=1e-8, use_pi=True, damping="pi"):
         """Alias of :meth:`inverse`."""
-        return self.inverse(regul=regul, use_pi=use_pi, damping=damping)
+        return self._inverse_impl(regul=regul, use_pi=use_pi, damping=damping)
 
     def pow(self, pow, regul=0.0, use_pi=True, damping="pi"):
         """``damping='pi'``: PMatKFAC with π-damped factors to the power ``pow`` (for

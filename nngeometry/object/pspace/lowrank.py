@@ -243,9 +243,9 @@ class PMatLowRank(_LowRankBase):
         self._check_damping(damping, "inverse")
         regul, damped = self._with_prior(regul, "inverse")
         if damped is not None:
-            return damped.inverse(0.0)
+            return damped._inverse_impl(0.0)
         self._check_regul(regul, "inverse")
-        return self._as_update().inverse(regul=regul)
+        return self._as_update()._inverse_impl(regul=regul)
 
     def pow(self, x, regul=0.0, on_range=False, damping="exact"):
         """``(M + regul·I)^x`` through the thin eigendecomposition ``M = V Λ Vᵀ``.
@@ -519,7 +519,7 @@ class PMatEyePlusLowRank(_LowRankBase):
             alpha, U, C = self.data
             return self._new(self._beta(regul, "pow(1)", check=False), U, C)
         if x == -1:
-            return self.inverse(regul)
+            return self._inverse_impl(regul)
         what = f"pow({x})"
         beta = self._beta(regul, what, check=False)
         if beta.dim():

@@ -81,6 +81,11 @@ class PMatMixed(PMatAbstract):
             self._index[g] = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
         assert sum(i.numel() for i in self._index.values()) == P
 
+    @property
+    def sub_pmats(self):
+        """``{group: PMat}``: the built matrix of every group (the same dict as ``data``)."""
+        return self.data
+
     @classmethod
     def from_mapping(cls, layer_collection, generator, default_representation, map_layers_to,
                      data=None, examples=None, **kwargs):
@@ -315,7 +320,8 @@ class PMatMixed(PMatAbstract):
 
     def inverse(self, regul=1e-8, **kwargs):
         reguls = self._part_reguls(regul, "inverse")
-        return self._new({g: m.inverse(regul=reguls[g], **self._accepted(m.inverse, kwargs))
+        return self._new({g: m._inverse_impl(regul=reguls[g],
+                                             **self._accepted(m._inverse_impl, kwargs))
                           for g, m in self.data.items()})
 
     def pow(self, x, regul=0.0, **kwargs):
@@ -370,7 +376,7 @@ class PMatMixed(PMatAbstract):
         return sum(m.trace() for m in self.data.values())
 
     def frobenius_norm(self):
-        return torch.sqrt(sum(m.frobenius_norm() ** 2 for m in self.data.values()))
+        return torch.sqrt(sum(m._frobenius_norm_impl() ** 2 for m in self.data.values()))
 
     def norm(self, ord=None):
         """As :meth:`PMatAbstract.norm`; the spectrum is the union of the groups' spectra, so

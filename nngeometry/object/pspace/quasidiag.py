@@ -167,7 +167,7 @@ class PMatQuasiDiag(_PerLayer):
         if x == 1:
             return self._matpower(1.0, regul, damping, "pow(1)")
         if x == -1:
-            return self.inverse(regul=regul, damping=damping)
+            return self._inverse_impl(regul=regul, damping=damping)
         from . import _spectral
         from .blockdiag import PMatBlockDiag, check_blocks_fit
 
