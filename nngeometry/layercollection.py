@@ -173,9 +173,12 @@ class LayerCollection(StateDictMixin):
                         "LayerCollection built by hand: lc = LayerCollection(); "
                         "lc.add_layer_from_model(model, module) for every layer but one of the "
                         "two modules (the parameters of the module left out that it does not "
-                        "share, e.g. its bias, are then constants). For exact hooks-based "
-                        "matrices of both uses: LayerCollection.from_model(model, "
-                        "tied_weights='sum')")
+                        "share, e.g. its bias, are then constants). "
+                        + ("tied_weights='sum' cannot add this use: the module holds parameters "
+                           "of its own besides the shared ones, or in another layout"
+                           if tied_weights == "sum" else
+                           "For exact hooks-based matrices of both uses: "
+                           "LayerCollection.from_model(model, tied_weights='sum')"))
                 seen[id(p)] = f"{name}.{pname}"
             cls = _type_for(module)
             if cls is None:

@@ -193,6 +193,12 @@ class StepCapture:
         out, columns = gen._transformed(raw)
         n, n_output = out.shape
         gen._check_calls(out, lc, record.modules, record.calls, "the training step")
+        # calls found shared by their gradients (a table as long as the batch): their inputs
+        # get the batch axis their per-example gradients are computed with
+        for store in record.calls.values():
+            for c in store:
+                if c.shared is not None:
+                    c.expand_shared()
         # keep_graph: the user's backward pass goes on through the same graph
         for k0, k1, grads in gen._direction_chunks(out, columns, record.calls, lc,
                                                    keep_graph=True):

@@ -276,14 +276,16 @@ class BatchContext:
                 "PMatMixed with PMatDiag or PMatBlockDiag for this layer, or leave the tied pair "
                 "out of the LayerCollection")
         layer, module = self.layer_collection[layer_id], self.modules[layer_id]
-        A, G, multi = None, None, None
+        A, G, multi, locations = None, None, None, []
         # past the first chunk of directions A is dropped: layer types whose A is costly to
         # form (convolutions: a GEMM on the unfolded patches) are told not to form it
         skip_a = ({"input_factor": False}
                   if not self.first_chunk and getattr(layer, "kfac_input_factor_optional", False)
                   else {})
         for c in self.calls[layer_id]:
-            res = layer.kfac_factors(module, layer.inputs_of(c), c.gy, approx=approx, **skip_a)
+            x = layer.inputs_of(c)
+            res = layer.kfac_factors(module, x, c.gy, approx=approx, **skip_a)
+            locations.append(layer.kfac_locations(module, x, c.gy, approx=approx))
             pairs = kfac_block_list(res)
             if A is None:
                 A, G = [[] for _ in pairs], [[] for _ in pairs]
@@ -300,10 +302,16 @@ class BatchContext:
         uses = len(self.calls[layer_id])
         if uses > 1:
             # a module called R times in one forward (nn.Sequential(lin, act, lin)): each use
-            # is one more location of the shared weight, as positions are in 'expand' (see
-            # docs/layers.md): A = Σ_r A_r, G = (1/R) Σ_r G_r, which is KFAC-expand with the R
-            # uses as R positions (each use's factors as the layer type gives them)
-            G = [[_sum_pieces(pg) / uses] for pg in G]
+            # brings its locations of the shared weight, as positions do in 'expand' (see
+            # docs/layers.md): A = Σ_r A_r, G = Σ_r S_r G_r / Σ_r S_r with G_r = Σ g gᵀ / S_r
+            # as the layer type gives it, i.e. Σ g gᵀ over all the calls' locations divided by
+            # their number: the same factors as one call on the locations put together. A
+            # layer type that cannot say S_r: each call counts alike, (1/R) Σ_r G_r
+            if None in locations:
+                weights = [1.0 / uses] * uses
+            else:
+                weights = [s / sum(locations) for s in locations]
+            G = [[_sum_pieces([_scaled(p, w) for p, w in zip(pg, weights)])] for pg in G]
         if lazy:
             return [((pa if self.first_chunk else None), pg) for pa, pg in zip(A, G)], multi
         return [((_sum_pieces(pa) if self.first_chunk else None), _sum_pieces(pg))
@@ -338,6 +346,13 @@ class BatchContext:
         gs = project_blocks_to_kfe(self.per_example_grad(layer_id), bases,
                                    layer.kfac_permutation())
         return [(g * g).sum(dim=(0, 1)) for g in gs]
+
+
+def _scaled(piece, w):
+    """``w`` times a factor piece (a dense tensor or GramRows)."""
+    if isinstance(piece, GramRows):
+        return GramRows(piece.rows, piece.scale * w, piece.ones_column)
+    return piece * w
 
 
 def _sum_pieces(pieces):

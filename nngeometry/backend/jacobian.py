@@ -832,7 +832,7 @@ class TorchHooksJacobianBackend:
             n = broadcast.n if broadcast is not None else None
             if n is not None and n > 1 and layer is not None and rec is None:
                 axis = layer.batch_axis(module)
-                if out.dim() > axis and out.shape[axis] == 1:
+                if out.dim() > axis and out.shape[axis] == 1 and not broadcast.keep_ones:
                     # one output shared by the n examples (positions (1, T), a learned table):
                     # the model would broadcast it; broadcasting it here instead makes the
                     # gradient w.r.t. the copy per-example (the gradient w.r.t. the shared
@@ -843,7 +843,7 @@ class TorchHooksJacobianBackend:
                     replaced = out if isinstance(output, torch.Tensor) else \
                         type(output)([out, *output[1:]]) if isinstance(output, list) else \
                         _rebuild_tuple(output, out)
-                    broadcast.expanded = True
+                    broadcast.expanded = broadcast.widened = True
                 elif out.dim() > axis and out.shape[axis] != n:
                     # an output with no batch axis (T5's relative position bias, looked up on
                     # a (T, T) table): its per-example gradients take a backward pass of
@@ -981,13 +981,36 @@ class TorchHooksJacobianBackend:
             guess = int(batch_size_of(batch))
         except Exception:  # a batch whose first element is not a batched tensor
             guess = None
-        raw, out, columns, expanded = self._forward_expanding(batch, index, calls, guess,
-                                                              watch_rng)
+        keep_ones = False
+        try:
+            raw, out, columns, expanded = self._forward_expanding(batch, index, calls, guess,
+                                                                  watch_rng)
+        except Exception as first:
+            if not self._broadcast.last_widened:
+                raise
+            # the model does not take the expanded copy of an output of batch dimension 1
+            # (it repeats or tiles it along the batch itself): such outputs are then left as
+            # they are, with the backward pass of their own of shared outputs (exact too)
+            keep_ones = True
+            try:
+                raw, out, columns, expanded = self._forward_expanding(
+                    batch, index, calls, guess, watch_rng, keep_ones=True)
+            except Exception:
+                raise first from None
         n = out.shape[0]
+        if not keep_ones and guess is not None and n != guess and \
+                self._broadcast.last_widened:
+            # expanding changed the number of outputs (the model concatenates the output of
+            # batch dimension 1 along the batch): run again with it left as it is
+            keep_ones = True
+            raw, out, columns, expanded = self._forward_expanding(
+                batch, index, calls, guess, watch_rng, keep_ones=True)
+            n = out.shape[0]
         if n != guess and n > 1 and (expanded or any(
                 len(c.targets[0].shape) and c.targets[0].shape[0] != n
                 for store in calls.values() for c in store)):
-            raw, out, columns, _ = self._forward_expanding(batch, index, calls, n, watch_rng)
+            raw, out, columns, _ = self._forward_expanding(batch, index, calls, n, watch_rng,
+                                                           keep_ones)
             if out.shape[0] != n:
                 raise RuntimeError(
                     f"the function's outputs had {n} examples, and {out.shape[0]} once the "
@@ -998,19 +1021,23 @@ class TorchHooksJacobianBackend:
                     "the LayerCollection")
         return raw, out, columns
 
-    def _forward_expanding(self, batch, index, calls, n, watch_rng=False):
+    def _forward_expanding(self, batch, index, calls, n, watch_rng=False, keep_ones=False):
         """``(raw, out, columns, expanded)``: `_outputs` with the hooks expanding shared
-        outputs to ``n`` examples, and whether one was."""
+        outputs to ``n`` examples (with ``keep_ones``, those of batch dimension 1 are left as
+        they are), and whether one was."""
         for store in calls.values():
             store.clear()
         broadcast = self._broadcast
-        broadcast.n, broadcast.expanded = n, False
+        broadcast.n, broadcast.expanded, broadcast.keep_ones = n, False, keep_ones
+        broadcast.widened = False
         try:
             with torch.enable_grad():
                 raw, out, columns = self._outputs(batch, index, watch_rng=watch_rng)
             return raw, out, columns, broadcast.expanded
         finally:
-            broadcast.n, broadcast.expanded = None, False
+            broadcast.last_widened = broadcast.widened
+            broadcast.n, broadcast.expanded, broadcast.keep_ones = None, False, False
+            broadcast.widened = False
 
     def _check_calls(self, out, layer_collection, modules, calls, who="the function"):
         """Refuse a forward pass whose recorded calls can't give the statistics: a layer not
@@ -1023,6 +1050,8 @@ class TorchHooksJacobianBackend:
                     "remove it from the LayerCollection or check the function")
         if n > 1:
             _refuse_unbatched_calls(layer_collection, modules, calls, n)
+            _mark_coincident_shared(out, self.model, self.function, layer_collection, modules,
+                                    calls)
         key = uses_key(self.model, self.function, layer_collection)
         if not uses_verified(self.model, key):
             # once per model, function and collection in a process (entry points build a new
@@ -1431,13 +1460,18 @@ class _InstanceForward:
 
 class _Broadcast:
     """What the forward hooks of a generator expand shared outputs to: ``n``, the number of
-    examples of the batch being run (None: expand nothing), and whether an output was expanded
-    in the current forward pass."""
+    examples of the batch being run (None: expand nothing), whether an output was expanded or
+    marked shared in the current forward pass, whether one of batch dimension 1 was expanded
+    (``widened``; ``last_widened``: in the last pass, read after it ended), and
+    ``keep_ones``: outputs of batch dimension 1 are left as they are and get the backward pass
+    of their own of outputs with no batch axis (for a model that repeats such an output along
+    the batch itself, which the expanded copy would break)."""
 
-    __slots__ = ("n", "expanded")
+    __slots__ = ("n", "expanded", "widened", "last_widened", "keep_ones")
 
     def __init__(self):
-        self.n, self.expanded = None, False
+        self.n, self.expanded, self.keep_ones = None, False, False
+        self.widened = self.last_widened = False
 
 
 def _expand_axis(t, axis, n):
@@ -1455,6 +1489,63 @@ def _rebuild_tuple(output, first):
     if hasattr(output, "_fields"):
         return output._replace(**{output._fields[0]: first})
     return (first, *output[1:])
+
+
+#: model -> {(function/collection key, n, candidate shapes): the calls found shared}
+_COINCIDENT_SHARED = weakref.WeakKeyDictionary()
+
+
+def _mark_coincident_shared(out, model, function, layer_collection, modules, calls):
+    """Mark as shared (see ``Call.expand_shared``) the calls whose output has the batch's ``n``
+    along its batch axis without holding the examples there: a ``(T, d)`` table looked up on
+    positions of shape ``(T,)``, or returned as is, when ``T == n`` (e.g. the last batch of a
+    loader). Its shape cannot tell it from a batched output; its gradients can. Row ``j`` of a
+    batched output reaches example ``j``'s outputs only, so the gradient of a combination of
+    example 0's outputs w.r.t. it is exactly zero off row 0; a shared output's rows reach every
+    example. The shared treatment is exact for such a call (each example gets the gradient
+    w.r.t. the whole output), as it is for any output that couples the examples.
+
+    One backward pass of one direction, once per model, function, collection, ``n`` and shapes
+    of the outputs in a process (a loader's batches have one or two sizes)."""
+    n = out.shape[0]
+    cands = []
+    for lid, store in calls.items():
+        for i, c in enumerate(store):
+            if c.shared is not None:
+                continue
+            axis = (c.spec or layer_collection[lid]).batch_axis(c.module or modules[lid])
+            t = c.targets[0]
+            if len(t.shape) > axis and t.shape[axis] == n and \
+                    not isinstance(t.edge, torch.Tensor):
+                cands.append((lid, i, c, axis))
+    if not cands or not out.requires_grad:
+        return
+    key = (uses_key(model, function, layer_collection), n,
+           tuple((lid, i, tuple(c.targets[0].shape)) for lid, i, c, _ in cands))
+    try:
+        known = _COINCIDENT_SHARED.get(model, {}).get(key)
+    except TypeError:
+        known = None
+    if known is None:
+        # a fixed pseudo-random combination (no cancellation between directions; the global
+        # RNG is left alone)
+        gen = torch.Generator().manual_seed(0)
+        w = torch.rand(out.shape[1], generator=gen, dtype=torch.float64) + 0.5
+        cot = torch.zeros_like(out)
+        cot[0] = w.to(dtype=out.dtype, device=out.device)
+        grads = torch.autograd.grad(out, [c.targets[0].edge for _, _, c, _ in cands], cot,
+                                    retain_graph=True, allow_unused=True)
+        known = set()
+        for (lid, i, c, axis), g in zip(cands, grads):
+            if g is not None and g.narrow(axis, 1, n - 1).count_nonzero().item():
+                known.add((lid, i))
+        try:
+            _COINCIDENT_SHARED.setdefault(model, {})[key] = known
+        except TypeError:
+            pass
+    for lid, i, c, axis in cands:
+        if (lid, i) in known:
+            c.shared = (n, axis)
 
 
 def _refuse_unbatched_calls(layer_collection, modules, calls, n):

@@ -159,6 +159,14 @@ class AbstractLayer:
         out += self.diag(module, x, gy)
         return out
 
+    def kfac_locations(self, module, x, gy, approx="expand"):
+        """The number ``S`` of weight-sharing locations that `kfac_factors` divides
+        ``G`` by for this call (sequence positions, output pixels; 1 without weight sharing),
+        or None where it is not one number (several Kronecker blocks). A module called several
+        times in one forward pass weights each call's ``G`` by its ``S`` (see
+        ``BatchContext.kfac_factor_blocks``)."""
+        return None
+
     def kfac_factors(self, module, x, gy, approx="expand"):
         """Unnormalized Kronecker factors ``(A, G)`` summed over the batch.
 

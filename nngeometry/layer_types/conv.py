@@ -383,6 +383,9 @@ class _ConvNdLayer(AbstractLayer):
     #: of output directions: for a convolution it is the costly factor)
     kfac_input_factor_optional = True
 
+    def kfac_locations(self, module, x, gy, approx="expand"):
+        return gy[0, 0, 0].numel() if approx == "expand" else 1
+
     def kfac_factors(self, module, x, gy, approx="expand", input_factor=True):
         """``(A, G)``, see the module docstring; with ``input_factor=False``, ``(None, G)``: ``A``
         depends on the inputs only, and the generator takes it once per batch."""

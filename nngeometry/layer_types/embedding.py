@@ -95,6 +95,9 @@ class EmbeddingLayer(AbstractLayer):
         out.index_add_(0, uniq % V, (summed * summed).sum(dim=0))
         return out
 
+    def kfac_locations(self, module, x, gy, approx="expand"):
+        return x.numel() // max(1, x.shape[0])
+
     def kfac_factors(self, module, x, gy, approx="expand"):
         if approx == "reduce":
             raise NotImplementedError(

@@ -116,6 +116,9 @@ class LinearLayer(AbstractLayer):
             out[nw:] += gy2.sum(dim=0)
         return out
 
+    def kfac_locations(self, module, x, gy, approx="expand"):
+        return x.numel() // max(1, x.shape[0] * x.shape[-1]) if approx == "expand" else 1
+
     def kfac_factors(self, module, x, gy, approx="expand"):
         """KFAC factors; for inputs ``(n, S, in)`` with ``S`` weight-sharing positions:
 

@@ -88,7 +88,19 @@ def parametrizations_prepared(model):
     restores them."""
     from torch.nn.utils.parametrizations import _WeightNorm
 
+    import torch.nn.utils.parametrize as parametrize_module
+
     saved, patched = [], []
+    # inside parametrize.cached() every access returns the tensor computed at the first one:
+    # the per-layer recomputations from the originals (and torch.func's calls with other
+    # originals) would read that stale tensor, and the gradients w.r.t. the originals would be
+    # wrong; the cache is switched off for the computation (same values: the originals do not
+    # change during it)
+    cache_depth = 0
+    if any(is_parametrized(m) for m in model.modules()):
+        cache_depth = getattr(parametrize_module, "_cache_enabled", 0)
+        if cache_depth:
+            parametrize_module._cache_enabled = 0
     for m in model.modules():
         if is_parametrized(m):
             for pm in m.parametrizations.modules():
@@ -99,6 +111,8 @@ def parametrizations_prepared(model):
                     patched.append(pm)
 
     def restore():
+        if cache_depth:
+            parametrize_module._cache_enabled = cache_depth
         for pm, training in saved:
             pm.training = training
         for pm in patched:
