@@ -1,6 +1,8 @@
 """What the digit examples share: the data (scikit-learn's bundled 8×8 digits, no download),
 matplotlib when it is installed, and their command-line conventions."""
 import argparse
+import hashlib
+import sys
 from pathlib import Path
 
 import torch
@@ -33,9 +35,33 @@ def pyplot():
     return plt
 
 
+def source_digest(example):
+    """sha256 of what draws ``example``'s picture: its script and this module."""
+    h = hashlib.sha256()
+    for name in (f"{example}.py", "_common.py"):
+        h.update((HERE / name).read_bytes())
+    return h.hexdigest()
+
+
 def save(fig, path):
+    """Write the figure as a PNG stamped with what made it (the example, the digest of its code,
+    its command-line arguments), so that a picture in the docs can be checked against the code
+    (tests/docs/test_docs_images.py). The picture of ``examples/NAME.py`` is ``NAME.png``."""
+    path = Path(path)
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            args.append(a)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={
+        "Software": "nngeometry examples",
+        "nngeometry-example": path.stem,
+        "nngeometry-source-sha256": source_digest(path.stem),
+        "nngeometry-arguments": " ".join(args)})
     fig.clf()
     print(f"plot: {path}")
 

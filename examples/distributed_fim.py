@@ -1,10 +1,11 @@
 """Data-parallel Fisher matrices and natural-gradient training with torch.distributed.
 
-Run on 2 processes of one machine (CPU, gloo)::
+Run as a plain script, it starts its own 2 processes on this machine (CPU, gloo)::
 
-    torchrun --standalone --nproc_per_node=2 examples/distributed_fim.py
+    python examples/distributed_fim.py            # --nproc 4 for four ranks
 
-or on GPUs (one process per GPU, NCCL)::
+Under torchrun it is one rank among those torchrun starts, e.g. on GPUs (one process per GPU,
+NCCL)::
 
     torchrun --standalone --nproc_per_node=4 examples/distributed_fim.py --cuda
 
@@ -15,6 +16,7 @@ point) turns data parallelism on when a process group with more than one rank is
 """
 import argparse
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -94,9 +96,29 @@ def main(steps=50, cuda=False, quiet=False):
             dist.destroy_process_group()
 
 
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned_rank(rank, world, port, steps):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    main(steps)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--cuda", action="store_true", help="one GPU per process, NCCL")
+    ap.add_argument("--cuda", action="store_true", help="one GPU per process, NCCL (torchrun)")
+    ap.add_argument("--nproc", type=int, default=2,
+                    help="ranks to start when run without torchrun (CPU, gloo)")
     args = ap.parse_args()
-    main(args.steps, args.cuda)
+    if "RANK" in os.environ:        # started by torchrun: this process is one rank
+        main(args.steps, args.cuda)
+    elif args.cuda:
+        ap.error("--cuda runs one process per GPU: start it with torchrun (see the docstring)")
+    else:                           # a plain run: start the ranks here
+        torch.multiprocessing.spawn(_spawned_rank, args=(args.nproc, _free_port(), args.steps),
+                                    nprocs=args.nproc)

@@ -55,7 +55,7 @@ def train(model, x, y, steps):
 
 def spectra(model, loader, n_top):
     out = {}
-    F = FIM(model, loader, PMatDense)
+    F = FIM(model, loader, PMatDense, verbose=True)
     out["exact"] = eigenvalues(F)
     out["KFAC"] = eigenvalues(FIM(model, loader, PMatKFAC))
     E = FIM(model, loader, PMatEKFAC)
@@ -65,7 +65,7 @@ def spectra(model, loader, n_top):
     t = time.time()
     out["Lanczos (implicit)"] = eigenvalues(implicit, k=n_top, max_dense=0, generator=0)
     lanczos_time = time.time() - t
-    density = spectral_density(implicit, n_lanczos=40, n_repeats=4, generator=0)
+    density = spectral_density(implicit, n_lanczos=40, n_repeats=4, generator=0, verbose=True)
     return out, density, lanczos_time
 
 

@@ -110,7 +110,7 @@ def main(argv=None):
     for name, rep in [("EKFAC", PMatEKFAC), ("Diag", PMatDiag), ("identity", PMatEye),
                       ("Dense", PMatDense)]:
         t = time.time()
-        inf = Influence(model, rep, damping="heuristic").fit(train_loader)
+        inf = Influence(model, rep, damping="heuristic", verbose=True).fit(train_loader)
         scores[name] = inf.pairwise_scores(train_loader, query)
         results[name] = {"seconds": time.time() - t}
         if name == "EKFAC":

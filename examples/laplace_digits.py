@@ -2,8 +2,11 @@
 
 An MLP is trained on 600 of scikit-learn's 8×8 digits (no download); then
 `nngeometry.laplace.Laplace` approximates its posterior with a KFAC, a diagonal and a last-layer
-dense GGN, the prior precision chosen either by maximising the log marginal likelihood or by the
-NLL of a validation set. The GLM predictive (probit approximation) is compared with the MAP
+dense GGN, the prior precision chosen either by maximising the log marginal likelihood (one
+precision for the network, or one per parameter tensor with weight and bias apart:
+laplace-torch's ``layerwise`` prior, not available with KFAC whose blocks hold weight and bias
+together) or by a grid search on the NLL of a validation set. The GLM predictive (probit
+approximation, and the Laplace bridge for the validation prior) is compared with the MAP
 network on the test digits and on the same digits with noise (a shifted distribution where the
 MAP network is over-confident): accuracy, negative log-likelihood (NLL) and expected calibration
 error (ECE, 10 bins), plus a reliability diagram in ``laplace_digits.png`` (matplotlib) in
@@ -67,16 +70,25 @@ def plot(results, path):
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.2, 7.0), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1.2]})
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
-    for name, r in results.items():
+    width = 0.8 / (10 * max(len(results), 1))
+    for j, (name, r) in enumerate(results.items()):
         c = [b[0] for b in r["bins"]]
         a = [b[1] for b in r["bins"]]
-        ax.plot(c, a, "o-", ms=3, label=f"{name} (ECE {r['ece']:.3f})")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Reliability on held-out digits")
-    ax.legend(fontsize=7)
+        line, = ax.plot(c, a, "o-", ms=3, label=f"{name} (ECE {r['ece']:.3f})")
+        # how many test digits each bin holds: the points of the sparse bins are noisy
+        axc.bar([x + (j - len(results) / 2) * width for x in c], [b[2] for b in r["bins"]],
+                width, color=line.get_color())
+    ax.set_ylabel("accuracy in the bin")
+    ax.set_title("Reliability on held-out digits (10 confidence bins)")
+    axc.set_yscale("log")
+    axc.set_xlabel("confidence (largest predicted probability)")
+    axc.set_ylabel("digits in the bin")
+    # below the panels: inside, the legend would hide points
+    axc.legend(*ax.get_legend_handles_labels(), loc="upper center", fontsize=7,
+               bbox_to_anchor=(0.5, -0.55))
     save(fig, path)
 
 
@@ -107,37 +119,46 @@ def main(argv=None):
     priors = {}
     for name, kw in configs.items():
         la = Laplace(model, "classification", prior_precision=1.0, **kw).fit(loader)
-        # the prior precision by evidence (marginal likelihood) ...
-        lam = la.optimize_prior_precision(n_steps=30 if args.quick else 100)
-        priors[name, "marglik"] = lam
+        # the prior precision by evidence (marginal likelihood): one for the network ...
+        n_steps = 30 if args.quick else 100
+        priors[name, "marglik"] = la.optimize_prior_precision(n_steps=n_steps)
         rows[name, "marglik"] = {k: metrics(la.predictive(x), y) for k, (x, y) in sets.items()}
-        # ... and by the NLL of a validation set
-        grid = [1.0, 3.0, 10.0, 30.0, 100.0, 300.0]
-        val = []
-        for lam in grid:
-            la.prior_precision = lam
-            val.append((metrics(la.predictive(x_val), y_val)["nll"], lam))
-        la.prior_precision = priors[name, "val. NLL"] = min(val)[1]
+        # ... one per parameter tensor (weight and bias apart) ...
+        if name != "KFAC":
+            la.optimize_prior_precision(prior_structure="layerwise", n_steps=n_steps)
+            priors[name, "per tensor"] = "per tensor"
+            rows[name, "per tensor"] = {k: metrics(la.predictive(x), y)
+                                        for k, (x, y) in sets.items()}
+        # ... and by the NLL of a validation set (grid search)
+        priors[name, "val. NLL"] = la.optimize_prior_precision(
+            method="gridsearch", val_loader=[(x_val, y_val)],
+            grid=[1.0, 3.0, 10.0, 30.0, 100.0, 300.0])
         rows[name, "val. NLL"] = {k: metrics(la.predictive(x), y) for k, (x, y) in sets.items()}
+        # the same posterior through the Laplace bridge (a Dirichlet matched to the logits)
+        priors[name, "val.+bridge"] = priors[name, "val. NLL"]
+        rows[name, "val.+bridge"] = {k: metrics(la.predictive(x, link_approx="bridge"), y)
+                                     for k, (x, y) in sets.items()}
 
-    print(f"{'':>24s} {'prior λ by':>10s} {'λ':>7s} | " + " | ".join(
+    print(f"{'':>24s} {'prior λ by':>11s} {'λ':>10s} | " + " | ".join(
         f"{k:^21s}" for k in sets))
-    print(f"{'':>24s} {'':>10s} {'':>7s} | " + " | ".join(
+    print(f"{'':>24s} {'':>11s} {'':>10s} | " + " | ".join(
         f"{'acc':>5s} {'NLL':>7s} {'ECE':>6s}" for _ in sets))
     for (name, how), r in rows.items():
         lam = priors.get((name, how))
-        lam = f"{lam:7.3g}" if lam is not None else f"{'-':>7s}"
+        lam = f"{lam:>10s}" if isinstance(lam, str) else (
+            f"{lam:10.3g}" if lam is not None else f"{'-':>10s}")
         label = "MAP network" if name == "MAP" else f"Laplace {name}"
-        print(f"{label:>24s} {how:>10s} {lam} | " + " | ".join(
+        print(f"{label:>24s} {how:>11s} {lam} | " + " | ".join(
             f"{r[k]['acc']:5.3f} {r[k]['nll']:7.4f} {r[k]['ece']:6.4f}" for k in sets))
     print(f"({len(train_data[1])} training digits, {steps} Adam steps; {len(y_test)} test digits, "
-          "the same with Gaussian noise of std 0.5; probit GLM predictive; the validation grid "
-          f"uses {len(y_val)} other digits)")
+          "the same with Gaussian noise of std 0.5; probit GLM predictive but for 'val.+bridge' "
+          f"(Laplace bridge); the validation grid uses {len(y_val)} other digits)")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "laplace_digits.json").write_text(json.dumps(
         {" / ".join(k): v for k, v in rows.items()}, indent=1))
-    shown = {("MAP network" if n == "MAP" else f"Laplace {n} ({h})"): r["test"]
-             for (n, h), r in rows.items() if h != "marglik"}
+    shown = {("MAP network" if n == "MAP" else
+              f"Laplace {n}, prior by validation NLL"): r["test"]
+             for (n, h), r in rows.items() if h == "val. NLL" or n == "MAP"}
     plot(shown, args.out / "laplace_digits.png")
     print(f"total {time.time() - t0:.1f} s")
     return rows

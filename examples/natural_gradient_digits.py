@@ -89,7 +89,8 @@ def plot(best, path):
     ax1.legend(fontsize=8)
     ax2.set_xlabel("step")
     ax2.set_ylabel("test accuracy")
-    ax2.set_ylim(0.5, 1.0)
+    lowest = min(c[2] for _, curve in best.values() for c in curve)
+    ax2.set_ylim(max(0.0, lowest - 0.02), 1.0)
     fig.suptitle("Digits MLP: natural gradient (KFAC, EKFAC) vs SGD and Adam, tuned learning rates")
     save(fig, path)
 

@@ -110,7 +110,7 @@ def _named_keywords(fn):
 
 
 def check_representation(representation, kwargs, entry):
-    """The representation class (a name resolved by :func:`resolve_representation`), after
+    """The representation class (a name resolved by `resolve_representation`), after
     refusing what a build from data cannot honour: ``PMatEye`` without ``scaling=`` (a fixed
     ``scaling · I``, built from no data: the identity would be returned, the data ignored) and
     keywords that neither the representation's

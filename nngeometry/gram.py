@@ -1,6 +1,6 @@
 """Entry point: the Gram matrix of the per-example Jacobians (empirical neural tangent kernel).
 
-(The Gram-matrix accumulator used inside the statistics lives in :mod:`nngeometry.maths.gram`.)
+(The Gram-matrix accumulator used inside the statistics lives in `nngeometry.maths.gram`.)
 """
 from ._entry import build_from_jacobians
 from .object.fspace import FMatDense
@@ -37,3 +37,6 @@ def GramMatrix(model, loader, function=None, representation=FMatDense, layer_col
 
 
 __all__ = ["GramMatrix"]
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from .backend import TorchHooksJacobianBackend  # noqa: E402,F401

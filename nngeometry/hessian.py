@@ -45,7 +45,7 @@ def Hessian(model, loader, representation, function=None, layer_collection=None,
         check_deterministic: refuse a random model (dropout modules in training mode:
             ``RuntimeError`` naming ``model.eval()``); ``False`` skips the check.
         distributed: data parallelism over ``torch.distributed`` (as for
-            :func:`nngeometry.FIM`): ``loader`` is this rank's shard and every rank gets the
+            [`nngeometry.FIM`][nngeometry.FIM]): ``loader`` is this rank's shard and every rank gets the
             Hessian of the loss summed over all the ranks' batches.
         process_group: the group to reduce over (default: the world).
         **kwargs: passed to the representation; a keyword it does not take is refused
@@ -94,11 +94,12 @@ class ActivationHessian:
         batch: one mini-batch ``(inputs, targets, ...)`` or a dict batch.
         layer_name: the module's qualified name (``dict(model.named_modules())``).
         loss_function: ``loss_function(outputs, *targets) -> (n,)``; default cross-entropy on
-            logits (as :func:`nngeometry.EmpiricalFisher`).
+            logits (as [`nngeometry.EmpiricalFisher`][nngeometry.EmpiricalFisher]).
         io: ``'output'`` (default) or ``'input'`` (the module's first positional input).
         function: ``function(*batch) -> outputs``; default ``model(batch[0])`` /
             ``model(**inputs)``.
-        positions, target_key: as for :func:`nngeometry.EmpiricalFisher`.
+        positions: as for [`nngeometry.EmpiricalFisher`][nngeometry.EmpiricalFisher].
+        target_key: as for [`nngeometry.EmpiricalFisher`][nngeometry.EmpiricalFisher].
     """
 
     def __init__(self, model, batch, layer_name, loss_function=None, io="output", function=None,
@@ -190,3 +191,6 @@ class ActivationHessian:
 
 
 __all__ = ["Hessian", "ActivationHessian"]
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from .backend.torch_func_hessian import TorchFuncHessianBackend  # noqa: E402,F401

@@ -8,9 +8,9 @@ with ``ℓ`` the training loss of one example, ``m`` the measurement of the quer
 same loss), ``G`` a curvature of the training loss, the **mean** over the training examples (as
 every matrix of this library), in any representation, and ``Λ`` the damping (``λI``, one ``λ_l``
 per layer, or the mean-eigenvalue heuristic). ``Influence`` builds ``G`` once
-(:meth:`Influence.fit`), preconditions the query gradients once (:meth:`Influence.precondition`)
+([`Influence.fit`][nngeometry.influence.Influence.fit]), preconditions the query gradients once ([`Influence.precondition`][nngeometry.influence.Influence.precondition])
 and streams the training gradients batch by batch against them
-(:meth:`Influence.pairwise_scores`, :meth:`Influence.self_scores`). See the page "Influence
+([`Influence.pairwise_scores`][nngeometry.influence.Influence.pairwise_scores], [`Influence.self_scores`][nngeometry.influence.Influence.self_scores]). See the page "Influence
 functions" of the documentation for the formulas and the choices.
 """
 import math
@@ -98,7 +98,7 @@ def _to_matrix(flat, shape, has_bias):
 
 
 def _from_matrix(mat, has_bias):
-    """Inverse of :func:`_to_matrix`."""
+    """Inverse of `_to_matrix`."""
     m = mat.shape[0]
     if not has_bias:
         return mat.reshape(m, -1)
@@ -170,12 +170,12 @@ class Influence:
       (default: cross-entropy on logits, one per position for sequences, summed over positions
       with ``positions='sum'``); ``m(q)`` the query's ``measurement`` (default: the same loss).
     * ``G``: the curvature of the training loss, the mean over the training examples, built by
-      :meth:`fit` with the library's entry points: ``curvature='ggn'`` (default,
+      `fit` with the library's entry points: ``curvature='ggn'`` (default,
       ``GGN(loss_function)``, for the cross-entropy the Fisher in closed form), ``'fisher'``
       (``FIM(variant=)``), ``'mc'`` (``FIM_MonteCarlo(variant=, trials=, seed=)``) or
       ``'empirical'`` (``EmpiricalFisher(loss_function)``, one backward direction: the choice
       for language models), in ``representation``: ``PMatEKFAC`` (default; its eigenvalues
-      refitted on the training data after the KFAC pass, :meth:`PMatEKFAC.update_diag`),
+      refitted on the training data after the KFAC pass, [`PMatEKFAC.update_diag`][nngeometry.object.pspace.PMatEKFAC.update_diag]),
       ``PMatKFAC``, ``PMatDiag``, ``PMatBlockDiag``, ``PMatLowRank``, ``PMatDense``,
       ``PMatImplicit`` (conjugate-gradient solves, no matrix stored) or ``PMatEye`` (``G = I``:
       the scores are gradient similarities, TracIn's at one checkpoint when ``damping=0``).
@@ -185,9 +185,9 @@ class Influence:
       ``(G + Λ)`` in every representation (KFAC's too: ``damping='exact'`` through the
       eigendecompositions of the factors, not π-damping, unless ``solve_options`` says so).
 
-    Shapes: :meth:`pairwise_scores` returns ``(n_query, n_train)`` (``(n_layers, n_query,
+    Shapes: [`pairwise_scores`][nngeometry.influence.Influence.pairwise_scores] returns ``(n_query, n_train)`` (``(n_layers, n_query,
     n_train)`` with ``per_layer=True``, the layers in the collection's order, summing to the
-    scores), :meth:`self_scores` ``(n_train,)`` (``(n_layers, n_train)``).
+    scores), [`self_scores`][nngeometry.influence.Influence.self_scores] ``(n_train,)`` (``(n_layers, n_train)``).
 
     Args:
         model: the ``torch.nn.Module`` (in eval mode, or deterministic).
@@ -196,10 +196,10 @@ class Influence:
         loss_function: ``loss_function(outputs, *targets) -> (n,)`` per-example losses, a name
             (``'cross_entropy'``, ``'mse'``, ``'bce_with_logits'``) or a ``torch.nn`` loss with
             ``reduction='none'``; for Hugging Face causal language models
-            :func:`causal_lm_loss` (the model's own ``.loss`` per sequence). ``targets`` is
+            [`causal_lm_loss`][nngeometry.influence.causal_lm_loss] (the model's own ``.loss`` per sequence). ``targets`` is
             ``batch[1:]`` or ``(batch['labels'],)`` for dict batches.
         measurement: ``measurement(outputs, *targets) -> (n,)`` for the queries (e.g.
-            :func:`causal_lm_log_prob` of a completion); default the loss.
+            [`causal_lm_log_prob`][nngeometry.influence.causal_lm_log_prob] of a completion); default the loss.
         curvature: ``'ggn'``, ``'fisher'``, ``'mc'`` or ``'empirical'`` (see above).
         variant: the likelihood of ``'fisher'`` / ``'mc'`` (see ``FIM``).
         trials: the sampled targets per example of ``'mc'`` (see ``FIM_MonteCarlo``).
@@ -367,7 +367,7 @@ class Influence:
     def precondition(self, query_loader):
         """The preconditioned query gradients ``(G + Λ)⁻¹ ∇θ m(q)``, computed once, batch by
         batch, and kept per layer in ``dtype`` (low-rank factors with ``query_rank``): a plain
-        dict (``torch.save`` / ``torch.load`` it as is) to pass to :meth:`pairwise_scores` as
+        dict (``torch.save`` / ``torch.load`` it as is) to pass to [`pairwise_scores`][nngeometry.influence.Influence.pairwise_scores] as
         ``queries=``. Entries: ``'layers'`` ``{layer_id: (n_query, p_l) tensor or (L, R)}``
         (the layer's ``[W | b]`` view is ``L Rᵀ``, ``L`` ``(n_query, out, r)``, ``R``
         ``(n_query, cols, r)``), ``'n'`` the number of queries."""
@@ -403,7 +403,7 @@ class Influence:
     def pairwise_scores(self, train_loader, query_loader=None, queries=None, per_layer=False):
         """``(n_query, n_train)``: ``I(z_j, q_i) = ∇θ m(q_i)ᵀ (G + Λ)⁻¹ ∇θ ℓ(z_j)``.
 
-        The queries are preconditioned once (or given: ``queries=`` from :meth:`precondition`);
+        The queries are preconditioned once (or given: ``queries=`` from [`precondition`][nngeometry.influence.Influence.precondition]);
         the training gradients are streamed batch by batch, layer by layer, and never stored
         for the whole set. ``per_layer=True``: ``(n_layers, n_query, n_train)``, each layer's
         share ``((G + Λ)⁻¹ ∇m(q))_l · ∇ℓ(z)_l`` (they sum to the scores; for a block-diagonal
@@ -463,7 +463,7 @@ class Influence:
     def state_dict(self):
         """The fitted curvature and damping as plain tensors, dicts, tuples and numbers:
         ``torch.save`` it, ``torch.load`` it with the defaults (``weights_only=True``), and
-        :meth:`load_state_dict` it into an ``Influence`` of the same model. ``PMatImplicit``
+        `load_state_dict` it into an ``Influence`` of the same model. ``PMatImplicit``
         stores no matrix (refit it instead)."""
         self._check_fitted()
         if isinstance(self.matrix, PMatImplicit):
@@ -479,7 +479,7 @@ class Influence:
                 "damping": damping, "layer_ids": list(self.layer_collection.layer_ids())}
 
     def load_state_dict(self, state):
-        """Restore what :meth:`state_dict` saved (the model and collection are this object's)."""
+        """Restore what [`state_dict`][nngeometry.object.pspace.abstract.PMatAbstract.state_dict] saved (the model and collection are this object's)."""
         name = state.get("representation")
         if name != self.representation.__name__:
             raise ValueError(f"the state holds a {name}, this Influence uses "

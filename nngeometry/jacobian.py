@@ -53,7 +53,7 @@ def per_example_gradients(model, loader, loss_function=None, function=None,
 
     ``loss_function(outputs, *targets) -> (n,)`` per-example losses, default cross-entropy on
     logits; targets, positions, ``class_dim``, ``causal_lm`` (language models: the model's own
-    loss convention) and dict batches as for :func:`nngeometry.EmpiricalFisher` (whose matrix
+    loss convention) and dict batches as for [`nngeometry.EmpiricalFisher`][nngeometry.EmpiricalFisher] (whose matrix
     is ``GᵀG / n`` for the ``G`` returned here)."""
     from .backend.distributed import unwrap_model
     from .variants import (check_class_dim, check_positions, empirical_function,
@@ -75,7 +75,7 @@ def per_example_jacobians(model, loader, function=None, layer_collection=None,
                           last_layer=False, target_key="labels", check_deterministic=True):
     """``(n, D, P)``: the Jacobian of each example's outputs (flattened to ``D``) w.r.t. the
     parameters, ``J[i, d, :] = ∂f_d(x_i)/∂θ`` (laplace-torch's ``jacobians``), on all the
-    layers or the last one (``last_layer=True``). :func:`Jacobian` gives the same numbers as a
+    layers or the last one (``last_layer=True``). [`Jacobian`][nngeometry.Jacobian] gives the same numbers as a
     ``(D, n, P)`` ``PFMapDense``."""
     layer_collection = _collection(model, layer_collection, last_layer)
     function, layer_collection = prepare_entry(model, function, layer_collection, target_key)

@@ -125,7 +125,7 @@ class LayerCollection(StateDictMixin):
 
         ``tied_weights``: what to do with a module whose parameters are those of an earlier
         layer (GPT-2's ``lm_head`` and ``wte``): ``'sum'`` (default): the module is a second
-        use of the earlier layer's parameters (in :attr:`tied`), and the generator adds its
+        use of the earlier layer's parameters (in `tied`), and the generator adds its
         per-example gradients to the layer's, so that the matrices are exact (Dense,
         BlockDiag, Diag, LowRank, QuasiDiag, Implicit, Jacobian, Gram). A KFAC/EKFAC block
         cannot hold such a layer (a sum of two Kronecker products is not one): the entry
@@ -173,9 +173,12 @@ class LayerCollection(StateDictMixin):
                         "LayerCollection built by hand: lc = LayerCollection(); "
                         "lc.add_layer_from_model(model, module) for every layer but one of the "
                         "two modules (the parameters of the module left out that it does not "
-                        "share, e.g. its bias, are then constants). For exact hooks-based "
-                        "matrices of both uses: LayerCollection.from_model(model, "
-                        "tied_weights='sum')")
+                        "share, e.g. its bias, are then constants). "
+                        + ("tied_weights='sum' cannot add this use: the module holds parameters "
+                           "of its own besides the shared ones, or in another layout"
+                           if tied_weights == "sum" else
+                           "For exact hooks-based matrices of both uses: "
+                           "LayerCollection.from_model(model, tied_weights='sum')"))
                 seen[id(p)] = f"{name}.{pname}"
             cls = _type_for(module)
             if cls is None:
@@ -266,7 +269,7 @@ class LayerCollection(StateDictMixin):
         return out
 
     def get_layerid_module_maps(self, model):
-        """``(layerid_to_module, module_to_layerid)``: the map of :meth:`get_layerid_module_map`
+        """``(layerid_to_module, module_to_layerid)``: the map of [`get_layerid_module_map`][nngeometry.layercollection.LayerCollection.get_layerid_module_map]
         and its inverse (nngeometry 0.4's form)."""
         layerid_to_module = self.get_layerid_module_map(model)
         module_to_layerid = OrderedDict((m, lid) for lid, m in layerid_to_module.items())
@@ -306,9 +309,18 @@ class LayerCollection(StateDictMixin):
                 yield layer_id, layer
 
     def merge(self, other):
-        """A new collection with this one's layers then ``other``'s (ids must not overlap)."""
+        """The union: a new collection with this one's layers, then those of ``other`` that it
+        does not have. A layer in both (same id, same spec) is kept once, where this collection
+        has it; the same id with different specs is an error (they are different layers)."""
         out = LayerCollection(self.layers)
         for layer_id, layer in other.layers.items():
+            if layer_id in out.layers:
+                if out.layers[layer_id] != layer:
+                    raise ValueError(
+                        f"merge: layer '{layer_id}' is {out.layers[layer_id]} in one collection "
+                        f"and {layer} in the other; rename one of them or build both "
+                        "collections from the same model")
+                continue
             out.add_layer(layer_id, layer)
         out.dtype, out.device = self.dtype or other.dtype, self.device or other.device
         return out
@@ -338,3 +350,7 @@ class LayerCollection(StateDictMixin):
 
 
 __all__ = ["LayerCollection", "UnsupportedLayerError", "unwrap_compiled", "run_eagerly"] + list(_layer_types_all)
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from abc import ABC  # noqa: E402,F401
+from functools import reduce  # noqa: E402,F401

@@ -1,19 +1,19 @@
 """Extra layers whose Fisher geometry is studied in the literature, each with its layer type in
-:mod:`nngeometry.layer_types.reparametrized`.
+`nngeometry.layer_types.reparametrized`.
 
-* :class:`WeightNorm1d`: a linear map whose weight rows are normalized, no bias:
+* `WeightNorm1d`: a linear map whose weight rows are normalized, no bias:
   ``y = x Ŵᵀ`` with ``Ŵ_o = w_o / sqrt(||w_o||² + eps)``.
-* :class:`WeightNorm2d`: the convolution version: each output channel's kernel
+* `WeightNorm2d`: the convolution version: each output channel's kernel
   ``(C_in, kh, kw)`` is normalized the same way, no bias.
-* :class:`Cosine1d`: cosine similarity between the input and each weight row:
+* `Cosine1d`: cosine similarity between the input and each weight row:
   ``y_o = <x / sqrt(||x||² + eps), w_o / sqrt(||w_o||² + eps)>`` (norms over the last axis),
   no bias.
 
 ``eps`` (default ``1e-5``, as in upstream nngeometry) keeps the maps defined at zero norm;
 ``eps=0`` gives the exact unit-norm maps. The layer types in
-:mod:`nngeometry.layer_types.reparametrized` read ``module.eps``, so the gradients always match
+`nngeometry.layer_types.reparametrized` read ``module.eps``, so the gradients always match
 the forward.
-* :class:`Affine1d`: per-feature scale and shift ``y = x * weight + bias`` over the last axis
+* `Affine1d`: per-feature scale and shift ``y = x * weight + bias`` over the last axis
   (the affine part of a normalization layer, on its own).
 """
 import torch
@@ -112,3 +112,7 @@ class Affine1d(nn.Module):
 
 
 __all__ = ["WeightNorm1d", "WeightNorm2d", "Cosine1d", "Affine1d"]
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from torch import Tensor  # noqa: E402,F401
+from torch.nn import Conv2d, Linear, Module, Parameter  # noqa: E402,F401

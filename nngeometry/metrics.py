@@ -226,7 +226,7 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     """The Fisher information matrix estimated with sampled targets.
 
     Computes ``F = (1/n) Σ_x (1/T) Σ_t ∇log p(y_t|x) ∇log p(y_t|x)ᵀ`` with ``y_t ~ p(·|x)``
-    (``T = trials``); an unbiased estimate of :func:`FIM`, at the cost of ``trials`` backward
+    (``T = trials``); an unbiased estimate of [`FIM`][nngeometry.FIM], at the cost of ``trials`` backward
     directions instead of ``C - 1``.
 
     Variants: ``classif_logits`` (outputs are logits), ``classif_logsoftmax`` (outputs are
@@ -238,13 +238,13 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     Outputs with positions (more than 2 dimensions, the class axis ``class_dim``; the
     ``segmentation_logits`` variant has it at 1): one target per position, the
     log-probabilities summed over positions (``positions='sum'``) or averaged (``'mean'``);
-    language models (``causal_lm``): as for :func:`FIM`.
+    language models (``causal_lm``): as for [`FIM`][nngeometry.FIM].
 
     ``seed`` (an int): the sampled targets are a fixed function of the seed, the batch's index
     in the loader and the batch's content (no RNG state is read or changed), so that every pass
     over the loader sees the same targets: the same matrix on every build, and a
     ``PMatImplicit`` that is one fixed matrix (two products with it agree, as CG, Lanczos and
-    Hutchinson need). See :func:`nngeometry.variants.monte_carlo_function`.
+    Hutchinson need). See `nngeometry.variants.monte_carlo_function`.
 
     Without ``seed`` the targets are drawn from PyTorch's global RNG (``torch.multinomial`` /
     exponential draws, the inverse CDF for one trial of 1024 classes or more, for the
@@ -252,7 +252,7 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     device): that is the only global state a call changes. Memory grows linearly with
     ``trials`` (the trials' backward directions are taken in chunks).
 
-    ``check_deterministic``, the other keywords and ``PMatEye``: as for :func:`FIM` (the check
+    ``check_deterministic``, the other keywords and ``PMatEye``: as for [`FIM`][nngeometry.FIM] (the check
     runs the model, not the sampling).
     """
     check_positions(positions)
@@ -297,7 +297,7 @@ def EmpiricalFisher(model, loader, representation, loss_function=None, device=No
     shifted logits ``(n, T-1, V)`` and labels ``(n, T-1)`` (-100 where a position does not
     count).
 
-    The other arguments are as for :func:`FIM`.
+    The other arguments are as for [`FIM`][nngeometry.FIM].
     """
     check_positions(positions)
     check_class_dim(class_dim)
@@ -332,14 +332,14 @@ def GGN(model, loader, representation, loss_function, device=None, function=None
 
     Args:
         loss_function: ``loss_function(outputs, *targets) -> (n,)`` per-example losses (as
-            for :func:`EmpiricalFisher`; required). It must treat examples independently.
+            for [`EmpiricalFisher`][nngeometry.EmpiricalFisher]; required). It must treat examples independently.
 
-    Language models (``causal_lm``): the convention of :func:`EmpiricalFisher`;
+    Language models (``causal_lm``): the convention of [`EmpiricalFisher`][nngeometry.EmpiricalFisher];
     ``'cross_entropy'`` and ``nn.CrossEntropyLoss(reduction='none')`` in closed form, a
     callable through the output Hessians of the convention's loss (it gets the shifted logits
-    and labels, as for :func:`EmpiricalFisher`).
+    and labels, as for [`EmpiricalFisher`][nngeometry.EmpiricalFisher]).
 
-    The other arguments are as for :func:`FIM`.
+    The other arguments are as for [`FIM`][nngeometry.FIM].
     """
     check_positions(positions)
     check_class_dim(class_dim)
@@ -358,3 +358,7 @@ from .jacobian import Jacobian  # noqa: E402
 from .gram import GramMatrix  # noqa: E402
 
 __all__ = ["FIM", "FIM_MonteCarlo", "FIM_Types", "EmpiricalFisher", "GGN", "Hessian", "Jacobian", "GramMatrix"]
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from functools import partial  # noqa: E402,F401
+from .layercollection import LayerCollection  # noqa: E402,F401

@@ -1,13 +1,17 @@
 """Elastic weight consolidation (EWC): quadratic penalties that keep a network close to the
 parameters it had after earlier tasks, weighted by each task's Fisher information.
 
-* EWC (Kirkpatrick et al. 2017), one anchor per task::
+* EWC (Kirkpatrick et al. 2017), one anchor per task:
 
-      R(θ) = ½ λ Σ_t (θ − θ_t)ᵀ F_t (θ − θ_t)
+  ```
+  R(θ) = ½ λ Σ_t (θ − θ_t)ᵀ F_t (θ − θ_t)
+  ```
 
-* online EWC (Schwarz et al. 2018), one anchor and one running matrix::
+* online EWC (Schwarz et al. 2018), one anchor and one running matrix:
 
-      F ← γ F + F_t,    θ* ← θ_t,    R(θ) = ½ λ (θ − θ*)ᵀ F (θ − θ*)
+  ```
+  F ← γ F + F_t,    θ* ← θ_t,    R(θ) = ½ λ (θ − θ*)ᵀ F (θ − θ*)
+  ```
 
 ``F_t`` is any parameter-space matrix (``PMatDiag``, ``PMatKFAC``, ``PMatEKFAC``,
 ``PMatBlockDiag``, ``PMatDense``, ``PMatLowRank``, ``PMatQuasiDiag``...) that stores the
@@ -40,11 +44,12 @@ class EWC:
         layer_collection: the layers penalised (default: those of the matrices registered, which
             must all share one collection).
 
-    Use::
-
+    Example:
+        ```python
         ewc = EWC(model, lam=100.)
         ewc.register_task(FIM(model, loader_a, PMatKFAC))   # anchor: the current parameters
         loss = criterion(model(x), y) + ewc.penalty()
+        ```
     """
 
     def __init__(self, model, lam=1.0, gamma=None, layer_collection=None):

@@ -6,10 +6,12 @@ numbers, strings, ``None`` and containers (dicts, lists, tuples) and refuses eve
 ``torch.serialization.add_safe_globals``. The objects of this library (representations,
 ``PVector``, ``LayerCollection`` and its layer specs) are therefore saved as *state dicts*:
 `to_state` turns an object, or any container of objects, into such plain data, and
-`from_state` rebuilds it::
+`from_state` rebuilds it:
 
-    torch.save(F.state_dict(), "fisher.pt")                      # F: any PMat*
-    F = PMatKFAC.from_state_dict(torch.load("fisher.pt"))        # default weights_only=True
+```
+torch.save(F.state_dict(), "fisher.pt")                      # F: any PMat*
+F = PMatKFAC.from_state_dict(torch.load("fisher.pt"))        # default weights_only=True
+```
 
 The plain form of an object of this library is a dict
 ``{"__nng_object__": "module:QualName", "__nng_state__": <its pickled state, in plain form>}``

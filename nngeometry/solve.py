@@ -9,7 +9,7 @@ product) or any object with ``mv``. The optional preconditioner ``M`` approximat
 ``PMatEKFAC`` or ``PMatDiag`` of the same curvature), exactly damped: ``(M + regul·I)⁻¹ r``
 (KFAC with ``damping='exact'``, not its default π-damping, a worse preconditioner); a callable as
 ``M(r)`` (PVector to PVector), e.g. ``lambda r: K.solve(r, regul=λ)`` for π-damped KFAC. With
-``return_info=True`` each returns ``(x, info)``, ``info`` a :class:`SolveInfo` (iterations,
+``return_info=True`` each returns ``(x, info)``, ``info`` a [`SolveInfo`][nngeometry.solve.SolveInfo] (iterations,
 products, residual).
 
 ``cg`` and ``minres`` raise ``SolverNotConvergedError`` when ``max_iter`` is reached before the
@@ -130,7 +130,7 @@ def cg(A, b, regul=1e-8, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None, retu
         M: a preconditioner: ``M.solve(r, regul=regul)`` approximates ``(A + λI)⁻¹ r`` (e.g. a
             ``PMatKFAC``, ``PMatEKFAC`` or ``PMatDiag`` of the same matrix; KFAC damped
             exactly, ``(K + λI)⁻¹``), or a callable ``r -> z``.
-        return_info: also return a :class:`SolveInfo`, and return the last iterate instead of
+        return_info: also return a [`SolveInfo`][nngeometry.solve.SolveInfo], and return the last iterate instead of
             raising when ``max_iter`` is reached before the tolerance.
 
     Returns the PVector ``x``, or ``(x, info)``. Raises ``SolverNotConvergedError`` when
@@ -190,7 +190,7 @@ def minres(A, b, regul=0.0, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None, r
     MINRES (Paige & Saunders 1975): the iterate minimising the residual norm over the Krylov
     space, through the Lanczos recurrence and Givens rotations; one product per iteration.
 
-    Args: as :func:`cg`; ``M``, if given, must be symmetric positive definite (e.g. a KFAC or
+    Args: as [`cg`][nngeometry.solve.cg]; ``M``, if given, must be symmetric positive definite (e.g. a KFAC or
     diagonal Gauss-Newton approximation preconditioning a Hessian), and then the minimised norm
     is the ``M``-norm of the residual ``sqrt(rᵀ M r)``.
 

@@ -1,6 +1,6 @@
 """Eigenvalue spectra of any representation, and the effective dimension.
 
-:func:`eigenvalues` returns the spectrum the cheapest exact way the structure allows, never
+[`eigenvalues`][nngeometry.object.pspace.abstract.PMatAbstract.eigenvalues] returns the spectrum the cheapest exact way the structure allows, never
 forming a ``P × P`` matrix when the structure gives the eigenvalues directly:
 
 * ``PMatDiag``: the diagonal; ``PMatEye``: ``P`` copies of its scaling;
@@ -9,9 +9,9 @@ forming a ``P × P`` matrix when the structure gives the eigenvalues directly:
 * ``PMatMixed``: the union of its parts' spectra;
 * any other representation with ``P ≤ max_dense``: ``eigvalsh`` of ``to_torch()``;
 * otherwise (``PMatImplicit`` of a large model, ...): the ``k`` extreme eigenvalues by block
-  Lanczos (:func:`nngeometry.estimators.top_eigenpairs`); pass ``k``.
+  Lanczos ([`nngeometry.estimators.top_eigenpairs`][nngeometry.estimators.top_eigenpairs]); pass ``k``.
 
-:func:`effective_dimension` is ``Σ_i λ_i / (λ_i + α)`` (MacKay 1992; Maddox et al. 2020): the
+[`effective_dimension`][nngeometry.spectrum.effective_dimension] is ``Σ_i λ_i / (λ_i + α)`` (MacKay 1992; Maddox et al. 2020): the
 number of parameter directions the data determine, at the scale ``α`` of a prior precision.
 """
 import torch

@@ -118,7 +118,7 @@ def class_positions(out, class_dim=None):
 
 
 def _from_positions(fp, shape, class_dim):
-    """The inverse of :func:`class_positions`: ``(n, S, C)`` back to the outputs' ``shape``."""
+    """The inverse of `class_positions`: ``(n, S, C)`` back to the outputs' ``shape``."""
     if len(shape) <= 2:
         return fp.reshape(shape)
     d = class_dim % len(shape)
@@ -167,12 +167,12 @@ class LMConvention:
 
 
 def lm_convention(model, causal_lm=None, target_key="labels", function=None):
-    """The :class:`LMConvention` of ``model`` (None: no language-model convention).
+    """The `LMConvention` of ``model`` (None: no language-model convention).
 
     With a user ``function`` (the outputs are then the user's, e.g. logits already shifted)
     nothing is detected: only ``causal_lm=True`` / ``False`` applies a convention.
 
-    ``causal_lm``: None detects it (:func:`is_causal_lm`: a causal LM gets the convention with
+    ``causal_lm``: None detects it (`is_causal_lm`: a causal LM gets the convention with
     shifted labels, any other model none); True forces the causal convention, False the
     convention without the shift (position ``t`` with label ``t``, as a masked LM or a token
     classifier: padding and -100 excluded, ``positions='mean'`` by default)."""
@@ -229,7 +229,7 @@ def lm_positions(out, batch, conv, class_dim=-1, positions="mean"):
 
 def _takes_full_outputs(loss_function):
     """Whether ``loss_function`` applies a language model's convention itself (it sets
-    ``nngeometry_full_outputs = True``, e.g. :func:`nngeometry.influence.causal_lm_loss`,
+    ``nngeometry_full_outputs = True``, e.g. [`nngeometry.influence.causal_lm_loss`][nngeometry.influence.causal_lm_loss],
     which shifts the labels): it then gets the full logits and labels, no convention."""
     return bool(getattr(loss_function, "nngeometry_full_outputs", False))
 
@@ -315,11 +315,11 @@ class OutputTransform:
 
     Give either ``transform(f) -> g`` or ``split(f) -> (g, columns)``, where ``columns(k0, k1)``
     recomputes ``g[:, k0:k1]`` from the same draws through a graph of its own (see
-    :func:`monte_carlo_function`).
+    `monte_carlo_function`).
 
-    With ``needs_batch=True`` both take a second argument, a :class:`BatchInfo` (the batch, its
+    With ``needs_batch=True`` both take a second argument, a `BatchInfo` (the batch, its
     index, the seed's key): losses of the observed targets (empirical Fisher, GGN) and seeded
-    sampling. ``seed``: the seed of :func:`batch_key` (None: no key)."""
+    sampling. ``seed``: the seed of `batch_key` (None: no key)."""
 
     #: how the transform was made (e.g. ``closed_form_function(function, 'classif_logits')``)
     origin = None
@@ -336,7 +336,7 @@ class OutputTransform:
         self.seed = seed
 
     def batch_info(self, batch, index=None):
-        """The :class:`BatchInfo` of ``batch`` (call it on real tensors, outside ``torch.func``
+        """The `BatchInfo` of ``batch`` (call it on real tensors, outside ``torch.func``
         transforms: the seed's key reads the batch's bytes)."""
         key = None if self.seed is None else batch_key(self.seed, batch, index)
         return BatchInfo(batch, index, key)
@@ -368,7 +368,7 @@ class OutputTransform:
 
     @property
     def has_metric(self):
-        """Whether :meth:`metric` is available: ``J_gᵀ J_g = J_fᵀ H J_f`` with ``H u``
+        """Whether `metric` is available: ``J_gᵀ J_g = J_fᵀ H J_f`` with ``H u``
         computable from the model's outputs ``f`` without forming ``g`` (the implicit
         products then run JVP, ``H u``, VJP on the model's outputs)."""
         return self._metric is not None
@@ -399,13 +399,13 @@ def closed_form_function(function, variant, positions="sum", class_dim=None, lm=
     """``g(*batch)`` with ``J_gᵀ J_g`` the example's Fisher under ``variant``.
 
     Outputs with positions (more than 2 dimensions, the class axis ``class_dim``, see
-    :func:`class_positions`): the likelihood factorises over positions, the Fisher is the sum of
+    `class_positions`): the likelihood factorises over positions, the Fisher is the sum of
     the per-position terms (``positions='sum'``) or their mean (``'mean'``, for losses averaged
-    over tokens). ``lm``: a :class:`LMConvention` (language models ``(n, T, V)``: shifted
+    over tokens). ``lm``: a `LMConvention` (language models ``(n, T, V)``: shifted
     positions for a causal LM, padding excluded, ``positions=None`` meaning ``'mean'`` over the
-    counted positions, see :func:`lm_positions`).
+    counted positions, see `lm_positions`).
 
-    ``classif_logits`` also has the closed-form output metric :meth:`OutputTransform.metric`:
+    ``classif_logits`` also has the closed-form output metric `OutputTransform.metric`:
     ``H u = p ⊙ u − p (pᵀu)`` per position, which the implicit products use instead of the
     ``C × (C − 1)`` square roots (``O(n·S·C)`` memory)."""
     check_positions(positions)
@@ -531,7 +531,7 @@ def monte_carlo_function(function, variant, trials, covariance=1.0, positions="s
     ``J_gᵀ J_g = (1/T) Σ_t ∇ log p(y_t|x) ∇ log p(y_t|x)ᵀ``.
 
     Outputs with positions (``(n, T, C)``: classes last; ``(n, C, H, W)``: classes along
-    dimension 1, see :func:`class_positions`): one label is drawn per position and the
+    dimension 1, see `class_positions`): one label is drawn per position and the
     log-probabilities are summed over positions (``positions='sum'``), or averaged
     (``'mean'``: ``g`` scaled by ``1/sqrt(S)``, so the matrix is the sum's divided by ``S``).
 
@@ -540,8 +540,8 @@ def monte_carlo_function(function, variant, trials, covariance=1.0, positions="s
     or more, the inverse CDF of one ``torch.rand`` per row) for the classification
     variants, ``torch.randn`` for ``regression``; seed it with ``torch.manual_seed`` for
     reproducible matrices. With ``seed`` (an int) no RNG state is used: the draws are a fixed
-    function of the seed, the batch's index in the loader and its content (:func:`batch_key`,
-    :func:`counter_uniform`; labels by the Gumbel-max rule, Gaussians by Box-Muller), so that
+    function of the seed, the batch's index in the loader and its content (`batch_key`,
+    `counter_uniform`; labels by the Gumbel-max rule, Gaussians by Box-Muller), so that
     every pass over the same loader sees the same targets: ``PMatImplicit`` is then one fixed
     matrix (CG, Lanczos and Hutchinson need that); the uniform numbers behind the draws are
     the same on every device (the labels then agree up to floating-point ties).
@@ -720,7 +720,7 @@ def targets_of(batch, target_key="labels", who="this matrix"):
 
 def cross_entropy_losses(outputs, targets, class_dim=None):
     """``-log softmax(outputs)[targets]`` per position, shape ``(n, S)`` (positions as in
-    :func:`class_positions`, the classes along ``class_dim``); targets equal to -100 (PyTorch's
+    `class_positions`, the classes along ``class_dim``); targets equal to -100 (PyTorch's
     and Hugging Face's ``ignore_index``) give 0."""
     fp = class_positions(outputs, class_dim)
     n, S, C = fp.shape
@@ -773,11 +773,11 @@ def empirical_function(function, loss_function=None, positions="sum", target_key
     so that ``J_gᵀ J_g = ∇θℓ_i ∇θℓ_iᵀ``, the empirical Fisher's term of example ``i``.
 
     ``loss_function(outputs, *targets) -> (n,)`` (or ``(n, ...)``, reduced over positions by
-    ``positions``); default :func:`cross_entropy_losses` (classes along ``class_dim``).
-    ``targets``: see :func:`targets_of`.
+    ``positions``); default `cross_entropy_losses` (classes along ``class_dim``).
+    ``targets``: see `targets_of`.
 
-    ``lm`` (a :class:`LMConvention`), for outputs ``(n, T, V)``: the loss is called on the
-    positions that predict something and their labels (:func:`lm_positions`: ``(n, S, V)``
+    ``lm`` (a `LMConvention`), for outputs ``(n, T, V)``: the loss is called on the
+    positions that predict something and their labels (`lm_positions`: ``(n, S, V)``
     logits, ``(n, S)`` labels, -100 where a position does not count: a -100 label or padding),
     a per-position result ``(n, S)`` weighted by the positions' weights: summed over the
     counted positions (``positions='sum'``) or averaged over them (``'mean'``, the default:
@@ -827,7 +827,7 @@ def output_hessians(loss_function, outputs, targets, positions="sum"):
     """``(n, D, D)``: ``H_i = ∇²_f ℓ_i``, the Hessian of example ``i``'s loss w.r.t. its own
     outputs (flattened, ``D`` entries), by ``torch.func.hessian`` vmapped over the examples
     (a loss that ``vmap`` cannot batch is run example by example). The loss is
-    ``loss_function(f_i[None], *targets_i[None])`` reduced as :func:`per_example_losses`."""
+    ``loss_function(f_i[None], *targets_i[None])`` reduced as `per_example_losses`."""
     n = outputs.shape[0]
     f = outputs.detach()
     shape = f.shape[1:]
@@ -863,7 +863,7 @@ def output_hessians(loss_function, outputs, targets, positions="sum"):
 
 
 def _output_hessians_autograd(loss_function, f, targets, positions):
-    """:func:`output_hessians` by plain autograd (5-50x faster than ``torch.func`` on small
+    """`output_hessians` by plain autograd (5-50x faster than ``torch.func`` on small
     outputs): the per-example losses depend on their own outputs only, so the gradient of
     their sum w.r.t. ``f`` holds every example's gradient, and one backward per output
     coordinate (batched) gives row ``d`` of every ``H_i``. None when the loss does not
@@ -934,8 +934,8 @@ class _KnownLoss:
     ``kind``:
 
     * ``'softmax'``: cross-entropy on logits, ``H = diag(p) - p pᵀ`` per position
-      (``p = softmax``), square root :func:`multinomial_covariance_sqrt` (``C - 1`` columns).
-      ``classes``: ``'last'`` (the library's convention, :func:`class_positions`: ``(n, C)``,
+      (``p = softmax``), square root `multinomial_covariance_sqrt` (``C - 1`` columns).
+      ``classes``: ``'last'`` (the library's convention, `class_positions`: ``(n, C)``,
       ``(n, T, C)``, ``(n, C, H, W)``) or ``1`` (``torch.nn.CrossEntropyLoss``: classes along
       dimension 1 for every shape). Positions whose target is ``ignore_index`` have ``H = 0``.
       Label smoothing ``ε`` leaves ``H`` unchanged (the smoothed targets sum to one).
@@ -971,7 +971,7 @@ def _ce_string_losses(out, y):
 
 
 def known_loss(loss_function):
-    """The :class:`_KnownLoss` behind ``loss_function`` (a name of :data:`LOSS_NAMES` or a
+    """The `_KnownLoss` behind ``loss_function`` (a name of `LOSS_NAMES` or a
     ``torch.nn`` loss module of an exact known type), or None for any other callable (the GGN
     then uses the generic output Hessians).
 
@@ -1039,7 +1039,7 @@ def _bernoulli_h(f, targets):
 
 
 def _ggn_softmax_layout(known, out, targets, positions, function, class_dim, conv, info):
-    """``(lay, kept)`` for a softmax loss: the :class:`_SoftmaxLayout` of the outputs (the
+    """``(lay, kept)`` for a softmax loss: the `_SoftmaxLayout` of the outputs (the
     convention's under ``conv``) and the ``(n, S)`` 0/1 weights of the positions whose target
     is not ``ignore_index`` (None: all), or None where the closed form does not apply
     (probability targets: generic path)."""
@@ -1107,12 +1107,12 @@ def ggn_function(function, loss_function, positions="sum", target_key="labels",
                  class_dim=None, lm=None):
     """``g(*batch)`` of shape ``(n, D)`` (``D`` outputs per example) with
     ``J_gᵀ J_g = J_fᵀ H J_f``, ``H = ∇²_f ℓ`` the per-example loss's Hessian in output space:
-    ``g = S_iᵀ f_i`` with ``S_i S_iᵀ = H_i`` (:func:`psd_sqrt` of :func:`output_hessians`),
+    ``g = S_iᵀ f_i`` with ``S_i S_iᵀ = H_i`` (`psd_sqrt` of `output_hessians`),
     ``S_i`` a constant of the backward pass.
 
     The cross-entropy (``'cross_entropy'``, ``nn.CrossEntropyLoss``) has the closed-form output
-    metric (:meth:`OutputTransform.metric`), used by the implicit products. ``lm`` (a
-    :class:`LMConvention`): the language model's positions and weights (:func:`lm_positions`);
+    metric (`OutputTransform.metric`), used by the implicit products. ``lm`` (a
+    `LMConvention`): the language model's positions and weights (`lm_positions`);
     a callable ``loss_function`` then gets the shifted logits ``(n, S, V)`` and labels
     ``(n, S)`` (-100 where a position does not count), a per-position result ``(n, S)``
     weighted by the positions' weights (generic output Hessians)."""

@@ -3,7 +3,8 @@ from .jacobian import TorchHooksJacobianBackend
 from .hessian import HessianBackend
 from .torch_func_hessian import TorchFuncHessianBackend
 from .dummy import DummyGenerator
+from .torch_func_jacobian import TorchFuncJacobianBackend
 from . import torch_hooks
 
 __all__ = ["TorchHooksJacobianBackend", "HessianBackend", "TorchFuncHessianBackend",
-           "DummyGenerator", "torch_hooks"]
+           "DummyGenerator", "TorchFuncJacobianBackend", "torch_hooks"]

@@ -30,7 +30,10 @@ def _refuse_no_examples(batch):
     n = _leading_size(batch[0])
     first = batch[0]
     if isinstance(first, Mapping):
-        first = next((v for v in first.values() if isinstance(v, torch.Tensor)), None)
+        # the examples are in whichever value is batched: empty only if every one is
+        batched = [v for v in first.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        first = next(iter(batched), None)
+        n = 0 if batched and all(v.shape[0] == 0 for v in batched) else None
     if n == 0 and isinstance(first, torch.Tensor) and first.dim() > 0:
         raise ValueError(
             f"a batch holds 0 examples (inputs of shape {tuple(first.shape)}): nngeometry "
@@ -121,7 +124,9 @@ def iterate_batches(examples):
                 f"{type(examples[0]).__name__} of {len(examples[0])} tensors): nngeometry reads "
                 "a tuple as one mini-batch (inputs, targets, ...), whose inputs would be the "
                 "first batch. Pass several batches as a list [(x1, y1), (x2, y2), ...] or a "
-                "DataLoader, or one mini-batch as (inputs, targets)")
+                "DataLoader, or one mini-batch as (inputs, targets); a mini-batch whose inputs "
+                "and targets are themselves tuples ((x1, x2), (t1, t2)) goes in a list of one "
+                "batch: [((x1, x2), (t1, t2))]")
         if isinstance(examples, list):
             _refuse_ambiguous_list(examples)
         yield _refuse_no_examples(tuple(examples))
@@ -191,7 +196,7 @@ _DEFERRED = threading.local()
 
 @contextlib.contextmanager
 def deferred_finite_checks():
-    """Within the block, :func:`check_finite` on a tensor that is not on the CPU records a
+    """Within the block, `check_finite` on a tensor that is not on the CPU records a
     device-side flag instead of reading the answer at once: reading it is a host
     synchronisation, which once per batch stalls a GPU's queue. On leaving the block normally
     the flags are read together (one synchronisation per pass) and the first failure raises
@@ -211,7 +216,7 @@ def deferred_finite_checks():
 
 def check_finite(t, message):
     """``ValueError(message)`` if the floating-point tensor ``t`` holds a NaN or an Inf; on an
-    accelerator inside :func:`deferred_finite_checks`, when the block ends."""
+    accelerator inside `deferred_finite_checks`, when the block ends."""
     pending = getattr(_DEFERRED, "pending", None)
     if pending is not None and t.device.type != "cpu":
         if t.numel():
@@ -223,7 +228,7 @@ def check_finite(t, message):
 
 def prepare_batch(batch, device, dtype=None):
     """Move the batch to ``device`` (and its floating-point tensors to ``dtype``, see
-    :func:`to_device`) and refuse NaN or Inf in its floating-point tensors (they would otherwise
+    `to_device`) and refuse NaN or Inf in its floating-point tensors (they would otherwise
     give NaN statistics, or none of the error, e.g. behind a saturating tanh)."""
     batch = to_device(batch, device, dtype)
     for t in _float_tensors(batch):
@@ -303,8 +308,16 @@ def default_function(model, target_key="labels"):
             # read by the likelihoods' transforms (nngeometry.variants.output_class_dim)
             function.output_class_dim = -1
         check_outputs(out, "the model")
-        n = _leading_size(first)
-        if n is not None and (out.dim() == 0 or out.shape[0] != n):
+        if isinstance(first, Mapping):
+            # any batched value may come first (position_ids of shape (1, T), a 0-dim flag):
+            # the outputs must have the first dimension of one of them
+            sizes = {v.shape[0] for v in first.values()
+                     if isinstance(v, torch.Tensor) and v.dim() > 0}
+            bad = bool(sizes) and (out.dim() == 0 or out.shape[0] not in sizes)
+        else:
+            n = _leading_size(first)
+            bad = n is not None and (out.dim() == 0 or out.shape[0] != n)
+        if bad:
             shape = tuple(first.shape) if isinstance(first, torch.Tensor) else \
                 "(" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in first.items()
                                 if isinstance(v, torch.Tensor)) + ")"
@@ -341,7 +354,13 @@ def _dict_keys_error(model, batch, target_key, error):
 
 
 def batch_size_of(batch):
+    """The number of examples of ``batch``: the first dimension of its first tensor; for a
+    dict, the largest first dimension of its values (those not batched, such as position_ids of
+    shape ``(1, T)`` or a 0-dim flag, may come first)."""
     first = batch[0]
     if isinstance(first, Mapping):
+        sizes = [v.shape[0] for v in first.values() if isinstance(v, torch.Tensor) and v.dim()]
+        if sizes:
+            return max(sizes)
         first = next(iter(first.values()))
     return first.shape[0]

@@ -5,12 +5,12 @@ Running the engine on that batch costs one more forward and backward pass. The s
 need the inputs of each layer (the forward pass of the training step has them) and the
 gradients of the *curvature's* output directions w.r.t. each layer's output (for the Monte-Carlo
 Fisher, ``∇_s log p(ŷ|x)`` with ``ŷ`` sampled from the model: not the gradients of the training
-loss). :class:`StepCapture` records the layers' calls during the user's forward pass and, when
+loss). `StepCapture` records the layers' calls during the user's forward pass and, when
 the user's ``loss.backward()`` reaches the model's output, runs the curvature's backward pass
 from there (re-entrantly, while the forward graph is still alive) down to the layers' outputs
 only. The training step then costs one extra partial backward pass, and no forward pass.
 
-The recorded batch is then replayed into any representation by :class:`ReplayBackend`, a
+The recorded batch is then replayed into any representation by `ReplayBackend`, a
 generator whose passes feed the recorded statistics to the representation's accumulators
 instead of running the model: ``PMatKFAC(generator=ReplayBackend(capture), examples=...)``
 equals ``FIM_MonteCarlo(model, batch, PMatKFAC)`` with the same draws.
@@ -193,6 +193,12 @@ class StepCapture:
         out, columns = gen._transformed(raw)
         n, n_output = out.shape
         gen._check_calls(out, lc, record.modules, record.calls, "the training step")
+        # calls found shared by their gradients (a table as long as the batch): their inputs
+        # get the batch axis their per-example gradients are computed with
+        for store in record.calls.values():
+            for c in store:
+                if c.shared is not None:
+                    c.expand_shared()
         # keep_graph: the user's backward pass goes on through the same graph
         for k0, k1, grads in gen._direction_chunks(out, columns, record.calls, lc,
                                                    keep_graph=True):
@@ -232,7 +238,7 @@ class _Record:
         self.outputs = None
 
     def contexts(self, layer_collection):
-        """The :class:`BatchContext` of each chunk, as the engine's pass would give them."""
+        """The `BatchContext` of each chunk, as the engine's pass would give them."""
         layer_calls = [c for store in self.calls.values() for c in store]
         for k0, k1, grads in self.chunks:
             i = 0
@@ -244,7 +250,7 @@ class _Record:
 
 
 class ReplayBackend(TorchHooksJacobianBackend):
-    """A generator whose passes replay one recorded training step (:class:`StepCapture`)
+    """A generator whose passes replay one recorded training step (`StepCapture`)
     instead of running the model: the representations built from it hold the curvature of the
     recorded batch. Only statistics accumulated in one pass are available (not implicit
     products, and not centering)."""

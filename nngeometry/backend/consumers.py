@@ -1,18 +1,18 @@
 """Consumers of per-batch statistics: each accumulates one kind of matrix over the batches.
 
-Every statistic follows one protocol (:class:`Consumer`):
+Every statistic follows one protocol (`Consumer`):
 
 * ``add(ctx)`` (older name ``update``): called once per mini-batch and chunk of output
-  directions with a :class:`~nngeometry.backend.context.BatchContext`; adds the batch's
+  directions with a `BatchContext`; adds the batch's
   contribution to running **sums** (never means), and the batch's examples to ``count``;
 * ``state()``: the sums as plain tensors (a dict of nested dicts / lists of tensors), sealing
-  the lazy accumulators (:class:`~nngeometry.maths.gram.SymmetricAccumulator` keeps half a
+  the lazy accumulators (`SymmetricAccumulator` keeps half a
   Gram matrix until then: no row can be added afterwards);
 * ``merge(other)``: ``self`` becomes the statistic of both sets of examples (sums added,
   counts added; for row statistics the rows of ``other`` are appended after ``self``'s);
 * ``all_reduce(group)`` (sums) / ``all_gather(group)`` (row statistics, ``reduction = 'rows'``:
   per-example Jacobians, in rank order): the statistic of every rank's examples, on every rank,
-  with one collective (see :mod:`nngeometry.backend.distributed`);
+  with one collective (see `nngeometry.backend.distributed`);
 * ``ema(other, decay)``: the running average ``decay · mean(self) + (1 - decay) · mean(other)``
   of the normalised statistics (what an optimizer's curvature estimate needs);
 * ``compute()``: the normalised statistic (the sums divided by the global ``count``), also left
@@ -525,11 +525,11 @@ class Jacobian(Consumer):
 
     ``n_expected``: the number of examples if known in advance (a sized DataLoader): the whole
     result's size (``n_output · n · P`` entries, held twice while the batches are concatenated)
-    is checked against the memory available at the first batch (:func:`check_fits`); the
+    is checked against the memory available at the first batch (`check_fits`); the
     running size is checked at every batch in any case.
 
     A row statistic (``reduction = 'rows'``): its state ``batches`` is sealed into the one
-    ``(n_output, n, P)`` tensor; :meth:`merge` appends rows and :meth:`all_gather` concatenates
+    ``(n_output, n, P)`` tensor; [`merge`][nngeometry.layercollection.LayerCollection.merge] appends rows and `all_gather` concatenates
     the ranks' examples in rank order."""
 
     reduction = "rows"

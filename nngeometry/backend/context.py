@@ -1,9 +1,9 @@
 """What one mini-batch gives to the consumers of the Jacobian generator.
 
 For every layer of the collection and every call of its module during the forward pass, a
-:class:`Call` records the module's input ``x`` and, after the batched backward pass, ``gy``: the
+`Call` records the module's input ``x`` and, after the batched backward pass, ``gy``: the
 gradients of ``K`` output directions w.r.t. the module's output, shape ``(K, n, *out_shape)``.
-:class:`BatchContext` turns those into the statistics that representations need, with caching,
+`BatchContext` turns those into the statistics that representations need, with caching,
 so that two consumers asking for the same per-example gradients share the work.
 """
 import weakref
@@ -17,7 +17,7 @@ _USES_VERIFIED = weakref.WeakKeyDictionary()
 
 
 def _function_key(function):
-    """What identifies the computation of ``function`` for :func:`check_parameter_uses`: the
+    """What identifies the computation of ``function`` for `check_parameter_uses`: the
     user's function under any output transform (a variant changes the outputs' directions, not
     which parameters the forward uses); the default ``model(inputs)`` is one key per model; a
     user function is its code and the identities of what its closure holds (a lambda written
@@ -82,7 +82,7 @@ class Call:
     """One call of a module: its inputs, what the backward pass differentiates to and, once it
     has run, ``gy`` (the gradients w.r.t. the module's output).
 
-    ``targets[0]`` is the module's output as a :class:`GradTarget`, not the output tensor:
+    ``targets[0]`` is the module's output as a `GradTarget`, not the output tensor:
     holding the tensor kept e.g. every convolution's output alive through the backward pass
     (6 MiB for a small CNN in a build whose other transients are 16), and an in-place op applied to the
     output afterwards (``ReLU(inplace=True)``) made the tensor stand for that op's result, so
@@ -255,14 +255,14 @@ class BatchContext:
         of output directions (it depends on the inputs only).
 
         With ``lazy=True`` each factor is a list of pieces, dense tensors or
-        :class:`~nngeometry.maths.gram.GramRows` (left for the consumer to accumulate with
+        `GramRows` (left for the consumer to accumulate with
         symmetric, batched GEMMs); otherwise dense tensors (or 1-D for diagonal factors).
         """
         blocks, multi = self.kfac_factor_blocks(layer_id, approx=approx, lazy=lazy)
         return blocks if multi else blocks[0]
 
     def kfac_factor_blocks(self, layer_id, approx="expand", lazy=False):
-        """``(blocks, multi)``: ``blocks`` the list of ``(A, G)`` (as :meth:`kfac_factors`) of
+        """``(blocks, multi)``: ``blocks`` the list of ``(A, G)`` (as `kfac_factors`) of
         each Kronecker block of the layer (one for most layer types), ``multi`` whether the
         layer type returned several blocks (see ``AbstractLayer.kfac_factors``)."""
         from ..layer_types.base import is_multiblock, kfac_block_list
@@ -276,14 +276,16 @@ class BatchContext:
                 "PMatMixed with PMatDiag or PMatBlockDiag for this layer, or leave the tied pair "
                 "out of the LayerCollection")
         layer, module = self.layer_collection[layer_id], self.modules[layer_id]
-        A, G, multi = None, None, None
+        A, G, multi, locations = None, None, None, []
         # past the first chunk of directions A is dropped: layer types whose A is costly to
         # form (convolutions: a GEMM on the unfolded patches) are told not to form it
         skip_a = ({"input_factor": False}
                   if not self.first_chunk and getattr(layer, "kfac_input_factor_optional", False)
                   else {})
         for c in self.calls[layer_id]:
-            res = layer.kfac_factors(module, layer.inputs_of(c), c.gy, approx=approx, **skip_a)
+            x = layer.inputs_of(c)
+            res = layer.kfac_factors(module, x, c.gy, approx=approx, **skip_a)
+            locations.append(layer.kfac_locations(module, x, c.gy, approx=approx))
             pairs = kfac_block_list(res)
             if A is None:
                 A, G = [[] for _ in pairs], [[] for _ in pairs]
@@ -300,10 +302,16 @@ class BatchContext:
         uses = len(self.calls[layer_id])
         if uses > 1:
             # a module called R times in one forward (nn.Sequential(lin, act, lin)): each use
-            # is one more location of the shared weight, as positions are in 'expand' (see
-            # docs/layers.md): A = Σ_r A_r, G = (1/R) Σ_r G_r, which is KFAC-expand with the R
-            # uses as R positions (each use's factors as the layer type gives them)
-            G = [[_sum_pieces(pg) / uses] for pg in G]
+            # brings its locations of the shared weight, as positions do in 'expand' (see
+            # docs/layers.md): A = Σ_r A_r, G = Σ_r S_r G_r / Σ_r S_r with G_r = Σ g gᵀ / S_r
+            # as the layer type gives it, i.e. Σ g gᵀ over all the calls' locations divided by
+            # their number: the same factors as one call on the locations put together. A
+            # layer type that cannot say S_r: each call counts alike, (1/R) Σ_r G_r
+            if None in locations:
+                weights = [1.0 / uses] * uses
+            else:
+                weights = [s / sum(locations) for s in locations]
+            G = [[_sum_pieces([_scaled(p, w) for p, w in zip(pg, weights)])] for pg in G]
         if lazy:
             return [((pa if self.first_chunk else None), pg) for pa, pg in zip(A, G)], multi
         return [((_sum_pieces(pa) if self.first_chunk else None), _sum_pieces(pg))
@@ -326,7 +334,7 @@ class BatchContext:
         return (g * g).sum(dim=(0, 1))
 
     def kfe_diag_blocks(self, layer_id, bases):
-        """:meth:`kfe_diag` for a multi-block layer: ``bases`` ``[(U_A_b, U_G_b), ...]`` in the
+        """`kfe_diag` for a multi-block layer: ``bases`` ``[(U_A_b, U_G_b), ...]`` in the
         layer's Kronecker layout order; returns the list of ``(dG_b, dA_b)`` sums."""
         from ..layer_types.base import project_blocks_to_kfe
 
@@ -338,6 +346,13 @@ class BatchContext:
         gs = project_blocks_to_kfe(self.per_example_grad(layer_id), bases,
                                    layer.kfac_permutation())
         return [(g * g).sum(dim=(0, 1)) for g in gs]
+
+
+def _scaled(piece, w):
+    """``w`` times a factor piece (a dense tensor or GramRows)."""
+    if isinstance(piece, GramRows):
+        return GramRows(piece.rows, piece.scale * w, piece.ones_column)
+    return piece * w
 
 
 def _sum_pieces(pieces):
@@ -357,7 +372,7 @@ class ParameterUseError(RuntimeError):
 
 def check_parameter_uses(out, layer_collection, modules, calls):
     """Check, on one batch, that the per-layer hooks see every use of the collection's
-    parameters; raise :class:`ParameterUseError` naming the layers where they do not.
+    parameters; raise `ParameterUseError` naming the layers where they do not.
 
     With ``u`` a fixed pseudo-random cotangent of the outputs ``out`` (``(n, K)``) and ``gy_c``
     the resulting gradient w.r.t. the output of each recorded call ``c`` of a layer's module,

@@ -2,7 +2,7 @@
 into the statistics of the whole data set.
 
 Every rank runs the model over its own shard of the examples (e.g. a ``DataLoader`` with a
-``DistributedSampler``) and accumulates *sums* (see :mod:`nngeometry.backend.consumers`); after
+``DistributedSampler``) and accumulates *sums* (see `nngeometry.backend.consumers`); after
 the pass, and not per batch:
 
 * statistics that are sums over examples (Grams, diagonals, KFAC factors, EKFAC diagonals,
@@ -204,7 +204,7 @@ def all_gather_rows(t, count, group, dim, what="statistic", device=None):
 
 def global_batch_index(local_index, group):
     """The batch index that draws of Monte-Carlo targets are keyed with (see
-    :func:`nngeometry.variants.batch_key`): ``local_index`` in a single process; under data
+    `nngeometry.variants.batch_key`): ``local_index`` in a single process; under data
     parallelism ``local_index · world + rank``, the index the batch has in a single process
     when batches are dealt to the ranks in turn (rank ``r`` takes batches ``r, r + W, ...``).
     With that sharding a seeded ``FIM_MonteCarlo`` draws the same targets as one process on the

@@ -6,8 +6,10 @@ class DummyGenerator:
     """Stands for the generator of an object restored without its model (e.g. unpickled): it
     knows the device of the data and nothing else. Upstream nngeometry's name."""
 
-    def __init__(self, device):
+    def __init__(self, device, layer_collection=None):
+        # layer_collection: nngeometry 0.4's DummyGenerator(layer_collection=..., device=...)
         self.device = torch.device(device) if device is not None else None
+        self.layer_collection = layer_collection
 
     def get_device(self, layer_collection=None):
         """The device given at construction (``layer_collection`` is ignored)."""

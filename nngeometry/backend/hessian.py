@@ -23,6 +23,7 @@ Gram-matrix products) are refused with ``NotImplementedError``.
 import torch
 import torch.nn.functional as F
 
+from ..layercollection import LayerCollection
 from .batches import default_function, prepare_batch
 from .distributed import all_reduce_tree, resolve_group, unwrap_model
 from .jacobian import (TorchHooksJacobianBackend, _check_uniform_params, tensors_in_model,
@@ -39,13 +40,13 @@ def hvp(func, primals, tangents):
 
 
 def batched_hvp(func, primals, batched_tangents):
-    """:func:`hvp` for ``m`` tangents at once: every leaf of ``batched_tangents`` has a leading
+    """`hvp` for ``m`` tangents at once: every leaf of ``batched_tangents`` has a leading
     axis of size ``m`` (vmapped, no Python loop); the result has the same leading axis."""
     return torch.func.vmap(lambda t: hvp(func, primals, t))(batched_tangents)
 
 
 def summed_cross_entropy(outputs, *batch):
-    """The default loss of :class:`HessianBackend`: ``Σ_i -log softmax(outputs_i)[y_i]`` over
+    """The default loss of `HessianBackend`: ``Σ_i -log softmax(outputs_i)[y_i]`` over
     the examples of a batch ``(inputs, targets, ...)``, summed (``reduction='sum'``) so that the
     Hessian summed over batches is the Hessian of the total loss over the data set.
 
@@ -81,7 +82,7 @@ class HessianBackend:
     Args:
         model: the ``torch.nn.Module``.
         loss_function: ``loss_function(outputs, *batch) -> scalar``, the loss of one batch
-            (``outputs = function(*batch)``). Default :func:`summed_cross_entropy`: the
+            (``outputs = function(*batch)``). Default `summed_cross_entropy`: the
             cross-entropy of ``outputs`` against ``batch[1]`` summed over the batch, so that
             ``H`` is the Hessian of the total (not mean) loss. With a mean-reduced loss, ``H``
             is the sum over batches of the per-batch mean Hessians.
@@ -92,10 +93,12 @@ class HessianBackend:
             the dense matrix, the layer blocks or the diagonal (memory ≈ that many copies of a
             batch's activations; time is unchanged).
         distributed: data parallelism over ``torch.distributed`` (see
-            :class:`~nngeometry.backend.TorchHooksJacobianBackend`): each rank passes its shard
+            [`TorchHooksJacobianBackend`][nngeometry.backend.TorchHooksJacobianBackend]): each rank passes its shard
             and every result is the Hessian of the loss summed over all the ranks' batches
             (one all_reduce per result).
         process_group: the group to reduce over (default: the world).
+        layer_collection: the collection used by the methods called without one (nngeometry
+            0.4 builds the generator with it); default: every layer of the model.
 
     Only the parameters of the ``LayerCollection`` given to each method are differentiated;
     the model's other parameters are constants. The model's buffers and ``requires_grad``
@@ -103,7 +106,7 @@ class HessianBackend:
     """
 
     def __init__(self, model, loss_function=None, function=None, verbose=False, rows_per_pass=64,
-                 distributed=None, process_group=None):
+                 distributed=None, process_group=None, layer_collection=None):
         if loss_function is not None and not callable(loss_function):
             raise TypeError(f"loss_function must be callable (outputs, *batch) -> scalar, got "
                             f"{type(loss_function).__name__}")
@@ -115,6 +118,9 @@ class HessianBackend:
         self.loss_function = loss_function if loss_function is not None else summed_cross_entropy
         self.verbose = verbose
         self.rows_per_pass = int(rows_per_pass)
+        # the collection used by the methods called without one (nngeometry 0.4 builds the
+        # generator with it: TorchFuncHessianBackend(model, function, layer_collection))
+        self.layer_collection = layer_collection
         # reuse the Jacobian generator's model-state keeping and batch iteration
         self._helper = TorchHooksJacobianBackend(model, self.function, verbose=verbose,
                                                  distributed=distributed,
@@ -135,22 +141,33 @@ class HessianBackend:
         return out
 
     # ================================================================== dtype, device
-    def get_device(self, layer_collection):
+    def _collection(self, layer_collection):
+        """``layer_collection``, else the generator's, else every layer of the model."""
+        if layer_collection is not None:
+            return layer_collection
+        if self.layer_collection is not None:
+            return self.layer_collection
+        return LayerCollection.from_model(self.model)
+
+    def get_device(self, layer_collection=None):
         """The device of the collection's parameters (``ValueError`` if they differ)."""
+        layer_collection = self._collection(layer_collection)
         return _check_uniform_params(layer_collection,
                                      layer_collection.get_layerid_module_map(self.model))[1]
 
-    def get_dtype(self, layer_collection):
+    def get_dtype(self, layer_collection=None):
         """The dtype of the collection's parameters (``ValueError`` if they differ)."""
+        layer_collection = self._collection(layer_collection)
         return _check_uniform_params(layer_collection,
                                      layer_collection.get_layerid_module_map(self.model))[0]
 
     # ================================================================== dense statistics
     @random_in_vmap_explained
-    def get_covariance_matrix(self, examples, layer_collection):
+    def get_covariance_matrix(self, examples, layer_collection=None):
         """``(P, P)``: the Hessian ``H = Σ_b ∇²ℓ_b`` w.r.t. the collection's parameters, in its
         layout. Costs ``P`` HVPs per batch (vmapped by ``rows_per_pass``); symmetrized
         (``(H + Hᵀ)/2``) to remove round-off asymmetry."""
+        layer_collection = self._collection(layer_collection)
         P = layer_collection.numel()
         H = None
         for params, loss, keys in self._functional_batches(examples, layer_collection):
@@ -163,10 +180,11 @@ class HessianBackend:
         return (H + H.t()) / 2
 
     @random_in_vmap_explained
-    def get_covariance_layer_blocks(self, examples, layer_collection):
+    def get_covariance_layer_blocks(self, examples, layer_collection=None):
         """``{layer_id: (p_l, p_l)}``: the diagonal blocks ``∂²ℓ/∂θ_l²`` of ``H``, each built
         from HVPs in that layer's parameters only (``p_l`` HVPs per layer and batch; no
         cross-layer block is formed); symmetrized."""
+        layer_collection = self._collection(layer_collection)
         blocks = None
         for params, loss, keys in self._functional_batches(examples, layer_collection):
             new = {}
@@ -183,11 +201,12 @@ class HessianBackend:
         return {lid: (b + b.t()) / 2 for lid, b in blocks.items()}
 
     @random_in_vmap_explained
-    def get_covariance_diag(self, examples, layer_collection):
+    def get_covariance_diag(self, examples, layer_collection=None):
         """``(P,)``: the exact diagonal of ``H``. Costs ``P`` HVPs per batch (each restricted
         to one layer's parameters, vmapped by ``rows_per_pass``) and ``rows_per_pass × p_l``
         memory at a time: as expensive in time as the dense matrix, but never ``P²`` memory.
         (A stochastic estimate, e.g. Hutchinson's, would be cheaper but not exact.)"""
+        layer_collection = self._collection(layer_collection)
         diag = None
         for params, loss, keys in self._functional_batches(examples, layer_collection):
             parts = []
@@ -205,8 +224,9 @@ class HessianBackend:
         return diag
 
     # ================================================================== implicit products
-    def implicit_mv(self, v, examples, layer_collection):
+    def implicit_mv(self, v, examples, layer_collection=None):
         """``(P,)``: ``H v = Σ_b ∇²ℓ_b v``, one forward-over-reverse HVP per batch."""
+        layer_collection = self._collection(layer_collection)
         out = None
         for params, loss, keys in self._functional_batches(examples, layer_collection):
             flat = v.get_flat_representation() if hasattr(v, "get_flat_representation") else v
@@ -220,15 +240,17 @@ class HessianBackend:
         self._check_finite(out)
         return out
 
-    def implicit_vTMv(self, v, examples, layer_collection):
+    def implicit_vTMv(self, v, examples, layer_collection=None):
         """``vᵀ H v`` (a scalar tensor; may be negative: ``H`` is not PSD in general)."""
+        layer_collection = self._collection(layer_collection)
         flat = v.get_flat_representation() if hasattr(v, "get_flat_representation") else v
         return flat @ self.implicit_mv(flat, examples, layer_collection)
 
     @random_in_vmap_explained
-    def implicit_mm(self, V, examples, layer_collection):
+    def implicit_mm(self, V, examples, layer_collection=None):
         """``(m, P)``: ``H v_j`` for the rows of ``V`` ``(m, P)``, HVPs vmapped over the rows
         (all ``m`` at once: the caller chunks, e.g. ``PMatImplicit(rows_per_pass=...)``)."""
+        layer_collection = self._collection(layer_collection)
         out = None
         for params, loss, keys in self._functional_batches(examples, layer_collection):
             rows = self._hvp_rows(loss, params, keys, self._split(V, params, keys))
@@ -250,14 +272,14 @@ class HessianBackend:
             what=f"per-example statistics ({type(consumer).__name__})",
             family="a representation built from per-example statistics (e.g. PMatEKFACBlockDiag)"))
 
-    def get_covariance_quasidiag(self, examples, layer_collection):
+    def get_covariance_quasidiag(self, examples, layer_collection=None):
         raise NotImplementedError(_GN_ONLY.format(what="the quasi-diagonal", family="PMatQuasiDiag"))
 
-    def get_jacobian(self, examples, layer_collection):
+    def get_jacobian(self, examples, layer_collection=None):
         raise NotImplementedError(_GN_ONLY.format(what="the per-example Jacobian factor",
                                                   family="PMatLowRank"))
 
-    def get_gram_matrix(self, examples, layer_collection):
+    def get_gram_matrix(self, examples, layer_collection=None):
         raise NotImplementedError(_GN_ONLY.format(what="the Gram matrix", family="FMatDense"))
 
     def implicit_Jv(self, v, examples, layer_collection):

@@ -7,13 +7,13 @@ Jacobians ``J(x) = ∂f(x)/∂θ`` (``K × P``). Representations are built from
     M = (1/n) Σ_x J(x)ᵀ J(x)        (n: number of examples seen),
 
 so a Fisher matrix is obtained by choosing ``f`` such that ``J(x)ᵀ J(x)`` is the example's
-Fisher (see :mod:`nngeometry.metrics`).
+Fisher (see `nngeometry.metrics`).
 
 How: one forward pass per batch with hooks that record each layer's inputs and outputs, then a
 single *batched* backward pass (``is_grads_batched``) from the ``K`` unit cotangents to the
 layers' outputs: no parameter gradient is formed by autograd, and no Python loop over examples
 or outputs. Each layer type turns ``(input, output gradient)`` into what is asked (per-example
-gradients, diagonals, KFAC factors) in :mod:`nngeometry.layer_types`.
+gradients, diagonals, KFAC factors) in `nngeometry.layer_types`.
 """
 import contextlib
 import functools
@@ -139,7 +139,7 @@ class TorchHooksJacobianBackend:
             When on, each rank passes its own shard of the examples and every statistic and
             implicit product is that of all the ranks' examples (sums reduced once per
             statistic, per-example rows gathered in rank order; see
-            :mod:`nngeometry.backend.distributed`); every rank must make the same calls.
+            `nngeometry.backend.distributed`); every rank must make the same calls.
         process_group: the group to reduce over (default: the world).
 
     A model wrapped in ``DistributedDataParallel`` (or ``DataParallel``) is unwrapped: the
@@ -296,7 +296,7 @@ class TorchHooksJacobianBackend:
     def get_gram_matrix(self, examples=None, layer_collection=None):
         """``(n_output, n, n_output, n)``: ``G[k,i,l,j] = <J_k(x_i), J_l(x_j)>`` (not normalized).
         Its ``(K n)²`` entries are checked against the memory available before the product
-        (``MemoryError``), as the Jacobian's ``K n P`` are (:func:`consumers.check_fits`)."""
+        (``MemoryError``), as the Jacobian's ``K n P`` are (`consumers.check_fits`)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
         J = self.get_jacobian(examples, layer_collection)
         K, n, P = J.shape
@@ -312,15 +312,15 @@ class TorchHooksJacobianBackend:
 
         The consumer has ``update(ctx: BatchContext)`` and ``finalize(n_examples)``; it is
         returned after ``finalize`` (with ``finalize=False``: with its sums and ``count``, to be
-        merged or averaged, see :class:`~nngeometry.backend.consumers.Consumer`).
+        merged or averaged, see `Consumer`).
         ``chunk_bytes``: the memory for the output gradients of one chunk of output directions
         (default: see ``_chunk_size``; never more than ``max_chunk_bytes``).
 
         Under data parallelism (see ``distributed``) the consumer's sums are reduced over the
-        ranks after the pass (one collective, :meth:`Consumer.all_reduce` /
-        :meth:`Consumer.all_gather`) and normalised by the global example count; a rank whose
+        ranks after the pass (one collective, `Consumer.all_reduce` /
+        `Consumer.all_gather`) and normalised by the global example count; a rank whose
         shard is empty takes part with zeros. The consumer must then follow the protocol of
-        :class:`~nngeometry.backend.consumers.Consumer`.
+        `Consumer`.
         """
         group = self._group()
         if group is not None and getattr(consumer, "_reduced", False):
@@ -461,7 +461,7 @@ class TorchHooksJacobianBackend:
     def implicit_JTv(self, w, examples=None, layer_collection=None):
         """``(P,)``: ``Σ_i J(x_i)ᵀ w[:, i]`` for ``w`` of shape ``(n_output, n)``. Under data
         parallelism ``n`` is the number of examples of all the ranks, in rank order (the order
-        of :meth:`implicit_Jv`); each rank uses its own columns."""
+        of [`implicit_Jv`][nngeometry.backend.TorchHooksJacobianBackend.implicit_Jv]); each rank uses its own columns."""
         examples, lc = self._resolve(examples, layer_collection)
         group = self._group()
         out = self._JTv(w, examples, lc) if group is None else \
@@ -537,7 +537,7 @@ class TorchHooksJacobianBackend:
                                           _MeanJacobian(layer_collection)).result
 
     def accumulate_uncentered(self, examples, layer_collection, consumer):
-        """:meth:`accumulate` without centering, whatever ``self.centering`` is."""
+        """[`accumulate`][nngeometry.backend.TorchHooksJacobianBackend.accumulate] without centering, whatever ``self.centering`` is."""
         saved, self.centering = self.centering, False
         try:
             return self.accumulate(examples, layer_collection, consumer)
@@ -688,7 +688,7 @@ class TorchHooksJacobianBackend:
     # ================================================================== internals
     def _batches(self, examples):
         """The batches of ``examples`` as tuples, on the model's device, floating-point tensors
-        in the model's dtype (see :func:`~nngeometry.backend.batches.to_device`). First refuses
+        in the model's dtype (see `to_device`). First refuses
         random modules (``check_deterministic``)."""
         if self.check_deterministic:
             refuse_random_modules(self.model)
@@ -760,7 +760,7 @@ class TorchHooksJacobianBackend:
     def _hooks(self, layer_collection, modules):
         """``{layer_id: [Call, ...]}``, filled by the forward passes run inside the block: the
         hooks that record each call of the collection's modules (and of modules tied to them).
-        Nothing else about the model is changed (see :mod:`.capture`, which records a user's
+        Nothing else about the model is changed (see `capture`, which records a user's
         own training step with them)."""
         calls = {lid: [] for lid in modules}
         handles, recorders = [], []
@@ -833,7 +833,7 @@ class TorchHooksJacobianBackend:
             n = broadcast.n if broadcast is not None else None
             if n is not None and n > 1 and layer is not None and rec is None:
                 axis = layer.batch_axis(module)
-                if out.dim() > axis and out.shape[axis] == 1:
+                if out.dim() > axis and out.shape[axis] == 1 and not broadcast.keep_ones:
                     # one output shared by the n examples (positions (1, T), a learned table):
                     # the model would broadcast it; broadcasting it here instead makes the
                     # gradient w.r.t. the copy per-example (the gradient w.r.t. the shared
@@ -844,7 +844,7 @@ class TorchHooksJacobianBackend:
                     replaced = out if isinstance(output, torch.Tensor) else \
                         type(output)([out, *output[1:]]) if isinstance(output, list) else \
                         _rebuild_tuple(output, out)
-                    broadcast.expanded = True
+                    broadcast.expanded = broadcast.widened = True
                 elif out.dim() > axis and out.shape[axis] != n:
                     # an output with no batch axis (T5's relative position bias, looked up on
                     # a (T, T) table): its per-example gradients take a backward pass of
@@ -876,7 +876,7 @@ class TorchHooksJacobianBackend:
         """``(model_outputs, out, columns)``: what the model part of ``function`` returns (for
         the determinism probe), the outputs to differentiate, flattened to ``(n, n_output)``,
         and ``columns(k0, k1)``, the graph of ``out[:, k0:k1]`` alone (or None). For a
-        likelihood's transform (``OutputTransform``, see :mod:`nngeometry.variants`) the model
+        likelihood's transform (``OutputTransform``, see `nngeometry.variants`) the model
         part is its ``function``; otherwise the whole ``function``."""
         fn = self.function
         if hasattr(fn, "model_outputs") and hasattr(fn, "split"):
@@ -971,7 +971,7 @@ class TorchHooksJacobianBackend:
         return n
 
     def _broadcast_outputs(self, batch, index, calls, watch_rng=False):
-        """:meth:`_outputs` run with the hooks told the batch's number of examples, so that a
+        """`_outputs` run with the hooks told the batch's number of examples, so that a
         layer whose output is shared by the batch's examples (e.g. a position embedding looked
         up with positions of shape ``(1, T)``) gets that output expanded to the ``n`` examples
         (see ``_make_hook``): its per-example quantities are then exact. The number is read
@@ -982,13 +982,36 @@ class TorchHooksJacobianBackend:
             guess = int(batch_size_of(batch))
         except Exception:  # a batch whose first element is not a batched tensor
             guess = None
-        raw, out, columns, expanded = self._forward_expanding(batch, index, calls, guess,
-                                                              watch_rng)
+        keep_ones = False
+        try:
+            raw, out, columns, expanded = self._forward_expanding(batch, index, calls, guess,
+                                                                  watch_rng)
+        except Exception as first:
+            if not self._broadcast.last_widened:
+                raise
+            # the model does not take the expanded copy of an output of batch dimension 1
+            # (it repeats or tiles it along the batch itself): such outputs are then left as
+            # they are, with the backward pass of their own of shared outputs (exact too)
+            keep_ones = True
+            try:
+                raw, out, columns, expanded = self._forward_expanding(
+                    batch, index, calls, guess, watch_rng, keep_ones=True)
+            except Exception:
+                raise first from None
         n = out.shape[0]
+        if not keep_ones and guess is not None and n != guess and \
+                self._broadcast.last_widened:
+            # expanding changed the number of outputs (the model concatenates the output of
+            # batch dimension 1 along the batch): run again with it left as it is
+            keep_ones = True
+            raw, out, columns, expanded = self._forward_expanding(
+                batch, index, calls, guess, watch_rng, keep_ones=True)
+            n = out.shape[0]
         if n != guess and n > 1 and (expanded or any(
                 len(c.targets[0].shape) and c.targets[0].shape[0] != n
                 for store in calls.values() for c in store)):
-            raw, out, columns, _ = self._forward_expanding(batch, index, calls, n, watch_rng)
+            raw, out, columns, _ = self._forward_expanding(batch, index, calls, n, watch_rng,
+                                                           keep_ones)
             if out.shape[0] != n:
                 raise RuntimeError(
                     f"the function's outputs had {n} examples, and {out.shape[0]} once the "
@@ -999,19 +1022,23 @@ class TorchHooksJacobianBackend:
                     "the LayerCollection")
         return raw, out, columns
 
-    def _forward_expanding(self, batch, index, calls, n, watch_rng=False):
-        """``(raw, out, columns, expanded)``: :meth:`_outputs` with the hooks expanding shared
-        outputs to ``n`` examples, and whether one was."""
+    def _forward_expanding(self, batch, index, calls, n, watch_rng=False, keep_ones=False):
+        """``(raw, out, columns, expanded)``: `_outputs` with the hooks expanding shared
+        outputs to ``n`` examples (with ``keep_ones``, those of batch dimension 1 are left as
+        they are), and whether one was."""
         for store in calls.values():
             store.clear()
         broadcast = self._broadcast
-        broadcast.n, broadcast.expanded = n, False
+        broadcast.n, broadcast.expanded, broadcast.keep_ones = n, False, keep_ones
+        broadcast.widened = False
         try:
             with torch.enable_grad():
                 raw, out, columns = self._outputs(batch, index, watch_rng=watch_rng)
             return raw, out, columns, broadcast.expanded
         finally:
-            broadcast.n, broadcast.expanded = None, False
+            broadcast.last_widened = broadcast.widened
+            broadcast.n, broadcast.expanded, broadcast.keep_ones = None, False, False
+            broadcast.widened = False
 
     def _check_calls(self, out, layer_collection, modules, calls, who="the function"):
         """Refuse a forward pass whose recorded calls can't give the statistics: a layer not
@@ -1024,6 +1051,8 @@ class TorchHooksJacobianBackend:
                     "remove it from the LayerCollection or check the function")
         if n > 1:
             _refuse_unbatched_calls(layer_collection, modules, calls, n)
+            _mark_coincident_shared(out, self.model, self.function, layer_collection, modules,
+                                    calls)
         key = uses_key(self.model, self.function, layer_collection)
         if not uses_verified(self.model, key):
             # once per model, function and collection in a process (entry points build a new
@@ -1088,7 +1117,7 @@ class TorchHooksJacobianBackend:
                     columns=False):
         """Output directions per backward pass: their gradients w.r.t. all the layers' outputs
         (held together until the consumer is done with the chunk) fit in ``max_chunk_bytes``
-        and in the larger of :data:`DIRECTION_CHUNK_BYTES` and one direction's per-example
+        and in the larger of `DIRECTION_CHUNK_BYTES` and one direction's per-example
         Jacobian of the whole model for the batch (``n P`` numbers). Where the layers' outputs
         are small next to the parameters (MLPs, transformers) that is every direction at once;
         for a CNN, whose activations outweigh its parameters, all ``K`` directions' gradients
@@ -1203,7 +1232,7 @@ class TorchHooksJacobianBackend:
     def _functional_batches(self, examples, layer_collection, raw=False):
         """Yield ``(batch, params, f)`` with ``f(params) -> (n, n_output)`` a pure function of the
         collection's parameters (a dict name -> tensor) for that batch. With ``raw`` (an output
-        transform with a metric, see :meth:`_uses_metric`), yield ``(batch, params, f,
+        transform with a metric, see `_uses_metric`), yield ``(batch, params, f,
         metric)`` with ``f(params)`` the model's outputs and ``metric(f, u) = H u``."""
         _refuse_batch_statistics(self.model)
         _refuse_inference_parameters(dict(self.model.named_parameters()))
@@ -1234,7 +1263,7 @@ class TorchHooksJacobianBackend:
 
     def _functional_batch_fns(self, examples, fn, needs_batch, group, counts, device, params,
                               constant, raw=False):
-        """The loop of :meth:`_functional_batches` (inside its model state and checks)."""
+        """The loop of `_functional_batches` (inside its model state and checks)."""
         # reading the RNG state around the model's forward costs a copy of a few KB; only a
         # forward that drew from it is run again to see whether its outputs are random
         watch = self.check_deterministic
@@ -1408,7 +1437,7 @@ class _InstanceForward:
     call's recorder (``active[-1]``, pushed by the pre-hook; see
     ``AbstractLayer.internal_recorder``) when it has one. Set on the module *instance* (its
     ``__dict__``), never on the class or on a function of torch, so that other modules, other
-    models and other threads are not affected; :meth:`remove` puts back what was there."""
+    models and other threads are not affected; `remove` puts back what was there."""
 
     def __init__(self, module, active):
         self.module = module
@@ -1432,13 +1461,18 @@ class _InstanceForward:
 
 class _Broadcast:
     """What the forward hooks of a generator expand shared outputs to: ``n``, the number of
-    examples of the batch being run (None: expand nothing), and whether an output was expanded
-    in the current forward pass."""
+    examples of the batch being run (None: expand nothing), whether an output was expanded or
+    marked shared in the current forward pass, whether one of batch dimension 1 was expanded
+    (``widened``; ``last_widened``: in the last pass, read after it ended), and
+    ``keep_ones``: outputs of batch dimension 1 are left as they are and get the backward pass
+    of their own of outputs with no batch axis (for a model that repeats such an output along
+    the batch itself, which the expanded copy would break)."""
 
-    __slots__ = ("n", "expanded")
+    __slots__ = ("n", "expanded", "widened", "last_widened", "keep_ones")
 
     def __init__(self):
-        self.n, self.expanded = None, False
+        self.n, self.expanded, self.keep_ones = None, False, False
+        self.widened = self.last_widened = False
 
 
 def _expand_axis(t, axis, n):
@@ -1456,6 +1490,63 @@ def _rebuild_tuple(output, first):
     if hasattr(output, "_fields"):
         return output._replace(**{output._fields[0]: first})
     return (first, *output[1:])
+
+
+#: model -> {(function/collection key, n, candidate shapes): the calls found shared}
+_COINCIDENT_SHARED = weakref.WeakKeyDictionary()
+
+
+def _mark_coincident_shared(out, model, function, layer_collection, modules, calls):
+    """Mark as shared (see ``Call.expand_shared``) the calls whose output has the batch's ``n``
+    along its batch axis without holding the examples there: a ``(T, d)`` table looked up on
+    positions of shape ``(T,)``, or returned as is, when ``T == n`` (e.g. the last batch of a
+    loader). Its shape cannot tell it from a batched output; its gradients can. Row ``j`` of a
+    batched output reaches example ``j``'s outputs only, so the gradient of a combination of
+    example 0's outputs w.r.t. it is exactly zero off row 0; a shared output's rows reach every
+    example. The shared treatment is exact for such a call (each example gets the gradient
+    w.r.t. the whole output), as it is for any output that couples the examples.
+
+    One backward pass of one direction, once per model, function, collection, ``n`` and shapes
+    of the outputs in a process (a loader's batches have one or two sizes)."""
+    n = out.shape[0]
+    cands = []
+    for lid, store in calls.items():
+        for i, c in enumerate(store):
+            if c.shared is not None:
+                continue
+            axis = (c.spec or layer_collection[lid]).batch_axis(c.module or modules[lid])
+            t = c.targets[0]
+            if len(t.shape) > axis and t.shape[axis] == n and \
+                    not isinstance(t.edge, torch.Tensor):
+                cands.append((lid, i, c, axis))
+    if not cands or not out.requires_grad:
+        return
+    key = (uses_key(model, function, layer_collection), n,
+           tuple((lid, i, tuple(c.targets[0].shape)) for lid, i, c, _ in cands))
+    try:
+        known = _COINCIDENT_SHARED.get(model, {}).get(key)
+    except TypeError:
+        known = None
+    if known is None:
+        # a fixed pseudo-random combination (no cancellation between directions; the global
+        # RNG is left alone)
+        gen = torch.Generator().manual_seed(0)
+        w = torch.rand(out.shape[1], generator=gen, dtype=torch.float64) + 0.5
+        cot = torch.zeros_like(out)
+        cot[0] = w.to(dtype=out.dtype, device=out.device)
+        grads = torch.autograd.grad(out, [c.targets[0].edge for _, _, c, _ in cands], cot,
+                                    retain_graph=True, allow_unused=True)
+        known = set()
+        for (lid, i, c, axis), g in zip(cands, grads):
+            if g is not None and g.narrow(axis, 1, n - 1).count_nonzero().item():
+                known.add((lid, i))
+        try:
+            _COINCIDENT_SHARED.setdefault(model, {})[key] = known
+        except TypeError:
+            pass
+    for lid, i, c, axis in cands:
+        if (lid, i) in known:
+            c.shared = (n, axis)
 
 
 def _refuse_unbatched_calls(layer_collection, modules, calls, n):
@@ -1512,7 +1603,7 @@ def _flat(v):
 
 
 class _MeanJacobian(C.Consumer):
-    """Consumer of :meth:`TorchHooksJacobianBackend.accumulate`: ``(1/n) Σ_x J(x)``, shape
+    """Consumer of [`TorchHooksJacobianBackend.accumulate`][nngeometry.backend.TorchHooksJacobianBackend.accumulate]: ``(1/n) Σ_x J(x)``, shape
     ``(n_output, P)`` in the collection's layout. State: ``_sum``."""
 
     state_attrs = ("_sum",)

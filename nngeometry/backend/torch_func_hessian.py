@@ -1,10 +1,10 @@
 """Upstream nngeometry's module path for the Hessian generator built on ``torch.func``.
 
-:class:`TorchFuncHessianBackend` is :class:`~nngeometry.backend.hessian.HessianBackend` with
+`TorchFuncHessianBackend` is `HessianBackend` with
 upstream's constructor ``(model, function, verbose=False)``, where ``function(prediction,
 targets)`` is the loss of a batch given the model's outputs ``model(batch[0])`` and the targets
-``batch[1]`` (use a summed reduction for the Hessian of the total loss). :func:`hvp` and
-:func:`batched_hvp` are the Hessian-vector products it is built from.
+``batch[1]`` (use a summed reduction for the Hessian of the total loss). `hvp` and
+`batched_hvp` are the Hessian-vector products it is built from.
 """
 from .hessian import HessianBackend, batched_hvp, hvp
 
@@ -26,7 +26,7 @@ def loss_of_targets(function):
 
 class TorchFuncHessianBackend(HessianBackend):
     """The Hessian ``H = Σ_b ∇²_θ function(model(x_b), y_b)`` summed over the batches
-    ``(x_b, y_b, ...)`` (see :class:`~nngeometry.backend.hessian.HessianBackend`).
+    ``(x_b, y_b, ...)`` (see `HessianBackend`).
 
     Args:
         model: the ``torch.nn.Module``.
@@ -50,3 +50,6 @@ class TorchFuncHessianBackend(HessianBackend):
 
 
 __all__ = ["TorchFuncHessianBackend", "hvp", "batched_hvp"]
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from ..layercollection import LayerCollection  # noqa: E402,F401

@@ -8,6 +8,7 @@ made in one call to ``mmap`` on a PFMap of ``s`` rows when the object has a batc
 ``s`` calls to ``mv`` otherwise.
 """
 import torch
+from tqdm.auto import tqdm
 
 from ..object.map import PFMapDense
 from ..object.vector import PVector
@@ -24,7 +25,8 @@ class Operator:
             vectors counts ``s``).
     """
 
-    def __init__(self, M, dtype=None, device=None, batch_size=None):
+    def __init__(self, M, dtype=None, device=None, batch_size=None, verbose=False, total=None,
+                 desc="products"):
         lc = getattr(M, "layer_collection", None)
         if lc is None or not callable(getattr(M, "mv", None)):
             raise TypeError(
@@ -40,6 +42,17 @@ class Operator:
         if batch_size is not None:
             check_count("batch_size", batch_size, 1, "it is the number of vectors per product call")
         self.batch_size = batch_size
+        # a progress bar over the products (the budget as its total, where it is known)
+        self._bar = tqdm(total=total, unit="product", desc=desc, disable=not verbose,
+                         leave=False)
+
+    def _count(self, s):
+        self.n_matvecs += s
+        self._bar.update(s)
+
+    def close(self):
+        """Close the progress bar (the products made stay counted in ``n_matvecs``)."""
+        self._bar.close()
 
     def matmat(self, V):
         """``M`` applied to the rows of ``V`` (shape ``(s, P)``), returned as ``(s, P)``."""
@@ -47,7 +60,7 @@ class Operator:
             raise ValueError(f"expected vectors of shape (s, {self.P}), got {tuple(V.shape)}")
         V = V.to(dtype=self.dtype, device=self.device)
         s = V.shape[0]
-        self.n_matvecs += s
+        self._count(s)
         if s == 0:
             return V.clone()
         if self._batched:
@@ -72,7 +85,7 @@ class Operator:
             return (V * self.matmat(V)).sum(dim=1)
         V = V.to(dtype=self.dtype, device=self.device)
         s = V.shape[0]
-        self.n_matvecs += s
+        self._count(s)
         step = self.batch_size or max(s, 1)
         parts = [self.M.mapTMmap(PFMapDense(self.layer_collection, data=V[i:i + step].unsqueeze(0)),
                                  reduction="diag").reshape(-1) for i in range(0, s, step)]

@@ -26,7 +26,7 @@ from .trace import _generator
 
 @dataclass
 class Eigenpairs:
-    """Eigenpairs from :func:`top_eigenpairs`.
+    """Eigenpairs from [`top_eigenpairs`][nngeometry.estimators.top_eigenpairs].
 
     Attributes:
         eigenvalues: ``(k,)`` tensor (``'largest'``: decreasing; ``'smallest'``: increasing;
@@ -82,7 +82,7 @@ def _select(theta, k, which):
 
 
 def top_eigenpairs(M, k, which="largest", tol=None, max_iter=None, block_size=None,
-                   generator=None, batch_size=None):
+                   generator=None, batch_size=None, verbose=False):
     """The ``k`` extreme eigenvalues and eigenvectors of a symmetric matrix ``M`` by block
     Lanczos (module docstring).
 
@@ -103,11 +103,12 @@ def top_eigenpairs(M, k, which="largest", tol=None, max_iter=None, block_size=No
             each block is one batched product.
         generator: ``torch.Generator`` or int seed of the random start block.
         batch_size: at most this many vectors per product call.
+        verbose: show a progress bar over the products.
 
-    Returns an :class:`Eigenpairs`. Cost: ``b`` products per iteration, memory ``2 × (basis
+    Returns an `Eigenpairs`. Cost: ``b`` products per iteration, memory ``2 × (basis
     size) × P``.
     """
-    op = Operator(M, batch_size=batch_size)
+    op = Operator(M, batch_size=batch_size, verbose=verbose, desc="block Lanczos")
     P = op.P
     if which not in ("largest", "smallest", "both"):
         raise ValueError(f"unknown which='{which}': use 'largest', 'smallest' or 'both'")
@@ -155,6 +156,7 @@ def top_eigenpairs(M, k, which="largest", tol=None, max_iter=None, block_size=No
             f"residuals up to {float(res.max() / scale):.1e} × max|θ| > tol={tol:.1e}; raise "
             "max_iter or block_size, or loosen tol", RuntimeWarning)
     lam = theta[sel]
+    op.close()
     return Eigenpairs(eigenvalues=lam, eigenvectors=PFMapDense(op.layer_collection,
                                                                data=U.unsqueeze(0)),
                       residual_norms=res, n_matvecs=op.n_matvecs, iterations=iterations,

@@ -54,14 +54,16 @@ class SpectralDensity:
     epsilon: float = None
 
 
-def _run(M, n_lanczos, n_repeats, generator, batch_size):
-    op = Operator(M, batch_size=batch_size)
+def _run(M, n_lanczos, n_repeats, generator, batch_size, verbose=False):
+    op = Operator(M, batch_size=batch_size, verbose=verbose, total=n_lanczos * n_repeats,
+                  desc="Lanczos")
     check_count("n_lanczos", n_lanczos, 1, "it is the number of Lanczos steps")
     check_count("n_repeats", n_repeats, 1, "it is the number of random start vectors")
     gen = _generator(generator, op.device)
     starts = random_probes(n_repeats, op.P, "normal", op.dtype, op.device, gen)
     A, B, lengths = lanczos_tridiagonal(op, n_lanczos, starts)
     nodes, weights = tridiagonal_nodes_weights(A, B, lengths)
+    op.close()
     return op, nodes, weights
 
 
@@ -84,7 +86,7 @@ def _smooth(nodes, weights, n_points, kappa, margin):
 
 
 def spectral_density(M, n_lanczos=64, n_repeats=4, n_points=1024, kappa=3.0, margin=0.05,
-                     generator=None, batch_size=None):
+                     generator=None, batch_size=None, verbose=False):
     """The smoothed spectral density of ``M`` by stochastic Lanczos quadrature (module
     docstring).
 
@@ -99,24 +101,25 @@ def spectral_density(M, n_lanczos=64, n_repeats=4, n_points=1024, kappa=3.0, mar
         margin: the grid extends beyond the extreme nodes by this fraction of their range.
         generator: ``torch.Generator`` or int seed of the start vectors.
         batch_size: at most this many vectors per product call.
+        verbose: show a progress bar over the products.
 
-    Returns a :class:`SpectralDensity` (``grid``, ``density``, the nodes and weights).
+    Returns a `SpectralDensity` (``grid``, ``density``, the nodes and weights).
     """
-    op, nodes, weights = _run(M, n_lanczos, n_repeats, generator, batch_size)
+    op, nodes, weights = _run(M, n_lanczos, n_repeats, generator, batch_size, verbose)
     grid, density, sigma = _smooth(nodes, weights, n_points, kappa, margin)
     return SpectralDensity(grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma,
                            n_matvecs=op.n_matvecs)
 
 
 def log_spectral_density(M, n_lanczos=64, n_repeats=4, n_points=1024, kappa=3.0, margin=0.05,
-                         epsilon=None, generator=None, batch_size=None):
+                         epsilon=None, generator=None, batch_size=None, verbose=False):
     """The smoothed density of ``log(|λ| + ε)`` over the eigenvalues ``λ`` of ``M``, by the
     same quadrature (module docstring): for spectra spanning orders of magnitude.
 
-    Args: as :func:`spectral_density`; ``epsilon``: the ``ε`` (default ``1e-5 · max|θ|``: the
+    Args: as [`spectral_density`][nngeometry.estimators.spectral_density]; ``epsilon``: the ``ε`` (default ``1e-5 · max|θ|``: the
     eigenvalues below it pile up at ``log ε``).
     """
-    op, nodes, weights = _run(M, n_lanczos, n_repeats, generator, batch_size)
+    op, nodes, weights = _run(M, n_lanczos, n_repeats, generator, batch_size, verbose)
     if epsilon is None:
         epsilon = 1e-5 * max(float(torch.cat(nodes).abs().max()), torch.finfo(nodes[0].dtype).tiny)
     elif not epsilon > 0:
@@ -128,7 +131,7 @@ def log_spectral_density(M, n_lanczos=64, n_repeats=4, n_points=1024, kappa=3.0,
 
 
 def plot_spectrum(density, ax=None, log_scale_y=True, **plot_kwargs):
-    """Plot a :class:`SpectralDensity` with matplotlib (optional dependency) on ``ax`` (default
+    """Plot a `SpectralDensity` with matplotlib (optional dependency) on ``ax`` (default
     the current axes); the y axis in log scale by default (densities span orders of magnitude).
     Returns the axes."""
     try:

@@ -48,7 +48,7 @@ class Estimate:
     Attributes:
         value: the estimate (a 0-dim tensor for a trace, a PVector for a diagonal).
         stderr: its standard error (same type as ``value``): ``std(samples) / √(number of
-            samples)``. :meth:`interval` (``value ± t·stderr``, ``t`` the Student quantile)
+            samples)``. [`interval`][nngeometry.estimators.Estimate.interval] (``value ± t·stderr``, ``t`` the Student quantile)
             covers the truth about 95 % of the time for Hutchinson and Hutch++; 85-93 % for
             XTrace / XDiag, whose samples are not independent (module docstring).
         n_matvecs: matrix-vector products used.
@@ -71,7 +71,7 @@ class Estimate:
     def interval(self, z=None, level=0.95):
         """``(value - z·stderr, value + z·stderr)`` (flat tensors for a diagonal).
 
-        ``z=None``: the Student-t quantile of ``level`` with :attr:`dof` degrees of freedom
+        ``z=None``: the Student-t quantile of ``level`` with [`dof`][nngeometry.estimators.Estimate.dof] degrees of freedom
         (``stderr`` is estimated from the samples: with 15 of them the 95 % quantile is 2.14, not
         1.96); ``z`` given: that multiple of ``stderr``."""
         if z is None:
@@ -125,7 +125,7 @@ def _mean_stderr(samples):
 
 
 def trace_estimate(M, n_matvecs, method="hutchinson", distribution="rademacher", generator=None,
-                   batch_size=None):
+                   batch_size=None, verbose=False):
     """Estimate ``tr(M)`` from ``n_matvecs`` products with ``M``.
 
     Args:
@@ -140,10 +140,12 @@ def trace_estimate(M, n_matvecs, method="hutchinson", distribution="rademacher",
             stage in one call, i.e. one batched ``mmap``: one pass over the data for
             ``PMatImplicit``). Hutchinson only needs the quadratic forms ``ωᵀ M ω``: it calls
             ``mapTMmap`` (for ``PMatImplicit``: JVPs only, no backward pass).
+        verbose: show a progress bar over the products.
 
-    Returns an :class:`Estimate` with a 0-dim ``value`` and ``stderr``.
+    Returns an [`Estimate`][nngeometry.estimators.Estimate] with a 0-dim ``value`` and ``stderr``.
     """
-    op = Operator(M, batch_size=batch_size)
+    op = Operator(M, batch_size=batch_size, verbose=verbose, total=n_matvecs,
+                  desc="trace estimate")
     gen = _generator(generator, op.device)
     if method == "hutchinson":
         check_count("n_matvecs", n_matvecs, 2, "the standard error needs two samples")
@@ -172,21 +174,24 @@ def trace_estimate(M, n_matvecs, method="hutchinson", distribution="rademacher",
         value, stderr = _mean_stderr(samples)
     else:
         raise ValueError(f"unknown method '{method}': use 'hutchinson', 'hutchpp' or 'xtrace'")
+    op.close()
     return Estimate(value=value, stderr=stderr, n_matvecs=op.n_matvecs, method=method,
                     samples=samples)
 
 
 def diag_estimate(M, n_matvecs, method="hutchinson", distribution="rademacher", generator=None,
-                  batch_size=None):
+                  batch_size=None, verbose=False):
     """Estimate ``diag(M)`` from ``n_matvecs`` products with ``M``.
 
-    Args: as :func:`trace_estimate`; ``method`` is ``'hutchinson'`` (``mean(ω ⊙ M ω)``, m ≥ 2) or
+    Args: as [`trace_estimate`][nngeometry.estimators.trace_estimate] (``verbose``: a
+    progress bar over the products); ``method`` is ``'hutchinson'`` (``mean(ω ⊙ M ω)``, m ≥ 2) or
     ``'xdiag'`` (exchangeable, exact when ``rank(M) < m/2``, m ≥ 4).
 
-    Returns an :class:`Estimate` whose ``value`` and ``stderr`` are PVectors (elementwise
+    Returns an [`Estimate`][nngeometry.estimators.Estimate] whose ``value`` and ``stderr`` are PVectors (elementwise
     standard errors).
     """
-    op = Operator(M, batch_size=batch_size)
+    op = Operator(M, batch_size=batch_size, verbose=verbose, total=n_matvecs,
+                  desc="diagonal estimate")
     gen = _generator(generator, op.device)
     if method == "hutchinson":
         check_count("n_matvecs", n_matvecs, 2, "the standard error needs two samples")
@@ -199,6 +204,7 @@ def diag_estimate(M, n_matvecs, method="hutchinson", distribution="rademacher", 
     else:
         raise ValueError(f"unknown method '{method}': use 'hutchinson' or 'xdiag'")
     value, stderr = _mean_stderr(samples)
+    op.close()
     return Estimate(value=op.pvector(value), stderr=op.pvector(stderr), n_matvecs=op.n_matvecs,
                     method=method, samples=samples)
 

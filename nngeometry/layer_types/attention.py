@@ -15,7 +15,7 @@ are all of the module's parameters, in ``named_parameters()`` order:
 ``LayerCollection.from_model`` does not make ``out_proj`` a layer of its own.
 
 Per-example gradients: ``torch.func`` (vmap over examples of the vector-Jacobian product of the
-module's forward, see :mod:`.generic`), with the batch axis taken from ``batch_first``
+module's forward, see `generic`), with the batch axis taken from ``batch_first``
 (``key_padding_mask`` is split per example; a 3-D ``attn_mask`` ``(n * heads, L, S)`` too). The
 attention is re-run with ``need_weights=True`` (the explicit softmax path, which vmap batches);
 its first output is the same as with ``need_weights=False``. Examples are independent in
@@ -64,7 +64,7 @@ _FORWARD_PARAMS = list(inspect.signature(nn.MultiheadAttention.forward).paramete
 
 
 def _bind_inputs(x):
-    """The forward's arguments by name, from the ``(args, kwargs, ...)`` of :meth:`inputs_of`;
+    """The forward's arguments by name, from the ``(args, kwargs, ...)`` of `inputs_of`;
     unbatched (2-D) inputs are refused."""
     args, kwargs = x[:2]
     bound = dict(zip(_FORWARD_PARAMS, args))
@@ -138,8 +138,8 @@ class MultiheadAttentionLayer(AbstractLayer):
         return self._per_example_grad_vmap(module, x, gy)
 
     def diag(self, module, x, gy):
-        """``Σ_{k,i} g_{k,i}²``: per Kronecker block (see :meth:`kfac_pieces`), the squares of
-        ``Σ_s g_s [a_s, 1]ᵀ`` formed by chunks of directions (:func:`.linear.seq_grad_squares`),
+        """``Σ_{k,i} g_{k,i}²``: per Kronecker block (see `kfac_pieces`), the squares of
+        ``Σ_s g_s [a_s, 1]ᵀ`` formed by chunks of directions (`linear.seq_grad_squares`),
         then re-indexed to the flat layout."""
         if not self.supports_kfac or x[2] is None:
             return super().diag(module, x, gy)
@@ -155,7 +155,7 @@ class MultiheadAttentionLayer(AbstractLayer):
         return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
 
     def _flat_to_kron(self):
-        """:meth:`kfac_permutation`, computed once per layer spec."""
+        """`kfac_permutation`, computed once per layer spec."""
         perm = getattr(self, "_perm_cache", None)
         if perm is None:
             perm = self._perm_cache = self.kfac_permutation()
@@ -237,7 +237,7 @@ class MultiheadAttentionLayer(AbstractLayer):
         block's exact per-example gradient, in the row-major ``[W | b]`` layout.
 
         The projections' inputs and output gradients are those recorded in the generator's
-        pass (:meth:`internal_recorder`): the backward pass that gives the module's output
+        pass (`internal_recorder`): the backward pass that gives the module's output
         gradient goes through the attention anyway, and gives the projections' output
         gradients on the way. (Re-running the attention from recorded inputs and pulling the
         output gradients back through it again cost a third of the floor on a small
@@ -319,8 +319,8 @@ class _ProjectionRecorder:
 
     Nothing global is touched: the generator replaces the ``forward`` of the module *instance*
     (never the class, never ``torch.nn.functional``) for the time of its pass (see
-    ``AbstractLayer.internal_recorder``), and that forward calls :meth:`forward` of the call's
-    recorder, which runs :func:`_recorded_attention`: the computation of
+    ``AbstractLayer.internal_recorder``), and that forward calls `forward` of the call's
+    recorder, which runs `_recorded_attention`: the computation of
     ``nn.MultiheadAttention.forward`` / ``F.multi_head_attention_forward`` (slow path) written
     out, with the projections made here so that their inputs and outputs can be kept. So two
     threads with two models, or any other ``F.linear`` call meanwhile, are not affected.
@@ -379,7 +379,7 @@ class _ProjectionRecorder:
         return [a.detach() for a, _ in self.linears], self.z.detach()
 
 
-#: the arguments of ``nn.MultiheadAttention.forward`` that :func:`_recorded_attention` takes
+#: the arguments of ``nn.MultiheadAttention.forward`` that `_recorded_attention` takes
 _RECORDED_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
                   "average_attn_weights", "is_causal")
 

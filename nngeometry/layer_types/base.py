@@ -9,8 +9,8 @@ A *layer type* couples two things that always travel together:
   the outputs w.r.t. the module's output, ``gy`` of shape ``(K, n, *out_shape)``, with ``K`` the
   number of output directions per example).
 
-Adding a layer type means writing one subclass of :class:`AbstractLayer` in one file and
-registering it with :func:`register_layer_type`.
+Adding a layer type means writing one subclass of `AbstractLayer` in one file and
+registering it with `register_layer_type`.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class Parameter:
 class AbstractLayer:
     """Base class of layer specs.
 
-    Subclasses set ``self.weight`` (a :class:`Parameter`) and ``self.bias`` (a :class:`Parameter`
+    Subclasses set ``self.weight`` (a `Parameter`) and ``self.bias`` (a `Parameter`
     or ``None``), and list in ``module_types`` the ``torch.nn`` classes they describe.
     """
 
@@ -77,7 +77,7 @@ class AbstractLayer:
         return self.bias is not None
 
     def parameters_of(self, module):
-        """The module's parameter tensors in layout order (see :meth:`param_specs`)."""
+        """The module's parameter tensors in layout order (see `param_specs`)."""
         return tuple(module.get_parameter(name) for name in self.param_names())
 
     def constant_entries(self, module):
@@ -93,7 +93,7 @@ class AbstractLayer:
         a new recorder for one call of ``module``. The generator enters it (a context manager)
         just before the module's forward runs in its pass and exits it right after; the recorder
         then has ``targets``, the tensors the backward pass should also differentiate to, and
-        ``record``, what the layer's maths takes back from :meth:`inputs_of`'s ``call``
+        ``record``, what the layer's maths takes back from `inputs_of`'s ``call``
         (``call.record``, and the gradients w.r.t. the targets in ``call.extra_gy``). A recorder
         with a method ``forward(original_forward, *args, **kwargs)`` runs the module's call
         itself: the generator sets the module *instance*'s ``forward`` to one that calls it,
@@ -110,7 +110,7 @@ class AbstractLayer:
 
     def inputs_of(self, call):
         """What this layer's maths takes as ``x`` from a recorded forward call
-        (:class:`~nngeometry.backend.context.Call`): the module's first positional input by
+        (`Call`): the module's first positional input by
         default; layer types that need more (all arguments) override it."""
         return call.x
 
@@ -134,7 +134,7 @@ class AbstractLayer:
         Args:
             module: the ``torch.nn.Module`` instance.
             x: the module's input as seen by the forward hook, shape ``(n, *in_shape)`` (more
-                generally what :meth:`inputs_of` takes from the recorded call, e.g.
+                generally what `inputs_of` takes from the recorded call, e.g.
                 ``(args, kwargs)`` for the generic and attention layer types).
             gy: gradients w.r.t. the module's output, shape ``(K, n, *out_shape)``.
 
@@ -159,12 +159,20 @@ class AbstractLayer:
         out += self.diag(module, x, gy)
         return out
 
+    def kfac_locations(self, module, x, gy, approx="expand"):
+        """The number ``S`` of weight-sharing locations that `kfac_factors` divides
+        ``G`` by for this call (sequence positions, output pixels; 1 without weight sharing),
+        or None where it is not one number (several Kronecker blocks). A module called several
+        times in one forward pass weights each call's ``G`` by its ``S`` (see
+        ``BatchContext.kfac_factor_blocks``)."""
+        return None
+
     def kfac_factors(self, module, x, gy, approx="expand"):
         """Unnormalized Kronecker factors ``(A, G)`` summed over the batch.
 
         ``A`` is built from the inputs (with a trailing 1 when the layer has a bias) and ``G``
         from the output gradients summed over the ``K`` output directions, such that
-        ``kron(G / n, A / n)``, re-indexed by :meth:`kfac_permutation`, approximates the layer's
+        ``kron(G / n, A / n)``, re-indexed by `kfac_permutation`, approximates the layer's
         block of ``(1/n) sum_i J_iᵀ J_i``. Either factor may be returned as a 1-D tensor, which
         stands for a diagonal matrix (e.g. the input factor of an Embedding).
 
@@ -175,10 +183,10 @@ class AbstractLayer:
         blocks (block-diagonal inside the layer, e.g. MultiheadAttention's input and output
         projections) returns a *list* ``[(A_0, G_0), (A_1, G_1), ...]`` instead of one pair.
         The layer's Kronecker layout is then the concatenation of the blocks' layouts (block
-        ``b`` a row-major ``(dG_b, dA_b)`` matrix), :meth:`kfac_permutation` maps the flat
+        ``b`` a row-major ``(dG_b, dA_b)`` matrix), `kfac_permutation` maps the flat
         layout to that concatenation, and the approximation is
         ``block_diag(kron(G_0, A_0), kron(G_1, A_1), ...)`` re-indexed by it (see
-        :meth:`kfac_block_indices`). The number of blocks may depend on the call (e.g. self- vs
+        `kfac_block_indices`). The number of blocks may depend on the call (e.g. self- vs
         cross-attention) but must be the same for every call and batch of one computation.
         """
         raise NotImplementedError(
@@ -209,22 +217,22 @@ class AbstractLayer:
         """Squared per-example gradients in a Kronecker-factored eigenbasis (EKFAC), summed.
 
         With ``Ĝ_{k,i}`` the per-example gradient of output ``k`` on example ``i`` reshaped to the
-        Kronecker layout ``(dG, dA)`` (see :meth:`kfac_permutation`), returns
+        Kronecker layout ``(dG, dA)`` (see `kfac_permutation`), returns
         ``Σ_{k,i} (U_Gᵀ Ĝ_{k,i} U_A) ** 2`` (elementwise square), shape ``(dG, dA)``, not
         normalized. ``UA`` / ``UG`` are orthogonal matrices (eigenvectors as columns) or an int
         ``d`` standing for the identity of size ``d`` (a diagonal Kronecker factor).
 
-        Default: through :meth:`per_example_grad`, one layer at a time; subclasses override it
+        Default: through `per_example_grad`, one layer at a time; subclasses override it
         where the projection factors through the inputs and output gradients.
         """
         g = project_to_kfe(self.per_example_grad(module, x, gy), UA, UG, self.kfac_permutation())
         return (g * g).sum(dim=(0, 1))
 
     def kfe_diag_blocks(self, module, x, gy, bases):
-        """:meth:`kfe_diag` for a multi-block layer (see :meth:`kfac_factors`): ``bases`` is the
+        """`kfe_diag` for a multi-block layer (see `kfac_factors`): ``bases`` is the
         list ``[(U_A_b, U_G_b), ...]``, one per Kronecker block in layout order; returns the list
         of ``Σ_{k,i} (U_G_bᵀ Ĝ_{b,k,i} U_A_b) ** 2`` (shapes ``(dG_b, dA_b)``), not normalized.
-        Default: through :meth:`per_example_grad`."""
+        Default: through `per_example_grad`."""
         gs = project_blocks_to_kfe(self.per_example_grad(module, x, gy), bases,
                                    self.kfac_permutation())
         return [(g * g).sum(dim=(0, 1)) for g in gs]
@@ -261,7 +269,7 @@ def kfac_block_list(entry):
 
 
 def project_blocks_to_kfe(g, bases, perm):
-    """Multi-block :func:`project_to_kfe`: ``g`` ``(..., numel)`` flat, ``bases`` the list of
+    """Multi-block `project_to_kfe`: ``g`` ``(..., numel)`` flat, ``bases`` the list of
     ``(U_A_b, U_G_b)`` (int = identity), ``perm`` the layer's flat -> Kronecker map. Returns
     ``[U_G_bᵀ Ĝ_b U_A_b]`` with shapes ``(..., dG_b, dA_b)``."""
     inv = torch.empty_like(perm)

@@ -1,6 +1,6 @@
 """Convolutions and transposed convolutions in 1, 2 and 3 dimensions: spec and per-layer maths.
 
-One core (:class:`_ConvNdLayer`) serves all of them. A convolution is a Linear layer shared over
+One core (`_ConvNdLayer`) serves all of them. A convolution is a Linear layer shared over
 the output locations: with the input unfolded into patches ``U`` of shape
 ``(n, g, C_in/g * prod(k), L)`` (``g`` groups, ``L`` output locations) and the output gradient
 ``gy`` of shape ``(K, n, C_out, L)``, the per-example weight gradient is
@@ -137,7 +137,7 @@ class _ConvNdLayer(AbstractLayer):
     # ------------------------------------------------------------------ patches
     def _direct_patches(self, module, x, examples_inner=False):
         """Patches of a direct convolution's input: ``(n, C_in * prod(k), L)`` (see
-        :func:`extract_patches` for ``examples_inner``)."""
+        `extract_patches` for ``examples_inner``)."""
         d = self.n_dims
         padding = module.padding
         if isinstance(padding, str):
@@ -182,7 +182,7 @@ class _ConvNdLayer(AbstractLayer):
 
     def _patches(self, module, x, gy, examples_inner=False):
         """Equivalent-direct-convolution patches grouped: ``(n, g, C_in/g * prod(k), L)``; with
-        ``examples_inner``, ungrouped ``(C_in * prod(k), n L)`` (see :func:`extract_patches`)."""
+        ``examples_inner``, ungrouped ``(C_in * prod(k), n L)`` (see `extract_patches`)."""
         if self.transposed:
             u = self._transposed_patches(module, x, gy.shape[3:], examples_inner)
         else:
@@ -193,9 +193,9 @@ class _ConvNdLayer(AbstractLayer):
         return u.reshape(n, self.groups, D // self.groups, L)
 
     def _example_chunks(self, module, x, gy, examples_inner=False):
-        """The batch by chunks of examples whose patches fit in :data:`PATCH_CHUNK_BYTES`: yields
+        """The batch by chunks of examples whose patches fit in `PATCH_CHUNK_BYTES`: yields
         ``(i0, i1, u)`` with ``u`` the patches of examples ``i0 .. i1 - 1`` (as
-        :meth:`_patches`). The patches are ``prod(k)`` times the input (9.4 MiB for a batch of
+        `_patches`). The patches are ``prod(k)`` times the input (9.4 MiB for a batch of
         64 on a 16→32-channel 3×3 convolution, more than the per-example gradients of the whole model
         for one output direction): every statistic is a sum over examples, so it is
         accumulated chunk by chunk instead. The chunks are wide enough (there: 14-19 examples) that
@@ -258,7 +258,7 @@ class _ConvNdLayer(AbstractLayer):
         return gy.reshape(K, n, self.groups, c_out // self.groups, -1)
 
     #: the output directions are folded into the rows of one product when the patches are at
-    #: least this wide (see :meth:`_direction_grads`)
+    #: least this wide (see `_direction_grads`)
     FOLD_MIN_PATCH = 64
     #: memory for the permuted copy of a chunk of output gradients when folding
     FOLD_CHUNK_BYTES = 16 * 2 ** 20
@@ -319,8 +319,8 @@ class _ConvNdLayer(AbstractLayer):
 
     def diag_into(self, module, x, gy, out):
         """``out += Σ_{k,i} (per-example gradient)²`` without the ``(K, n, numel)`` per-example
-        gradients: by chunks of examples (:meth:`_example_chunks`) and of directions (see
-        :meth:`_direction_grads`), squared in place and summed over the chunk's directions and
+        gradients: by chunks of examples (`_example_chunks`) and of directions (see
+        `_direction_grads`), squared in place and summed over the chunk's directions and
         examples, so the transient is one chunk's patches and gradients."""
         K, n = gy.shape[:2]
         nw = self.weight.numel()
@@ -344,9 +344,9 @@ class _ConvNdLayer(AbstractLayer):
         ``Ĝ_{k,i} = Σ_l g_{k,i,l} ũ_{i,l}ᵀ`` with ``ũ`` the patch (and a trailing 1 for the
         bias), so ``Ĝ U_A = Σ_l g_l (U_Aᵀ ũ_l)ᵀ``: the patches are projected at every location
         once, then per direction the projected gradients of a chunk of examples
-        (:meth:`_example_chunks`) are one ``bmm`` reading the output gradients in place, and
+        (`_example_chunks`) are one ``bmm`` reading the output gradients in place, and
         ``U_Gᵀ`` is applied to that ``(C_out, D')`` result. Going through
-        :meth:`per_example_grad` instead gathers ``(K, n, numel)`` into the Kronecker layout and
+        `per_example_grad` instead gathers ``(K, n, numel)`` into the Kronecker layout and
         projects it with transposed copies (1.3x slower on a 16→32-channel 3×3 convolution; folding
         the directions into the rows of one product needs a permuted copy of the output
         gradients, which costs as much as it saves)."""
@@ -382,6 +382,9 @@ class _ConvNdLayer(AbstractLayer):
     #: see ``kfac_factors``' ``input_factor`` (the generator skips ``A`` past the first chunk
     #: of output directions: for a convolution it is the costly factor)
     kfac_input_factor_optional = True
+
+    def kfac_locations(self, module, x, gy, approx="expand"):
+        return gy[0, 0, 0].numel() if approx == "expand" else 1
 
     def kfac_factors(self, module, x, gy, approx="expand", input_factor=True):
         """``(A, G)``, see the module docstring; with ``input_factor=False``, ``(None, G)``: ``A``

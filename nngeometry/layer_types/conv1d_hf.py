@@ -2,9 +2,9 @@
 layer ``y = x W + b`` whose weight is stored transposed, shape ``(in, out)``.
 
 Its flat layout is the module's own (``weight.flatten()``, row-major ``(in, out)``, then the
-bias); the maths is :class:`~.linear.LinearLayer`'s on the transposed weight: the same KFAC
+bias); the maths is `LinearLayer`'s on the transposed weight: the same KFAC
 factors (``A`` from the inputs, ``G`` from the output gradients) in the same Kronecker layout
-(row-major ``[Wᵀ | b]`` of shape ``(out, in + 1)``), :meth:`kfac_permutation` mapping the flat
+(row-major ``[Wᵀ | b]`` of shape ``(out, in + 1)``), `kfac_permutation` mapping the flat
 layout to it. The module is recognised by its class name (``transformers`` is not imported).
 """
 import torch

@@ -11,7 +11,7 @@ KFAC (``'expand'``, positions as examples, the Linear-on-one-hot rule): the inpu
 ``A = Σ_{i,s} e_{idx} e_{idx}ᵀ`` is diagonal, the count of each index (``padding_idx``
 excluded), returned as a 1-D tensor of length ``V``: never a dense ``V × V``. ``G`` is
 ``Σ_{k,i,s} gy gyᵀ / S``. The Kronecker order is the Linear one for the transposed weight
-``(D, V)``, see :meth:`EmbeddingLayer.kfac_permutation`. ``'reduce'`` would make ``A`` dense
+``(D, V)``, see `EmbeddingLayer.kfac_permutation`. ``'reduce'`` would make ``A`` dense
 (counts per example, outer products) and is refused.
 """
 import torch
@@ -74,7 +74,7 @@ class EmbeddingLayer(AbstractLayer):
         """EKFAC: the input factor is diagonal (identity eigenbasis, ``UA`` an int), so the
         projected per-example gradient ``U_Gᵀ Ĝ`` has column ``v`` equal to
         ``Σ_{s: idx_s = v} U_Gᵀ g_s``: the output gradients are projected per position and
-        summed per (example, index) pair as in :meth:`diag`; no ``(K, n, V D)`` tensor."""
+        summed per (example, index) pair as in `diag`; no ``(K, n, V D)`` tensor."""
         if not isinstance(UA, int):
             return super().kfe_diag(module, x, gy, UA, UG)
         idx, g = self._flat(module, x, gy)
@@ -94,6 +94,9 @@ class EmbeddingLayer(AbstractLayer):
         out = g.new_zeros(V, D)
         out.index_add_(0, uniq % V, (summed * summed).sum(dim=0))
         return out
+
+    def kfac_locations(self, module, x, gy, approx="expand"):
+        return x.numel() // max(1, x.shape[0])
 
     def kfac_factors(self, module, x, gy, approx="expand"):
         if approx == "reduce":

@@ -141,7 +141,7 @@ def _leaf_vjp(module, names, leaves, spec, batched, gy, method):
 
 class GenericLayer(AbstractLayer):
     """Any other module with direct parameters; see the module docstring. Not registered: it is
-    the fallback of :func:`LayerCollection.from_model`."""
+    the fallback of [`LayerCollection.from_model`][nngeometry.layercollection.LayerCollection.from_model]."""
 
     supports_kfac = False
 
@@ -178,7 +178,7 @@ class GenericLayer(AbstractLayer):
         return state
 
     def per_example_grad(self, module, x, gy):
-        """``(K, n, numel)`` per-example gradients (see :class:`AbstractLayer`).
+        """``(K, n, numel)`` per-example gradients (see `AbstractLayer`).
 
         Which tensor arguments hold one row per example is decided from the data, not from
         their shape alone: an argument whose first axis merely has the batch size (a table of
@@ -207,7 +207,7 @@ class GenericLayer(AbstractLayer):
 
     def _decide(self, module, leaves, spec, gy):
         """``(batched leaf indices, 'vmap' | 'loop')`` for these arguments (see
-        :meth:`per_example_grad`)."""
+        `per_example_grad`)."""
         n = gy.shape[1]
         names = self.param_names()
         cand = [j for j, t in enumerate(leaves)

@@ -10,7 +10,7 @@ from torch import nn
 from ..maths.gram import GramRows
 from .base import AbstractLayer, Parameter, register_layer_type
 
-#: memory for one chunk of per-example gradients formed by :func:`seq_grad_squares`
+#: memory for one chunk of per-example gradients formed by `seq_grad_squares`
 SEQ_CHUNK_BYTES = 16 * 2 ** 20
 
 
@@ -29,7 +29,7 @@ def seq_grads(a, g):
 
 def seq_grad_squares(a, g, chunk_bytes=None):
     """``Σ_{k,i} (Σ_s g_{k,i,s} a_{i,s}ᵀ)²`` (elementwise square), shape ``(rows, d)``: the
-    per-example gradients of :func:`seq_grads` are formed by chunks of directions that fit in
+    per-example gradients of `seq_grads` are formed by chunks of directions that fit in
     ``chunk_bytes`` (default ``SEQ_CHUNK_BYTES``), squared in place and summed."""
     K, n, _, rows = g.shape
     per_dir = n * rows * a.shape[-1] * g.element_size()
@@ -107,7 +107,7 @@ class LinearLayer(AbstractLayer):
         return self._diag_into_2d(x[:, 0], gy[:, :, 0], out, nw)
 
     def _diag_into_2d(self, x, gy, out, nw):
-        """:meth:`diag_into` for inputs ``x`` ``(n, in)`` and ``gy`` ``(K, n, out)``."""
+        """`diag_into` for inputs ``x`` ``(n, in)`` and ``gy`` ``(K, n, out)``."""
         # sum the squared output gradients over the K directions first, then one GEMM
         # (einsum would run it as K batched products: 2-3x slower for K = C - 1)
         gy2 = gy[0].square() if gy.shape[0] == 1 else (gy * gy).sum(dim=0)  # (n, out)
@@ -115,6 +115,9 @@ class LinearLayer(AbstractLayer):
         if self.bias is not None:
             out[nw:] += gy2.sum(dim=0)
         return out
+
+    def kfac_locations(self, module, x, gy, approx="expand"):
+        return x.numel() // max(1, x.shape[0] * x.shape[-1]) if approx == "expand" else 1
 
     def kfac_factors(self, module, x, gy, approx="expand"):
         """KFAC factors; for inputs ``(n, S, in)`` with ``S`` weight-sharing positions:

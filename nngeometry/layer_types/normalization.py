@@ -1,5 +1,5 @@
 """Normalization layers with affine parameters: BatchNorm{1,2,3}d, InstanceNorm{1,2,3}d,
-GroupNorm, LayerNorm, RMSNorm; and :class:`ScaleShiftLayer`, their shared maths.
+GroupNorm, LayerNorm, RMSNorm; and `ScaleShiftLayer`, their shared maths.
 
 All of them compute ``y = x̂ * weight + bias`` with ``x̂`` a normalization of the input that does
 not depend on ``weight`` and ``bias``. So the per-example gradients are
@@ -20,7 +20,7 @@ RMSNorm). ``x̂`` is recomputed from the module's input with the module's own se
 KFAC: these layers have no Kronecker structure between an input and an output factor. The choice
 made here, exact in its block: ``A = [[n]]`` (a ``1 × 1`` factor, the sum of 1 over the
 examples) and ``G = Σ_{k,i} g gᵀ`` the full layer block of the per-example gradients, with the
-identity :meth:`kfac_permutation`. So ``kron(G/n, A/n)`` is the layer's exact block: KFAC and
+identity `kfac_permutation`. So ``kron(G/n, A/n)`` is the layer's exact block: KFAC and
 EKFAC hold such a layer as a dense block, which is cheap since these layers are small
 (``2 × channels`` parameters).
 """
@@ -34,7 +34,7 @@ from .base import AbstractLayer, Parameter, register_layer_type
 class ScaleShiftLayer(AbstractLayer):
     """Base of the layer types computing ``y = x̂ * weight (+ bias)``.
 
-    Subclasses implement :meth:`normalized` (``x̂``, same shape as the input) and set
+    Subclasses implement `normalized` (``x̂``, same shape as the input) and set
     ``channel_axis``: ``True`` when the parameters index axis 1 of the input (BatchNorm,
     GroupNorm, InstanceNorm), ``False`` when they cover the trailing axes (LayerNorm, RMSNorm,
     Affine1d).

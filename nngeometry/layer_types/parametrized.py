@@ -7,7 +7,7 @@ Such a module computes its ``weight`` as ``W = φ(θ)`` from the tensors it stor
 with several), which are what an optimizer updates. The curvature is taken with respect to
 those *original* (unconstrained) parameters: with ``D`` the per-example gradient w.r.t. ``W``,
 the gradient w.r.t. ``θ`` is ``(∂φ/∂θ)ᵀ D``. It is computed by the generic path (``torch.func``
-on the module's forward, parametrization included; see :mod:`.generic`), so every
+on the module's forward, parametrization included; see `generic`), so every
 representation built from per-example gradients is exact: Dense, BlockDiag, Diag, QuasiDiag,
 LowRank, Implicit. KFAC/EKFAC refuse the layer: ``(∂φ/∂θ)ᵀ`` mixes the rows and columns of
 ``W``, which breaks the Kronecker structure of the block.
@@ -88,7 +88,19 @@ def parametrizations_prepared(model):
     restores them."""
     from torch.nn.utils.parametrizations import _WeightNorm
 
+    import torch.nn.utils.parametrize as parametrize_module
+
     saved, patched = [], []
+    # inside parametrize.cached() every access returns the tensor computed at the first one:
+    # the per-layer recomputations from the originals (and torch.func's calls with other
+    # originals) would read that stale tensor, and the gradients w.r.t. the originals would be
+    # wrong; the cache is switched off for the computation (same values: the originals do not
+    # change during it)
+    cache_depth = 0
+    if any(is_parametrized(m) for m in model.modules()):
+        cache_depth = getattr(parametrize_module, "_cache_enabled", 0)
+        if cache_depth:
+            parametrize_module._cache_enabled = 0
     for m in model.modules():
         if is_parametrized(m):
             for pm in m.parametrizations.modules():
@@ -99,6 +111,8 @@ def parametrizations_prepared(model):
                     patched.append(pm)
 
     def restore():
+        if cache_depth:
+            parametrize_module._cache_enabled = cache_depth
         for pm, training in saved:
             pm.training = training
         for pm in patched:

@@ -1,4 +1,4 @@
-"""Layer types of :mod:`nngeometry.layers`: WeightNorm1d, WeightNorm2d, Cosine1d, Affine1d.
+"""Layer types of `nngeometry.layers`: WeightNorm1d, WeightNorm2d, Cosine1d, Affine1d.
 
 WeightNorm / Cosine: the module uses ``Ŵ_o = w_o / s_o`` with ``s_o = sqrt(||w_o||² + eps)``
 (per output row / channel; ``eps = module.eps``, 0 for modules without it). With ``D_o`` the
@@ -10,7 +10,7 @@ normalized the same way for Cosine1d), the chain rule through the normalization 
 (the projection orthogonal to ``ŵ_o``). The projection differs per row, so these layers have no
 Kronecker structure: KFAC/EKFAC refuse them.
 
-Affine1d: ``y = x * weight + bias`` is :class:`~.normalization.ScaleShiftLayer` with ``x̂ = x``
+Affine1d: ``y = x * weight + bias`` is `ScaleShiftLayer` with ``x̂ = x``
 (same per-example gradients, same dense-in-KFAC choice as the normalization layers).
 """
 import torch

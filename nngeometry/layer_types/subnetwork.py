@@ -9,7 +9,7 @@ from .base import AbstractLayer, Parameter
 
 class SubnetworkLayer(AbstractLayer):
     """``k`` parameters: entry ``j`` is the flat coordinate ``indices[j]`` of ``parent``
-    (a :class:`~nngeometry.layercollection.LayerCollection`)."""
+    (a [`LayerCollection`][nngeometry.layercollection.LayerCollection])."""
 
     module_types = ()
 

@@ -14,7 +14,7 @@ are Gram matrices of rows produced batch after batch. Three things make them che
   column sum ``Σ x``. No copy of ``X`` is made (a ``torch.cat`` with a ones column copied every
   batch's inputs);
 * batching without copies: a piece of at least ``min_rows`` rows (default
-  :data:`MIN_GEMM_ROWS`) is multiplied as it is; only shorter pieces are buffered (and then
+  `MIN_GEMM_ROWS`) is multiplied as it is; only shorter pieces are buffered (and then
   concatenated) until they add up to ``min_rows``, so memory is never spent on rows waiting for a
   GEMM that would already run at full speed.
 
@@ -77,9 +77,9 @@ class SymmetricAccumulator:
     ``(d+1) × (d+1)``, its last row/column ``scale · (Σ_rows x, m)``).
 
     Wide, CPU-resident sums keep only the upper block-triangle (diagonal blocks in full) and
-    mirror it once in :meth:`result`. ``min_rows``: pieces shorter than this are buffered (see the
+    mirror it once in `result`. ``min_rows``: pieces shorter than this are buffered (see the
     module docstring); ``buffer_bytes``: cap on the buffered bytes (default: the smaller of
-    :data:`BUFFER_BYTES` and the size of the Gram matrix).
+    `BUFFER_BYTES` and the size of the Gram matrix).
     """
 
     def __init__(self, buffer_bytes=None, min_rows=MIN_GEMM_ROWS, ones_column=False):

@@ -45,7 +45,7 @@ def move_collection(lc, device, dtype):
 
 
 def move(obj, device, dtype, non_blocking=False):
-    """``obj`` with every tensor moved (:func:`move_tensor`), through dicts, lists, tuples,
+    """``obj`` with every tensor moved (`move_tensor`), through dicts, lists, tuples,
     LayerCollections and the objects that have their own ``.to`` (matrices of a group)."""
     from .pspace.abstract import PMatAbstract
 

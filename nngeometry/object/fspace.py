@@ -106,7 +106,7 @@ class FMatDense(FMatAbstract):
                                       "use 'eigh' or 'svd'")
 
     def get_eigendecomposition(self):
-        """``(evals, evecs)`` from :meth:`compute_eigendecomposition` (computed with 'eigh' if
+        """``(evals, evecs)`` from `compute_eigendecomposition` (computed with 'eigh' if
         it was not called yet)."""
         if getattr(self, "evecs", None) is None:
             self.compute_eigendecomposition()
@@ -119,7 +119,7 @@ class FMatDense(FMatAbstract):
 
     def project_from_diag(self, v):
         """The FVector ``evecs v`` of shape ``(K, n)`` whose eigenbasis coordinates are the
-        tensor ``v`` of shape ``(K n,)`` (inverse of :meth:`project_to_diag`)."""
+        tensor ``v`` of shape ``(K n,)`` (inverse of `project_to_diag`)."""
         _, evecs = self.get_eigendecomposition()
         K, n = self.data.shape[:2]
         return FVector((evecs @ v).reshape(K, n))
@@ -160,3 +160,7 @@ class FMatDense(FMatAbstract):
         state = self.__dict__.copy()
         state["generator"] = None
         return state
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from abc import ABC  # noqa: E402,F401
+from .vector import PVector  # noqa: E402,F401

@@ -114,7 +114,7 @@ class PFMapDense(PFMap):
     @staticmethod
     def from_dict(layer_collection=None, generator=None, data_dict=None):
         """The PFMapDense whose per-layer blocks are ``data_dict[layer_id] = (weight, [bias])``,
-        each of shape ``(K, n, *param_shape)`` (the inverse of :meth:`to_torch_layer`)."""
+        each of shape ``(K, n, *param_shape)`` (the inverse of `to_torch_layer`)."""
         layer_collection = resolve_layer_collection(layer_collection, generator, "PFMapDense.from_dict")
         if data_dict is None:
             raise ValueError("PFMapDense.from_dict needs data_dict={layer_id: (weight, [bias])}")
@@ -252,3 +252,6 @@ def random_pfmap(layer_collection, output_size, device=None, dtype=None):
     dtype, device = _lc_dtype_device(layer_collection, dtype, device)
     data = torch.randn(*output_size, layer_collection.numel(), device=device, dtype=dtype)
     return PFMapDense(layer_collection, data=data)
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from abc import ABC, abstractmethod  # noqa: E402,F401

@@ -265,7 +265,7 @@ class PVector(StateDictMixin):
         return self._inplace(other, "mul_", "*=")
 
     def __matmul__(self, other):
-        """``v @ w``: the inner product ``<v, w>`` of two PVectors (as :meth:`dot`). Any other
+        """``v @ w``: the inner product ``<v, w>`` of two PVectors (as [`dot`][nngeometry.object.vector.PVector.dot]). Any other
         right operand is left to its own ``__rmatmul__`` (e.g. a matrix's)."""
         if not isinstance(other, PVector):
             return NotImplemented
@@ -304,7 +304,7 @@ class PVector(StateDictMixin):
     @staticmethod
     def concat(layer_collection, parts):
         """The PVector of ``layer_collection`` assembled from PVectors on disjoint
-        sub-collections that together cover it (the inverse of :meth:`restrict`)."""
+        sub-collections that together cover it (the inverse of [`restrict`][nngeometry.object.vector.PVector.restrict])."""
         d = {}
         for part in parts:
             for lid, ts in part.get_dict_representation().items():

@@ -108,12 +108,28 @@ def test_batch_size_read_from_the_outputs():
     torch.testing.assert_close(got, ref, **TOL)
 
 
-def test_shared_output_not_broadcast_by_the_model_is_refused():
-    """A layer of batch dimension 1 whose output the model concatenates along the batch (not a
-    broadcast): expanding it changes the number of outputs, refused with a message."""
-    import pytest
+def test_shared_output_repeated_or_concatenated_by_the_model():
+    """A layer output of batch dimension 1 that the model repeats along the batch itself (a
+    class token tiled, which the expanded copy would break) or concatenates along it (the
+    number of outputs would change once expanded): left as it is, it gets the backward pass
+    of its own of outputs with no batch axis; exact against brute force."""
+    from torch.func import functional_call, jacrev
 
     torch.manual_seed(0)
+
+    class Cls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Embedding(1, 2)
+            self.lin = nn.Linear(2, C)
+
+        def forward(self, x):
+            c = self.cls(torch.zeros(1, 1, dtype=torch.long)).repeat(x.shape[0], 1, 1)
+            return self.lin(torch.tanh(torch.cat([c, x], 1))).mean(1)
+
+    m = Cls().double()
+    x = torch.randn(4, 3, 2, dtype=torch.float64)
+    torch.testing.assert_close(FIM(m, (x,), PMatDense).to_torch(), fim_dense(m, x), **TOL)
 
     class Cat(nn.Module):
         def __init__(self):
@@ -125,5 +141,45 @@ def test_shared_output_not_broadcast_by_the_model_is_refused():
 
     m = Cat().double()
     x = torch.randn(3, 2, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="not broadcast over the examples"):
-        FIM(m, [{"x0": torch.zeros(1), "x": x}], PMatDiag, function=lambda d: m(d["x"]))
+    got = FIM(m, [{"x0": torch.zeros(1), "x": x}], PMatDense, function=lambda d: m(d["x"]))
+    # the function's 4 output rows are its examples
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    J = jacrev(lambda p: functional_call(m, p, (x,)))(params)
+    J = torch.cat([J[k].reshape(4, C, -1) for k in ("lin.weight", "lin.bias")], 2)
+    p = torch.softmax(m(x).detach(), 1)
+    S = torch.diag_embed(p) - p[:, :, None] * p[:, None]
+    ref = torch.einsum("nkp,nkl,nlq->pq", J, S, J) / 4
+    torch.testing.assert_close(got.to_torch(), ref, **TOL)
+    assert ref.abs().max() > 0
+
+
+def test_table_as_long_as_the_batch_is_shared():
+    """A ``(T, D)`` table (positions of shape ``(T,)``, no batch axis) in a batch of ``T``
+    examples (here the loader's batches of 3, 3, 2) looks batched by its shape: it is found
+    shared from its gradients, and the matrices equal brute force / the single-batch result."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    t = 3
+
+    class Tab(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(t, D)
+            self.tab = nn.Linear(D, 2)
+            self.lin = nn.Linear(2, C)
+
+        def forward(self, x):
+            p = self.tab(self.pos(torch.arange(t)))          # (t, 2), shared
+            return self.lin(torch.tanh(x + p)).mean(1)
+
+    m = Tab().double()
+    x = torch.randn(8, t, 2, dtype=torch.float64)
+    data = TensorDataset(x)
+    ref = fim_dense(m, x, layer_collection=LayerCollection.from_model(m))
+    got = FIM(m, DataLoader(data, batch_size=t), PMatDense).to_torch()
+    torch.testing.assert_close(got, ref, **TOL)
+    # KFAC (factors summed over the batches): the same from any batch size
+    k_small = FIM(m, DataLoader(data, batch_size=t), PMatKFAC).to_torch()
+    k_one = FIM(m, DataLoader(data, batch_size=8), PMatKFAC).to_torch()
+    torch.testing.assert_close(k_small, k_one, **TOL)

@@ -133,3 +133,31 @@ def test_hessian_default_loss_on_dict_sequence_batches():
         out = torch.func.functional_call(plain, p, (ids,))
         return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
     torch.testing.assert_close(H, torch.func.hessian(loss)(flat))
+
+
+def test_dict_batch_whose_first_value_is_not_batched():
+    """A Hugging Face style batch whose first value is not batched (position_ids of shape
+    (1, T) or (T,), a 0-dim flag): accepted, the same matrix as with the batched value first;
+    a dict whose batched values all hold 0 examples is refused."""
+    torch.manual_seed(0)
+    t = 4
+
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 3)
+            self.pos = nn.Embedding(t, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, input_ids=None, position_ids=None, flag=None):
+            return self.head(torch.tanh(self.emb(input_ids) + self.pos(position_ids))).sum(1)
+
+    m = KW().double()
+    ids = torch.randint(0, 10, (5, t))
+    ref = FIM(m, {"input_ids": ids, "position_ids": torch.arange(t)[None]}, PMatDense).to_torch()
+    for first in ({"position_ids": torch.arange(t)[None]}, {"position_ids": torch.arange(t)},
+                  {"flag": torch.tensor(1.0), "position_ids": torch.arange(t)[None]}):
+        got = FIM(m, {**first, "input_ids": ids}, PMatDense).to_torch()
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="0 examples"):
+        FIM(m, {"position_ids": torch.arange(t)[:0], "input_ids": ids[:0]}, PMatDense)

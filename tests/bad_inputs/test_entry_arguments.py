@@ -70,6 +70,13 @@ def test_tuple_of_batches_refused_list_accepted():
     two = lambda a, b: model(a + b)  # noqa: E731
     got = FIM(model, ((x, x), y), PMatDense, function=lambda xs, t: two(*xs)).to_torch()
     torch.testing.assert_close(got, fim_dense(model, 2 * x), rtol=1e-10, atol=1e-12)
+    # inputs and targets both pairs of one shape: refused as a tuple, and the refusal names the
+    # list of one batch, which is accepted
+    f = lambda xs, ts: two(*xs)  # noqa: E731
+    with pytest.raises(ValueError, match=r"list of one batch: \[\(\(x1, x2\), \(t1, t2\)\)\]"):
+        FIM(model, ((x, x), (x, x)), PMatDense, function=f)
+    got = FIM(model, [((x, x), (x, x))], PMatDense, function=f).to_torch()
+    torch.testing.assert_close(got, fim_dense(model, 2 * x), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("rep", [PMatDense, PMatKFAC])

@@ -304,3 +304,31 @@ def test_module_called_twice_kfac_is_expand_over_the_calls():
     torch.testing.assert_close(
         FIM(single, [(x, torch.zeros(n))], PMatKFAC, variant="regression").to_torch(),
         torch.einsum("nkp,nkq->pq", Js, Js) / n, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_calls_with_different_position_counts_are_weighted_by_them(kind):
+    """A module called on 1 position, then on 3 (and an unused split): its KFAC equals that of
+    one call on the 4 positions put together (each location of the shared weight counts once,
+    as positions do in 'expand'), for each call's own factors."""
+    torch.manual_seed(0)
+
+    class Split(nn.Module):
+        def __init__(self, joint):
+            super().__init__()
+            self.joint = joint
+            self.lay = nn.Linear(3, 3) if kind == "linear" else nn.Embedding(6, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.lay(x) if self.joint else \
+                torch.cat([self.lay(x[:, :1]), self.lay(x[:, 1:])], 1)
+            return self.head(torch.tanh(h)).sum(1)
+
+    split, joint = Split(False).to(DT), Split(True).to(DT)
+    joint.load_state_dict(split.state_dict())
+    x = torch.randn(5, 4, 3, dtype=DT) if kind == "linear" else torch.randint(0, 6, (5, 4))
+    ks = FIM(split, (x,), PMatKFAC, n_output=2).to_torch()
+    torch.testing.assert_close(ks, FIM(joint, (x,), PMatKFAC, n_output=2).to_torch(),
+                               rtol=1e-10, atol=1e-12)
+    assert ks.abs().max() > 0

@@ -110,3 +110,43 @@ def test_hessian_of_a_tied_model_by_default():
         return F.cross_entropy(out, y, reduction="sum")
     flat = torch.cat([allp[k].detach().reshape(-1) for k in names])
     torch.testing.assert_close(H, torch.func.hessian(loss)(flat), **TOL)
+
+
+def test_tied_sum_quasidiag_jacobian_gram_and_mixed_operations():
+    """QuasiDiag, the Jacobian and the Gram matrix of the default collection of a tied model
+    against brute force; the PMatMixed of KFAC/EKFAC: mv, vTMv, trace agree with its dense
+    matrix (EKFAC's solve too; KFAC's solve damps its factors, see its docstring)."""
+    import warnings
+
+    from brute import per_example_jacobian
+    from nngeometry import GramMatrix, Jacobian
+    from nngeometry.object import PMatQuasiDiag
+
+    m, x = setup()
+    lc = LayerCollection.from_model(m)
+    ref = fim_dense(m, x, layer_collection=lc)
+    Q = FIM(m, (x,), PMatQuasiDiag, layer_collection=lc).to_torch()
+    torch.testing.assert_close(torch.diag(Q), torch.diag(ref), **TOL)
+    nz = Q != 0
+    assert nz.sum() > Q.shape[0]
+    torch.testing.assert_close(Q[nz], ref[nz], **TOL)
+    Jb = per_example_jacobian(m, x, lc)                       # (n, K, P)
+    torch.testing.assert_close(Jacobian(m, (x,), layer_collection=lc).to_torch(),
+                               Jb.transpose(0, 1), **TOL)
+    torch.testing.assert_close(GramMatrix(m, (x,), layer_collection=lc).to_torch(),
+                               torch.einsum("ikp,jlp->kilj", Jb, Jb), **TOL)
+    v = torch.randn(lc.numel(), dtype=torch.float64)
+    pv = PVector(lc, vector_repr=v)
+    for rep in (PMatKFAC, PMatEKFAC):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mixed = FIM(m, (x,), rep, layer_collection=lc)
+        D = mixed.to_torch()
+        torch.testing.assert_close(mixed.mv(pv).to_torch(), D @ v, **TOL)
+        torch.testing.assert_close(torch.as_tensor(float(mixed.vTMv(pv)), dtype=D.dtype),
+                                   v @ D @ v, **TOL)
+        torch.testing.assert_close(torch.as_tensor(float(mixed.trace()), dtype=D.dtype),
+                                   torch.trace(D), **TOL)
+    eye = torch.eye(lc.numel(), dtype=torch.float64)
+    torch.testing.assert_close(mixed.solve(pv, regul=1e-3).to_torch(),
+                               torch.linalg.solve(D + 1e-3 * eye, v), atol=1e-7, rtol=1e-7)

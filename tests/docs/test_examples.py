@@ -50,6 +50,12 @@ def test_fim_spectrum(tmp_path):
     assert (tmp_path / "fim_spectrum.json").exists()
 
 
+def test_distributed_fim_runs_as_written(tmp_path):
+    """A plain ``python examples/distributed_fim.py`` starts its own ranks (gloo)."""
+    out = _run([str(EXAMPLES / "distributed_fim.py"), "--steps", "2"], tmp_path)
+    assert "2 ranks, 512 examples" in out and "trace of the KFAC Fisher" in out
+
+
 def test_influence_digits(tmp_path):
     out = _run([str(EXAMPLES / "influence_digits.py"), "--quick", "--out", str(tmp_path)],
                tmp_path)

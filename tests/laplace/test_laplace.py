@@ -233,4 +233,4 @@ def test_subnetwork_laplace():
     assert torch.allclose(la.functional_variance(xs), var, rtol=1e-8, atol=1e-12)
     assert la.sample(3).shape == (3, k)
     with pytest.raises(ValueError, match="PMatDense"):
-        Laplace(model, "classification", PMatDiag, subnetwork_indices=idx).fit((x, y))
+        Laplace(model, "classification", PMatKFAC, subnetwork_indices=idx).fit((x, y))

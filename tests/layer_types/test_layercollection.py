@@ -106,8 +106,14 @@ def test_equality_merge_sub_last_layer():
     merged = first.merge(second)
     assert merged == lca
     assert merged.p_pos == lca.p_pos
-    with pytest.raises(ValueError, match="already in the collection"):
-        first.merge(first)
+    # the union: common layers are kept once, where the first collection has them
+    assert first.merge(first) == first
+    assert first.merge(lca) == LayerCollection(
+        [(lid, lca[lid]) for lid in ["conv", "block.0", "block.2", "head"]])
+    assert lca.merge(second) == lca
+    clash = LayerCollection([("head", LinearLayer(4, 3))])
+    with pytest.raises(ValueError, match="merge: layer 'head'"):
+        lca.merge(clash)
     # same ids, different shapes: not equal
     assert LayerCollection([("0", LinearLayer(3, 4))]) != LayerCollection([("0", LinearLayer(3, 5))])
     assert LayerCollection([("0", LinearLayer(3, 4))]) != LayerCollection([("1", LinearLayer(3, 4))])

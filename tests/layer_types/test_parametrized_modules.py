@@ -16,6 +16,11 @@ from nngeometry.object import PMatDense, PMatDiag, PMatImplicit, PMatKFAC, PVect
 TOL = dict(atol=1e-10, rtol=1e-8)
 
 
+class Double(nn.Module):
+    def forward(self, b):
+        return 2 * b
+
+
 class Symmetric(nn.Module):
     def forward(self, X):
         return X.triu() + X.triu(1).T
@@ -62,3 +67,23 @@ def test_parametrized_modules_exact_wrt_originals_and_model_unchanged():
     assert torch.isfinite(ef).all() and ef.sum() > 0
     with pytest.raises(NotImplementedError, match="'0'.*torch.nn.utils.parametrize"):
         FIM(m, (x,), PMatKFAC)
+
+
+def test_inside_parametrize_cached_same_matrices():
+    """Under ``parametrize.cached()`` every access returns the tensor of the first one; the
+    matrices must still be those w.r.t. the originals (the cache is off for the computation,
+    and on again after)."""
+    from nngeometry import Hessian
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    parametrize.register_parametrization(m[2], "bias", Double())
+    P.weight_norm(m[0])
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    ref = fim_dense(m, x)
+    href = Hessian(m, [(x, y)], PMatDense).to_torch()
+    with parametrize.cached():
+        torch.testing.assert_close(FIM(m, (x,), PMatDense).to_torch(), ref, **TOL)
+        torch.testing.assert_close(Hessian(m, [(x, y)], PMatDense).to_torch(), href, **TOL)
+        assert parametrize._cache_enabled == 1

@@ -168,3 +168,32 @@ def test_capture_refuses_batch_reading_curvatures():
     seeded = monte_carlo_function(lambda inputs: model(inputs), "classif_logits", 1, seed=0)
     with pytest.raises(TypeError, match="reads the batch"):
         StepCapture(TorchHooksJacobianBackend(model, seeded, layer_collection=lc), lc)
+
+
+def test_recorded_step_with_a_table_as_long_as_the_batch():
+    """A ``(T, d)`` table with ``T == n``, found shared from its gradients: the replayed step
+    equals the entry point's matrix, itself checked against brute force in the broadcast
+    tests."""
+    torch.manual_seed(0)
+    t = 3
+
+    class Tab(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(t, 2)
+            self.lin = nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(x + self.pos(torch.arange(t)))).mean(1)
+
+    model = Tab().to(DT)
+    x, y = torch.randn(t, t, 2, dtype=DT), torch.randint(0, 3, (t,))
+    lc = LayerCollection.from_model(model)
+    transform = closed_form_function(lambda inputs: model(inputs), "classif_logits")
+    cap = StepCapture(TorchHooksJacobianBackend(model, transform, layer_collection=lc), lc)
+    with cap:
+        _train_step(model, x, y)
+    record = cap.take()
+    got = PMatDense(layer_collection=lc, generator=ReplayBackend(cap, record), examples=record)
+    torch.testing.assert_close(got.to_torch(), FIM(model, (x, y), PMatDense).to_torch(),
+                               rtol=1e-10, atol=1e-12)

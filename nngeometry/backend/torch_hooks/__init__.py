@@ -2,8 +2,8 @@
 convolution implementations.
 
 This package has a single implementation of the per-example gradients of convolutions
-(unfolded patches; see ``nngeometry.layer_types.conv``), so :class:`use_conv_impl_for_convs`
-and :class:`use_unfold_impl_for_convs` select nothing: inside either, every number is the same
+(unfolded patches; see ``nngeometry.layer_types.conv``), so `use_conv_impl_for_convs`
+and `use_unfold_impl_for_convs` select nothing: inside either, every number is the same
 as outside. They exist so that code written for upstream runs unchanged.
 """
 import contextlib

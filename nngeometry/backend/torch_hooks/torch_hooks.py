@@ -23,3 +23,7 @@ def instance_buffer_handles(func):
 
 
 __all__ = ["TorchHooksJacobianBackend", "instance_buffer_handles"]
+
+# names upstream's module exposes too (its imports), for `from ... import` of them
+from ...layercollection import LayerCollection  # noqa: E402,F401
+from ...object.vector import FVector, PVector  # noqa: E402,F401

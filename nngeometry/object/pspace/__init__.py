@@ -12,6 +12,14 @@ from .ekfac import PMatEKFAC
 from .ekfac_blockdiag import PMatEKFACBlockDiag
 from .mixed import PMatMixed
 
+# names upstream's pspace module exposes too (its imports), for `from ... import` of them
+from abc import ABC, abstractmethod  # noqa: E402,F401
+from collections import OrderedDict  # noqa: E402,F401
+from ...backend.dummy import DummyGenerator  # noqa: E402,F401
+from ...maths import kronecker  # noqa: E402,F401
+from ..map import PFMap, PFMapDense  # noqa: E402,F401
+from ..vector import PVector  # noqa: E402,F401
+
 __all__ = ["PMatAbstract", "bdot", "PMatDense", "PMatEye", "PMatDiag", "PMatBlockDiag", "PMatQuasiDiag",
            "PMatQuasiDiagInverse", "PMatLowRank", "PMatEyePlusLowRank", "PMatImplicit",
            "PMatKFAC", "PMatEKFAC", "PMatEKFACBlockDiag", "PMatMixed"]

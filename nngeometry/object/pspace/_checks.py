@@ -1,15 +1,15 @@
 """Guards shared by every representation: singular matrices, stale caches, half-precision
 factorizations and dense allocations that cannot fit.
 
-* :func:`check_invertible` / :func:`logdet_of`: one test and one message for "``M + regul·I`` is
+* `check_invertible` / `logdet_of`: one test and one message for "``M + regul·I`` is
   singular", so that no representation returns inf/NaN (or round-off garbage) from ``solve``,
   ``inverse``, ``pow(x < 0)`` or ``logdet``.
-* :func:`cached`: caches of factorizations keyed on what they were computed from (the data
+* `cached`: caches of factorizations keyed on what they were computed from (the data
   tensors' identity and version counters, the damping), so an in-place update of ``.data``
   (``F.data.mul_(0.9).add_(0.1 * new)``) is seen, and nothing holding an autograd graph is kept.
-* :func:`upcast` / :func:`factor_dtype`: LAPACK has no float16 / bfloat16 kernels; factorizations
+* `upcast` / `factor_dtype`: LAPACK has no float16 / bfloat16 kernels; factorizations
   run in float32 and results are cast back.
-* :func:`check_dense_fits`: a ``P × P`` allocation is refused, with its size, before the
+* `check_dense_fits`: a ``P × P`` allocation is refused, with its size, before the
   allocator fails (or the machine swaps).
 """
 import weakref
@@ -80,7 +80,7 @@ def round_off_tol(values, scale=None):
 
 
 def check_invertible(values, rep, what, regul, exact=False, detail=""):
-    """Refuse with :func:`singular_error` when a value of ``values`` (the eigenvalues, or
+    """Refuse with `singular_error` when a value of ``values`` (the eigenvalues, or
     pivots, of ``M + regul·I``) is zero.
 
     ``exact=True``: the values are stored exactly (a diagonal), only an exact 0 is singular.
@@ -107,7 +107,7 @@ def logdet_of(values, rep, regul, exact=False, require_pd=True, multiplicity=1,
     """``log det(M + regul·I) = Σ log λ`` from the eigenvalues (or diagonal pivots) ``values``
     of ``M + regul·I``, each counted ``multiplicity`` times.
 
-    Singular (see :func:`check_invertible`): the shared singular error. ``require_pd=True``: a
+    Singular (see `check_invertible`): the shared singular error. ``require_pd=True``: a
     negative value is refused (log det of a matrix that should be positive definite, e.g. the
     damped Fisher of a Laplace posterior); ``require_pd=False``: ``log |det|`` when
     ``det > 0`` (an even number of negative values), the same clear error when ``det < 0``
@@ -149,7 +149,7 @@ def not_psd_error(rep, what, low, regul):
 
 def psd_values(values, rep, what, regul, exact=False):
     """The eigenvalues ``values`` of ``M + Λ`` made ready for a fractional power: a genuinely
-    negative one is refused (:func:`not_psd_error`); negative round-off (``exact=False``: values
+    negative one is refused (`not_psd_error`); negative round-off (``exact=False``: values
     out of a factorization) is clipped to 0. ``exact=True``: stored values, any negative one is
     genuine."""
     if values.numel() == 0:
@@ -220,7 +220,7 @@ class Snapshot:
 
 def regul_key(regul):
     """Cache key of a damping: its value, or None (do not cache) for a tensor that records a
-    graph (see :func:`needs_graph`), and for a per-layer / per-parameter prior its own key."""
+    graph (see `needs_graph`), and for a per-layer / per-parameter prior its own key."""
     key = getattr(regul, "key", None)
     if key is not None:
         return key()
@@ -231,7 +231,7 @@ def regul_key(regul):
 
 def cached(store, name, key, compute, sources):
     """``compute()``, reused from ``store[name]`` while ``key`` is the same and the tensors of
-    ``sources`` are the same objects, unchanged since (see :class:`Snapshot`).
+    ``sources`` are the same objects, unchanged since (see `Snapshot`).
 
     Only the last key is kept (a factorization is as large as the matrix: a sweep over reguls
     must not pile them up); the previous value is freed before computing the new one. ``key``
@@ -257,7 +257,7 @@ def factor_dtype(dtype):
 
 
 def upcast(t):
-    """``t`` in :func:`factor_dtype` (a copy for half precision, ``t`` itself otherwise)."""
+    """``t`` in `factor_dtype` (a copy for half precision, ``t`` itself otherwise)."""
     return t.to(factor_dtype(t.dtype))
 
 

@@ -87,7 +87,7 @@ def eig(F):
 
 
 def damped_inverse(F, shift):
-    """``(F + shift·I)⁻¹`` through a Cholesky factorization (:func:`damped_cholesky`, in
+    """``(F + shift·I)⁻¹`` through a Cholesky factorization (`damped_cholesky`, in
     float32 for half precision), or None when ``F + shift·I`` is not positive definite (the
     caller then uses the eigendecomposition). A diagonal factor stays diagonal."""
     L = damped_cholesky(F, shift)
@@ -110,7 +110,7 @@ def damped_cholesky(F, shift):
 
 
 def cholesky_inverse_of(L, dtype):
-    """``(L Lᵀ)⁻¹`` from :func:`damped_cholesky`'s factor (a diagonal factor's reciprocal as
+    """``(L Lᵀ)⁻¹`` from `damped_cholesky`'s factor (a diagonal factor's reciprocal as
     is)."""
     return L if L.dim() == 1 else torch.cholesky_inverse(L).to(dtype)
 
@@ -131,7 +131,7 @@ def cholesky_kron_solve(LA, LG, V):
 
 
 def eig_svd(F):
-    """:func:`eig` through the SVD ``F = U diag(s) Vᵀ``: ``(s, U)``, the eigendecomposition of
+    """`eig` through the SVD ``F = U diag(s) Vᵀ``: ``(s, U)``, the eigendecomposition of
     a symmetric positive semi-definite factor (values descending)."""
     if F.dim() == 1:
         return F, F.shape[0]
@@ -183,7 +183,7 @@ def to_kfe(V, UA, UG):
 
 
 def from_kfe(W, UA, UG):
-    """Inverse of :func:`to_kfe`: ``U_G W U_Aᵀ``."""
+    """Inverse of `to_kfe`: ``U_G W U_Aᵀ``."""
     if not isinstance(UA, int):
         W = W @ UA.t()
     if not isinstance(UG, int):
@@ -380,7 +380,7 @@ class Layout:
 
 
 class KronBlocksInLayout:
-    """The container plumbing of the representations stored in a :class:`Layout` (PMatKFAC,
+    """The container plumbing of the representations stored in a `Layout` (PMatKFAC,
     PMatEKFAC): one block per Kronecker unit, in the layout's unit order; needs
     ``self._layout``."""
 
@@ -463,7 +463,7 @@ def bias_is_last_input(layer, dA):
 
 def separate_weight_and_bias(layer_collection, data):
     """The KFAC data with the weight and the bias of every eligible layer (see
-    :func:`bias_is_last_input`) factored separately: the weight block ``G ⊗ A_ww`` (``A``
+    `bias_is_last_input`) factored separately: the weight block ``G ⊗ A_ww`` (``A``
     without its last row and column) and the bias block ``G · A_bb`` (the bias entry of
     ``A``), no weight-bias cross terms. Stored, in the same joint Kronecker layout, as the
     factor ``A`` with its last row and column zeroed off the diagonal: ``kron(G, A')`` is then

@@ -7,9 +7,9 @@ matrix given as one of
 * a Python number or a 0-d tensor ``λ``: ``Λ = λ I`` (kind ``'scalar'``);
 * a dict ``{layer_id: λ_l}``: ``λ_l`` on the diagonal of layer ``l``'s parameters, 0 for the
   layers left out (kind ``'layer'``);
-* a :class:`~nngeometry.object.vector.PVector` ``v``: ``Λ = diag(v)``, one value per parameter
+* a [`PVector`][nngeometry.object.vector.PVector] ``v``: ``Λ = diag(v)``, one value per parameter
   (kind ``'param'``);
-* a :class:`PMatEye` ``s I`` (kind ``'scalar'``) or a :class:`PMatDiag` ``diag(d)`` (kind
+* a `PMatEye` ``s I`` (kind ``'scalar'``) or a `PMatDiag` ``diag(d)`` (kind
   ``'param'``).
 
 Values that are tensors keep their autograd graph: a result computed from ``M + Λ`` is
@@ -135,7 +135,7 @@ def _full(n, value, like):
 
 
 def as_prior(regul, layer_collection, rep="PMat", what="solve"):
-    """Normalise ``regul`` into a :class:`Prior` on ``layer_collection``; refuse anything else
+    """Normalise ``regul`` into a `Prior` on ``layer_collection``; refuse anything else
     with a message naming the accepted kinds."""
     if isinstance(regul, Prior):
         if regul.layer_collection != layer_collection:
@@ -214,7 +214,7 @@ def layer_prior(regul, layer_collection, rep, what):
 def unit_value(regul, key):
     """The scalar damping ``λ_l`` of a unit of a per-layer representation (``key`` a layer id,
     or ``(layer_id, block)``: every block of a layer gets its layer's), from what
-    :func:`layer_prior` returned."""
+    `layer_prior` returned."""
     if hasattr(regul, "layer_value"):
         return regul.layer_value(key[0] if isinstance(key, tuple) else key)
     return regul

@@ -44,7 +44,7 @@ def eigh(M):
 
 
 def eigvalsh(M):
-    """Eigenvalues of a symmetric matrix, with the same safeguards as :func:`eigh`."""
+    """Eigenvalues of a symmetric matrix, with the same safeguards as `eigh`."""
     return eigh(M)[0]
 
 

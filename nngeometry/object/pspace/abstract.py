@@ -2,7 +2,7 @@
 written once for the representations that are containers of blocks.
 
 A container (PMatDense, PMatDiag, PMatBlockDiag, PMatEye, ...) says what its blocks are
-(``_blocks()``: one :mod:`~.blocks` block per layer, or one for the whole matrix) and how a flat
+(``_blocks()``: one `blocks` block per layer, or one for the whole matrix) and how a flat
 ``(..., P)`` tensor splits into the blocks' layouts (``_split`` / ``_join``; by default the
 layers' slices, or the whole vector for a single block). Every operation below (``mv``, ``vTMv``,
 ``mmap``, ``mapTMmap``, ``solve``, ``inverse``, ``pow``, ``logdet``, ``get_diag``, ``trace``,
@@ -10,12 +10,46 @@ layers' slices, or the whole vector for a single block). Every operation below (
 written once, from the blocks' primitives, on batches: a PVector is a batch of one row, a PFMap
 the ``K·n`` rows of its tensor.
 """
+import functools
+import inspect
+import warnings
+
 import torch
 
 from ..map import PFMap, PFMapDense, resolve_layer_collection
 from ..vector import PVector
 from ...serialization import SharedGeneratorCopy, StateDictMixin
 from ._prior import scalar_or_prior
+
+
+# upstream's older names: they keep working, with a DeprecationWarning naming the replacement
+_RENAMED = {"inverse": ("inv", "same arguments, same result"),
+            "frobenius_norm": ("norm", "its default ord=None is the Frobenius norm")}
+
+
+def _renamed(old, impl):
+    new, same = _RENAMED[old]
+
+    @functools.wraps(impl)
+    def shim(self, *args, **kwargs):
+        warnings.warn(f"{type(self).__name__}.{old}() is deprecated: use {new}() ({same})",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(self, f"_{old}_impl")(*args, **kwargs)
+
+    shim._renamed = True
+    shim.__doc__ = (f"Deprecated (`DeprecationWarning`): use `{new}()` ({same}).\n\n"
+                    + inspect.cleandoc(impl.__doc__ or ""))
+    return shim
+
+
+def _install_renamed(cls):
+    """The implementation a class gives under an old name moves to ``_<old>_impl`` (what
+    the package calls, silently) and the old name becomes the warning shim."""
+    for old in _RENAMED:
+        impl = cls.__dict__.get(old)
+        if impl is not None and not getattr(impl, "_renamed", False):
+            setattr(cls, f"_{old}_impl", impl)
+            setattr(cls, old, _renamed(old, impl))
 
 
 class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
@@ -34,6 +68,10 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
     their structure allows; an operation that has no sensible meaning for a structure raises
     ``NotImplementedError`` naming what to use instead.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _install_renamed(cls)
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None, **kwargs):
         self.layer_collection = resolve_layer_collection(layer_collection, generator, type(self).__name__)
@@ -142,7 +180,7 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
         return cached[2]
 
     def _join(self, parts):
-        """The inverse of :meth:`_split`: one ``(..., P)`` tensor."""
+        """The inverse of `_split`: one ``(..., P)`` tensor."""
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def _from_blocks(self, blocks):
@@ -260,7 +298,7 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
                            zip(blocks, self._split(X), dampings)])
 
     def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
-        """``(M + Λ)⁻¹ x`` block by block, exact (``regul``: see :mod:`._prior`)."""
+        """``(M + Λ)⁻¹ x`` block by block, exact (``regul``: see `_prior`)."""
         self._blocks_or_unsupported("solvePVec")
         self._check_pvector(x)
         _check_default_solve(self, solve)
@@ -289,7 +327,8 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
         return self._matpower(-1.0, regul, damping, "inverse")
 
     def inv(self, regul=1e-8, **kwargs):
-        return self.inverse(regul=regul, **kwargs)
+        """``(M + Λ)⁻¹`` (see the representation's ``inverse`` for ``regul`` and damping)."""
+        return self._inverse_impl(regul=regul, **kwargs)
 
     def pow(self, x, regul=0.0, damping="exact"):
         """``(M + Λ)^x`` block by block, exact: negative powers need ``M + Λ`` invertible,
@@ -320,7 +359,7 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
         return self._join([b.matpower(-1.0, d, who).diag() for b, d in zip(blocks, dampings)])
 
     def sqrt(self, regul=0.0, **kwargs):
-        """``(M + Λ)^{1/2}``: :meth:`pow` with ``x = 1/2`` (same ``regul`` kinds, same damping
+        """``(M + Λ)^{1/2}``: [`pow`][nngeometry.object.pspace.abstract.PMatAbstract.pow] with ``x = 1/2`` (same ``regul`` kinds, same damping
         rule and keywords; a matrix that is not positive semi-definite after damping raises the
         shared ``NotPositiveSemiDefiniteError``)."""
         return self.pow(0.5, regul=regul, **kwargs)
@@ -350,7 +389,7 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
         * ``ord=-2``: the smallest singular value (``min |λ|``; 0 for a singular matrix).
         """
         if ord in (None, "fro"):
-            return self.frobenius_norm()
+            return self._frobenius_norm_impl()
         if ord in (2, -2):
             sv = self._singular_values()
             return sv.max() if ord == 2 else sv.min()
@@ -367,6 +406,10 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
         """Moore-Penrose pseudo-inverse ``M⁺``: the eigenvalues with ``|λ| ≤ atol`` are treated
         as zero (their eigenvectors are sent to 0), the others inverted."""
         self._unsupported("pinv")
+
+    def pinverse(self, atol=1e-8):
+        """The pseudo-inverse under the name ``torch.pinverse`` uses: `pinv`."""
+        return self.pinv(atol=atol)
 
     def get_device(self):
         """The device of the matrix's storage (for a matrix that stores nothing, such as
@@ -496,7 +539,7 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
 def function_origin(generator):
     """What identifies the function of ``generator`` (a Jacobian generator) across pickling: a
     variant's description (``closed_form_function(function, 'classif_logits')``, see
-    :mod:`nngeometry.variants`) or the module and qualified name of a user's function; None
+    `nngeometry.variants`) or the module and qualified name of a user's function; None
     without a generator."""
     fn = getattr(generator, "function", None)
     if fn is None:
@@ -577,3 +620,6 @@ def _first_tensor(data):
 def bdot(A, B):
     """Batched dot product: ``bdot(A, B)[i] = <A[i], B[i]>``."""
     return torch.matmul(A.unsqueeze(1), B.unsqueeze(2)).squeeze(2).squeeze(1)
+
+
+_install_renamed(PMatAbstract)

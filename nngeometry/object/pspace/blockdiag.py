@@ -1,5 +1,5 @@
 """``PMatBlockDiag``: one dense block per layer, zero between layers (a container of
-:class:`~.blocks.DenseBlock`)."""
+`DenseBlock`)."""
 import functools
 
 import torch
@@ -38,7 +38,7 @@ class PMatBlockDiag(PMatAbstract):
 
     # ------------------------------------------------------------------ the container
     def _blocks(self):
-        """One :class:`~.blocks.DenseBlock` per layer, sharing the cached eigendecompositions."""
+        """One `DenseBlock` per layer, sharing the cached eigendecompositions."""
         return [DenseBlock(b, functools.partial(self._block_eigh, lid, b))
                 for lid, _, b in self._blocks_items()]
 
@@ -73,7 +73,7 @@ class PMatBlockDiag(PMatAbstract):
 
     def _regul(self, regul, what):
         """``regul`` as given for a scalar ``λ`` (``Λ = λI``), else the normalised per-layer /
-        per-parameter :class:`~._prior.Prior`."""
+        per-parameter `Prior`."""
         scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatBlockDiag", what)
         return scalar if prior is None else prior
 
@@ -175,7 +175,7 @@ class PMatBlockDiag(PMatAbstract):
     def solve_block(self, d, layer_id, regul=1e-8, solve="default"):
         """``(M_l + regul·I)⁻¹`` applied to the rows of ``d``, a tensor of shape ``(..., p_l)``
         on layer ``layer_id``'s parameters (weight then bias, as in the flat layout); same
-        ``solve`` choices and cached factorizations as :meth:`solvePVec`."""
+        ``solve`` choices and cached factorizations as [`solvePVec`][nngeometry.object.pspace.abstract.PMatAbstract.solvePVec]."""
         if layer_id not in self.data:
             raise KeyError(f"no block for layer '{layer_id}'; the layers are "
                            f"{self.layer_collection.layer_ids()}")

@@ -1,4 +1,4 @@
-"""``PMatDense``: the full ``P × P`` matrix (a container of one :class:`~.blocks.DenseBlock`)."""
+"""``PMatDense``: the full ``P × P`` matrix (a container of one `DenseBlock`)."""
 import torch
 
 from ..map import PFMapDense
@@ -27,8 +27,8 @@ class PMatDense(PMatAbstract):
 
     # ------------------------------------------------------------------ the container
     def _blocks(self):
-        """One :class:`~.blocks.DenseBlock` for the whole matrix, sharing the cached
-        eigendecomposition (:meth:`get_eigendecomposition`)."""
+        """One `DenseBlock` for the whole matrix, sharing the cached
+        eigendecomposition (`get_eigendecomposition`)."""
         return [DenseBlock(self.data, self.get_eigendecomposition)]
 
     def _from_blocks(self, blocks):
@@ -46,7 +46,7 @@ class PMatDense(PMatAbstract):
     # ------------------------------------------------------------------ solves and functions
     def _regul(self, regul, what):
         """``regul`` as given when it is a scalar ``λ`` (``Λ = λI``), else the normalised
-        per-layer / per-parameter :class:`~._prior.Prior`."""
+        per-layer / per-parameter `Prior`."""
         scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatDense", what)
         return scalar if prior is None else prior
 
@@ -120,7 +120,7 @@ class PMatDense(PMatAbstract):
 
         'solve' (default, LU with partial pivoting: the same factorization and result as
         ``torch.linalg.solve``) and 'cholesky' reuse the factorization of a previous call with
-        the same regul (see :meth:`_factorization`); 'eigh' reuses the eigendecomposition.
+        the same regul (see `_factorization`); 'eigh' reuses the eigendecomposition.
         ``regul <= 0`` on a singular matrix is refused (shared singular-matrix error)."""
         if solve not in ("default", "solve", "cholesky", "lstsq", "eigh", "eigendecomposition"):
             raise ValueError(f"unknown solve '{solve}': use 'solve', 'cholesky', 'lstsq' or "
@@ -152,7 +152,7 @@ class PMatDense(PMatAbstract):
         return PVector(self.layer_collection, vector_repr=y.squeeze(1))
 
     def solvePFMap(self, x, regul=1e-8, solve="solve", damping="exact"):
-        """``(M + Λ)⁻¹`` applied to every row of the PFMap (``regul``: see :meth:`solvePVec`)."""
+        """``(M + Λ)⁻¹`` applied to every row of the PFMap (``regul``: see [`solvePVec`][nngeometry.object.pspace.abstract.PMatAbstract.solvePVec])."""
         self._check_damping(damping, "solve")
         self._check_pfmap(x)
         regul = self._regul(regul, "solve")
@@ -164,7 +164,7 @@ class PMatDense(PMatAbstract):
     def compute_eigendecomposition(self, impl="eigh"):
         """Eigendecomposition ``M = V diag(λ) Vᵀ`` of the symmetric matrix, cached in ``evals``
         (ascending) and ``evecs`` (columns, ``(P, P)``); recomputed by
-        :meth:`get_eigendecomposition` when ``data`` is replaced or changed in place.
+        `get_eigendecomposition` when ``data`` is replaced or changed in place.
 
         ``impl='eigh'`` (default): ``torch.linalg.eigh``. ``impl='svd'``: from the SVD
         ``M = U diag(s) Vᵀ``; for a symmetric matrix the right singular vectors are eigenvectors
@@ -209,7 +209,7 @@ class PMatDense(PMatAbstract):
 
     def project_from_diag(self, v):
         """The PVector ``V c`` whose eigenbasis coordinates are the ``(P,)`` tensor ``c = v``:
-        the inverse of :meth:`project_to_diag`."""
+        the inverse of `project_to_diag`."""
         _, evecs = self.get_eigendecomposition()
         if not torch.is_tensor(v) or v.shape != (evecs.shape[1],):
             raise ValueError(
@@ -233,7 +233,7 @@ class PMatDense(PMatAbstract):
 
     def norm(self, ord=None):
         if ord in (None, "fro"):
-            return self.frobenius_norm()
+            return self._frobenius_norm_impl()
         return torch.linalg.matrix_norm(self.data, ord=ord)
 
     def to_torch(self):

@@ -1,5 +1,5 @@
 """``PMatDiag``: the diagonal of the matrix, nothing else (a container of one
-:class:`~.blocks.DiagBlock`)."""
+`DiagBlock`)."""
 import torch
 
 from ..vector import PVector

@@ -29,7 +29,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
     eigenbasis (KFE) of the layer's KFAC factors and ``d`` a diagonal in that basis.
 
     Built from examples, ``U_A``, ``U_G`` are the eigenvectors of KFAC's ``A`` and ``G`` and
-    ``d = λ_G ⊗ λ_A``: the matrix then equals PMatKFAC. :meth:`update_diag` replaces ``d`` by the
+    ``d = λ_G ⊗ λ_A``: the matrix then equals PMatKFAC. [`update_diag`][nngeometry.object.pspace.PMatEKFAC.update_diag] replaces ``d`` by the
     best diagonal in the fixed basis, ``d = diag(Uᵀ F U) = (1/n) Σ_x Σ_k (Uᵀ J_k(x)ᵀ)²``, the mean
     over examples (summed over the function's outputs) of the squared per-example gradients
     expressed in the eigenbasis.
@@ -58,7 +58,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
             ``{layer_id: (U_A, U_G)}``, the pair ``(evals, evecs)`` of
             ``PMatKFAC.get_eigendecomposition()``, an EKFAC's ``(evecs, diags)``, or a PMatKFAC
             / PMatEKFAC; the diagonal is then estimated on ``examples`` as in
-            :meth:`update_diag`.
+            [`update_diag`][nngeometry.object.pspace.PMatEKFAC.update_diag].
         kfac_approx: see PMatKFAC.
         separate_weight_and_bias: see PMatKFAC (the eigenbases are then those of the separated
             factors; the joint ``[W | b]`` stays the default).
@@ -322,7 +322,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         return self._layout.to_flat_order(layer_id, U) if split_weight_bias else U
 
     def _layer_diag(self, lid):
-        """A layer's diagonal in its eigenbasis, flat in the column order of :meth:`get_KFE`."""
+        """A layer's diagonal in its eigenbasis, flat in the column order of [`get_KFE`][nngeometry.object.pspace.PMatEKFAC.get_KFE]."""
         return torch.cat([D.reshape(-1) for _, _, D in self._entries(lid)])
 
     # ------------------------------------------------------------------ the container
@@ -440,7 +440,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         return self._with_diags(self._map_diags(f))
 
     def logdet(self, regul=0.0, damping="exact"):
-        """``log det(M + Λ) = Σ_l Σ log(D_l + λ_l)`` (``regul``: see :meth:`solvePVec`)."""
+        """``log det(M + Λ) = Σ_l Σ log(D_l + λ_l)`` (``regul``: see [`solvePVec`][nngeometry.object.pspace.abstract.PMatAbstract.solvePVec])."""
         self._check_damping(damping, "logdet")
         regul = self._regul(regul, "logdet")
         return _checks.logdet_of(self._damped_values(regul), type(self).__name__, regul)
@@ -472,7 +472,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
 
     def to_torch(self, split_weight_bias=True):
         """Dense ``(P, P)``; inside a layer the flat order (``split_weight_bias=True``) or the
-        Kronecker order (see :meth:`get_block_torch`)."""
+        Kronecker order (see `get_block_torch`)."""
         P = self.layer_collection.numel()
         _checks.check_dense_fits(P, self.get_diag().element_size(),
                                  what=f"{type(self).__name__}.to_torch(): a dense")
@@ -505,7 +505,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
 
     def __add__(self, other):
         """Sum of two matrices sharing their eigenbases (e.g. ``M + c·M``): ``D₁ + D₂``; with a
-        :class:`PMatEye` ``s·I`` (a prior precision): ``D + s`` (the eigenbases are complete)."""
+        `PMatEye` ``s·I`` (a prior precision): ``D + s`` (the eigenbases are complete)."""
         if isinstance(other, PMatEye):
             if other.layer_collection != self.layer_collection:
                 raise ValueError("the two matrices are built on different LayerCollections")

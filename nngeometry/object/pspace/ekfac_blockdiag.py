@@ -60,13 +60,13 @@ class _KFACOrBlocks(Consumer):
 
 
 class PMatEKFACBlockDiag(PMatEKFAC):
-    """Block-diagonal over layers: EKFAC blocks (see :class:`PMatEKFAC`) for the layers whose
+    """Block-diagonal over layers: EKFAC blocks (see `PMatEKFAC`) for the layers whose
     layer type computes KFAC factors, the exact dense block ``(1/n) Σ_x J_l(x)ᵀ J_l(x)`` for the
     other layers. Computed in one pass over the data.
 
     A dense block ``B`` is stored as its eigendecomposition ``B = U diag(d) Uᵀ`` (computed once),
     which makes it an EKFAC block with a trivial input factor, and every operation of PMatEKFAC
-    (including exact damping, ``pow``, ``logdet``) applies to it. :meth:`update_diag`
+    (including exact damping, ``pow``, ``logdet``) applies to it. [`update_diag`][nngeometry.object.pspace.PMatEKFAC.update_diag]
     re-estimates every layer's diagonal in its fixed basis: for a dense layer that is
     ``diag(Uᵀ B' U)`` with ``B'`` the block on the new examples (unchanged when the examples and
     parameters are the same).
@@ -90,7 +90,7 @@ class PMatEKFACBlockDiag(PMatEKFAC):
     @classmethod
     def from_mapping(cls, layer_collection, generator, default_representation=None,
                      map_layers_to=None, data=None, examples=None, **kwargs):
-        """:meth:`PMatMixed.from_mapping <nngeometry.object.pspace.PMatMixed.from_mapping>`
+        """`PMatMixed.from_mapping <nngeometry.object.pspace.PMatMixed.from_mapping>`
         with this class (EKFAC where the layer type has KFAC, a dense block elsewhere) as the
         default representation and no other mapping by default."""
         from .mixed import PMatMixed

@@ -1,5 +1,5 @@
 """``PMatEye``: a scaled identity ``s·I`` (e.g. an isotropic prior precision); a container of
-one :class:`~.blocks.ScaledIdentityBlock`."""
+one `ScaledIdentityBlock`."""
 import torch
 
 from .abstract import PMatAbstract, resolve_layer_collection
@@ -87,7 +87,7 @@ class PMatEye(PMatAbstract):
     def inverse(self, regul=0.0, damping="exact"):
         """``((s + regul)·I)⁻¹`` as a PMatEye (a PMatDiag for a per-layer / per-parameter
         ``Λ``)."""
-        return super().inverse(regul=regul, damping=damping)
+        return super()._inverse_impl(regul=regul, damping=damping)
 
     def pinv(self, atol=1e-8):
         """Pseudo-inverse: ``(1/s)·I``, or the zero matrix when ``|s| ≤ atol``."""

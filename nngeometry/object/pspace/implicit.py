@@ -203,7 +203,8 @@ class PMatImplicit(PMatAbstract):
         raise TypeError(f"the preconditioner M must be a PMat or a callable PVector -> PVector, "
                         f"got {type(M).__name__}")
 
-    def _solve_rows(self, B, regul, tol, max_iter, M, what="solve", return_info=False):
+    def _solve_rows(self, B, regul, tol, max_iter, M, what="solve", return_info=False,
+                    X0=None, atol=0.0):
         """``(M + Λ)⁻¹`` applied to the rows of ``B`` by CG. ``regul`` gives ``Λ``: a scalar
         ``λ``, a dict ``{layer_id: λ_l}``, a PVector, a PMatEye or a PMatDiag (any diagonal:
         CG only needs products). Differentiable w.r.t. ``B`` and ``Λ`` by implicit
@@ -213,18 +214,21 @@ class PMatImplicit(PMatAbstract):
         if _checks.needs_graph(B, lam):
             def solver(R, lam_value, return_info=False):
                 with torch.no_grad():
-                    return self._cg(R, lam_value, tol, max_iter, M, return_info)
+                    return self._cg(R, lam_value, tol, max_iter, M, return_info, atol=atol)
             lam_t = lam if torch.is_tensor(lam) else torch.as_tensor(lam, dtype=B.dtype,
                                                                      device=B.device)
-            X = solver(B.detach(), lam_t.detach(), return_info)
+            with torch.no_grad():
+                X = self._cg(B.detach(), lam_t.detach(), tol, max_iter, M, return_info, X0=X0,
+                             atol=atol)
             return _CGSolve.apply(B, lam_t, X, solver)
-        return self._cg(B, lam, tol, max_iter, M, return_info)
+        return self._cg(B, lam, tol, max_iter, M, return_info, X0=X0, atol=atol)
 
-    def _cg(self, B, regul, tol, max_iter, M=None, return_info=False):
+    def _cg(self, B, regul, tol, max_iter, M=None, return_info=False, X0=None, atol=0.0):
         """Batched (preconditioned) conjugate gradients: ``(M + regul I) X = B`` for the rows of
         ``B`` ``(m, P)``.
 
-        Stops when every row has ``||r|| ≤ tol · ||b||``. In exact arithmetic CG ends after as
+        Starts from ``X0`` (rows, default 0) and stops when every row has
+        ``||r|| ≤ max(tol · ||b||, atol)``. In exact arithmetic CG ends after as
         many iterations as ``M + regul I`` has distinct eigenvalues, at most ``rank(M) + 1 ≤
         n_output · n + 1``; each iteration is one pass over the examples. With a preconditioner
         (argument ``M``, here written ``C``: symmetric positive definite, approximating
@@ -240,14 +244,18 @@ class PMatImplicit(PMatAbstract):
         if max_iter is None:
             max_iter = B.shape[1]
         precondition = self._preconditioner(M)
-        X = torch.zeros_like(B)
-        R = B.clone()
+        if X0 is None:
+            X = torch.zeros_like(B)
+            R = B.clone()
+        else:
+            X = X0.to(B.dtype).clone()
+            R = B - (self._mm_rows(X) + regul * X)
         Z = precondition(R)
         Pd = Z.clone()
         rz = (R * Z).sum(1)
         rs = (R * R).sum(1)
-        bnorm = rs.sqrt()
-        target = tol * bnorm
+        bnorm = (B * B).sum(1).sqrt()
+        target = torch.clamp(tol * bnorm, min=atol)
         it = 0
         while it < max_iter and bool((rs.sqrt() > target).any()):
             AP = self._mm_rows(Pd) + regul * Pd
@@ -276,7 +284,7 @@ class PMatImplicit(PMatAbstract):
         return X
 
     def solvePVec(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None,
-                  damping="exact", return_info=False):
+                  damping="exact", return_info=False, x0=None, rtol=None, atol=0.0):
         """``(M + regul·I)⁻¹ x`` by conjugate gradients.
 
         Args:
@@ -291,30 +299,48 @@ class PMatImplicit(PMatAbstract):
             M: a preconditioner ``C`` (the argument's name follows
                 ``scipy.sparse.linalg.cg``; it is not this matrix): an approximation of
                 ``(M + regul·I)⁻¹``, symmetric positive definite, given as a PMat (applied with
-                ``mmap``; e.g. ``PMatDiag(...).inverse(regul)`` for Jacobi, or a KFAC inverse)
+                ``mmap``; e.g. ``PMatDiag(...).inv(regul)`` for Jacobi, or a KFAC inverse)
                 or a callable ``PVector -> PVector``. It changes the iterations, not the
                 solution.
+            x0: the starting point, a PVector (default 0), as in `nngeometry.solve.cg`.
+            rtol: the name `nngeometry.solve.cg` gives ``tol`` (give one of the two).
+            atol: also stop when ``||b - (M + regul I) y|| ≤ atol`` (default 0).
         """
         self._check_damping(damping, "solve")
         self._check_pvector(x)
         _check_solve(solve)
+        tol = _tolerance(tol, rtol)
+        X0 = None
+        if x0 is not None:
+            self._check_pvector(x0)
+            X0 = x0.get_flat_representation().unsqueeze(0)
         y = self._solve_rows(x.get_flat_representation().unsqueeze(0), regul, tol, max_iter, M,
-                             return_info=return_info)
+                             return_info=return_info, X0=X0, atol=atol)
         out = PVector(self.layer_collection, vector_repr=y.squeeze(0))
         return (out, dict(self.last_cg_info)) if return_info else out
 
     def solvePFMap(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None,
-                   damping="exact", return_info=False):
+                   damping="exact", return_info=False, x0=None, rtol=None, atol=0.0):
         """``(M + regul·I)⁻¹`` applied to every row of the PFMap, by batched CG (see
-        :meth:`solvePVec` for ``tol``, ``max_iter``, ``return_info`` and the preconditioner
-        ``M``)."""
+        [`solvePVec`][nngeometry.object.pspace.abstract.PMatAbstract.solvePVec] for ``tol`` / ``rtol``, ``atol``, ``max_iter``, ``return_info`` and
+        the preconditioner ``M``); ``x0``: a PFMap of the same shape, the starting rows
+        (default 0)."""
         self._check_damping(damping, "solve")
         self._check_pfmap(x)
         _check_solve(solve)
         J = x.to_torch()
         K, n, P = J.shape
+        tol = _tolerance(tol, rtol)
+        X0 = None
+        if x0 is not None:
+            self._check_pfmap(x0)
+            X0 = x0.to_torch()
+            if X0.shape != J.shape:
+                raise ValueError(f"x0 has shape {tuple(X0.shape)}, the PFMap to solve "
+                                 f"{tuple(J.shape)}: give a starting PFMap of the same shape")
+            X0 = X0.reshape(K * n, P)
         Y = self._solve_rows(J.reshape(K * n, P), regul, tol, max_iter, M,
-                             return_info=return_info)
+                             return_info=return_info, X0=X0, atol=atol)
         out = PFMapDense(self.layer_collection, data=Y.reshape(K, n, P))
         return (out, dict(self.last_cg_info)) if return_info else out
 
@@ -368,7 +394,7 @@ class PMatImplicit(PMatAbstract):
         self._needs_matrix("mm", "chain mv calls, or use PMatDense")
 
     def __add__(self, other):
-        """``M + s·I`` (a :class:`PMatEye`) or ``M + diag(d)`` (a :class:`PMatDiag`): still
+        """``M + s·I`` (a `PMatEye`) or ``M + diag(d)`` (a `PMatDiag`): still
         implicit, every product adds the diagonal (nothing more is stored than the diagonal
         itself); sums with other matrices need their entries."""
         from .diag import PMatDiag
@@ -408,7 +434,7 @@ def _mat_vec(v, product):
 
 class _MatVec(torch.autograd.Function):
     """Links ``value = M v`` to ``v``: the vector-Jacobian product of the linear map ``v -> M v``
-    is ``g -> Mᵀ g = M g``, one more product (through :func:`_mat_vec` again: products of any
+    is ``g -> Mᵀ g = M g``, one more product (through `_mat_vec` again: products of any
     order). The products are computed outside ``forward``, where forward-mode AD, which they
     use, is off."""
 
@@ -458,6 +484,15 @@ class _CGSolve(torch.autograd.Function):
             if lam.dim() == 0:
                 g_lam = g_lam.sum()
         return Z, g_lam, None, None
+
+
+def _tolerance(tol, rtol):
+    """``tol`` (ours) or ``rtol`` (the name of `nngeometry.solve.cg`), not two different ones."""
+    if rtol is None:
+        return tol
+    if tol is not None and tol != rtol:
+        raise ValueError(f"tol={tol} and rtol={rtol} name the same relative tolerance; give one")
+    return rtol
 
 
 def _check_solve(solve):

@@ -83,7 +83,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
     * ``'exact'`` (default for ``logdet``): ``M + λI`` exactly, through the eigendecompositions
       ``A = U_A Λ_A U_Aᵀ``, ``G = U_G Λ_G U_Gᵀ``: ``(M + λI)⁻¹ = U (Λ_G ⊗ Λ_A + λ)⁻¹ Uᵀ`` with
       ``U = U_G ⊗ U_A`` (``solve='eigh'`` is an alias). ``inverse``/``pow`` then return a
-      :class:`~nngeometry.object.pspace.PMatEKFAC` (the result is no longer Kronecker).
+      [`PMatEKFAC`][nngeometry.object.pspace.PMatEKFAC] (the result is no longer Kronecker).
 
     The factors' eigendecompositions are computed once and cached, and so are the π-damped
     inverse factors for the last ``(regul, use_pi)``: after the first call, a solve costs about
@@ -174,7 +174,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
 
     def compute_eigendecomposition(self, impl="eigh"):
         """Compute (again) and cache the factors' eigendecompositions ``A = U_A Λ_A U_Aᵀ``,
-        ``G = U_G Λ_G U_Gᵀ``, used by :meth:`get_eigendecomposition`, exact damping and
+        ``G = U_G Λ_G U_Gᵀ``, used by `get_eigendecomposition`, exact damping and
         ``logdet``. ``impl='eigh'`` (symmetric eigensolver, eigenvalues ascending) or ``'svd'``
         (singular value decomposition, values descending: the same decomposition for the
         symmetric positive semi-definite factors that KFAC builds)."""
@@ -191,7 +191,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
 
     def kronecker_eigenbases(self):
         """``{layer_id: (U_A, U_G)}`` (a tuple of pairs for a multi-block layer): the
-        eigenbases of the factors, what :class:`PMatEKFAC` takes as ``eigendecomposition=``."""
+        eigenbases of the factors, what `PMatEKFAC` takes as ``eigendecomposition=``."""
         return K.repack(self.data, {key: (self._eig(key)[0][1], self._eig(key)[1][1])
                                     for key, _, _ in self._units()})
 
@@ -199,7 +199,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         """``(evals, evecs)``: ``evals[layer_id] = (λ_A, λ_G)`` (1-D) and
         ``evecs[layer_id] = (U_A, U_G)`` (eigenvectors as columns) of the layer's factors, so
         that the layer's eigenvectors are ``U_G[:, p] ⊗ U_A[:, q]`` with eigenvalue
-        ``λ_G[p] λ_A[q]``. Computed on first use (or by :meth:`compute_eigendecomposition`) and
+        ``λ_G[p] λ_A[q]``. Computed on first use (or by `compute_eigendecomposition`) and
         cached. A diagonal factor's basis is the int size of its identity; a multi-block layer
         gets a tuple of pairs, one per Kronecker block."""
         evals = self._map_units(lambda key, A, G: (self._eig(key)[0][0], self._eig(key)[1][0]))
@@ -273,7 +273,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
                                      detail=f"the block of layer '{lid}' is singular")
 
     def _eigen_block(self, key):
-        """The unit's ``A ⊗ G`` as an :class:`~.blocks.EigenKronBlock` (from the cached
+        """The unit's ``A ⊗ G`` as an `EigenKronBlock` (from the cached
         eigendecompositions of its factors): what exact damping works on."""
         return EigenKronBlock.from_factors_eig(*self._eig(key))
 
@@ -343,7 +343,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         matrix products (faster than triangular solves: 2.2x on a 785-wide factor). One solve
         thus costs a third of what inverting up front cost (e.g. on a ResNet-18 with 4609-wide
         input factors), and a loop of solves the same as before. Only where a factor is wider than
-        :data:`LAZY_INVERSE_WIDTH` (below it the inverses cost little, and every solve takes
+        `LAZY_INVERSE_WIDTH` (below it the inverses cost little, and every solve takes
         the same path, bit for bit)."""
         self._check_pi_regul(regul, "solve")
         key = (_checks.regul_key(regul), bool(use_pi), -1.0)
@@ -398,19 +398,19 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
             x.get_flat_representation(), regul, solve, use_pi, damping))
 
     def solvePFMap(self, x, regul=1e-8, solve="default", use_pi=True, damping="pi"):
-        """:meth:`solvePVec` applied to every row of a PFMap."""
+        """[`solvePVec`][nngeometry.object.pspace.abstract.PMatAbstract.solvePVec] applied to every row of a PFMap."""
         self._check_pfmap(x)
         return PFMapDense(self.layer_collection, data=self._solve_flat(x.to_torch(), regul, solve, use_pi, damping))
 
     def inverse(self, regul=1e-8, use_pi=True, damping="pi"):
         """``damping='pi'`` (default): the PMatKFAC with factors ``(A + π√λ I)⁻¹``,
-        ``(G + √λ/π I)⁻¹`` (not ``(M + λI)⁻¹``: see :meth:`solvePVec`); ``damping='exact'``:
+        ``(G + √λ/π I)⁻¹`` (not ``(M + λI)⁻¹``: see [`solvePVec`][nngeometry.object.pspace.abstract.PMatAbstract.solvePVec]); ``damping='exact'``:
         ``(M + Λ)⁻¹`` as a PMatEKFAC (``regul`` a scalar or a per-layer dict)."""
         return self.pow(-1.0, regul=regul, use_pi=use_pi, damping=damping)
 
     def inv(self, regul=1e-8, use_pi=True, damping="pi"):
-        """Alias of :meth:`inverse`."""
-        return self.inverse(regul=regul, use_pi=use_pi, damping=damping)
+        """Alias of [`inverse`][nngeometry.object.pspace.abstract.PMatAbstract.inverse]."""
+        return self._inverse_impl(regul=regul, use_pi=use_pi, damping=damping)
 
     def pow(self, pow, regul=0.0, use_pi=True, damping="pi"):
         """``damping='pi'``: PMatKFAC with π-damped factors to the power ``pow`` (for
@@ -483,7 +483,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
     def to_torch(self, split_weight_bias=True):
         """The dense ``(P, P)`` matrix: layers at their flat positions; inside a layer the flat
         order (``split_weight_bias=True``) or the Kronecker order of ``kron(G, A)`` (False; see
-        :meth:`get_block_torch`)."""
+        `get_block_torch`)."""
         P = self.layer_collection.numel()
         G0 = self._units()[0][2]
         _checks.check_dense_fits(P, G0.element_size(), what="PMatKFAC.to_torch(): a dense")
@@ -521,8 +521,8 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         proportional to the same factor of ``self`` (e.g. ``M + c·M``); other sums are refused
         (``A₁⊗G₁ + A₂⊗G₂`` is not a Kronecker product), naming the alternatives.
 
-        ``M + s·I`` (a :class:`PMatEye`, e.g. an isotropic prior precision) is exact as an
-        eigen-Kronecker matrix: the :class:`PMatEKFAC` ``U (λ_G ⊗ λ_A + s) Uᵀ`` in the
+        ``M + s·I`` (a `PMatEye`, e.g. an isotropic prior precision) is exact as an
+        eigen-Kronecker matrix: the `PMatEKFAC` ``U (λ_G ⊗ λ_A + s) Uᵀ`` in the
         factors' (cached) eigenbasis, the same as ``pow(1, regul=s, damping='exact')``."""
         from .eye import PMatEye
 

@@ -77,7 +77,7 @@ class PMatLowRank(_LowRankBase):
 
     ``data`` is ``J / √n`` with shape ``(n_output, n, P)`` (as built from examples) or any
     ``(r, P)`` factor. Every operation costs ``O(P r)`` (plus ``O(r³)`` for the ``r × r`` Gram
-    matrix ``G = U Uᵀ``); nothing ``P × P`` is formed except in :meth:`to_torch`.
+    matrix ``G = U Uᵀ``); nothing ``P × P`` is formed except in [`to_torch`][nngeometry.object.pspace.abstract.PMatAbstract.to_torch].
 
     Damping is exact, including on the orthogonal complement of the range of ``M``:
     ``solve(x, regul=λ)`` returns ``(M + λI)⁻¹ x = (x - Uᵀ (λI + G)⁻¹ U x) / λ`` (Woodbury).
@@ -187,7 +187,7 @@ class PMatLowRank(_LowRankBase):
     # ------------------------------------------------------------------ solves and functions
     def _with_prior(self, regul, what):
         """``(λ, None)`` for a scalar ``λ``; ``(None, Λ + UᵀU)`` as a
-        :class:`PMatEyePlusLowRank` with a diagonal ``α = diag(Λ)`` for a per-layer /
+        `PMatEyePlusLowRank` with a diagonal ``α = diag(Λ)`` for a per-layer /
         per-parameter ``Λ`` (whose every entry must then be positive: a low-rank matrix is
         singular without damping)."""
         scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatLowRank", what)
@@ -237,27 +237,27 @@ class PMatLowRank(_LowRankBase):
         return PFMapDense(self.layer_collection, data=self._solve_rows(x.to_torch(), regul, solve))
 
     def inverse(self, regul=1e-8, damping="exact"):
-        """``(M + regul·I)⁻¹ = I/λ - Uᵀ(λI + G)⁻¹U/λ``, exact, as a :class:`PMatEyePlusLowRank`
+        """``(M + regul·I)⁻¹ = I/λ - Uᵀ(λI + G)⁻¹U/λ``, exact, as a `PMatEyePlusLowRank`
         (for a per-layer / per-parameter ``Λ``: ``Λ⁻¹ - Λ⁻¹Uᵀ(I + UΛ⁻¹Uᵀ)⁻¹UΛ⁻¹``, the same
         type with a diagonal ``α``)."""
         self._check_damping(damping, "inverse")
         regul, damped = self._with_prior(regul, "inverse")
         if damped is not None:
-            return damped.inverse(0.0)
+            return damped._inverse_impl(0.0)
         self._check_regul(regul, "inverse")
-        return self._as_update().inverse(regul=regul)
+        return self._as_update()._inverse_impl(regul=regul)
 
     def pow(self, x, regul=0.0, on_range=False, damping="exact"):
         """``(M + regul·I)^x`` through the thin eigendecomposition ``M = V Λ Vᵀ``.
 
         * ``on_range=False`` (default): exact, ``λ^x I + V ((Λ + λ)^x - λ^x) Vᵀ`` as a
-          :class:`PMatEyePlusLowRank`; with ``regul = 0`` only ``x > 0`` is defined, and the
+          `PMatEyePlusLowRank`; with ``regul = 0`` only ``x > 0`` is defined, and the
           result is the PMatLowRank ``V Λ^x Vᵀ``.
         * ``on_range=True``: the power restricted to the range of ``M`` (zero on its orthogonal
           complement): PMatLowRank ``V (Λ + λ)^x Vᵀ``; with ``x = -1, regul = 0`` this is the
           Moore-Penrose pseudo-inverse.
 
-        A per-layer / per-parameter ``Λ``: ``x = ±1`` only (a :class:`PMatEyePlusLowRank` with
+        A per-layer / per-parameter ``Λ``: ``x = ±1`` only (a `PMatEyePlusLowRank` with
         a diagonal ``α``); other powers of a diagonal plus a low-rank matrix have no low-rank
         form.
         """
@@ -370,7 +370,7 @@ class PMatLowRank(_LowRankBase):
 class PMatEyePlusLowRank(_LowRankBase):
     """``α I + Uᵀ C U`` with ``α`` a scalar (or a ``(P,)`` tensor: the diagonal matrix
     ``diag(α)``), ``U`` ``(r, P)`` and ``C`` a symmetric ``r × r`` matrix (not necessarily
-    PSD): what :class:`PMatLowRank` returns for damped inverses, exact damped powers,
+    PSD): what [`PMatLowRank`][nngeometry.object.PMatLowRank] returns for damped inverses, exact damped powers,
     differences and negative scalings. The family is closed under damping (by any diagonal
     ``Λ``), inversion (Woodbury), scaling and sums; all operations cost ``O(P r + r³)``.
 
@@ -507,9 +507,9 @@ class PMatEyePlusLowRank(_LowRankBase):
 
     def pow(self, x, regul=0.0, damping="exact"):
         """``(αI + UᵀCU + Λ)^x``, exact. ``x = 1``: the damped matrix; ``x = -1``:
-        :meth:`inverse` (Woodbury). Other ``x`` (fractional: ``x = ±1/2``; integer) with a
+        [`inverse`][nngeometry.object.pspace.abstract.PMatAbstract.inverse] (Woodbury). Other ``x`` (fractional: ``x = ±1/2``; integer) with a
         scalar ``β = α + λ``: through the thin eigendecomposition ``UᵀCU = V D Vᵀ``
-        (:meth:`_thin_eigendecomposition`), ``β^x I + V ((β + D)^x - β^x) Vᵀ``, again a
+        (`_thin_eigendecomposition`), ``β^x I + V ((β + D)^x - β^x) Vᵀ``, again a
         ``PMatEyePlusLowRank``; negative powers need the matrix invertible, fractional ones
         positive semi-definite (the shared errors: ``C`` need not be PSD). A diagonal ``β``
         (a non-scalar ``α`` or a per-layer / per-parameter ``Λ``) has no low-rank
@@ -519,7 +519,7 @@ class PMatEyePlusLowRank(_LowRankBase):
             alpha, U, C = self.data
             return self._new(self._beta(regul, "pow(1)", check=False), U, C)
         if x == -1:
-            return self.inverse(regul)
+            return self._inverse_impl(regul)
         what = f"pow({x})"
         beta = self._beta(regul, what, check=False)
         if beta.dim():

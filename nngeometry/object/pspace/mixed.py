@@ -81,6 +81,11 @@ class PMatMixed(PMatAbstract):
             self._index[g] = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
         assert sum(i.numel() for i in self._index.values()) == P
 
+    @property
+    def sub_pmats(self):
+        """``{group: PMat}``: the built matrix of every group (the same dict as ``data``)."""
+        return self.data
+
     @classmethod
     def from_mapping(cls, layer_collection, generator, default_representation, map_layers_to,
                      data=None, examples=None, **kwargs):
@@ -315,7 +320,8 @@ class PMatMixed(PMatAbstract):
 
     def inverse(self, regul=1e-8, **kwargs):
         reguls = self._part_reguls(regul, "inverse")
-        return self._new({g: m.inverse(regul=reguls[g], **self._accepted(m.inverse, kwargs))
+        return self._new({g: m._inverse_impl(regul=reguls[g],
+                                             **self._accepted(m._inverse_impl, kwargs))
                           for g, m in self.data.items()})
 
     def pow(self, x, regul=0.0, **kwargs):
@@ -324,7 +330,7 @@ class PMatMixed(PMatAbstract):
                           for g, m in self.data.items()})
 
     def logdet(self, regul=0.0, **kwargs):
-        """``Σ_g log det(M_g + Λ_g)`` (``damping=``: see :meth:`_accepted`)."""
+        """``Σ_g log det(M_g + Λ_g)`` (``damping=``: see `_accepted`)."""
         reguls = self._part_reguls(regul, "logdet")
         return sum(m.logdet(regul=reguls[g], **self._accepted(m.logdet, kwargs))
                    for g, m in self.data.items())
@@ -370,10 +376,10 @@ class PMatMixed(PMatAbstract):
         return sum(m.trace() for m in self.data.values())
 
     def frobenius_norm(self):
-        return torch.sqrt(sum(m.frobenius_norm() ** 2 for m in self.data.values()))
+        return torch.sqrt(sum(m._frobenius_norm_impl() ** 2 for m in self.data.values()))
 
     def norm(self, ord=None):
-        """As :meth:`PMatAbstract.norm`; the spectrum is the union of the groups' spectra, so
+        """As [`PMatAbstract.norm`][nngeometry.object.pspace.abstract.PMatAbstract.norm]; the spectrum is the union of the groups' spectra, so
         ``ord=2`` is the largest group norm and ``ord=-2`` the smallest."""
         if ord in (2, -2):
             norms = torch.stack([torch.as_tensor(m.norm(ord)) for m in self.data.values()])
@@ -405,7 +411,7 @@ class PMatMixed(PMatAbstract):
 
     def __add__(self, other):
         """Group-wise sums with another PMatMixed grouped the same way; ``M + s·I`` (a
-        :class:`PMatEye`) adds ``s·I`` to every group (each group's own ``+ PMatEye``: a KFAC
+        `PMatEye`) adds ``s·I`` to every group (each group's own ``+ PMatEye``: a KFAC
         group becomes a PMatEKFAC)."""
         from .eye import PMatEye
 

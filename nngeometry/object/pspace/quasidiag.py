@@ -14,9 +14,9 @@ so ``(M + λI)⁻¹`` is exact through the Schur complement of the diagonal part
 per row of the weight) keep their diagonal only.
 
 Both representations here are containers of blocks (see ``abstract``): one
-:class:`~.blocks.QuasiDiagBlock` per coupled layer (its arrowheads, in the layout
-``(out, n_in + 1)``: each unit's weights then its bias), a :class:`~.blocks.DiagBlock` per layer
-kept diagonal; the inverse holds :class:`~.blocks.ArrowInverseBlock`.
+`QuasiDiagBlock` per coupled layer (its arrowheads, in the layout
+``(out, n_in + 1)``: each unit's weights then its bias), a `DiagBlock` per layer
+kept diagonal; the inverse holds `ArrowInverseBlock`.
 
 Ollivier, *Riemannian metrics for neural networks I: feedforward networks*, Information and
 Inference 4(2), 2015.
@@ -147,7 +147,7 @@ class PMatQuasiDiag(_PerLayer):
     def inverse(self, regul=1e-8, damping="exact"):
         """``(M + Λ)⁻¹``, exact. It is not quasi-diagonal (each unit's block of the inverse is
         dense), but it is *diagonal plus one rank-one term per unit*: a
-        :class:`PMatQuasiDiagInverse`, in ``O(P)`` memory. ``regul``: see :meth:`solvePVec`."""
+        [`PMatQuasiDiagInverse`][nngeometry.object.PMatQuasiDiagInverse], in ``O(P)`` memory. ``regul``: see [`solvePVec`][nngeometry.object.pspace.abstract.PMatAbstract.solvePVec]."""
         blocks = self._power_blocks(-1.0, regul, damping, "inverse")
         data = {}
         for lid, b in zip(self._block_keys(), blocks):
@@ -157,17 +157,17 @@ class PMatQuasiDiag(_PerLayer):
 
     def pow(self, x, regul=0.0, damping="exact"):
         """``(M + Λ)^x``, exact. ``x = 1``: ``M + Λ`` (a ``PMatQuasiDiag``); ``x = -1``:
-        :meth:`inverse` (a :class:`PMatQuasiDiagInverse`, ``O(P)``). Other powers (``x = ±1/2``,
+        [`inverse`][nngeometry.object.pspace.abstract.PMatAbstract.inverse] (a [`PMatQuasiDiagInverse`][nngeometry.object.PMatQuasiDiagInverse], ``O(P)``). Other powers (``x = ±1/2``,
         integers) of an arrowhead are dense per unit: each unit's ``(n_in + 1) × (n_in + 1)``
         block ``(B_o + Λ_o)^x`` from its eigendecomposition (batched over the units), returned
-        as a :class:`PMatBlockDiag` (zero between units; memory ``Σ_l p_l²``, refused with a
+        as a [`PMatBlockDiag`][nngeometry.object.PMatBlockDiag] (zero between units; memory ``Σ_l p_l²``, refused with a
         ``MemoryError`` when it can't fit). Negative powers need ``M + Λ`` invertible,
         fractional ones positive semi-definite (the shared errors: the quasi-diagonal of a PSD
         matrix can be indefinite)."""
         if x == 1:
             return self._matpower(1.0, regul, damping, "pow(1)")
         if x == -1:
-            return self.inverse(regul=regul, damping=damping)
+            return self._inverse_impl(regul=regul, damping=damping)
         from . import _spectral
         from .blockdiag import PMatBlockDiag, check_blocks_fit
 
@@ -248,7 +248,7 @@ class PMatQuasiDiag(_PerLayer):
 
 
 class PMatQuasiDiagInverse(_PerLayer):
-    """``(Q + λI)⁻¹`` for a quasi-diagonal ``Q`` (what :meth:`PMatQuasiDiag.inverse` returns).
+    """``(Q + λI)⁻¹`` for a quasi-diagonal ``Q`` (what [`PMatQuasiDiag.inverse`][nngeometry.object.pspace.PMatQuasiDiag.inverse] returns).
 
     Per coupled unit the block is ``diag(1/(a+λ), 0) + z zᵀ / σ`` with ``z = [c/(a+λ); -1]`` and
     ``σ`` the Schur complement; diagonal layers store ``1/(d+λ)``. ``data`` is

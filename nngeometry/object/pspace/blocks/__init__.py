@@ -4,14 +4,14 @@ batches of vectors in its layout (see ``base.Block``): ``apply``, ``quadratic``,
 ``logdet(damping)``, ``scaled``, ``add``. The representations are containers of blocks and write
 each operation once from them (see ``abstract.PMatAbstract``).
 
-* :class:`DenseBlock`: a dense symmetric block (PMatDense, PMatBlockDiag);
-* :class:`DiagBlock`: a diagonal (PMatDiag);
-* :class:`ScaledIdentityBlock`: ``s·I`` (PMatEye);
-* :class:`KronBlock`: ``A ⊗ G``, factors possibly diagonal (PMatKFAC);
-* :class:`EigenKronBlock`: ``(U_G ⊗ U_A) diag(D) (U_G ⊗ U_A)ᵀ`` (PMatEKFAC, exactly damped KFAC);
-* :class:`QuasiDiagBlock` / :class:`ArrowInverseBlock`: per-unit arrowheads and their inverses
+* `DenseBlock`: a dense symmetric block (PMatDense, PMatBlockDiag);
+* `DiagBlock`: a diagonal (PMatDiag);
+* `ScaledIdentityBlock`: ``s·I`` (PMatEye);
+* `KronBlock`: ``A ⊗ G``, factors possibly diagonal (PMatKFAC);
+* `EigenKronBlock`: ``(U_G ⊗ U_A) diag(D) (U_G ⊗ U_A)ᵀ`` (PMatEKFAC, exactly damped KFAC);
+* `QuasiDiagBlock` / `ArrowInverseBlock`: per-unit arrowheads and their inverses
   (PMatQuasiDiag, PMatQuasiDiagInverse);
-* :class:`LowRankBlock`: ``diag(α) + Jᵀ C J`` (PMatLowRank, PMatEyePlusLowRank).
+* `LowRankBlock`: ``diag(α) + Jᵀ C J`` (PMatLowRank, PMatEyePlusLowRank).
 """
 from .base import Block
 from .dense import DenseBlock

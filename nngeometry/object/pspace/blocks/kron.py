@@ -5,7 +5,7 @@ Layout: the layer's Kronecker layout ``(dG, dA)``; the block maps ``V`` to ``G V
 ``pspace/_kron.py``). Products and reductions use the factors; functions of the damped block
 (``matpower``, ``logdet``, ``solve``, ``eigenvalues``) go through the factors'
 eigendecompositions, computed once: ``A ⊗ G + λI = (U_G ⊗ U_A)(λ_G ⊗ λ_A + λ)(U_G ⊗ U_A)ᵀ``
-exactly, an :class:`EigenKronBlock`. A per-entry damping has no such form and is refused.
+exactly, an `EigenKronBlock`. A per-entry damping has no such form and is refused.
 """
 import torch
 
@@ -28,7 +28,7 @@ class KronBlock(Block):
         return (K.fdim(self.G), K.fdim(self.A))
 
     def eigen(self):
-        """The same block as an :class:`EigenKronBlock` (the factors' eigendecompositions,
+        """The same block as an `EigenKronBlock` (the factors' eigendecompositions,
         computed once; ``eigen`` given to the constructor may be that block, or a function
         returning it: a container's cache)."""
         if callable(self._eigen):
@@ -54,7 +54,7 @@ class KronBlock(Block):
         return self._eigen_for(damping).eigenvalues(damping)
 
     def matpower(self, p, damping=0.0, who=None):
-        """``(A ⊗ G + λI)^p`` exactly, as an :class:`EigenKronBlock` (``p = 1`` undamped: the
+        """``(A ⊗ G + λI)^p`` exactly, as an `EigenKronBlock` (``p = 1`` undamped: the
         block itself)."""
         if float(p) == 1.0 and not is_entries(damping) and not torch.is_tensor(damping) \
                 and float(damping) == 0.0:

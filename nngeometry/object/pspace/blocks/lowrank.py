@@ -3,7 +3,7 @@
 
 ``J`` has shape ``(r, d)`` with ``r`` small, ``C`` is a symmetric ``(r, r)`` matrix (``None``
 for the identity), ``α`` a number, a 0-d tensor or a ``(d,)`` tensor. Nothing ``d × d`` is ever
-formed (except by :meth:`dense`):
+formed (except by `dense`):
 
 * products: ``α v + Jᵀ C (J v)``, ``O(r d)``;
 * with a scalar ``α' = α + λ``: the thin eigendecomposition ``Jᵀ C J = Q E Qᵀ`` (``Q`` ``d × r``

@@ -88,7 +88,7 @@ class QuasiDiagBlock(Block):
 
     def matpower(self, p, damping=0.0, who=None):
         """``p = 1``: the damped arrowheads; ``p = -1``: the exact inverse, diagonal plus one
-        rank-one term per unit (an :class:`ArrowInverseBlock`). Other powers of an arrowhead are
+        rank-one term per unit (an `ArrowInverseBlock`). Other powers of an arrowhead are
         dense per unit: refused."""
         if float(p) == 1.0:
             lw, lb = _split_damping(damping)
