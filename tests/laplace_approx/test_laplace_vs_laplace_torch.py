@@ -7,10 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-# laplace-torch's own module, not this tests folder (also named laplace, importable as a
-# namespace package when laplace-torch is missing)
-pytest.importorskip("laplace.baselaplace")
-import laplace  # noqa: E402
+laplace = pytest.importorskip("laplace")
 
 from nngeometry.laplace import Laplace  # noqa: E402
 from nngeometry.object import PMatDense, PMatDiag  # noqa: E402
