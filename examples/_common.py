@@ -46,7 +46,7 @@ def source_digest(example):
 def save(fig, path):
     """Write the figure as a PNG stamped with what made it (the example, the digest of its code,
     its command-line arguments), so that a picture in the docs can be checked against the code
-    (tests/test_docs_images.py). The picture of ``examples/NAME.py`` is ``NAME.png``."""
+    (tests/docs/test_docs_images.py). The picture of ``examples/NAME.py`` is ``NAME.png``."""
     path = Path(path)
     args, skip = [], False
     for a in sys.argv[1:]:

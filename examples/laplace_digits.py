@@ -102,6 +102,8 @@ def main(argv=None):
     train_data, (x_rest, y_rest) = load()
     x_val, y_val = x_rest[:300], y_rest[:300]
     x_test, y_test = x_rest[300:], y_rest[300:]
+    if args.quick:  # a smoke run: the predictives of a few hundred digits
+        x_test, y_test = x_test[:200], y_test[:200]
     g = torch.Generator().manual_seed(5)
     x_noisy = (x_test + 0.5 * torch.randn(x_test.shape, generator=g)).clamp(0, 1)
     sets = {"test": (x_test, y_test), "noisy test": (x_noisy, y_test)}

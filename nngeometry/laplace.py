@@ -36,6 +36,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as tF
+from tqdm.auto import tqdm
 
 from .backend.batches import batch_size_of, default_function, iterate_batches
 from ._entry import resolve_representation
@@ -565,7 +566,8 @@ class Laplace:
           classification, the Gaussian ``N(y; mean, variance)`` for regression (laplace-torch
           uses the mean squared error there, which the GLM predictive's mean never changes).
 
-        A bool as first argument is the former ``per_layer``.
+        ``progress_bar=True`` shows a progress bar over the Adam steps or the grid; ``verbose``
+        prints the value chosen. A bool as first argument is the former ``per_layer``.
         """
         self._check_fitted()
         if isinstance(pred_type, bool):
@@ -574,7 +576,8 @@ class Laplace:
         if method == "gridsearch":
             return self._gridsearch(val_loader, grid, loss, log_prior_prec_min,
                                     log_prior_prec_max, grid_size, log_prior_prec_base,
-                                    pred_type, link_approx, n_samples, generator, verbose)
+                                    pred_type, link_approx, n_samples, generator, verbose,
+                                    progress_bar)
         if method != "marglik":
             raise ValueError(f"method={method!r}: use 'marglik' or 'gridsearch'")
         structure = prior_structure or ("layer" if per_layer else "scalar")
@@ -597,7 +600,8 @@ class Laplace:
             return t
 
         opt = torch.optim.Adam([log_prior], lr=lr)
-        for _ in range(n_steps):
+        for _ in tqdm(range(n_steps), desc="prior precision (marglik)", unit="step",
+                      disable=not progress_bar, leave=False):
             opt.zero_grad()
             (-self.log_marginal_likelihood(as_prior(log_prior.exp()))).backward()
             opt.step()
@@ -614,7 +618,7 @@ class Laplace:
         return self.prior_precision
 
     def _gridsearch(self, val_loader, grid, loss, lo, hi, size, base, pred_type, link_approx,
-                    n_samples, generator, verbose):
+                    n_samples, generator, verbose, progress_bar=False):
         if val_loader is None:
             raise ValueError("method='gridsearch' needs val_loader= (a validation loader of "
                              "(inputs, targets) batches)")
@@ -628,7 +632,8 @@ class Laplace:
         batches = list(iterate_batches(val_loader))
         saved, scores = self.prior_precision, []
         try:
-            for g in grid:
+            for g in tqdm(grid, desc="prior precision (grid)", unit="value",
+                          disable=not progress_bar, leave=False):
                 self.prior_precision = g
                 total = 0.0
                 for batch in batches:
@@ -936,7 +941,7 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
         sigma_noise_init: the initial ``σ`` (regression).
         temperature: ``T``.
         fix_sigma_noise: keep ``σ = sigma_noise_init``.
-        progress_bar: accepted for laplace-torch's signature; not used.
+        progress_bar: show a progress bar over the epochs.
         enable_backprop: accepted for laplace-torch's signature; not used.
         dict_key_x: accepted for laplace-torch's signature (dict batches pass every key but
             the targets' to the model).
@@ -1022,7 +1027,8 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
     except (AttributeError, TypeError):
         N = sum(batch_size_of(tuple(b)) for b in iterate_batches(train_loader))
     best, best_state, margliks, losses = math.inf, None, [], []
-    for epoch in range(1, n_epochs + 1):
+    for epoch in tqdm(range(1, n_epochs + 1), desc="marglik training", unit="epoch",
+                      disable=not progress_bar, leave=False):
         total = 0.0
         for batch in iterate_batches(train_loader):
             batch = tuple(batch)

@@ -154,3 +154,17 @@ def test_gridsearch_minimises_the_validation_nll():
         la.optimize_prior_precision(method="gridsearch")
     with pytest.raises(ValueError, match="prior_structure"):
         la.optimize_prior_precision(prior_structure="blockwise")
+
+
+def test_progress_bars_change_no_number(capsys):
+    model, x, y = _problem(4)
+    xv, yv = torch.randn(6, 3, dtype=DT), torch.randint(0, 3, (6,))
+    values = []
+    for shown in (False, True):
+        la = Laplace(model, "classification", PMatDiag).fit((x, y))
+        values.append(la.optimize_prior_precision(n_steps=5, progress_bar=shown))
+        values.append(la.optimize_prior_precision(method="gridsearch", val_loader=[(xv, yv)],
+                                                  grid=[0.1, 1.0, 10.0], progress_bar=shown))
+        err = capsys.readouterr().err
+        assert ("prior precision" in err) == shown
+    assert values[:2] == values[2:]
