@@ -16,7 +16,7 @@ What it shows (and the literature reports): with the evidence-optimal prior the 
 Laplace is under-confident in distribution but far better calibrated under the shift; with the
 validation prior it improves both NLL and ECE in distribution and the NLL under the shift.
 
-    python examples/laplace_digits.py            # about 20 s on two cores
+    python examples/laplace_digits.py            # about 40 s on two cores
     python examples/laplace_digits.py --quick    # a smoke run
 """
 import json
