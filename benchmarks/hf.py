@@ -18,10 +18,12 @@ Usage::
 * **implicit mv**: one ``PMatImplicit.mv`` of the closed-form ``FIM`` (JVP, ``H u = p ⊙ u −
   p (pᵀu)`` per position, VJP: no ``V × (V − 1)`` square roots).
 
-The output layer is untied from the token embedding (``tie_word_embeddings=False``): a tied
-layer is one parameter used by two modules, which ``LayerCollection.from_model`` refuses by
-default. The batches carry ``position_ids`` of shape ``(n, T)`` (an embedding looked up with
-``(1, T)`` and broadcast over the batch has no per-example gradient on the hooks path).
+The model is GPT-2 small as published: the output layer tied to the token embedding, the batches
+as a user writes them (``input_ids``, ``attention_mask``, ``labels``; the model builds its
+positions of shape ``(1, T)``). The plain calls take it as it is: the tied parameter's gradient
+is the sum over its two uses, and KFAC gives that layer its exact diagonal block (a
+``PMatMixed``). ``--untied`` unties the head (162 M parameters) and leaves it out of KFAC (its
+output-side factor would be ``V × V``); ``--position-ids`` passes positions of shape ``(n, T)``.
 
 Targets: MC Diag ≤ 1.5× floor, MC KFAC ≤ 3×, implicit mv ≤ 3×, peak memory ≤ floor peak +
 representation + one batch (the batch's logits, ``batch · T · V · 4`` bytes). Timings are
@@ -42,30 +44,35 @@ import run as R  # noqa: E402  (also puts this checkout on the path when not ins
 import torch  # noqa: E402
 
 
-def gpt2(vocab, positions, width, layers, heads):
+def gpt2(vocab, positions, width, layers, heads, tied=True):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_layer=layers,
                      n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     tie_word_embeddings=False)
+                     tie_word_embeddings=tied)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     return GPT2LMHeadModel(cfg).float().eval()
 
 
-def batches(n, seq, batch, vocab):
+def batches(n, seq, batch, vocab, position_ids=False):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (n, seq), generator=g)
     out = []
     for i in range(0, n, batch):
         b = ids[i:i + batch]
-        out.append({"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b,
-                    "position_ids": torch.arange(seq).expand_as(b)})
+        one = {"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b}
+        if position_ids:
+            one["position_ids"] = torch.arange(seq).expand_as(b)
+        out.append(one)
     return out
 
 
 def rep_bytes(M):
     """The bytes of a representation's tensors (its ``data``)."""
+    subs = getattr(M, "sub_pmats", None)
+    if isinstance(subs, dict):  # PMatMixed: its groups' matrices
+        return sum(rep_bytes(sub) for sub in subs.values())
     data = getattr(M, "data", None)
     stack = [data]
     total = 0
@@ -99,6 +106,9 @@ def main(argv=None):
     p.add_argument("--small", action="store_true",
                    help="4 sequences of 32 tokens, batches of 2, a 2-layer model of width 128 "
                         "(the vocabulary stays 50257)")
+    p.add_argument("--untied", action="store_true",
+                   help="untie the output layer (and leave it out of KFAC)")
+    p.add_argument("--position-ids", action="store_true", help="pass positions of shape (n, T)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", default="floor,MC Diag,MC KFAC,implicit mv")
@@ -113,13 +123,13 @@ def main(argv=None):
     from nngeometry.layercollection import LayerCollection
     from nngeometry.object import PMatDiag, PMatImplicit, PMatKFAC, PVector
 
-    model = gpt2(a.vocab, max(a.seq, 128), a.width, a.layers, a.heads)
-    loader = batches(a.n, a.seq, a.batch, a.vocab)
+    model = gpt2(a.vocab, max(a.seq, 128), a.width, a.layers, a.heads, tied=not a.untied)
+    loader = batches(a.n, a.seq, a.batch, a.vocab, a.position_ids)
     P = sum(q.numel() for q in model.parameters())
     one_batch = a.batch * a.seq * a.vocab * 4
     print(f"GPT-2 {a.layers} layers, width {a.width}, vocabulary {a.vocab}: {P / 1e6:.1f} M "
           f"parameters; {a.n} sequences of {a.seq} tokens in batches of {a.batch}; "
-          f"threads={a.threads}, float32")
+          f"{'untied' if a.untied else 'tied'} output layer; threads={a.threads}, float32")
     wanted = [r.strip() for r in a.rows.split(",")]
     res = {"config": vars(a), "params": P, "one_batch_bytes": one_batch, "rows": {}}
 
@@ -133,10 +143,12 @@ def main(argv=None):
     print(f"{'floor':14s} {ft:9.2f} s  1.00x  peak {fpeak / 2**20:9.0f} MiB")
 
     lc_all = LayerCollection.from_model(model)
-    lc_kfac = LayerCollection()
-    for name, mod in model.named_modules():
-        if list(mod.parameters(recurse=False)) and name != "lm_head":
-            lc_kfac.add_layer_from_model(model, mod)
+    lc_kfac = lc_all
+    if a.untied:
+        lc_kfac = LayerCollection()
+        for name, mod in model.named_modules():
+            if list(mod.parameters(recurse=False)) and name != "lm_head":
+                lc_kfac.add_layer_from_model(model, mod)
     implicit = {}
 
     def mv():
