@@ -134,6 +134,16 @@ class Laplace:
         self.loss = None  # Σ_i of the negative log-likelihood's data term at θ* (see fit)
 
     # ------------------------------------------------------------------ fitting
+    def _current_theta(self):
+        """The model's parameters now, on the Laplace's layout (the subnetwork's entries
+        only, for a subnetwork Laplace)."""
+        theta = PVector.from_model(self.model, self.base_collection).detach().clone()
+        if self.subnetwork_indices is None:
+            return theta
+        flat = theta.get_flat_representation()
+        indices = self.layer_collection["subnetwork"].indices.to(flat.device)
+        return PVector(self.layer_collection, vector_repr=flat[indices])
+
     def fit(self, loader, override=True):
         """Compute the GGN (mean over the examples) and the data term of the log-likelihood at
         the current parameters ``θ*``, over ``loader``: batches ``(inputs, targets)``, or dicts
@@ -163,12 +173,7 @@ class Laplace:
         # the layout the subnetwork's indices refer to (all layers by default)
         self.base_collection = self._lc_arg or LayerCollection.from_model(self.model)
         self.layer_collection = self.ggn.layer_collection
-        theta = PVector.from_model(self.model, self.base_collection).detach().clone()
-        if self.subnetwork_indices is not None:
-            flat = theta.get_flat_representation()
-            theta = PVector(self.layer_collection,
-                            vector_repr=flat[self.layer_collection["subnetwork"].indices.to(flat.device)])
-        self.theta_map = theta
+        self.theta_map = self._current_theta()
         self.n, self.loss, self.n_outputs = self._data_term(loader)
         return self
 
@@ -303,12 +308,7 @@ class Laplace:
                     "matrices is not one; use PMatDense, PMatBlockDiag, PMatDiag, PMatLowRank "
                     "or PMatKFAC (factors averaged), or fit once on all the data") from err
         self.n, self.loss = self.n + n, self.loss + loss
-        theta = PVector.from_model(self.model, self.base_collection).detach().clone()
-        if self.subnetwork_indices is not None:
-            flat = theta.get_flat_representation()
-            theta = PVector(self.layer_collection,
-                            vector_repr=flat[self.layer_collection["subnetwork"].indices.to(flat.device)])
-        self.theta_map = theta
+        self.theta_map = self._current_theta()
         return self
 
     def _outputs(self, batch):
