@@ -879,17 +879,15 @@ class TorchHooksJacobianBackend:
         likelihood's transform (``OutputTransform``, see `nngeometry.variants`) the model
         part is its ``function``; otherwise the whole ``function``."""
         fn = self.function
-        if hasattr(fn, "model_outputs") and hasattr(fn, "split"):
-            rng = _rng_state(self._device()) if watch_rng else None
-            raw = fn.model_outputs(*batch)
-            self._rng_consumed = watch_rng and not _same_rng(rng, _rng_state(self._device()))
-            info = fn.batch_info(batch, index) if getattr(fn, "needs_batch", False) else None
-            out, columns = self._transformed(raw, info)
-            return raw, out, columns
+        transform = hasattr(fn, "model_outputs") and hasattr(fn, "split")
         rng = _rng_state(self._device()) if watch_rng else None
-        raw = out = check_outputs(fn(*batch))
+        raw = fn.model_outputs(*batch) if transform else check_outputs(fn(*batch))
         self._rng_consumed = watch_rng and not _same_rng(rng, _rng_state(self._device()))
-        return raw, *self._flat_outputs(out, None)
+        if not transform:
+            return raw, *self._flat_outputs(raw, None)
+        info = fn.batch_info(batch, index) if getattr(fn, "needs_batch", False) else None
+        out, columns = self._transformed(raw, info)
+        return raw, out, columns
 
     def _transformed(self, raw, info=None):
         """``(out, columns)`` of an output transform applied to the model's outputs ``raw``
