@@ -34,19 +34,27 @@ HEURISTIC_FACTOR = 0.1
 
 
 # ====================================================================== losses of language models
+def _next_token_nll(logits, labels, who):
+    """``(per_token, targets)``: the cross-entropy of token ``t + 1`` given the tokens up to
+    ``t`` (logits shifted left, labels shifted right), ``(n, T - 1)``, zero where the label is
+    ``-100``, and the shifted labels."""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"{who} takes logits (n, T, V) and labels (n, T), got shapes "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    n, T, V = shift_logits.shape
+    per_token = F.cross_entropy(shift_logits.reshape(n * T, V), shift_labels.reshape(n * T),
+                                ignore_index=-100, reduction="none").reshape(n, T)
+    return per_token, shift_labels
+
+
 def causal_lm_loss(logits, labels):
     """``(n,)``: each sequence's loss as a Hugging Face causal language model computes it for a
     batch of that one sequence: the cross-entropy of token ``t + 1`` given the tokens up to
     ``t`` (logits shifted left, labels shifted right), averaged over the positions whose label
     is not ``-100``. ``logits`` ``(n, T, V)``, ``labels`` ``(n, T)``. A sequence with no
     labelled position has loss 0."""
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"causal_lm_loss takes logits (n, T, V) and labels (n, T), got shapes "
-                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
-    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-    n, T, V = shift_logits.shape
-    per_token = F.cross_entropy(shift_logits.reshape(n * T, V), shift_labels.reshape(n * T),
-                                ignore_index=-100, reduction="none").reshape(n, T)
+    per_token, shift_labels = _next_token_nll(logits, labels, "causal_lm_loss")
     counts = (shift_labels != -100).sum(1).clamp(min=1)
     return per_token.sum(1) / counts.to(per_token.dtype)
 
@@ -60,10 +68,7 @@ def causal_lm_log_prob(logits, labels):
     """``(n,)``: the log-probability of each sequence's labelled tokens (those whose label is
     not ``-100``, e.g. a completion after its prompt), ``Σ_t log p(y_{t+1} | y_{≤t})``: a
     measurement for queries (its gradient points to where the completion becomes likelier)."""
-    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-    n, T, V = shift_logits.shape
-    per_token = F.cross_entropy(shift_logits.reshape(n * T, V), shift_labels.reshape(n * T),
-                                ignore_index=-100, reduction="none").reshape(n, T)
+    per_token, _ = _next_token_nll(logits, labels, "causal_lm_log_prob")
     return -per_token.sum(1)
 
 
