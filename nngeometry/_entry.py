@@ -3,6 +3,7 @@ arguments and the checks of the representation and its keywords."""
 import inspect
 
 from .backend.batches import default_function
+from .backend.model_state import _model_lock
 from .layercollection import LayerCollection
 
 #: the constructor's own arguments, which the entry points pass themselves
@@ -19,8 +20,6 @@ def prepare_entry(model, function, layer_collection, target_key="labels"):
     model = unwrap_model(model)
     check_not_meta(model)
     if layer_collection is None:
-        from .backend.jacobian import _model_lock
-
         # another thread's implicit product may have this model's parameters swapped for
         # functional tensors: read them when it is done
         with _model_lock(model):

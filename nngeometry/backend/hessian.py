@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from ..layercollection import LayerCollection
 from .batches import default_function, prepare_batch
 from .distributed import all_reduce_tree, resolve_group, unwrap_model
-from .jacobian import (TorchHooksJacobianBackend, _check_uniform_params, tensors_in_model,
-                       _no_fused_attention, _rng_state, _same_rng, random_in_vmap_explained)
+from .jacobian import TorchHooksJacobianBackend
+from .model_state import _check_uniform_params, _no_fused_attention, tensors_in_model
+from .probes import _rng_state, _same_rng, random_in_vmap_explained
 
 
 def hvp(func, primals, tangents):
