@@ -68,47 +68,6 @@ def _timed(fn, device):
     return time.perf_counter() - t0, result
 
 
-#: numbers (activations and parameters) one chunk of vmapped vector products may hold per
-#: batch: about 32 MB in float32, measured best on an MLP (chunks of 16-25) and a
-#: CNN (2-4)
-_VECTOR_CHUNK_NUMBERS = 2 ** 23
-
-
-def _vector_chunk(backend, m, examples, layer_collection):
-    """How many of ``m`` vectors the batched products (``_mm``, ``_JV``) push through one
-    vmapped pass: ``_VECTOR_CHUNK_NUMBERS // (A + P)``, with ``A`` the numbers in the outputs of
-    the model's modules for the first batch (one forward without graph, measured by forward
-    hooks on the model's modules) and ``P`` the collection's parameters; between 1 and ``m``.
-    A few vectors (``m ≤ 4``) go through at once without measuring."""
-    if m <= 4:
-        return m
-    counted = [0]
-
-    def count(module, inputs, output):
-        for t in (output if isinstance(output, (tuple, list)) else (output,)):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                counted[0] += t.numel()
-
-    handles = []
-    try:
-        for module in backend.model.modules():
-            if not list(module.children()):  # leaf modules: every activation once
-                handles.append(module.register_forward_hook(count))
-        # (the model's outputs only when the products use the output metric: the transform
-        # would form the square roots the metric avoids)
-        raw = getattr(backend, "_uses_metric", lambda: False)()
-        for batch, params, f, *_ in backend._functional_batches(examples, layer_collection,
-                                                                raw):
-            with torch.no_grad():
-                f(params)
-            break
-    finally:
-        for h in handles:
-            h.remove()
-    per_vector = counted[0] + layer_collection.numel()
-    return max(1, min(m, _VECTOR_CHUNK_NUMBERS // max(per_vector, 1)))
-
-
 def _backward_sampled(key, out, targets, cot, retain):
     """The gradients of all ``K`` directions, the first ones by the vmapped backward and the
     last ones (at most ``LOOPED_TIMING_DIRECTIONS``, at least one) by the loop, each timed per
@@ -149,6 +108,47 @@ def _backward_sampled(key, out, targets, cot, retain):
     # a target unused by the outputs is unused by every direction: None in both parts
     return [None if a is None or b is None else torch.cat([a, b])
             for a, b in zip(parts["batched"], parts["looped"])]
+
+
+#: numbers (activations and parameters) one chunk of vmapped vector products may hold per
+#: batch: about 32 MB in float32, measured best on an MLP (chunks of 16-25) and a
+#: CNN (2-4)
+_VECTOR_CHUNK_NUMBERS = 2 ** 23
+
+
+def _vector_chunk(backend, m, examples, layer_collection):
+    """How many of ``m`` vectors the batched products (``_mm``, ``_JV``) push through one
+    vmapped pass: ``_VECTOR_CHUNK_NUMBERS // (A + P)``, with ``A`` the numbers in the outputs of
+    the model's modules for the first batch (one forward without graph, measured by forward
+    hooks on the model's modules) and ``P`` the collection's parameters; between 1 and ``m``.
+    A few vectors (``m ≤ 4``) go through at once without measuring."""
+    if m <= 4:
+        return m
+    counted = [0]
+
+    def count(module, inputs, output):
+        for t in (output if isinstance(output, (tuple, list)) else (output,)):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                counted[0] += t.numel()
+
+    handles = []
+    try:
+        for module in backend.model.modules():
+            if not list(module.children()):  # leaf modules: every activation once
+                handles.append(module.register_forward_hook(count))
+        # (the model's outputs only when the products use the output metric: the transform
+        # would form the square roots the metric avoids)
+        raw = getattr(backend, "_uses_metric", lambda: False)()
+        for batch, params, f, *_ in backend._functional_batches(examples, layer_collection,
+                                                                raw):
+            with torch.no_grad():
+                f(params)
+            break
+    finally:
+        for h in handles:
+            h.remove()
+    per_vector = counted[0] + layer_collection.numel()
+    return max(1, min(m, _VECTOR_CHUNK_NUMBERS // max(per_vector, 1)))
 
 
 class BackwardStrategy:
