@@ -262,8 +262,13 @@ class HessianBackend:
         return out
 
     # ================================================================== refused (need J)
-    def get_kfac_blocks(self, examples, layer_collection, approx="expand"):
+    def get_kfac_blocks(self, examples, layer_collection, approx="expand", sqrt_k_split=False):
         raise NotImplementedError(_GN_ONLY.format(what="KFAC factors", family="PMatKFAC / PMatEKFAC"))
+
+    def get_kfac_or_layer_blocks(self, examples, layer_collection, approx="expand"):
+        raise NotImplementedError(_GN_ONLY.format(
+            what="per-example statistics (KFAC factors or per-layer blocks)",
+            family="a representation built from per-example statistics (e.g. PMatEKFACBlockDiag)"))
 
     def get_kfe_diag(self, kfe, examples, layer_collection):
         raise NotImplementedError(_GN_ONLY.format(what="EKFAC's diagonal", family="PMatEKFAC"))

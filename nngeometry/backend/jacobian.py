@@ -29,6 +29,7 @@ from .model_state import _check_uniform_params
 from .passes import HookedPasses, _examples_count
 from .probes import _check_product, _flat, random_in_vmap_explained
 from .products import MatrixFreeProducts, _outside_inference_mode
+from .._memory import check_fits
 from ..layercollection import LayerCollection
 from . import consumers as C
 
@@ -222,15 +223,35 @@ class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
         return self.accumulate(examples, layer_collection,
                                C.QuasiDiagCovariance(layer_collection)).result
 
-    def get_kfac_blocks(self, examples=None, layer_collection=None, approx="expand"):
-        """``{layer_id: (A, G)}`` with ``kron(G, A)`` ≈ the layer's block (both divided by n)."""
+    def get_kfac_blocks(self, examples=None, layer_collection=None, approx="expand",
+                        sqrt_k_split=False):
+        """``{layer_id: (A, G)}`` with ``kron(G, A)`` ≈ the layer's block (both divided by n);
+        a layer with several Kronecker blocks gets ``((A_0, G_0), (A_1, G_1), ...)``.
+        ``approx``: ``'expand'`` or ``'reduce'`` for layers that share weights over positions.
+        ``sqrt_k_split=True`` moves a factor ``√K`` (``K`` the number of output directions)
+        from ``G`` to ``A``, as `PMatKFAC` stores them (see `consumers.KFACFactors`)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
+        self._refuse_centered_kfac()
+        return self.accumulate(examples, layer_collection,
+                               C.KFACFactors(layer_collection, approx, sqrt_k_split)).result
+
+    def get_kfac_or_layer_blocks(self, examples=None, layer_collection=None, approx="expand"):
+        """``(factors, blocks)`` in one pass: ``factors`` as
+        [`get_kfac_blocks`][nngeometry.backend.TorchHooksJacobianBackend.get_kfac_blocks] for
+        the layers whose type computes KFAC factors, ``blocks``, ``{layer_id: (p_l, p_l)}``, the
+        dense diagonal block ``(1/n) Σ_x J_l(x)ᵀ J_l(x)`` of each other layer (what
+        `PMatEKFACBlockDiag` is built from; see `consumers.KFACOrLayerBlocks`)."""
+        examples, layer_collection = self._resolve(examples, layer_collection)
+        self._refuse_centered_kfac()
+        c = self.accumulate(examples, layer_collection,
+                            C.KFACOrLayerBlocks(layer_collection, approx))
+        return c.factors, c.blocks
+
+    def _refuse_centered_kfac(self):
         if self.centering:
             raise NotImplementedError("KFAC with centering=True is not implemented: build the "
                                       "generator with centering=False, or use PMatDense / "
                                       "PMatBlockDiag / PMatDiag for the centered matrix")
-        return self.accumulate(examples, layer_collection,
-                               C.KFACFactors(layer_collection, approx)).result
 
     def get_kfe_diag(self, kfe=None, examples=None, layer_collection=None):
         """EKFAC's diagonal in Kronecker-factored eigenbases: ``{layer_id: (dG, dA)}`` with entry
@@ -264,14 +285,14 @@ class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
     def get_gram_matrix(self, examples=None, layer_collection=None):
         """``(n_output, n, n_output, n)``: ``G[k,i,l,j] = <J_k(x_i), J_l(x_j)>`` (not normalized).
         Its ``(K n)²`` entries are checked against the memory available before the product
-        (``MemoryError``), as the Jacobian's ``K n P`` are (`consumers.check_fits`)."""
+        (``MemoryError``), as the Jacobian's ``K n P`` are (`nngeometry._memory.check_fits`)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
         J = self.get_jacobian(examples, layer_collection)
         K, n, P = J.shape
-        C.check_fits((K * n) ** 2 * J.dtype.itemsize,
-                     f"the Gram matrix ((n_output·n)² = ({K}·{n})² entries)",
-                     "use fewer examples, or products with the Jacobian (PFMapImplicit, "
-                     "PMatImplicit) instead of the n × n Gram matrix")
+        check_fits((K * n) ** 2 * J.dtype.itemsize,
+                   f"the Gram matrix ((n_output·n)² = ({K}·{n})² entries)",
+                   "use fewer examples, or products with the Jacobian (PFMapImplicit, "
+                   "PMatImplicit) instead of the n × n Gram matrix")
         Jf = J.reshape(K * n, P)
         return (Jf @ Jf.t()).reshape(K, n, K, n)
 
