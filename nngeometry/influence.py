@@ -22,7 +22,7 @@ from ._entry import prepare_entry
 from .backend import TorchHooksJacobianBackend
 from .backend import consumers as C
 from .backend.batches import iterate_batches
-from .backend.distributed import resolve_group, unwrap_model
+from .backend.distributed import all_gather_rows, resolve_group, unwrap_model
 from .metrics import FIM, FIM_MonteCarlo, EmpiricalFisher, GGN
 from .object.map import PFMapDense
 from .object.pspace import (PMatAbstract, PMatEKFAC, PMatEye, PMatImplicit, PMatKFAC)
@@ -456,7 +456,6 @@ class Influence:
             raise ValueError("self_scores: the training examples yielded no data (empty loader)")
         scores = torch.cat(out, dim=-1) if out else None
         if group is not None:
-            from .backend.distributed import all_gather_rows
             # a rank whose shard is empty takes part with no rows
             dim = 1 if per_layer else 0
             count = scores.shape[-1] if scores is not None else 0

@@ -43,8 +43,10 @@ from ._entry import resolve_representation
 from .jacobian import Jacobian
 from .layercollection import LayerCollection
 from .metrics import FIM, EmpiricalFisher, FIM_MonteCarlo, subnetwork_collection
+from . import object as _objects
 from .object.map import PFMapDense
 from .object.pspace import PMatDense, PMatDiag, PMatKFAC
+from .object.pspace import _kron
 from .object.vector import PVector
 
 _LIKELIHOODS = ("classification", "regression", "reward_modeling")
@@ -955,8 +957,6 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
         parameters loaded), the negative log marginal likelihood after every hyper-parameter
         step, and the training loss of every epoch.
     """
-    from . import object as _objects
-
     if backend is not None:
         raise ValueError("backend= is laplace-torch's curvature backend: leave it None and "
                          "choose curvature='ggn' | 'mc' | 'ef'")
@@ -1109,11 +1109,10 @@ class _KronPrior:
     eigendecompositions."""
 
     def __init__(self, ggn, prior_flat, s):
-        from .object.pspace import _kron as K
         self.s, self.units = s, []
         lc = ggn.layer_collection
         for lid in lc.layer_ids():
-            A, G = K.get_unit(ggn.data, lid)
+            A, G = _kron.get_unit(ggn.data, lid)
             layer = lc[lid]
             perm = layer.kfac_permutation()
             sl = lc.slice(lid)

@@ -19,9 +19,11 @@ grow without bound); with ``return_info=True`` they return the last iterate and 
 (always ``n_terms`` terms) and never raises for it.
 """
 from dataclasses import dataclass
+import inspect
 
 import torch
 
+from .object.pspace import PMatMixed
 from .object.pspace._checks import SolverNotConvergedError, not_converged_error  # noqa: F401
 from .object.vector import PVector
 
@@ -60,10 +62,6 @@ def _exact_damping_kwargs(M):
     ``(A + π√λ I) ⊗ (G + √λ/π I) = A⊗G + λI + √λ (A⊗I/π + π I⊗G)`` instead: the extra term
     over-damps the directions where the factors are large, and makes it a worse preconditioner
     (iteration counts in docs/estimators.md)."""
-    import inspect
-
-    from .object.pspace import PMatMixed
-
     solve_pvec = getattr(M, "solvePVec", None)
     if solve_pvec is None:
         return {}

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._memory import check_fits, format_bytes as _format_bytes
 from ..maths.gram import GramRows, SymmetricAccumulator
+from .distributed import all_gather_rows, all_reduce_tree
 from .probes import check_statistic
 
 
@@ -162,8 +163,6 @@ class Consumer:
         take part): afterwards every rank holds the statistic of all the examples. ``device``:
         where a rank without examples makes its zeros (the model's device; the default, the
         CPU, suits gloo, not NCCL)."""
-        from .distributed import all_reduce_tree
-
         if self.reduction == "rows":
             return self.all_gather(group, device)
         state, total = all_reduce_tree(self.state(), self.count, group, type(self).__name__,
@@ -174,8 +173,6 @@ class Consumer:
     def all_gather(self, group=None, device=None):
         """Row statistics: every rank's rows concatenated along ``rows_dim`` in rank order
         (rank 0's examples first), on every rank."""
-        from .distributed import all_gather_rows
-
         if self.reduction != "rows":
             return self.all_reduce(group, device)
         names = self._state_names()

@@ -4,6 +4,7 @@ from abc import ABCMeta, abstractmethod
 import torch
 
 from .map import resolve_layer_collection
+from ._moving import move_tensor, parse_to
 from .vector import FVector
 from ..serialization import SharedGeneratorCopy, StateDictMixin
 
@@ -137,8 +138,6 @@ class FMatDense(FMatAbstract):
 
     def to(self, *args, **kwargs):
         """An FMatDense with ``data`` moved (device and / or dtype, as ``torch.Tensor.to``)."""
-        from ._moving import move_tensor, parse_to
-
         device, dtype, non_blocking = parse_to(args, kwargs, "FMatDense")
         return self._with(move_tensor(self.data, device, dtype, non_blocking))
 

@@ -3,6 +3,7 @@ import torch
 
 from ..layercollection import LayerCollection
 from ..serialization import StateDictMixin
+from ._moving import move, move_collection, parse_to
 
 
 def _check_same_layout(a, b, what="PVector"):
@@ -135,8 +136,6 @@ class PVector(StateDictMixin):
         storage (flat or per layer), on a copy of the LayerCollection recording the new dtype /
         device. A vector viewing a model's parameters (``from_model``) gives a copy when the
         device or dtype changes, as ``torch.Tensor.to``."""
-        from ._moving import move, move_collection, parse_to
-
         device, dtype, non_blocking = parse_to(args, kwargs, "PVector")
         lc = move_collection(self.layer_collection, device, dtype)
         if self.vector_repr is not None:
