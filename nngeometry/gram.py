@@ -1,6 +1,7 @@
 """Entry point: the Gram matrix of the per-example Jacobians (empirical neural tangent kernel).
 
-(The Gram-matrix accumulator used inside the statistics lives in `nngeometry.maths.gram`.)
+(The Gram-matrix accumulator used inside the statistics lives in
+`nngeometry.maths.gram_accumulator`.)
 """
 from ._entry import build_from_jacobians
 from .object.fspace import FMatDense

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ._entry import prepare_entry
 from .backend import TorchHooksJacobianBackend
-from .backend import consumers as C
+from .backend import consumers
 from .backend.batches import iterate_batches
 from .backend.distributed import all_gather_rows, resolve_group, unwrap_model
 from .metrics import FIM, FIM_MonteCarlo, EmpiricalFisher, GGN
@@ -34,12 +34,12 @@ HEURISTIC_FACTOR = 0.1
 
 
 # ====================================================================== losses of language models
-def _next_token_nll(logits, labels, who):
+def _next_token_nll(logits, labels, caller):
     """``(per_token, targets)``: the cross-entropy of token ``t + 1`` given the tokens up to
     ``t`` (logits shifted left, labels shifted right), ``(n, T - 1)``, zero where the label is
     ``-100``, and the shifted labels."""
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"{who} takes logits (n, T, V) and labels (n, T), got shapes "
+        raise ValueError(f"{caller} takes logits (n, T, V) and labels (n, T), got shapes "
                          f"{tuple(logits.shape)} and {tuple(labels.shape)}")
     shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
     n, T, V = shift_logits.shape
@@ -128,7 +128,7 @@ def _expand(entry, shape, has_bias):
 
 
 # ====================================================================== streamed scores
-class _PairwiseScores(C.Consumer):
+class _PairwiseScores(consumers.Consumer):
     """Scores of the preconditioned queries against each batch's per-example gradients,
     layer by layer (one layer's gradients held at a time): one column per training example.
     A row statistic: under data parallelism the ranks' columns are gathered in rank order."""

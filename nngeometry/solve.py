@@ -170,7 +170,7 @@ def cg(A, b, regul=1e-8, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None, retu
     return _finish("cg", sysm, lc, x, bf, iterations, converged, tol, return_info)
 
 
-def _finish(who, sysm, lc, x, bf, iterations, converged, tol, return_info, exhausted=False):
+def _finish(solver, sysm, lc, x, bf, iterations, converged, tol, return_info, exhausted=False):
     """``x`` (or ``(x, info)``), or the shared error of a solve that did not converge."""
     out = PVector(lc, vector_repr=x)
     if return_info:
@@ -178,7 +178,7 @@ def _finish(who, sysm, lc, x, bf, iterations, converged, tol, return_info, exhau
     if not converged and not exhausted:
         info = sysm.info(x, bf, iterations, False)
         bn = float(torch.linalg.vector_norm(bf))
-        raise not_converged_error(who, iterations, info.relative_residual,
+        raise not_converged_error(solver, iterations, info.relative_residual,
                                   tol / bn if bn > 0 else tol)
     return out
 

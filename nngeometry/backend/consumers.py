@@ -27,7 +27,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._memory import check_fits, format_bytes as _format_bytes
-from ..maths.gram import GramRows, SymmetricAccumulator
+from ..maths.gram_accumulator import GramRows, SymmetricAccumulator
 from .distributed import all_gather_rows, all_reduce_tree
 from .probes import check_statistic
 
@@ -210,10 +210,10 @@ def _mean_of(acc, n):
     return acc.div_(n)
 
 
-def _live(acc, who):
+def _live(acc, statistic):
     """``acc`` if rows can still be added to it (``RuntimeError`` once its state was taken)."""
     if not isinstance(acc, SymmetricAccumulator):
-        raise RuntimeError(f"{who}: rows added after state() / merge() sealed the sums; "
+        raise RuntimeError(f"{statistic}: rows added after state() / merge() sealed the sums; "
                            "accumulate into a new statistic and merge it")
     return acc
 
@@ -552,7 +552,7 @@ JACOBIAN_ALTERNATIVES = (
     "per-example gradients (PMatKFAC, PMatEKFAC, PMatDiag, PMatBlockDiag)")
 
 
-class Jacobian(Consumer):
+class PerExampleJacobians(Consumer):
     """The per-example Jacobians stacked over batches: ``(n_output, n, P)``, not normalized.
 
     ``n_expected``: the number of examples if known in advance (a sized DataLoader): the whole
@@ -592,8 +592,8 @@ class Jacobian(Consumer):
 
     def update(self, ctx):
         if not isinstance(self.batches, list):
-            raise RuntimeError("Jacobian: rows added after state() / merge() sealed them; "
-                               "accumulate into a new statistic and merge it")
+            raise RuntimeError("PerExampleJacobians: rows added after state() / merge() sealed "
+                               "them; accumulate into a new statistic and merge it")
         if ctx.first_chunk:
             self._check_size(ctx)
             self.batches.append([])

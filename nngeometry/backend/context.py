@@ -13,7 +13,7 @@ from torch.func import functional_call
 
 from ..layer_types.base import (is_multiblock, kfac_block_list, project_blocks_to_kfe,
                                 project_to_kfe, recording_paused)
-from ..maths.gram import GramRows
+from ..maths.gram_accumulator import GramRows
 
 #: model -> keys of (function, collection) whose parameter uses were verified in this process
 _USES_VERIFIED = weakref.WeakKeyDictionary()

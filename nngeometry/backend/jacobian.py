@@ -31,7 +31,7 @@ from .probes import _check_product, _flat, random_in_vmap_explained
 from .products import MatrixFreeProducts, _outside_inference_mode
 from .._memory import check_fits
 from ..layercollection import LayerCollection
-from . import consumers as C
+from . import consumers
 
 # Re-exported: the names this module held before the engine was split by concern, imported
 # from here by code written against earlier releases.
@@ -204,24 +204,27 @@ class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
     def get_covariance_matrix(self, examples=None, layer_collection=None):
         """``(P, P)``: ``(1/n) Σ_x J(x)ᵀ J(x)``."""
         examples, layer_collection = self._resolve(examples, layer_collection)
-        return self.accumulate(examples, layer_collection, C.DenseCovariance(layer_collection)).result
+        return self.accumulate(examples, layer_collection,
+                               consumers.DenseCovariance(layer_collection)).result
 
     def get_covariance_diag(self, examples=None, layer_collection=None):
         """``(P,)``: diagonal of ``(1/n) Σ_x J(x)ᵀ J(x)``."""
         examples, layer_collection = self._resolve(examples, layer_collection)
-        return self.accumulate(examples, layer_collection, C.DiagCovariance(layer_collection)).result
+        return self.accumulate(examples, layer_collection,
+                               consumers.DiagCovariance(layer_collection)).result
 
     def get_covariance_layer_blocks(self, examples=None, layer_collection=None):
         """``{layer_id: (p_l, p_l)}``: the diagonal blocks of ``(1/n) Σ_x J(x)ᵀ J(x)``."""
         examples, layer_collection = self._resolve(examples, layer_collection)
-        return self.accumulate(examples, layer_collection, C.LayerBlocks(layer_collection)).result
+        return self.accumulate(examples, layer_collection,
+                               consumers.LayerBlocks(layer_collection)).result
 
     def get_covariance_quasidiag(self, examples=None, layer_collection=None):
         """``{layer_id: (diag (p_l,), cross (out, p_w/out) or None)}``: the quasi-diagonal
         (Ollivier 2015) of ``(1/n) Σ_x J(x)ᵀ J(x)``; see ``consumers.QuasiDiagCovariance``."""
         examples, layer_collection = self._resolve(examples, layer_collection)
         return self.accumulate(examples, layer_collection,
-                               C.QuasiDiagCovariance(layer_collection)).result
+                               consumers.QuasiDiagCovariance(layer_collection)).result
 
     def get_kfac_blocks(self, examples=None, layer_collection=None, approx="expand",
                         sqrt_k_split=False):
@@ -233,7 +236,7 @@ class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
         examples, layer_collection = self._resolve(examples, layer_collection)
         self._refuse_centered_kfac()
         return self.accumulate(examples, layer_collection,
-                               C.KFACFactors(layer_collection, approx, sqrt_k_split)).result
+                               consumers.KFACFactors(layer_collection, approx, sqrt_k_split)).result
 
     def get_kfac_or_layer_blocks(self, examples=None, layer_collection=None, approx="expand"):
         """``(factors, blocks)`` in one pass: ``factors`` as
@@ -244,7 +247,7 @@ class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
         examples, layer_collection = self._resolve(examples, layer_collection)
         self._refuse_centered_kfac()
         c = self.accumulate(examples, layer_collection,
-                            C.KFACOrLayerBlocks(layer_collection, approx))
+                            consumers.KFACOrLayerBlocks(layer_collection, approx))
         return c.factors, c.blocks
 
     def _refuse_centered_kfac(self):
@@ -266,7 +269,7 @@ class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
         # all directions in one backward pass as far as max_chunk_bytes allows: the layer
         # types project the inputs on U_A once per chunk of directions (a CNN's 2048-input fc: a GEMM
         # with a 2049² U_A), which made 5 chunks 11% slower than one
-        return self.accumulate(examples, lc, C.KFEDiag(lc, kfe),
+        return self.accumulate(examples, lc, consumers.KFEDiag(lc, kfe),
                                chunk_bytes=self.max_chunk_bytes).result
 
     def get_subnetwork_matrix(self, indices, examples=None, layer_collection=None):
@@ -274,12 +277,13 @@ class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
         (``(k,)``, of the collection's layout), without forming ``P × P``."""
         examples, layer_collection = self._resolve(examples, layer_collection)
         return self.accumulate(examples, layer_collection,
-                               C.SubnetworkCovariance(layer_collection, indices)).result
+                               consumers.SubnetworkCovariance(layer_collection, indices)).result
 
     def get_jacobian(self, examples=None, layer_collection=None):
         """``(n_output, n, P)``: the per-example Jacobians (not normalized)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
-        consumer = C.Jacobian(layer_collection, n_expected=_examples_count(examples))
+        consumer = consumers.PerExampleJacobians(layer_collection,
+                                                 n_expected=_examples_count(examples))
         return self.accumulate(examples, layer_collection, consumer).result
 
     def get_gram_matrix(self, examples=None, layer_collection=None):

@@ -28,7 +28,7 @@ from .probes import check_statistic, probe_deterministic, _rng_state, _same_rng,
 from .strategy import BackwardStrategy
 from ..layer_types.base import AbstractLayer, is_recording_paused
 from ..layercollection import run_eagerly
-from . import consumers as C
+from . import consumers
 
 
 def _examples_count(examples):
@@ -74,7 +74,7 @@ class _InstanceForward:
             self.module.__dict__["forward"] = self.saved
 
 
-class _MeanJacobian(C.Consumer):
+class _MeanJacobian(consumers.Consumer):
     """Consumer of [`TorchHooksJacobianBackend.accumulate`][nngeometry.backend.TorchHooksJacobianBackend.accumulate]: ``(1/n) Σ_x J(x)``, shape
     ``(n_output, P)`` in the collection's layout. State: ``_sum``."""
 
@@ -325,7 +325,7 @@ class HookedPasses(SharedOutputs, BackwardStrategy):
     @staticmethod
     def _check_nonempty(n):
         if n == 0:
-            raise C.EmptyExamplesError(
+            raise consumers.EmptyExamplesError(
                 "the examples yielded no data (empty loader): nothing to compute from")
 
     def _outputs(self, batch, index=None, watch_rng=False):
@@ -389,14 +389,14 @@ class HookedPasses(SharedOutputs, BackwardStrategy):
             store.clear()
         return n
 
-    def _check_calls(self, out, layer_collection, modules, calls, who="the function"):
+    def _check_calls(self, out, layer_collection, modules, calls, what_ran="the function"):
         """Refuse a forward pass whose recorded calls can't give the statistics: a layer not
         called, a layer called on an unbatched input, a parameter used outside its module."""
         n = out.shape[0]
         for lid, store in calls.items():
             if not store:
                 raise RuntimeError(
-                    f"layer '{lid}' was not called during the forward pass of {who}; "
+                    f"layer '{lid}' was not called during the forward pass of {what_ran}; "
                     "remove it from the LayerCollection or check the function")
         if n > 1:
             _refuse_unbatched_calls(layer_collection, modules, calls, n)

@@ -22,7 +22,7 @@ from .model_state import (_FORWARD_AD_LOCK, _model_lock, _no_fused_attention,
 from .probes import _flat, _refuse_inference_parameters, _rng_state, _same_rng, probe_functional
 from .strategy import _vector_chunk
 from ..layercollection import run_eagerly
-from . import consumers as C
+from . import consumers
 
 
 def _outside_inference_mode(method):
@@ -89,7 +89,7 @@ class MatrixFreeProducts:
         with self._counting() as counts:
             try:
                 local = product()
-            except C.EmptyExamplesError:
+            except consumers.EmptyExamplesError:
                 return None, 0
         return local, sum(counts.values())
 
@@ -126,7 +126,7 @@ class MatrixFreeProducts:
         mine = w[:, start:start + n_local]
         try:
             local = self._JTv(mine, examples, lc) if n_local else None
-        except C.EmptyExamplesError:
+        except consumers.EmptyExamplesError:
             local = None
         (out,), total = all_reduce_tree([local], n_local if local is not None else 0, group,
                                         "implicit_JTv", self._device())

@@ -6,7 +6,7 @@ targets)`` is the loss of a batch given the model's outputs ``model(batch[0])`` 
 ``batch[1]`` (use a summed reduction for the Hessian of the total loss). `hvp` and
 `batched_hvp` are the Hessian-vector products it is built from.
 """
-from .hessian import HessianBackend, batched_hvp, hvp
+from .hessian_products import HessianBackend, batched_hvp, hvp
 
 
 def loss_of_targets(function):

@@ -49,7 +49,7 @@ CONSUMERS = {
     "kfac": lambda lc, kfe: C.KFACFactors(lc, sqrt_k_split=True),
     "kfe_diag": lambda lc, kfe: C.KFEDiag(lc, kfe),
     "quasidiag": lambda lc, kfe: C.QuasiDiagCovariance(lc),
-    "jacobian": lambda lc, kfe: C.Jacobian(lc),
+    "jacobian": lambda lc, kfe: C.PerExampleJacobians(lc),
     "mean_jacobian": lambda lc, kfe: _MeanJacobian(lc),
     # a consumer of another module, with the default (generic) state: every attribute
     "kfac_or_blocks": lambda lc, kfe: C.KFACOrLayerBlocks(lc, "expand"),
@@ -156,7 +156,7 @@ def test_errors_name_the_problem():
     a.state()  # sealed: another pass into it is refused, not silently wrong
     with pytest.raises(RuntimeError, match="sealed"):
         gen.accumulate(loader("mlp", 20, 30), lc, a, finalize=False)
-    jac = gen.accumulate(loader("mlp", 0, 20), lc, C.Jacobian(lc), finalize=False)
+    jac = gen.accumulate(loader("mlp", 0, 20), lc, C.PerExampleJacobians(lc), finalize=False)
     with pytest.raises(TypeError, match="running average"):
         jac.ema(jac, 0.5)
     with pytest.raises(ValueError, match="decay"):
