@@ -39,5 +39,5 @@ def GramMatrix(model, loader, function=None, representation=FMatDense, layer_col
 
 __all__ = ["GramMatrix"]
 
-# names upstream's module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only (upstream's module exposed these through its imports)
 from .backend import TorchHooksJacobianBackend  # noqa: E402,F401

@@ -184,5 +184,5 @@ class ActivationHessian:
 
 __all__ = ["Hessian", "ActivationHessian"]
 
-# names upstream's module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only (upstream's module exposed these through its imports)
 from .backend.torch_func_hessian import TorchFuncHessianBackend  # noqa: E402,F401

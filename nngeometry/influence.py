@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ._entry import prepare_entry
 from .backend import TorchHooksJacobianBackend
@@ -358,7 +359,6 @@ class Influence:
     def _progress(self, it, loader, what):
         if not self.verbose:
             return it
-        from tqdm.auto import tqdm
         total = len(loader) if hasattr(loader, "__len__") and \
             isinstance(loader, torch.utils.data.DataLoader) else None
         return tqdm(it, total=total, desc=what, unit="batch")

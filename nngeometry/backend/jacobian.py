@@ -68,6 +68,10 @@ __all__ = [
     "_required",
 ]
 
+_CENTERED_KFAC = ("KFAC with centering=True is not implemented: build the generator with "
+                  "centering=False, or use PMatDense / PMatBlockDiag / PMatDiag for the centered "
+                  "matrix")
+
 
 class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
     """Computes per-example Jacobians of ``function`` and statistics built from them.
@@ -234,7 +238,8 @@ class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
         ``sqrt_k_split=True`` moves a factor ``√K`` (``K`` the number of output directions)
         from ``G`` to ``A``, as `PMatKFAC` stores them (see `consumers.KFACFactors`)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
-        self._refuse_centered_kfac()
+        if self.centering:
+            raise NotImplementedError(_CENTERED_KFAC)
         return self.accumulate(examples, layer_collection,
                                consumers.KFACFactors(layer_collection, approx, sqrt_k_split)).result
 
@@ -245,16 +250,11 @@ class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
         dense diagonal block ``(1/n) Σ_x J_l(x)ᵀ J_l(x)`` of each other layer (what
         `PMatEKFACBlockDiag` is built from; see `consumers.KFACOrLayerBlocks`)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
-        self._refuse_centered_kfac()
+        if self.centering:
+            raise NotImplementedError(_CENTERED_KFAC)
         c = self.accumulate(examples, layer_collection,
                             consumers.KFACOrLayerBlocks(layer_collection, approx))
         return c.factors, c.blocks
-
-    def _refuse_centered_kfac(self):
-        if self.centering:
-            raise NotImplementedError("KFAC with centering=True is not implemented: build the "
-                                      "generator with centering=False, or use PMatDense / "
-                                      "PMatBlockDiag / PMatDiag for the centered matrix")
 
     def get_kfe_diag(self, kfe=None, examples=None, layer_collection=None):
         """EKFAC's diagonal in Kronecker-factored eigenbases: ``{layer_id: (dG, dA)}`` with entry

@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .batches import (check_finite, check_outputs, deferred_finite_checks, iterate_batches,
                       prepare_batch)
@@ -180,7 +181,6 @@ class HookedPasses(SharedOutputs, BackwardStrategy):
         device, dtype = self._device(), self._dtype()
         it = (prepare_batch(batch, device, dtype) for batch in iterate_batches(examples))
         if self.verbose:
-            from tqdm.auto import tqdm
             total = len(examples) if isinstance(examples, DataLoader) else None
             it = tqdm(it, total=total, desc="nngeometry", unit="batch")
         return it

@@ -13,6 +13,8 @@ import contextlib
 import functools
 
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
 from .batches import batch_size_of, deferred_finite_checks, iterate_batches, prepare_batch
@@ -111,8 +113,6 @@ class MatrixFreeProducts:
         return rows
 
     def _global_JTv(self, w, examples, lc, group):
-        import torch.distributed as dist
-
         # this rank's columns of w: its offset is the example count of the ranks before it
         n_local = sum(int(batch_size_of(b)) for b in iterate_batches(examples))
         counts = [None] * dist.get_world_size(group)
@@ -141,8 +141,6 @@ class MatrixFreeProducts:
         also require grad, so the same pass gives the outputs' graph and ``J v``; the backward
         pass from the primal outputs with cotangent ``J v`` gives ``Jᵀ J v``. (A separate
         ``vjp`` and ``jvp`` ran the forward twice: 1.3x slower on an MLP and a transformer.)"""
-        import torch.autograd.forward_ad as fwAD
-
         out = None
         n_total = 0
         raw = self._uses_metric()

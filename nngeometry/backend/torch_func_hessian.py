@@ -51,5 +51,5 @@ class TorchFuncHessianBackend(HessianBackend):
 
 __all__ = ["TorchFuncHessianBackend", "hvp", "batched_hvp"]
 
-# names upstream's module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only (upstream's module exposed these through its imports)
 from ..layercollection import LayerCollection  # noqa: E402,F401

@@ -160,6 +160,6 @@ class FMatDense(FMatAbstract):
         state["generator"] = None
         return state
 
-# names upstream's module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only (upstream's module exposed these through its imports)
 from abc import ABC  # noqa: E402,F401
 from .vector import PVector  # noqa: E402,F401

@@ -251,5 +251,5 @@ def random_pfmap(layer_collection, output_size, device=None, dtype=None):
     data = torch.randn(*output_size, layer_collection.numel(), device=device, dtype=dtype)
     return PFMapDense(layer_collection, data=data)
 
-# names upstream's module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only (upstream's module exposed these through its imports)
 from abc import ABC, abstractmethod  # noqa: E402,F401
