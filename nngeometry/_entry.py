@@ -5,7 +5,7 @@ import inspect
 from .backend import TorchHooksJacobianBackend
 from .backend.batches import default_function
 from .backend.distributed import unwrap_model
-from .backend.model_state import _model_lock
+from .backend.model_state import model_lock
 from .layercollection import LayerCollection
 from .object import pspace
 from .object.pspace import PMatEye
@@ -24,7 +24,7 @@ def prepare_entry(model, function, layer_collection, target_key="labels"):
     if layer_collection is None:
         # another thread's implicit product may have this model's parameters swapped for
         # functional tensors: read them when it is done
-        with _model_lock(model):
+        with model_lock(model):
             layer_collection = LayerCollection.from_model(model)
     if function is None:
         function = default_function(model, target_key)

@@ -38,8 +38,9 @@ from . import consumers
 from .broadcast import (_COINCIDENT_SHARED, _expand_axis, _mark_coincident_shared,
                         _rebuild_tuple, _refuse_unbatched_calls)
 from .context import check_parameter_uses
+from .model_state import model_lock as _model_lock
 from .model_state import (_FORWARD_AD_LOCK, _ENGINE_PASSES, _MODEL_LOCKS,
-                          _model_lock, _no_fused_attention, _refuse_batch_statistics,
+                          _no_fused_attention, _refuse_batch_statistics,
                           in_engine_pass, tensors_in_model)
 from .passes import _InstanceForward, _MeanJacobian
 from .probes import (_nonfinite_layers, _random_outside_modules,

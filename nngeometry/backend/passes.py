@@ -23,7 +23,7 @@ from .broadcast import SharedOutputs, _expand_axis, _mark_coincident_shared, _re
 from .context import (BatchContext, Call, check_parameter_uses, mark_uses_verified,
                       uses_key, uses_verified)
 from .distributed import global_batch_index
-from .model_state import _model_lock, _refuse_batch_statistics, model_state_kept
+from .model_state import model_lock, _refuse_batch_statistics, model_state_kept
 from .probes import check_statistic, probe_deterministic, _rng_state, _same_rng, \
     refuse_random_modules
 from .strategy import BackwardStrategy
@@ -207,7 +207,7 @@ class HookedPasses(SharedOutputs, BackwardStrategy):
     def _prepared(self, layer_collection):
         _refuse_batch_statistics(self.model)
         # compiled code would not run the hooks: the compiled parts run their Python code
-        with _model_lock(self.model), run_eagerly(self.model), \
+        with model_lock(self.model), run_eagerly(self.model), \
                 self._model_state_kept(layer_collection) as (modules, params), \
                 self._hooks(layer_collection, modules) as calls:
             yield modules, calls

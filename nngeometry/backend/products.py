@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 
 from .batches import batch_size_of, deferred_finite_checks, iterate_batches, prepare_batch
 from .distributed import all_gather_rows, all_reduce_tree, global_batch_index
-from .model_state import (_FORWARD_AD_LOCK, _model_lock, _no_fused_attention,
+from .model_state import (_FORWARD_AD_LOCK, model_lock, _no_fused_attention,
                           _refuse_batch_statistics, tensors_in_model)
 from .probes import _flat, _refuse_inference_parameters, _rng_state, _same_rng, probe_functional
 from .strategy import _vector_chunk
@@ -289,7 +289,7 @@ class MatrixFreeProducts:
         # forward-mode AD levels are process-wide in torch ("Nested forward mode AD is not
         # supported" when two threads open one each): the functional passes of all threads run
         # one at a time (taken before the model's lock, always in that order)
-        with _FORWARD_AD_LOCK, _model_lock(self.model), run_eagerly(self.model), \
+        with _FORWARD_AD_LOCK, model_lock(self.model), run_eagerly(self.model), \
                 self._model_state_kept(layer_collection) as (modules, plist):
             names, constant = {}, {}
             for lid, m in modules.items():
