@@ -4,7 +4,7 @@ from abc import ABCMeta, abstractmethod
 import torch
 
 from .map import resolve_layer_collection
-from ._moving import move_tensor, parse_to
+from . import _moving
 from .vector import FVector
 from ..serialization import SharedGeneratorCopy, StateDictMixin
 
@@ -138,8 +138,8 @@ class FMatDense(FMatAbstract):
 
     def to(self, *args, **kwargs):
         """An FMatDense with ``data`` moved (device and / or dtype, as ``torch.Tensor.to``)."""
-        device, dtype, non_blocking = parse_to(args, kwargs, "FMatDense")
-        return self._with(move_tensor(self.data, device, dtype, non_blocking))
+        device, dtype, non_blocking = _moving.parse_to(args, kwargs, "FMatDense")
+        return self._with(_moving.move_tensor(self.data, device, dtype, non_blocking))
 
     def __add__(self, other):
         return self._with(self.data + self._same(other).data)
