@@ -227,17 +227,11 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
 
     def _units(self):
         """``(unit key, (U_A, U_G, D))`` for every Kronecker block (unit keys: see ``_kron``)."""
-        out = []
-        for lid, e in self._store.items():
-            multi = K.is_multi(e)
-            for b, ent in enumerate(self._entries(lid)):
-                out.append(((lid, b) if multi else lid, ent))
-        return out
+        return [(K.Unit(lid, b), ent) for lid in self._store
+                for b, ent in enumerate(self._entries(lid))]
 
     def _unit(self, key):
-        if isinstance(key, tuple):
-            return self._store[key[0]][key[1]]
-        return self._entry(key)
+        return self._entries(key.layer)[key.index]
 
     def _perm(self, lid):
         return self.layer_collection[lid].kfac_permutation()
@@ -339,11 +333,9 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         """The same eigenbases with each block's new ``D``."""
         diags = {}
         for (key, _), b in zip(self._units(), blocks):
-            if isinstance(key, tuple):
-                diags.setdefault(key[0], []).append(b.D)
-            else:
-                diags[key] = b.D
-        return self._with_diags(diags)
+            diags.setdefault(key.layer, []).append(b.D)
+        return self._with_diags({lid: ds if K.is_multi(self._store[lid]) else ds[0]
+                                 for lid, ds in diags.items()})
 
     def _like(self):
         return self._units()[0][1][2]
@@ -492,7 +484,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
     def _same_basis(self, other):
         self._check_same_kind(other)
         for (key, a), (_, b) in zip(self._units(), other._units()):
-            lid = key[0] if isinstance(key, tuple) else key
+            lid = key.layer
             for U1, U2 in ((a[0], b[0]), (a[1], b[1])):
                 if U1 is U2:
                     continue
