@@ -310,36 +310,41 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
             return self.solvePFMap(x, regul=regul, solve=solve, **kwargs)
         raise TypeError(f"solve takes a PVector or a PFMap, got {type(x).__name__}")
 
-    # the ``solve`` methods a representation takes, each mapped to the damping it stands for
-    # (None: the ``damping`` given)
-    _SOLVE_METHODS = {"default": None, "solve": None}
+    # the ``solve`` methods a representation takes: each name maps to ``(damping, method)``,
+    # the damping it stands for (None: the ``damping`` given) and the blocks' ``solve`` method
+    # (None: their default)
+    _SOLVE_METHODS = {"default": (None, None), "solve": (None, None)}
 
     def _solve_damping(self, solve, damping):
-        method = self._SOLVE_METHODS.get(solve, False)
-        if method is False:
+        """``(damping, block method)`` for the ``solve`` name (see ``_SOLVE_METHODS``)."""
+        entry = self._SOLVE_METHODS.get(solve)
+        if entry is None:
             raise ValueError(f"unknown solve '{solve}' for {type(self).__name__}: use "
                              + " or ".join(map(repr, self._SOLVE_METHODS)))
-        return damping if method is None else method
+        return damping if entry[0] is None else entry[0], entry[1]
 
-    def _block_solve_rows(self, X, regul, damping, what="solve", **options):
+    def _block_solve_rows(self, X, regul, damping, what="solve", method=None, **options):
         regul, blocks, dampings = self._dampings(regul, what, damping, **options)
         who = (type(self).__name__, regul)
-        return self._join([b.solve(V, d, who) for b, V, d in
+        if method is None:
+            return self._join([b.solve(V, d, who) for b, V, d in
+                               zip(blocks, self._split(X), dampings)])
+        return self._join([b.solve(V, d, who, method) for b, V, d in
                            zip(blocks, self._split(X), dampings)])
 
     def solvePVec(self, x, regul=1e-8, solve="default", damping="exact", **options):
         """``(M + Λ)⁻¹ x`` block by block, exact (``regul``: see `_prior`)."""
         self._check_pvector(x)
-        damping = self._solve_damping(solve, damping)
+        damping, method = self._solve_damping(solve, damping)
         return PVector(self.layer_collection, vector_repr=self._block_solve_rows(
-            x.get_flat_representation(), regul, damping, **options))
+            x.get_flat_representation(), regul, damping, method=method, **options))
 
     def solvePFMap(self, x, regul=1e-8, solve="default", damping="exact", **options):
         """``(M + Λ)⁻¹`` applied to every row of the PFMap, block by block."""
         self._check_pfmap(x)
-        damping = self._solve_damping(solve, damping)
-        return PFMapDense(self.layer_collection,
-                          data=self._block_solve_rows(x.to_torch(), regul, damping, **options))
+        damping, method = self._solve_damping(solve, damping)
+        return PFMapDense(self.layer_collection, data=self._block_solve_rows(
+            x.to_torch(), regul, damping, method=method, **options))
 
     def _power_blocks(self, p, regul, damping, what, **options):
         """``[(B + Λ_B)^p]`` for every block."""

@@ -247,7 +247,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
     # (the base class's, from the blocks; these keep upstream's keywords and KFAC's defaults:
     # π-damping for solve / inverse / pow, exact damping for logdet)
     # solve='eigh' stands for exact damping
-    _SOLVE_METHODS = {"default": None, "solve": None, "eigh": "exact"}
+    _SOLVE_METHODS = {"default": (None, None), "solve": (None, None), "eigh": ("exact", None)}
 
     def solvePVec(self, x, regul=1e-8, solve="default", use_pi=True, damping="pi"):
         """Solve with damping ``regul``: π-damped factors (``damping='pi'``, default;

@@ -238,14 +238,6 @@ class PMatQuasiDiag(_PerLayer):
             "the product of two quasi-diagonal matrices is not quasi-diagonal (the couplings "
             "create weight-weight terms); use mv/mmap, or PMatBlockDiag.mm")
 
-    def __add__(self, other):
-        return self._add_blocks(other)
-
-    __radd__ = __add__
-
-    def __sub__(self, other):
-        return self._add_blocks(other, -1.0)
-
 
 class PMatQuasiDiagInverse(_PerLayer):
     """``(Q + λI)⁻¹`` for a quasi-diagonal ``Q`` (what [`PMatQuasiDiag.inverse`][nngeometry.object.pspace.PMatQuasiDiag.inverse] returns).
