@@ -324,31 +324,19 @@ class PMatEyePlusLowRank(_LowRankBase):
     def _new(self, alpha, U, C):
         return PMatEyePlusLowRank(self.layer_collection, data=(alpha, U, C))
 
+    # the container of one LowRankBlock ``αI + UᵀCU``: products, reductions, scaling are the
+    # base class's; the Woodbury solves, powers and log-determinants (with their caches, and
+    # the sums with PMatLowRank) are written here
     def _blocks(self):
         alpha, U, C = self.data
         return [LowRankBlock(U, alpha, C)]
 
+    def _from_blocks(self, blocks):
+        (b,) = blocks
+        return self._new(b.alpha, b.J, b._C())
+
     def _like(self):
         return self.data[1]
-
-    def _apply(self, X):
-        alpha, U, C = self.data
-        return alpha * X + ((X @ U.t()) @ C) @ U
-
-    def mv(self, v):
-        self._check_pvector(v)
-        return PVector(self.layer_collection, vector_repr=self._apply(v.get_flat_representation()))
-
-    def vTMv(self, v):
-        self._check_pvector(v)
-        alpha, U, C = self.data
-        f = v.get_flat_representation()
-        Uf = U @ f
-        return (alpha * f * f).sum() + Uf @ (C @ Uf)
-
-    def mmap(self, pfmap):
-        self._check_pfmap(pfmap)
-        return PFMapDense(self.layer_collection, data=self._apply(pfmap.to_torch()))
 
     def mm(self, other):
         raise NotImplementedError(
@@ -501,44 +489,7 @@ class PMatEyePlusLowRank(_LowRankBase):
                              "definite); use a larger regul")
         return P * torch.log(beta.abs()) + logabs.to(C.dtype)
 
-    # ------------------------------------------------------------------ reductions
-    def get_diag(self):
-        alpha, U, C = self.data
-        return alpha + ((C @ U) * U).sum(dim=0)
-
-    def trace(self):
-        alpha, U, C = self.data
-        a = alpha.sum() if alpha.dim() else alpha * self.layer_collection.numel()
-        return a + (C * (U @ U.t())).sum()
-
-    def frobenius_norm(self):
-        # ||αI + UᵀCU||² = α²P + 2α tr(CG) + tr(CGCG)
-        alpha, U, C = self.data
-        G = U @ U.t()
-        CG = C @ G
-        if alpha.dim():  # ||D||² + 2 tr(C U D Uᵀ) + tr(CGCG)
-            sq = (alpha * alpha).sum() + 2 * (C * ((U * alpha) @ U.t())).sum() \
-                + (CG * CG.t()).sum()
-        else:
-            sq = alpha ** 2 * self.layer_collection.numel() + 2 * alpha * torch.trace(CG) \
-                + (CG * CG.t()).sum()
-        return torch.sqrt(sq)
-
-    def to_torch(self):
-        """The dense ``(P, P)`` matrix (allocates ``P²``; refused with a MemoryError naming the
-        size when it can't fit)."""
-        alpha, U, C = self.data
-        _checks.check_dense_fits(U.shape[1], U.element_size(), count=2,
-                                 what="PMatEyePlusLowRank.to_torch(): a dense")
-        eye = torch.diag(alpha) if alpha.dim() else \
-            alpha * torch.eye(U.shape[1], dtype=U.dtype, device=U.device)
-        return eye + U.t() @ C @ U
-
     # ------------------------------------------------------------------ arithmetic
-    def _scaled(self, x):
-        alpha, U, C = self.data
-        return self._new(alpha * x, U, C * x)
-
     def __add__(self, other):
         alpha, U, C = self.data
         if isinstance(other, PMatEye):
