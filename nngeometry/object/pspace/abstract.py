@@ -377,6 +377,11 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
         errors), differentiable with respect to a ``Λ`` that requires grad."""
         regul, blocks, dampings = self._dampings(regul, "logdet", damping, **options)
         who = (type(self).__name__, regul)
+        if len(blocks) > 1 and all(b.logdet_is_spectral(d) for b, d in zip(blocks, dampings)):
+            # one check of the whole spectrum (one tolerance, one error), one sum
+            from ._checks import logdet_of
+            return logdet_of(torch.cat([b.eigenvalues(d).reshape(-1)
+                                        for b, d in zip(blocks, dampings)]), who[0], regul)
         return _total(b.logdet(d, who) for b, d in zip(blocks, dampings))
 
     def eigenvalues(self, regul=0.0, damping="exact", **options):

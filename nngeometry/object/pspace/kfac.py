@@ -289,7 +289,10 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         """Diagonal ``(P,)``: per layer ``diag(G) ⊗ diag(A)``; in the flat layout
         (``split_weight_bias=True``) or each layer's Kronecker layout (False)."""
         if split_weight_bias:
-            return super().get_diag()
+            # written in place into the flat vector where the layout allows (no reordering copy)
+            return self._layout.outer_diag_flat(
+                {lid: [(K.fdiag(A), K.fdiag(G)) for A, G in K.KronLayer.of(e).terms]
+                 for lid, e in self.data.items()})
         return torch.cat([b.diag().reshape(-1) for b in self._blocks()])
 
     def get_block_torch(self, layer_id, layer=None, split_weight_bias=True):

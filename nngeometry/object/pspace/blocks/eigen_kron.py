@@ -111,6 +111,9 @@ class EigenKronBlock(Block):
         """``‖B‖_F²`` (the basis is orthogonal)."""
         return (self.D * self.D).sum()
 
+    def logdet_is_spectral(self, damping=0.0):
+        return not is_entries(damping)
+
     def logdet(self, damping=0.0, who=None):
         """``Σ log(D + λ)`` (positive definite, or the shared errors)."""
         rep, regul = who_of(self, damping, who)

@@ -202,6 +202,9 @@ class KronBlock(Block):
             return KronBlock(*self._pi_power(float(p), damping, who, what))
         return self._eigen_for(damping).matpower(p, damping, who)
 
+    def logdet_is_spectral(self, damping=0.0):
+        return not isinstance(damping, PiDamping) and not is_entries(damping)
+
     def logdet(self, damping=0.0, who=None):
         """``log det`` of the damped block: exact, or of the π-damped factors
         (``dG log det Ã + dA log det G̃``)."""
