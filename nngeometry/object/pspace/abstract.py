@@ -564,6 +564,7 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
         state["generator"] = None
         state.pop("_slices_cache", None)  # recomputed on demand
         state.pop("_solve_cache", None)  # factorizations: recomputable
+        state.pop("_blocks_cache", None)  # kept blocks and their caches: recomputable
         return state
 
     def __setstate__(self, state_dict):

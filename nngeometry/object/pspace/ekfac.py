@@ -326,7 +326,10 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
     _per_entry_exact = False
 
     def _blocks(self):
-        return [EigenKronBlock(*ent) for _, ent in self._units()]
+        # kept while the stored entries are unchanged, with what each block computed once
+        return _checks.cached(self.__dict__, "_blocks_cache", "blocks",
+                              lambda: [EigenKronBlock(*ent) for _, ent in self._units()],
+                              self._store)
 
     def _from_blocks(self, blocks):
         """The same eigenbases with each block's new ``D``."""
