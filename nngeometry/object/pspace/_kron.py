@@ -240,9 +240,8 @@ class KronLayer(NamedTuple):
         return [Unit(lid, b) for b in range(len(self.terms))]
 
 
-def is_multi(entry):
-    """Whether a stored entry holds several Kronecker terms (one test, the layer types')."""
-    return is_multiblock(entry)
+# whether a stored entry holds several Kronecker terms: one test, the layer types'
+is_multi = is_multiblock
 
 
 def blocks_of(entry):
