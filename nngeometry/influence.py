@@ -27,7 +27,8 @@ from .backend.batches import iterate_batches
 from .backend.distributed import resolve_group, unwrap_model
 from .metrics import FIM, FIM_MonteCarlo, EmpiricalFisher, GGN
 from .object.map import PFMapDense
-from .object.pspace import (PMatAbstract, PMatEKFAC, PMatEye, PMatImplicit, PMatKFAC)
+from .object.pspace import (PMatAbstract, PMatEKFAC, PMatEye, PMatImplicit, PMatKFAC,
+                             PMatMixed)
 from .curvature import check_positions, empirical_function
 
 _CURVATURES = ("ggn", "fisher", "mc", "empirical")
@@ -305,7 +306,10 @@ class Influence:
       for language models), in ``representation``: ``PMatEKFAC`` (default; its eigenvalues
       refitted on the training data after the KFAC pass, [`PMatEKFAC.update_diag`][nngeometry.object.pspace.PMatEKFAC.update_diag]),
       ``PMatKFAC``, ``PMatDiag``, ``PMatBlockDiag``, ``PMatLowRank``, ``PMatDense``,
-      ``PMatImplicit`` (conjugate-gradient or LiSSA solves, ``solver=``, no matrix stored) or ``PMatEye`` (``G = I``:
+      ``PMatImplicit`` (conjugate-gradient or LiSSA solves, ``solver=``, no matrix stored),
+      ``PMatMixed`` (a representation per group of layers, given by ``curvature_options=
+      {'layer_map': {layer_id: group}, 'sub_pmats': {group: PMat class}}``; its EKFAC groups
+      refitted as above, its KFAC groups damped exactly) or ``PMatEye`` (``G = I``:
       the scores are gradient similarities, TracIn's at one checkpoint when ``damping=0``).
     * ``Λ``: ``damping`` a number ``λ`` (``λI``), a dict ``{layer_id: λ_l}`` or ``'heuristic'``
       (default): ``λ_l = 0.1 · tr(G_l) / p_l``, a tenth of the mean eigenvalue of each layer's
@@ -421,8 +425,14 @@ class Influence:
                 raise ValueError("solver='lissa' with mini-batches (batch_size) draws examples "
                                  "from one process's data: not supported with data "
                                  "parallelism; use batch_size=None (the full set) or 'cg'")
-        if issubclass(representation, PMatKFAC):
+        if issubclass(representation, (PMatKFAC, PMatMixed)):
+            # (a PMatMixed passes it to its KFAC groups)
             self.solve_options.setdefault("damping", "exact")
+        if issubclass(representation, PMatMixed) and not \
+                {"sub_pmats", "data"} & set(curvature_options or {}):
+            raise ValueError("representation=PMatMixed needs its groups: pass curvature_options="
+                             "{'layer_map': {layer_id: group}, 'sub_pmats': {group: PMat class}} "
+                             "(e.g. {'a': PMatEKFAC, 'b': PMatDense})")
         self.curvature_options = dict(curvature_options or {})
         self.verbose = verbose
         self.check_deterministic = check_deterministic
@@ -445,8 +455,12 @@ class Influence:
                                                            device=lc.device or ref.device))
         else:
             self.matrix = self._build(train_loader)
-            if isinstance(self.matrix, PMatEKFAC) and self.refit_eigenvalues:
-                self.matrix.update_diag(train_loader)
+            if self.refit_eigenvalues:
+                parts = self.matrix.data.values() if isinstance(self.matrix, PMatMixed) \
+                    else [self.matrix]
+                for part in parts:
+                    if isinstance(part, PMatEKFAC):
+                        part.update_diag(train_loader)
         self.damping_value = self._resolve_damping()
         return self
 
@@ -676,10 +690,18 @@ class Influence:
         `load_state_dict` it into an ``Influence`` of the same model. ``PMatImplicit``
         stores no matrix (refit it instead)."""
         self._check_fitted()
-        if isinstance(self.matrix, PMatImplicit):
+        parts = self.matrix.data.values() if isinstance(self.matrix, PMatMixed) else [self.matrix]
+        if any(isinstance(m, PMatImplicit) for m in parts):
             raise ValueError("PMatImplicit stores no matrix (its products run the model on the "
                              "training data): call fit(train_loader) again instead of saving it")
-        data = self.matrix.scaling if isinstance(self.matrix, PMatEye) else self.matrix.data
+        if isinstance(self.matrix, PMatMixed):
+            # each group as its class's name, its layers and its data
+            data = {g: {"representation": type(m).__name__,
+                        "layer_ids": list(m.layer_collection.layer_ids()),
+                        "data": m.scaling if isinstance(m, PMatEye) else m.data}
+                    for g, m in self.matrix.data.items()}
+        else:
+            data = self.matrix.scaling if isinstance(self.matrix, PMatEye) else self.matrix.data
         damping = self.damping_value
         if isinstance(damping, dict):
             damping = {k: float(v) for k, v in damping.items()}
@@ -699,6 +721,15 @@ class Influence:
                              f"{state['layer_ids']} vs {self.layer_collection.layer_ids()}")
         if issubclass(self.representation, PMatEye):
             self.matrix = PMatEye(self.layer_collection, scaling=state["data"])
+        elif issubclass(self.representation, PMatMixed):
+            from .object import pspace
+            lc, subs, each = self.layer_collection, {}, {}
+            for g, part in state["data"].items():
+                cls = getattr(pspace, part["representation"])
+                each[g] = lc.sub(part["layer_ids"])
+                subs[g] = PMatEye(each[g], scaling=part["data"]) if cls is PMatEye else \
+                    cls(layer_collection=each[g], data=part["data"])
+            self.matrix = PMatMixed(lc, None, layer_collection_each=each, sub_pmats=subs)
         else:
             self.matrix = self.representation(layer_collection=self.layer_collection,
                                               data=state["data"])

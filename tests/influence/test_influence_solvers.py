@@ -98,3 +98,38 @@ def test_lissa_bad_options():
                        ("scale", float("nan"))):
         with pytest.raises(ValueError, match=key):
             Influence(model, PMatImplicit, solver="lissa", solve_options={key: value})
+
+
+@pytest.mark.parametrize("parts", [("PMatEKFAC", "PMatDense"), ("PMatKFAC", "PMatDiag")])
+def test_mixed_matches_its_own_matrix_and_saves(parts, tmp_path):
+    import nngeometry.object as O
+    from test_influence_exact import damping_matrix
+    model, x, y, train, query = make()
+    gz, gq = brute_grads(model, x[:N_TRAIN], y[:N_TRAIN]), brute_grads(model, x[N_TRAIN:], y[N_TRAIN:])
+    options = {"layer_map": {"0": "a", "2": "b"},
+               "sub_pmats": {"a": getattr(O, parts[0]), "b": getattr(O, parts[1])}}
+    inf = Influence(model, O.PMatMixed, damping="heuristic", curvature_options=options).fit(train)
+    G = inf.matrix.to_torch()
+    P = G.shape[0]
+    # block-diagonal over the groups
+    assert torch.all(G[:inf.layer_collection.numel() - 18, -18:] == 0)
+    got = inf.pairwise_scores(train, query)
+    assert torch.allclose(got, expected(G, damping_matrix(inf, P), gq, gz), rtol=1e-8, atol=0)
+    # a group's block is the one its representation builds alone on those layers (EKFAC's
+    # eigenvalues refitted)
+    alone = Influence(model, getattr(O, parts[0]),
+                      layer_collection=inf.layer_collection.sub(["0"])).fit(train)
+    assert torch.allclose(inf.matrix.data["a"].to_torch(), alone.matrix.to_torch(),
+                          rtol=1e-10, atol=1e-14)
+    # saved with torch.save, loaded with the defaults
+    torch.save(inf.state_dict(), tmp_path / "mixed.pt")
+    back = Influence(model, O.PMatMixed, curvature_options=options).load_state_dict(
+        torch.load(tmp_path / "mixed.pt"))
+    assert torch.equal(back.pairwise_scores(train, query), got)
+
+
+def test_mixed_needs_its_groups():
+    from nngeometry.object import PMatMixed
+    model, *_ = make()
+    with pytest.raises(ValueError, match="sub_pmats"):
+        Influence(model, PMatMixed)
