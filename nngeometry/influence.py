@@ -624,7 +624,8 @@ class Influence:
         return t.detach().to(self.dtype) if self.dtype is not None else t.detach()
 
     # ------------------------------------------------------------------ scores
-    def pairwise_scores(self, train_loader, query_loader=None, queries=None, per_layer=False):
+    def pairwise_scores(self, train_loader, query_loader=None, queries=None, per_layer=False,
+                        checkpoint=None, checkpoint_every=1):
         """``(n_query, n_train)``: ``I(z_j, q_i) = ∇θ m(q_i)ᵀ (G + Λ)⁻¹ ∇θ ℓ(z_j)``.
 
         The queries are preconditioned once (or given: ``queries=`` from [`precondition`][nngeometry.influence.Influence.precondition]);
@@ -632,14 +633,36 @@ class Influence:
         for the whole set. ``per_layer=True``: ``(n_layers, n_query, n_train)``, each layer's
         share ``((G + Λ)⁻¹ ∇m(q))_l · ∇ℓ(z)_l`` (they sum to the scores; for a block-diagonal
         ``G`` (EKFAC, KFAC, Diag, BlockDiag, Eye) it is the influence through that layer
-        alone)."""
+        alone).
+
+        Resuming: with ``checkpoint`` a file path, the scores are computed by chunks of
+        ``checkpoint_every`` training batches, and after each chunk the preconditioned queries
+        and the scores so far are written there (``torch.save``, loadable with the defaults;
+        replaced atomically). A call whose checkpoint exists starts where it stopped: it uses
+        the saved queries (``query_loader`` / ``queries`` may then be omitted; ``queries``
+        given must equal the saved ones; a ``query_loader`` is not run again) and skips the
+        training batches already scored, so ``train_loader`` must yield the same batches in the
+        same order (no shuffling, or a seeded sampler). The result equals an uninterrupted
+        run's. Not with data parallelism."""
         self._check_fitted()
-        if (query_loader is None) == (queries is None):
+        lc = self.layer_collection
+        state = None
+        if checkpoint is not None:
+            if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or \
+                    checkpoint_every < 1:
+                raise ValueError(f"checkpoint_every must be a positive int (training batches "
+                                 f"per saved chunk), got {checkpoint_every!r}")
+            if resolve_group(self.distributed, self.process_group) is not None:
+                raise ValueError("checkpoint= is not supported with data parallelism (each rank "
+                                 "would need its own file and the columns their rank order)")
+            if os.path.exists(checkpoint):
+                state = self._load_checkpoint(checkpoint, queries, per_layer)
+                queries = state["queries"]
+        if state is None and (query_loader is None) == (queries is None):
             raise ValueError("pass either query_loader= or queries= (from precondition()), "
                              "exactly one")
         if queries is None:
             queries = self.precondition(query_loader)
-        lc = self.layer_collection
         if set(queries["layers"]) != set(lc.layer_ids()):
             raise ValueError("queries were preconditioned on other layers than this Influence's "
                              f"collection: {sorted(queries['layers'])} vs {lc.layer_ids()}")
@@ -653,10 +676,64 @@ class Influence:
                 return _expand(entry, shape, has_bias).to(device=device, dtype=dtype)
             return get
 
-        consumer = _PairwiseScores(lc, {lid: rows_of(lid) for lid in lc.layer_ids()}, per_layer)
+        rows = {lid: rows_of(lid) for lid in lc.layer_ids()}
         gen = self._generator(self.loss_function, distributed=self.distributed)
         gen.verbose = self.verbose
-        return gen.accumulate(train_loader, lc, consumer).result
+        if checkpoint is None:
+            return gen.accumulate(train_loader, lc, _PairwiseScores(lc, rows, per_layer)).result
+        return self._chunked_scores(gen, train_loader, rows, per_layer, queries, state,
+                                    checkpoint, checkpoint_every)
+
+    def _chunked_scores(self, gen, train_loader, rows, per_layer, queries, state, path, every):
+        lc = self.layer_collection
+        done = state["batches"] if state is not None else 0
+        parts = [state["scores"]] if state is not None and state["scores"] is not None else []
+
+        def save():
+            scores = torch.cat(parts, dim=-1) if parts else None
+            tmp = f"{path}.tmp"
+            torch.save({"queries": queries, "scores": scores, "batches": done,
+                        "per_layer": per_layer, "layer_ids": list(lc.layer_ids())}, tmp)
+            os.replace(tmp, path)
+        if state is None:
+            save()  # the preconditioned queries, before the first chunk
+        batches = iterate_batches(train_loader)
+        for _ in range(done):
+            if next(batches, None) is None:
+                raise ValueError(f"the checkpoint {path} holds the scores of {done} training "
+                                 "batches, train_loader yields fewer: pass the loader it was "
+                                 "computed with")
+        chunk = []
+        for batch in self._progress(batches, train_loader, "scores"):
+            chunk.append(batch)
+            if len(chunk) == every:
+                parts.append(gen.accumulate(chunk, lc, _PairwiseScores(lc, rows, per_layer))
+                             .result)
+                done += len(chunk)
+                chunk = []
+                save()
+        if chunk:
+            parts.append(gen.accumulate(chunk, lc, _PairwiseScores(lc, rows, per_layer)).result)
+            done += len(chunk)
+            save()
+        if not parts:
+            raise ValueError("pairwise_scores: the training examples yielded no data "
+                             "(empty loader)")
+        return torch.cat(parts, dim=-1)
+
+    def _load_checkpoint(self, path, queries, per_layer):
+        state = torch.load(path)
+        lc = self.layer_collection
+        if not isinstance(state, dict) or not {"queries", "scores", "batches"} <= set(state):
+            raise ValueError(f"{path} is not a checkpoint of pairwise_scores")
+        if list(state["layer_ids"]) != list(lc.layer_ids()) or state["per_layer"] != per_layer:
+            raise ValueError(f"the checkpoint {path} was written for other layers or another "
+                             f"per_layer ({state['layer_ids']}, per_layer={state['per_layer']}): "
+                             "use another file")
+        if queries is not None and not _same_queries(queries, state["queries"]):
+            raise ValueError(f"the queries given differ from those saved in the checkpoint "
+                             f"{path}: use another file, or omit queries= to resume")
+        return state
 
     def self_scores(self, train_loader, per_layer=False):
         """``(n_train,)``: ``∇θ ℓ(z)ᵀ (G + Λ)⁻¹ ∇θ ℓ(z)`` (the training loss on both sides), one
@@ -735,6 +812,19 @@ class Influence:
                                               data=state["data"])
         self.damping_value = state["damping"]
         return self
+
+
+def _same_queries(a, b):
+    """Whether two dicts of preconditioned queries hold the same tensors."""
+    if a.get("n") != b.get("n") or set(a["layers"]) != set(b["layers"]):
+        return False
+    for lid, x in a["layers"].items():
+        y = b["layers"][lid]
+        xs, ys = (x, y) if isinstance(x, tuple) else ((x,), (y,))
+        if not isinstance(y, type(x)) or len(xs) != len(ys) or \
+                not all(torch.equal(u, v) for u, v in zip(xs, ys)):
+            return False
+    return True
 
 
 def _check_damping(damping):

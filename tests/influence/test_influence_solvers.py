@@ -133,3 +133,54 @@ def test_mixed_needs_its_groups():
     model, *_ = make()
     with pytest.raises(ValueError, match="sub_pmats"):
         Influence(model, PMatMixed)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def stopping_after(loader, k):
+    """The loader's batches, then an interruption after ``k`` of them."""
+    for i, b in enumerate(loader):
+        if i == k:
+            raise Interrupted
+        yield b
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_resumed_scores_equal_an_uninterrupted_run(per_layer, tmp_path):
+    from nngeometry.object import PMatDiag
+    model, x, y, _, query = make()
+    train = DataLoader(TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), batch_size=2)  # 5 batches
+    inf = Influence(model, PMatDiag, damping=0.1).fit(train)
+    whole = inf.pairwise_scores(train, query, per_layer=per_layer)
+    path = tmp_path / "scores.pt"
+    with pytest.raises(Interrupted):
+        inf.pairwise_scores(stopping_after(train, 3), query, per_layer=per_layer,
+                            checkpoint=path, checkpoint_every=2)
+    saved = torch.load(path)
+    assert saved["batches"] == 2 and saved["scores"].shape[-1] == 4
+    # resumed: the saved queries, the 3 remaining batches
+    resumed = inf.pairwise_scores(train, per_layer=per_layer, checkpoint=path,
+                                  checkpoint_every=2)
+    assert torch.equal(resumed, whole)
+    assert torch.load(path)["batches"] == 5
+    # a finished checkpoint: nothing left to compute, the same scores
+    assert torch.equal(inf.pairwise_scores(train, per_layer=per_layer, checkpoint=path), whole)
+
+
+def test_checkpoint_bad_inputs(tmp_path):
+    from nngeometry.object import PMatDiag
+    model, x, y, train, query = make()
+    inf = Influence(model, PMatDiag, damping=0.1).fit(train)
+    path = tmp_path / "s.pt"
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        inf.pairwise_scores(train, query, checkpoint=path, checkpoint_every=0)
+    inf.pairwise_scores(train, query, checkpoint=path)
+    with pytest.raises(ValueError, match="per_layer"):
+        inf.pairwise_scores(train, per_layer=True, checkpoint=path)
+    other = inf.precondition(DataLoader(TensorDataset(x[:2], y[:2])))
+    with pytest.raises(ValueError, match="differ from those saved"):
+        inf.pairwise_scores(train, queries=other, checkpoint=path)
+    with pytest.raises(ValueError, match="yields fewer"):
+        inf.pairwise_scores([next(iter(train))], checkpoint=path)
