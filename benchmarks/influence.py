@@ -23,7 +23,8 @@ Workloads:
   embeddings and layer norms left out on both sides); the loss of a sequence is its next-token
   cross-entropy summed over its 127 predicted tokens; batches of 16 training and 20 query
   sequences. 100 full query gradients would take 3.6 GB: ``--query-rank`` keeps each layer's
-  preconditioned query gradient at that rank (kronfluence's ``query_gradient_low_rank``).
+  preconditioned query gradient at that rank (kronfluence's ``query_gradient_low_rank``, with
+  ``use_full_svd=True``: the exact truncated SVD, as ours, not its default randomised one).
 
 Both libraries use the same model, data, batches, curvature (the empirical Fisher:
 kronfluence's ``use_empirical_fisher=True``) and damping (kronfluence's heuristic,
@@ -240,7 +241,9 @@ def theirs(setup, workload, strategy, query_rank, workdir):
     an = Analyzer(analysis_name="bench", model=kmodel, task=task, cpu=True, disable_tqdm=True,
                   output_dir=workdir)
     fargs = FactorArguments(strategy=strategy, use_empirical_fisher=True)
-    sargs = ScoreArguments(damping_factor=None, query_gradient_low_rank=query_rank)
+    # the exact truncated SVD, as ours (its default is a randomised one)
+    sargs = ScoreArguments(damping_factor=None, query_gradient_low_rank=query_rank,
+                           use_full_svd=query_rank is not None)
     with Probe() as fit:
         an.fit_all_factors(factors_name=strategy, dataset=setup["train"],
                            per_device_batch_size=bt, factor_args=fargs,
