@@ -393,6 +393,7 @@ class Influence:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         check_positions(positions)
         resolve_group(distributed, process_group)
+        _refuse_sharded(model)
         self.model = unwrap_model(model)
         self.function, self.layer_collection = prepare_entry(self.model, function,
                                                              layer_collection, target_key)
@@ -814,6 +815,22 @@ class Influence:
         return self
 
 
+def _refuse_sharded(model):
+    """A clear error for a model whose parameters are sharded over the ranks (FSDP)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # a build of torch without torch.distributed
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, FullyShardedDataParallel) or FSDPModule in type(m).__mro__:
+            where = f" (module '{name}')" if name else ""
+            raise ValueError(
+                f"Influence: the model is sharded with FSDP{where}, which is not supported: "
+                "the per-example gradients are read from each layer's whole weight and every "
+                "rank keeps the whole curvature and preconditioned queries. Pass the unsharded "
+                "model (data parallelism: DistributedDataParallel or distributed=True)")
+
+
 def _same_queries(a, b):
     """Whether two dicts of preconditioned queries hold the same tensors."""
     if a.get("n") != b.get("n") or set(a["layers"]) != set(b["layers"]):
@@ -843,5 +860,4 @@ def _check_damping(damping):
             raise ValueError(f"damping must be finite and ≥ 0, got {float(v)}")
 
 
-__all__ = ["Influence", "causal_lm_loss", "causal_lm_log_prob", "HEURISTIC_FACTOR",
-           "LISSA_DEFAULTS"]
+__all__ = ["Influence", "causal_lm_loss", "causal_lm_log_prob", "HEURISTIC_FACTOR"]

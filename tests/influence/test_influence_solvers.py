@@ -184,3 +184,15 @@ def test_checkpoint_bad_inputs(tmp_path):
         inf.pairwise_scores(train, queries=other, checkpoint=path)
     with pytest.raises(ValueError, match="yields fewer"):
         inf.pairwise_scores([next(iter(train))], checkpoint=path)
+
+
+def test_sharded_model_is_refused():
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    from torch import nn
+
+    class Sharded(fsdp.FSDPModule, nn.Sequential):
+        pass
+    inner = nn.Sequential(nn.Linear(2, 2).double())
+    inner.__class__ = Sharded  # what fully_shard does to a module
+    with pytest.raises(ValueError, match="FSDP.*not supported"):
+        Influence(nn.Sequential(inner))
