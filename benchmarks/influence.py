@@ -60,11 +60,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-try:
-    import nngeometry  # noqa: E402,F401
-except ImportError:
-    sys.path.insert(0, os.path.dirname(HERE))
+# this checkout's nngeometry, before an installed one
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 from run import CNN  # noqa: E402
 
