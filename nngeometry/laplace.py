@@ -1231,14 +1231,20 @@ def _prior_flat(prior, layer_collection, like):
 
 def _laplace_bridge(mu, var, normalise=False):
     """The Laplace bridge from logits ``N(μ, Σ)`` (``(n, C)``, ``(n, C, C)``) to a Dirichlet,
-    returning its mean ``α / Σ_k α_k``. The logits are first conditioned on ``1ᵀ f = 0``
-    (softmax is invariant along ``1``): ``μ ← μ − Σ1 (1ᵀμ) / (1ᵀΣ1)``,
-    ``Σ ← Σ − Σ1 1ᵀΣ / (1ᵀΣ1)``."""
+    returning its mean ``α / Σ_k α_k`` (see `_bridge_from_parts`)."""
+    row = var.sum(-1)
+    return _bridge_from_parts(mu, torch.diagonal(var, dim1=-2, dim2=-1), row,
+                              row.sum(-1, keepdim=True), normalise)
+
+
+def _bridge_from_parts(mu, diag, row, tot, normalise=False):
+    """The Laplace bridge's Dirichlet mean from the parts of ``Σ`` it reads: ``diag Σ``
+    ``(n, C)``, ``Σ1`` ``(n, C)`` and ``1ᵀΣ1`` ``(n, 1)``. The logits are first conditioned on
+    ``1ᵀ f = 0`` (softmax is invariant along ``1``): ``μ ← μ − Σ1 (1ᵀμ) / (1ᵀΣ1)``, ``diag Σ ←
+    diag Σ − (Σ1)² / (1ᵀΣ1)``; then ``α_k = (1 − 2/C + e^{μ_k} Σ_l e^{−μ_l} / C²) / Σ_kk``."""
     C = mu.shape[-1]
-    row = var.sum(-1)  # Σ1, (n, C)
-    tot = row.sum(-1, keepdim=True)  # 1ᵀΣ1, (n, 1)
     mu = mu - row * mu.sum(-1, keepdim=True) / tot
-    d = torch.diagonal(var, dim1=-2, dim2=-1) - row ** 2 / tot
+    d = diag - row ** 2 / tot
     if normalise:
         scale = d.mean(-1, keepdim=True) / math.sqrt(C / 2)
         mu = mu / scale.sqrt()
