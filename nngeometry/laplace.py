@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from .backend.batches import batch_size_of, default_function, iterate_batches
 from ._entry import resolve_representation
 from .jacobian import Jacobian
+from .laplace_lm import LastLayerLMLaplace  # noqa: F401  (public here too)
 from .layercollection import LayerCollection
 from .metrics import FIM, EmpiricalFisher, FIM_MonteCarlo, subnetwork_collection
 from .object.map import PFMapDense
@@ -352,11 +353,15 @@ class Laplace:
             if y.dim() == 2 and y.shape[1] == 1:  # (n, 1): one label per example
                 y = y[:, 0]
             if tuple(y.shape) != (n,):
+                from .variants import is_causal_lm
+                hint = (" For a language model's output layer, with the token positions as "
+                        "the examples, use nngeometry.laplace.LastLayerLMLaplace."
+                        if is_causal_lm(self.model) else "")
                 raise ValueError(
                     f"likelihood='classification' needs one class label per example, shape "
                     f"({n},), for outputs of shape ({n}, {C}); got targets of shape {shape}. "
                     "Outputs with positions (sequences, images) need function= returning "
-                    "(n, C) and targets (n,)")
+                    f"(n, C) and targets (n,).{hint}")
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
                 raise ValueError(
                     f"class labels must be in [0, {C}) for outputs of {C} classes, got labels "
@@ -1275,4 +1280,4 @@ def _is_one(x):
     return float(x) == 1.0
 
 
-__all__ = ["Laplace", "marglik_training"]
+__all__ = ["Laplace", "marglik_training", "LastLayerLMLaplace"]

@@ -2,8 +2,8 @@
 
 The examples are the token positions that predict a token (causal language models: the
 logits at position ``t`` predict label ``t + 1``; positions whose target is ``-100`` or
-padding, ``attention_mask == 0``, do not count: the convention of the curvature entry points,
-[`lm_positions`][nngeometry.variants.lm_positions] with ``positions='sum'``). With ``x̃_i`` the
+padding, ``attention_mask == 0``, do not count: the language-model convention of the curvature
+entry points, each position weighing 1). With ``x̃_i`` the
 input of the output layer ``f = W x + b`` at position ``i`` (``[x_i, 1]`` with a bias, ``D``
 entries), ``p_i = softmax(f_i)`` over the ``V`` tokens and ``Λ_i = diag(p_i) − p_i p_iᵀ`` the
 output Hessian of the cross-entropy, the layer's GGN over the ``n`` counted positions is
