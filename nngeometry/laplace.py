@@ -383,10 +383,9 @@ class Laplace:
     def state_dict(self):
         """What `load_state_dict` needs to restore the fitted approximation without the
         data: plain tensors, numbers and strings only (``torch.load`` with its defaults reads
-        it). The model's parameters are not included (save ``model.state_dict()``)."""
+        it). The model's parameters are not included (save ``model.state_dict()``). A subnetwork
+        Laplace saves its flat indices (``'subnetwork_indices'``, in the base layout)."""
         self._check_fitted()
-        if self.subnetwork_indices is not None:
-            raise NotImplementedError("state_dict of a subnetwork Laplace: refit it after loading")
         prior = self.prior_precision
         if isinstance(prior, PVector):
             prior = prior.get_flat_representation().detach()
@@ -396,11 +395,14 @@ class Laplace:
                 "theta_map": self.theta_map.get_flat_representation().detach(),
                 "prior_precision": prior, "prior_mean": self.prior_mean,
                 "sigma_noise": self.sigma_noise, "temperature": self.temperature,
-                "layer_ids": list(self.layer_collection.layer_ids())}
+                "layer_ids": list(self.base_collection.layer_ids()),
+                "subnetwork_indices": (None if self.subnetwork_indices is None else
+                                       self.layer_collection["subnetwork"].indices.clone())}
 
     def load_state_dict(self, state):
         """Restore `state_dict` into a Laplace built with the same model, likelihood,
-        representation and layer collection."""
+        representation and layer collection (a subnetwork Laplace's indices come from the
+        state; a Laplace built with other ``subnetwork_indices`` is refused)."""
         for key, mine in (("likelihood", self.likelihood),
                           ("representation", self.representation.__name__),
                           ("curvature", self.curvature)):
@@ -411,7 +413,20 @@ class Laplace:
         if list(base.layer_ids()) != state["layer_ids"]:
             raise ValueError(f"the state's layers {state['layer_ids']} are not this Laplace's "
                              f"{list(base.layer_ids())}: pass the same layer_collection")
-        self.ggn = self.representation(base, data=state["ggn"], **self.representation_kwargs)
+        saved = state.get("subnetwork_indices")
+        mine = self.subnetwork_indices
+        if mine is not None:
+            mine, _ = subnetwork_collection(base, mine)
+            if saved is None or not torch.equal(mine, torch.as_tensor(saved).long().cpu()):
+                raise ValueError("the state was saved with other subnetwork_indices than this "
+                                 "Laplace's: build it without subnetwork_indices (the state's "
+                                 "are used) or with the same ones")
+        collection = base
+        if saved is not None:
+            idx, collection = subnetwork_collection(base, saved)
+            self.subnetwork_indices = idx
+        self.ggn = self.representation(collection, data=state["ggn"],
+                                       **self.representation_kwargs)
         self.base_collection = base
         self.layer_collection = self.ggn.layer_collection
         self.theta_map = PVector(self.layer_collection, vector_repr=state["theta_map"])
