@@ -607,6 +607,9 @@ class Laplace:
         if structure not in sizes:
             raise ValueError(f"prior_structure={structure!r}: use 'scalar', 'layer', "
                              "'layerwise' or 'diag'")
+        if structure == "diag" and type(self.ggn).__name__ in ("PMatKFAC", "PMatEKFAC"):
+            raise NotImplementedError(f"prior_structure='diag' with {type(self.ggn).__name__}. "
+                                      + _KRON_DIAG_PRIOR)
         start = self.prior_precision if init is None else init
         if isinstance(start, (dict, PVector)) or (torch.is_tensor(start) and start.numel() > 1):
             raise ValueError("optimize_prior_precision starts from a scalar (init_prior_prec=)")
@@ -987,6 +990,8 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
             raise ValueError(f"hessian_structure={hessian_structure!r}: use one of "
                              f"{list(_STRUCTURES)} or representation=")
         representation = getattr(_objects, _STRUCTURES[hessian_structure])
+    if prior_structure == "diag" and representation.__name__ == "PMatKFAC":
+        raise NotImplementedError("prior_structure='diag' with PMatKFAC. " + _KRON_DIAG_PRIOR)
     if prior_structure in ("layerwise", "diag") and representation.__name__ == "PMatEKFAC":
         raise NotImplementedError(
             f"prior_structure={prior_structure!r} with PMatEKFAC: a precision that differs "
@@ -1119,6 +1124,13 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
 
 
 # ---------------------------------------------------------------------- KFAC, per-entry prior
+#: why a general per-parameter prior has no Kronecker form, and what to use instead
+_KRON_DIAG_PRIOR = (
+    "A per-parameter (diagonal) prior has no exact Kronecker form: in the factors' eigenbases "
+    "diag(λ) becomes a dense P × P matrix, so log det H and H⁻¹ would cost the dense O(P³). "
+    "KFAC takes one precision per layer or per parameter tensor (prior_structure='layer' or "
+    "'layerwise', exact with PMatKFAC); for a per-parameter prior use a PMatDiag or PMatDense "
+    "representation")
 class _KronPrior:
     """``H = s · KFAC + diag(Λ)`` for a KFAC matrix and a prior that, in each layer's Kronecker
     layout ``(d_G, d_A)``, is ``I ⊗ diag(d_A)`` with ``d_A = λ 1 + δ e_k`` (one coordinate
@@ -1146,8 +1158,7 @@ class _KronPrior:
             if not torch.equal(kron.detach(), base.detach().expand(dG, dA)):
                 raise NotImplementedError(
                     f"layer '{lid}': the prior precision is not the same for every output unit "
-                    "(in the Kronecker layout); KFAC takes one precision per layer or per "
-                    "parameter tensor")
+                    f"(in the Kronecker layout). {_KRON_DIAG_PRIOR}")
             vals = base.detach()
             uniq, counts = torch.unique(vals, return_counts=True)
             if len(uniq) == 1:
@@ -1158,8 +1169,7 @@ class _KronPrior:
             else:
                 raise NotImplementedError(
                     f"layer '{lid}': the prior precision differs on several input coordinates "
-                    "of the Kronecker layout; KFAC takes one precision per layer or per "
-                    "parameter tensor (weight, bias)")
+                    f"of the Kronecker layout. {_KRON_DIAG_PRIOR}")
             lam0 = base[(k + 1) % dA] if dA > 1 else base[0]
             delta = base[k] - lam0
             a, UA = _eig(A)
