@@ -1306,3 +1306,8 @@ def _is_one(x):
 
 
 __all__ = ["Laplace", "marglik_training", "LastLayerLMLaplace"]
+
+
+from .laplace_gp import FunctionalLaplace  # noqa: E402,F401  (public here too)
+
+__all__.append("FunctionalLaplace")
