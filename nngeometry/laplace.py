@@ -353,7 +353,7 @@ class Laplace:
             if y.dim() == 2 and y.shape[1] == 1:  # (n, 1): one label per example
                 y = y[:, 0]
             if tuple(y.shape) != (n,):
-                from .variants import is_causal_lm
+                from .curvature.language_models import is_causal_lm
                 hint = (" For a language model's output layer, with the token positions as "
                         "the examples, use nngeometry.laplace.LastLayerLMLaplace."
                         if is_causal_lm(self.model) else "")
