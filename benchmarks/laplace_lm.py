@@ -114,7 +114,9 @@ def main(argv=None):
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
         proc = subprocess.run(args, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            rows.append({"form": form, "error": proc.stderr.strip().splitlines()[-1]})
+            lines = proc.stderr.strip().splitlines()
+            why = lines[-1] if lines else f"killed by signal {-proc.returncode} (out of memory?)"
+            rows.append({"form": form, "error": why})
             continue
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     ok = [r for r in rows if "error" not in r]
