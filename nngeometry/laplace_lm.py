@@ -345,11 +345,11 @@ class LastLayerLMLaplace:
             E = B[None] / Dk[..., None]  # D_k⁻¹ B, (k, V, r)
             Mk = eye - c[:, None, None] * torch.einsum("vr,kvq->krq", B, E)
             L = torch.linalg.cholesky(Mk)
-            # F = M_k⁻¹ Eᵀ: the inverse is D_k⁻¹ + c_k E M_k⁻¹ Eᵀ
-            F = torch.cholesky_solve(E.transpose(1, 2), L)
-            diags.append(1.0 / Dk + c[:, None] * (E * F.transpose(1, 2)).sum(-1))
-            rows.append(1.0 / Dk + c[:, None] * (F.sum(-1, keepdim=True).transpose(1, 2)
-                                                 * E).sum(-1))
+            # the inverse is D_k⁻¹ + c_k E M_k⁻¹ Eᵀ = D_k⁻¹ + c_k Fᵀ F with F = L⁻¹ Eᵀ (one
+            # triangular solve): its diagonal is c_k ||F_v||², its row sums c_k Fᵀ (F 1)
+            F = torch.linalg.solve_triangular(L, E.transpose(1, 2), upper=False)  # (k, r, V)
+            diags.append(1.0 / Dk + c[:, None] * (F * F).sum(1))
+            rows.append(1.0 / Dk + c[:, None] * torch.einsum("krv,kr->kv", F, F.sum(-1)))
         out = (torch.cat(diags), torch.cat(rows))
         self._cache = {key: out}
         return out
