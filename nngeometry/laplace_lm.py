@@ -314,8 +314,10 @@ class LastLayerLMLaplace:
 
     # ------------------------------------------------------------------ KFAC blocks
     def _kfac_chunks(self):
+        # blocks of 2^24 entries (64 MiB in float32): above glibc's largest mmap threshold, so
+        # each is returned to the system when freed instead of fragmenting the heap
         V, r = self.B.shape
-        return max(1, int(2 ** 22 // max(V * max(r, 1), 1)))
+        return max(1, int(2 ** 24 // max(V * max(r, 1), 1)))
 
     def _kfac_logdet(self, lam, s):
         """``Σ_k log det(D_k − c_k B Bᵀ)``, ``c_k = s a_k``, ``D_k = c_k p̄ + λ``."""
@@ -338,7 +340,9 @@ class LastLayerLMLaplace:
             return self._cache[key]
         B, step = self.B, self._kfac_chunks()
         eye = torch.eye(B.shape[1], dtype=B.dtype, device=B.device)
-        diags, rows = [], []
+        # written in place: no small result kept between the blocks' large temporaries
+        diags = torch.empty(len(self.a), B.shape[0], dtype=B.dtype, device=B.device)
+        rows = torch.empty_like(diags)
         for i in range(0, len(self.a), step):
             c = s * self.a[i:i + step]
             Dk = c[:, None] * self.pbar[None, :] + lam
@@ -348,9 +352,9 @@ class LastLayerLMLaplace:
             # the inverse is D_k⁻¹ + c_k E M_k⁻¹ Eᵀ = D_k⁻¹ + c_k Fᵀ F with F = L⁻¹ Eᵀ (one
             # triangular solve): its diagonal is c_k ||F_v||², its row sums c_k Fᵀ (F 1)
             F = torch.linalg.solve_triangular(L, E.transpose(1, 2), upper=False)  # (k, r, V)
-            diags.append(1.0 / Dk + c[:, None] * (F * F).sum(1))
-            rows.append(1.0 / Dk + c[:, None] * torch.einsum("krv,kr->kv", F, F.sum(-1)))
-        out = (torch.cat(diags), torch.cat(rows))
+            diags[i:i + step] = 1.0 / Dk + c[:, None] * (F * F).sum(1)
+            rows[i:i + step] = 1.0 / Dk + c[:, None] * torch.einsum("krv,kr->kv", F, F.sum(-1))
+        out = (diags, rows)
         self._cache = {key: out}
         return out
 
