@@ -429,7 +429,10 @@ class LastLayerLMLaplace:
         ``(m, V)`` and total ``(m, 1)``; or the full ``(m, V, V)`` (dense form)."""
         lam, s = float(self._lam()), self._scale()
         if self.form == "diag":
-            d = (X * X) @ (1.0 / (s * self.M + lam)).T
+            key = ("diag", lam, float(s))
+            if key not in self._cache:  # H⁻¹'s entries, once per prior
+                self._cache = {key: (1.0 / (s * self.M + lam)).T.contiguous()}
+            d = (X * X) @ self._cache[key]
             return d, d, d.sum(-1, keepdim=True)
         if self.form == "dense":
             V, D = self.theta_map.shape
