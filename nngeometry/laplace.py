@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .backend.batches import batch_size_of, default_function, iterate_batches
 from ._entry import resolve_representation
+from .curvature.language_models import is_causal_lm
 from .jacobian import Jacobian
 from .laplace_lm import LastLayerLMLaplace  # noqa: F401  (public here too)
 from .layercollection import LayerCollection
@@ -355,7 +356,6 @@ class Laplace:
             if y.dim() == 2 and y.shape[1] == 1:  # (n, 1): one label per example
                 y = y[:, 0]
             if tuple(y.shape) != (n,):
-                from .curvature.language_models import is_causal_lm
                 hint = (" For a language model's output layer, with the token positions as "
                         "the examples, use nngeometry.laplace.LastLayerLMLaplace."
                         if is_causal_lm(self.model) else "")
