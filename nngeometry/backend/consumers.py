@@ -491,7 +491,6 @@ class KFEDiag(Consumer):
     """
 
     state_attrs = ("_sum",)
-    per_layer = True  # (see KFACFactors.per_layer)
 
     def __init__(self, layer_collection, kfe):
         self.lc = layer_collection

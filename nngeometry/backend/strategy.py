@@ -221,11 +221,12 @@ class BackwardStrategy:
         outputs of a chunk have a graph of their own, e.g. Monte-Carlo trials) ``K · n · K``.
 
         ``per_layer``: the consumer reduces each layer's gradients on its own (Kronecker
-        factors, EKFAC's diagonal) and never holds a per-example Jacobian of the whole model, so
+        factors) and never holds a per-example Jacobian of the whole model, so
         the ``n P`` allowance does not apply: the budget is the larger of
         `DIRECTION_CHUNK_BYTES` and one direction's gradients w.r.t. the layers' outputs, about
-        the forward's own activation memory (a ResNet-18 on 32 images: one direction at a time,
-        1.7 GiB less than all 10 directions of the closed-form Fisher at once)."""
+        the forward's own activation memory (a ResNet-18 on 32 images, closed-form Fisher: one
+        direction at a time, a KFAC build's peak 821 MiB against 1877 MiB with all 10
+        directions at once, and no slower)."""
         # a call whose output the examples share holds one gradient per example and direction
         # (see _shared_gradients)
         per_direction = sum(c.out_nbytes * (n if getattr(c, "shared", None) else 1)
