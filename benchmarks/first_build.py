@@ -6,8 +6,12 @@ is measured in a fresh Python process:
 
 * ``cold``: the first build in the process, then a second build on the same model;
 * ``torch warm``: the same after one ``torch.autograd.grad`` with explicit ``grad_outputs`` on an
-  unrelated tensor: torch imports its symbolic-shapes machinery (sympy) at that first call, a
-  once-per-process cost of torch's own, paid by any library that passes ``grad_outputs``;
+  unrelated tensor: torch imports its symbolic-shapes machinery (sympy, 1.5–2 s) at that first
+  call. The engine's backward passes do not go through that check (``strategy._grad``), so a
+  build no longer pays it; this line shows what a process that paid it already sees;
+* ``gc``: the seconds of the first build spent in Python's garbage collector (a first full
+  collection of the objects ``import torch`` left, 0.1–0.4 s, falls in whatever code runs first
+  after the imports and allocates enough: a process's cost, not the build's);
 * ``new model``: after the two builds, a new model of the same structure (the backward-strategy
   choice is kept per structure) and one of another structure (16 → 12 channels).
 
@@ -21,7 +25,7 @@ import sys
 import time
 
 WORKER = r'''
-import sys, time, json
+import sys, time, json, gc
 sys.path.insert(0, {root!r})
 import torch
 from torch import nn
@@ -38,13 +42,21 @@ def net(c=16):
 torch.manual_seed(0)
 X, y = torch.randn(256, 3, 16, 16), torch.randint(0, 10, (256,))
 loader = DataLoader(TensorDataset(X, y), batch_size=64)
+GC = [0.0, 0.0]
+def _gc(phase, info):
+    if phase == "start":
+        GC[1] = time.perf_counter()
+    else:
+        GC[0] += time.perf_counter() - GC[1]
+gc.callbacks.append(_gc)
 def build(m):
+    GC[0] = 0.0
     t = time.perf_counter()
     FIM(m, loader, PMatKFAC, variant="classif_logits")
     return time.perf_counter() - t
 m = net()
 assert sum(p.numel() for p in m.parameters()) == 1562
-r = {{"first": build(m), "second": build(m), "same_structure": build(net()),
+r = {{"first": build(m), "gc": GC[0], "second": build(m), "same_structure": build(net()),
       "other_structure": build(net(12))}}
 print(json.dumps(r))
 '''
@@ -72,7 +84,7 @@ def main(argv=None):
         results[label] = runs
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         ratios = [r["first"] / r["second"] for r in runs]
-        print(f"{label:>10}: first {med['first']:.3f} s, second {med['second']:.3f} s, "
+        print(f"{label:>10}: first {med['first']:.3f} s (gc {med['gc']:.3f} s), second {med['second']:.3f} s, "
               f"first/second {statistics.median(ratios):.2f} (runs: "
               + ", ".join(f"{x:.2f}" for x in ratios) + "); new model, same structure "
               f"{med['same_structure']:.3f} s, other structure {med['other_structure']:.3f} s")

@@ -9,6 +9,12 @@ Usage::
     python benchmarks/peers.py --workloads W1 --repeats 5 --json peers.json
     python benchmarks/peers.py --upstream-python /path/to/venv/bin/python \\
                                --peer-python /path/to/other/venv/bin/python
+    python benchmarks/peers.py --quick --json peers.json          # small sizes: a smoke run
+
+The whole interleaved pass over the rows is made ``--runs`` times (default 3), each figure in
+its own fresh process: every cell shows the median of the runs and their range
+(``1.52x [1.48-1.61]``: median multiple of the floor, then the smallest and largest), and the
+JSON holds every run's figures with the min / median / max of the time and of the multiple.
 
 Every figure is measured in a fresh subprocess (``--worker``) that builds the workload (same
 seeds as ``benchmarks/run.py``: it imports its workloads, clock and memory probe), measures the
@@ -42,6 +48,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -237,24 +244,44 @@ def measure(lib, wname, row, args):
     return {"lib": lib, "workload": wname, "row": row, "error": err[:160]}
 
 
-def _cell(r):
-    if r is None:
+def summarize(runs):
+    """One cell from the worker results of its runs: the runs themselves, and for the time,
+    the multiple of the floor and the peak the ``min`` / ``median`` / ``max`` over the runs
+    that succeeded (an error only when none did: the last one)."""
+    ok = [r for r in runs if "error" not in r]
+    cell = {k: runs[-1][k] for k in ("lib", "workload", "row")}
+    cell["runs"] = runs
+    if not ok:
+        cell["error"] = runs[-1]["error"]
+        return cell
+    for key in ("time", "x_floor", "peak", "floor"):
+        vals = [r[key] for r in ok]
+        cell[key] = {"min": min(vals), "median": statistics.median(vals), "max": max(vals)}
+    cell["n_runs"] = len(ok)
+    return cell
+
+
+def _cell(c):
+    if c is None:
         return "-"
-    if "error" in r:
-        return "n/a (" + r["error"][:40] + ")"
-    return f"{r['time'] * 1e3:8.1f} ms {r['x_floor']:6.2f}x {r['peak'] / 2**20:7.1f} MiB"
+    if "error" in c:
+        return "n/a (" + c["error"][:40] + ")"
+    t, x = c["time"], c["x_floor"]
+    return (f"{t['median'] * 1e3:8.1f} ms {x['median']:5.2f}x "
+            f"[{x['min']:.2f}-{x['max']:.2f}] {c['peak']['median'] / 2**20:6.1f} MiB")
 
 
-def print_table(results, libs, workloads):
-    width = 32
+def print_table(cells, libs, workloads, rows=tuple(ROWS)):
+    width = 42
     for wname in workloads:
-        print(f"\n{wname}: time, x floor (its own process's), peak tensor memory")
+        print(f"\n{wname}: median time, median x floor (its own process's) [min-max over the "
+              "runs], median peak tensor memory")
         print(f"{'row':26s} " + " ".join(f"{lib:>{width}s}" for lib in libs) + "  fastest")
-        for row, label in ROWS.items():
-            cells = [results.get((wname, row, lib)) for lib in libs]
-            ok = [(c["x_floor"], c["lib"]) for c in cells if c and "x_floor" in c]
+        for row in rows:
+            cs = [cells.get((wname, row, lib)) for lib in libs]
+            ok = [(c["x_floor"]["median"], c["lib"]) for c in cs if c and "x_floor" in c]
             fastest = min(ok)[1] if ok else "-"
-            print(f"{label:26s} " + " ".join(f"{_cell(c):>{width}s}" for c in cells)
+            print(f"{ROWS[row]:26s} " + " ".join(f"{_cell(c):>{width}s}" for c in cs)
                   + f"  {fastest}")
 
 
@@ -264,8 +291,14 @@ def main(argv=None):
     p.add_argument("--workloads", default="W1,W2")
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--libs", default=",".join(LIBS))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed samples per figure within its process (their median)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="interleaved passes over the rows, each figure in a fresh process")
     p.add_argument("--n", type=int, default=None, help="examples (default: run.py's)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 64 examples, one sample per figure (the spread is then "
+                        "over the runs only)")
     p.add_argument("--upstream-python", default=None,
                    help="the Python of an environment with upstream nngeometry installed")
     p.add_argument("--peer-python", default=None,
@@ -276,22 +309,33 @@ def main(argv=None):
     if args.worker:
         lib, wname, row = args.worker
         return worker(lib, wname, row, args.repeats, args.n)
+    if args.quick:
+        args.n = args.n or 64
+        args.repeats = 1
     workloads = args.workloads.split(",")
     rows = args.rows.split(",")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown rows {unknown}: choose among {','.join(ROWS)}")
     libs = args.libs.split(",")
     results = {}
-    for wname in workloads:
-        for i, row in enumerate(rows):
-            # rotate the order of the libraries from row to row
-            order = libs[i % len(libs):] + libs[:i % len(libs)]
-            for lib in order:
-                results[wname, row, lib] = measure(lib, wname, row, args)
-                r = results[wname, row, lib]
-                status = r.get("error") or f"{r['x_floor']:.2f}x floor"
-                print(f"  {wname} {row:10s} {lib:10s} {status}", file=sys.stderr)
-    print_table(results, libs, workloads)
+    for run in range(args.runs):
+        for wname in workloads:
+            for i, row in enumerate(rows):
+                # rotate the order of the libraries from row to row and from run to run
+                j = (i + run) % len(libs)
+                for lib in libs[j:] + libs[:j]:
+                    r = measure(lib, wname, row, args)
+                    results.setdefault((wname, row, lib), []).append(r)
+                    status = r.get("error") or f"{r['x_floor']:.2f}x floor"
+                    print(f"  run {run + 1}/{args.runs} {wname} {row:10s} {lib:10s} {status}",
+                          file=sys.stderr)
+    cells = {key: summarize(runs) for key, runs in results.items()}
+    print_table(cells, libs, workloads, rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(list(results.values()), indent=1))
+        Path(args.json).write_text(json.dumps(
+            {"runs": args.runs, "repeats": args.repeats, "n": args.n,
+             "cells": list(cells.values())}, indent=1))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 from .batches import batch_size_of
 from .context import uses_key
+from .strategy import _grad
 
 
 class _Broadcast:
@@ -92,8 +93,8 @@ def _mark_coincident_shared(out, model, function, layer_collection, modules, cal
         w = torch.rand(out.shape[1], generator=gen, dtype=torch.float64) + 0.5
         cot = torch.zeros_like(out)
         cot[0] = w.to(dtype=out.dtype, device=out.device)
-        grads = torch.autograd.grad(out, [c.targets[0].edge for _, _, c, _ in cands], cot,
-                                    retain_graph=True, allow_unused=True)
+        grads = _grad(out, [c.targets[0].edge for _, _, c, _ in cands], cot,
+                      retain_graph=True, allow_unused=True)
         known = set()
         for (lid, i, c, axis), g in zip(cands, grads):
             if g is not None and g.narrow(axis, 1, n - 1).count_nonzero().item():

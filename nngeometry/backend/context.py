@@ -14,6 +14,7 @@ from torch.func import functional_call
 from ..layer_types.base import (is_multiblock, kfac_block_list, project_blocks_to_kfe,
                                 project_to_kfe, recording_paused)
 from ..maths.gram_accumulator import GramRows
+from .strategy import _grad
 
 #: model -> keys of (function, collection) whose parameter uses were verified in this process
 _USES_VERIFIED = weakref.WeakKeyDictionary()
@@ -392,8 +393,7 @@ def check_parameter_uses(out, layer_collection, modules, calls):
     flat_params = [p for lid in lids for p in params[lid]]
     layer_calls = [(lid, c) for lid in lids for c in calls[lid]]
     targets = [c.targets[0].edge for _, c in layer_calls]
-    grads = torch.autograd.grad(out, targets + flat_params, u, retain_graph=True,
-                                allow_unused=True)
+    grads = _grad(out, targets + flat_params, u, retain_graph=True, allow_unused=True)
     gys, true = grads[:len(targets)], grads[len(targets):]
     hooked = {lid: [torch.zeros_like(p) for p in params[lid]] for lid in lids}
     # a random forward (dropout in training mode) re-run here must not move the RNG
@@ -411,7 +411,7 @@ def check_parameter_uses(out, layer_collection, modules, calls):
             if y.shape != gy.shape:
                 # an output shared by the examples, expanded to the batch by the hooks
                 y = y.expand(gy.shape)
-            g = torch.autograd.grad(y, list(leaves.values()), gy, allow_unused=True)
+            g = _grad(y, list(leaves.values()), gy, allow_unused=True)
             for acc, gk in zip(hooked[lid], g):
                 if gk is not None:
                     acc += gk

@@ -377,7 +377,9 @@ class HookedPasses(SharedOutputs, BackwardStrategy):
             if c.shared is not None:
                 c.expand_shared()
         for k0, k1, grads in self._direction_chunks(out, columns, calls, layer_collection,
-                                                    chunk_bytes):
+                                                    chunk_bytes,
+                                                    per_layer=getattr(consumer, "per_layer",
+                                                                      False)):
             i = 0
             for c in layer_calls:
                 c.set_gradients(grads[i:i + len(c.targets)], k1 - k0)
@@ -411,16 +413,17 @@ class HookedPasses(SharedOutputs, BackwardStrategy):
             mark_uses_verified(self.model, key)
 
     def _direction_chunks(self, out, columns, calls, layer_collection, chunk_bytes=None,
-                          keep_graph=False):
+                          keep_graph=False, per_layer=False):
         """``(k0, k1, grads)`` per chunk of output directions: the gradients of directions
         ``k0 .. k1 - 1`` of ``out`` (``(n, n_output)``; ``columns(k0, k1)``: the chunk's own
         graph, or None) w.r.t. every target of the recorded calls, in call order. The graph is
         freed after the last chunk unless ``keep_graph`` (a training step's backward pass goes
-        on through it)."""
+        on through it). ``per_layer``: the consumer's attribute of that name (see
+        ``_chunk_size``)."""
         n, n_output = out.shape
         layer_calls = [c for store in calls.values() for c in store]
         chunk = self._chunk_size(layer_calls, n, n_output, layer_collection.numel(),
-                                 chunk_bytes, columns is not None)
+                                 chunk_bytes, columns is not None, per_layer=per_layer)
         targets = [t.edge for c in layer_calls for t in c.targets]
         # calls whose output has no batch axis: index of their output among the targets
         shared, j = [], 0

@@ -22,7 +22,7 @@ from .distributed import all_gather_rows, all_reduce_tree, global_batch_index
 from .model_state import (_FORWARD_AD_LOCK, model_lock, _no_fused_attention,
                           _refuse_batch_statistics, tensors_in_model)
 from .probes import _flat, _refuse_inference_parameters, _rng_state, _same_rng, probe_functional
-from .strategy import _vector_chunk
+from .strategy import _grad, _vector_chunk
 from ..layercollection import run_eagerly
 from . import consumers
 
@@ -159,8 +159,7 @@ class MatrixFreeProducts:
                 w = jv.detach()
                 if metric:  # J_fᵀ H J_f v: the output metric between the JVP and the VJP
                     w = metric[0](outputs.detach(), w)
-                g = torch.autograd.grad(outputs, list(leaves.values()), w,
-                                        allow_unused=True)
+                g = _grad(outputs, list(leaves.values()), w, allow_unused=True)
             flat = torch.cat([torch.zeros_like(p).reshape(-1) if gk is None else gk.reshape(-1)
                               for gk, p in zip(g, leaves.values())])
             out = flat if out is None else out + flat

@@ -13,6 +13,57 @@ import time
 import warnings
 
 import torch
+from torch.overrides import has_torch_function
+
+try:  # the engine call and the vmap that torch.autograd.grad itself uses (see ``_grad``)
+    from torch.autograd.graph import _engine_run_backward
+    from torch._vmap_internals import _vmap as _grads_vmap
+except ImportError:  # pragma: no cover - another torch: the public function
+    _engine_run_backward = _grads_vmap = None
+
+
+def _grad(outputs, inputs, grad_outputs, retain_graph=False, allow_unused=True,
+          is_grads_batched=False):
+    """``torch.autograd.grad(outputs, inputs, grad_outputs, ...)``, the same engine call and
+    numbers, without the first call's import of torch's symbolic-shapes module.
+
+    ``torch.autograd.grad`` checks each explicit ``grad_outputs`` tensor's shape through
+    ``torch.fx.experimental.symbolic_shapes``, whose first import (with sympy) takes 1.5–2 s
+    once per process: more than seven times the whole KFAC build of a small CNN, paid by the
+    first backward with ``grad_outputs`` (a user's ``loss.backward()`` of a scalar loss does not
+    pay it). Here the shapes are compared as sizes, with an error naming both shapes, and the
+    engine is called as torch does. Anything else (tensor subclasses, nested tensors, a missing
+    ``grad_outputs`` entry, another torch without these internals) goes through
+    ``torch.autograd.grad``.
+
+    ``outputs``: a tensor or a sequence; ``inputs``: a sequence of tensors or gradient edges;
+    ``grad_outputs``: one tensor per output, of the output's shape, or ``(K,)`` + that shape
+    with ``is_grads_batched``. Returns a tuple, one gradient (or ``None``) per input."""
+    outs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+    gos = (grad_outputs,) if isinstance(grad_outputs, torch.Tensor) else tuple(grad_outputs)
+    ins = tuple(inputs)
+    plain = (_engine_run_backward is not None and len(gos) == len(outs)
+             and all(type(o) is torch.Tensor and not o.is_nested for o in outs)
+             and all(type(g) is torch.Tensor and not g.is_nested for g in gos)
+             and not has_torch_function(tuple(t for t in ins if isinstance(t, torch.Tensor))))
+    if not plain:
+        return torch.autograd.grad(outs, ins, gos, retain_graph=retain_graph,
+                                   allow_unused=allow_unused, is_grads_batched=is_grads_batched)
+    for i, (o, g) in enumerate(zip(outs, gos)):
+        shape = g.shape[1:] if is_grads_batched else g.shape
+        if shape != o.shape or g.dtype.is_complex != o.dtype.is_complex:
+            raise RuntimeError(
+                f"grad_outputs[{i}] has shape {tuple(g.shape)} ({g.dtype}) for output {i} of "
+                f"shape {tuple(o.shape)} ({o.dtype})"
+                + (" (with is_grads_batched, the first dimension is the directions')"
+                   if is_grads_batched else "") + ": give a gradient of the output's shape")
+    if is_grads_batched:
+        def vjp(g):
+            return _engine_run_backward(outs, g, retain_graph, False, ins, allow_unused,
+                                        accumulate_grad=False)
+        return _grads_vmap(vjp, 0, 0, allow_none_pass_through=True)(gos)
+    return _engine_run_backward(outs, gos, retain_graph, False, ins, allow_unused,
+                                accumulate_grad=False)
 
 
 #: output gradients of one chunk of directions may take this much even when one direction's
@@ -36,8 +87,8 @@ def _backward_batched(out, targets, cot, retain):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return list(torch.autograd.grad(out, targets, cot, retain_graph=retain,
-                                            allow_unused=True, is_grads_batched=True))
+            return list(_grad(out, targets, cot, retain_graph=retain, allow_unused=True,
+                              is_grads_batched=True))
     except RuntimeError:
         return None
 
@@ -47,8 +98,7 @@ def _backward_looped(out, targets, cot, retain):
     K = cot.shape[0]
     grads = [None] * len(targets)
     for k in range(K):
-        gk = torch.autograd.grad(out, targets, cot[k], retain_graph=retain or k < K - 1,
-                                 allow_unused=True)
+        gk = _grad(out, targets, cot[k], retain_graph=retain or k < K - 1, allow_unused=True)
         for j, g in enumerate(gk):
             if g is None:
                 continue
@@ -156,7 +206,7 @@ class BackwardStrategy:
     `TorchHooksJacobianBackend` (uses its ``max_chunk_bytes``, ``backward`` and ``model``)."""
 
     def _chunk_size(self, layer_calls, n, n_output, n_params, chunk_bytes=None,
-                    columns=False):
+                    columns=False, per_layer=False):
         """Output directions per backward pass: their gradients w.r.t. all the layers' outputs
         (held together until the consumer is done with the chunk) fit in ``max_chunk_bytes``
         and in the larger of `DIRECTION_CHUNK_BYTES` and one direction's per-example
@@ -168,14 +218,26 @@ class BackwardStrategy:
 
         The gradients at the ``(n, n_output)`` outputs themselves fit in the budget too: ``K``
         one-hot cotangents of the whole output take ``K · n · n_output``; with ``columns`` (the
-        outputs of a chunk have a graph of their own, e.g. Monte-Carlo trials) ``K · n · K``."""
+        outputs of a chunk have a graph of their own, e.g. Monte-Carlo trials) ``K · n · K``.
+
+        ``per_layer``: the consumer reduces each layer's gradients on its own (Kronecker
+        factors) and never holds a per-example Jacobian of the whole model, so
+        the ``n P`` allowance does not apply: the budget is the larger of
+        `DIRECTION_CHUNK_BYTES` and one direction's gradients w.r.t. the layers' outputs, about
+        the forward's own activation memory (a ResNet-18 on 32 images, closed-form Fisher: one
+        direction at a time, a KFAC build's peak 821 MiB against 1877 MiB with all 10
+        directions at once, and no slower)."""
         # a call whose output the examples share holds one gradient per example and direction
         # (see _shared_gradients)
         per_direction = sum(c.out_nbytes * (n if getattr(c, "shared", None) else 1)
                             for c in layer_calls)
         itemsize = layer_calls[0].out_dtype.itemsize if layer_calls else 4
-        budget = max(DIRECTION_CHUNK_BYTES, n * n_params * itemsize) if chunk_bytes is None \
-            else chunk_bytes
+        if chunk_bytes is not None:
+            budget = chunk_bytes
+        elif per_layer:
+            budget = max(DIRECTION_CHUNK_BYTES, per_direction)
+        else:
+            budget = max(DIRECTION_CHUNK_BYTES, n * n_params * itemsize)
         budget = min(self.max_chunk_bytes, budget)
         # each direction's unit cotangent on the (n, n_output) outputs, and the gradients
         # autograd forms at them, are (n, n_output) each too: with many outputs (Monte-Carlo
@@ -202,7 +264,7 @@ class BackwardStrategy:
             else:
                 cot = torch.zeros_like(out)
                 cot[:, k0] = 1
-            grads = torch.autograd.grad(out, targets, cot, retain_graph=retain, allow_unused=True)
+            grads = _grad(out, targets, cot, retain_graph=retain, allow_unused=True)
             grads = [g.unsqueeze(0) if g is not None else None for g in grads]
         else:
             cot = torch.zeros(K, n, out.shape[1], dtype=out.dtype, device=out.device)

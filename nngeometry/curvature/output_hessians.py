@@ -61,6 +61,8 @@ def _output_hessians_autograd(loss_function, f, targets, positions):
     their sum w.r.t. ``f`` holds every example's gradient, and one backward per output
     coordinate (batched) gives row ``d`` of every ``H_i``. None when the loss does not
     support double backward."""
+    from ..backend.strategy import _grad  # (the backend imports this package)
+
     n = f.shape[0]
     D = f[0].numel() if n else f.shape[1:].numel()
     flat = f.reshape(n, D).clone().requires_grad_(True)
@@ -72,11 +74,10 @@ def _output_hessians_autograd(loss_function, f, targets, positions):
             return flat.new_zeros(n, D, D)
         eye = torch.eye(D, dtype=f.dtype, device=f.device).unsqueeze(1).expand(D, n, D)
         try:
-            (rows,) = torch.autograd.grad(g, flat, eye, is_grads_batched=True,
-                                          allow_unused=True)
+            (rows,) = _grad(g, [flat], eye, is_grads_batched=True, allow_unused=True)
         except RuntimeError:
-            rows = torch.stack([torch.autograd.grad(g, flat, eye[d], retain_graph=True,
-                                                    allow_unused=True)[0]
+            rows = torch.stack([_grad(g, [flat], eye[d], retain_graph=True,
+                                      allow_unused=True)[0]
                                 for d in range(D)])
     if rows is None:
         return flat.new_zeros(n, D, D)
