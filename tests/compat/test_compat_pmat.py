@@ -157,6 +157,12 @@ def test_pinv_dense_diag_blockdiag_eye_lowrank(s):
           torch.eye(P, dtype=DT) / 4)
     close(PMatEye(s.lc, scaling=torch.tensor(1e-9, dtype=DT)).pinv().to_torch(),
           torch.zeros(P, P, dtype=DT))
+    # the result has the matrix's dtype, float32 for a float32 identity, whichever branch
+    E32 = PMatEye(s.lc, scaling=torch.tensor(-1.234, dtype=torch.float32))
+    for atol, want in ((10.0, torch.zeros(P, P)), (1.0, torch.eye(P) / -1.234)):
+        got = E32.pinverse(atol=atol).to_torch()
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want)
     # low rank (rank ≤ K·n < P): the pseudo-inverse on the range
     L = PMatLowRank(s.lc, s.generator(), examples=s.loader)
     Lp = L.pinv()

@@ -12,6 +12,7 @@ from torch import nn
 from brute import fim_dense, per_example_jacobian
 from nngeometry.backend import TorchHooksJacobianBackend
 from nngeometry.layercollection import LayerCollection, LinearLayer
+from nngeometry.object.fspace import FMatDense
 from nngeometry.object.map import PFMapDense
 from nngeometry.object import PMatDense, PMatDiag, PMatEye, PMatImplicit, PMatMixed, PVector
 
@@ -139,6 +140,14 @@ def test_inverse_and_frobenius_norm_are_deprecated_for_inv_and_norm():
         torch.testing.assert_close(old.to_torch(), inv.to_torch())
         with pytest.warns(DeprecationWarning, match=r"frobenius_norm\(\) is deprecated: use norm\(\)"):
             assert torch.equal(M.frobenius_norm(), nrm)
+    # the Gram matrix too (its norm is that of the (K n, K n) matrix)
+    G = FMatDense(lc, data=torch.randn(2, 3, 2, 3, dtype=DT))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nrm = G.norm()
+    torch.testing.assert_close(nrm, torch.linalg.matrix_norm(G.data.reshape(6, 6)))
+    with pytest.warns(DeprecationWarning, match=r"FMatDense.frobenius_norm\(\) is deprecated: use norm\(\)"):
+        assert torch.equal(G.frobenius_norm(), nrm)
 
 
 def test_torch_func_jacobian_backend():
