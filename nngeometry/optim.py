@@ -50,6 +50,7 @@ import math
 import torch
 
 from .backend.distributed import unwrap_model
+from .curvature import closed_form_function, monte_carlo_function
 from .metrics import FIM, FIM_MonteCarlo
 from .object.pspace import PMatEKFAC, PMatKFAC
 from .object.vector import PVector
@@ -151,7 +152,6 @@ class NaturalGradient:
         from .backend.batches import default_function
         from .backend.capture import StepCapture
         from .layercollection import LayerCollection
-        from .variants import closed_form_function, monte_carlo_function
 
         if self.layer_collection is None:
             self.layer_collection = LayerCollection.from_model(self.model)

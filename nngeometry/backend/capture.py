@@ -41,7 +41,7 @@ class StepCapture:
     copies are never recorded). The record lives with the forward's output tensor: when the
     first backward pass that reaches one recorded output runs (the user's ``loss.backward()``,
     or the ``torch.autograd.grad`` of a gradient penalty through that output), the output
-    transform of ``generator.function`` (an `nngeometry.variants.OutputTransform` that
+    transform of ``generator.function`` (an `nngeometry.curvature.OutputTransform` that
     does not read the batch: closed-form or unseeded Monte-Carlo Fisher) is applied to the
     recorded output and its directions are back-propagated to the layers' outputs, keeping the
     forward graph for the user's own backward pass. That record is complete (``ready``) and

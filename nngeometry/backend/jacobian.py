@@ -876,7 +876,7 @@ class TorchHooksJacobianBackend:
         """``(model_outputs, out, columns)``: what the model part of ``function`` returns (for
         the determinism probe), the outputs to differentiate, flattened to ``(n, n_output)``,
         and ``columns(k0, k1)``, the graph of ``out[:, k0:k1]`` alone (or None). For a
-        likelihood's transform (``OutputTransform``, see `nngeometry.variants`) the model
+        likelihood's transform (``OutputTransform``, see `nngeometry.curvature`) the model
         part is its ``function``; otherwise the whole ``function``."""
         fn = self.function
         transform = hasattr(fn, "model_outputs") and hasattr(fn, "split")

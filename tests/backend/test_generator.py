@@ -219,7 +219,7 @@ def test_backward_strategies_agree(backward):
     """The vmapped backward and the one-per-direction backward give the same statistics, and
     'auto' (which times both once) does too, on a CNN with max-pooling."""
     from nngeometry.backend import jacobian as jac
-    from nngeometry.variants import closed_form_function
+    from nngeometry.curvature import closed_form_function
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import nngeometry.backend.jacobian as jac
 from nngeometry.backend import TorchHooksJacobianBackend
 from nngeometry.layercollection import LayerCollection
-from nngeometry.variants import monte_carlo_function
+from nngeometry.curvature import monte_carlo_function
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
