@@ -4,7 +4,7 @@ against this checkout's.
 Usage (from the project root)::
 
     python benchmarks/upstream_suite_timing.py UPSTREAM [--shim DIR] [--files test_a.py ...]
-        [--out timings.json] [--timeout SECONDS]
+        [--out timings.json] [--timeout SECONDS] [--preimport MODULE ...]
 
 ``UPSTREAM`` is an unpacked upstream source tree: its ``tests/`` folder and its ``nngeometry/``
 package (a released source distribution or a checkout of its main branch). Nothing of it is
@@ -12,7 +12,11 @@ copied here. Each test file runs twice in a row, first with upstream's package f
 import path, then with this checkout's, so that both runs of a file see about the same machine
 load; pytest's JUnit report gives each test's time (setup, call and teardown). ``--shim`` is a
 folder put first on the import path of both runs (e.g. an offline stand-in for
-``torchvision.datasets.MNIST``).
+``torchvision.datasets.MNIST``). ``--preimport`` imports modules in both processes before the
+tests start, so that a one-time import is not charged to the first test that triggers it: e.g.
+``torch.fx.experimental.symbolic_shapes`` (with ``sympy``), which torch imports on the first
+``autograd.grad`` call given ``grad_outputs``, as this package's batched backward passes do
+(2 to 5 s on a loaded 2-core machine, once per process).
 
 Prints one row per test (upstream seconds, ours, ratio ours / upstream, the outcomes) and the
 totals; ``--out`` also writes them as JSON.
@@ -45,12 +49,14 @@ def _which_package(env, cwd):
     return out.stdout.strip() or out.stderr.strip().splitlines()[-1]
 
 
-def _run_file(test_file, tests_dir, env, timeout):
+def _run_file(test_file, tests_dir, env, timeout, preimport=()):
     """{test name: (seconds, outcome)} of one pytest run of ``test_file``."""
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-               "-o", "junit_duration_report=total", f"--junitxml={xml}", test_file]
+        args = ["-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                "-o", "junit_duration_report=total", f"--junitxml={xml}", test_file]
+        boot = "".join(f"import {m}; " for m in preimport)
+        cmd = [sys.executable, "-c", f"{boot}import sys, pytest; sys.exit(pytest.main({args!r}))"]
         t0 = time.perf_counter()
         try:
             subprocess.run(cmd, cwd=tests_dir, env=env, capture_output=True, text=True,
@@ -76,6 +82,7 @@ def main(argv=None):
     ap.add_argument("--files", nargs="*", default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--preimport", nargs="*", default=())
     args = ap.parse_args(argv)
     up = args.upstream.resolve()
     tests_dir = up / "tests"
@@ -85,7 +92,8 @@ def main(argv=None):
         print(f"{who}: nngeometry from {_which_package(env, tests_dir)}", flush=True)
     rows = []
     for f in files:
-        res = {who: _run_file(f, tests_dir, env, args.timeout) for who, env in envs.items()}
+        res = {who: _run_file(f, tests_dir, env, args.timeout, args.preimport)
+               for who, env in envs.items()}
         for name in sorted(set(res["upstream"]) | set(res["ours"])):
             tu, ou = res["upstream"].get(name, (float("nan"), "absent"))
             to, oo = res["ours"].get(name, (float("nan"), "absent"))
