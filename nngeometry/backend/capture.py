@@ -22,7 +22,8 @@ import torch
 
 from ..layer_types.base import is_recording_paused
 from .context import BatchContext
-from .jacobian import TorchHooksJacobianBackend, _refuse_batch_statistics, in_engine_pass
+from .jacobian import TorchHooksJacobianBackend
+from .model_state import _refuse_batch_statistics, in_engine_pass
 
 
 class CaptureError(RuntimeError):
