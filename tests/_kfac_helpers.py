@@ -152,7 +152,7 @@ def check_products(M, D, s):
         M.mapTMmap(Jm, reduction="mean")
     close(M.get_diag(), torch.diagonal(D))
     close(M.trace(), torch.trace(D))
-    close(M.frobenius_norm(), torch.linalg.norm(D))
+    close(M.norm(), torch.linalg.norm(D))
     close(M.norm(), torch.linalg.norm(D))
     P = s.lc.numel()
     assert M.size() == (P, P) and M.size(1) == P

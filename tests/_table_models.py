@@ -69,10 +69,10 @@ class Built:
             self.M, self.M2 = eye(0.7), eye(1.3)
         elif rep == "PMatQuasiDiagInverse":
             Q, Q2 = both(PMatQuasiDiag)
-            self.M, self.M2 = Q.inverse(REGUL), Q2.inverse(0.5)
+            self.M, self.M2 = Q.inv(REGUL), Q2.inv(0.5)
         elif rep == "PMatEyePlusLowRank":
             L, L2 = both(PMatLowRank)
-            self.M, self.M2 = L.inverse(REGUL), L2 + eye(0.2)
+            self.M, self.M2 = L.inv(REGUL), L2 + eye(0.2)
         else:
             raise AssertionError(f"no recipe to build {rep}")
         assert type(self.M).__name__ == rep

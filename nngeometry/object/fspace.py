@@ -1,5 +1,6 @@
 """Matrices in function space: the Gram matrix (empirical NTK) on a set of examples."""
 from abc import ABCMeta, abstractmethod
+import warnings
 
 import torch
 
@@ -78,15 +79,18 @@ class FMatDense(FMatAbstract):
         return f @ self._flat() @ f
 
     def frobenius_norm(self):
-        """``sqrt(Σ G[k, i, l, j]²)``."""
-        return torch.linalg.vector_norm(self.data)
+        """Deprecated (`DeprecationWarning`), as in upstream: use `norm()` (its default
+        ``ord=None`` is this Frobenius norm ``sqrt(Σ G[k, i, l, j]²)``)."""
+        warnings.warn(f"{type(self).__name__}.frobenius_norm() is deprecated: use norm() (its "
+                      "default ord=None is the Frobenius norm)", DeprecationWarning, stacklevel=2)
+        return self.norm()
 
     def norm(self, ord=None):
         """A norm of the ``(K n, K n)`` matrix: ``None`` or ``'fro'``: Frobenius; ``2`` / ``-2``:
         largest / smallest singular value (= eigenvalue, G being positive semi-definite);
         ``'nuc'``, ``1``, ``-1``, ``inf``, ``-inf``: as ``torch.linalg.matrix_norm``."""
         if ord is None:
-            return self.frobenius_norm()
+            return torch.linalg.vector_norm(self.data)
         return torch.linalg.matrix_norm(self._flat(), ord=ord)
 
     def trace(self):

@@ -56,7 +56,7 @@ SINGULAR_OPS = {
     "pow(-0.5)": lambda M, v: M.pow(-0.5),
     "**-1": lambda M, v: M ** -1,
     "solve(regul=0)": lambda M, v: M.solve(v, regul=0),
-    "inverse(regul=0)": lambda M, v: M.inverse(regul=0),
+    "inverse(regul=0)": lambda M, v: M.inv(regul=0),
     "logdet()": lambda M, v: M.logdet(),
 }
 
@@ -101,7 +101,7 @@ def test_rank_deficient_with_damping_keeps_working(problem, cls):
     v = random_pvector(M.layer_collection, dtype=DT)
     want = torch.linalg.solve(Dd, v.get_flat_representation())
     assert rel(M.solve(v, regul=regul, **kw).get_flat_representation(), want) < 1e-8
-    assert rel(M.inverse(regul=regul, **kw).to_torch(), torch.linalg.inv(Dd)) < 1e-8
+    assert rel(M.inv(regul=regul, **kw).to_torch(), torch.linalg.inv(Dd)) < 1e-8
     assert abs(float(M.logdet(regul=regul)) - float(torch.logdet(Dd))) < 1e-8 * abs(float(torch.logdet(Dd)))
 
 
@@ -130,7 +130,7 @@ def test_dense_solve_regul0_on_exactly_singular_matrix_says_use_regul():
     D[:3, :3] = torch.eye(3, dtype=DT)  # exactly singular: LU has an exact zero pivot
     M = PMatDense(lc, data=D)
     v = random_pvector(lc, dtype=DT)
-    for call in (lambda: M.solve(v, regul=0), lambda: M.inverse(regul=0),
+    for call in (lambda: M.solve(v, regul=0), lambda: M.inv(regul=0),
                  lambda: M.solve(v, regul=0, solve="cholesky")):
         with pytest.raises(SingularMatrixError, match="regul > 0") as e:
             call()
@@ -152,7 +152,7 @@ def test_kfac_negative_regul_is_a_clear_error(problem):
     model, x = problem
     M = build(PMatKFAC, model, x)
     v = random_pvector(M.layer_collection, dtype=DT)
-    for call in (lambda: M.solve(v, regul=-0.1), lambda: M.inverse(regul=-0.1),
+    for call in (lambda: M.solve(v, regul=-0.1), lambda: M.inv(regul=-0.1),
                  lambda: M.pow(-0.5, regul=-0.1), lambda: M.logdet(-0.1, damping="pi")):
         with pytest.raises(ValueError, match="regul=-0.1 is negative.*damping='exact'"):
             call()
@@ -177,8 +177,8 @@ def test_half_precision_linear_algebra(cls, half):
     assert y.dtype == half
     want = M.solve(v, regul=regul, **kw).get_flat_representation()
     assert rel(y.to(DT), want) < 0.05
-    inv = Mh.inverse(regul=regul, **kw).to_torch()
-    assert rel(inv.to(DT), M.inverse(regul=regul, **kw).to_torch()) < 0.05
+    inv = Mh.inv(regul=regul, **kw).to_torch()
+    assert rel(inv.to(DT), M.inv(regul=regul, **kw).to_torch()) < 0.05
     assert abs(float(Mh.logdet(regul)) - float(M.logdet(regul))) < 0.05 * abs(float(M.logdet(regul)))
 
 

@@ -92,7 +92,7 @@ def _representations(model, x, y):
         yield rep.__name__, FIM(model, (x, y), rep)
     yield "PMatMixed", FIM(model, (x, y), PMatMixed, layer_map={ids[0]: "kfac", ids[1]: "diag"},
                            sub_pmats={"kfac": PMatKFAC, "diag": PMatDiag})
-    yield "PMatQuasiDiagInverse", FIM(model, (x, y), PMatQuasiDiag).inverse(0.1)
+    yield "PMatQuasiDiagInverse", FIM(model, (x, y), PMatQuasiDiag).inv(0.1)
     yield "PMatImplicit (tensor examples)", FIM(model, (x, y), PMatImplicit)
     yield "PMatEyePlusLowRank", FIM(model, (x, y), PMatLowRank) + 0.5 * PMatEye(lc)
     yield "PMatKFAC, solved (caches)", _solved(FIM(model, (x, y), PMatKFAC), lc)

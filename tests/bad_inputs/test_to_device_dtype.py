@@ -32,8 +32,8 @@ def all_matrices():
         PMatDense, PMatDiag, PMatBlockDiag, PMatKFAC, PMatEKFAC, PMatLowRank, PMatQuasiDiag,
         PMatEKFACBlockDiag)}
     out["PMatEye"] = PMatEye(lc, scaling=torch.tensor(2.0))
-    out["PMatEyePlusLowRank"] = out["PMatLowRank"].inverse(0.1)
-    out["PMatQuasiDiagInverse"] = out["PMatQuasiDiag"].inverse(0.1)
+    out["PMatEyePlusLowRank"] = out["PMatLowRank"].inv(0.1)
+    out["PMatQuasiDiagInverse"] = out["PMatQuasiDiag"].inv(0.1)
     out["PMatMixed"] = FIM(model, (x,), PMatMixed, sub_pmats={"a": PMatKFAC, "b": PMatDiag},
                            layer_map={"0": "a", "2": "b"})
     return model, x, out

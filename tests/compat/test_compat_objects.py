@@ -269,7 +269,8 @@ def test_fmat_members(setup):
     G = FMatDense(lc, data=Gb)
     assert G.size() == torch.Size((K, N, K, N)) and G.size(1) == N and G.size(2) == K
     assert torch.allclose(G.norm(), torch.sqrt((Gb ** 2).sum()), **TOL)
-    assert torch.allclose(G.norm("fro"), G.frobenius_norm(), **TOL)
+    with pytest.warns(DeprecationWarning, match=r"FMatDense.frobenius_norm\(\) is deprecated"):
+        assert torch.allclose(G.norm("fro"), G.frobenius_norm(), **TOL)
     eig = torch.linalg.eigvalsh(Gf)
     assert torch.allclose(G.norm(2), eig.max(), **TOL)
     assert torch.allclose(G.norm(-2), eig.abs().min(), atol=1e-9)

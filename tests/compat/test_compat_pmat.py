@@ -157,6 +157,12 @@ def test_pinv_dense_diag_blockdiag_eye_lowrank(s):
           torch.eye(P, dtype=DT) / 4)
     close(PMatEye(s.lc, scaling=torch.tensor(1e-9, dtype=DT)).pinv().to_torch(),
           torch.zeros(P, P, dtype=DT))
+    # the result has the matrix's dtype, float32 for a float32 identity, whichever branch
+    E32 = PMatEye(s.lc, scaling=torch.tensor(-1.234, dtype=torch.float32))
+    for atol, want in ((10.0, torch.zeros(P, P)), (1.0, torch.eye(P) / -1.234)):
+        got = E32.pinverse(atol=atol).to_torch()
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want)
     # low rank (rank ≤ K·n < P): the pseudo-inverse on the range
     L = PMatLowRank(s.lc, s.generator(), examples=s.loader)
     Lp = L.pinv()
@@ -429,6 +435,37 @@ def test_upstream_parameter_names(s):
         close(D.solve(v, 0.1, impl=how).get_flat_representation(), ref)
     with pytest.raises(ValueError):
         D.solve(v, 0.1, impl="no such method")
+
+
+def test_solve_keywords_of_both_versions(s):
+    # nngeometry 0.4: solve(b, regul, impl), solvePVec(v | vs | b, ...), solvePFMap(J | b, ...);
+    # upstream main: x and solve=. Each spelling gives the same matrix solve.
+    v = s.vec()
+    f = v.get_flat_representation()
+    J = PFMapDense(s.lc, data=torch.randn(2, 3, len(f), dtype=DT))
+    D = PMatDense(s.lc, s.generator(), examples=s.loader)
+    A = s.dense + 0.1 * torch.eye(len(f), dtype=DT)
+    close(D.solve(b=v, regul=0.1).get_flat_representation(), torch.linalg.solve(A, f))
+    close(D.solvePFMap(J=J, regul=0.1, impl="eigh").to_torch(),
+          torch.linalg.solve(A, J.to_torch().reshape(-1, len(f)).T).T.reshape(2, 3, -1))
+    E = PMatEye(s.lc, scaling=torch.tensor(2.0, dtype=DT))
+    for M in (D, PMatDiag(s.lc, s.generator(), examples=s.loader), E):
+        ref = M.solvePVec(v, 0.1).get_flat_representation()
+        for name in ("x", "v", "vs", "b"):
+            close(M.solvePVec(**{name: v}, regul=0.1).get_flat_representation(), ref)
+        refJ = M.solvePFMap(J, 0.1).to_torch()
+        for name in ("x", "J", "b"):
+            close(M.solvePFMap(**{name: J}, regul=0.1).to_torch(), refJ)
+        close(M.solve(b=v, regul=0.1, impl="default" if M is not D else "solve")
+              .get_flat_representation(), ref)
+        with pytest.raises(TypeError, match=r"right-hand side positionally and as b="):
+            M.solve(v, b=v)
+        with pytest.raises(TypeError, match=r"right-hand side as .* and as vs="):
+            M.solvePVec(x=v, vs=v) if M is not E else M.solvePVec(v=v, vs=v)
+    with pytest.raises(TypeError, match="impl is nngeometry 0.4's name of solve"):
+        D.solve(v, 0.1, solve="cholesky", impl="eigh")
+    with pytest.raises(TypeError, match="impl is nngeometry 0.4's name of solve"):
+        D.solvePFMap(J, 0.1, "cholesky", impl="eigh")
 
 
 # ---------------------------------------------------------------------- 3. mapTMmap shapes

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from brute import fim_dense
+from brute import fim_dense, per_example_jacobian
 from nngeometry.backend import TorchHooksJacobianBackend
 from nngeometry.layercollection import LayerCollection, LinearLayer
+from nngeometry.object.fspace import FMatDense
 from nngeometry.object.map import PFMapDense
 from nngeometry.object import PMatDense, PMatDiag, PMatEye, PMatImplicit, PMatMixed, PVector
 
@@ -139,6 +140,14 @@ def test_inverse_and_frobenius_norm_are_deprecated_for_inv_and_norm():
         torch.testing.assert_close(old.to_torch(), inv.to_torch())
         with pytest.warns(DeprecationWarning, match=r"frobenius_norm\(\) is deprecated: use norm\(\)"):
             assert torch.equal(M.frobenius_norm(), nrm)
+    # the Gram matrix too (its norm is that of the (K n, K n) matrix)
+    G = FMatDense(lc, data=torch.randn(2, 3, 2, 3, dtype=DT))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nrm = G.norm()
+    torch.testing.assert_close(nrm, torch.linalg.matrix_norm(G.data.reshape(6, 6)))
+    with pytest.warns(DeprecationWarning, match=r"FMatDense.frobenius_norm\(\) is deprecated: use norm\(\)"):
+        assert torch.equal(G.frobenius_norm(), nrm)
 
 
 def test_torch_func_jacobian_backend():
@@ -148,6 +157,18 @@ def test_torch_func_jacobian_backend():
     model, x, lc, dense = _setup()
     M = PMatDense(lc, TorchFuncJacobianBackend(model), examples=(x,))
     torch.testing.assert_close(M.to_torch(), dense, rtol=1e-10, atol=1e-12)
+    # upstream's function maps the predictions (and the targets), not the batch: here the
+    # log-probability of each example's label, against per-example Jacobians by brute force
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    g = TorchFuncJacobianBackend(model, lambda out, t: out.log_softmax(-1).gather(1, t[:, None]))
+    Jy = torch.stack([per_example_jacobian(model, x[i:i + 1],
+                                           function=lambda o: o.log_softmax(-1)[:, y[i]])[0]
+                      for i in range(len(y))])
+    torch.testing.assert_close(PMatDense(lc, g, examples=(x, y)).to_torch(),
+                               torch.einsum("nkp,nkq->pq", Jy, Jy) / len(y), rtol=1e-10, atol=1e-12)
+    same = TorchFuncJacobianBackend(model, lambda out, _: out)
+    torch.testing.assert_close(PMatDense(lc, same, examples=(x, y)).to_torch(), dense,
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_hessian_backend_holds_a_collection_as_in_0_4():

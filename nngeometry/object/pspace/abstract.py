@@ -52,6 +52,58 @@ def _install_renamed(cls):
             setattr(cls, old, _renamed(old, impl))
 
 
+# nngeometry 0.4 named the right-hand side of the solves b / v / vs / J (upstream main: x) and
+# the method impl (upstream main: solve); both spellings are accepted, and one argument given
+# under two names is an error rather than a silent choice
+_RHS_ALIASES = {"solve": ("b",), "solvePVec": ("v", "vs", "b"), "solvePFMap": ("J", "b")}
+
+
+def _solve_or_impl(rep, method, solve, impl, explicit):
+    if explicit and solve != impl:
+        raise TypeError(f"{type(rep).__name__}.{method}() got solve={solve!r} and impl={impl!r}: "
+                        "impl is nngeometry 0.4's name of solve, give only one of them")
+    return impl
+
+
+def _with_04_keywords(name, impl):
+    params = inspect.signature(impl).parameters
+    names = list(params)[1:]
+    rhs = names[0]
+    aliases = tuple(a for a in ("x",) + _RHS_ALIASES[name] if a != rhs)
+    takes_impl = "impl" in params
+    solve_at = names.index("solve") if "solve" in names else None
+
+    @functools.wraps(impl)
+    def wrapper(self, *args, **kwargs):
+        given = [a for a in aliases if a in kwargs]
+        if given:
+            named = ([rhs] if rhs in kwargs else []) + given
+            if args or len(named) > 1:
+                how = " and ".join((["positionally"] if args else []) + [f"as {a}=" for a in named])
+                raise TypeError(f"{type(self).__name__}.{name}() got its right-hand side {how}: "
+                                f"give it once ({rhs}=, or nngeometry 0.4's "
+                                f"{'/'.join(_RHS_ALIASES[name])}=)")
+            kwargs[rhs] = kwargs.pop(given[0])
+        if not takes_impl and "impl" in kwargs and solve_at is not None:
+            how = kwargs.pop("impl")
+            if len(args) > solve_at:
+                _solve_or_impl(self, name, args[solve_at], how, True)
+            else:
+                kwargs["solve"] = _solve_or_impl(self, name, kwargs.get("solve"), how,
+                                                 "solve" in kwargs)
+        return impl(self, *args, **kwargs)
+
+    wrapper._aliased = True
+    return wrapper
+
+
+def _install_keyword_aliases(cls):
+    for name in _RHS_ALIASES:
+        impl = cls.__dict__.get(name)
+        if impl is not None and not getattr(impl, "_aliased", False):
+            setattr(cls, name, _with_04_keywords(name, impl))
+
+
 class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
     """A ``P × P`` matrix in the parameter space of a ``LayerCollection``.
 
@@ -72,6 +124,7 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         _install_renamed(cls)
+        _install_keyword_aliases(cls)
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None, **kwargs):
         self.layer_collection = resolve_layer_collection(layer_collection, generator, type(self).__name__)
@@ -301,9 +354,11 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
     def solve(self, x, regul=1e-8, solve="default", impl=None, **kwargs):
         """Solve ``(M + regul·I) y = x`` for a PVector or PFMap ``x`` (``regul`` is a damping
         whose exact meaning is the representation's: see its ``solvePVec``). ``impl`` is
-        nngeometry 0.4's name of ``solve`` (the method), accepted for its callers."""
+        nngeometry 0.4's name of ``solve`` (the method), accepted for its callers, as are its
+        names of ``x``: ``b`` here, ``v`` / ``vs`` / ``b`` in ``solvePVec``, ``J`` / ``b`` in
+        ``solvePFMap`` (one argument given under two names raises ``TypeError``)."""
         if impl is not None:
-            solve = impl
+            solve = _solve_or_impl(self, "solve", solve, impl, solve != "default")
         if isinstance(x, PVector):
             return self.solvePVec(x, regul=regul, solve=solve, **kwargs)
         if isinstance(x, PFMap):
@@ -668,3 +723,4 @@ def bdot(A, B):
 
 
 _install_renamed(PMatAbstract)
+_install_keyword_aliases(PMatAbstract)

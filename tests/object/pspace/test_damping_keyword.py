@@ -33,7 +33,7 @@ def _calls(M, damping):
     v = random_pvector(M.layer_collection, dtype=DT)
     out = {"solve": lambda: M.solve(v, regul=0.5, damping=damping)}
     if not isinstance(M, PMatImplicit):
-        out["inverse"] = lambda: M.inverse(regul=0.5, damping=damping)
+        out["inverse"] = lambda: M.inv(regul=0.5, damping=damping)
         out["pow"] = lambda: M.pow(-1, regul=0.5, damping=damping)
         out["logdet"] = lambda: M.logdet(regul=0.5, damping=damping)
     return v, out

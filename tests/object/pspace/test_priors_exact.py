@@ -131,7 +131,7 @@ def test_damped_operations_against_dense(rep, kind):
     close(M.solve(J, regul=regul, **kw).to_torch(), J.to_torch() @ Dinv, what="solve PFMap")
     if rep == "PMatImplicit":  # stores no entries: solves only (CG)
         return
-    inv = M.inverse(regul=regul, **kw)
+    inv = M.inv(regul=regul, **kw)
     close(dense(inv), Dinv, what="inverse")
     close(inv.vTMv(v), v.to_torch() @ Dinv @ v.to_torch(), what="vTMv after inverse")
     close(M.logdet(regul=regul), torch.logdet(D), what="logdet")
@@ -182,7 +182,7 @@ def test_gradients_with_respect_to_the_prior(rep, kind):
             close(g, w, rtol=1e-7, what="d logdet")
         # d vᵀ(M + Λ)⁻¹v / dΛ_pp = -y_p²
         regul, leaves, want = expected(-y * y)
-        got = torch.autograd.grad(M.inverse(regul=regul, **kw).vTMv(v), leaves)
+        got = torch.autograd.grad(M.inv(regul=regul, **kw).vTMv(v), leaves)
         for g, w in zip(got, want):
             close(g, w, rtol=1e-7, what="d vTMv(inverse)")
     # the same through solve: d <v, (M + Λ)⁻¹ v> / dΛ
@@ -263,9 +263,9 @@ def test_kfac_per_layer_prior_pi_damping():
     M = built("PMatKFAC")
     ids = M.layer_collection.layer_ids()
     lams = {ids[0]: 0.2, ids[1]: 0.7}
-    inv = M.inverse(regul=lams)
+    inv = M.inv(regul=lams)
     for lid in ids:
-        one = M.inverse(regul=lams[lid])
+        one = M.inv(regul=lams[lid])
         torch.testing.assert_close(inv.data[lid][0], one.data[lid][0])
         torch.testing.assert_close(inv.data[lid][1], one.data[lid][1])
 

@@ -42,7 +42,7 @@ def test_solves_inverse_pow_logdet(mats):
     check_solves(M, D, s, regul=0.3)
     check_solves(M, D, s, regul=0.0)
     check_inverse(M, D, regul=0.3)
-    close(M.inverse().to_torch(), torch.linalg.inv(D))
+    close(M.inv(0.0).to_torch(), torch.linalg.inv(D))
     close(M.pow(0.5, regul=0.2).to_torch(), torch.eye(D.shape[0], dtype=DT))
     close((M ** 2).to_torch(), D @ D)
     close(M.logdet(regul=0.2), torch.logdet(D + 0.2 * torch.eye(D.shape[0], dtype=DT)))

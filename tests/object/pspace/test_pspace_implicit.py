@@ -124,13 +124,15 @@ def test_plus_eye_or_diag_stays_implicit(mats):
 
 def test_unsupported_name_alternatives(mats):
     s, M, D = mats
-    with pytest.raises(NotImplementedError, match="solve"):
+    with pytest.raises(NotImplementedError, match="solve"), pytest.warns(DeprecationWarning):
         M.inverse(0.1)
     with pytest.raises(NotImplementedError, match="solve"):
         M.inv(0.1)
     with pytest.raises(NotImplementedError, match="PMatLowRank"):
         M.pow(0.5)
     with pytest.raises(NotImplementedError, match="PMatLowRank"):
+        M.norm()
+    with pytest.raises(NotImplementedError, match="PMatLowRank"), pytest.warns(DeprecationWarning):
         M.frobenius_norm()
     with pytest.raises(NotImplementedError, match="mv"):
         M.mm(M)

@@ -153,7 +153,7 @@ def test_solve_pi_damping(mats, use_pi):
     ref = _pi_damped_dense(M, regul, use_pi)
     close(torch.linalg.inv(ref), _pi_damped_dense(M, regul, use_pi, power=1.0), rtol=1e-8)
     check_solve_against(M, ref, s, regul=regul, use_pi=use_pi)
-    close(M.inverse(regul, use_pi=use_pi).to_torch(), ref, rtol=1e-8)
+    close(M.inv(regul, use_pi=use_pi).to_torch(), ref, rtol=1e-8)
     close(M.inv(regul, use_pi=use_pi).to_torch(), ref, rtol=1e-8)
     # π-damping is not M + λI (except by accident)
     assert (ref - damped_inv(D, regul)).abs().max() > 1e-6
@@ -165,7 +165,7 @@ def test_solve_exact_damping(mats):
     ref = damped_inv(D, regul)
     check_solve_against(M, ref, s, regul=regul, damping="exact")
     check_solve_against(M, ref, s, regul=regul, solve="eigh")
-    Mi = M.inverse(regul, damping="exact")
+    Mi = M.inv(regul, damping="exact")
     assert isinstance(Mi, PMatEKFAC)
     close(Mi.to_torch(), ref, rtol=1e-8)
     with pytest.raises(ValueError, match="damping"):
@@ -216,7 +216,7 @@ def test_solve_is_cached(mats, monkeypatch):
 def test_mm_and_arithmetic(mats):
     s, M, D = mats
     close(M.mm(M).to_torch(), D @ D, rtol=1e-10)
-    Mi = M.inverse(0.4)
+    Mi = M.inv(0.4)
     close(M.mm(Mi).to_torch(), D @ Mi.to_torch(), rtol=1e-10)
     close((M * 2.5).to_torch(), 2.5 * D)
     close((2.5 * M).to_torch(), 2.5 * D)
@@ -255,12 +255,12 @@ def test_diagonal_factor_supported_everywhere(mats):
     check_products(Md, D, s)
     check_solve_against(Md, damped_inv(D, 0.3), s, regul=0.3, damping="exact")
     check_solve_against(Md, torch.linalg.inv(_pi_damped_dense(Md, 0.3, power=1.0)), s, regul=0.3)
-    assert Md.inverse(0.3).data[lid][0].dim() == 1
+    assert Md.inv(0.3).data[lid][0].dim() == 1
     assert Md.pow(0.5).data[lid][0].dim() == 1
     assert Md.mm(Md).data[lid][0].dim() == 1
     close(Md.logdet(0.3), torch.logdet(D + 0.3 * torch.eye(D.shape[0], dtype=DT)), rtol=1e-10)
     close((Md + Md).to_torch(), 2 * D)
-    E = Md.inverse(0.3, damping="exact")
+    E = Md.inv(0.3, damping="exact")
     assert isinstance(E.data[0][lid][0], int)
     close(E.to_torch(), damped_inv(D, 0.3), rtol=1e-8)
     close(Md.get_diag(False), torch.diagonal(Md.to_torch(False)))

@@ -62,7 +62,7 @@ def test_inverse_pow_logdet(mats):
     s, M, D = mats
     I = torch.eye(D.shape[0], dtype=DT)
     check_inverse(M, D, regul=0.3)
-    assert isinstance(M.inverse(0.3), PMatEyePlusLowRank)
+    assert isinstance(M.inv(0.3), PMatEyePlusLowRank)
     close(M.pow(0.5).to_torch(), dense_pow(D, 0.5), scale=float(D.abs().max()) ** 0.5, rtol=1e-7)
     assert isinstance(M.pow(2), PMatLowRank)
     close((M ** 2).to_torch(), D @ D)
@@ -103,7 +103,7 @@ def test_eye_plus_lowrank(mats):
     check_products(A, DA, s)
     check_solves(A, DA, s, regul=0.1)
     check_inverse(A, DA, regul=0.1)
-    check_solves(A.inverse(0.1), torch.linalg.inv(DA + 0.1 * I), s, regul=0.5)
+    check_solves(A.inv(0.1), torch.linalg.inv(DA + 0.1 * I), s, regul=0.5)
     close(A.logdet(regul=0.1), torch.logdet(DA + 0.1 * I), rtol=1e-10)
     close((A * 2).to_torch(), 2 * DA)
     close((A + A).to_torch(), 2 * DA)

@@ -60,11 +60,11 @@ def test_operations(built):
     regul = 0.3
     # exact damping in the KFAC group: the whole solve is (D + λI)⁻¹
     check_solve_against(M, damped_inv(D, regul), s, regul=regul, damping="exact")
-    close(M.inverse(regul, damping="exact").to_torch(), damped_inv(D, regul), rtol=1e-8)
+    close(M.inv(regul, damping="exact").to_torch(), damped_inv(D, regul), rtol=1e-8)
     close(M.logdet(0.1), torch.logdet(D + 0.1 * torch.eye(D.shape[0], dtype=DT)), rtol=1e-10)
     # π-damping (default) in the KFAC group, exact in the Diag group
-    Pi = M.inverse(regul)
-    close(Pi.to_torch(), _assembled(s, Kf.inverse(regul), Dg.inverse(regul)), rtol=1e-12)
+    Pi = M.inv(regul)
+    close(Pi.to_torch(), _assembled(s, Kf.inv(regul), Dg.inv(regul)), rtol=1e-12)
     check_solve_against(M, Pi.to_torch(), s, regul=regul)
     close(M.pow(2).to_torch(), D @ D, rtol=1e-10)
     close((M * 2).to_torch(), 2 * D)

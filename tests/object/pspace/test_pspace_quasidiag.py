@@ -64,7 +64,7 @@ def test_solve_is_exact_damped_inverse(mats):
 def test_inverse(mats):
     s, M, D = mats
     check_inverse(M, D, regul=0.3)
-    Minv = M.inverse(regul=0.05)
+    Minv = M.inv(regul=0.05)
     assert isinstance(Minv, PMatQuasiDiagInverse)
     Dinv = torch.linalg.inv(D + 0.05 * torch.eye(D.shape[0], dtype=DT))
     # the inverse's own operations agree with its dense form

@@ -333,7 +333,7 @@ def _check_damping_cell(b, cell):
     listed = re.findall(r"`'(\w+)'`", cell)
     assert "exact" in listed, f"{b.rep}: damping='exact' must be accepted everywhere"
     calls = {"solve": lambda d: M.solve(v, regul=REGUL, damping=d),
-             "inverse": lambda d: M.inverse(regul=REGUL, damping=d),
+             "inverse": lambda d: M.inv(regul=REGUL, damping=d),
              "pow": lambda d: M.pow(-1, regul=REGUL, damping=d),
              "logdet": lambda d: M.logdet(regul=REGUL, damping=d)}
     A = D + REGUL * torch.eye(b.P, dtype=DT)
@@ -400,7 +400,7 @@ def _check_prior(b, col, cell):
         close(M.solve(v, regul=regul, **kw).get_flat_representation(),
               torch.linalg.solve(A, v.get_flat_representation()), rtol=rt, what=f"solve, {col}")
         if OPS[b.rep]["inverse / inv"].startswith("yes"):
-            R = M.inverse(regul=regul, **kw)
+            R = M.inv(regul=regul, **kw)
             if "→" in cell:
                 check_type(R, returned_type(cell, b.rep), f"inverse, {col}")
             close(dense_of(R), torch.linalg.inv(A), rtol=1e-8, what=f"inverse, {col}")
@@ -425,9 +425,9 @@ def run_cell(b, col, cell):
         "mv": lambda: M.mv(v), "vTMv": lambda: M.vTMv(v), "mmap": lambda: M.mmap(m),
         "mapTMmap (sum, diag)": lambda: M.mapTMmap(m), "solvePVec": lambda: M.solvePVec(v, regul=REGUL),
         "solvePFMap": lambda: M.solvePFMap(m, regul=REGUL), "solve": lambda: M.solve(v, regul=REGUL),
-        "inverse / inv": lambda: M.inverse(REGUL), "pow / **": lambda: M.pow(0.5),
+        "inverse / inv": lambda: M.inv(REGUL), "pow / **": lambda: M.pow(0.5),
         "@": lambda: M @ v, "get_diag": lambda: M.get_diag(), "trace": lambda: M.trace(),
-        "frobenius_norm / norm": lambda: M.frobenius_norm(), "to_torch": lambda: M.to_torch(),
+        "frobenius_norm / norm": lambda: M.norm(), "to_torch": lambda: M.to_torch(),
         "size": lambda: M.size(), "mm": lambda: M.mm(b.M2), "+": lambda: M + b.M2,
         "-": lambda: M - b.M2, "scalar *": lambda: M * 2.5, "+ PMatEye": lambda: M + b.eye,
         "logdet": lambda: M.logdet(REGUL), "pickling": lambda: pickle.dumps(M),
@@ -476,11 +476,12 @@ def run_cell(b, col, cell):
                   torch.linalg.solve(D + REGUL * torch.eye(P, dtype=DT), f), rtol=1e-8,
                   what="solve(damping='exact')")
     elif col == "inverse / inv":
-        R = M.inverse(REGUL)
+        with pytest.warns(DeprecationWarning, match=r"inverse\(\) is deprecated: use inv\(\)"):
+            R = M.inverse(REGUL)
         check_type(R, returned_type(cell, b.rep), "inverse")
         close(dense_of(R), damped_ref(M, D, REGUL), rtol=1e-8, what="inverse")
         close(dense_of(M.inv(REGUL)), damped_ref(M, D, REGUL), rtol=1e-8, what="inv")
-        _check_exact_variant(b, cell, lambda **kw: M.inverse(REGUL, **kw), -1.0)
+        _check_exact_variant(b, cell, lambda **kw: M.inv(REGUL, **kw), -1.0)
     elif col == "pow / **":
         _check_pow(b, cell)
     elif col == "@":
@@ -493,7 +494,8 @@ def run_cell(b, col, cell):
     elif col == "trace":
         close(M.trace(), torch.trace(D), what="trace")
     elif col == "frobenius_norm / norm":
-        close(M.frobenius_norm(), torch.linalg.norm(D), what="frobenius_norm")
+        with pytest.warns(DeprecationWarning, match=r"frobenius_norm\(\) is deprecated: use norm\(\)"):
+            close(M.frobenius_norm(), torch.linalg.norm(D), what="frobenius_norm")
         close(M.norm(), torch.linalg.norm(D), what="norm")
     elif col == "to_torch":
         _check_to_torch(b, cell)

@@ -98,7 +98,7 @@ def test_lowrank_gram_is_computed_once(model_and_data, no_factorization):
     torch.manual_seed(4)
     v = random_pvector(M.layer_collection, dtype=DT)
     # PMatEyePlusLowRank (the inverse's type): Woodbury matrix cached per regul
-    Inv = M.inverse(regul=0.1)
+    Inv = M.inv(regul=0.1)
     assert isinstance(Inv, PMatEyePlusLowRank)
     want = dense_solve(torch.linalg.inv(D + 0.1 * torch.eye(D.shape[0], dtype=DT)), 0.3,
                        v.get_flat_representation())
