@@ -418,7 +418,7 @@ class LastLayerLMLaplace:
             M = self.M
         else:
             G = torch.diag(self.pbar) - self.B @ self.B.T
-            M = torch.kron(G, self.A)
+            M = torch.kron(G.contiguous(), self.A.contiguous())
         perm = self._flat_to_kron().to(M.device)
         H = s * M[perm][:, perm]
         return H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)

@@ -17,7 +17,7 @@ def kronecker(A, B, transpose=False):
                          f"{tuple(B.shape)}: reshape vectors to (d, 1) or (1, d)")
     if transpose:
         A, B = A.t(), B.t()
-    return torch.kron(A, B)
+    return torch.kron(A.contiguous(), B.contiguous())  # torch.kron views its operands
 
 
 __all__ = ["kronecker"]

@@ -223,7 +223,9 @@ class KronBlock(Block):
         return torch.outer(K.fdiag(self.G), K.fdiag(self.A))
 
     def dense(self):
-        return torch.kron(K.dense(self.G), K.dense(self.A))
+        # torch.kron views its operands: a transposed factor (an inverse from a Cholesky
+        # factor) must be made contiguous first
+        return torch.kron(K.dense(self.G).contiguous(), K.dense(self.A).contiguous())
 
     def trace(self):
         return K.ftrace(self.A) * K.ftrace(self.G)
