@@ -6,6 +6,7 @@ gradients of ``K`` output directions w.r.t. the module's output, shape ``(K, n, 
 `BatchContext` turns those into the statistics that representations need, with caching,
 so that two consumers asking for the same per-example gradients share the work.
 """
+import copy
 import weakref
 
 import torch
@@ -192,6 +193,21 @@ class BatchContext:
     def layer_ids(self):
         return self.layer_collection.layer_ids()
 
+    def restricted(self, layer_collection):
+        """This batch seen by a statistic of a sub-collection (``layer_collection``: some of
+        this context's layers, see ``LayerCollection.sub``): the same calls and cached
+        per-example gradients, its layers only."""
+        if self.centering:
+            raise NotImplementedError("a restricted batch context with centering (the mean "
+                                      "Jacobian is in the whole collection's layout)")
+        missing = [lid for lid in layer_collection.layer_ids() if lid not in self.calls]
+        if missing:
+            raise ValueError(f"layers {missing} are not in this batch's collection")
+        view = copy.copy(self)
+        view.layer_collection = layer_collection
+        view._jacobian = None
+        return view
+
     def per_example_grad(self, layer_id):
         """``(K, n, p_layer)``: per-example gradients of the layer (summed over its calls)."""
         g = self._grads.get(layer_id)
@@ -227,10 +243,32 @@ class BatchContext:
                 self._grads.clear()
         return self._jacobian
 
+    def _row_uses(self, layer_id, prepare=True):
+        """``[(layer spec, rows state), ...]`` for a layer called several times or sharing its
+        weight with other modules, when every use has the row-block maths with one layout (see
+        ``layer_types.base.row_chunked_diag_into``); None otherwise."""
+        from ..layer_types.base import rows_compatible
+
+        calls = self.calls[layer_id]
+        if self.centering or layer_id in self._grads or \
+                (len(calls) == 1 and calls[0].spec is None):
+            return None
+        layer, module = self.layer_collection[layer_id], self.modules[layer_id]
+        specs = [c.spec or layer for c in calls]
+        if not rows_compatible(specs):
+            return None
+        if not prepare:
+            return True
+        return [(spec, spec.rows_prepare(c.module or module, spec.inputs_of(c), c.gy))
+                for spec, c in zip(specs, calls)]
+
     def layer_diag(self, layer_id):
         """``sum_{k,i} g_{k,i}²`` over the layer's coordinates, without per-example grads where
         the layer type allows it."""
         calls = self.calls[layer_id]
+        if self._row_uses(layer_id, prepare=False) is not None:
+            out = calls[0].gy.new_zeros(self.layer_collection[layer_id].numel())
+            return self.layer_diag_into(layer_id, out)
         if len(calls) == 1 and calls[0].spec is None and not self.centering and \
                 layer_id not in self._grads:
             layer = self.layer_collection[layer_id]
@@ -247,6 +285,13 @@ class BatchContext:
                 layer_id not in self._grads:
             return layer.diag_into(self.modules[layer_id], layer.inputs_of(calls[0]),
                                    calls[0].gy, out)
+        uses = self._row_uses(layer_id)
+        if uses is not None:
+            # tied weights or a module called several times: the summed per-example gradients
+            # by blocks of examples and rows, never the (K, n, p) gradients of each use
+            from ..layer_types.base import row_chunked_diag_into
+
+            return row_chunked_diag_into(uses, calls[0].gy.shape[0], self.n, out)
         out += self.layer_diag(layer_id)
         return out
 
