@@ -3,6 +3,8 @@ arguments and the checks of the representation and its keywords."""
 import inspect
 
 from .backend.batches import default_function
+from .backend.distributed import unwrap_model
+from .backend.model_state import _model_lock
 from .layercollection import LayerCollection
 
 #: the constructor's own arguments, which the entry points pass themselves
@@ -13,14 +15,10 @@ def prepare_entry(model, function, layer_collection, target_key="labels"):
     """``(function, layer_collection)`` with the defaults: ``model(batch[0])`` and all the
     layers of the model. (Batches always go to the model's device: entry points accept
     ``device`` only for compatibility.)"""
-    from .backend.distributed import unwrap_model
-
     # a DistributedDataParallel wrapper: the inner module (hooks, layer ids, default function)
     model = unwrap_model(model)
     check_not_meta(model)
     if layer_collection is None:
-        from .backend.jacobian import _model_lock
-
         # another thread's implicit product may have this model's parameters swapped for
         # functional tensors: read them when it is done
         with _model_lock(model):

@@ -2,6 +2,7 @@
 from ._entry import check_representation, prepare_entry
 from .backend import HessianBackend
 from .backend.torch_func_hessian import loss_of_targets
+from .curvature import loss_or_default, per_example_losses, targets_of
 
 
 def Hessian(model, loader, representation, function=None, layer_collection=None, verbose=False,
@@ -107,7 +108,6 @@ class ActivationHessian:
         import torch
 
         from .backend.batches import default_function, iterate_batches, prepare_batch
-        from .variants import _loss_or_default, per_example_losses, targets_of
 
         if io not in ("output", "input"):
             raise ValueError(f"io must be 'output' or 'input', got {io!r}")
@@ -124,7 +124,7 @@ class ActivationHessian:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         self.batch = prepare_batch(batches[0], device, dtype)
         self.function = function if function is not None else default_function(model, target_key)
-        self.loss = _loss_or_default(loss_function)
+        self.loss = loss_or_default(loss_function)
         self.targets = targets_of(self.batch, target_key, "the activation Hessian")
         self.io, self.positions = io, positions
         self._per_example = per_example_losses

@@ -26,7 +26,7 @@ from .backend.distributed import resolve_group, unwrap_model
 from .metrics import FIM, FIM_MonteCarlo, EmpiricalFisher, GGN
 from .object.map import PFMapDense
 from .object.pspace import (PMatAbstract, PMatEKFAC, PMatEye, PMatImplicit, PMatKFAC)
-from .variants import check_positions, empirical_function
+from .curvature import check_positions, empirical_function
 
 _CURVATURES = ("ggn", "fisher", "mc", "empirical")
 #: the mean-eigenvalue damping heuristic: ``λ_l = HEURISTIC_FACTOR · tr(G_l) / p_l``

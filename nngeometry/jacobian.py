@@ -1,6 +1,7 @@
 """Entry point: the per-example Jacobians of a model's outputs."""
 from ._entry import build_from_jacobians, prepare_entry
 from .backend import TorchHooksJacobianBackend
+from .curvature import check_class_dim, check_positions, empirical_function, lm_convention
 from .object.map import PFMapDense
 
 
@@ -56,8 +57,6 @@ def per_example_gradients(model, loader, loss_function=None, function=None,
     loss convention) and dict batches as for [`nngeometry.EmpiricalFisher`][nngeometry.EmpiricalFisher] (whose matrix
     is ``GᵀG / n`` for the ``G`` returned here)."""
     from .backend.distributed import unwrap_model
-    from .variants import (check_class_dim, check_positions, empirical_function,
-                           lm_convention)
 
     check_positions(positions)
     check_class_dim(class_dim)

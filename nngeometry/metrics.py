@@ -5,8 +5,8 @@ from enum import Enum
 from ._entry import check_representation, prepare_entry
 from .backend import TorchHooksJacobianBackend
 from .backend.distributed import unwrap_model
-from .variants import (check_class_dim, check_positions, closed_form_function,
-                       empirical_function, ggn_function, lm_convention, monte_carlo_function)
+from .curvature import (check_class_dim, check_positions, closed_form_function,
+                        empirical_function, ggn_function, lm_convention, monte_carlo_function)
 
 
 class FIM_Types(str, Enum):
@@ -268,7 +268,7 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     in the loader and the batch's content (no RNG state is read or changed), so that every pass
     over the loader sees the same targets: the same matrix on every build, and a
     ``PMatImplicit`` that is one fixed matrix (two products with it agree, as CG, Lanczos and
-    Hutchinson need). See `nngeometry.variants.monte_carlo_function`.
+    Hutchinson need). See `nngeometry.curvature.monte_carlo_function`.
 
     Without ``seed`` the targets are drawn from PyTorch's global RNG (``torch.multinomial`` /
     exponential draws, the inverse CDF for one trial of 1024 classes or more, for the

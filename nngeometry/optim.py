@@ -50,6 +50,8 @@ import math
 import torch
 
 from .backend.distributed import unwrap_model
+from .backend.probes import first_random_module
+from .curvature import closed_form_function, monte_carlo_function
 from .metrics import FIM, FIM_MonteCarlo
 from .object.pspace import PMatEKFAC, PMatKFAC
 from .object.vector import PVector
@@ -151,7 +153,6 @@ class NaturalGradient:
         from .backend.batches import default_function
         from .backend.capture import StepCapture
         from .layercollection import LayerCollection
-        from .variants import closed_form_function, monte_carlo_function
 
         if self.layer_collection is None:
             self.layer_collection = LayerCollection.from_model(self.model)
@@ -311,7 +312,6 @@ class NaturalGradient:
 def _refuse_random_modules(model):
     """``RuntimeError`` naming the first random module of ``model`` in training mode (see
     ``NaturalGradient``'s ``check_deterministic``)."""
-    from .backend.jacobian import first_random_module
     found = first_random_module(model)
     if found is not None:
         name, module, p = found

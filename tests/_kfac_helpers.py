@@ -13,7 +13,7 @@ from nngeometry.backend.batches import default_function
 from nngeometry.layer_types import AbstractLayer, Parameter, register_layer_type
 from nngeometry.layercollection import LayerCollection
 from nngeometry.object import PFMapDense, PVector, random_pfmap, random_pvector
-from nngeometry.variants import closed_form_function
+from nngeometry.curvature import closed_form_function
 
 from brute import fim_dense
 

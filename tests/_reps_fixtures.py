@@ -12,7 +12,7 @@ from nngeometry.backend import TorchHooksJacobianBackend
 from nngeometry.backend.batches import default_function
 from nngeometry.layercollection import LayerCollection
 from nngeometry.object import PFMapDense, PVector, random_pfmap, random_pvector
-from nngeometry.variants import closed_form_function
+from nngeometry.curvature import closed_form_function
 
 from brute import fim_dense
 

@@ -305,7 +305,7 @@ def default_function(model, target_key="labels"):
         if hasattr(out, "logits"):
             out = out.logits
             # Hugging Face logits are (batch, [tokens,] classes): the class axis is the last,
-            # read by the likelihoods' transforms (nngeometry.variants.output_class_dim)
+            # read by the likelihoods' transforms (nngeometry.curvature.output_class_dim)
             function.output_class_dim = -1
         check_outputs(out, "the model")
         if isinstance(first, Mapping):

@@ -22,7 +22,8 @@ import torch
 
 from ..layer_types.base import is_recording_paused
 from .context import BatchContext
-from .jacobian import TorchHooksJacobianBackend, _refuse_batch_statistics, in_engine_pass
+from .jacobian import TorchHooksJacobianBackend
+from .model_state import _refuse_batch_statistics, in_engine_pass
 
 
 class CaptureError(RuntimeError):
@@ -41,7 +42,7 @@ class StepCapture:
     copies are never recorded). The record lives with the forward's output tensor: when the
     first backward pass that reaches one recorded output runs (the user's ``loss.backward()``,
     or the ``torch.autograd.grad`` of a gradient penalty through that output), the output
-    transform of ``generator.function`` (an `nngeometry.variants.OutputTransform` that
+    transform of ``generator.function`` (an `nngeometry.curvature.OutputTransform` that
     does not read the batch: closed-form or unseeded Monte-Carlo Fisher) is applied to the
     recorded output and its directions are back-propagated to the layers' outputs, keeping the
     forward graph for the user's own backward pass. That record is complete (``ready``) and

@@ -27,6 +27,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..maths.gram import GramRows, SymmetricAccumulator
+from .probes import check_statistic
 
 
 def _tree_combine(a, b, fn, what, rows_dim=None):
@@ -193,7 +194,6 @@ class Consumer:
         lc = getattr(self, "lc", None)
         if lc is not None:
             # NaN / Inf from the backward pass of any of the passes merged into it
-            from .jacobian import check_statistic
             check_statistic(self.result, lc)
         return self.result
 

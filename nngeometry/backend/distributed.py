@@ -204,7 +204,7 @@ def all_gather_rows(t, count, group, dim, what="statistic", device=None):
 
 def global_batch_index(local_index, group):
     """The batch index that draws of Monte-Carlo targets are keyed with (see
-    `nngeometry.variants.batch_key`): ``local_index`` in a single process; under data
+    `nngeometry.curvature.batch_key`): ``local_index`` in a single process; under data
     parallelism ``local_index · world + rank``, the index the batch has in a single process
     when batches are dealt to the ranks in turn (rank ``r`` takes batches ``r, r + W, ...``).
     With that sharding a seeded ``FIM_MonteCarlo`` draws the same targets as one process on the

@@ -23,11 +23,13 @@ Gram-matrix products) are refused with ``NotImplementedError``.
 import torch
 import torch.nn.functional as F
 
+from ..curvature import cross_entropy_losses
 from ..layercollection import LayerCollection
 from .batches import default_function, prepare_batch
 from .distributed import all_reduce_tree, resolve_group, unwrap_model
-from .jacobian import (TorchHooksJacobianBackend, _check_uniform_params, tensors_in_model,
-                       _no_fused_attention, _rng_state, _same_rng, random_in_vmap_explained)
+from .jacobian import TorchHooksJacobianBackend
+from .model_state import _check_uniform_params, _no_fused_attention, tensors_in_model
+from .probes import _rng_state, _same_rng, random_in_vmap_explained
 
 
 def hvp(func, primals, tangents):
@@ -58,7 +60,6 @@ def summed_cross_entropy(outputs, *batch):
     if len(batch) == 1 and isinstance(batch[0], Mapping) and "labels" in batch[0]:
         batch = (batch[0], batch[0]["labels"])
     if outputs.dim() == 3:
-        from ..variants import cross_entropy_losses
         return cross_entropy_losses(outputs, batch[1], -1).sum() if len(batch) >= 2 else \
             summed_cross_entropy(outputs.reshape(outputs.shape[0], -1))
     if len(batch) < 2:

@@ -218,16 +218,16 @@ def test_custom_function_and_shared_layer():
 def test_backward_strategies_agree(backward):
     """The vmapped backward and the one-per-direction backward give the same statistics, and
     'auto' (which times both once) does too, on a CNN with max-pooling."""
-    from nngeometry.backend import jacobian as jac
-    from nngeometry.variants import closed_form_function
+    from nngeometry.backend import strategy
+    from nngeometry.curvature import closed_form_function
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                           nn.Linear(3 * 4 * 4, 5)).double()
     x = torch.randn(6, 2, 8, 8, dtype=torch.float64)
     lc = LayerCollection.from_model(model)
-    jac._BACKWARD_CHOICE.clear()
-    jac._BACKWARD_SAMPLES.clear()
+    strategy._BACKWARD_CHOICE.clear()
+    strategy._BACKWARD_SAMPLES.clear()
     f = closed_form_function(lambda *d: model(d[0]), "classif_logits")
     ref = TorchHooksJacobianBackend(model, f, backward="batched").get_covariance_matrix((x,), lc)
     gen = TorchHooksJacobianBackend(model, f, backward=backward)
@@ -235,7 +235,7 @@ def test_backward_strategies_agree(backward):
         got = gen.get_covariance_matrix((x,), lc)
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
     if backward == "auto":
-        assert set(jac._BACKWARD_CHOICE.values()) <= {"batched", "looped"}
-        assert len(jac._BACKWARD_CHOICE) == 1
+        assert set(strategy._BACKWARD_CHOICE.values()) <= {"batched", "looped"}
+        assert len(strategy._BACKWARD_CHOICE) == 1
     with pytest.raises(ValueError, match="unknown backward"):
         TorchHooksJacobianBackend(model, backward="vmap")

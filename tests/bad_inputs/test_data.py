@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from brute import fim_dense, per_example_jacobian
 
-import nngeometry.backend.jacobian as jac
+import nngeometry.backend.strategy as strategy
 from nngeometry import FIM, FIM_MonteCarlo, GramMatrix, Hessian, Jacobian
 from nngeometry.backend import TorchHooksJacobianBackend
 from nngeometry.layercollection import LayerCollection
@@ -147,7 +147,7 @@ def test_monte_carlo_memory_is_linear_in_trials(variant):
     quadratic = trials * 16 * trials * 4
     # chunks of K trials: (K, n, K) cotangents within the direction budget, (K, n, K, C) for
     # the Gaussian's C outputs; nothing grows as trials²
-    assert tracker.nbytes <= 2 * jac.DIRECTION_CHUNK_BYTES < quadratic / 15
+    assert tracker.nbytes <= 2 * strategy.DIRECTION_CHUNK_BYTES < quadratic / 15
 
 
 @pytest.mark.parametrize("variant", ["classif_logits", "classif_logsoftmax", "regression",
@@ -165,7 +165,7 @@ def test_monte_carlo_chunks_of_trials_give_the_same_matrix(variant, monkeypatch)
         x = data(5)[0]
     torch.manual_seed(5)
     ref = FIM_MonteCarlo(model, (x,), PMatDense, variant=variant, trials=7).to_torch()
-    monkeypatch.setattr(jac, "DIRECTION_CHUNK_BYTES", 1)
+    monkeypatch.setattr(strategy, "DIRECTION_CHUNK_BYTES", 1)
     gen_budget = 1  # every chunk is one direction
 
     orig = TorchHooksJacobianBackend.__init__

@@ -17,7 +17,7 @@ from nngeometry.backend.batches import default_function
 from nngeometry.layercollection import LayerCollection
 from nngeometry.metrics import FIM
 from nngeometry.object import PMatDense, PMatDiag, PMatImplicit, PVector
-from nngeometry.variants import closed_form_function
+from nngeometry.curvature import closed_form_function
 
 DT = torch.float64
 
@@ -101,10 +101,10 @@ def test_unpickled_message_names_the_function(implicit):
     model, x, lc, M, D = implicit
     M2 = pickle.loads(pickle.dumps(M))
     _, v = _vec(lc)
-    with pytest.raises(RuntimeError, match=r"built with the function nngeometry\.variants\."
+    with pytest.raises(RuntimeError, match=r"built with the function nngeometry\.curvature\."
                                            r"closed_form_function.*SAME function"):
         M2.mv(v)
-    with pytest.raises(RuntimeError, match="nngeometry.variants.closed_form_function"):
+    with pytest.raises(RuntimeError, match="nngeometry.curvature.closed_form_function"):
         M2.vTMv(v)
     # following the message gives the matrix back exactly
     M2.generator = TorchHooksJacobianBackend(

@@ -105,10 +105,10 @@ def test_parameter_use_check_leaves_exact_models_alone():
 def test_parameter_use_check_runs_once_per_model_function_and_collection(monkeypatch):
     """Entry points build a new generator per call: the check is remembered per model, function
     and collection (it costs a backward pass), and runs again for a new function or parameter."""
-    import nngeometry.backend.jacobian as jac
+    import nngeometry.backend.passes as passes
     runs = []
-    real = jac.check_parameter_uses
-    monkeypatch.setattr(jac, "check_parameter_uses", lambda *a: runs.append(1) or real(*a))
+    real = passes.check_parameter_uses
+    monkeypatch.setattr(passes, "check_parameter_uses", lambda *a: runs.append(1) or real(*a))
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).to(DT)
     x = torch.randn(16, 6, dtype=DT)

@@ -25,7 +25,7 @@ from nngeometry.object import (PMatDense, PMatDiag, PMatEKFAC, PMatImplicit, PMa
 from nngeometry.object.pspace._checks import (NotPositiveSemiDefiniteError,
                                               SolverNotConvergedError)
 from nngeometry.solve import cg, minres
-from nngeometry.variants import closed_form_function
+from nngeometry.curvature import closed_form_function
 
 DT = torch.float64
 

@@ -14,7 +14,7 @@ from nngeometry.layercollection import LinearLayer
 from nngeometry.metrics import FIM, FIM_MonteCarlo
 from nngeometry.object import (PMatBlockDiag, PMatDiag, PMatEKFAC, PMatEKFACBlockDiag, PMatKFAC,
                                PMatMixed, PVector)
-from nngeometry.variants import closed_form_function
+from nngeometry.curvature import closed_form_function
 
 
 # ---------------------------------------------------------------------- brute-force factors

@@ -16,7 +16,7 @@ from nngeometry.layercollection import Conv2dLayer, LayerCollection, LinearLayer
 from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatEye, PMatImplicit,
                                PMatLowRank, PMatMixed, PMatQuasiDiag, PVector)
 from nngeometry.object.map import PFMapDense
-from nngeometry.variants import closed_form_function
+from nngeometry.curvature import closed_form_function
 
 BUILT = [PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank, PMatQuasiDiag]
 

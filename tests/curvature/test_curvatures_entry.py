@@ -309,7 +309,7 @@ def _kron_perm(out_f, in_f, bias=True):
 
 def _dgdf(transform, model, x, y):
     """(n, K, C): gradient of each output direction g_k of the transform w.r.t. the outputs."""
-    from nngeometry.variants import BatchInfo
+    from nngeometry.curvature import BatchInfo
     with torch.no_grad():
         out = model(x)
     f = out.detach().requires_grad_(True)
@@ -326,7 +326,7 @@ def test_kfac_is_the_per_layer_kronecker_definition(entry):
     """On an MLP: KFAC's layer block = G ⊗ A (Kronecker order) with A = mean [a;1][a;1]ᵀ and
     G = mean_i Σ_k g_{k,i} g_{k,i}ᵀ, g the gradients of the output directions w.r.t. the
     layer's outputs."""
-    from nngeometry import variants as V
+    from nngeometry import curvature as V
     model, x, y = make("mlp", n=8)
     fn = lambda *b: model(b[0])  # noqa: E731
     transform = {"ef": lambda: V.empirical_function(fn, ce_sum),
@@ -434,7 +434,7 @@ def test_mc_seeded_every_representation(kind):
     """Seeded FIM_MonteCarlo in every representation against brute force for the same draws:
     ``(1/n) Σ_i J_iᵀ U_iᵀ U_i J_i`` with ``U_i`` the gradients of the sampled log-likelihoods
     w.r.t. the outputs (the draws are a fixed function of the seed and the batch)."""
-    from nngeometry import variants as V
+    from nngeometry import curvature as V
     model, x, y = make(kind)
     dl = [(x, y)]
     t = V.monte_carlo_function(lambda *b: model(b[0]), "classif_logits", 2, seed=7,

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import hessian, jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-import nngeometry.variants as V
+from nngeometry.curvature import ggn as ggn_transform
 from nngeometry import GGN, EmpiricalFisher
 from nngeometry.object import (PFMapDense, PMatDense, PMatDiag, PMatImplicit, PMatKFAC,
                                PVector)
@@ -48,7 +48,7 @@ def _loader(*tensors, bs=4):
 def _no_output_hessians(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the closed form must not compute output Hessians")
-    monkeypatch.setattr(V, "output_hessians", boom)
+    monkeypatch.setattr(ggn_transform, "output_hessians", boom)
 
 
 def _ce_last(o, t):

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import nngeometry.backend.jacobian as jac
+import nngeometry.backend.strategy as strategy
 from nngeometry.backend import TorchHooksJacobianBackend
 from nngeometry.layercollection import LayerCollection
-from nngeometry.variants import monte_carlo_function
+from nngeometry.curvature import monte_carlo_function
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +35,7 @@ def test_auto_times_a_few_directions_only(monkeypatch):
             loader, lc)
     ref = diag("batched")
     calls = []
-    batched, looped = jac._backward_batched, jac._backward_looped
+    batched, looped = strategy._backward_batched, strategy._backward_looped
 
     def rec_batched(out, targets, cot, retain):
         calls.append(("batched", cot.shape[0]))
@@ -44,25 +44,25 @@ def test_auto_times_a_few_directions_only(monkeypatch):
     def rec_looped(out, targets, cot, retain):
         calls.append(("looped", cot.shape[0]))
         return looped(out, targets, cot, retain)
-    monkeypatch.setattr(jac, "_backward_batched", rec_batched)
-    monkeypatch.setattr(jac, "_backward_looped", rec_looped)
-    jac._BACKWARD_CHOICE.clear()
-    jac._BACKWARD_SAMPLES.clear()
+    monkeypatch.setattr(strategy, "_backward_batched", rec_batched)
+    monkeypatch.setattr(strategy, "_backward_looped", rec_looped)
+    strategy._BACKWARD_CHOICE.clear()
+    strategy._BACKWARD_SAMPLES.clear()
     got = diag("auto")
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
     # the first BACKWARD_TIMING_ROUNDS batches are split between the two strategies, the loop
     # taking LOOPED_TIMING_DIRECTIONS directions; the other batches go through the chosen one
-    rounds = jac.BACKWARD_TIMING_ROUNDS
+    rounds = strategy.BACKWARD_TIMING_ROUNDS
     assert rounds == 2
-    k_loop = jac.LOOPED_TIMING_DIRECTIONS
+    k_loop = strategy.LOOPED_TIMING_DIRECTIONS
     split = sorted(calls[:2 * rounds])
     assert split == sorted([("batched", trials - k_loop), ("looped", k_loop)] * rounds), calls
     assert [k for _, k in calls[2 * rounds:]] == [trials], calls
     # every direction of every batch computed once
     assert sum(k for _, k in calls) == 3 * trials
-    assert len(jac._BACKWARD_CHOICE) == 1, jac._BACKWARD_CHOICE
-    assert set(jac._BACKWARD_CHOICE.values()) <= {"batched", "looped"}
-    assert not jac._BACKWARD_SAMPLES
+    assert len(strategy._BACKWARD_CHOICE) == 1, strategy._BACKWARD_CHOICE
+    assert set(strategy._BACKWARD_CHOICE.values()) <= {"batched", "looped"}
+    assert not strategy._BACKWARD_SAMPLES
 
 
 def test_choice_kept_per_structure_not_per_object(monkeypatch):
@@ -74,16 +74,16 @@ def test_choice_kept_per_structure_not_per_object(monkeypatch):
         return TorchHooksJacobianBackend(model, g, backward="auto").get_covariance_diag(
             loader, lc)
     calls = []
-    batched, looped = jac._backward_batched, jac._backward_looped
-    monkeypatch.setattr(jac, "_backward_batched",
+    batched, looped = strategy._backward_batched, strategy._backward_looped
+    monkeypatch.setattr(strategy, "_backward_batched",
                         lambda *a: calls.append("batched") or batched(*a))
-    monkeypatch.setattr(jac, "_backward_looped", lambda *a: calls.append("looped") or looped(*a))
-    jac._BACKWARD_CHOICE.clear()
-    jac._BACKWARD_SAMPLES.clear()
+    monkeypatch.setattr(strategy, "_backward_looped", lambda *a: calls.append("looped") or looped(*a))
+    strategy._BACKWARD_CHOICE.clear()
+    strategy._BACKWARD_SAMPLES.clear()
     model, loader = _setup()
     build(model, loader)
-    assert len(jac._BACKWARD_CHOICE) == 1
-    (key,), choice = list(jac._BACKWARD_CHOICE), jac._BACKWARD_CHOICE.copy()
+    assert len(strategy._BACKWARD_CHOICE) == 1
+    (key,), choice = list(strategy._BACKWARD_CHOICE), strategy._BACKWARD_CHOICE.copy()
 
     def leaves(k):
         return [x for e in k for x in leaves(e)] if isinstance(k, tuple) else [k]
@@ -92,14 +92,14 @@ def test_choice_kept_per_structure_not_per_object(monkeypatch):
     calls.clear()
     model2, loader = _setup()  # same structure, new object
     build(model2, loader)
-    assert jac._BACKWARD_CHOICE == choice
+    assert strategy._BACKWARD_CHOICE == choice
     assert calls == [choice[key]] * 3, calls  # one call per batch, no split
     torch.manual_seed(1)
     other = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                           nn.Linear(4 * 2 * 2, 5)).double()  # 4 channels instead of 3
     calls.clear()
     build(other, loader)
-    assert len(jac._BACKWARD_CHOICE) == 2
+    assert len(strategy._BACKWARD_CHOICE) == 2
     assert sorted(calls[:2]) == ["batched", "looped"], calls  # its first batch is split
 
 
@@ -114,9 +114,9 @@ def test_no_batching_rule_decides_for_the_loop(monkeypatch):
         return TorchHooksJacobianBackend(model, g, backward=backward).get_covariance_diag(
             loader, lc)
     ref = diag("looped")
-    monkeypatch.setattr(jac, "_backward_batched", lambda *a: None)
-    jac._BACKWARD_CHOICE.clear()
-    jac._BACKWARD_SAMPLES.clear()
+    monkeypatch.setattr(strategy, "_backward_batched", lambda *a: None)
+    strategy._BACKWARD_CHOICE.clear()
+    strategy._BACKWARD_SAMPLES.clear()
     torch.testing.assert_close(diag("auto"), ref, rtol=1e-12, atol=1e-14)
-    assert list(jac._BACKWARD_CHOICE.values()) == ["looped"]
-    assert not jac._BACKWARD_SAMPLES
+    assert list(strategy._BACKWARD_CHOICE.values()) == ["looped"]
+    assert not strategy._BACKWARD_SAMPLES

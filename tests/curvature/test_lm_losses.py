@@ -11,7 +11,8 @@ from torch.func import functional_call, jacrev, vmap
 transformers = pytest.importorskip("transformers")
 
 from nngeometry import FIM, GGN, EmpiricalFisher, FIM_MonteCarlo  # noqa: E402
-from nngeometry import variants  # noqa: E402
+from nngeometry import curvature  # noqa: E402
+from nngeometry.curvature import closed_form  # noqa: E402
 from nngeometry.layercollection import LayerCollection  # noqa: E402
 from nngeometry.object import PMatDense, PMatDiag, PMatImplicit, PVector  # noqa: E402
 
@@ -101,7 +102,7 @@ def convention_hessians(b, logits, positions="mean"):
 
 def test_empirical_fisher_is_hf_loss_gradients(monkeypatch):
     model = causal_lm()
-    assert variants.is_causal_lm(model)
+    assert curvature.is_causal_lm(model)
     b = lm_batch()
     G = hf_gradients(model, b, monkeypatch)
     ref = G.t() @ G / N
@@ -164,7 +165,7 @@ def test_implicit_products_use_the_output_metric(monkeypatch):
 
     def refuse(p):
         raise AssertionError("square root of the output Hessian formed")
-    monkeypatch.setattr(variants, "multinomial_covariance_sqrt", refuse)
+    monkeypatch.setattr(closed_form, "multinomial_covariance_sqrt", refuse)
     g = torch.Generator().manual_seed(0)
     v = torch.randn(lc.numel(), generator=g, dtype=torch.float64)
     Vs = torch.randn(5, lc.numel(), generator=g, dtype=torch.float64)  # (> 4: chunked)
@@ -182,7 +183,7 @@ def test_implicit_products_use_the_output_metric(monkeypatch):
     from brute import fim_dense
     monkeypatch.undo()
     refm = fim_dense(mlp, x)
-    monkeypatch.setattr(variants, "multinomial_covariance_sqrt", refuse)
+    monkeypatch.setattr(closed_form, "multinomial_covariance_sqrt", refuse)
     w = torch.randn(lcm.numel(), dtype=torch.float64)
     got = FIM(mlp, (x,), PMatImplicit).mv(PVector(lcm, vector_repr=w)).to_torch()
     torch.testing.assert_close(got, refm @ w, rtol=1e-8, atol=1e-12)
@@ -217,8 +218,8 @@ def test_dict_batches_of_other_models_unchanged():
     model = causal_lm()
     b = lm_batch()
     lc = LayerCollection.from_model(model)
-    assert variants.lm_convention(model) is not None
-    assert variants.lm_convention(nn.Linear(2, 2)) is None
+    assert curvature.lm_convention(model) is not None
+    assert curvature.lm_convention(nn.Linear(2, 2)) is None
     with pytest.raises(TypeError, match="causal_lm must be"):
         FIM(model, [b], PMatDiag, causal_lm="yes")
     # causal_lm=False: the convention without the shift, padding still excluded
@@ -251,7 +252,7 @@ def test_many_class_sampler_draws_from_the_softmax():
     logits[0, :4] = torch.tensor([2.0, 0.5, -1.0, 0.0], dtype=torch.float64)
     logits[0, -1] = 1.0
     n = 10_000
-    f = variants.monte_carlo_function(lambda x: x, "classif_logits", trials=1)
+    f = curvature.monte_carlo_function(lambda x: x, "classif_logits", trials=1)
     lp = f(logits.expand(n, -1)).detach()[:, 0]
     logp = torch.log_softmax(logits[0], 0)
     keep = torch.tensor([0, 1, 2, 3, C - 1])

@@ -8,7 +8,7 @@ from brute import fim_dense, per_example_jacobian
 from nngeometry import FIM, FIM_MonteCarlo
 from nngeometry.layercollection import LayerCollection
 from nngeometry.object import PMatDense
-from nngeometry.variants import multinomial_covariance_sqrt
+from nngeometry.curvature import multinomial_covariance_sqrt
 
 TOL = dict(atol=1e-11, rtol=1e-9)
 
@@ -212,7 +212,7 @@ def test_fim_monte_carlo_single_trial_is_a_sample():
 def test_one_trial_sampler_draws_from_the_softmax():
     """trials=1 samples labels with an exponential race (argmax p/E): the empirical label
     frequencies must match softmax(f), and a class of probability 0 is never drawn."""
-    from nngeometry.variants import monte_carlo_function
+    from nngeometry.curvature import monte_carlo_function
 
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 0.5, -1.0, 0.0, -200.0]], dtype=torch.float64)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import nngeometry.backend.jacobian as jac
+import nngeometry.backend.strategy as strategy
 from nngeometry import FIM
 from nngeometry.object import PMatDense, PMatImplicit
 
@@ -29,18 +29,18 @@ def test_vector_chunk_rule(monkeypatch):
     gen, lc = imp.generator, imp.layer_collection
     # first batch of 4: module outputs 4·(48 + 48 + 48 + 4) numbers (conv, relu, flatten, fc)
     per_vector = 4 * (3 * 16 * 3 + 4) + lc.numel()
-    monkeypatch.setattr(jac, "_VECTOR_CHUNK_NUMBERS", 3 * per_vector)
-    assert jac._vector_chunk(gen, 9, loader, lc) == 3
-    assert jac._vector_chunk(gen, 4, loader, lc) == 4  # a few vectors: no measuring
-    monkeypatch.setattr(jac, "_VECTOR_CHUNK_NUMBERS", 1)
-    assert jac._vector_chunk(gen, 9, loader, lc) == 1
+    monkeypatch.setattr(strategy, "_VECTOR_CHUNK_NUMBERS", 3 * per_vector)
+    assert strategy._vector_chunk(gen, 9, loader, lc) == 3
+    assert strategy._vector_chunk(gen, 4, loader, lc) == 4  # a few vectors: no measuring
+    monkeypatch.setattr(strategy, "_VECTOR_CHUNK_NUMBERS", 1)
+    assert strategy._vector_chunk(gen, 9, loader, lc) == 1
 
 
 @pytest.mark.parametrize("budget", [1, 2000, 10 ** 9])
 def test_chunked_products_equal_dense(budget, monkeypatch):
     """chunks of 1 (the single-forward path), a few, and all the vectors at once."""
     model, loader = _setup()
-    monkeypatch.setattr(jac, "_VECTOR_CHUNK_NUMBERS", budget)
+    monkeypatch.setattr(strategy, "_VECTOR_CHUNK_NUMBERS", budget)
     D = FIM(model, loader, PMatDense, variant="classif_logits").to_torch()
     imp = FIM(model, loader, PMatImplicit, variant="classif_logits")
     gen, lc = imp.generator, imp.layer_collection

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from brute import fim_dense, per_example_jacobian
 from nngeometry import FIM
-from nngeometry.backend import jacobian as jac
+from nngeometry.backend import strategy
 from nngeometry.backend import TorchHooksJacobianBackend
 from nngeometry.layer_types import conv
 from nngeometry.layercollection import LayerCollection
@@ -145,7 +145,7 @@ def test_direction_chunks_rule():
             self.out_nbytes = nbytes
 
     mib = 2 ** 20
-    dcb = jac.DIRECTION_CHUNK_BYTES
+    dcb = strategy.DIRECTION_CHUNK_BYTES
     # 6 MiB per direction, 9 directions, Jacobian of one direction 1 MiB: 16 MiB -> 2 a chunk,
     # 5 chunks -> 2 each
     k = gen._chunk_size([C(4 * mib), C(2 * mib)], 64, 9, mib // (64 * 8), None)
@@ -170,7 +170,7 @@ def test_direction_chunks_in_builds(inplace, monkeypatch):
     lc = LayerCollection.from_model(model)
     ref_kfac = FIM(model=model, loader=loader, representation=PMatKFAC)
     M = fim_dense(model, x, layer_collection=lc)
-    monkeypatch.setattr(jac, "DIRECTION_CHUNK_BYTES", 1)
+    monkeypatch.setattr(strategy, "DIRECTION_CHUNK_BYTES", 1)
     monkeypatch.setattr(conv, "PATCH_CHUNK_BYTES", 1)
     sizes = []
     orig_chunk = TorchHooksJacobianBackend._chunk_size

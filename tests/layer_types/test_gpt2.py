@@ -76,7 +76,7 @@ def test_tied_model_diag_kfac_implicit():
     from nngeometry.backend import TorchHooksJacobianBackend
     from nngeometry.backend.batches import default_function
     from nngeometry.object import PMatMixed
-    from nngeometry.variants import closed_form_function
+    from nngeometry.curvature import closed_form_function
 
     model = gpt2(tied=True)
     assert model.lm_head.weight is model.transformer.wte.weight

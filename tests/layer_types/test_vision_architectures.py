@@ -173,7 +173,7 @@ def test_kfac_ekfac(net):
     if sub.numel() < lc.numel():
         from nngeometry.backend import TorchHooksJacobianBackend
         from nngeometry.backend.batches import default_function
-        from nngeometry.variants import closed_form_function
+        from nngeometry.curvature import closed_form_function
         gen = TorchHooksJacobianBackend(model, closed_form_function(default_function(model),
                                                                     "classif_logits"))
         others = {lid: PMatDiag for lid in lc.layer_ids() if lid not in sub.layer_ids()}

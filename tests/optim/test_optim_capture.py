@@ -12,7 +12,7 @@ from nngeometry.layercollection import LayerCollection
 from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatKFAC,
                                PMatQuasiDiag)
 from nngeometry.optim import NaturalGradient
-from nngeometry.variants import closed_form_function, monte_carlo_function
+from nngeometry.curvature import closed_form_function, monte_carlo_function
 
 DT = torch.float64
 REPS = [PMatDense, PMatBlockDiag, PMatDiag, PMatKFAC, PMatEKFAC]

@@ -539,7 +539,7 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
 def function_origin(generator):
     """What identifies the function of ``generator`` (a Jacobian generator) across pickling: a
     variant's description (``closed_form_function(function, 'classif_logits')``, see
-    `nngeometry.variants`) or the module and qualified name of a user's function; None
+    `nngeometry.curvature`) or the module and qualified name of a user's function; None
     without a generator."""
     fn = getattr(generator, "function", None)
     if fn is None:
@@ -564,7 +564,7 @@ def check_same_function(matrix, rep):
         f"it was built with: built with {built}, attached {attached}; its products would be of "
         "another matrix. Attach a generator built with the same function, e.g. for "
         "FIM(model, ..., variant=v): TorchHooksJacobianBackend(model, "
-        "nngeometry.variants.closed_form_function(lambda *b: model(b[0]), v)) (for "
+        "nngeometry.curvature.closed_form_function(lambda *b: model(b[0]), v)) (for "
         "FIM_MonteCarlo: monte_carlo_function(lambda *b: model(b[0]), v, trials)); or build "
         "the matrix again from the model")
 

@@ -85,8 +85,8 @@ class PMatImplicit(PMatAbstract):
                 "generator built with the SAME function the matrix was built with, not the bare "
                 "model (that would give another matrix): for FIM(model, ..., variant=v), "
                 "M.generator = TorchHooksJacobianBackend(model, "
-                "nngeometry.variants.closed_form_function(lambda *b: model(b[0]), v)); for "
-                "FIM_MonteCarlo, nngeometry.variants.monte_carlo_function(lambda *b: model(b[0]), "
+                "nngeometry.curvature.closed_form_function(lambda *b: model(b[0]), v)); for "
+                "FIM_MonteCarlo, nngeometry.curvature.monte_carlo_function(lambda *b: model(b[0]), "
                 "v, trials); or build a new PMatImplicit with FIM(..., PMatImplicit)")
         check_same_function(self, "PMatImplicit")
         return self.generator

@@ -1,0 +1,445 @@
+"""The pass driver: runs the model over the data with hooks and feeds each batch's statistics
+to a consumer.
+
+`HookedPasses._accumulate` (behind `TorchHooksJacobianBackend.accumulate`) holds the model
+(its lock, its state kept, see `model_state`), installs the hooks that record each layer's
+calls (`HookedPasses._hooks`; `_InstanceForward` for layer types that record inside a module's
+forward), and per batch (`HookedPasses._run_batch`) runs the forward (shared outputs expanded,
+see `broadcast`), the determinism probe on the first batch (see `probes`), the checks of the
+recorded calls, and the backward of the output directions in chunks
+(`HookedPasses._direction_chunks`, strategy in `strategy`), handing a `BatchContext` per chunk
+to the consumer.
+"""
+import contextlib
+
+import torch
+from torch.utils.data import DataLoader
+
+from .batches import (check_finite, check_outputs, deferred_finite_checks, iterate_batches,
+                      prepare_batch)
+from .broadcast import SharedOutputs, _expand_axis, _mark_coincident_shared, _rebuild_tuple, \
+    _refuse_unbatched_calls
+from .context import (BatchContext, Call, check_parameter_uses, mark_uses_verified,
+                      uses_key, uses_verified)
+from .distributed import global_batch_index
+from .model_state import _model_lock, _refuse_batch_statistics, model_state_kept
+from .probes import check_statistic, probe_deterministic, _rng_state, _same_rng, \
+    refuse_random_modules
+from .strategy import BackwardStrategy
+from ..layer_types.base import AbstractLayer, is_recording_paused
+from ..layercollection import run_eagerly
+from . import consumers as C
+
+
+def _examples_count(examples):
+    """The number of examples a DataLoader will yield if it can be known without iterating
+    (a sized sampler); None otherwise (iterables, single mini-batches: the size is then checked
+    batch by batch)."""
+    if not isinstance(examples, DataLoader):
+        return None
+    try:
+        n = len(examples.sampler) if examples.batch_sampler is not None else len(examples)
+    except TypeError:
+        return None
+    bs = examples.batch_size
+    if bs and examples.drop_last:
+        n = (n // bs) * bs
+    return n
+
+
+class _InstanceForward:
+    """While the generator's hooks are on ``module``, its calls run through the forward of the
+    call's recorder (``active[-1]``, pushed by the pre-hook; see
+    ``AbstractLayer.internal_recorder``) when it has one. Set on the module *instance* (its
+    ``__dict__``), never on the class or on a function of torch, so that other modules, other
+    models and other threads are not affected; `remove` puts back what was there."""
+
+    def __init__(self, module, active):
+        self.module = module
+        self.saved = module.__dict__.get("forward", _InstanceForward)
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            rec = active[-1] if active and not is_recording_paused() else None
+            if rec is None or not hasattr(rec, "forward"):
+                return original(*args, **kwargs)
+            return rec.forward(original, *args, **kwargs)
+
+        module.__dict__["forward"] = forward
+
+    def remove(self):
+        if self.saved is _InstanceForward:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.__dict__["forward"] = self.saved
+
+
+class _MeanJacobian(C.Consumer):
+    """Consumer of [`TorchHooksJacobianBackend.accumulate`][nngeometry.backend.TorchHooksJacobianBackend.accumulate]: ``(1/n) Σ_x J(x)``, shape
+    ``(n_output, P)`` in the collection's layout. State: ``_sum``."""
+
+    state_attrs = ("_sum",)
+
+    def __init__(self, layer_collection):
+        self.lc = layer_collection
+        self._sum = None
+        self.result = None
+
+    def update(self, ctx):
+        if self._sum is None:
+            ref = ctx.calls[ctx.layer_ids()[0]][0].gy
+            self._sum = torch.zeros(ctx.n_output, self.lc.numel(), dtype=ref.dtype,
+                                    device=ref.device)
+        rows = self._sum[ctx.k_start:ctx.k_start + ctx.K]
+        for lid in ctx.layer_ids():
+            rows[:, self.lc.slice(lid)] += ctx.per_example_grad(lid).sum(dim=1)
+            ctx.release(lid)
+
+    def finalize(self, n):
+        self.result = self._sum.div_(n)
+
+
+class HookedPasses(SharedOutputs, BackwardStrategy):
+    """The passes over the data with hooks. Mixed into `TorchHooksJacobianBackend` (uses its
+    ``model``, ``function``, ``centering``, ``verbose``, ``check_deterministic``,
+    ``_broadcast`` and ``_group``)."""
+
+    def _accumulate(self, examples, layer_collection, consumer, chunk_bytes=None,
+                    finalize=True):
+        """`TorchHooksJacobianBackend.accumulate`: run the model over ``examples`` and feed
+        each batch to ``consumer``.
+
+        The consumer has ``update(ctx: BatchContext)`` and ``finalize(n_examples)``; it is
+        returned after ``finalize`` (with ``finalize=False``: with its sums and ``count``, to be
+        merged or averaged, see `Consumer`).
+        ``chunk_bytes``: the memory for the output gradients of one chunk of output directions
+        (default: see ``_chunk_size``; never more than ``max_chunk_bytes``).
+
+        Under data parallelism (see ``distributed``) the consumer's sums are reduced over the
+        ranks after the pass (one collective, `Consumer.all_reduce` /
+        `Consumer.all_gather`) and normalised by the global example count; a rank whose
+        shard is empty takes part with zeros. The consumer must then follow the protocol of
+        `Consumer`.
+        """
+        group = self._group()
+        if group is not None and getattr(consumer, "_reduced", False):
+            raise RuntimeError(
+                f"this {type(consumer).__name__} already holds the statistic of all the ranks: "
+                "another pass into it would count the earlier examples once per rank; "
+                "accumulate into a new statistic and merge() the two")
+        # inference_mode(False): inside a user's `with torch.inference_mode():` autograd would
+        # record nothing (the backward pass fails); the batches' inference tensors are copied
+        # in _batches. Leaving the block restores the user's mode.
+        with torch.inference_mode(False):
+            mean = self._mean_jacobian(examples, layer_collection) if self.centering else None
+            n_total = 0
+            # the probe costs one more forward of the first batch (+8% to +29% for one-batch
+            # builds of an MLP): only where a module is in training mode, the mode in which
+            # modules are random, or where the first forward drew from the global RNG
+            # (randomness outside the modules: F.dropout(x, training=True), torch.rand); a
+            # model in eval mode whose forward leaves the RNG alone is deterministic
+            probe = self.check_deterministic
+            with self._prepared(layer_collection) as (modules, calls), deferred_finite_checks():
+                for i, batch in enumerate(self._batches(examples)):
+                    n_total += self._run_batch(batch, layer_collection, modules, calls, consumer,
+                                               chunk_bytes, mean, probe=probe and i == 0,
+                                               index=global_batch_index(i, group))
+        # a statistic may already hold the examples of an earlier pass (accumulated into again)
+        consumer.count = getattr(consumer, "count", 0) + n_total
+        n_total = consumer.count
+        if group is not None:
+            if not hasattr(consumer, "all_reduce"):
+                raise TypeError(
+                    f"{type(consumer).__name__} can't be reduced across ranks: under "
+                    "torch.distributed a consumer must follow the protocol of "
+                    "nngeometry.backend.consumers.Consumer (subclass it), or pass "
+                    "distributed=False to the generator")
+            # once per statistic, after the pass (never per batch)
+            consumer.all_reduce(group, self._device())
+            n_total = consumer.count
+        if n_total == 0:
+            raise ValueError("the examples yielded no data (empty loader): nothing to compute from")
+        if finalize:
+            consumer.finalize(n_total)
+            check_statistic(getattr(consumer, "result", None), layer_collection)
+        return consumer
+
+    def _mean_jacobian(self, examples, layer_collection):
+        """``(n_output, P)``: ``J̄ = (1/n) Σ_x J(x)`` over all the examples, by the same
+        per-example gradients as the statistics (one pass, uncentered)."""
+        return self.accumulate_uncentered(examples, layer_collection,
+                                          _MeanJacobian(layer_collection)).result
+
+    # ================================================================== internals
+    def _batches(self, examples):
+        """The batches of ``examples`` as tuples, on the model's device, floating-point tensors
+        in the model's dtype (see `to_device`). First refuses
+        random modules (``check_deterministic``)."""
+        if self.check_deterministic:
+            refuse_random_modules(self.model)
+        device, dtype = self._device(), self._dtype()
+        it = (prepare_batch(batch, device, dtype) for batch in iterate_batches(examples))
+        if self.verbose:
+            from tqdm.auto import tqdm
+            total = len(examples) if isinstance(examples, DataLoader) else None
+            it = tqdm(it, total=total, desc="nngeometry", unit="batch")
+        return it
+
+    def _device(self):
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _dtype(self):
+        """The dtype of the model's first floating-point parameter (None without one): the
+        dtype floating-point inputs are cast to."""
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return None
+
+    def _model_state_kept(self, layer_collection):
+        """`model_state_kept` on the generator's model: a context yielding ``(modules,
+        params)``."""
+        return model_state_kept(self.model, layer_collection)
+
+    @contextlib.contextmanager
+    def _prepared(self, layer_collection):
+        _refuse_batch_statistics(self.model)
+        # compiled code would not run the hooks: the compiled parts run their Python code
+        with _model_lock(self.model), run_eagerly(self.model), \
+                self._model_state_kept(layer_collection) as (modules, params), \
+                self._hooks(layer_collection, modules) as calls:
+            yield modules, calls
+
+    @contextlib.contextmanager
+    def _hooks(self, layer_collection, modules):
+        """``{layer_id: [Call, ...]}``, filled by the forward passes run inside the block: the
+        hooks that record each call of the collection's modules (and of modules tied to them).
+        Nothing else about the model is changed (see `capture`, which records a user's
+        own training step with them)."""
+        calls = {lid: [] for lid in modules}
+        handles, recorders = [], []
+        broadcast = getattr(self, "_broadcast", None)
+        try:
+            for lid, module in modules.items():
+                layer = layer_collection[lid]
+                # recorders of tensors inside the module's forward (see
+                # AbstractLayer.internal_recorder), one per call in progress
+                active = [] if type(layer).internal_recorder is not \
+                    AbstractLayer.internal_recorder else None
+                if active is not None:
+                    recorders.append(active)
+                    handles.append(module.register_forward_pre_hook(
+                        self._make_pre_hook(layer, active)))
+                    # the recorder's own forward, on this instance only (removed with the
+                    # hooks)
+                    handles.append(_InstanceForward(module, active))
+                handles.append(module.register_forward_hook(
+                    self._make_hook(calls[lid], active, layer=layer, broadcast=broadcast),
+                    with_kwargs=True))
+                # other modules using this layer's parameters (tied weights): their calls
+                # are calls of the layer, with their own spec and module
+                for tname, tspec in getattr(layer_collection, "tied", {}).get(lid, ()):
+                    tmod = self.model.get_submodule(tname)
+                    handles.append(tmod.register_forward_hook(
+                        self._make_hook(calls[lid], None, tspec, tmod, layer=tspec,
+                                        broadcast=broadcast), with_kwargs=True))
+            yield calls
+        finally:
+            for h in reversed(handles):
+                h.remove()
+            self._close_recorders(recorders)
+
+    @staticmethod
+    def _close_recorders(recorders):
+        """Exit the recorders of module calls that did not return (an exception in the forward
+        pass): they must not stay active."""
+        for active in recorders:
+            while active:
+                active.pop().__exit__(None, None, None)
+
+    @staticmethod
+    def _make_pre_hook(layer, active):
+        def pre_hook(module, args):
+            if is_recording_paused():
+                return
+            rec = layer.internal_recorder(module)
+            rec.__enter__()
+            active.append(rec)
+        return pre_hook
+
+    @staticmethod
+    def _make_hook(store, active=None, spec=None, tied_module=None, layer=None, broadcast=None):
+        def hook(module, args, kwargs, output):
+            if is_recording_paused():
+                # a layer type re-running this module's forward to compute its statistics
+                return
+            rec = None
+            if active:
+                rec = active.pop()
+                rec.__exit__(None, None, None)
+            if isinstance(output, torch.Tensor):
+                out = output
+            elif isinstance(output, (tuple, list)) and isinstance(output[0], torch.Tensor):
+                out = output[0]
+            else:
+                raise TypeError(f"cannot differentiate through the output of {type(module).__name__}")
+            replaced = shared = None
+            n = broadcast.n if broadcast is not None else None
+            if n is not None and n > 1 and layer is not None and rec is None:
+                axis = layer.batch_axis(module)
+                if out.dim() > axis and out.shape[axis] == 1 and not broadcast.keep_ones:
+                    # one output shared by the n examples (positions (1, T), a learned table):
+                    # the model would broadcast it; broadcasting it here instead makes the
+                    # gradient w.r.t. the copy per-example (the gradient w.r.t. the shared
+                    # output is their sum, from which they cannot be recovered)
+                    out = _expand_axis(out, axis, n)
+                    args = tuple(_expand_axis(a, axis, n) for a in args)
+                    kwargs = {k: _expand_axis(v, axis, n) for k, v in kwargs.items()}
+                    replaced = out if isinstance(output, torch.Tensor) else \
+                        type(output)([out, *output[1:]]) if isinstance(output, list) else \
+                        _rebuild_tuple(output, out)
+                    broadcast.expanded = broadcast.widened = True
+                elif out.dim() > axis and out.shape[axis] != n:
+                    # an output with no batch axis (T5's relative position bias, looked up on
+                    # a (T, T) table): its per-example gradients take a backward pass of
+                    # their own (see _direction_chunks)
+                    shared = (n, axis)
+                    broadcast.expanded = True
+            call = Call(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                        {k: v.detach() if isinstance(v, torch.Tensor) else v
+                         for k, v in kwargs.items()}, out, rec, spec, tied_module)
+            call.shared = shared
+            store.append(call)
+            return replaced
+        return hook
+
+    @staticmethod
+    def _check_finite(outputs):
+        # on an accelerator, within a pass, read once at the end of the pass (no host
+        # synchronisation per batch; see deferred_finite_checks)
+        check_finite(outputs, "the model's outputs contain NaN or Inf; check the inputs (NaN/Inf "
+                              "in the data?) and the model's parameters")
+
+    @staticmethod
+    def _check_nonempty(n):
+        if n == 0:
+            raise C.EmptyExamplesError(
+                "the examples yielded no data (empty loader): nothing to compute from")
+
+    def _outputs(self, batch, index=None, watch_rng=False):
+        """``(model_outputs, out, columns)``: what the model part of ``function`` returns (for
+        the determinism probe), the outputs to differentiate, flattened to ``(n, n_output)``,
+        and ``columns(k0, k1)``, the graph of ``out[:, k0:k1]`` alone (or None). For a
+        likelihood's transform (``OutputTransform``, see `nngeometry.curvature`) the model
+        part is its ``function``; otherwise the whole ``function``."""
+        fn = self.function
+        transform = hasattr(fn, "model_outputs") and hasattr(fn, "split")
+        rng = _rng_state(self._device()) if watch_rng else None
+        raw = fn.model_outputs(*batch) if transform else check_outputs(fn(*batch))
+        self._rng_consumed = watch_rng and not _same_rng(rng, _rng_state(self._device()))
+        if not transform:
+            return raw, *self._flat_outputs(raw, None)
+        info = fn.batch_info(batch, index) if getattr(fn, "needs_batch", False) else None
+        out, columns = self._transformed(raw, info)
+        return raw, out, columns
+
+    def _transformed(self, raw, info=None):
+        """``(out, columns)`` of an output transform applied to the model's outputs ``raw``
+        (``info``: the batch's, for transforms that read it)."""
+        fn = self.function
+        # losses of the observed targets, seeded draws: the transform reads the batch
+        out, columns = fn.split(raw, info) if info is not None else fn.split(raw)
+        return self._flat_outputs(check_outputs(out), columns)
+
+    def _flat_outputs(self, out, columns):
+        n = out.shape[0] if out.dim() > 0 else 0
+        if columns is not None and out.dim() != 2:
+            columns = None
+        out = out.reshape(n, -1)
+        self._check_finite(out)
+        return out, columns
+
+    def _run_batch(self, batch, layer_collection, modules, calls, consumer, chunk_bytes=None,
+                   mean_jacobian=None, probe=False, index=None):
+        # (the batch comes from _batches: on the model's device and dtype, checked finite)
+        raw, out, columns = self._broadcast_outputs(batch, index, calls, watch_rng=probe)
+        if probe and (self._rng_consumed or any(m.training for m in self.model.modules())):
+            probe_deterministic(self.function, self.model, self._device(), batch, raw,
+                                self._rng_consumed)
+        n, n_output = out.shape
+        if n == 0:
+            return 0
+        self._check_calls(out, layer_collection, modules, calls)
+        layer_calls = [c for store in calls.values() for c in store]
+        for c in layer_calls:
+            if c.shared is not None:
+                c.expand_shared()
+        for k0, k1, grads in self._direction_chunks(out, columns, calls, layer_collection,
+                                                    chunk_bytes):
+            i = 0
+            for c in layer_calls:
+                c.set_gradients(grads[i:i + len(c.targets)], k1 - k0)
+                i += len(c.targets)
+            ctx = BatchContext(layer_collection, modules, calls, n, k1 - k0, k0, n_output,
+                               mean_jacobian, out.detach())
+            consumer.update(ctx)
+        for store in calls.values():
+            store.clear()
+        return n
+
+    def _check_calls(self, out, layer_collection, modules, calls, who="the function"):
+        """Refuse a forward pass whose recorded calls can't give the statistics: a layer not
+        called, a layer called on an unbatched input, a parameter used outside its module."""
+        n = out.shape[0]
+        for lid, store in calls.items():
+            if not store:
+                raise RuntimeError(
+                    f"layer '{lid}' was not called during the forward pass of {who}; "
+                    "remove it from the LayerCollection or check the function")
+        if n > 1:
+            _refuse_unbatched_calls(layer_collection, modules, calls, n)
+            _mark_coincident_shared(out, self.model, self.function, layer_collection, modules,
+                                    calls)
+        key = uses_key(self.model, self.function, layer_collection)
+        if not uses_verified(self.model, key):
+            # once per model, function and collection in a process (entry points build a new
+            # generator per call: the check must not cost a pass each time): a parameter used
+            # outside its module's forward would give a plausible wrong matrix
+            check_parameter_uses(out, layer_collection, modules, calls)
+            mark_uses_verified(self.model, key)
+
+    def _direction_chunks(self, out, columns, calls, layer_collection, chunk_bytes=None,
+                          keep_graph=False):
+        """``(k0, k1, grads)`` per chunk of output directions: the gradients of directions
+        ``k0 .. k1 - 1`` of ``out`` (``(n, n_output)``; ``columns(k0, k1)``: the chunk's own
+        graph, or None) w.r.t. every target of the recorded calls, in call order. The graph is
+        freed after the last chunk unless ``keep_graph`` (a training step's backward pass goes
+        on through it)."""
+        n, n_output = out.shape
+        layer_calls = [c for store in calls.values() for c in store]
+        chunk = self._chunk_size(layer_calls, n, n_output, layer_collection.numel(),
+                                 chunk_bytes, columns is not None)
+        targets = [t.edge for c in layer_calls for t in c.targets]
+        # calls whose output has no batch axis: index of their output among the targets
+        shared, j = [], 0
+        for c in layer_calls:
+            if getattr(c, "shared", None) is not None:
+                shared.append((j, c))
+            j += len(c.targets)
+        for k0 in range(0, n_output, chunk):
+            k1 = min(n_output, k0 + chunk)
+            retain = keep_graph or k1 < n_output
+            own = self._shared_gradients(out, shared, k0, k1) if shared else None
+            if columns is None or chunk == n_output:
+                grads = self._batched_backward(out, targets, k0, k1, retain=retain)
+            else:
+                # the chunk's own columns: (K, n, K) cotangents instead of (K, n, n_output)
+                grads = self._batched_backward(columns(k0, k1), targets, 0, k1 - k0,
+                                               retain=retain)
+            if own is not None:
+                grads = list(grads)
+                for (j, _), g in zip(shared, own):
+                    grads[j] = g
+            yield k0, k1, grads
