@@ -454,6 +454,17 @@ def check_parameter_uses(out, layer_collection, modules, calls):
             if gy is None:
                 continue
             spec = c.spec or layer_collection[lid]
+            g = None
+            if c.shared is None and not c.extra_gy:
+                x = spec.inputs_of(c)
+                if isinstance(x, torch.Tensor) and x.shape[:1] == gy.shape[:1]:
+                    # the layer type's own formula: no forward re-run (for a language
+                    # model's output layer, a product as large as the model's forward)
+                    g = spec.grad_sum(c.module or modules[lid], x, gy)
+            if g is not None:
+                for acc, gk in zip(hooked[lid], g):
+                    acc += gk
+                continue
             names = spec.param_names()
             leaves = {nm: p.detach().requires_grad_(True) for nm, p in zip(names, params[lid])}
             y = functional_call(c.module or modules[lid], leaves, c.args, c.kwargs)

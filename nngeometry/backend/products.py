@@ -154,21 +154,31 @@ class MatrixFreeProducts:
                 outputs = f({k: fwAD.make_dual(p, tangents[k]) for k, p in leaves.items()})
                 outputs, jv = fwAD.unpack_dual(outputs)
             self._check_finite(outputs)
+            if out is None:
+                first = next(iter(leaves.values()))
+                out = torch.zeros(sum(p.numel() for p in leaves.values()),
+                                  dtype=first.dtype, device=first.device)
+            n_total += outputs.shape[0]
             if jv is None or not outputs.requires_grad:
                 # the outputs do not depend on the collection's parameters: M v = 0 here
-                g = [None] * len(leaves)
-            else:
-                w = jv.detach()
-                if metric:  # J_fᵀ H J_f v: the output metric between the JVP and the VJP
-                    w = metric[0](outputs.detach(), w)
-                g = torch.autograd.grad(outputs, list(leaves.values()), w,
-                                        allow_unused=True)
-            flat = torch.cat([torch.zeros_like(p).reshape(-1) if gk is None else gk.reshape(-1)
-                              for gk, p in zip(g, leaves.values())])
-            out = flat if out is None else out + flat
-            n_total += outputs.shape[0]
+                continue
+            w = jv.detach()
+            # the tangents' part of the graph (forward-mode activations) is freed before the
+            # backward pass, which needs the primal part only
+            del jv
+            if metric:  # J_fᵀ H J_f v: the output metric between the JVP and the VJP
+                w = metric[0](outputs.detach(), w)
+            g = torch.autograd.grad(outputs, list(leaves.values()), w, allow_unused=True)
+            del outputs, w
+            # added in place into each parameter's slice of one (P,) sum: no concatenated copy
+            start = 0
+            for gk, p in zip(g, leaves.values()):
+                if gk is not None:
+                    out[start:start + p.numel()] += gk.reshape(-1)
+                start += p.numel()
+            del g
         self._check_nonempty(n_total)
-        return out / n_total
+        return out.div_(n_total)
 
     def _vTMv(self, v, examples, layer_collection):
         """``vᵀ M v = (1/n) Σ_x ||J(x) v||²`` with one Jacobian-vector product per batch."""

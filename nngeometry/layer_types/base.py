@@ -186,6 +186,13 @@ class AbstractLayer:
         examples ``i0 .. i1 - 1``."""
         raise NotImplementedError
 
+    def grad_sum(self, module, x, gy):
+        """The gradient of ``Σ_i <gy_i, y_i>`` w.r.t. the module's parameters, for ``gy`` of
+        shape ``(n, *out_shape)`` (one direction, no leading ``K``), as a list of tensors shaped
+        like the parameters (layout order): what autograd gives for one call, from the layer's
+        own maths (no forward re-run). None where the layer type has no such formula."""
+        return None
+
     def rows_rest(self, state):
         """``(K, n, numel() - rows · width)``: the per-example gradients of the entries after
         the weight's rows (the bias), or None when there are none."""

@@ -79,3 +79,10 @@ class HFConv1DLayer(LinearLayer):
         if self.bias is not None:
             perm = torch.cat([perm, torch.arange(self.out_features) * width + self.in_features])
         return perm
+
+    def grad_sum(self, module, x, gy):
+        x2, g2 = x.reshape(-1, self.in_features), gy.reshape(-1, self.out_features)
+        parts = [x2.t() @ g2]
+        if self.bias is not None:
+            parts.append(g2.sum(dim=0))
+        return parts

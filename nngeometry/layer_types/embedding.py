@@ -84,6 +84,12 @@ class EmbeddingLayer(AbstractLayer):
         rows = ex * (r1 - r0) + (ids[sel] - r0)
         out.view(-1, out.shape[-1]).index_add_(0, rows, g[k, i0:i1][sel])
 
+    def grad_sum(self, module, x, gy):
+        idx, g = self._flat(module, x, gy.unsqueeze(0))
+        w = g.new_zeros(self.num_embeddings, self.embedding_dim)
+        w.index_add_(0, idx.reshape(-1), g.reshape(-1, self.embedding_dim))
+        return [w]
+
     def diag(self, module, x, gy):
         """Σ_{k,i} (Σ_{s: idx_s = v} gy_s[d])², without the dense per-example gradients:
         positions are first summed per distinct (example, index) pair."""

@@ -121,6 +121,13 @@ class LinearLayer(AbstractLayer):
         else:
             torch.bmm(gt, x[i0:i1], out=out)
 
+    def grad_sum(self, module, x, gy):
+        x2, g2 = x.reshape(-1, self.in_features), gy.reshape(-1, self.out_features)
+        parts = [g2.t() @ x2]
+        if self.bias is not None:
+            parts.append(g2.sum(dim=0))
+        return parts
+
     def rows_rest(self, state):
         return None if self.bias is None else state[1].sum(dim=2)
 
