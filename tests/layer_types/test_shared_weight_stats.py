@@ -17,9 +17,9 @@ class TiedSeq(nn.Module):
     """Tied embedding and head, a Linear called twice on sequences, a Linear called twice on
     (n, d) inputs, and (when transformers is there) a Hugging Face Conv1D on sequences."""
 
-    def __init__(self, conv1d=None):
+    def __init__(self, conv1d=None, padding_idx=3):
         super().__init__()
-        self.emb = nn.Embedding(V, D, padding_idx=3)
+        self.emb = nn.Embedding(V, D, padding_idx=padding_idx)
         self.lin = nn.Linear(D, D)
         self.conv = conv1d(D, D) if conv1d is not None else nn.Identity()
         self.pool = nn.Linear(D, D)
@@ -72,3 +72,23 @@ def test_tied_kfac_one_pass_equals_groups_built_apart():
     Sig = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
     ref = torch.einsum("ndp,nde,nep->p", J[..., s], Sig, J[..., s]) / N
     torch.testing.assert_close(one.get_diag()[s], ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("one_pass_bytes", [0, 2 ** 40])
+def test_closed_form_mv_one_and_two_passes(monkeypatch, one_pass_bytes):
+    from nngeometry import FIM
+    from nngeometry.backend import products
+    from nngeometry.object import PMatDense, PMatImplicit, PVector
+
+    monkeypatch.setattr(products, "MV_ONE_PASS_BYTES", one_pass_bytes)
+    torch.manual_seed(2)
+    model = TiedSeq(padding_idx=None).double()
+    loader = [(torch.randint(0, V, (N, S)),), (torch.randint(0, V, (N - 2, S)),)]
+    lc = LayerCollection.from_model(model)
+    M = FIM(model, loader, PMatImplicit)
+    ref = FIM(model, loader, PMatDense).to_torch()
+    for _ in range(2):  # the first batch of the first product decides for the later ones
+        v = torch.randn(lc.numel(), dtype=torch.float64)
+        torch.testing.assert_close(M.mv(PVector(lc, vector_repr=v)).to_torch(), ref @ v,
+                                   rtol=1e-10, atol=1e-12)
+    assert M.generator._mv_two_pass is (one_pass_bytes == 0)
