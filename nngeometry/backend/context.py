@@ -437,7 +437,7 @@ def check_parameter_uses(out, layer_collection, modules, calls):
         return
     from torch.func import functional_call
 
-    from ..layer_types.base import recording_paused
+    from ..layer_types.base import recording_paused, same_maths
 
     gen = torch.Generator(device="cpu").manual_seed(0)  # no global RNG state touched
     u = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
@@ -458,7 +458,7 @@ def check_parameter_uses(out, layer_collection, modules, calls):
                 continue
             spec = c.spec or layer_collection[lid]
             g = None
-            if c.shared is None and not c.extra_gy:
+            if c.shared is None and not c.extra_gy and same_maths(spec, "grad_sum"):
                 x = spec.inputs_of(c)
                 if isinstance(x, torch.Tensor) and x.shape[:1] == gy.shape[:1]:
                     # the layer type's own formula: no forward re-run (for a language

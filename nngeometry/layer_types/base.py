@@ -354,11 +354,25 @@ def row_chunked_diag_into(uses, K, n, out, chunk_bytes=None):
     return out
 
 
+def same_maths(layer, name):
+    """Whether the method ``name`` of ``layer`` comes from the class that defines its
+    ``per_example_grad`` or from a class derived from it: a subclass that changes the maths
+    (its own ``per_example_grad``) does not inherit its parent's shortcut formulas."""
+    def owner(attr):
+        for k in type(layer).__mro__:
+            if attr in vars(k):
+                return k
+        return None
+    mine, grads = owner(name), owner("per_example_grad")
+    return mine is not None and grads is not None and issubclass(mine, grads)
+
+
 def rows_compatible(layers):
     """Whether the per-example gradients of these layer specs (the uses of one weight) can be
-    formed together by `row_chunked_diag_into`: every one has the row-block maths and the same
-    flat layout ``(rows, width)`` and size."""
-    if not all(getattr(layer, "supports_rows", False) for layer in layers):
+    formed together by `row_chunked_diag_into`: every one has the row-block maths (its own,
+    see `same_maths`) and the same flat layout ``(rows, width)`` and size."""
+    if not all(getattr(layer, "supports_rows", False) and same_maths(layer, "rows_into")
+               for layer in layers):
         return False
     shapes = {(layer.grad_rows(), layer.numel()) for layer in layers}
     return len(shapes) == 1 and next(iter(shapes))[0] is not None

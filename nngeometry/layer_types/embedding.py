@@ -85,6 +85,9 @@ class EmbeddingLayer(AbstractLayer):
         out.view(-1, out.shape[-1]).index_add_(0, rows, g[k, i0:i1][sel])
 
     def grad_sum(self, module, x, gy):
+        if module.scale_grad_by_freq:
+            # autograd divides by the counts over the whole batch, not per example
+            return None
         idx, g = self._flat(module, x, gy.unsqueeze(0))
         w = g.new_zeros(self.num_embeddings, self.embedding_dim)
         w.index_add_(0, idx.reshape(-1), g.reshape(-1, self.embedding_dim))

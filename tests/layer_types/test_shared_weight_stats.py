@@ -92,3 +92,19 @@ def test_closed_form_mv_one_and_two_passes(monkeypatch, one_pass_bytes):
         torch.testing.assert_close(M.mv(PVector(lc, vector_repr=v)).to_torch(), ref @ v,
                                    rtol=1e-10, atol=1e-12)
     assert M.generator._mv_two_pass is (one_pass_bytes == 0)
+
+
+def test_inverse_cdf_draws_by_blocks_of_rows_unchanged(monkeypatch):
+    from nngeometry import FIM_MonteCarlo
+    from nngeometry.curvature import monte_carlo
+    from nngeometry.object import PMatDiag
+
+    torch.manual_seed(3)
+    model = nn.Linear(3, 1500).double()  # enough classes for the inverse-CDF sampler
+    loader = [(torch.randn(9, 3, dtype=torch.float64), torch.zeros(9, dtype=torch.long))]
+    diags = []
+    for block in (monte_carlo._CDF_BLOCK_BYTES, 2 * 8 * 1500):  # one block; blocks of 2 rows
+        monkeypatch.setattr(monte_carlo, "_CDF_BLOCK_BYTES", block)
+        torch.manual_seed(4)
+        diags.append(FIM_MonteCarlo(model, loader, PMatDiag).get_diag())
+    assert torch.equal(diags[0], diags[1]) and diags[0].abs().sum() > 0
