@@ -29,7 +29,7 @@ from .batches import default_function, prepare_batch
 from .distributed import all_reduce_tree, resolve_group, unwrap_model
 from .jacobian import TorchHooksJacobianBackend
 from .model_state import _check_uniform_params, _no_fused_attention, tensors_in_model
-from .probes import _rng_state, _same_rng, random_in_vmap_explained
+from .probes import _rng_state, _same_rng, probe_functional, random_in_vmap_explained
 
 
 def hvp(func, primals, tangents):
@@ -402,7 +402,7 @@ class HessianBackend:
                 yield params, loss, keys
                 if watch and any(drew):
                     watch = False
-                    helper._probe_functional(lambda q: loss(q).reshape(1, 1), params, device)
+                    probe_functional(self.model, lambda q: loss(q).reshape(1, 1), params, device)
 
     @staticmethod
     def _check_nonempty(result):
