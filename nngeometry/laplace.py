@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from .backend.batches import batch_size_of, default_function, iterate_batches
 from ._entry import resolve_representation
 from .jacobian import Jacobian
+from .laplace_lm import LastLayerLMLaplace  # noqa: F401  (public here too)
 from .layercollection import LayerCollection
 from .metrics import FIM, EmpiricalFisher, FIM_MonteCarlo, subnetwork_collection
 from .object.map import PFMapDense
@@ -352,11 +353,15 @@ class Laplace:
             if y.dim() == 2 and y.shape[1] == 1:  # (n, 1): one label per example
                 y = y[:, 0]
             if tuple(y.shape) != (n,):
+                from .curvature.language_models import is_causal_lm
+                hint = (" For a language model's output layer, with the token positions as "
+                        "the examples, use nngeometry.laplace.LastLayerLMLaplace."
+                        if is_causal_lm(self.model) else "")
                 raise ValueError(
                     f"likelihood='classification' needs one class label per example, shape "
                     f"({n},), for outputs of shape ({n}, {C}); got targets of shape {shape}. "
                     "Outputs with positions (sequences, images) need function= returning "
-                    "(n, C) and targets (n,)")
+                    f"(n, C) and targets (n,).{hint}")
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
                 raise ValueError(
                     f"class labels must be in [0, {C}) for outputs of {C} classes, got labels "
@@ -378,10 +383,9 @@ class Laplace:
     def state_dict(self):
         """What `load_state_dict` needs to restore the fitted approximation without the
         data: plain tensors, numbers and strings only (``torch.load`` with its defaults reads
-        it). The model's parameters are not included (save ``model.state_dict()``)."""
+        it). The model's parameters are not included (save ``model.state_dict()``). A subnetwork
+        Laplace saves its flat indices (``'subnetwork_indices'``, in the base layout)."""
         self._check_fitted()
-        if self.subnetwork_indices is not None:
-            raise NotImplementedError("state_dict of a subnetwork Laplace: refit it after loading")
         prior = self.prior_precision
         if isinstance(prior, PVector):
             prior = prior.get_flat_representation().detach()
@@ -391,11 +395,14 @@ class Laplace:
                 "theta_map": self.theta_map.get_flat_representation().detach(),
                 "prior_precision": prior, "prior_mean": self.prior_mean,
                 "sigma_noise": self.sigma_noise, "temperature": self.temperature,
-                "layer_ids": list(self.layer_collection.layer_ids())}
+                "layer_ids": list(self.base_collection.layer_ids()),
+                "subnetwork_indices": (None if self.subnetwork_indices is None else
+                                       self.layer_collection["subnetwork"].indices.clone())}
 
     def load_state_dict(self, state):
         """Restore `state_dict` into a Laplace built with the same model, likelihood,
-        representation and layer collection."""
+        representation and layer collection (a subnetwork Laplace's indices come from the
+        state; a Laplace built with other ``subnetwork_indices`` is refused)."""
         for key, mine in (("likelihood", self.likelihood),
                           ("representation", self.representation.__name__),
                           ("curvature", self.curvature)):
@@ -406,7 +413,20 @@ class Laplace:
         if list(base.layer_ids()) != state["layer_ids"]:
             raise ValueError(f"the state's layers {state['layer_ids']} are not this Laplace's "
                              f"{list(base.layer_ids())}: pass the same layer_collection")
-        self.ggn = self.representation(base, data=state["ggn"], **self.representation_kwargs)
+        saved = state.get("subnetwork_indices")
+        mine = self.subnetwork_indices
+        if mine is not None:
+            mine, _ = subnetwork_collection(base, mine)
+            if saved is None or not torch.equal(mine, torch.as_tensor(saved).long().cpu()):
+                raise ValueError("the state was saved with other subnetwork_indices than this "
+                                 "Laplace's: build it without subnetwork_indices (the state's "
+                                 "are used) or with the same ones")
+        collection = base
+        if saved is not None:
+            idx, collection = subnetwork_collection(base, saved)
+            self.subnetwork_indices = idx
+        self.ggn = self.representation(collection, data=state["ggn"],
+                                       **self.representation_kwargs)
         self.base_collection = base
         self.layer_collection = self.ggn.layer_collection
         self.theta_map = PVector(self.layer_collection, vector_repr=state["theta_map"])
@@ -587,6 +607,9 @@ class Laplace:
         if structure not in sizes:
             raise ValueError(f"prior_structure={structure!r}: use 'scalar', 'layer', "
                              "'layerwise' or 'diag'")
+        if structure == "diag" and type(self.ggn).__name__ in ("PMatKFAC", "PMatEKFAC"):
+            raise NotImplementedError(f"prior_structure='diag' with {type(self.ggn).__name__}. "
+                                      + _KRON_DIAG_PRIOR)
         start = self.prior_precision if init is None else init
         if isinstance(start, (dict, PVector)) or (torch.is_tensor(start) and start.numel() > 1):
             raise ValueError("optimize_prior_precision starts from a scalar (init_prior_prec=)")
@@ -967,6 +990,8 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
             raise ValueError(f"hessian_structure={hessian_structure!r}: use one of "
                              f"{list(_STRUCTURES)} or representation=")
         representation = getattr(_objects, _STRUCTURES[hessian_structure])
+    if prior_structure == "diag" and representation.__name__ == "PMatKFAC":
+        raise NotImplementedError("prior_structure='diag' with PMatKFAC. " + _KRON_DIAG_PRIOR)
     if prior_structure in ("layerwise", "diag") and representation.__name__ == "PMatEKFAC":
         raise NotImplementedError(
             f"prior_structure={prior_structure!r} with PMatEKFAC: a precision that differs "
@@ -1099,6 +1124,13 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
 
 
 # ---------------------------------------------------------------------- KFAC, per-entry prior
+#: why a general per-parameter prior has no Kronecker form, and what to use instead
+_KRON_DIAG_PRIOR = (
+    "A per-parameter (diagonal) prior has no exact Kronecker form: in the factors' eigenbases "
+    "diag(λ) becomes a dense P × P matrix, so log det H and H⁻¹ would cost the dense O(P³). "
+    "KFAC takes one precision per layer or per parameter tensor (prior_structure='layer' or "
+    "'layerwise', exact with PMatKFAC); for a per-parameter prior use a PMatDiag or PMatDense "
+    "representation")
 class _KronPrior:
     """``H = s · KFAC + diag(Λ)`` for a KFAC matrix and a prior that, in each layer's Kronecker
     layout ``(d_G, d_A)``, is ``I ⊗ diag(d_A)`` with ``d_A = λ 1 + δ e_k`` (one coordinate
@@ -1126,8 +1158,7 @@ class _KronPrior:
             if not torch.equal(kron.detach(), base.detach().expand(dG, dA)):
                 raise NotImplementedError(
                     f"layer '{lid}': the prior precision is not the same for every output unit "
-                    "(in the Kronecker layout); KFAC takes one precision per layer or per "
-                    "parameter tensor")
+                    f"(in the Kronecker layout). {_KRON_DIAG_PRIOR}")
             vals = base.detach()
             uniq, counts = torch.unique(vals, return_counts=True)
             if len(uniq) == 1:
@@ -1138,8 +1169,7 @@ class _KronPrior:
             else:
                 raise NotImplementedError(
                     f"layer '{lid}': the prior precision differs on several input coordinates "
-                    "of the Kronecker layout; KFAC takes one precision per layer or per "
-                    "parameter tensor (weight, bias)")
+                    f"of the Kronecker layout. {_KRON_DIAG_PRIOR}")
             lam0 = base[(k + 1) % dA] if dA > 1 else base[0]
             delta = base[k] - lam0
             a, UA = _eig(A)
@@ -1231,14 +1261,20 @@ def _prior_flat(prior, layer_collection, like):
 
 def _laplace_bridge(mu, var, normalise=False):
     """The Laplace bridge from logits ``N(μ, Σ)`` (``(n, C)``, ``(n, C, C)``) to a Dirichlet,
-    returning its mean ``α / Σ_k α_k``. The logits are first conditioned on ``1ᵀ f = 0``
-    (softmax is invariant along ``1``): ``μ ← μ − Σ1 (1ᵀμ) / (1ᵀΣ1)``,
-    ``Σ ← Σ − Σ1 1ᵀΣ / (1ᵀΣ1)``."""
+    returning its mean ``α / Σ_k α_k`` (see `_bridge_from_parts`)."""
+    row = var.sum(-1)
+    return _bridge_from_parts(mu, torch.diagonal(var, dim1=-2, dim2=-1), row,
+                              row.sum(-1, keepdim=True), normalise)
+
+
+def _bridge_from_parts(mu, diag, row, tot, normalise=False):
+    """The Laplace bridge's Dirichlet mean from the parts of ``Σ`` it reads: ``diag Σ``
+    ``(n, C)``, ``Σ1`` ``(n, C)`` and ``1ᵀΣ1`` ``(n, 1)``. The logits are first conditioned on
+    ``1ᵀ f = 0`` (softmax is invariant along ``1``): ``μ ← μ − Σ1 (1ᵀμ) / (1ᵀΣ1)``, ``diag Σ ←
+    diag Σ − (Σ1)² / (1ᵀΣ1)``; then ``α_k = (1 − 2/C + e^{μ_k} Σ_l e^{−μ_l} / C²) / Σ_kk``."""
     C = mu.shape[-1]
-    row = var.sum(-1)  # Σ1, (n, C)
-    tot = row.sum(-1, keepdim=True)  # 1ᵀΣ1, (n, 1)
     mu = mu - row * mu.sum(-1, keepdim=True) / tot
-    d = torch.diagonal(var, dim1=-2, dim2=-1) - row ** 2 / tot
+    d = diag - row ** 2 / tot
     if normalise:
         scale = d.mean(-1, keepdim=True) / math.sqrt(C / 2)
         mu = mu / scale.sqrt()
@@ -1269,4 +1305,9 @@ def _is_one(x):
     return float(x) == 1.0
 
 
-__all__ = ["Laplace", "marglik_training"]
+__all__ = ["Laplace", "marglik_training", "LastLayerLMLaplace"]
+
+
+from .laplace_gp import FunctionalLaplace  # noqa: E402,F401  (public here too)
+
+__all__.append("FunctionalLaplace")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .object.pspace._cg import conjugate_gradients
 from .object.pspace._checks import SolverNotConvergedError, not_converged_error  # noqa: F401
 from .object.vector import PVector
 
@@ -143,32 +144,13 @@ def cg(A, b, regul=1e-8, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None, retu
     if max_iter is None:
         max_iter = 10 * lc.numel()
     tol = max(rtol * float(torch.linalg.vector_norm(bf)), atol)
-    if x0 is None:
-        x = torch.zeros_like(bf)
-        r = bf.clone()
-    else:
-        x = x0.get_flat_representation().clone()
-        r = bf - sysm.apply(x)
-    z = sysm.precondition(r)
-    p = z.clone()
-    rz = torch.dot(r, z)
-    iterations = 0
-    converged = False
-    for _ in range(max_iter):
-        if float(torch.linalg.vector_norm(r)) <= tol:
-            converged = True
-            break
-        Ap = sysm.apply(p)
-        alpha = rz / torch.dot(p, Ap)
-        x = x + alpha * p
-        r = r - alpha * Ap
-        z = sysm.precondition(r)
-        rz_next = torch.dot(r, z)
-        p = z + (rz_next / rz) * p
-        rz = rz_next
-        iterations += 1
-    else:
-        converged = float(torch.linalg.vector_norm(r)) <= tol
+    # the package's one CG (the rows of a batch; here one row)
+    X, R, iterations, converged, _ = conjugate_gradients(
+        lambda P: sysm.apply(P[0]).unsqueeze(0), bf.unsqueeze(0),
+        precondition=None if M is None else lambda R: sysm.precondition(R[0]).unsqueeze(0),
+        rtol=0.0, atol=tol, max_iter=max_iter,
+        X0=None if x0 is None else x0.get_flat_representation().unsqueeze(0))
+    x = X[0]
     return _finish("cg", sysm, lc, x, bf, iterations, converged, tol, return_info)
 
 

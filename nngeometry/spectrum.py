@@ -1,13 +1,15 @@
 """Eigenvalue spectra of any representation, and the effective dimension.
 
-[`eigenvalues`][nngeometry.object.pspace.abstract.PMatAbstract.eigenvalues] returns the spectrum the cheapest exact way the structure allows, never
-forming a ``P × P`` matrix when the structure gives the eigenvalues directly:
+[`eigenvalues`][nngeometry.spectrum.eigenvalues] returns the spectrum the cheapest exact way the structure allows, never
+forming a ``P × P`` matrix when the structure gives the eigenvalues directly: the
+representation's own
+[`eigenvalues`][nngeometry.object.pspace.abstract.PMatAbstract.eigenvalues], block by block
+(``PMatDiag``: the diagonal; ``PMatEye``: ``P`` copies of its scaling; ``PMatKFAC``: per layer,
+the products ``λ_G[p] λ_A[q]`` of its factors' eigenvalues; ``PMatEKFAC``: its diagonal in the
+eigenbasis; ``PMatLowRank``: its thin eigendecomposition; ``PMatDense``, ``PMatBlockDiag``:
+each block's; ``PMatMixed``: the union of its parts' spectra); otherwise
 
-* ``PMatDiag``: the diagonal; ``PMatEye``: ``P`` copies of its scaling;
-* ``PMatKFAC``: per layer, the products ``λ_G[p] λ_A[q]`` of its factors' eigenvalues;
-* ``PMatEKFAC`` / ``PMatEKFACBlockDiag``: its diagonal in the eigenbasis (EKFAC's eigenvalues);
-* ``PMatMixed``: the union of its parts' spectra;
-* any other representation with ``P ≤ max_dense``: ``eigvalsh`` of ``to_torch()``;
+* a representation with ``P ≤ max_dense``: ``eigvalsh`` of ``to_torch()``;
 * otherwise (``PMatImplicit`` of a large model, ...): the ``k`` extreme eigenvalues by block
   Lanczos ([`nngeometry.estimators.top_eigenpairs`][nngeometry.estimators.top_eigenpairs]); pass ``k``.
 
@@ -15,9 +17,6 @@ forming a ``P × P`` matrix when the structure gives the eigenvalues directly:
 number of parameter directions the data determine, at the scale ``α`` of a prior precision.
 """
 import torch
-
-from .object.pspace import (PMatDiag, PMatEKFAC, PMatEKFACBlockDiag, PMatEye, PMatKFAC,
-                            PMatMixed)
 
 
 def eigenvalues(M, k=None, which="largest", max_dense=4096, **lanczos_kwargs):
@@ -55,47 +54,15 @@ def eigenvalues(M, k=None, which="largest", max_dense=4096, **lanczos_kwargs):
 
 
 def _structured(M):
-    """All eigenvalues of a structured representation, or None."""
-    if isinstance(M, PMatDiag):
-        return M.get_diag().detach()
-    if isinstance(M, PMatEye):
-        s = torch.as_tensor(M.scaling) if hasattr(M, "scaling") else M.data
-        return s.detach().reshape(()).expand(M.layer_collection.numel()).clone()
-    if isinstance(M, PMatKFAC):
-        evals, _ = M.get_eigendecomposition()
-        return torch.cat([torch.outer(lG, lA).reshape(-1) for lA, lG in _pairs(evals)])
-    if isinstance(M, (PMatEKFAC, PMatEKFACBlockDiag)):
-        return torch.cat([d.detach().reshape(-1) for d in _tensors(M.data[1])])
-    if isinstance(M, PMatMixed):
-        parts = [_structured(part) for part in _mixed_parts(M)]
-        if all(p is not None for p in parts):
-            return torch.cat(parts)
-    return None
-
-
-def _pairs(evals):
-    """``(λ_A, λ_G)`` pairs of every layer and Kronecker term of a KFAC eigendecomposition."""
-    for e in evals.values():
-        if isinstance(e, tuple) and len(e) == 2 and torch.is_tensor(e[0]):
-            yield e
-        else:
-            yield from _pairs(dict(enumerate(e)))
-
-
-def _tensors(data):
-    if torch.is_tensor(data):
-        yield data
-    elif isinstance(data, dict):
-        for v in data.values():
-            yield from _tensors(v)
-    elif isinstance(data, (tuple, list)):
-        for v in data:
-            yield from _tensors(v)
-
-
-def _mixed_parts(M):
-    data = M.data
-    return list(data.values()) if isinstance(data, dict) else list(data)
+    """All eigenvalues of a representation whose structure gives them (its blocks'), or None."""
+    fn = getattr(M, "eigenvalues", None)
+    if not callable(fn):
+        return None
+    try:
+        with torch.no_grad():
+            return fn().detach()
+    except NotImplementedError:  # no blocks (PMatImplicit), or a block without a spectrum
+        return None
 
 
 def effective_dimension(M_or_eigenvalues, alpha):

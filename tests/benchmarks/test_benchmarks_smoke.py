@@ -56,3 +56,19 @@ def test_benchmark_harness_quick_run(tmp_path):
         assert line.startswith(f"{t['workload']}  {t['target'][:40]}")
         n_met = {"MET": 2, "MISSED": 0, "N/A": 0}[t["status"]]
         assert line.endswith(f"met {n_met}/{0 if t['status'] == 'N/A' else 2}")
+
+
+
+def test_overrides_script_lists_what_each_representation_writes_again():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "overrides_script", os.path.join(ROOT, "benchmarks", "overrides.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from nngeometry.object import PMatDiag, PMatKFAC, PMatLowRank
+
+    # the Kronecker container solves through its blocks; PMatDiag keeps its one-product paths
+    assert "solvePVec" not in mod.overrides(PMatKFAC)
+    assert {"mv", "vTMv"} <= set(mod.overrides(PMatDiag))
+    assert "pow" in mod.overrides(PMatLowRank)

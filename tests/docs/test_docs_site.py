@@ -25,7 +25,8 @@ PUBLIC_MODULES = [
     "nngeometry.backend.torch_hooks.torch_hooks", "nngeometry.backend.torch_func_hessian",
     "nngeometry.backend.torch_func_jacobian", "nngeometry.estimators",
     "nngeometry.solve", "nngeometry.spectrum", "nngeometry.optim", "nngeometry.regularization",
-    "nngeometry.laplace", "nngeometry.influence", "nngeometry.maths", "nngeometry.utils",
+    "nngeometry.laplace", "nngeometry.laplace_lm", "nngeometry.laplace_gp",
+    "nngeometry.influence", "nngeometry.maths", "nngeometry.utils",
     "nngeometry.serialization",
 ]
 

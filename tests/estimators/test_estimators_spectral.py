@@ -256,7 +256,7 @@ def test_every_representation(rep):
     """Every representation goes through the estimators: exact XTrace (more probes than P) and
     the top eigenpairs against its own dense matrix."""
     from nngeometry.estimators import diag_estimate, trace_estimate
-    from test_representation_table import built
+    from _table_models import built
     b = built(rep)
     D = b.D
     P = D.shape[0]

@@ -167,3 +167,33 @@ def test_subnetwork_with_a_diagonal():
     J = per_example_jacobian(model, xs)[..., idx]
     var = torch.einsum("ikp,pq,ilq->ikl", J, torch.linalg.inv(H), J)
     assert torch.allclose(la.functional_variance(xs), var, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("rep", [PMatDense, PMatDiag], ids=lambda r: r.__name__)
+def test_state_dict_round_trip_of_a_subnetwork(rep):
+    """A subnetwork Laplace saved and loaded into a Laplace built without the indices (they come
+    from the state): the same evidence, predictive, and samples written into the same entries."""
+    model, x, y = _problem(seed=5)
+    P = sum(p.numel() for p in model.parameters())
+    idx = torch.tensor([1, 5, 11, 17, P - 1])
+    la = Laplace(model, "classification", rep, prior_precision=0.8,
+                 subnetwork_indices=idx).fit((x, y))
+    buf = io.BytesIO()
+    torch.save(la.state_dict(), buf)
+    buf.seek(0)
+    new = Laplace(model, "classification", rep).load_state_dict(torch.load(buf))
+    assert torch.equal(new.subnetwork_indices, idx)
+    assert new.ggn.size(0) == 5 and torch.equal(new.ggn.to_torch(), la.ggn.to_torch())
+    assert torch.equal(new.log_marginal_likelihood(0.3), la.log_marginal_likelihood(0.3))
+    xs = torch.randn(3, 3, dtype=DT)
+    assert torch.equal(new.functional_variance(xs), la.functional_variance(xs))
+    g = torch.Generator().manual_seed(0)
+    probs = new.predictive(xs, pred_type="nn", n_samples=4, generator=g)
+    g = torch.Generator().manual_seed(0)
+    assert torch.allclose(probs, la.predictive(xs, pred_type="nn", n_samples=4, generator=g),
+                          rtol=1e-13)
+    # built with the same indices: accepted; with others: refused
+    Laplace(model, "classification", rep, subnetwork_indices=idx).load_state_dict(la.state_dict())
+    with pytest.raises(ValueError, match="other subnetwork_indices"):
+        Laplace(model, "classification", rep,
+                subnetwork_indices=idx[:3]).load_state_dict(la.state_dict())

@@ -168,3 +168,20 @@ def test_progress_bars_change_no_number(capsys):
         err = capsys.readouterr().err
         assert ("prior precision" in err) == shown
     assert values[:2] == values[2:]
+
+
+def test_a_per_parameter_prior_with_kronecker_factors_is_refused_with_the_alternatives():
+    from nngeometry.laplace import marglik_training
+    from nngeometry.object import PMatEKFAC
+
+    model, x, y = _problem(4)
+    la = Laplace(model, "classification", PMatKFAC).fit((x, y))
+    P = sum(p.numel() for p in model.parameters())
+    prior = torch.linspace(0.5, 2.0, P, dtype=DT)
+    for call in (lambda: la.log_marginal_likelihood(prior),
+                 lambda: la.optimize_prior_precision(prior_structure="diag", n_steps=2),
+                 lambda: Laplace(model, "classification", PMatEKFAC).fit((x, y))
+                 .optimize_prior_precision(prior_structure="diag", n_steps=2),
+                 lambda: marglik_training(model, [(x, y)], prior_structure="diag", n_epochs=1)):
+        with pytest.raises(NotImplementedError, match="no exact Kronecker form.*PMatDiag"):
+            call()

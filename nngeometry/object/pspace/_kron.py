@@ -10,8 +10,11 @@ A factor is a 2-D tensor, or a 1-D tensor standing for a diagonal matrix (never 
 An eigenbasis is a 2-D orthogonal tensor (eigenvectors as columns), or an ``int`` ``d`` standing
 for the identity of size ``d`` (the eigenbasis of a diagonal factor).
 """
+from typing import Hashable, NamedTuple
+
 import torch
 
+from ...layer_types.base import is_multiblock
 from . import _checks, _spectral
 
 
@@ -197,45 +200,80 @@ def dense_basis(U, like):
     return U
 
 
-# ---------------------------------------------------------------------- multi-block layers
-# A layer whose type returns several Kronecker blocks (see AbstractLayer.kfac_factors) stores a
-# tuple of per-block entries instead of one entry: ((A_0, G_0), (A_1, G_1), ...) in PMatKFAC,
-# ((U_A_0, U_G_0, D_0), ...) in PMatEKFAC. Inside the representations each block is a *unit*
-# with key ``lid`` (single-block layer) or ``(lid, b)`` (block b of a multi-block layer).
-def is_multi(entry):
-    return isinstance(entry, (tuple, list)) and len(entry) > 0 and isinstance(entry[0], (tuple, list))
+# ---------------------------------------------------------------------- a layer's terms
+# A layer whose type returns several Kronecker terms (see AbstractLayer.kfac_factors) stores a
+# tuple of per-term entries instead of one entry (upstream's ``.data`` layout):
+# ((A_0, G_0), (A_1, G_1), ...) in PMatKFAC, ((U_A_0, U_G_0, D_0), ...) in PMatEKFAC.
+# `KronLayer` reads either form; inside the representations each term is a *unit* keyed by a
+# `Unit` (its layer and its index among the layer's terms).
+class Unit(NamedTuple):
+    """The key of one Kronecker term: its layer id and its index among the layer's terms (0
+    for a layer with one)."""
+    layer: Hashable
+    index: int = 0
+
+    def describe(self, terms=1):
+        """``layer 'fc1'``, with ``(block i)`` for a layer with several terms."""
+        return f"layer '{self.layer}'" + (f" (block {self.index})" if terms > 1 else "")
+
+
+class KronLayer(NamedTuple):
+    """A layer's Kronecker terms: ``terms`` the per-term entries, ``multi`` whether the stored
+    entry is a tuple of them (a layer with one term stores it bare)."""
+    terms: tuple
+    multi: bool
+
+    @classmethod
+    def of(cls, entry):
+        """The terms of a stored entry (``.data[layer_id]``)."""
+        if is_multi(entry):
+            return cls(tuple(entry), True)
+        return cls((entry,), False)
+
+    def entry(self, terms=None):
+        """The stored form of ``terms`` (default: this layer's), in this layer's shape."""
+        terms = self.terms if terms is None else tuple(terms)
+        return terms if self.multi else terms[0]
+
+    def units(self, lid):
+        """The `Unit` keys of the layer's terms, in its Kronecker layout order."""
+        return [Unit(lid, b) for b in range(len(self.terms))]
+
+
+# whether a stored entry holds several Kronecker terms: one test, the layer types'
+is_multi = is_multiblock
 
 
 def blocks_of(entry):
-    return list(entry) if is_multi(entry) else [entry]
+    return list(KronLayer.of(entry).terms)
 
 
 def unit_keys(lid, entry):
     """The unit keys of a layer, in its Kronecker layout order."""
-    if is_multi(entry):
-        return [(lid, b) for b in range(len(entry))]
-    return [lid]
+    return KronLayer.of(entry).units(lid)
 
 
 def iter_units(data):
-    """``(key, block entry)`` for every unit of ``data`` (layers in order, blocks in order)."""
+    """``(Unit, term)`` for every unit of ``data`` (layers in order, terms in order)."""
     for lid, e in data.items():
-        yield from zip(unit_keys(lid, e), blocks_of(e))
+        layer = KronLayer.of(e)
+        yield from zip(layer.units(lid), layer.terms)
 
 
 def get_unit(data, key):
-    if isinstance(key, tuple):
-        return data[key[0]][key[1]]
-    return data[key]
+    """The term of ``data`` at ``key`` (a `Unit`, or a layer id for its only term)."""
+    if isinstance(key, Unit):
+        return KronLayer.of(data[key.layer]).terms[key.index]
+    return KronLayer.of(data[key]).terms[0]
 
 
 def repack(template, values):
-    """A data dict shaped like ``template`` (same layers, same blocks) from ``values`` keyed by
-    unit key: ``{lid: values[lid]}`` or ``{lid: (values[(lid, 0)], values[(lid, 1)], ...)}``."""
+    """A data dict shaped like ``template`` (same layers, same terms) from ``values`` keyed by
+    `Unit`."""
     out = {}
     for lid, e in template.items():
-        keys = unit_keys(lid, e)
-        out[lid] = tuple(values[k] for k in keys) if is_multi(e) else values[keys[0]]
+        layer = KronLayer.of(e)
+        out[lid] = layer.entry(values[k] for k in layer.units(lid))
     return out
 
 
@@ -264,7 +302,7 @@ class Layout:
             sizes = d if multi else [d]
             units, off = [], 0
             for b, (dG, dA) in enumerate(sizes):
-                units.append(((lid, b) if multi else lid, off, dG, dA))
+                units.append((Unit(lid, b), off, dG, dA))
                 off += dG * dA
             start = layer_collection.p_pos[lid]
             numel = layer.numel()
@@ -392,6 +430,9 @@ class KronBlocksInLayout:
             keys = lay.unit_keys = [key for _, (*_, units) in lay.entries.items()
                                     for key, *_ in units]
         return keys
+
+    def _block_layers(self):
+        return [key.layer for key in self._block_keys()]
 
     def _split(self, X):
         return list(self._layout.split(X).values())

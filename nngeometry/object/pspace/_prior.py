@@ -213,10 +213,10 @@ def layer_prior(regul, layer_collection, rep, what):
 
 def unit_value(regul, key):
     """The scalar damping ``λ_l`` of a unit of a per-layer representation (``key`` a layer id,
-    or ``(layer_id, block)``: every block of a layer gets its layer's), from what
+    or a Kronecker term's ``Unit``: every term of a layer gets its layer's), from what
     `layer_prior` returned."""
     if hasattr(regul, "layer_value"):
-        return regul.layer_value(key[0] if isinstance(key, tuple) else key)
+        return regul.layer_value(getattr(key, "layer", key))
     return regul
 
 

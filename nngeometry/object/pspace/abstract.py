@@ -200,28 +200,47 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
                 "('exact': functions of M + Λ itself; 'pi': π-damped Kronecker factors, "
                 "PMatKFAC only)")
 
-    def _dampings(self, regul, what, damping="exact"):
+    # keywords of the damped operations that say how a block takes its damping (PMatKFAC's
+    # use_pi), passed to `_block_damping`
+    _DAMPING_OPTIONS = ()
+
+    def _block_layers(self):
+        """The layer id of each block (`_block_keys` when blocks are per layer), or None."""
+        return self._block_keys()
+
+    # the damping a block takes for a scalar ``value`` under a ``damping`` other than 'exact',
+    # ``_block_damping(value, **options)`` (PMatKFAC's `PiDamping`); None: there is none
+    _block_damping = None
+
+    def _dampings(self, regul, what, damping="exact", **options):
         """``(regul for the messages, the blocks, [the damping of each block])``: a scalar ``λ`` as given;
         a per-layer ``Λ`` as each layer's scalar when blocks are per layer; otherwise each
-        block's part of the diagonal of ``Λ`` (a per-entry damping in the block's layout)."""
-        self._check_damping(damping, what)
-        if damping != "exact":  # the blocks compute functions of M + Λ itself
+        block's part of the diagonal of ``Λ`` (a per-entry damping in the block's layout).
+        A ``damping`` other than ``'exact'`` turns each scalar into the block's damping
+        (`_block_damping`, with ``options``)."""
+        if damping not in self._DAMPINGS:
+            self._check_damping(damping, what)
+        if options and not set(options) <= set(self._DAMPING_OPTIONS):
+            raise TypeError(f"{type(self).__name__}.{what} got unexpected keyword(s) "
+                            f"{', '.join(sorted(set(options) - set(self._DAMPING_OPTIONS)))}")
+        if damping != "exact" and self._block_damping is None:
             raise ValueError(f"{type(self).__name__}.{what}: damping={damping!r} is not "
                              "available for this operation; use damping='exact'")
         blocks = self._blocks_or_unsupported(what)
         scalar, prior = scalar_or_prior(regul, self.layer_collection, type(self).__name__, what)
         if prior is None:
-            return scalar, blocks, [scalar] * len(blocks)
-        keys = self._block_keys()
-        if prior.kind == "layer" and keys is not None:
-            # a key (layer_id, i): block i of a layer with several (attention), its layer's λ
-            return prior, blocks, [prior.layer_value(k[0] if isinstance(k, tuple) else k)
-                                   for k in keys]
-        if not self._per_entry_exact:
-            from ._prior import per_parameter_refused
-            raise per_parameter_refused(type(self).__name__, what)
-        like = self._like()
-        return prior, blocks, self._split(prior.flat(like))
+            regul, values = scalar, [scalar] * len(blocks)
+        elif prior.kind == "layer" and self._block_layers() is not None:
+            # every block of a layer with several (attention) takes its layer's λ
+            regul, values = prior, [prior.layer_value(lid) for lid in self._block_layers()]
+        else:
+            if not self._per_entry_exact:
+                from ._prior import per_parameter_refused
+                raise per_parameter_refused(type(self).__name__, what)
+            return prior, blocks, self._split(prior.flat(self._like()))
+        if damping != "exact":
+            values = [self._block_damping(v, **options) for v in values]
+        return regul, blocks, values
 
     def _like(self):
         """A tensor of the matrix's dtype and device."""
@@ -291,70 +310,89 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
             return self.solvePFMap(x, regul=regul, solve=solve, **kwargs)
         raise TypeError(f"solve takes a PVector or a PFMap, got {type(x).__name__}")
 
-    def _block_solve_rows(self, X, regul, damping, what="solve"):
-        regul, blocks, dampings = self._dampings(regul, what, damping)
+    # the ``solve`` methods a representation takes: each name maps to ``(damping, method)``,
+    # the damping it stands for (None: the ``damping`` given) and the blocks' ``solve`` method
+    # (None: their default)
+    _SOLVE_METHODS = {"default": (None, None), "solve": (None, None)}
+
+    def _solve_damping(self, solve, damping):
+        """``(damping, block method)`` for the ``solve`` name (see ``_SOLVE_METHODS``)."""
+        entry = self._SOLVE_METHODS.get(solve)
+        if entry is None:
+            raise ValueError(f"unknown solve '{solve}' for {type(self).__name__}: use "
+                             + " or ".join(map(repr, self._SOLVE_METHODS)))
+        return damping if entry[0] is None else entry[0], entry[1]
+
+    def _block_solve_rows(self, X, regul, damping, what="solve", method=None, **options):
+        regul, blocks, dampings = self._dampings(regul, what, damping, **options)
         who = (type(self).__name__, regul)
-        return self._join([b.solve(V, d, who) for b, V, d in
+        if method is None:
+            return self._join([b.solve(V, d, who) for b, V, d in
+                               zip(blocks, self._split(X), dampings)])
+        return self._join([b.solve(V, d, who, method) for b, V, d in
                            zip(blocks, self._split(X), dampings)])
 
-    def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
+    def solvePVec(self, x, regul=1e-8, solve="default", damping="exact", **options):
         """``(M + Λ)⁻¹ x`` block by block, exact (``regul``: see `_prior`)."""
-        self._blocks_or_unsupported("solvePVec")
         self._check_pvector(x)
-        _check_default_solve(self, solve)
+        damping, method = self._solve_damping(solve, damping)
         return PVector(self.layer_collection, vector_repr=self._block_solve_rows(
-            x.get_flat_representation(), regul, damping))
+            x.get_flat_representation(), regul, damping, method=method, **options))
 
-    def solvePFMap(self, x, regul=1e-8, solve="default", damping="exact"):
+    def solvePFMap(self, x, regul=1e-8, solve="default", damping="exact", **options):
         """``(M + Λ)⁻¹`` applied to every row of the PFMap, block by block."""
-        self._blocks_or_unsupported("solvePFMap")
         self._check_pfmap(x)
-        _check_default_solve(self, solve)
-        return PFMapDense(self.layer_collection,
-                          data=self._block_solve_rows(x.to_torch(), regul, damping))
+        damping, method = self._solve_damping(solve, damping)
+        return PFMapDense(self.layer_collection, data=self._block_solve_rows(
+            x.to_torch(), regul, damping, method=method, **options))
 
-    def _power_blocks(self, p, regul, damping, what):
+    def _power_blocks(self, p, regul, damping, what, **options):
         """``[(B + Λ_B)^p]`` for every block."""
-        regul, blocks, dampings = self._dampings(regul, what, damping)
+        regul, blocks, dampings = self._dampings(regul, what, damping, **options)
         who = (type(self).__name__, regul)
         return [b.matpower(p, d, who) for b, d in zip(blocks, dampings)]
 
-    def _matpower(self, p, regul, damping, what):
-        return self._from_blocks(self._power_blocks(p, regul, damping, what))
+    def _matpower(self, p, regul, damping, what, **options):
+        return self._from_blocks(self._power_blocks(p, regul, damping, what, **options))
 
-    def inverse(self, regul=1e-8, damping="exact"):
+    def inverse(self, regul=1e-8, damping="exact", **options):
         """``(M + Λ)⁻¹`` block by block, exact (singular: the shared error)."""
-        return self._matpower(-1.0, regul, damping, "inverse")
+        return self._matpower(-1.0, regul, damping, "inverse", **options)
 
     def inv(self, regul=1e-8, **kwargs):
         """``(M + Λ)⁻¹`` (see the representation's ``inverse`` for ``regul`` and damping)."""
         return self._inverse_impl(regul=regul, **kwargs)
 
-    def pow(self, x, regul=0.0, damping="exact"):
+    def pow(self, x, regul=0.0, damping="exact", **options):
         """``(M + Λ)^x`` block by block, exact: negative powers need ``M + Λ`` invertible,
         fractional ones positive semi-definite (the shared errors; round-off below 0 is
         clipped)."""
-        return self._matpower(x, regul, damping, f"pow({x})")
+        return self._matpower(x, regul, damping, f"pow({x})", **options)
 
     def __pow__(self, x):
         return self.pow(x)
 
-    def logdet(self, regul=0.0, damping="exact"):
+    def logdet(self, regul=0.0, damping="exact", **options):
         """``log det(M + Λ) = Σ_blocks log det(B + Λ_B)`` (positive definite, or the shared
         errors), differentiable with respect to a ``Λ`` that requires grad."""
-        regul, blocks, dampings = self._dampings(regul, "logdet", damping)
+        regul, blocks, dampings = self._dampings(regul, "logdet", damping, **options)
         who = (type(self).__name__, regul)
+        if len(blocks) > 1 and all(b.logdet_is_spectral(d) for b, d in zip(blocks, dampings)):
+            # one check of the whole spectrum (one tolerance, one error), one sum
+            from ._checks import logdet_of
+            return logdet_of(torch.cat([b.eigenvalues(d).reshape(-1)
+                                        for b, d in zip(blocks, dampings)]), who[0], regul)
         return _total(b.logdet(d, who) for b, d in zip(blocks, dampings))
 
-    def eigenvalues(self, regul=0.0, damping="exact"):
+    def eigenvalues(self, regul=0.0, damping="exact", **options):
         """The ``P`` eigenvalues of ``M + Λ``, block by block (in no particular order)."""
-        regul, blocks, dampings = self._dampings(regul, "eigenvalues", damping)
+        regul, blocks, dampings = self._dampings(regul, "eigenvalues", damping, **options)
         return torch.cat([b.eigenvalues(d).reshape(-1) for b, d in zip(blocks, dampings)])
 
-    def diag_of_inverse(self, regul=1e-8, damping="exact"):
+    def diag_of_inverse(self, regul=1e-8, damping="exact", **options):
         """``diag((M + Λ)⁻¹)`` as a ``(P,)`` tensor (the marginal variances of a Laplace
         posterior of precision ``M + Λ``), block by block, without forming a ``P × P``."""
-        regul, blocks, dampings = self._dampings(regul, "diag_of_inverse", damping)
+        regul, blocks, dampings = self._dampings(regul, "diag_of_inverse", damping, **options)
         who = (type(self).__name__, regul)
         return self._join([b.matpower(-1.0, d, who).diag() for b, d in zip(blocks, dampings)])
 
@@ -476,10 +514,21 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
         return self._scaled(-1.0)
 
     def __add__(self, other):
-        self._unsupported("__add__")
+        """``M + other`` block by block: another matrix of the same representation whose
+        blocks add to a structured block, or a `PMatEye` ``s·I`` (``+ s·I`` on every block)."""
+        if not isinstance(other, PMatAbstract):
+            return NotImplemented
+        return self._add_blocks(other)
+
+    def __radd__(self, other):
+        return self.__add__(other)
 
     def __sub__(self, other):
-        return self + (-other)
+        if not isinstance(other, PMatAbstract):
+            return NotImplemented
+        if self._blocks() is None:
+            return self + (-other)
+        return self._add_blocks(other, -1.0)
 
     # ------------------------------------------------------------------ device and dtype
     def to(self, *args, **kwargs):
@@ -515,6 +564,7 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
         state["generator"] = None
         state.pop("_slices_cache", None)  # recomputed on demand
         state.pop("_solve_cache", None)  # factorizations: recomputable
+        state.pop("_blocks_cache", None)  # kept blocks and their caches: recomputable
         return state
 
     def __setstate__(self, state_dict):
@@ -581,11 +631,6 @@ def _total(values):
 
 def _apply(block, V):
     return block.apply(V)
-
-
-def _check_default_solve(rep, solve):
-    if solve not in ("default", "solve"):
-        raise ValueError(f"unknown solve '{solve}' for {type(rep).__name__}: use 'default'")
 
 
 def check_reduction(reduction):

@@ -1,10 +1,8 @@
 """``PMatDense``: the full ``P × P`` matrix (a container of one `DenseBlock`)."""
 import torch
 
-from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks, _spectral
-from ._prior import scalar_or_prior
 from .abstract import PMatAbstract
 from .blocks import DenseBlock
 
@@ -27,9 +25,12 @@ class PMatDense(PMatAbstract):
 
     # ------------------------------------------------------------------ the container
     def _blocks(self):
-        """One `DenseBlock` for the whole matrix, sharing the cached
-        eigendecomposition (`get_eigendecomposition`)."""
-        return [DenseBlock(self.data, self.get_eigendecomposition)]
+        """One `DenseBlock` for the whole matrix, sharing the cached eigendecomposition
+        (`get_eigendecomposition`); kept while ``data`` is unchanged, with the factorization
+        of the last solve (see `DenseBlock.solve`)."""
+        return _checks.cached(self.__dict__, "_blocks_cache", "blocks",
+                              lambda: [DenseBlock(self.data, self.get_eigendecomposition)],
+                              self.data)
 
     def _from_blocks(self, blocks):
         (b,) = blocks
@@ -44,122 +45,29 @@ class PMatDense(PMatAbstract):
         return PMatDense(self.layer_collection, None, data=self.data @ other.data)
 
     # ------------------------------------------------------------------ solves and functions
-    def _regul(self, regul, what):
-        """``regul`` as given when it is a scalar ``λ`` (``Λ = λI``), else the normalised
-        per-layer / per-parameter `Prior`."""
-        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatDense", what)
-        return scalar if prior is None else prior
-
-    def _damped(self, regul):
-        """The dense ``M + Λ``."""
-        if hasattr(regul, "flat"):  # a per-layer / per-parameter prior
-            return self.data + torch.diag(regul.flat(self.data))
-        return self.data + regul * torch.eye(self.data.shape[0], dtype=self.data.dtype,
-                                             device=self.data.device)
-
-    def _damped_eig(self, regul):
-        """``(eigenvalues, eigenvectors)`` of ``M + Λ``: for a scalar ``λ`` the cached
-        eigendecomposition of ``M`` shifted by ``λ`` (reused for every new ``λ``); for a
-        per-layer / per-parameter ``Λ`` the eigendecomposition of ``M + Λ`` itself (``M`` and
-        ``Λ`` then share no eigenbasis)."""
-        if hasattr(regul, "flat"):
-            return _spectral.eigh(self._damped(regul))
-        evals, evecs = self.get_eigendecomposition()
-        return evals + regul, evecs
-
-    def _check_invertible(self, regul, what):
-        """Refuse (shared singular-matrix error) an undamped ``regul <= 0`` solve of a singular
-        or rank-deficient matrix, through its eigenvalues (computed once, and the ``O(P³)`` the
-        solve costs anyway). With ``regul > 0`` the damped matrix is trusted."""
-        if not _checks._float(regul) > 0:
-            evals, _ = self._damped_eig(regul)
-            _checks.check_invertible(evals, "PMatDense", what, regul)
-
-    def _factorization(self, regul, solve):
-        """The factorization of ``M + regul·I`` for ``solve`` ('lu': ``lu_factor``, 'cholesky':
-        the lower Cholesky factor), computed once per ``(solve, regul)``; in float32 for a
-        half-precision matrix (no half LAPACK kernels).
-
-        Cache policy: only the *last* ``(solve, regul)`` is kept, because each factorization is
-        as large as ``M`` (``P²``): a second solve with the same regul costs two triangular
-        solves (``O(P²)``, about one ``mv``) instead of an ``O(P³)`` factorization, and a sweep
-        over reguls does not pile up ``P²`` tensors. The cache is keyed on ``data`` itself (the
-        tensor and its version counter, see ``_checks.cached``): replacing ``data`` or changing
-        it in place (``M.data.mul_(0.9).add_(0.1 * new)``) refactorizes. A ``regul`` or ``data``
-        that records an autograd graph is never cached. Not pickled (see ``__getstate__``).
-        """
-        def compute():
-            A = _checks.upcast(self._damped(regul))
-            try:
-                if solve == "cholesky":
-                    return torch.linalg.cholesky(A)
-                return torch.linalg.lu_factor(A)
-            except torch.linalg.LinAlgError as e:
-                raise self._factorization_error(regul, solve, e) from None
-
-        return _checks.cached(self.__dict__, "_solve_cache", (solve, _checks.regul_key(regul)),
-                              compute, self.data)
-
-    def _factorization_error(self, regul, solve, err):
-        if solve == "cholesky":
-            return ValueError(
-                f"PMatDense.solve(solve='cholesky'): M + regul·I is not positive definite at "
-                f"regul={_checks._float(regul):.3g} (torch: {str(err).splitlines()[0]}); pass a larger "
-                "regul > 0, or solve='solve' (LU) for an indefinite matrix")
-        return _checks.singular_error("PMatDense", "solve", regul,
-                                      "the LU factorization has a zero pivot")
+    # 'solve' (the default: LU with partial pivoting, as torch.linalg.solve) and 'cholesky'
+    # reuse the factorization of the last regul, 'eigh' (nngeometry 0.4: 'eigendecomposition')
+    # the eigendecomposition, 'lstsq' factorizes each time (see DenseBlock.solve)
+    _SOLVE_METHODS = {"default": (None, None), "solve": (None, None),
+                      "cholesky": (None, "cholesky"), "lstsq": (None, "lstsq"),
+                      "eigh": (None, "eigh"), "eigendecomposition": (None, "eigh")}
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_solve_cache", None)  # P² and recomputable: not worth pickling
+        state.pop("_blocks_cache", None)  # the factorization: P² and recomputable
         state.pop("_eig_snapshot", None)  # weak references: see get_eigendecomposition
         return state
 
-    def _solve_matrix(self, b, regul, solve):
-        """Solve ``(M + regul I) X = B`` for the columns of ``b`` (shape (P, m)).
-
-        'solve' (default, LU with partial pivoting: the same factorization and result as
-        ``torch.linalg.solve``) and 'cholesky' reuse the factorization of a previous call with
-        the same regul (see `_factorization`); 'eigh' reuses the eigendecomposition.
-        ``regul <= 0`` on a singular matrix is refused (shared singular-matrix error)."""
-        if solve not in ("default", "solve", "cholesky", "lstsq", "eigh", "eigendecomposition"):
-            raise ValueError(f"unknown solve '{solve}': use 'solve', 'cholesky', 'lstsq' or "
-                             "'eigh' (alias 'eigendecomposition')")
-        self._check_invertible(regul, "solve")
-        out_dtype = b.dtype
-        b = _checks.upcast(b)
-        if solve in ("default", "solve"):
-            LU, pivots = self._factorization(regul, "lu")
-            x = torch.linalg.lu_solve(LU, pivots, b)
-        elif solve == "cholesky":
-            x = torch.cholesky_solve(b, self._factorization(regul, "cholesky"))
-        elif solve == "lstsq":
-            x = torch.linalg.lstsq(_checks.upcast(self._damped(regul)), b).solution
-        else:  # 'eigh', and 'eigendecomposition': nngeometry 0.4's name
-            evals, evecs = self._damped_eig(regul)
-            evals, evecs = _checks.upcast(evals), _checks.upcast(evecs)
-            x = evecs @ ((evecs.t() @ b) / evals.unsqueeze(1))
-        return x.to(out_dtype)
-
     def solvePVec(self, x, regul=1e-8, solve="solve", damping="exact"):
         """``(M + Λ)⁻¹ x``, exactly; ``regul`` gives ``Λ``: a scalar ``λ`` (``λI``), a dict
-        ``{layer_id: λ_l}``, a PVector (one value per parameter), a PMatEye or a PMatDiag. The
-        factorization of the last ``(solve, regul)`` is kept (see ``_factorization``)."""
-        self._check_damping(damping, "solve")
-        self._check_pvector(x)
-        regul = self._regul(regul, "solve")
-        y = self._solve_matrix(x.get_flat_representation().unsqueeze(1), regul, solve)
-        return PVector(self.layer_collection, vector_repr=y.squeeze(1))
+        ``{layer_id: λ_l}``, a PVector (one value per parameter), a PMatEye or a PMatDiag.
+        ``solve``: ``'solve'`` (LU, default), ``'cholesky'``, ``'eigh'`` or ``'lstsq'``; the
+        factorization of the last ``(solve, regul)`` is kept."""
+        return super().solvePVec(x, regul, solve, damping)
 
     def solvePFMap(self, x, regul=1e-8, solve="solve", damping="exact"):
         """``(M + Λ)⁻¹`` applied to every row of the PFMap (``regul``: see [`solvePVec`][nngeometry.object.pspace.abstract.PMatAbstract.solvePVec])."""
-        self._check_damping(damping, "solve")
-        self._check_pfmap(x)
-        regul = self._regul(regul, "solve")
-        J = x.to_torch()
-        K, n, P = J.shape
-        Y = self._solve_matrix(J.reshape(K * n, P).t(), regul, solve)
-        return PFMapDense(self.layer_collection, data=Y.t().reshape(K, n, P))
+        return super().solvePFMap(x, regul, solve, damping)
 
     def compute_eigendecomposition(self, impl="eigh"):
         """Eigendecomposition ``M = V diag(λ) Vᵀ`` of the symmetric matrix, cached in ``evals``
@@ -238,15 +146,6 @@ class PMatDense(PMatAbstract):
 
     def to_torch(self):
         return self.data
-
-    # ------------------------------------------------------------------ arithmetic
-    def __add__(self, other):
-        return self._add_blocks(other)
-
-    __radd__ = __add__
-
-    def __sub__(self, other):
-        return self._add_blocks(other, -1.0)
 
 
 # the size check is shared by every representation's dense allocations: see _checks

@@ -80,11 +80,3 @@ class PMatDiag(PMatAbstract):
 
     def _singular_values(self):
         return self.data.abs()
-
-    def __add__(self, other):
-        return self._add_blocks(other)
-
-    __radd__ = __add__
-
-    def __sub__(self, other):
-        return self._add_blocks(other, -1.0)

@@ -6,7 +6,6 @@ from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
 from . import _kron as K
-from ._prior import layer_prior, unit_value
 from .abstract import PMatAbstract, check_same_function, function_origin
 from .blocks import EigenKronBlock
 from .eye import PMatEye
@@ -227,17 +226,11 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
 
     def _units(self):
         """``(unit key, (U_A, U_G, D))`` for every Kronecker block (unit keys: see ``_kron``)."""
-        out = []
-        for lid, e in self._store.items():
-            multi = K.is_multi(e)
-            for b, ent in enumerate(self._entries(lid)):
-                out.append(((lid, b) if multi else lid, ent))
-        return out
+        return [(K.Unit(lid, b), ent) for lid in self._store
+                for b, ent in enumerate(self._entries(lid))]
 
     def _unit(self, key):
-        if isinstance(key, tuple):
-            return self._store[key[0]][key[1]]
-        return self._entry(key)
+        return self._entries(key.layer)[key.index]
 
     def _perm(self, lid):
         return self.layer_collection[lid].kfac_permutation()
@@ -333,17 +326,18 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
     _per_entry_exact = False
 
     def _blocks(self):
-        return [EigenKronBlock(*ent) for _, ent in self._units()]
+        # kept while the stored entries are unchanged, with what each block computed once
+        return _checks.cached(self.__dict__, "_blocks_cache", "blocks",
+                              lambda: [EigenKronBlock(*ent) for _, ent in self._units()],
+                              self._store)
 
     def _from_blocks(self, blocks):
         """The same eigenbases with each block's new ``D``."""
         diags = {}
         for (key, _), b in zip(self._units(), blocks):
-            if isinstance(key, tuple):
-                diags.setdefault(key[0], []).append(b.D)
-            else:
-                diags[key] = b.D
-        return self._with_diags(diags)
+            diags.setdefault(key.layer, []).append(b.D)
+        return self._with_diags({lid: ds if K.is_multi(self._store[lid]) else ds[0]
+                                 for lid, ds in diags.items()})
 
     def _like(self):
         return self._units()[0][1][2]
@@ -358,75 +352,18 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         return super().vTMv(vector)
 
     # ------------------------------------------------------------------ solves and functions
-    def _check_solve(self, solve, damping="exact"):
-        if solve not in ("default", "solve", "eigh"):
-            raise ValueError(f"unknown solve '{solve}' for {type(self).__name__}: use 'default'")
-        self._check_damping(damping, "solve")  # it damps exactly, in its eigenbasis
-
-    def _regul(self, regul, what):
-        return layer_prior(regul, self.layer_collection, type(self).__name__, what)
-
-    _unit_regul = staticmethod(unit_value)
-
-    def _damped_values(self, regul):
-        """Every eigenvalue ``D + λ_l`` of ``M + Λ``, concatenated."""
-        if hasattr(regul, "layer_value"):  # one value per layer
-            return torch.cat([(ent[2] + self._unit_regul(regul, key)).reshape(-1)
-                              for key, ent in self._units()])
-        return torch.cat([ent[2].reshape(-1) for _, ent in self._units()]) + regul
-
-    def _check_invertible(self, regul, what):
-        """Refuse (shared singular-matrix error) when ``D + regul`` has a zero, or undamped
-        (``regul <= 0``) a round-off, value: the eigenvalues of ``M + regul·I``."""
-        _checks.check_invertible(self._damped_values(regul), type(self).__name__, what, regul)
-
-    def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
-        """``(M + Λ)⁻¹ x``, exactly (``U (D + λ_l)⁻¹ Uᵀ x`` per layer); ``regul``: a scalar
-        ``λ`` or a per-layer dict ``{layer_id: λ_l}`` (layers left out: 0), also a PMatEye; a
-        per-parameter ``Λ`` raises ``NotImplementedError``."""
-        self._check_pvector(x)
-        self._check_solve(solve, damping)
-        return PVector(self.layer_collection, vector_repr=self._solve_checked(
-            x.get_flat_representation(), regul))
-
-    def solvePFMap(self, x, regul=1e-8, solve="default", damping="exact"):
-        self._check_pfmap(x)
-        self._check_solve(solve, damping)
-        return PFMapDense(self.layer_collection, data=self._solve_checked(x.to_torch(), regul))
-
-    def _solve_checked(self, X, regul):
-        """``(M + Λ)⁻¹`` on the rows of ``X``: the whole spectrum checked at once (one error,
-        one tolerance), then each block's ``(B + λ_l)⁻¹`` without checking again."""
-        prior = self._regul(regul, "solve")
-        self._check_invertible(prior, "solve")
-        _, blocks, dampings = self._dampings(regul, "solve")
-        return self._join([b.apply_power(V, -1.0, d) for b, V, d in
-                           zip(blocks, self._split(X), dampings)])
-
-    def inverse(self, regul=1e-8, damping="exact"):
-        """``(M + regul·I)⁻¹``, same representation."""
-        return self.pow(-1.0, regul=regul, damping=damping)
+    # the base class's, from the blocks: exact damping in the eigenbasis, ``U (D + λ_l)^p Uᵀ``
+    # per layer (``regul``: a scalar ``λ``, a per-layer dict ``{layer_id: λ_l}`` with the layers
+    # left out at 0, or a PMatEye; a per-parameter ``Λ`` raises NotImplementedError)
+    _SOLVE_METHODS = {"default": (None, None), "solve": (None, None), "eigh": (None, None)}
 
     def pow(self, pow, regul=0.0, impl="default", damping="exact"):
         """``(M + regul·I)^pow = U diag((D + regul)^pow) Uᵀ`` (values below 0, round-off, are
         clipped to 0 for fractional ``pow``). ``impl``: only ``'default'`` (upstream's
         parameter; the power is always taken on the diagonal)."""
-        self._check_damping(damping, "pow")
         if impl != "default":
             raise ValueError(f"unknown impl '{impl}' for {type(self).__name__}.pow: use 'default'")
-        x = pow  # upstream's parameter name shadows the builtin; only `x` below
-        what = "inverse" if x == -1 else f"pow({x})"
-        prior = self._regul(regul, what)
-        # the whole spectrum checked at once (one error, one tolerance), then the blocks' powers
-        # a negative eigenvalue first: for a fractional power it is the error to report, also
-        # when (negative power) the damped spectrum has a zero too
-        if not float(x).is_integer():
-            _checks.psd_values(self._damped_values(prior), type(self).__name__, what, prior)
-        if float(x) < 0:
-            self._check_invertible(prior, what)
-        _, blocks, dampings = self._dampings(regul, what, damping)
-        clip = not float(x).is_integer()  # round-off only: genuinely negative values refused
-        return self._from_blocks([b.matpower(x, d, clip=clip) for b, d in zip(blocks, dampings)])
+        return super().pow(pow, regul, damping)
 
     def pinv(self, atol=1e-8):
         """The Moore-Penrose pseudo-inverse ``U diag(D⁺) Uᵀ``, with ``D⁺ = 1/D`` where
@@ -438,12 +375,6 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
                                torch.zeros_like(D))
 
         return self._with_diags(self._map_diags(f))
-
-    def logdet(self, regul=0.0, damping="exact"):
-        """``log det(M + Λ) = Σ_l Σ log(D_l + λ_l)`` (``regul``: see [`solvePVec`][nngeometry.object.pspace.abstract.PMatAbstract.solvePVec])."""
-        self._check_damping(damping, "logdet")
-        regul = self._regul(regul, "logdet")
-        return _checks.logdet_of(self._damped_values(regul), type(self).__name__, regul)
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self, v=None, split_weight_bias=True):
@@ -486,13 +417,10 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         return out
 
     # ------------------------------------------------------------------ arithmetic
-    def _scaled(self, x):
-        return self._with_diags(self._map_diags(lambda D: D * x))
-
     def _same_basis(self, other):
         self._check_same_kind(other)
         for (key, a), (_, b) in zip(self._units(), other._units()):
-            lid = key[0] if isinstance(key, tuple) else key
+            lid = key.layer
             for U1, U2 in ((a[0], b[0]), (a[1], b[1])):
                 if U1 is U2:
                     continue
@@ -503,15 +431,12 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
                         f"'{lid}': their sum/product is not diagonal in one basis; use to_torch() "
                         "(dense) or PMatDense")
 
-    def __add__(self, other):
-        """Sum of two matrices sharing their eigenbases (e.g. ``M + c·M``): ``D₁ + D₂``; with a
-        `PMatEye` ``s·I`` (a prior precision): ``D + s`` (the eigenbases are complete)."""
-        if isinstance(other, PMatEye):
-            if other.layer_collection != self.layer_collection:
-                raise ValueError("the two matrices are built on different LayerCollections")
-            return self._with_diags(self._map_diags(lambda D: D + other.scaling))
-        self._same_basis(other)
-        return self._with_diags(self._zip_diags(other, lambda D1, D2: D1 + D2))
+    def _add_blocks(self, other, sign=1.0):
+        """Sums of two matrices sharing their eigenbases (e.g. ``M + c·M``): ``D₁ ± D₂``; with a
+        `PMatEye` ``s·I`` (a prior precision): ``D ± s`` (the eigenbases are complete)."""
+        if not isinstance(other, PMatEye):
+            self._same_basis(other)  # the error names the layer
+        return super()._add_blocks(other, sign)
 
     def _zip_diags(self, other, fn):
         """``{lid: fn(D₁, D₂)}`` per block (lists for multi-block layers)."""

@@ -5,6 +5,7 @@ import torch
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
+from ._cg import conjugate_gradients
 from ._prior import scalar_or_prior
 from .abstract import (PMatAbstract, check_reduction, check_same_function, function_origin,
                        reduce_forms, resolve_layer_collection)
@@ -247,46 +248,16 @@ class PMatImplicit(PMatAbstract):
             raise ValueError(f"regul must be ≥ 0, got {low:.3g}")
         if tol is None:
             tol = torch.finfo(B.dtype).eps ** 0.75
-        if max_iter is None:
-            max_iter = B.shape[1]
-        precondition = self._preconditioner(M)
-        if X0 is None:
-            X = torch.zeros_like(B)
-            R = B.clone()
-        else:
-            X = X0.to(B.dtype).clone()
-            R = B - (self._mm_rows(X) + regul * X)
-        Z = precondition(R)
-        Pd = Z.clone()
-        rz = (R * Z).sum(1)
-        rs = (R * R).sum(1)
-        bnorm = (B * B).sum(1).sqrt()
-        target = torch.clamp(tol * bnorm, min=atol)
-        it = 0
-        while it < max_iter and bool((rs.sqrt() > target).any()):
-            AP = self._mm_rows(Pd) + regul * Pd
-            pAp = (Pd * AP).sum(1)
-            alpha = torch.where(pAp > 0, rz / torch.where(pAp > 0, pAp, torch.ones_like(pAp)),
-                                torch.zeros_like(pAp))
-            X = X + alpha.unsqueeze(1) * Pd
-            R = R - alpha.unsqueeze(1) * AP
-            Z = precondition(R)
-            rz_new = (R * Z).sum(1)
-            beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)),
-                               torch.zeros_like(rz))
-            Pd = Z + beta.unsqueeze(1) * Pd
-            rz = rz_new
-            rs = (R * R).sum(1)
-            it += 1
-        rel = (rs.sqrt() / bnorm.clamp(min=torch.finfo(B.dtype).tiny)).max()
-        converged = not bool((rs.sqrt() > target).any())
-        self.last_cg_info = {"iterations": it, "relative_residual": float(rel),
+        X, _, it, converged, rel = conjugate_gradients(
+            self._mm_rows, B, regul, None if M is None else self._preconditioner(M), rtol=tol,
+            atol=atol, max_iter=B.shape[1] if max_iter is None else max_iter, X0=X0)
+        self.last_cg_info = {"iterations": it, "relative_residual": rel,
                              "converged": converged}
         if not converged and not return_info:
             # the iterate of a solve that did not converge is not (M + regul·I)⁻¹ b: on a
             # singular M without damping it grows without bound (entries of 1e35)
             raise _checks.not_converged_error("PMatImplicit.solve (conjugate gradients)", it,
-                                              float(rel), tol)
+                                              rel, tol)
         return X
 
     def solvePVec(self, x, regul=1e-8, solve="default", tol=None, max_iter=None, M=None,

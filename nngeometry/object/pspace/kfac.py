@@ -1,31 +1,17 @@
 """``PMatKFAC``: block-diagonal over layers, each block a Kronecker product of two small factors
 (Martens & Grosse 2015; convolutions: Grosse & Martens 2016)."""
-import functools
-
 import torch
 
 from ...backend.consumers import KFACFactors
-from ..map import PFMapDense
-from ..vector import PVector
 from . import _checks
 from . import _kron as K
-from ._prior import layer_prior, unit_value
 from ._kron import check_kfac_support  # noqa: F401  (its historical home: kept importable)
 from .abstract import PMatAbstract
-from .blocks import EigenKronBlock, KronBlock
+from .blocks import KronBlock
+from .blocks.kron import LAZY_INVERSE_WIDTH, PiDamping  # noqa: F401  (kept importable here)
 from .ekfac import PMatEKFAC
 
 _DAMPINGS = ("pi", "exact")
-
-
-def _check_damping(damping):
-    if damping not in _DAMPINGS:
-        raise ValueError(f"unknown damping '{damping}': use 'pi' (π-damped Kronecker factors) or "
-                         "'exact' ((A⊗G + regul·I)⁻¹ through the factors' eigendecompositions)")
-
-
-#: π-damped solves factorize wider factors lazily (see ``PMatKFAC._pi_solve``)
-LAZY_INVERSE_WIDTH = 1024
 
 
 class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
@@ -97,12 +83,10 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
     """
 
     _DAMPINGS = _DAMPINGS
+    _DAMPING_OPTIONS = ("use_pi",)
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None,
                  kfac_approx="expand", separate_weight_and_bias=False, **kwargs):
-        # the caches first: _build may fill the eigendecomposition cache
-        self._eig_cache = {}
-        self._inv_cache = {}
         super().__init__(layer_collection, generator, data=data, examples=examples,
                          kfac_approx=kfac_approx, **kwargs)
         self._check_data()
@@ -124,15 +108,16 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         ids = self.layer_collection.layer_ids()
         if set(self.data) != set(ids):
             raise ValueError(f"PMatKFAC data must have one (A, G) per layer {ids}, got {list(self.data)}")
-        for key, blk in K.iter_units(self.data):
-            lid = key[0] if isinstance(key, tuple) else key
-            where = f"layer '{lid}'" + (f" (block {key[1]})" if isinstance(key, tuple) else "")
-            if len(blk) != 2:
-                raise ValueError(f"{where}: expected a pair (A, G), got {len(blk)} items")
-            for name, F in zip(("A", "G"), blk):
-                if F.dim() not in (1, 2) or (F.dim() == 2 and F.shape[0] != F.shape[1]):
-                    raise ValueError(f"factor {name} of {where} must be square or 1-D "
-                                     f"(diagonal), got shape {tuple(F.shape)}")
+        for lid, e in self.data.items():
+            layer = K.KronLayer.of(e)
+            for key, term in zip(layer.units(lid), layer.terms):
+                where = key.describe(len(layer.terms))
+                if len(term) != 2:
+                    raise ValueError(f"{where}: expected a pair (A, G), got {len(term)} items")
+                for name, F in zip(("A", "G"), term):
+                    if F.dim() not in (1, 2) or (F.dim() == 2 and F.shape[0] != F.shape[1]):
+                        raise ValueError(f"factor {name} of {where} must be square or 1-D "
+                                         f"(diagonal), got shape {tuple(F.shape)}")
 
     @property
     def _layout(self):
@@ -140,19 +125,20 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         if lay is None:
             dims = {}
             for lid, e in self.data.items():
-                sizes = [(K.fdim(G), K.fdim(A)) for A, G in K.blocks_of(e)]
-                dims[lid] = sizes if K.is_multi(e) else sizes[0]
+                layer = K.KronLayer.of(e)
+                sizes = [(K.fdim(G), K.fdim(A)) for A, G in layer.terms]
+                dims[lid] = sizes if layer.multi else sizes[0]
             perms = {lid: l.kfac_permutation() for lid, l in self.layer_collection.layers.items()}
             lay = self._layout_obj = K.Layout(self.layer_collection, dims, perms)
         return lay
 
     def _units(self):
-        """``(unit key, A, G)`` for every Kronecker block (one per layer, several for a
-        multi-block layer)."""
+        """``(Unit, A, G)`` for every Kronecker term (one per layer, several for a multi-block
+        layer)."""
         return [(key, A, G) for key, (A, G) in K.iter_units(self.data)]
 
     def _map_units(self, fn):
-        """A data dict of the same structure with each block's ``(A, G)`` replaced by
+        """A data dict of the same structure with each term's ``(A, G)`` replaced by
         ``fn(key, A, G)``."""
         return K.repack(self.data, {key: fn(key, A, G) for key, A, G in self._units()})
 
@@ -160,134 +146,29 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
     def dtype(self):
         return self._units()[0][2].dtype
 
-    # ------------------------------------------------------------------ per-layer machinery
-    def _apply(self, flat, fn):
-        """Apply ``fn(lid, V) -> V'`` per layer on ``flat`` of shape ``(..., P)``."""
-        parts = self._layout.split(flat)
-        return self._layout.join({lid: fn(lid, V) for lid, V in parts.items()})
-
-    def _eig(self, key):
-        """``((λ_A, U_A), (λ_G, U_G))`` of a unit, computed once (and again when its factors
-        are replaced or changed in place)."""
-        A, G = K.get_unit(self.data, key)
-        return _checks.cached(self._eig_cache, key, "eigh", lambda: (K.eig(A), K.eig(G)), (A, G))
-
-    def compute_eigendecomposition(self, impl="eigh"):
-        """Compute (again) and cache the factors' eigendecompositions ``A = U_A Λ_A U_Aᵀ``,
-        ``G = U_G Λ_G U_Gᵀ``, used by `get_eigendecomposition`, exact damping and
-        ``logdet``. ``impl='eigh'`` (symmetric eigensolver, eigenvalues ascending) or ``'svd'``
-        (singular value decomposition, values descending: the same decomposition for the
-        symmetric positive semi-definite factors that KFAC builds)."""
-        if impl not in ("eigh", "svd"):
-            raise ValueError(f"unknown impl '{impl}' for compute_eigendecomposition: use 'eigh' "
-                             "or 'svd'")
-        self._eig_cache = {}
-        self._inv_cache = {}
-        for key, A, G in self._units():
-            # stored as _checks.cached stores it, so that _eig reuses it while A, G are unchanged
-            _checks.cached(self._eig_cache, key, "eigh",
-                           lambda: ((K.eig(A), K.eig(G)) if impl == "eigh"
-                                    else (K.eig_svd(A), K.eig_svd(G))), (A, G))
-
-    def kronecker_eigenbases(self):
-        """``{layer_id: (U_A, U_G)}`` (a tuple of pairs for a multi-block layer): the
-        eigenbases of the factors, what `PMatEKFAC` takes as ``eigendecomposition=``."""
-        return K.repack(self.data, {key: (self._eig(key)[0][1], self._eig(key)[1][1])
-                                    for key, _, _ in self._units()})
-
-    def get_eigendecomposition(self):
-        """``(evals, evecs)``: ``evals[layer_id] = (λ_A, λ_G)`` (1-D) and
-        ``evecs[layer_id] = (U_A, U_G)`` (eigenvectors as columns) of the layer's factors, so
-        that the layer's eigenvectors are ``U_G[:, p] ⊗ U_A[:, q]`` with eigenvalue
-        ``λ_G[p] λ_A[q]``. Computed on first use (or by `compute_eigendecomposition`) and
-        cached. A diagonal factor's basis is the int size of its identity; a multi-block layer
-        gets a tuple of pairs, one per Kronecker block."""
-        evals = self._map_units(lambda key, A, G: (self._eig(key)[0][0], self._eig(key)[1][0]))
-        evecs = self._map_units(lambda key, A, G: (self._eig(key)[0][1], self._eig(key)[1][1]))
-        return evals, evecs
-
-    def _regul(self, regul, what):
-        return layer_prior(regul, self.layer_collection, "PMatKFAC", what)
-
-    _unit_regul = staticmethod(unit_value)
-
-    @staticmethod
-    def _sqrt(lam):
-        """``√λ``, keeping the graph of a tensor that requires grad."""
-        return lam ** 0.5 if _checks.needs_graph(lam) else _checks._float(lam) ** 0.5
-
-    def _check_pi_regul(self, regul, what):
-        _checks.check_regul_nonnegative(
-            "PMatKFAC", what, regul, "π-damping adds π√regul·I and √regul/π·I to the factors "
-            "(use damping='exact' for M + regul·I with any regul)")
-
-    def _pi_inverse_factors(self, regul, use_pi, power=-1.0, what="solve"):
-        """``{unit key: ((A + π√λ I)^power, (G + √λ/π I)^power)}`` (π per Kronecker block),
-        cached for ``power = -1`` (the last ``(regul, use_pi)`` only).
-
-        ``power = -1`` with ``regul > 0``: through the Cholesky factorization of each damped
-        factor (PD when the factor is PSD), an ``O(d³/3)`` factorization and an inverse instead
-        of an eigendecomposition, several times slower on the ``(C_in·k² + 1)``-wide input
-        factors of convolutions; a factor that is not PD once damped (e.g. a product from
-        ``mm``) falls back to the eigendecomposition. Other powers and ``regul = 0`` go through
-        the factors' eigendecompositions; a singular factor is then refused for negative powers
-        (shared singular-matrix error)."""
-        self._check_pi_regul(regul, what)
-
-        def compute():
-            out = {}
-            for unit, A, G in self._units():
-                lam = self._unit_regul(regul, unit)
-                s = self._sqrt(lam)
-                pi = K.pi_damping(A, G, use_pi)
-                if power == -1.0 and _checks._float(lam) > 0:
-                    inv = (K.damped_inverse(A, pi * s), K.damped_inverse(G, s / pi))
-                    if inv[0] is not None and inv[1] is not None:
-                        out[unit] = inv
-                        continue
-                (lA, UA), (lG, UG) = self._eig(unit)
-                dA, dG = lA + pi * s, lG + s / pi
-                if power < 0:
-                    lid = unit[0] if isinstance(unit, tuple) else unit
-                    for name, d in (("input factor A", dA), ("output-gradient factor G", dG)):
-                        _checks.check_invertible(d, "PMatKFAC", what, regul,
-                                                 detail=f"the {name} of layer '{lid}' is singular")
-                if not float(power).is_integer():
-                    dA = _checks.psd_values(dA, "PMatKFAC", what, regul)
-                    dG = _checks.psd_values(dG, "PMatKFAC", what, regul)
-                out[unit] = (K.from_eig(dA ** power, UA), K.from_eig(dG ** power, UG))
-            return out
-
-        if power != -1.0:
-            return compute()
-        key = (_checks.regul_key(regul), bool(use_pi), float(power))
-        return _checks.cached(self._inv_cache, "pi", key, compute, self.data)
-
-    def _check_exact_invertible(self, regul, what):
-        """Refuse (shared singular-matrix error) a negative power of ``M + regul·I`` when one
-        of its eigenvalues ``λ_G,i λ_A,j + regul`` is zero (undamped: round-off)."""
-        for key, A, G in self._units():
-            lid = key[0] if isinstance(key, tuple) else key
-            _checks.check_invertible(self._eigen_block(key).eigenvalues(self._unit_regul(regul, key)),
-                                     "PMatKFAC", what, regul,
-                                     detail=f"the block of layer '{lid}' is singular")
-
-    def _eigen_block(self, key):
-        """The unit's ``A ⊗ G`` as an `EigenKronBlock` (from the cached
-        eigendecompositions of its factors): what exact damping works on."""
-        return EigenKronBlock.from_factors_eig(*self._eig(key))
-
     # ------------------------------------------------------------------ the container
-    # one KronBlock per Kronecker unit (a layer, or each block of a multi-block layer), in the
-    # layer's Kronecker layout, sharing the cached factor eigendecompositions: products,
-    # reductions and the exactly damped functions are the base class's, from the blocks'
-    # primitives; π-damping (the default of solve / inverse / pow) is written here
+    # one KronBlock per Kronecker unit (a layer, or each term of a multi-block layer), in the
+    # layer's Kronecker layout. The blocks are kept while ``data`` is unchanged (the same
+    # tensors, no in-place change), so the caches they own (the factors' eigendecompositions,
+    # the π-damped inverse factors) are computed once; every operation is the base class's,
+    # from the blocks' primitives, π-damping included (`PiDamping`)
     _flat_layouts = False
     _per_entry_exact = False
 
     def _blocks(self):
-        return [KronBlock(A, G, functools.partial(self._eigen_block, key))
-                for key, A, G in self._units()]
+        return _checks.cached(self.__dict__, "_blocks_cache", "blocks", self._make_blocks,
+                              self.data)
+
+    def _make_blocks(self):
+        out = []
+        for lid, (*_, units) in self._layout.entries.items():
+            entry = self.data[lid]
+            for (key, *_), (A, G) in zip(units, entry if len(units) > 1 else (entry,)):
+                name = f"layer '{lid}'" + (f" (block {key.index})" if len(units) > 1 else "")
+                out.append(KronBlock(A, G, name=name))
+        return out
+
+    _block_damping = PiDamping
 
     def _from_blocks(self, blocks):
         """Kronecker blocks stay a PMatKFAC; exactly damped ones (eigen-Kronecker) are a
@@ -302,6 +183,46 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
 
     def _like(self):
         return self._units()[0][2]
+
+    def _block_of(self, key):
+        return self._blocks()[self._block_keys().index(key)]
+
+    def _eigen_block(self, key):
+        """The unit's ``A ⊗ G`` as an `EigenKronBlock` (its block's cached factor
+        eigendecompositions)."""
+        return self._block_of(key).eigen()
+
+    def compute_eigendecomposition(self, impl="eigh"):
+        """Compute (again) and cache the factors' eigendecompositions ``A = U_A Λ_A U_Aᵀ``,
+        ``G = U_G Λ_G U_Gᵀ``, used by `get_eigendecomposition`, exact damping and
+        ``logdet``. ``impl='eigh'`` (symmetric eigensolver, eigenvalues ascending) or ``'svd'``
+        (singular value decomposition, values descending: the same decomposition for the
+        symmetric positive semi-definite factors that KFAC builds)."""
+        if impl not in ("eigh", "svd"):
+            raise ValueError(f"unknown impl '{impl}' for compute_eigendecomposition: use 'eigh' "
+                             "or 'svd'")
+        eig = K.eig if impl == "eigh" else K.eig_svd
+        for b in self._blocks():
+            b.set_factor_eig((eig(b.A), eig(b.G)))
+
+    def kronecker_eigenbases(self):
+        """``{layer_id: (U_A, U_G)}`` (a tuple of pairs for a multi-block layer): the
+        eigenbases of the factors, what `PMatEKFAC` takes as ``eigendecomposition=``."""
+        eig = [b.factor_eig() for b in self._blocks()]
+        return K.repack(self.data, {key: (eA[1], eG[1])
+                                    for key, (eA, eG) in zip(self._block_keys(), eig)})
+
+    def get_eigendecomposition(self):
+        """``(evals, evecs)``: ``evals[layer_id] = (λ_A, λ_G)`` (1-D) and
+        ``evecs[layer_id] = (U_A, U_G)`` (eigenvectors as columns) of the layer's factors, so
+        that the layer's eigenvectors are ``U_G[:, p] ⊗ U_A[:, q]`` with eigenvalue
+        ``λ_G[p] λ_A[q]``. Computed on first use (or by `compute_eigendecomposition`) and
+        cached. A diagonal factor's basis is the int size of its identity; a multi-block layer
+        gets a tuple of pairs, one per Kronecker block."""
+        eig = dict(zip(self._block_keys(), (b.factor_eig() for b in self._blocks())))
+        evals = K.repack(self.data, {k: (eA[0], eG[0]) for k, (eA, eG) in eig.items()})
+        evecs = K.repack(self.data, {k: (eA[1], eG[1]) for k, (eA, eG) in eig.items()})
+        return evals, evecs
 
     # ------------------------------------------------------------------ products
     def mv(self, vs):
@@ -323,67 +244,10 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         return PMatKFAC(self.layer_collection, None, data=self._map_units(prod))
 
     # ------------------------------------------------------------------ solves and functions
-    def _solve_flat(self, flat, regul, solve, use_pi, damping):
-        regul = self._regul(regul, "solve")
-        if solve == "eigh":
-            damping = "exact"
-        elif solve not in ("default", "solve"):
-            raise ValueError(f"unknown solve '{solve}' for PMatKFAC: use 'default' (with "
-                             "damping='pi' or 'exact') or 'eigh' (exact damping)")
-        _check_damping(damping)
-        if damping == "exact":
-            self._check_exact_invertible(regul, "solve")
-            return self._block_solve_rows(flat, regul, "exact")
-        return self._pi_solve(flat, regul, use_pi)
-
-    def _pi_solve(self, flat, regul, use_pi):
-        """π-damped solve. The first solve with a given ``(regul, use_pi)`` factorizes each
-        damped factor (Cholesky, ``d³/3``) and solves by triangular solves; the second turns
-        the same factors into explicit inverses (``2d³/3`` more), which later solves apply by
-        matrix products (faster than triangular solves: 2.2x on a 785-wide factor). One solve
-        thus costs a third of what inverting up front cost (e.g. on a ResNet-18 with 4609-wide
-        input factors), and a loop of solves the same as before. Only where a factor is wider than
-        `LAZY_INVERSE_WIDTH` (below it the inverses cost little, and every solve takes
-        the same path, bit for bit)."""
-        self._check_pi_regul(regul, "solve")
-        key = (_checks.regul_key(regul), bool(use_pi), -1.0)
-        entry = self._inv_cache.get("pi")
-        wide = any(F.dim() == 2 and F.shape[0] > LAZY_INVERSE_WIDTH
-                   for _, A, G in self._units() for F in (A, G))
-        if key[0] is None or not wide or (entry is not None and entry[0] == key
-                              and entry[1].matches(_checks.tensors_of(self.data))):
-            inv = self._pi_inverse_factors(regul, use_pi)
-            return self._apply(flat, lambda lid, V: K.kron_apply(*inv[lid], V))
-        chol = self._inv_cache.get("pi_chol")
-        if chol is not None and chol[0] == key and chol[1].matches(_checks.tensors_of(self.data)):
-            # the second solve: the inverses from the factors already computed
-            factors = chol[2]
-            self._inv_cache.pop("pi_chol", None)
-            dtypes = {unit: A.dtype for unit, A, G in self._units()}
-            inv = _checks.cached(
-                self._inv_cache, "pi", key,
-                lambda: {u: (K.cholesky_inverse_of(LA, dtypes[u]),
-                             K.cholesky_inverse_of(LG, dtypes[u]))
-                         for u, (LA, LG) in factors.items()}, self.data)
-            return self._apply(flat, lambda lid, V: K.kron_apply(*inv[lid], V))
-        factors = {}
-        for unit, A, G in self._units():
-            lam = self._unit_regul(regul, unit)
-            s = self._sqrt(lam)
-            pi = K.pi_damping(A, G, use_pi)
-            LA = LG = None
-            if _checks._float(lam) > 0:
-                LA, LG = K.damped_cholesky(A, pi * s), K.damped_cholesky(G, s / pi)
-            if LA is None or LG is None:
-                # undamped, or not positive definite once damped: the general path
-                inv = self._pi_inverse_factors(regul, use_pi)
-                return self._apply(flat, lambda lid, V: K.kron_apply(*inv[lid], V))
-            factors[unit] = (LA, LG)
-        self._inv_cache.pop("pi_chol", None)
-        if not _checks.needs_graph(_checks.tensors_of(self.data)):
-            self._inv_cache["pi_chol"] = (key, _checks.Snapshot(_checks.tensors_of(self.data)),
-                                          factors)
-        return self._apply(flat, lambda lid, V: K.cholesky_kron_solve(*factors[lid], V))
+    # (the base class's, from the blocks; these keep upstream's keywords and KFAC's defaults:
+    # π-damping for solve / inverse / pow, exact damping for logdet)
+    # solve='eigh' stands for exact damping
+    _SOLVE_METHODS = {"default": (None, None), "solve": (None, None), "eigh": ("exact", None)}
 
     def solvePVec(self, x, regul=1e-8, solve="default", use_pi=True, damping="pi"):
         """Solve with damping ``regul``: π-damped factors (``damping='pi'``, default;
@@ -393,20 +257,17 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         eigendecomposition). ``regul``: a scalar ``λ`` or a per-layer dict ``{layer_id: λ_l}``
         (layers left out: 0; π-damping then uses each layer's ``λ_l``), also a PMatEye; a
         per-parameter ``Λ`` raises ``NotImplementedError``."""
-        self._check_pvector(x)
-        return PVector(self.layer_collection, vector_repr=self._solve_flat(
-            x.get_flat_representation(), regul, solve, use_pi, damping))
+        return super().solvePVec(x, regul, solve, damping, use_pi=use_pi)
 
     def solvePFMap(self, x, regul=1e-8, solve="default", use_pi=True, damping="pi"):
         """[`solvePVec`][nngeometry.object.pspace.abstract.PMatAbstract.solvePVec] applied to every row of a PFMap."""
-        self._check_pfmap(x)
-        return PFMapDense(self.layer_collection, data=self._solve_flat(x.to_torch(), regul, solve, use_pi, damping))
+        return super().solvePFMap(x, regul, solve, damping, use_pi=use_pi)
 
     def inverse(self, regul=1e-8, use_pi=True, damping="pi"):
         """``damping='pi'`` (default): the PMatKFAC with factors ``(A + π√λ I)⁻¹``,
         ``(G + √λ/π I)⁻¹`` (not ``(M + λI)⁻¹``: see [`solvePVec`][nngeometry.object.pspace.abstract.PMatAbstract.solvePVec]); ``damping='exact'``:
         ``(M + Λ)⁻¹`` as a PMatEKFAC (``regul`` a scalar or a per-layer dict)."""
-        return self.pow(-1.0, regul=regul, use_pi=use_pi, damping=damping)
+        return super()._inverse_impl(regul, damping, use_pi=use_pi)
 
     def inv(self, regul=1e-8, use_pi=True, damping="pi"):
         """Alias of [`inverse`][nngeometry.object.pspace.abstract.PMatAbstract.inverse]."""
@@ -416,41 +277,12 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         """``damping='pi'``: PMatKFAC with π-damped factors to the power ``pow`` (for
         ``regul=0``, exactly ``M^pow``); ``damping='exact'``: ``(M + regul·I)^pow`` as a
         PMatEKFAC. Negative eigenvalues (round-off) are clipped to 0 for fractional ``pow``."""
-        x = pow  # upstream's parameter name shadows the builtin; only `x` below
-        _check_damping(damping)
-        what = "inverse" if x == -1 else f"pow({x})"
-        regul = self._regul(regul, what)
-        if damping == "pi":
-            return PMatKFAC(self.layer_collection, None, data=K.repack(
-                self.data, self._pi_inverse_factors(regul, use_pi, power=float(x), what=what)))
-        if float(x) < 0:
-            self._check_exact_invertible(regul, what)
-        _, blocks, dampings = self._dampings(regul, what)
-        # always eigen-Kronecker (a PMatEKFAC), even for x = 1 without damping
-        return self._from_blocks([b.eigen().matpower(x, d, ("PMatKFAC", regul))
-                                  for b, d in zip(blocks, dampings)])
+        return super().pow(pow, regul, damping, use_pi=use_pi)
 
     def logdet(self, regul=0.0, damping="exact", use_pi=True):
         """``log det(M + regul·I) = Σ log(λ_G,i λ_A,j + regul)`` (``damping='exact'``, default),
         or the log-determinant of the π-damped Kronecker product (``damping='pi'``)."""
-        _check_damping(damping)
-        regul = self._regul(regul, "logdet")
-        if damping == "pi":
-            self._check_pi_regul(regul, "logdet")
-        total = 0
-        for key, A, G in self._units():
-            (lA, _), (lG, _) = self._eig(key)
-            lam = self._unit_regul(regul, key)
-            if damping == "exact":
-                total = total + _checks.logdet_of(self._eigen_block(key).eigenvalues(lam),
-                                                  "PMatKFAC", regul)
-            else:
-                s = self._sqrt(lam)
-                pi = K.pi_damping(A, G, use_pi)
-                total = total \
-                    + _checks.logdet_of(lA + pi * s, "PMatKFAC", regul, multiplicity=lG.numel()) \
-                    + _checks.logdet_of(lG + s / pi, "PMatKFAC", regul, multiplicity=lA.numel())
-        return total
+        return super().logdet(regul, damping, use_pi=use_pi)
 
     # ------------------------------------------------------------------ reductions
     def get_diag(self, split_weight_bias=True):
@@ -459,10 +291,9 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         if split_weight_bias:
             # written in place into the flat vector where the layout allows (no reordering copy)
             return self._layout.outer_diag_flat(
-                {lid: [(K.fdiag(A), K.fdiag(G)) for A, G in K.blocks_of(e)]
+                {lid: [(K.fdiag(A), K.fdiag(G)) for A, G in K.KronLayer.of(e).terms]
                  for lid, e in self.data.items()})
-        return torch.cat([torch.outer(K.fdiag(G), K.fdiag(A)).reshape(-1)
-                          for e in self.data.values() for A, G in K.blocks_of(e)])
+        return torch.cat([b.diag().reshape(-1) for b in self._blocks()])
 
     def get_block_torch(self, layer_id, layer=None, split_weight_bias=True):
         """The dense ``(p_l, p_l)`` block of layer ``layer_id``, in the flat order
@@ -475,8 +306,8 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         _checks.check_dense_fits(self.layer_collection[layer_id].numel(),
                                  self._units()[0][2].element_size(),
                                  what=f"the KFAC block of layer '{layer_id}': a dense")
-        block = torch.block_diag(*[torch.kron(K.dense(G).contiguous(), K.dense(A).contiguous())
-                                   for A, G in K.blocks_of(self.data[layer_id])])
+        block = torch.block_diag(*[b.dense() for k, b in zip(self._block_keys(), self._blocks())
+                                   if k.layer == layer_id])
         return self._layout.to_flat_order(layer_id, block, both=True) if split_weight_bias \
             else block
 
@@ -494,10 +325,6 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         return out
 
     # ------------------------------------------------------------------ arithmetic
-    def _scaled(self, x):
-        return PMatKFAC(self.layer_collection, None,
-                        data=self._map_units(lambda key, A, G: (A, G * x)))
-
     def factor_average(self, other, weight=1.0, other_weight=1.0):
         """The KFAC approximation of ``weight·self + other_weight·other`` that running averages
         and online EWC use: factor by factor (each Kronecker term of each layer),
@@ -516,54 +343,8 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
 
         return PMatKFAC(self.layer_collection, None, data=self._map_units(average))
 
-    def __add__(self, other):
-        """Sum of two PMatKFAC, where it stays Kronecker: per layer one factor of ``other`` must be
-        proportional to the same factor of ``self`` (e.g. ``M + c·M``); other sums are refused
-        (``A₁⊗G₁ + A₂⊗G₂`` is not a Kronecker product), naming the alternatives.
-
-        ``M + s·I`` (a `PMatEye`, e.g. an isotropic prior precision) is exact as an
-        eigen-Kronecker matrix: the `PMatEKFAC` ``U (λ_G ⊗ λ_A + s) Uᵀ`` in the
-        factors' (cached) eigenbasis, the same as ``pow(1, regul=s, damping='exact')``."""
-        from .eye import PMatEye
-
-        if isinstance(other, PMatEye):
-            if other.layer_collection != self.layer_collection:
-                raise ValueError("the two matrices are built on different LayerCollections")
-            return self.pow(1, regul=other.scaling, damping="exact")
-        self._check_same_kind(other)
-        tol = 1e3 * torch.finfo(self.dtype).eps
-
-        def add(key, A1, G1):
-            A2, G2 = K.get_unit(other.data, key)
-            c = K.proportional(A1, A2, tol)
-            if c is not None:
-                return (A1, G1 + c * G2)
-            c = K.proportional(G1, G2, tol)
-            if c is not None:
-                return (A1 + c * A2, G1)
-            lid = key[0] if isinstance(key, tuple) else key
-            raise NotImplementedError(
-                f"the sum of these two PMatKFAC is not a Kronecker product for layer '{lid}' (neither "
-                "factor of one is proportional to the other's). For an online / running estimate "
-                "(e.g. online EWC, F ← γF + F_new) average the factors instead, "
-                "F.factor_average(F_new, γ, 1) (an approximation of the sum, the usual KFAC "
-                "one); or use PMatEKFAC on one shared eigenbasis (build the second "
-                "with eigendecomposition= the first), where sums are exact; or to_torch() / "
-                "PMatDense on small models")
-
-        return PMatKFAC(self.layer_collection, None, data=self._map_units(add))
-
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_layout_obj", None)
-        # recomputable, and keyed on weak references to the factors (see _checks.cached)
-        state["_eig_cache"] = {}
-        state["_inv_cache"] = {}
+        state.pop("_blocks_cache", None)  # the blocks and their caches: recomputable
         return state
-
-    def __setstate__(self, state_dict):
-        """Unpickling: the matrix without its generator (not pickled: see ``__getstate__``),
-        with empty caches where the state has none."""
-        super().__setstate__(state_dict)
-        self.__dict__.setdefault("_eig_cache", {})
-        self.__dict__.setdefault("_inv_cache", {})

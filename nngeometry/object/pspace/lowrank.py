@@ -51,6 +51,7 @@ class _LowRankBase(PMatAbstract):
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_gram_cache", None)
+        state.pop("_blocks_cache", None)
         state.pop("_regul_cache", None)
         state.pop("_thin_eig_cache", None)
         state.pop("_eig_snapshot", None)
@@ -92,8 +93,8 @@ class PMatLowRank(_LowRankBase):
         return self.data.reshape(-1, self.data.shape[-1])
 
     def _gram(self):
-        """``G = U Uᵀ`` (``r × r``), computed once."""
-        return self._cached_gram()
+        """``G = U Uᵀ`` (``r × r``), computed once (by the block)."""
+        return self._blocks()[0].gram()
 
     @property
     def dtype(self):
@@ -102,10 +103,18 @@ class PMatLowRank(_LowRankBase):
     def _new(self, U):
         return PMatLowRank(self.layer_collection, None, data=U)
 
-    # the block view (diag_of_inverse, eigenvalues: the base class's, from LowRankBlock; the
-    # other operations are written here, with their solver choices and caches)
+    # the container of one LowRankBlock ``UᵀU``, kept while ``data`` is unchanged with its
+    # caches (the Gram matrix, the Cholesky factor of the last solve): products, reductions,
+    # solves, eigenvalues, diag_of_inverse are the base class's; the functions written here
+    # return the PMatEyePlusLowRank family and take ``on_range``
     def _blocks(self):
-        return [LowRankBlock(self._U())]
+        return _checks.cached(self.__dict__, "_blocks_cache", "blocks", lambda: [
+            LowRankBlock(self._U(), eig=self.get_eigendecomposition)], self.data)
+
+    # 'woodbury' (the default): through the Cholesky factor of λI + G; 'eigh': through the
+    # thin eigendecomposition of M
+    _SOLVE_METHODS = {"default": (None, "woodbury"), "woodbury": (None, "woodbury"),
+                      "eigh": (None, "eigh")}
 
     def _like(self):
         return self.data
@@ -117,28 +126,6 @@ class PMatLowRank(_LowRankBase):
                                   U=U, C=torch.eye(U.shape[0], dtype=U.dtype, device=U.device))
 
     # ------------------------------------------------------------------ products
-    def mv(self, v):
-        self._check_pvector(v)
-        U = self._U()
-        return PVector(self.layer_collection, vector_repr=U.t() @ (U @ v.get_flat_representation()))
-
-    def vTMv(self, v):
-        self._check_pvector(v)
-        Uv = self._U() @ v.get_flat_representation()
-        return torch.dot(Uv, Uv)
-
-    def mmap(self, pfmap):
-        self._check_pfmap(pfmap)
-        U = self._U()
-        return PFMapDense(self.layer_collection, data=(pfmap.to_torch() @ U.t()) @ U)
-
-    def mapTMmap(self, pfmap, reduction="sum"):
-        """``q[k, i] = ||U J[k, i]ᵀ||²``: ``'diag'`` ``(K, n)``, ``'sum'`` ``Σ_k``, ``(n,)``."""
-        self._check_pfmap(pfmap)
-        check_reduction(reduction)
-        JU = pfmap.to_torch() @ self._U().t()  # (K, n, r)
-        return reduce_forms((JU * JU).sum(dim=-1), reduction)
-
     def mm(self, other):
         raise NotImplementedError(
             "the product of two low-rank PSD matrices is not symmetric in general, so it has no "
@@ -197,44 +184,6 @@ class PMatLowRank(_LowRankBase):
         U = self._U()
         return None, PMatEyePlusLowRank(self.layer_collection, alpha=prior.flat(U), U=U,
                                         C=torch.eye(U.shape[0], dtype=U.dtype, device=U.device))
-
-    def _solve_rows(self, X, regul, solve):
-        """``(M + λI)⁻¹`` applied to the rows of ``X`` (shape ``(..., P)``)."""
-        regul, damped = self._with_prior(regul, "solve")
-        if damped is not None:  # Woodbury with the diagonal Λ: never P × P
-            return damped._solve_rows(X, 0.0)
-        self._check_regul(regul, "solve")
-        U = self._U()
-        if solve in ("default", "woodbury"):
-            def factor():
-                G = self._gram()
-                return torch.linalg.cholesky(_checks.upcast(
-                    G + regul * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)))
-            # the Cholesky factor of λI + G: once per regul (see _last_regul_cache)
-            L = self._last_regul_cache(("cholesky", _checks.regul_key(regul)), factor)
-            XU = X @ U.t()
-            inner = torch.cholesky_solve(_checks.upcast(XU.reshape(-1, U.shape[0]).t()),
-                                         L).t().to(XU.dtype).reshape(XU.shape)
-            return (X - inner @ U) / regul
-        if solve == "eigh":
-            evals, V = self.get_eigendecomposition()
-            XV = X @ V
-            # range: 1/(e+λ); orthogonal complement: 1/λ
-            return (XV / (evals + regul)) @ V.t() + (X - XV @ V.t()) / regul
-        raise ValueError(f"unknown solve '{solve}': use 'woodbury' (default) or 'eigh'")
-
-    def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
-        """``(M + regul·I)⁻¹ x``, exact (``regul > 0``)."""
-        self._check_damping(damping, "solve")
-        self._check_pvector(x)
-        return PVector(self.layer_collection,
-                       vector_repr=self._solve_rows(x.get_flat_representation(), regul, solve))
-
-    def solvePFMap(self, x, regul=1e-8, solve="default", damping="exact"):
-        """``(M + regul·I)⁻¹`` applied to every row of the PFMap (exact, ``regul > 0``)."""
-        self._check_damping(damping, "solve")
-        self._check_pfmap(x)
-        return PFMapDense(self.layer_collection, data=self._solve_rows(x.to_torch(), regul, solve))
 
     def inverse(self, regul=1e-8, damping="exact"):
         """``(M + regul·I)⁻¹ = I/λ - Uᵀ(λI + G)⁻¹U/λ``, exact, as a `PMatEyePlusLowRank`
@@ -325,26 +274,6 @@ class PMatLowRank(_LowRankBase):
         lam = torch.as_tensor(regul, dtype=G.dtype, device=G.device)
         return (P - r) * torch.log(lam) + torch.log(_spectral.eigvalsh(G) + lam).sum()
 
-    # ------------------------------------------------------------------ reductions
-    def get_diag(self):
-        U = self._U()
-        return (U * U).sum(dim=0)
-
-    def trace(self):
-        U = self._U()
-        return (U * U).sum()
-
-    def frobenius_norm(self):
-        # ||UᵀU||_F = ||UUᵀ||_F: the r × r Gram matrix suffices
-        return torch.linalg.norm(self._gram())
-
-    def to_torch(self):
-        """The dense ``(P, P)`` matrix ``UᵀU`` (allocates ``P²``; refused with a MemoryError
-        naming the size when it can't fit)."""
-        U = self._U()
-        _checks.check_dense_fits(U.shape[1], U.element_size(), what="PMatLowRank.to_torch(): a dense")
-        return U.t() @ U
-
     # ------------------------------------------------------------------ arithmetic
     def _scaled(self, x):
         if float(x) >= 0:
@@ -395,31 +324,19 @@ class PMatEyePlusLowRank(_LowRankBase):
     def _new(self, alpha, U, C):
         return PMatEyePlusLowRank(self.layer_collection, data=(alpha, U, C))
 
+    # the container of one LowRankBlock ``αI + UᵀCU``: products, reductions, scaling are the
+    # base class's; the Woodbury solves, powers and log-determinants (with their caches, and
+    # the sums with PMatLowRank) are written here
     def _blocks(self):
         alpha, U, C = self.data
         return [LowRankBlock(U, alpha, C)]
 
+    def _from_blocks(self, blocks):
+        (b,) = blocks
+        return self._new(b.alpha, b.J, b._C())
+
     def _like(self):
         return self.data[1]
-
-    def _apply(self, X):
-        alpha, U, C = self.data
-        return alpha * X + ((X @ U.t()) @ C) @ U
-
-    def mv(self, v):
-        self._check_pvector(v)
-        return PVector(self.layer_collection, vector_repr=self._apply(v.get_flat_representation()))
-
-    def vTMv(self, v):
-        self._check_pvector(v)
-        alpha, U, C = self.data
-        f = v.get_flat_representation()
-        Uf = U @ f
-        return (alpha * f * f).sum() + Uf @ (C @ Uf)
-
-    def mmap(self, pfmap):
-        self._check_pfmap(pfmap)
-        return PFMapDense(self.layer_collection, data=self._apply(pfmap.to_torch()))
 
     def mm(self, other):
         raise NotImplementedError(
@@ -572,44 +489,7 @@ class PMatEyePlusLowRank(_LowRankBase):
                              "definite); use a larger regul")
         return P * torch.log(beta.abs()) + logabs.to(C.dtype)
 
-    # ------------------------------------------------------------------ reductions
-    def get_diag(self):
-        alpha, U, C = self.data
-        return alpha + ((C @ U) * U).sum(dim=0)
-
-    def trace(self):
-        alpha, U, C = self.data
-        a = alpha.sum() if alpha.dim() else alpha * self.layer_collection.numel()
-        return a + (C * (U @ U.t())).sum()
-
-    def frobenius_norm(self):
-        # ||αI + UᵀCU||² = α²P + 2α tr(CG) + tr(CGCG)
-        alpha, U, C = self.data
-        G = U @ U.t()
-        CG = C @ G
-        if alpha.dim():  # ||D||² + 2 tr(C U D Uᵀ) + tr(CGCG)
-            sq = (alpha * alpha).sum() + 2 * (C * ((U * alpha) @ U.t())).sum() \
-                + (CG * CG.t()).sum()
-        else:
-            sq = alpha ** 2 * self.layer_collection.numel() + 2 * alpha * torch.trace(CG) \
-                + (CG * CG.t()).sum()
-        return torch.sqrt(sq)
-
-    def to_torch(self):
-        """The dense ``(P, P)`` matrix (allocates ``P²``; refused with a MemoryError naming the
-        size when it can't fit)."""
-        alpha, U, C = self.data
-        _checks.check_dense_fits(U.shape[1], U.element_size(), count=2,
-                                 what="PMatEyePlusLowRank.to_torch(): a dense")
-        eye = torch.diag(alpha) if alpha.dim() else \
-            alpha * torch.eye(U.shape[1], dtype=U.dtype, device=U.device)
-        return eye + U.t() @ C @ U
-
     # ------------------------------------------------------------------ arithmetic
-    def _scaled(self, x):
-        alpha, U, C = self.data
-        return self._new(alpha * x, U, C * x)
-
     def __add__(self, other):
         alpha, U, C = self.data
         if isinstance(other, PMatEye):

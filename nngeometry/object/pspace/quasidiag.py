@@ -127,22 +127,9 @@ class PMatQuasiDiag(_PerLayer):
                 data[lid] = (b.diag(), None)
         return self._new(data)
 
-    def _check_solve_name(self, solve):
-        if solve not in ("default", "solve", "schur"):
-            raise ValueError(f"unknown solve '{solve}' for PMatQuasiDiag: use 'default' (Schur "
-                             "complement)")
-
-    def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
-        """``(M + Λ)⁻¹ x``, exact, through the per-unit Schur complement; ``regul`` gives ``Λ``:
-        a scalar ``λ`` (``λI``), a dict ``{layer_id: λ_l}``, a PVector (one value per
-        parameter), a PMatEye or a PMatDiag."""
-        self._check_solve_name(solve)
-        return super().solvePVec(x, regul=regul, damping=damping)
-
-    def solvePFMap(self, x, regul=1e-8, solve="default", damping="exact"):
-        """``(M + Λ)⁻¹`` applied to every row of the PFMap (exact)."""
-        self._check_solve_name(solve)
-        return super().solvePFMap(x, regul=regul, damping=damping)
+    # solves block by block (the base class's), through the per-unit Schur complement;
+    # 'schur' names that method
+    _SOLVE_METHODS = {"default": (None, None), "solve": (None, None), "schur": (None, None)}
 
     def inverse(self, regul=1e-8, damping="exact"):
         """``(M + Λ)⁻¹``, exact. It is not quasi-diagonal (each unit's block of the inverse is
@@ -237,14 +224,6 @@ class PMatQuasiDiag(_PerLayer):
         raise NotImplementedError(
             "the product of two quasi-diagonal matrices is not quasi-diagonal (the couplings "
             "create weight-weight terms); use mv/mmap, or PMatBlockDiag.mm")
-
-    def __add__(self, other):
-        return self._add_blocks(other)
-
-    __radd__ = __add__
-
-    def __sub__(self, other):
-        return self._add_blocks(other, -1.0)
 
 
 class PMatQuasiDiagInverse(_PerLayer):

@@ -115,9 +115,9 @@ def test_pi_solve_first_by_cholesky_then_by_inverses(kfac, monkeypatch):
     (triangular solves), the second (inverses made from the same Cholesky factors) and later
     ones all equal the dense π-damped solve; a new regul, or a change of the factors, starts
     again."""
-    import nngeometry.object.pspace.kfac as kfac_module
-    monkeypatch.setattr(kfac_module, "LAZY_INVERSE_WIDTH", 0)
-    kfac._inv_cache.clear()
+    import nngeometry.object.pspace.blocks.kron as kron_module
+    monkeypatch.setattr(kron_module, "LAZY_INVERSE_WIDTH", 0)
+    kfac._blocks_cache = None
     lam = 0.05
     v = PVector(kfac.layer_collection,
                 vector_repr=torch.randn(kfac.layer_collection.numel(), dtype=DT))
@@ -133,12 +133,13 @@ def test_pi_solve_first_by_cholesky_then_by_inverses(kfac, monkeypatch):
             blocks.append(torch.kron(Gd, Ad))
         dense = torch.block_diag(*blocks)
         parts = M._layout.split(v.get_flat_representation())
-        flat = torch.cat([parts[lid].reshape(-1) for lid in M.layer_collection.layer_ids()])
+        keys = [K.Unit(lid) for lid in M.layer_collection.layer_ids()]
+        flat = torch.cat([parts[k].reshape(-1) for k in keys])
         sol = torch.linalg.solve(dense, flat)
         out, o = {}, 0
-        for lid in M.layer_collection.layer_ids():
-            n = parts[lid].numel()
-            out[lid] = sol[o:o + n].reshape(parts[lid].shape)
+        for k in keys:
+            n = parts[k].numel()
+            out[k] = sol[o:o + n].reshape(parts[k].shape)
             o += n
         return M._layout.join(out)
 
@@ -146,7 +147,7 @@ def test_pi_solve_first_by_cholesky_then_by_inverses(kfac, monkeypatch):
     for i in range(3):
         got = kfac.solve(v, regul=lam).get_flat_representation()
         assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12), i
-        assert ("pi_chol" in kfac._inv_cache) == (i == 0)
+        assert all((b._pi[1] == "chol") == (i == 0) for b in kfac._blocks()), i
     ref2 = reference(kfac, 2 * lam)
     assert torch.allclose(kfac.solve(v, regul=2 * lam).get_flat_representation(), ref2,
                           rtol=1e-10, atol=1e-12)

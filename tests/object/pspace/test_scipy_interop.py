@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_representation_table import built
+from _table_models import built
 
 scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
 

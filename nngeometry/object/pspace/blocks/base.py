@@ -95,6 +95,11 @@ class Block:
         positive semi-definite (round-off below 0 is clipped), else the shared errors."""
         raise NotImplementedError
 
+    def logdet_is_spectral(self, damping=0.0):
+        """Whether `logdet` is ``Σ log`` of `eigenvalues` under the shared positive-definite
+        checks (then a container may check and sum the spectra of all its blocks at once)."""
+        return type(self).logdet is Block.logdet
+
     def logdet(self, damping=0.0, who=None):
         """``log det(B + Λ)`` (``B + Λ`` must be positive definite: the shared errors)."""
         rep, regul = who_of(self, damping, who)

@@ -1,6 +1,7 @@
 """The dense block ``B`` (PMatDense's whole matrix, PMatBlockDiag's per-layer blocks, the
 dense layers of PMatEKFACBlockDiag): functions through the eigendecomposition, computed once and
-reused for every scalar damping."""
+reused for every scalar damping; solves through a factorization of the damped block (LU by
+default, or Cholesky), kept for the last damping."""
 import torch
 
 from .. import _checks, _spectral
@@ -15,11 +16,13 @@ class DenseBlock(Block):
     damping then cost ``O(d²)`` / ``O(d)``; a per-entry damping ``Λ`` decomposes ``M + Λ``
     itself (``M`` and ``Λ`` share no eigenbasis)."""
 
-    __slots__ = ("M", "_eig")
+    __slots__ = ("M", "_eig", "name", "_fact")
 
-    def __init__(self, M, eig=None):
+    def __init__(self, M, eig=None, name=None):
         self.M = M
         self._eig = eig
+        self.name = name  # for the messages: "the block of layer 'fc1'" (a container sets it)
+        self._fact = None  # (method, damping key, factorization) of the last solve
 
     @property
     def shape(self):
@@ -60,20 +63,66 @@ class DenseBlock(Block):
             return V @ (self.M @ V)
         return (V * (V @ self.M)).sum(-1)
 
-    def solve(self, V, damping=0.0, who=None):
-        """``(M + Λ)⁻¹ v`` for the rows of ``V``: LU of the damped matrix; an undamped
-        (``Λ ≤ 0``) singular ``M`` is refused through its (cached) eigenvalues first."""
+    def solve(self, V, damping=0.0, who=None, method="lu"):
+        """``(M + Λ)⁻¹ v`` for the rows of ``V``. ``method``: ``'lu'`` (default; LU with
+        partial pivoting, the result of ``torch.linalg.solve``) or ``'cholesky'``, through the
+        factorization of the damped block, kept for the last ``(method, damping)`` (a second
+        solve costs two triangular solves, about one product); ``'eigh'``, through the
+        (cached) eigendecomposition; ``'lstsq'``. An undamped (``Λ ≤ 0``) singular ``M`` is
+        refused through its (cached) eigenvalues first."""
         rep, regul = who_of(self, damping, who)
         if not _checks._float(regul) > 0:
-            _checks.check_invertible(self.damped_eigh(damping)[0], rep, "solve", regul)
+            _checks.check_invertible(self.damped_eigh(damping)[0], rep, "solve", regul,
+                                     detail=f"{self.name} is singular" if self.name else "")
+        rows = _checks.upcast(V.reshape(-1, self.shape[0])).t()
+        if method == "eigh":
+            evals, evecs = self.damped_eigh(damping)
+            evals, evecs = _checks.upcast(evals), _checks.upcast(evecs)
+            X = evecs @ ((evecs.t() @ rows) / evals.unsqueeze(1))
+        elif method == "lstsq":
+            X = torch.linalg.lstsq(_checks.upcast(self.damped(damping)), rows).solution
+        elif method == "cholesky":
+            X = torch.cholesky_solve(rows, self._factor("cholesky", damping, rep, regul))
+        elif method == "lu":
+            X = torch.linalg.lu_solve(*self._factor("lu", damping, rep, regul), rows)
+        else:
+            raise ValueError(f"unknown solve method '{method}': use 'lu', 'cholesky', 'eigh' "
+                             "or 'lstsq'")
+        return X.t().to(V.dtype).reshape(V.shape)
+
+    def _factor(self, method, damping, rep, regul):
+        """The factorization of ``M + Λ`` for ``method`` (``lu_factor``, or the lower Cholesky
+        factor), in float32 for half precision; the last one is kept (keyed on the damping;
+        never when ``M`` or the damping records an autograd graph)."""
+        entries = is_entries(damping)
+        cached = self._fact
+        if cached is not None and cached[0] == method:
+            key = cached[1]
+            if entries and torch.is_tensor(key) and key.shape == damping.shape \
+                    and torch.equal(key, damping):
+                return cached[2]
+            if not entries and not torch.is_tensor(key) and \
+                    key == _checks.regul_key(damping):
+                return cached[2]
+        self._fact = None  # freed before the next one is computed (as large as the block)
         A = _checks.upcast(self.damped(damping))
-        rows = V.reshape(-1, self.shape[0])
         try:
-            X = torch.linalg.solve(A, _checks.upcast(rows).t()).t()
-        except torch.linalg.LinAlgError:
+            out = torch.linalg.cholesky(A) if method == "cholesky" else torch.linalg.lu_factor(A)
+        except torch.linalg.LinAlgError as e:
+            where = self.name or "M"
+            if method == "cholesky":
+                raise ValueError(
+                    f"{rep}.solve(solve='cholesky'): {where} + regul·I is not positive definite "
+                    f"at {_checks.describe_regul(regul)} (torch: {str(e).splitlines()[0]}); pass "
+                    "a larger regul > 0, or solve='solve' (LU) for an indefinite matrix") from None
             raise _checks.singular_error(rep, "solve", regul,
-                                         "the LU factorization has a zero pivot") from None
-        return X.to(V.dtype).reshape(V.shape)
+                                         f"{where} is singular: the LU factorization has a "
+                                         "zero pivot") from None
+        del A
+        key = damping.detach().clone() if entries else _checks.regul_key(damping)
+        if key is not None and not _checks.needs_graph(self.M, damping):
+            self._fact = (method, key, out)
+        return out
 
     # ------------------------------------------------------------------ functions
     def eigenvalues(self, damping=0.0):

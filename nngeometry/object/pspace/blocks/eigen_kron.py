@@ -19,10 +19,22 @@ from .base import Block, is_entries, per_entry_refused, values_for_power, who_of
 class EigenKronBlock(Block):
     """``U diag(D) Uᵀ``, ``U = U_G ⊗ U_A`` (see the module docstring)."""
 
-    __slots__ = ("UA", "UG", "D")
+    __slots__ = ("UA", "UG", "D", "_low")
 
     def __init__(self, UA, UG, D):
         self.UA, self.UG, self.D = UA, UG, D
+        self._low = None  # the smallest eigenvalue, when D is finite (for a container's solves)
+
+    def _lowest(self):
+        """``min D`` (a float) when every entry of ``D`` is finite, else None; computed once
+        (not kept for a ``D`` that records a graph)."""
+        if self._low is not None:
+            return self._low
+        D = self.D.detach()
+        low = float(D.min()) if D.numel() and bool(torch.isfinite(D).all()) else None
+        if low is not None and not _checks.needs_graph(self.D):
+            self._low = low
+        return low
 
     @classmethod
     def from_factors_eig(cls, eig_A, eig_G):
@@ -67,7 +79,10 @@ class EigenKronBlock(Block):
     def solve(self, V, damping=0.0, who=None):
         """``(B + λI)⁻¹ v`` for every vector of ``V`` (singular: the shared error)."""
         rep, regul = who_of(self, damping, who)
-        _checks.check_invertible(self.eigenvalues(damping).reshape(-1), rep, "solve", regul)
+        low = self._lowest() if _checks._float(regul) > 0 else None
+        if low is None or not low + _checks._float(self._scalar(damping)) > 0:
+            # (a damped block whose smallest eigenvalue stays positive needs no check)
+            _checks.check_invertible(self.eigenvalues(damping).reshape(-1), rep, "solve", regul)
         return self.apply_power(V, -1.0, damping)
 
     def quadratic(self, V):
@@ -110,6 +125,9 @@ class EigenKronBlock(Block):
     def frobenius_sq(self):
         """``‖B‖_F²`` (the basis is orthogonal)."""
         return (self.D * self.D).sum()
+
+    def logdet_is_spectral(self, damping=0.0):
+        return not is_entries(damping)
 
     def logdet(self, damping=0.0, who=None):
         """``Σ log(D + λ)`` (positive definite, or the shared errors)."""

@@ -22,10 +22,28 @@ from .base import Block, is_entries, values_for_power, who_of
 class LowRankBlock(Block):
     """``diag(α) + Jᵀ C J`` (see the module docstring)."""
 
-    __slots__ = ("alpha", "J", "C")
+    __slots__ = ("alpha", "J", "C", "_eig", "_gram", "_chol")
 
-    def __init__(self, J, alpha=0.0, C=None):
+    def __init__(self, J, alpha=0.0, C=None, eig=None):
         self.J, self.alpha, self.C = J, alpha, C
+        # ``eig``: a function returning the nonzero eigenpairs ``(E, V)`` of ``JᵀJ`` (a
+        # container's cached eigendecomposition), for ``solve(method='eigh')``
+        self._eig = eig
+        self._gram = None  # J Jᵀ, computed once
+        self._chol = None  # (damping key, Cholesky factor of λI + J Jᵀ) of the last solve
+
+    def _pure(self):
+        """Whether the block is ``JᵀJ`` (``α = 0``, ``C = I``): PMatLowRank's."""
+        return self.C is None and not torch.is_tensor(self.alpha) and self.alpha == 0
+
+    def gram(self):
+        """``S = J Jᵀ`` (``r × r``), computed once (not kept when ``J`` records a graph)."""
+        if self._gram is not None:
+            return self._gram
+        S = self.J @ self.J.t()
+        if not _checks.needs_graph(self.J):
+            self._gram = S
+        return S
 
     @property
     def shape(self):
@@ -44,11 +62,15 @@ class LowRankBlock(Block):
 
     # ------------------------------------------------------------------ products
     def apply(self, V):
+        if self._pure():
+            return self._low(V)
         return self.alpha * V + self._low(V)
 
     def quadratic(self, V):
         W = V @ self.J.t()
         q = (W * (W if self.C is None else W @ self.C)).sum(-1)
+        if self._pure():
+            return q
         return q + (self.alpha * V * V).sum(-1)
 
     # ------------------------------------------------------------------ thin eigendecomposition
@@ -117,13 +139,44 @@ class LowRankBlock(Block):
         core = top ** p - base
         return LowRankBlock(Q.t(), base, torch.diag(core))
 
-    def solve(self, V, damping=0.0, who=None):
+    def solve(self, V, damping=0.0, who=None, method="woodbury"):
+        """``(B + Λ)⁻¹ v`` for the rows of ``V``. A per-entry ``Λ``: Woodbury with the
+        diagonal. ``B = JᵀJ`` with a scalar ``λ > 0``: ``method='woodbury'`` (default),
+        ``(v - Jᵀ (λI + JJᵀ)⁻¹ J v) / λ`` with the Cholesky factor of ``λI + JJᵀ`` kept for
+        the last ``λ``; ``method='eigh'``, through the nonzero eigenpairs ``(E, V)`` of ``JᵀJ``:
+        ``V (E + λ)⁻¹ Vᵀ v`` on the range and ``v / λ`` on its orthogonal complement."""
         rep, regul = who_of(self, damping, who)
         a = self._shifted(damping)
         if is_entries(a):
             invD, JD, Cn = self._woodbury(a, rep, regul, "solve")
             return LowRankBlock(JD, invD, Cn).apply(V)
-        return self.matpower(-1.0, damping, who).apply(V)
+        if not self._pure():
+            return self.matpower(-1.0, damping, who).apply(V)
+        if not _checks._float(a) > 0:
+            raise _checks.singular_error(
+                rep, "solve", regul,
+                f"a low-rank matrix (rank ≤ {self.J.shape[0]} < P = {self.shape[0]}) is singular "
+                "without damping (pow(-1, on_range=True) is the pseudo-inverse on its range)")
+        if method == "eigh":
+            E, U = self._eig()
+            XV = V @ U
+            return (XV / (E + a)) @ U.t() + (V - XV @ U.t()) / a
+        if method != "woodbury":
+            raise ValueError(f"unknown solve '{method}': use 'woodbury' (default) or 'eigh'")
+        key = _checks.regul_key(a)
+        if key is not None and self._chol is not None and self._chol[0] == key:
+            L = self._chol[1]
+        else:
+            self._chol = None
+            S = self.gram()
+            L = torch.linalg.cholesky(_checks.upcast(
+                S + a * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)))
+            if key is not None and not _checks.needs_graph(self.J, a):
+                self._chol = (key, L)
+        XJ = V @ self.J.t()
+        inner = torch.cholesky_solve(_checks.upcast(XJ.reshape(-1, self.J.shape[0]).t()),
+                                     L).t().to(XJ.dtype).reshape(XJ.shape)
+        return (V - inner @ self.J) / a
 
     def logdet(self, damping=0.0, who=None):
         rep, regul = who_of(self, damping, who)
@@ -152,6 +205,8 @@ class LowRankBlock(Block):
     def dense(self):
         CJ = self.J if self.C is None else self.C @ self.J
         low = self.J.t() @ CJ
+        if self._pure():
+            return low
         if is_entries(self.alpha):
             return low + torch.diag(self.alpha)
         return low + self.alpha * torch.eye(self.shape[0], dtype=low.dtype, device=low.device)
@@ -160,8 +215,19 @@ class LowRankBlock(Block):
         return self.diag().sum()
 
     def frobenius_sq(self):
-        D = self.dense()
-        return (D * D).sum() if self.shape[0] <= 4096 else super().frobenius_sq()
+        """``‖B‖_F²`` from ``r × r`` matrices: ``‖JᵀCJ‖_F² = tr(C S C S)`` with ``S = JJᵀ``, plus
+        the diagonal's ``Σ α² + 2 Σ α_p (JᵀCJ)_pp``."""
+        S = self.gram()
+        CS = S if self.C is None else self.C @ S
+        out = (CS * CS.t()).sum()
+        if self._pure():
+            return out
+        CJ = self.J if self.C is None else self.C @ self.J
+        low_diag = (self.J * CJ).sum(0)
+        a = self.alpha
+        if is_entries(a):
+            return out + (a * a).sum() + 2 * (a * low_diag).sum()
+        return out + self.shape[0] * a * a + 2 * a * low_diag.sum()
 
     # ------------------------------------------------------------------ arithmetic
     def scaled(self, x):
