@@ -2,10 +2,13 @@
 arguments and the checks of the representation and its keywords."""
 import inspect
 
+from .backend import TorchHooksJacobianBackend
 from .backend.batches import default_function
 from .backend.distributed import unwrap_model
-from .backend.model_state import _model_lock
+from .backend.model_state import model_lock
 from .layercollection import LayerCollection
+from .object import pspace
+from .object.pspace import PMatEye
 
 #: the constructor's own arguments, which the entry points pass themselves
 _PASSED_BY_ENTRY = {"self", "layer_collection", "generator", "data", "examples"}
@@ -21,7 +24,7 @@ def prepare_entry(model, function, layer_collection, target_key="labels"):
     if layer_collection is None:
         # another thread's implicit product may have this model's parameters swapped for
         # functional tensors: read them when it is done
-        with _model_lock(model):
+        with model_lock(model):
             layer_collection = LayerCollection.from_model(model)
     if function is None:
         function = default_function(model, target_key)
@@ -41,8 +44,6 @@ def check_not_meta(model):
 
 # the names accepted for the classes: lower case, with and without the "PMat" prefix
 def _representation_names():
-    from .object import pspace
-
     names = {}
     for cls_name in pspace.__all__:
         cls = getattr(pspace, cls_name)
@@ -83,9 +84,6 @@ def build_from_jacobians(model, loader, representation, function, layer_collecti
     Jacobians of ``function`` over ``loader``: what ``Jacobian`` and ``GramMatrix`` share.
     Data-parallel (``distributed``, ``process_group``: see ``TorchHooksJacobianBackend``): the
     examples of all the ranks, in rank order."""
-    from .backend import TorchHooksJacobianBackend
-    from .backend.distributed import unwrap_model
-
     model = unwrap_model(model)
     function, layer_collection = prepare_entry(model, function, layer_collection)
     generator = TorchHooksJacobianBackend(model, function, centering=centering, verbose=verbose,
@@ -115,8 +113,6 @@ def check_representation(representation, kwargs, entry):
     constructor nor its ``_build`` take (they would be swallowed by ``**kwargs`` and ignored,
     e.g. ``regul=``, which belongs to ``solve`` / ``inverse``). Only nngeometry's own classes
     are checked: a user's class may read any keyword."""
-    from .object.pspace import PMatEye
-
     representation = resolve_representation(representation, entry)
     if isinstance(representation, type) and issubclass(representation, PMatEye) and \
             "scaling" not in kwargs and "data" not in kwargs:

@@ -1,6 +1,7 @@
 """Entry point: the Gram matrix of the per-example Jacobians (empirical neural tangent kernel).
 
-(The Gram-matrix accumulator used inside the statistics lives in `nngeometry.maths.gram`.)
+(The Gram-matrix accumulator used inside the statistics lives in
+`nngeometry.maths.gram_accumulator`.)
 """
 from ._entry import build_from_jacobians
 from .object.fspace import FMatDense
@@ -38,5 +39,5 @@ def GramMatrix(model, loader, function=None, representation=FMatDense, layer_col
 
 __all__ = ["GramMatrix"]
 
-# names upstream's module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only (upstream's module exposed these through its imports)
 from .backend import TorchHooksJacobianBackend  # noqa: E402,F401

@@ -1,6 +1,11 @@
 """Entry point: the exact Hessian of a loss summed over the batches."""
+import torch
+
+from ._memory import check_fits
 from ._entry import check_representation, prepare_entry
 from .backend import HessianBackend
+from .backend.batches import default_function, iterate_batches, prepare_batch
+from .backend.distributed import unwrap_model
 from .backend.torch_func_hessian import loss_of_targets
 from .curvature import loss_or_default, per_example_losses, targets_of
 
@@ -62,7 +67,6 @@ def Hessian(model, loader, representation, function=None, layer_collection=None,
             raise ValueError("function(prediction, targets) receives model(batch[0]); to loss "
                              "other outputs use output_function= with loss_function=")
         loss_function = loss_of_targets(function)
-    from .backend.distributed import unwrap_model
 
     model = unwrap_model(model)
     output_function, layer_collection = prepare_entry(model, output_function, layer_collection)
@@ -105,10 +109,6 @@ class ActivationHessian:
 
     def __init__(self, model, batch, layer_name, loss_function=None, io="output", function=None,
                  positions="sum", target_key="labels"):
-        import torch
-
-        from .backend.batches import default_function, iterate_batches, prepare_batch
-
         if io not in ("output", "input"):
             raise ValueError(f"io must be 'output' or 'input', got {io!r}")
         modules = dict(model.named_modules())
@@ -146,8 +146,6 @@ class ActivationHessian:
         self.shape = tuple(self.z.shape)
 
     def _loss_of(self, z):
-        import torch
-
         if self.io == "output":
             h = self.module.register_forward_hook(lambda m, a, o: z)
         else:
@@ -162,8 +160,6 @@ class ActivationHessian:
 
     def mv(self, v):
         """``H v`` for ``v`` of shape ``shape`` (or flat ``(N,)``); same shape as ``v``."""
-        import torch
-
         z = self.z.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(self._loss_of(z), z, create_graph=True)
         vv = v.reshape(self.shape).to(z.dtype)
@@ -173,10 +169,6 @@ class ActivationHessian:
 
     def to_torch(self):
         """The dense ``(N, N)`` matrix (``N`` Hessian-vector products, vmapped)."""
-        import torch
-
-        from .backend.consumers import check_fits
-
         N = self.z.numel()
         check_fits(N * N * self.z.element_size(),
                    f"the activation Hessian ({N}² entries)", "use mv() products instead")
@@ -192,5 +184,5 @@ class ActivationHessian:
 
 __all__ = ["Hessian", "ActivationHessian"]
 
-# names upstream's module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only (upstream's module exposed these through its imports)
 from .backend.torch_func_hessian import TorchFuncHessianBackend  # noqa: E402,F401

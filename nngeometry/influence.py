@@ -14,32 +14,39 @@ and streams the training gradients batch by batch against them
 functions" of the documentation for the formulas and the choices.
 """
 import math
+import os
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ._entry import prepare_entry
 from .backend import TorchHooksJacobianBackend
-from .backend import consumers as C
+from .backend import consumers
 from .backend.batches import iterate_batches
-from .backend.distributed import resolve_group, unwrap_model
+from .backend.distributed import all_gather_rows, resolve_group, unwrap_model
 from .metrics import FIM, FIM_MonteCarlo, EmpiricalFisher, GGN
 from .object.map import PFMapDense
-from .object.pspace import (PMatAbstract, PMatEKFAC, PMatEye, PMatImplicit, PMatKFAC)
+from .object.pspace import (PMatAbstract, PMatEKFAC, PMatEye, PMatImplicit, PMatKFAC,
+                             PMatMixed)
 from .curvature import check_positions, empirical_function
 
 _CURVATURES = ("ggn", "fisher", "mc", "empirical")
+_SOLVERS = ("cg", "lissa")
+#: LiSSA's options (``solve_options`` with ``solver='lissa'``) and their defaults
+LISSA_DEFAULTS = {"depth": 1000, "scale": None, "repeats": 1, "batch_size": None, "seed": 0}
 #: the mean-eigenvalue damping heuristic: ``λ_l = HEURISTIC_FACTOR · tr(G_l) / p_l``
 HEURISTIC_FACTOR = 0.1
 
 
 # ====================================================================== losses of language models
-def _next_token_nll(logits, labels, who):
+def _next_token_nll(logits, labels, caller):
     """``(per_token, targets)``: the cross-entropy of token ``t + 1`` given the tokens up to
     ``t`` (logits shifted left, labels shifted right), ``(n, T - 1)``, zero where the label is
     ``-100``, and the shifted labels."""
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"{who} takes logits (n, T, V) and labels (n, T), got shapes "
+        raise ValueError(f"{caller} takes logits (n, T, V) and labels (n, T), got shapes "
                          f"{tuple(logits.shape)} and {tuple(labels.shape)}")
     shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
     n, T, V = shift_logits.shape
@@ -128,7 +135,7 @@ def _expand(entry, shape, has_bias):
 
 
 # ====================================================================== streamed scores
-class _PairwiseScores(C.Consumer):
+class _PairwiseScores(consumers.Consumer):
     """Scores of the preconditioned queries against each batch's per-example gradients,
     layer by layer (one layer's gradients held at a time): one column per training example.
     A row statistic: under data parallelism the ranks' columns are gathered in rank order."""
@@ -166,6 +173,124 @@ class _PairwiseScores(C.Consumer):
         self.result = self.scores
 
 
+# ====================================================================== LiSSA
+def _check_lissa_options(options):
+    """LiSSA's options with their defaults filled in; a clear error for any other key or a bad
+    value."""
+    unknown = sorted(set(options) - set(LISSA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"solver='lissa' takes solve_options {sorted(LISSA_DEFAULTS)}, got "
+                         f"unknown {unknown} (tol / max_iter are the conjugate gradients' "
+                         "options: solver='cg')")
+    out = dict(LISSA_DEFAULTS, **options)
+    for key in ("depth", "repeats"):
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"solve_options['{key}'] must be a positive int, got {v!r}")
+    b = out["batch_size"]
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+        raise ValueError(f"solve_options['batch_size'] must be a positive int (examples drawn "
+                         f"per step) or None (all the training examples: deterministic), "
+                         f"got {b!r}")
+    sc = out["scale"]
+    if sc is not None and (isinstance(sc, bool) or not isinstance(sc, (int, float)) or
+                           not math.isfinite(sc) or sc <= 0):
+        raise ValueError(f"solve_options['scale'] must be a finite number > 0 (above half the "
+                         f"largest eigenvalue of G + Λ) or None (estimated), got {sc!r}")
+    if isinstance(out["seed"], bool) or not isinstance(out["seed"], int):
+        raise ValueError(f"solve_options['seed'] must be an int, got {out['seed']!r}")
+    return out
+
+
+def _cat_batches(batches):
+    """One batch holding the examples of ``batches`` (tensors, tuples/lists and dicts of them,
+    concatenated along their first dimension)."""
+    first = batches[0]
+    if torch.is_tensor(first):
+        return torch.cat(batches)
+    if isinstance(first, Mapping):
+        return {k: _cat_batches([b[k] for b in batches]) if torch.is_tensor(first[k]) else first[k]
+                for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat_batches([b[i] for b in batches]) for i in range(len(first)))
+    raise TypeError(f"LiSSA's mini-batches draw examples from tensors, tuples or dicts of "
+                    f"tensors; a batch holds a {type(first).__name__}")
+
+
+def _take(batch, idx):
+    """The examples ``idx`` of one batch (every tensor indexed along its first dimension)."""
+    if torch.is_tensor(batch):
+        return batch[idx]
+    if isinstance(batch, Mapping):
+        return {k: _take(v, idx) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return type(batch)(_take(v, idx) for v in batch)
+
+
+def _n_examples(batch):
+    if torch.is_tensor(batch):
+        return batch.shape[0]
+    vals = batch.values() if isinstance(batch, Mapping) else batch
+    return next(_n_examples(v) for v in vals if torch.is_tensor(v) or
+                isinstance(v, (Mapping, tuple, list)))
+
+
+class _ExampleDraws:
+    """Mini-batches of training examples drawn uniformly without replacement (within a
+    draw): from a ``DataLoader``'s map-style dataset through its ``collate_fn``, otherwise from
+    the loader's batches concatenated once (the training set held in memory: LiSSA is for small
+    models)."""
+
+    def __init__(self, loader):
+        ds = getattr(loader, "dataset", None)
+        if isinstance(loader, torch.utils.data.DataLoader) and hasattr(ds, "__getitem__") \
+                and hasattr(ds, "__len__"):
+            self.n = len(ds)
+            self.take = lambda idx: loader.collate_fn([ds[int(i)] for i in idx])
+        else:
+            batches = [b for b in iterate_batches(loader)]
+            if not batches:
+                raise ValueError("LiSSA: the training examples yielded no data (empty loader)")
+            whole = _cat_batches(batches)
+            self.n = _n_examples(whole)
+            self.take = lambda idx: _take(whole, idx)
+
+    def draw(self, size, generator):
+        if size > self.n:
+            raise ValueError(f"solve_options['batch_size']={size} exceeds the {self.n} "
+                             "training examples")
+        return self.take(torch.randperm(self.n, generator=generator)[:size])
+
+
+def _lissa(B, product, lam, options, scale):
+    """LiSSA (Agarwal, Bullins & Hazan 2017, as used by Koh & Liang 2017): ``(G + Λ)⁻¹ B`` for
+    the rows of ``B`` ``(m, P)`` by the truncated Neumann series ``(A/s)⁻¹ = Σ_j (I − A/s)^j``,
+    ``A = G + Λ``, run as the recursion ``X_0 = B``, ``X_{j+1} = B + X_j − A_j X_j / s`` and
+    returned as ``X_depth / s``, averaged over ``repeats`` runs. ``A_j = G_j + Λ`` with ``G_j``
+    the curvature of the step's mini-batch (``product(X, step_generator)``): unbiased, so the
+    mean of the iterates follows the deterministic recursion. With the full training set at every
+    step, the error after ``depth`` steps is at most ``(1 − μ_min / s)^{depth + 1}`` times
+    ``||A⁻¹ B||`` for ``s ≥ μ_max`` (``μ`` the eigenvalues of ``A``), and the recursion
+    diverges for ``s < μ_max / 2``."""
+    depth, repeats = options["depth"], options["repeats"]
+    bnorm = B.norm()
+    total = torch.zeros_like(B)
+    for r in range(repeats):
+        gen = torch.Generator().manual_seed(options["seed"] + 7919 * r)
+        X = B.clone()
+        for j in range(depth):
+            X = B + X - (product(X, gen) + lam * X) / scale
+            if j % 16 == 15 or j == depth - 1:
+                norm = X.norm()
+                if not torch.isfinite(norm) or norm > 1e12 * max(float(bnorm), 1e-300):
+                    raise ValueError(
+                        f"LiSSA diverged (step {j + 1}, |X| = {float(norm):.3g}): the scale "
+                        f"s = {scale:.4g} is below half the largest eigenvalue of G + Λ on "
+                        "the steps' examples; raise solve_options['scale'] (mini-batches "
+                        "have larger eigenvalues than the full set)")
+        total += X
+    return total / (scale * repeats)
+
+
 # ====================================================================== the entry point
 class Influence:
     """Influence scores ``I(z, q) = ∇θ m(q)ᵀ (G + Λ)⁻¹ ∇θ ℓ(z)`` of training examples ``z`` on
@@ -182,7 +307,10 @@ class Influence:
       for language models), in ``representation``: ``PMatEKFAC`` (default; its eigenvalues
       refitted on the training data after the KFAC pass, [`PMatEKFAC.update_diag`][nngeometry.object.pspace.PMatEKFAC.update_diag]),
       ``PMatKFAC``, ``PMatDiag``, ``PMatBlockDiag``, ``PMatLowRank``, ``PMatDense``,
-      ``PMatImplicit`` (conjugate-gradient solves, no matrix stored) or ``PMatEye`` (``G = I``:
+      ``PMatImplicit`` (conjugate-gradient or LiSSA solves, ``solver=``, no matrix stored),
+      ``PMatMixed`` (a representation per group of layers, given by ``curvature_options=
+      {'layer_map': {layer_id: group}, 'sub_pmats': {group: PMat class}}``; its EKFAC groups
+      refitted as above, its KFAC groups damped exactly) or ``PMatEye`` (``G = I``:
       the scores are gradient similarities, TracIn's at one checkpoint when ``damping=0``).
     * ``Λ``: ``damping`` a number ``λ`` (``λI``), a dict ``{layer_id: λ_l}`` or ``'heuristic'``
       (default): ``λ_l = 0.1 · tr(G_l) / p_l``, a tenth of the mean eigenvalue of each layer's
@@ -223,7 +351,12 @@ class Influence:
             the model's dtype.
         solve_options: extra keywords of the representation's ``solvePFMap`` (e.g.
             ``{'tol': 1e-10, 'max_iter': 200}`` for ``PMatImplicit``); default
-            ``{'damping': 'exact'}`` for ``PMatKFAC``.
+            ``{'damping': 'exact'}`` for ``PMatKFAC``. With ``solver='lissa'``, LiSSA's:
+            ``depth`` (steps of the recursion, default 1000), ``scale`` (``s``, above half the
+            largest eigenvalue of ``G + Λ``; default ``None``: 1.25 times the largest
+            eigenvalue of ``G`` by 20 power iterations, plus the largest ``λ``), ``repeats`` (independent runs averaged, default 1),
+            ``batch_size`` (training examples drawn per step; default ``None``: the whole
+            training set at every step, deterministic) and ``seed`` (of the draws, default 0).
         curvature_options: extra keywords of the curvature entry point (e.g. ``kfac_approx``).
         verbose: progress bars over the batches.
         check_deterministic: as for the entry points.
@@ -233,6 +366,12 @@ class Influence:
             ranks, every rank preconditions the same (whole) query set, and the scores'
             training columns are gathered in rank order.
         process_group: the group of ranks (default: the world).
+        solver: how ``PMatImplicit`` solves ``(G + Λ) x = ∇m(q)``: ``'cg'`` (conjugate
+            gradients, default) or ``'lissa'`` (LiSSA, the stochastic Neumann series of
+            Agarwal et al. 2017 used by Koh & Liang 2017: ``X_0 = b``,
+            ``X_{j+1} = b + X_j − (G_j + Λ) X_j / s``, ``x ≈ X_depth / s``, ``G_j`` the
+            curvature of the step's mini-batch of training examples (the mean over them), or of
+            all of them with ``batch_size=None``); its options in ``solve_options``.
     """
 
     def __init__(self, model, representation=PMatEKFAC, damping="heuristic", loss_function=None,
@@ -240,7 +379,7 @@ class Influence:
                  seed=None, function=None, layer_collection=None, positions="sum",
                  target_key="labels", refit_eigenvalues=True, query_rank=None, dtype=None,
                  solve_options=None, curvature_options=None, verbose=False,
-                 check_deterministic=True, distributed=None, process_group=None):
+                 check_deterministic=True, distributed=None, process_group=None, solver="cg"):
         if curvature not in _CURVATURES:
             raise ValueError(f"curvature={curvature!r}: use one of {', '.join(map(repr, _CURVATURES))}")
         if not (isinstance(representation, type) and issubclass(representation, PMatAbstract)):
@@ -255,6 +394,7 @@ class Influence:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         check_positions(positions)
         resolve_group(distributed, process_group)
+        _refuse_sharded(model)
         self.model = unwrap_model(model)
         self.function, self.layer_collection = prepare_entry(self.model, function,
                                                              layer_collection, target_key)
@@ -271,9 +411,30 @@ class Influence:
         self.refit_eigenvalues = refit_eigenvalues
         self.query_rank = query_rank
         self.dtype = dtype
+        if solver not in _SOLVERS:
+            raise ValueError(f"solver={solver!r}: use 'cg' (conjugate gradients) or 'lissa' "
+                             "(stochastic Neumann series)")
+        self.solver = solver
         self.solve_options = dict(solve_options or {})
-        if issubclass(representation, PMatKFAC):
+        if solver == "lissa":
+            if not issubclass(representation, PMatImplicit):
+                raise ValueError(f"solver='lissa' solves with an implicit curvature: pass "
+                                 f"representation=PMatImplicit ({representation.__name__} is "
+                                 "stored and solved exactly)")
+            self.solve_options = _check_lissa_options(self.solve_options)
+            if self.solve_options["batch_size"] is not None and \
+                    resolve_group(distributed, process_group) is not None:
+                raise ValueError("solver='lissa' with mini-batches (batch_size) draws examples "
+                                 "from one process's data: not supported with data "
+                                 "parallelism; use batch_size=None (the full set) or 'cg'")
+        if issubclass(representation, (PMatKFAC, PMatMixed)):
+            # (a PMatMixed passes it to its KFAC groups)
             self.solve_options.setdefault("damping", "exact")
+        if issubclass(representation, PMatMixed) and not \
+                {"sub_pmats", "data"} & set(curvature_options or {}):
+            raise ValueError("representation=PMatMixed needs its groups: pass curvature_options="
+                             "{'layer_map': {layer_id: group}, 'sub_pmats': {group: PMat class}} "
+                             "(e.g. {'a': PMatEKFAC, 'b': PMatDense})")
         self.curvature_options = dict(curvature_options or {})
         self.verbose = verbose
         self.check_deterministic = check_deterministic
@@ -281,6 +442,8 @@ class Influence:
         self.process_group = process_group
         self.matrix = None
         self.damping_value = None
+        self._lissa_draws = None
+        self._lissa_scale = None
 
     # ------------------------------------------------------------------ the curvature
     def fit(self, train_loader):
@@ -294,8 +457,12 @@ class Influence:
                                                            device=lc.device or ref.device))
         else:
             self.matrix = self._build(train_loader)
-            if isinstance(self.matrix, PMatEKFAC) and self.refit_eigenvalues:
-                self.matrix.update_diag(train_loader)
+            if self.refit_eigenvalues:
+                parts = self.matrix.data.values() if isinstance(self.matrix, PMatMixed) \
+                    else [self.matrix]
+                for part in parts:
+                    if isinstance(part, PMatEKFAC):
+                        part.update_diag(train_loader)
         self.damping_value = self._resolve_damping()
         return self
 
@@ -351,14 +518,67 @@ class Influence:
 
     def _solve(self, G):
         """``(G + Λ)⁻¹`` applied to the rows of ``G`` ``(m, P)``."""
+        if self.solver == "lissa":
+            return self._solve_lissa(G)
         X = PFMapDense(self.layer_collection, data=G.unsqueeze(0))
         return self.matrix.solvePFMap(X, regul=self.damping_value,
                                       **self.solve_options).to_torch()[0]
 
+    def _damping_flat(self, like):
+        """``Λ`` as a scalar or a ``(P,)`` tensor of ``like``'s dtype and device."""
+        lam = self.damping_value
+        if not isinstance(lam, dict):
+            return float(lam)
+        lc = self.layer_collection
+        d = like.new_zeros(lc.numel())
+        for lid in lc.layer_ids():
+            d[lc.slice(lid)] = float(lam[lid])
+        return d
+
+    def _solve_lissa(self, B):
+        M, opts, lc = self.matrix, self.solve_options, self.layer_collection
+        lam = self._damping_flat(B)
+        if opts["batch_size"] is None:
+            def product(X, gen):
+                return M._mm_rows(X)
+        else:
+            if self._lissa_draws is None:
+                self._lissa_draws = _ExampleDraws(M.examples)
+            draws, size = self._lissa_draws, opts["batch_size"]
+
+            def product(X, gen):
+                # the matrix's own product on the step's examples (the mean over them)
+                return M.scale * M._gen().implicit_mm(X, [draws.draw(size, gen)], lc) + \
+                    M.shift * X
+        scale = opts["scale"]
+        if scale is None:
+            if self._lissa_scale is None:
+                self._lissa_scale = self._estimate_scale(B, lam)
+            scale = self._lissa_scale
+        return _lissa(B, product, lam, opts, float(scale))
+
+    def _estimate_scale(self, like, lam, iterations=20):
+        """LiSSA's default scale: 1.25 times ``μ_G + max Λ``, an upper bound of the largest
+        eigenvalue of ``G + Λ`` with ``μ_G`` the largest eigenvalue of ``G`` (the full training
+        set) estimated by ``iterations`` power iterations from a fixed random start (from
+        below: the recursion converges for ``s > μ_max / 2``)."""
+        g = torch.Generator().manual_seed(0)
+        v = torch.randn(1, like.shape[1], generator=g, dtype=torch.float64).to(like)
+        v = v / v.norm()
+        mu = 0.0
+        for _ in range(iterations):
+            w = self.matrix._mm_rows(v)
+            mu = float((v * w).sum())
+            nw = w.norm()
+            if not nw > 0:
+                break
+            v = w / nw
+        lam_max = float(lam.max()) if torch.is_tensor(lam) else lam
+        return 1.25 * max(mu + lam_max, torch.finfo(like.dtype).tiny)
+
     def _progress(self, it, loader, what):
         if not self.verbose:
             return it
-        from tqdm.auto import tqdm
         total = len(loader) if hasattr(loader, "__len__") and \
             isinstance(loader, torch.utils.data.DataLoader) else None
         return tqdm(it, total=total, desc=what, unit="batch")
@@ -405,7 +625,8 @@ class Influence:
         return t.detach().to(self.dtype) if self.dtype is not None else t.detach()
 
     # ------------------------------------------------------------------ scores
-    def pairwise_scores(self, train_loader, query_loader=None, queries=None, per_layer=False):
+    def pairwise_scores(self, train_loader, query_loader=None, queries=None, per_layer=False,
+                        checkpoint=None, checkpoint_every=1):
         """``(n_query, n_train)``: ``I(z_j, q_i) = ∇θ m(q_i)ᵀ (G + Λ)⁻¹ ∇θ ℓ(z_j)``.
 
         The queries are preconditioned once (or given: ``queries=`` from [`precondition`][nngeometry.influence.Influence.precondition]);
@@ -413,14 +634,36 @@ class Influence:
         for the whole set. ``per_layer=True``: ``(n_layers, n_query, n_train)``, each layer's
         share ``((G + Λ)⁻¹ ∇m(q))_l · ∇ℓ(z)_l`` (they sum to the scores; for a block-diagonal
         ``G`` (EKFAC, KFAC, Diag, BlockDiag, Eye) it is the influence through that layer
-        alone)."""
+        alone).
+
+        Resuming: with ``checkpoint`` a file path, the scores are computed by chunks of
+        ``checkpoint_every`` training batches, and after each chunk the preconditioned queries
+        and the scores so far are written there (``torch.save``, loadable with the defaults;
+        replaced atomically). A call whose checkpoint exists starts where it stopped: it uses
+        the saved queries (``query_loader`` / ``queries`` may then be omitted; ``queries``
+        given must equal the saved ones; a ``query_loader`` is not run again) and skips the
+        training batches already scored, so ``train_loader`` must yield the same batches in the
+        same order (no shuffling, or a seeded sampler). The result equals an uninterrupted
+        run's. Not with data parallelism."""
         self._check_fitted()
-        if (query_loader is None) == (queries is None):
+        lc = self.layer_collection
+        state = None
+        if checkpoint is not None:
+            if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or \
+                    checkpoint_every < 1:
+                raise ValueError(f"checkpoint_every must be a positive int (training batches "
+                                 f"per saved chunk), got {checkpoint_every!r}")
+            if resolve_group(self.distributed, self.process_group) is not None:
+                raise ValueError("checkpoint= is not supported with data parallelism (each rank "
+                                 "would need its own file and the columns their rank order)")
+            if os.path.exists(checkpoint):
+                state = self._load_checkpoint(checkpoint, queries, per_layer)
+                queries = state["queries"]
+        if state is None and (query_loader is None) == (queries is None):
             raise ValueError("pass either query_loader= or queries= (from precondition()), "
                              "exactly one")
         if queries is None:
             queries = self.precondition(query_loader)
-        lc = self.layer_collection
         if set(queries["layers"]) != set(lc.layer_ids()):
             raise ValueError("queries were preconditioned on other layers than this Influence's "
                              f"collection: {sorted(queries['layers'])} vs {lc.layer_ids()}")
@@ -434,10 +677,64 @@ class Influence:
                 return _expand(entry, shape, has_bias).to(device=device, dtype=dtype)
             return get
 
-        consumer = _PairwiseScores(lc, {lid: rows_of(lid) for lid in lc.layer_ids()}, per_layer)
+        rows = {lid: rows_of(lid) for lid in lc.layer_ids()}
         gen = self._generator(self.loss_function, distributed=self.distributed)
         gen.verbose = self.verbose
-        return gen.accumulate(train_loader, lc, consumer).result
+        if checkpoint is None:
+            return gen.accumulate(train_loader, lc, _PairwiseScores(lc, rows, per_layer)).result
+        return self._chunked_scores(gen, train_loader, rows, per_layer, queries, state,
+                                    checkpoint, checkpoint_every)
+
+    def _chunked_scores(self, gen, train_loader, rows, per_layer, queries, state, path, every):
+        lc = self.layer_collection
+        done = state["batches"] if state is not None else 0
+        parts = [state["scores"]] if state is not None and state["scores"] is not None else []
+
+        def save():
+            scores = torch.cat(parts, dim=-1) if parts else None
+            tmp = f"{path}.tmp"
+            torch.save({"queries": queries, "scores": scores, "batches": done,
+                        "per_layer": per_layer, "layer_ids": list(lc.layer_ids())}, tmp)
+            os.replace(tmp, path)
+        if state is None:
+            save()  # the preconditioned queries, before the first chunk
+        batches = iterate_batches(train_loader)
+        for _ in range(done):
+            if next(batches, None) is None:
+                raise ValueError(f"the checkpoint {path} holds the scores of {done} training "
+                                 "batches, train_loader yields fewer: pass the loader it was "
+                                 "computed with")
+        chunk = []
+        for batch in self._progress(batches, train_loader, "scores"):
+            chunk.append(batch)
+            if len(chunk) == every:
+                parts.append(gen.accumulate(chunk, lc, _PairwiseScores(lc, rows, per_layer))
+                             .result)
+                done += len(chunk)
+                chunk = []
+                save()
+        if chunk:
+            parts.append(gen.accumulate(chunk, lc, _PairwiseScores(lc, rows, per_layer)).result)
+            done += len(chunk)
+            save()
+        if not parts:
+            raise ValueError("pairwise_scores: the training examples yielded no data "
+                             "(empty loader)")
+        return torch.cat(parts, dim=-1)
+
+    def _load_checkpoint(self, path, queries, per_layer):
+        state = torch.load(path)
+        lc = self.layer_collection
+        if not isinstance(state, dict) or not {"queries", "scores", "batches"} <= set(state):
+            raise ValueError(f"{path} is not a checkpoint of pairwise_scores")
+        if list(state["layer_ids"]) != list(lc.layer_ids()) or state["per_layer"] != per_layer:
+            raise ValueError(f"the checkpoint {path} was written for other layers or another "
+                             f"per_layer ({state['layer_ids']}, per_layer={state['per_layer']}): "
+                             "use another file")
+        if queries is not None and not _same_queries(queries, state["queries"]):
+            raise ValueError(f"the queries given differ from those saved in the checkpoint "
+                             f"{path}: use another file, or omit queries= to resume")
+        return state
 
     def self_scores(self, train_loader, per_layer=False):
         """``(n_train,)``: ``∇θ ℓ(z)ᵀ (G + Λ)⁻¹ ∇θ ℓ(z)`` (the training loss on both sides), one
@@ -456,7 +753,6 @@ class Influence:
             raise ValueError("self_scores: the training examples yielded no data (empty loader)")
         scores = torch.cat(out, dim=-1) if out else None
         if group is not None:
-            from .backend.distributed import all_gather_rows
             # a rank whose shard is empty takes part with no rows
             dim = 1 if per_layer else 0
             count = scores.shape[-1] if scores is not None else 0
@@ -471,10 +767,18 @@ class Influence:
         `load_state_dict` it into an ``Influence`` of the same model. ``PMatImplicit``
         stores no matrix (refit it instead)."""
         self._check_fitted()
-        if isinstance(self.matrix, PMatImplicit):
+        parts = self.matrix.data.values() if isinstance(self.matrix, PMatMixed) else [self.matrix]
+        if any(isinstance(m, PMatImplicit) for m in parts):
             raise ValueError("PMatImplicit stores no matrix (its products run the model on the "
                              "training data): call fit(train_loader) again instead of saving it")
-        data = self.matrix.scaling if isinstance(self.matrix, PMatEye) else self.matrix.data
+        if isinstance(self.matrix, PMatMixed):
+            # each group as its class's name, its layers and its data
+            data = {g: {"representation": type(m).__name__,
+                        "layer_ids": list(m.layer_collection.layer_ids()),
+                        "data": m.scaling if isinstance(m, PMatEye) else m.data}
+                    for g, m in self.matrix.data.items()}
+        else:
+            data = self.matrix.scaling if isinstance(self.matrix, PMatEye) else self.matrix.data
         damping = self.damping_value
         if isinstance(damping, dict):
             damping = {k: float(v) for k, v in damping.items()}
@@ -494,11 +798,49 @@ class Influence:
                              f"{state['layer_ids']} vs {self.layer_collection.layer_ids()}")
         if issubclass(self.representation, PMatEye):
             self.matrix = PMatEye(self.layer_collection, scaling=state["data"])
+        elif issubclass(self.representation, PMatMixed):
+            from .object import pspace
+            lc, subs, each = self.layer_collection, {}, {}
+            for g, part in state["data"].items():
+                cls = getattr(pspace, part["representation"])
+                each[g] = lc.sub(part["layer_ids"])
+                subs[g] = PMatEye(each[g], scaling=part["data"]) if cls is PMatEye else \
+                    cls(layer_collection=each[g], data=part["data"])
+            self.matrix = PMatMixed(lc, None, layer_collection_each=each, sub_pmats=subs)
         else:
             self.matrix = self.representation(layer_collection=self.layer_collection,
                                               data=state["data"])
         self.damping_value = state["damping"]
         return self
+
+
+def _refuse_sharded(model):
+    """A clear error for a model whose parameters are sharded over the ranks (FSDP)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # a build of torch without torch.distributed
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, FullyShardedDataParallel) or FSDPModule in type(m).__mro__:
+            where = f" (module '{name}')" if name else ""
+            raise ValueError(
+                f"Influence: the model is sharded with FSDP{where}, which is not supported: "
+                "the per-example gradients are read from each layer's whole weight and every "
+                "rank keeps the whole curvature and preconditioned queries. Pass the unsharded "
+                "model (data parallelism: DistributedDataParallel or distributed=True)")
+
+
+def _same_queries(a, b):
+    """Whether two dicts of preconditioned queries hold the same tensors."""
+    if a.get("n") != b.get("n") or set(a["layers"]) != set(b["layers"]):
+        return False
+    for lid, x in a["layers"].items():
+        y = b["layers"][lid]
+        xs, ys = (x, y) if isinstance(x, tuple) else ((x,), (y,))
+        if not isinstance(y, type(x)) or len(xs) != len(ys) or \
+                not all(torch.equal(u, v) for u, v in zip(xs, ys)):
+            return False
+    return True
 
 
 def _check_damping(damping):

@@ -1,7 +1,9 @@
 """Entry point: the per-example Jacobians of a model's outputs."""
 from ._entry import build_from_jacobians, prepare_entry
 from .backend import TorchHooksJacobianBackend
+from .backend.distributed import unwrap_model
 from .curvature import check_class_dim, check_positions, empirical_function, lm_convention
+from .layercollection import LayerCollection
 from .object.map import PFMapDense
 
 
@@ -35,8 +37,6 @@ def Jacobian(model, loader, function=None, representation=PFMapDense, layer_coll
 
 
 def _collection(model, layer_collection, last_layer):
-    from .layercollection import LayerCollection
-
     if last_layer:
         if layer_collection is not None:
             raise ValueError("pass either layer_collection= or last_layer=True, not both")
@@ -56,8 +56,6 @@ def per_example_gradients(model, loader, loss_function=None, function=None,
     logits; targets, positions, ``class_dim``, ``causal_lm`` (language models: the model's own
     loss convention) and dict batches as for [`nngeometry.EmpiricalFisher`][nngeometry.EmpiricalFisher] (whose matrix
     is ``GᵀG / n`` for the ``G`` returned here)."""
-    from .backend.distributed import unwrap_model
-
     check_positions(positions)
     check_class_dim(class_dim)
     lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)

@@ -38,14 +38,18 @@ import torch
 import torch.nn.functional as tF
 from tqdm.auto import tqdm
 
+from ._bridge import _laplace_bridge
 from .backend.batches import batch_size_of, default_function, iterate_batches
 from ._entry import resolve_representation
+from .curvature.language_models import is_causal_lm
 from .jacobian import Jacobian
 from .laplace_lm import LastLayerLMLaplace  # noqa: F401  (public here too)
 from .layercollection import LayerCollection
 from .metrics import FIM, EmpiricalFisher, FIM_MonteCarlo, subnetwork_collection
+from . import object as _objects
 from .object.map import PFMapDense
 from .object.pspace import PMatDense, PMatDiag, PMatKFAC
+from .object.pspace import _kron
 from .object.vector import PVector
 
 _LIKELIHOODS = ("classification", "regression", "reward_modeling")
@@ -353,7 +357,6 @@ class Laplace:
             if y.dim() == 2 and y.shape[1] == 1:  # (n, 1): one label per example
                 y = y[:, 0]
             if tuple(y.shape) != (n,):
-                from .curvature.language_models import is_causal_lm
                 hint = (" For a language model's output layer, with the token positions as "
                         "the examples, use nngeometry.laplace.LastLayerLMLaplace."
                         if is_causal_lm(self.model) else "")
@@ -978,8 +981,6 @@ def marglik_training(model, train_loader, likelihood="classification", hessian_s
         parameters loaded), the negative log marginal likelihood after every hyper-parameter
         step, and the training loss of every epoch.
     """
-    from . import object as _objects
-
     if backend is not None:
         raise ValueError("backend= is laplace-torch's curvature backend: leave it None and "
                          "choose curvature='ggn' | 'mc' | 'ef'")
@@ -1141,11 +1142,10 @@ class _KronPrior:
     eigendecompositions."""
 
     def __init__(self, ggn, prior_flat, s):
-        from .object.pspace import _kron as K
         self.s, self.units = s, []
         lc = ggn.layer_collection
         for lid in lc.layer_ids():
-            A, G = K.get_unit(ggn.data, lid)
+            A, G = _kron.get_unit(ggn.data, lid)
             layer = lc[lid]
             perm = layer.kfac_permutation()
             sl = lc.slice(lid)
@@ -1257,30 +1257,6 @@ def _prior_flat(prior, layer_collection, like):
                                                   dtype=like.dtype, device=like.device)
                           for lid in layer_collection.layer_ids()])
     return prior * torch.ones(P, dtype=like.dtype, device=like.device)
-
-
-def _laplace_bridge(mu, var, normalise=False):
-    """The Laplace bridge from logits ``N(μ, Σ)`` (``(n, C)``, ``(n, C, C)``) to a Dirichlet,
-    returning its mean ``α / Σ_k α_k`` (see `_bridge_from_parts`)."""
-    row = var.sum(-1)
-    return _bridge_from_parts(mu, torch.diagonal(var, dim1=-2, dim2=-1), row,
-                              row.sum(-1, keepdim=True), normalise)
-
-
-def _bridge_from_parts(mu, diag, row, tot, normalise=False):
-    """The Laplace bridge's Dirichlet mean from the parts of ``Σ`` it reads: ``diag Σ``
-    ``(n, C)``, ``Σ1`` ``(n, C)`` and ``1ᵀΣ1`` ``(n, 1)``. The logits are first conditioned on
-    ``1ᵀ f = 0`` (softmax is invariant along ``1``): ``μ ← μ − Σ1 (1ᵀμ) / (1ᵀΣ1)``, ``diag Σ ←
-    diag Σ − (Σ1)² / (1ᵀΣ1)``; then ``α_k = (1 − 2/C + e^{μ_k} Σ_l e^{−μ_l} / C²) / Σ_kk``."""
-    C = mu.shape[-1]
-    mu = mu - row * mu.sum(-1, keepdim=True) / tot
-    d = diag - row ** 2 / tot
-    if normalise:
-        scale = d.mean(-1, keepdim=True) / math.sqrt(C / 2)
-        mu = mu / scale.sqrt()
-        d = d / scale
-    alpha = (1 - 2 / C + mu.exp() * torch.exp(-mu).sum(-1, keepdim=True) / C ** 2) / d
-    return alpha / alpha.sum(-1, keepdim=True)
 
 
 def _prior_logdet(prior, layer_collection):

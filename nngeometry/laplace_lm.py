@@ -40,8 +40,8 @@ import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as tF
 
+from ._bridge import _bridge_from_parts
 from ._entry import resolve_representation
 from .backend.batches import iterate_batches
 from .curvature.language_models import LMConvention, is_causal_lm, lm_positions
@@ -477,7 +477,6 @@ class LastLayerLMLaplace:
         ``'bridge_norm'`` (the Laplace bridge, as [`Laplace.predictive`][nngeometry.laplace.Laplace.predictive]: it needs
         ``diag Σ`` and ``Σ 1`` only) or ``'mc'`` (``n_samples`` draws of ``f``; Diag and Dense:
         KFAC's ``Σ`` is a full ``V × V`` matrix per position)."""
-        from .laplace import _bridge_from_parts
 
         self._check_fitted()
         if pred_type != "glm":

@@ -351,6 +351,6 @@ class LayerCollection(StateDictMixin):
 
 __all__ = ["LayerCollection", "UnsupportedLayerError", "unwrap_compiled", "run_eagerly"] + list(_layer_types_all)
 
-# names upstream's module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only (upstream's module exposed these through its imports)
 from abc import ABC  # noqa: E402,F401
 from functools import reduce  # noqa: E402,F401

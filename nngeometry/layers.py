@@ -113,6 +113,6 @@ class Affine1d(nn.Module):
 
 __all__ = ["WeightNorm1d", "WeightNorm2d", "Cosine1d", "Affine1d"]
 
-# names upstream's module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only (upstream's module exposed these through its imports)
 from torch import Tensor  # noqa: E402,F401
 from torch.nn import Conv2d, Linear, Module, Parameter  # noqa: E402,F401

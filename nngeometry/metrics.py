@@ -1,12 +1,18 @@
 """Entry points: Fisher information matrices (and, re-exported, Hessians, Jacobians and Gram
 matrices) of a model."""
+import warnings
 from enum import Enum
+
+import torch
 
 from ._entry import check_representation, prepare_entry
 from .backend import TorchHooksJacobianBackend
 from .backend.distributed import unwrap_model
 from .curvature import (check_class_dim, check_positions, closed_form_function,
                         empirical_function, ggn_function, lm_convention, monte_carlo_function)
+from .layer_types.subnetwork import SubnetworkLayer
+from .layercollection import LayerCollection
+from .object.pspace import PMatDense, PMatDiag, PMatEKFAC, PMatKFAC, PMatMixed
 
 
 class FIM_Types(str, Enum):
@@ -29,11 +35,6 @@ def subnetwork_collection(layer_collection, subnetwork_indices):
     """``(indices, collection)``: the checked flat indices (``(k,)`` int64, CPU) and the
     one-layer collection ``{'subnetwork': SubnetworkLayer}`` of a subnetwork of
     ``layer_collection``."""
-    import torch
-
-    from .layercollection import LayerCollection
-    from .layer_types.subnetwork import SubnetworkLayer
-
     P = layer_collection.numel()
     idx = torch.as_tensor(subnetwork_indices)
     if idx.dtype == torch.bool:
@@ -64,13 +65,10 @@ def _tied_kfac(representation, layer_collection, generator, loader, kwargs):
     hold. The matrix returned is a ``PMatMixed``: ``representation`` on every other layer, and
     on each tied layer the exact diagonal of its block (both uses summed), with a one-line
     warning; None when no layer is tied or ``representation`` is not of the KFAC family."""
-    from .object.pspace import PMatDiag, PMatEKFAC, PMatKFAC, PMatMixed
-
     tied = [lid for lid in getattr(layer_collection, "tied", {}) if lid in layer_collection.layers]
     if not tied or not isinstance(representation, type) or \
             not issubclass(representation, (PMatKFAC, PMatEKFAC)):
         return None
-    import warnings
 
     warnings.warn(
         f"{representation.__name__}: tied layer(s) {', '.join(map(repr, tied))} (parameters used "
@@ -113,7 +111,6 @@ def _represent(representation, layer_collection, generator, loader, kwargs, subn
             return tied
         return representation(layer_collection=layer_collection, generator=generator,
                               examples=loader, **kwargs)
-    from .object.pspace import PMatDense
 
     if representation is not PMatDense:
         name = getattr(representation, "__name__", repr(representation))
@@ -383,6 +380,6 @@ from .gram import GramMatrix  # noqa: E402
 
 __all__ = ["FIM", "FIM_MonteCarlo", "FIM_Types", "EmpiricalFisher", "GGN", "Hessian", "Jacobian", "GramMatrix"]
 
-# names upstream's module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only (upstream's module exposed these through its own
+# imports; LayerCollection, imported above, is one of them too)
 from functools import partial  # noqa: E402,F401
-from .layercollection import LayerCollection  # noqa: E402,F401

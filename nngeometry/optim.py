@@ -49,12 +49,18 @@ import math
 
 import torch
 
+from ._entry import resolve_representation
+from .backend import TorchHooksJacobianBackend
+from .backend.batches import default_function
+from .backend.capture import ReplayBackend, StepCapture
 from .backend.distributed import unwrap_model
 from .backend.probes import first_random_module
 from .curvature import closed_form_function, monte_carlo_function
+from .layercollection import LayerCollection
 from .metrics import FIM, FIM_MonteCarlo
 from .object.pspace import PMatEKFAC, PMatKFAC
 from .object.vector import PVector
+from .serialization import from_state, to_state
 
 _DAMPINGS = ("exact", "pi")
 
@@ -102,7 +108,6 @@ class NaturalGradient:
         if damping_mode not in _DAMPINGS:
             raise ValueError(f"damping_mode={damping_mode!r}: use 'exact' ((F + λI)⁻¹) or 'pi' "
                              "(KFAC's π-damped factors)")
-        from ._entry import resolve_representation
 
         # a name ('kfac', 'ekfac', ...) as the class, so that the EKFAC and π-damping checks
         # below see it
@@ -149,11 +154,6 @@ class NaturalGradient:
 
     # ------------------------------------------------------------------ curvature
     def _make_capture(self):
-        from .backend import TorchHooksJacobianBackend
-        from .backend.batches import default_function
-        from .backend.capture import StepCapture
-        from .layercollection import LayerCollection
-
         if self.layer_collection is None:
             self.layer_collection = LayerCollection.from_model(self.model)
         f = default_function(self.model)
@@ -179,7 +179,6 @@ class NaturalGradient:
             self._capture.disarm()
 
     def _replay(self, record):
-        from .backend.capture import ReplayBackend
         return ReplayBackend(self._capture, record)
 
     def _estimate(self, batch, record=None):
@@ -219,8 +218,6 @@ class NaturalGradient:
         return self.running
 
     def _latest_generator(self, batch):
-        from .backend.capture import ReplayBackend
-
         if self._latest is None and self._capture is None:
             # restored from a state dict: a generator of the curvature, from an estimate
             self._latest = self._estimate(batch)
@@ -280,7 +277,6 @@ class NaturalGradient:
         strings and containers (no model, no function inside): ``torch.save(pre.state_dict(),
         f)`` then ``pre.load_state_dict(torch.load(f))`` with the defaults
         (``weights_only=True``; see `nngeometry.serialization`)."""
-        from .serialization import to_state
         return to_state({"steps": self.steps, "running": self.running,
                          "for_solves": self.for_solves,
                          "layer_collection": self.layer_collection})
@@ -288,7 +284,6 @@ class NaturalGradient:
     def load_state_dict(self, state):
         """Restore a state saved by `state_dict` (also a state dict of an earlier
         release, which held the objects themselves)."""
-        from .serialization import from_state
         state = from_state(state)
         self.steps = int(state["steps"])
         self.running, self.for_solves = state["running"], state["for_solves"]

@@ -31,6 +31,7 @@ import torch
 
 from .object.pspace import PMatImplicit, PMatKFAC
 from .object.vector import PVector
+from .serialization import from_state, to_state
 
 
 class EWC:
@@ -122,7 +123,6 @@ class EWC:
         """Everything but the model, as plain tensors, numbers, strings and containers:
         ``torch.save(ewc.state_dict(), f)`` then ``ewc.load_state_dict(torch.load(f))`` with
         the defaults (``weights_only=True``; see `nngeometry.serialization`)."""
-        from .serialization import to_state
         return to_state({"lam": self.lam, "gamma": self.gamma,
                          "layer_collection": self.layer_collection,
                          "tasks": [[a, [list(wF) for wF in t]] for a, t in self.tasks]})
@@ -130,7 +130,6 @@ class EWC:
     def load_state_dict(self, state):
         """Restore a state saved by `state_dict` (also a state dict of an earlier
         release, which held the objects themselves)."""
-        from .serialization import from_state
         state = from_state(state)
         self.lam, self.gamma = state["lam"], state["gamma"]
         self.layer_collection = state["layer_collection"]

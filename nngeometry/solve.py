@@ -19,9 +19,11 @@ grow without bound); with ``return_info=True`` they return the last iterate and 
 (always ``n_terms`` terms) and never raises for it.
 """
 from dataclasses import dataclass
+import inspect
 
 import torch
 
+from .object.pspace import PMatMixed
 from .object.pspace._cg import conjugate_gradients
 from .object.pspace._checks import SolverNotConvergedError, not_converged_error  # noqa: F401
 from .object.vector import PVector
@@ -61,10 +63,6 @@ def _exact_damping_kwargs(M):
     ``(A + π√λ I) ⊗ (G + √λ/π I) = A⊗G + λI + √λ (A⊗I/π + π I⊗G)`` instead: the extra term
     over-damps the directions where the factors are large, and makes it a worse preconditioner
     (iteration counts in docs/estimators.md)."""
-    import inspect
-
-    from .object.pspace import PMatMixed
-
     solve_pvec = getattr(M, "solvePVec", None)
     if solve_pvec is None:
         return {}
@@ -154,7 +152,7 @@ def cg(A, b, regul=1e-8, x0=None, rtol=1e-5, atol=0, max_iter=None, M=None, retu
     return _finish("cg", sysm, lc, x, bf, iterations, converged, tol, return_info)
 
 
-def _finish(who, sysm, lc, x, bf, iterations, converged, tol, return_info, exhausted=False):
+def _finish(solver, sysm, lc, x, bf, iterations, converged, tol, return_info, exhausted=False):
     """``x`` (or ``(x, info)``), or the shared error of a solve that did not converge."""
     out = PVector(lc, vector_repr=x)
     if return_info:
@@ -162,7 +160,7 @@ def _finish(who, sysm, lc, x, bf, iterations, converged, tol, return_info, exhau
     if not converged and not exhausted:
         info = sysm.info(x, bf, iterations, False)
         bn = float(torch.linalg.vector_norm(bf))
-        raise not_converged_error(who, iterations, info.relative_residual,
+        raise not_converged_error(solver, iterations, info.relative_residual,
                                   tol / bn if bn > 0 else tol)
     return out
 

@@ -18,6 +18,8 @@ number of parameter directions the data determine, at the scale ``α`` of a prio
 """
 import torch
 
+from .estimators import top_eigenpairs
+
 
 def eigenvalues(M, k=None, which="largest", max_dense=4096, **lanczos_kwargs):
     """The eigenvalues of ``M``, in decreasing order (see the module docstring for how).
@@ -45,7 +47,6 @@ def eigenvalues(M, k=None, which="largest", max_dense=4096, **lanczos_kwargs):
                 f"{type(M).__name__} of {P} parameters has no structured spectrum and is too "
                 f"large to make dense (max_dense={max_dense}): pass k= for its k extreme "
                 "eigenvalues by Lanczos, or raise max_dense")
-        from .estimators import top_eigenpairs
         return top_eigenpairs(M, k, which=which, **lanczos_kwargs).eigenvalues
     ev = ev.sort(descending=True).values
     if k is None:

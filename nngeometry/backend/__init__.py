@@ -1,6 +1,6 @@
 """Jacobian generators (backends) that fill parameter-space matrices from a model and data."""
 from .jacobian import TorchHooksJacobianBackend
-from .hessian import HessianBackend
+from .hessian_products import HessianBackend
 from .torch_func_hessian import TorchFuncHessianBackend
 from .dummy import DummyGenerator
 from .torch_func_jacobian import TorchFuncJacobianBackend

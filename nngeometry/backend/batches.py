@@ -244,9 +244,9 @@ def _describe(obj):
     return type(obj).__name__
 
 
-def check_outputs(out, who="function"):
+def check_outputs(out, source="function"):
     """``out`` if it is a tensor; otherwise a ``TypeError`` that says what it is and how to
-    choose the tensor to differentiate (``function=``). ``who`` names what returned it."""
+    choose the tensor to differentiate (``function=``). ``source`` names what returned it."""
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, Mapping):
@@ -254,16 +254,16 @@ def check_outputs(out, who="function"):
         inner = ", ".join(f"{k!r}: {_describe(out[k])}" for k in keys)
         pick = f"model(x)[{keys[0]!r}]" if keys else "model(x)[key]"
         raise TypeError(
-            f"{who} returns a {type(out).__name__} {{{inner}}}, not a tensor: nngeometry "
+            f"{source} returns a {type(out).__name__} {{{inner}}}, not a tensor: nngeometry "
             f"differentiates one tensor of outputs (n, ...). Choose it with function=, e.g. "
             f"function=lambda x, *rest: {pick}")
     if isinstance(out, (tuple, list)):
         inner = ", ".join(_describe(o) for o in out[:6])
         raise TypeError(
-            f"{who} returns a {type(out).__name__} ({inner}), not a tensor: nngeometry "
+            f"{source} returns a {type(out).__name__} ({inner}), not a tensor: nngeometry "
             "differentiates one tensor of outputs (n, ...). Choose it with function=, e.g. "
             "function=lambda x, *rest: model(x)[0] for the first element")
-    raise TypeError(f"{who} must return a tensor of outputs (n, ...), got "
+    raise TypeError(f"{source} must return a tensor of outputs (n, ...), got "
                     f"{type(out).__name__}; choose it with function=")
 
 

@@ -26,7 +26,9 @@ float64), whichever process or device computed them.
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..maths.gram import GramRows, SymmetricAccumulator
+from .._memory import check_fits, format_bytes as _format_bytes
+from ..maths.gram_accumulator import GramRows, SymmetricAccumulator
+from .distributed import all_gather_rows, all_reduce_tree
 from .probes import check_statistic
 
 
@@ -161,8 +163,6 @@ class Consumer:
         take part): afterwards every rank holds the statistic of all the examples. ``device``:
         where a rank without examples makes its zeros (the model's device; the default, the
         CPU, suits gloo, not NCCL)."""
-        from .distributed import all_reduce_tree
-
         if self.reduction == "rows":
             return self.all_gather(group, device)
         state, total = all_reduce_tree(self.state(), self.count, group, type(self).__name__,
@@ -173,8 +173,6 @@ class Consumer:
     def all_gather(self, group=None, device=None):
         """Row statistics: every rank's rows concatenated along ``rows_dim`` in rank order
         (rank 0's examples first), on every rank."""
-        from .distributed import all_gather_rows
-
         if self.reduction != "rows":
             return self.all_reduce(group, device)
         names = self._state_names()
@@ -212,10 +210,10 @@ def _mean_of(acc, n):
     return acc.div_(n)
 
 
-def _live(acc, who):
+def _live(acc, statistic):
     """``acc`` if rows can still be added to it (``RuntimeError`` once its state was taken)."""
     if not isinstance(acc, SymmetricAccumulator):
-        raise RuntimeError(f"{who}: rows added after state() / merge() sealed the sums; "
+        raise RuntimeError(f"{statistic}: rows added after state() / merge() sealed the sums; "
                            "accumulate into a new statistic and merge it")
     return acc
 
@@ -486,6 +484,64 @@ class KFACFactors(Consumer):
             self.result[lid] = pairs if self._multi[lid] else pairs[0]
 
 
+class KFACOrLayerBlocks(Consumer):
+    """One pass over the data: KFAC factors for the layers whose type computes them, the dense
+    block ``(1/n) Σ_x J_l(x)ᵀ J_l(x)`` for the others (including layers whose ``kfac_factors``
+    refuses their configuration). What `PMatEKFACBlockDiag` is built from.
+
+    After ``finalize(n)``: ``factors``, ``{layer_id: (A, G)}`` (both divided by ``n``; a layer
+    with several Kronecker blocks gets the tuple ``((A_0, G_0), ...)``, as `KFACFactors`), and
+    ``blocks``, ``{layer_id: (p_l, p_l)}`` for the other layers; ``result`` holds both, by
+    layer."""
+
+    def __init__(self, layer_collection, approx):
+        self.lc = layer_collection
+        self.approx = approx
+        self.factors = {}
+        self.multi = {}
+        self.blocks = {}
+        self.refused = set(lid for lid, l in layer_collection.layers.items()
+                           if not getattr(l, "supports_kfac", False))
+
+    def update(self, ctx):
+        for lid in ctx.layer_ids():
+            if lid not in self.refused:
+                try:
+                    blocks, multi = ctx.kfac_factor_blocks(lid, approx=self.approx)
+                except NotImplementedError:
+                    if lid in self.factors:
+                        raise
+                    self.refused.add(lid)
+                else:
+                    if lid not in self.factors:
+                        self.factors[lid] = [[None, None] for _ in blocks]
+                        self.multi[lid] = multi
+                    elif len(blocks) != len(self.factors[lid]):
+                        raise NotImplementedError(
+                            f"layer '{lid}' gives a different number of Kronecker blocks in two "
+                            "batches: its KFAC factors cannot be summed")
+                    for acc, (A, G) in zip(self.factors[lid], blocks):
+                        if A is not None:
+                            acc[0] = A if acc[0] is None else acc[0] + A
+                        acc[1] = G if acc[1] is None else acc[1] + G
+                    continue
+            g = ctx.per_example_grad(lid)
+            g = g.reshape(-1, g.shape[-1])
+            if lid not in self.blocks:
+                self.blocks[lid] = g.new_zeros(g.shape[1], g.shape[1])
+            self.blocks[lid].addmm_(g.t(), g)
+
+    def finalize(self, n):
+        out = {}
+        for lid, accs in self.factors.items():
+            pairs = tuple((A / n, G / n) for A, G in accs)
+            out[lid] = pairs if self.multi[lid] else pairs[0]
+        self.factors = out
+        self.blocks = {lid: B / n for lid, B in self.blocks.items()}
+        # one entry per layer (the two dicts' keys are disjoint): what the finiteness check reads
+        self.result = {**self.factors, **self.blocks}
+
+
 class KFEDiag(Consumer):
     """EKFAC's diagonal: ``{layer_id: (1/n) Σ_{x,k} (U_Gᵀ Ĝ_k(x) U_A)²}``, shape ``(dG, dA)``.
 
@@ -523,30 +579,6 @@ class KFEDiag(Consumer):
                        for lid, d in self._sum.items()}
 
 
-def _format_bytes(n):
-    for unit, size in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
-
-
-def check_fits(need_bytes, what, alternatives, limit_bytes=None):
-    """``MemoryError`` naming ``what``, its size and ``alternatives`` if ``need_bytes`` is more
-    than this process can still allocate. The memory available is PMatDense's estimate (the
-    least of ``MemAvailable``, the cgroup's limit and ``RLIMIT_AS``; see
-    ``object.pspace.dense._available_memory``); ``limit_bytes`` replaces it. Checked before the
-    allocation, so that a too-large result says what to do instead of failing in the allocator
-    (or getting the process killed) after the whole pass over the data."""
-    if limit_bytes is None:
-        from ..object.pspace.dense import _available_memory  # (object imports the backend)
-
-        limit_bytes = _available_memory()
-    if limit_bytes is not None and need_bytes > limit_bytes:
-        raise MemoryError(
-            f"{what} needs {_format_bytes(need_bytes)}, more than the "
-            f"{_format_bytes(limit_bytes)} available; {alternatives}")
-
-
 #: what to use instead of per-example Jacobians too large to hold
 JACOBIAN_ALTERNATIVES = (
     "use fewer examples (or a smaller LayerCollection), PMatImplicit / PFMapImplicit (products "
@@ -554,7 +586,7 @@ JACOBIAN_ALTERNATIVES = (
     "per-example gradients (PMatKFAC, PMatEKFAC, PMatDiag, PMatBlockDiag)")
 
 
-class Jacobian(Consumer):
+class PerExampleJacobians(Consumer):
     """The per-example Jacobians stacked over batches: ``(n_output, n, P)``, not normalized.
 
     ``n_expected``: the number of examples if known in advance (a sized DataLoader): the whole
@@ -594,8 +626,8 @@ class Jacobian(Consumer):
 
     def update(self, ctx):
         if not isinstance(self.batches, list):
-            raise RuntimeError("Jacobian: rows added after state() / merge() sealed them; "
-                               "accumulate into a new statistic and merge it")
+            raise RuntimeError("PerExampleJacobians: rows added after state() / merge() sealed "
+                               "them; accumulate into a new statistic and merge it")
         if ctx.first_chunk:
             self._check_size(ctx)
             self.batches.append([])

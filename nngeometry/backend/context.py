@@ -10,8 +10,12 @@ import copy
 import weakref
 
 import torch
+from torch.func import functional_call
 
-from ..maths.gram import GramRows
+from ..layer_types.base import (is_multiblock, kfac_block_list, project_blocks_to_kfe,
+                                project_to_kfe, recording_paused, row_chunked_diag_into,
+                                rows_compatible, same_maths)
+from ..maths.gram_accumulator import GramRows
 
 #: model -> keys of (function, collection) whose parameter uses were verified in this process
 _USES_VERIFIED = weakref.WeakKeyDictionary()
@@ -247,8 +251,6 @@ class BatchContext:
         """``[(layer spec, rows state), ...]`` for a layer called several times or sharing its
         weight with other modules, when every use has the row-block maths with one layout (see
         ``layer_types.base.row_chunked_diag_into``); None otherwise."""
-        from ..layer_types.base import rows_compatible
-
         calls = self.calls[layer_id]
         if self.centering or layer_id in self._grads or \
                 (len(calls) == 1 and calls[0].spec is None):
@@ -289,8 +291,6 @@ class BatchContext:
         if uses is not None:
             # tied weights or a module called several times: the summed per-example gradients
             # by blocks of examples and rows, never the (K, n, p) gradients of each use
-            from ..layer_types.base import row_chunked_diag_into
-
             return row_chunked_diag_into(uses, calls[0].gy.shape[0], self.n, out)
         out += self.layer_diag(layer_id)
         return out
@@ -310,8 +310,6 @@ class BatchContext:
         """``(blocks, multi)``: ``blocks`` the list of ``(A, G)`` (as `kfac_factors`) of
         each Kronecker block of the layer (one for most layer types), ``multi`` whether the
         layer type returned several blocks (see ``AbstractLayer.kfac_factors``)."""
-        from ..layer_types.base import is_multiblock, kfac_block_list
-
         if self.centering:
             raise NotImplementedError("KFAC with centering=True is not implemented")
         if any(c.spec is not None for c in self.calls[layer_id]):
@@ -366,8 +364,6 @@ class BatchContext:
         """``Σ_{k,i} (U_Gᵀ Ĝ_{k,i} U_A)²`` for this batch (EKFAC), shape ``(dG, dA)``; ``perm``
         (flat -> Kronecker index) defaults to the layer's ``kfac_permutation()``, and then the
         layer type's formula from inputs and output gradients is used where it applies."""
-        from ..layer_types.base import project_to_kfe
-
         layer, module = self.layer_collection[layer_id], self.modules[layer_id]
         calls = self.calls[layer_id]
         if perm is None and len(calls) == 1 and calls[0].spec is None and not self.centering \
@@ -381,8 +377,6 @@ class BatchContext:
     def kfe_diag_blocks(self, layer_id, bases):
         """`kfe_diag` for a multi-block layer: ``bases`` ``[(U_A_b, U_G_b), ...]`` in the
         layer's Kronecker layout order; returns the list of ``(dG_b, dA_b)`` sums."""
-        from ..layer_types.base import project_blocks_to_kfe
-
         layer, module = self.layer_collection[layer_id], self.modules[layer_id]
         calls = self.calls[layer_id]
         if len(calls) == 1 and calls[0].spec is None and not self.centering and \
@@ -435,9 +429,6 @@ def check_parameter_uses(out, layer_collection, modules, calls):
     ``out`` must still have its graph (the caller's backward passes retain it)."""
     if out.shape[0] == 0 or not out.requires_grad:
         return
-    from torch.func import functional_call
-
-    from ..layer_types.base import recording_paused, same_maths
 
     gen = torch.Generator(device="cpu").manual_seed(0)  # no global RNG state touched
     u = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
@@ -509,10 +500,6 @@ def check_parameter_uses(out, layer_collection, modules, calls):
 def _is_random(module, layer_calls, devices):
     """Whether re-running ``module`` on its recorded arguments gives another output (dropout in
     training mode); the RNG state is restored."""
-    from torch.func import functional_call
-
-    from ..layer_types.base import recording_paused
-
     with torch.random.fork_rng(devices=devices), recording_paused(), torch.no_grad():
         for c in layer_calls:
             ys = []

@@ -23,6 +23,7 @@ The collectives run on the statistics' device: NCCL process groups with CUDA ten
 CPU tensors, whichever the group's backend is (nothing here moves a tensor to the host).
 """
 import torch
+from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 
@@ -221,8 +222,6 @@ def unwrap_model(model):
     on the inner module (the wrapper's forward would start a gradient synchronisation that no
     ``backward`` of the parameters completes), and its layer ids are the model's own (without
     the wrapper's ``module.`` prefix)."""
-    from torch import nn
-
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model

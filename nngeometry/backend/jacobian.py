@@ -29,16 +29,18 @@ from .model_state import _check_uniform_params
 from .passes import HookedPasses, _examples_count
 from .probes import _check_product, _flat, random_in_vmap_explained
 from .products import MatrixFreeProducts, _outside_inference_mode
+from .._memory import check_fits
 from ..layercollection import LayerCollection
-from . import consumers as C
+from . import consumers
 
 # Re-exported: the names this module held before the engine was split by concern, imported
 # from here by code written against earlier releases.
 from .broadcast import (_COINCIDENT_SHARED, _expand_axis, _mark_coincident_shared,
                         _rebuild_tuple, _refuse_unbatched_calls)
 from .context import check_parameter_uses
+from .model_state import model_lock as _model_lock
 from .model_state import (_FORWARD_AD_LOCK, _ENGINE_PASSES, _MODEL_LOCKS,
-                          _model_lock, _no_fused_attention, _refuse_batch_statistics,
+                          _no_fused_attention, _refuse_batch_statistics,
                           in_engine_pass, tensors_in_model)
 from .passes import _InstanceForward, _MeanJacobian
 from .probes import (_nonfinite_layers, _random_outside_modules,
@@ -66,6 +68,10 @@ __all__ = [
     "_backward_batched", "_backward_looped", "_backward_sampled", "_timed", "_vector_chunk",
     "_required",
 ]
+
+_CENTERED_KFAC = ("KFAC with centering=True is not implemented: build the generator with "
+                  "centering=False, or use PMatDense / PMatBlockDiag / PMatDiag for the centered "
+                  "matrix")
 
 
 class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
@@ -203,34 +209,53 @@ class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
     def get_covariance_matrix(self, examples=None, layer_collection=None):
         """``(P, P)``: ``(1/n) Σ_x J(x)ᵀ J(x)``."""
         examples, layer_collection = self._resolve(examples, layer_collection)
-        return self.accumulate(examples, layer_collection, C.DenseCovariance(layer_collection)).result
+        return self.accumulate(examples, layer_collection,
+                               consumers.DenseCovariance(layer_collection)).result
 
     def get_covariance_diag(self, examples=None, layer_collection=None):
         """``(P,)``: diagonal of ``(1/n) Σ_x J(x)ᵀ J(x)``."""
         examples, layer_collection = self._resolve(examples, layer_collection)
-        return self.accumulate(examples, layer_collection, C.DiagCovariance(layer_collection)).result
+        return self.accumulate(examples, layer_collection,
+                               consumers.DiagCovariance(layer_collection)).result
 
     def get_covariance_layer_blocks(self, examples=None, layer_collection=None):
         """``{layer_id: (p_l, p_l)}``: the diagonal blocks of ``(1/n) Σ_x J(x)ᵀ J(x)``."""
         examples, layer_collection = self._resolve(examples, layer_collection)
-        return self.accumulate(examples, layer_collection, C.LayerBlocks(layer_collection)).result
+        return self.accumulate(examples, layer_collection,
+                               consumers.LayerBlocks(layer_collection)).result
 
     def get_covariance_quasidiag(self, examples=None, layer_collection=None):
         """``{layer_id: (diag (p_l,), cross (out, p_w/out) or None)}``: the quasi-diagonal
         (Ollivier 2015) of ``(1/n) Σ_x J(x)ᵀ J(x)``; see ``consumers.QuasiDiagCovariance``."""
         examples, layer_collection = self._resolve(examples, layer_collection)
         return self.accumulate(examples, layer_collection,
-                               C.QuasiDiagCovariance(layer_collection)).result
+                               consumers.QuasiDiagCovariance(layer_collection)).result
 
-    def get_kfac_blocks(self, examples=None, layer_collection=None, approx="expand"):
-        """``{layer_id: (A, G)}`` with ``kron(G, A)`` ≈ the layer's block (both divided by n)."""
+    def get_kfac_blocks(self, examples=None, layer_collection=None, approx="expand",
+                        sqrt_k_split=False):
+        """``{layer_id: (A, G)}`` with ``kron(G, A)`` ≈ the layer's block (both divided by n);
+        a layer with several Kronecker blocks gets ``((A_0, G_0), (A_1, G_1), ...)``.
+        ``approx``: ``'expand'`` or ``'reduce'`` for layers that share weights over positions.
+        ``sqrt_k_split=True`` moves a factor ``√K`` (``K`` the number of output directions)
+        from ``G`` to ``A``, as `PMatKFAC` stores them (see `consumers.KFACFactors`)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
         if self.centering:
-            raise NotImplementedError("KFAC with centering=True is not implemented: build the "
-                                      "generator with centering=False, or use PMatDense / "
-                                      "PMatBlockDiag / PMatDiag for the centered matrix")
+            raise NotImplementedError(_CENTERED_KFAC)
         return self.accumulate(examples, layer_collection,
-                               C.KFACFactors(layer_collection, approx)).result
+                               consumers.KFACFactors(layer_collection, approx, sqrt_k_split)).result
+
+    def get_kfac_or_layer_blocks(self, examples=None, layer_collection=None, approx="expand"):
+        """``(factors, blocks)`` in one pass: ``factors`` as
+        [`get_kfac_blocks`][nngeometry.backend.TorchHooksJacobianBackend.get_kfac_blocks] for
+        the layers whose type computes KFAC factors, ``blocks``, ``{layer_id: (p_l, p_l)}``, the
+        dense diagonal block ``(1/n) Σ_x J_l(x)ᵀ J_l(x)`` of each other layer (what
+        `PMatEKFACBlockDiag` is built from; see `consumers.KFACOrLayerBlocks`)."""
+        examples, layer_collection = self._resolve(examples, layer_collection)
+        if self.centering:
+            raise NotImplementedError(_CENTERED_KFAC)
+        c = self.accumulate(examples, layer_collection,
+                            consumers.KFACOrLayerBlocks(layer_collection, approx))
+        return c.factors, c.blocks
 
     def get_kfe_diag(self, kfe=None, examples=None, layer_collection=None):
         """EKFAC's diagonal in Kronecker-factored eigenbases: ``{layer_id: (dG, dA)}`` with entry
@@ -245,7 +270,7 @@ class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
         # all directions in one backward pass as far as max_chunk_bytes allows: the layer
         # types project the inputs on U_A once per chunk of directions (a CNN's 2048-input fc: a GEMM
         # with a 2049² U_A), which made 5 chunks 11% slower than one
-        return self.accumulate(examples, lc, C.KFEDiag(lc, kfe),
+        return self.accumulate(examples, lc, consumers.KFEDiag(lc, kfe),
                                chunk_bytes=self.max_chunk_bytes).result
 
     def get_subnetwork_matrix(self, indices, examples=None, layer_collection=None):
@@ -253,25 +278,26 @@ class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
         (``(k,)``, of the collection's layout), without forming ``P × P``."""
         examples, layer_collection = self._resolve(examples, layer_collection)
         return self.accumulate(examples, layer_collection,
-                               C.SubnetworkCovariance(layer_collection, indices)).result
+                               consumers.SubnetworkCovariance(layer_collection, indices)).result
 
     def get_jacobian(self, examples=None, layer_collection=None):
         """``(n_output, n, P)``: the per-example Jacobians (not normalized)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
-        consumer = C.Jacobian(layer_collection, n_expected=_examples_count(examples))
+        consumer = consumers.PerExampleJacobians(layer_collection,
+                                                 n_expected=_examples_count(examples))
         return self.accumulate(examples, layer_collection, consumer).result
 
     def get_gram_matrix(self, examples=None, layer_collection=None):
         """``(n_output, n, n_output, n)``: ``G[k,i,l,j] = <J_k(x_i), J_l(x_j)>`` (not normalized).
         Its ``(K n)²`` entries are checked against the memory available before the product
-        (``MemoryError``), as the Jacobian's ``K n P`` are (`consumers.check_fits`)."""
+        (``MemoryError``), as the Jacobian's ``K n P`` are (`nngeometry._memory.check_fits`)."""
         examples, layer_collection = self._resolve(examples, layer_collection)
         J = self.get_jacobian(examples, layer_collection)
         K, n, P = J.shape
-        C.check_fits((K * n) ** 2 * J.dtype.itemsize,
-                     f"the Gram matrix ((n_output·n)² = ({K}·{n})² entries)",
-                     "use fewer examples, or products with the Jacobian (PFMapImplicit, "
-                     "PMatImplicit) instead of the n × n Gram matrix")
+        check_fits((K * n) ** 2 * J.dtype.itemsize,
+                   f"the Gram matrix ((n_output·n)² = ({K}·{n})² entries)",
+                   "use fewer examples, or products with the Jacobian (PFMapImplicit, "
+                   "PMatImplicit) instead of the n × n Gram matrix")
         Jf = J.reshape(K * n, P)
         return (Jf @ Jf.t()).reshape(K, n, K, n)
 

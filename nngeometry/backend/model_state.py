@@ -1,6 +1,6 @@
 """What the engine does to the user's model during a computation, and how it puts it back.
 
-One lock per model (`_model_lock`: a build or an implicit product on a model runs alone, across
+One lock per model (`model_lock`: a build or an implicit product on a model runs alone, across
 threads; `in_engine_pass` tells whether this thread is inside one), the model's parameters
 swapped for functional tensors (`tensors_in_model`, what the ``torch.func`` products
 differentiate through), the fused attention kernels turned off (`_no_fused_attention`), the
@@ -95,7 +95,7 @@ def _no_fused_attention():
 #: see `products.MatrixFreeProducts._functional_batches`
 _FORWARD_AD_LOCK = threading.RLock()
 
-#: one lock per model (weakly held): see _model_lock
+#: one lock per model (weakly held): see model_lock
 _MODEL_LOCKS = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
 #: per thread, ``{id(model): depth}`` of the computations in progress (see in_engine_pass)
@@ -103,7 +103,7 @@ _ENGINE_PASSES = threading.local()
 
 
 @contextlib.contextmanager
-def _model_lock(model):
+def model_lock(model):
     """Computations on one model run one at a time, across threads: a build installs hooks (and
     an attention module's instance forward) on the model's modules, and the implicit products
     swap its parameters for functional tensors (``tensors_in_model``); two at once would record

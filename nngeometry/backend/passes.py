@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .batches import (check_finite, check_outputs, deferred_finite_checks, iterate_batches,
                       prepare_batch)
@@ -22,13 +23,13 @@ from .broadcast import SharedOutputs, _expand_axis, _mark_coincident_shared, _re
 from .context import (BatchContext, Call, check_parameter_uses, mark_uses_verified,
                       uses_key, uses_verified)
 from .distributed import global_batch_index
-from .model_state import _model_lock, _refuse_batch_statistics, model_state_kept
+from .model_state import model_lock, _refuse_batch_statistics, model_state_kept
 from .probes import check_statistic, probe_deterministic, _rng_state, _same_rng, \
     refuse_random_modules
 from .strategy import BackwardStrategy
 from ..layer_types.base import AbstractLayer, is_recording_paused
 from ..layercollection import run_eagerly
-from . import consumers as C
+from . import consumers
 
 
 def _examples_count(examples):
@@ -74,7 +75,7 @@ class _InstanceForward:
             self.module.__dict__["forward"] = self.saved
 
 
-class _MeanJacobian(C.Consumer):
+class _MeanJacobian(consumers.Consumer):
     """Consumer of [`TorchHooksJacobianBackend.accumulate`][nngeometry.backend.TorchHooksJacobianBackend.accumulate]: ``(1/n) Σ_x J(x)``, shape
     ``(n_output, P)`` in the collection's layout. State: ``_sum``."""
 
@@ -180,7 +181,6 @@ class HookedPasses(SharedOutputs, BackwardStrategy):
         device, dtype = self._device(), self._dtype()
         it = (prepare_batch(batch, device, dtype) for batch in iterate_batches(examples))
         if self.verbose:
-            from tqdm.auto import tqdm
             total = len(examples) if isinstance(examples, DataLoader) else None
             it = tqdm(it, total=total, desc="nngeometry", unit="batch")
         return it
@@ -207,7 +207,7 @@ class HookedPasses(SharedOutputs, BackwardStrategy):
     def _prepared(self, layer_collection):
         _refuse_batch_statistics(self.model)
         # compiled code would not run the hooks: the compiled parts run their Python code
-        with _model_lock(self.model), run_eagerly(self.model), \
+        with model_lock(self.model), run_eagerly(self.model), \
                 self._model_state_kept(layer_collection) as (modules, params), \
                 self._hooks(layer_collection, modules) as calls:
             yield modules, calls
@@ -325,7 +325,7 @@ class HookedPasses(SharedOutputs, BackwardStrategy):
     @staticmethod
     def _check_nonempty(n):
         if n == 0:
-            raise C.EmptyExamplesError(
+            raise consumers.EmptyExamplesError(
                 "the examples yielded no data (empty loader): nothing to compute from")
 
     def _outputs(self, batch, index=None, watch_rng=False):
@@ -389,14 +389,14 @@ class HookedPasses(SharedOutputs, BackwardStrategy):
             store.clear()
         return n
 
-    def _check_calls(self, out, layer_collection, modules, calls, who="the function"):
+    def _check_calls(self, out, layer_collection, modules, calls, what_ran="the function"):
         """Refuse a forward pass whose recorded calls can't give the statistics: a layer not
         called, a layer called on an unbatched input, a parameter used outside its module."""
         n = out.shape[0]
         for lid, store in calls.items():
             if not store:
                 raise RuntimeError(
-                    f"layer '{lid}' was not called during the forward pass of {who}; "
+                    f"layer '{lid}' was not called during the forward pass of {what_ran}; "
                     "remove it from the LayerCollection or check the function")
         if n > 1:
             _refuse_unbatched_calls(layer_collection, modules, calls, n)

@@ -13,16 +13,18 @@ import contextlib
 import functools
 
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
 from .batches import batch_size_of, deferred_finite_checks, iterate_batches, prepare_batch
 from .distributed import all_gather_rows, all_reduce_tree, global_batch_index
-from .model_state import (_FORWARD_AD_LOCK, _model_lock, _no_fused_attention,
+from .model_state import (_FORWARD_AD_LOCK, model_lock, _no_fused_attention,
                           _refuse_batch_statistics, tensors_in_model)
 from .probes import _flat, _refuse_inference_parameters, _rng_state, _same_rng, probe_functional
 from .strategy import _vector_chunk
 from ..layercollection import run_eagerly
-from . import consumers as C
+from . import consumers
 
 
 def _outside_inference_mode(method):
@@ -89,7 +91,7 @@ class MatrixFreeProducts:
         with self._counting() as counts:
             try:
                 local = product()
-            except C.EmptyExamplesError:
+            except consumers.EmptyExamplesError:
                 return None, 0
         return local, sum(counts.values())
 
@@ -111,8 +113,6 @@ class MatrixFreeProducts:
         return rows
 
     def _global_JTv(self, w, examples, lc, group):
-        import torch.distributed as dist
-
         # this rank's columns of w: its offset is the example count of the ranks before it
         n_local = sum(int(batch_size_of(b)) for b in iterate_batches(examples))
         counts = [None] * dist.get_world_size(group)
@@ -126,7 +126,7 @@ class MatrixFreeProducts:
         mine = w[:, start:start + n_local]
         try:
             local = self._JTv(mine, examples, lc) if n_local else None
-        except C.EmptyExamplesError:
+        except consumers.EmptyExamplesError:
             local = None
         (out,), total = all_reduce_tree([local], n_local if local is not None else 0, group,
                                         "implicit_JTv", self._device())
@@ -148,8 +148,6 @@ class MatrixFreeProducts:
         activations exceed ``MV_ONE_PASS_BYTES`` per batch (measured on the first batch, which
         goes the two-pass way) gets the JVP without a graph, then a plain forward and backward
         for the VJP: the peak of a training step, for one more forward."""
-        import torch.autograd.forward_ad as fwAD
-
         out = None
         n_total = 0
         raw = self._uses_metric()
@@ -319,7 +317,7 @@ class MatrixFreeProducts:
         # forward-mode AD levels are process-wide in torch ("Nested forward mode AD is not
         # supported" when two threads open one each): the functional passes of all threads run
         # one at a time (taken before the model's lock, always in that order)
-        with _FORWARD_AD_LOCK, _model_lock(self.model), run_eagerly(self.model), \
+        with _FORWARD_AD_LOCK, model_lock(self.model), run_eagerly(self.model), \
                 self._model_state_kept(layer_collection) as (modules, plist):
             names, constant = {}, {}
             for lid, m in modules.items():

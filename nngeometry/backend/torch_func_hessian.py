@@ -6,7 +6,7 @@ targets)`` is the loss of a batch given the model's outputs ``model(batch[0])`` 
 ``batch[1]`` (use a summed reduction for the Hessian of the total loss). `hvp` and
 `batched_hvp` are the Hessian-vector products it is built from.
 """
-from .hessian import HessianBackend, batched_hvp, hvp
+from .hessian_products import HessianBackend, batched_hvp, hvp
 
 
 def loss_of_targets(function):
@@ -51,5 +51,5 @@ class TorchFuncHessianBackend(HessianBackend):
 
 __all__ = ["TorchFuncHessianBackend", "hvp", "batched_hvp"]
 
-# names upstream's module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only (upstream's module exposed these through its imports)
 from ..layercollection import LayerCollection  # noqa: E402,F401

@@ -8,7 +8,7 @@ for elementwise losses) and from `psd_sqrt` of `output_hessians` for any other l
 """
 import torch
 
-from ..backend.consumers import check_fits
+from .._memory import check_fits
 from .closed_form import _softmax_root_g, softmax_metric
 from .language_models import _SoftmaxLayout, _lm_active, _takes_full_outputs, lm_positions
 from .losses import LOSS_NAMES, known_loss, targets_of

@@ -4,7 +4,7 @@ diagonal estimators with error bars, extreme eigenpairs (block Lanczos), spectra
 (stochastic Lanczos quadrature). Products with many vectors are batched (one ``mmap``). See
 docs/estimators.md for the formulas."""
 from .lanczos import Eigenpairs, top_eigenpairs
-from .spectrum import SpectralDensity, log_spectral_density, plot_spectrum, spectral_density
+from .spectral_density import SpectralDensity, log_spectral_density, plot_spectrum, spectral_density
 from .trace import Estimate, diag_estimate, trace_estimate
 
 __all__ = ["Eigenpairs", "Estimate", "SpectralDensity", "diag_estimate", "log_spectral_density",

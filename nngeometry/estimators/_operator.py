@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..object.map import PFMapDense
+from ..object.pspace.abstract import PMatAbstract
 from ..object.vector import PVector
 
 
@@ -101,7 +102,6 @@ class Operator:
 
 def _has_batched_product(M):
     """True when ``M`` has an ``mmap`` of its own (the abstract base class only raises)."""
-    from ..object.pspace.abstract import PMatAbstract
     mmap = getattr(type(M), "mmap", None)
     if mmap is None:
         return False

@@ -33,6 +33,7 @@ cannot estimate: the error is understated by up to 25 % and the t-interval cover
 over 300-400 seeds, see docs/estimators.md).
 """
 import math
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -85,8 +86,6 @@ def student_t_quantile(p, dof):
     1 and 2, the Cornish-Fisher expansion in ``1/dof`` around the normal quantile (Abramowitz &
     Stegun 26.7.5, four terms; error below 0.004 at ``dof = 3`` and 1e-4 from ``dof = 7``)
     above. No scipy needed."""
-    import statistics
-
     if not 0 < p < 1:
         raise ValueError(f"p must be in (0, 1), got {p}")
     if dof < 1:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..maths.gram import GramRows
+from ..maths.gram_accumulator import GramRows
 from .base import AbstractLayer, Parameter, register_layer_type
 
 #: memory for the unfolded patches of one chunk of examples (see ``_example_chunks``)

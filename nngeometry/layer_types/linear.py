@@ -7,7 +7,7 @@ those positions.
 import torch
 from torch import nn
 
-from ..maths.gram import GramRows
+from ..maths.gram_accumulator import GramRows
 from .base import AbstractLayer, Parameter, register_layer_type, row_chunked_diag_into
 
 #: memory for one chunk of per-example gradients formed by `seq_grad_squares`

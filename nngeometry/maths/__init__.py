@@ -1,5 +1,5 @@
 """Bottom-layer linear algebra: Kronecker products and Gram-matrix accumulation
-(`nngeometry.maths.gram`). Nothing here knows about models or representations."""
+(`nngeometry.maths.gram_accumulator`). Nothing here knows about models or representations."""
 import torch
 
 

@@ -5,6 +5,7 @@ import copy
 import torch
 
 from ..layercollection import LayerCollection
+from ..serialization import SharedGeneratorCopy
 
 
 def parse_to(args, kwargs, owner):
@@ -46,14 +47,13 @@ def move_collection(lc, device, dtype):
 
 def move(obj, device, dtype, non_blocking=False):
     """``obj`` with every tensor moved (`move_tensor`), through dicts, lists, tuples,
-    LayerCollections and the objects that have their own ``.to`` (matrices of a group)."""
-    from .pspace.abstract import PMatAbstract
-
+    LayerCollections and the matrices and maps of ``nngeometry.object``, which have their own
+    ``.to`` (e.g. the matrices of a group)."""
     if isinstance(obj, torch.Tensor):
         return move_tensor(obj, device, dtype, non_blocking)
     if isinstance(obj, LayerCollection):
         return move_collection(obj, device, dtype)
-    if isinstance(obj, PMatAbstract):
+    if isinstance(obj, SharedGeneratorCopy):  # PMat*, PFMap*, FMat*
         return obj.to(device=device, dtype=dtype, non_blocking=non_blocking)
     if isinstance(obj, dict):
         return {k: move(v, device, dtype, non_blocking) for k, v in obj.items()}

@@ -4,6 +4,7 @@ from abc import ABCMeta, abstractmethod
 import torch
 
 from .map import resolve_layer_collection
+from . import _moving
 from .vector import FVector
 from ..serialization import SharedGeneratorCopy, StateDictMixin
 
@@ -137,10 +138,8 @@ class FMatDense(FMatAbstract):
 
     def to(self, *args, **kwargs):
         """An FMatDense with ``data`` moved (device and / or dtype, as ``torch.Tensor.to``)."""
-        from ._moving import move_tensor, parse_to
-
-        device, dtype, non_blocking = parse_to(args, kwargs, "FMatDense")
-        return self._with(move_tensor(self.data, device, dtype, non_blocking))
+        device, dtype, non_blocking = _moving.parse_to(args, kwargs, "FMatDense")
+        return self._with(_moving.move_tensor(self.data, device, dtype, non_blocking))
 
     def __add__(self, other):
         return self._with(self.data + self._same(other).data)
@@ -161,6 +160,6 @@ class FMatDense(FMatAbstract):
         state["generator"] = None
         return state
 
-# names upstream's module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only (upstream's module exposed these through its imports)
 from abc import ABC  # noqa: E402,F401
 from .vector import PVector  # noqa: E402,F401

@@ -4,7 +4,7 @@ Jacobians, indexed by ``(output k, example i)``."""
 import torch
 
 from ..layercollection import LayerCollection
-from .vector import FVector, PVector
+from .vector import FVector, PVector, _lc_dtype_device
 from ..serialization import SharedGeneratorCopy, StateDictMixin
 
 
@@ -238,8 +238,6 @@ def random_pfmap(layer_collection, output_size, device=None, dtype=None):
     The seeds' older form ``random_pfmap(lc, n_output, n_examples, dtype=...)`` is still read
     (two ints); prefer the pair.
     """
-    from .vector import _lc_dtype_device
-
     if isinstance(output_size, int):
         if not isinstance(device, int) or isinstance(device, bool):
             raise TypeError("random_pfmap's output_size is the pair (n_output, n_examples), "
@@ -253,5 +251,5 @@ def random_pfmap(layer_collection, output_size, device=None, dtype=None):
     data = torch.randn(*output_size, layer_collection.numel(), device=device, dtype=dtype)
     return PFMapDense(layer_collection, data=data)
 
-# names upstream's module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only (upstream's module exposed these through its imports)
 from abc import ABC, abstractmethod  # noqa: E402,F401

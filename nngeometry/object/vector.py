@@ -3,6 +3,7 @@ import torch
 
 from ..layercollection import LayerCollection
 from ..serialization import StateDictMixin
+from . import _moving
 
 
 def _check_same_layout(a, b, what="PVector"):
@@ -135,13 +136,12 @@ class PVector(StateDictMixin):
         storage (flat or per layer), on a copy of the LayerCollection recording the new dtype /
         device. A vector viewing a model's parameters (``from_model``) gives a copy when the
         device or dtype changes, as ``torch.Tensor.to``."""
-        from ._moving import move, move_collection, parse_to
-
-        device, dtype, non_blocking = parse_to(args, kwargs, "PVector")
-        lc = move_collection(self.layer_collection, device, dtype)
+        device, dtype, non_blocking = _moving.parse_to(args, kwargs, "PVector")
+        lc = _moving.move_collection(self.layer_collection, device, dtype)
         if self.vector_repr is not None:
-            return PVector(lc, vector_repr=move(self.vector_repr, device, dtype, non_blocking))
-        return PVector(lc, dict_repr=move(self.dict_repr, device, dtype, non_blocking))
+            return PVector(lc, vector_repr=_moving.move(self.vector_repr, device, dtype,
+                                                        non_blocking))
+        return PVector(lc, dict_repr=_moving.move(self.dict_repr, device, dtype, non_blocking))
 
     @property
     def dtype(self):

@@ -11,7 +11,7 @@ from nngeometry.backend import TorchHooksJacobianBackend
 from nngeometry.backend import consumers as C
 from nngeometry.backend.jacobian import _MeanJacobian
 from nngeometry.layercollection import LayerCollection
-from nngeometry.object.pspace.ekfac_blockdiag import _KFACOrBlocks
+
 
 TOL = dict(atol=1e-12, rtol=1e-12)
 
@@ -49,15 +49,15 @@ CONSUMERS = {
     "kfac": lambda lc, kfe: C.KFACFactors(lc, sqrt_k_split=True),
     "kfe_diag": lambda lc, kfe: C.KFEDiag(lc, kfe),
     "quasidiag": lambda lc, kfe: C.QuasiDiagCovariance(lc),
-    "jacobian": lambda lc, kfe: C.Jacobian(lc),
+    "jacobian": lambda lc, kfe: C.PerExampleJacobians(lc),
     "mean_jacobian": lambda lc, kfe: _MeanJacobian(lc),
     # a consumer of another module, with the default (generic) state: every attribute
-    "kfac_or_blocks": lambda lc, kfe: _KFACOrBlocks(lc, "expand"),
+    "kfac_or_blocks": lambda lc, kfe: C.KFACOrLayerBlocks(lc, "expand"),
 }
 
 
 def _values(consumer):
-    if isinstance(consumer, _KFACOrBlocks):
+    if isinstance(consumer, C.KFACOrLayerBlocks):
         consumer.finalize(consumer.count)
         return {"factors": consumer.factors, "blocks": consumer.blocks}
     return consumer.result
@@ -90,13 +90,13 @@ def test_merge_of_halves_equals_one_pass(kind, name):
     make = CONSUMERS[name]
     ref = gen.accumulate(whole, lc, make(lc, kfe), finalize=False)
     assert ref.count == 50
-    ref_values = _values(ref) if isinstance(ref, _KFACOrBlocks) else ref.compute()
+    ref_values = _values(ref) if isinstance(ref, C.KFACOrLayerBlocks) else ref.compute()
     a = gen.accumulate(loader(kind, 0, 23), lc, make(lc, kfe), finalize=False)
     b = gen.accumulate(loader(kind, 23, 50, bs=7), lc, make(lc, kfe), finalize=False)
     assert (a.count, b.count) == (23, 27)
     merged = a.merge(b)
     assert merged is a and a.count == 50
-    values = _values(a) if isinstance(a, _KFACOrBlocks) else a.compute()
+    values = _values(a) if isinstance(a, C.KFACOrLayerBlocks) else a.compute()
     _assert_trees_close(values, ref_values)
 
 
@@ -156,7 +156,7 @@ def test_errors_name_the_problem():
     a.state()  # sealed: another pass into it is refused, not silently wrong
     with pytest.raises(RuntimeError, match="sealed"):
         gen.accumulate(loader("mlp", 20, 30), lc, a, finalize=False)
-    jac = gen.accumulate(loader("mlp", 0, 20), lc, C.Jacobian(lc), finalize=False)
+    jac = gen.accumulate(loader("mlp", 0, 20), lc, C.PerExampleJacobians(lc), finalize=False)
     with pytest.raises(TypeError, match="running average"):
         jac.ema(jac, 0.5)
     with pytest.raises(ValueError, match="decay"):

@@ -372,10 +372,10 @@ def test_jacobian_of_a_huge_loader_refused_before_the_pass():
 @pytest.fixture
 def small_memory(monkeypatch):
     """The memory this process can still get, as the size checks see it (no real pressure)."""
-    import nngeometry.object.pspace.dense as dense
+    import nngeometry._memory as memory
 
     def limit(nbytes):
-        monkeypatch.setattr(dense, "_available_memory", lambda: nbytes)
+        monkeypatch.setattr(memory, "available_memory", lambda: nbytes)
     return limit
 
 

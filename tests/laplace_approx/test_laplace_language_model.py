@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.func import jacrev
 
-from nngeometry.laplace import _laplace_bridge
+from nngeometry._bridge import _laplace_bridge
 from nngeometry.laplace_lm import LastLayerLMLaplace
 
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,6 @@
-"""Upstream nngeometry's module path of the Jacobian generator."""
+"""Upstream import path; re-exports `TorchHooksJacobianBackend` from `nngeometry.backend.jacobian`
+(and the names upstream's module exposed through its imports, at the end), and holds upstream's
+no-op decorator `instance_buffer_handles`."""
 import functools
 
 from ..jacobian import TorchHooksJacobianBackend
@@ -24,6 +26,6 @@ def instance_buffer_handles(func):
 
 __all__ = ["TorchHooksJacobianBackend", "instance_buffer_handles"]
 
-# names upstream's module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only (upstream's module exposed these through its imports)
 from ...layercollection import LayerCollection  # noqa: E402,F401
 from ...object.vector import FVector, PVector  # noqa: E402,F401

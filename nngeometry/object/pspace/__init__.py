@@ -12,7 +12,9 @@ from .ekfac import PMatEKFAC
 from .ekfac_blockdiag import PMatEKFACBlockDiag
 from .mixed import PMatMixed
 
-# names upstream's pspace module exposes too (its imports), for `from ... import` of them
+# Upstream import paths: re-exports only. Upstream's pspace module exposed these names through
+# its own imports, and `from nngeometry.object.pspace import ...` of them keeps working. Nothing
+# here uses them (DummyGenerator is the one name under object/ that comes from the engine).
 from abc import ABC, abstractmethod  # noqa: E402,F401
 from collections import OrderedDict  # noqa: E402,F401
 from ...backend.dummy import DummyGenerator  # noqa: E402,F401

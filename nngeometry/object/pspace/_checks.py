@@ -16,6 +16,8 @@ import weakref
 
 import torch
 
+from ... import _memory
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -267,58 +269,10 @@ def check_dense_fits(p, itemsize, limit_bytes=None, what=None, count=1):
     entry that can't be allocated (more than the memory this process can still get)."""
     need = count * p * p * itemsize
     if limit_bytes is None:
-        limit_bytes = _available_memory()
+        limit_bytes = _memory.available_memory()
     if limit_bytes is not None and need > limit_bytes:
         raise MemoryError(
             f"{what or 'a dense'} {p} × {p} matrix needs {need / 2**30:.1f} GiB, more than the "
             f"{limit_bytes / 2**30:.1f} GiB available; use a lower-memory representation "
             "(PMatKFAC, PMatEKFAC, PMatDiag, PMatBlockDiag, PMatImplicit) or its own operations "
             "(mv, solve, get_diag, ...) instead of a dense matrix, or a smaller LayerCollection")
-
-
-def _available_memory():
-    """Bytes this process can still allocate, as far as is known: the least of the system's
-    ``MemAvailable``, what the cgroup's memory limit leaves (containers, where ``MemAvailable``
-    shows the host) and what the address-space limit ``RLIMIT_AS`` leaves; None if none is
-    known (then the dense matrix is attempted)."""
-    known = []
-    meminfo = _read_kb("/proc/meminfo", "MemAvailable:")
-    if meminfo is not None:
-        known.append(meminfo)
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit, usage = _read_int(limit_file), _read_int(usage_file)
-        if limit is not None and usage is not None and limit < 2 ** 60:  # huge = unlimited
-            known.append(max(limit - usage, 0))
-            break
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-        if soft != resource.RLIM_INFINITY:
-            used = _read_kb("/proc/self/status", "VmSize:")
-            known.append(max(soft - (used or 0), 0))
-    except (ImportError, OSError, ValueError):
-        pass
-    return min(known) if known else None
-
-
-def _read_kb(path, key):
-    """The value in bytes of a ``key: N kB`` line of a /proc file, or None."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _read_int(path):
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):  # missing file, or "max" (no limit)
-        return None

@@ -2,6 +2,7 @@
 `DenseBlock`)."""
 import torch
 
+from ..._memory import check_fits
 from . import _checks
 from .abstract import PMatAbstract
 from .blocks import DenseBlock
@@ -140,8 +141,6 @@ def _check_blocks_fit(layer_collection, generator, limit_bytes=None):
 def check_blocks_fit(layer_collection, itemsize, what, limit_bytes=None):
     """``MemoryError`` (with the alternatives) when the dense per-layer blocks ``Σ_l p_l²``
     of ``itemsize`` bytes can't be allocated; ``what`` names who builds them."""
-    from ...backend.consumers import check_fits
-
     sizes = {lid: layer_collection[lid].numel() for lid in layer_collection.layer_ids()}
     if not sizes:
         return

@@ -15,7 +15,7 @@ class PMatDense(PMatAbstract):
 
     def _build(self, examples, **kwargs):
         p = self.layer_collection.numel()
-        _check_dense_fits(p, self._model_dtype_size())
+        _checks.check_dense_fits(p, self._model_dtype_size())
         return self.generator.get_covariance_matrix(examples, self.layer_collection)
 
     def _model_dtype_size(self):
@@ -147,7 +147,3 @@ class PMatDense(PMatAbstract):
     def to_torch(self):
         return self.data
 
-
-# the size check is shared by every representation's dense allocations: see _checks
-_check_dense_fits = _checks.check_dense_fits
-_available_memory = _checks._available_memory

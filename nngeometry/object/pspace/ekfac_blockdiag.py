@@ -2,61 +2,9 @@
 others (e.g. layer types without KFAC maths, grouped convolutions)."""
 import torch
 
-from ...backend.consumers import Consumer
 from . import _spectral
 from . import _kron as K
 from .ekfac import PMatEKFAC
-
-
-class _KFACOrBlocks(Consumer):
-    """One pass over the data: KFAC factors for the layers whose type computes them, the dense
-    block ``(1/n) Σ_x J_l(x)ᵀ J_l(x)`` for the others (including layers whose ``kfac_factors``
-    refuses their configuration)."""
-
-    def __init__(self, layer_collection, approx):
-        self.lc = layer_collection
-        self.approx = approx
-        self.factors = {}
-        self.multi = {}
-        self.blocks = {}
-        self.refused = set(lid for lid, l in layer_collection.layers.items()
-                           if not getattr(l, "supports_kfac", False))
-
-    def update(self, ctx):
-        for lid in ctx.layer_ids():
-            if lid not in self.refused:
-                try:
-                    blocks, multi = ctx.kfac_factor_blocks(lid, approx=self.approx)
-                except NotImplementedError:
-                    if lid in self.factors:
-                        raise
-                    self.refused.add(lid)
-                else:
-                    if lid not in self.factors:
-                        self.factors[lid] = [[None, None] for _ in blocks]
-                        self.multi[lid] = multi
-                    elif len(blocks) != len(self.factors[lid]):
-                        raise NotImplementedError(
-                            f"layer '{lid}' gives a different number of Kronecker blocks in two "
-                            "batches: its KFAC factors cannot be summed")
-                    for acc, (A, G) in zip(self.factors[lid], blocks):
-                        if A is not None:
-                            acc[0] = A if acc[0] is None else acc[0] + A
-                        acc[1] = G if acc[1] is None else acc[1] + G
-                    continue
-            g = ctx.per_example_grad(lid)
-            g = g.reshape(-1, g.shape[-1])
-            if lid not in self.blocks:
-                self.blocks[lid] = g.new_zeros(g.shape[1], g.shape[1])
-            self.blocks[lid].addmm_(g.t(), g)
-
-    def finalize(self, n):
-        out = {}
-        for lid, accs in self.factors.items():
-            pairs = tuple((A / n, G / n) for A, G in accs)
-            out[lid] = pairs if self.multi[lid] else pairs[0]
-        self.factors = out
-        self.blocks = {lid: B / n for lid, B in self.blocks.items()}
 
 
 class PMatEKFACBlockDiag(PMatEKFAC):
@@ -127,9 +75,8 @@ class PMatEKFACBlockDiag(PMatEKFAC):
         if eigendecomposition is not None:
             raise ValueError("PMatEKFACBlockDiag computes its own bases; eigendecomposition is not "
                              "supported")
-        c = self.generator.accumulate(examples, self.layer_collection,
-                                      _KFACOrBlocks(self.layer_collection, kfac_approx))
-        factors = c.factors
+        factors, blocks = self.generator.get_kfac_or_layer_blocks(
+            examples, self.layer_collection, approx=kfac_approx)
         if separate_weight_and_bias:  # see PMatKFAC: the KFAC layers only
             factors = K.separate_weight_and_bias(self.layer_collection, factors)
         data = {}
@@ -137,7 +84,7 @@ class PMatEKFACBlockDiag(PMatEKFAC):
             if lid in factors:
                 data[lid] = self._entry_from_kfac(factors[lid])
             else:
-                evals, U = _spectral.eigh(c.blocks[lid])
+                evals, U = _spectral.eigh(blocks[lid])
                 data[lid] = (U, evals)
         return data
 

@@ -1,8 +1,9 @@
 """``PMatKFAC``: block-diagonal over layers, each block a Kronecker product of two small factors
 (Martens & Grosse 2015; convolutions: Grosse & Martens 2016)."""
+import inspect
+
 import torch
 
-from ...backend.consumers import KFACFactors
 from . import _checks
 from . import _kron as K
 from ._kron import check_kfac_support  # noqa: F401  (its historical home: kept importable)
@@ -97,12 +98,11 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         if kfac_approx not in ("expand", "reduce"):
             raise ValueError(f"unknown kfac_approx '{kfac_approx}': use 'expand' or 'reduce'")
         check_kfac_support(self.layer_collection, type(self).__name__)
-        consumer = KFACFactors(self.layer_collection, kfac_approx, sqrt_k_split=True)
-        if not hasattr(self.generator, "accumulate"):
-            # a generator with only get_kfac_blocks: its factors as it splits them
-            return self.generator.get_kfac_blocks(examples, self.layer_collection,
-                                                  approx=kfac_approx)
-        return self.generator.accumulate(examples, self.layer_collection, consumer).result
+        get = self.generator.get_kfac_blocks
+        if "sqrt_k_split" not in inspect.signature(get).parameters:
+            # a generator written for nngeometry 0.4: its factors as it splits them
+            return get(examples, self.layer_collection, approx=kfac_approx)
+        return get(examples, self.layer_collection, approx=kfac_approx, sqrt_k_split=True)
 
     def _check_data(self):
         ids = self.layer_collection.layer_ids()

@@ -20,6 +20,8 @@ sum of outer products of per-example gradients and may be indefinite. The repres
 whose maths rely on that structure (KFAC, EKFAC, LowRank, QuasiDiag, and the Jacobian /
 Gram-matrix products) are refused with ``NotImplementedError``.
 """
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
@@ -55,8 +57,6 @@ def summed_cross_entropy(outputs, *batch):
     Outputs with positions (``(n, T, C)``: classes last; ``(n, C, H, W)``: classes along
     dimension 1) sum the per-position cross-entropies; a dict batch (Hugging Face style) takes
     its targets from the key ``'labels'``."""
-    from collections.abc import Mapping
-
     if len(batch) == 1 and isinstance(batch[0], Mapping) and "labels" in batch[0]:
         batch = (batch[0], batch[0]["labels"])
     if outputs.dim() == 3:
@@ -262,8 +262,13 @@ class HessianBackend:
         return out
 
     # ================================================================== refused (need J)
-    def get_kfac_blocks(self, examples, layer_collection, approx="expand"):
+    def get_kfac_blocks(self, examples, layer_collection, approx="expand", sqrt_k_split=False):
         raise NotImplementedError(_GN_ONLY.format(what="KFAC factors", family="PMatKFAC / PMatEKFAC"))
+
+    def get_kfac_or_layer_blocks(self, examples, layer_collection, approx="expand"):
+        raise NotImplementedError(_GN_ONLY.format(
+            what="per-example statistics (KFAC factors or per-layer blocks)",
+            family="a representation built from per-example statistics (e.g. PMatEKFACBlockDiag)"))
 
     def get_kfe_diag(self, kfe, examples, layer_collection):
         raise NotImplementedError(_GN_ONLY.format(what="EKFAC's diagonal", family="PMatEKFAC"))

@@ -1,14 +1,14 @@
-"""Gram accumulation (``nngeometry.maths.gram``): the block-triangle path, the implicit ones column,
-row buffering and flushing, the scale applied while mirroring, against plain float64 sums; and
-the Linear layer's KFAC factors / per-example gradients that use them."""
+"""Gram accumulation (``nngeometry.maths.gram_accumulator``): the block-triangle path, the
+implicit ones column, row buffering and flushing, the scale applied while mirroring, against
+plain float64 sums; and the Linear layer's KFAC factors / per-example gradients that use them."""
 import pytest
 import torch
 from torch import nn
 
-import nngeometry.maths.gram as gram
+import nngeometry.maths.gram_accumulator as gram_accumulator
 from brute import per_example_jacobian
 from nngeometry.backend import consumers as C
-from nngeometry.maths.gram import GramRows, SymmetricAccumulator, symmetric_gram
+from nngeometry.maths.gram_accumulator import GramRows, SymmetricAccumulator, symmetric_gram
 from nngeometry.layercollection import LayerCollection
 from nngeometry.layer_types.linear import LinearLayer
 
@@ -55,7 +55,8 @@ def test_accumulator_matches_sum(d, ones, rows, first_gemm):
         acc.add(X, s)
     acc.flush()
     block_path = acc._blocks is not None
-    assert block_path == (d >= gram.SYMMETRIC_MIN_WIDTH and first_gemm >= gram.SYMMETRIC_MIN_ROWS)
+    assert block_path == (d >= gram_accumulator.SYMMETRIC_MIN_WIDTH
+                          and first_gemm >= gram_accumulator.SYMMETRIC_MIN_ROWS)
     R = acc.result()
     _close(R, _brute(pieces, ones))
     if block_path:
@@ -83,7 +84,8 @@ def test_short_pieces_are_buffered_tall_pieces_are_not_copied(monkeypatch):
     ones column never costs a concatenation."""
     calls = []
     real_cat = torch.cat
-    monkeypatch.setattr(gram.torch, "cat", lambda *a, **k: calls.append(1) or real_cat(*a, **k))
+    monkeypatch.setattr(gram_accumulator.torch, "cat",
+                        lambda *a, **k: calls.append(1) or real_cat(*a, **k))
     d = 210
     acc = SymmetricAccumulator(ones_column=True, min_rows=16)
     p = _pieces([16, 40, 8, 7, 1, 16], d, seed=5)
