@@ -76,8 +76,32 @@ def _tied_kfac(representation, layer_collection, generator, loader, kwargs):
         "Kronecker factorisation; the result is a PMatMixed", stacklevel=5)
     if len(tied) == len(layer_collection.layers):
         return PMatDiag(layer_collection=layer_collection, generator=generator, examples=loader)
+    mapping = {lid: PMatDiag for lid in tied}
+    if representation is PMatKFAC and hasattr(generator, "accumulate") and \
+            not getattr(generator, "centering", False):
+        # both groups from one pass over the examples (two passes cost one more forward and
+        # backward of the whole model, and drew other Monte-Carlo targets for each group)
+        from .backend.consumers import DiagCovariance, KFACFactors, LayerGroups
+        from .object.pspace._kron import check_kfac_support
+
+        lc_kfac = layer_collection.sub([lid for lid in layer_collection.layer_ids()
+                                        if lid not in tied])
+        lc_diag = layer_collection.sub(tied)
+        check_kfac_support(lc_kfac, representation.__name__)
+        approx = kwargs.get("kfac_approx", "expand")
+        if approx not in ("expand", "reduce"):
+            raise ValueError(f"unknown kfac_approx '{approx}': use 'expand' or 'reduce'")
+        res = generator.accumulate(loader, layer_collection, LayerGroups({
+            "kfac": KFACFactors(lc_kfac, approx, sqrt_k_split=True),
+            "diag": DiagCovariance(lc_diag)})).result
+        data = {"PMatKFAC": PMatKFAC(layer_collection=lc_kfac, generator=generator,
+                                     data=res["kfac"], **kwargs),
+                "PMatDiag": PMatDiag(layer_collection=lc_diag, generator=generator,
+                                     data=res["diag"])}
+        return PMatMixed.from_mapping(layer_collection, generator, (representation, kwargs),
+                                      mapping, data=data)
     return PMatMixed.from_mapping(layer_collection, generator, (representation, kwargs),
-                                  {lid: PMatDiag for lid in tied}, examples=loader)
+                                  mapping, examples=loader)
 
 
 def _represent(representation, layer_collection, generator, loader, kwargs, subnetwork_indices):

@@ -311,6 +311,40 @@ class DiagCovariance(Consumer):
         self.result = self._sum.div_(n)
 
 
+class LayerGroups(Consumer):
+    """Several statistics from one pass, each on its own layers: ``parts`` maps a name to a
+    consumer built on a sub-collection of the pass's collection (its ``lc``); every batch is
+    given to each consumer restricted to its layers (`BatchContext.restricted`), so that
+    e.g. KFAC factors of some layers and the diagonal of others share one forward and one
+    backward pass. ``result``: ``{name: that consumer's result}``. State: each consumer's."""
+
+    def __init__(self, parts):
+        self.parts = dict(parts)
+        self.result = None
+
+    def update(self, ctx):
+        for part in self.parts.values():
+            part.add(ctx.restricted(part.lc))
+
+    def finalize(self, n):
+        for part in self.parts.values():
+            part.finalize(n)
+        self.result = {name: part.result for name, part in self.parts.items()}
+
+    def _seal(self):
+        for part in self.parts.values():
+            part._seal()
+
+    def state(self):
+        return {name: part.state() for name, part in self.parts.items()}
+
+    def load_state(self, state, count):
+        for name, part in self.parts.items():
+            part.load_state(state[name], count)
+        self.count = count
+        return self
+
+
 class LayerBlocks(Consumer):
     """``{layer_id: (1/n) Σ_x J_l(x)ᵀ J_l(x)}``: one dense block per layer. State: ``_acc``,
     ``{layer_id: (p_l, p_l) sum}``."""

@@ -6,13 +6,15 @@ gradients of ``K`` output directions w.r.t. the module's output, shape ``(K, n, 
 `BatchContext` turns those into the statistics that representations need, with caching,
 so that two consumers asking for the same per-example gradients share the work.
 """
+import copy
 import weakref
 
 import torch
 from torch.func import functional_call
 
 from ..layer_types.base import (is_multiblock, kfac_block_list, project_blocks_to_kfe,
-                                project_to_kfe, recording_paused)
+                                project_to_kfe, recording_paused, row_chunked_diag_into,
+                                rows_compatible, same_maths)
 from ..maths.gram_accumulator import GramRows
 from .strategy import _grad
 
@@ -196,6 +198,21 @@ class BatchContext:
     def layer_ids(self):
         return self.layer_collection.layer_ids()
 
+    def restricted(self, layer_collection):
+        """This batch seen by a statistic of a sub-collection (``layer_collection``: some of
+        this context's layers, see ``LayerCollection.sub``): the same calls and cached
+        per-example gradients, its layers only."""
+        if self.centering:
+            raise NotImplementedError("a restricted batch context with centering (the mean "
+                                      "Jacobian is in the whole collection's layout)")
+        missing = [lid for lid in layer_collection.layer_ids() if lid not in self.calls]
+        if missing:
+            raise ValueError(f"layers {missing} are not in this batch's collection")
+        view = copy.copy(self)
+        view.layer_collection = layer_collection
+        view._jacobian = None
+        return view
+
     def per_example_grad(self, layer_id):
         """``(K, n, p_layer)``: per-example gradients of the layer (summed over its calls)."""
         g = self._grads.get(layer_id)
@@ -231,10 +248,30 @@ class BatchContext:
                 self._grads.clear()
         return self._jacobian
 
+    def _row_uses(self, layer_id, prepare=True):
+        """``[(layer spec, rows state), ...]`` for a layer called several times or sharing its
+        weight with other modules, when every use has the row-block maths with one layout (see
+        ``layer_types.base.row_chunked_diag_into``); None otherwise."""
+        calls = self.calls[layer_id]
+        if self.centering or layer_id in self._grads or \
+                (len(calls) == 1 and calls[0].spec is None):
+            return None
+        layer, module = self.layer_collection[layer_id], self.modules[layer_id]
+        specs = [c.spec or layer for c in calls]
+        if not rows_compatible(specs):
+            return None
+        if not prepare:
+            return True
+        return [(spec, spec.rows_prepare(c.module or module, spec.inputs_of(c), c.gy))
+                for spec, c in zip(specs, calls)]
+
     def layer_diag(self, layer_id):
         """``sum_{k,i} g_{k,i}²`` over the layer's coordinates, without per-example grads where
         the layer type allows it."""
         calls = self.calls[layer_id]
+        if self._row_uses(layer_id, prepare=False) is not None:
+            out = calls[0].gy.new_zeros(self.layer_collection[layer_id].numel())
+            return self.layer_diag_into(layer_id, out)
         if len(calls) == 1 and calls[0].spec is None and not self.centering and \
                 layer_id not in self._grads:
             layer = self.layer_collection[layer_id]
@@ -251,6 +288,11 @@ class BatchContext:
                 layer_id not in self._grads:
             return layer.diag_into(self.modules[layer_id], layer.inputs_of(calls[0]),
                                    calls[0].gy, out)
+        uses = self._row_uses(layer_id)
+        if uses is not None:
+            # tied weights or a module called several times: the summed per-example gradients
+            # by blocks of examples and rows, never the (K, n, p) gradients of each use
+            return row_chunked_diag_into(uses, calls[0].gy.shape[0], self.n, out)
         out += self.layer_diag(layer_id)
         return out
 
@@ -375,12 +417,15 @@ def check_parameter_uses(out, layer_collection, modules, calls):
     With ``u`` a fixed pseudo-random cotangent of the outputs ``out`` (``(n, K)``) and ``gy_c``
     the resulting gradient w.r.t. the output of each recorded call ``c`` of a layer's module,
     what the hooks can account for is ``Σ_c vjp(module(args_c; θ), gy_c)``: the module's forward
-    re-run on its recorded (detached) arguments, differentiated w.r.t. its own parameters. It
+    re-run on its recorded (detached) arguments, differentiated w.r.t. its own parameters (for
+    a layer type with ``grad_sum``, e.g. Linear and Embedding, that formula on the recorded
+    input instead: no re-run, and the layer's maths checked along). It
     must equal autograd's gradient of ``Σ u ⊙ f`` w.r.t. ``θ``; it differs exactly when the
     parameter is also used elsewhere: outside the module's forward (a tied head written
     ``F.linear(h, emb.weight)``), or by another module (tied weights with one module left out of
     the collection). Cost: one backward pass with one direction, and one forward and backward of
-    each layer's module, on one batch; no per-example quantity is formed.
+    each layer's module (one GEMM for those with ``grad_sum``), on one batch; no per-example
+    quantity is formed.
 
     ``out`` must still have its graph (the caller's backward passes retain it)."""
     if out.shape[0] == 0 or not out.requires_grad:
@@ -403,6 +448,17 @@ def check_parameter_uses(out, layer_collection, modules, calls):
             if gy is None:
                 continue
             spec = c.spec or layer_collection[lid]
+            g = None
+            if c.shared is None and not c.extra_gy and same_maths(spec, "grad_sum"):
+                x = spec.inputs_of(c)
+                if isinstance(x, torch.Tensor) and x.shape[:1] == gy.shape[:1]:
+                    # the layer type's own formula: no forward re-run (for a language
+                    # model's output layer, a product as large as the model's forward)
+                    g = spec.grad_sum(c.module or modules[lid], x, gy)
+            if g is not None:
+                for acc, gk in zip(hooked[lid], g):
+                    acc += gk
+                continue
             names = spec.param_names()
             leaves = {nm: p.detach().requires_grad_(True) for nm, p in zip(names, params[lid])}
             y = functional_call(c.module or modules[lid], leaves, c.args, c.kwargs)

@@ -140,7 +140,14 @@ class MatrixFreeProducts:
         One forward pass per batch: the parameters are forward-mode duals (tangent ``v``) that
         also require grad, so the same pass gives the outputs' graph and ``J v``; the backward
         pass from the primal outputs with cotangent ``J v`` gives ``Jᵀ J v``. (A separate
-        ``vjp`` and ``jvp`` ran the forward twice: 1.3x slower on an MLP and a transformer.)"""
+        ``vjp`` and ``jvp`` ran the forward twice: 1.3x slower on an MLP and a transformer.)
+
+        That pass also keeps the tangents' activations for the backward pass (the forward-mode
+        formulas are recorded too): about twice a training step's activations. With the
+        closed-form output metric (the model's outputs are deterministic), a model whose
+        activations exceed ``MV_ONE_PASS_BYTES`` per batch (measured on the first batch, which
+        goes the two-pass way) gets the JVP without a graph, then a plain forward and backward
+        for the VJP: the peak of a training step, for one more forward."""
         out = None
         n_total = 0
         raw = self._uses_metric()
@@ -148,24 +155,46 @@ class MatrixFreeProducts:
                                                                    raw):
             tangents = self._split_flat(v, params, layer_collection)
             leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-            with fwAD.dual_level(), torch.enable_grad():
-                outputs = f({k: fwAD.make_dual(p, tangents[k]) for k, p in leaves.items()})
-                outputs, jv = fwAD.unpack_dual(outputs)
+            two_pass = raw and getattr(self, "_mv_two_pass", None) is not False
+            if two_pass:
+                # primals that do not require grad: forward mode only, no graph recorded
+                with fwAD.dual_level(), _activation_counter(self.model) as seen:
+                    jv = fwAD.unpack_dual(f({k: fwAD.make_dual(p.detach(), tangents[k])
+                                             for k, p in leaves.items()}))[1]
+                if getattr(self, "_mv_two_pass", None) is None:
+                    self._mv_two_pass = seen[0] > MV_ONE_PASS_BYTES
+                with torch.enable_grad():
+                    outputs = f(leaves)
+            else:
+                with fwAD.dual_level(), torch.enable_grad():
+                    outputs = f({k: fwAD.make_dual(p, tangents[k]) for k, p in leaves.items()})
+                    outputs, jv = fwAD.unpack_dual(outputs)
             self._check_finite(outputs)
+            if out is None:
+                first = next(iter(leaves.values()))
+                out = torch.zeros(sum(p.numel() for p in leaves.values()),
+                                  dtype=first.dtype, device=first.device)
+            n_total += outputs.shape[0]
             if jv is None or not outputs.requires_grad:
                 # the outputs do not depend on the collection's parameters: M v = 0 here
-                g = [None] * len(leaves)
-            else:
-                w = jv.detach()
-                if metric:  # J_fᵀ H J_f v: the output metric between the JVP and the VJP
-                    w = metric[0](outputs.detach(), w)
-                g = _grad(outputs, list(leaves.values()), w, allow_unused=True)
-            flat = torch.cat([torch.zeros_like(p).reshape(-1) if gk is None else gk.reshape(-1)
-                              for gk, p in zip(g, leaves.values())])
-            out = flat if out is None else out + flat
-            n_total += outputs.shape[0]
+                continue
+            w = jv.detach()
+            # the tangents' part of the graph (forward-mode activations) is freed before the
+            # backward pass, which needs the primal part only
+            del jv
+            if metric:  # J_fᵀ H J_f v: the output metric between the JVP and the VJP
+                w = metric[0](outputs.detach(), w)
+            g = _grad(outputs, list(leaves.values()), w, allow_unused=True)
+            del outputs, w
+            # added in place into each parameter's slice of one (P,) sum: no concatenated copy
+            start = 0
+            for gk, p in zip(g, leaves.values()):
+                if gk is not None:
+                    out[start:start + p.numel()] += gk.reshape(-1)
+                start += p.numel()
+            del g
         self._check_nonempty(n_total)
-        return out / n_total
+        return out.div_(n_total)
 
     def _vTMv(self, v, examples, layer_collection):
         """``vᵀ M v = (1/n) Σ_x ||J(x) v||²`` with one Jacobian-vector product per batch."""
@@ -367,3 +396,28 @@ class MatrixFreeProducts:
             out[k] = flat[start:start + p.numel()].view_as(p)
             start += p.numel()
         return out
+
+
+#: activations (bytes, summed over the outputs of the model's leaf modules for one batch) from
+#: which the closed-form ``mv`` runs its JVP and VJP as two passes (see ``_mv``)
+MV_ONE_PASS_BYTES = 256 * 2 ** 20
+
+
+@contextlib.contextmanager
+def _activation_counter(model):
+    """Within the block, ``seen[0]`` sums the bytes of the floating-point outputs of the
+    model's leaf modules (forward hooks, removed on exit)."""
+    seen = [0]
+
+    def count(module, inputs, output):
+        for t in (output if isinstance(output, (tuple, list)) else (output,)):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                seen[0] += t.numel() * t.element_size()
+
+    handles = [m.register_forward_hook(count) for m in model.modules()
+               if not list(m.children())]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()

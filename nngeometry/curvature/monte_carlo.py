@@ -63,6 +63,9 @@ def monte_carlo_function(function, variant, trials, covariance=1.0, positions="s
     return g
 
 
+#: memory of one block of rows of the inverse CDF's float64 cumulative sums
+_CDF_BLOCK_BYTES = 16 * 2 ** 20
+
 #: from this many classes the one-trial sampler draws by the inverse CDF
 _INVERSE_CDF_CLASSES = 1024
 
@@ -97,10 +100,17 @@ def _monte_carlo(function, variant, trials, covariance, positions="sum", seed=No
             # many classes (a vocabulary): the inverse CDF, one uniform per row and a binary
             # search in the cumulative sums (in float64), instead of one exponential per class
             # (which costs more than the model's forward for a 50k vocabulary)
-            cdf = torch.cumsum(probs.to(torch.float64), dim=1)
-            u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device)
-            u = (u * cdf[:, -1:]).clamp_(min=torch.finfo(torch.float64).tiny)
-            return torch.searchsorted(cdf, u).clamp_(max=cdf.shape[1] - 1)
+            # by blocks of rows: the float64 sums of a whole batch (n · T · V: 400 MB for 8
+            # sequences of 128 tokens) would be the largest tensor of the pass
+            m, C = probs.shape
+            u = torch.rand(m, 1, dtype=torch.float64, device=probs.device)
+            rows = max(1, _CDF_BLOCK_BYTES // (8 * C))
+            labels = []
+            for r0 in range(0, m, rows):
+                cdf = torch.cumsum(probs[r0:r0 + rows].to(torch.float64), dim=1)
+                ub = (u[r0:r0 + rows] * cdf[:, -1:]).clamp_(min=torch.finfo(torch.float64).tiny)
+                labels.append(torch.searchsorted(cdf, ub).clamp_(max=C - 1))
+            return labels[0] if len(labels) == 1 else torch.cat(labels)
         if trials == 1 and from_softmax:
             # one draw per row: argmax_c p_c / E_c with E_c ~ Exp(1) is a draw from p (the
             # smallest of independent Exp(p_c) times), and it is the computation torch.multinomial

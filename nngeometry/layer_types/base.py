@@ -159,6 +159,45 @@ class AbstractLayer:
         out += self.diag(module, x, gy)
         return out
 
+    # -------------------------------------------------- per-example gradients by row blocks
+    #: whether the layer type writes its per-example weight gradients by blocks of rows
+    #: (``grad_rows``, ``rows_prepare``, ``rows_into``, ``rows_rest``): the diagonal of a layer
+    #: whose weight is shared over positions or used by several modules is then formed by
+    #: chunks of examples and rows (see `row_chunked_diag_into`), never the whole ``(K, n, p)``
+    supports_rows = False
+    #: whether ``rows_into`` with ``accumulate=False`` writes every entry of the block (a
+    #: GEMM) rather than zeroing it and adding a few rows (a scatter): such uses go first
+    rows_dense = True
+
+    def grad_rows(self):
+        """``(rows, width)``: the weight's flat layout is ``rows`` rows of ``width`` entries
+        (row-major), followed by ``numel() - rows · width`` other entries (the bias), or None
+        when the layer type has no row-block maths."""
+        return None
+
+    def rows_prepare(self, module, x, gy):
+        """What `rows_into` and `rows_rest` take for this call (``x``, ``gy`` as in
+        `per_example_grad`, reshaped once for all the blocks)."""
+        raise NotImplementedError
+
+    def rows_into(self, state, k, i0, i1, r0, r1, out, accumulate):
+        """Write (``accumulate=False``) or add (``True``) into ``out`` ``(i1 - i0, r1 - r0,
+        width)`` rows ``r0 .. r1 - 1`` of the per-example weight gradients of direction ``k`` and
+        examples ``i0 .. i1 - 1``."""
+        raise NotImplementedError
+
+    def grad_sum(self, module, x, gy):
+        """The gradient of ``Σ_i <gy_i, y_i>`` w.r.t. the module's parameters, for ``gy`` of
+        shape ``(n, *out_shape)`` (one direction, no leading ``K``), as a list of tensors shaped
+        like the parameters (layout order): what autograd gives for one call, from the layer's
+        own maths (no forward re-run). None where the layer type has no such formula."""
+        return None
+
+    def rows_rest(self, state):
+        """``(K, n, numel() - rows · width)``: the per-example gradients of the entries after
+        the weight's rows (the bias), or None when there are none."""
+        return None
+
     def kfac_locations(self, module, x, gy, approx="expand"):
         """The number ``S`` of weight-sharing locations that `kfac_factors` divides
         ``G`` by for this call (sequence positions, output pixels; 1 without weight sharing),
@@ -253,6 +292,90 @@ class AbstractLayer:
             raise ValueError(f"Kronecker blocks of sizes {list(sizes)} hold {off} coordinates, but "
                              f"the layer has {perm.numel()} parameters")
         return out
+
+
+#: memory for one block of per-example gradients formed by `row_chunked_diag_into`
+ROW_CHUNK_BYTES = 16 * 2 ** 20
+
+
+def row_chunked_diag_into(uses, K, n, out, chunk_bytes=None):
+    """``out += Σ_{k,i} (Σ_u g_{u,k,i})²`` (elementwise square), for ``uses`` a list of
+    ``(layer, state)`` (``state`` from ``layer.rows_prepare``) whose per-example gradients
+    ``g_u`` have the same flat layout (the calls of one module, or the modules sharing one
+    weight: the gradient of a shared parameter is the sum over its uses).
+
+    The weight part is formed by blocks of ``c`` examples and ``r`` rows, ``c · r · width``
+    numbers in at most ``chunk_bytes`` (default ``ROW_CHUNK_BYTES``): for one direction,
+    ``c`` examples and rows ``r0 .. r0 + r - 1`` each use writes or adds its rows (a GEMM
+    ``(r, S) @ (S, width)`` per example for a linear map over ``S`` positions, a scatter of
+    ``S`` rows for an embedding), then the block is squared into ``out``. Memory: one block,
+    reused; never the ``(K, n, p)`` per-example gradients (``n · V · d`` per use for a tied
+    embedding and output layer). The other entries (bias) come from ``rows_rest``, small."""
+    layer0 = uses[0][0]
+    rows, width = layer0.grad_rows()
+    nw = rows * width
+    budget = ROW_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    item = out.element_size()
+    if nw * item <= budget:
+        r, c = rows, max(1, min(n, budget // max(1, nw * item)))
+    else:
+        r, c = max(1, min(rows, budget // max(1, width * item))), 1
+    # the uses that write every entry of a block go first (no zeroing of the buffer)
+    uses = sorted(uses, key=lambda u: not u[0].rows_dense)
+    if not uses[0][0].rows_dense:
+        uses = [(None, None)] + uses
+    buf = out.new_empty(c * r * width)
+    w_out = out[:nw].view(rows, width)
+    for k in range(K):
+        for i0 in range(0, n, c):
+            i1 = min(n, i0 + c)
+            for r0 in range(0, rows, r):
+                r1 = min(rows, r0 + r)
+                b = buf[:(i1 - i0) * (r1 - r0) * width].view(i1 - i0, r1 - r0, width)
+                for j, (layer, state) in enumerate(uses):
+                    if layer is None:
+                        b.zero_()
+                        continue
+                    layer.rows_into(state, k, i0, i1, r0, r1, b, accumulate=j > 0)
+                if i1 - i0 == 1:
+                    w_out[r0:r1].addcmul_(b[0], b[0])
+                else:
+                    w_out[r0:r1] += b.square_().sum(dim=0)
+    if out.numel() > nw:
+        rest = None
+        for layer, state in uses:
+            if layer is None:
+                continue
+            g = layer.rows_rest(state)
+            if g is not None:
+                rest = g if rest is None else rest + g
+        if rest is not None:
+            out[nw:] += rest.square().sum(dim=(0, 1))
+    return out
+
+
+def same_maths(layer, name):
+    """Whether the method ``name`` of ``layer`` comes from the class that defines its
+    ``per_example_grad`` or from a class derived from it: a subclass that changes the maths
+    (its own ``per_example_grad``) does not inherit its parent's shortcut formulas."""
+    def owner(attr):
+        for k in type(layer).__mro__:
+            if attr in vars(k):
+                return k
+        return None
+    mine, grads = owner(name), owner("per_example_grad")
+    return mine is not None and grads is not None and issubclass(mine, grads)
+
+
+def rows_compatible(layers):
+    """Whether the per-example gradients of these layer specs (the uses of one weight) can be
+    formed together by `row_chunked_diag_into`: every one has the row-block maths (its own,
+    see `same_maths`) and the same flat layout ``(rows, width)`` and size."""
+    if not all(getattr(layer, "supports_rows", False) and same_maths(layer, "rows_into")
+               for layer in layers):
+        return False
+    shapes = {(layer.grad_rows(), layer.numel()) for layer in layers}
+    return len(shapes) == 1 and next(iter(shapes))[0] is not None
 
 
 def is_multiblock(entry):

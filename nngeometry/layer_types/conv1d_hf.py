@@ -9,7 +9,7 @@ layout to it. The module is recognised by its class name (``transformers`` is no
 """
 import torch
 
-from .base import Parameter, register_layer_type
+from .base import Parameter, register_layer_type, row_chunked_diag_into
 from .linear import LinearLayer
 
 
@@ -46,11 +46,29 @@ class HFConv1DLayer(LinearLayer):
         return self._to_own_layout(super().per_example_grad(module, x, gy))
 
     def diag(self, module, x, gy):
-        return self._to_own_layout(super().diag_into(module, x, gy, gy.new_zeros(self.numel())))
+        return self.diag_into(module, x, gy, gy.new_zeros(self.numel()))
 
     def diag_into(self, module, x, gy, out):
-        out += self.diag(module, x, gy)
+        xf, gf = self._flatten_positions(x, gy)
+        if xf.shape[1] != 1:
+            # positions: blocks of rows in this layer's own layout (no transposed copy)
+            return row_chunked_diag_into([(self, (xf, gf))], gf.shape[0], xf.shape[0], out)
+        out += self._to_own_layout(super().diag_into(module, x, gy,
+                                                     gy.new_zeros(self.numel())))
         return out
+
+    # row blocks: the weight (in, out) is `in` rows of `out` entries; row j of example i's
+    # gradient is Σ_s x_{i,s,j} g_{i,s}ᵀ
+    def grad_rows(self):
+        return self.in_features, self.out_features
+
+    def rows_into(self, state, k, i0, i1, r0, r1, out, accumulate):
+        x, gy = state
+        xt = x[i0:i1, :, r0:r1].transpose(-1, -2)
+        if accumulate:
+            out.baddbmm_(xt, gy[k, i0:i1])
+        else:
+            torch.bmm(xt, gy[k, i0:i1], out=out)
 
     def kfac_permutation(self):
         # flat W[i, o] (index i·out + o) -> Kronecker (o, i) of the (out, in + 1) matrix
@@ -61,3 +79,10 @@ class HFConv1DLayer(LinearLayer):
         if self.bias is not None:
             perm = torch.cat([perm, torch.arange(self.out_features) * width + self.in_features])
         return perm
+
+    def grad_sum(self, module, x, gy):
+        x2, g2 = x.reshape(-1, self.in_features), gy.reshape(-1, self.out_features)
+        parts = [x2.t() @ g2]
+        if self.bias is not None:
+            parts.append(g2.sum(dim=0))
+        return parts

@@ -24,6 +24,8 @@ from .base import AbstractLayer, Parameter, register_layer_type
 class EmbeddingLayer(AbstractLayer):
     module_types = (nn.Embedding,)
     supports_kfac = True
+    supports_rows = True
+    rows_dense = False
 
     def __init__(self, num_embeddings, embedding_dim):
         self.num_embeddings = num_embeddings
@@ -63,6 +65,33 @@ class EmbeddingLayer(AbstractLayer):
         out = g.new_zeros(K, n, self.num_embeddings, D)
         out.scatter_add_(2, idx.view(1, n, S, 1).expand(K, n, S, D), g)
         return out.reshape(K, n, -1)
+
+    # row blocks: row v of example i's gradient is the sum of the output gradients of the
+    # positions holding index v (a scatter of at most S rows per example)
+    def grad_rows(self):
+        return self.num_embeddings, self.embedding_dim
+
+    def rows_prepare(self, module, x, gy):
+        return self._flat(module, x, gy)
+
+    def rows_into(self, state, k, i0, i1, r0, r1, out, accumulate):
+        idx, g = state
+        if not accumulate:
+            out.zero_()
+        ids = idx[i0:i1]
+        sel = (ids >= r0) & (ids < r1)
+        ex = sel.nonzero()[:, 0]
+        rows = ex * (r1 - r0) + (ids[sel] - r0)
+        out.view(-1, out.shape[-1]).index_add_(0, rows, g[k, i0:i1][sel])
+
+    def grad_sum(self, module, x, gy):
+        if module.scale_grad_by_freq:
+            # autograd divides by the counts over the whole batch, not per example
+            return None
+        idx, g = self._flat(module, x, gy.unsqueeze(0))
+        w = g.new_zeros(self.num_embeddings, self.embedding_dim)
+        w.index_add_(0, idx.reshape(-1), g.reshape(-1, self.embedding_dim))
+        return [w]
 
     def diag(self, module, x, gy):
         """Σ_{k,i} (Σ_{s: idx_s = v} gy_s[d])², without the dense per-example gradients:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..maths.gram_accumulator import GramRows
-from .base import AbstractLayer, Parameter, register_layer_type
+from .base import AbstractLayer, Parameter, register_layer_type, row_chunked_diag_into
 
 #: memory for one chunk of per-example gradients formed by `seq_grad_squares`
 SEQ_CHUNK_BYTES = 16 * 2 ** 20
@@ -46,6 +46,7 @@ def seq_grad_squares(a, g, chunk_bytes=None):
 class LinearLayer(AbstractLayer):
     module_types = (nn.Linear,)
     supports_kfac = True
+    supports_rows = True
 
     def __init__(self, in_features, out_features, bias=True):
         self.in_features = in_features
@@ -98,13 +99,37 @@ class LinearLayer(AbstractLayer):
             return self._diag_into_2d(x, gy, out, nw)
         x, gy = self._flatten_positions(x, gy)
         if x.shape[1] != 1:
-            # positions share the weight: squares don't factor; per-example gradients by chunks
-            # of directions (memory-bounded), never the whole (K, n, numel)
-            out[:nw] += seq_grad_squares(x, gy).reshape(-1)
-            if self.bias is not None:
-                out[nw:] += gy.sum(dim=2).square_().sum(dim=(0, 1))
-            return out
+            # positions share the weight: squares don't factor; per-example gradients by blocks
+            # of examples and rows (memory-bounded, one buffer reused), never the whole
+            # (K, n, numel)
+            return row_chunked_diag_into([(self, (x, gy))], gy.shape[0], x.shape[0], out)
         return self._diag_into_2d(x[:, 0], gy[:, :, 0], out, nw)
+
+    # row blocks: the weight (out, in) is `out` rows of `in` entries; row o of example i's
+    # gradient is Σ_s g_{i,s,o} x_{i,s}ᵀ
+    def grad_rows(self):
+        return self.out_features, self.in_features
+
+    def rows_prepare(self, module, x, gy):
+        return self._flatten_positions(x, gy)
+
+    def rows_into(self, state, k, i0, i1, r0, r1, out, accumulate):
+        x, gy = state
+        gt = gy[k, i0:i1, :, r0:r1].transpose(-1, -2)
+        if accumulate:
+            out.baddbmm_(gt, x[i0:i1])
+        else:
+            torch.bmm(gt, x[i0:i1], out=out)
+
+    def grad_sum(self, module, x, gy):
+        x2, g2 = x.reshape(-1, self.in_features), gy.reshape(-1, self.out_features)
+        parts = [g2.t() @ x2]
+        if self.bias is not None:
+            parts.append(g2.sum(dim=0))
+        return parts
+
+    def rows_rest(self, state):
+        return None if self.bias is None else state[1].sum(dim=2)
 
     def _diag_into_2d(self, x, gy, out, nw):
         """`diag_into` for inputs ``x`` ``(n, in)`` and ``gy`` ``(K, n, out)``."""

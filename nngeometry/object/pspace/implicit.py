@@ -130,8 +130,14 @@ class PMatImplicit(PMatAbstract):
 
     def _flat_mv(self, f):
         """``M f`` for a flat ``(P,)`` tensor (no autograd graph to ``f``)."""
-        return self.scale * self._gen().implicit_mv(f, self.examples, self.layer_collection) \
-            + self.shift * f
+        out = self._gen().implicit_mv(f, self.examples, self.layer_collection)
+        # in place on the product's own (P,) result: `scale * out + shift * f` held three
+        # more vectors of the parameters' size (the peak of a large model's product)
+        if not (isinstance(self.scale, float) and self.scale == 1.0):
+            out = out.mul_(self.scale)
+        if torch.is_tensor(self.shift) or self.shift != 0.0:
+            out = out.add_(self.shift * f)
+        return out
 
     def mv(self, v):
         """``M v``: one JVP and one VJP per batch. Differentiable w.r.t. ``v`` (``M`` is
