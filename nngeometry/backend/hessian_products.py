@@ -30,7 +30,8 @@ from ..layercollection import LayerCollection
 from .batches import default_function, prepare_batch
 from .distributed import all_reduce_tree, resolve_group, unwrap_model
 from .jacobian import TorchHooksJacobianBackend
-from .model_state import _check_uniform_params, _no_fused_attention, tensors_in_model
+from .model_state import (_check_uniform_params, _no_fused_attention, constant_uses,
+                          constants_detached, tensors_in_model)
 from .probes import _rng_state, _same_rng, probe_functional, random_in_vmap_explained
 
 
@@ -359,16 +360,15 @@ class HessianBackend:
         layout order), the model's state kept as it was."""
         helper = self._helper
         with helper._model_state_kept(layer_collection) as (modules, _):
-            named, constant = {}, {}
+            named = {}
             for lid, m in modules.items():
                 layer = layer_collection[lid]
                 prefix = f"{lid}." if lid else ""
                 for pname, p in zip(layer.param_names(), layer.parameters_of(m)):
                     named[prefix + pname] = p
-                # entries that backward treats as constants (Embedding padding row): their
-                # tangents are masked too, as in the Jacobian generator
-                for pname, mask in layer.constant_entries(m).items():
-                    constant[prefix + pname] = mask
+            # entries that backward treats as constants (Embedding padding row), in the uses
+            # that declare them, as in the Jacobian generator
+            constant = constant_uses(self.model, layer_collection, modules)
             params = {k: p.detach() for k, p in named.items()}
             keys = list(params)
             # the model's other parameters are constants: passed detached, so that no autograd
@@ -388,11 +388,10 @@ class HessianBackend:
                     # updates of captured tensors (training-mode BatchNorm), and the model's
                     # own buffers must stay untouched
                     bufs = {k: b.clone() for k, b in self.model.named_buffers()}
-                    p = {k: torch.where(constant[k], t.detach(), t) if k in constant else t
-                         for k, t in p.items()}
                     rng = _rng_state(device) if watch else None
                     with _no_fused_attention(), tensors_in_model(self.model,
-                                                                 {**others, **p, **bufs}):
+                                                                 {**others, **p, **bufs}), \
+                            constants_detached(constant, p):
                         out = self.function(*batch)
                     if watch:
                         drew.append(not _same_rng(rng, _rng_state(device)))

@@ -15,6 +15,7 @@ import weakref
 import torch
 from torch import nn
 
+from ..layer_types.base import AbstractLayer, layer_type_for
 from ..layer_types.parametrized import parametrizations_prepared
 
 
@@ -164,6 +165,50 @@ def tensors_in_model(model, tensors):
     finally:
         for holder, key, original in reversed(swapped):
             holder[key] = original
+
+
+def constant_uses(model, layer_collection, modules):
+    """``[(module, name, key, mask)]``: for each use of a collection parameter by a module whose
+    layer type declares entries that autograd's backward treats as constants (an Embedding's
+    ``padding_idx`` row, see `AbstractLayer.constant_entries`), the module, the parameter's name
+    in it, its key ``"{layer_id}.{param_name}"`` and the ``bool`` mask. A weight tied between
+    such a module and another one (an embedding and an output layer) is constant there for the
+    first use only: the masks are per use, not per parameter."""
+    keys = {}  # id(parameter) -> key
+    for lid, m in modules.items():
+        layer = layer_collection[lid]
+        for pname, p in zip(layer.param_names(), layer.parameters_of(m)):
+            keys[id(p)] = f"{lid}.{pname}" if lid else pname
+    uses = []
+    for module in model.modules():
+        held = [(name, keys[id(t)]) for name, t in module._parameters.items()
+                if t is not None and id(t) in keys]
+        if not held:
+            continue
+        ltype = layer_type_for(module)
+        if ltype is None or ltype.constant_entries is AbstractLayer.constant_entries:
+            continue
+        masks = ltype.from_module(module).constant_entries(module)
+        uses.extend((module, name, key, masks[name]) for name, key in held if name in masks)
+    return uses
+
+
+@contextlib.contextmanager
+def constants_detached(uses, tensors):
+    """Within the block (inside `tensors_in_model`), each use of `constant_uses` sees its
+    parameter ``tensors[key]`` with the constant entries detached; the parameter's other uses
+    (a tied weight's) see it whole. Forward-mode and ``torch.func`` products then agree with
+    backward's per-example gradients."""
+    swapped = []
+    try:
+        for module, name, key, mask in uses:
+            t = tensors[key]
+            swapped.append((module, name, module._parameters[name]))
+            module._parameters[name] = torch.where(mask, t.detach(), t)
+        yield
+    finally:
+        for module, name, original in reversed(swapped):
+            module._parameters[name] = original
 
 
 @contextlib.contextmanager

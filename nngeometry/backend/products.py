@@ -19,8 +19,8 @@ from torch.utils._pytree import tree_map
 
 from .batches import batch_size_of, deferred_finite_checks, iterate_batches, prepare_batch
 from .distributed import all_gather_rows, all_reduce_tree, global_batch_index
-from .model_state import (_FORWARD_AD_LOCK, model_lock, _no_fused_attention,
-                          _refuse_batch_statistics, tensors_in_model)
+from .model_state import (_FORWARD_AD_LOCK, constant_uses, constants_detached, model_lock,
+                          _no_fused_attention, _refuse_batch_statistics, tensors_in_model)
 from .probes import _flat, _refuse_inference_parameters, _rng_state, _same_rng, probe_functional
 from .strategy import _grad, _vector_chunk
 from ..layercollection import run_eagerly
@@ -319,15 +319,14 @@ class MatrixFreeProducts:
         # one at a time (taken before the model's lock, always in that order)
         with _FORWARD_AD_LOCK, model_lock(self.model), run_eagerly(self.model), \
                 self._model_state_kept(layer_collection) as (modules, plist):
-            names, constant = {}, {}
+            names = {}
             for lid, m in modules.items():
                 layer = layer_collection[lid]
                 for pname, p in zip(layer.param_names(), layer.parameters_of(m)):
                     names[f"{lid}.{pname}" if lid else pname] = p
-                # entries that backward treats as constants (Embedding padding row): forward
-                # mode must not see their tangents either
-                for pname, mask in layer.constant_entries(m).items():
-                    constant[f"{lid}.{pname}" if lid else pname] = mask
+            # entries that backward treats as constants (Embedding padding row): forward
+            # mode must not see their tangents either, in the uses that declare them
+            constant = constant_uses(self.model, layer_collection, modules)
             params = {k: p.detach() for k, p in names.items()}
             device = self._device()
             fn = self.function
@@ -361,10 +360,9 @@ class MatrixFreeProducts:
                 # mode) are copied inside the transform: torch.func refuses in-place updates
                 # of captured tensors, and the model's own buffers must stay untouched
                 bufs = {k: b.clone() for k, b in self.model.named_buffers()}
-                p = {k: torch.where(constant[k], t.detach(), t) if k in constant else t
-                     for k, t in p.items()}
                 rng = _rng_state(device) if watch else None
-                with _no_fused_attention(), tensors_in_model(self.model, {**p, **bufs}):
+                with _no_fused_attention(), tensors_in_model(self.model, {**p, **bufs}), \
+                        constants_detached(constant, p):
                     if raw or info is not None:
                         model_out = fn.model_outputs(*batch)
                         if watch:
