@@ -20,7 +20,6 @@ While a matrix is computed the parametrization modules are in evaluation mode
 that every forward pass computes the same function), and their training flags and buffers are
 restored afterwards: building a matrix does not change the model.
 """
-import torch
 from torch.nn.utils import parametrize
 
 from .generic import GenericLayer
