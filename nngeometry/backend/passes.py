@@ -107,21 +107,8 @@ class HookedPasses(SharedOutputs, BackwardStrategy):
 
     def _accumulate(self, examples, layer_collection, consumer, chunk_bytes=None,
                     finalize=True):
-        """`TorchHooksJacobianBackend.accumulate`: run the model over ``examples`` and feed
-        each batch to ``consumer``.
-
-        The consumer has ``update(ctx: BatchContext)`` and ``finalize(n_examples)``; it is
-        returned after ``finalize`` (with ``finalize=False``: with its sums and ``count``, to be
-        merged or averaged, see `Consumer`).
-        ``chunk_bytes``: the memory for the output gradients of one chunk of output directions
-        (default: see ``_chunk_size``; never more than ``max_chunk_bytes``).
-
-        Under data parallelism (see ``distributed``) the consumer's sums are reduced over the
-        ranks after the pass (one collective, `Consumer.all_reduce` /
-        `Consumer.all_gather`) and normalised by the global example count; a rank whose
-        shard is empty takes part with zeros. The consumer must then follow the protocol of
-        `Consumer`.
-        """
+        """The pass behind `TorchHooksJacobianBackend.accumulate` (its docstring states the
+        consumer protocol, the chunking and the reduction over ranks)."""
         group = self._group()
         if group is not None and getattr(consumer, "_reduced", False):
             raise RuntimeError(
