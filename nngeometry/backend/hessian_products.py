@@ -368,7 +368,7 @@ class HessianBackend:
                     named[prefix + pname] = p
             # entries that backward treats as constants (Embedding padding row), in the uses
             # that declare them, as in the Jacobian generator
-            constant = constant_uses(self.model, layer_collection, modules)
+            constant = constant_uses(self.model, named)
             params = {k: p.detach() for k, p in named.items()}
             keys = list(params)
             # the model's other parameters are constants: passed detached, so that no autograd

@@ -167,18 +167,15 @@ def tensors_in_model(model, tensors):
             holder[key] = original
 
 
-def constant_uses(model, layer_collection, modules):
-    """``[(module, name, key, mask)]``: for each use of a collection parameter by a module whose
-    layer type declares entries that autograd's backward treats as constants (an Embedding's
+def constant_uses(model, named):
+    """``[(module, name, key, mask)]``: for each use of a parameter of ``named`` (key -> the
+    collection's parameter, keys ``"{layer_id}.{param_name}"``) by a module whose layer type
+    declares entries that autograd's backward treats as constants (an Embedding's
     ``padding_idx`` row, see `AbstractLayer.constant_entries`), the module, the parameter's name
-    in it, its key ``"{layer_id}.{param_name}"`` and the ``bool`` mask. A weight tied between
-    such a module and another one (an embedding and an output layer) is constant there for the
-    first use only: the masks are per use, not per parameter."""
-    keys = {}  # id(parameter) -> key
-    for lid, m in modules.items():
-        layer = layer_collection[lid]
-        for pname, p in zip(layer.param_names(), layer.parameters_of(m)):
-            keys[id(p)] = f"{lid}.{pname}" if lid else pname
+    in it, its key and the ``bool`` mask. A weight tied between such a module and another one
+    (an embedding and an output layer) is constant there for the first use only: the masks are
+    per use, not per parameter."""
+    keys = {id(p): key for key, p in named.items()}
     uses = []
     for module in model.modules():
         held = [(name, keys[id(t)]) for name, t in module._parameters.items()

@@ -326,7 +326,7 @@ class MatrixFreeProducts:
                     names[f"{lid}.{pname}" if lid else pname] = p
             # entries that backward treats as constants (Embedding padding row): forward
             # mode must not see their tangents either, in the uses that declare them
-            constant = constant_uses(self.model, layer_collection, modules)
+            constant = constant_uses(self.model, names)
             params = {k: p.detach() for k, p in names.items()}
             device = self._device()
             fn = self.function
