@@ -6,6 +6,7 @@ from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
 from . import _kron as K
+from ._statistics import check_layers
 from .abstract import PMatAbstract, check_same_function, function_origin
 from .blocks import EigenKronBlock
 from .eye import PMatEye
@@ -137,22 +138,46 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         return (UA, UG, d.reshape(dG, dA))
 
     # ------------------------------------------------------------------ building
+    statistic = "get_kfac_blocks"
+
     def _build(self, examples, eigendecomposition=None, kfac_approx="expand",
                separate_weight_and_bias=False):
-        K.check_kfac_support(self.layer_collection, type(self).__name__)
+        lc = self.layer_collection
+        K.check_kfac_support(lc, type(self).__name__)
         if eigendecomposition is not None:
-            if separate_weight_and_bias:
-                raise ValueError(
-                    f"{type(self).__name__}: separate_weight_and_bias=True chooses how KFAC's "
-                    "factors are split, but eigendecomposition= gives the bases already; build "
-                    "the bases from a PMatKFAC(..., separate_weight_and_bias=True) instead")
-            bases = self._bases_from(eigendecomposition)
-            diags = self.generator.get_kfe_diag(bases, examples, self.layer_collection)
-            return {lid: self._replace_entry(b, diags[lid]) for lid, b in bases.items()}
-        kfac = self.generator.get_kfac_blocks(examples, self.layer_collection, approx=kfac_approx)
+            self._check_bases_options(separate_weight_and_bias)
+            statistics = self.generator.get_kfe_diag(self._bases_from(lc, eigendecomposition),
+                                                     examples, lc)
+        else:
+            statistics = self.generator.get_kfac_blocks(examples, lc, approx=kfac_approx)
+        return self._data_from_statistics(lc, statistics, eigendecomposition=eigendecomposition,
+                                          separate_weight_and_bias=separate_weight_and_bias)
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics, eigendecomposition=None,
+                              separate_weight_and_bias=False):
+        """``statistics``: KFAC's factors ``{layer_id: (A, G)}`` (``get_kfac_blocks``), whose
+        eigendecompositions give the bases and the diagonal ``λ_G ⊗ λ_A``; or, with
+        ``eigendecomposition`` (the bases, in any form the constructor takes), the diagonals in
+        those bases ``{layer_id: (dG, dA)}`` (``get_kfe_diag``)."""
+        K.check_kfac_support(layer_collection, cls.__name__)
+        if eigendecomposition is not None:
+            cls._check_bases_options(separate_weight_and_bias)
+            check_layers(cls.__name__, layer_collection, statistics, "the diagonals")
+            bases = cls._bases_from(layer_collection, eigendecomposition)
+            return {lid: cls._replace_entry(b, statistics[lid]) for lid, b in bases.items()}
+        check_layers(cls.__name__, layer_collection, statistics, "the Kronecker factors")
         if separate_weight_and_bias:
-            kfac = K.separate_weight_and_bias(self.layer_collection, kfac)
-        return {lid: self._entry_from_kfac(e) for lid, e in kfac.items()}
+            statistics = K.separate_weight_and_bias(layer_collection, statistics)
+        return {lid: cls._entry_from_kfac(e) for lid, e in statistics.items()}
+
+    @classmethod
+    def _check_bases_options(cls, separate_weight_and_bias):
+        if separate_weight_and_bias:
+            raise ValueError(
+                f"{cls.__name__}: separate_weight_and_bias=True chooses how KFAC's "
+                "factors are split, but eigendecomposition= gives the bases already; build "
+                "the bases from a PMatKFAC(..., separate_weight_and_bias=True) instead")
 
     @classmethod
     def _entry_from_kfac(cls, entry):
@@ -175,7 +200,8 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         lG, UG = K.eig(G)
         return (UA, UG, torch.outer(lG, lA))
 
-    def _bases_from(self, eigendecomposition):
+    @classmethod
+    def _bases_from(cls, layer_collection, eigendecomposition):
         if hasattr(eigendecomposition, "kronecker_eigenbases"):  # a PMatKFAC
             return eigendecomposition.kronecker_eigenbases()
         if isinstance(eigendecomposition, PMatEKFAC):
@@ -189,7 +215,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
             eigendecomposition = second if _holds_bases(next(iter(second.values()), None)) \
                 else first
         bases = {}
-        for lid in self.layer_collection.layer_ids():
+        for lid in layer_collection.layer_ids():
             e = eigendecomposition[lid]
             bases[lid] = (tuple(tuple(b)[:2] for b in e) if K.is_multi(e) else tuple(e)[:2])
         return bases

@@ -5,6 +5,7 @@ import inspect
 import torch
 
 from . import _checks
+from ._statistics import check_layers
 from . import _kron as K
 from ._kron import check_kfac_support  # noqa: F401  (its historical home: kept importable)
 from .abstract import PMatAbstract
@@ -94,6 +95,8 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         if separate_weight_and_bias:
             self.data = K.separate_weight_and_bias(self.layer_collection, self.data)
 
+    statistic = "get_kfac_blocks"
+
     def _build(self, examples, kfac_approx="expand"):
         if kfac_approx not in ("expand", "reduce"):
             raise ValueError(f"unknown kfac_approx '{kfac_approx}': use 'expand' or 'reduce'")
@@ -101,8 +104,22 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         get = self.generator.get_kfac_blocks
         if "sqrt_k_split" not in inspect.signature(get).parameters:
             # a generator written for nngeometry 0.4: its factors as it splits them
-            return get(examples, self.layer_collection, approx=kfac_approx)
-        return get(examples, self.layer_collection, approx=kfac_approx, sqrt_k_split=True)
+            factors = get(examples, self.layer_collection, approx=kfac_approx)
+        else:
+            factors = get(examples, self.layer_collection, approx=kfac_approx, sqrt_k_split=True)
+        # separate_weight_and_bias is applied by __init__, to built and given data alike
+        return self._data_from_statistics(self.layer_collection, factors)
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics, separate_weight_and_bias=False):
+        """``statistics``: ``{layer_id: (A, G)}`` (a tuple of pairs for a multi-block layer),
+        the factors of ``get_kfac_blocks``; with ``separate_weight_and_bias=True`` the weight
+        and bias are factored separately (see the class docstring)."""
+        check_layers(cls.__name__, layer_collection, statistics, "the Kronecker factors")
+        check_kfac_support(layer_collection, cls.__name__)
+        if separate_weight_and_bias:
+            return K.separate_weight_and_bias(layer_collection, statistics)
+        return statistics
 
     def _check_data(self):
         ids = self.layer_collection.layer_ids()

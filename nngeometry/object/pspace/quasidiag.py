@@ -24,6 +24,7 @@ Inference 4(2), 2015.
 import torch
 
 from . import _checks
+from ._statistics import check_layers, check_tensor
 from .abstract import PMatAbstract
 from .blocks import ArrowInverseBlock, DiagBlock, QuasiDiagBlock
 
@@ -96,8 +97,30 @@ class PMatQuasiDiag(_PerLayer):
     ``σ_o = s_o + λ - Σ_i c_oi² / (a_oi + λ)``.
     """
 
+    statistic = "get_covariance_quasidiag"
+
     def _build(self, examples, **kwargs):
-        return self.generator.get_covariance_quasidiag(examples, self.layer_collection)
+        return self._data_from_statistics(
+            self.layer_collection,
+            self.generator.get_covariance_quasidiag(examples, self.layer_collection))
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics):
+        """``statistics``: ``{layer_id: (diag (p_l,), cross (out, n_in) or None)}`` (see the
+        class docstring), stored as it is."""
+        check_layers(cls.__name__, layer_collection, statistics, "the quasi-diagonal")
+        for lid in layer_collection.layer_ids():
+            entry = statistics[lid]
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+                raise ValueError(f"{cls.__name__}.from_statistics: layer '{lid}' must be the "
+                                 f"pair (diag, cross), got {type(entry).__name__}")
+            p = layer_collection[lid].numel()
+            check_tensor(cls.__name__, entry[0], (p,), f"the diagonal of layer '{lid}'")
+            if entry[1] is not None:
+                out = entry[1].shape[0] if entry[1].dim() == 2 else -1
+                check_tensor(cls.__name__, entry[1], (out, (p - out) // max(out, 1)),
+                             f"the couplings of layer '{lid}' (out, n_in)")
+        return statistics
 
     def _new(self, data):
         return PMatQuasiDiag(self.layer_collection, None, data=data)
