@@ -3,7 +3,7 @@ others (e.g. layer types without KFAC maths, grouped convolutions)."""
 import torch
 
 from . import _spectral
-from . import _kron as K
+from . import _kron
 from ._statistics import check_layers, check_tensor
 from .ekfac import PMatEKFAC
 
@@ -97,7 +97,7 @@ class PMatEKFACBlockDiag(PMatEKFAC):
         check_layers(cls.__name__, layer_collection, {**factors, **blocks},
                      "the factors and blocks")
         if separate_weight_and_bias:  # see PMatKFAC: the KFAC layers only
-            factors = K.separate_weight_and_bias(layer_collection, factors)
+            factors = _kron.separate_weight_and_bias(layer_collection, factors)
         data = {}
         for lid in layer_collection.layer_ids():
             if lid in factors:
@@ -112,7 +112,7 @@ class PMatEKFACBlockDiag(PMatEKFAC):
     @staticmethod
     def _is_dense(e):
         # (U, d): a dense block; EKFAC entries have 3 items, multi-block ones are tuples of those
-        return not K.is_multi(e) and len(e) == 2
+        return not _kron.is_multi(e) and len(e) == 2
 
     @property
     def dense_layers(self):
