@@ -10,7 +10,7 @@ each operation once from them (see ``abstract.PMatAbstract``).
 * `KronBlock`: ``A ⊗ G``, factors possibly diagonal (PMatKFAC);
 * `EigenKronBlock`: ``(U_G ⊗ U_A) diag(D) (U_G ⊗ U_A)ᵀ`` (PMatEKFAC, exactly damped KFAC);
 * `QuasiDiagBlock` / `ArrowInverseBlock`: per-unit arrowheads and their inverses
-  (PMatQuasiDiag, PMatQuasiDiagInverse);
+  (PMatQuasiDiag, PMatQuasiDiagInverse), and `DiagPlusRankOneBlock`, a damped inverse;
 * `LowRankBlock`: ``diag(α) + Jᵀ C J`` (PMatLowRank, PMatEyePlusLowRank).
 """
 from .base import Block
@@ -20,7 +20,8 @@ from .eigen_kron import EigenKronBlock
 from .identity import ScaledIdentityBlock
 from .kron import KronBlock
 from .lowrank import LowRankBlock
-from .quasidiag import ArrowInverseBlock, QuasiDiagBlock
+from .quasidiag import ArrowInverseBlock, DiagPlusRankOneBlock, QuasiDiagBlock
 
 __all__ = ["Block", "DenseBlock", "DiagBlock", "EigenKronBlock", "ScaledIdentityBlock",
-           "KronBlock", "LowRankBlock", "QuasiDiagBlock", "ArrowInverseBlock"]
+           "KronBlock", "LowRankBlock", "QuasiDiagBlock", "ArrowInverseBlock",
+           "DiagPlusRankOneBlock"]
