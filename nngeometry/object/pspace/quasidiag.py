@@ -23,9 +23,10 @@ Inference 4(2), 2015.
 """
 import torch
 
-from . import _checks
+from . import _checks, _spectral
 from ._statistics import check_layers, check_tensor
 from .abstract import PMatAbstract
+from .blockdiag import PMatBlockDiag, check_blocks_fit
 from .blocks import ArrowInverseBlock, DiagBlock, DiagPlusRankOneBlock, QuasiDiagBlock
 
 
@@ -207,9 +208,6 @@ class PMatQuasiDiag(_PerLayer):
             return self._matpower(1.0, regul, damping, "pow(1)")
         if x == -1:
             return self._inverse_impl(regul=regul, damping=damping)
-        from . import _spectral
-        from .blockdiag import PMatBlockDiag, check_blocks_fit
-
         what = f"pow({x})"
         regul, blocks, dampings = self._dampings(regul, what, damping)
         like = self._like()

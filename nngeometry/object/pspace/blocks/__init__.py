@@ -11,7 +11,10 @@ each operation once from them (see ``abstract.PMatAbstract``).
 * `EigenKronBlock`: ``(U_G ⊗ U_A) diag(D) (U_G ⊗ U_A)ᵀ`` (PMatEKFAC, exactly damped KFAC);
 * `QuasiDiagBlock` / `ArrowInverseBlock`: per-unit arrowheads and their inverses
   (PMatQuasiDiag, PMatQuasiDiagInverse), and `DiagPlusRankOneBlock`, a damped inverse;
-* `LowRankBlock`: ``diag(α) + Jᵀ C J`` (PMatLowRank, PMatEyePlusLowRank).
+* `LowRankBlock`: ``diag(α) + Jᵀ C J`` (PMatLowRank, PMatEyePlusLowRank);
+* `representation.RepresentationBlock`: a whole representation on a group of layers
+  (PMatMixed); not imported here, since it is built on the representations (it adds a
+  `PMatEye`), which import this package.
 """
 from .base import Block
 from .dense import DenseBlock
