@@ -137,6 +137,10 @@ def _closed_form(function, variant, positions="sum", class_dim=None, conv=None):
             return _softmax_root_g(lay.fp, lambda L: lay.weighted(L, 0.5))
 
         def metric(out, u, info=None):
+            if out.dim() <= 2:  # one position per example, of weight 1 (see g)
+                n = out.shape[0]
+                hu = softmax_metric(out.reshape(n, 1, -1), u.reshape(n, 1, -1))
+                return hu.reshape(out.shape)
             lay = layout(out, info)
             return lay.unview(lay.weighted(softmax_metric(lay.fp, lay.view(u))))
         return OutputTransform(function, g, needs_batch=needs, metric=metric)
