@@ -7,7 +7,7 @@ import torch
 from . import _checks
 from ._statistics import check_layers
 from . import _kron
-from ._kron import check_kfac_support  # noqa: F401  (its historical home: kept importable)
+from ...layer_types.base import check_kfac_support
 from .abstract import PMatAbstract
 from .blocks import KronBlock
 from .blocks.kron import LAZY_INVERSE_WIDTH, PiDamping  # noqa: F401  (kept importable here)
@@ -91,7 +91,10 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
                  kfac_approx="expand", separate_weight_and_bias=False, **kwargs):
         super().__init__(layer_collection, generator, data=data, examples=examples,
                          kfac_approx=kfac_approx, **kwargs)
-        self._check_data()
+        if data is not None:
+            # factors given by the caller (those of the engine, `_build`, have this structure
+            # by construction; a 0.4 generator's are checked there)
+            self._check_data(self.data)
         if separate_weight_and_bias:
             self.data = _kron.separate_weight_and_bias(self.layer_collection, self.data)
 
@@ -104,7 +107,7 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         get = self.generator.get_kfac_blocks
         if "sqrt_k_split" not in inspect.signature(get).parameters:
             # a generator written for nngeometry 0.4: its factors as it splits them
-            factors = get(examples, self.layer_collection, approx=kfac_approx)
+            factors = self._check_data(get(examples, self.layer_collection, approx=kfac_approx))
         else:
             factors = get(examples, self.layer_collection, approx=kfac_approx, sqrt_k_split=True)
         # separate_weight_and_bias is applied by __init__, to built and given data alike
@@ -114,18 +117,19 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
     def _data_from_statistics(cls, layer_collection, statistics, separate_weight_and_bias=False):
         """``statistics``: ``{layer_id: (A, G)}`` (a tuple of pairs for a multi-block layer),
         the factors of ``get_kfac_blocks``; with ``separate_weight_and_bias=True`` the weight
-        and bias are factored separately (see the class docstring)."""
+        and bias are factored separately (see the class docstring). Their structure is checked
+        by the constructor (``_check_data``)."""
         check_layers(cls.__name__, layer_collection, statistics, "the Kronecker factors")
-        check_kfac_support(layer_collection, cls.__name__)
         if separate_weight_and_bias:
             return _kron.separate_weight_and_bias(layer_collection, statistics)
         return statistics
 
-    def _check_data(self):
+    def _check_data(self, data):
+        """``data`` (``{layer_id: (A, G)}``, see the class) after refusing a wrong structure."""
         ids = self.layer_collection.layer_ids()
-        if set(self.data) != set(ids):
-            raise ValueError(f"PMatKFAC data must have one (A, G) per layer {ids}, got {list(self.data)}")
-        for lid, e in self.data.items():
+        if set(data) != set(ids):
+            raise ValueError(f"PMatKFAC data must have one (A, G) per layer {ids}, got {list(data)}")
+        for lid, e in data.items():
             layer = _kron.KronLayer.of(e)
             for key, term in zip(layer.units(lid), layer.terms):
                 where = key.describe(len(layer.terms))
@@ -135,6 +139,7 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
                     if F.dim() not in (1, 2) or (F.dim() == 2 and F.shape[0] != F.shape[1]):
                         raise ValueError(f"factor {name} of {where} must be square or 1-D "
                                          f"(diagonal), got shape {tuple(F.shape)}")
+        return data
 
     @property
     def _layout(self):
