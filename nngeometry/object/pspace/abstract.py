@@ -162,8 +162,14 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
         Raises:
             ValueError: the statistic does not match ``layer_collection`` (layers or shapes).
         """
+        cls._check_statistics(layer_collection, statistics, **options)
         data = cls._data_from_statistics(layer_collection, statistics, **options)
         return cls(layer_collection, None, data=data)
+
+    @classmethod
+    def _check_statistics(cls, layer_collection, statistics, **options):
+        """Refuse a statistic of another layer collection or shape (the engine's own, in the
+        generator constructor, have the right ones by construction and are not checked)."""
 
     @classmethod
     def _data_from_statistics(cls, layer_collection, statistics, **options):

@@ -27,13 +27,16 @@ class PMatBlockDiag(PMatAbstract):
             self.generator.get_covariance_layer_blocks(examples, self.layer_collection))
 
     @classmethod
-    def _data_from_statistics(cls, layer_collection, statistics):
-        """``statistics``: ``{layer_id: (p_l, p_l)}``, each layer's block of
-        ``(1/n) Σ_x J(x)ᵀ J(x)``, stored as it is."""
+    def _check_statistics(cls, layer_collection, statistics):
         check_layers(cls.__name__, layer_collection, statistics, "the layer blocks")
         for lid in layer_collection.layer_ids():
             p = layer_collection[lid].numel()
             check_tensor(cls.__name__, statistics[lid], (p, p), f"the block of layer '{lid}'")
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics):
+        """``statistics``: ``{layer_id: (p_l, p_l)}``, each layer's block of
+        ``(1/n) Σ_x J(x)ᵀ J(x)``, stored as it is."""
         return statistics
 
     def _new(self, blocks):

@@ -24,10 +24,13 @@ class PMatDense(PMatAbstract):
             self.generator.get_covariance_matrix(examples, self.layer_collection))
 
     @classmethod
-    def _data_from_statistics(cls, layer_collection, statistics):
-        """``statistics``: the ``(P, P)`` matrix ``(1/n) Σ_x J(x)ᵀ J(x)``, stored as it is."""
+    def _check_statistics(cls, layer_collection, statistics):
         p = layer_collection.numel()
         check_tensor(cls.__name__, statistics, (p, p), "the covariance matrix")
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics):
+        """``statistics``: the ``(P, P)`` matrix ``(1/n) Σ_x J(x)ᵀ J(x)``, stored as it is."""
         return statistics
 
     def _model_dtype_size(self):

@@ -26,9 +26,12 @@ class PMatDiag(PMatAbstract):
             self.generator.get_covariance_diag(examples, self.layer_collection))
 
     @classmethod
+    def _check_statistics(cls, layer_collection, statistics):
+        check_tensor(cls.__name__, statistics, (layer_collection.numel(),), "the diagonal")
+
+    @classmethod
     def _data_from_statistics(cls, layer_collection, statistics):
         """``statistics``: the ``(P,)`` diagonal of ``(1/n) Σ_x J(x)ᵀ J(x)``, stored as it is."""
-        check_tensor(cls.__name__, statistics, (layer_collection.numel(),), "the diagonal")
         return statistics
 
     def _new(self, d):

@@ -154,19 +154,23 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
                                           separate_weight_and_bias=separate_weight_and_bias)
 
     @classmethod
+    def _check_statistics(cls, layer_collection, statistics, eigendecomposition=None,
+                          separate_weight_and_bias=False):
+        _kron.check_kfac_support(layer_collection, cls.__name__)
+        check_layers(cls.__name__, layer_collection, statistics,
+                     "the Kronecker factors" if eigendecomposition is None else "the diagonals")
+
+    @classmethod
     def _data_from_statistics(cls, layer_collection, statistics, eigendecomposition=None,
                               separate_weight_and_bias=False):
         """``statistics``: KFAC's factors ``{layer_id: (A, G)}`` (``get_kfac_blocks``), whose
         eigendecompositions give the bases and the diagonal ``λ_G ⊗ λ_A``; or, with
         ``eigendecomposition`` (the bases, in any form the constructor takes), the diagonals in
         those bases ``{layer_id: (dG, dA)}`` (``get_kfe_diag``)."""
-        _kron.check_kfac_support(layer_collection, cls.__name__)
         if eigendecomposition is not None:
             cls._check_bases_options(separate_weight_and_bias)
-            check_layers(cls.__name__, layer_collection, statistics, "the diagonals")
             bases = cls._bases_from(layer_collection, eigendecomposition)
             return {lid: cls._replace_entry(b, statistics[lid]) for lid, b in bases.items()}
-        check_layers(cls.__name__, layer_collection, statistics, "the Kronecker factors")
         if separate_weight_and_bias:
             statistics = _kron.separate_weight_and_bias(layer_collection, statistics)
         return {lid: cls._entry_from_kfac(e) for lid, e in statistics.items()}

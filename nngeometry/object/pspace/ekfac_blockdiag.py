@@ -85,17 +85,24 @@ class PMatEKFACBlockDiag(PMatEKFAC):
             separate_weight_and_bias=separate_weight_and_bias)
 
     @classmethod
-    def _data_from_statistics(cls, layer_collection, statistics, separate_weight_and_bias=False):
-        """``statistics``: the pair ``(factors, blocks)`` of ``get_kfac_or_layer_blocks``:
-        KFAC's ``{layer_id: (A, G)}`` for the layers that have KFAC, the exact
-        ``{layer_id: (p_l, p_l)}`` blocks for the others (stored through their
-        eigendecompositions)."""
+    def _check_statistics(cls, layer_collection, statistics, separate_weight_and_bias=False):
         if not (isinstance(statistics, (tuple, list)) and len(statistics) == 2):
             raise TypeError(f"{cls.__name__}.from_statistics: expected the pair (factors, "
                             f"blocks) of get_kfac_or_layer_blocks, got {type(statistics).__name__}")
         factors, blocks = statistics
         check_layers(cls.__name__, layer_collection, {**factors, **blocks},
                      "the factors and blocks")
+        for lid, block in blocks.items():
+            p = layer_collection[lid].numel()
+            check_tensor(cls.__name__, block, (p, p), f"the block of layer '{lid}'")
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics, separate_weight_and_bias=False):
+        """``statistics``: the pair ``(factors, blocks)`` of ``get_kfac_or_layer_blocks``:
+        KFAC's ``{layer_id: (A, G)}`` for the layers that have KFAC, the exact
+        ``{layer_id: (p_l, p_l)}`` blocks for the others (stored through their
+        eigendecompositions)."""
+        factors, blocks = statistics
         if separate_weight_and_bias:  # see PMatKFAC: the KFAC layers only
             factors = _kron.separate_weight_and_bias(layer_collection, factors)
         data = {}
@@ -103,8 +110,6 @@ class PMatEKFACBlockDiag(PMatEKFAC):
             if lid in factors:
                 data[lid] = cls._entry_from_kfac(factors[lid])
             else:
-                p = layer_collection[lid].numel()
-                check_tensor(cls.__name__, blocks[lid], (p, p), f"the block of layer '{lid}'")
                 evals, U = _spectral.eigh(blocks[lid])
                 data[lid] = (U, evals)
         return data

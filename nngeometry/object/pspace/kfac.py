@@ -114,12 +114,15 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         return self._data_from_statistics(self.layer_collection, factors)
 
     @classmethod
+    def _check_statistics(cls, layer_collection, statistics, separate_weight_and_bias=False):
+        check_layers(cls.__name__, layer_collection, statistics, "the Kronecker factors")
+
+    @classmethod
     def _data_from_statistics(cls, layer_collection, statistics, separate_weight_and_bias=False):
         """``statistics``: ``{layer_id: (A, G)}`` (a tuple of pairs for a multi-block layer),
         the factors of ``get_kfac_blocks``; with ``separate_weight_and_bias=True`` the weight
         and bias are factored separately (see the class docstring). Their structure is checked
         by the constructor (``_check_data``)."""
-        check_layers(cls.__name__, layer_collection, statistics, "the Kronecker factors")
         if separate_weight_and_bias:
             return _kron.separate_weight_and_bias(layer_collection, statistics)
         return statistics

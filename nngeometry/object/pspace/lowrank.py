@@ -93,11 +93,14 @@ class PMatLowRank(_LowRankBase):
             self.layer_collection, self.generator.get_jacobian(examples, self.layer_collection))
 
     @classmethod
+    def _check_statistics(cls, layer_collection, statistics):
+        check_tensor(cls.__name__, statistics, (None, None, layer_collection.numel()),
+                     "the per-example Jacobians (n_output, n, P)")
+
+    @classmethod
     def _data_from_statistics(cls, layer_collection, statistics):
         """``statistics``: the ``(n_output, n, P)`` per-example Jacobians ``J`` (not
         normalized); stored as ``J / √n``."""
-        check_tensor(cls.__name__, statistics, (None, None, layer_collection.numel()),
-                     "the per-example Jacobians (n_output, n, P)")
         return statistics / statistics.shape[1] ** 0.5
 
     def _U(self):

@@ -146,6 +146,10 @@ class PMatQuasiDiag(_PerLayer):
     def _data_from_statistics(cls, layer_collection, statistics):
         """``statistics``: ``{layer_id: (diag (p_l,), cross (out, n_in) or None)}`` (see the
         class docstring), stored as it is."""
+        return statistics
+
+    @classmethod
+    def _check_statistics(cls, layer_collection, statistics):
         check_layers(cls.__name__, layer_collection, statistics, "the quasi-diagonal")
         for lid in layer_collection.layer_ids():
             entry = statistics[lid]
@@ -158,7 +162,6 @@ class PMatQuasiDiag(_PerLayer):
                 out = entry[1].shape[0] if entry[1].dim() == 2 else -1
                 check_tensor(cls.__name__, entry[1], (out, (p - out) // max(out, 1)),
                              f"the couplings of layer '{lid}' (out, n_in)")
-        return statistics
 
     def _new(self, data):
         return PMatQuasiDiag(self.layer_collection, None, data=data)
