@@ -100,6 +100,12 @@ def test_statistic_of_another_layer_collection_is_refused(s):
     blocks[lid] = blocks[lid][:-1, :-1]
     with pytest.raises(ValueError, match=f"block of layer '{lid}'"):
         PMatBlockDiag.from_statistics(s.lc, blocks)
+    factors = s.gen.get_kfac_blocks(s.loader, s.lc, sqrt_k_split=True)
+    factors.pop(lid)
+    with pytest.raises(ValueError, match="Kronecker factors has layers"):
+        PMatKFAC.from_statistics(s.lc, factors)
+    with pytest.raises(TypeError, match=r"the pair \(factors, blocks\)"):
+        PMatEKFACBlockDiag.from_statistics(s.lc, factors)
     with pytest.raises(TypeError, match="expected the covariance matrix as a tensor"):
         PMatDense.from_statistics(s.lc, {"a": 1})
     with pytest.raises(NotImplementedError, match="not built from a statistic"):
