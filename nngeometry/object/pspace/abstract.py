@@ -595,9 +595,14 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
         if isinstance(other, PMatEye):
             s = other.scaling * sign
             return self._from_blocks([b.add_identity(s) for b in blocks])
-        self._check_same_kind(other)
+        if type(other).__name__ not in self._ADDS_WITH:
+            self._check_same_kind(other)
         theirs = other._blocks() if sign == 1.0 else [b.scaled(sign) for b in other._blocks()]
         return self._from_blocks([a.add(b) for a, b in zip(blocks, theirs)])
+
+    # the names of the other representations whose blocks add to this one's (besides its own
+    # class and PMatEye)
+    _ADDS_WITH = ()
 
     def __mul__(self, x):
         if isinstance(x, (int, float)) or (torch.is_tensor(x) and x.dim() == 0):

@@ -3,12 +3,10 @@
 differences that the low-rank operations return."""
 import torch
 
-from ..map import PFMapDense
-from ..vector import PVector
 from . import _checks, _spectral
 from ._prior import scalar_or_prior
 from ._statistics import check_tensor
-from .abstract import PMatAbstract, check_reduction, reduce_forms
+from .abstract import PMatAbstract
 from .blocks import LowRankBlock
 from .eye import PMatEye
 
@@ -338,16 +336,28 @@ class PMatEyePlusLowRank(_LowRankBase):
     def _new(self, alpha, U, C):
         return PMatEyePlusLowRank(self.layer_collection, data=(alpha, U, C))
 
-    # the container of one LowRankBlock ``αI + UᵀCU``: products, reductions, scaling are the
-    # base class's; the Woodbury solves, powers and log-determinants (with their caches, and
-    # the sums with PMatLowRank) are written here
+    # the container of one LowRankBlock ``αI + UᵀCU``, kept while ``data`` is unchanged with
+    # its caches (the Woodbury factors of the last damping, the thin eigendecomposition): every
+    # operation is the base class's, the block holding the Woodbury solves and inverses, the
+    # exact powers and the log-determinant (determinant lemma); a sum with a PMatLowRank adds
+    # its block
     def _blocks(self):
-        alpha, U, C = self.data
-        return [LowRankBlock(U, alpha, C)]
+        return _checks.cached(self.__dict__, "_blocks_cache", "blocks",
+                              lambda: [LowRankBlock(self.data[1], self.data[0], self.data[2])],
+                              self.data)
 
     def _from_blocks(self, blocks):
         (b,) = blocks
-        return self._new(b.alpha, b.J, b._C())
+        J = b.J
+        return self._new(torch.as_tensor(b.alpha, dtype=J.dtype, device=J.device), J, b._C())
+
+    # the sums whose blocks add to a low-rank block (``M + PMatLowRank``: the factors are
+    # stacked)
+    _ADDS_WITH = ("PMatLowRank",)
+
+    # 'woodbury' is the only method (any other name is refused)
+    _SOLVE_METHODS = {"default": (None, None), "solve": (None, None),
+                      "woodbury": (None, None)}
 
     def _like(self):
         return self.data[1]
@@ -357,168 +367,40 @@ class PMatEyePlusLowRank(_LowRankBase):
             "the product of two PMatEyePlusLowRank is not symmetric in general; use mv/mmap")
 
     # ------------------------------------------------------------------ solves and functions
-    def _woodbury(self, beta):
-        """``W`` such that ``(βI + UᵀCU)⁻¹ = (I - Uᵀ W U) / β``: ``W = (βI + C G)⁻¹ C``
-        (computed once per ``β``, with ``G = U Uᵀ`` computed once: see the caches above)."""
-        def compute():
-            _, U, C = self.data
-            G = self._cached_gram()
-            I = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-            W = torch.linalg.solve(_checks.upcast(beta * I + C @ G), _checks.upcast(C)).to(C.dtype)
-            return (W + W.t()) / 2  # symmetric in exact arithmetic
-        return self._last_regul_cache(("woodbury", _checks.regul_key(beta)), compute)
-
-    def _beta(self, regul, what="solve", check=True):
-        """``β = α + Λ``: a scalar, or the ``(P,)`` diagonal (a per-layer / per-parameter
-        ``Λ``, or a diagonal ``α``)."""
-        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatEyePlusLowRank", what)
-        alpha = self.data[0]
-        beta = alpha + (scalar if prior is None else prior.flat(alpha))
-        if check and bool((beta.detach() == 0).any()):
-            raise _checks.singular_error(
-                "PMatEyePlusLowRank", what, regul if prior is None else prior,
-                "α + regul = 0: it is singular on the orthogonal complement of U's rows")
-        return beta
-
-    def _diag_woodbury(self, beta):
-        """For a diagonal ``B = diag(β)``: ``(Ub, W)`` with ``Ub = U B⁻¹`` and
-        ``W = (I + C U B⁻¹ Uᵀ)⁻¹ C``, so that ``(B + UᵀCU)⁻¹ = B⁻¹ - Ubᵀ W Ub``."""
-        _, U, C = self.data
-        Ub = U / beta
-        I = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-        W = torch.linalg.solve(_checks.upcast(I + C @ (Ub @ U.t())), _checks.upcast(C)).to(C.dtype)
-        return Ub, (W + W.t()) / 2
-
-    def _solve_rows(self, X, regul):
-        beta = self._beta(regul)
-        U = self.data[1]
-        if beta.dim():
-            Ub, W = self._diag_woodbury(beta)
-            return X / beta - ((X @ Ub.t()) @ W) @ Ub
-        W = self._woodbury(beta)
-        return (X - ((X @ U.t()) @ W) @ U) / beta
-
+    # (the base class's, on the block: upstream's default regul of this family is 0, since
+    # α I makes it invertible by itself)
     def solvePVec(self, x, regul=0.0, solve="default", damping="exact"):
-        """``(αI + UᵀCU + regul·I)⁻¹ x``, exact (Woodbury)."""
-        self._check_damping(damping, "solve")
-        self._check_pvector(x)
-        return PVector(self.layer_collection,
-                       vector_repr=self._solve_rows(x.get_flat_representation(), regul))
+        """``(αI + UᵀCU + Λ)⁻¹ x``, exact: Woodbury, ``(β⁻¹ - (Uβ⁻¹)ᵀ (I + C U β⁻¹ Uᵀ)⁻¹ C
+        (Uβ⁻¹)) x`` with ``β = α + Λ`` (a scalar or a diagonal; ``β`` with a zero entry: the
+        shared singular error)."""
+        return super().solvePVec(x, regul=regul, solve=solve, damping=damping)
 
     def solvePFMap(self, x, regul=0.0, solve="default", damping="exact"):
-        self._check_damping(damping, "solve")
-        self._check_pfmap(x)
-        return PFMapDense(self.layer_collection, data=self._solve_rows(x.to_torch(), regul))
+        """``(αI + UᵀCU + Λ)⁻¹`` applied to every row of the PFMap (Woodbury, see
+        `solvePVec`)."""
+        return super().solvePFMap(x, regul=regul, solve=solve, damping=damping)
 
     def solve(self, x, regul=0.0, solve="default", **kwargs):
         return super().solve(x, regul=regul, solve=solve, **kwargs)
 
     def inverse(self, regul=0.0, damping="exact"):
-        """``(αI + UᵀCU + regul·I)⁻¹ = I/β - Uᵀ (W/β) U``, again of this form (for a
-        diagonal ``β``: ``β⁻¹ - (Uβ⁻¹)ᵀ W (Uβ⁻¹)``)."""
-        self._check_damping(damping, "inverse")
-        beta = self._beta(regul, "inverse")
-        if beta.dim():
-            Ub, W = self._diag_woodbury(beta)
-            return self._new(1.0 / beta, Ub, -W)
-        return self._new(1.0 / beta, self.data[1], -self._woodbury(beta) / beta)
-
-    def _thin_eigendecomposition(self):
-        """``(D, V)`` with ``UᵀCU = V diag(D) Vᵀ``, ``V`` ``(P, q)`` with orthonormal columns,
-        ``q = min(r, P)``: from the thin QR ``Uᵀ = QR``, ``UᵀCU = Q (R C Rᵀ) Qᵀ`` and the
-        eigendecomposition ``R C Rᵀ = W diag(D) Wᵀ`` of that ``q × q`` matrix, ``V = QW``
-        (``O(P r² + r³)``; computed once, and again when ``data`` changes)."""
-        def compute():
-            _, U, C = self.data
-            Q, R = torch.linalg.qr(_checks.upcast(U.t()))
-            S = R @ _checks.upcast(C) @ R.t()
-            D, W = _spectral.eigh((S + S.t()) / 2)
-            return D.to(U.dtype), (Q @ W).to(U.dtype)
-        return _checks.cached(self.__dict__, "_thin_eig_cache", "eig", compute, self.data)
+        """``(αI + UᵀCU + Λ)⁻¹ = β⁻¹ - (Uβ⁻¹)ᵀ W (Uβ⁻¹)`` with ``β = α + Λ`` (Woodbury,
+        ``W = C (I + U β⁻¹ Uᵀ C)⁻¹``), again of this form."""
+        return super()._inverse_impl(regul=regul, damping=damping)
 
     def pow(self, x, regul=0.0, damping="exact"):
         """``(αI + UᵀCU + Λ)^x``, exact. ``x = 1``: the damped matrix; ``x = -1``:
         [`inverse`][nngeometry.object.pspace.abstract.PMatAbstract.inverse] (Woodbury). Other ``x`` (fractional: ``x = ±1/2``; integer) with a
-        scalar ``β = α + λ``: through the thin eigendecomposition ``UᵀCU = V D Vᵀ``
-        (`_thin_eigendecomposition`), ``β^x I + V ((β + D)^x - β^x) Vᵀ``, again a
-        ``PMatEyePlusLowRank``; negative powers need the matrix invertible, fractional ones
-        positive semi-definite (the shared errors: ``C`` need not be PSD). A diagonal ``β``
-        (a non-scalar ``α`` or a per-layer / per-parameter ``Λ``) has no low-rank
-        eigendecomposition: ``x = ±1`` only."""
-        self._check_damping(damping, "pow")
-        if x == 1:
-            alpha, U, C = self.data
-            return self._new(self._beta(regul, "pow(1)", check=False), U, C)
-        if x == -1:
-            return self._inverse_impl(regul)
-        what = f"pow({x})"
-        beta = self._beta(regul, what, check=False)
-        if beta.dim():
-            raise NotImplementedError(
-                f"PMatEyePlusLowRank.{what} with a diagonal α + regul (not a multiple of I): "
-                "it has no low-rank eigendecomposition, so only x = 1 and x = -1 are exact "
-                "here; use a scalar regul, solve() / inverse(), or to_torch() on small models")
-        D, V = self._thin_eigendecomposition()
-        P, q = V.shape
-        ev = beta + D
-        # the eigenvalues of the whole matrix: β + D on the span of V, β on its complement
-        full = torch.cat([ev, beta.reshape(1)]) if q < P else ev
-        full = _spectral.eigvals_for_power(full, x, "PMatEyePlusLowRank", regul)
-        ev = full[:q]
-        if q < P:
-            b = full[q]
-            bx = b ** x
-            return self._new(bx, V.t(), torch.diag(ev ** x - bx))
-        return self._new(torch.zeros((), dtype=V.dtype, device=V.device), V.t(),
-                         torch.diag(ev ** x))
+        scalar ``β = α + λ``: through the thin eigendecomposition ``UᵀCU = V D Vᵀ``,
+        ``β^x I + V ((β + D)^x - β^x) Vᵀ``, again a ``PMatEyePlusLowRank``; negative powers
+        need the matrix invertible, fractional ones positive semi-definite (the shared errors:
+        ``C`` need not be PSD). A diagonal ``β`` (a non-scalar ``α`` or a per-layer /
+        per-parameter ``Λ``) has no low-rank eigendecomposition: ``x = ±1`` only."""
+        return super().pow(x, regul=regul, damping=damping)
 
     def logdet(self, regul=0.0, damping="exact"):
-        """``P log β + log det(I_r + C G / β)`` (Sylvester), ``β = α + regul`` (for a diagonal
-        ``β``: ``Σ log β_p + log det(I_r + C U β⁻¹ Uᵀ)``)."""
-        self._check_damping(damping, "logdet")
-        beta = self._beta(regul, "logdet")
-        _, U, C = self.data
-        if beta.dim():
-            I = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-            sign, logabs = torch.linalg.slogdet(_checks.upcast(I + C @ ((U / beta) @ U.t())))
-            if float(sign.detach()) == 0:
-                raise _checks.singular_error("PMatEyePlusLowRank", "logdet", 0.0,
-                                             "I + C U β⁻¹ Uᵀ is singular")
-            if float(sign.detach()) * float(torch.sign(beta.detach()).prod()) < 0:
-                raise ValueError("PMatEyePlusLowRank.logdet: det(M + regul·I) < 0, its "
-                                 "log-determinant is undefined (M + regul·I must be positive "
-                                 "definite); use a larger regul")
-            return torch.log(beta.abs()).sum() + logabs.to(C.dtype)
-        G = U @ U.t()
-        I = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-        sign, logabs = torch.linalg.slogdet(_checks.upcast(I + C @ G / beta))
-        P = self.layer_collection.numel()
-        if float(sign.detach()) == 0:
-            raise _checks.singular_error("PMatEyePlusLowRank", "logdet", regul,
-                                         "I + C G / β is singular")
-        total_sign = float(sign.detach()) * (1.0 if float(beta.detach()) > 0 or P % 2 == 0 else -1.0)
-        if total_sign < 0:
-            raise ValueError("PMatEyePlusLowRank.logdet: det(M + regul·I) < 0, its "
-                             "log-determinant is undefined (M + regul·I must be positive "
-                             "definite); use a larger regul")
-        return P * torch.log(beta.abs()) + logabs.to(C.dtype)
-
-    # ------------------------------------------------------------------ arithmetic
-    def __add__(self, other):
-        alpha, U, C = self.data
-        if isinstance(other, PMatEye):
-            _check_lc(self, other)
-            return self._new(alpha + other.scaling, U, C)
-        if isinstance(other, PMatLowRank):
-            other = other._as_update()
-        if isinstance(other, PMatEyePlusLowRank):
-            _check_lc(self, other)
-            a2, U2, C2 = other.data
-            return self._new(alpha + a2, torch.cat([U, U2], dim=0), torch.block_diag(C, C2))
-        self._check_same_kind(other)
-
-    __radd__ = __add__
-
-    def __sub__(self, other):
-        return self + (-other)
-
+        """``log det(αI + UᵀCU + Λ)``, which must be positive definite (else the shared
+        errors): with a scalar ``β = α + λ``, ``Σ log`` of the eigenvalues ``β + D`` and ``β``
+        (thin eigendecomposition); with a diagonal ``β``, the determinant lemma
+        ``Σ log β_p + log det(I_r + U β⁻¹ Uᵀ C)``."""
+        return super().logdet(regul=regul, damping=damping)

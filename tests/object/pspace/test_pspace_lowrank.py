@@ -115,3 +115,39 @@ def test_pickle_and_layout(mats):
     s, M, D = mats
     check_pickle(M, D, s)
     check_layout_errors(M, s)
+
+
+def test_eye_plus_lowrank_diagonal_alpha_and_indefinite():
+    """A diagonal ``α`` (Woodbury and the determinant lemma with a diagonal) and an indefinite
+    ``C``, against the dense matrix: solves, inverse, logdet, diag_of_inverse; a matrix with two
+    negative eigenvalues (positive determinant) has no real log-determinant of a positive
+    definite matrix and is refused."""
+    from nngeometry.object.pspace._checks import NotPositiveSemiDefiniteError, SingularMatrixError
+    from nngeometry.layercollection import LayerCollection
+    lc = LayerCollection.from_model(torch.nn.Linear(3, 2).to(DT))  # P = 8
+    g = torch.Generator().manual_seed(3)
+    P = lc.numel()
+    U = torch.randn(3, P, dtype=DT, generator=g)
+    C = torch.randn(3, 3, dtype=DT, generator=g)
+    alpha = torch.linspace(0.5, 1.5, P, dtype=DT)
+    A = PMatEyePlusLowRank(lc, alpha=alpha, U=U, C=C @ C.t())
+    DA, I = A.to_torch(), torch.eye(P, dtype=DT)
+    f = torch.randn(P, dtype=DT, generator=g)
+    for regul in (0.0, 0.3):
+        close(A.solve(PVector(lc, vector_repr=f), regul=regul).get_flat_representation(),
+              torch.linalg.solve(DA + regul * I, f), rtol=1e-10)
+        close(A.inv(regul).to_torch(), torch.linalg.inv(DA + regul * I), rtol=1e-10)
+        close(A.logdet(regul), torch.logdet(DA + regul * I), rtol=1e-10)
+        close(A.diag_of_inverse(regul), torch.diagonal(torch.linalg.inv(DA + regul * I)),
+              rtol=1e-10)
+    # 0.1 I - 5 (two unit directions): eigenvalues -4.9 twice, det > 0
+    E = torch.eye(P, dtype=DT)[:2]
+    B = PMatEyePlusLowRank(lc, alpha=torch.tensor(0.1, dtype=DT), U=E,
+                           C=-5 * torch.eye(2, dtype=DT))
+    assert float(torch.det(B.to_torch())) > 0
+    with pytest.raises(NotPositiveSemiDefiniteError, match="logdet"):
+        B.logdet()
+    close(B.solve(PVector(lc, vector_repr=f)).get_flat_representation(),
+          torch.linalg.solve(B.to_torch(), f), rtol=1e-10)
+    with pytest.raises(SingularMatrixError, match="α \\+ regul = 0"):
+        B.solve(PVector(lc, vector_repr=f), regul=-0.1)

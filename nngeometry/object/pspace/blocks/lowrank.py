@@ -22,7 +22,7 @@ from .base import Block, is_entries, values_for_power, who_of
 class LowRankBlock(Block):
     """``diag(α) + Jᵀ C J`` (see the module docstring)."""
 
-    __slots__ = ("alpha", "J", "C", "_eig", "_gram", "_chol")
+    __slots__ = ("alpha", "J", "C", "_eig", "_gram", "_chol", "_wood", "_thin")
 
     def __init__(self, J, alpha=0.0, C=None, eig=None):
         self.J, self.alpha, self.C = J, alpha, C
@@ -31,6 +31,8 @@ class LowRankBlock(Block):
         self._eig = eig
         self._gram = None  # J Jᵀ, computed once
         self._chol = None  # (damping key, Cholesky factor of λI + J Jᵀ) of the last solve
+        self._wood = None  # (damping key, Woodbury factors) of the last scalar damping
+        self._thin = None  # the thin eigendecomposition, computed once
 
     def _pure(self):
         """Whether the block is ``JᵀJ`` (``α = 0``, ``C = I``): PMatLowRank's."""
@@ -75,11 +77,19 @@ class LowRankBlock(Block):
 
     # ------------------------------------------------------------------ thin eigendecomposition
     def thin_eigh(self):
-        """``(E, Q)``: ``Jᵀ C J = Q diag(E) Qᵀ`` with ``Q`` ``(d, r')`` orthonormal."""
-        Q, R = torch.linalg.qr(self.J.t())  # Jᵀ = Q R
-        core = R @ self._C() @ R.t()
+        """``(E, Q)``: ``Jᵀ C J = Q diag(E) Qᵀ`` with ``Q`` ``(d, r')`` orthonormal,
+        ``r' = min(r, d)`` (computed once, unless ``J`` or ``C`` records a graph; in float32
+        for half-precision factors)."""
+        if self._thin is not None:
+            return self._thin
+        J = self.J
+        Q, R = torch.linalg.qr(_checks.upcast(J.t()))  # Jᵀ = Q R
+        core = R @ _checks.upcast(self._C()) @ R.t()
         E, W = torch.linalg.eigh((core + core.t()) / 2)
-        return E, Q @ W
+        out = E.to(J.dtype), (Q @ W).to(J.dtype)
+        if not _checks.needs_graph(J, self.C):
+            self._thin = out
+        return out
 
     def _shifted(self, damping):
         """``α + λ``: a scalar (number or 0-d tensor) or a ``(d,)`` tensor."""
@@ -103,33 +113,47 @@ class LowRankBlock(Block):
 
     # ------------------------------------------------------------------ functions
     def _woodbury(self, D, rep, regul, what):
-        """``(1/D, -C (I + S C)⁻¹)`` for ``(D + JᵀCJ)⁻¹ = diag(1/D) + (J/D)ᵀ C' (J/D)``."""
+        """``(1/D, J/D, -C (I + S C)⁻¹)`` with ``S = J D⁻¹ Jᵀ``, for
+        ``(D + JᵀCJ)⁻¹ = diag(1/D) + (J/D)ᵀ C' (J/D)`` (``D`` a scalar or per entry; the
+        factors of the last scalar ``D`` are kept)."""
+        D = torch.as_tensor(D, dtype=self.J.dtype, device=self.J.device)
+        key = None if is_entries(D) else _checks.regul_key(D)
+        if key is not None and self._wood is not None and self._wood[0] == key:
+            return self._wood[1]
         _checks.check_invertible(D, rep, what, regul, exact=True,
-                                 detail="a diagonal entry plus regul is 0")
+                                 detail="a diagonal entry plus regul is 0" if is_entries(D)
+                                 else "α + regul = 0: it is singular on the orthogonal "
+                                 "complement of the rows of J")
         JD = self.J / D
         S = JD @ self.J.t()
         C = self._C()
         cap = torch.eye(S.shape[0], dtype=S.dtype, device=S.device) + S @ C
         try:
-            Cn = -C @ torch.linalg.inv(cap)
+            # -C (I + S C)⁻¹ = -(I + C S)⁻¹ C: one solve, in float32 for half precision
+            Cn = -torch.linalg.solve(_checks.upcast(cap.t()), _checks.upcast(C.t())).t()
         except torch.linalg.LinAlgError:
             raise _checks.singular_error(rep, what, regul,
                                          "the capacitance matrix I + S C is singular") from None
-        return 1.0 / D, JD, (Cn + Cn.t()) / 2
+        out = 1.0 / D, JD, ((Cn + Cn.t()) / 2).to(C.dtype)
+        if key is not None and not _checks.needs_graph(self.J, self.C, D):
+            self._wood = (key, out)
+        return out
 
     def matpower(self, p, damping=0.0, who=None):
         rep, regul = who_of(self, damping, who)
         a = self._shifted(damping)
         if float(p) == 1.0:
             return LowRankBlock(self.J, a, self.C)
-        if is_entries(a):
-            if float(p) != -1.0:
-                raise NotImplementedError(
-                    f"LowRankBlock.matpower({p}) with a per-entry damping: only p = 1 and p = -1 "
-                    "(Woodbury) keep the low-rank-plus-diagonal form; damp with a scalar for "
-                    "other powers")
+        if float(p) == -1.0 and (is_entries(a) or not self._pure()):
+            # Woodbury: O(r² d), no eigendecomposition
             invD, JD, Cn = self._woodbury(a, rep, regul, f"pow({p})")
             return LowRankBlock(JD, invD, Cn)
+        if is_entries(a):
+            raise NotImplementedError(
+                f"{rep}.pow({p}) with a diagonal α + regul that is not a multiple of I: a "
+                "diagonal plus a low-rank matrix has no low-rank eigendecomposition, so only "
+                "p = 1 and p = -1 (Woodbury) are exact here; use a scalar regul, solve() / "
+                "inverse(), or to_torch() on small models")
         E, Q = self.thin_eigh()
         d, r = self.shape[0], E.shape[0]
         a_t = torch.as_tensor(a, dtype=E.dtype, device=E.device)
@@ -140,18 +164,16 @@ class LowRankBlock(Block):
         return LowRankBlock(Q.t(), base, torch.diag(core))
 
     def solve(self, V, damping=0.0, who=None, method="woodbury"):
-        """``(B + Λ)⁻¹ v`` for the rows of ``V``. A per-entry ``Λ``: Woodbury with the
-        diagonal. ``B = JᵀJ`` with a scalar ``λ > 0``: ``method='woodbury'`` (default),
+        """``(B + Λ)⁻¹ v`` for the rows of ``V``. A per-entry ``Λ``, or a block with a diagonal
+        ``α`` or a ``C``: Woodbury (its factors kept for the last scalar damping). ``B = JᵀJ`` with a scalar ``λ > 0``: ``method='woodbury'`` (default),
         ``(v - Jᵀ (λI + JJᵀ)⁻¹ J v) / λ`` with the Cholesky factor of ``λI + JJᵀ`` kept for
         the last ``λ``; ``method='eigh'``, through the nonzero eigenpairs ``(E, V)`` of ``JᵀJ``:
         ``V (E + λ)⁻¹ Vᵀ v`` on the range and ``v / λ`` on its orthogonal complement."""
         rep, regul = who_of(self, damping, who)
         a = self._shifted(damping)
-        if is_entries(a):
+        if is_entries(a) or not self._pure():
             invD, JD, Cn = self._woodbury(a, rep, regul, "solve")
-            return LowRankBlock(JD, invD, Cn).apply(V)
-        if not self._pure():
-            return self.matpower(-1.0, damping, who).apply(V)
+            return V * invD + ((V @ JD.t()) @ Cn) @ JD
         if not _checks._float(a) > 0:
             raise _checks.singular_error(
                 rep, "solve", regul,
