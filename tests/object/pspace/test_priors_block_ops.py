@@ -12,7 +12,7 @@ DT = torch.float64
 CONTAINERS = ["PMatDense", "PMatBlockDiag", "PMatDiag", "PMatQuasiDiag", "PMatEye",
               "PMatKFAC", "PMatEKFAC", "PMatEKFACBlockDiag", "PMatMixed", "PMatMixed-diag",
               "PMatLowRank"]
-OTHERS = ["PMatImplicit"]
+MATRIX_FREE = ["PMatImplicit"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,8 +67,9 @@ def test_diag_of_inverse_gradient(rep, kind):
         close(g, want, rtol=1e-7, what="d diag_of_inverse")
 
 
-@pytest.mark.parametrize("rep", OTHERS)
-def test_not_a_container_says_so(rep):
+@pytest.mark.parametrize("rep", MATRIX_FREE)
+def test_matrix_free_block_says_what_to_use(rep):
+    """A matrix-free block has no inverse: ``diag_of_inverse`` names the solve instead."""
     M = built(rep)
-    with pytest.raises(NotImplementedError, match="to_torch"):
+    with pytest.raises(NotImplementedError, match=r"never stores.*solve\(x, regul\)"):
         M.diag_of_inverse(regul=0.3)

@@ -99,6 +99,7 @@ def test_plus_eye_or_diag_stays_implicit(mats):
     diag = PMatDiag(s.lc, None, data=d)
     cases = [(M + eye, D + 0.4 * torch.eye(P, dtype=DT)), (eye + M, D + 0.4 * torch.eye(P, dtype=DT)),
              (M + diag, D + torch.diag(d)), (M - eye, D - 0.4 * torch.eye(P, dtype=DT)),
+             (M - diag, D - torch.diag(d)),
              (2.0 * (M + diag), 2.0 * (D + torch.diag(d)))]
     v = s.vec()
     f = v.get_flat_representation()
@@ -142,6 +143,10 @@ def test_unsupported_name_alternatives(mats):
         M - PMatDense(s.lc, None, data=D)
     with pytest.raises(NotImplementedError, match="PMatDense"):
         M.logdet(0.1)
+    with pytest.raises(NotImplementedError, match="spectrum"):
+        M.eigenvalues()
+    with pytest.raises(NotImplementedError, match="solve"):
+        M.diag_of_inverse(0.1)
 
 
 def test_pickle_and_layout(mats):

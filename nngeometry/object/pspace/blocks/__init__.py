@@ -14,7 +14,10 @@ each operation once from them (see ``abstract.PMatAbstract``).
 * `LowRankBlock`: ``diag(α) + Jᵀ C J`` (PMatLowRank, PMatEyePlusLowRank);
 * `representation.RepresentationBlock`: a whole representation on a group of layers
   (PMatMixed); not imported here, since it is built on the representations (it adds a
-  `PMatEye`), which import this package.
+  `PMatEye`), which import this package;
+* `implicit.ImplicitBlock`: the matrix-free ``scale · M + diag(shift)`` of PMatImplicit
+  (products through the generator, conjugate-gradient solves); not imported here either (its
+  preconditioner may be any representation).
 """
 from .base import Block
 from .dense import DenseBlock
