@@ -4,7 +4,7 @@ import inspect
 
 from .backend import TorchHooksJacobianBackend
 from .backend.batches import default_function
-from .backend.distributed import unwrap_model
+from .backend.model_state import unwrap_model
 from .backend.model_state import model_lock
 from .layercollection import LayerCollection
 from .object import pspace

@@ -25,7 +25,8 @@ from ._entry import prepare_entry
 from .backend import TorchHooksJacobianBackend
 from .backend import consumers
 from .backend.batches import iterate_batches
-from .backend.distributed import all_gather_rows, resolve_group, unwrap_model
+from .backend.distributed import all_gather_rows, resolve_group
+from .backend.model_state import unwrap_model
 from .metrics import FIM, FIM_MonteCarlo, EmpiricalFisher, GGN
 from .object.map import PFMapDense
 from .object.pspace import (PMatAbstract, PMatEKFAC, PMatEye, PMatImplicit, PMatKFAC,

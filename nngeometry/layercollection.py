@@ -7,9 +7,11 @@ then ``bias.flatten()``. ``p_pos[layer_id]`` is the layer's offset.
 import contextlib
 from collections import OrderedDict
 
+from torch.nn.utils import parametrize
+
 from .layer_types import AbstractLayer, layer_type_for
 from .layer_types.generic import GenericLayer, refusal_reason
-from .layer_types.parametrized import ParametrizedLayer, is_parametrized, own_parameters
+from .layer_types.parametrized import ParametrizedLayer, own_parameters
 from .layer_types import *  # noqa: F401,F403  (re-export LinearLayer, Conv2dLayer, ...)
 from .layer_types import __all__ as _layer_types_all
 from .serialization import StateDictMixin
@@ -22,7 +24,7 @@ class UnsupportedLayerError(TypeError):
 def _type_for(module):
     """The layer type of a module with direct parameters: the registered one, else the generic
     one (``None`` for modules that are refused, see ``layer_types.generic``)."""
-    if is_parametrized(module):
+    if parametrize.is_parametrized(module):
         return ParametrizedLayer
     cls = layer_type_for(module)
     if cls is not None:
@@ -144,7 +146,9 @@ class LayerCollection(StateDictMixin):
         seen = {}
         claimed = {}  # id(parameter) -> layer that holds it (possibly a submodule's parameter)
         for name, module in model.named_modules():
-            own = own_parameters(module)
+            # a parametrized module also holds the originals of its parametrized tensors
+            own = own_parameters(module) if parametrize.is_parametrized(module) else \
+                list(module.named_parameters(recurse=False))
             if not own:
                 continue
             owners = {claimed.get(id(p)) for _, p in own}
@@ -295,9 +299,6 @@ class LayerCollection(StateDictMixin):
     def __eq__(self, other):
         return isinstance(other, LayerCollection) and list(self.layers.items()) == list(other.layers.items())
 
-    def __ne__(self, other):
-        return not self == other
-
     def __hash__(self):
         return hash(tuple(self.layers.items()))
 
@@ -347,6 +348,32 @@ class LayerCollection(StateDictMixin):
     def __repr__(self):
         body = ", ".join(f"'{k}': {v}" for k, v in self.layers.items())
         return f"LayerCollection({{{body}}}, numel={self._numel})"
+
+
+def resolve_layer_collection(layer_collection, generator, owner):
+    """The collection a matrix is built on: ``layer_collection`` when given, else the
+    generator's ``layer_collection`` attribute, else every layer of ``generator.model``.
+
+    ``owner``: the class name of the object being built (named in the errors)."""
+    name = owner
+    if layer_collection is not None:
+        if not isinstance(layer_collection, LayerCollection):
+            raise TypeError(
+                f"{name}: the first argument must be a LayerCollection, got "
+                f"{type(layer_collection).__name__}. The constructor is (layer_collection, "
+                "generator, data=None, examples=None); for nngeometry 0.4's order (generator, "
+                f"data, examples) pass keywords, e.g. {name}(generator=generator, examples=loader)")
+        return layer_collection
+    if generator is not None:
+        lc = getattr(generator, "layer_collection", None)
+        if lc is not None:
+            return lc
+        model = getattr(generator, "model", None)
+        if model is not None:
+            return LayerCollection.from_model(model)
+    raise ValueError(
+        f"{name} needs a LayerCollection and none can be found: pass layer_collection=..., or a "
+        "generator built on a model (whose layers are then used)")
 
 
 __all__ = ["LayerCollection", "UnsupportedLayerError", "unwrap_compiled", "run_eagerly"] + list(_layer_types_all)

@@ -7,9 +7,10 @@ import torch
 
 from ._entry import check_representation, prepare_entry
 from .backend import TorchHooksJacobianBackend
-from .backend.distributed import unwrap_model
-from .curvature import (check_class_dim, check_positions, closed_form_function,
-                        empirical_function, ggn_function, lm_convention, monte_carlo_function)
+from .backend.model_state import unwrap_model
+from .curvature import (closed_form_function, empirical_function, ggn_function, lm_convention,
+                        monte_carlo_function)
+from .layer_types.base import check_kfac_support
 from .layer_types.subnetwork import SubnetworkLayer
 from .layercollection import LayerCollection
 from .object.pspace import PMatDense, PMatDiag, PMatEKFAC, PMatKFAC, PMatMixed
@@ -82,7 +83,6 @@ def _tied_kfac(representation, layer_collection, generator, loader, kwargs):
         # both groups from one pass over the examples (two passes cost one more forward and
         # backward of the whole model, and drew other Monte-Carlo targets for each group)
         from .backend.consumers import DiagCovariance, KFACFactors, LayerGroups
-        from .object.pspace._kron import check_kfac_support
 
         lc_kfac = layer_collection.sub([lid for lid in layer_collection.layer_ids()
                                         if lid not in tied])
@@ -106,9 +106,10 @@ def _tied_kfac(representation, layer_collection, generator, loader, kwargs):
 
 def _represent(representation, layer_collection, generator, loader, kwargs, subnetwork_indices):
     if subnetwork_indices is None:
-        tied = _tied_kfac(representation, layer_collection, generator, loader, kwargs)
-        if tied is not None:
-            return tied
+        if getattr(layer_collection, "tied", None):
+            tied = _tied_kfac(representation, layer_collection, generator, loader, kwargs)
+            if tied is not None:
+                return tied
         return representation(layer_collection=layer_collection, generator=generator,
                               examples=loader, **kwargs)
 
@@ -127,33 +128,32 @@ def _represent(representation, layer_collection, generator, loader, kwargs, subn
 
 def _curvature(entry, model, loader, representation, make_transform, function,
                layer_collection, target_key, verbose, check_deterministic, subnetwork_indices,
-               kwargs, validate=None):
+               kwargs, causal_lm=None, validate=None):
     """What every curvature entry point does: check the representation and its keywords (and
-    ``validate()`` the entry's own), fill in the default function and collection, and build the
-    representation from a generator running ``make_transform(function)``, the output transform
-    whose ``Jᵀ J`` is the curvature. ``kwargs`` may hold ``distributed`` / ``process_group``
-    (for the generator, not the representation)."""
+    ``validate()`` the entry's own), read the model's language-model convention (`lm_convention`,
+    from ``causal_lm``), fill in the default function and collection, and build the
+    representation from a generator running ``make_transform(function, lm)``, the output
+    transform whose ``Jᵀ J`` is the curvature (it checks its own ``positions`` and
+    ``class_dim``). ``kwargs`` may hold ``distributed`` / ``process_group`` (for the generator,
+    not the representation)."""
     distributed = kwargs.pop("distributed", None)
     process_group = kwargs.pop("process_group", None)
-    kwargs = _drop_n_output(kwargs)
+    # n_output: required by early releases (the number of outputs), ignored since; it must not
+    # reach the representation
+    kwargs.pop("n_output", None)
     representation = check_representation(representation, kwargs, entry)
     if validate is not None:
         validate()
     model = unwrap_model(model)
+    # detected on the user's function (None: the model's own outputs), before the default
+    lm = lm_convention(model, causal_lm, target_key, function)
     function, layer_collection = prepare_entry(model, function, layer_collection, target_key)
     generator = TorchHooksJacobianBackend(
-        model, make_transform(function), verbose=verbose, layer_collection=layer_collection,
+        model, make_transform(function, lm), verbose=verbose, layer_collection=layer_collection,
         check_deterministic=check_deterministic, distributed=distributed,
         process_group=process_group)
     return _represent(representation, layer_collection, generator, loader, kwargs,
                       subnetwork_indices)
-
-
-def _drop_n_output(kwargs):
-    # n_output: required by early releases (the number of outputs), ignored since; it must not
-    # reach the representation
-    kwargs.pop("n_output", None)
-    return kwargs
 
 
 def FIM(model, loader, representation, variant="classif_logits", device=None, function=None,
@@ -229,14 +229,12 @@ def FIM(model, loader, representation, variant="classif_logits", device=None, fu
 
     ``PMatEye`` without ``scaling=`` is refused (``ValueError``): it is not built from data.
     """
-    check_positions(positions)
-    check_class_dim(class_dim)
-    lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)
     return _curvature(
         "FIM", model, loader, representation,
-        lambda f: closed_form_function(f, _variant_name(variant), positions, class_dim, lm),
+        lambda f, lm: closed_form_function(f, _variant_name(variant), positions, class_dim, lm),
         function, layer_collection, target_key, verbose, check_deterministic,
-        subnetwork_indices, dict(kwargs, distributed=distributed, process_group=process_group))
+        subnetwork_indices, dict(kwargs, distributed=distributed, process_group=process_group),
+        causal_lm)
 
 
 def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", trials=1, device=None,
@@ -276,16 +274,13 @@ def FIM_MonteCarlo(model, loader, representation, variant="classif_logits", tria
     ``check_deterministic``, the other keywords and ``PMatEye``: as for [`FIM`][nngeometry.FIM] (the check
     runs the model, not the sampling).
     """
-    check_positions(positions)
-    check_class_dim(class_dim)
-    lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)
     return _curvature(
         "FIM_MonteCarlo", model, loader, representation,
-        lambda f: monte_carlo_function(f, _variant_name(variant), trials, covariance,
-                                       positions=positions, seed=seed, class_dim=class_dim,
-                                       lm=lm), function,
+        lambda f, lm: monte_carlo_function(f, _variant_name(variant), trials, covariance,
+                                           positions=positions, seed=seed, class_dim=class_dim,
+                                           lm=lm), function,
         layer_collection, target_key, verbose, check_deterministic, subnetwork_indices,
-        dict(kwargs, distributed=distributed, process_group=process_group))
+        dict(kwargs, distributed=distributed, process_group=process_group), causal_lm)
 
 
 def EmpiricalFisher(model, loader, representation, loss_function=None, device=None,
@@ -320,15 +315,12 @@ def EmpiricalFisher(model, loader, representation, loss_function=None, device=No
 
     The other arguments are as for [`FIM`][nngeometry.FIM].
     """
-    check_positions(positions)
-    check_class_dim(class_dim)
-    lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)
     return _curvature(
         "EmpiricalFisher", model, loader, representation,
-        lambda f: empirical_function(f, loss_function, positions, target_key, class_dim, lm),
+        lambda f, lm: empirical_function(f, loss_function, positions, target_key, class_dim, lm),
         function,
         layer_collection, target_key, verbose, check_deterministic, subnetwork_indices,
-        dict(kwargs, distributed=distributed, process_group=process_group))
+        dict(kwargs, distributed=distributed, process_group=process_group), causal_lm)
 
 
 def GGN(model, loader, representation, loss_function, device=None, function=None,
@@ -362,15 +354,12 @@ def GGN(model, loader, representation, loss_function, device=None, function=None
 
     The other arguments are as for [`FIM`][nngeometry.FIM].
     """
-    check_positions(positions)
-    check_class_dim(class_dim)
-    lm = lm_convention(unwrap_model(model), causal_lm, target_key, function)
     return _curvature(
         "GGN", model, loader, representation,
-        lambda f: ggn_function(f, loss_function, positions, target_key, class_dim, lm),
+        lambda f, lm: ggn_function(f, loss_function, positions, target_key, class_dim, lm),
         function,
         layer_collection, target_key, verbose, check_deterministic, subnetwork_indices,
-        dict(kwargs, distributed=distributed, process_group=process_group))
+        dict(kwargs, distributed=distributed, process_group=process_group), causal_lm)
 
 
 # the other entry points live in their own modules (upstream's paths); importable from here too

@@ -53,7 +53,7 @@ from ._entry import resolve_representation
 from .backend import TorchHooksJacobianBackend
 from .backend.batches import default_function
 from .backend.capture import ReplayBackend, StepCapture
-from .backend.distributed import unwrap_model
+from .backend.model_state import unwrap_model
 from .backend.probes import first_random_module
 from .curvature import closed_form_function, monte_carlo_function
 from .layercollection import LayerCollection

@@ -23,7 +23,6 @@ The collectives run on the statistics' device: NCCL process groups with CUDA ten
 CPU tensors, whichever the group's backend is (nothing here moves a tensor to the host).
 """
 import torch
-from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 
@@ -217,16 +216,6 @@ def global_batch_index(local_index, group):
     return local_index * dist.get_world_size(group) + dist.get_rank(group)
 
 
-def unwrap_model(model):
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers: the hooks go
-    on the inner module (the wrapper's forward would start a gradient synchronisation that no
-    ``backward`` of the parameters completes), and its layer ids are the model's own (without
-    the wrapper's ``module.`` prefix)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
 def spread_eigh(matrices, group=None):
     """``{key: (eigenvalues, eigenvectors)}`` (``torch.linalg.eigh``) of the symmetric matrices
     ``{key: (d, d)}`` (e.g. the KFAC factors of every layer), the work spread over the ranks as
@@ -271,3 +260,7 @@ def spread_eigh(matrices, group=None):
             out[k] = (evals, evecs)
             start += d + d * d
     return {k: out[k] for k in keys}
+
+
+# kept importable from here: the module the engine works on is chosen in `model_state`
+from .model_state import unwrap_model  # noqa: E402,F401

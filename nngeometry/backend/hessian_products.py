@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from ..curvature import cross_entropy_losses
 from ..layercollection import LayerCollection
 from .batches import default_function, prepare_batch
-from .distributed import all_reduce_tree, resolve_group, unwrap_model
+from .distributed import all_reduce_tree, resolve_group
 from .jacobian import TorchHooksJacobianBackend
 from .model_state import (_check_uniform_params, _no_fused_attention, constant_uses,
-                          constants_detached, tensors_in_model)
+                          constants_detached, model_state_kept, tensors_in_model, unwrap_model)
 from .probes import _rng_state, _same_rng, probe_functional, random_in_vmap_explained
 
 
@@ -359,7 +359,7 @@ class HessianBackend:
         pure function of the collection's parameters (a dict ``key -> tensor``; ``keys`` in
         layout order), the model's state kept as it was."""
         helper = self._helper
-        with helper._model_state_kept(layer_collection) as (modules, _):
+        with model_state_kept(helper.model, layer_collection) as (modules, _):
             named = {}
             for lid, m in modules.items():
                 layer = layer_collection[lid]

@@ -22,10 +22,12 @@ per statistic and the public matrix-free products. The machinery is split by con
 checks), `model_state` (the model's lock and state during a computation) and `products` (the
 ``torch.func`` products).
 """
+import torch.distributed as dist
+
 from .batches import default_function
 from .broadcast import _Broadcast
-from .distributed import resolve_group, unwrap_model
-from .model_state import _check_uniform_params
+from .distributed import resolve_group
+from .model_state import _check_uniform_params, unwrap_model
 from .passes import HookedPasses, _examples_count
 from .probes import _check_product, _flat, random_in_vmap_explained
 from .products import MatrixFreeProducts, _outside_inference_mode
@@ -151,7 +153,8 @@ class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
             raise ValueError(f"unknown backward '{backward}': use 'auto', 'batched' or 'looped'")
         self.backward = backward
         self.check_deterministic = bool(check_deterministic)
-        resolve_group(distributed, process_group)  # checks the value (and a required group)
+        if distributed is not None:
+            resolve_group(distributed, process_group)  # checks the value (and a required group)
         self.distributed = distributed
         self.process_group = process_group
         # one dict per implicit product in progress: batch index -> examples (see _counting)
@@ -161,8 +164,10 @@ class TorchHooksJacobianBackend(HookedPasses, MatrixFreeProducts):
 
     def _group(self):
         """The process group the statistics are reduced over, or None (one process)."""
-        return resolve_group(getattr(self, "distributed", None),
-                             getattr(self, "process_group", None))
+        distributed = getattr(self, "distributed", None)
+        if not distributed and not (dist.is_available() and dist.is_initialized()):
+            return None  # one process: no group to look up
+        return resolve_group(distributed, getattr(self, "process_group", None))
 
     # ================================================================== collection, dtype, device
     @property

@@ -1,6 +1,7 @@
 """What the engine does to the user's model during a computation, and how it puts it back.
 
-One lock per model (`model_lock`: a build or an implicit product on a model runs alone, across
+The module it works on (`unwrap_model`: the one inside a ``DistributedDataParallel`` /
+``DataParallel`` wrapper), one lock per model (`model_lock`: a build or an implicit product on a model runs alone, across
 threads; `in_engine_pass` tells whether this thread is inside one), the model's parameters
 swapped for functional tensors (`tensors_in_model`, what the ``torch.func`` products
 differentiate through), the fused attention kernels turned off (`_no_fused_attention`), the
@@ -15,8 +16,20 @@ import weakref
 import torch
 from torch import nn
 
+from torch.nn.utils import parametrize
+
 from ..layer_types.base import AbstractLayer, layer_type_for
 from ..layer_types.parametrized import parametrizations_prepared
+
+
+def unwrap_model(model):
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers: the hooks go
+    on the inner module (the wrapper's forward would start a gradient synchronisation that no
+    ``backward`` of the parameters completes), and its layer ids are the model's own (without
+    the wrapper's ``module.`` prefix)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
 
 
 def _check_uniform_params(layer_collection, modules):
@@ -226,7 +239,8 @@ def model_state_kept(model, layer_collection):
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     # torch.nn.utils.parametrize: one function for the whole computation (spectral_norm
     # in training mode would advance its power iteration at every forward pass)
-    restore_parametrizations = parametrizations_prepared(model)
+    restore_parametrizations = parametrizations_prepared(model) if any(
+        parametrize.is_parametrized(m) for m in model.modules()) else None
     try:
         for p in params:
             p.requires_grad_(True)
@@ -241,4 +255,5 @@ def model_state_kept(model, layer_collection):
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-        restore_parametrizations()
+        if restore_parametrizations is not None:
+            restore_parametrizations()

@@ -131,7 +131,8 @@ class HookedPasses(SharedOutputs, BackwardStrategy):
                 for i, batch in enumerate(self._batches(examples)):
                     n_total += self._run_batch(batch, layer_collection, modules, calls, consumer,
                                                chunk_bytes, mean, probe=probe and i == 0,
-                                               index=global_batch_index(i, group))
+                                               index=i if group is None else
+                                               global_batch_index(i, group))
         # a statistic may already hold the examples of an earlier pass (accumulated into again)
         consumer.count = getattr(consumer, "count", 0) + n_total
         n_total = consumer.count
@@ -185,17 +186,12 @@ class HookedPasses(SharedOutputs, BackwardStrategy):
                 return p.dtype
         return None
 
-    def _model_state_kept(self, layer_collection):
-        """`model_state_kept` on the generator's model: a context yielding ``(modules,
-        params)``."""
-        return model_state_kept(self.model, layer_collection)
-
     @contextlib.contextmanager
     def _prepared(self, layer_collection):
         _refuse_batch_statistics(self.model)
         # compiled code would not run the hooks: the compiled parts run their Python code
         with model_lock(self.model), run_eagerly(self.model), \
-                self._model_state_kept(layer_collection) as (modules, params), \
+                model_state_kept(self.model, layer_collection) as (modules, params), \
                 self._hooks(layer_collection, modules) as calls:
             yield modules, calls
 
@@ -236,7 +232,8 @@ class HookedPasses(SharedOutputs, BackwardStrategy):
         finally:
             for h in reversed(handles):
                 h.remove()
-            self._close_recorders(recorders)
+            if recorders:
+                self._close_recorders(recorders)
 
     @staticmethod
     def _close_recorders(recorders):

@@ -20,7 +20,8 @@ from torch.utils._pytree import tree_map
 from .batches import batch_size_of, deferred_finite_checks, iterate_batches, prepare_batch
 from .distributed import all_gather_rows, all_reduce_tree, global_batch_index
 from .model_state import (_FORWARD_AD_LOCK, constant_uses, constants_detached, model_lock,
-                          _no_fused_attention, _refuse_batch_statistics, tensors_in_model)
+                          model_state_kept, _no_fused_attention, _refuse_batch_statistics,
+                          tensors_in_model)
 from .probes import _flat, _refuse_inference_parameters, _rng_state, _same_rng, probe_functional
 from .strategy import _grad, _vector_chunk
 from ..layercollection import run_eagerly
@@ -58,8 +59,7 @@ def _normal_tensor(x):
 class MatrixFreeProducts:
     """The uncentered products on this process's examples and their reduction over ranks.
     Mixed into `TorchHooksJacobianBackend` (uses its ``model``, ``function``, ``centering``,
-    ``check_deterministic``, ``_counters``, ``_group``, ``_batches``, ``_model_state_kept``
-    and the checks of the pass driver)."""
+    ``check_deterministic``, ``_counters``, ``_group``, ``_batches`` and the checks of the pass driver)."""
 
     # ================================================================== implicit products
     # Each public product resolves its arguments, runs the uncentered product (the ``_``
@@ -318,7 +318,7 @@ class MatrixFreeProducts:
         # supported" when two threads open one each): the functional passes of all threads run
         # one at a time (taken before the model's lock, always in that order)
         with _FORWARD_AD_LOCK, model_lock(self.model), run_eagerly(self.model), \
-                self._model_state_kept(layer_collection) as (modules, plist):
+                model_state_kept(self.model, layer_collection) as (modules, plist):
             names = {}
             for lid, m in modules.items():
                 layer = layer_collection[lid]

@@ -15,9 +15,9 @@ The factors are computed from detached probabilities: they are constants of the 
 """
 import torch
 
-from .language_models import _SoftmaxLayout
-from .positions import (_as_2d, _position_scale, _resolve_positions, check_class_dim,
-                        check_positions, class_positions, output_class_dim)
+from .language_models import _SoftmaxLayout, _resolve_positions
+from .positions import (_as_2d, _position_scale, check_class_dim, check_positions,
+                        class_positions, output_class_dim)
 from .transform import OutputTransform, _origin_extras
 
 CLOSED_FORM_VARIANTS = ("classif_logits", "classif_binary_logits", "regression")
@@ -62,8 +62,9 @@ def closed_form_function(function, variant, positions="sum", class_dim=None, lm=
     ``classif_logits`` also has the closed-form output metric `OutputTransform.metric`:
     ``H u = p ⊙ u − p (pᵀu)`` per position, which the implicit products use instead of the
     ``C × (C − 1)`` square roots (``O(n·S·C)`` memory)."""
-    check_positions(positions)
-    check_class_dim(class_dim)
+    if positions is not None or class_dim is not None:  # the defaults need no check
+        check_positions(positions)
+        check_class_dim(class_dim)
     g = _closed_form(function, variant, _resolve_positions(positions, lm), class_dim, lm)
     # named in the error of an unpickled PMatImplicit, which needs this function again
     g.origin = (f"nngeometry.curvature.closed_form_function(function, {variant!r}"
@@ -71,14 +72,15 @@ def closed_form_function(function, variant, positions="sum", class_dim=None, lm=
     return g
 
 
-def _softmax_root_g(fp, weights_sqrt_fn):
+def _softmax_root_g(fp, weights_sqrt_fn=None):
     n, S, C = fp.shape
     if C < 2:
         raise ValueError("variant 'classif_logits' needs at least 2 logits per example "
                          "(per position); use 'classif_binary_logits' for one logit")
     fl = fp.reshape(n * S, C)
     L = multinomial_covariance_sqrt(torch.softmax(fl.detach(), dim=1)).reshape(n, S, C, C - 1)
-    L = weights_sqrt_fn(L)
+    if weights_sqrt_fn is not None:
+        L = weights_sqrt_fn(L)
     return torch.einsum("nsc,nsck->nsk", fp, L).reshape(n, S * (C - 1))
 
 
@@ -127,10 +129,18 @@ def _closed_form(function, variant, positions="sum", class_dim=None, conv=None):
             return _SoftmaxLayout(out, info, function, class_dim, conv, positions)
 
         def g(out, info=None):
+            if out.dim() <= 2:
+                # one position per example, of weight 1 (a language model's convention reads
+                # outputs (n, T, V)): the outputs are the softmax's logits as they are
+                return _softmax_root_g(out.reshape(out.shape[0], 1, -1))
             lay = layout(out, info)  # one softmax per counted position
             return _softmax_root_g(lay.fp, lambda L: lay.weighted(L, 0.5))
 
         def metric(out, u, info=None):
+            if out.dim() <= 2:  # one position per example, of weight 1 (see g)
+                n = out.shape[0]
+                hu = softmax_metric(out.reshape(n, 1, -1), u.reshape(n, 1, -1))
+                return hu.reshape(out.shape)
             lay = layout(out, info)
             return lay.unview(lay.weighted(softmax_metric(lay.fp, lay.view(u))))
         return OutputTransform(function, g, needs_batch=needs, metric=metric)

@@ -5,9 +5,9 @@
 """
 import torch
 
-from .language_models import _lm_active, _takes_full_outputs, lm_positions
+from .language_models import _lm_active, _resolve_positions, _takes_full_outputs, lm_positions
 from .losses import loss_or_default, known_loss, per_example_losses, targets_of
-from .positions import _resolve_positions, check_class_dim, check_positions, output_class_dim
+from .positions import check_class_dim, check_positions, output_class_dim
 from .transform import OutputTransform, _origin_extras
 
 
@@ -27,8 +27,9 @@ def empirical_function(function, loss_function=None, positions="sum", target_key
     counted positions (``positions='sum'``) or averaged over them (``'mean'``, the default:
     Hugging Face's ``loss`` of the sequence alone). ``nn.CrossEntropyLoss`` gets its classes
     along dimension 1 (the logits transposed)."""
-    check_positions(positions)
-    check_class_dim(class_dim)
+    if positions is not None or class_dim is not None:  # the defaults need no check
+        check_positions(positions)
+        check_class_dim(class_dim)
     lm = None if _takes_full_outputs(loss_function) else lm
     positions = _resolve_positions(positions, lm)
     loss = loss_or_default(loss_function, lambda: output_class_dim(function, class_dim))

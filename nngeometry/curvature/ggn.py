@@ -10,10 +10,11 @@ import torch
 
 from .._memory import check_fits
 from .closed_form import _softmax_root_g, softmax_metric
-from .language_models import _SoftmaxLayout, _lm_active, _takes_full_outputs, lm_positions
+from .language_models import (_SoftmaxLayout, _lm_active, _resolve_positions,
+                              _takes_full_outputs, lm_positions)
 from .losses import LOSS_NAMES, known_loss, targets_of
 from .output_hessians import output_hessians, psd_sqrt
-from .positions import (_position_scale, _resolve_positions, check_class_dim, check_positions,
+from .positions import (_position_scale, check_class_dim, check_positions,
                         class_positions, output_class_dim)
 from .transform import OutputTransform, _origin_extras
 
@@ -96,8 +97,9 @@ def ggn_function(function, loss_function, positions="sum", target_key="labels",
     a callable ``loss_function`` then gets the shifted logits ``(n, S, V)`` and labels
     ``(n, S)`` (-100 where a position does not count), a per-position result ``(n, S)``
     weighted by the positions' weights (generic output Hessians)."""
-    check_positions(positions)
-    check_class_dim(class_dim)
+    if positions is not None or class_dim is not None:  # the defaults need no check
+        check_positions(positions)
+        check_class_dim(class_dim)
     lm = None if _takes_full_outputs(loss_function) else lm
     positions = _resolve_positions(positions, lm)
     known = known_loss(loss_function) if isinstance(loss_function, (str, torch.nn.Module)) \

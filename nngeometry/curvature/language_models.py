@@ -67,6 +67,12 @@ def lm_convention(model, causal_lm=None, target_key="labels", function=None):
     return LMConvention(causal_lm, target_key)
 
 
+def _resolve_positions(positions, conv):
+    """``positions`` as given, else the default: ``'mean'`` under a language-model convention
+    ``conv`` (its loss averages over tokens), ``'sum'`` otherwise."""
+    return positions if positions is not None else ("mean" if conv is not None else "sum")
+
+
 def _batch_parts(batch, conv):
     first = batch[0] if batch else None
     if isinstance(first, Mapping):

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ..backend.batches import all_finite, check_finite
-from .language_models import _SoftmaxLayout
-from .positions import (_as_2d, _position_scale, _resolve_positions, check_class_dim,
-                        check_positions, class_positions, output_class_dim)
+from .language_models import _SoftmaxLayout, _resolve_positions
+from .positions import (_as_2d, _position_scale, check_class_dim, check_positions,
+                        class_positions, output_class_dim)
 from .rng import counter_uniform
 from .transform import OutputTransform, _origin_extras
 
@@ -48,8 +48,9 @@ def monte_carlo_function(function, variant, trials, covariance=1.0, positions="s
     small graph (``OutputTransform.split``): the backward pass of ``K`` directions then works on
     ``(K, n, K)`` tensors, not on the ``(K, n, trials)`` one-hot cotangents of the whole output,
     whose memory and time grow as ``trials² · n``."""
-    check_positions(positions)
-    check_class_dim(class_dim)
+    if positions is not None or class_dim is not None:  # the defaults need no check
+        check_positions(positions)
+        check_class_dim(class_dim)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int (or None for PyTorch's global RNG), got "
                         f"{type(seed).__name__}")

@@ -91,7 +91,3 @@ def _position_scale(S, positions):
     """The factor of the per-example output transform ``g``: 1 for the sum over the ``S``
     positions, ``1/sqrt(S)`` for their mean (``gᵀg`` scales by ``1/S``)."""
     return 1.0 if positions != "mean" or S == 1 else S ** -0.5
-
-
-def _resolve_positions(positions, conv):
-    return positions if positions is not None else ("mean" if conv is not None else "sum")

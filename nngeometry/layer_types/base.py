@@ -378,6 +378,18 @@ def rows_compatible(layers):
     return len(shapes) == 1 and next(iter(shapes))[0] is not None
 
 
+def check_kfac_support(layer_collection, representation):
+    """Refuse, naming the layer and its type, a collection with a layer whose type computes no
+    KFAC factors (``supports_kfac`` False)."""
+    for lid, layer in layer_collection.layers.items():
+        if not getattr(layer, "supports_kfac", False):
+            raise NotImplementedError(
+                f"{representation}: layer '{lid}' is of type {type(layer).__name__}, which has no "
+                f"KFAC approximation{getattr(layer, 'no_kfac_reason', '')}; use PMatEKFACBlockDiag (EKFAC where KFAC exists, dense blocks "
+                "elsewhere), PMatBlockDiag, or a PMatMixed putting this layer in another "
+                "representation")
+
+
 def is_multiblock(entry):
     """Whether a per-layer KFAC/EKFAC entry (a ``kfac_factors`` result, a ``PMatKFAC.data`` or
     ``PMatEKFAC.data`` value, a basis request) describes several Kronecker blocks: it is then a

@@ -25,15 +25,11 @@ from torch.nn.utils import parametrize
 from .generic import GenericLayer
 
 
-def is_parametrized(module):
-    return parametrize.is_parametrized(module)
-
-
 def own_parameters(module):
     """``[(name, parameter), ...]``: the module's direct parameters and, for a parametrized
     module, the originals of its parametrized tensors (names relative to the module)."""
     own = list(module.named_parameters(recurse=False))
-    if is_parametrized(module):
+    if parametrize.is_parametrized(module):
         own += list(module.parametrizations.named_parameters(prefix="parametrizations"))
     return own
 
@@ -96,12 +92,12 @@ def parametrizations_prepared(model):
     # wrong; the cache is switched off for the computation (same values: the originals do not
     # change during it)
     cache_depth = 0
-    if any(is_parametrized(m) for m in model.modules()):
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
         cache_depth = getattr(parametrize_module, "_cache_enabled", 0)
         if cache_depth:
             parametrize_module._cache_enabled = 0
     for m in model.modules():
-        if is_parametrized(m):
+        if parametrize.is_parametrized(m):
             for pm in m.parametrizations.modules():
                 saved.append((pm, pm.training))
                 pm.training = False

@@ -3,35 +3,9 @@ Jacobians, indexed by ``(output k, example i)``."""
 
 import torch
 
-from ..layercollection import LayerCollection
+from ..layercollection import LayerCollection, resolve_layer_collection  # noqa: F401
 from .vector import FVector, PVector, _lc_dtype_device
 from ..serialization import SharedGeneratorCopy, StateDictMixin
-
-
-def resolve_layer_collection(layer_collection, generator, owner):
-    """The collection a matrix is built on: ``layer_collection`` when given, else the
-    generator's ``layer_collection`` attribute, else every layer of ``generator.model``.
-
-    ``owner``: the class name of the object being built (named in the errors)."""
-    name = owner
-    if layer_collection is not None:
-        if not isinstance(layer_collection, LayerCollection):
-            raise TypeError(
-                f"{name}: the first argument must be a LayerCollection, got "
-                f"{type(layer_collection).__name__}. The constructor is (layer_collection, "
-                "generator, data=None, examples=None); for nngeometry 0.4's order (generator, "
-                f"data, examples) pass keywords, e.g. {name}(generator=generator, examples=loader)")
-        return layer_collection
-    if generator is not None:
-        lc = getattr(generator, "layer_collection", None)
-        if lc is not None:
-            return lc
-        model = getattr(generator, "model", None)
-        if model is not None:
-            return LayerCollection.from_model(model)
-    raise ValueError(
-        f"{name} needs a LayerCollection and none can be found: pass layer_collection=..., or a "
-        "generator built on a model (whose layers are then used)")
 
 
 class PFMap(StateDictMixin, SharedGeneratorCopy):

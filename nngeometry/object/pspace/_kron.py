@@ -14,20 +14,8 @@ from typing import Hashable, NamedTuple
 
 import torch
 
-from ...layer_types.base import is_multiblock
+from ...layer_types.base import check_kfac_support, is_multiblock  # noqa: F401  (kept importable)
 from . import _checks, _spectral
-
-
-# ---------------------------------------------------------------------- support
-def check_kfac_support(layer_collection, representation):
-    """Refuse, naming the layer and its type, a collection with a layer that has no KFAC."""
-    for lid, layer in layer_collection.layers.items():
-        if not getattr(layer, "supports_kfac", False):
-            raise NotImplementedError(
-                f"{representation}: layer '{lid}' is of type {type(layer).__name__}, which has no "
-                f"KFAC approximation{getattr(layer, 'no_kfac_reason', '')}; use PMatEKFACBlockDiag (EKFAC where KFAC exists, dense blocks "
-                "elsewhere), PMatBlockDiag, or a PMatMixed putting this layer in another "
-                "representation")
 
 
 # ---------------------------------------------------------------------- factors

@@ -16,7 +16,8 @@ import warnings
 
 import torch
 
-from ..map import PFMap, PFMapDense, resolve_layer_collection
+from ...layercollection import resolve_layer_collection
+from ..map import PFMap, PFMapDense
 from ..vector import PVector
 from ...serialization import SharedGeneratorCopy, StateDictMixin
 from ._prior import scalar_or_prior
@@ -156,7 +157,8 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
     def _check_pvector(self, v):
         if not isinstance(v, PVector):
             raise TypeError(f"expected a PVector, got {type(v).__name__}")
-        if v.layer_collection != self.layer_collection:
+        if v.layer_collection is not self.layer_collection and \
+                v.layer_collection != self.layer_collection:
             raise ValueError(
                 f"the PVector's layout does not match the matrix: it has "
                 f"{v.layer_collection.numel()} parameters over layers {v.layer_collection.layer_ids()}, "
@@ -280,7 +282,11 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
             raise ValueError(f"{type(self).__name__}.{what}: damping={damping!r} is not "
                              "available for this operation; use damping='exact'")
         blocks = self._blocks_or_unsupported(what)
-        scalar, prior = scalar_or_prior(regul, self.layer_collection, type(self).__name__, what)
+        if isinstance(regul, (int, float)) and not isinstance(regul, bool):
+            scalar, prior = regul, None  # a plain number: Λ = λI
+        else:
+            scalar, prior = scalar_or_prior(regul, self.layer_collection, type(self).__name__,
+                                            what)
         if prior is None:
             regul, values = scalar, [scalar] * len(blocks)
         elif prior.kind == "layer" and self._block_layers() is not None:

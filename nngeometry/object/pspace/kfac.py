@@ -6,7 +6,7 @@ import torch
 
 from . import _checks
 from . import _kron as K
-from ._kron import check_kfac_support  # noqa: F401  (its historical home: kept importable)
+from ...layer_types.base import check_kfac_support
 from .abstract import PMatAbstract
 from .blocks import KronBlock
 from .blocks.kron import LAZY_INVERSE_WIDTH, PiDamping  # noqa: F401  (kept importable here)
@@ -91,7 +91,10 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
                  kfac_approx="expand", separate_weight_and_bias=False, **kwargs):
         super().__init__(layer_collection, generator, data=data, examples=examples,
                          kfac_approx=kfac_approx, **kwargs)
-        self._check_data()
+        if data is not None:
+            # factors given by the caller (those of the engine, `_build`, have this structure
+            # by construction; a 0.4 generator's are checked there)
+            self._check_data(self.data)
         if separate_weight_and_bias:
             self.data = K.separate_weight_and_bias(self.layer_collection, self.data)
 
@@ -102,14 +105,15 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         get = self.generator.get_kfac_blocks
         if "sqrt_k_split" not in inspect.signature(get).parameters:
             # a generator written for nngeometry 0.4: its factors as it splits them
-            return get(examples, self.layer_collection, approx=kfac_approx)
+            return self._check_data(get(examples, self.layer_collection, approx=kfac_approx))
         return get(examples, self.layer_collection, approx=kfac_approx, sqrt_k_split=True)
 
-    def _check_data(self):
+    def _check_data(self, data):
+        """``data`` (``{layer_id: (A, G)}``, see the class) after refusing a wrong structure."""
         ids = self.layer_collection.layer_ids()
-        if set(self.data) != set(ids):
-            raise ValueError(f"PMatKFAC data must have one (A, G) per layer {ids}, got {list(self.data)}")
-        for lid, e in self.data.items():
+        if set(data) != set(ids):
+            raise ValueError(f"PMatKFAC data must have one (A, G) per layer {ids}, got {list(data)}")
+        for lid, e in data.items():
             layer = K.KronLayer.of(e)
             for key, term in zip(layer.units(lid), layer.terms):
                 where = key.describe(len(layer.terms))
@@ -119,6 +123,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
                     if F.dim() not in (1, 2) or (F.dim() == 2 and F.shape[0] != F.shape[1]):
                         raise ValueError(f"factor {name} of {where} must be square or 1-D "
                                          f"(diagonal), got shape {tuple(F.shape)}")
+        return data
 
     @property
     def _layout(self):
