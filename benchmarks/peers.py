@@ -43,6 +43,12 @@ Diag build, MC                FIM_MonteCarlo(PMatDiag)    -                    D
 KFAC mv                       PMatKFAC.mv                 KFAC @ v             -
 GGN mv (matrix-free)          PMatImplicit.mv             GGNLinearOperator@v  -
 ============================  ==========================  ===================  =================
+
+The KFAC rows run each library with its defaults, which are not the same matrix: curvlinops
+factors a layer's weight and bias separately (``separate_weight_and_bias=True``: a
+``784 × 784`` input factor on W1's first layer, and no weight-bias cross terms), nngeometry
+jointly (``[W | b]``: ``785 × 785``, and the cross terms, as upstream). Both products are
+bound by the same two matrix products per layer.
 """
 import argparse
 import json
