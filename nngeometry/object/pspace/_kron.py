@@ -266,6 +266,12 @@ def repack(template, values):
 
 
 # ---------------------------------------------------------------------- layouts
+#: `Layout.kron_mv` keeps a ``[W | b]`` layer's weight and bias apart from this many entries
+#: on (below, the per-operation overhead of the four extra small products outweighs the copy
+#: of ``[W | b]`` that assembling it costs)
+SPLIT_BIAS_MIN_ENTRIES = 2 ** 16
+
+
 class Layout:
     """Where each layer sits in the flat vector and how to reach its Kronecker layout.
 
@@ -374,7 +380,8 @@ class Layout:
         themselves. A ``[W | b]`` layer (``'bias_last'``) is never assembled: with ``U = G W``,
         ``u = G b`` and ``Aᵀ`` split as ``[[Aᵀ_ww, Aᵀ_wb], [Aᵀ_bw, Aᵀ_bb]]``, the weight part
         is ``U Aᵀ_ww + u Aᵀ_bw`` and the bias part ``U Aᵀ_wb + u Aᵀ_bb`` (the same products,
-        the bias column summed last). A layer with a general permutation is gathered into its
+        the bias column summed last); a small layer (under `SPLIT_BIAS_MIN_ENTRIES` entries) is
+        assembled instead, fewer operations. A layer with a general permutation is gathered into its
         Kronecker layout and scattered back, as `split` and `join` do."""
         fast = self.__dict__.get("fast")
         if fast is None:  # (layouts pickled before)
@@ -387,8 +394,8 @@ class Layout:
                 any(F.dtype != like.dtype or F.device != like.device
                     for AG in factors for F in AG):
             return None
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) or \
-                _checks.needs_graph(*(F for AG in factors for F in AG)):
+        if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or
+                                        any(F.requires_grad for AG in factors for F in AG)):
             return None  # (out= products record no graph)
         flat = v.vector_repr
         end = max(e for s, e, *_ in self.entries.values())
@@ -416,6 +423,11 @@ class Layout:
                 else:
                     layer = torch.cat([t.reshape(-1) for t in ts])
                     W, b = layer[:nw].view(dG, nw // dG), layer[nw:]
+            if kind == "bias_last" and dG * dA < SPLIT_BIAS_MIN_ENTRIES:
+                # a small layer: fewer operations assembling [W | b] (a copy of little)
+                O = kron_apply(A, G, torch.cat([W, b.unsqueeze(1)], dim=1))
+                _from_kron_into(out[s:e], O, kind, dG, dA)
+                continue
             U = left(G, W)
             ow = out[s:s + nw].view(dG, nw // dG)
             if kind == "same":

@@ -172,11 +172,14 @@ def test_kfac_diagonal_of_factors_that_record_a_graph(kfac):
     assert torch.allclose(torch.diagonal(gA), torch.trace(data[lid][1]).expand(gA.shape[0]))
 
 
-def test_kfac_mv_reads_the_vector_in_place_against_dense(kfac):
-    """``mv`` writes each layer's ``G V Aᵀ`` into the result without laying the vector out:
-    the same numbers as the dense matrix for a flat vector and for a dict vector, and the
-    split / join path where an autograd graph must be recorded."""
+@pytest.mark.parametrize("split_from", [0, 2 ** 30])
+def test_kfac_mv_reads_the_vector_in_place_against_dense(kfac, split_from, monkeypatch):
+    """``mv`` writes each layer's ``G V Aᵀ`` into the result without laying the vector out
+    (``[W | b]`` layers kept apart as weight and bias, or assembled when small): the same
+    numbers as the dense matrix for a flat vector and for a dict vector, and the split / join
+    path where an autograd graph must be recorded."""
     from nngeometry.object.pspace.abstract import PMatAbstract
+    monkeypatch.setattr(K, "SPLIT_BIAS_MIN_ENTRIES", split_from)
     M = kfac.to_torch()
     lc = kfac.layer_collection
     v = torch.randn(M.shape[0], dtype=DT)
