@@ -43,6 +43,12 @@ def kron_apply(A, G, V):
     return right(left(G, V), A)
 
 
+def _apply_t(At, G, V):
+    """``G V At`` (``At`` the transposed input factor, or a 1-D diagonal one)."""
+    W = left(G, V)
+    return W * At if At.dim() == 1 else W @ At
+
+
 def dense(F):
     return torch.diag(F) if F.dim() == 1 else F
 
@@ -369,7 +375,7 @@ class Layout:
         return flats[0]
 
     def kron_mv(self, factors, v):
-        """``M v`` for ``M = blockdiag_l kron(G_l, A_l)`` (``factors``: ``(A_l, G_l)`` per layer,
+        """``M v`` for ``M = blockdiag_l kron(G_l, A_l)`` (``factors``: ``(A_lᵀ, G_l)`` per layer,
         in layout order; a layer with several Kronecker blocks has one pair per block) and a PVector
         ``v``, as a new flat ``(P,)`` tensor; None where this path does not apply (``v`` or the
         factors of another dtype or device, or an autograd graph to record: the caller then
@@ -407,11 +413,11 @@ class Layout:
                 layer = flat[s:e] if flat is not None else \
                     torch.cat([t.reshape(-1) for t in parts[lid]])
                 kv = layer[self._on(lid, 3, layer.device)]
-                res = torch.cat([kron_apply(*next(it), kv[off:off + dG * dA].view(dG, dA))
+                res = torch.cat([_apply_t(*next(it), kv[off:off + dG * dA].view(dG, dA))
                                  .reshape(-1) for _, off, dG, dA in units])
                 torch.index_select(res, 0, self._on(lid, 2, res.device), out=out[s:e])
                 continue
-            A, G = next(it)
+            At, G = next(it)
             (_, _, dG, dA), = units
             nw = dG * dA if kind == "same" else dG * (dA - 1)
             if flat is not None:
@@ -425,24 +431,24 @@ class Layout:
                     W, b = layer[:nw].view(dG, nw // dG), layer[nw:]
             if kind == "bias_last" and dG * dA < SPLIT_BIAS_MIN_ENTRIES:
                 # a small layer: fewer operations assembling [W | b] (a copy of little)
-                O = kron_apply(A, G, torch.cat([W, b.unsqueeze(1)], dim=1))
+                O = _apply_t(At, G, torch.cat([W, b.unsqueeze(1)], dim=1))
                 _from_kron_into(out[s:e], O, kind, dG, dA)
                 continue
             U = left(G, W)
             ow = out[s:s + nw].view(dG, nw // dG)
             if kind == "same":
-                if A.dim() == 1:
-                    torch.mul(U, A, out=ow)
+                if At.dim() == 1:
+                    torch.mul(U, At, out=ow)
                 else:
-                    torch.mm(U, A.mT, out=ow)
+                    torch.mm(U, At, out=ow)
                 continue
             u = G * b if G.dim() == 1 else torch.mv(G, b)
             ob = out[s + nw:e]
-            if A.dim() == 1:
-                torch.mul(U, A[:-1], out=ow)
-                torch.mul(u, A[-1], out=ob)
+            if At.dim() == 1:
+                torch.mul(U, At[:-1], out=ow)
+                torch.mul(u, At[-1], out=ob)
                 continue
-            AT = A.mT
+            AT = At
             torch.mm(U, AT[:-1, :-1], out=ow)
             # the rank-one term as a product with an inner dimension of 1 (addr_ is an
             # elementwise loop, 5x slower on a 256 x 784 weight)

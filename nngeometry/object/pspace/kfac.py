@@ -236,7 +236,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         if isinstance(vs, PVector) and (vs.layer_collection is self.layer_collection
                                         or vs.layer_collection == self.layer_collection):
             blocks = self._blocks()
-            out = self._layout.kron_mv([(b.A, b.G) for b in blocks], vs)
+            out = self._layout.kron_mv([(b.right_factor(), b.G) for b in blocks], vs)
             if out is not None:
                 return PVector(self.layer_collection, vector_repr=out)
         return super().mv(vs)

@@ -186,7 +186,8 @@ def test_kfac_mv_reads_the_vector_in_place_against_dense(kfac, split_from, monke
     flat = PVector(lc, vector_repr=v)
     as_dict = PVector(lc, dict_repr={k: tuple(t.clone() for t in ts)
                                      for k, ts in flat.get_dict_representation().items()})
-    assert kfac._layout.kron_mv([(b.A, b.G) for b in kfac._blocks()], flat) is not None
+    assert kfac._layout.kron_mv([(b.right_factor(), b.G) for b in kfac._blocks()],
+                                flat) is not None
     for pv in (flat, as_dict):
         got = kfac.mv(pv).get_flat_representation()
         assert torch.allclose(got, M @ v, rtol=1e-12, atol=1e-14)
@@ -225,3 +226,16 @@ def test_kfac_mv_with_gathered_and_multi_block_layers_against_dense():
     d = PVector(F.layer_collection, dict_repr={k: tuple(t.clone() for t in ts)
                                                for k, ts in pv.get_dict_representation().items()})
     assert torch.allclose(F.mv(d).get_flat_representation(), M @ v, rtol=1e-12, atol=1e-14)
+
+
+def test_kfac_mv_of_factors_that_are_not_symmetric(kfac):
+    """Factors that are not symmetric (a product of two KFACs) are applied as ``G V Aᵀ``:
+    the dense matrix of the product; exactly symmetric ones are read as they are."""
+    for b in kfac._blocks():
+        assert (b.right_factor() is b.A) == torch.equal(b.A, b.A.mT)
+    P = kfac.mm(kfac)
+    assert any(b.right_factor() is not b.A for b in P._blocks())
+    M = kfac.to_torch()
+    v = torch.randn(M.shape[0], dtype=DT)
+    got = P.mv(PVector(kfac.layer_collection, vector_repr=v)).get_flat_representation()
+    assert torch.allclose(got, M @ (M @ v), rtol=1e-10, atol=1e-13)
