@@ -109,7 +109,7 @@ class KronBlock(Block):
         A = self.A
         if A.dim() == 1:
             return A
-        At = self._At
+        At = getattr(self, "_At", None)  # (a block unpickled from before has none)
         if At is None or At[0] is not A or At[1] != A._version:
             sym = bool(torch.equal(A, A.mT))
             At = self._At = (A, A._version, A if sym else A.mT)
