@@ -1,6 +1,6 @@
 """The Laplace bridge (Hobbhahn et al. 2022): a Gaussian on the logits, ``N(μ, Σ)``, mapped to
 a Dirichlet whose mean approximates the predictive class probabilities. Shared by the Laplace
-approximations (`nngeometry.laplace`, `nngeometry.laplace_lm`, `nngeometry.laplace_gp`)."""
+approximations (the modules of `nngeometry.laplace`)."""
 import math
 
 import torch

@@ -19,7 +19,7 @@ from . import _checks, _spectral
 
 
 # ---------------------------------------------------------------------- factors
-def fdim(F):
+def factor_size(F):
     """Size of a factor or eigenbasis (tensor 1-D / 2-D, or int for an identity basis)."""
     return int(F) if isinstance(F, int) else F.shape[0]
 
@@ -53,15 +53,15 @@ def dense(F):
     return torch.diag(F) if F.dim() == 1 else F
 
 
-def fdiag(F):
+def factor_diag(F):
     return F if F.dim() == 1 else torch.diagonal(F)
 
 
-def ftrace(F):
+def factor_trace(F):
     return F.sum() if F.dim() == 1 else torch.trace(F)
 
 
-def fnorm(F):
+def factor_norm(F):
     return torch.linalg.vector_norm(F) if F.dim() == 1 else torch.linalg.matrix_norm(F)
 
 
@@ -148,8 +148,8 @@ def pi_damping(A, G, use_pi=True):
     ``use_pi`` is False or the ratio is not a positive finite number."""
     if not use_pi:
         return 1.0
-    tA = float(ftrace(A)) / fdim(A)
-    tG = float(ftrace(G)) / fdim(G)
+    tA = float(factor_trace(A)) / factor_size(A)
+    tG = float(factor_trace(G)) / factor_size(G)
     if tA > 0 and tG > 0 and tA < float("inf") and tG < float("inf"):
         return (tA / tG) ** 0.5
     return 1.0

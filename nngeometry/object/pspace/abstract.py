@@ -140,6 +140,44 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
             data = self._build(examples, **kwargs)
         self.data = data
 
+    #: the name of the engine's method (on the generator) that computes the statistic this
+    #: representation is built from (`from_statistics`); None for a representation that is the
+    #: result of an operation on another one
+    statistic = None
+
+    @classmethod
+    def from_statistics(cls, layer_collection, statistics, **options):
+        """The representation built from the engine's statistic, already computed: what
+        ``cls(generator=g, examples=x)`` builds from ``g.<cls.statistic>(x, layer_collection)``
+        (the same code path, without a generator).
+
+        Args:
+            layer_collection: the `LayerCollection` the statistic was computed on.
+            statistics: the output of the generator's method named by
+                the class attribute `statistic`; each
+                representation's docstring of ``_data_from_statistics`` gives its shapes.
+            **options: the representation's options that act on the statistic (e.g.
+                ``separate_weight_and_bias`` of PMatKFAC).
+
+        Raises:
+            ValueError: the statistic does not match ``layer_collection`` (layers or shapes).
+        """
+        cls._check_statistics(layer_collection, statistics, **options)
+        data = cls._data_from_statistics(layer_collection, statistics, **options)
+        return cls(layer_collection, None, data=data)
+
+    @classmethod
+    def _check_statistics(cls, layer_collection, statistics, **options):
+        """Refuse a statistic of another layer collection or shape (the engine's own, in the
+        generator constructor, have the right ones by construction and are not checked)."""
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics, **options):
+        raise NotImplementedError(
+            f"{cls.__name__} is not built from a statistic of the engine (it is the result of "
+            "an operation on another representation, or takes its data directly); build one of "
+            "the representations listed in docs/representations.md instead")
+
     def _build(self, examples, **kwargs):
         raise NotImplementedError(
             f"{type(self).__name__} cannot be built from examples (it is the result of an "

@@ -4,6 +4,7 @@ import torch
 
 from ..._memory import check_fits
 from . import _checks
+from ._statistics import check_layers, check_tensor
 from .abstract import PMatAbstract
 from .blocks import DenseBlock
 
@@ -17,9 +18,26 @@ class PMatBlockDiag(PMatAbstract):
     powers act block by block and are exact for this matrix (``(M_l + λI)⁻¹`` per block).
     """
 
+    statistic = "get_covariance_layer_blocks"
+
     def _build(self, examples, **kwargs):
         _check_blocks_fit(self.layer_collection, self.generator)
-        return self.generator.get_covariance_layer_blocks(examples, self.layer_collection)
+        return self._data_from_statistics(
+            self.layer_collection,
+            self.generator.get_covariance_layer_blocks(examples, self.layer_collection))
+
+    @classmethod
+    def _check_statistics(cls, layer_collection, statistics):
+        check_layers(cls.__name__, layer_collection, statistics, "the layer blocks")
+        for lid in layer_collection.layer_ids():
+            p = layer_collection[lid].numel()
+            check_tensor(cls.__name__, statistics[lid], (p, p), f"the block of layer '{lid}'")
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics):
+        """``statistics``: ``{layer_id: (p_l, p_l)}``, each layer's block of
+        ``(1/n) Σ_x J(x)ᵀ J(x)``, stored as it is."""
+        return statistics
 
     def _new(self, blocks):
         return PMatBlockDiag(self.layer_collection, None, data=blocks)

@@ -3,6 +3,7 @@ import torch
 
 from ..vector import PVector
 from . import _checks, _spectral
+from ._statistics import check_tensor
 from .abstract import PMatAbstract
 from .blocks import DenseBlock
 
@@ -13,10 +14,24 @@ class PMatDense(PMatAbstract):
     Exact, and costs ``P²`` memory: use it on small models, or on a sub-collection of layers.
     """
 
+    statistic = "get_covariance_matrix"
+
     def _build(self, examples, **kwargs):
         p = self.layer_collection.numel()
         _checks.check_dense_fits(p, self._model_dtype_size())
-        return self.generator.get_covariance_matrix(examples, self.layer_collection)
+        return self._data_from_statistics(
+            self.layer_collection,
+            self.generator.get_covariance_matrix(examples, self.layer_collection))
+
+    @classmethod
+    def _check_statistics(cls, layer_collection, statistics):
+        p = layer_collection.numel()
+        check_tensor(cls.__name__, statistics, (p, p), "the covariance matrix")
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics):
+        """``statistics``: the ``(P, P)`` matrix ``(1/n) Σ_x J(x)ᵀ J(x)``, stored as it is."""
+        return statistics
 
     def _model_dtype_size(self):
         for param in self.generator.model.parameters():

@@ -4,6 +4,7 @@ import torch
 
 from ..vector import PVector
 from . import _checks
+from ._statistics import check_tensor
 from .abstract import PMatAbstract
 from .blocks import DiagBlock, ScaledIdentityBlock
 
@@ -17,8 +18,21 @@ class PMatDiag(PMatAbstract):
     solves, powers, log-determinants come from the block's primitives (see ``abstract``).
     """
 
+    statistic = "get_covariance_diag"
+
     def _build(self, examples, **kwargs):
-        return self.generator.get_covariance_diag(examples, self.layer_collection)
+        return self._data_from_statistics(
+            self.layer_collection,
+            self.generator.get_covariance_diag(examples, self.layer_collection))
+
+    @classmethod
+    def _check_statistics(cls, layer_collection, statistics):
+        check_tensor(cls.__name__, statistics, (layer_collection.numel(),), "the diagonal")
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics):
+        """``statistics``: the ``(P,)`` diagonal of ``(1/n) Σ_x J(x)ᵀ J(x)``, stored as it is."""
+        return statistics
 
     def _new(self, d):
         return PMatDiag(self.layer_collection, None, data=d)

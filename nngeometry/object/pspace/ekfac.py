@@ -5,7 +5,8 @@ import torch
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
-from . import _kron as K
+from . import _kron
+from ._statistics import check_layers
 from .abstract import PMatAbstract, check_same_function, function_origin
 from .blocks import EigenKronBlock
 from .eye import PMatEye
@@ -23,7 +24,7 @@ def _holds_bases(entry):
     return False
 
 
-class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
+class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
     """EKFAC: per layer ``M_layer ≈ U diag(d) Uᵀ`` with ``U = U_G ⊗ U_A`` the Kronecker-factored
     eigenbasis (KFE) of the layer's KFAC factors and ``d`` a diagonal in that basis.
 
@@ -95,7 +96,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
     @staticmethod
     def _public_entry(e):
         """``(evecs entry, diags entry)`` of one stored layer entry."""
-        if K.is_multi(e):
+        if _kron.is_multi(e):
             return tuple((UA, UG) for UA, UG, _ in e), tuple(D.reshape(-1) for _, _, D in e)
         UA, UG, D = e
         return (UA, UG), D.reshape(-1)
@@ -117,7 +118,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
 
     def _stored_entry(self, lid, basis, diag):
         """One layer's stored entry from its ``evecs`` and ``diags`` entries."""
-        if K.is_multi(basis):
+        if _kron.is_multi(basis):
             if not isinstance(diag, (tuple, list)) or len(diag) != len(basis):
                 raise ValueError(f"layer '{lid}' has {len(basis)} Kronecker blocks in evecs: its "
                                  "diags entry must be a tuple of as many diagonals")
@@ -130,34 +131,62 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
 
     @staticmethod
     def _block_entry(where, UA, UG, d):
-        dA, dG = K.fdim(UA), K.fdim(UG)
+        dA, dG = _kron.factor_size(UA), _kron.factor_size(UG)
         if d.numel() != dA * dG:
             raise ValueError(f"{where}: the diagonal has {d.numel()} values, the bases need "
                              f"dG · dA = {dG} · {dA} = {dG * dA}")
         return (UA, UG, d.reshape(dG, dA))
 
     # ------------------------------------------------------------------ building
+    statistic = "get_kfac_blocks"
+
     def _build(self, examples, eigendecomposition=None, kfac_approx="expand",
                separate_weight_and_bias=False):
-        K.check_kfac_support(self.layer_collection, type(self).__name__)
+        lc = self.layer_collection
+        _kron.check_kfac_support(lc, type(self).__name__)
         if eigendecomposition is not None:
-            if separate_weight_and_bias:
-                raise ValueError(
-                    f"{type(self).__name__}: separate_weight_and_bias=True chooses how KFAC's "
-                    "factors are split, but eigendecomposition= gives the bases already; build "
-                    "the bases from a PMatKFAC(..., separate_weight_and_bias=True) instead")
-            bases = self._bases_from(eigendecomposition)
-            diags = self.generator.get_kfe_diag(bases, examples, self.layer_collection)
-            return {lid: self._replace_entry(b, diags[lid]) for lid, b in bases.items()}
-        kfac = self.generator.get_kfac_blocks(examples, self.layer_collection, approx=kfac_approx)
+            self._check_bases_options(separate_weight_and_bias)
+            statistics = self.generator.get_kfe_diag(self._bases_from(lc, eigendecomposition),
+                                                     examples, lc)
+        else:
+            statistics = self.generator.get_kfac_blocks(examples, lc, approx=kfac_approx)
+        return self._data_from_statistics(lc, statistics, eigendecomposition=eigendecomposition,
+                                          separate_weight_and_bias=separate_weight_and_bias)
+
+    @classmethod
+    def _check_statistics(cls, layer_collection, statistics, eigendecomposition=None,
+                          separate_weight_and_bias=False):
+        _kron.check_kfac_support(layer_collection, cls.__name__)
+        check_layers(cls.__name__, layer_collection, statistics,
+                     "the Kronecker factors" if eigendecomposition is None else "the diagonals")
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics, eigendecomposition=None,
+                              separate_weight_and_bias=False):
+        """``statistics``: KFAC's factors ``{layer_id: (A, G)}`` (``get_kfac_blocks``), whose
+        eigendecompositions give the bases and the diagonal ``λ_G ⊗ λ_A``; or, with
+        ``eigendecomposition`` (the bases, in any form the constructor takes), the diagonals in
+        those bases ``{layer_id: (dG, dA)}`` (``get_kfe_diag``)."""
+        if eigendecomposition is not None:
+            cls._check_bases_options(separate_weight_and_bias)
+            bases = cls._bases_from(layer_collection, eigendecomposition)
+            return {lid: cls._replace_entry(b, statistics[lid]) for lid, b in bases.items()}
         if separate_weight_and_bias:
-            kfac = K.separate_weight_and_bias(self.layer_collection, kfac)
-        return {lid: self._entry_from_kfac(e) for lid, e in kfac.items()}
+            statistics = _kron.separate_weight_and_bias(layer_collection, statistics)
+        return {lid: cls._entry_from_kfac(e) for lid, e in statistics.items()}
+
+    @classmethod
+    def _check_bases_options(cls, separate_weight_and_bias):
+        if separate_weight_and_bias:
+            raise ValueError(
+                f"{cls.__name__}: separate_weight_and_bias=True chooses how KFAC's "
+                "factors are split, but eigendecomposition= gives the bases already; build "
+                "the bases from a PMatKFAC(..., separate_weight_and_bias=True) instead")
 
     @classmethod
     def _entry_from_kfac(cls, entry):
         """A layer's EKFAC entry from its KFAC entry (``(A, G)`` or a tuple of those)."""
-        if K.is_multi(entry):
+        if _kron.is_multi(entry):
             return tuple(cls._entry_from_factors(A, G) for A, G in entry)
         return cls._entry_from_factors(*entry)
 
@@ -165,21 +194,22 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
     def _replace_entry(entry, diag):
         """``entry`` (``(U_A, U_G[, ...])`` or a tuple of those) with its diagonal set to
         ``diag`` (a tensor, or a list of tensors for a multi-block entry)."""
-        if K.is_multi(entry):
+        if _kron.is_multi(entry):
             return tuple(tuple(e[:2]) + (d,) for e, d in zip(entry, diag))
         return tuple(entry[:2]) + (diag,)
 
     @staticmethod
     def _entry_from_factors(A, G):
-        lA, UA = K.eig(A)
-        lG, UG = K.eig(G)
+        lA, UA = _kron.eig(A)
+        lG, UG = _kron.eig(G)
         return (UA, UG, torch.outer(lG, lA))
 
-    def _bases_from(self, eigendecomposition):
+    @classmethod
+    def _bases_from(cls, layer_collection, eigendecomposition):
         if hasattr(eigendecomposition, "kronecker_eigenbases"):  # a PMatKFAC
             return eigendecomposition.kronecker_eigenbases()
         if isinstance(eigendecomposition, PMatEKFAC):
-            return K.repack(eigendecomposition._store,
+            return _kron.repack(eigendecomposition._store,
                             {key: tuple(ent[:2]) for key, ent in eigendecomposition._units()})
         if isinstance(eigendecomposition, (tuple, list)) and len(eigendecomposition) == 2 \
                 and all(isinstance(v, dict) for v in eigendecomposition):
@@ -189,9 +219,9 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
             eigendecomposition = second if _holds_bases(next(iter(second.values()), None)) \
                 else first
         bases = {}
-        for lid in self.layer_collection.layer_ids():
+        for lid in layer_collection.layer_ids():
             e = eigendecomposition[lid]
-            bases[lid] = (tuple(tuple(b)[:2] for b in e) if K.is_multi(e) else tuple(e)[:2])
+            bases[lid] = (tuple(tuple(b)[:2] for b in e) if _kron.is_multi(e) else tuple(e)[:2])
         return bases
 
     @classmethod
@@ -209,10 +239,10 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
             blocks = self._entries(lid)
             for b, (UA, UG, D) in enumerate(blocks):
                 where = f"layer '{lid}'" + (f" (block {b})" if len(blocks) > 1 else "")
-                if tuple(D.shape) != (K.fdim(UG), K.fdim(UA)):
+                if tuple(D.shape) != (_kron.factor_size(UG), _kron.factor_size(UA)):
                     raise ValueError(
                         f"{where}: diagonal of shape {tuple(D.shape)} does not match the bases "
-                        f"(dG={K.fdim(UG)}, dA={K.fdim(UA)}); expected ({K.fdim(UG)}, {K.fdim(UA)})")
+                        f"(dG={_kron.factor_size(UG)}, dA={_kron.factor_size(UA)}); expected ({_kron.factor_size(UG)}, {_kron.factor_size(UA)})")
 
     # hooks for PMatEKFACBlockDiag, whose dense layers are stored differently
     def _entry(self, lid):
@@ -222,11 +252,11 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
     def _entries(self, lid):
         """The ``(U_A, U_G, D)`` of each Kronecker block of a layer, in layout order."""
         e = self._store[lid]
-        return list(e) if K.is_multi(e) else [self._entry(lid)]
+        return list(e) if _kron.is_multi(e) else [self._entry(lid)]
 
     def _units(self):
         """``(unit key, (U_A, U_G, D))`` for every Kronecker block (unit keys: see ``_kron``)."""
-        return [(K.Unit(lid, b), ent) for lid in self._store
+        return [(_kron.Unit(lid, b), ent) for lid in self._store
                 for b, ent in enumerate(self._entries(lid))]
 
     def _unit(self, key):
@@ -237,7 +267,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
 
     def _kfe_request(self, lid):
         e = self._store[lid]
-        if K.is_multi(e):
+        if _kron.is_multi(e):
             return tuple((UA, UG) for UA, UG, _ in e)
         UA, UG, _ = self._entry(lid)
         return (UA, UG)
@@ -245,7 +275,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
     def _replace_diags(self, diags):
         """``data`` with each layer's ``D`` replaced by ``diags[lid]`` (a list of ``D_b`` for a
         multi-block layer)."""
-        return {lid: self._replace_entry(self._store[lid] if K.is_multi(self._store[lid])
+        return {lid: self._replace_entry(self._store[lid] if _kron.is_multi(self._store[lid])
                                          else self._entry(lid), diags[lid]) for lid in self._store}
 
     def _map_diags(self, fn, with_layer=False):
@@ -254,7 +284,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         out = {}
         for lid, e in self._store.items():
             ds = [fn(lid, D) if with_layer else fn(D) for _, _, D in self._entries(lid)]
-            out[lid] = ds if K.is_multi(e) else ds[0]
+            out[lid] = ds if _kron.is_multi(e) else ds[0]
         return out
 
     def _with_diags(self, diags):
@@ -268,9 +298,9 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
             dims = {}
             for lid, e in self._store.items():
                 sizes = [tuple(D.shape) for _, _, D in self._entries(lid)]
-                dims[lid] = sizes if K.is_multi(e) else sizes[0]
+                dims[lid] = sizes if _kron.is_multi(e) else sizes[0]
             perms = {lid: self._perm(lid) for lid in self.layer_collection.layer_ids()}
-            lay = self._layout_obj = K.Layout(self.layer_collection, dims, perms)
+            lay = self._layout_obj = _kron.Layout(self.layer_collection, dims, perms)
         return lay
 
     @property
@@ -310,7 +340,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
                                  self._layer_diag(layer_id).element_size(),
                                  what=f"the eigenbasis of layer '{layer_id}': a dense")
         U = torch.block_diag(*[
-            torch.kron(K.dense_basis(UG, D).contiguous(), K.dense_basis(UA, D).contiguous())
+            torch.kron(_kron.dense_basis(UG, D).contiguous(), _kron.dense_basis(UA, D).contiguous())
             for UA, UG, D in self._entries(layer_id)])
         return self._layout.to_flat_order(layer_id, U) if split_weight_bias else U
 
@@ -336,7 +366,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         diags = {}
         for (key, _), b in zip(self._units(), blocks):
             diags.setdefault(key.layer, []).append(b.D)
-        return self._with_diags({lid: ds if K.is_multi(self._store[lid]) else ds[0]
+        return self._with_diags({lid: ds if _kron.is_multi(self._store[lid]) else ds[0]
                                  for lid, ds in diags.items()})
 
     def _like(self):
@@ -443,7 +473,7 @@ class PMatEKFAC(K.KronBlocksInLayout, PMatAbstract):
         out = {}
         for lid, e in self._store.items():
             ds = [fn(a[2], b[2]) for a, b in zip(self._entries(lid), other._entries(lid))]
-            out[lid] = ds if K.is_multi(e) else ds[0]
+            out[lid] = ds if _kron.is_multi(e) else ds[0]
         return out
 
     def mm(self, other):

@@ -3,7 +3,8 @@ others (e.g. layer types without KFAC maths, grouped convolutions)."""
 import torch
 
 from . import _spectral
-from . import _kron as K
+from . import _kron
+from ._statistics import check_layers, check_tensor
 from .ekfac import PMatEKFAC
 
 
@@ -70,19 +71,44 @@ class PMatEKFACBlockDiag(PMatEKFAC):
             return (basis, diag.reshape(-1))
         return super()._stored_entry(lid, basis, diag)
 
+    statistic = "get_kfac_or_layer_blocks"
+
     def _build(self, examples, eigendecomposition=None, kfac_approx="expand",
                separate_weight_and_bias=False):
         if eigendecomposition is not None:
             raise ValueError("PMatEKFACBlockDiag computes its own bases; eigendecomposition is not "
                              "supported")
-        factors, blocks = self.generator.get_kfac_or_layer_blocks(
-            examples, self.layer_collection, approx=kfac_approx)
+        return self._data_from_statistics(
+            self.layer_collection,
+            self.generator.get_kfac_or_layer_blocks(examples, self.layer_collection,
+                                                    approx=kfac_approx),
+            separate_weight_and_bias=separate_weight_and_bias)
+
+    @classmethod
+    def _check_statistics(cls, layer_collection, statistics, separate_weight_and_bias=False):
+        if not (isinstance(statistics, (tuple, list)) and len(statistics) == 2):
+            raise TypeError(f"{cls.__name__}.from_statistics: expected the pair (factors, "
+                            f"blocks) of get_kfac_or_layer_blocks, got {type(statistics).__name__}")
+        factors, blocks = statistics
+        check_layers(cls.__name__, layer_collection, {**factors, **blocks},
+                     "the factors and blocks")
+        for lid, block in blocks.items():
+            p = layer_collection[lid].numel()
+            check_tensor(cls.__name__, block, (p, p), f"the block of layer '{lid}'")
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics, separate_weight_and_bias=False):
+        """``statistics``: the pair ``(factors, blocks)`` of ``get_kfac_or_layer_blocks``:
+        KFAC's ``{layer_id: (A, G)}`` for the layers that have KFAC, the exact
+        ``{layer_id: (p_l, p_l)}`` blocks for the others (stored through their
+        eigendecompositions)."""
+        factors, blocks = statistics
         if separate_weight_and_bias:  # see PMatKFAC: the KFAC layers only
-            factors = K.separate_weight_and_bias(self.layer_collection, factors)
+            factors = _kron.separate_weight_and_bias(layer_collection, factors)
         data = {}
-        for lid in self.layer_collection.layer_ids():
+        for lid in layer_collection.layer_ids():
             if lid in factors:
-                data[lid] = self._entry_from_kfac(factors[lid])
+                data[lid] = cls._entry_from_kfac(factors[lid])
             else:
                 evals, U = _spectral.eigh(blocks[lid])
                 data[lid] = (U, evals)
@@ -91,7 +117,7 @@ class PMatEKFACBlockDiag(PMatEKFAC):
     @staticmethod
     def _is_dense(e):
         # (U, d): a dense block; EKFAC entries have 3 items, multi-block ones are tuples of those
-        return not K.is_multi(e) and len(e) == 2
+        return not _kron.is_multi(e) and len(e) == 2
 
     @property
     def dense_layers(self):

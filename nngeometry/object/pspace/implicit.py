@@ -166,8 +166,9 @@ class PMatImplicit(PMatAbstract):
         """``M`` applied to every row of the PFMap (vmapped JVPs and VJPs)."""
         self._check_pfmap(pfmap)
         J = pfmap.to_torch()
-        K, n, P = J.shape
-        return PFMapDense(self.layer_collection, data=self._mm_rows(J.reshape(K * n, P)).reshape(K, n, P))
+        n_outputs, n_examples, n_params = J.shape
+        rows = self._mm_rows(J.reshape(n_outputs * n_examples, n_params))
+        return PFMapDense(self.layer_collection, data=rows.reshape(J.shape))
 
     def mapTMmap(self, pfmap, reduction="sum"):
         """``q[k, i] = J[k, i] M J[k, i]ᵀ`` (``'diag'``: ``(K, n)``; ``'sum'``: ``Σ_k``,
@@ -175,14 +176,15 @@ class PMatImplicit(PMatAbstract):
         self._check_pfmap(pfmap)
         check_reduction(reduction)
         Q = pfmap.to_torch()
-        K, n, P = Q.shape
-        rows = Q.reshape(K * n, P)
+        n_outputs, n_examples, n_params = Q.shape
+        rows = Q.reshape(n_outputs * n_examples, n_params)
         step = self.rows_per_pass or rows.shape[0]
         gen = self._gen()
-        A = torch.cat([gen.implicit_JV(rows[i:i + step], self.examples, self.layer_collection)
-                       for i in range(0, rows.shape[0], step)], dim=0)
-        N = A.shape[-1]  # examples seen
-        q = self.scale * (A * A).reshape(K * n, -1).sum(dim=-1).reshape(K, n) / N \
+        jvps = torch.cat([gen.implicit_JV(rows[i:i + step], self.examples, self.layer_collection)
+                          for i in range(0, rows.shape[0], step)], dim=0)
+        n_seen = jvps.shape[-1]  # examples of the matrix's data
+        q = self.scale * (jvps * jvps).reshape(rows.shape[0], -1).sum(dim=-1).reshape(
+            n_outputs, n_examples) / n_seen \
             + (self.shift * Q * Q).sum(dim=-1)
         return reduce_forms(q, reduction)
 
@@ -306,7 +308,7 @@ class PMatImplicit(PMatAbstract):
         self._check_pfmap(x)
         _check_solve(solve)
         J = x.to_torch()
-        K, n, P = J.shape
+        n_rows, n_params = J.shape[0] * J.shape[1], J.shape[2]
         tol = _tolerance(tol, rtol)
         X0 = None
         if x0 is not None:
@@ -315,10 +317,10 @@ class PMatImplicit(PMatAbstract):
             if X0.shape != J.shape:
                 raise ValueError(f"x0 has shape {tuple(X0.shape)}, the PFMap to solve "
                                  f"{tuple(J.shape)}: give a starting PFMap of the same shape")
-            X0 = X0.reshape(K * n, P)
-        Y = self._solve_rows(J.reshape(K * n, P), regul, tol, max_iter, M,
+            X0 = X0.reshape(n_rows, n_params)
+        Y = self._solve_rows(J.reshape(n_rows, n_params), regul, tol, max_iter, M,
                              return_info=return_info, X0=X0, atol=atol)
-        out = PFMapDense(self.layer_collection, data=Y.reshape(K, n, P))
+        out = PFMapDense(self.layer_collection, data=Y.reshape(J.shape))
         return (out, dict(self.last_cg_info)) if return_info else out
 
     # ------------------------------------------------------------------ reductions

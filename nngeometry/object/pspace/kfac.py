@@ -5,7 +5,8 @@ import inspect
 import torch
 
 from . import _checks
-from . import _kron as K
+from ._statistics import check_layers
+from . import _kron
 from ...layer_types.base import check_kfac_support
 from .abstract import PMatAbstract
 from .blocks import KronBlock
@@ -16,7 +17,7 @@ from ..vector import PVector
 _DAMPINGS = ("pi", "exact")
 
 
-class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
+class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
     """KFAC: per layer, ``M_layer ≈ kron(G, A)`` in the layer's Kronecker layout.
 
     ``kron(G, A)`` approximates the layer's block of ``(1/n) Σ_x J(x)ᵀ J(x)`` (exact for a Linear
@@ -96,7 +97,9 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
             # by construction; a 0.4 generator's are checked there)
             self._check_data(self.data)
         if separate_weight_and_bias:
-            self.data = K.separate_weight_and_bias(self.layer_collection, self.data)
+            self.data = _kron.separate_weight_and_bias(self.layer_collection, self.data)
+
+    statistic = "get_kfac_blocks"
 
     def _build(self, examples, kfac_approx="expand"):
         if kfac_approx not in ("expand", "reduce"):
@@ -105,8 +108,25 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         get = self.generator.get_kfac_blocks
         if "sqrt_k_split" not in inspect.signature(get).parameters:
             # a generator written for nngeometry 0.4: its factors as it splits them
-            return self._check_data(get(examples, self.layer_collection, approx=kfac_approx))
-        return get(examples, self.layer_collection, approx=kfac_approx, sqrt_k_split=True)
+            factors = self._check_data(get(examples, self.layer_collection, approx=kfac_approx))
+        else:
+            factors = get(examples, self.layer_collection, approx=kfac_approx, sqrt_k_split=True)
+        # separate_weight_and_bias is applied by __init__, to built and given data alike
+        return self._data_from_statistics(self.layer_collection, factors)
+
+    @classmethod
+    def _check_statistics(cls, layer_collection, statistics, separate_weight_and_bias=False):
+        check_layers(cls.__name__, layer_collection, statistics, "the Kronecker factors")
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics, separate_weight_and_bias=False):
+        """``statistics``: ``{layer_id: (A, G)}`` (a tuple of pairs for a multi-block layer),
+        the factors of ``get_kfac_blocks``; with ``separate_weight_and_bias=True`` the weight
+        and bias are factored separately (see the class docstring). Their structure is checked
+        by the constructor (``_check_data``)."""
+        if separate_weight_and_bias:
+            return _kron.separate_weight_and_bias(layer_collection, statistics)
+        return statistics
 
     def _check_data(self, data):
         """``data`` (``{layer_id: (A, G)}``, see the class) after refusing a wrong structure."""
@@ -114,7 +134,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         if set(data) != set(ids):
             raise ValueError(f"PMatKFAC data must have one (A, G) per layer {ids}, got {list(data)}")
         for lid, e in data.items():
-            layer = K.KronLayer.of(e)
+            layer = _kron.KronLayer.of(e)
             for key, term in zip(layer.units(lid), layer.terms):
                 where = key.describe(len(layer.terms))
                 if len(term) != 2:
@@ -131,22 +151,22 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         if lay is None:
             dims = {}
             for lid, e in self.data.items():
-                layer = K.KronLayer.of(e)
-                sizes = [(K.fdim(G), K.fdim(A)) for A, G in layer.terms]
+                layer = _kron.KronLayer.of(e)
+                sizes = [(_kron.factor_size(G), _kron.factor_size(A)) for A, G in layer.terms]
                 dims[lid] = sizes if layer.multi else sizes[0]
             perms = {lid: l.kfac_permutation() for lid, l in self.layer_collection.layers.items()}
-            lay = self._layout_obj = K.Layout(self.layer_collection, dims, perms)
+            lay = self._layout_obj = _kron.Layout(self.layer_collection, dims, perms)
         return lay
 
     def _units(self):
         """``(Unit, A, G)`` for every Kronecker term (one per layer, several for a multi-block
         layer)."""
-        return [(key, A, G) for key, (A, G) in K.iter_units(self.data)]
+        return [(key, A, G) for key, (A, G) in _kron.iter_units(self.data)]
 
     def _map_units(self, fn):
         """A data dict of the same structure with each term's ``(A, G)`` replaced by
         ``fn(key, A, G)``."""
-        return K.repack(self.data, {key: fn(key, A, G) for key, A, G in self._units()})
+        return _kron.repack(self.data, {key: fn(key, A, G) for key, A, G in self._units()})
 
     @property
     def dtype(self):
@@ -181,10 +201,10 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         PMatEKFAC on the factors' eigenbases."""
         keys = self._block_keys()
         if all(isinstance(b, KronBlock) for b in blocks):
-            return PMatKFAC(self.layer_collection, None, data=K.repack(
+            return PMatKFAC(self.layer_collection, None, data=_kron.repack(
                 self.data, {k: (b.A, b.G) for k, b in zip(keys, blocks)}))
         eig = [b.eigen() if isinstance(b, KronBlock) else b for b in blocks]
-        return PMatEKFAC(self.layer_collection, None, data=K.repack(
+        return PMatEKFAC(self.layer_collection, None, data=_kron.repack(
             self.data, {k: b.as_entry() for k, b in zip(keys, eig)}))
 
     def _like(self):
@@ -207,7 +227,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         if impl not in ("eigh", "svd"):
             raise ValueError(f"unknown impl '{impl}' for compute_eigendecomposition: use 'eigh' "
                              "or 'svd'")
-        eig = K.eig if impl == "eigh" else K.eig_svd
+        eig = _kron.eig if impl == "eigh" else _kron.eig_svd
         for b in self._blocks():
             b.set_factor_eig((eig(b.A), eig(b.G)))
 
@@ -215,7 +235,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         """``{layer_id: (U_A, U_G)}`` (a tuple of pairs for a multi-block layer): the
         eigenbases of the factors, what `PMatEKFAC` takes as ``eigendecomposition=``."""
         eig = [b.factor_eig() for b in self._blocks()]
-        return K.repack(self.data, {key: (eA[1], eG[1])
+        return _kron.repack(self.data, {key: (eA[1], eG[1])
                                     for key, (eA, eG) in zip(self._block_keys(), eig)})
 
     def get_eigendecomposition(self):
@@ -226,8 +246,8 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         cached. A diagonal factor's basis is the int size of its identity; a multi-block layer
         gets a tuple of pairs, one per Kronecker block."""
         eig = dict(zip(self._block_keys(), (b.factor_eig() for b in self._blocks())))
-        evals = K.repack(self.data, {k: (eA[0], eG[0]) for k, (eA, eG) in eig.items()})
-        evecs = K.repack(self.data, {k: (eA[1], eG[1]) for k, (eA, eG) in eig.items()})
+        evals = _kron.repack(self.data, {k: (eA[0], eG[0]) for k, (eA, eG) in eig.items()})
+        evecs = _kron.repack(self.data, {k: (eA[1], eG[1]) for k, (eA, eG) in eig.items()})
         return evals, evecs
 
     # ------------------------------------------------------------------ products
@@ -250,8 +270,8 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         self._check_same_kind(other)
 
         def prod(key, A, G):
-            A2, G2 = K.get_unit(other.data, key)
-            return (K.fmatmul(A, A2), K.fmatmul(G, G2))
+            A2, G2 = _kron.get_unit(other.data, key)
+            return (_kron.fmatmul(A, A2), _kron.fmatmul(G, G2))
 
         return PMatKFAC(self.layer_collection, None, data=self._map_units(prod))
 
@@ -303,7 +323,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
         if split_weight_bias:
             # written in place into the flat vector where the layout allows (no reordering copy)
             return self._layout.outer_diag_flat(
-                {lid: [(K.fdiag(A), K.fdiag(G)) for A, G in K.KronLayer.of(e).terms]
+                {lid: [(_kron.factor_diag(A), _kron.factor_diag(G)) for A, G in _kron.KronLayer.of(e).terms]
                  for lid, e in self.data.items()})
         return torch.cat([b.diag().reshape(-1) for b in self._blocks()])
 
@@ -350,7 +370,7 @@ class PMatKFAC(K.KronBlocksInLayout, PMatAbstract):
             raise ValueError(f"factor_average needs weights with a positive sum, got {w1}, {w2}")
 
         def average(key, A1, G1):
-            A2, G2 = K.get_unit(other.data, key)
+            A2, G2 = _kron.get_unit(other.data, key)
             return ((w1 * A1 + w2 * A2) / (w1 + w2), w1 * G1 + w2 * G2)
 
         return PMatKFAC(self.layer_collection, None, data=self._map_units(average))

@@ -7,6 +7,7 @@ from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks, _spectral
 from ._prior import scalar_or_prior
+from ._statistics import check_tensor
 from .abstract import PMatAbstract, check_reduction, reduce_forms
 from .blocks import LowRankBlock
 from .eye import PMatEye
@@ -85,9 +86,22 @@ class PMatLowRank(_LowRankBase):
     Upstream nngeometry dropped the component of ``x`` orthogonal to the range; we don't.
     """
 
+    statistic = "get_jacobian"
+
     def _build(self, examples, **kwargs):
-        J = self.generator.get_jacobian(examples, self.layer_collection)
-        return J / J.shape[1] ** 0.5
+        return self._data_from_statistics(
+            self.layer_collection, self.generator.get_jacobian(examples, self.layer_collection))
+
+    @classmethod
+    def _check_statistics(cls, layer_collection, statistics):
+        check_tensor(cls.__name__, statistics, (None, None, layer_collection.numel()),
+                     "the per-example Jacobians (n_output, n, P)")
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics):
+        """``statistics``: the ``(n_output, n, P)`` per-example Jacobians ``J`` (not
+        normalized); stored as ``J / √n``."""
+        return statistics / statistics.shape[1] ** 0.5
 
     def _U(self):
         return self.data.reshape(-1, self.data.shape[-1])

@@ -1,15 +1,12 @@
 """``PMatMixed``: a different representation for each group of layers (block-diagonal across
 groups)."""
-import inspect
-
 import torch
 
 from ...layercollection import LayerCollection
-from ..map import PFMapDense
-from ..vector import PVector
 from . import _checks
 from ._prior import scalar_or_prior
-from .abstract import PMatAbstract, check_reduction, reduce_forms, resolve_layer_collection
+from .abstract import PMatAbstract, resolve_layer_collection
+from .blocks.representation import GroupDamping, RepresentationBlock, call_group, accepted
 
 
 class PMatMixed(PMatAbstract):
@@ -215,45 +212,48 @@ class PMatMixed(PMatAbstract):
         return PMatMixed(self.layer_collection, self.generator,
                          layer_collection_each=self.layer_collection_each, sub_pmats=subs)
 
-    # ------------------------------------------------------------------ splitting operands
-    def _split_pfmap(self, pfmap):
-        J = pfmap.to_torch()
-        return {g: PFMapDense(self.layer_collection_each[g], data=J[..., idx.to(J.device)])
-                for g, idx in self._index.items()}
+    # ------------------------------------------------------------------ the container
+    # One `RepresentationBlock` per group, in the order of ``data``: every operation is the
+    # base class's, each block calling its group's representation. A group's layers need not
+    # be contiguous in the flat layout: ``_split`` / ``_join`` gather and scatter them.
+    def _blocks(self):
+        return [RepresentationBlock(m) for m in self.data.values()]
 
-    def _join_pfmaps(self, parts):
-        first = next(iter(parts.values())).to_torch()
-        out = first.new_empty(*first.shape[:-1], self.layer_collection.numel())
-        for g, m in parts.items():
-            out[..., self._index[g].to(out.device)] = m.to_torch()
-        return PFMapDense(self.layer_collection, data=out)
+    def _from_blocks(self, blocks):
+        return self._new({g: b.matrix for g, b in zip(self.data, blocks)})
 
-    def _split_pvector(self, v):
-        return {g: v.restrict(lc_g) for g, lc_g in self.layer_collection_each.items()}
+    def _split(self, X):
+        return [X[..., self._index[g].to(X.device)] for g in self.data]
 
-    # ------------------------------------------------------------------ products
-    def mv(self, v):
-        self._check_pvector(v)
-        parts = self._split_pvector(v)
-        return PVector.concat(self.layer_collection, [self.data[g].mv(p) for g, p in parts.items()])
+    def _join(self, parts):
+        order = self.__dict__.get("_join_order")
+        if order is None:  # the flat position of each entry of the groups' parts, put back
+            order = self._join_order = torch.argsort(torch.cat([self._index[g]
+                                                                for g in self.data]))
+        return torch.cat(parts, dim=-1)[..., order.to(parts[0].device)]
 
-    def vTMv(self, v):
-        self._check_pvector(v)
-        return sum(self.data[g].vTMv(p) for g, p in self._split_pvector(v).items())
+    def _dampings(self, regul, what, damping=None, **options):
+        """Each group's `GroupDamping`: its share of ``Λ`` (a scalar as it is, a per-layer or
+        per-parameter prior restricted to the group's layers: ``M + Λ`` is block-diagonal over
+        the groups, so every group's result is exact where its representation's is) and the
+        keywords, which reach the groups whose representation takes them."""
+        if damping is not None:
+            self._check_damping(damping, what)
+        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatMixed", what)
+        options = dict(options, damping=damping)
+        reguls = [scalar if prior is None else prior.restrict(self.layer_collection_each[g])
+                  for g in self.data]
+        return (scalar if prior is None else prior, self._blocks(),
+                [GroupDamping(r, options) for r in reguls])
 
-    def mmap(self, pfmap):
-        self._check_pfmap(pfmap)
-        return self._join_pfmaps({g: self.data[g].mmap(p) for g, p in self._split_pfmap(pfmap).items()})
+    def _solve_damping(self, solve, damping):
+        # the solve= names are the groups' own
+        return damping, solve
 
-    def mapTMmap(self, pfmap, reduction="sum"):
-        """``q[k, i] = Σ_g J_g[k, i] M_g J_g[k, i]ᵀ`` (``J_g`` the PFMap on group ``g``'s
-        layers): ``'diag'`` ``(K, n)``, ``'sum'`` ``Σ_k``, ``(n,)``. Computed from each group's
-        ``mmap``."""
-        self._check_pfmap(pfmap)
-        check_reduction(reduction)
-        q = sum((p.to_torch() * self.data[g].mmap(p).to_torch()).sum(dim=-1)
-                for g, p in self._split_pfmap(pfmap).items())
-        return reduce_forms(q, reduction)
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_join_order", None)
+        return state
 
     def _check_same_grouping(self, other):
         self._check_same_kind(other)
@@ -275,117 +275,51 @@ class PMatMixed(PMatAbstract):
             out += [d for d in m._DAMPINGS if d not in out]
         return tuple(out)
 
-    def _accepted(self, fn, kwargs):
-        """The keywords ``fn`` (a group's method) takes; ``damping='pi'`` reaches the groups
-        that offer it (KFAC), the others damp exactly."""
-        if "damping" in kwargs:
-            self._check_damping(kwargs["damping"], fn.__name__)
-            owner = getattr(fn, "__self__", None)
-            if owner is not None and kwargs["damping"] not in owner._DAMPINGS:
-                kwargs = dict(kwargs, damping="exact")
-        params = inspect.signature(fn).parameters
-        if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            return kwargs
-        return {k: v for k, v in kwargs.items() if k in params}
-
-    def _part_reguls(self, regul, what):
-        """``{group: its share of Λ}``: a scalar as it is, a per-layer / per-parameter prior
-        restricted to the group's layers (``M + Λ`` is block-diagonal over the groups, so every
-        group's result is exact where its representation's is)."""
-        scalar, prior = scalar_or_prior(regul, self.layer_collection, "PMatMixed", what)
-        if prior is None:
-            return {g: scalar for g in self.data}
-        return {g: prior.restrict(self.layer_collection_each[g]) for g in self.data}
-
-    def solvePVec(self, x, regul=1e-8, solve="default", **kwargs):
+    # upstream's signatures, with damping=None: each group's own default damping (π-damping for
+    # a KFAC group), or the one given where the group offers it (else exact); the operations
+    # are the base class's, on the groups' blocks
+    def solvePVec(self, x, regul=1e-8, solve="default", damping=None, **kwargs):
         """Group-wise ``solve`` (each group's damping semantics, see its representation);
         ``regul``: a scalar, a per-layer dict, a PVector, a PMatEye or a PMatDiag, each group
-        receiving its own layers' part."""
-        self._check_pvector(x)
-        reguls = self._part_reguls(regul, "solve")
-        parts = {}
-        for g, p in self._split_pvector(x).items():
-            m = self.data[g]
-            parts[g] = m.solvePVec(p, regul=reguls[g], solve=solve, **self._accepted(m.solvePVec, kwargs))
-        return PVector.concat(self.layer_collection, list(parts.values()))
+        receiving its own layers' part; ``solve`` and the other keywords reach the groups
+        that take them."""
+        return super().solvePVec(x, regul, solve, damping, **kwargs)
 
-    def solvePFMap(self, x, regul=1e-8, solve="default", **kwargs):
-        self._check_pfmap(x)
-        reguls = self._part_reguls(regul, "solve")
-        parts = {}
-        for g, p in self._split_pfmap(x).items():
-            m = self.data[g]
-            parts[g] = m.solvePFMap(p, regul=reguls[g], solve=solve, **self._accepted(m.solvePFMap, kwargs))
-        return self._join_pfmaps(parts)
+    def solvePFMap(self, x, regul=1e-8, solve="default", damping=None, **kwargs):
+        """``(M + Λ)⁻¹`` applied to every row of the PFMap, group by group (see
+        `solvePVec`)."""
+        return super().solvePFMap(x, regul, solve, damping, **kwargs)
 
-    def inverse(self, regul=1e-8, **kwargs):
-        reguls = self._part_reguls(regul, "inverse")
-        return self._new({g: m._inverse_impl(regul=reguls[g],
-                                             **self._accepted(m._inverse_impl, kwargs))
-                          for g, m in self.data.items()})
+    def inverse(self, regul=1e-8, damping=None, **kwargs):
+        """Each group's inverse (a PMatMixed of them)."""
+        return super()._inverse_impl(regul, damping, **kwargs)
 
-    def pow(self, x, regul=0.0, **kwargs):
-        reguls = self._part_reguls(regul, f"pow({x})")
-        return self._new({g: m.pow(x, regul=reguls[g], **self._accepted(m.pow, kwargs))
-                          for g, m in self.data.items()})
+    def pow(self, x, regul=0.0, damping=None, **kwargs):
+        """Each group's ``pow(x)`` (a PMatMixed of them)."""
+        return super().pow(x, regul, damping, **kwargs)
 
-    def logdet(self, regul=0.0, **kwargs):
-        """``Σ_g log det(M_g + Λ_g)`` (``damping=``: see `_accepted`)."""
-        reguls = self._part_reguls(regul, "logdet")
-        return sum(m.logdet(regul=reguls[g], **self._accepted(m.logdet, kwargs))
-                   for g, m in self.data.items())
+    def logdet(self, regul=0.0, damping=None, **kwargs):
+        """``Σ_g log det(M_g + Λ_g)``."""
+        return super().logdet(regul, damping, **kwargs)
+
+    def eigenvalues(self, regul=0.0, damping=None, **kwargs):
+        """The ``P`` eigenvalues of ``M + Λ``: the union of the groups' (in no particular
+        order)."""
+        return super().eigenvalues(regul, damping, **kwargs)
+
+    def diag_of_inverse(self, regul=1e-8, damping=None, **kwargs):
+        """``diag((M + Λ)⁻¹)`` group by group (``M + Λ`` is block-diagonal over the groups),
+        from each group's own ``diag_of_inverse`` (which need not form the inverse)."""
+        regul, blocks, dampings = self._dampings(regul, "diag_of_inverse", damping, **kwargs)
+        return self._join([call_group(b.matrix.diag_of_inverse, d) for b, d in zip(blocks, dampings)])
 
     def pinv(self, atol=1e-8, **kwargs):
         """Pseudo-inverse group by group (block-diagonal across groups, so exact for this
         matrix): each group's ``pinv(atol)``."""
-        return self._new({g: m.pinv(atol=atol, **self._accepted(m.pinv, kwargs))
+        return self._new({g: m.pinv(atol=atol, **accepted(m.pinv, kwargs))
                           for g, m in self.data.items()})
 
-    def diag_of_inverse(self, regul=1e-8, **kwargs):
-        """``diag((M + Λ)⁻¹)`` group by group (``M + Λ`` is block-diagonal over the groups)."""
-        reguls = self._part_reguls(regul, "diag_of_inverse")
-        return self._scatter({g: m.diag_of_inverse(regul=reguls[g],
-                                                   **self._accepted(m.diag_of_inverse, kwargs))
-                              for g, m in self.data.items()})
-
-    def eigenvalues(self, regul=0.0, **kwargs):
-        """The ``P`` eigenvalues of ``M + Λ``: the union of the groups' (in no particular
-        order)."""
-        reguls = self._part_reguls(regul, "eigenvalues")
-        return torch.cat([m.eigenvalues(regul=reguls[g], **self._accepted(m.eigenvalues, kwargs))
-                          .reshape(-1) for g, m in self.data.items()])
-
     # ------------------------------------------------------------------ reductions
-    def _scatter(self, parts):
-        """One ``(P,)`` tensor from each group's ``(P_g,)`` part, in the flat layout."""
-        first = next(iter(parts.values()))
-        out = first.new_empty(self.layer_collection.numel())
-        if any(d.requires_grad for d in parts.values()):
-            out = torch.zeros_like(out)
-            for g, d in parts.items():
-                out = out.index_put((self._index[g].to(d.device),), d)
-            return out
-        for g, d in parts.items():
-            out[self._index[g].to(d.device)] = d
-        return out
-
-    def get_diag(self):
-        return self._scatter({g: m.get_diag() for g, m in self.data.items()})
-
-    def trace(self):
-        return sum(m.trace() for m in self.data.values())
-
-    def frobenius_norm(self):
-        return torch.sqrt(sum(m._frobenius_norm_impl() ** 2 for m in self.data.values()))
-
-    def norm(self, ord=None):
-        """As [`PMatAbstract.norm`][nngeometry.object.pspace.abstract.PMatAbstract.norm]; the spectrum is the union of the groups' spectra, so
-        ``ord=2`` is the largest group norm and ``ord=-2`` the smallest."""
-        if ord in (2, -2):
-            norms = torch.stack([torch.as_tensor(m.norm(ord)) for m in self.data.values()])
-            return norms.max() if ord == 2 else norms.min()
-        return super().norm(ord)
-
     def to_torch(self):
         """Dense ``(P, P)``: each group's block at its layers' positions, zeros elsewhere
         (refused with a MemoryError naming the size when it can't fit)."""
@@ -404,29 +338,3 @@ class PMatMixed(PMatAbstract):
     @property
     def dtype(self):
         return next(iter(self.data.values())).dtype
-
-    # ------------------------------------------------------------------ arithmetic
-    def _scaled(self, x):
-        return self._new({g: m * x for g, m in self.data.items()})
-
-    def __add__(self, other):
-        """Group-wise sums with another PMatMixed grouped the same way; ``M + s·I`` (a
-        `PMatEye`) adds ``s·I`` to every group (each group's own ``+ PMatEye``: a KFAC
-        group becomes a PMatEKFAC)."""
-        from .eye import PMatEye
-
-        if isinstance(other, PMatEye):
-            if other.layer_collection != self.layer_collection:
-                raise ValueError("the two matrices are built on different LayerCollections")
-            return self._new({g: m + PMatEye(self.layer_collection_each[g], scaling=other.scaling)
-                              for g, m in self.data.items()})
-        self._check_same_grouping(other)
-        return self._new({g: self.data[g] + other.data[g] for g in self.data})
-
-    def __sub__(self, other):
-        from .eye import PMatEye
-
-        if isinstance(other, PMatEye):
-            return self + (-other)
-        self._check_same_grouping(other)
-        return self._new({g: self.data[g] - other.data[g] for g in self.data})

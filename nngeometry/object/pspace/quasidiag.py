@@ -23,9 +23,11 @@ Inference 4(2), 2015.
 """
 import torch
 
-from . import _checks
+from . import _checks, _spectral
+from ._statistics import check_layers, check_tensor
 from .abstract import PMatAbstract
-from .blocks import ArrowInverseBlock, DiagBlock, QuasiDiagBlock
+from .blockdiag import PMatBlockDiag, check_blocks_fit
+from .blocks import ArrowInverseBlock, DiagBlock, DiagPlusRankOneBlock, QuasiDiagBlock
 
 
 class _PerLayer(PMatAbstract):
@@ -72,6 +74,43 @@ class _PerLayer(PMatAbstract):
     def _like(self):
         return next(iter(self.data.values()))[0]
 
+    def logdet(self, regul=0.0, damping="exact"):
+        """``log det(M + Λ)``, from each block's pivots: for PMatQuasiDiag
+        ``Σ_units (Σ_i log(a_oi + λ) + log σ_o)``; for its inverse, undamped, minus that, and
+        damped ``Σ log(d + Λ) + Σ_units log(1 + β uᵀ(d+Λ)⁻¹u)`` (the matrix determinant lemma
+        on each unit's diagonal plus rank-one form).
+
+        The quasi-diagonal of a PSD matrix is not PSD in general (``σ_o`` can be negative):
+        ``log |det|`` is returned when the whole matrix has ``det > 0`` (an even number of
+        negative pivots ``a + λ``, ``σ`` over all the layers: the pivots of the unit blocks'
+        LDLᵀ factorization, whose signs are those of the eigenvalues; a layer alone may have
+        ``det < 0``), refused when ``det < 0`` with the layers whose blocks have ``det < 0``
+        named, and refused when singular (the shared error)."""
+        regul, blocks, dampings = self._dampings(regul, "logdet", damping)
+        rep = type(self).__name__
+        who = (rep, regul)
+        total, negative = None, {}
+        for lid, b, d in zip(self._block_keys(), blocks, dampings):
+            pivots = b.eigenvalues(d) if isinstance(b, DiagBlock) else b.pivots(d, who)
+            part = _checks.logdet_of(pivots, rep, regul, exact=True,
+                                     require_pd=False, allow_negative_det=True)
+            neg = int((pivots.detach() < 0).sum())
+            if neg:
+                negative[lid] = (neg, float(pivots.detach().min()))
+            total = part if total is None else total + part
+        if sum(n for n, _ in negative.values()) % 2:
+            odd = [f"'{lid}' ({n} negative pivot{'s' * (n > 1)})"
+                   for lid, (n, _) in negative.items() if n % 2]
+            low = min(v for _, v in negative.values())
+            raise ValueError(
+                f"{rep}.logdet: det(M + regul·I) < 0 at {_checks.describe_regul(regul)}, "
+                f"its log-determinant is undefined: the blocks of layer(s) {', '.join(odd)} have "
+                "det < 0 (each layer's pivots are the signs of its eigenvalues; blocks with det "
+                "< 0 in an even number of layers would still give the whole matrix det > 0). "
+                "The quasi-diagonal of a PSD matrix need not be PSD: use a regul above "
+                f"{-low:.3g}, or PMatDiag / PMatBlockDiag, which stay PSD")
+        return total
+
     # upstream's parameter names (the operations are the base class's)
     def mv(self, vs):
         return super().mv(vs)
@@ -96,8 +135,33 @@ class PMatQuasiDiag(_PerLayer):
     ``σ_o = s_o + λ - Σ_i c_oi² / (a_oi + λ)``.
     """
 
+    statistic = "get_covariance_quasidiag"
+
     def _build(self, examples, **kwargs):
-        return self.generator.get_covariance_quasidiag(examples, self.layer_collection)
+        return self._data_from_statistics(
+            self.layer_collection,
+            self.generator.get_covariance_quasidiag(examples, self.layer_collection))
+
+    @classmethod
+    def _data_from_statistics(cls, layer_collection, statistics):
+        """``statistics``: ``{layer_id: (diag (p_l,), cross (out, n_in) or None)}`` (see the
+        class docstring), stored as it is."""
+        return statistics
+
+    @classmethod
+    def _check_statistics(cls, layer_collection, statistics):
+        check_layers(cls.__name__, layer_collection, statistics, "the quasi-diagonal")
+        for lid in layer_collection.layer_ids():
+            entry = statistics[lid]
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+                raise ValueError(f"{cls.__name__}.from_statistics: layer '{lid}' must be the "
+                                 f"pair (diag, cross), got {type(entry).__name__}")
+            p = layer_collection[lid].numel()
+            check_tensor(cls.__name__, entry[0], (p,), f"the diagonal of layer '{lid}'")
+            if entry[1] is not None:
+                out = entry[1].shape[0] if entry[1].dim() == 2 else -1
+                check_tensor(cls.__name__, entry[1], (out, (p - out) // max(out, 1)),
+                             f"the couplings of layer '{lid}' (out, n_in)")
 
     def _new(self, data):
         return PMatQuasiDiag(self.layer_collection, None, data=data)
@@ -117,15 +181,7 @@ class PMatQuasiDiag(_PerLayer):
         return out
 
     def _from_blocks(self, blocks):
-        data = {}
-        for lid, b in zip(self._block_keys(), blocks):
-            if isinstance(b, QuasiDiagBlock):
-                data[lid] = (torch.cat([b.a.reshape(-1), b.s]), b.c)
-            elif isinstance(b, DiagBlock):
-                data[lid] = (b.d, None)
-            else:  # a scaled identity added to a diagonal layer
-                data[lid] = (b.diag(), None)
-        return self._new(data)
+        return _quasidiag_from_blocks(self.layer_collection, self._block_keys(), blocks)
 
     # solves block by block (the base class's), through the per-unit Schur complement;
     # 'schur' names that method
@@ -155,9 +211,6 @@ class PMatQuasiDiag(_PerLayer):
             return self._matpower(1.0, regul, damping, "pow(1)")
         if x == -1:
             return self._inverse_impl(regul=regul, damping=damping)
-        from . import _spectral
-        from .blockdiag import PMatBlockDiag, check_blocks_fit
-
         what = f"pow({x})"
         regul, blocks, dampings = self._dampings(regul, what, damping)
         like = self._like()
@@ -183,43 +236,6 @@ class PMatQuasiDiag(_PerLayer):
             data[lid] = block
         return PMatBlockDiag(lc, None, data=data)
 
-    def logdet(self, regul=0.0, damping="exact"):
-        """``log det(M + Λ) = Σ_units (Σ_i log(a_oi + λ) + log σ_o)``.
-
-        The quasi-diagonal of a PSD matrix is not PSD in general (``σ_o`` can be negative):
-        ``log |det|`` is returned when the whole matrix has ``det > 0`` (an even number of
-        negative pivots ``a + λ``, ``σ`` over all the layers: the pivots of the unit blocks'
-        LDLᵀ factorization, whose signs are those of the eigenvalues; a layer alone may have
-        ``det < 0``), refused when ``det < 0`` with the layers whose blocks have ``det < 0``
-        named, and refused when singular (the shared error)."""
-        regul, blocks, dampings = self._dampings(regul, "logdet", damping)
-        who = ("PMatQuasiDiag", regul)
-        total, negative = None, {}
-        for lid, b, d in zip(self._block_keys(), blocks, dampings):
-            if isinstance(b, QuasiDiagBlock):
-                inv_a, _, inv_sigma = b.schur(d, who, "logdet")
-                pivots = torch.cat([(1.0 / inv_a).reshape(-1), 1.0 / inv_sigma])
-            else:
-                pivots = b.eigenvalues(d)
-            part = _checks.logdet_of(pivots, "PMatQuasiDiag", regul, exact=True,
-                                     require_pd=False, allow_negative_det=True)
-            neg = int((pivots.detach() < 0).sum())
-            if neg:
-                negative[lid] = (neg, float(pivots.detach().min()))
-            total = part if total is None else total + part
-        if sum(n for n, _ in negative.values()) % 2:
-            odd = [f"'{lid}' ({n} negative pivot{'s' * (n > 1)})"
-                   for lid, (n, _) in negative.items() if n % 2]
-            low = min(v for _, v in negative.values())
-            raise ValueError(
-                f"PMatQuasiDiag.logdet: det(M + regul·I) < 0 at {_checks.describe_regul(regul)}, "
-                f"its log-determinant is undefined: the blocks of layer(s) {', '.join(odd)} have "
-                "det < 0 (each layer's pivots are the signs of its eigenvalues; blocks with det "
-                "< 0 in an even number of layers would still give the whole matrix det > 0). "
-                "The quasi-diagonal of a PSD matrix need not be PSD: use a regul above "
-                f"{-low:.3g}, or PMatDiag / PMatBlockDiag, which stay PSD")
-        return total
-
     def mm(self, other):
         raise NotImplementedError(
             "the product of two quasi-diagonal matrices is not quasi-diagonal (the couplings "
@@ -232,6 +248,14 @@ class PMatQuasiDiagInverse(_PerLayer):
     Per coupled unit the block is ``diag(1/(a+λ), 0) + z zᵀ / σ`` with ``z = [c/(a+λ); -1]`` and
     ``σ`` the Schur complement; diagonal layers store ``1/(d+λ)``. ``data`` is
     ``{layer_id: (inv_a, a_inv_c, inv_sigma)}`` (the last two None for diagonal layers).
+
+    A container of `ArrowInverseBlock` (and `DiagBlock` for the diagonal layers): every
+    operation is the base class's, exact. Undamped, its inverse is the quasi-diagonal it came
+    from (``inverse()`` and ``pow(-1)`` return a [`PMatQuasiDiag`][nngeometry.object.PMatQuasiDiag]); damped by ``Λ``, each unit
+    is a diagonal plus one rank-one term, so ``solve``, ``logdet``, ``diag_of_inverse`` and
+    ``eigenvalues`` are exact in ``O(P)`` (Sherman-Morrison, the matrix determinant lemma),
+    while the damped inverse, other powers and ``+ PMatEye`` (no representation stores that
+    form) are refused, naming what to use.
     """
 
     def _coupling_shape(self, lid):
@@ -246,10 +270,18 @@ class PMatQuasiDiagInverse(_PerLayer):
         return out
 
     def _from_blocks(self, blocks):
+        if any(isinstance(b, DiagPlusRankOneBlock) for b in blocks):
+            raise NotImplementedError(
+                "PMatQuasiDiagInverse: with a damping (regul > 0, or + PMatEye) each unit of "
+                "the inverse of a quasi-diagonal matrix is a diagonal plus a rank-one term, "
+                "which no representation stores; use solve(), logdet(), diag_of_inverse() or "
+                "eigenvalues() with that regul, or go back to the PMatQuasiDiag it came from")
+        if any(isinstance(b, QuasiDiagBlock) for b in blocks):  # the undamped inverse
+            return _quasidiag_from_blocks(self.layer_collection, self._block_keys(), blocks)
         data = {}
         for lid, b in zip(self._block_keys(), blocks):
             data[lid] = (b.inv_a, b.a_inv_c, b.inv_sigma) if isinstance(b, ArrowInverseBlock) \
-                else (b.d, None, None)
+                else (b.diag(), None, None)
         return PMatQuasiDiagInverse(self.layer_collection, None, data=data)
 
     def _build(self, examples, **kwargs):
@@ -258,40 +290,20 @@ class PMatQuasiDiagInverse(_PerLayer):
             "built from examples: build F = FIM(..., PMatQuasiDiag) (or "
             "PMatQuasiDiag(generator=..., examples=...)), then F.inverse(regul=...)")
 
-    def solvePVec(self, x, regul=1e-8, solve="default", damping="exact"):
-        self._check_damping(damping, "solve")
-        raise NotImplementedError(
-            "solving with the inverse of a quasi-diagonal matrix: multiply by the original "
-            "PMatQuasiDiag (+ PMatEye for the damping) with mv instead")
-
-    solvePFMap = solvePVec
-
-    def _back_to_quasidiag(self, what):
-        raise NotImplementedError(
-            f"PMatQuasiDiagInverse.{what} is not implemented (it only supports products and "
-            "reductions); use the PMatQuasiDiag it came from (its inverse is Q + regul·I, its "
-            "log-determinant -Q.logdet(regul)), or to_torch() on small models")
-
-    def inverse(self, regul=1e-8, damping="exact"):
-        self._check_damping(damping, "inverse")
-        self._back_to_quasidiag("inverse")
-
-    def pow(self, x, regul=0.0, damping="exact"):
-        self._check_damping(damping, "pow")
-        self._back_to_quasidiag("pow")
-
-    def logdet(self, regul=0.0, damping="exact"):
-        self._check_damping(damping, "logdet")
-        self._back_to_quasidiag("logdet")
-
-    def diag_of_inverse(self, regul=1e-8, damping="exact"):
-        self._back_to_quasidiag("diag_of_inverse")
-
     def mm(self, other):
-        self._back_to_quasidiag("mm")
+        raise NotImplementedError(
+            "PMatQuasiDiagInverse.mm is not implemented (the product is not quasi-diagonal); "
+            "use mv/mmap, or to_torch() on small models")
 
-    def __add__(self, other):
-        self._back_to_quasidiag("__add__")
 
-    def __sub__(self, other):
-        self._back_to_quasidiag("__sub__")
+def _quasidiag_from_blocks(layer_collection, keys, blocks):
+    """The `PMatQuasiDiag` of arrowhead and diagonal blocks (one per layer of ``keys``)."""
+    data = {}
+    for lid, b in zip(keys, blocks):
+        if isinstance(b, QuasiDiagBlock):
+            data[lid] = (torch.cat([b.a.reshape(-1), b.s]), b.c)
+        elif isinstance(b, DiagBlock):
+            data[lid] = (b.d, None)
+        else:  # a scaled identity added to a diagonal layer
+            data[lid] = (b.diag(), None)
+    return PMatQuasiDiag(layer_collection, None, data=data)

@@ -108,3 +108,45 @@ def test_pvector_restrict_concat(built):
         PVector.concat(s.lc, parts[:1])
     with pytest.raises(ValueError, match="two of the parts"):
         PVector.concat(s.lc, parts + parts[:1])
+
+
+def test_interleaved_groups_against_brute_force():
+    """Groups whose layers are not contiguous in the flat layout (a dense group on the first and
+    last layers, with their cross terms; a diagonal group on the middle one): every operation,
+    written once from the groups' blocks, against the brute-force Fisher of that structure."""
+    from _reps_fixtures import Setup as RepsSetup, check_arithmetic, check_solves, dense_pow
+    from nngeometry.object import PMatDense, PMatEye
+
+    s = RepsSetup("mlp", "classif_logits")
+    ids = s.lc.layer_ids()
+    assert len(ids) == 3
+    each = {"dense": s.lc.sub([ids[0], ids[2]]), "diag": s.lc.sub([ids[1]])}
+    M = PMatMixed(s.lc, s.generator(), layer_collection_each=each,
+                  sub_pmats={"dense": PMatDense, "diag": PMatDiag}, examples=s.loader)
+    P = s.lc.numel()
+    idx = torch.cat([torch.arange(s.lc.slice(i).start, s.lc.slice(i).stop) for i in
+                     (ids[0], ids[2])])
+    keep = torch.eye(P, dtype=torch.bool)
+    keep[idx.unsqueeze(1), idx.unsqueeze(0)] = True
+    D = torch.where(keep, s.dense, torch.zeros_like(s.dense))
+    close(M.to_torch(), D, rtol=1e-10)
+    check_products(M, D, s)
+    close(M.norm(2), torch.linalg.matrix_norm(D, 2), rtol=1e-9)
+    check_solves(M, D, s, regul=0.3)
+    I = torch.eye(P, dtype=DT)
+    close(M.inv(0.3).to_torch(), torch.linalg.inv(D + 0.3 * I), rtol=1e-8)
+    close(M.pow(0.5, regul=0.3).to_torch(), dense_pow(D, 0.5, regul=0.3), rtol=1e-8)
+    close(M.logdet(0.3), torch.logdet(D + 0.3 * I), rtol=1e-10)
+    close(torch.sort(M.eigenvalues(0.3))[0], torch.linalg.eigvalsh(D + 0.3 * I), rtol=1e-9)
+    close(M.diag_of_inverse(0.3), torch.diagonal(torch.linalg.inv(D + 0.3 * I)), rtol=1e-8)
+    # a per-layer prior reaches each group restricted to its layers
+    lams = {lid: 0.2 + 0.1 * i for i, lid in enumerate(ids)}
+    lam = torch.cat([torch.full((s.lc[lid].numel(),), lams[lid], dtype=DT) for lid in ids])
+    v = s.vec()
+    close(M.solve(v, regul=lams).get_flat_representation(),
+          torch.linalg.solve(D + torch.diag(lam), v.get_flat_representation()), rtol=1e-8)
+    close(M.logdet(lams), torch.logdet(D + torch.diag(lam)), rtol=1e-10)
+    check_arithmetic(M, M * 0.5 + PMatEye(s.lc, scaling=torch.tensor(0.2, dtype=DT)), D,
+                     0.5 * D + 0.2 * I)
+    close((M - PMatEye(s.lc, scaling=torch.tensor(0.2, dtype=DT))).to_torch(), D - 0.2 * I)
+    close((-M).to_torch(), -D)

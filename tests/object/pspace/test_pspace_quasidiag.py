@@ -112,3 +112,49 @@ def test_pickle_and_layout(mats):
     s, M, D = mats
     check_pickle(M, D, s)
     check_layout_errors(M, s)
+
+
+def test_inverse_is_a_container_of_blocks(mats):
+    """The inverse's solves, log-determinant, diagonal of the inverse and eigenvalues (damped:
+    Sherman-Morrison and the determinant lemma; undamped: its arrowheads) against the dense
+    ``(D + λI)⁻¹``, with ``D + λI`` positive definite (a quasi-diagonal need not be)."""
+    s, M, D = mats
+    I = torch.eye(D.shape[0], dtype=DT)
+    lam = 0.05 + max(0.0, -float(torch.linalg.eigvalsh(D).min()))
+    assert float(torch.linalg.eigvalsh(D + lam * I).min()) > 0
+    Minv = M.inv(regul=lam)
+    Dinv = torch.linalg.inv(D + lam * I)
+    v = s.vec()
+    f = v.get_flat_representation()
+    # undamped: the arrowheads it came from
+    close(Minv.solve(v, regul=0.0).get_flat_representation(), (D + lam * I) @ f, rtol=1e-9)
+    back = Minv.inv(regul=0.0)
+    assert isinstance(back, PMatQuasiDiag)
+    close(back.to_torch(), D + lam * I, rtol=1e-9)
+    close(Minv.pow(-1).to_torch(), D + lam * I, rtol=1e-9)
+    close(Minv.pow(1).to_torch(), Dinv, rtol=1e-12)
+    close(Minv.logdet(), -torch.linalg.slogdet(D + lam * I)[1], rtol=1e-9)
+    close(Minv.diag_of_inverse(regul=0.0), torch.diagonal(D) + lam, rtol=1e-9)
+    # damped, by a scalar and per layer
+    lams = {lid: 0.2 + 0.1 * i for i, lid in enumerate(s.lc.layer_ids())}
+    flat = torch.cat([torch.full((s.lc[lid].numel(),), lams[lid], dtype=DT)
+                      for lid in s.lc.layer_ids()])
+    for regul, lam in ((0.2, torch.full_like(f, 0.2)), (lams, flat)):
+        A = Dinv + torch.diag(lam)
+        close(Minv.solve(v, regul=regul).get_flat_representation(), torch.linalg.solve(A, f),
+              rtol=1e-8)
+        close(Minv.logdet(regul=regul), torch.linalg.slogdet(A)[1], rtol=1e-9)
+        close(Minv.diag_of_inverse(regul=regul), torch.diagonal(torch.linalg.inv(A)), rtol=1e-8)
+    m = s.pfmap()
+    J = m.to_torch()
+    close(Minv.solve(m, regul=0.2).to_torch(),
+          J @ torch.linalg.inv(Dinv + 0.2 * I), rtol=1e-8)
+    close(torch.sort(Minv.eigenvalues(regul=0.2))[0], torch.linalg.eigvalsh(Dinv + 0.2 * I),
+          rtol=1e-9)
+    # forms no representation stores: refused, naming what to use
+    with pytest.raises(NotImplementedError, match=r"use solve\(\)"):
+        Minv.inv(regul=0.2)
+    with pytest.raises(NotImplementedError, match=r"use solve\(\)"):
+        Minv + PMatEye(s.lc, scaling=torch.tensor(0.3, dtype=DT))
+    with pytest.raises(NotImplementedError, match="use solve"):
+        Minv.pow(0.5)

@@ -10,8 +10,11 @@ each operation once from them (see ``abstract.PMatAbstract``).
 * `KronBlock`: ``A ⊗ G``, factors possibly diagonal (PMatKFAC);
 * `EigenKronBlock`: ``(U_G ⊗ U_A) diag(D) (U_G ⊗ U_A)ᵀ`` (PMatEKFAC, exactly damped KFAC);
 * `QuasiDiagBlock` / `ArrowInverseBlock`: per-unit arrowheads and their inverses
-  (PMatQuasiDiag, PMatQuasiDiagInverse);
-* `LowRankBlock`: ``diag(α) + Jᵀ C J`` (PMatLowRank, PMatEyePlusLowRank).
+  (PMatQuasiDiag, PMatQuasiDiagInverse), and `DiagPlusRankOneBlock`, a damped inverse;
+* `LowRankBlock`: ``diag(α) + Jᵀ C J`` (PMatLowRank, PMatEyePlusLowRank);
+* `representation.RepresentationBlock`: a whole representation on a group of layers
+  (PMatMixed); not imported here, since it is built on the representations (it adds a
+  `PMatEye`), which import this package.
 """
 from .base import Block
 from .dense import DenseBlock
@@ -20,7 +23,8 @@ from .eigen_kron import EigenKronBlock
 from .identity import ScaledIdentityBlock
 from .kron import KronBlock
 from .lowrank import LowRankBlock
-from .quasidiag import ArrowInverseBlock, QuasiDiagBlock
+from .quasidiag import ArrowInverseBlock, DiagPlusRankOneBlock, QuasiDiagBlock
 
 __all__ = ["Block", "DenseBlock", "DiagBlock", "EigenKronBlock", "ScaledIdentityBlock",
-           "KronBlock", "LowRankBlock", "QuasiDiagBlock", "ArrowInverseBlock"]
+           "KronBlock", "LowRankBlock", "QuasiDiagBlock", "ArrowInverseBlock",
+           "DiagPlusRankOneBlock"]

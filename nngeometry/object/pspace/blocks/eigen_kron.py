@@ -12,7 +12,7 @@ Every primitive takes batches: ``V`` of shape ``(..., dG, dA)``. A scalar dampin
 import torch
 
 from .. import _checks
-from .. import _kron as K
+from .. import _kron
 from .base import Block, is_entries, per_entry_refused, values_for_power, who_of
 
 
@@ -48,7 +48,7 @@ class EigenKronBlock(Block):
 
     @property
     def shape(self):
-        return (K.fdim(self.UG), K.fdim(self.UA))
+        return (_kron.factor_size(self.UG), _kron.factor_size(self.UA))
 
     def _scalar(self, damping):
         if is_entries(damping):
@@ -58,10 +58,10 @@ class EigenKronBlock(Block):
     # ------------------------------------------------------------------ primitives
     def to_eigenbasis(self, V):
         """Coordinates of ``V`` in the eigenbasis: ``U_Gᵀ V U_A``."""
-        return K.to_kfe(V, self.UA, self.UG)
+        return _kron.to_kfe(V, self.UA, self.UG)
 
     def from_eigenbasis(self, W):
-        return K.from_kfe(W, self.UA, self.UG)
+        return _kron.from_kfe(W, self.UA, self.UG)
 
     def eigenvalues(self, damping=0.0):
         """The ``(dG, dA)`` eigenvalues of the block plus ``damping·I``."""
@@ -115,8 +115,8 @@ class EigenKronBlock(Block):
 
     def dense(self):
         """The dense ``(dG·dA, dG·dA)`` block, Kronecker layout."""
-        U = torch.kron(K.dense_basis(self.UG, self.D).contiguous(),
-                       K.dense_basis(self.UA, self.D).contiguous())
+        U = torch.kron(_kron.dense_basis(self.UG, self.D).contiguous(),
+                       _kron.dense_basis(self.UA, self.D).contiguous())
         return (U * self.D.reshape(-1)) @ U.t()
 
     def trace(self):

@@ -64,7 +64,7 @@ class KronBlock(Block):
 
     @property
     def shape(self):
-        return (K.fdim(self.G), K.fdim(self.A))
+        return (K.factor_size(self.G), K.factor_size(self.A))
 
     # ------------------------------------------------------------------ caches
     def factor_eig(self):
@@ -236,7 +236,7 @@ class KronBlock(Block):
 
     # ------------------------------------------------------------------ reductions
     def diag(self):
-        return torch.outer(K.fdiag(self.G), K.fdiag(self.A))
+        return torch.outer(K.factor_diag(self.G), K.factor_diag(self.A))
 
     def dense(self):
         # torch.kron views its operands: a transposed factor (an inverse from a Cholesky
@@ -244,10 +244,10 @@ class KronBlock(Block):
         return torch.kron(K.dense(self.G).contiguous(), K.dense(self.A).contiguous())
 
     def trace(self):
-        return K.ftrace(self.A) * K.ftrace(self.G)
+        return K.factor_trace(self.A) * K.factor_trace(self.G)
 
     def frobenius_sq(self):
-        return (K.fnorm(self.A) * K.fnorm(self.G)) ** 2
+        return (K.factor_norm(self.A) * K.factor_norm(self.G)) ** 2
 
     # ------------------------------------------------------------------ arithmetic
     def scaled(self, x):

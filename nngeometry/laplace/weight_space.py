@@ -38,19 +38,18 @@ import torch
 import torch.nn.functional as tF
 from tqdm.auto import tqdm
 
-from ._bridge import _laplace_bridge
-from .backend.batches import batch_size_of, default_function, iterate_batches
-from ._entry import resolve_representation
-from .curvature.language_models import is_causal_lm
-from .jacobian import Jacobian
-from .laplace_lm import LastLayerLMLaplace  # noqa: F401  (public here too)
-from .layercollection import LayerCollection
-from .metrics import FIM, EmpiricalFisher, FIM_MonteCarlo, subnetwork_collection
-from . import object as _objects
-from .object.map import PFMapDense
-from .object.pspace import PMatDense, PMatDiag, PMatKFAC
-from .object.pspace import _kron
-from .object.vector import PVector
+from .._bridge import _laplace_bridge
+from ..backend.batches import batch_size_of, default_function, iterate_batches
+from .._entry import resolve_representation
+from ..curvature.language_models import is_causal_lm
+from ..jacobian import Jacobian
+from ..layercollection import LayerCollection
+from ..metrics import FIM, EmpiricalFisher, FIM_MonteCarlo, subnetwork_collection
+from .. import object as _objects
+from ..object.map import PFMapDense
+from ..object.pspace import PMatDense, PMatDiag, PMatKFAC
+from ..object.pspace import _kron
+from ..object.vector import PVector
 
 _LIKELIHOODS = ("classification", "regression", "reward_modeling")
 _PRED_TYPES = ("glm", "nn")
@@ -1281,9 +1280,4 @@ def _is_one(x):
     return float(x) == 1.0
 
 
-__all__ = ["Laplace", "marglik_training", "LastLayerLMLaplace"]
-
-
-from .laplace_gp import FunctionalLaplace  # noqa: E402,F401  (public here too)
-
-__all__.append("FunctionalLaplace")
+__all__ = ["Laplace", "marglik_training"]
