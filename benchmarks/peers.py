@@ -44,11 +44,12 @@ KFAC mv                       PMatKFAC.mv                 KFAC @ v             -
 GGN mv (matrix-free)          PMatImplicit.mv             GGNLinearOperator@v  -
 ============================  ==========================  ===================  =================
 
-The KFAC rows run each library with its defaults, which are not the same matrix: curvlinops
-factors a layer's weight and bias separately (``separate_weight_and_bias=True``: a
-``784 × 784`` input factor on W1's first layer, and no weight-bias cross terms), nngeometry
-jointly (``[W | b]``: ``785 × 785``, and the cross terms, as upstream). Both products are
-bound by the same two matrix products per layer.
+The KFAC rows compute the same matrix in every library: the joint ``[W | b]`` factors of
+nngeometry and upstream (``785 × 785`` input factor on W1's first layer, with the weight-bias
+cross terms), which curvlinops computes with ``separate_weight_and_bias=False`` (its default,
+``True``, factors weight and bias separately: a ``784 × 784`` input factor and no cross terms,
+a different and slightly cheaper matrix). Each product is bound by the same two matrix products
+per layer.
 """
 import argparse
 import json
@@ -124,7 +125,8 @@ def _curvlinops_row(row, model, loader):
     common = dict(check_deterministic=False)
 
     def kfac(fisher_type, cls=KFACLinearOperator):
-        op = cls(model, loss, params, data, fisher_type=fisher_type, mc_samples=1, **common)
+        op = cls(model, loss, params, data, fisher_type=fisher_type, mc_samples=1,
+                 separate_weight_and_bias=False, **common)
         op.compute_kronecker_factors()
         return op
 
