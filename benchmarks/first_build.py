@@ -1,14 +1,19 @@
 """First KFAC build on a fresh model against the second build on the same model.
 
 A small CNN (3×16×16 inputs, conv8-relu-maxpool-conv16-relu-global mean-fc10: 1562 parameters),
-256 images in batches of 64, closed-form Fisher (``FIM(..., PMatKFAC)``), one thread. Each line
-is measured in a fresh Python process:
+256 images in batches of 64, closed-form Fisher (``FIM(..., PMatKFAC)``), one thread, CPU
+seconds of the process (not inflated by other processes sharing the cores). Each line is
+measured in a fresh Python process, the three kinds of process interleaved:
 
 * ``cold``: the first build in the process, then a second build on the same model;
 * ``torch warm``: the same after one ``torch.autograd.grad`` with explicit ``grad_outputs`` on an
   unrelated tensor: torch imports its symbolic-shapes machinery (sympy, 1.5–2 s) at that first
   call. The engine's backward passes do not go through that check (``strategy._grad``), so a
   build no longer pays it; this line shows what a process that paid it already sees;
+* ``trained``: the same after a forward and backward of the loss of another model with the
+  same layers, as in a process that trained a model before computing its Fisher: torch's own
+  first calls (convolution kernel selection, the allocator's first blocks) are paid, what is
+  left of the first build's extra time is the library's;
 * ``gc``: the seconds of the first build spent in Python's garbage collector (a first full
   collection of the objects ``import torch`` left, 0.1–0.4 s, falls in whatever code runs first
   after the imports and allocates enough: a process's cost, not the build's);
@@ -33,7 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 torch.set_num_threads(1)
 from nngeometry import FIM
 from nngeometry.object import PMatKFAC
-if {warm}:
+if {warm} >= 1:
     x = torch.randn(3, requires_grad=True)
     torch.autograd.grad(x * 2, x, torch.ones(3))
 def net(c=16):
@@ -42,18 +47,23 @@ def net(c=16):
 torch.manual_seed(0)
 X, y = torch.randn(256, 3, 16, 16), torch.randint(0, 10, (256,))
 loader = DataLoader(TensorDataset(X, y), batch_size=64)
+if {warm} >= 2:
+    # a training step of another model of the same layers: torch's own first calls (kernel
+    # selection, allocator) are paid, as in a process that trained before computing a Fisher
+    w = net()
+    nn.functional.cross_entropy(w(X[:64]), y[:64]).backward()
 GC = [0.0, 0.0]
 def _gc(phase, info):
     if phase == "start":
-        GC[1] = time.perf_counter()
+        GC[1] = time.process_time()
     else:
-        GC[0] += time.perf_counter() - GC[1]
+        GC[0] += time.process_time() - GC[1]
 gc.callbacks.append(_gc)
 def build(m):
     GC[0] = 0.0
-    t = time.perf_counter()
+    t = time.process_time()
     FIM(m, loader, PMatKFAC, variant="classif_logits")
-    return time.perf_counter() - t
+    return time.process_time() - t
 m = net()
 assert sum(p.numel() for p in m.parameters()) == 1562
 r = {{"first": build(m), "gc": GC[0], "second": build(m), "same_structure": build(net()),
@@ -63,7 +73,7 @@ print(json.dumps(r))
 
 
 def run(warm, root):
-    code = WORKER.format(root=root, warm=warm)
+    code = WORKER.format(root=root, warm=int(warm))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"OMP_NUM_THREADS": "1", "PATH": ""}, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -79,15 +89,22 @@ def main(argv=None):
     args = ap.parse_args(argv)
     root = args.root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     results = {}
-    for label, warm in (("cold", False), ("torch warm", True)):
-        runs = [run(warm, root) for _ in range(args.repeats)]
-        results[label] = runs
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        ratios = [r["first"] / r["second"] for r in runs]
-        print(f"{label:>10}: first {med['first']:.3f} s (gc {med['gc']:.3f} s), second {med['second']:.3f} s, "
-              f"first/second {statistics.median(ratios):.2f} (runs: "
-              + ", ".join(f"{x:.2f}" for x in ratios) + "); new model, same structure "
-              f"{med['same_structure']:.3f} s, other structure {med['other_structure']:.3f} s")
+    labels = (("cold", 0), ("torch warm", 1), ("trained", 2))
+    runs = {label: [] for label, _ in labels}
+    for _ in range(args.repeats):  # the three kinds of process interleaved
+        for label, warm in labels:
+            runs[label].append(run(warm, root))
+    for label, _ in labels:
+        rs = results[label] = runs[label]
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        ratios = [r["first"] / r["second"] for r in rs]
+        no_gc = [(r["first"] - r["gc"]) / r["second"] for r in rs]
+        print(f"{label:>10}: first {med['first']:.3f} s (gc {med['gc']:.3f} s), second "
+              f"{med['second']:.3f} s, first/second {statistics.median(ratios):.2f} (runs: "
+              + ", ".join(f"{x:.2f}" for x in ratios) + "), without the gc "
+              f"{statistics.median(no_gc):.2f} (runs: " + ", ".join(f"{x:.2f}" for x in no_gc)
+              + f"); new model, same structure {med['same_structure']:.3f} s, other structure "
+              f"{med['other_structure']:.3f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -43,6 +43,13 @@ Diag build, MC                FIM_MonteCarlo(PMatDiag)    -                    D
 KFAC mv                       PMatKFAC.mv                 KFAC @ v             -
 GGN mv (matrix-free)          PMatImplicit.mv             GGNLinearOperator@v  -
 ============================  ==========================  ===================  =================
+
+The KFAC rows compute the same matrix in every library: the joint ``[W | b]`` factors of
+nngeometry and upstream (``785 × 785`` input factor on W1's first layer, with the weight-bias
+cross terms), which curvlinops computes with ``separate_weight_and_bias=False`` (its default,
+``True``, factors weight and bias separately: a ``784 × 784`` input factor and no cross terms,
+a different and slightly cheaper matrix). Each product is bound by the same two matrix products
+per layer.
 """
 import argparse
 import json
@@ -118,7 +125,8 @@ def _curvlinops_row(row, model, loader):
     common = dict(check_deterministic=False)
 
     def kfac(fisher_type, cls=KFACLinearOperator):
-        op = cls(model, loss, params, data, fisher_type=fisher_type, mc_samples=1, **common)
+        op = cls(model, loss, params, data, fisher_type=fisher_type, mc_samples=1,
+                 separate_weight_and_bias=False, **common)
         op.compute_kronecker_factors()
         return op
 

@@ -18,6 +18,9 @@ Workloads (float32, fixed seeds, one thread, clock and memory probe of ``benchma
   tokens in batches of 16, dict batches ``{'input_ids', 'labels'}``; the loss is the next-token
   cross-entropy, summed over positions (the Fisher of the sequence's likelihood).
 
+Each row's time is the median of ``--repeats`` samples (``[min-max]``: the smallest and largest
+sample, as multiples of the median floor); a build's peak is measured in one more call.
+
 Rows: Monte-Carlo Diag and KFAC builds, closed-form EKFAC build and its ``update_diag``,
 empirical-Fisher Diag and KFAC builds, ``PMatImplicit.mv``, KFAC and EKFAC ``solve`` (first call,
 which decomposes, then a later call), last-layer Dense build. A row whose API is missing or that
@@ -254,9 +257,9 @@ def run_workload(name, quick, repeats, log, only=None):
         return {"error": R.reason_of(e)}
     res = {"n": n_quick if quick else n,
            "params": sum(p.numel() for p in s.model.parameters())}
-    floor_t, _, _ = R.timeit(floor(s), repeats)
+    floor_t, floor_samples, _ = R.timeit(floor(s), repeats)
     _, floor_peak, _ = R.peak_memory(floor(s))
-    res["floor"] = {"time": floor_t, "peak": floor_peak}
+    res["floor"] = {"time": floor_t, "peak": floor_peak, "samples": floor_samples}
     log(f"{name}: {res['params'] / 1e6:.1f} M parameters, floor {floor_t:.2f} s, "
         f"peak {floor_peak / 2**20:.0f} MiB")
     res["rows"] = {}
@@ -266,8 +269,9 @@ def run_workload(name, quick, repeats, log, only=None):
         try:
             if hasattr(fn, "prepare"):
                 R._quiet_warnings(fn.prepare)
-            t, _, _ = R.timeit(lambda: R._quiet_warnings(fn), repeats, budget_s=600)
-            row = {"time": t, "x_floor": t / floor_t}
+            t, samples, _ = R.timeit(lambda: R._quiet_warnings(fn), repeats, budget_s=600)
+            row = {"time": t, "x_floor": t / floor_t, "samples": samples,
+                   "x_floor_min": min(samples) / floor_t, "x_floor_max": max(samples) / floor_t}
             if "build" in label:
                 _, peak, retained = R.peak_memory(lambda: R._quiet_warnings(fn))
                 row.update(peak=peak, retained=retained)
@@ -287,13 +291,14 @@ def print_table(results):
         f = res["floor"]
         print(f"\n{name}: {res['params'] / 1e6:.1f} M parameters, {res['n']} examples; floor "
               f"{f['time']:.2f} s, floor peak {f['peak'] / 2**20:.0f} MiB")
-        print(f"{'row':30s} {'time':>10s} {'x floor':>8s} {'peak':>10s}")
+        print(f"{'row':30s} {'time':>10s} {'x floor':>8s} {'[min-max]':>13s} {'peak':>10s}")
         for label, r in res["rows"].items():
             if "error" in r:
                 print(f"{label:30s} n/a ({r['error']})")
                 continue
             peak = f"{r['peak'] / 2**20:8.0f} MiB" if "peak" in r else ""
-            print(f"{label:30s} {r['time']:8.2f} s {r['x_floor']:8.2f} {peak:>10s}")
+            spread = f"[{r['x_floor_min']:.2f}-{r['x_floor_max']:.2f}]" if "samples" in r else ""
+            print(f"{label:30s} {r['time']:8.2f} s {r['x_floor']:8.2f} {spread:>13s} {peak:>10s}")
 
 
 def main(argv=None):

@@ -75,6 +75,10 @@ DIRECTION_CHUNK_BYTES = 16 * 2 ** 20
 LOOPED_TIMING_DIRECTIONS = 16
 #: 'auto': batches split between the two strategies before the choice is made
 BACKWARD_TIMING_ROUNDS = 2
+#: 'auto': a first round where one strategy is this many times faster per direction decides
+#: at once (the second round is for close calls, which one sample on a busy machine may get
+#: wrong; a factor of 2 in CPU seconds is not such a call)
+BACKWARD_DECISIVE_RATIO = 2.0
 #: structure key (``_backward_key``) -> 'batched' | 'looped', filled by 'auto'
 _BACKWARD_CHOICE = {}
 #: structure key -> {'batched': best seconds per direction, 'looped': ..., 'rounds': n} while
@@ -109,7 +113,14 @@ def _backward_looped(out, targets, cot, retain):
 
 
 def _timed(fn, device):
-    """``(seconds, fn())``, synchronizing an accelerator so that the time is the work's."""
+    """``(seconds, fn())``: on the CPU the process's CPU seconds (all its threads; a machine
+    busy with other processes does not inflate them, where a wall-clock sample taken while the
+    process waits for a core can be several times too long), on an accelerator the wall-clock
+    seconds, synchronized so that the time is the work's."""
+    if device.type == "cpu":
+        t0 = time.process_time()
+        result = fn()
+        return time.process_time() - t0, result
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -151,7 +162,9 @@ def _backward_sampled(key, out, targets, cot, retain):
             samples["looped"] = min(samples["looped"], t / k_loop)
         parts[which] = g
     samples["rounds"] += 1
-    if samples["rounds"] >= BACKWARD_TIMING_ROUNDS and key not in _BACKWARD_CHOICE:
+    fast, slow = sorted((samples["batched"], samples["looped"]))
+    decisive = slow >= BACKWARD_DECISIVE_RATIO * fast
+    if (samples["rounds"] >= BACKWARD_TIMING_ROUNDS or decisive) and key not in _BACKWARD_CHOICE:
         _BACKWARD_CHOICE[key] = "batched" if samples["batched"] <= samples["looped"] \
             else "looped"
         _BACKWARD_SAMPLES.pop(key, None)
@@ -284,8 +297,9 @@ class BackwardStrategy:
         is recorded; both strategies cost about the same per direction at any count, so after
         ``BACKWARD_TIMING_ROUNDS`` such batches (the order of the two swapped each time, the best
         time of each kept: one sample each picked the slower strategy on a busy machine) the
-        faster one is used for all directions. An op without a batching rule decides at once for
-        the loop. The choice is kept per model *structure* (see ``_backward_key``), not per model
+        faster one is used for all directions; a first batch where one is at least
+        ``BACKWARD_DECISIVE_RATIO`` times faster decides at once (the second sample is for
+        close calls). An op without a batching rule decides at once for the loop. The choice is kept per model *structure* (see ``_backward_key``), not per model
         object: a new model of the same architecture reuses it, and a freed model's id reused by
         another one cannot hand it a choice made for a different graph.
         """

@@ -46,6 +46,8 @@ def test_auto_times_a_few_directions_only(monkeypatch):
         return looped(out, targets, cot, retain)
     monkeypatch.setattr(strategy, "_backward_batched", rec_batched)
     monkeypatch.setattr(strategy, "_backward_looped", rec_looped)
+    # (no early decision: every round is taken, whatever the timings)
+    monkeypatch.setattr(strategy, "BACKWARD_DECISIVE_RATIO", float("inf"))
     strategy._BACKWARD_CHOICE.clear()
     strategy._BACKWARD_SAMPLES.clear()
     got = diag("auto")
@@ -120,3 +122,29 @@ def test_no_batching_rule_decides_for_the_loop(monkeypatch):
     torch.testing.assert_close(diag("auto"), ref, rtol=1e-12, atol=1e-14)
     assert list(strategy._BACKWARD_CHOICE.values()) == ["looped"]
     assert not strategy._BACKWARD_SAMPLES
+
+
+def test_a_decisive_first_round_decides_at_once(monkeypatch):
+    """A strategy many times slower per direction in the first split batch is not sampled
+    again: the next batches all take the faster one."""
+    import time
+    model, loader = _setup(n=12)
+    lc = LayerCollection.from_model(model)
+    calls = []
+    batched, looped = strategy._backward_batched, strategy._backward_looped
+
+    def slow_batched(*a):
+        calls.append("batched")
+        t0 = time.process_time()  # (CPU seconds: what the timing on the CPU reads)
+        while time.process_time() - t0 < 0.05:
+            pass
+        return batched(*a)
+    monkeypatch.setattr(strategy, "_backward_batched", slow_batched)
+    monkeypatch.setattr(strategy, "_backward_looped", lambda *a: calls.append("looped") or looped(*a))
+    strategy._BACKWARD_CHOICE.clear()
+    strategy._BACKWARD_SAMPLES.clear()
+    g = monte_carlo_function(lambda x, *_: model(x), "classif_logits", 8, seed=3)
+    TorchHooksJacobianBackend(model, g, backward="auto").get_covariance_diag(loader, lc)
+    # three batches: the first split between the two, the two others looped only
+    assert calls == ["batched", "looped", "looped", "looped"], calls
+    assert set(strategy._BACKWARD_CHOICE.values()) == {"looped"}

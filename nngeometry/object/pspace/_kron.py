@@ -43,6 +43,12 @@ def kron_apply(A, G, V):
     return right(left(G, V), A)
 
 
+def _apply_t(At, G, V):
+    """``G V At`` (``At`` the transposed input factor, or a 1-D diagonal one)."""
+    W = left(G, V)
+    return W * At if At.dim() == 1 else W @ At
+
+
 def dense(F):
     return torch.diag(F) if F.dim() == 1 else F
 
@@ -266,6 +272,12 @@ def repack(template, values):
 
 
 # ---------------------------------------------------------------------- layouts
+#: `Layout.kron_mv` keeps a ``[W | b]`` layer's weight and bias apart from this many entries
+#: on (below, the per-operation overhead of the four extra small products outweighs the copy
+#: of ``[W | b]`` that assembling it costs)
+SPLIT_BIAS_MIN_ENTRIES = 2 ** 16
+
+
 class Layout:
     """Where each layer sits in the flat vector and how to reach its Kronecker layout.
 
@@ -361,6 +373,89 @@ class Layout:
         if out is not None:
             return out
         return flats[0]
+
+    def kron_mv(self, factors, v):
+        """``M v`` for ``M = blockdiag_l kron(G_l, A_l)`` (``factors``: ``(A_lᵀ, G_l)`` per layer,
+        in layout order; a layer with several Kronecker blocks has one pair per block) and a PVector
+        ``v``, as a new flat ``(P,)`` tensor; None where this path does not apply (``v`` or the
+        factors of another dtype or device, or an autograd graph to record: the caller then
+        splits and joins).
+
+        Each layer's ``G V Aᵀ`` reads ``v``'s own tensors (dict or flat: no flattened or
+        re-laid-out copy of ``v``) and is written into its slice of the result by the products
+        themselves. A ``[W | b]`` layer (``'bias_last'``) is never assembled: with ``U = G W``,
+        ``u = G b`` and ``Aᵀ`` split as ``[[Aᵀ_ww, Aᵀ_wb], [Aᵀ_bw, Aᵀ_bb]]``, the weight part
+        is ``U Aᵀ_ww + u Aᵀ_bw`` and the bias part ``U Aᵀ_wb + u Aᵀ_bb`` (the same products,
+        the bias column summed last); a small layer (under `SPLIT_BIAS_MIN_ENTRIES` entries) is
+        assembled instead, fewer operations. A layer with a general permutation is gathered into its
+        Kronecker layout and scattered back, as `split` and `join` do."""
+        fast = self.__dict__.get("fast")
+        if fast is None:  # (layouts pickled before)
+            return None
+        like = factors[0][1]
+        parts = v.dict_repr
+        tensors = [t for ts in parts.values() for t in ts] if parts is not None \
+            else [v.vector_repr]
+        if any(t.dtype != like.dtype or t.device != like.device for t in tensors) or \
+                any(F.dtype != like.dtype or F.device != like.device
+                    for AG in factors for F in AG):
+            return None
+        if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or
+                                        any(F.requires_grad for AG in factors for F in AG)):
+            return None  # (out= products record no graph)
+        flat = v.vector_repr
+        end = max(e for s, e, *_ in self.entries.values())
+        out = like.new_empty(end)
+        it = iter(factors)
+        for lid, (s, e, perm, inv, units) in self.entries.items():
+            kind = fast.get(lid)
+            if kind is None:  # a general permutation, or several units: gathered
+                layer = flat[s:e] if flat is not None else \
+                    torch.cat([t.reshape(-1) for t in parts[lid]])
+                kv = layer[self._on(lid, 3, layer.device)]
+                res = torch.cat([_apply_t(*next(it), kv[off:off + dG * dA].view(dG, dA))
+                                 .reshape(-1) for _, off, dG, dA in units])
+                torch.index_select(res, 0, self._on(lid, 2, res.device), out=out[s:e])
+                continue
+            At, G = next(it)
+            (_, _, dG, dA), = units
+            nw = dG * dA if kind == "same" else dG * (dA - 1)
+            if flat is not None:
+                W, b = flat[s:s + nw].view(dG, nw // dG), flat[s + nw:e]
+            else:
+                ts = parts[lid]
+                if ts[0].numel() == nw and len(ts) == (1 if kind == "same" else 2):
+                    W, b = ts[0].reshape(dG, nw // dG), (ts[1].reshape(-1) if len(ts) > 1 else None)
+                else:
+                    layer = torch.cat([t.reshape(-1) for t in ts])
+                    W, b = layer[:nw].view(dG, nw // dG), layer[nw:]
+            if kind == "bias_last" and dG * dA < SPLIT_BIAS_MIN_ENTRIES:
+                # a small layer: fewer operations assembling [W | b] (a copy of little)
+                O = _apply_t(At, G, torch.cat([W, b.unsqueeze(1)], dim=1))
+                _from_kron_into(out[s:e], O, kind, dG, dA)
+                continue
+            U = left(G, W)
+            ow = out[s:s + nw].view(dG, nw // dG)
+            if kind == "same":
+                if At.dim() == 1:
+                    torch.mul(U, At, out=ow)
+                else:
+                    torch.mm(U, At, out=ow)
+                continue
+            u = G * b if G.dim() == 1 else torch.mv(G, b)
+            ob = out[s + nw:e]
+            if At.dim() == 1:
+                torch.mul(U, At[:-1], out=ow)
+                torch.mul(u, At[-1], out=ob)
+                continue
+            AT = At
+            torch.mm(U, AT[:-1, :-1], out=ow)
+            # the rank-one term as a product with an inner dimension of 1 (addr_ is an
+            # elementwise loop, 5x slower on a 256 x 784 weight)
+            ow.addmm_(u.unsqueeze(1), AT[-1:, :-1])
+            torch.mv(U, AT[:-1, -1], out=ob)
+            ob.add_(u * AT[-1, -1])
+        return out
 
     def outer_diag_flat(self, diags):
         """The flat ``(P,)`` diagonal of a Kronecker-factored matrix from the factors'

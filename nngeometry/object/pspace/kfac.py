@@ -12,6 +12,7 @@ from .abstract import PMatAbstract
 from .blocks import KronBlock
 from .blocks.kron import LAZY_INVERSE_WIDTH, PiDamping  # noqa: F401  (kept importable here)
 from .ekfac import PMatEKFAC
+from ..vector import PVector
 
 _DAMPINGS = ("pi", "exact")
 
@@ -252,6 +253,12 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
     # ------------------------------------------------------------------ products
     def mv(self, vs):
         """``M v`` for a PVector ``vs``: per layer ``G V Aᵀ`` on the reshaped vector."""
+        if isinstance(vs, PVector) and (vs.layer_collection is self.layer_collection
+                                        or vs.layer_collection == self.layer_collection):
+            blocks = self._blocks()
+            out = self._layout.kron_mv([(b.right_factor(), b.G) for b in blocks], vs)
+            if out is not None:
+                return PVector(self.layer_collection, vector_repr=out)
         return super().mv(vs)
 
     def vTMv(self, vector):

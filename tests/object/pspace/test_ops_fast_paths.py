@@ -170,3 +170,72 @@ def test_kfac_diagonal_of_factors_that_record_a_graph(kfac):
     lid = next(iter(data))
     (gA,) = torch.autograd.grad(d.sum(), data[lid][0])
     assert torch.allclose(torch.diagonal(gA), torch.trace(data[lid][1]).expand(gA.shape[0]))
+
+
+@pytest.mark.parametrize("split_from", [0, 2 ** 30])
+def test_kfac_mv_reads_the_vector_in_place_against_dense(kfac, split_from, monkeypatch):
+    """``mv`` writes each layer's ``G V Aᵀ`` into the result without laying the vector out
+    (``[W | b]`` layers kept apart as weight and bias, or assembled when small): the same
+    numbers as the dense matrix for a flat vector and for a dict vector, and the split / join
+    path where an autograd graph must be recorded."""
+    from nngeometry.object.pspace.abstract import PMatAbstract
+    monkeypatch.setattr(K, "SPLIT_BIAS_MIN_ENTRIES", split_from)
+    M = kfac.to_torch()
+    lc = kfac.layer_collection
+    v = torch.randn(M.shape[0], dtype=DT)
+    flat = PVector(lc, vector_repr=v)
+    as_dict = PVector(lc, dict_repr={k: tuple(t.clone() for t in ts)
+                                     for k, ts in flat.get_dict_representation().items()})
+    assert kfac._layout.kron_mv([(b.right_factor(), b.G) for b in kfac._blocks()],
+                                flat) is not None
+    for pv in (flat, as_dict):
+        got = kfac.mv(pv).get_flat_representation()
+        assert torch.allclose(got, M @ v, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(got, PMatAbstract.mv(kfac, pv).get_flat_representation(),
+                              rtol=1e-13, atol=1e-15)
+    w = v.clone().requires_grad_(True)
+    out = kfac.mv(PVector(lc, vector_repr=w)).get_flat_representation()
+    (g,) = torch.autograd.grad(out @ v, w)
+    assert torch.allclose(g, M.T @ v, rtol=1e-12, atol=1e-14)
+
+
+def test_kfac_mv_with_gathered_and_multi_block_layers_against_dense():
+    """Embedding (a general permutation) and attention (several Kronecker blocks in one
+    layer) next to Linear layers: ``mv`` gathers those layers, and matches the dense matrix."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, i):
+            h = self.emb(i)
+            return self.fc(self.att(h, h, h, need_weights=False)[0].mean(dim=1))
+
+    torch.manual_seed(0)
+    model = Net().to(DT)
+    g = torch.Generator().manual_seed(2)
+    idx, y = torch.randint(0, 7, (4, 5), generator=g), torch.randint(0, 3, (4,), generator=g)
+    F = FIM(model, (idx, y), PMatKFAC)
+    assert any(k is None for k in F._layout.fast.values())
+    M = F.to_torch()
+    v = torch.randn(M.shape[0], dtype=DT)
+    pv = PVector(F.layer_collection, vector_repr=v)
+    assert torch.allclose(F.mv(pv).get_flat_representation(), M @ v, rtol=1e-12, atol=1e-14)
+    d = PVector(F.layer_collection, dict_repr={k: tuple(t.clone() for t in ts)
+                                               for k, ts in pv.get_dict_representation().items()})
+    assert torch.allclose(F.mv(d).get_flat_representation(), M @ v, rtol=1e-12, atol=1e-14)
+
+
+def test_kfac_mv_of_factors_that_are_not_symmetric(kfac):
+    """Factors that are not symmetric (a product of two KFACs) are applied as ``G V Aᵀ``:
+    the dense matrix of the product; exactly symmetric ones are read as they are."""
+    for b in kfac._blocks():
+        assert (b.right_factor() is b.A) == torch.equal(b.A, b.A.mT)
+    P = kfac.mm(kfac)
+    assert any(b.right_factor() is not b.A for b in P._blocks())
+    M = kfac.to_torch()
+    v = torch.randn(M.shape[0], dtype=DT)
+    got = P.mv(PVector(kfac.layer_collection, vector_repr=v)).get_flat_representation()
+    assert torch.allclose(got, M @ (M @ v), rtol=1e-10, atol=1e-13)

@@ -217,3 +217,43 @@ def test_embedding_diagonal_input_factor():
         U = E.get_KFE(lid)
         sl = lc.slice(lid)
         close(E.data[1][lid], torch.diagonal(U.t() @ F[sl, sl] @ U), rtol=1e-10)
+
+
+class _EqualLayers(nn.Module):
+    """Two pairs of Linear layers of equal shapes (with and without a bias), on examples or on
+    sequences of positions sharing the weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 5)
+        self.c, self.d = nn.Linear(5, 5, bias=False), nn.Linear(5, 5, bias=False)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for m in (self.a, self.b, self.c, self.d):
+            h = torch.tanh(m(h))
+        h = self.out(h)
+        return h.mean(dim=1) if h.dim() == 3 else h
+
+
+@pytest.mark.parametrize("positions", [0, 3])
+def test_update_diag_of_layers_of_equal_shapes(positions):
+    """Layers whose eigenbases have equal shapes (with and without a bias) each get the
+    ``diag(Uᵀ F U)`` of their own block of the exact Fisher, never another layer's (closed
+    form: examples, and sequences whose positions share the weights)."""
+    torch.manual_seed(0)
+    model = _EqualLayers().to(DT)
+    g = torch.Generator().manual_seed(1)
+    shape = (6, positions, 4) if positions else (6, 4)
+    x = torch.randn(*shape, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (6,), generator=g)
+    lc = LayerCollection.from_model(model)
+    E = FIM(model, (x, y), PMatEKFAC, layer_collection=lc)
+    E.update_diag((x, y))
+    F = fim_dense(model, x, "classif_logits", lc)
+    for lid in lc.layer_ids():
+        U = E.get_KFE(lid)
+        sl = lc.slice(lid)
+        close(E.data[1][lid], torch.diagonal(U.t() @ F[sl, sl] @ U), rtol=1e-10)
