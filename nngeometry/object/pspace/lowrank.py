@@ -8,12 +8,6 @@ from ._prior import scalar_or_prior
 from ._statistics import check_tensor
 from .abstract import PMatAbstract
 from .blocks import LowRankBlock
-from .eye import PMatEye
-
-
-def _check_lc(a, b):
-    if a.layer_collection != b.layer_collection:
-        raise ValueError("the two matrices are built on different LayerCollections")
 
 
 class _LowRankBase(PMatAbstract):
@@ -122,6 +116,19 @@ class PMatLowRank(_LowRankBase):
     def _blocks(self):
         return _checks.cached(self.__dict__, "_blocks_cache", "blocks", lambda: [
             LowRankBlock(self._U(), eig=self.get_eigendecomposition)], self.data)
+
+    def _from_blocks(self, blocks):
+        """``JᵀJ`` stays a PMatLowRank; a block with a diagonal or a ``C`` (a negative scaling,
+        a difference, ``+ s·I``) is a `PMatEyePlusLowRank`."""
+        (b,) = blocks
+        if b._pure():
+            return self._new(b.J)
+        J = b.J
+        return PMatEyePlusLowRank(self.layer_collection, data=(
+            torch.as_tensor(b.alpha, dtype=J.dtype, device=J.device), J, b._C()))
+
+    # ``M + PMatEyePlusLowRank``: the block adds the other's
+    _ADDS_WITH = ("PMatEyePlusLowRank",)
 
     # 'woodbury' (the default): through the Cholesky factor of λI + G; 'eigh': through the
     # thin eigendecomposition of M
@@ -249,9 +256,6 @@ class PMatLowRank(_LowRankBase):
         return PMatEyePlusLowRank(self.layer_collection, alpha=lam ** x, U=V.t(),
                                   C=torch.diag(ev ** x - lam ** x))
 
-    def __pow__(self, x):
-        return self.pow(x)
-
     def pinv(self, atol=1e-8):
         """Moore-Penrose pseudo-inverse ``V Λ⁻¹ Vᵀ`` over the eigenvalues ``λ > atol`` (the
         others, and the orthogonal complement of the range, are sent to 0), as a PMatLowRank
@@ -259,19 +263,6 @@ class PMatLowRank(_LowRankBase):
         evals, V = self.get_eigendecomposition()
         keep = evals > atol
         return self._new((V[:, keep] * evals[keep] ** -0.5).t())
-
-    def norm(self, ord=None):
-        """Frobenius (``None``/``'fro'``), spectral (``2``: ``λ_max``) or smallest singular
-        value (``-2``: 0 unless the rank is ``P``), from the ``r × r`` Gram matrix."""
-        if ord in (2, -2):
-            ev = _spectral.eigvalsh(self._gram()).clamp(min=0)
-            if ord == 2:
-                return ev.max()
-            # M = UᵀU and G = UUᵀ share their nonzero eigenvalues; M has P of them, so with
-            # r ≥ P its smallest is G's (r - P + 1)-th smallest, and with r < P it is 0
-            P, r = self.layer_collection.numel(), ev.numel()
-            return ev[r - P] if r >= P else torch.zeros((), dtype=ev.dtype, device=ev.device)
-        return super().norm(ord)
 
     def logdet(self, regul=0.0, damping="exact"):
         """``log det(M + λI) = (P - r) log λ + log det(λI_r + G)`` (Sylvester); for a
@@ -285,27 +276,6 @@ class PMatLowRank(_LowRankBase):
         P, r = self.layer_collection.numel(), G.shape[0]
         lam = torch.as_tensor(regul, dtype=G.dtype, device=G.device)
         return (P - r) * torch.log(lam) + torch.log(_spectral.eigvalsh(G) + lam).sum()
-
-    # ------------------------------------------------------------------ arithmetic
-    def _scaled(self, x):
-        if float(x) >= 0:
-            return self._new(self._U() * float(x) ** 0.5)
-        return self._as_update()._scaled(x)
-
-    def __add__(self, other):
-        if isinstance(other, PMatLowRank):
-            _check_lc(self, other)
-            return self._new(torch.cat([self._U(), other._U()], dim=0))
-        if isinstance(other, (PMatEye, PMatEyePlusLowRank)):
-            return self._as_update() + other
-        self._check_same_kind(other)
-
-    __radd__ = __add__
-
-    def __sub__(self, other):
-        if isinstance(other, (PMatLowRank, PMatEye, PMatEyePlusLowRank)):
-            return self._as_update() + (-other)
-        self._check_same_kind(other)
 
 
 class PMatEyePlusLowRank(_LowRankBase):

@@ -90,6 +90,13 @@ def test_arithmetic(mats):
     close((E - M).to_torch(), E.to_torch() - D)
     with pytest.raises(NotImplementedError, match="PMatDiag"):
         M + PMatDiag(s.lc, None, data=M.get_diag())
+    # what leaves the low-rank PSD form is a PMatEyePlusLowRank
+    for R, ref in ((M * torch.tensor(-0.5, dtype=DT), -0.5 * D), (M - M2, 0.5 * D),
+                   (M + (M2 + E), 1.5 * D + E.to_torch())):
+        assert isinstance(R, PMatEyePlusLowRank)
+        close(R.to_torch(), ref)
+    close(M.norm(2), torch.linalg.matrix_norm(D, 2), rtol=1e-10)
+    assert float(M.norm(-2)) == 0.0  # rank < P
 
 
 def test_eye_plus_lowrank(mats):

@@ -253,6 +253,8 @@ class LowRankBlock(Block):
 
     # ------------------------------------------------------------------ arithmetic
     def scaled(self, x):
+        if self._pure() and float(x) >= 0:  # x JᵀJ = (√x J)ᵀ (√x J): still pure
+            return LowRankBlock(self.J * float(x) ** 0.5)
         C = self._C() * x
         return LowRankBlock(self.J, self.alpha * x, C)
 
@@ -264,6 +266,8 @@ class LowRankBlock(Block):
         if isinstance(other, DiagBlock) and other.shape == self.shape:
             return LowRankBlock(self.J, self.alpha + other.d, self.C)
         if isinstance(other, LowRankBlock) and other.shape == self.shape:
+            if self._pure() and other._pure():  # JᵀJ + KᵀK: the rows stacked
+                return LowRankBlock(torch.cat([self.J, other.J]))
             return LowRankBlock(torch.cat([self.J, other.J]), self.alpha + other.alpha,
                                 torch.block_diag(self._C(), other._C()))
         return super().add(other)
