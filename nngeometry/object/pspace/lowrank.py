@@ -207,13 +207,9 @@ class PMatLowRank(_LowRankBase):
     def inverse(self, regul=1e-8, damping="exact"):
         """``(M + regul·I)⁻¹ = I/λ - Uᵀ(λI + G)⁻¹U/λ``, exact, as a `PMatEyePlusLowRank`
         (for a per-layer / per-parameter ``Λ``: ``Λ⁻¹ - Λ⁻¹Uᵀ(I + UΛ⁻¹Uᵀ)⁻¹UΛ⁻¹``, the same
-        type with a diagonal ``α``)."""
-        self._check_damping(damping, "inverse")
-        regul, damped = self._with_prior(regul, "inverse")
-        if damped is not None:
-            return damped._inverse_impl(0.0)
-        self._check_regul(regul, "inverse")
-        return self._as_update()._inverse_impl(regul=regul)
+        type with a diagonal ``α``); Woodbury in the block. Without a positive damping the
+        shared singular error (a low-rank matrix is singular)."""
+        return super()._inverse_impl(regul=regul, damping=damping)
 
     def pow(self, x, regul=0.0, on_range=False, damping="exact"):
         """``(M + regul·I)^x`` through the thin eigendecomposition ``M = V Λ Vᵀ``.

@@ -144,8 +144,10 @@ class LowRankBlock(Block):
         a = self._shifted(damping)
         if float(p) == 1.0:
             return LowRankBlock(self.J, a, self.C)
-        if float(p) == -1.0 and (is_entries(a) or not self._pure()):
+        if float(p) == -1.0:
             # Woodbury: O(r² d), no eigendecomposition
+            if self._pure() and not _checks._is_damped(regul):
+                raise self._undamped(rep, "inverse", regul)
             invD, JD, Cn = self._woodbury(a, rep, regul, f"pow({p})")
             return LowRankBlock(JD, invD, Cn)
         if is_entries(a):
@@ -163,6 +165,12 @@ class LowRankBlock(Block):
         core = top ** p - base
         return LowRankBlock(Q.t(), base, torch.diag(core))
 
+    def _undamped(self, rep, what, regul):
+        return _checks.singular_error(
+            rep, what, regul,
+            f"a low-rank matrix (rank ≤ {self.J.shape[0]} < P = {self.shape[0]}) is singular "
+            "without damping (pow(-1, on_range=True) is the pseudo-inverse on its range)")
+
     def solve(self, V, damping=0.0, who=None, method="woodbury"):
         """``(B + Λ)⁻¹ v`` for the rows of ``V``. A per-entry ``Λ``, or a block with a diagonal
         ``α`` or a ``C``: Woodbury (its factors kept for the last scalar damping). ``B = JᵀJ`` with a scalar ``λ > 0``: ``method='woodbury'`` (default),
@@ -175,10 +183,7 @@ class LowRankBlock(Block):
             invD, JD, Cn = self._woodbury(a, rep, regul, "solve")
             return V * invD + ((V @ JD.t()) @ Cn) @ JD
         if not _checks._float(a) > 0:
-            raise _checks.singular_error(
-                rep, "solve", regul,
-                f"a low-rank matrix (rank ≤ {self.J.shape[0]} < P = {self.shape[0]}) is singular "
-                "without damping (pow(-1, on_range=True) is the pseudo-inverse on its range)")
+            raise self._undamped(rep, "solve", regul)
         if method == "eigh":
             E, U = self._eig()
             XV = V @ U
