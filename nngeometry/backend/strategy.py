@@ -4,9 +4,10 @@ Output directions per backward pass (`BackwardStrategy._chunk_size`, within
 `DIRECTION_CHUNK_BYTES` and the generator's ``max_chunk_bytes``), vectors per vmapped
 matrix-free product (`_vector_chunk`), and the two ways of getting the gradients of several
 output directions, one vmapped backward (`_backward_batched`) or one backward per direction
-(`_backward_looped`), with the timing autotuner that picks the faster once per model structure
-(`_backward_sampled`, its choices in `_BACKWARD_CHOICE`, keyed by `BackwardStrategy._backward_key`:
-the model's structure, never the model object's ``id``).
+(`_backward_looped`), chosen once per model structure by a cost model read from the backward
+graph's node types where it can (`_graph_choice`) and by the timing autotuner otherwise
+(`_backward_sampled`); the choices are in `_BACKWARD_CHOICE`, keyed by
+`BackwardStrategy._backward_key`: the model's structure, never the model object's ``id``.
 """
 import math
 import time
@@ -84,6 +85,57 @@ _BACKWARD_CHOICE = {}
 #: structure key -> {'batched': best seconds per direction, 'looped': ..., 'rounds': n} while
 #: the choice is open
 _BACKWARD_SAMPLES = {}
+
+#: autograd nodes whose vmapped backward is as cheap per direction as their plain backward
+#: (matrix products, convolutions, elementwise maps, views and reductions): a backward graph
+#: made of these only is faster vmapped, decided without timing
+BATCHED_NODES = frozenset(
+    name + "Backward" + v for name in (
+        "Addmm", "Mm", "Bmm", "Matmul", "Linear", "Convolution", "Relu", "Threshold", "Tanh",
+        "Sigmoid", "Gelu", "Silu", "Elu", "LeakyRelu", "Hardtanh", "Softplus", "View",
+        "UnsafeView", "Reshape", "ReshapeAlias", "T", "Transpose", "Permute", "Expand", "Mean",
+        "Sum", "Add", "Sub", "Mul", "Div", "Neg", "Exp", "Log", "Sqrt", "Rsqrt", "Pow",
+        "Squeeze", "Unsqueeze", "Clone", "Slice", "Select", "Cat", "Stack", "Split",
+        "SplitWithSizes", "Unbind", "Softmax", "LogSoftmax", "Alias", "ToCopy",
+        "NativeLayerNorm", "Gather")
+    for v in ("0", "1", "2")) | {"AccumulateGrad"}
+#: autograd nodes whose vmapped backward gains nothing per direction over one backward per
+#: direction (max-pooling's scatter of the gradients to the argmax positions: on a small CNN
+#: within about 10 % of the loop warm, and its first vmapped call 2-3 times slower, which made a
+#: timed first sample pick at random): a graph with one of these takes the loop, decided
+#: without timing
+LOOPED_NODES = frozenset(
+    name + "Backward0" for name in (
+        "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices",
+        "AdaptiveMaxPool1D", "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
+        "FractionalMaxPool2D", "FractionalMaxPool3D", "MaxUnpool2D", "MaxUnpool3D"))
+#: graphs larger than this are not walked (timing decides)
+_GRAPH_WALK_LIMIT = 20000
+
+
+def _graph_choice(out):
+    """'batched' when every node of the backward graph of ``out`` is in `BATCHED_NODES`,
+    'looped' when one is in `LOOPED_NODES`, None (the timing decides) otherwise: the cost model
+    of the two strategies, read from the node types, so that a model made of well-batched ops
+    (or with max-pooling) pays no timing sample, whose first vmapped call is also cold."""
+    fn = getattr(out, "grad_fn", None)
+    if fn is None:
+        return None
+    seen, stack, unknown = {fn}, [fn], False
+    while stack:
+        node = stack.pop()
+        name = type(node).__name__
+        if name in LOOPED_NODES:
+            return "looped"
+        if name not in BATCHED_NODES:
+            unknown = True
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                if len(seen) >= _GRAPH_WALK_LIMIT:
+                    return None
+                seen.add(nxt)
+                stack.append(nxt)
+    return None if unknown else "batched"
 
 
 def _backward_batched(out, targets, cot, retain):
@@ -299,7 +351,10 @@ class BackwardStrategy:
         time of each kept: one sample each picked the slower strategy on a busy machine) the
         faster one is used for all directions; a first batch where one is at least
         ``BACKWARD_DECISIVE_RATIO`` times faster decides at once (the second sample is for
-        close calls). An op without a batching rule decides at once for the loop. The choice is kept per model *structure* (see ``_backward_key``), not per model
+        close calls). An op without a batching rule decides at once for the loop. Before any
+        timing, the node types of the backward graph may decide (`_graph_choice`): only
+        well-batched ops (`BATCHED_NODES`) give the vmapped backward, one of `LOOPED_NODES`
+        (max-pooling) the loop; a graph with another node is timed. The choice is kept per model *structure* (see ``_backward_key``), not per model
         object: a new model of the same architecture reuses it, and a freed model's id reused by
         another one cannot hand it a choice made for a different graph.
         """
@@ -308,6 +363,10 @@ class BackwardStrategy:
         if mode == "auto":
             key = self._backward_key(out, targets, cot)
             mode = _BACKWARD_CHOICE.get(key)
+            if mode is None and key not in _BACKWARD_SAMPLES and cot.shape[0] > 1:
+                mode = _graph_choice(out)
+                if mode is not None:
+                    _BACKWARD_CHOICE[key] = mode
         if mode == "batched":
             grads = _backward_batched(out, targets, cot, retain)
             if grads is None:  # an op without a batching rule

@@ -16,6 +16,18 @@ from nngeometry.curvature import monte_carlo_function
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+GRAPH_CHOICE_TESTS = {"test_graph_of_known_ops_decides_without_timing",
+                      "test_unknown_node_leaves_the_choice_to_timing"}
+
+
+@pytest.fixture(autouse=True)
+def timed(monkeypatch, request):
+    """The timing is what these tests check: the cost model read from the graph's node types
+    (which decides a max-pooling CNN at once) is off, except where a test asks for it."""
+    if request.function.__name__ not in GRAPH_CHOICE_TESTS:
+        monkeypatch.setattr(strategy, "_graph_choice", lambda out: None)
+
+
 def _setup(n=10):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
@@ -148,3 +160,61 @@ def test_a_decisive_first_round_decides_at_once(monkeypatch):
     # three batches: the first split between the two, the two others looped only
     assert calls == ["batched", "looped", "looped", "looped"], calls
     assert set(strategy._BACKWARD_CHOICE.values()) == {"looped"}
+
+
+def _record(monkeypatch):
+    calls = []
+    batched, looped = strategy._backward_batched, strategy._backward_looped
+    monkeypatch.setattr(strategy, "_backward_batched",
+                        lambda *a: calls.append("batched") or batched(*a))
+    monkeypatch.setattr(strategy, "_backward_looped", lambda *a: calls.append("looped") or looped(*a))
+    strategy._BACKWARD_CHOICE.clear()
+    strategy._BACKWARD_SAMPLES.clear()
+    return calls
+
+
+@pytest.mark.parametrize("pool, expect", [(True, "looped"), (False, "batched")])
+def test_graph_of_known_ops_decides_without_timing(monkeypatch, pool, expect):
+    """A backward graph with max-pooling takes the loop, one made of matrix products,
+    convolutions and elementwise maps only the vmapped backward, from the first batch (no
+    split batch, no timing), with the matrix of either strategy."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(2, 3, 3), nn.ReLU()] + ([nn.MaxPool2d(2)] if pool else []) + \
+        [nn.Flatten(), nn.Linear(3 * (2 * 2 if pool else 4 * 4), 5)]
+    model = nn.Sequential(*layers).double()
+    x = torch.randn(10, 2, 6, 6, dtype=torch.float64)
+    loader = DataLoader(TensorDataset(x, torch.zeros(10, dtype=torch.long)), batch_size=4)
+    lc = LayerCollection.from_model(model)
+
+    def diag(backward):
+        g = monte_carlo_function(lambda x, *_: model(x), "classif_logits", 6, seed=3)
+        return TorchHooksJacobianBackend(model, g, backward=backward).get_covariance_diag(
+            loader, lc)
+    ref = diag("looped" if expect == "batched" else "batched")
+    calls = _record(monkeypatch)
+    torch.testing.assert_close(diag("auto"), ref, rtol=1e-12, atol=1e-14)
+    assert calls == [expect] * 3, calls
+    assert list(strategy._BACKWARD_CHOICE.values()) == [expect]
+    assert not strategy._BACKWARD_SAMPLES
+
+
+def test_unknown_node_leaves_the_choice_to_timing(monkeypatch):
+    """A graph with a node the cost model does not know (here a sort) is timed: its first
+    batch is split between the two strategies."""
+    torch.manual_seed(0)
+
+    class SortNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.fc(x).sort(dim=1).values
+    model = SortNet().double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    loader = DataLoader(TensorDataset(x, torch.zeros(8, dtype=torch.long)), batch_size=4)
+    lc = LayerCollection.from_model(model)
+    calls = _record(monkeypatch)
+    g = monte_carlo_function(lambda x, *_: model(x), "classif_logits", 6, seed=3)
+    TorchHooksJacobianBackend(model, g, backward="auto").get_covariance_diag(loader, lc)
+    assert sorted(calls[:2]) == ["batched", "looped"], calls
