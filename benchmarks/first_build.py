@@ -12,8 +12,11 @@ measured in a fresh Python process, the three kinds of process interleaved:
   build no longer pays it; this line shows what a process that paid it already sees;
 * ``trained``: the same after a forward and backward of the loss of another model with the
   same layers, as in a process that trained a model before computing its Fisher: torch's own
-  first calls (convolution kernel selection, the allocator's first blocks) are paid, what is
-  left of the first build's extra time is the library's;
+  first calls (convolution kernel selection, the allocator's first blocks) are paid; what is
+  left of the first build's extra time is the library's once-per-model parameter-use check
+  (one more backward of one direction and a re-run of each convolution on the first batch) and
+  torch's first engine calls for the new model's shapes (the backward strategy of this CNN is
+  read from its graph, max-pooling: the loop, with no timing sample);
 * ``gc``: the seconds of the first build spent in Python's garbage collector (a first full
   collection of the objects ``import torch`` left, 0.1–0.4 s, falls in whatever code runs first
   after the imports and allocates enough: a process's cost, not the build's);
