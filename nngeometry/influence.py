@@ -110,14 +110,6 @@ def _to_matrix(flat, shape, has_bias):
     return torch.cat([flat[:, :nw].reshape(m, out, cols - 1), flat[:, nw:].unsqueeze(2)], dim=2)
 
 
-def _from_matrix(mat, has_bias):
-    """Inverse of `_to_matrix`."""
-    m = mat.shape[0]
-    if not has_bias:
-        return mat.reshape(m, -1)
-    return torch.cat([mat[:, :, :-1].reshape(m, -1), mat[:, :, -1]], dim=1)
-
-
 def _compress(rows, shape, has_bias, rank):
     """The best rank-``rank`` approximation (truncated SVD, Eckart–Young) of each row's matrix
     view: ``(L, R)`` with ``L`` ``(m, out, r)`` (singular values folded in) and ``R``
@@ -127,12 +119,26 @@ def _compress(rows, shape, has_bias, rank):
     return U[:, :, :r] * S[:, None, :r], Vh[:, :r, :].transpose(1, 2)
 
 
-def _expand(entry, shape, has_bias):
-    """The ``(m, p_l)`` rows of a stored layer entry (a tensor, or low-rank factors)."""
+#: bytes of expanded low-rank query rows held at once while scoring (the whole ``(m, p_l)``
+#: expansion of a wide layer, e.g. 100 queries of an 8192 × 256 output layer, is 840 MB)
+_SCORE_CHUNK_BYTES = 2 ** 27
+
+
+def _layer_scores(entry, shape, has_bias, g):
+    """``(m, n)``: the stored rows of a layer entry (a ``(m, p_l)`` tensor, or the low-rank
+    factors ``L (m, out, r)``, ``R (m, cols, r)`` of the rows' matrix views ``L Rᵀ``) times the
+    ``(n, p_l)`` rows ``g``. Low-rank entries are expanded a few queries at a time (at most
+    ``_SCORE_CHUNK_BYTES``), in the matrix view, against ``g``'s matrix view."""
     if isinstance(entry, torch.Tensor):
-        return entry
+        return entry.to(device=g.device, dtype=g.dtype) @ g.t()
     L, R = entry
-    return _from_matrix(L @ R.transpose(1, 2), has_bias)
+    gm = _to_matrix(g, shape, has_bias).reshape(g.shape[0], -1)
+    step = max(1, _SCORE_CHUNK_BYTES // (gm.shape[1] * gm.element_size()))
+    parts = []
+    for i in range(0, L.shape[0], step):
+        E = L[i:i + step].to(gm) @ R[i:i + step].to(gm).transpose(1, 2)
+        parts.append(E.reshape(E.shape[0], -1) @ gm.t())
+    return torch.cat(parts)
 
 
 # ====================================================================== streamed scores
@@ -146,7 +152,7 @@ class _PairwiseScores(consumers.Consumer):
 
     def __init__(self, layer_collection, layer_rows, per_layer):
         self.lc = layer_collection
-        self.layer_rows = layer_rows  # layer_id -> callable(dtype, device) -> (n_query, p_l)
+        self.layer_rows = layer_rows  # layer_id -> callable((n, p_l) rows) -> (n_query, n)
         self.per_layer = per_layer
         self.rows_dim = 2 if per_layer else 1
         self.scores = []
@@ -157,7 +163,7 @@ class _PairwiseScores(consumers.Consumer):
         for lid in ctx.layer_ids():
             g = ctx.per_example_grad(lid)
             g = g[0] if g.shape[0] == 1 else g.sum(0)
-            parts.append(self.layer_rows[lid](g.dtype, g.device) @ g.t())
+            parts.append(self.layer_rows[lid](g))
             ctx.release(lid)
         s = torch.stack(parts) if self.per_layer else sum(parts[1:], parts[0])
         if ctx.first_chunk:
@@ -674,9 +680,7 @@ class Influence:
             has_bias = lc[lid].has_bias()
             shape = _matrix_shape(lc[lid])
 
-            def get(dtype, device):
-                return _expand(entry, shape, has_bias).to(device=device, dtype=dtype)
-            return get
+            return lambda g: _layer_scores(entry, shape, has_bias, g)
 
         rows = {lid: rows_of(lid) for lid in lc.layer_ids()}
         gen = self._generator(self.loss_function, distributed=self.distributed)

@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
+import nngeometry.influence as influence_module
 from nngeometry.influence import HEURISTIC_FACTOR, Influence
 from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatEye,
                                PMatImplicit, PMatKFAC, PMatLowRank)
@@ -168,7 +169,7 @@ def test_regression_loss_and_separate_measurement():
                           rtol=1e-8, atol=0)
 
 
-def test_low_rank_queries_and_storage_dtype():
+def test_low_rank_queries_and_storage_dtype(monkeypatch):
     model, x, y, train, query = make()
     gz, gq = brute_grads(model, x[:N_TRAIN], y[:N_TRAIN]), brute_grads(model, x[N_TRAIN:], y[N_TRAIN:])
     inf = Influence(model, PMatEKFAC, damping=1e-2, query_rank=1).fit(train)
@@ -187,6 +188,10 @@ def test_low_rank_queries_and_storage_dtype():
     L, R = queries["layers"]["0"]
     assert L.shape == (N_QUERY, 5, 1) and R.shape == (N_QUERY, 5, 1)
     assert torch.allclose(inf.pairwise_scores(train, queries=queries), want, rtol=1e-8, atol=1e-14)
+    # the low-rank rows expanded one query at a time: the same scores
+    monkeypatch.setattr(influence_module, "_SCORE_CHUNK_BYTES", 1)
+    assert torch.allclose(inf.pairwise_scores(train, queries=queries), want, rtol=1e-8, atol=1e-14)
+    monkeypatch.undo()
     # float32 storage: the scores to float32 precision
     inf32 = Influence(model, PMatEKFAC, damping=1e-2, dtype=torch.float32).fit(train)
     full = Influence(model, PMatEKFAC, damping=1e-2).fit(train).pairwise_scores(train, query)
