@@ -188,9 +188,10 @@ def test_low_rank_queries_and_storage_dtype(monkeypatch):
     L, R = queries["layers"]["0"]
     assert L.shape == (N_QUERY, 5, 1) and R.shape == (N_QUERY, 5, 1)
     assert torch.allclose(inf.pairwise_scores(train, queries=queries), want, rtol=1e-8, atol=1e-14)
-    # the low-rank rows expanded one query at a time: the same scores
+    # the queries solved and the low-rank rows expanded one query at a time: the same scores
     monkeypatch.setattr(influence_module, "_SCORE_CHUNK_BYTES", 1)
-    assert torch.allclose(inf.pairwise_scores(train, queries=queries), want, rtol=1e-8, atol=1e-14)
+    monkeypatch.setattr(influence_module, "_SOLVE_CHUNK_BYTES", 1)
+    assert torch.allclose(inf.pairwise_scores(train, query), want, rtol=1e-8, atol=1e-14)
     monkeypatch.undo()
     # float32 storage: the scores to float32 precision
     inf32 = Influence(model, PMatEKFAC, damping=1e-2, dtype=torch.float32).fit(train)
