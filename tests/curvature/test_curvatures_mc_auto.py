@@ -87,13 +87,7 @@ def test_choice_kept_per_structure_not_per_object(monkeypatch):
         g = monte_carlo_function(lambda x, *_: model(x), "classif_logits", 6, seed=3)
         return TorchHooksJacobianBackend(model, g, backward="auto").get_covariance_diag(
             loader, lc)
-    calls = []
-    batched, looped = strategy._backward_batched, strategy._backward_looped
-    monkeypatch.setattr(strategy, "_backward_batched",
-                        lambda *a: calls.append("batched") or batched(*a))
-    monkeypatch.setattr(strategy, "_backward_looped", lambda *a: calls.append("looped") or looped(*a))
-    strategy._BACKWARD_CHOICE.clear()
-    strategy._BACKWARD_SAMPLES.clear()
+    calls = _record(monkeypatch)
     model, loader = _setup()
     build(model, loader)
     assert len(strategy._BACKWARD_CHOICE) == 1
