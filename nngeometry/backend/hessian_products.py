@@ -176,9 +176,7 @@ class HessianBackend:
             Hb = torch.cat([self._hvp_rows(loss, params, keys, self._basis(i0, i1, P, params))
                             for i0, i1 in self._chunks(P)], dim=0)
             H = Hb if H is None else H + Hb
-        H = self._reduce(H, "the Hessian")
-        self._check_nonempty(H)
-        self._check_finite(H)
+        H = self._summed_checked(H, "the Hessian")
         return (H + H.t()) / 2
 
     @random_in_vmap_explained
@@ -220,9 +218,7 @@ class HessianBackend:
                     parts.append(rows[idx, i0 + idx])
             d = torch.cat(parts)
             diag = d if diag is None else diag + d
-        diag = self._reduce(diag, "the Hessian's diagonal")
-        self._check_nonempty(diag)
-        self._check_finite(diag)
+        diag = self._summed_checked(diag, "the Hessian's diagonal")
         return diag
 
     # ================================================================== implicit products
@@ -237,9 +233,7 @@ class HessianBackend:
             hv = hvp(loss, params, tangents)
             flat_hv = torch.cat([hv[k].reshape(-1) for k in keys])
             out = flat_hv if out is None else out + flat_hv
-        out = self._reduce(out, "a Hessian-vector product")
-        self._check_nonempty(out)
-        self._check_finite(out)
+        out = self._summed_checked(out, "a Hessian-vector product")
         return out
 
     def implicit_vTMv(self, v, examples, layer_collection=None):
@@ -257,9 +251,7 @@ class HessianBackend:
         for params, loss, keys in self._functional_batches(examples, layer_collection):
             rows = self._hvp_rows(loss, params, keys, self._split(V, params, keys))
             out = rows if out is None else out + rows
-        out = self._reduce(out, "Hessian-vector products")
-        self._check_nonempty(out)
-        self._check_finite(out)
+        out = self._summed_checked(out, "Hessian-vector products")
         return out
 
     # ================================================================== refused (need J)
@@ -407,6 +399,14 @@ class HessianBackend:
                 if watch and any(drew):
                     watch = False
                     probe_functional(self.model, lambda q: loss(q).reshape(1, 1), params, device)
+
+    def _summed_checked(self, local, what):
+        """``local`` summed over the ranks (`_reduce`), refused when no batch was seen or when
+        it holds NaN or Inf."""
+        total = self._reduce(local, what)
+        self._check_nonempty(total)
+        self._check_finite(total)
+        return total
 
     @staticmethod
     def _check_nonempty(result):
