@@ -612,6 +612,13 @@ class Influence:
                               else self.loss_function)
         lc = self.layer_collection
         pieces = {lid: [] for lid in lc.layer_ids()}
+        # the (out, cols) matrix view of the layers whose queries are kept at low rank
+        low_rank = {}
+        if self.query_rank is not None:
+            for lid in lc.layer_ids():
+                shape = _matrix_shape(lc[lid])
+                if shape is not None and self.query_rank < min(shape):
+                    low_rank[lid] = shape
         n = 0
         for batch in self._progress(iterate_batches(query_loader), query_loader, "queries"):
             G = self._batch_gradients(gen, batch)
@@ -625,9 +632,8 @@ class Influence:
                 Q = self._solve(G[i:i + step])
                 for lid in lc.layer_ids():
                     rows = Q[:, lc.slice(lid)]
-                    shape = _matrix_shape(lc[lid]) if self.query_rank is not None else None
-                    if shape is not None and self.query_rank < min(shape):
-                        L, R = _compress(rows, shape, lc[lid].has_bias(), self.query_rank)
+                    if lid in low_rank:
+                        L, R = _compress(rows, low_rank[lid], lc[lid].has_bias(), self.query_rank)
                         pieces[lid].append((self._store(L), self._store(R)))
                     else:
                         pieces[lid].append(self._store(rows))
