@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .._bridge import _laplace_bridge
 from ..backend.batches import batch_size_of, default_function, iterate_batches
 from .._entry import resolve_representation
-from ..curvature.language_models import is_causal_lm
+from ..curvature import is_causal_lm
 from ..jacobian import Jacobian
 from ..layercollection import LayerCollection
 from ..metrics import FIM, EmpiricalFisher, FIM_MonteCarlo, subnetwork_collection
