@@ -48,7 +48,7 @@ from ..metrics import FIM, EmpiricalFisher, FIM_MonteCarlo, subnetwork_collectio
 from .. import object as _objects
 from ..object.map import PFMapDense
 from ..object.pspace import PMatDense, PMatDiag, PMatKFAC
-from ..object.pspace import _kron
+from ..object.pspace.blocks.kron import get_unit
 from ..object.vector import PVector
 
 _LIKELIHOODS = ("classification", "regression", "reward_modeling")
@@ -1144,7 +1144,7 @@ class _KronPrior:
         self.s, self.units = s, []
         lc = ggn.layer_collection
         for lid in lc.layer_ids():
-            A, G = _kron.get_unit(ggn.data, lid)
+            A, G = get_unit(ggn.data, lid)
             layer = lc[lid]
             perm = layer.kfac_permutation()
             sl = lc.slice(lid)

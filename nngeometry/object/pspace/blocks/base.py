@@ -2,7 +2,7 @@
 
 A block is a symmetric ``d × d`` matrix ``B`` acting on vectors in its own *layout*: a tensor of
 shape ``block.shape`` (``(d,)`` for a dense or diagonal block; ``(dG, dA)`` for the Kronecker
-blocks, whose layout is the layer's Kronecker layout, see ``pspace/_kron.py``). Every primitive
+blocks, whose layout is the layer's Kronecker layout, see `kron`). Every primitive
 takes batches: ``V`` of shape ``(..., *block.shape)``.
 
 A *damping* ``Λ`` added to the block is a scalar ``λ`` (a number or a 0-d tensor, ``Λ = λI``) or

@@ -1,7 +1,7 @@
 """The eigen-Kronecker block ``U diag(D) Uᵀ`` with ``U = U_G ⊗ U_A`` (EKFAC's per-layer block;
 also KFAC's ``A ⊗ G`` with exact damping, ``D = λ_G ⊗ λ_A``).
 
-Layout: the layer's Kronecker layout (see ``_kron``): a vector of the layer is a
+Layout: the layer's Kronecker layout (see `kron`): a vector of the layer is a
 ``(dG, dA)`` matrix ``V`` and ``U v`` is ``U_G V U_Aᵀ``; ``D`` has shape ``(dG, dA)``, entry
 ``[p, q]`` the eigenvalue of ``U_G[:, p] ⊗ U_A[:, q]``. A basis may be an ``int`` ``d`` (the
 identity of size ``d``: the basis of a diagonal factor), never densified.
@@ -12,8 +12,33 @@ Every primitive takes batches: ``V`` of shape ``(..., dG, dA)``. A scalar dampin
 import torch
 
 from .. import _checks
-from .. import _kron
 from .base import Block, is_entries, per_entry_refused, values_for_power, who_of
+
+
+# ---------------------------------------------------------------------- eigenbases
+def to_kfe(V, UA, UG):
+    """Coordinates of ``V`` (``(..., dG, dA)``) in the eigenbasis ``kron(U_G, U_A)``:
+    ``U_Gᵀ V U_A``."""
+    if not isinstance(UA, int):
+        V = V @ UA
+    if not isinstance(UG, int):
+        V = UG.t() @ V
+    return V
+
+
+def from_kfe(W, UA, UG):
+    """Inverse of `to_kfe`: ``U_G W U_Aᵀ``."""
+    if not isinstance(UA, int):
+        W = W @ UA.t()
+    if not isinstance(UG, int):
+        W = UG @ W
+    return W
+
+
+def dense_basis(U, like):
+    if isinstance(U, int):
+        return torch.eye(U, dtype=like.dtype, device=like.device)
+    return U
 
 
 class EigenKronBlock(Block):
@@ -48,7 +73,7 @@ class EigenKronBlock(Block):
 
     @property
     def shape(self):
-        return (_kron.factor_size(self.UG), _kron.factor_size(self.UA))
+        return tuple(self.D.shape)
 
     def _scalar(self, damping):
         if is_entries(damping):
@@ -58,10 +83,10 @@ class EigenKronBlock(Block):
     # ------------------------------------------------------------------ primitives
     def to_eigenbasis(self, V):
         """Coordinates of ``V`` in the eigenbasis: ``U_Gᵀ V U_A``."""
-        return _kron.to_kfe(V, self.UA, self.UG)
+        return to_kfe(V, self.UA, self.UG)
 
     def from_eigenbasis(self, W):
-        return _kron.from_kfe(W, self.UA, self.UG)
+        return from_kfe(W, self.UA, self.UG)
 
     def eigenvalues(self, damping=0.0):
         """The ``(dG, dA)`` eigenvalues of the block plus ``damping·I``."""
@@ -115,8 +140,8 @@ class EigenKronBlock(Block):
 
     def dense(self):
         """The dense ``(dG·dA, dG·dA)`` block, Kronecker layout."""
-        U = torch.kron(_kron.dense_basis(self.UG, self.D).contiguous(),
-                       _kron.dense_basis(self.UA, self.D).contiguous())
+        U = torch.kron(dense_basis(self.UG, self.D).contiguous(),
+                       dense_basis(self.UA, self.D).contiguous())
         return (U * self.D.reshape(-1)) @ U.t()
 
     def trace(self):
