@@ -12,7 +12,7 @@ Every primitive takes batches: ``V`` of shape ``(..., dG, dA)``. A scalar dampin
 import torch
 
 from .. import _checks
-from .base import Block, is_entries, per_entry_refused, values_for_power, who_of
+from .base import Block, is_entries, per_entry_refused, values_for_power, caller_of
 
 
 # ---------------------------------------------------------------------- eigenbases
@@ -101,9 +101,9 @@ class EigenKronBlock(Block):
         """``(B + damping·I)^p`` applied to ``V`` (no checks: the caller has made them)."""
         return self.apply(V, lambda D: (D + damping) ** p)
 
-    def solve(self, V, damping=0.0, who=None):
+    def solve(self, V, damping=0.0, caller=None):
         """``(B + λI)⁻¹ v`` for every vector of ``V`` (singular: the shared error)."""
-        rep, regul = who_of(self, damping, who)
+        rep, regul = caller_of(self, damping, caller)
         low = self._lowest() if _checks._float(regul) > 0 else None
         if low is None or not low + _checks._float(self._scalar(damping)) > 0:
             # (a damped block whose smallest eigenvalue stays positive needs no check)
@@ -115,7 +115,7 @@ class EigenKronBlock(Block):
         W = self.to_eigenbasis(V)
         return (self.D * W * W).sum(dim=(-2, -1))
 
-    def matpower(self, p, damping=0.0, who=None, clip=False):
+    def matpower(self, p, damping=0.0, caller=None, clip=False):
         """The block ``(B + λI)^p``, in the same eigenbasis (shared checks: invertible for
         ``p < 0``, PSD for fractional ``p``, round-off below 0 clipped). ``clip``: every
         negative value set to 0 first, unchecked (the caller has refused genuine ones)."""
@@ -123,7 +123,7 @@ class EigenKronBlock(Block):
         if clip:
             d = d.clamp(min=0)
         else:
-            rep, regul = who_of(self, damping, who)
+            rep, regul = caller_of(self, damping, caller)
             d = values_for_power(d, p, rep, regul)
         return EigenKronBlock(self.UA, self.UG, d ** p)
 
@@ -154,9 +154,9 @@ class EigenKronBlock(Block):
     def logdet_is_spectral(self, damping=0.0):
         return not is_entries(damping)
 
-    def logdet(self, damping=0.0, who=None):
+    def logdet(self, damping=0.0, caller=None):
         """``Σ log(D + λ)`` (positive definite, or the shared errors)."""
-        rep, regul = who_of(self, damping, who)
+        rep, regul = caller_of(self, damping, caller)
         return _checks.logdet_of(self.eigenvalues(damping).reshape(-1), rep, regul)
 
     # ------------------------------------------------------------------ arithmetic

@@ -699,7 +699,7 @@ class KronBlock(Block):
             At = self._At = (A, A._version, A if sym else A.mT)
         return At[2]
 
-    def solve(self, V, damping=0.0, who=None):
+    def solve(self, V, damping=0.0, caller=None):
         """``(B + λI)⁻¹ v`` (scalar ``λ``, exact, in the eigenbasis), or with a `PiDamping`
         ``G̃⁻¹ V Ã⁻¹`` for the π-damped factors ``Ã``, ``G̃``.
 
@@ -711,16 +711,16 @@ class KronBlock(Block):
         loop of solves the same. Narrower factors are inverted on the first solve (they cost
         little, and every solve takes the same path, bit for bit)."""
         if not isinstance(damping, PiDamping):
-            return self._eigen_for(damping).solve(V, damping, who)
-        who = who or (type(self).__name__, damping)
+            return self._eigen_for(damping).solve(V, damping, caller)
+        caller = caller or (type(self).__name__, damping)
         if damping.float < 0:
-            raise _negative(who, "solve")
+            raise _negative(caller, "solve")
         key = damping.key
         wide = any(F.dim() == 2 and F.shape[0] > LAZY_INVERSE_WIDTH for F in (self.A, self.G))
         state = self._pi if self._pi is not None and key is not None and \
             self._pi[0] == key else None
         if key is None or not wide or (state is not None and state[1] == "inv"):
-            return kron_apply(*self._pi_power(-1.0, damping, who, "solve"), V)
+            return kron_apply(*self._pi_power(-1.0, damping, caller, "solve"), V)
         if state is not None:  # the second solve: the inverses from the factors computed
             LA, LG = state[2]
             inv = (cholesky_inverse_of(LA, self.A.dtype), cholesky_inverse_of(LG, self.A.dtype))
@@ -728,7 +728,7 @@ class KronBlock(Block):
             return kron_apply(*inv, V)
         chol = self._pi_cholesky(damping)
         if chol is None:  # undamped, or not positive definite once damped: the general path
-            return kron_apply(*self._pi_power(-1.0, damping, who, "solve"), V)
+            return kron_apply(*self._pi_power(-1.0, damping, caller, "solve"), V)
         self._pi = None if _checks.needs_graph(self.A, self.G) else (key, "chol", chol)
         return cholesky_kron_solve(*chol, V)
 
@@ -748,7 +748,7 @@ class KronBlock(Block):
         LA, LG = damped_cholesky(self.A, sA), damped_cholesky(self.G, sG)
         return None if LA is None or LG is None else (LA, LG)
 
-    def _pi_power(self, p, damping, who, what):
+    def _pi_power(self, p, damping, caller, what):
         """``(Ã^p, G̃^p)`` for the π-damped factors; ``p = -1`` cached for the last damping.
 
         ``p = -1`` with ``λ > 0``: through the Cholesky factorization of each damped factor (PD
@@ -767,7 +767,7 @@ class KronBlock(Block):
             if chol is not None:
                 out = tuple(cholesky_inverse_of(L, self.A.dtype) for L in chol)
         if out is None:
-            rep, regul = who
+            rep, regul = caller
             sA, sG = self._pi_shifts(damping)
             (lA, UA), (lG, UG) = self.factor_eig()
             dA, dG = lA + sA, lG + sG
@@ -791,32 +791,32 @@ class KronBlock(Block):
             return torch.outer(lG + sG, lA + sA)
         return self._eigen_for(damping).eigenvalues(damping)
 
-    def matpower(self, p, damping=0.0, who=None):
+    def matpower(self, p, damping=0.0, caller=None):
         """``(A ⊗ G + λI)^p`` exactly, as an `EigenKronBlock`; with a `PiDamping`, the
         Kronecker block ``Ã^p ⊗ G̃^p`` of the π-damped factors."""
         if isinstance(damping, PiDamping):
-            who = who or (type(self).__name__, damping)
+            caller = caller or (type(self).__name__, damping)
             what = "inverse" if float(p) == -1.0 else f"pow({p})"
             if damping.float < 0:
-                raise _negative(who, what)
-            return KronBlock(*self._pi_power(float(p), damping, who, what))
-        return self._eigen_for(damping).matpower(p, damping, who)
+                raise _negative(caller, what)
+            return KronBlock(*self._pi_power(float(p), damping, caller, what))
+        return self._eigen_for(damping).matpower(p, damping, caller)
 
     def logdet_is_spectral(self, damping=0.0):
         return not isinstance(damping, PiDamping) and not is_entries(damping)
 
-    def logdet(self, damping=0.0, who=None):
+    def logdet(self, damping=0.0, caller=None):
         """``log det`` of the damped block: exact, or of the π-damped factors
         (``dG log det Ã + dA log det G̃``)."""
         if isinstance(damping, PiDamping):
-            rep, regul = who or (type(self).__name__, damping)
+            rep, regul = caller or (type(self).__name__, damping)
             if damping.float < 0:
                 raise _negative((rep, regul), "logdet")
             sA, sG = self._pi_shifts(damping)
             (lA, _), (lG, _) = self.factor_eig()
             return _checks.logdet_of(lA + sA, rep, regul, multiplicity=lG.numel()) \
                 + _checks.logdet_of(lG + sG, rep, regul, multiplicity=lA.numel())
-        return self._eigen_for(damping).logdet(damping, who)
+        return self._eigen_for(damping).logdet(damping, caller)
 
     # ------------------------------------------------------------------ reductions
     def diag(self):
@@ -868,12 +868,12 @@ class KronBlock(Block):
         return super().add(other)
 
 
-def _negative(who, what):
+def _negative(caller, what):
     """The error for a negative π-damping (the shared message)."""
     try:
         _checks.check_regul_nonnegative(
-            who[0], what, who[1], "π-damping adds π√regul·I and √regul/π·I to the factors "
+            caller[0], what, caller[1], "π-damping adds π√regul·I and √regul/π·I to the factors "
             "(use damping='exact' for M + regul·I with any regul)")
     except ValueError as e:
         return e
-    return ValueError(f"{who[0]}.{what}: negative π-damping")
+    return ValueError(f"{caller[0]}.{what}: negative π-damping")
