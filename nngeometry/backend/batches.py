@@ -328,7 +328,7 @@ def default_function(model, target_key="labels"):
                 "x[None]); for a model that puts the batch elsewhere (e.g. sequence first) pass "
                 "function= returning outputs (n, ...)")
         return out
-    # the same computation for every call on this model (see context.uses_key)
+    # the same computation for every call on this model (see passes.uses_key)
     function.nngeometry_default_of = model
     return function
 

@@ -36,13 +36,13 @@ from . import consumers
 
 # Re-exported: the names this module held before the engine was split by concern, imported
 # from here by code written against earlier releases.
-from .context import check_parameter_uses
 from .model_state import model_lock as _model_lock
 from .model_state import (_FORWARD_AD_LOCK, _ENGINE_PASSES, _MODEL_LOCKS,
                           _no_fused_attention, _refuse_batch_statistics,
                           in_engine_pass, tensors_in_model)
 from .passes import (_COINCIDENT_SHARED, _InstanceForward, _MeanJacobian, _expand_axis,
-                     _mark_coincident_shared, _rebuild_tuple, _refuse_unbatched_calls)
+                     _mark_coincident_shared, _rebuild_tuple, _refuse_unbatched_calls,
+                     check_parameter_uses)
 from .probes import (_nonfinite_layers, _random_outside_modules,
                      _refuse_inference_parameters, _rng_state, _same_rng, _tensor_leaves,
                      check_statistic, first_random_module, refuse_random_modules)

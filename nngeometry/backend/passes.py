@@ -10,6 +10,12 @@ recorded calls, and the backward of the output directions in chunks
 (`HookedPasses._direction_chunks`, strategy in `strategy`), handing a `BatchContext` per chunk
 to the consumer.
 
+For every layer of the collection and every call of its module during the forward pass, a
+`Call` records the module's input ``x`` and, after the batched backward pass, ``gy``: the
+gradients of ``K`` output directions w.r.t. the module's output, shape ``(K, n, *out_shape)``
+(`GradTarget`: what the backward pass differentiates to). `check_parameter_uses` checks, once
+per model, function and collection, that the hooks see every use of the parameters.
+
 Outputs that the examples of a batch share (layers whose output has no batch axis, or a batch
 axis of size 1 that the model broadcasts): the forward hooks expand an output of batch
 dimension 1 to the batch's ``n`` examples (`_Broadcast` says to how many; `_expand_axis`), so
@@ -23,21 +29,272 @@ import contextlib
 import weakref
 
 import torch
+from torch.func import functional_call
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .batches import (batch_size_of, check_finite, check_outputs, deferred_finite_checks,
                       iterate_batches, prepare_batch)
-from .context import (BatchContext, Call, check_parameter_uses, mark_uses_verified,
-                      uses_key, uses_verified)
 from .distributed import global_batch_index
 from .model_state import model_lock, _refuse_batch_statistics, model_state_kept
 from .probes import check_statistic, probe_deterministic, _rng_state, _same_rng, \
     refuse_random_modules
 from .strategy import BackwardStrategy, _grad
-from ..layer_types.base import AbstractLayer, is_recording_paused
+from ..layer_types.base import AbstractLayer, is_recording_paused, recording_paused, same_maths
 from ..layercollection import run_eagerly
 from . import consumers
+from .consumers import BatchContext
+
+
+# ---------------------------------------------------------------------- what a forward records
+#: model -> keys of (function, collection) whose parameter uses were verified in this process
+_USES_VERIFIED = weakref.WeakKeyDictionary()
+
+
+def _function_key(function):
+    """What identifies the computation of ``function`` for `check_parameter_uses`: the
+    user's function under any output transform (a variant changes the outputs' directions, not
+    which parameters the forward uses); the default ``model(inputs)`` is one key per model; a
+    user function is its code and the identities of what its closure holds (a lambda written
+    once in a loop over models gets a key per model)."""
+    while hasattr(function, "function") and callable(function.function):
+        function = function.function
+    if getattr(function, "nngeometry_default_of", None) is not None:
+        return "default"
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return ("object", id(function))
+    cells = tuple(id(c.cell_contents) for c in (function.__closure__ or ()))
+    return (code, cells, id(getattr(function, "__self__", None)))
+
+
+def uses_key(model, function, layer_collection):
+    """The key under which the parameter-use check of ``(model, function, collection)`` is
+    remembered, or None when it cannot be remembered (a model that cannot be weakly referenced).
+    The parameters' identities are part of it: a module given a new parameter is checked again."""
+    params = tuple(id(p) for p in model.parameters()) if hasattr(model, "parameters") else ()
+    tied = tuple((lid, tuple(name for name, _ in uses))
+                 for lid, uses in getattr(layer_collection, "tied", {}).items())
+    return (_function_key(function), tuple(layer_collection.layer_ids()), params, tied)
+
+
+def uses_verified(model, key):
+    try:
+        return key in _USES_VERIFIED.get(model, ())
+    except TypeError:
+        return False
+
+
+def mark_uses_verified(model, key):
+    try:
+        _USES_VERIFIED.setdefault(model, set()).add(key)
+    except TypeError:
+        pass
+
+
+class GradTarget:
+    """A tensor of the forward pass that the backward pass differentiates to: its gradient edge
+    (the autograd node that made it, and which of its outputs), with its shape, dtype and device
+    (for zero gradients and memory budgets). A tensor with no graph (nothing it depends on
+    requires grad) is kept as is: the backward pass then reports it."""
+
+    __slots__ = ("edge", "shape", "dtype", "device")
+
+    def __init__(self, t):
+        self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
+        self.edge = torch.autograd.graph.get_gradient_edge(t) if t.requires_grad else t
+
+    @property
+    def nbytes(self):
+        return self.shape.numel() * self.dtype.itemsize
+
+    def zeros(self, K):
+        """The gradient of ``K`` directions that do not depend on this tensor."""
+        return torch.zeros((K,) + tuple(self.shape), dtype=self.dtype, device=self.device)
+
+
+class Call:
+    """One call of a module: its inputs, what the backward pass differentiates to and, once it
+    has run, ``gy`` (the gradients w.r.t. the module's output).
+
+    ``targets[0]`` is the module's output as a `GradTarget`, not the output tensor:
+    holding the tensor kept e.g. every convolution's output alive through the backward pass
+    (6 MiB for a small CNN in a build whose other transients are 16), and an in-place op applied to the
+    output afterwards (``ReLU(inplace=True)``) made the tensor stand for that op's result, so
+    that ``gy`` was the gradient w.r.t. the wrong quantity. The edge is the output as the module
+    returned it.
+
+    A layer type that records tensors inside the module's forward (see
+    ``AbstractLayer.internal_recorder``) gets ``record`` (what its recorder kept) and the
+    gradients w.r.t. its recorder's ``targets`` in ``extra_gy`` (same order, each
+    ``(K, *shape)``)."""
+
+    __slots__ = ("args", "kwargs", "targets", "record", "gy", "extra_gy", "spec", "module",
+                 "shared")
+
+    def __init__(self, args, kwargs, output, recorder=None, spec=None, module=None):
+        self.args = args
+        self.kwargs = kwargs
+        # a call of another module that uses the layer's parameters (tied weights): its own
+        # layer spec and module; None for the layer's own module
+        self.spec = spec
+        self.module = module
+        self.targets = [GradTarget(output)]
+        self.record = None
+        if recorder is not None:
+            self.record = recorder.record
+            self.targets += [GradTarget(t) for t in recorder.targets]
+        self.gy = None
+        self.extra_gy = []
+        # (n, axis) for an output with no batch axis, shared by the n examples (see
+        # expand_shared); None otherwise
+        self.shared = None
+
+    def expand_shared(self):
+        """Give every tensor argument of a call whose output has no batch axis a batch axis
+        of ``n`` copies: each example's per-example quantities are then those of the whole
+        call with that example's own output gradient (``gy``: ``(K, n, *out_shape)``)."""
+        n, axis = self.shared
+
+        def rep(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            t = t.unsqueeze(axis)
+            shape = list(t.shape)
+            shape[axis] = n
+            return t.expand(shape)
+        self.args = tuple(rep(a) for a in self.args)
+        self.kwargs = {k: rep(v) for k, v in self.kwargs.items()}
+
+    @property
+    def target(self):
+        return self.targets[0].edge
+
+    @property
+    def out_dtype(self):
+        return self.targets[0].dtype
+
+    @property
+    def out_nbytes(self):
+        """Bytes of one direction's gradients w.r.t. everything this call differentiates to."""
+        return sum(t.nbytes for t in self.targets)
+
+    def set_gradients(self, grads, K):
+        """Store the backward pass's gradients (one per target, None: independent of it)."""
+        grads = [g if g is not None else t.zeros(K) for g, t in zip(grads, self.targets)]
+        self.gy, self.extra_gy = grads[0], grads[1:]
+
+    @property
+    def x(self):
+        return self.args[0]
+
+
+# ---------------------------------------------------------------------- checks of the calls
+class ParameterUseError(RuntimeError):
+    """A parameter of the collection is used outside the forward of the module that holds it
+    (e.g. ``F.linear(h, self.emb.weight)`` in the parent's forward): the per-layer hooks do not
+    see that use, and the statistics built from them would miss part of the gradient."""
+
+
+def check_parameter_uses(out, layer_collection, modules, calls):
+    """Check, on one batch, that the per-layer hooks see every use of the collection's
+    parameters; raise `ParameterUseError` naming the layers where they do not.
+
+    With ``u`` a fixed pseudo-random cotangent of the outputs ``out`` (``(n, K)``) and ``gy_c``
+    the resulting gradient w.r.t. the output of each recorded call ``c`` of a layer's module,
+    what the hooks can account for is ``Σ_c vjp(module(args_c; θ), gy_c)``: the module's forward
+    re-run on its recorded (detached) arguments, differentiated w.r.t. its own parameters (for
+    a layer type with ``grad_sum``, e.g. Linear and Embedding, that formula on the recorded
+    input instead: no re-run, and the layer's maths checked along). It
+    must equal autograd's gradient of ``Σ u ⊙ f`` w.r.t. ``θ``; it differs exactly when the
+    parameter is also used elsewhere: outside the module's forward (a tied head written
+    ``F.linear(h, emb.weight)``), or by another module (tied weights with one module left out of
+    the collection). Cost: one backward pass with one direction, and one forward and backward of
+    each layer's module (one GEMM for those with ``grad_sum``), on one batch; no per-example
+    quantity is formed.
+
+    ``out`` must still have its graph (the caller's backward passes retain it)."""
+    if out.shape[0] == 0 or not out.requires_grad:
+        return
+
+    gen = torch.Generator(device="cpu").manual_seed(0)  # no global RNG state touched
+    u = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+    lids = list(layer_collection.layer_ids())
+    params = {lid: layer_collection[lid].parameters_of(modules[lid]) for lid in lids}
+    flat_params = [p for lid in lids for p in params[lid]]
+    layer_calls = [(lid, c) for lid in lids for c in calls[lid]]
+    targets = [c.targets[0].edge for _, c in layer_calls]
+    grads = _grad(out, targets + flat_params, u, retain_graph=True, allow_unused=True)
+    gys, true = grads[:len(targets)], grads[len(targets):]
+    hooked = {lid: [torch.zeros_like(p) for p in params[lid]] for lid in lids}
+    # a random forward (dropout in training mode) re-run here must not move the RNG
+    devices = [out.device] if out.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), recording_paused(), torch.enable_grad():
+        for (lid, c), gy in zip(layer_calls, gys):
+            if gy is None:
+                continue
+            spec = c.spec or layer_collection[lid]
+            g = None
+            if c.shared is None and not c.extra_gy and same_maths(spec, "grad_sum"):
+                x = spec.inputs_of(c)
+                if isinstance(x, torch.Tensor) and x.shape[:1] == gy.shape[:1]:
+                    # the layer type's own formula: no forward re-run (for a language
+                    # model's output layer, a product as large as the model's forward)
+                    g = spec.grad_sum(c.module or modules[lid], x, gy)
+            if g is not None:
+                for acc, gk in zip(hooked[lid], g):
+                    acc += gk
+                continue
+            names = spec.param_names()
+            leaves = {nm: p.detach().requires_grad_(True) for nm, p in zip(names, params[lid])}
+            y = functional_call(c.module or modules[lid], leaves, c.args, c.kwargs)
+            if not isinstance(y, torch.Tensor):
+                y = y[0]  # the hooks differentiate through the first output (see Call)
+            if y.shape != gy.shape:
+                # an output shared by the examples, expanded to the batch by the hooks
+                y = y.expand(gy.shape)
+            g = _grad(y, list(leaves.values()), gy, allow_unused=True)
+            for acc, gk in zip(hooked[lid], g):
+                if gk is not None:
+                    acc += gk
+    eps = torch.finfo(out.dtype).eps
+    bad, j = [], 0
+    for lid in lids:
+        ref = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                         for g, p in zip(true[j:j + len(params[lid])], params[lid])])
+        j += len(params[lid])
+        mine = torch.cat([g.reshape(-1) for g in hooked[lid]])
+        err = (mine - ref).norm()
+        # rounding: the same products in another order
+        if err > 1e3 * eps * (ref.norm() + mine.norm()) + torch.finfo(out.dtype).tiny:
+            bad.append((lid, float(err / ref.norm().clamp_min(torch.finfo(out.dtype).tiny))))
+    # a module whose forward is random differs from itself: not this check's business (the
+    # layer types and the determinism checks report it with their own messages)
+    bad = [(lid, r) for lid, r in bad if not _is_random(modules[lid], calls[lid], devices)]
+    if bad:
+        names = ", ".join(f"'{lid}' (relative difference {rel:.2g})" for lid, rel in bad)
+        raise ParameterUseError(
+            f"the gradients of layer(s) {names} seen by the per-layer hooks differ from "
+            "autograd's: a parameter of these layers is used outside its module's forward (e.g. "
+            "a tied head written F.linear(h, self.emb.weight) in the parent's forward, or a "
+            "weight shared with a module left out of the LayerCollection), and the matrix would "
+            "miss that part of the gradient. Fixes: use PMatImplicit (its products go through "
+            "torch.func and see every use of the parameters), or leave these layers out of the "
+            "LayerCollection (their parameters are then constants)")
+
+
+def _is_random(module, layer_calls, devices):
+    """Whether re-running ``module`` on its recorded arguments gives another output (dropout in
+    training mode); the RNG state is restored."""
+    with torch.random.fork_rng(devices=devices), recording_paused(), torch.no_grad():
+        for c in layer_calls:
+            ys = []
+            for _ in range(2):
+                y = functional_call(c.module or module, {}, c.args, c.kwargs)
+                ys.append(y if isinstance(y, torch.Tensor) else y[0])
+            if not torch.equal(ys[0], ys[1]):
+                return True
+    return False
 
 
 # ---------------------------------------------------------------------- shared outputs
