@@ -5,7 +5,7 @@ to a consumer.
 (its lock, its state kept, see `model_state`), installs the hooks that record each layer's
 calls (`HookedPasses._hooks`; `_InstanceForward` for layer types that record inside a module's
 forward), and per batch (`HookedPasses._run_batch`) runs the forward (shared outputs expanded,
-`SharedOutputs`), the determinism probe on the first batch (see `probes`), the checks of the
+`SharedOutputs`), the determinism probe on the first batch (see `model_state`), the checks of the
 recorded calls, and the backward of the output directions in chunks
 (`HookedPasses._direction_chunks`, strategy in `strategy`), handing a `BatchContext` per chunk
 to the consumer.
@@ -36,9 +36,9 @@ from tqdm.auto import tqdm
 from .batches import (batch_size_of, check_finite, check_outputs, deferred_finite_checks,
                       iterate_batches, prepare_batch)
 from .distributed import global_batch_index
-from .model_state import model_lock, _refuse_batch_statistics, model_state_kept
-from .probes import check_statistic, probe_deterministic, _rng_state, _same_rng, \
-    refuse_random_modules
+from .model_state import (_refuse_batch_statistics, _rng_state, _same_rng, check_statistic,
+                          model_lock, model_state_kept, probe_deterministic,
+                          refuse_random_modules)
 from .strategy import BackwardStrategy, _grad
 from ..layer_types.base import AbstractLayer, is_recording_paused, recording_paused, same_maths
 from ..layercollection import run_eagerly

@@ -19,10 +19,10 @@ from torch.utils._pytree import tree_map
 
 from .batches import batch_size_of, deferred_finite_checks, iterate_batches, prepare_batch
 from .distributed import all_gather_rows, all_reduce_tree, global_batch_index
-from .model_state import (_FORWARD_AD_LOCK, constant_uses, constants_detached, model_lock,
-                          model_state_kept, _no_fused_attention, _refuse_batch_statistics,
-                          tensors_in_model)
-from .probes import _flat, _refuse_inference_parameters, _rng_state, _same_rng, probe_functional
+from .model_state import (_FORWARD_AD_LOCK, _flat, _no_fused_attention,
+                          _refuse_batch_statistics, _refuse_inference_parameters, _rng_state,
+                          _same_rng, constant_uses, constants_detached, model_lock,
+                          model_state_kept, probe_functional, tensors_in_model)
 from .strategy import _grad, _vector_chunk
 from ..layercollection import run_eagerly
 from . import consumers
