@@ -24,9 +24,8 @@ during a computation, the determinism and finiteness checks) and `products` (the
 """
 import torch.distributed as dist
 
-from .batches import default_function
 from .distributed import resolve_group
-from .model_state import (_check_product, _check_uniform_params, _flat,
+from .model_state import (_check_product, _check_uniform_params, _flat, default_function,
                           random_in_vmap_explained, unwrap_model)
 from .passes import HookedPasses, _Broadcast, _examples_count
 from .products import MatrixFreeProducts, _outside_inference_mode

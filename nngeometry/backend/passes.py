@@ -33,12 +33,11 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .batches import (batch_size_of, check_finite, check_outputs, deferred_finite_checks,
-                      iterate_batches, prepare_batch)
 from .distributed import global_batch_index
-from .model_state import (_refuse_batch_statistics, _rng_state, _same_rng, check_statistic,
-                          model_lock, model_state_kept, probe_deterministic,
-                          refuse_random_modules)
+from .model_state import (_refuse_batch_statistics, _rng_state, _same_rng, batch_size_of,
+                          check_finite, check_outputs, check_statistic, deferred_finite_checks,
+                          iterate_batches, model_lock, model_state_kept, prepare_batch,
+                          probe_deterministic, refuse_random_modules)
 from .strategy import BackwardStrategy, _grad
 from ..layer_types.base import AbstractLayer, is_recording_paused, recording_paused, same_maths
 from ..layercollection import run_eagerly

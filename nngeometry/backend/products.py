@@ -17,12 +17,12 @@ import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
-from .batches import batch_size_of, deferred_finite_checks, iterate_batches, prepare_batch
 from .distributed import all_gather_rows, all_reduce_tree, global_batch_index
 from .model_state import (_FORWARD_AD_LOCK, _flat, _no_fused_attention,
                           _refuse_batch_statistics, _refuse_inference_parameters, _rng_state,
-                          _same_rng, constant_uses, constants_detached, model_lock,
-                          model_state_kept, probe_functional, tensors_in_model)
+                          _same_rng, batch_size_of, constant_uses, constants_detached,
+                          deferred_finite_checks, iterate_batches, model_lock, model_state_kept,
+                          prepare_batch, probe_functional, tensors_in_model)
 from .strategy import _grad, _vector_chunk
 from ..layercollection import run_eagerly
 from . import consumers
