@@ -10,13 +10,15 @@ measured in a fresh Python process, the three kinds of process interleaved:
   unrelated tensor: torch imports its symbolic-shapes machinery (sympy, 1.5–2 s) at that first
   call. The engine's backward passes do not go through that check (``strategy._grad``), so a
   build no longer pays it; this line shows what a process that paid it already sees;
-* ``trained``: the same after a forward and backward of the loss of another model with the
+* ``trained``: the same after an epoch of SGD over the same loader on another model with the
   same layers, as in a process that trained a model before computing its Fisher: torch's own
-  first calls (convolution kernel selection, the allocator's first blocks) are paid; what is
-  left of the first build's extra time is the library's once-per-model parameter-use check
-  (one more backward of one direction and a re-run of each convolution on the first batch) and
-  torch's first engine calls for the new model's shapes (the backward strategy of this CNN is
-  read from its graph, max-pooling: the loop, with no timing sample);
+  first calls (convolution kernel selection, the allocator's first blocks, the loader's first
+  iteration) are paid; what is left of the first build's extra time is the library's
+  once-per-model checks on the first batch (two backward passes of one direction: the
+  parameter-use check, each layer's weight gradient from its own formula, and the check for
+  outputs shared by the examples) and torch's first engine calls for the new model's shapes
+  (the backward strategy of this CNN is read from its graph, max-pooling: the loop, with no
+  timing sample);
 * ``gc``: the seconds of the first build spent in Python's garbage collector (a first full
   collection of the objects ``import torch`` left, 0.1–0.4 s, falls in whatever code runs first
   after the imports and allocates enough: a process's cost, not the build's);
@@ -51,10 +53,15 @@ torch.manual_seed(0)
 X, y = torch.randn(256, 3, 16, 16), torch.randint(0, 10, (256,))
 loader = DataLoader(TensorDataset(X, y), batch_size=64)
 if {warm} >= 2:
-    # a training step of another model of the same layers: torch's own first calls (kernel
-    # selection, allocator) are paid, as in a process that trained before computing a Fisher
+    # an epoch of SGD on another model of the same layers over the same loader: torch's own
+    # first calls (kernel selection, allocator, the loader's first iteration) are paid, as in
+    # a process that trained before computing a Fisher
     w = net()
-    nn.functional.cross_entropy(w(X[:64]), y[:64]).backward()
+    opt = torch.optim.SGD(w.parameters(), lr=0.01)
+    for xb, yb in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(w(xb), yb).backward()
+        opt.step()
 GC = [0.0, 0.0]
 def _gc(phase, info):
     if phase == "start":

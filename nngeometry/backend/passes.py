@@ -203,8 +203,8 @@ def check_parameter_uses(out, layer_collection, modules, calls):
     the resulting gradient w.r.t. the output of each recorded call ``c`` of a layer's module,
     what the hooks can account for is ``Σ_c vjp(module(args_c; θ), gy_c)``: the module's forward
     re-run on its recorded (detached) arguments, differentiated w.r.t. its own parameters (for
-    a layer type with ``grad_sum``, e.g. Linear and Embedding, that formula on the recorded
-    input instead: no re-run, and the layer's maths checked along). It
+    a layer type with ``grad_sum``, e.g. Linear, Embedding and the direct convolutions, that
+    formula on the recorded input instead: no re-run, and the layer's maths checked along). It
     must equal autograd's gradient of ``Σ u ⊙ f`` w.r.t. ``θ``; it differs exactly when the
     parameter is also used elsewhere: outside the module's forward (a tied head written
     ``F.linear(h, emb.weight)``), or by another module (tied weights with one module left out of

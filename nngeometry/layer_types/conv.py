@@ -301,6 +301,22 @@ class _ConvNdLayer(AbstractLayer):
             gw = torch.bmm(gc, uT)  # (n g, kc cg, D)
             yield k0, k1, gw.reshape(n, ng, k1 - k0, cg, D).permute(2, 0, 1, 3, 4)
 
+    def grad_sum(self, module, x, gy):
+        """``[∂W, ∂b]`` of ``Σ_i <gy_i, conv(x_i)>``: the convolution's own weight backward on
+        the recorded input (no forward re-run). None where the recorded call cannot be read
+        back unambiguously: transposed convolutions (their ``output_size`` argument is not
+        recorded), string or non-zero-mode padding, unbatched inputs."""
+        d = self.n_dims
+        if self.transposed or module.padding_mode != "zeros" or \
+                isinstance(module.padding, str) or x.dim() != d + 2 or gy.dim() != d + 2:
+            return None
+        bias = self.bias is not None
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            gy, x, module.weight, [self.out_channels] if bias else None,
+            _tuple(module.stride, d), _tuple(module.padding, d), _tuple(module.dilation, d),
+            False, [0] * d, self.groups, [False, True, bias])
+        return [gw, gb] if bias else [gw]
+
     def per_example_grad(self, module, x, gy):
         K, n = gy.shape[:2]
         nw = self.weight.numel()
