@@ -25,7 +25,7 @@ from ._entry import prepare_entry
 from .backend import TorchHooksJacobianBackend
 from .backend import consumers
 from .backend.distributed import all_gather_rows, resolve_group
-from .backend.model_state import iterate_batches, unwrap_model
+from .backend.model_and_data import iterate_batches, unwrap_model
 from .metrics import FIM, FIM_MonteCarlo, EmpiricalFisher, GGN
 from .object.map import PFMapDense
 from .object.pspace import (PMatAbstract, PMatEKFAC, PMatEye, PMatImplicit, PMatKFAC,

@@ -52,7 +52,7 @@ import torch
 from ._entry import resolve_representation
 from .backend import TorchHooksJacobianBackend
 from .backend.capture import ReplayBackend, StepCapture
-from .backend.model_state import default_function, first_random_module, unwrap_model
+from .backend.model_and_data import default_function, first_random_module, unwrap_model
 from .curvature import closed_form_function, monte_carlo_function
 from .layercollection import LayerCollection
 from .metrics import FIM, FIM_MonteCarlo

@@ -23,7 +23,7 @@ import torch
 from ..layer_types.base import is_recording_paused
 from .consumers import BatchContext
 from .jacobian import TorchHooksJacobianBackend
-from .model_state import _refuse_batch_statistics, in_engine_pass
+from .model_and_data import _refuse_batch_statistics, in_engine_pass
 
 
 class CaptureError(RuntimeError):

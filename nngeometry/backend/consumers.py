@@ -40,7 +40,7 @@ from ..layer_types.base import (is_multiblock, kfac_block_list, project_blocks_t
                                 project_to_kfe, row_chunked_diag_into, rows_compatible)
 from ..maths.gram_accumulator import GramRows, SymmetricAccumulator
 from .distributed import all_gather_rows, all_reduce_tree
-from .model_state import check_statistic
+from .model_and_data import check_statistic
 
 
 # ---------------------------------------------------------------------- what one batch gives

@@ -2,11 +2,11 @@
 to a consumer.
 
 `HookedPasses._accumulate` (behind `TorchHooksJacobianBackend.accumulate`) holds the model
-(its lock, its state kept, see `model_state`), installs the hooks that record each layer's
+(its lock, its state kept, see `model_and_data`), installs the hooks that record each layer's
 calls (`HookedPasses._hooks`; `_InstanceForward` for layer types that record inside a module's
 forward), and per batch (`HookedPasses._run_batch`) runs the forward (shared outputs expanded,
-`SharedOutputs`), the determinism probe on the first batch (see `model_state`), the checks of the
-recorded calls, and the backward of the output directions in chunks
+`SharedOutputs`), the determinism probe on the first batch (see `model_and_data`), the checks
+of the recorded calls, and the backward of the output directions in chunks
 (`HookedPasses._direction_chunks`, strategy in `strategy`), handing a `BatchContext` per chunk
 to the consumer.
 
@@ -34,10 +34,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .distributed import global_batch_index
-from .model_state import (_refuse_batch_statistics, _rng_state, _same_rng, batch_size_of,
-                          check_finite, check_outputs, check_statistic, deferred_finite_checks,
-                          iterate_batches, model_lock, model_state_kept, prepare_batch,
-                          probe_deterministic, refuse_random_modules)
+from .model_and_data import (_refuse_batch_statistics, _rng_state, _same_rng, batch_size_of,
+                             check_finite, check_outputs, check_statistic, deferred_finite_checks,
+                             iterate_batches, model_lock, model_state_kept, prepare_batch,
+                             probe_deterministic, refuse_random_modules)
 from .strategy import BackwardStrategy, _grad
 from ..layer_types.base import AbstractLayer, is_recording_paused, recording_paused, same_maths
 from ..layercollection import run_eagerly

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..backend.model_state import all_finite, check_finite
+from ..backend.model_and_data import all_finite, check_finite
 from .language_models import _SoftmaxLayout
 from .positions import (_as_2d, _position_scale, check_class_dim, check_positions,
                         class_positions, output_class_dim)

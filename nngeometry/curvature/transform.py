@@ -14,7 +14,7 @@ model): which logits predict which label, which positions count, and the default
 entry points (`is_causal_lm`). The positions' maths under a convention are in
 `language_models`, entered only for outputs with positions.
 """
-from ..backend.model_state import check_outputs
+from ..backend.model_and_data import check_outputs
 from .rng import batch_key
 
 

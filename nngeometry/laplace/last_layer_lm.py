@@ -43,7 +43,7 @@ import torch
 
 from .._bridge import _bridge_from_parts
 from .._entry import resolve_representation
-from ..backend.model_state import iterate_batches
+from ..backend.model_and_data import iterate_batches
 from ..curvature import LMConvention, is_causal_lm, lm_positions
 
 _FORMS = {"PMatKFAC": "kfac", "PMatDiag": "diag", "PMatDense": "dense"}

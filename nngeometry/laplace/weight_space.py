@@ -39,7 +39,7 @@ import torch.nn.functional as tF
 from tqdm.auto import tqdm
 
 from .._bridge import _laplace_bridge
-from ..backend.model_state import batch_size_of, default_function, iterate_batches
+from ..backend.model_and_data import batch_size_of, default_function, iterate_batches
 from .._entry import resolve_representation
 from ..curvature import is_causal_lm
 from ..jacobian import Jacobian
