@@ -41,6 +41,7 @@ from ..layer_types.base import AbstractLayer, layer_type_for, recording_paused
 from ..layer_types.parametrized import parametrizations_prepared
 
 
+# ---------------------------------------------------------------------- the model
 def unwrap_model(model):
     """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers: the hooks go
     on the inner module (the wrapper's forward would start a gradient synchronisation that no
