@@ -88,12 +88,12 @@ def main(argv=None):
     tests_dir = up / "tests"
     files = args.files or sorted(p.name for p in tests_dir.glob("test_*.py"))
     envs = {"upstream": _env(up, args.shim), "ours": _env(OURS, args.shim)}
-    for who, env in envs.items():
-        print(f"{who}: nngeometry from {_which_package(env, tests_dir)}", flush=True)
+    for label, env in envs.items():
+        print(f"{label}: nngeometry from {_which_package(env, tests_dir)}", flush=True)
     rows = []
     for f in files:
-        res = {who: _run_file(f, tests_dir, env, args.timeout, args.preimport)
-               for who, env in envs.items()}
+        res = {label: _run_file(f, tests_dir, env, args.timeout, args.preimport)
+               for label, env in envs.items()}
         for name in sorted(set(res["upstream"]) | set(res["ours"])):
             tu, ou = res["upstream"].get(name, (float("nan"), "absent"))
             to, oo = res["ours"].get(name, (float("nan"), "absent"))

@@ -3,9 +3,7 @@ arguments and the checks of the representation and its keywords."""
 import inspect
 
 from .backend import TorchHooksJacobianBackend
-from .backend.batches import default_function
-from .backend.model_state import unwrap_model
-from .backend.model_state import model_lock
+from .backend.model_and_data import default_function, model_lock, unwrap_model
 from .layercollection import LayerCollection
 from .object import pspace
 from .object.pspace import PMatEye

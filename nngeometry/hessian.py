@@ -4,8 +4,7 @@ import torch
 from ._memory import check_fits
 from ._entry import check_representation, prepare_entry
 from .backend import HessianBackend
-from .backend.batches import default_function, iterate_batches, prepare_batch
-from .backend.model_state import unwrap_model
+from .backend.model_and_data import default_function, iterate_batches, prepare_batch, unwrap_model
 from .backend.torch_func_hessian import loss_of_targets
 from .curvature import loss_or_default, per_example_losses, targets_of
 

@@ -24,9 +24,8 @@ from tqdm.auto import tqdm
 from ._entry import prepare_entry
 from .backend import TorchHooksJacobianBackend
 from .backend import consumers
-from .backend.batches import iterate_batches
 from .backend.distributed import all_gather_rows, resolve_group
-from .backend.model_state import unwrap_model
+from .backend.model_and_data import iterate_batches, unwrap_model
 from .metrics import FIM, FIM_MonteCarlo, EmpiricalFisher, GGN
 from .object.map import PFMapDense
 from .object.pspace import (PMatAbstract, PMatEKFAC, PMatEye, PMatImplicit, PMatKFAC,

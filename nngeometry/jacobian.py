@@ -1,7 +1,7 @@
 """Entry point: the per-example Jacobians of a model's outputs."""
 from ._entry import build_from_jacobians, prepare_entry
 from .backend import TorchHooksJacobianBackend
-from .backend.model_state import unwrap_model
+from .backend.model_and_data import unwrap_model
 from .curvature import check_class_dim, check_positions, empirical_function, lm_convention
 from .layercollection import LayerCollection
 from .object.map import PFMapDense

@@ -7,7 +7,7 @@ import torch
 
 from ._entry import check_representation, prepare_entry
 from .backend import TorchHooksJacobianBackend
-from .backend.model_state import unwrap_model
+from .backend.model_and_data import unwrap_model
 from .curvature import (closed_form_function, empirical_function, ggn_function, lm_convention,
                         monte_carlo_function)
 from .layer_types.base import check_kfac_support

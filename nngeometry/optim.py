@@ -51,10 +51,8 @@ import torch
 
 from ._entry import resolve_representation
 from .backend import TorchHooksJacobianBackend
-from .backend.batches import default_function
 from .backend.capture import ReplayBackend, StepCapture
-from .backend.model_state import unwrap_model
-from .backend.probes import first_random_module
+from .backend.model_and_data import default_function, first_random_module, unwrap_model
 from .curvature import closed_form_function, monte_carlo_function
 from .layercollection import LayerCollection
 from .metrics import FIM, FIM_MonteCarlo

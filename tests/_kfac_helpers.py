@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nngeometry.backend import TorchHooksJacobianBackend
-from nngeometry.backend.batches import default_function
+from nngeometry.backend.model_and_data import default_function
 from nngeometry.layer_types import AbstractLayer, Parameter, register_layer_type
 from nngeometry.layercollection import LayerCollection
 from nngeometry.object import PFMapDense, PVector, random_pfmap, random_pvector

@@ -21,9 +21,9 @@ import weakref
 import torch
 
 from ..layer_types.base import is_recording_paused
-from .context import BatchContext
+from .consumers import BatchContext
 from .jacobian import TorchHooksJacobianBackend
-from .model_state import _refuse_batch_statistics, in_engine_pass
+from .model_and_data import _refuse_batch_statistics, in_engine_pass
 
 
 class CaptureError(RuntimeError):

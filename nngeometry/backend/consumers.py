@@ -22,18 +22,273 @@ Every statistic follows one protocol (`Consumer`):
 A statistic is thus a function of its state and count only: merging the statistics of two
 halves of a data set gives the statistic of the whole data set (the tests check it to 1e-12 in
 float64), whichever process or device computed them.
+
+What a consumer reads of a batch is a `BatchContext`: the calls the pass driver recorded (each
+module's inputs, and the gradients of the chunk's output directions w.r.t. its outputs), turned
+into the statistics that the representations need (per-example gradients, diagonals, KFAC
+factors, eigenbasis diagonals), with caching, so that two consumers asking for the same
+per-example gradients share the work.
 """
+import copy
 import weakref
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._memory import check_fits, format_bytes as _format_bytes
+from ..layer_types.base import (is_multiblock, kfac_block_list, project_blocks_to_kfe,
+                                project_to_kfe, row_chunked_diag_into, rows_compatible)
 from ..maths.gram_accumulator import GramRows, SymmetricAccumulator
 from .distributed import all_gather_rows, all_reduce_tree
-from .probes import check_statistic
+from .model_and_data import check_statistic
 
 
+# ---------------------------------------------------------------------- what one batch gives
+class BatchContext:
+    """Statistics of one mini-batch, for output directions ``k_start .. k_start + K - 1``.
+
+    Attributes:
+        n: number of examples in the batch.
+        centering: whether the per-example gradients are centered; ``mean_jacobian`` then holds
+            the mean Jacobian over the whole data set, ``(n_output, P)`` in the collection's
+            layout, subtracted from every example's gradients.
+        K: number of output directions in this context.
+        k_start: index of the first of them among all the function's outputs.
+        first_chunk: True for the first chunk of output directions of a batch (statistics that
+            depend on the inputs only, like KFAC's ``A``, are taken there once).
+        outputs: the function's outputs for the batch, shape ``(n, n_output)`` (detached).
+    """
+
+    def __init__(self, layer_collection, modules, calls, n, K, k_start, n_output, centering, outputs):
+        # centering: None / False (no centering) or the (n_output, P) mean Jacobian over the
+        # whole data set (computed by a first pass of the generator)
+        self.layer_collection = layer_collection
+        self.modules = modules
+        self.calls = calls
+        self.n = n
+        self.K = K
+        self.k_start = k_start
+        self.n_output = n_output
+        self.first_chunk = k_start == 0
+        self.mean_jacobian = centering if isinstance(centering, torch.Tensor) else None
+        if centering is True:
+            raise ValueError("centering needs the mean Jacobian over the whole data set (a "
+                             "(n_output, P) tensor), not True: the generator computes it")
+        self.centering = self.mean_jacobian is not None
+        self.outputs = outputs
+        self._grads = {}
+        self._jacobian = None
+
+    def layer_ids(self):
+        return self.layer_collection.layer_ids()
+
+    def restricted(self, layer_collection):
+        """This batch seen by a statistic of a sub-collection (``layer_collection``: some of
+        this context's layers, see ``LayerCollection.sub``): the same calls and cached
+        per-example gradients, its layers only."""
+        if self.centering:
+            raise NotImplementedError("a restricted batch context with centering (the mean "
+                                      "Jacobian is in the whole collection's layout)")
+        missing = [lid for lid in layer_collection.layer_ids() if lid not in self.calls]
+        if missing:
+            raise ValueError(f"layers {missing} are not in this batch's collection")
+        view = copy.copy(self)
+        view.layer_collection = layer_collection
+        view._jacobian = None
+        return view
+
+    def per_example_grad(self, layer_id):
+        """``(K, n, p_layer)``: per-example gradients of the layer (summed over its calls)."""
+        g = self._grads.get(layer_id)
+        if g is None:
+            layer, module = self.layer_collection[layer_id], self.modules[layer_id]
+            parts = [(c.spec or layer).per_example_grad(c.module or module,
+                                                        (c.spec or layer).inputs_of(c), c.gy)
+                     for c in self.calls[layer_id]]
+            g = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+            if self.centering:
+                # the data set's mean Jacobian, not the batch's: centering per mini-batch would
+                # make the result depend on how the data is batched
+                mean = self.mean_jacobian[self.k_start:self.k_start + self.K,
+                                          self.layer_collection.slice(layer_id)]
+                g = g - mean.unsqueeze(1)
+            self._grads[layer_id] = g
+        return g
+
+    def release(self, layer_id):
+        """Forget the layer's cached per-example gradients: consumers that go layer by layer call
+        it once done with a layer, so that a batch's whole-model Jacobian is never held."""
+        self._grads.pop(layer_id, None)
+
+    def jacobian(self):
+        """``(K, n, P)``: per-example Jacobian rows in the collection's layout."""
+        if self._jacobian is None:
+            ids = self.layer_ids()
+            if len(ids) == 1:
+                self._jacobian = self.per_example_grad(ids[0])
+            else:
+                self._jacobian = torch.cat([self.per_example_grad(lid) for lid in ids], dim=2)
+                # the per-layer pieces are no longer needed: keep the peak memory down
+                self._grads.clear()
+        return self._jacobian
+
+    def _row_uses(self, layer_id, prepare=True):
+        """``[(layer spec, rows state), ...]`` for a layer called several times or sharing its
+        weight with other modules, when every use has the row-block maths with one layout (see
+        ``layer_types.base.row_chunked_diag_into``); None otherwise."""
+        calls = self.calls[layer_id]
+        if self.centering or layer_id in self._grads or \
+                (len(calls) == 1 and calls[0].spec is None):
+            return None
+        layer, module = self.layer_collection[layer_id], self.modules[layer_id]
+        specs = [c.spec or layer for c in calls]
+        if not rows_compatible(specs):
+            return None
+        if not prepare:
+            return True
+        return [(spec, spec.rows_prepare(c.module or module, spec.inputs_of(c), c.gy))
+                for spec, c in zip(specs, calls)]
+
+    def layer_diag(self, layer_id):
+        """``sum_{k,i} g_{k,i}²`` over the layer's coordinates, without per-example grads where
+        the layer type allows it."""
+        calls = self.calls[layer_id]
+        if self._row_uses(layer_id, prepare=False) is not None:
+            out = calls[0].gy.new_zeros(self.layer_collection[layer_id].numel())
+            return self.layer_diag_into(layer_id, out)
+        if len(calls) == 1 and calls[0].spec is None and not self.centering and \
+                layer_id not in self._grads:
+            layer = self.layer_collection[layer_id]
+            return layer.diag(self.modules[layer_id], layer.inputs_of(calls[0]), calls[0].gy)
+        g = self.per_example_grad(layer_id)
+        return (g * g).sum(dim=(0, 1))
+
+    def layer_diag_into(self, layer_id, out):
+        """``out += layer_diag(layer_id)`` for ``out`` the layer's slice of a running sum: in
+        place where the layer type has ``diag_into`` (no per-batch diagonal allocated)."""
+        calls = self.calls[layer_id]
+        layer = self.layer_collection[layer_id]
+        if len(calls) == 1 and calls[0].spec is None and not self.centering and \
+                layer_id not in self._grads:
+            return layer.diag_into(self.modules[layer_id], layer.inputs_of(calls[0]),
+                                   calls[0].gy, out)
+        uses = self._row_uses(layer_id)
+        if uses is not None:
+            # tied weights or a module called several times: the summed per-example gradients
+            # by blocks of examples and rows, never the (K, n, p) gradients of each use
+            return row_chunked_diag_into(uses, calls[0].gy.shape[0], self.n, out)
+        out += self.layer_diag(layer_id)
+        return out
+
+    def kfac_factors(self, layer_id, approx="expand", lazy=False):
+        """Unnormalized ``(A, G)`` of the layer for this batch; ``A`` is None past the first chunk
+        of output directions (it depends on the inputs only).
+
+        With ``lazy=True`` each factor is a list of pieces, dense tensors or
+        `GramRows` (left for the consumer to accumulate with
+        symmetric, batched GEMMs); otherwise dense tensors (or 1-D for diagonal factors).
+        """
+        blocks, multi = self.kfac_factor_blocks(layer_id, approx=approx, lazy=lazy)
+        return blocks if multi else blocks[0]
+
+    def kfac_factor_blocks(self, layer_id, approx="expand", lazy=False):
+        """``(blocks, multi)``: ``blocks`` the list of ``(A, G)`` (as `kfac_factors`) of
+        each Kronecker block of the layer (one for most layer types), ``multi`` whether the
+        layer type returned several blocks (see ``AbstractLayer.kfac_factors``)."""
+        if self.centering:
+            raise NotImplementedError("KFAC with centering=True is not implemented")
+        if any(c.spec is not None for c in self.calls[layer_id]):
+            raise NotImplementedError(
+                f"layer '{layer_id}' has tied weights (another module uses its parameters): its "
+                "block is a sum of two Kronecker products, which KFAC/EKFAC cannot hold. Use "
+                "PMatMixed with PMatDiag or PMatBlockDiag for this layer, or leave the tied pair "
+                "out of the LayerCollection")
+        layer, module = self.layer_collection[layer_id], self.modules[layer_id]
+        A, G, multi, locations = None, None, None, []
+        # past the first chunk of directions A is dropped: layer types whose A is costly to
+        # form (convolutions: a GEMM on the unfolded patches) are told not to form it
+        skip_a = ({"input_factor": False}
+                  if not self.first_chunk and getattr(layer, "kfac_input_factor_optional", False)
+                  else {})
+        for c in self.calls[layer_id]:
+            x = layer.inputs_of(c)
+            res = layer.kfac_factors(module, x, c.gy, approx=approx, **skip_a)
+            locations.append(layer.kfac_locations(module, x, c.gy, approx=approx))
+            pairs = kfac_block_list(res)
+            if A is None:
+                A, G = [[] for _ in pairs], [[] for _ in pairs]
+                multi = is_multiblock(res)
+            elif len(pairs) != len(A) or is_multiblock(res) != multi:
+                raise NotImplementedError(
+                    f"layer '{layer_id}' gives a different number of Kronecker blocks in two of "
+                    f"its calls ({len(A)} and {len(pairs)}; e.g. an attention module used both "
+                    "as self- and cross-attention): its KFAC factors cannot be summed; use "
+                    "PMatBlockDiag or a PMatMixed with another representation for this layer")
+            for b, (a, g) in enumerate(pairs):
+                A[b].append(a)
+                G[b].append(g)
+        uses = len(self.calls[layer_id])
+        if uses > 1:
+            # a module called R times in one forward (nn.Sequential(lin, act, lin)): each use
+            # brings its locations of the shared weight, as positions do in 'expand' (see
+            # docs/layers.md): A = Σ_r A_r, G = Σ_r S_r G_r / Σ_r S_r with G_r = Σ g gᵀ / S_r
+            # as the layer type gives it, i.e. Σ g gᵀ over all the calls' locations divided by
+            # their number: the same factors as one call on the locations put together. A
+            # layer type that cannot say S_r: each call counts alike, (1/R) Σ_r G_r
+            if None in locations:
+                weights = [1.0 / uses] * uses
+            else:
+                weights = [s / sum(locations) for s in locations]
+            G = [[_sum_pieces([_scaled(p, w) for p, w in zip(pg, weights)])] for pg in G]
+        if lazy:
+            return [((pa if self.first_chunk else None), pg) for pa, pg in zip(A, G)], multi
+        return [((_sum_pieces(pa) if self.first_chunk else None), _sum_pieces(pg))
+                for pa, pg in zip(A, G)], multi
+
+    def kfe_diag(self, layer_id, UA, UG, perm=None):
+        """``Σ_{k,i} (U_Gᵀ Ĝ_{k,i} U_A)²`` for this batch (EKFAC), shape ``(dG, dA)``; ``perm``
+        (flat -> Kronecker index) defaults to the layer's ``kfac_permutation()``, and then the
+        layer type's formula from inputs and output gradients is used where it applies."""
+        layer, module = self.layer_collection[layer_id], self.modules[layer_id]
+        calls = self.calls[layer_id]
+        if perm is None and len(calls) == 1 and calls[0].spec is None and not self.centering \
+                and layer_id not in self._grads:
+            return layer.kfe_diag(module, layer.inputs_of(calls[0]), calls[0].gy, UA, UG)
+        if perm is None:
+            perm = layer.kfac_permutation()
+        g = project_to_kfe(self.per_example_grad(layer_id), UA, UG, perm)
+        return (g * g).sum(dim=(0, 1))
+
+    def kfe_diag_blocks(self, layer_id, bases):
+        """`kfe_diag` for a multi-block layer: ``bases`` ``[(U_A_b, U_G_b), ...]`` in the
+        layer's Kronecker layout order; returns the list of ``(dG_b, dA_b)`` sums."""
+        layer, module = self.layer_collection[layer_id], self.modules[layer_id]
+        calls = self.calls[layer_id]
+        if len(calls) == 1 and calls[0].spec is None and not self.centering and \
+                layer_id not in self._grads:
+            return layer.kfe_diag_blocks(module, layer.inputs_of(calls[0]), calls[0].gy, bases)
+        gs = project_blocks_to_kfe(self.per_example_grad(layer_id), bases,
+                                   layer.kfac_permutation())
+        return [(g * g).sum(dim=(0, 1)) for g in gs]
+
+
+def _scaled(piece, w):
+    """``w`` times a factor piece (a dense tensor or GramRows)."""
+    if isinstance(piece, GramRows):
+        return GramRows(piece.rows, piece.scale * w, piece.ones_column)
+    return piece * w
+
+
+def _sum_pieces(pieces):
+    """Sum of factor pieces (dense tensors or GramRows) as one tensor."""
+    total = None
+    for p in pieces:
+        d = p.dense() if isinstance(p, GramRows) else p
+        total = d if total is None else total + d
+    return total
+
+
+# ---------------------------------------------------------------------- the consumers
 def _tree_combine(a, b, fn, what, rows_dim=None):
     """``fn(x, y)`` on the tensor leaves of two trees of the same structure (other leaves are
     taken from ``a``); the shapes must agree, except along ``rows_dim`` if given."""

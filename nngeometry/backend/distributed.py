@@ -262,5 +262,5 @@ def spread_eigh(matrices, group=None):
     return {k: out[k] for k in keys}
 
 
-# kept importable from here: the module the engine works on is chosen in `model_state`
-from .model_state import unwrap_model  # noqa: E402,F401
+# kept importable from here: the module the engine works on is chosen in `model_and_data`
+from .model_and_data import unwrap_model  # noqa: E402,F401

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 
 from ..curvature import cross_entropy_losses
 from ..layercollection import LayerCollection
-from .batches import default_function, prepare_batch
 from .distributed import all_reduce_tree, resolve_group
 from .jacobian import TorchHooksJacobianBackend
-from .model_state import (_check_uniform_params, _no_fused_attention, constant_uses,
-                          constants_detached, model_state_kept, tensors_in_model, unwrap_model)
-from .probes import _rng_state, _same_rng, probe_functional, random_in_vmap_explained
+from .model_and_data import (_check_uniform_params, _no_fused_attention, _rng_state, _same_rng,
+                             constant_uses, constants_detached, default_function, model_state_kept,
+                             prepare_batch, probe_functional, random_in_vmap_explained,
+                             tensors_in_model, unwrap_model)
 
 
 def hvp(func, primals, tangents):

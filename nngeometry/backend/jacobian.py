@@ -17,19 +17,17 @@ gradients, diagonals, KFAC factors) in `nngeometry.layer_types`.
 
 This module holds the public class, `TorchHooksJacobianBackend`: its constructor, one method
 per statistic and the public matrix-free products. The machinery is split by concern:
-`passes` (the pass driver and its hooks), `broadcast` (outputs the examples share), `strategy`
-(chunk sizes and the backward-strategy autotuner), `probes` (determinism and finiteness
-checks), `model_state` (the model's lock and state during a computation) and `products` (the
+`passes` (the pass driver, its hooks and the outputs the examples share), `strategy`
+(chunk sizes and the backward-strategy autotuner), `model_and_data` (the model's lock and state
+during a computation, the determinism and finiteness checks) and `products` (the
 ``torch.func`` products).
 """
 import torch.distributed as dist
 
-from .batches import default_function
-from .broadcast import _Broadcast
 from .distributed import resolve_group
-from .model_state import _check_uniform_params, unwrap_model
-from .passes import HookedPasses, _examples_count
-from .probes import _check_product, _flat, random_in_vmap_explained
+from .model_and_data import (_check_product, _check_uniform_params, _flat, default_function,
+                             random_in_vmap_explained, unwrap_model)
+from .passes import HookedPasses, _Broadcast, _examples_count
 from .products import MatrixFreeProducts, _outside_inference_mode
 from .._memory import check_fits
 from ..layercollection import LayerCollection
@@ -37,17 +35,15 @@ from . import consumers
 
 # Re-exported: the names this module held before the engine was split by concern, imported
 # from here by code written against earlier releases.
-from .broadcast import (_COINCIDENT_SHARED, _expand_axis, _mark_coincident_shared,
-                        _rebuild_tuple, _refuse_unbatched_calls)
-from .context import check_parameter_uses
-from .model_state import model_lock as _model_lock
-from .model_state import (_FORWARD_AD_LOCK, _ENGINE_PASSES, _MODEL_LOCKS,
-                          _no_fused_attention, _refuse_batch_statistics,
-                          in_engine_pass, tensors_in_model)
-from .passes import _InstanceForward, _MeanJacobian
-from .probes import (_nonfinite_layers, _random_outside_modules,
-                     _refuse_inference_parameters, _rng_state, _same_rng, _tensor_leaves,
-                     check_statistic, first_random_module, refuse_random_modules)
+from .model_and_data import model_lock as _model_lock
+from .model_and_data import (_FORWARD_AD_LOCK, _ENGINE_PASSES, _MODEL_LOCKS, _no_fused_attention,
+                             _nonfinite_layers, _random_outside_modules, _refuse_batch_statistics,
+                             _refuse_inference_parameters, _rng_state, _same_rng, _tensor_leaves,
+                             check_statistic, first_random_module, in_engine_pass,
+                             refuse_random_modules, tensors_in_model)
+from .passes import (_COINCIDENT_SHARED, _InstanceForward, _MeanJacobian, _expand_axis,
+                     _mark_coincident_shared, _rebuild_tuple, _refuse_unbatched_calls,
+                     check_parameter_uses)
 from .products import _normal_tensor
 from .strategy import (BACKWARD_TIMING_ROUNDS, DIRECTION_CHUNK_BYTES,
                        LOOPED_TIMING_DIRECTIONS, _BACKWARD_CHOICE, _BACKWARD_SAMPLES,

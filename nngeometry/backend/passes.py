@@ -2,36 +2,511 @@
 to a consumer.
 
 `HookedPasses._accumulate` (behind `TorchHooksJacobianBackend.accumulate`) holds the model
-(its lock, its state kept, see `model_state`), installs the hooks that record each layer's
+(its lock, its state kept, see `model_and_data`), installs the hooks that record each layer's
 calls (`HookedPasses._hooks`; `_InstanceForward` for layer types that record inside a module's
 forward), and per batch (`HookedPasses._run_batch`) runs the forward (shared outputs expanded,
-see `broadcast`), the determinism probe on the first batch (see `probes`), the checks of the
-recorded calls, and the backward of the output directions in chunks
+`SharedOutputs`), the determinism probe on the first batch (see `model_and_data`), the checks
+of the recorded calls, and the backward of the output directions in chunks
 (`HookedPasses._direction_chunks`, strategy in `strategy`), handing a `BatchContext` per chunk
 to the consumer.
+
+For every layer of the collection and every call of its module during the forward pass, a
+`Call` records the module's input ``x`` and, after the batched backward pass, ``gy``: the
+gradients of ``K`` output directions w.r.t. the module's output, shape ``(K, n, *out_shape)``
+(`GradTarget`: what the backward pass differentiates to). `check_parameter_uses` checks, once
+per model, function and collection, that the hooks see every use of the parameters.
+
+Outputs that the examples of a batch share (layers whose output has no batch axis, or a batch
+axis of size 1 that the model broadcasts): the forward hooks expand an output of batch
+dimension 1 to the batch's ``n`` examples (`_Broadcast` says to how many; `_expand_axis`), so
+that its per-example gradients are those of the copy; an output with no batch axis, or one
+whose length along the batch axis only happens to be ``n`` (`_mark_coincident_shared`), gets a
+backward pass of its own per (direction, example) (`SharedOutputs._shared_gradients`); an
+output whose gradient is already summed over the examples is refused
+(`_refuse_unbatched_calls`).
 """
 import contextlib
+import weakref
 
 import torch
+from torch.func import functional_call
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .batches import (check_finite, check_outputs, deferred_finite_checks, iterate_batches,
-                      prepare_batch)
-from .broadcast import SharedOutputs, _expand_axis, _mark_coincident_shared, _rebuild_tuple, \
-    _refuse_unbatched_calls
-from .context import (BatchContext, Call, check_parameter_uses, mark_uses_verified,
-                      uses_key, uses_verified)
 from .distributed import global_batch_index
-from .model_state import model_lock, _refuse_batch_statistics, model_state_kept
-from .probes import check_statistic, probe_deterministic, _rng_state, _same_rng, \
-    refuse_random_modules
-from .strategy import BackwardStrategy
-from ..layer_types.base import AbstractLayer, is_recording_paused
+from .model_and_data import (_refuse_batch_statistics, _rng_state, _same_rng, batch_size_of,
+                             check_finite, check_outputs, check_statistic, deferred_finite_checks,
+                             iterate_batches, model_lock, model_state_kept, prepare_batch,
+                             probe_deterministic, refuse_random_modules)
+from .strategy import BackwardStrategy, _grad
+from ..layer_types.base import AbstractLayer, is_recording_paused, recording_paused, same_maths
 from ..layercollection import run_eagerly
 from . import consumers
+from .consumers import BatchContext
 
 
+# ---------------------------------------------------------------------- what a forward records
+#: model -> keys of (function, collection) whose parameter uses were verified in this process
+_USES_VERIFIED = weakref.WeakKeyDictionary()
+
+
+def _function_key(function):
+    """What identifies the computation of ``function`` for `check_parameter_uses`: the
+    user's function under any output transform (a variant changes the outputs' directions, not
+    which parameters the forward uses); the default ``model(inputs)`` is one key per model; a
+    user function is its code and the identities of what its closure holds (a lambda written
+    once in a loop over models gets a key per model)."""
+    while hasattr(function, "function") and callable(function.function):
+        function = function.function
+    if getattr(function, "nngeometry_default_of", None) is not None:
+        return "default"
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return ("object", id(function))
+    cells = tuple(id(c.cell_contents) for c in (function.__closure__ or ()))
+    return (code, cells, id(getattr(function, "__self__", None)))
+
+
+def uses_key(model, function, layer_collection):
+    """The key under which the parameter-use check of ``(model, function, collection)`` is
+    remembered, or None when it cannot be remembered (a model that cannot be weakly referenced).
+    The parameters' identities are part of it: a module given a new parameter is checked again."""
+    params = tuple(id(p) for p in model.parameters()) if hasattr(model, "parameters") else ()
+    tied = tuple((lid, tuple(name for name, _ in uses))
+                 for lid, uses in getattr(layer_collection, "tied", {}).items())
+    return (_function_key(function), tuple(layer_collection.layer_ids()), params, tied)
+
+
+def uses_verified(model, key):
+    try:
+        return key in _USES_VERIFIED.get(model, ())
+    except TypeError:
+        return False
+
+
+def mark_uses_verified(model, key):
+    try:
+        _USES_VERIFIED.setdefault(model, set()).add(key)
+    except TypeError:
+        pass
+
+
+class GradTarget:
+    """A tensor of the forward pass that the backward pass differentiates to: its gradient edge
+    (the autograd node that made it, and which of its outputs), with its shape, dtype and device
+    (for zero gradients and memory budgets). A tensor with no graph (nothing it depends on
+    requires grad) is kept as is: the backward pass then reports it."""
+
+    __slots__ = ("edge", "shape", "dtype", "device")
+
+    def __init__(self, t):
+        self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
+        self.edge = torch.autograd.graph.get_gradient_edge(t) if t.requires_grad else t
+
+    @property
+    def nbytes(self):
+        return self.shape.numel() * self.dtype.itemsize
+
+    def zeros(self, K):
+        """The gradient of ``K`` directions that do not depend on this tensor."""
+        return torch.zeros((K,) + tuple(self.shape), dtype=self.dtype, device=self.device)
+
+
+class Call:
+    """One call of a module: its inputs, what the backward pass differentiates to and, once it
+    has run, ``gy`` (the gradients w.r.t. the module's output).
+
+    ``targets[0]`` is the module's output as a `GradTarget`, not the output tensor:
+    holding the tensor kept e.g. every convolution's output alive through the backward pass
+    (6 MiB for a small CNN in a build whose other transients are 16), and an in-place op applied to the
+    output afterwards (``ReLU(inplace=True)``) made the tensor stand for that op's result, so
+    that ``gy`` was the gradient w.r.t. the wrong quantity. The edge is the output as the module
+    returned it.
+
+    A layer type that records tensors inside the module's forward (see
+    ``AbstractLayer.internal_recorder``) gets ``record`` (what its recorder kept) and the
+    gradients w.r.t. its recorder's ``targets`` in ``extra_gy`` (same order, each
+    ``(K, *shape)``)."""
+
+    __slots__ = ("args", "kwargs", "targets", "record", "gy", "extra_gy", "spec", "module",
+                 "shared")
+
+    def __init__(self, args, kwargs, output, recorder=None, spec=None, module=None):
+        self.args = args
+        self.kwargs = kwargs
+        # a call of another module that uses the layer's parameters (tied weights): its own
+        # layer spec and module; None for the layer's own module
+        self.spec = spec
+        self.module = module
+        self.targets = [GradTarget(output)]
+        self.record = None
+        if recorder is not None:
+            self.record = recorder.record
+            self.targets += [GradTarget(t) for t in recorder.targets]
+        self.gy = None
+        self.extra_gy = []
+        # (n, axis) for an output with no batch axis, shared by the n examples (see
+        # expand_shared); None otherwise
+        self.shared = None
+
+    def expand_shared(self):
+        """Give every tensor argument of a call whose output has no batch axis a batch axis
+        of ``n`` copies: each example's per-example quantities are then those of the whole
+        call with that example's own output gradient (``gy``: ``(K, n, *out_shape)``)."""
+        n, axis = self.shared
+
+        def rep(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            t = t.unsqueeze(axis)
+            shape = list(t.shape)
+            shape[axis] = n
+            return t.expand(shape)
+        self.args = tuple(rep(a) for a in self.args)
+        self.kwargs = {k: rep(v) for k, v in self.kwargs.items()}
+
+    @property
+    def target(self):
+        return self.targets[0].edge
+
+    @property
+    def out_dtype(self):
+        return self.targets[0].dtype
+
+    @property
+    def out_nbytes(self):
+        """Bytes of one direction's gradients w.r.t. everything this call differentiates to."""
+        return sum(t.nbytes for t in self.targets)
+
+    def set_gradients(self, grads, K):
+        """Store the backward pass's gradients (one per target, None: independent of it)."""
+        grads = [g if g is not None else t.zeros(K) for g, t in zip(grads, self.targets)]
+        self.gy, self.extra_gy = grads[0], grads[1:]
+
+    @property
+    def x(self):
+        return self.args[0]
+
+
+# ---------------------------------------------------------------------- checks of the calls
+class ParameterUseError(RuntimeError):
+    """A parameter of the collection is used outside the forward of the module that holds it
+    (e.g. ``F.linear(h, self.emb.weight)`` in the parent's forward): the per-layer hooks do not
+    see that use, and the statistics built from them would miss part of the gradient."""
+
+
+def check_parameter_uses(out, layer_collection, modules, calls):
+    """Check, on one batch, that the per-layer hooks see every use of the collection's
+    parameters; raise `ParameterUseError` naming the layers where they do not.
+
+    With ``u`` a fixed pseudo-random cotangent of the outputs ``out`` (``(n, K)``) and ``gy_c``
+    the resulting gradient w.r.t. the output of each recorded call ``c`` of a layer's module,
+    what the hooks can account for is ``Σ_c vjp(module(args_c; θ), gy_c)``: the module's forward
+    re-run on its recorded (detached) arguments, differentiated w.r.t. its own parameters (for
+    a layer type with ``grad_sum``, e.g. Linear, Embedding and the direct convolutions, that
+    formula on the recorded input instead: no re-run, and the layer's maths checked along). It
+    must equal autograd's gradient of ``Σ u ⊙ f`` w.r.t. ``θ``; it differs exactly when the
+    parameter is also used elsewhere: outside the module's forward (a tied head written
+    ``F.linear(h, emb.weight)``), or by another module (tied weights with one module left out of
+    the collection). Cost: one backward pass with one direction, and one forward and backward of
+    each layer's module (one GEMM for those with ``grad_sum``), on one batch; no per-example
+    quantity is formed.
+
+    ``out`` must still have its graph (the caller's backward passes retain it)."""
+    if out.shape[0] == 0 or not out.requires_grad:
+        return
+
+    gen = torch.Generator(device="cpu").manual_seed(0)  # no global RNG state touched
+    u = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+    lids = list(layer_collection.layer_ids())
+    params = {lid: layer_collection[lid].parameters_of(modules[lid]) for lid in lids}
+    flat_params = [p for lid in lids for p in params[lid]]
+    layer_calls = [(lid, c) for lid in lids for c in calls[lid]]
+    targets = [c.targets[0].edge for _, c in layer_calls]
+    grads = _grad(out, targets + flat_params, u, retain_graph=True, allow_unused=True)
+    gys, true = grads[:len(targets)], grads[len(targets):]
+    hooked = {lid: [torch.zeros_like(p) for p in params[lid]] for lid in lids}
+    # a random forward (dropout in training mode) re-run here must not move the RNG
+    devices = [out.device] if out.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), recording_paused(), torch.enable_grad():
+        for (lid, c), gy in zip(layer_calls, gys):
+            if gy is None:
+                continue
+            spec = c.spec or layer_collection[lid]
+            g = None
+            if c.shared is None and not c.extra_gy and same_maths(spec, "grad_sum"):
+                x = spec.inputs_of(c)
+                if isinstance(x, torch.Tensor) and x.shape[:1] == gy.shape[:1]:
+                    # the layer type's own formula: no forward re-run (for a language
+                    # model's output layer, a product as large as the model's forward)
+                    g = spec.grad_sum(c.module or modules[lid], x, gy)
+            if g is not None:
+                for acc, gk in zip(hooked[lid], g):
+                    acc += gk
+                continue
+            names = spec.param_names()
+            leaves = {nm: p.detach().requires_grad_(True) for nm, p in zip(names, params[lid])}
+            y = functional_call(c.module or modules[lid], leaves, c.args, c.kwargs)
+            if not isinstance(y, torch.Tensor):
+                y = y[0]  # the hooks differentiate through the first output (see Call)
+            if y.shape != gy.shape:
+                # an output shared by the examples, expanded to the batch by the hooks
+                y = y.expand(gy.shape)
+            g = _grad(y, list(leaves.values()), gy, allow_unused=True)
+            for acc, gk in zip(hooked[lid], g):
+                if gk is not None:
+                    acc += gk
+    eps = torch.finfo(out.dtype).eps
+    bad, j = [], 0
+    for lid in lids:
+        ref = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                         for g, p in zip(true[j:j + len(params[lid])], params[lid])])
+        j += len(params[lid])
+        mine = torch.cat([g.reshape(-1) for g in hooked[lid]])
+        err = (mine - ref).norm()
+        # rounding: the same products in another order
+        if err > 1e3 * eps * (ref.norm() + mine.norm()) + torch.finfo(out.dtype).tiny:
+            bad.append((lid, float(err / ref.norm().clamp_min(torch.finfo(out.dtype).tiny))))
+    # a module whose forward is random differs from itself: not this check's business (the
+    # layer types and the determinism checks report it with their own messages)
+    bad = [(lid, r) for lid, r in bad if not _is_random(modules[lid], calls[lid], devices)]
+    if bad:
+        names = ", ".join(f"'{lid}' (relative difference {rel:.2g})" for lid, rel in bad)
+        raise ParameterUseError(
+            f"the gradients of layer(s) {names} seen by the per-layer hooks differ from "
+            "autograd's: a parameter of these layers is used outside its module's forward (e.g. "
+            "a tied head written F.linear(h, self.emb.weight) in the parent's forward, or a "
+            "weight shared with a module left out of the LayerCollection), and the matrix would "
+            "miss that part of the gradient. Fixes: use PMatImplicit (its products go through "
+            "torch.func and see every use of the parameters), or leave these layers out of the "
+            "LayerCollection (their parameters are then constants)")
+
+
+def _is_random(module, layer_calls, devices):
+    """Whether re-running ``module`` on its recorded arguments gives another output (dropout in
+    training mode); the RNG state is restored."""
+    with torch.random.fork_rng(devices=devices), recording_paused(), torch.no_grad():
+        for c in layer_calls:
+            ys = []
+            for _ in range(2):
+                y = functional_call(c.module or module, {}, c.args, c.kwargs)
+                ys.append(y if isinstance(y, torch.Tensor) else y[0])
+            if not torch.equal(ys[0], ys[1]):
+                return True
+    return False
+
+
+# ---------------------------------------------------------------------- shared outputs
+class _Broadcast:
+    """What the forward hooks of a generator expand shared outputs to: ``n``, the number of
+    examples of the batch being run (None: expand nothing), whether an output was expanded or
+    marked shared in the current forward pass, whether one of batch dimension 1 was expanded
+    (``widened``; ``last_widened``: in the last pass, read after it ended), and
+    ``keep_ones``: outputs of batch dimension 1 are left as they are and get the backward pass
+    of their own of outputs with no batch axis (for a model that repeats such an output along
+    the batch itself, which the expanded copy would break)."""
+
+    __slots__ = ("n", "expanded", "widened", "last_widened", "keep_ones")
+
+    def __init__(self):
+        self.n, self.expanded, self.keep_ones = None, False, False
+        self.widened = self.last_widened = False
+
+
+def _expand_axis(t, axis, n):
+    """``t`` with its size-1 axis ``axis`` repeated ``n`` times (a copy: the model may write to
+    it in place); other values as they are."""
+    if not isinstance(t, torch.Tensor) or t.dim() <= axis or t.shape[axis] != 1:
+        return t
+    shape = list(t.shape)
+    shape[axis] = n
+    return t.expand(shape).clone()
+
+
+def _rebuild_tuple(output, first):
+    """``output`` (a tuple, possibly a named tuple) with its first element replaced."""
+    if hasattr(output, "_fields"):
+        return output._replace(**{output._fields[0]: first})
+    return (first, *output[1:])
+
+
+#: model -> {(function/collection key, n, candidate shapes): the calls found shared}
+_COINCIDENT_SHARED = weakref.WeakKeyDictionary()
+
+
+def _mark_coincident_shared(out, model, function, layer_collection, modules, calls):
+    """Mark as shared (see ``Call.expand_shared``) the calls whose output has the batch's ``n``
+    along its batch axis without holding the examples there: a ``(T, d)`` table looked up on
+    positions of shape ``(T,)``, or returned as is, when ``T == n`` (e.g. the last batch of a
+    loader). Its shape cannot tell it from a batched output; its gradients can. Row ``j`` of a
+    batched output reaches example ``j``'s outputs only, so the gradient of a combination of
+    example 0's outputs w.r.t. it is exactly zero off row 0; a shared output's rows reach every
+    example. The shared treatment is exact for such a call (each example gets the gradient
+    w.r.t. the whole output), as it is for any output that couples the examples.
+
+    One backward pass of one direction, once per model, function, collection, ``n`` and shapes
+    of the outputs in a process (a loader's batches have one or two sizes)."""
+    n = out.shape[0]
+    cands = []
+    for lid, store in calls.items():
+        for i, c in enumerate(store):
+            if c.shared is not None:
+                continue
+            axis = (c.spec or layer_collection[lid]).batch_axis(c.module or modules[lid])
+            t = c.targets[0]
+            if len(t.shape) > axis and t.shape[axis] == n and \
+                    not isinstance(t.edge, torch.Tensor):
+                cands.append((lid, i, c, axis))
+    if not cands or not out.requires_grad:
+        return
+    key = (uses_key(model, function, layer_collection), n,
+           tuple((lid, i, tuple(c.targets[0].shape)) for lid, i, c, _ in cands))
+    try:
+        known = _COINCIDENT_SHARED.get(model, {}).get(key)
+    except TypeError:
+        known = None
+    if known is None:
+        # a fixed pseudo-random combination (no cancellation between directions; the global
+        # RNG is left alone)
+        gen = torch.Generator().manual_seed(0)
+        w = torch.rand(out.shape[1], generator=gen, dtype=torch.float64) + 0.5
+        cot = torch.zeros_like(out)
+        cot[0] = w.to(dtype=out.dtype, device=out.device)
+        grads = _grad(out, [c.targets[0].edge for _, _, c, _ in cands], cot,
+                      retain_graph=True, allow_unused=True)
+        known = set()
+        for (lid, i, c, axis), g in zip(cands, grads):
+            if g is not None and g.narrow(axis, 1, n - 1).count_nonzero().item():
+                known.add((lid, i))
+        try:
+            _COINCIDENT_SHARED.setdefault(model, {})[key] = known
+        except TypeError:
+            pass
+    for lid, i, c, axis in cands:
+        if (lid, i) in known:
+            c.shared = (n, axis)
+
+
+def _refuse_unbatched_calls(layer_collection, modules, calls, n):
+    """``RuntimeError`` for a call of a layer's module whose output does not hold the ``n``
+    examples of the batch along its batch axis, nor one shared example that the hooks expanded
+    (see ``_make_hook``): e.g. T5's relative position bias, an Embedding looked up on a
+    ``(T, T)`` table. The gradient w.r.t. such an output is already summed over the examples,
+    so per-example gradients (and every matrix built from them) cannot be recovered from it."""
+    for lid, store in calls.items():
+        for c in store:
+            if getattr(c, "shared", None) is not None:
+                continue
+            layer, module = c.spec or layer_collection[lid], c.module or modules[lid]
+            axis = layer.batch_axis(module)
+            shape = c.targets[0].shape
+            if len(shape) > axis and shape[axis] != n:
+                raise RuntimeError(
+                    f"layer '{lid}' ({type(module).__name__}) returned an output of shape "
+                    f"{tuple(shape)} for a batch of {n} examples: its output has no batch axis "
+                    f"(dimension {axis} is not the examples; e.g. T5's relative position bias, "
+                    "looked up on a (T, T) table, then broadcast over the batch), so its "
+                    "gradients are summed over the examples and per-example quantities cannot "
+                    "be computed (outputs with batch dimension 1 are expanded to the batch "
+                    "automatically). Fixes: use PMatImplicit (exact through torch.func), or "
+                    "leave the layer out of the LayerCollection")
+
+
+class SharedOutputs:
+    """The forward pass of a batch with shared outputs expanded, and the per-example gradients
+    of the outputs that stay shared. Mixed into `TorchHooksJacobianBackend` (uses its
+    ``_broadcast``, ``_outputs`` and ``_backward_directions``)."""
+
+    def _broadcast_outputs(self, batch, index, calls, watch_rng=False):
+        """`_outputs` run with the hooks told the batch's number of examples, so that a
+        layer whose output is shared by the batch's examples (e.g. a position embedding looked
+        up with positions of shape ``(1, T)``) gets that output expanded to the ``n`` examples
+        (see ``_make_hook``): its per-example quantities are then exact. The number is read
+        from the batch (the first dimension of its first tensor); if the outputs show another
+        one and a layer's output does not have it, the forward pass is run again with the
+        outputs' own."""
+        try:
+            guess = int(batch_size_of(batch))
+        except Exception:  # a batch whose first element is not a batched tensor
+            guess = None
+        keep_ones = False
+        try:
+            raw, out, columns, expanded = self._forward_expanding(batch, index, calls, guess,
+                                                                  watch_rng)
+        except Exception as first:
+            if not self._broadcast.last_widened:
+                raise
+            # the model does not take the expanded copy of an output of batch dimension 1
+            # (it repeats or tiles it along the batch itself): such outputs are then left as
+            # they are, with the backward pass of their own of shared outputs (exact too)
+            keep_ones = True
+            try:
+                raw, out, columns, expanded = self._forward_expanding(
+                    batch, index, calls, guess, watch_rng, keep_ones=True)
+            except Exception:
+                raise first from None
+        n = out.shape[0]
+        if not keep_ones and guess is not None and n != guess and \
+                self._broadcast.last_widened:
+            # expanding changed the number of outputs (the model concatenates the output of
+            # batch dimension 1 along the batch): run again with it left as it is
+            keep_ones = True
+            raw, out, columns, expanded = self._forward_expanding(
+                batch, index, calls, guess, watch_rng, keep_ones=True)
+            n = out.shape[0]
+        if n != guess and n > 1 and (expanded or any(
+                len(c.targets[0].shape) and c.targets[0].shape[0] != n
+                for store in calls.values() for c in store)):
+            raw, out, columns, _ = self._forward_expanding(batch, index, calls, n, watch_rng,
+                                                           keep_ones)
+            if out.shape[0] != n:
+                raise RuntimeError(
+                    f"the function's outputs had {n} examples, and {out.shape[0]} once the "
+                    f"layers' outputs shared by the examples were expanded to {n}: a layer's "
+                    "output of batch dimension 1 is not broadcast over the examples by the model "
+                    "(e.g. it is concatenated along the batch). Pass the batch with its examples "
+                    "along the first dimension of its first tensor, or leave that layer out of "
+                    "the LayerCollection")
+        return raw, out, columns
+
+    def _forward_expanding(self, batch, index, calls, n, watch_rng=False, keep_ones=False):
+        """``(raw, out, columns, expanded)``: `_outputs` with the hooks expanding shared
+        outputs to ``n`` examples (with ``keep_ones``, those of batch dimension 1 are left as
+        they are), and whether one was."""
+        for store in calls.values():
+            store.clear()
+        broadcast = self._broadcast
+        broadcast.n, broadcast.expanded, broadcast.keep_ones = n, False, keep_ones
+        broadcast.widened = False
+        try:
+            with torch.enable_grad():
+                raw, out, columns = self._outputs(batch, index, watch_rng=watch_rng)
+            return raw, out, columns, broadcast.expanded
+        finally:
+            broadcast.last_widened = broadcast.widened
+            broadcast.n, broadcast.expanded, broadcast.keep_ones = None, False, False
+            broadcast.widened = False
+
+    def _shared_gradients(self, out, shared, k0, k1):
+        """``(K, n, *shape)`` per shared call: the gradient of output direction ``k`` of
+        example ``i`` alone w.r.t. an output that the examples share (no batch axis), for
+        directions ``k0 .. k1 - 1``. The backward pass of all the examples together gives only
+        their sum; here each (direction, example) pair is a cotangent of its own: ``K · n``
+        directions, one backward pass (the graph is kept for the main one)."""
+        n, n_output = out.shape
+        K = k1 - k0
+        cot = torch.zeros(K, n, n, n_output, dtype=out.dtype, device=out.device)
+        ks = torch.arange(K, device=out.device).unsqueeze(1)
+        idx = torch.arange(n, device=out.device).unsqueeze(0)
+        cot[ks, idx, idx, k0 + ks] = 1
+        edges = [c.targets[0].edge for _, c in shared]
+        grads = self._backward_directions(out, edges, cot.reshape(K * n, n, n_output), True)
+        return [g.reshape(K, n, *c.targets[0].shape) if g is not None
+                else c.targets[0].zeros(K * n).reshape(K, n, *c.targets[0].shape)
+                for g, (_, c) in zip(grads, shared)]
+
+
+# ---------------------------------------------------------------------- the driver
 def _examples_count(examples):
     """The number of examples a DataLoader will yield if it can be known without iterating
     (a sized sampler); None otherwise (iterables, single mini-batches: the size is then checked

@@ -4,7 +4,7 @@ without forming ``M`` or ``J``.
 
 `MatrixFreeProducts` runs one functional pass per product: per batch a pure function
 ``f(params)`` of the collection's parameters (`MatrixFreeProducts._functional_batches`, the
-model's tensors swapped in with `model_state.tensors_in_model`), then forward- and reverse-mode
+model's tensors swapped in with `model_and_data.tensors_in_model`), then forward- and reverse-mode
 products of ``f``; under data parallelism the local products are reduced over the ranks.
 The public products (`TorchHooksJacobianBackend.implicit_mv`, ...) add the centering
 correction and the checks.
@@ -17,12 +17,12 @@ import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
-from .batches import batch_size_of, deferred_finite_checks, iterate_batches, prepare_batch
 from .distributed import all_gather_rows, all_reduce_tree, global_batch_index
-from .model_state import (_FORWARD_AD_LOCK, constant_uses, constants_detached, model_lock,
-                          model_state_kept, _no_fused_attention, _refuse_batch_statistics,
-                          tensors_in_model)
-from .probes import _flat, _refuse_inference_parameters, _rng_state, _same_rng, probe_functional
+from .model_and_data import (_FORWARD_AD_LOCK, _flat, _no_fused_attention,
+                             _refuse_batch_statistics, _refuse_inference_parameters, _rng_state,
+                             _same_rng, batch_size_of, constant_uses, constants_detached,
+                             deferred_finite_checks, iterate_batches, model_lock, model_state_kept,
+                             prepare_batch, probe_functional, tensors_in_model)
 from .strategy import _grad, _vector_chunk
 from ..layercollection import run_eagerly
 from . import consumers

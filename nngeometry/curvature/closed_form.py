@@ -15,10 +15,10 @@ The factors are computed from detached probabilities: they are constants of the 
 """
 import torch
 
-from .language_models import _SoftmaxLayout, _resolve_positions
+from .language_models import _SoftmaxLayout
 from .positions import (_as_2d, _position_scale, check_class_dim, check_positions,
                         class_positions, output_class_dim)
-from .transform import OutputTransform, _origin_extras
+from .transform import OutputTransform, _origin_extras, _resolve_positions
 
 CLOSED_FORM_VARIANTS = ("classif_logits", "classif_binary_logits", "regression")
 

@@ -5,10 +5,10 @@
 """
 import torch
 
-from .language_models import _lm_active, _resolve_positions, _takes_full_outputs, lm_positions
+from .language_models import _lm_active, _takes_full_outputs, lm_positions
 from .losses import loss_or_default, known_loss, per_example_losses, targets_of
 from .positions import check_class_dim, check_positions, output_class_dim
-from .transform import OutputTransform, _origin_extras
+from .transform import OutputTransform, _origin_extras, _resolve_positions
 
 
 def empirical_function(function, loss_function=None, positions="sum", target_key="labels",

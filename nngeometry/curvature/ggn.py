@@ -10,13 +10,12 @@ import torch
 
 from .._memory import check_fits
 from .closed_form import _softmax_root_g, softmax_metric
-from .language_models import (_SoftmaxLayout, _lm_active, _resolve_positions,
-                              _takes_full_outputs, lm_positions)
+from .language_models import _SoftmaxLayout, _lm_active, _takes_full_outputs, lm_positions
 from .losses import LOSS_NAMES, known_loss, targets_of
 from .output_hessians import output_hessians, psd_sqrt
 from .positions import (_position_scale, check_class_dim, check_positions,
                         class_positions, output_class_dim)
-from .transform import OutputTransform, _origin_extras
+from .transform import OutputTransform, _origin_extras, _resolve_positions
 
 
 def _ggn_softmax_layout(known, out, targets, positions, function, class_dim, conv, info):

@@ -1,12 +1,13 @@
-"""The language-model conventions: which logits predict which label, and which positions count.
+"""The positions of a language model's outputs under its convention.
 
-A causal language model's logits ``(n, T, V)`` at position ``t`` predict the label at
-``t + 1`` (`is_causal_lm`, `LMConvention`); a position counts when its label is not
-``ignore_index`` and its ``attention_mask`` entry is not 0. Under the convention example
+Under a `LMConvention` (see `transform`: how a causal language model's logits ``(n, T, V)``
+meet its batch) the logits at position ``t`` predict the label at ``t + 1``; a position counts
+when its label is not ``ignore_index`` and its ``attention_mask`` entry is not 0. Example
 ``i``'s terms are weighted by ``w_{i,s} = 1 / N_i`` (``positions='mean'``, ``N_i`` its counted
 positions: Hugging Face's per-sequence ``loss``) or 1 (``'sum'``), 0 where a position does not
 count (`lm_positions`). `_SoftmaxLayout` gives the softmax likelihoods (closed form,
 Monte-Carlo, GGN) the positions ``(n, S, C)`` and their weights with or without a convention.
+Nothing here runs for outputs without positions.
 """
 from collections.abc import Mapping
 
@@ -14,63 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from .positions import _from_positions, class_positions, output_class_dim
-
-
-def is_causal_lm(model):
-    """Whether ``model`` is a causal language model whose own loss shifts the labels (logits at
-    position ``t`` predict token ``t + 1``): Hugging Face's ``*ForCausalLM`` / ``*LMHeadModel``
-    classes, or a model whose ``loss_type`` is ``'ForCausalLM'``."""
-    if getattr(model, "loss_type", None) == "ForCausalLM":
-        return True
-    name = type(model).__name__
-    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
-
-
-class LMConvention:
-    """How a language model's outputs ``(n, T, V)`` meet its batch, as its own loss reads them.
-
-    * ``causal``: the logits at position ``t`` predict the label at ``t + 1`` (the last
-      position predicts nothing); otherwise position ``t`` predicts label ``t``.
-    * A position counts when its target's label is not ``ignore_index`` (-100) and its
-      target's ``attention_mask`` entry is not 0 (padding); the labels are those of
-      ``target_key`` (dict batches) or ``batch[1]``, the mask ``batch[0][mask_key]``.
-      Without labels (the closed-form and Monte-Carlo Fisher need none) only the mask counts.
-    * ``positions='mean'`` (the default under the convention) divides example ``i``'s terms by
-      ``N_i``, its number of counted positions: its loss is the mean over its tokens, Hugging
-      Face's ``loss`` on that sequence alone; ``'sum'`` sums them."""
-
-    def __init__(self, causal, target_key="labels", mask_key="attention_mask",
-                 ignore_index=-100):
-        self.causal, self.target_key = bool(causal), target_key
-        self.mask_key, self.ignore_index = mask_key, ignore_index
-
-    def __repr__(self):
-        return f"LMConvention(causal={self.causal}, target_key={self.target_key!r})"
-
-
-def lm_convention(model, causal_lm=None, target_key="labels", function=None):
-    """The `LMConvention` of ``model`` (None: no language-model convention).
-
-    With a user ``function`` (the outputs are then the user's, e.g. logits already shifted)
-    nothing is detected: only ``causal_lm=True`` / ``False`` applies a convention.
-
-    ``causal_lm``: None detects it (`is_causal_lm`: a causal LM gets the convention with
-    shifted labels, any other model none); True forces the causal convention, False the
-    convention without the shift (position ``t`` with label ``t``, as a masked LM or a token
-    classifier: padding and -100 excluded, ``positions='mean'`` by default)."""
-    if causal_lm is not None and not isinstance(causal_lm, bool):
-        raise TypeError(f"causal_lm must be True, False or None (detect), got {causal_lm!r}")
-    if causal_lm is None:
-        if function is None and is_causal_lm(model):
-            return LMConvention(True, target_key)
-        return None
-    return LMConvention(causal_lm, target_key)
-
-
-def _resolve_positions(positions, conv):
-    """``positions`` as given, else the default: ``'mean'`` under a language-model convention
-    ``conv`` (its loss averages over tokens), ``'sum'`` otherwise."""
-    return positions if positions is not None else ("mean" if conv is not None else "sum")
 
 
 def _batch_parts(batch, conv):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .positions import class_positions
 
 
-def targets_of(batch, target_key="labels", who="this matrix"):
+def targets_of(batch, target_key="labels", caller="this matrix"):
     """The targets that a loss of the observed targets takes after the outputs:
     ``batch[1:]`` for a batch ``(inputs, targets, ...)``; for a dict batch (Hugging Face
     style) the value of ``target_key`` (``'labels'``) when the batch has no other element."""
@@ -21,13 +21,13 @@ def targets_of(batch, target_key="labels", who="this matrix"):
     if isinstance(first, dict) and len(batch) == 1:
         if target_key not in first:
             raise ValueError(
-                f"{who} needs the observed targets, and the dict batch has no key "
+                f"{caller} needs the observed targets, and the dict batch has no key "
                 f"{target_key!r} (its keys: {', '.join(map(repr, first))}); name the targets' key "
                 "with target_key=, or pass batches (inputs, targets)")
         return (first[target_key],)
     if len(batch) < 2:
         raise ValueError(
-            f"{who} needs the observed targets: the batches hold only inputs. Pass batches "
+            f"{caller} needs the observed targets: the batches hold only inputs. Pass batches "
             "(inputs, targets, ...) (a DataLoader of a TensorDataset(x, y)), or dicts with a "
             f"{target_key!r} key")
     return tuple(batch[1:])
@@ -49,15 +49,15 @@ def cross_entropy_losses(outputs, targets, class_dim=None):
     return F.cross_entropy(fp.reshape(n * S, C), y, reduction="none").reshape(n, S)
 
 
-def per_example_losses(losses, n, positions="sum", who="loss_function"):
+def per_example_losses(losses, n, positions="sum", loss_name="loss_function"):
     """The per-example losses ``(n,)`` from what a loss returned: ``(n,)`` as is, ``(n, ...)``
     (a loss per position) summed, or averaged with ``positions='mean'``, over the positions."""
     if not isinstance(losses, torch.Tensor):
-        raise TypeError(f"{who} must return a tensor of per-example losses (n,), got "
+        raise TypeError(f"{loss_name} must return a tensor of per-example losses (n,), got "
                         f"{type(losses).__name__}")
     if losses.dim() == 0 or losses.shape[0] != n:
         raise ValueError(
-            f"{who} must return one loss per example, shape ({n},) (reduction='none', e.g. "
+            f"{loss_name} must return one loss per example, shape ({n},) (reduction='none', e.g. "
             f"lambda out, y: F.cross_entropy(out, y, reduction='none')), got shape "
             f"{tuple(losses.shape)}: a loss reduced over the batch has no per-example gradients")
     if losses.dim() == 1:

@@ -12,12 +12,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..backend.batches import all_finite, check_finite
-from .language_models import _SoftmaxLayout, _resolve_positions
+from ..backend.model_and_data import all_finite, check_finite
+from .language_models import _SoftmaxLayout
 from .positions import (_as_2d, _position_scale, check_class_dim, check_positions,
                         class_positions, output_class_dim)
 from .rng import counter_uniform
-from .transform import OutputTransform, _origin_extras
+from .transform import OutputTransform, _origin_extras, _resolve_positions
 
 MC_VARIANTS = ("classif_logits", "classif_logsoftmax", "segmentation_logits", "regression")
 

@@ -84,7 +84,7 @@ def _output_hessians_autograd(loss_function, f, targets, positions):
     return rows.transpose(0, 1).detach()  # (n, D, D): H[i, d, :] = ∂g_{i,d}/∂f_i
 
 
-def psd_sqrt(H, who="the loss"):
+def psd_sqrt(H, loss_name="the loss"):
     """``S`` with ``S Sᵀ = H`` for a batch of symmetric PSD matrices ``H`` (``(n, D, D)``), from
     their eigendecompositions ``H = V Λ Vᵀ``: ``S = V Λ^{1/2}``. Eigenvalues below zero by more
     than round-off are refused (``ValueError``): the Gauss-Newton matrix needs a loss convex in
@@ -98,7 +98,7 @@ def psd_sqrt(H, who="the loss"):
         if bool((worst < 0).any()):
             i = int(torch.argmin(lam[:, 0] / top.clamp_min(torch.finfo(H.dtype).tiny)))
             raise ValueError(
-                f"{who} is not convex in the outputs: the Hessian of example {i}'s loss w.r.t. "
+                f"{loss_name} is not convex in the outputs: the Hessian of example {i}'s loss w.r.t. "
                 f"its outputs has the eigenvalue {float(lam[i, 0]):.3g} (largest "
                 f"{float(lam[i, -1]):.3g}). The generalized Gauss-Newton matrix J^T H J needs a "
                 "positive semi-definite H (a loss convex in the outputs: cross-entropy, (weighted) "

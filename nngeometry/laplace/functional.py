@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..backend.batches import iterate_batches
+from ..backend.model_and_data import iterate_batches
 from ..jacobian import Jacobian
 from ..layercollection import LayerCollection
 from ..object.pspace import PMatDense

@@ -43,8 +43,8 @@ import torch
 
 from .._bridge import _bridge_from_parts
 from .._entry import resolve_representation
-from ..backend.batches import iterate_batches
-from ..curvature.language_models import LMConvention, is_causal_lm, lm_positions
+from ..backend.model_and_data import iterate_batches
+from ..curvature import LMConvention, is_causal_lm, lm_positions
 
 _FORMS = {"PMatKFAC": "kfac", "PMatDiag": "diag", "PMatDense": "dense"}
 _LINKS = ("probit", "bridge", "bridge_norm", "mc")

@@ -39,16 +39,16 @@ import torch.nn.functional as tF
 from tqdm.auto import tqdm
 
 from .._bridge import _laplace_bridge
-from ..backend.batches import batch_size_of, default_function, iterate_batches
+from ..backend.model_and_data import batch_size_of, default_function, iterate_batches
 from .._entry import resolve_representation
-from ..curvature.language_models import is_causal_lm
+from ..curvature import is_causal_lm
 from ..jacobian import Jacobian
 from ..layercollection import LayerCollection
 from ..metrics import FIM, EmpiricalFisher, FIM_MonteCarlo, subnetwork_collection
 from .. import object as _objects
 from ..object.map import PFMapDense
 from ..object.pspace import PMatDense, PMatDiag, PMatKFAC
-from ..object.pspace import _kron
+from ..object.pspace.blocks.kron import get_unit
 from ..object.vector import PVector
 
 _LIKELIHOODS = ("classification", "regression", "reward_modeling")
@@ -1144,7 +1144,7 @@ class _KronPrior:
         self.s, self.units = s, []
         lc = ggn.layer_collection
         for lid in lc.layer_ids():
-            A, G = _kron.get_unit(ggn.data, lid)
+            A, G = get_unit(ggn.data, lid)
             layer = lc[lid]
             perm = layer.kfac_permutation()
             sl = lc.slice(lid)

@@ -299,7 +299,7 @@ def test_deferred_finite_checks_raise_at_the_end_of_the_pass():
     """On an accelerator the finiteness flags of a pass are read once, when the pass ends (no
     host synchronisation per batch); CPU tensors are still checked at once. (No GPU here: the
     deferred flags are recorded by hand, as check_finite records them for CUDA tensors.)"""
-    from nngeometry.backend import batches as B
+    from nngeometry.backend import model_and_data as B
 
     with pytest.raises(ValueError, match="at once"):
         with B.deferred_finite_checks():

@@ -13,7 +13,7 @@ from torch import nn
 
 from brute import fim_dense, per_example_jacobian
 from nngeometry.backend import TorchHooksJacobianBackend
-from nngeometry.backend.batches import default_function
+from nngeometry.backend.model_and_data import default_function
 from nngeometry.layercollection import LayerCollection
 from nngeometry.metrics import FIM
 from nngeometry.object import PMatDense, PMatDiag, PMatImplicit, PVector

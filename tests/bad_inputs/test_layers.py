@@ -12,7 +12,7 @@ from torch.func import functional_call, jacrev
 from brute import fim_dense, multinomial_cov, param_names
 
 from nngeometry import FIM, GramMatrix, Jacobian
-from nngeometry.backend.context import ParameterUseError
+from nngeometry.backend.passes import ParameterUseError
 from nngeometry.layercollection import LayerCollection
 from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit,
                                PMatKFAC, PMatLowRank, PMatQuasiDiag, PVector)

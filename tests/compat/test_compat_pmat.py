@@ -11,7 +11,7 @@ import torch
 
 from _reps_fixtures import DT, Setup, close
 from nngeometry.backend import TorchHooksJacobianBackend
-from nngeometry.backend.batches import default_function
+from nngeometry.backend.model_and_data import default_function
 from nngeometry.layercollection import Conv2dLayer, LayerCollection, LinearLayer
 from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatEye, PMatImplicit,
                                PMatLowRank, PMatMixed, PMatQuasiDiag, PVector)

@@ -6,7 +6,7 @@ from torch import nn
 
 from brute import fim_dense
 from nngeometry import FIM, EmpiricalFisher
-from nngeometry.backend.context import ParameterUseError
+from nngeometry.backend.passes import ParameterUseError
 from nngeometry.layercollection import LayerCollection
 from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatImplicit,
                                PMatKFAC, PMatLowRank, PVector)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nngeometry import FIM
-from nngeometry.backend.context import ParameterUseError
+from nngeometry.backend.passes import ParameterUseError
 from nngeometry.layer_types.base import layer_type_for
 from nngeometry.object import PMatDiag
 

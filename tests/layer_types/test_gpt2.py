@@ -74,7 +74,7 @@ def brute_fim(model, b, lc):
 
 def test_tied_model_diag_kfac_implicit():
     from nngeometry.backend import TorchHooksJacobianBackend
-    from nngeometry.backend.batches import default_function
+    from nngeometry.backend.model_and_data import default_function
     from nngeometry.object import PMatMixed
     from nngeometry.curvature import closed_form_function
 

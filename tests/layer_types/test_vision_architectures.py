@@ -172,7 +172,7 @@ def test_kfac_ekfac(net):
         torch.testing.assert_close(one, ref1, **TOL)
     if sub.numel() < lc.numel():
         from nngeometry.backend import TorchHooksJacobianBackend
-        from nngeometry.backend.batches import default_function
+        from nngeometry.backend.model_and_data import default_function
         from nngeometry.curvature import closed_form_function
         gen = TorchHooksJacobianBackend(model, closed_form_function(default_function(model),
                                                                     "classif_logits"))

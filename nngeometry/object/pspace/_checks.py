@@ -32,10 +32,10 @@ class SolverNotConvergedError(RuntimeError):
     damping, whose right-hand side is outside the range, makes CG diverge)."""
 
 
-def not_converged_error(who, iterations, rel, tol, hint=""):
+def not_converged_error(caller, iterations, rel, tol, hint=""):
     """The shared error of an iterative solve that stopped before its tolerance."""
     return SolverNotConvergedError(
-        f"{who}: the iterative solve did not converge: {iterations} iterations left a relative "
+        f"{caller}: the iterative solve did not converge: {iterations} iterations left a relative "
         f"residual ||b - (A + regul·I) x|| / ||b|| = {rel:.3g} > tol = {tol:.3g}. The matrix may "
         "be singular or ill-conditioned at this damping: pass a damping regul > 0 (e.g. "
         "regul=1e-3 · trace/P), a preconditioner M, or a larger max_iter"

@@ -424,11 +424,11 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
 
     def _block_solve_rows(self, X, regul, damping, what="solve", method=None, **options):
         regul, blocks, dampings = self._dampings(regul, what, damping, **options)
-        who = (type(self).__name__, regul)
+        caller = (type(self).__name__, regul)
         if method is None:
-            return self._join([b.solve(V, d, who) for b, V, d in
+            return self._join([b.solve(V, d, caller) for b, V, d in
                                zip(blocks, self._split(X), dampings)])
-        return self._join([b.solve(V, d, who, method) for b, V, d in
+        return self._join([b.solve(V, d, caller, method) for b, V, d in
                            zip(blocks, self._split(X), dampings)])
 
     def solvePVec(self, x, regul=1e-8, solve="default", damping="exact", **options):
@@ -448,8 +448,8 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
     def _power_blocks(self, p, regul, damping, what, **options):
         """``[(B + Λ_B)^p]`` for every block."""
         regul, blocks, dampings = self._dampings(regul, what, damping, **options)
-        who = (type(self).__name__, regul)
-        return [b.matpower(p, d, who) for b, d in zip(blocks, dampings)]
+        caller = (type(self).__name__, regul)
+        return [b.matpower(p, d, caller) for b, d in zip(blocks, dampings)]
 
     def _matpower(self, p, regul, damping, what, **options):
         return self._from_blocks(self._power_blocks(p, regul, damping, what, **options))
@@ -475,13 +475,13 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
         """``log det(M + Λ) = Σ_blocks log det(B + Λ_B)`` (positive definite, or the shared
         errors), differentiable with respect to a ``Λ`` that requires grad."""
         regul, blocks, dampings = self._dampings(regul, "logdet", damping, **options)
-        who = (type(self).__name__, regul)
+        caller = (type(self).__name__, regul)
         if len(blocks) > 1 and all(b.logdet_is_spectral(d) for b, d in zip(blocks, dampings)):
             # one check of the whole spectrum (one tolerance, one error), one sum
             from ._checks import logdet_of
             return logdet_of(torch.cat([b.eigenvalues(d).reshape(-1)
-                                        for b, d in zip(blocks, dampings)]), who[0], regul)
-        return _total(b.logdet(d, who) for b, d in zip(blocks, dampings))
+                                        for b, d in zip(blocks, dampings)]), caller[0], regul)
+        return _total(b.logdet(d, caller) for b, d in zip(blocks, dampings))
 
     def eigenvalues(self, regul=0.0, damping="exact", **options):
         """The ``P`` eigenvalues of ``M + Λ``, block by block (in no particular order)."""
@@ -492,8 +492,8 @@ class PMatAbstract(StateDictMixin, SharedGeneratorCopy):
         """``diag((M + Λ)⁻¹)`` as a ``(P,)`` tensor (the marginal variances of a Laplace
         posterior of precision ``M + Λ``), block by block, without forming a ``P × P``."""
         regul, blocks, dampings = self._dampings(regul, "diag_of_inverse", damping, **options)
-        who = (type(self).__name__, regul)
-        return self._join([b.matpower(-1.0, d, who).diag() for b, d in zip(blocks, dampings)])
+        caller = (type(self).__name__, regul)
+        return self._join([b.matpower(-1.0, d, caller).diag() for b, d in zip(blocks, dampings)])
 
     def sqrt(self, regul=0.0, **kwargs):
         """``(M + Λ)^{1/2}``: [`pow`][nngeometry.object.pspace.abstract.PMatAbstract.pow] with ``x = 1/2`` (same ``regul`` kinds, same damping

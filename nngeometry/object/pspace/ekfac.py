@@ -5,10 +5,11 @@ import torch
 from ..map import PFMapDense
 from ..vector import PVector
 from . import _checks
-from . import _kron
 from ._statistics import check_layers
+from ...layer_types.base import check_kfac_support
 from .abstract import PMatAbstract, check_same_function, function_origin
-from .blocks import EigenKronBlock
+from .blocks import EigenKronBlock, kron
+from .blocks.eigen_kron import dense_basis
 from .eye import PMatEye
 
 
@@ -24,7 +25,7 @@ def _holds_bases(entry):
     return False
 
 
-class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
+class PMatEKFAC(kron.KronBlocksInLayout, PMatAbstract):
     """EKFAC: per layer ``M_layer ≈ U diag(d) Uᵀ`` with ``U = U_G ⊗ U_A`` the Kronecker-factored
     eigenbasis (KFE) of the layer's KFAC factors and ``d`` a diagonal in that basis.
 
@@ -96,7 +97,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
     @staticmethod
     def _public_entry(e):
         """``(evecs entry, diags entry)`` of one stored layer entry."""
-        if _kron.is_multi(e):
+        if kron.is_multi(e):
             return tuple((UA, UG) for UA, UG, _ in e), tuple(D.reshape(-1) for _, _, D in e)
         UA, UG, D = e
         return (UA, UG), D.reshape(-1)
@@ -118,7 +119,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
 
     def _stored_entry(self, lid, basis, diag):
         """One layer's stored entry from its ``evecs`` and ``diags`` entries."""
-        if _kron.is_multi(basis):
+        if kron.is_multi(basis):
             if not isinstance(diag, (tuple, list)) or len(diag) != len(basis):
                 raise ValueError(f"layer '{lid}' has {len(basis)} Kronecker blocks in evecs: its "
                                  "diags entry must be a tuple of as many diagonals")
@@ -131,7 +132,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
 
     @staticmethod
     def _block_entry(where, UA, UG, d):
-        dA, dG = _kron.factor_size(UA), _kron.factor_size(UG)
+        dA, dG = kron.factor_size(UA), kron.factor_size(UG)
         if d.numel() != dA * dG:
             raise ValueError(f"{where}: the diagonal has {d.numel()} values, the bases need "
                              f"dG · dA = {dG} · {dA} = {dG * dA}")
@@ -143,7 +144,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
     def _build(self, examples, eigendecomposition=None, kfac_approx="expand",
                separate_weight_and_bias=False):
         lc = self.layer_collection
-        _kron.check_kfac_support(lc, type(self).__name__)
+        check_kfac_support(lc, type(self).__name__)
         if eigendecomposition is not None:
             self._check_bases_options(separate_weight_and_bias)
             statistics = self.generator.get_kfe_diag(self._bases_from(lc, eigendecomposition),
@@ -156,7 +157,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
     @classmethod
     def _check_statistics(cls, layer_collection, statistics, eigendecomposition=None,
                           separate_weight_and_bias=False):
-        _kron.check_kfac_support(layer_collection, cls.__name__)
+        check_kfac_support(layer_collection, cls.__name__)
         check_layers(cls.__name__, layer_collection, statistics,
                      "the Kronecker factors" if eigendecomposition is None else "the diagonals")
 
@@ -172,7 +173,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
             bases = cls._bases_from(layer_collection, eigendecomposition)
             return {lid: cls._replace_entry(b, statistics[lid]) for lid, b in bases.items()}
         if separate_weight_and_bias:
-            statistics = _kron.separate_weight_and_bias(layer_collection, statistics)
+            statistics = kron.separate_weight_and_bias(layer_collection, statistics)
         return {lid: cls._entry_from_kfac(e) for lid, e in statistics.items()}
 
     @classmethod
@@ -186,7 +187,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
     @classmethod
     def _entry_from_kfac(cls, entry):
         """A layer's EKFAC entry from its KFAC entry (``(A, G)`` or a tuple of those)."""
-        if _kron.is_multi(entry):
+        if kron.is_multi(entry):
             return tuple(cls._entry_from_factors(A, G) for A, G in entry)
         return cls._entry_from_factors(*entry)
 
@@ -194,14 +195,14 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
     def _replace_entry(entry, diag):
         """``entry`` (``(U_A, U_G[, ...])`` or a tuple of those) with its diagonal set to
         ``diag`` (a tensor, or a list of tensors for a multi-block entry)."""
-        if _kron.is_multi(entry):
+        if kron.is_multi(entry):
             return tuple(tuple(e[:2]) + (d,) for e, d in zip(entry, diag))
         return tuple(entry[:2]) + (diag,)
 
     @staticmethod
     def _entry_from_factors(A, G):
-        lA, UA = _kron.eig(A)
-        lG, UG = _kron.eig(G)
+        lA, UA = kron.eig(A)
+        lG, UG = kron.eig(G)
         return (UA, UG, torch.outer(lG, lA))
 
     @classmethod
@@ -209,7 +210,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         if hasattr(eigendecomposition, "kronecker_eigenbases"):  # a PMatKFAC
             return eigendecomposition.kronecker_eigenbases()
         if isinstance(eigendecomposition, PMatEKFAC):
-            return _kron.repack(eigendecomposition._store,
+            return kron.repack(eigendecomposition._store,
                             {key: tuple(ent[:2]) for key, ent in eigendecomposition._units()})
         if isinstance(eigendecomposition, (tuple, list)) and len(eigendecomposition) == 2 \
                 and all(isinstance(v, dict) for v in eigendecomposition):
@@ -221,7 +222,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         bases = {}
         for lid in layer_collection.layer_ids():
             e = eigendecomposition[lid]
-            bases[lid] = (tuple(tuple(b)[:2] for b in e) if _kron.is_multi(e) else tuple(e)[:2])
+            bases[lid] = (tuple(tuple(b)[:2] for b in e) if kron.is_multi(e) else tuple(e)[:2])
         return bases
 
     @classmethod
@@ -239,10 +240,10 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
             blocks = self._entries(lid)
             for b, (UA, UG, D) in enumerate(blocks):
                 where = f"layer '{lid}'" + (f" (block {b})" if len(blocks) > 1 else "")
-                if tuple(D.shape) != (_kron.factor_size(UG), _kron.factor_size(UA)):
+                if tuple(D.shape) != (kron.factor_size(UG), kron.factor_size(UA)):
                     raise ValueError(
                         f"{where}: diagonal of shape {tuple(D.shape)} does not match the bases "
-                        f"(dG={_kron.factor_size(UG)}, dA={_kron.factor_size(UA)}); expected ({_kron.factor_size(UG)}, {_kron.factor_size(UA)})")
+                        f"(dG={kron.factor_size(UG)}, dA={kron.factor_size(UA)}); expected ({kron.factor_size(UG)}, {kron.factor_size(UA)})")
 
     # hooks for PMatEKFACBlockDiag, whose dense layers are stored differently
     def _entry(self, lid):
@@ -252,11 +253,11 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
     def _entries(self, lid):
         """The ``(U_A, U_G, D)`` of each Kronecker block of a layer, in layout order."""
         e = self._store[lid]
-        return list(e) if _kron.is_multi(e) else [self._entry(lid)]
+        return list(e) if kron.is_multi(e) else [self._entry(lid)]
 
     def _units(self):
-        """``(unit key, (U_A, U_G, D))`` for every Kronecker block (unit keys: see ``_kron``)."""
-        return [(_kron.Unit(lid, b), ent) for lid in self._store
+        """``(unit key, (U_A, U_G, D))`` for every Kronecker block (unit keys: see `kron.Unit`)."""
+        return [(kron.Unit(lid, b), ent) for lid in self._store
                 for b, ent in enumerate(self._entries(lid))]
 
     def _unit(self, key):
@@ -267,7 +268,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
 
     def _kfe_request(self, lid):
         e = self._store[lid]
-        if _kron.is_multi(e):
+        if kron.is_multi(e):
             return tuple((UA, UG) for UA, UG, _ in e)
         UA, UG, _ = self._entry(lid)
         return (UA, UG)
@@ -275,7 +276,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
     def _replace_diags(self, diags):
         """``data`` with each layer's ``D`` replaced by ``diags[lid]`` (a list of ``D_b`` for a
         multi-block layer)."""
-        return {lid: self._replace_entry(self._store[lid] if _kron.is_multi(self._store[lid])
+        return {lid: self._replace_entry(self._store[lid] if kron.is_multi(self._store[lid])
                                          else self._entry(lid), diags[lid]) for lid in self._store}
 
     def _map_diags(self, fn, with_layer=False):
@@ -284,7 +285,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         out = {}
         for lid, e in self._store.items():
             ds = [fn(lid, D) if with_layer else fn(D) for _, _, D in self._entries(lid)]
-            out[lid] = ds if _kron.is_multi(e) else ds[0]
+            out[lid] = ds if kron.is_multi(e) else ds[0]
         return out
 
     def _with_diags(self, diags):
@@ -298,9 +299,9 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
             dims = {}
             for lid, e in self._store.items():
                 sizes = [tuple(D.shape) for _, _, D in self._entries(lid)]
-                dims[lid] = sizes if _kron.is_multi(e) else sizes[0]
+                dims[lid] = sizes if kron.is_multi(e) else sizes[0]
             perms = {lid: self._perm(lid) for lid in self.layer_collection.layer_ids()}
-            lay = self._layout_obj = _kron.Layout(self.layer_collection, dims, perms)
+            lay = self._layout_obj = kron.Layout(self.layer_collection, dims, perms)
         return lay
 
     @property
@@ -340,7 +341,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
                                  self._layer_diag(layer_id).element_size(),
                                  what=f"the eigenbasis of layer '{layer_id}': a dense")
         U = torch.block_diag(*[
-            torch.kron(_kron.dense_basis(UG, D).contiguous(), _kron.dense_basis(UA, D).contiguous())
+            torch.kron(dense_basis(UG, D).contiguous(), dense_basis(UA, D).contiguous())
             for UA, UG, D in self._entries(layer_id)])
         return self._layout.to_flat_order(layer_id, U) if split_weight_bias else U
 
@@ -366,7 +367,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         diags = {}
         for (key, _), b in zip(self._units(), blocks):
             diags.setdefault(key.layer, []).append(b.D)
-        return self._with_diags({lid: ds if _kron.is_multi(self._store[lid]) else ds[0]
+        return self._with_diags({lid: ds if kron.is_multi(self._store[lid]) else ds[0]
                                  for lid, ds in diags.items()})
 
     def _like(self):
@@ -473,7 +474,7 @@ class PMatEKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         out = {}
         for lid, e in self._store.items():
             ds = [fn(a[2], b[2]) for a, b in zip(self._entries(lid), other._entries(lid))]
-            out[lid] = ds if _kron.is_multi(e) else ds[0]
+            out[lid] = ds if kron.is_multi(e) else ds[0]
         return out
 
     def mm(self, other):

@@ -3,7 +3,7 @@ others (e.g. layer types without KFAC maths, grouped convolutions)."""
 import torch
 
 from . import _spectral
-from . import _kron
+from .blocks import kron
 from ._statistics import check_layers, check_tensor
 from .ekfac import PMatEKFAC
 
@@ -104,7 +104,7 @@ class PMatEKFACBlockDiag(PMatEKFAC):
         eigendecompositions)."""
         factors, blocks = statistics
         if separate_weight_and_bias:  # see PMatKFAC: the KFAC layers only
-            factors = _kron.separate_weight_and_bias(layer_collection, factors)
+            factors = kron.separate_weight_and_bias(layer_collection, factors)
         data = {}
         for lid in layer_collection.layer_ids():
             if lid in factors:
@@ -117,7 +117,7 @@ class PMatEKFACBlockDiag(PMatEKFAC):
     @staticmethod
     def _is_dense(e):
         # (U, d): a dense block; EKFAC entries have 3 items, multi-block ones are tuples of those
-        return not _kron.is_multi(e) and len(e) == 2
+        return not kron.is_multi(e) and len(e) == 2
 
     @property
     def dense_layers(self):

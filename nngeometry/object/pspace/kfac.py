@@ -6,10 +6,9 @@ import torch
 
 from . import _checks
 from ._statistics import check_layers
-from . import _kron
 from ...layer_types.base import check_kfac_support
 from .abstract import PMatAbstract
-from .blocks import KronBlock
+from .blocks import KronBlock, kron
 from .blocks.kron import LAZY_INVERSE_WIDTH, PiDamping  # noqa: F401  (kept importable here)
 from .ekfac import PMatEKFAC
 from ..vector import PVector
@@ -17,7 +16,7 @@ from ..vector import PVector
 _DAMPINGS = ("pi", "exact")
 
 
-class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
+class PMatKFAC(kron.KronBlocksInLayout, PMatAbstract):
     """KFAC: per layer, ``M_layer ≈ kron(G, A)`` in the layer's Kronecker layout.
 
     ``kron(G, A)`` approximates the layer's block of ``(1/n) Σ_x J(x)ᵀ J(x)`` (exact for a Linear
@@ -60,7 +59,7 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
             (``A`` without its last row and column) and the bias block ``G · A_bb`` (the bias
             entry of ``A``), both exact parts of the joint factors. Stored in the same layout as
             ``A`` with its last row and column zeroed off the diagonal (see
-            ``_kron.separate_weight_and_bias``); applies to the layers whose bias is the last
+            ``kron.separate_weight_and_bias``); applies to the layers whose bias is the last
             column of the Kronecker layout (Linear, convolutions), others are unchanged.
 
     Damping (``solve``, ``inverse``, ``pow``, ``logdet``) takes ``damping='pi'`` or
@@ -97,7 +96,7 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
             # by construction; a 0.4 generator's are checked there)
             self._check_data(self.data)
         if separate_weight_and_bias:
-            self.data = _kron.separate_weight_and_bias(self.layer_collection, self.data)
+            self.data = kron.separate_weight_and_bias(self.layer_collection, self.data)
 
     statistic = "get_kfac_blocks"
 
@@ -125,7 +124,7 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         and bias are factored separately (see the class docstring). Their structure is checked
         by the constructor (``_check_data``)."""
         if separate_weight_and_bias:
-            return _kron.separate_weight_and_bias(layer_collection, statistics)
+            return kron.separate_weight_and_bias(layer_collection, statistics)
         return statistics
 
     def _check_data(self, data):
@@ -134,7 +133,7 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         if set(data) != set(ids):
             raise ValueError(f"PMatKFAC data must have one (A, G) per layer {ids}, got {list(data)}")
         for lid, e in data.items():
-            layer = _kron.KronLayer.of(e)
+            layer = kron.KronLayer.of(e)
             for key, term in zip(layer.units(lid), layer.terms):
                 where = key.describe(len(layer.terms))
                 if len(term) != 2:
@@ -151,22 +150,22 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         if lay is None:
             dims = {}
             for lid, e in self.data.items():
-                layer = _kron.KronLayer.of(e)
-                sizes = [(_kron.factor_size(G), _kron.factor_size(A)) for A, G in layer.terms]
+                layer = kron.KronLayer.of(e)
+                sizes = [(kron.factor_size(G), kron.factor_size(A)) for A, G in layer.terms]
                 dims[lid] = sizes if layer.multi else sizes[0]
             perms = {lid: l.kfac_permutation() for lid, l in self.layer_collection.layers.items()}
-            lay = self._layout_obj = _kron.Layout(self.layer_collection, dims, perms)
+            lay = self._layout_obj = kron.Layout(self.layer_collection, dims, perms)
         return lay
 
     def _units(self):
         """``(Unit, A, G)`` for every Kronecker term (one per layer, several for a multi-block
         layer)."""
-        return [(key, A, G) for key, (A, G) in _kron.iter_units(self.data)]
+        return [(key, A, G) for key, (A, G) in kron.iter_units(self.data)]
 
     def _map_units(self, fn):
         """A data dict of the same structure with each term's ``(A, G)`` replaced by
         ``fn(key, A, G)``."""
-        return _kron.repack(self.data, {key: fn(key, A, G) for key, A, G in self._units()})
+        return kron.repack(self.data, {key: fn(key, A, G) for key, A, G in self._units()})
 
     @property
     def dtype(self):
@@ -201,10 +200,10 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         PMatEKFAC on the factors' eigenbases."""
         keys = self._block_keys()
         if all(isinstance(b, KronBlock) for b in blocks):
-            return PMatKFAC(self.layer_collection, None, data=_kron.repack(
+            return PMatKFAC(self.layer_collection, None, data=kron.repack(
                 self.data, {k: (b.A, b.G) for k, b in zip(keys, blocks)}))
         eig = [b.eigen() if isinstance(b, KronBlock) else b for b in blocks]
-        return PMatEKFAC(self.layer_collection, None, data=_kron.repack(
+        return PMatEKFAC(self.layer_collection, None, data=kron.repack(
             self.data, {k: b.as_entry() for k, b in zip(keys, eig)}))
 
     def _like(self):
@@ -227,7 +226,7 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         if impl not in ("eigh", "svd"):
             raise ValueError(f"unknown impl '{impl}' for compute_eigendecomposition: use 'eigh' "
                              "or 'svd'")
-        eig = _kron.eig if impl == "eigh" else _kron.eig_svd
+        eig = kron.eig if impl == "eigh" else kron.eig_svd
         for b in self._blocks():
             b.set_factor_eig((eig(b.A), eig(b.G)))
 
@@ -235,7 +234,7 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         """``{layer_id: (U_A, U_G)}`` (a tuple of pairs for a multi-block layer): the
         eigenbases of the factors, what `PMatEKFAC` takes as ``eigendecomposition=``."""
         eig = [b.factor_eig() for b in self._blocks()]
-        return _kron.repack(self.data, {key: (eA[1], eG[1])
+        return kron.repack(self.data, {key: (eA[1], eG[1])
                                     for key, (eA, eG) in zip(self._block_keys(), eig)})
 
     def get_eigendecomposition(self):
@@ -246,8 +245,8 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         cached. A diagonal factor's basis is the int size of its identity; a multi-block layer
         gets a tuple of pairs, one per Kronecker block."""
         eig = dict(zip(self._block_keys(), (b.factor_eig() for b in self._blocks())))
-        evals = _kron.repack(self.data, {k: (eA[0], eG[0]) for k, (eA, eG) in eig.items()})
-        evecs = _kron.repack(self.data, {k: (eA[1], eG[1]) for k, (eA, eG) in eig.items()})
+        evals = kron.repack(self.data, {k: (eA[0], eG[0]) for k, (eA, eG) in eig.items()})
+        evecs = kron.repack(self.data, {k: (eA[1], eG[1]) for k, (eA, eG) in eig.items()})
         return evals, evecs
 
     # ------------------------------------------------------------------ products
@@ -270,8 +269,8 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         self._check_same_kind(other)
 
         def prod(key, A, G):
-            A2, G2 = _kron.get_unit(other.data, key)
-            return (_kron.fmatmul(A, A2), _kron.fmatmul(G, G2))
+            A2, G2 = kron.get_unit(other.data, key)
+            return (kron.fmatmul(A, A2), kron.fmatmul(G, G2))
 
         return PMatKFAC(self.layer_collection, None, data=self._map_units(prod))
 
@@ -323,7 +322,7 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
         if split_weight_bias:
             # written in place into the flat vector where the layout allows (no reordering copy)
             return self._layout.outer_diag_flat(
-                {lid: [(_kron.factor_diag(A), _kron.factor_diag(G)) for A, G in _kron.KronLayer.of(e).terms]
+                {lid: [(kron.factor_diag(A), kron.factor_diag(G)) for A, G in kron.KronLayer.of(e).terms]
                  for lid, e in self.data.items()})
         return torch.cat([b.diag().reshape(-1) for b in self._blocks()])
 
@@ -370,7 +369,7 @@ class PMatKFAC(_kron.KronBlocksInLayout, PMatAbstract):
             raise ValueError(f"factor_average needs weights with a positive sum, got {w1}, {w2}")
 
         def average(key, A1, G1):
-            A2, G2 = _kron.get_unit(other.data, key)
+            A2, G2 = kron.get_unit(other.data, key)
             return ((w1 * A1 + w2 * A2) / (w1 + w2), w1 * G1 + w2 * G2)
 
         return PMatKFAC(self.layer_collection, None, data=self._map_units(average))

@@ -88,10 +88,10 @@ class _PerLayer(PMatAbstract):
         named, and refused when singular (the shared error)."""
         regul, blocks, dampings = self._dampings(regul, "logdet", damping)
         rep = type(self).__name__
-        who = (rep, regul)
+        caller = (rep, regul)
         total, negative = None, {}
         for lid, b, d in zip(self._block_keys(), blocks, dampings):
-            pivots = b.eigenvalues(d) if isinstance(b, DiagBlock) else b.pivots(d, who)
+            pivots = b.eigenvalues(d) if isinstance(b, DiagBlock) else b.pivots(d, caller)
             part = _checks.logdet_of(pivots, rep, regul, exact=True,
                                      require_pd=False, allow_negative_det=True)
             neg = int((pivots.detach() < 0).sum())

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from _kfac_helpers import Setup
 from brute import fim_dense
 from nngeometry.backend import TorchHooksJacobianBackend
-from nngeometry.backend.batches import default_function
+from nngeometry.backend.model_and_data import default_function
 from nngeometry.curvature import closed_form_function
 from nngeometry.layercollection import LayerCollection
 from nngeometry.object import (PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatEKFACBlockDiag,

@@ -7,7 +7,7 @@ from torch import nn
 
 from nngeometry import FIM
 from nngeometry.object import PMatDiag, PMatEKFAC, PMatKFAC, PVector
-from nngeometry.object.pspace import _kron as K
+from nngeometry.object.pspace.blocks import kron
 
 DT = torch.float64
 
@@ -104,7 +104,7 @@ def test_diag_solve_still_refuses_singular_and_differentiates():
 
 def test_pickled_layouts_without_fast_paths_still_work(kfac):
     lay = kfac._layout
-    old = K.Layout.__new__(K.Layout)
+    old = kron.Layout.__new__(kron.Layout)
     old.__dict__.update({k: v for k, v in lay.__dict__.items() if k != "fast"})
     flat = torch.randn(kfac.layer_collection.numel(), dtype=DT)
     assert torch.equal(old.join(old.split(flat)), flat)
@@ -115,8 +115,7 @@ def test_pi_solve_first_by_cholesky_then_by_inverses(kfac, monkeypatch):
     (triangular solves), the second (inverses made from the same Cholesky factors) and later
     ones all equal the dense π-damped solve; a new regul, or a change of the factors, starts
     again."""
-    import nngeometry.object.pspace.blocks.kron as kron_module
-    monkeypatch.setattr(kron_module, "LAZY_INVERSE_WIDTH", 0)
+    monkeypatch.setattr(kron, "LAZY_INVERSE_WIDTH", 0)
     kfac._blocks_cache = None
     lam = 0.05
     v = PVector(kfac.layer_collection,
@@ -126,14 +125,14 @@ def test_pi_solve_first_by_cholesky_then_by_inverses(kfac, monkeypatch):
         blocks = []
         for lid in M.layer_collection.layer_ids():
             A, G = M.data[lid]
-            pi = K.pi_damping(A, G, True)
+            pi = kron.pi_damping(A, G, True)
             s = lam ** 0.5
             Ad, Gd = A + pi * s * torch.eye(A.shape[0], dtype=DT), G + s / pi * torch.eye(
                 G.shape[0], dtype=DT)
             blocks.append(torch.kron(Gd, Ad))
         dense = torch.block_diag(*blocks)
         parts = M._layout.split(v.get_flat_representation())
-        keys = [K.Unit(lid) for lid in M.layer_collection.layer_ids()]
+        keys = [kron.Unit(lid) for lid in M.layer_collection.layer_ids()]
         flat = torch.cat([parts[k].reshape(-1) for k in keys])
         sol = torch.linalg.solve(dense, flat)
         out, o = {}, 0
@@ -179,7 +178,7 @@ def test_kfac_mv_reads_the_vector_in_place_against_dense(kfac, split_from, monke
     numbers as the dense matrix for a flat vector and for a dict vector, and the split / join
     path where an autograd graph must be recorded."""
     from nngeometry.object.pspace.abstract import PMatAbstract
-    monkeypatch.setattr(K, "SPLIT_BIAS_MIN_ENTRIES", split_from)
+    monkeypatch.setattr(kron, "SPLIT_BIAS_MIN_ENTRIES", split_from)
     M = kfac.to_torch()
     lc = kfac.layer_collection
     v = torch.randn(M.shape[0], dtype=DT)

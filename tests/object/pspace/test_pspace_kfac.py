@@ -204,8 +204,8 @@ def test_solve_is_cached(mats, monkeypatch):
         monkeypatch.setattr(torch.linalg, name, forbidden)
     # nor are the damped inverse factors rebuilt from the eigendecomposition (every layer's entry
     # must be cached, not only the last one's)
-    from nngeometry.object.pspace import _kron
-    monkeypatch.setattr(_kron, "from_eig", forbidden)
+    from nngeometry.object.pspace.blocks import kron
+    monkeypatch.setattr(kron, "from_eig", forbidden)
     y2 = M.solve(v, regul=0.7).get_flat_representation()
     M.solve(v, regul=0.7, damping="exact")
     M.solve(s.pfmap(), regul=0.7)

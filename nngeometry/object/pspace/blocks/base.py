@@ -2,7 +2,7 @@
 
 A block is a symmetric ``d × d`` matrix ``B`` acting on vectors in its own *layout*: a tensor of
 shape ``block.shape`` (``(d,)`` for a dense or diagonal block; ``(dG, dA)`` for the Kronecker
-blocks, whose layout is the layer's Kronecker layout, see ``pspace/_kron.py``). Every primitive
+blocks, whose layout is the layer's Kronecker layout, see `kron`). Every primitive
 takes batches: ``V`` of shape ``(..., *block.shape)``.
 
 A *damping* ``Λ`` added to the block is a scalar ``λ`` (a number or a 0-d tensor, ``Λ = λI``) or
@@ -11,7 +11,7 @@ autograd graph: results are differentiable with respect to them. A block whose s
 absorb a per-entry damping exactly (the Kronecker blocks) raises ``NotImplementedError``.
 
 Checks (singular, not positive semi-definite) raise the representations' shared errors
-(``_checks``); ``who = (representation name, regul)`` names the caller and its ``regul`` in the
+(``_checks``); ``caller = (representation name, regul)`` names the caller and its ``regul`` in the
 messages (default: the block and its damping).
 """
 import math
@@ -41,10 +41,10 @@ def is_entries(damping):
     return torch.is_tensor(damping) and damping.dim() > 0
 
 
-def who_of(block, damping, who):
+def caller_of(block, damping, caller):
     """``(name, regul)`` for the shared error messages."""
-    if who is not None:
-        return who
+    if caller is not None:
+        return caller
     return type(block).__name__, EntriesDamping(damping) if is_entries(damping) else damping
 
 
@@ -80,9 +80,9 @@ class Block:
         """``vᵀ B v`` for every vector of the batch: shape ``V.shape[:-len(shape)]``."""
         return (V * self.apply(V)).sum(dim=self.layout_dims)
 
-    def solve(self, V, damping=0.0, who=None):
+    def solve(self, V, damping=0.0, caller=None):
         """``(B + Λ)⁻¹ v`` for every vector of the batch (exact; singular: the shared error)."""
-        return self.matpower(-1.0, damping, who).apply(V)
+        return self.matpower(-1.0, damping, caller).apply(V)
 
     # ------------------------------------------------------------------ functions
     def eigenvalues(self, damping=0.0):
@@ -90,7 +90,7 @@ class Block:
         ``B + diag(λ)``): a tensor whose entries are the ``d`` eigenvalues, in any order."""
         raise NotImplementedError
 
-    def matpower(self, p, damping=0.0, who=None):
+    def matpower(self, p, damping=0.0, caller=None):
         """The block ``(B + Λ)^p``: negative ``p`` needs ``B + Λ`` invertible, fractional ``p``
         positive semi-definite (round-off below 0 is clipped), else the shared errors."""
         raise NotImplementedError
@@ -100,9 +100,9 @@ class Block:
         checks (then a container may check and sum the spectra of all its blocks at once)."""
         return type(self).logdet is Block.logdet
 
-    def logdet(self, damping=0.0, who=None):
+    def logdet(self, damping=0.0, caller=None):
         """``log det(B + Λ)`` (``B + Λ`` must be positive definite: the shared errors)."""
-        rep, regul = who_of(self, damping, who)
+        rep, regul = caller_of(self, damping, caller)
         return _spectral.logdet_from_eigvals(self.eigenvalues(damping).reshape(-1), rep, regul)
 
     # ------------------------------------------------------------------ reductions

@@ -5,7 +5,7 @@ default, or Cholesky), kept for the last damping."""
 import torch
 
 from .. import _checks, _spectral
-from .base import Block, eye_like, is_entries, values_for_power, who_of
+from .base import Block, eye_like, is_entries, values_for_power, caller_of
 
 
 class DenseBlock(Block):
@@ -63,14 +63,14 @@ class DenseBlock(Block):
             return V @ (self.M @ V)
         return (V * (V @ self.M)).sum(-1)
 
-    def solve(self, V, damping=0.0, who=None, method="lu"):
+    def solve(self, V, damping=0.0, caller=None, method="lu"):
         """``(M + Λ)⁻¹ v`` for the rows of ``V``. ``method``: ``'lu'`` (default; LU with
         partial pivoting, the result of ``torch.linalg.solve``) or ``'cholesky'``, through the
         factorization of the damped block, kept for the last ``(method, damping)`` (a second
         solve costs two triangular solves, about one product); ``'eigh'``, through the
         (cached) eigendecomposition; ``'lstsq'``. An undamped (``Λ ≤ 0``) singular ``M`` is
         refused through its (cached) eigenvalues first."""
-        rep, regul = who_of(self, damping, who)
+        rep, regul = caller_of(self, damping, caller)
         if not _checks._float(regul) > 0:
             _checks.check_invertible(self.damped_eigh(damping)[0], rep, "solve", regul,
                                      detail=f"{self.name} is singular" if self.name else "")
@@ -130,12 +130,12 @@ class DenseBlock(Block):
             return _spectral.eigvalsh(self.damped(damping))
         return self.eigh()[0] + damping
 
-    def matpower(self, p, damping=0.0, who=None):
+    def matpower(self, p, damping=0.0, caller=None):
         """``(M + Λ)^p``: ``p = 1`` the damped matrix; ``p = -1`` through an LU inverse (its
         gradient has no ``1/(λ_i - λ_j)`` terms, so it is finite for the repeated eigenvalues
         a per-layer damping of a rank-deficient ``M`` produces); other powers through the
         eigendecomposition."""
-        rep, regul = who_of(self, damping, who)
+        rep, regul = caller_of(self, damping, caller)
         if float(p) == 1.0:
             return DenseBlock(self.damped(damping))
         if float(p) == -1.0:

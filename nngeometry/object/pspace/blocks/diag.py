@@ -2,7 +2,7 @@
 import torch
 
 from .. import _checks
-from .base import Block, who_of, values_for_power
+from .base import Block, caller_of, values_for_power
 
 
 class DiagBlock(Block):
@@ -26,8 +26,8 @@ class DiagBlock(Block):
             return (V * self.d * V).sum(-1)
         return (V * V * self.d).sum(dim=self.layout_dims)
 
-    def solve(self, V, damping=0.0, who=None):
-        rep, regul = who_of(self, damping, who)
+    def solve(self, V, damping=0.0, caller=None):
+        rep, regul = caller_of(self, damping, caller)
         dd = self.d + damping
         _checks.check_invertible(dd, rep, "solve", regul, exact=True,
                                  detail=f"{int((dd == 0).sum())} diagonal entries of M + regul "
@@ -37,8 +37,8 @@ class DiagBlock(Block):
     def eigenvalues(self, damping=0.0):
         return (self.d + damping).reshape(-1)
 
-    def matpower(self, p, damping=0.0, who=None):
-        rep, regul = who_of(self, damping, who)
+    def matpower(self, p, damping=0.0, caller=None):
+        rep, regul = caller_of(self, damping, caller)
         dd = self.d + damping
         if float(p) < 0:
             _checks.check_invertible(dd, rep, f"pow({p})", regul, exact=True,
@@ -47,8 +47,8 @@ class DiagBlock(Block):
         dd = values_for_power(dd, p, rep, regul, exact=True)
         return DiagBlock(dd ** p)
 
-    def logdet(self, damping=0.0, who=None):
-        rep, regul = who_of(self, damping, who)
+    def logdet(self, damping=0.0, caller=None):
+        rep, regul = caller_of(self, damping, caller)
         return _checks.logdet_of((self.d + damping).reshape(-1), rep, regul, exact=True)
 
     def diag(self):

@@ -1,7 +1,7 @@
 """The eigen-Kronecker block ``U diag(D) Uᵀ`` with ``U = U_G ⊗ U_A`` (EKFAC's per-layer block;
 also KFAC's ``A ⊗ G`` with exact damping, ``D = λ_G ⊗ λ_A``).
 
-Layout: the layer's Kronecker layout (see ``_kron``): a vector of the layer is a
+Layout: the layer's Kronecker layout (see `kron`): a vector of the layer is a
 ``(dG, dA)`` matrix ``V`` and ``U v`` is ``U_G V U_Aᵀ``; ``D`` has shape ``(dG, dA)``, entry
 ``[p, q]`` the eigenvalue of ``U_G[:, p] ⊗ U_A[:, q]``. A basis may be an ``int`` ``d`` (the
 identity of size ``d``: the basis of a diagonal factor), never densified.
@@ -12,8 +12,33 @@ Every primitive takes batches: ``V`` of shape ``(..., dG, dA)``. A scalar dampin
 import torch
 
 from .. import _checks
-from .. import _kron
-from .base import Block, is_entries, per_entry_refused, values_for_power, who_of
+from .base import Block, is_entries, per_entry_refused, values_for_power, caller_of
+
+
+# ---------------------------------------------------------------------- eigenbases
+def to_kfe(V, UA, UG):
+    """Coordinates of ``V`` (``(..., dG, dA)``) in the eigenbasis ``kron(U_G, U_A)``:
+    ``U_Gᵀ V U_A``."""
+    if not isinstance(UA, int):
+        V = V @ UA
+    if not isinstance(UG, int):
+        V = UG.t() @ V
+    return V
+
+
+def from_kfe(W, UA, UG):
+    """Inverse of `to_kfe`: ``U_G W U_Aᵀ``."""
+    if not isinstance(UA, int):
+        W = W @ UA.t()
+    if not isinstance(UG, int):
+        W = UG @ W
+    return W
+
+
+def dense_basis(U, like):
+    if isinstance(U, int):
+        return torch.eye(U, dtype=like.dtype, device=like.device)
+    return U
 
 
 class EigenKronBlock(Block):
@@ -48,7 +73,7 @@ class EigenKronBlock(Block):
 
     @property
     def shape(self):
-        return (_kron.factor_size(self.UG), _kron.factor_size(self.UA))
+        return tuple(self.D.shape)
 
     def _scalar(self, damping):
         if is_entries(damping):
@@ -58,10 +83,10 @@ class EigenKronBlock(Block):
     # ------------------------------------------------------------------ primitives
     def to_eigenbasis(self, V):
         """Coordinates of ``V`` in the eigenbasis: ``U_Gᵀ V U_A``."""
-        return _kron.to_kfe(V, self.UA, self.UG)
+        return to_kfe(V, self.UA, self.UG)
 
     def from_eigenbasis(self, W):
-        return _kron.from_kfe(W, self.UA, self.UG)
+        return from_kfe(W, self.UA, self.UG)
 
     def eigenvalues(self, damping=0.0):
         """The ``(dG, dA)`` eigenvalues of the block plus ``damping·I``."""
@@ -76,9 +101,9 @@ class EigenKronBlock(Block):
         """``(B + damping·I)^p`` applied to ``V`` (no checks: the caller has made them)."""
         return self.apply(V, lambda D: (D + damping) ** p)
 
-    def solve(self, V, damping=0.0, who=None):
+    def solve(self, V, damping=0.0, caller=None):
         """``(B + λI)⁻¹ v`` for every vector of ``V`` (singular: the shared error)."""
-        rep, regul = who_of(self, damping, who)
+        rep, regul = caller_of(self, damping, caller)
         low = self._lowest() if _checks._float(regul) > 0 else None
         if low is None or not low + _checks._float(self._scalar(damping)) > 0:
             # (a damped block whose smallest eigenvalue stays positive needs no check)
@@ -90,7 +115,7 @@ class EigenKronBlock(Block):
         W = self.to_eigenbasis(V)
         return (self.D * W * W).sum(dim=(-2, -1))
 
-    def matpower(self, p, damping=0.0, who=None, clip=False):
+    def matpower(self, p, damping=0.0, caller=None, clip=False):
         """The block ``(B + λI)^p``, in the same eigenbasis (shared checks: invertible for
         ``p < 0``, PSD for fractional ``p``, round-off below 0 clipped). ``clip``: every
         negative value set to 0 first, unchecked (the caller has refused genuine ones)."""
@@ -98,7 +123,7 @@ class EigenKronBlock(Block):
         if clip:
             d = d.clamp(min=0)
         else:
-            rep, regul = who_of(self, damping, who)
+            rep, regul = caller_of(self, damping, caller)
             d = values_for_power(d, p, rep, regul)
         return EigenKronBlock(self.UA, self.UG, d ** p)
 
@@ -115,8 +140,8 @@ class EigenKronBlock(Block):
 
     def dense(self):
         """The dense ``(dG·dA, dG·dA)`` block, Kronecker layout."""
-        U = torch.kron(_kron.dense_basis(self.UG, self.D).contiguous(),
-                       _kron.dense_basis(self.UA, self.D).contiguous())
+        U = torch.kron(dense_basis(self.UG, self.D).contiguous(),
+                       dense_basis(self.UA, self.D).contiguous())
         return (U * self.D.reshape(-1)) @ U.t()
 
     def trace(self):
@@ -129,9 +154,9 @@ class EigenKronBlock(Block):
     def logdet_is_spectral(self, damping=0.0):
         return not is_entries(damping)
 
-    def logdet(self, damping=0.0, who=None):
+    def logdet(self, damping=0.0, caller=None):
         """``Σ log(D + λ)`` (positive definite, or the shared errors)."""
-        rep, regul = who_of(self, damping, who)
+        rep, regul = caller_of(self, damping, caller)
         return _checks.logdet_of(self.eigenvalues(damping).reshape(-1), rep, regul)
 
     # ------------------------------------------------------------------ arithmetic

@@ -2,7 +2,7 @@
 import torch
 
 from .. import _checks
-from .base import Block, is_entries, who_of, values_for_power
+from .base import Block, is_entries, caller_of, values_for_power
 
 
 class ScaledIdentityBlock(Block):
@@ -33,10 +33,10 @@ class ScaledIdentityBlock(Block):
         from .diag import DiagBlock
         return DiagBlock(self.s + damping)
 
-    def solve(self, V, damping=0.0, who=None):
+    def solve(self, V, damping=0.0, caller=None):
         if is_entries(damping):
-            return self._as_diag(damping).solve(V, 0.0, who_of(self, damping, who))
-        rep, regul = who_of(self, damping, who)
+            return self._as_diag(damping).solve(V, 0.0, caller_of(self, damping, caller))
+        rep, regul = caller_of(self, damping, caller)
         v = self._tensor(V) + damping
         _checks.check_invertible(v.reshape(1), rep, "solve", regul, exact=True,
                                  detail="scaling + regul = 0")
@@ -46,10 +46,10 @@ class ScaledIdentityBlock(Block):
         s = self._tensor()
         return (s + damping) * torch.ones(self.shape, dtype=s.dtype, device=s.device).reshape(-1)
 
-    def matpower(self, p, damping=0.0, who=None):
+    def matpower(self, p, damping=0.0, caller=None):
         if is_entries(damping):
-            return self._as_diag(damping).matpower(p, 0.0, who_of(self, damping, who))
-        rep, regul = who_of(self, damping, who)
+            return self._as_diag(damping).matpower(p, 0.0, caller_of(self, damping, caller))
+        rep, regul = caller_of(self, damping, caller)
         v = (self._tensor() + damping).reshape(1)
         if float(p) < 0:
             _checks.check_invertible(v, rep, f"pow({p})", regul, exact=True,
@@ -57,10 +57,10 @@ class ScaledIdentityBlock(Block):
         v = values_for_power(v, p, rep, regul, exact=True)
         return ScaledIdentityBlock(v[0] ** p, self.shape)
 
-    def logdet(self, damping=0.0, who=None):
+    def logdet(self, damping=0.0, caller=None):
         if is_entries(damping):
-            return self._as_diag(damping).logdet(0.0, who_of(self, damping, who))
-        rep, regul = who_of(self, damping, who)
+            return self._as_diag(damping).logdet(0.0, caller_of(self, damping, caller))
+        rep, regul = caller_of(self, damping, caller)
         return _checks.logdet_of((self._tensor() + damping).reshape(1), rep, regul, exact=True,
                                  multiplicity=self.numel)
 

@@ -100,7 +100,7 @@ class ImplicitBlock(Block):
         return q.reshape(V.shape[:-1])
 
     # ------------------------------------------------------------------ solves
-    def solve(self, V, damping=0.0, who=None, method=None, tol=None, max_iter=None, M=None,
+    def solve(self, V, damping=0.0, caller=None, method=None, tol=None, max_iter=None, M=None,
               X0=None, atol=0.0, return_info=False):
         """``(B + Λ)⁻¹`` applied to the rows of ``V`` (``(..., P)``) by batched (preconditioned)
         conjugate gradients, ``Λ`` a scalar or the ``(P,)`` diagonal; ``X0``: the starting rows
@@ -180,12 +180,12 @@ class ImplicitBlock(Block):
         return X
 
     # ------------------------------------------------------------------ functions
-    def matpower(self, p, damping=0.0, who=None):
+    def matpower(self, p, damping=0.0, caller=None):
         what = "inverse" if float(p) == -1.0 else f"pow({p})"
         self._needs_matrix(what, "use solve(x, regul) (conjugate gradients) for "
                                  "(M + regul·I)⁻¹ x, or PMatLowRank.pow / PMatDense for powers")
 
-    def logdet(self, damping=0.0, who=None):
+    def logdet(self, damping=0.0, caller=None):
         self._needs_matrix("logdet", "use PMatLowRank.logdet or PMatDense.logdet")
 
     def eigenvalues(self, damping=0.0):

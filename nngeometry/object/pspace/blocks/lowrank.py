@@ -16,7 +16,7 @@ formed (except by `dense`):
 import torch
 
 from .. import _checks
-from .base import Block, is_entries, values_for_power, who_of
+from .base import Block, is_entries, values_for_power, caller_of
 
 
 class LowRankBlock(Block):
@@ -139,8 +139,8 @@ class LowRankBlock(Block):
             self._wood = (key, out)
         return out
 
-    def matpower(self, p, damping=0.0, who=None):
-        rep, regul = who_of(self, damping, who)
+    def matpower(self, p, damping=0.0, caller=None):
+        rep, regul = caller_of(self, damping, caller)
         a = self._shifted(damping)
         if float(p) == 1.0:
             return LowRankBlock(self.J, a, self.C)
@@ -171,13 +171,13 @@ class LowRankBlock(Block):
             f"a low-rank matrix (rank ≤ {self.J.shape[0]} < P = {self.shape[0]}) is singular "
             "without damping (pow(-1, on_range=True) is the pseudo-inverse on its range)")
 
-    def solve(self, V, damping=0.0, who=None, method="woodbury"):
+    def solve(self, V, damping=0.0, caller=None, method="woodbury"):
         """``(B + Λ)⁻¹ v`` for the rows of ``V``. A per-entry ``Λ``, or a block with a diagonal
         ``α`` or a ``C``: Woodbury (its factors kept for the last scalar damping). ``B = JᵀJ`` with a scalar ``λ > 0``: ``method='woodbury'`` (default),
         ``(v - Jᵀ (λI + JJᵀ)⁻¹ J v) / λ`` with the Cholesky factor of ``λI + JJᵀ`` kept for
         the last ``λ``; ``method='eigh'``, through the nonzero eigenpairs ``(E, V)`` of ``JᵀJ``:
         ``V (E + λ)⁻¹ Vᵀ v`` on the range and ``v / λ`` on its orthogonal complement."""
-        rep, regul = who_of(self, damping, who)
+        rep, regul = caller_of(self, damping, caller)
         a = self._shifted(damping)
         if is_entries(a) or not self._pure():
             invD, JD, Cn = self._woodbury(a, rep, regul, "solve")
@@ -205,8 +205,8 @@ class LowRankBlock(Block):
                                      L).t().to(XJ.dtype).reshape(XJ.shape)
         return (V - inner @ self.J) / a
 
-    def logdet(self, damping=0.0, who=None):
-        rep, regul = who_of(self, damping, who)
+    def logdet(self, damping=0.0, caller=None):
+        rep, regul = caller_of(self, damping, caller)
         a = self._shifted(damping)
         if not is_entries(a):
             return _checks.logdet_of(self.eigenvalues(damping), rep, regul)

@@ -11,7 +11,7 @@ through each unit's Schur complement ``σ_o = s_o + λ_b - Σ_i c_oi² / (a_oi +
 import torch
 
 from .. import _checks
-from .base import Block, who_of
+from .base import Block, caller_of
 
 
 def _split_damping(damping):
@@ -40,11 +40,11 @@ class QuasiDiagBlock(Block):
         yb = self.s * b + (self.c * w).sum(-1)
         return torch.cat([yw, yb.unsqueeze(-1)], dim=-1)
 
-    def schur(self, damping=0.0, who=None, what="solve"):
+    def schur(self, damping=0.0, caller=None, what="solve"):
         """``(1/(a+λ), c/(a+λ), 1/σ)`` per unit, after refusing a singular unit (shared error:
         an ``a + λ`` equal to 0, or a Schur complement at round-off level; exactly 0 when the
         damping is positive)."""
-        rep, regul = who_of(self, damping, who)
+        rep, regul = caller_of(self, damping, caller)
         lw, lb = _split_damping(damping)
         aw = self.a + lw
         _checks.check_invertible(aw, rep, what, regul, exact=True,
@@ -65,10 +65,10 @@ class QuasiDiagBlock(Block):
                 f"output unit(s) is 0 (smallest |σ| {float(sig.abs().min()):.3g})")
         return inv_a, a_inv_c, 1.0 / sigma
 
-    def solve(self, V, damping=0.0, who=None):
+    def solve(self, V, damping=0.0, caller=None):
         """Eliminate the weights (diagonal), solve each bias on its Schur complement, then
         back-substitute: ``O(out·n)`` per vector."""
-        inv_a, a_inv_c, inv_sigma = self.schur(damping, who)
+        inv_a, a_inv_c, inv_sigma = self.schur(damping, caller)
         return ArrowInverseBlock(inv_a, a_inv_c, inv_sigma).apply(V)
 
     # ------------------------------------------------------------------ functions
@@ -86,7 +86,7 @@ class QuasiDiagBlock(Block):
     def eigenvalues(self, damping=0.0):
         return torch.linalg.eigvalsh(self.arrowheads(damping)).reshape(-1)
 
-    def matpower(self, p, damping=0.0, who=None):
+    def matpower(self, p, damping=0.0, caller=None):
         """``p = 1``: the damped arrowheads; ``p = -1``: the exact inverse, diagonal plus one
         rank-one term per unit (an `ArrowInverseBlock`). Other powers of an arrowhead are
         dense per unit: refused."""
@@ -94,23 +94,23 @@ class QuasiDiagBlock(Block):
             lw, lb = _split_damping(damping)
             return QuasiDiagBlock(self.a + lw, self.c, self.s + lb)
         if float(p) == -1.0:
-            return ArrowInverseBlock(*self.schur(damping, who, "inverse"))
+            return ArrowInverseBlock(*self.schur(damping, caller, "inverse"))
         raise NotImplementedError(
             f"QuasiDiagBlock.matpower({p}): powers other than 1 and -1 of a quasi-diagonal "
             "matrix are not quasi-diagonal; use solve()/inverse(), or diagonal / dense blocks")
 
-    def logdet(self, damping=0.0, who=None):
+    def logdet(self, damping=0.0, caller=None):
         """``Σ_units (Σ_i log(a_oi + λ) + log σ_o)``: the pivots of the units' LDLᵀ, whose signs
         are those of the eigenvalues; ``log |det|`` when ``det > 0``, refused when ``det ≤ 0``
         (the quasi-diagonal of a PSD matrix need not be PSD)."""
-        rep, regul = who_of(self, damping, who)
-        return _checks.logdet_of(self.pivots(damping, who), rep, regul, exact=True,
+        rep, regul = caller_of(self, damping, caller)
+        return _checks.logdet_of(self.pivots(damping, caller), rep, regul, exact=True,
                                  require_pd=False)
 
-    def pivots(self, damping=0.0, who=None):
+    def pivots(self, damping=0.0, caller=None):
         """The pivots of the units' LDLᵀ, ``a + λ`` and ``σ``: their product is the
         determinant, their signs those of the eigenvalues."""
-        inv_a, _, inv_sigma = self.schur(damping, who, "logdet")
+        inv_a, _, inv_sigma = self.schur(damping, caller, "logdet")
         return torch.cat([(1.0 / inv_a).reshape(-1), 1.0 / inv_sigma])
 
     # ------------------------------------------------------------------ reductions
@@ -189,37 +189,37 @@ class ArrowInverseBlock(Block):
     def eigenvalues(self, damping=0.0):
         return self._rank_one().eigenvalues(damping)
 
-    def solve(self, V, damping=0.0, who=None):
+    def solve(self, V, damping=0.0, caller=None):
         if _undamped(damping):
             return self._arrowhead().apply(V)
-        return self._rank_one().solve(V, damping, who)
+        return self._rank_one().solve(V, damping, caller)
 
-    def matpower(self, p, damping=0.0, who=None):
+    def matpower(self, p, damping=0.0, caller=None):
         """``p = -1`` undamped: the arrowheads (a `QuasiDiagBlock`); ``p = 1`` undamped: the
         block itself; damped, or another ``p``: see `DiagPlusRankOneBlock.matpower`."""
         if _undamped(damping) and float(p) == 1.0:
             return self
         if _undamped(damping) and float(p) == -1.0:
-            rep, regul = who_of(self, damping, who)
+            rep, regul = caller_of(self, damping, caller)
             _checks.check_invertible(torch.cat([self.inv_a.reshape(-1), self.inv_sigma]), rep,
                                      "inverse", regul, exact=True)
             return self._arrowhead()
-        return self._rank_one().matpower(p, damping, who)
+        return self._rank_one().matpower(p, damping, caller)
 
-    def logdet(self, damping=0.0, who=None):
+    def logdet(self, damping=0.0, caller=None):
         """Undamped: ``Σ_units (Σ_i log(1/(a_oi+λ)) + log(1/σ_o))``, minus the arrowheads'
         (same sign rule as `QuasiDiagBlock.logdet`); damped: the matrix determinant lemma."""
-        rep, regul = who_of(self, damping, who)
-        return _checks.logdet_of(self.pivots(damping, who), rep, regul, exact=True,
+        rep, regul = caller_of(self, damping, caller)
+        return _checks.logdet_of(self.pivots(damping, caller), rep, regul, exact=True,
                                  require_pd=False)
 
-    def pivots(self, damping=0.0, who=None):
+    def pivots(self, damping=0.0, caller=None):
         """Values whose product is the determinant and whose signs are those of the
         eigenvalues: undamped, the inverses of the arrowheads' pivots; damped, see
         `DiagPlusRankOneBlock.pivots`."""
         if not _undamped(damping):
-            return self._rank_one().pivots(damping, who)
-        rep, regul = who_of(self, damping, who)
+            return self._rank_one().pivots(damping, caller)
+        rep, regul = caller_of(self, damping, caller)
         out = torch.cat([self.inv_a.reshape(-1), self.inv_sigma])
         _checks.check_invertible(out, rep, "logdet", regul, exact=True)
         return out
@@ -263,11 +263,11 @@ class DiagPlusRankOneBlock(Block):
     def eigenvalues(self, damping=0.0):
         return torch.linalg.eigvalsh(self._units(damping)).reshape(-1)
 
-    def _sherman_morrison(self, damping, who, what):
+    def _sherman_morrison(self, damping, caller, what):
         """``(1/(d+Λ), (d+Λ)⁻¹u, 1 + β uᵀ(d+Λ)⁻¹u)`` per unit, after refusing a zero entry of
         ``d + Λ`` (an undamped inverse of arrowheads: use its arrowheads instead) or a zero
         ``1 + β uᵀ(d+Λ)⁻¹u`` (singular)."""
-        rep, regul = who_of(self, damping, who)
+        rep, regul = caller_of(self, damping, caller)
         dd = self.d + damping
         if bool((dd.detach() == 0).any()):
             raise NotImplementedError(
@@ -282,36 +282,36 @@ class DiagPlusRankOneBlock(Block):
                                  detail="a unit's rank-one update cancels its diagonal")
         return inv_d, w, denom
 
-    def solve(self, V, damping=0.0, who=None):
-        inv_d, w, denom = self._sherman_morrison(damping, who, "solve")
+    def solve(self, V, damping=0.0, caller=None):
+        inv_d, w, denom = self._sherman_morrison(damping, caller, "solve")
         y = V * inv_d
         return y - ((self.beta / denom) * (w * V).sum(-1)).unsqueeze(-1) * w
 
-    def matpower(self, p, damping=0.0, who=None):
+    def matpower(self, p, damping=0.0, caller=None):
         """``p = 1``: ``d + Λ``, the same rank-one terms; ``p = -1``: Sherman-Morrison,
         ``(D + β u uᵀ)⁻¹ = D⁻¹ - β/(1 + β uᵀD⁻¹u) · D⁻¹u uᵀD⁻¹``. Other powers are dense per
         unit: refused."""
         if float(p) == 1.0:
             return DiagPlusRankOneBlock(self.d + damping, self.u, self.beta)
         if float(p) == -1.0:
-            inv_d, w, denom = self._sherman_morrison(damping, who, "inverse")
+            inv_d, w, denom = self._sherman_morrison(damping, caller, "inverse")
             return DiagPlusRankOneBlock(inv_d, w, -self.beta / denom)
         raise NotImplementedError(
             f"{type(self).__name__}.matpower({p}): powers other than 1 and -1 of the inverse of "
             "a quasi-diagonal matrix are dense per unit; use solve() or inverse(), or take the "
             "power of the PMatQuasiDiag it came from")
 
-    def logdet(self, damping=0.0, who=None):
+    def logdet(self, damping=0.0, caller=None):
         """``Σ log(d + Λ) + Σ_units log(1 + β uᵀ(d+Λ)⁻¹u)`` (the matrix determinant lemma; the
         same sign rule as `QuasiDiagBlock.logdet`)."""
-        rep, regul = who_of(self, damping, who)
-        return _checks.logdet_of(self.pivots(damping, who), rep, regul, exact=True,
+        rep, regul = caller_of(self, damping, caller)
+        return _checks.logdet_of(self.pivots(damping, caller), rep, regul, exact=True,
                                  require_pd=False)
 
-    def pivots(self, damping=0.0, who=None):
+    def pivots(self, damping=0.0, caller=None):
         """``d + Λ`` and ``1 + β uᵀ(d+Λ)⁻¹u`` per unit: the pivots of eliminating the diagonal
         first (their product is the determinant, their signs those of the eigenvalues)."""
-        inv_d, _, denom = self._sherman_morrison(damping, who, "logdet")
+        inv_d, _, denom = self._sherman_morrison(damping, caller, "logdet")
         return torch.cat([(1.0 / inv_d).reshape(-1), denom])
 
     def diag(self):

@@ -74,7 +74,7 @@ class RepresentationBlock(Block):
             return self.matrix.vTMv(self._pvector(V))
         return self.matrix.mapTMmap(self._pfmap(V), reduction="diag").reshape(V.shape[:-1])
 
-    def solve(self, V, damping=None, who=None, method="default"):
+    def solve(self, V, damping=None, caller=None, method="default"):
         if V.dim() == 1:
             out = call_group(self.matrix.solvePVec, damping, self._pvector(V), solve=method)
             return out.get_flat_representation()
@@ -85,12 +85,12 @@ class RepresentationBlock(Block):
     def eigenvalues(self, damping=None):
         return call_group(self.matrix.eigenvalues, damping).reshape(-1)
 
-    def matpower(self, p, damping=None, who=None):
+    def matpower(self, p, damping=None, caller=None):
         if float(p) == -1.0:  # the representation's inverse (its own solver choices)
             return RepresentationBlock(call_group(self.matrix._inverse_impl, damping))
         return RepresentationBlock(call_group(self.matrix.pow, damping, p))
 
-    def logdet(self, damping=None, who=None):
+    def logdet(self, damping=None, caller=None):
         return call_group(self.matrix.logdet, damping)
 
     # ------------------------------------------------------------------ reductions

@@ -7,8 +7,7 @@ from torch import nn
 
 from nngeometry.layercollection import LayerCollection
 from nngeometry.object import PMatBlockDiag, PMatDense, PMatKFAC, PVector, random_pvector
-from nngeometry.object.pspace import _kron as K
-from nngeometry.object.pspace.blocks import KronBlock
+from nngeometry.object.pspace.blocks import KronBlock, kron
 from nngeometry.object.pspace.blocks.kron import PiDamping
 
 DT = torch.float64
@@ -38,14 +37,14 @@ def _forbid(monkeypatch, names):
 
 def test_kron_layer_reads_both_layouts_and_repacks():
     A, G = _spd(3, 0), _spd(2, 1)
-    single, multi = K.KronLayer.of((A, G)), K.KronLayer.of(((A, G), (G, A)))
+    single, multi = kron.KronLayer.of((A, G)), kron.KronLayer.of(((A, G), (G, A)))
     assert (single.multi, len(single.terms)) == (False, 1)
     assert (multi.multi, len(multi.terms)) == (True, 2)
-    assert single.units("fc") == [K.Unit("fc", 0)] and multi.units("a")[1] == K.Unit("a", 1)
+    assert single.units("fc") == [kron.Unit("fc", 0)] and multi.units("a")[1] == kron.Unit("a", 1)
     data = {"fc": (A, G), "a": ((A, G), (G, A))}
-    back = K.repack(data, {k: t for k, t in K.iter_units(data)})
+    back = kron.repack(data, {k: t for k, t in kron.iter_units(data)})
     assert back["fc"][0] is A and back["a"][1][0] is G and len(back["a"]) == 2
-    assert K.get_unit(data, K.Unit("a", 1))[1] is A and K.get_unit(data, "fc")[1] is G
+    assert kron.get_unit(data, kron.Unit("a", 1))[1] is A and kron.get_unit(data, "fc")[1] is G
 
 
 def test_kfac_pi_solve_is_the_blocks_and_cached(monkeypatch):
@@ -53,8 +52,8 @@ def test_kfac_pi_solve_is_the_blocks_and_cached(monkeypatch):
     lam = 0.07
     v = random_pvector(M.layer_collection, dtype=DT)
     dense = []
-    for key, (A, G) in K.iter_units(M.data):
-        pi = K.pi_damping(A, G)
+    for key, (A, G) in kron.iter_units(M.data):
+        pi = kron.pi_damping(A, G)
         s = lam ** 0.5
         dense.append(torch.kron(G + s / pi * torch.eye(G.shape[0], dtype=DT),
                                 A + pi * s * torch.eye(A.shape[0], dtype=DT)))
@@ -70,7 +69,7 @@ def test_kfac_pi_solve_is_the_blocks_and_cached(monkeypatch):
     assert torch.equal(M.solve(v, regul=lam).get_flat_representation(), first)
     # the block's matrix power under the same damping is the inverse it solved with
     inv = blocks[0].matpower(-1.0, PiDamping(lam))
-    V = parts[K.Unit(M.layer_collection.layer_ids()[0])]
+    V = parts[kron.Unit(M.layer_collection.layer_ids()[0])]
     torch.testing.assert_close(inv.apply(V), blocks[0].solve(V, PiDamping(lam)))
 
 
