@@ -35,8 +35,8 @@ import subprocess
 import sys
 import time
 
-WORKER = r'''
-import sys, time, json, gc
+SETUP = r'''
+import sys, time, json, gc, collections
 sys.path.insert(0, {root!r})
 import torch
 from torch import nn
@@ -63,6 +63,9 @@ if {warm} >= 2:
         opt.zero_grad()
         nn.functional.cross_entropy(w(xb), yb).backward()
         opt.step()
+'''
+
+WORKER = SETUP + r'''
 GC = [0.0, 0.0]
 def _gc(phase, info):
     if phase == "start":
@@ -82,15 +85,7 @@ r = {{"first": build(m), "gc": GC[0], "second": build(m), "same_structure": buil
 print(json.dumps(r))
 '''
 
-PHASES_WORKER = r'''
-import sys, time, json, collections
-sys.path.insert(0, {root!r})
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-torch.set_num_threads(1)
-from nngeometry import FIM
-from nngeometry.object import PMatKFAC
+PHASES_WORKER = SETUP + r'''
 import nngeometry.backend.passes as P
 import nngeometry.backend.consumers as C
 T = collections.defaultdict(float)
@@ -119,20 +114,6 @@ def timed_chunks(self, *a, **k):
             T["backward"] += time.process_time() - t
         yield v
 P.HookedPasses._direction_chunks = timed_chunks
-x = torch.randn(3, requires_grad=True)
-torch.autograd.grad(x * 2, x, torch.ones(3))
-def net(c=16):
-    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, c, 3),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
-torch.manual_seed(0)
-X, y = torch.randn(256, 3, 16, 16), torch.randint(0, 10, (256,))
-loader = DataLoader(TensorDataset(X, y), batch_size=64)
-w = net()
-opt = torch.optim.SGD(w.parameters(), lr=0.01)
-for xb, yb in loader:
-    opt.zero_grad()
-    nn.functional.cross_entropy(w(xb), yb).backward()
-    opt.step()
 m = net()
 res = []
 for i in range(2):
@@ -159,7 +140,7 @@ def phases(root, repeats):
     process, and the median of their per-process differences."""
     runs = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-c", PHASES_WORKER.format(root=root)],
+        out = subprocess.run([sys.executable, "-c", PHASES_WORKER.format(root=root, warm=2)],
                              capture_output=True, text=True,
                              env={"OMP_NUM_THREADS": "1", "PATH": ""}, check=True)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -52,7 +52,7 @@ import torch
 from ._entry import resolve_representation
 from .backend import TorchHooksJacobianBackend
 from .backend.capture import ReplayBackend, StepCapture
-from .backend.model_and_data import default_function, first_random_module, unwrap_model
+from .backend.model_and_data import default_function, refuse_random_modules, unwrap_model
 from .curvature import closed_form_function, monte_carlo_function
 from .layercollection import LayerCollection
 from .metrics import FIM, FIM_MonteCarlo
@@ -61,6 +61,13 @@ from .object.vector import PVector
 from .serialization import from_state, to_state
 
 _DAMPINGS = ("exact", "pi")
+
+
+_RANDOM_ESTIMATE = (
+    "each curvature estimate would be that of one random draw of the network, not of the "
+    "network. Pass NaturalGradient(..., check_deterministic=False) to precondition with it "
+    "anyway (with capture=True: the curvature of the training step's own draw, the one its "
+    "gradient was taken with), or remove the random module")
 
 
 class NaturalGradient:
@@ -237,7 +244,7 @@ class NaturalGradient:
         ``optimizer.step()``; returns the direction (a PVector)."""
         update, refresh = self._due(self.steps)
         if (update or refresh) and self.check_deterministic:
-            _refuse_random_modules(self.model)
+            refuse_random_modules(self.model, _RANDOM_ESTIMATE)
         record = None
         if self._capture is not None and self._capture.ready:
             record = self._capture.take()
@@ -301,19 +308,6 @@ class NaturalGradient:
             self._capture.disarm()
             self._capture = None
 
-
-def _refuse_random_modules(model):
-    """``RuntimeError`` naming the first random module of ``model`` in training mode (see
-    ``NaturalGradient``'s ``check_deterministic``)."""
-    found = first_random_module(model)
-    if found is not None:
-        name, module, p = found
-        raise RuntimeError(
-            f"module '{name}' ({type(module).__name__}, p={p}) is in training mode: its forward "
-            "is random, so each curvature estimate would be that of one random draw of the "
-            "network, not of the network. Pass NaturalGradient(..., check_deterministic=False) "
-            "to precondition with it anyway (with capture=True: the curvature of the training "
-            "step's own draw, the one its gradient was taken with), or remove the random module")
 
 
 def _need_batch(batch):

@@ -786,18 +786,22 @@ def first_random_module(model):
     return None
 
 
-def refuse_random_modules(model):
+_RANDOM_MATRIX = ("the matrix would be a random one (per-example quantities need a "
+                  "deterministic forward). Call model.eval() before computing the matrix, or "
+                  "pass check_deterministic=False if this is intended")
+
+
+def refuse_random_modules(model, consequence=_RANDOM_MATRIX):
     """``RuntimeError`` naming the first module of ``model`` that draws random numbers in its
     forward (see `first_random_module`). Such a model gives a random matrix at each call,
-    whose mean is not the matrix of the model used for prediction (in eval mode)."""
+    whose mean is not the matrix of the model used for prediction (in eval mode).
+    ``consequence``: the end of the message, what the randomness would do and the fixes."""
     found = first_random_module(model)
     if found is not None:
         name, module, p = found
         raise RuntimeError(
-            f"module '{name}' ({type(module).__name__}, p={p}) is "
-            "in training mode: its forward is random, so the matrix would be a random one "
-            "(per-example quantities need a deterministic forward). Call model.eval() before "
-            "computing the matrix, or pass check_deterministic=False if this is intended")
+            f"module '{name}' ({type(module).__name__}, p={p}) is in training mode: its "
+            f"forward is random, so {consequence}")
 
 
 def probe_deterministic(function, model, device, batch, raw, rng_consumed=False):
