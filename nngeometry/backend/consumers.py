@@ -191,10 +191,14 @@ class BatchContext:
         blocks, multi = self.kfac_factor_blocks(layer_id, approx=approx, lazy=lazy)
         return blocks if multi else blocks[0]
 
-    def kfac_factor_blocks(self, layer_id, approx="expand", lazy=False):
+    def kfac_factor_blocks(self, layer_id, approx="expand", lazy=False, into=None):
         """``(blocks, multi)``: ``blocks`` the list of ``(A, G)`` (as `kfac_factors`) of
         each Kronecker block of the layer (one for most layer types), ``multi`` whether the
-        layer type returned several blocks (see ``AbstractLayer.kfac_factors``)."""
+        layer type returned several blocks (see ``AbstractLayer.kfac_factors``).
+
+        ``into``: for a layer type that can add its input factor into a running sum
+        (`input_factor_into`), that sum (or None for a new one): every call of the layer adds
+        its ``A`` there, and the block's ``A`` is that one tensor."""
         if self.centering:
             raise NotImplementedError("KFAC with centering=True is not implemented")
         if any(c.spec is not None for c in self.calls[layer_id]):
@@ -210,8 +214,11 @@ class BatchContext:
         skip_a = ({"input_factor": False}
                   if not self.first_chunk and getattr(layer, "kfac_input_factor_optional", False)
                   else {})
+        accumulate = self.first_chunk and self.input_factor_into(layer_id, approx)
         for c in self.calls[layer_id]:
             x = layer.inputs_of(c)
+            if accumulate:
+                skip_a = {"into": into}
             res = layer.kfac_factors(module, x, c.gy, approx=approx, **skip_a)
             locations.append(layer.kfac_locations(module, x, c.gy, approx=approx))
             pairs = kfac_block_list(res)
@@ -225,7 +232,11 @@ class BatchContext:
                     "as self- and cross-attention): its KFAC factors cannot be summed; use "
                     "PMatBlockDiag or a PMatMixed with another representation for this layer")
             for b, (a, g) in enumerate(pairs):
-                A[b].append(a)
+                if accumulate:
+                    # the calls' A added up in one tensor: it is the block's one piece
+                    into, A[b] = a, [a]
+                else:
+                    A[b].append(a)
                 G[b].append(g)
         uses = len(self.calls[layer_id])
         if uses > 1:
@@ -244,6 +255,14 @@ class BatchContext:
             return [((pa if self.first_chunk else None), pg) for pa, pg in zip(A, G)], multi
         return [((_sum_pieces(pa) if self.first_chunk else None), _sum_pieces(pg))
                 for pa, pg in zip(A, G)], multi
+
+    def input_factor_into(self, layer_id, approx="expand"):
+        """Whether `kfac_factor_blocks` can add this layer's input factor into a given sum
+        (a layer type with ``kfac_input_factor_into``, ``'expand'``, one Kronecker block, no
+        tied weights)."""
+        layer = self.layer_collection[layer_id]
+        return (approx == "expand" and getattr(layer, "kfac_input_factor_into", False)
+                and all(c.spec is None for c in self.calls[layer_id]))
 
     def kfe_diag(self, layer_id, UA, UG, perm=None):
         """``Σ_{k,i} (U_Gᵀ Ĝ_{k,i} U_A)²`` for this batch (EKFAC), shape ``(dG, dA)``; ``perm``
@@ -367,9 +386,12 @@ class Consumer:
         return {k: getattr(self, k) for k in self._state_names()}
 
     def load_state(self, state, count):
-        """Replace the sums by ``state`` and the example count by ``count``."""
+        """Replace the sums by ``state`` and the example count by ``count``. The containers
+        (dicts, lists) are copied, the tensors are not: adding rows replaces this statistic's
+        sums, never the tensors or the containers of ``state`` (nor of the statistic that gave
+        it)."""
         for k, v in state.items():
-            setattr(self, k, v)
+            setattr(self, k, _tree_map_tensors(v, lambda t: t))
         self.count = count
         return self
 
@@ -703,8 +725,18 @@ class KFACFactors(Consumer):
         if self.n_directions is None:
             self.n_directions = ctx.n_output
         for lid in ctx.layer_ids():
+            # the input factor added into our running sum where the layer type can (a
+            # convolution's A is a GEMM on its unfolded patches: no factor-sized tensor per
+            # batch beside the sum)
+            into = None
+            if ctx.first_chunk and ctx.input_factor_into(lid, self.approx):
+                sums = self._acc.get(lid)
+                dense = sums[0][0][0] if sums is not None and len(sums) == 1 else None
+                into = dense if dense is not None and self._owned.get(id(dense)) is dense \
+                    else None
             try:
-                blocks, multi = ctx.kfac_factor_blocks(lid, approx=self.approx, lazy=True)
+                blocks, multi = ctx.kfac_factor_blocks(lid, approx=self.approx, lazy=True,
+                                                       into=into)
             except NotImplementedError as e:
                 raise NotImplementedError(
                     f"KFAC is not available for layer '{lid}' (layer type "
@@ -721,12 +753,22 @@ class KFACFactors(Consumer):
                     "summed; use PMatBlockDiag or a PMatMixed with another representation for it")
             for b, (A, G) in enumerate(blocks):
                 if A is not None:
-                    self._add(lid, b, 0, A)
+                    self._add(lid, b, 0, A, own=ctx.first_chunk and
+                              ctx.input_factor_into(lid, self.approx))
                 self._add(lid, b, 1, G)
 
-    def _add(self, lid, block, which, pieces):
+    def _add(self, lid, block, which, pieces, own=False):
+        """Add ``pieces`` to the slot; ``own``: a dense piece is a new tensor made for this
+        statistic (a layer type's sum `into` which later batches add), or already the slot's
+        own sum."""
         slots = self._acc[lid][block][which]
         for p in pieces:
+            if p is slots[0]:
+                continue  # added into the slot's sum in place
+            if own and slots[0] is None and isinstance(p, torch.Tensor):
+                slots[0] = p
+                self._owned[id(p)] = p
+                continue
             if isinstance(p, GramRows):
                 if slots[1] is None:
                     slots[1] = SymmetricAccumulator(ones_column=p.ones_column)

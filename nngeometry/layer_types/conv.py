@@ -398,13 +398,18 @@ class _ConvNdLayer(AbstractLayer):
     #: see ``kfac_factors``' ``input_factor`` (the generator skips ``A`` past the first chunk
     #: of output directions: for a convolution it is the costly factor)
     kfac_input_factor_optional = True
+    #: ``kfac_factors(..., into=A)`` adds the batch's input factor into ``A`` in place
+    kfac_input_factor_into = True
 
     def kfac_locations(self, module, x, gy, approx="expand"):
         return gy[0, 0, 0].numel() if approx == "expand" else 1
 
-    def kfac_factors(self, module, x, gy, approx="expand", input_factor=True):
+    def kfac_factors(self, module, x, gy, approx="expand", input_factor=True, into=None):
         """``(A, G)``, see the module docstring; with ``input_factor=False``, ``(None, G)``: ``A``
-        depends on the inputs only, and the generator takes it once per batch."""
+        depends on the inputs only, and the generator takes it once per batch. ``into``: with
+        ``'expand'``, a ``(D', D')`` sum (``D' = C_in · prod(k)``, plus 1 with a bias) that the
+        batch's ``A`` is added to in place and returned as ``A`` (a statistic's running sum: no
+        factor-sized tensor per batch); otherwise ``A`` is a new tensor."""
         if self.groups != 1:
             raise NotImplementedError(
                 f"KFAC for grouped convolutions (groups={self.groups}) is not implemented: the "
@@ -424,8 +429,14 @@ class _ConvNdLayer(AbstractLayer):
             # A: Σ over examples and locations of u uᵀ (trailing 1 for the bias), by chunks
             # of examples with the patches unfolded as one wide (D, n_c L) matrix: one GEMM a
             # chunk, accumulated in place
-            A = gy.new_zeros(D + (1 if self.bias is not None else 0),
-                             D + (1 if self.bias is not None else 0))
+            side = D + (1 if self.bias is not None else 0)
+            if into is None:
+                A = gy.new_zeros(side, side)
+            elif tuple(into.shape) != (side, side):
+                raise ValueError(f"the input factor's sum has shape {tuple(into.shape)}, this "
+                                 f"layer's is ({side}, {side})")
+            else:
+                A = into
             Aw = A[:D, :D]
             for _, _, v in self._example_chunks(module, x, gy, examples_inner=True):
                 Aw.addmm_(v, v.t())
@@ -434,7 +445,7 @@ class _ConvNdLayer(AbstractLayer):
             if self.bias is not None:
                 # border Σ u (mirrored), corner the number of rows n L
                 A[D, :D] = A[:D, D]
-                A[D, D] = float(n * L)
+                A[D, D] += float(n * L)
             return A, G
         Gr = GramRows(g.sum(dim=3).reshape(-1, C))  # summed gradient per example
         if not input_factor:
