@@ -209,17 +209,16 @@ class BatchContext:
                 "out of the LayerCollection")
         layer, module = self.layer_collection[layer_id], self.modules[layer_id]
         A, G, multi, locations = None, None, None, []
+        accumulate = self.first_chunk and self.input_factor_into(layer_id, approx)
         # past the first chunk of directions A is dropped: layer types whose A is costly to
         # form (convolutions: a GEMM on the unfolded patches) are told not to form it
         skip_a = ({"input_factor": False}
                   if not self.first_chunk and getattr(layer, "kfac_input_factor_optional", False)
                   else {})
-        accumulate = self.first_chunk and self.input_factor_into(layer_id, approx)
         for c in self.calls[layer_id]:
             x = layer.inputs_of(c)
-            if accumulate:
-                skip_a = {"into": into}
-            res = layer.kfac_factors(module, x, c.gy, approx=approx, **skip_a)
+            res = layer.kfac_factors(module, x, c.gy, approx=approx,
+                                     **({"into": into} if accumulate else skip_a))
             locations.append(layer.kfac_locations(module, x, c.gy, approx=approx))
             pairs = kfac_block_list(res)
             if A is None:
@@ -728,12 +727,11 @@ class KFACFactors(Consumer):
             # the input factor added into our running sum where the layer type can (a
             # convolution's A is a GEMM on its unfolded patches: no factor-sized tensor per
             # batch beside the sum)
+            accumulates = ctx.first_chunk and ctx.input_factor_into(lid, self.approx)
             into = None
-            if ctx.first_chunk and ctx.input_factor_into(lid, self.approx):
-                sums = self._acc.get(lid)
-                dense = sums[0][0][0] if sums is not None and len(sums) == 1 else None
-                into = dense if dense is not None and self._owned.get(id(dense)) is dense \
-                    else None
+            if accumulates and len(self._acc.get(lid, ())) == 1:
+                dense = self._acc[lid][0][0][0]
+                into = dense if self._owns(dense) else None
             try:
                 blocks, multi = ctx.kfac_factor_blocks(lid, approx=self.approx, lazy=True,
                                                        into=into)
@@ -753,8 +751,7 @@ class KFACFactors(Consumer):
                     "summed; use PMatBlockDiag or a PMatMixed with another representation for it")
             for b, (A, G) in enumerate(blocks):
                 if A is not None:
-                    self._add(lid, b, 0, A, own=ctx.first_chunk and
-                              ctx.input_factor_into(lid, self.approx))
+                    self._add(lid, b, 0, A, own=accumulates)
                 self._add(lid, b, 1, G)
 
     def _add(self, lid, block, which, pieces, own=False):
@@ -766,8 +763,7 @@ class KFACFactors(Consumer):
             if p is slots[0]:
                 continue  # added into the slot's sum in place
             if own and slots[0] is None and isinstance(p, torch.Tensor):
-                slots[0] = p
-                self._owned[id(p)] = p
+                slots[0] = self._own(p)
                 continue
             if isinstance(p, GramRows):
                 if slots[1] is None:
@@ -779,11 +775,18 @@ class KFACFactors(Consumer):
                 slots[1].add(p.rows, p.scale)
             elif slots[0] is None:
                 slots[0] = p
-            elif self._owned.get(id(slots[0])) is slots[0]:
+            elif self._owns(slots[0]):
                 slots[0].add_(p)
             else:
-                slots[0] = slots[0] + p
-                self._owned[id(slots[0])] = slots[0]
+                slots[0] = self._own(slots[0] + p)
+
+    def _owns(self, t):
+        """Whether ``t`` is a sum allocated by this statistic (added to in place)."""
+        return t is not None and self._owned.get(id(t)) is t
+
+    def _own(self, t):
+        self._owned[id(t)] = t
+        return t
 
     def _mean(self, slots, n):
         """The slot's sum divided by ``n``, in place where the sum is a buffer of ours (no
@@ -791,7 +794,7 @@ class KFACFactors(Consumer):
         alone are 350 MiB)."""
         dense, gram = slots
         if gram is None:
-            if self._owned.get(id(dense)) is dense:
+            if self._owns(dense):
                 return dense.div_(n)
             return dense / n  # may be a layer type's own tensor (or another's): not modified
         if dense is None:
